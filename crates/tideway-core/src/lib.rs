@@ -1,1 +1,15 @@
-//! placeholder during bootstrap
+//! Tideway's domain: identifiers, REST keys, profiles and the rules that change them, the
+//! Currents event model, and the storage contract.
+//!
+//! Invariant: no IO. Nothing here opens a socket or a file, reads the clock or draws random
+//! numbers; time and fresh ids are parameters. That keeps every rule unit-testable and lets
+//! SQLite and PostgreSQL stores run the very same service code inside their transactions.
+
+pub mod clock;
+pub mod currents;
+pub mod ids;
+pub mod keys;
+pub mod profile;
+pub mod store;
+pub mod track;
+pub mod users;

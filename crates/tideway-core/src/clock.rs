@@ -1,0 +1,180 @@
+//! Time values as Braze accepts and returns them.
+//!
+//! Core never reads the clock: callers pass `now`. This module parses the date formats Braze
+//! documents for `/users/track` and formats timestamps the way Braze's export does
+//! (`2018-04-17T17:28:56.807Z`).
+
+use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
+
+/// A point in time with millisecond precision, as milliseconds since the Unix epoch (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Millis(pub i64);
+
+impl Millis {
+    pub fn from_secs(secs: i64) -> Self {
+        Millis(secs * 1000)
+    }
+
+    pub fn secs(self) -> i64 {
+        self.0.div_euclid(1000)
+    }
+
+    /// `2018-04-17T17:28:56.807Z`
+    pub fn to_iso(self) -> String {
+        let dt = OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000_000)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            dt.year(),
+            u8::from(dt.month()),
+            dt.day(),
+            dt.hour(),
+            dt.minute(),
+            dt.second(),
+            dt.millisecond()
+        )
+    }
+}
+
+/// Parses a Braze datetime string. Accepted (as Braze documents):
+/// ISO 8601 with or without zone and fraction (`2024-01-02T03:04:05.678+02:00`, `…Z`),
+/// `yyyy-MM-ddTHH:mm:ss:SSSZ`, `yyyy-MM-dd HH:mm:ss`, `yyyy-MM-dd`, `MM/dd/yyyy`.
+/// No zone means UTC; a date alone means midnight UTC. Years outside 0..=3000 are rejected
+/// (Braze stores those as plain strings).
+pub fn parse_datetime(raw: &str) -> Option<Millis> {
+    let raw = raw.trim();
+    if let Some(ms) = parse_us_date(raw) {
+        return Some(ms);
+    }
+    let (date, rest) = parse_date_prefix(raw)?;
+    if rest.is_empty() {
+        return to_millis(date, Time::MIDNIGHT, 0, UtcOffset::UTC);
+    }
+    let rest = rest.strip_prefix('T').or_else(|| rest.strip_prefix(' '))?;
+    let (time, millis, rest) = parse_time(rest)?;
+    let offset = parse_offset(rest)?;
+    to_millis(date, time, millis, offset)
+}
+
+fn to_millis(date: Date, time: Time, millis: u16, offset: UtcOffset) -> Option<Millis> {
+    if !(0..=3000).contains(&date.year()) {
+        return None;
+    }
+    let dt = PrimitiveDateTime::new(date, time).assume_offset(offset);
+    Some(Millis(dt.unix_timestamp() * 1000 + i64::from(millis)))
+}
+
+fn digits(s: &str, n: usize) -> Option<(u32, &str)> {
+    if s.len() < n || !s.as_bytes()[..n].iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some((s[..n].parse().ok()?, &s[n..]))
+}
+
+fn parse_date_prefix(s: &str) -> Option<(Date, &str)> {
+    let (y, s) = digits(s, 4)?;
+    let s = s.strip_prefix('-')?;
+    let (m, s) = digits(s, 2)?;
+    let s = s.strip_prefix('-')?;
+    let (d, s) = digits(s, 2)?;
+    let month = Month::try_from(u8::try_from(m).ok()?).ok()?;
+    let date = Date::from_calendar_date(i32::try_from(y).ok()?, month, u8::try_from(d).ok()?).ok()?;
+    Some((date, s))
+}
+
+fn parse_us_date(s: &str) -> Option<Millis> {
+    let (m, s) = digits(s, 2)?;
+    let s = s.strip_prefix('/')?;
+    let (d, s) = digits(s, 2)?;
+    let s = s.strip_prefix('/')?;
+    let (y, s) = digits(s, 4)?;
+    if !s.is_empty() {
+        return None;
+    }
+    let month = Month::try_from(u8::try_from(m).ok()?).ok()?;
+    let date = Date::from_calendar_date(i32::try_from(y).ok()?, month, u8::try_from(d).ok()?).ok()?;
+    to_millis(date, Time::MIDNIGHT, 0, UtcOffset::UTC)
+}
+
+/// `HH:mm:ss` with an optional fraction introduced by `.` or (Braze's variant) `:`.
+fn parse_time(s: &str) -> Option<(Time, u16, &str)> {
+    let (h, s) = digits(s, 2)?;
+    let s = s.strip_prefix(':')?;
+    let (mi, s) = digits(s, 2)?;
+    let (sec, s) = match s.strip_prefix(':') {
+        Some(after) => digits(after, 2)?,
+        None => (0, s),
+    };
+    let (millis, s) = match s.strip_prefix('.').or_else(|| s.strip_prefix(':')) {
+        Some(frac) => {
+            let len = frac.bytes().take_while(u8::is_ascii_digit).count();
+            if len == 0 {
+                return None;
+            }
+            let first3: String = frac[..len].chars().chain("000".chars()).take(3).collect();
+            (first3.parse::<u16>().ok()?, &frac[len..])
+        }
+        None => (0, s),
+    };
+    let time = Time::from_hms(u8::try_from(h).ok()?, u8::try_from(mi).ok()?, u8::try_from(sec).ok()?).ok()?;
+    Some((time, millis, s))
+}
+
+fn parse_offset(s: &str) -> Option<UtcOffset> {
+    match s {
+        "" | "Z" | "z" => return Some(UtcOffset::UTC),
+        _ => {}
+    }
+    let sign: i8 = match s.as_bytes()[0] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let s = &s[1..];
+    let (h, s) = digits(s, 2)?;
+    let s = s.strip_prefix(':').unwrap_or(s);
+    let (m, s) = if s.is_empty() { (0, s) } else { digits(s, 2)? };
+    if !s.is_empty() {
+        return None;
+    }
+    UtcOffset::from_hms(sign * i8::try_from(h).ok()?, sign * i8::try_from(m).ok()?, 0).ok()
+}
+
+/// Parses a `dob` value: exactly `YYYY-MM-DD`.
+pub fn parse_dob(raw: &str) -> Option<Date> {
+    match parse_date_prefix(raw) {
+        Some((date, "")) => Some(date),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_documented_formats() {
+        let base = 1_704_164_645_000; // 2024-01-02T03:04:05Z
+        assert_eq!(parse_datetime("2024-01-02T03:04:05Z"), Some(Millis(base)));
+        assert_eq!(parse_datetime("2024-01-02T03:04:05"), Some(Millis(base)));
+        assert_eq!(parse_datetime("2024-01-02 03:04:05"), Some(Millis(base)));
+        assert_eq!(parse_datetime("2024-01-02T03:04:05.678Z"), Some(Millis(base + 678)));
+        assert_eq!(parse_datetime("2024-01-02T03:04:05:678Z"), Some(Millis(base + 678)));
+        assert_eq!(parse_datetime("2024-01-02T05:04:05+02:00"), Some(Millis(base)));
+        assert_eq!(parse_datetime("2024-01-02T05:04:05+0200"), Some(Millis(base)));
+        assert_eq!(parse_datetime("2024-01-02"), Some(Millis(1_704_153_600_000)));
+        assert_eq!(parse_datetime("01/02/2024"), Some(Millis(1_704_153_600_000)));
+    }
+
+    #[test]
+    fn rejects_garbage_and_out_of_range_years() {
+        for bad in ["", "yesterday", "2024-13-01", "2024-01-02T25:00:00Z", "3001-01-01", "2024-01-02Tfoo"] {
+            assert_eq!(parse_datetime(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn formats_like_braze_export() {
+        assert_eq!(Millis(1_704_164_645_678).to_iso(), "2024-01-02T03:04:05.678Z");
+    }
+}

@@ -1,0 +1,140 @@
+//! The storage contract: what the services need from a database, and what the HTTP edge and
+//! the CLI call.
+//!
+//! Two layers. [`UserTx`] is the set of primitive reads and writes the user services run inside
+//! one transaction of one workspace (scoping the transaction to a workspace makes cross-workspace
+//! access impossible by construction). [`Store`] is the async, domain-level surface: one method
+//! per operation, each one transaction, so an implementation can batch many of them into a
+//! group commit (SQLite) or run them on a pool (PostgreSQL) without the callers knowing.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::clock::Millis;
+use crate::currents::CurrentsEvent;
+use crate::ids::{BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias, UserSeq, WorkspaceId};
+use crate::keys::{ApiKey, IpAllowlist, KeyHash, PermissionSet};
+use crate::profile::UserRecord;
+use crate::users::{
+    AliasNewItem, AliasUpdateItem, DeleteOutcome, DeleteRequest, ExportOutcome, ExportRequest, IdentifyItem, ItemOutcome,
+    MergeItem, RemoveOutcome, RenameItem, RenameOutcome, TrackOutcome,
+};
+use crate::track::TrackRequest;
+
+/// What went wrong in storage, as far as a caller can act on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or the write could not be committed; retrying later
+    /// may work. Nothing of the operation was applied.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// A uniqueness rule would be broken (e.g. a workspace name that exists).
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// The named thing does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Stored data could not be read back (a bug or a damaged file).
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+}
+
+/// A workspace (Braze's "app group").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workspace {
+    pub id: WorkspaceId,
+    pub name: String,
+    /// Stable public id, carried by Currents events as `app_group_id`.
+    pub app_group_id: String,
+    pub created_at: Millis,
+}
+
+/// Primitive reads inside a workspace.
+pub trait UserLookup {
+    /// By current `external_id`, or by a deprecated one kept after a rename.
+    fn user_by_external_id(&mut self, id: &ExternalId) -> Result<Option<UserRecord>, StoreError>;
+    fn user_by_alias(&mut self, alias: &UserAlias) -> Result<Option<UserRecord>, StoreError>;
+    fn user_by_braze_id(&mut self, id: &BrazeId) -> Result<Option<UserRecord>, StoreError>;
+    fn user_by_device(&mut self, device: &DeviceId) -> Result<Option<UserRecord>, StoreError>;
+    /// Every live user with this email, most recently updated first.
+    fn users_by_email(&mut self, email: &Email) -> Result<Vec<UserRecord>, StoreError>;
+    /// Every live user with this phone, most recently updated first.
+    fn users_by_phone(&mut self, phone: &Phone) -> Result<Vec<UserRecord>, StoreError>;
+    fn aliases_of(&mut self, user: UserSeq) -> Result<Vec<UserAlias>, StoreError>;
+    fn devices_of(&mut self, user: UserSeq) -> Result<Vec<DeviceId>, StoreError>;
+    /// True if `id` is kept as a deprecated external id (after a rename).
+    fn is_deprecated_external_id(&mut self, id: &ExternalId) -> Result<bool, StoreError>;
+}
+
+/// Primitive writes inside one transaction of one workspace. Every method's effect commits or
+/// rolls back with the transaction, Currents events included.
+pub trait UserTx: UserLookup {
+    /// Creates an empty user with a fresh dense sequence number.
+    fn create_user(&mut self, braze_id: BrazeId, now: Millis) -> Result<UserRecord, StoreError>;
+    /// Writes identifiers and profile back.
+    fn save_user(&mut self, user: &UserRecord) -> Result<(), StoreError>;
+    /// Removes the user for good: identifiers, aliases, devices and profile are erased; the
+    /// sequence number is never reused.
+    fn delete_user(&mut self, user: UserSeq, now: Millis) -> Result<(), StoreError>;
+    /// Gives `user` this alias (the caller has checked the pair is free and the label unused).
+    fn put_alias(&mut self, user: UserSeq, alias: &UserAlias) -> Result<(), StoreError>;
+    fn remove_alias(&mut self, alias: &UserAlias) -> Result<(), StoreError>;
+    /// Points `device` at `user` (moving it from any other user).
+    fn put_device(&mut self, user: UserSeq, device: &DeviceId) -> Result<(), StoreError>;
+    /// Keeps `old` resolving to `user` after a rename, until removed.
+    fn put_deprecated_external_id(&mut self, user: UserSeq, old: &ExternalId) -> Result<(), StoreError>;
+    fn remove_deprecated_external_id(&mut self, old: &ExternalId) -> Result<bool, StoreError>;
+    /// Appends to the event log, about `user` where there is one.
+    fn append_event(&mut self, user: Option<UserSeq>, event: &CurrentsEvent) -> Result<(), StoreError>;
+}
+
+/// A new REST API key to store.
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub workspace: WorkspaceId,
+    pub name: String,
+    pub prefix: String,
+    pub hash: KeyHash,
+    pub permissions: PermissionSet,
+    pub allow: IpAllowlist,
+    pub created_at: Millis,
+}
+
+/// One logged Currents event as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedEvent {
+    /// Position in the log, increasing in commit order.
+    pub seq: i64,
+    pub workspace: WorkspaceId,
+    pub user: Option<UserSeq>,
+    pub event: CurrentsEvent,
+}
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// The domain-level storage surface. Each method is one transaction.
+pub trait Store: Send + Sync {
+    fn create_workspace(&self, name: &str, now: Millis) -> StoreFuture<'_, Workspace>;
+    fn workspace_by_name(&self, name: &str) -> StoreFuture<'_, Option<Workspace>>;
+    fn list_workspaces(&self) -> StoreFuture<'_, Vec<Workspace>>;
+
+    fn create_api_key(&self, key: NewApiKey) -> StoreFuture<'_, ApiKey>;
+    fn list_api_keys(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<ApiKey>>;
+    /// Revokes the key with this id or visible prefix; returns whether one was revoked.
+    fn revoke_api_key(&self, workspace: WorkspaceId, id_or_prefix: &str, now: Millis) -> StoreFuture<'_, bool>;
+    /// Finds a live (unrevoked) key by the hash of its secret, with its workspace.
+    fn find_api_key(&self, hash: KeyHash) -> StoreFuture<'_, Option<(ApiKey, Workspace)>>;
+
+    fn track(&self, workspace: &Workspace, request: TrackRequest, now: Millis) -> StoreFuture<'_, TrackOutcome>;
+    fn identify(&self, workspace: &Workspace, items: Vec<(usize, IdentifyItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome>;
+    fn alias_new(&self, workspace: &Workspace, items: Vec<(usize, AliasNewItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome>;
+    fn alias_update(&self, workspace: &Workspace, items: Vec<(usize, AliasUpdateItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome>;
+    fn merge_users(&self, workspace: &Workspace, items: Vec<(usize, MergeItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome>;
+    fn delete_users(&self, workspace: &Workspace, request: DeleteRequest, now: Millis) -> StoreFuture<'_, DeleteOutcome>;
+    fn rename_external_ids(&self, workspace: &Workspace, items: Vec<RenameItem>, now: Millis) -> StoreFuture<'_, RenameOutcome>;
+    fn remove_external_ids(&self, workspace: &Workspace, ids: Vec<ExternalId>) -> StoreFuture<'_, RemoveOutcome>;
+    fn export_ids(&self, workspace: &Workspace, request: ExportRequest) -> StoreFuture<'_, ExportOutcome>;
+
+    /// Events of a workspace after log position `after`, oldest first.
+    fn read_events(&self, workspace: WorkspaceId, after: i64, limit: usize) -> StoreFuture<'_, Vec<LoggedEvent>>;
+}

@@ -1,0 +1,625 @@
+//! Parsing `/users/track` objects into domain commands, with Braze's per-object errors.
+//!
+//! Braze validates each attribute, event and purchase object on its own: invalid ones are
+//! reported by array and index while valid ones are applied. Parsing therefore never fails as a
+//! whole except for a body that is not the documented shape at all (handled by the caller).
+//! Custom attributes are JSON by nature (any value, arrays, nested objects), so this module
+//! works on `serde_json` values: JSON is the domain here, not just the wire.
+
+use serde_json::{Map, Value};
+
+use crate::clock::{Millis, parse_datetime, parse_dob};
+use crate::ids::{AliasLabel, AliasName, BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias};
+use crate::profile::{CustomChange, ObjectUpdate, StandardField};
+
+/// Braze's per-array limit on `/users/track`.
+pub const MAX_OBJECTS_PER_ARRAY: usize = 75;
+/// Longest attribute / property / event name and string value.
+pub const MAX_NAME_CHARS: usize = 255;
+/// Largest nested attribute or event-properties payload (Braze: 100 KB; purchases 50 KB).
+pub const MAX_NESTED_BYTES: usize = 100 * 1024;
+pub const MAX_PURCHASE_PROPERTIES_BYTES: usize = 50 * 1024;
+
+/// The documented text for an object without a usable identifier.
+pub const MISSING_IDENTIFIER: &str = "'external_id', 'braze_id', 'user_alias', 'email' or 'phone' is required";
+
+/// How a request names a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserRef {
+    External(ExternalId),
+    Alias(UserAlias),
+    Braze(BrazeId),
+    Email(Email),
+    Phone(Phone),
+    /// Tideway's extension: an anonymous user keyed by device id.
+    Device(DeviceId),
+}
+
+/// Who a track object is about and whether it may create that user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub primary: UserRef,
+    /// With an `external_id`: the anonymous user on this device becomes (or merges into) the
+    /// identified one.
+    pub device: Option<DeviceId>,
+    /// With an `external_id`: an alias to attach to the user.
+    pub alias: Option<UserAlias>,
+    pub update_existing_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputArray {
+    Attributes,
+    Events,
+    Purchases,
+}
+
+impl InputArray {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputArray::Attributes => "attributes",
+            InputArray::Events => "events",
+            InputArray::Purchases => "purchases",
+        }
+    }
+}
+
+/// A rejected object: Braze's `{"type", "input_array", "index"}` element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectError {
+    pub input_array: InputArray,
+    pub index: usize,
+    pub message: String,
+}
+
+/// A changed identifier-like standard field (`email`, `phone`): `None` clears it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContactChange<T> {
+    Unchanged,
+    Set(T),
+    Clear,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttributeObject {
+    pub target: Target,
+    pub email: ContactChange<Email>,
+    pub phone: ContactChange<Phone>,
+    /// `None` value = `null` = remove.
+    pub standard: Vec<(StandardField, Option<Value>)>,
+    pub custom: Vec<(String, CustomChange)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventObject {
+    pub target: Target,
+    pub app_id: Option<String>,
+    pub name: String,
+    pub time: Millis,
+    pub properties: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PurchaseObject {
+    pub target: Target,
+    pub app_id: Option<String>,
+    pub product_id: String,
+    pub currency: String,
+    pub price: f64,
+    pub quantity: u32,
+    pub time: Millis,
+    pub properties: Map<String, Value>,
+}
+
+/// A parsed `/users/track` body: the valid objects (with their index) and the errors.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrackRequest {
+    pub attributes: Vec<(usize, AttributeObject)>,
+    pub events: Vec<(usize, EventObject)>,
+    pub purchases: Vec<(usize, PurchaseObject)>,
+    pub errors: Vec<ObjectError>,
+}
+
+impl TrackRequest {
+    pub fn valid_objects(&self) -> usize {
+        self.attributes.len() + self.events.len() + self.purchases.len()
+    }
+}
+
+/// Why a whole body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrackRejected {
+    #[error("'{0}' must be an array of objects")]
+    NotAnArray(&'static str),
+    #[error("Max Input Length Exceeded")]
+    TooManyObjects,
+}
+
+/// Parses a `/users/track` body (already known to be a JSON object).
+pub fn parse_track(body: &Map<String, Value>) -> Result<TrackRequest, TrackRejected> {
+    let arrays = [("attributes", InputArray::Attributes), ("events", InputArray::Events), ("purchases", InputArray::Purchases)];
+    let mut lists: [&[Value]; 3] = [&[], &[], &[]];
+    for (slot, (key, _)) in lists.iter_mut().zip(arrays) {
+        match body.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(items)) if items.len() > MAX_OBJECTS_PER_ARRAY => return Err(TrackRejected::TooManyObjects),
+            Some(Value::Array(items)) => *slot = items,
+            Some(_) => return Err(TrackRejected::NotAnArray(key)),
+        }
+    }
+    let mut req = TrackRequest::default();
+    for (index, item) in lists[0].iter().enumerate() {
+        match parse_attribute_object(item) {
+            Ok(obj) => req.attributes.push((index, obj)),
+            Err(message) => req.errors.push(ObjectError { input_array: InputArray::Attributes, index, message }),
+        }
+    }
+    for (index, item) in lists[1].iter().enumerate() {
+        match parse_event_object(item) {
+            Ok(obj) => req.events.push((index, obj)),
+            Err(message) => req.errors.push(ObjectError { input_array: InputArray::Events, index, message }),
+        }
+    }
+    for (index, item) in lists[2].iter().enumerate() {
+        match parse_purchase_object(item) {
+            Ok(obj) => req.purchases.push((index, obj)),
+            Err(message) => req.errors.push(ObjectError { input_array: InputArray::Purchases, index, message }),
+        }
+    }
+    Ok(req)
+}
+
+fn not_valid(field: &str) -> String {
+    format!("'{field}' is not valid")
+}
+
+/// Parses a user alias object `{"alias_name", "alias_label"}`.
+pub fn parse_alias(value: &Value) -> Result<UserAlias, String> {
+    let obj = value.as_object().ok_or_else(|| not_valid("user_alias"))?;
+    let name = obj.get("alias_name").and_then(Value::as_str).and_then(|s| AliasName::parse(s).ok());
+    let label = obj.get("alias_label").and_then(Value::as_str).and_then(|s| AliasLabel::parse(s).ok());
+    match (name, label) {
+        (Some(name), Some(label)) => Ok(UserAlias { label, name }),
+        _ => Err("'user_alias' must have a non-empty 'alias_name' and 'alias_label'".to_owned()),
+    }
+}
+
+fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(not_valid(key)),
+    }
+}
+
+fn parse_id<T, E>(obj: &Map<String, Value>, key: &str, parse: impl Fn(&str) -> Result<T, E>) -> Result<Option<T>, String> {
+    opt_str(obj, key)?.map(|s| parse(s).map_err(|_| not_valid(key))).transpose()
+}
+
+/// Resolves the identifier keys of a track object. `email_is_attribute` is true for attribute
+/// objects, where `email`/`phone` are also profile fields.
+fn parse_target(obj: &Map<String, Value>) -> Result<Target, String> {
+    let external = parse_id(obj, "external_id", ExternalId::parse)?;
+    let alias = match obj.get("user_alias") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_alias(v)?),
+    };
+    let braze = parse_id(obj, "braze_id", BrazeId::parse)?;
+    let email = parse_id(obj, "email", Email::parse)?;
+    let phone = parse_id(obj, "phone", Phone::parse)?;
+    let device = parse_id(obj, "device_id", DeviceId::parse)?;
+    let explicit_update_only = match obj.get("_update_existing_only") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => return Err(not_valid("_update_existing_only")),
+    };
+    let (primary, device, alias) = if let Some(ext) = external {
+        (UserRef::External(ext), device, alias)
+    } else if let Some(alias) = alias {
+        (UserRef::Alias(alias), None, None)
+    } else if let Some(b) = braze {
+        (UserRef::Braze(b), None, None)
+    } else if let Some(e) = email {
+        (UserRef::Email(e), None, None)
+    } else if let Some(p) = phone {
+        (UserRef::Phone(p), None, None)
+    } else if let Some(d) = device {
+        (UserRef::Device(d), None, None)
+    } else {
+        return Err(MISSING_IDENTIFIER.to_owned());
+    };
+    // Alias-only identification is update-only unless `false` is given explicitly (Our choice
+    // in braze-api.md §3.2); everything else creates unless `true` is given.
+    let update_existing_only = explicit_update_only.unwrap_or(matches!(primary, UserRef::Alias(_)));
+    Ok(Target { primary, device, alias, update_existing_only })
+}
+
+/// Keys of an attribute object that are not attributes.
+const NON_ATTRIBUTE_KEYS: [&str; 10] = [
+    "external_id",
+    "user_alias",
+    "braze_id",
+    "device_id",
+    "_update_existing_only",
+    "_merge_objects",
+    "push_token_import",
+    "app_id",
+    "alias_name",
+    "alias_label",
+];
+
+fn parse_attribute_object(value: &Value) -> Result<AttributeObject, String> {
+    let obj = value.as_object().ok_or("'attributes' elements must be objects")?;
+    let target = parse_target(obj)?;
+    let merge_objects = match obj.get("_merge_objects") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(not_valid("_merge_objects")),
+    };
+    let mut out = AttributeObject {
+        target,
+        email: ContactChange::Unchanged,
+        phone: ContactChange::Unchanged,
+        standard: Vec::new(),
+        custom: Vec::new(),
+    };
+    for (key, v) in obj {
+        if NON_ATTRIBUTE_KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        match key.as_str() {
+            "email" => out.email = contact(v, key, Email::parse)?,
+            "phone" => out.phone = contact(v, key, Phone::parse)?,
+            _ => match StandardField::parse(key) {
+                Some(field) => out.standard.push((field, standard_value(field, v)?)),
+                None => out.custom.push((check_name(key)?.to_owned(), custom_change(key, v, merge_objects)?)),
+            },
+        }
+    }
+    Ok(out)
+}
+
+fn contact<T, E>(v: &Value, key: &str, parse: impl Fn(&str) -> Result<T, E>) -> Result<ContactChange<T>, String> {
+    match v {
+        Value::Null => Ok(ContactChange::Clear),
+        Value::String(s) => parse(s).map(ContactChange::Set).map_err(|_| not_valid(key)),
+        _ => Err(not_valid(key)),
+    }
+}
+
+fn check_name(name: &str) -> Result<&str, String> {
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.starts_with('$') {
+        Err(format!("'{name}' is not a valid attribute name"))
+    } else {
+        Ok(name)
+    }
+}
+
+/// Normalises a standard attribute value; `Ok(None)` means "remove".
+fn standard_value(field: StandardField, v: &Value) -> Result<Option<Value>, String> {
+    use StandardField as F;
+    if v.is_null() {
+        return Ok(None);
+    }
+    let bad = || not_valid(field.as_str());
+    let s = v.as_str();
+    let normalised = match field {
+        F::FirstName | F::LastName | F::HomeCity | F::TimeZone => {
+            let s = s.ok_or_else(bad)?;
+            if s.chars().count() > MAX_NAME_CHARS {
+                return Err(bad());
+            }
+            Value::from(s)
+        }
+        // Braze: an invalid country code is stored as NULL rather than rejected.
+        F::Country => match s {
+            Some(c) if c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()) => Value::from(c.to_ascii_uppercase()),
+            Some(_) => return Ok(None),
+            None => return Err(bad()),
+        },
+        F::Language => match s {
+            Some(l) if (2..=3).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphabetic()) => Value::from(l.to_ascii_lowercase()),
+            Some(_) => return Ok(None),
+            None => return Err(bad()),
+        },
+        F::Gender => {
+            let g = match s.ok_or_else(bad)?.to_ascii_lowercase().as_str() {
+                "m" | "male" => "M",
+                "f" | "female" => "F",
+                "o" | "other" => "O",
+                "n" | "not_applicable" => "N",
+                "p" | "prefer_not_to_say" => "P",
+                _ => return Err(bad()),
+            };
+            Value::from(g)
+        }
+        F::Dob => {
+            let s = s.ok_or_else(bad)?;
+            parse_dob(s).ok_or_else(bad)?;
+            Value::from(s)
+        }
+        F::EmailSubscribe | F::PushSubscribe => match s {
+            Some(state @ ("opted_in" | "unsubscribed" | "subscribed")) => Value::from(state),
+            _ => return Err(bad()),
+        },
+        F::CurrentLocation => {
+            let o = v.as_object().ok_or_else(bad)?;
+            let lon = o.get("longitude").and_then(Value::as_f64).filter(|x| (-180.0..=180.0).contains(x));
+            let lat = o.get("latitude").and_then(Value::as_f64).filter(|x| (-90.0..=90.0).contains(x));
+            match (lon, lat) {
+                (Some(lon), Some(lat)) => serde_json::json!({"longitude": lon, "latitude": lat}),
+                _ => return Err(bad()),
+            }
+        }
+        F::DateOfFirstSession | F::DateOfLastSession | F::MarkedEmailAsSpamAt => {
+            let at = s.and_then(parse_datetime).ok_or_else(bad)?;
+            Value::from(at.to_iso())
+        }
+        F::EmailOpenTrackingDisabled | F::EmailClickTrackingDisabled => Value::Bool(v.as_bool().ok_or_else(bad)?),
+        F::PushTokens | F::SubscriptionGroups => {
+            let items = v.as_array().ok_or_else(bad)?;
+            if !items.iter().all(Value::is_object) {
+                return Err(bad());
+            }
+            v.clone()
+        }
+        F::Facebook | F::Twitter => {
+            if !v.is_object() {
+                return Err(bad());
+            }
+            v.clone()
+        }
+    };
+    Ok(Some(normalised))
+}
+
+fn is_scalar(v: &Value) -> bool {
+    matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_))
+}
+
+fn custom_change(name: &str, v: &Value, merge_objects: bool) -> Result<CustomChange, String> {
+    let bad = || not_valid(name);
+    match v {
+        Value::Null => Ok(CustomChange::Remove),
+        Value::String(s) if s.chars().count() > MAX_NAME_CHARS => Err(bad()),
+        Value::String(_) | Value::Number(_) | Value::Bool(_) => Ok(CustomChange::Set(v.clone())),
+        Value::Array(items) => {
+            let scalars = items.iter().all(is_scalar);
+            let objects = items.iter().all(Value::is_object);
+            if !(scalars || objects) || v.to_string().len() > MAX_NESTED_BYTES {
+                return Err(bad());
+            }
+            Ok(CustomChange::Set(v.clone()))
+        }
+        Value::Object(o) => {
+            if v.to_string().len() > MAX_NESTED_BYTES {
+                return Err(bad());
+            }
+            let keys: Vec<&str> = o.keys().map(String::as_str).collect();
+            if keys == ["inc"] {
+                return match &o["inc"] {
+                    Value::Number(n) => Ok(CustomChange::Increment(n.clone())),
+                    _ => Err(bad()),
+                };
+            }
+            if keys == ["$time"] {
+                let at = o["$time"].as_str().and_then(parse_datetime).ok_or_else(bad)?;
+                return Ok(CustomChange::Set(Value::from(at.to_iso())));
+            }
+            if !keys.is_empty() && keys.iter().all(|k| matches!(*k, "add" | "remove")) {
+                let add = scalar_list(o.get("add")).ok_or_else(bad)?;
+                let remove = scalar_list(o.get("remove")).ok_or_else(bad)?;
+                return Ok(CustomChange::ArrayEdit { add, remove });
+            }
+            if !keys.is_empty() && keys.iter().all(|k| matches!(*k, "$add" | "$remove" | "$update")) {
+                return object_array_edit(o).ok_or_else(bad);
+            }
+            if keys.iter().any(|k| k.starts_with('$')) {
+                return Err(bad());
+            }
+            Ok(if merge_objects { CustomChange::MergeObject(o.clone()) } else { CustomChange::Set(v.clone()) })
+        }
+    }
+}
+
+fn scalar_list(v: Option<&Value>) -> Option<Vec<Value>> {
+    match v {
+        None => Some(Vec::new()),
+        Some(Value::Array(items)) if items.iter().all(is_scalar) => Some(items.clone()),
+        Some(_) => None,
+    }
+}
+
+fn object_list(v: Option<&Value>) -> Option<Vec<Value>> {
+    match v {
+        None => Some(Vec::new()),
+        Some(Value::Array(items)) if items.iter().all(Value::is_object) => Some(items.clone()),
+        Some(_) => None,
+    }
+}
+
+fn object_array_edit(o: &Map<String, Value>) -> Option<CustomChange> {
+    let add = object_list(o.get("$add"))?;
+    let remove = object_list(o.get("$remove"))?;
+    let mut update = Vec::new();
+    for u in object_list(o.get("$update"))? {
+        let u = u.as_object()?;
+        update.push(ObjectUpdate {
+            key: u.get("$identifier_key")?.as_str()?.to_owned(),
+            value: u.get("$identifier_value")?.clone(),
+            new_object: u.get("$new_object")?.as_object()?.clone(),
+        });
+    }
+    Some(CustomChange::ObjectArrayEdit { add, remove, update })
+}
+
+/// Checks event or purchase properties: names non-empty, ≤ 255 chars, no leading `$`, not the
+/// reserved `time` / `event_name`; string values ≤ 255 chars; total size within `max_bytes`.
+fn parse_properties(obj: &Map<String, Value>, max_bytes: usize) -> Result<Map<String, Value>, String> {
+    let props = match obj.get("properties") {
+        None | Some(Value::Null) => return Ok(Map::new()),
+        Some(Value::Object(p)) => p,
+        Some(_) => return Err(not_valid("properties")),
+    };
+    for (k, v) in props {
+        if k.is_empty() || k.chars().count() > MAX_NAME_CHARS || k.starts_with('$') {
+            return Err(format!("'properties' has an invalid key '{k}'"));
+        }
+        if k == "time" || k == "event_name" {
+            return Err(format!("'properties' must not use the reserved key '{k}'"));
+        }
+        if matches!(v, Value::String(s) if s.chars().count() > MAX_NAME_CHARS) {
+            return Err(format!("'properties.{k}' is longer than {MAX_NAME_CHARS} characters"));
+        }
+    }
+    if Value::Object(props.clone()).to_string().len() > max_bytes {
+        return Err(format!("'properties' is larger than {} KB", max_bytes / 1024));
+    }
+    Ok(props.clone())
+}
+
+fn required_time(obj: &Map<String, Value>) -> Result<Millis, String> {
+    match obj.get("time") {
+        None | Some(Value::Null) => Err("'time' is required".to_owned()),
+        Some(Value::String(s)) => parse_datetime(s).ok_or_else(|| not_valid("time")),
+        Some(_) => Err(not_valid("time")),
+    }
+}
+
+fn required_name<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a str, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Err(format!("'{key}' is required")),
+        Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= MAX_NAME_CHARS => Ok(s),
+        Some(_) => Err(not_valid(key)),
+    }
+}
+
+fn parse_event_object(value: &Value) -> Result<EventObject, String> {
+    let obj = value.as_object().ok_or("'events' elements must be objects")?;
+    let target = parse_target(obj)?;
+    Ok(EventObject {
+        app_id: opt_str(obj, "app_id")?.map(str::to_owned),
+        name: required_name(obj, "name")?.to_owned(),
+        time: required_time(obj)?,
+        properties: parse_properties(obj, MAX_NESTED_BYTES)?,
+        target,
+    })
+}
+
+fn parse_purchase_object(value: &Value) -> Result<PurchaseObject, String> {
+    let obj = value.as_object().ok_or("'purchases' elements must be objects")?;
+    let target = parse_target(obj)?;
+    let currency = match obj.get("currency") {
+        None | Some(Value::Null) => return Err("'currency' is required".to_owned()),
+        Some(Value::String(c)) if c.len() == 3 && c.bytes().all(|b| b.is_ascii_alphabetic()) => c.to_ascii_uppercase(),
+        Some(_) => return Err(not_valid("currency")),
+    };
+    let price = match obj.get("price") {
+        None | Some(Value::Null) => return Err("'price' is required".to_owned()),
+        Some(v) => v.as_f64().filter(|p| p.is_finite()).ok_or_else(|| not_valid("price"))?,
+    };
+    let quantity = match obj.get("quantity") {
+        None | Some(Value::Null) => 1,
+        Some(v) => v
+            .as_u64()
+            .filter(|q| (1..=100).contains(q))
+            .and_then(|q| u32::try_from(q).ok())
+            .ok_or_else(|| not_valid("quantity"))?,
+    };
+    Ok(PurchaseObject {
+        app_id: opt_str(obj, "app_id")?.map(str::to_owned),
+        product_id: required_name(obj, "product_id")?.to_owned(),
+        currency,
+        price,
+        quantity,
+        time: required_time(obj)?,
+        properties: parse_properties(obj, MAX_PURCHASE_PROPERTIES_BYTES)?,
+        target,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(body: Value) -> Result<TrackRequest, TrackRejected> {
+        parse_track(body.as_object().unwrap())
+    }
+
+    #[test]
+    fn reports_invalid_objects_by_array_and_index_and_keeps_valid_ones() {
+        let req = parse(json!({
+            "attributes": [{"external_id": "u1", "first_name": "Jo"}, {"first_name": "nobody"}],
+            "events": [{"external_id": "u1", "name": "e", "time": "2024-01-01T00:00:00Z"}, {"external_id": "u1", "name": "e"}],
+            "purchases": [{"external_id": "u1", "product_id": "p", "currency": "usd", "price": 1, "quantity": 101, "time": "2024-01-01"}],
+        }))
+        .unwrap();
+        assert_eq!(req.valid_objects(), 2);
+        let errors: Vec<(&str, usize, &str)> = req.errors.iter().map(|e| (e.input_array.as_str(), e.index, e.message.as_str())).collect();
+        assert_eq!(
+            errors,
+            [("attributes", 1, MISSING_IDENTIFIER), ("events", 1, "'time' is required"), ("purchases", 0, "'quantity' is not valid")]
+        );
+    }
+
+    #[test]
+    fn rejects_more_than_75_objects_and_non_arrays() {
+        let many: Vec<Value> = (0..76).map(|i| json!({"external_id": i.to_string()})).collect();
+        assert_eq!(parse(json!({"attributes": many})), Err(TrackRejected::TooManyObjects));
+        assert_eq!(parse(json!({"events": {}})), Err(TrackRejected::NotAnArray("events")));
+        assert_eq!(parse(json!({"attributes": [], "events": [], "purchases": []})).unwrap().valid_objects(), 0);
+    }
+
+    #[test]
+    fn alias_targets_default_to_update_only() {
+        let req = parse(json!({"attributes": [
+            {"user_alias": {"alias_name": "a", "alias_label": "l"}, "x": 1},
+            {"user_alias": {"alias_name": "a", "alias_label": "l"}, "_update_existing_only": false, "x": 1},
+            {"external_id": "e", "x": 1}
+        ]}))
+        .unwrap();
+        let flags: Vec<bool> = req.attributes.iter().map(|(_, a)| a.target.update_existing_only).collect();
+        assert_eq!(flags, [true, false, false]);
+    }
+
+    #[test]
+    fn classifies_custom_attribute_operations() {
+        let req = parse(json!({"attributes": [{"external_id": "e", "n": {"inc": 2}, "arr": {"add": ["a"], "remove": ["b"]},
+            "t": {"$time": "2020-05-28"}, "pets": {"$add": [{"id": 1}]}, "gone": null, "country": "zz1"}]}))
+        .unwrap();
+        let (_, a) = &req.attributes[0];
+        assert_eq!(a.standard, [(StandardField::Country, None)]);
+        let kinds: Vec<(&str, &CustomChange)> = a.custom.iter().map(|(n, c)| (n.as_str(), c)).collect();
+        assert!(matches!(kinds[0], ("n", CustomChange::Increment(_))));
+        assert!(matches!(kinds[1], ("arr", CustomChange::ArrayEdit { .. })));
+        assert_eq!(kinds[2], ("t", &CustomChange::Set(json!("2020-05-28T00:00:00.000Z"))));
+        assert!(matches!(kinds[3], ("pets", CustomChange::ObjectArrayEdit { .. })));
+        assert_eq!(kinds[4], ("gone", &CustomChange::Remove));
+    }
+
+    #[test]
+    fn rejects_bad_standard_values_and_reserved_property_keys() {
+        let req = parse(json!({
+            "attributes": [{"external_id": "e", "gender": "robot"}, {"external_id": "e", "dob": "1990-13-01"}, {"external_id": "e", "$bad": 1}],
+            "events": [{"external_id": "e", "name": "x", "time": "2024-01-01", "properties": {"time": 1}}]
+        }))
+        .unwrap();
+        let messages: Vec<&str> = req.errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            ["'gender' is not valid", "'dob' is not valid", "'$bad' is not a valid attribute name", "'properties' must not use the reserved key 'time'"]
+        );
+    }
+
+    #[test]
+    fn device_id_is_an_identifier_and_pairs_with_external_id() {
+        let req = parse(json!({"events": [
+            {"device_id": "d1", "name": "x", "time": "2024-01-01"},
+            {"external_id": "u", "device_id": "d1", "name": "x", "time": "2024-01-01"}
+        ]}))
+        .unwrap();
+        assert!(matches!(req.events[0].1.target.primary, UserRef::Device(_)));
+        assert!(req.events[1].1.target.device.is_some());
+    }
+}

@@ -1,0 +1,790 @@
+//! The user services: `/users/track`, identify, aliases, merge, delete, external-id renames and
+//! export, written once against [`UserTx`] so every store runs the same rules.
+//!
+//! Each function runs inside one transaction the caller opened. Rules that are not obvious
+//! (which identifier wins, when a user may be created, how profiles merge) come from
+//! `reference/braze-api.md` §3, §4 and §7 and are cited where they are applied.
+
+use serde_json::{Map, Value, json};
+
+use crate::clock::Millis;
+use crate::currents::{CurrentsEvent, EventUser};
+use crate::ids::{BrazeId, DeviceId, Email, ExternalId, IdSource, Phone, UserAlias};
+use crate::profile::{Occurrences, UserRecord, apply_custom};
+use crate::store::{StoreError, UserLookup, UserTx, Workspace};
+use crate::track::{AttributeObject, ContactChange, EventObject, ObjectError, PurchaseObject, Target, TrackRequest, UserRef};
+
+/// `update_source` of profile updates made through the REST API.
+pub const UPDATE_SOURCE_REST: &str = "rest_api";
+
+/// What every write service needs besides the transaction.
+pub struct WriteCtx<'a> {
+    pub workspace: &'a Workspace,
+    pub now: Millis,
+    pub ids: &'a mut dyn IdSource,
+    /// Longest array custom attribute (Braze default 25).
+    pub max_array_len: usize,
+}
+
+impl WriteCtx<'_> {
+    fn event_user<'u>(&self, user: &'u UserRecord, device: Option<&'u DeviceId>) -> EventUser<'u> {
+        EventUser { braze_id: &user.braze_id, external_id: user.external_id.as_ref(), device_id: device, time_zone: user.time_zone() }
+    }
+}
+
+/// Result of `/users/track`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrackOutcome {
+    pub attributes_processed: usize,
+    pub events_processed: usize,
+    pub purchases_processed: usize,
+    pub errors: Vec<ObjectError>,
+}
+
+/// How a target resolved.
+enum Resolved {
+    User(Box<UserRecord>),
+    /// `_update_existing_only` and no such user: skipped, as Braze does, without an error.
+    Skip,
+    Error(String),
+}
+
+/// Applies a parsed `/users/track` request: attributes, then events, then purchases (Braze's
+/// processing order).
+pub fn track(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, req: &TrackRequest) -> Result<TrackOutcome, StoreError> {
+    let mut out = TrackOutcome { errors: req.errors.clone(), ..TrackOutcome::default() };
+    for (index, obj) in &req.attributes {
+        match resolve(tx, ctx, &obj.target)? {
+            Resolved::User(mut user) => {
+                apply_attributes(tx, ctx, &mut user, obj)?;
+                out.attributes_processed += 1;
+            }
+            Resolved::Skip => {}
+            Resolved::Error(message) => out.errors.push(ObjectError { input_array: crate::track::InputArray::Attributes, index: *index, message }),
+        }
+    }
+    for (index, obj) in &req.events {
+        match resolve(tx, ctx, &obj.target)? {
+            Resolved::User(mut user) => {
+                apply_event(tx, ctx, &mut user, obj)?;
+                out.events_processed += 1;
+            }
+            Resolved::Skip => {}
+            Resolved::Error(message) => out.errors.push(ObjectError { input_array: crate::track::InputArray::Events, index: *index, message }),
+        }
+    }
+    for (index, obj) in &req.purchases {
+        match resolve(tx, ctx, &obj.target)? {
+            Resolved::User(mut user) => {
+                apply_purchase(tx, ctx, &mut user, obj)?;
+                out.purchases_processed += 1;
+            }
+            Resolved::Skip => {}
+            Resolved::Error(message) => out.errors.push(ObjectError { input_array: crate::track::InputArray::Purchases, index: *index, message }),
+        }
+    }
+    out.errors.sort_by_key(|e| (e.input_array as u8, e.index));
+    Ok(out)
+}
+
+fn new_user(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>) -> Result<UserRecord, StoreError> {
+    let braze_id = ctx.ids.braze_id();
+    tx.create_user(braze_id, ctx.now)
+}
+
+/// The user an email (or phone) names for writes: the most recently updated profile with an
+/// external id, else the most recently updated one (braze-api.md §3.8).
+fn pick_contact_user(users: Vec<UserRecord>) -> Option<UserRecord> {
+    let identified = users.iter().position(UserRecord::is_identified);
+    match identified {
+        Some(i) => users.into_iter().nth(i),
+        None => users.into_iter().next(),
+    }
+}
+
+fn resolve(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, target: &Target) -> Result<Resolved, StoreError> {
+    let create = !target.update_existing_only;
+    let user = match &target.primary {
+        UserRef::External(ext) => return resolve_external(tx, ctx, ext, target),
+        UserRef::Alias(alias) => match tx.user_by_alias(alias)? {
+            Some(u) => u,
+            None if create => {
+                let u = new_user(tx, ctx)?;
+                tx.put_alias(u.seq, alias)?;
+                u
+            }
+            None => return Ok(Resolved::Skip),
+        },
+        UserRef::Braze(id) => match tx.user_by_braze_id(id)? {
+            Some(u) => u,
+            None => return Ok(Resolved::Error("'braze_id' does not match an existing user".to_owned())),
+        },
+        UserRef::Email(email) => match pick_contact_user(tx.users_by_email(email)?) {
+            Some(u) => u,
+            None if create => {
+                let mut u = new_user(tx, ctx)?;
+                u.email = Some(email.clone());
+                tx.save_user(&u)?;
+                u
+            }
+            None => return Ok(Resolved::Skip),
+        },
+        UserRef::Phone(phone) => match pick_contact_user(tx.users_by_phone(phone)?) {
+            Some(u) => u,
+            None if create => {
+                let mut u = new_user(tx, ctx)?;
+                u.phone = Some(phone.clone());
+                tx.save_user(&u)?;
+                u
+            }
+            None => return Ok(Resolved::Skip),
+        },
+        UserRef::Device(device) => match tx.user_by_device(device)? {
+            Some(u) => u,
+            None if create => {
+                let u = new_user(tx, ctx)?;
+                tx.put_device(u.seq, device)?;
+                u
+            }
+            None => return Ok(Resolved::Skip),
+        },
+    };
+    Ok(Resolved::User(Box::new(user)))
+}
+
+/// An `external_id` target, possibly with the `device_id` of an anonymous user to identify
+/// (braze-api.md §7: a new external id identifies the anonymous user in place; an existing one
+/// absorbs and orphans it) and an alias to attach.
+fn resolve_external(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, ext: &ExternalId, target: &Target) -> Result<Resolved, StoreError> {
+    let mut user = tx.user_by_external_id(ext)?;
+    if let Some(device) = &target.device {
+        let on_device = tx.user_by_device(device)?.filter(|d| !d.is_identified());
+        match (&mut user, on_device) {
+            (Some(known), Some(anon)) if anon.seq != known.seq => {
+                merge_into(tx, ctx, &anon, known)?;
+            }
+            (None, Some(mut anon)) => {
+                anon.external_id = Some(ext.clone());
+                anon.updated_at = ctx.now;
+                tx.save_user(&anon)?;
+                user = Some(anon);
+            }
+            _ => {}
+        }
+    }
+    let mut user = match user {
+        Some(u) => u,
+        None if !target.update_existing_only => {
+            let mut u = new_user(tx, ctx)?;
+            u.external_id = Some(ext.clone());
+            tx.save_user(&u)?;
+            u
+        }
+        None => return Ok(Resolved::Skip),
+    };
+    if let Some(device) = &target.device {
+        tx.put_device(user.seq, device)?;
+    }
+    if let Some(alias) = &target.alias {
+        attach_alias_if_free(tx, &mut user, alias)?;
+    }
+    Ok(Resolved::User(Box::new(user)))
+}
+
+/// Gives `user` the alias unless the pair belongs to someone or the user has that label.
+fn attach_alias_if_free(tx: &mut dyn UserTx, user: &mut UserRecord, alias: &UserAlias) -> Result<bool, StoreError> {
+    if tx.user_by_alias(alias)?.is_some() || tx.aliases_of(user.seq)?.iter().any(|a| a.label == alias.label) {
+        return Ok(false);
+    }
+    tx.put_alias(user.seq, alias)?;
+    Ok(true)
+}
+
+fn device_of(target: &Target) -> Option<&DeviceId> {
+    match &target.primary {
+        UserRef::Device(d) => Some(d),
+        _ => target.device.as_ref(),
+    }
+}
+
+fn apply_attributes(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut UserRecord, obj: &AttributeObject) -> Result<(), StoreError> {
+    let mut standard = Map::new();
+    let mut custom = Map::new();
+    match &obj.email {
+        ContactChange::Set(e) if user.email.as_ref() != Some(e) => {
+            user.email = Some(e.clone());
+            standard.insert("email_address".into(), e.as_str().into());
+        }
+        ContactChange::Clear if user.email.is_some() => {
+            user.email = None;
+            standard.insert("email_address".into(), Value::Null);
+        }
+        _ => {}
+    }
+    match &obj.phone {
+        ContactChange::Set(p) if user.phone.as_ref() != Some(p) => {
+            user.phone = Some(p.clone());
+            standard.insert("phone_number".into(), p.as_str().into());
+        }
+        ContactChange::Clear if user.phone.is_some() => {
+            user.phone = None;
+            standard.insert("phone_number".into(), Value::Null);
+        }
+        _ => {}
+    }
+    let mut changed_other_standard = false;
+    for (field, value) in &obj.standard {
+        let old = user.profile.standard.get(field);
+        if old == value.as_ref() {
+            continue;
+        }
+        match value {
+            Some(v) => user.profile.standard.insert(*field, v.clone()),
+            None => user.profile.standard.remove(field),
+        };
+        match field.currents_name() {
+            Some(name) => {
+                standard.insert(name.into(), value.clone().unwrap_or(Value::Null));
+            }
+            None => changed_other_standard = true,
+        }
+    }
+    for (name, change) in &obj.custom {
+        if let Some(new) = apply_custom(&mut user.profile.custom, name, change, ctx.max_array_len) {
+            custom.insert(name.clone(), new.unwrap_or(Value::Null));
+        }
+    }
+    if standard.is_empty() && custom.is_empty() && !changed_other_standard {
+        return Ok(());
+    }
+    user.updated_at = ctx.now;
+    tx.save_user(user)?;
+    let event = CurrentsEvent::profile_update(
+        ctx.ids.event_id(),
+        ctx.now,
+        &ctx.event_user(user, None),
+        &ctx.workspace.app_group_id,
+        UPDATE_SOURCE_REST,
+        standard,
+        &custom,
+    );
+    tx.append_event(Some(user.seq), &event)
+}
+
+fn apply_event(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut UserRecord, obj: &EventObject) -> Result<(), StoreError> {
+    user.profile.events.entry(obj.name.clone()).and_modify(|o| o.record(obj.time, 1)).or_insert_with(|| Occurrences::once(obj.time));
+    user.updated_at = ctx.now;
+    tx.save_user(user)?;
+    let event = CurrentsEvent::custom_event(
+        ctx.ids.event_id(),
+        obj.time,
+        &ctx.event_user(user, device_of(&obj.target)),
+        &ctx.workspace.app_group_id,
+        obj.app_id.as_deref(),
+        &obj.name,
+        &obj.properties,
+    );
+    tx.append_event(Some(user.seq), &event)
+}
+
+fn apply_purchase(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut UserRecord, obj: &PurchaseObject) -> Result<(), StoreError> {
+    let quantity = u64::from(obj.quantity);
+    user.profile
+        .purchases
+        .entry(obj.product_id.clone())
+        .and_modify(|o| o.record(obj.time, quantity))
+        .or_insert(Occurrences { first: obj.time, last: obj.time, count: quantity });
+    user.profile.total_revenue += obj.price * f64::from(obj.quantity);
+    user.updated_at = ctx.now;
+    tx.save_user(user)?;
+    // Braze: quantity N is treated as N purchases of quantity 1.
+    for _ in 0..obj.quantity {
+        let event = CurrentsEvent::purchase(
+            ctx.ids.event_id(),
+            obj.time,
+            &ctx.event_user(user, device_of(&obj.target)),
+            &ctx.workspace.app_group_id,
+            obj.app_id.as_deref(),
+            &obj.product_id,
+            &obj.currency,
+            obj.price,
+            &obj.properties,
+        );
+        tx.append_event(Some(user.seq), &event)?;
+    }
+    Ok(())
+}
+
+/// Merges `source` into `target`: target absorbs the fields only source has, takes source's
+/// aliases (unless it already has the label) and devices; source is orphaned (a
+/// `users.UserOrphan` event) and deleted.
+pub fn merge_into(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, source: &UserRecord, target: &mut UserRecord) -> Result<(), StoreError> {
+    let source_aliases = tx.aliases_of(source.seq)?;
+    let source_devices = tx.devices_of(source.seq)?;
+    let target_labels: Vec<_> = tx.aliases_of(target.seq)?.into_iter().map(|a| a.label).collect();
+    target.absorb(source);
+    target.updated_at = ctx.now;
+    let orphan = CurrentsEvent::orphan(
+        ctx.ids.event_id(),
+        ctx.now,
+        &ctx.event_user(source, source_devices.first()),
+        &ctx.workspace.app_group_id,
+        &target.braze_id,
+    );
+    tx.append_event(Some(source.seq), &orphan)?;
+    tx.delete_user(source.seq, ctx.now)?;
+    for alias in source_aliases.iter().filter(|a| !target_labels.contains(&a.label)) {
+        tx.put_alias(target.seq, alias)?;
+    }
+    for device in &source_devices {
+        tx.put_device(target.seq, device)?;
+    }
+    tx.save_user(target)
+}
+
+/// Per-item result of the batch endpoints (identify, alias, merge): how many were processed
+/// and the non-fatal errors by index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ItemOutcome {
+    pub processed: usize,
+    pub errors: Vec<(usize, String)>,
+}
+
+/// Email / phone matching preference for identify and delete (Braze's `prioritization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prioritization {
+    Identified,
+    Unidentified,
+    MostRecentlyUpdated,
+    LeastRecentlyUpdated,
+}
+
+impl Prioritization {
+    pub fn parse(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "identified" => Prioritization::Identified,
+            "unidentified" => Prioritization::Unidentified,
+            "most_recently_updated" => Prioritization::MostRecentlyUpdated,
+            "least_recently_updated" => Prioritization::LeastRecentlyUpdated,
+            _ => return None,
+        })
+    }
+}
+
+/// Picks one profile among those sharing an email/phone (given most recently updated first).
+/// `None` when nothing matches or the rules leave several candidates.
+pub fn prioritize(mut users: Vec<UserRecord>, rules: &[Prioritization]) -> Option<UserRecord> {
+    for rule in rules {
+        match rule {
+            Prioritization::Identified => users.retain(UserRecord::is_identified),
+            Prioritization::Unidentified => users.retain(|u| !u.is_identified()),
+            Prioritization::MostRecentlyUpdated => users.truncate(1),
+            Prioritization::LeastRecentlyUpdated => {
+                let last = users.pop();
+                users = last.into_iter().collect();
+            }
+        }
+    }
+    if users.len() == 1 { users.pop() } else { None }
+}
+
+/// What an identify item merges into the identified profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentifySource {
+    Alias(UserAlias),
+    Email(Email, Vec<Prioritization>),
+    Phone(Phone, Vec<Prioritization>),
+    /// Tideway's extension: the anonymous user of a device.
+    Device(DeviceId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentifyItem {
+    pub external_id: ExternalId,
+    pub source: IdentifySource,
+}
+
+/// `/users/identify` (braze-api.md §4.1, §7).
+pub fn identify(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, items: &[(usize, IdentifyItem)]) -> Result<ItemOutcome, StoreError> {
+    let mut out = ItemOutcome::default();
+    for (index, item) in items {
+        let source = match &item.source {
+            IdentifySource::Alias(a) => tx.user_by_alias(a)?,
+            IdentifySource::Device(d) => tx.user_by_device(d)?,
+            IdentifySource::Email(e, rules) => prioritize(tx.users_by_email(e)?, rules),
+            IdentifySource::Phone(p, rules) => prioritize(tx.users_by_phone(p)?, rules),
+        };
+        let Some(mut source) = source else {
+            out.errors.push((*index, "no single user matches the identifier to identify".to_owned()));
+            continue;
+        };
+        if let Some(existing) = &source.external_id {
+            if existing == &item.external_id {
+                out.processed += 1;
+            } else {
+                out.errors.push((*index, "the user to identify already has a different external_id".to_owned()));
+            }
+            continue;
+        }
+        match tx.user_by_external_id(&item.external_id)? {
+            None => {
+                source.external_id = Some(item.external_id.clone());
+                source.updated_at = ctx.now;
+                tx.save_user(&source)?;
+            }
+            Some(mut target) => {
+                // One alias per label: if the target already has this label, do not combine.
+                if let IdentifySource::Alias(alias) = &item.source
+                    && tx.aliases_of(target.seq)?.iter().any(|a| a.label == alias.label)
+                {
+                    out.errors.push((*index, format!("the user with this external_id already has an alias labelled '{}'", alias.label)));
+                    continue;
+                }
+                merge_into(tx, ctx, &source, &mut target)?;
+            }
+        }
+        out.processed += 1;
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AliasNewItem {
+    pub external_id: Option<ExternalId>,
+    pub alias: UserAlias,
+}
+
+/// `/users/alias/new` (braze-api.md §4.2).
+pub fn alias_new(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, items: &[(usize, AliasNewItem)]) -> Result<ItemOutcome, StoreError> {
+    let mut out = ItemOutcome::default();
+    for (index, item) in items {
+        let owner = tx.user_by_alias(&item.alias)?;
+        match &item.external_id {
+            Some(ext) => match tx.user_by_external_id(ext)? {
+                // Braze: with an unknown external_id the alias is added to no one.
+                None => out.processed += 1,
+                Some(user) if owner.as_ref().is_some_and(|o| o.seq == user.seq) => out.processed += 1,
+                Some(_) if owner.is_some() => out.errors.push((*index, "this alias already belongs to another user".to_owned())),
+                Some(user) => {
+                    if tx.aliases_of(user.seq)?.iter().any(|a| a.label == item.alias.label) {
+                        out.errors.push((*index, format!("the user already has an alias labelled '{}'", item.alias.label)));
+                    } else {
+                        tx.put_alias(user.seq, &item.alias)?;
+                        out.processed += 1;
+                    }
+                }
+            },
+            None => {
+                if owner.is_none() {
+                    let user = new_user(tx, ctx)?;
+                    tx.put_alias(user.seq, &item.alias)?;
+                }
+                out.processed += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AliasUpdateItem {
+    pub old: UserAlias,
+    pub new_name: crate::ids::AliasName,
+}
+
+/// `/users/alias/update`: renames an alias within its label.
+pub fn alias_update(tx: &mut dyn UserTx, _ctx: &mut WriteCtx<'_>, items: &[(usize, AliasUpdateItem)]) -> Result<ItemOutcome, StoreError> {
+    let mut out = ItemOutcome::default();
+    for (index, item) in items {
+        let new = UserAlias { label: item.old.label.clone(), name: item.new_name.clone() };
+        let Some(user) = tx.user_by_alias(&item.old)? else {
+            out.errors.push((*index, "no user has this alias".to_owned()));
+            continue;
+        };
+        if tx.user_by_alias(&new)?.is_some() {
+            out.errors.push((*index, "the new alias already exists".to_owned()));
+            continue;
+        }
+        tx.remove_alias(&item.old)?;
+        tx.put_alias(user.seq, &new)?;
+        out.processed += 1;
+    }
+    Ok(out)
+}
+
+/// How `/users/merge` and `/users/delete` name a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserKey {
+    External(ExternalId),
+    Alias(UserAlias),
+    Braze(BrazeId),
+    Email(Email, Vec<Prioritization>),
+    Phone(Phone),
+}
+
+impl UserKey {
+    fn find(&self, tx: &mut dyn UserLookup) -> Result<Option<UserRecord>, StoreError> {
+        match self {
+            UserKey::External(e) => tx.user_by_external_id(e),
+            UserKey::Alias(a) => tx.user_by_alias(a),
+            UserKey::Braze(b) => tx.user_by_braze_id(b),
+            UserKey::Email(e, rules) if rules.is_empty() => Ok(pick_contact_user(tx.users_by_email(e)?)),
+            UserKey::Email(e, rules) => Ok(prioritize(tx.users_by_email(e)?, rules)),
+            UserKey::Phone(p) => Ok(pick_contact_user(tx.users_by_phone(p)?)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeItem {
+    pub merge: UserKey,
+    pub keep: UserKey,
+}
+
+/// `/users/merge`: folds one profile into another.
+pub fn merge_users(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, items: &[(usize, MergeItem)]) -> Result<ItemOutcome, StoreError> {
+    let mut out = ItemOutcome::default();
+    for (index, item) in items {
+        let (Some(source), Some(mut target)) = (item.merge.find(tx)?, item.keep.find(tx)?) else {
+            out.errors.push((*index, "both 'identifier_to_merge' and 'identifier_to_keep' must match a user".to_owned()));
+            continue;
+        };
+        if source.seq == target.seq {
+            out.errors.push((*index, "'identifier_to_merge' and 'identifier_to_keep' are the same user".to_owned()));
+            continue;
+        }
+        merge_into(tx, ctx, &source, &mut target)?;
+        out.processed += 1;
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteRequest {
+    pub users: Vec<UserKey>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    pub deleted: usize,
+}
+
+/// `/users/delete`: each named user is erased and a `users.UserDeleteRequest` logged.
+pub fn delete_users(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, req: &DeleteRequest) -> Result<DeleteOutcome, StoreError> {
+    let mut out = DeleteOutcome::default();
+    for key in &req.users {
+        if let Some(user) = key.find(tx)? {
+            let event = CurrentsEvent::delete_request(ctx.ids.event_id(), ctx.now, &user.braze_id, &ctx.workspace.app_group_id);
+            tx.append_event(Some(user.seq), &event)?;
+            tx.delete_user(user.seq, ctx.now)?;
+            out.deleted += 1;
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenameItem {
+    pub current: ExternalId,
+    pub new: ExternalId,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RenameOutcome {
+    pub renamed: Vec<ExternalId>,
+    pub errors: Vec<(ExternalId, String)>,
+}
+
+/// `/users/external_ids/rename`: the old id stays resolvable (deprecated) until removed.
+pub fn rename_external_ids(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, items: &[RenameItem]) -> Result<RenameOutcome, StoreError> {
+    let mut out = RenameOutcome::default();
+    for item in items {
+        let user = tx.user_by_external_id(&item.current)?;
+        let Some(mut user) = user.filter(|u| u.external_id.as_ref() == Some(&item.current)) else {
+            out.errors.push((item.current.clone(), "'current_external_id' does not match a user's current external_id".to_owned()));
+            continue;
+        };
+        if tx.user_by_external_id(&item.new)?.is_some() {
+            out.errors.push((item.current.clone(), "'new_external_id' is already in use".to_owned()));
+            continue;
+        }
+        user.external_id = Some(item.new.clone());
+        user.updated_at = ctx.now;
+        tx.save_user(&user)?;
+        tx.put_deprecated_external_id(user.seq, &item.current)?;
+        out.renamed.push(item.new.clone());
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoveOutcome {
+    pub removed: Vec<ExternalId>,
+    pub errors: Vec<(ExternalId, String)>,
+}
+
+/// `/users/external_ids/remove`: only deprecated ids can be removed.
+pub fn remove_external_ids(tx: &mut dyn UserTx, ids: &[ExternalId]) -> Result<RemoveOutcome, StoreError> {
+    let mut out = RemoveOutcome::default();
+    for id in ids {
+        if tx.remove_deprecated_external_id(id)? {
+            out.removed.push(id.clone());
+        } else {
+            out.errors.push((id.clone(), "not a deprecated external_id".to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+/// How `/users/export/ids` names users.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportRequest {
+    pub external_ids: Vec<ExternalId>,
+    pub aliases: Vec<UserAlias>,
+    pub device_id: Option<DeviceId>,
+    pub braze_id: Option<BrazeId>,
+    pub email: Option<Email>,
+    pub phone: Option<Phone>,
+    /// Empty = every field.
+    pub fields: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExportOutcome {
+    pub users: Vec<Map<String, Value>>,
+    pub invalid_user_ids: Vec<String>,
+}
+
+/// Every field `/users/export/ids` can return (for validating `fields_to_export`).
+pub const EXPORT_FIELDS: [&str; 28] = [
+    "appboy_id",
+    "braze_id",
+    "created_at",
+    "external_id",
+    "user_aliases",
+    "device_ids",
+    "first_name",
+    "last_name",
+    "email",
+    "phone",
+    "dob",
+    "gender",
+    "home_city",
+    "country",
+    "language",
+    "time_zone",
+    "last_coordinates",
+    "email_subscribe",
+    "push_subscribe",
+    "custom_attributes",
+    "custom_events",
+    "purchases",
+    "total_revenue",
+    "random_bucket",
+    "email_open_tracking_disabled",
+    "email_click_tracking_disabled",
+    "push_tokens",
+    "subscription_groups",
+];
+
+/// `/users/export/ids`, in Braze's profile export shape. Read-only.
+pub fn export_ids(tx: &mut dyn UserLookup, req: &ExportRequest) -> Result<ExportOutcome, StoreError> {
+    let mut out = ExportOutcome::default();
+    let mut found: Vec<UserRecord> = Vec::new();
+    let push = |u: UserRecord, found: &mut Vec<UserRecord>| {
+        if !found.iter().any(|f| f.seq == u.seq) {
+            found.push(u);
+        }
+    };
+    for ext in &req.external_ids {
+        match tx.user_by_external_id(ext)? {
+            Some(u) => push(u, &mut found),
+            None => out.invalid_user_ids.push(ext.to_string()),
+        }
+    }
+    for alias in &req.aliases {
+        if let Some(u) = tx.user_by_alias(alias)? {
+            push(u, &mut found);
+        }
+    }
+    if let Some(d) = &req.device_id
+        && let Some(u) = tx.user_by_device(d)?
+    {
+        push(u, &mut found);
+    }
+    if let Some(b) = &req.braze_id
+        && let Some(u) = tx.user_by_braze_id(b)?
+    {
+        push(u, &mut found);
+    }
+    if let Some(e) = &req.email {
+        for u in tx.users_by_email(e)? {
+            push(u, &mut found);
+        }
+    }
+    if let Some(p) = &req.phone {
+        for u in tx.users_by_phone(p)? {
+            push(u, &mut found);
+        }
+    }
+    for user in found {
+        let aliases = tx.aliases_of(user.seq)?;
+        let devices = tx.devices_of(user.seq)?;
+        out.users.push(export_user(&user, &aliases, &devices, &req.fields));
+    }
+    Ok(out)
+}
+
+fn export_user(user: &UserRecord, aliases: &[UserAlias], devices: &[DeviceId], fields: &[String]) -> Map<String, Value> {
+    use crate::profile::StandardField as F;
+    let want = |name: &str| fields.is_empty() || fields.iter().any(|f| f == name);
+    let mut m = Map::new();
+    let std = |f: F| user.profile.standard.get(&f).cloned();
+    let mut put = |name: &str, value: Option<Value>| {
+        if want(name)
+            && let Some(v) = value
+        {
+            m.insert(name.to_owned(), v);
+        }
+    };
+    put("created_at", Some(user.created_at.to_iso().into()));
+    put("external_id", user.external_id.as_ref().map(|e| e.as_str().into()));
+    put(
+        "user_aliases",
+        Some(Value::Array(aliases.iter().map(|a| json!({"alias_name": a.name.as_str(), "alias_label": a.label.as_str()})).collect())),
+    );
+    put("braze_id", Some(user.braze_id.as_str().into()));
+    put("appboy_id", Some(user.braze_id.as_str().into()));
+    put("device_ids", if devices.is_empty() { None } else { Some(devices.iter().map(|d| Value::from(d.as_str())).collect()) });
+    put("first_name", std(F::FirstName));
+    put("last_name", std(F::LastName));
+    put("email", user.email.as_ref().map(|e| e.as_str().into()));
+    put("phone", user.phone.as_ref().map(|p| p.as_str().into()));
+    put("dob", std(F::Dob));
+    put("gender", std(F::Gender));
+    put("home_city", std(F::HomeCity));
+    put("country", std(F::Country));
+    put("language", std(F::Language));
+    put("time_zone", std(F::TimeZone));
+    put(
+        "last_coordinates",
+        std(F::CurrentLocation).map(|loc| json!([loc["longitude"].clone(), loc["latitude"].clone()])),
+    );
+    put("email_subscribe", std(F::EmailSubscribe));
+    put("push_subscribe", std(F::PushSubscribe));
+    put("email_open_tracking_disabled", std(F::EmailOpenTrackingDisabled));
+    put("email_click_tracking_disabled", std(F::EmailClickTrackingDisabled));
+    put("push_tokens", std(F::PushTokens));
+    put("subscription_groups", std(F::SubscriptionGroups));
+    put("custom_attributes", Some(Value::Object(user.profile.custom.clone())));
+    let occurrences = |list: &std::collections::BTreeMap<String, Occurrences>| -> Value {
+        list.iter()
+            .map(|(name, o)| json!({"name": name, "first": o.first.to_iso(), "last": o.last.to_iso(), "count": o.count}))
+            .collect()
+    };
+    put("custom_events", Some(occurrences(&user.profile.events)));
+    put("purchases", Some(occurrences(&user.profile.purchases)));
+    put("total_revenue", Some(json!(user.profile.total_revenue)));
+    put("random_bucket", Some(user.random_bucket().into()));
+    m
+}
