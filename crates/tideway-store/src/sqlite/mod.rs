@@ -1,0 +1,332 @@
+//! The embedded SQLite store: one writer thread doing group commit, a pool of readers.
+//!
+//! Why a single writer: SQLite allows one writer at a time anyway, and a transaction's cost is
+//! dominated by its commit (the WAL append and, with `synchronous=FULL`, the fsync). So the
+//! writer drains every job that is waiting (up to `max_batch`), runs them all in one
+//! transaction — each inside its own savepoint, so one failing job rolls back alone — commits
+//! once, and only then answers each caller. A request is therefore acknowledged only after its
+//! data and its Currents events are durable, and many concurrent requests share one commit.
+//!
+//! Readers use their own connections (WAL lets them run beside the writer) on tokio's blocking
+//! pool. Other processes (the admin CLI) may open the same file: SQLite's locking plus a busy
+//! timeout keep that safe.
+
+mod admin;
+mod schema;
+mod users;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tideway_core::clock::Millis;
+use tideway_core::ids::{ExternalId, WorkspaceId};
+use tideway_core::keys::{ApiKey, KeyHash};
+use tideway_core::store::{LoggedEvent, NewApiKey, Store, StoreError, StoreFuture, Workspace};
+use tideway_core::track::TrackRequest;
+use tideway_core::users::{
+    self as services, AliasNewItem, AliasUpdateItem, DeleteOutcome, DeleteRequest, ExportOutcome, ExportRequest, IdentifyItem,
+    ItemOutcome, MergeItem, RemoveOutcome, RenameItem, RenameOutcome, TrackOutcome, WriteCtx,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ids::RandomIds;
+pub use users::SqlUsers;
+
+/// How hard SQLite syncs each commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// WAL + NORMAL: a commit survives a process crash (`kill -9`); the last commits may be
+    /// lost on power failure or an OS crash.
+    Normal,
+    /// WAL + FULL: every commit is fsynced before it is acknowledged.
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    pub synchronous: Synchronous,
+    /// Most jobs committed in one transaction.
+    pub max_batch: usize,
+    /// Longest array custom attribute (Braze's default is 25).
+    pub max_array_len: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { synchronous: Synchronous::Normal, max_batch: 512, max_array_len: 25 }
+    }
+}
+
+/// What the writer hands back after running a job: whether it failed (so its savepoint is
+/// rolled back) and how to answer its caller once the commit outcome is known.
+struct JobDone {
+    failed: bool,
+    answer: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
+}
+
+type Job = Box<dyn FnOnce(&Connection, &mut RandomIds, &SqliteOptions) -> JobDone + Send>;
+
+/// The SQLite-backed [`Store`].
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: PathBuf,
+    options: SqliteOptions,
+}
+
+pub(crate) fn sql_err(e: rusqlite::Error) -> StoreError {
+    match e {
+        rusqlite::Error::SqliteFailure(code, _)
+            if matches!(code.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        rusqlite::Error::SqliteFailure(code, _) if code.code == rusqlite::ErrorCode::ConstraintViolation => {
+            StoreError::Conflict(e.to_string())
+        }
+        rusqlite::Error::InvalidColumnType(..) | rusqlite::Error::FromSqlConversionFailure(..) => StoreError::Corrupt(e.to_string()),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(sql_err)?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(sql_err)?;
+    let sync = match synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;"
+    ))
+    .map_err(sql_err)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, migrates it, and starts the writer.
+    pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        let mut conn = open_connection(path, options.synchronous)?;
+        schema::migrate(&mut conn).map_err(sql_err)?;
+        // The channel bound is backpressure: when the writer falls behind, callers wait here
+        // instead of piling up unbounded memory.
+        let (jobs, rx) = mpsc::channel::<Job>(options.max_batch * 4);
+        let writer_options = options.clone();
+        std::thread::Builder::new()
+            .name("tideway-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, writer_options))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore { jobs, readers: Arc::new(Mutex::new(Vec::new())), path: path.to_owned(), options })
+    }
+
+    /// Runs `f` in the writer's current transaction (inside its own savepoint) and answers
+    /// after the commit.
+    fn write<T, F>(&self, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut RandomIds, &SqliteOptions) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel::<Result<T, StoreError>>();
+        let job: Job = Box::new(move |conn, ids, options| {
+            let result = f(conn, ids, options);
+            JobDone {
+                failed: result.is_err(),
+                answer: Box::new(move |commit| {
+                    let _ = reply.send(commit.and(result));
+                }),
+            }
+        });
+        Box::pin(async move {
+            self.jobs.send(job).await.map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+            answer.await.map_err(|_| StoreError::Unavailable("the writer stopped before answering".into()))?
+        })
+    }
+
+    /// Runs a workspace-scoped user service in the writer.
+    fn write_users<T, F>(&self, workspace: &Workspace, now: Millis, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut SqlUsers<'_>, &mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let workspace = workspace.clone();
+        self.write(move |conn, ids, options| {
+            let mut tx = SqlUsers { conn, workspace: workspace.id };
+            let mut ctx = WriteCtx { workspace: &workspace, now, ids, max_array_len: options.max_array_len };
+            f(&mut tx, &mut ctx)
+        })
+    }
+
+    /// Runs `f` on a pooled reader connection on the blocking thread pool.
+    fn read<T, F>(&self, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let readers = Arc::clone(&self.readers);
+        let path = self.path.clone();
+        let sync = self.options.synchronous;
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let pooled = readers.lock().map_err(|_| StoreError::Unavailable("reader pool poisoned".into()))?.pop();
+                let conn = match pooled {
+                    Some(c) => c,
+                    None => open_connection(&path, sync)?,
+                };
+                let result = f(&conn);
+                if let Ok(mut pool) = readers.lock() {
+                    pool.push(conn);
+                }
+                result
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("reader task failed: {e}")))?
+        })
+    }
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOptions) {
+    let mut ids = RandomIds;
+    let mut batch: Vec<Job> = Vec::with_capacity(options.max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < options.max_batch {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let size = batch.len();
+        let started = std::time::Instant::now();
+        let mut answers = Vec::with_capacity(size);
+        let begun = conn.execute_batch("BEGIN IMMEDIATE").map_err(sql_err);
+        if let Err(e) = begun {
+            tracing::error!(error = %e, jobs = size, "cannot begin a write transaction");
+            for job in batch.drain(..) {
+                // The job never ran; answer its caller with the error via a no-op run.
+                let done = run_isolated_failure(job, &conn, &mut ids, &options);
+                (done.answer)(Err(e.clone()));
+            }
+            continue;
+        }
+        for job in batch.drain(..) {
+            answers.push(run_in_savepoint(job, &conn, &mut ids, &options));
+        }
+        let committed = conn.execute_batch("COMMIT").map_err(sql_err);
+        if committed.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        metrics::counter!("tideway_store_commits_total").increment(1);
+        metrics::histogram!("tideway_store_commit_batch_jobs").record(size as f64);
+        metrics::histogram!("tideway_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, jobs = size, "commit failed; every job in the batch is answered with an error");
+        }
+        for answer in answers {
+            answer(committed.clone());
+        }
+    }
+}
+
+fn run_in_savepoint(job: Job, conn: &Connection, ids: &mut RandomIds, options: &SqliteOptions) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
+    if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        let done = run_isolated_failure(job, conn, ids, options);
+        let e = sql_err(e);
+        return Box::new(move |_| (done.answer)(Err(e)));
+    }
+    let done = job(conn, ids, options);
+    let undo = if done.failed { "ROLLBACK TO job; RELEASE job" } else { "RELEASE job" };
+    if let Err(e) = conn.execute_batch(undo) {
+        tracing::error!(error = %e, "savepoint release failed");
+    }
+    done.answer
+}
+
+/// Runs a job inside a savepoint that is always rolled back, used only to obtain its answer
+/// channel when the transaction could not be started.
+fn run_isolated_failure(job: Job, conn: &Connection, ids: &mut RandomIds, options: &SqliteOptions) -> JobDone {
+    let _ = conn.execute_batch("SAVEPOINT discard");
+    let done = job(conn, ids, options);
+    let _ = conn.execute_batch("ROLLBACK TO discard; RELEASE discard");
+    JobDone { failed: true, answer: done.answer }
+}
+
+impl Store for SqliteStore {
+    fn create_workspace(&self, name: &str, now: Millis) -> StoreFuture<'_, Workspace> {
+        let name = name.to_owned();
+        self.write(move |conn, _, _| admin::create_workspace(conn, &name, now))
+    }
+
+    fn workspace_by_name(&self, name: &str) -> StoreFuture<'_, Option<Workspace>> {
+        let name = name.to_owned();
+        self.read(move |conn| admin::workspace_by_name(conn, &name))
+    }
+
+    fn list_workspaces(&self) -> StoreFuture<'_, Vec<Workspace>> {
+        self.read(admin::list_workspaces)
+    }
+
+    fn create_api_key(&self, key: NewApiKey) -> StoreFuture<'_, ApiKey> {
+        self.write(move |conn, _, _| admin::create_api_key(conn, key))
+    }
+
+    fn list_api_keys(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<ApiKey>> {
+        self.read(move |conn| admin::list_api_keys(conn, workspace))
+    }
+
+    fn revoke_api_key(&self, workspace: WorkspaceId, id_or_prefix: &str, now: Millis) -> StoreFuture<'_, bool> {
+        let key = id_or_prefix.to_owned();
+        self.write(move |conn, _, _| admin::revoke_api_key(conn, workspace, &key, now))
+    }
+
+    fn find_api_key(&self, hash: KeyHash) -> StoreFuture<'_, Option<(ApiKey, Workspace)>> {
+        self.read(move |conn| admin::find_api_key(conn, hash))
+    }
+
+    fn track(&self, workspace: &Workspace, request: TrackRequest, now: Millis) -> StoreFuture<'_, TrackOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| services::track(tx, ctx, &request))
+    }
+
+    fn identify(&self, workspace: &Workspace, items: Vec<(usize, IdentifyItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| services::identify(tx, ctx, &items))
+    }
+
+    fn alias_new(&self, workspace: &Workspace, items: Vec<(usize, AliasNewItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| services::alias_new(tx, ctx, &items))
+    }
+
+    fn alias_update(&self, workspace: &Workspace, items: Vec<(usize, AliasUpdateItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| services::alias_update(tx, ctx, &items))
+    }
+
+    fn merge_users(&self, workspace: &Workspace, items: Vec<(usize, MergeItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| services::merge_users(tx, ctx, &items))
+    }
+
+    fn delete_users(&self, workspace: &Workspace, request: DeleteRequest, now: Millis) -> StoreFuture<'_, DeleteOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| services::delete_users(tx, ctx, &request))
+    }
+
+    fn rename_external_ids(&self, workspace: &Workspace, items: Vec<RenameItem>, now: Millis) -> StoreFuture<'_, RenameOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| services::rename_external_ids(tx, ctx, &items))
+    }
+
+    fn remove_external_ids(&self, workspace: &Workspace, ids: Vec<ExternalId>) -> StoreFuture<'_, RemoveOutcome> {
+        let now = workspace.created_at;
+        self.write_users(workspace, now, move |tx, _| services::remove_external_ids(tx, &ids))
+    }
+
+    fn export_ids(&self, workspace: &Workspace, request: ExportRequest) -> StoreFuture<'_, ExportOutcome> {
+        let ws = workspace.id;
+        self.read(move |conn| {
+            let mut lookup = SqlUsers { conn, workspace: ws };
+            services::export_ids(&mut lookup, &request)
+        })
+    }
+
+    fn read_events(&self, workspace: WorkspaceId, after: i64, limit: usize) -> StoreFuture<'_, Vec<LoggedEvent>> {
+        self.read(move |conn| admin::read_events(conn, workspace, after, limit))
+    }
+}

@@ -1,0 +1,88 @@
+//! The SQLite schema and its migrations, applied in order and tracked in `PRAGMA user_version`.
+//!
+//! Users get a dense per-workspace `seq` (segment bitmaps index it) beside the global rowid.
+//! Deleted users stay as tombstones (`deleted_at` set, identifiers and profile erased) so a
+//! `seq` is never reused. The event log is append-only; its rowid is the commit-ordered position
+//! Currents consumers read from.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE workspaces (
+    id            INTEGER PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    app_group_id  TEXT NOT NULL UNIQUE,
+    created_at    INTEGER NOT NULL
+);
+CREATE TABLE api_keys (
+    id            INTEGER PRIMARY KEY,
+    workspace_id  INTEGER NOT NULL REFERENCES workspaces(id),
+    name          TEXT NOT NULL,
+    prefix        TEXT NOT NULL,
+    hash          BLOB NOT NULL UNIQUE,
+    permissions   TEXT NOT NULL,
+    allow_ips     TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    revoked_at    INTEGER
+);
+CREATE TABLE users (
+    id            INTEGER PRIMARY KEY,
+    workspace_id  INTEGER NOT NULL,
+    seq           INTEGER NOT NULL,
+    braze_id      TEXT NOT NULL,
+    external_id   TEXT,
+    email         TEXT,
+    phone         TEXT,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    deleted_at    INTEGER,
+    profile       TEXT NOT NULL,
+    UNIQUE (workspace_id, seq)
+);
+CREATE UNIQUE INDEX users_braze_id ON users(workspace_id, braze_id);
+CREATE UNIQUE INDEX users_external_id ON users(workspace_id, external_id) WHERE external_id IS NOT NULL;
+CREATE INDEX users_email ON users(workspace_id, email) WHERE email IS NOT NULL;
+CREATE INDEX users_phone ON users(workspace_id, phone) WHERE phone IS NOT NULL;
+CREATE TABLE user_aliases (
+    workspace_id  INTEGER NOT NULL,
+    label         TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, label, name)
+) WITHOUT ROWID;
+CREATE INDEX user_aliases_seq ON user_aliases(workspace_id, seq);
+CREATE TABLE user_devices (
+    workspace_id  INTEGER NOT NULL,
+    device_id     TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, device_id)
+) WITHOUT ROWID;
+CREATE INDEX user_devices_seq ON user_devices(workspace_id, seq);
+CREATE TABLE deprecated_external_ids (
+    workspace_id  INTEGER NOT NULL,
+    external_id   TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, external_id)
+) WITHOUT ROWID;
+CREATE TABLE event_log (
+    seq           INTEGER PRIMARY KEY,
+    workspace_id  INTEGER NOT NULL,
+    user_seq      INTEGER,
+    event_id      TEXT NOT NULL,
+    event_type    TEXT NOT NULL,
+    time          INTEGER NOT NULL,
+    body          TEXT NOT NULL
+);
+CREATE INDEX event_log_workspace ON event_log(workspace_id, seq);
+"#];
+
+/// Brings the schema up to date inside one transaction.
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+    }
+    tx.commit()
+}
