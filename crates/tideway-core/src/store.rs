@@ -11,9 +11,11 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::clock::Millis;
+use crate::cohorts::{CohortChange, CohortId, CohortUpsert, MembershipOutcome};
 use crate::currents::CurrentsEvent;
 use crate::ids::{BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias, UserSeq, WorkspaceId};
-use crate::keys::{ApiKey, IpAllowlist, KeyHash, PermissionSet};
+use crate::ids::AliasLabel;
+use crate::keys::{ApiKey, IpAllowlist, KeyHash, PermissionSet, Secret};
 use crate::profile::UserRecord;
 use crate::users::{
     AliasNewItem, AliasUpdateItem, DeleteOutcome, DeleteRequest, ExportOutcome, ExportRequest, IdentifyItem, ItemOutcome,
@@ -86,6 +88,8 @@ pub trait UserTx: UserLookup {
     fn remove_deprecated_external_id(&mut self, old: &ExternalId) -> Result<bool, StoreError>;
     /// Appends to the event log, about `user` where there is one.
     fn append_event(&mut self, user: Option<UserSeq>, event: &CurrentsEvent) -> Result<(), StoreError>;
+    /// Moves `from`'s cohort memberships to `to` (merge: the survivor keeps the union).
+    fn move_cohort_memberships(&mut self, from: UserSeq, to: UserSeq, now: Millis) -> Result<(), StoreError>;
 }
 
 /// A new REST API key to store.
@@ -108,6 +112,85 @@ pub struct LoggedEvent {
     pub workspace: WorkspaceId,
     pub user: Option<UserSeq>,
     pub event: CurrentsEvent,
+}
+
+/// A data import key as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportKeyInfo {
+    pub id: i64,
+    pub workspace: WorkspaceId,
+    pub partner: String,
+    pub prefix: String,
+    pub created_at: Millis,
+    pub invalidated_at: Option<Millis>,
+}
+
+/// Who a data import key (a partner request's `client_secret`) belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportKeyOwner {
+    pub workspace: Workspace,
+    /// Whether the workspace has this partner enabled (import is refused otherwise).
+    pub partner_enabled: bool,
+}
+
+/// A workspace's Heap segment-sync webhook settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeapWebhook {
+    pub workspace: Workspace,
+    pub secret: Secret,
+    /// `None`: Heap's ids are external ids; `Some(label)`: they are alias names under `label`.
+    pub alias_label: Option<AliasLabel>,
+}
+
+/// One page of Heap's segment sync, mapped to cohort terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentSyncPage {
+    pub cohort_id: CohortId,
+    pub name: String,
+    /// `(sync_task_id, page_number)`: a page seen before is acknowledged without applying it
+    /// again. `None` when Heap sent no sync info.
+    pub page_key: Option<(String, i64)>,
+    /// `segment.users.drain`: remove every member.
+    pub drain: bool,
+    /// Adds then removes (an id in both ends removed: heap.md §2.4 "Our choice").
+    pub changes: Vec<CohortChange>,
+}
+
+/// What a segment-sync page did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentSyncOutcome {
+    pub membership: MembershipOutcome,
+    /// The page had been applied before; nothing was done.
+    pub replayed: bool,
+}
+
+/// A cohort as the management API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CohortSummary {
+    pub partner: String,
+    pub cohort_id: CohortId,
+    pub name: String,
+    pub member_count: u64,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// A member of a cohort.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CohortMember {
+    pub user: UserSeq,
+    pub braze_id: BrazeId,
+    pub external_id: Option<ExternalId>,
+    pub entered_at: Millis,
+}
+
+/// A user's membership in one cohort.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserCohort {
+    pub partner: String,
+    pub cohort_id: CohortId,
+    pub name: String,
+    pub entered_at: Millis,
 }
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -134,6 +217,35 @@ pub trait Store: Send + Sync {
     fn rename_external_ids(&self, workspace: &Workspace, items: Vec<RenameItem>, now: Millis) -> StoreFuture<'_, RenameOutcome>;
     fn remove_external_ids(&self, workspace: &Workspace, ids: Vec<ExternalId>) -> StoreFuture<'_, RemoveOutcome>;
     fn export_ids(&self, workspace: &Workspace, request: ExportRequest) -> StoreFuture<'_, ExportOutcome>;
+
+    /// The operator-issued `partner_api_key` of a partner, created from `fresh` if absent.
+    fn partner_api_key(&self, partner: &str, fresh: Secret, now: Millis) -> StoreFuture<'_, Secret>;
+    /// True if `key` is the partner's current `partner_api_key` (constant-time compare).
+    fn check_partner_api_key(&self, partner: &str, key: Secret) -> StoreFuture<'_, bool>;
+    /// Stores a new data import key for (workspace, partner) and enables the partner there.
+    fn create_import_key(&self, workspace: WorkspaceId, partner: &str, secret: &Secret, now: Millis) -> StoreFuture<'_, ImportKeyInfo>;
+    fn list_import_keys(&self, workspace: WorkspaceId, partner: &str) -> StoreFuture<'_, Vec<ImportKeyInfo>>;
+    /// Invalidates the key with this id or prefix at once; returns whether one was.
+    fn invalidate_import_key(&self, workspace: WorkspaceId, partner: &str, id_or_prefix: &str, now: Millis) -> StoreFuture<'_, bool>;
+    fn set_partner_enabled(&self, workspace: WorkspaceId, partner: &str, enabled: bool) -> StoreFuture<'_, ()>;
+    /// The workspace owning a valid data import key for `partner`.
+    fn find_import_key(&self, partner: &str, hash: KeyHash) -> StoreFuture<'_, Option<ImportKeyOwner>>;
+    /// The workspace's Heap webhook settings, creating the secret from `fresh` if absent;
+    /// `alias_label` (when `Some`) replaces the id mapping.
+    fn heap_webhook(&self, workspace: WorkspaceId, fresh: Secret, alias_label: Option<Option<AliasLabel>>) -> StoreFuture<'_, HeapWebhook>;
+    /// Every workspace's Heap webhook settings (to find the one whose secret signed a request).
+    fn heap_webhooks(&self) -> StoreFuture<'_, Vec<HeapWebhook>>;
+
+    fn upsert_cohort(&self, workspace: &Workspace, partner: &str, upsert: CohortUpsert, now: Millis) -> StoreFuture<'_, ()>;
+    /// Applies membership deltas; creates the cohort (named by its id) if it is new and there
+    /// is something to apply.
+    fn apply_cohort_changes(&self, workspace: &Workspace, partner: &str, cohort_id: CohortId, changes: Vec<CohortChange>, now: Millis) -> StoreFuture<'_, MembershipOutcome>;
+    fn apply_segment_sync(&self, workspace: &Workspace, partner: &str, page: SegmentSyncPage, now: Millis) -> StoreFuture<'_, SegmentSyncOutcome>;
+    fn list_cohorts(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<CohortSummary>>;
+    /// Members in `seq` order after `after`; `None` if the cohort does not exist.
+    fn cohort_members(&self, workspace: WorkspaceId, partner: &str, cohort_id: CohortId, after: u32, limit: usize) -> StoreFuture<'_, Option<Vec<CohortMember>>>;
+    /// `None` if no live user has this braze_id.
+    fn user_cohorts(&self, workspace: WorkspaceId, braze_id: BrazeId) -> StoreFuture<'_, Option<Vec<UserCohort>>>;
 
     /// Events of a workspace after log position `after`, oldest first.
     fn read_events(&self, workspace: WorkspaceId, after: i64, limit: usize) -> StoreFuture<'_, Vec<LoggedEvent>>;

@@ -74,7 +74,72 @@ CREATE TABLE event_log (
     body          TEXT NOT NULL
 );
 CREATE INDEX event_log_workspace ON event_log(workspace_id, seq);
-"#];
+"#,
+    // 2: partner cohort import. `cohort_members` holds current membership with its entry
+    // time; `cohort_membership_changes` is the append-only change sequence (entered / left,
+    // with time) that triggers and the segment index consume.
+    r#"
+CREATE TABLE partner_api_keys (
+    partner       TEXT PRIMARY KEY,
+    secret        TEXT NOT NULL,
+    created_at    INTEGER NOT NULL
+);
+CREATE TABLE import_keys (
+    id              INTEGER PRIMARY KEY,
+    workspace_id    INTEGER NOT NULL REFERENCES workspaces(id),
+    partner         TEXT NOT NULL,
+    prefix          TEXT NOT NULL,
+    hash            BLOB NOT NULL UNIQUE,
+    created_at      INTEGER NOT NULL,
+    invalidated_at  INTEGER
+);
+CREATE TABLE workspace_partners (
+    workspace_id  INTEGER NOT NULL,
+    partner       TEXT NOT NULL,
+    enabled       INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, partner)
+) WITHOUT ROWID;
+CREATE TABLE heap_webhooks (
+    workspace_id  INTEGER PRIMARY KEY,
+    secret        TEXT NOT NULL,
+    alias_label   TEXT
+);
+CREATE TABLE heap_sync_pages (
+    workspace_id  INTEGER NOT NULL,
+    sync_task_id  TEXT NOT NULL,
+    page_number   INTEGER NOT NULL,
+    applied_at    INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, sync_task_id, page_number)
+) WITHOUT ROWID;
+CREATE TABLE cohorts (
+    id            INTEGER PRIMARY KEY,
+    workspace_id  INTEGER NOT NULL,
+    partner       TEXT NOT NULL,
+    cohort_id     TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    member_count  INTEGER NOT NULL DEFAULT 0,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    UNIQUE (workspace_id, partner, cohort_id)
+);
+CREATE TABLE cohort_members (
+    cohort        INTEGER NOT NULL,
+    seq           INTEGER NOT NULL,
+    entered_at    INTEGER NOT NULL,
+    PRIMARY KEY (cohort, seq)
+) WITHOUT ROWID;
+CREATE INDEX cohort_members_user ON cohort_members(seq, cohort);
+CREATE TABLE cohort_membership_changes (
+    change_seq    INTEGER PRIMARY KEY,
+    workspace_id  INTEGER NOT NULL,
+    cohort        INTEGER NOT NULL,
+    seq           INTEGER NOT NULL,
+    entered       INTEGER NOT NULL,
+    at            INTEGER NOT NULL
+);
+CREATE INDEX cohort_membership_changes_workspace ON cohort_membership_changes(workspace_id, change_seq);
+"#,
+];
 
 /// Brings the schema up to date inside one transaction.
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -194,6 +194,7 @@ impl UserTx for SqlUsers<'_> {
     }
 
     fn delete_user(&mut self, user: UserSeq, now: Millis) -> Result<(), StoreError> {
+        self.leave_all_cohorts(user, now)?;
         let ws = self.workspace.0;
         for sql in [
             "DELETE FROM user_aliases WHERE workspace_id = ?1 AND seq = ?2",
@@ -251,6 +252,10 @@ impl UserTx for SqlUsers<'_> {
             .and_then(|mut s| s.execute(params![self.workspace.0, old.as_str()]))
             .map_err(sql_err)?;
         Ok(n > 0)
+    }
+
+    fn move_cohort_memberships(&mut self, from: UserSeq, to: UserSeq, now: Millis) -> Result<(), StoreError> {
+        self.move_memberships(from, to, now)
     }
 
     fn append_event(&mut self, user: Option<UserSeq>, event: &CurrentsEvent) -> Result<(), StoreError> {
