@@ -13,9 +13,15 @@ use tideway_core::profile::{Occurrences, Profile, StandardField};
 use tideway_core::store::StoreError;
 
 pub fn encode(profile: &Profile) -> String {
-    let standard: Map<String, Value> = profile.standard.iter().map(|(f, v)| (f.as_str().to_owned(), v.clone())).collect();
+    let standard: Map<String, Value> = profile
+        .standard
+        .iter()
+        .map(|(f, v)| (f.as_str().to_owned(), v.clone()))
+        .collect();
     let occ = |m: &BTreeMap<String, Occurrences>| -> Map<String, Value> {
-        m.iter().map(|(k, o)| (k.clone(), json!([o.first.0, o.last.0, o.count]))).collect()
+        m.iter()
+            .map(|(k, o)| (k.clone(), json!([o.first.0, o.last.0, o.count])))
+            .collect()
     };
     let mut doc = Map::new();
     if !standard.is_empty() {
@@ -42,7 +48,8 @@ pub fn decode(text: &str) -> Result<Profile, StoreError> {
     let mut profile = Profile::default();
     if let Some(s) = doc.get("s").and_then(Value::as_object) {
         for (name, v) in s {
-            let field = StandardField::parse(name).ok_or_else(|| corrupt("unknown standard field"))?;
+            let field =
+                StandardField::parse(name).ok_or_else(|| corrupt("unknown standard field"))?;
             profile.standard.insert(field, v.clone());
         }
     }
@@ -52,9 +59,19 @@ pub fn decode(text: &str) -> Result<Profile, StoreError> {
     let occ = |v: Option<&Value>| -> Result<BTreeMap<String, Occurrences>, StoreError> {
         let mut out = BTreeMap::new();
         for (k, triple) in v.and_then(Value::as_object).into_iter().flatten() {
-            let t = triple.as_array().filter(|a| a.len() == 3).ok_or_else(|| corrupt("occurrence triple"))?;
+            let t = triple
+                .as_array()
+                .filter(|a| a.len() == 3)
+                .ok_or_else(|| corrupt("occurrence triple"))?;
             let n = |i: usize| t[i].as_i64().ok_or_else(|| corrupt("occurrence number"));
-            out.insert(k.clone(), Occurrences { first: Millis(n(0)?), last: Millis(n(1)?), count: n(2)?.try_into().unwrap_or(0) });
+            out.insert(
+                k.clone(),
+                Occurrences {
+                    first: Millis(n(0)?),
+                    last: Millis(n(1)?),
+                    count: n(2)?.try_into().unwrap_or(0),
+                },
+            );
         }
         Ok(out)
     };
@@ -73,10 +90,21 @@ mod tests {
         let mut p = Profile::default();
         p.standard.insert(StandardField::FirstName, json!("Jo"));
         p.custom.insert("plan".into(), json!("pro"));
-        p.events.insert("e".into(), Occurrences { first: Millis(1), last: Millis(5), count: 3 });
-        p.purchases.insert("sku".into(), Occurrences::once(Millis(9)));
+        p.events.insert(
+            "e".into(),
+            Occurrences {
+                first: Millis(1),
+                last: Millis(5),
+                count: 3,
+            },
+        );
+        p.purchases
+            .insert("sku".into(), Occurrences::once(Millis(9)));
         p.total_revenue = 12.5;
         assert_eq!(decode(&encode(&p)).unwrap(), p);
-        assert_eq!(decode(&encode(&Profile::default())).unwrap(), Profile::default());
+        assert_eq!(
+            decode(&encode(&Profile::default())).unwrap(),
+            Profile::default()
+        );
     }
 }

@@ -10,10 +10,19 @@ use tideway_core::store::{LoggedEvent, NewApiKey, StoreError, Workspace};
 use super::sql_err;
 
 fn workspace_from_row(row: &Row<'_>) -> rusqlite::Result<Workspace> {
-    Ok(Workspace { id: WorkspaceId(row.get(0)?), name: row.get(1)?, app_group_id: row.get(2)?, created_at: Millis(row.get(3)?) })
+    Ok(Workspace {
+        id: WorkspaceId(row.get(0)?),
+        name: row.get(1)?,
+        app_group_id: row.get(2)?,
+        created_at: Millis(row.get(3)?),
+    })
 }
 
-pub fn create_workspace(conn: &Connection, name: &str, now: Millis) -> Result<Workspace, StoreError> {
+pub fn create_workspace(
+    conn: &Connection,
+    name: &str,
+    now: Millis,
+) -> Result<Workspace, StoreError> {
     let name = name.trim();
     if name.is_empty() {
         return Err(StoreError::Conflict("an empty workspace name".into()));
@@ -24,7 +33,12 @@ pub fn create_workspace(conn: &Connection, name: &str, now: Millis) -> Result<Wo
         params![name, app_group_id, now.0],
     );
     match inserted {
-        Ok(_) => Ok(Workspace { id: WorkspaceId(conn.last_insert_rowid()), name: name.to_owned(), app_group_id, created_at: now }),
+        Ok(_) => Ok(Workspace {
+            id: WorkspaceId(conn.last_insert_rowid()),
+            name: name.to_owned(),
+            app_group_id,
+            created_at: now,
+        }),
         Err(e) => Err(match sql_err(e) {
             StoreError::Conflict(_) => StoreError::Conflict(format!("workspace '{name}'")),
             other => other,
@@ -39,7 +53,9 @@ pub fn workspace_by_name(conn: &Connection, name: &str) -> Result<Option<Workspa
 }
 
 pub fn list_workspaces(conn: &Connection) -> Result<Vec<Workspace>, StoreError> {
-    let mut stmt = conn.prepare_cached("SELECT id, name, app_group_id, created_at FROM workspaces ORDER BY id").map_err(sql_err)?;
+    let mut stmt = conn
+        .prepare_cached("SELECT id, name, app_group_id, created_at FROM workspaces ORDER BY id")
+        .map_err(sql_err)?;
     let rows = stmt.query_map([], workspace_from_row).map_err(sql_err)?;
     rows.collect::<Result<_, _>>().map_err(sql_err)
 }
@@ -47,7 +63,9 @@ pub fn list_workspaces(conn: &Connection) -> Result<Vec<Workspace>, StoreError> 
 const KEY_COLUMNS: &str = "k.id, k.workspace_id, k.name, k.prefix, k.hash, k.permissions, k.allow_ips, k.created_at, k.revoked_at";
 
 fn key_from_row(row: &Row<'_>) -> rusqlite::Result<ApiKey> {
-    let bad = |i: usize, what: &str| rusqlite::Error::InvalidColumnType(i, what.to_owned(), rusqlite::types::Type::Text);
+    let bad = |i: usize, what: &str| {
+        rusqlite::Error::InvalidColumnType(i, what.to_owned(), rusqlite::types::Type::Text)
+    };
     let hash: Vec<u8> = row.get(4)?;
     let permissions: String = row.get(5)?;
     let allow: String = row.get(6)?;
@@ -58,7 +76,8 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<ApiKey> {
         prefix: row.get(3)?,
         hash: KeyHash(hash.try_into().map_err(|_| bad(4, "hash"))?),
         permissions: PermissionSet::parse_list(&permissions).map_err(|_| bad(5, "permissions"))?,
-        allow: IpAllowlist::parse_all(allow.split(',').filter(|s| !s.is_empty())).map_err(|_| bad(6, "allow_ips"))?,
+        allow: IpAllowlist::parse_all(allow.split(',').filter(|s| !s.is_empty()))
+            .map_err(|_| bad(6, "allow_ips"))?,
         created_at: row.get(7)?,
         revoked_at: row.get(8)?,
     })
@@ -85,13 +104,21 @@ pub fn create_api_key(conn: &Connection, key: NewApiKey) -> Result<ApiKey, Store
 }
 
 pub fn list_api_keys(conn: &Connection, workspace: WorkspaceId) -> Result<Vec<ApiKey>, StoreError> {
-    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.workspace_id = ?1 ORDER BY k.id");
+    let sql =
+        format!("SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.workspace_id = ?1 ORDER BY k.id");
     let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
-    let rows = stmt.query_map([workspace.0], key_from_row).map_err(sql_err)?;
+    let rows = stmt
+        .query_map([workspace.0], key_from_row)
+        .map_err(sql_err)?;
     rows.collect::<Result<_, _>>().map_err(sql_err)
 }
 
-pub fn revoke_api_key(conn: &Connection, workspace: WorkspaceId, id_or_prefix: &str, now: Millis) -> Result<bool, StoreError> {
+pub fn revoke_api_key(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id_or_prefix: &str,
+    now: Millis,
+) -> Result<bool, StoreError> {
     let by_id: Option<i64> = id_or_prefix.parse().ok();
     let n = conn
         .execute(
@@ -102,7 +129,10 @@ pub fn revoke_api_key(conn: &Connection, workspace: WorkspaceId, id_or_prefix: &
     Ok(n > 0)
 }
 
-pub fn find_api_key(conn: &Connection, hash: KeyHash) -> Result<Option<(ApiKey, Workspace)>, StoreError> {
+pub fn find_api_key(
+    conn: &Connection,
+    hash: KeyHash,
+) -> Result<Option<(ApiKey, Workspace)>, StoreError> {
     let sql = format!(
         "SELECT {KEY_COLUMNS}, w.id, w.name, w.app_group_id, w.created_at FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id
          WHERE k.hash = ?1 AND k.revoked_at IS NULL"
@@ -112,7 +142,12 @@ pub fn find_api_key(conn: &Connection, hash: KeyHash) -> Result<Option<(ApiKey, 
         .and_then(|mut s| {
             s.query_row([hash.0.as_slice()], |row| {
                 let key = key_from_row(row)?;
-                let ws = Workspace { id: WorkspaceId(row.get(9)?), name: row.get(10)?, app_group_id: row.get(11)?, created_at: Millis(row.get(12)?) };
+                let ws = Workspace {
+                    id: WorkspaceId(row.get(9)?),
+                    name: row.get(10)?,
+                    app_group_id: row.get(11)?,
+                    created_at: Millis(row.get(12)?),
+                };
                 Ok((key, ws))
             })
             .optional()
@@ -123,7 +158,12 @@ pub fn find_api_key(conn: &Connection, hash: KeyHash) -> Result<Option<(ApiKey, 
     Ok(found.filter(|(key, _)| key.hash.matches(&hash)))
 }
 
-pub fn read_events(conn: &Connection, workspace: WorkspaceId, after: i64, limit: usize) -> Result<Vec<LoggedEvent>, StoreError> {
+pub fn read_events(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<LoggedEvent>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT seq, user_seq, event_id, event_type, time, body FROM event_log WHERE workspace_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -134,19 +174,33 @@ pub fn read_events(conn: &Connection, workspace: WorkspaceId, after: i64, limit:
         .query_map(params![workspace.0, after, limit], |row| {
             let event_type: String = row.get(3)?;
             let body: String = row.get(5)?;
-            Ok((row.get::<_, i64>(0)?, row.get::<_, Option<u32>>(1)?, row.get::<_, String>(2)?, event_type, row.get::<_, i64>(4)?, body))
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, Option<u32>>(1)?,
+                row.get::<_, String>(2)?,
+                event_type,
+                row.get::<_, i64>(4)?,
+                body,
+            ))
         })
         .map_err(sql_err)?;
     let mut out = Vec::new();
     for row in rows {
         let (seq, user, id, event_type, time, body) = row.map_err(sql_err)?;
-        let event_type = EventType::parse(&event_type).ok_or_else(|| StoreError::Corrupt(format!("event type {event_type}")))?;
-        let body = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(format!("event body: {e}")))?;
+        let event_type = EventType::parse(&event_type)
+            .ok_or_else(|| StoreError::Corrupt(format!("event type {event_type}")))?;
+        let body = serde_json::from_str(&body)
+            .map_err(|e| StoreError::Corrupt(format!("event body: {e}")))?;
         out.push(LoggedEvent {
             seq,
             workspace,
             user: user.map(UserSeq),
-            event: CurrentsEvent { id: EventId(id), event_type, time, body },
+            event: CurrentsEvent {
+                id: EventId(id),
+                event_type,
+                time,
+                body,
+            },
         });
     }
     Ok(out)

@@ -7,15 +7,22 @@ use tideway_core::cohorts::{self, CohortId, CohortKey, CohortTx, CohortUpsert, M
 use tideway_core::ids::{AliasLabel, BrazeId, ExternalId, UserSeq, WorkspaceId};
 use tideway_core::keys::{KeyHash, Secret};
 use tideway_core::store::{
-    CohortMember, CohortSummary, HeapWebhook, ImportKeyInfo, ImportKeyOwner, SegmentSyncOutcome, SegmentSyncPage, StoreError,
-    UserCohort, Workspace,
+    CohortMember, CohortSummary, HeapWebhook, ImportKeyInfo, ImportKeyOwner, SegmentSyncOutcome,
+    SegmentSyncPage, StoreError, UserCohort, Workspace,
 };
 
 use super::sql_err;
 use super::users::SqlUsers;
 
 impl CohortTx for SqlUsers<'_> {
-    fn upsert_cohort(&mut self, partner: &str, cohort_id: &CohortId, name: Option<&str>, created_at: Millis, now: Millis) -> Result<CohortKey, StoreError> {
+    fn upsert_cohort(
+        &mut self,
+        partner: &str,
+        cohort_id: &CohortId,
+        name: Option<&str>,
+        created_at: Millis,
+        now: Millis,
+    ) -> Result<CohortKey, StoreError> {
         let existing: Option<(i64, String)> = self
             .conn
             .prepare_cached("SELECT id, name FROM cohorts WHERE workspace_id = ?1 AND partner = ?2 AND cohort_id = ?3")
@@ -25,7 +32,9 @@ impl CohortTx for SqlUsers<'_> {
             Some((id, old)) => {
                 if let Some(name) = name.filter(|n| *n != old) {
                     self.conn
-                        .prepare_cached("UPDATE cohorts SET name = ?2, updated_at = ?3 WHERE id = ?1")
+                        .prepare_cached(
+                            "UPDATE cohorts SET name = ?2, updated_at = ?3 WHERE id = ?1",
+                        )
                         .and_then(|mut s| s.execute(params![id, name, now.0]))
                         .map_err(sql_err)?;
                 }
@@ -43,7 +52,13 @@ impl CohortTx for SqlUsers<'_> {
         }
     }
 
-    fn set_member(&mut self, cohort: CohortKey, user: UserSeq, member: bool, now: Millis) -> Result<bool, StoreError> {
+    fn set_member(
+        &mut self,
+        cohort: CohortKey,
+        user: UserSeq,
+        member: bool,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
         let changed = if member {
             self.conn
                 .prepare_cached("INSERT OR IGNORE INTO cohort_members (cohort, seq, entered_at) VALUES (?1, ?2, ?3)")
@@ -70,9 +85,16 @@ impl CohortTx for SqlUsers<'_> {
     }
 
     fn members(&mut self, cohort: CohortKey) -> Result<Vec<UserSeq>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT seq FROM cohort_members WHERE cohort = ?1 ORDER BY seq").map_err(sql_err)?;
-        let rows = stmt.query_map([cohort.0], |r| r.get::<_, u32>(0)).map_err(sql_err)?;
-        rows.map(|r| r.map(UserSeq)).collect::<Result<_, _>>().map_err(sql_err)
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq FROM cohort_members WHERE cohort = ?1 ORDER BY seq")
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([cohort.0], |r| r.get::<_, u32>(0))
+            .map_err(sql_err)?;
+        rows.map(|r| r.map(UserSeq))
+            .collect::<Result<_, _>>()
+            .map_err(sql_err)
     }
 }
 
@@ -85,12 +107,21 @@ impl SqlUsers<'_> {
                 "SELECT m.cohort, m.entered_at FROM cohort_members m JOIN cohorts c ON c.id = m.cohort WHERE c.workspace_id = ?1 AND m.seq = ?2",
             )
             .map_err(sql_err)?;
-        let rows = stmt.query_map(params![self.workspace.0, user.0], |r| Ok((CohortKey(r.get(0)?), Millis(r.get(1)?)))).map_err(sql_err)?;
+        let rows = stmt
+            .query_map(params![self.workspace.0, user.0], |r| {
+                Ok((CohortKey(r.get(0)?), Millis(r.get(1)?)))
+            })
+            .map_err(sql_err)?;
         rows.collect::<Result<_, _>>().map_err(sql_err)
     }
 
     /// Moves memberships from one user to another (merge): the survivor keeps the union.
-    pub fn move_memberships(&mut self, from: UserSeq, to: UserSeq, now: Millis) -> Result<(), StoreError> {
+    pub fn move_memberships(
+        &mut self,
+        from: UserSeq,
+        to: UserSeq,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         for (cohort, _) in self.memberships_of(from)? {
             self.set_member(cohort, from, false, now)?;
             self.set_member(cohort, to, true, now)?;
@@ -107,17 +138,32 @@ impl SqlUsers<'_> {
     }
 }
 
-pub fn partner_api_key(conn: &Connection, partner: &str, fresh: &Secret, now: Millis) -> Result<Secret, StoreError> {
+pub fn partner_api_key(
+    conn: &Connection,
+    partner: &str,
+    fresh: &Secret,
+    now: Millis,
+) -> Result<Secret, StoreError> {
     conn.execute(
         "INSERT OR IGNORE INTO partner_api_keys (partner, secret, created_at) VALUES (?1, ?2, ?3)",
         params![partner, fresh.expose(), now.0],
     )
     .map_err(sql_err)?;
-    let secret: String = conn.query_row("SELECT secret FROM partner_api_keys WHERE partner = ?1", [partner], |r| r.get(0)).map_err(sql_err)?;
+    let secret: String = conn
+        .query_row(
+            "SELECT secret FROM partner_api_keys WHERE partner = ?1",
+            [partner],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
     Ok(Secret::new(secret))
 }
 
-pub fn check_partner_api_key(conn: &Connection, partner: &str, key: &Secret) -> Result<bool, StoreError> {
+pub fn check_partner_api_key(
+    conn: &Connection,
+    partner: &str,
+    key: &Secret,
+) -> Result<bool, StoreError> {
     let stored: Option<String> = conn
         .prepare_cached("SELECT secret FROM partner_api_keys WHERE partner = ?1")
         .and_then(|mut s| s.query_row([partner], |r| r.get(0)).optional())
@@ -137,7 +183,13 @@ fn import_key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImportKeyInfo>
     })
 }
 
-pub fn create_import_key(conn: &Connection, workspace: WorkspaceId, partner: &str, secret: &Secret, now: Millis) -> Result<ImportKeyInfo, StoreError> {
+pub fn create_import_key(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    partner: &str,
+    secret: &Secret,
+    now: Millis,
+) -> Result<ImportKeyInfo, StoreError> {
     let prefix: String = secret.expose().chars().take(8).collect();
     conn.execute(
         "INSERT INTO import_keys (workspace_id, partner, prefix, hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -146,20 +198,39 @@ pub fn create_import_key(conn: &Connection, workspace: WorkspaceId, partner: &st
     .map_err(sql_err)?;
     let id = conn.last_insert_rowid();
     set_partner_enabled(conn, workspace, partner, true)?;
-    Ok(ImportKeyInfo { id, workspace, partner: partner.to_owned(), prefix, created_at: now, invalidated_at: None })
+    Ok(ImportKeyInfo {
+        id,
+        workspace,
+        partner: partner.to_owned(),
+        prefix,
+        created_at: now,
+        invalidated_at: None,
+    })
 }
 
-pub fn list_import_keys(conn: &Connection, workspace: WorkspaceId, partner: &str) -> Result<Vec<ImportKeyInfo>, StoreError> {
+pub fn list_import_keys(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    partner: &str,
+) -> Result<Vec<ImportKeyInfo>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT id, workspace_id, partner, prefix, created_at, invalidated_at FROM import_keys WHERE workspace_id = ?1 AND partner = ?2 ORDER BY id",
         )
         .map_err(sql_err)?;
-    let rows = stmt.query_map(params![workspace.0, partner], import_key_from_row).map_err(sql_err)?;
+    let rows = stmt
+        .query_map(params![workspace.0, partner], import_key_from_row)
+        .map_err(sql_err)?;
     rows.collect::<Result<_, _>>().map_err(sql_err)
 }
 
-pub fn invalidate_import_key(conn: &Connection, workspace: WorkspaceId, partner: &str, id_or_prefix: &str, now: Millis) -> Result<bool, StoreError> {
+pub fn invalidate_import_key(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    partner: &str,
+    id_or_prefix: &str,
+    now: Millis,
+) -> Result<bool, StoreError> {
     let id: Option<i64> = id_or_prefix.parse().ok();
     let n = conn
         .execute(
@@ -170,7 +241,12 @@ pub fn invalidate_import_key(conn: &Connection, workspace: WorkspaceId, partner:
     Ok(n > 0)
 }
 
-pub fn set_partner_enabled(conn: &Connection, workspace: WorkspaceId, partner: &str, enabled: bool) -> Result<(), StoreError> {
+pub fn set_partner_enabled(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    partner: &str,
+    enabled: bool,
+) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO workspace_partners (workspace_id, partner, enabled) VALUES (?1, ?2, ?3)
          ON CONFLICT (workspace_id, partner) DO UPDATE SET enabled = excluded.enabled",
@@ -180,7 +256,11 @@ pub fn set_partner_enabled(conn: &Connection, workspace: WorkspaceId, partner: &
     Ok(())
 }
 
-pub fn find_import_key(conn: &Connection, partner: &str, hash: KeyHash) -> Result<Option<ImportKeyOwner>, StoreError> {
+pub fn find_import_key(
+    conn: &Connection,
+    partner: &str,
+    hash: KeyHash,
+) -> Result<Option<ImportKeyOwner>, StoreError> {
     let found = conn
         .prepare_cached(
             "SELECT k.hash, w.id, w.name, w.app_group_id, w.created_at, COALESCE(p.enabled, 0)
@@ -206,18 +286,30 @@ pub fn find_import_key(conn: &Connection, partner: &str, hash: KeyHash) -> Resul
 fn webhook_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HeapWebhook> {
     let label: Option<String> = r.get(6)?;
     Ok(HeapWebhook {
-        workspace: Workspace { id: WorkspaceId(r.get(0)?), name: r.get(1)?, app_group_id: r.get(2)?, created_at: Millis(r.get(3)?) },
+        workspace: Workspace {
+            id: WorkspaceId(r.get(0)?),
+            name: r.get(1)?,
+            app_group_id: r.get(2)?,
+            created_at: Millis(r.get(3)?),
+        },
         secret: Secret::new(r.get(5)?),
         alias_label: label.and_then(|l| AliasLabel::parse(&l).ok()),
     })
 }
 
-const WEBHOOK_SELECT: &str =
-    "SELECT w.id, w.name, w.app_group_id, w.created_at, h.workspace_id, h.secret, h.alias_label FROM heap_webhooks h JOIN workspaces w ON w.id = h.workspace_id";
+const WEBHOOK_SELECT: &str = "SELECT w.id, w.name, w.app_group_id, w.created_at, h.workspace_id, h.secret, h.alias_label FROM heap_webhooks h JOIN workspaces w ON w.id = h.workspace_id";
 
-pub fn heap_webhook(conn: &Connection, workspace: WorkspaceId, fresh: &Secret, alias_label: Option<Option<AliasLabel>>) -> Result<HeapWebhook, StoreError> {
-    conn.execute("INSERT OR IGNORE INTO heap_webhooks (workspace_id, secret) VALUES (?1, ?2)", params![workspace.0, fresh.expose()])
-        .map_err(sql_err)?;
+pub fn heap_webhook(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    fresh: &Secret,
+    alias_label: Option<Option<AliasLabel>>,
+) -> Result<HeapWebhook, StoreError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO heap_webhooks (workspace_id, secret) VALUES (?1, ?2)",
+        params![workspace.0, fresh.expose()],
+    )
+    .map_err(sql_err)?;
     if let Some(label) = alias_label {
         conn.execute(
             "UPDATE heap_webhooks SET alias_label = ?2 WHERE workspace_id = ?1",
@@ -225,20 +317,44 @@ pub fn heap_webhook(conn: &Connection, workspace: WorkspaceId, fresh: &Secret, a
         )
         .map_err(sql_err)?;
     }
-    conn.query_row(&format!("{WEBHOOK_SELECT} WHERE h.workspace_id = ?1"), [workspace.0], webhook_from_row).map_err(sql_err)
+    conn.query_row(
+        &format!("{WEBHOOK_SELECT} WHERE h.workspace_id = ?1"),
+        [workspace.0],
+        webhook_from_row,
+    )
+    .map_err(sql_err)
 }
 
 pub fn heap_webhooks(conn: &Connection) -> Result<Vec<HeapWebhook>, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!("{WEBHOOK_SELECT} ORDER BY w.id")).map_err(sql_err)?;
+    let mut stmt = conn
+        .prepare_cached(&format!("{WEBHOOK_SELECT} ORDER BY w.id"))
+        .map_err(sql_err)?;
     let rows = stmt.query_map([], webhook_from_row).map_err(sql_err)?;
     rows.collect::<Result<_, _>>().map_err(sql_err)
 }
 
-pub fn upsert_cohort(tx: &mut SqlUsers<'_>, partner: &str, upsert: &CohortUpsert, now: Millis) -> Result<(), StoreError> {
-    tx.upsert_cohort(partner, &upsert.cohort_id, Some(&upsert.name), upsert.created_at, now).map(|_| ())
+pub fn upsert_cohort(
+    tx: &mut SqlUsers<'_>,
+    partner: &str,
+    upsert: &CohortUpsert,
+    now: Millis,
+) -> Result<(), StoreError> {
+    tx.upsert_cohort(
+        partner,
+        &upsert.cohort_id,
+        Some(&upsert.name),
+        upsert.created_at,
+        now,
+    )
+    .map(|_| ())
 }
 
-pub fn apply_segment_sync(tx: &mut SqlUsers<'_>, partner: &str, page: &SegmentSyncPage, now: Millis) -> Result<SegmentSyncOutcome, StoreError> {
+pub fn apply_segment_sync(
+    tx: &mut SqlUsers<'_>,
+    partner: &str,
+    page: &SegmentSyncPage,
+    now: Millis,
+) -> Result<SegmentSyncOutcome, StoreError> {
     if let Some((task, number)) = &page.page_key {
         let inserted = tx
             .conn
@@ -246,15 +362,28 @@ pub fn apply_segment_sync(tx: &mut SqlUsers<'_>, partner: &str, page: &SegmentSy
             .and_then(|mut s| s.execute(params![tx.workspace.0, task, number, now.0]))
             .map_err(sql_err)?;
         if inserted == 0 {
-            return Ok(SegmentSyncOutcome { membership: MembershipOutcome::default(), replayed: true });
+            return Ok(SegmentSyncOutcome {
+                membership: MembershipOutcome::default(),
+                replayed: true,
+            });
         }
     }
     let cohort = tx.upsert_cohort(partner, &page.cohort_id, Some(&page.name), now, now)?;
-    let membership = if page.drain { cohorts::drain(tx, cohort, now)? } else { cohorts::apply_changes(tx, cohort, &page.changes, now)? };
-    Ok(SegmentSyncOutcome { membership, replayed: false })
+    let membership = if page.drain {
+        cohorts::drain(tx, cohort, now)?
+    } else {
+        cohorts::apply_changes(tx, cohort, &page.changes, now)?
+    };
+    Ok(SegmentSyncOutcome {
+        membership,
+        replayed: false,
+    })
 }
 
-pub fn list_cohorts(conn: &Connection, workspace: WorkspaceId) -> Result<Vec<CohortSummary>, StoreError> {
+pub fn list_cohorts(
+    conn: &Connection,
+    workspace: WorkspaceId,
+) -> Result<Vec<CohortSummary>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT partner, cohort_id, name, member_count, created_at, updated_at FROM cohorts WHERE workspace_id = ?1 ORDER BY partner, name, cohort_id",
@@ -265,7 +394,8 @@ pub fn list_cohorts(conn: &Connection, workspace: WorkspaceId) -> Result<Vec<Coh
             let id: String = r.get(1)?;
             Ok(CohortSummary {
                 partner: r.get(0)?,
-                cohort_id: CohortId::parse(&id).ok_or_else(|| rusqlite::Error::InvalidColumnName("cohort_id".into()))?,
+                cohort_id: CohortId::parse(&id)
+                    .ok_or_else(|| rusqlite::Error::InvalidColumnName("cohort_id".into()))?,
                 name: r.get(2)?,
                 member_count: r.get(3)?,
                 created_at: Millis(r.get(4)?),
@@ -276,12 +406,28 @@ pub fn list_cohorts(conn: &Connection, workspace: WorkspaceId) -> Result<Vec<Coh
     rows.collect::<Result<_, _>>().map_err(sql_err)
 }
 
-pub fn cohort_members(conn: &Connection, workspace: WorkspaceId, partner: &str, cohort_id: &CohortId, after: u32, limit: usize) -> Result<Option<Vec<CohortMember>>, StoreError> {
+pub fn cohort_members(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    partner: &str,
+    cohort_id: &CohortId,
+    after: u32,
+    limit: usize,
+) -> Result<Option<Vec<CohortMember>>, StoreError> {
     let cohort: Option<i64> = conn
-        .prepare_cached("SELECT id FROM cohorts WHERE workspace_id = ?1 AND partner = ?2 AND cohort_id = ?3")
-        .and_then(|mut s| s.query_row(params![workspace.0, partner, cohort_id.as_str()], |r| r.get(0)).optional())
+        .prepare_cached(
+            "SELECT id FROM cohorts WHERE workspace_id = ?1 AND partner = ?2 AND cohort_id = ?3",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![workspace.0, partner, cohort_id.as_str()], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
         .map_err(sql_err)?;
-    let Some(cohort) = cohort else { return Ok(None) };
+    let Some(cohort) = cohort else {
+        return Ok(None);
+    };
     let mut stmt = conn
         .prepare_cached(
             "SELECT m.seq, u.braze_id, u.external_id, m.entered_at FROM cohort_members m
@@ -290,21 +436,36 @@ pub fn cohort_members(conn: &Connection, workspace: WorkspaceId, partner: &str, 
         )
         .map_err(sql_err)?;
     let rows = stmt
-        .query_map(params![workspace.0, cohort, after, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-            let braze: String = r.get(1)?;
-            let ext: Option<String> = r.get(2)?;
-            Ok(CohortMember {
-                user: UserSeq(r.get(0)?),
-                braze_id: BrazeId::parse(&braze).map_err(|_| rusqlite::Error::InvalidColumnName("braze_id".into()))?,
-                external_id: ext.and_then(|e| ExternalId::parse(&e).ok()),
-                entered_at: Millis(r.get(3)?),
-            })
-        })
+        .query_map(
+            params![
+                workspace.0,
+                cohort,
+                after,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |r| {
+                let braze: String = r.get(1)?;
+                let ext: Option<String> = r.get(2)?;
+                Ok(CohortMember {
+                    user: UserSeq(r.get(0)?),
+                    braze_id: BrazeId::parse(&braze)
+                        .map_err(|_| rusqlite::Error::InvalidColumnName("braze_id".into()))?,
+                    external_id: ext.and_then(|e| ExternalId::parse(&e).ok()),
+                    entered_at: Millis(r.get(3)?),
+                })
+            },
+        )
         .map_err(sql_err)?;
-    rows.collect::<Result<Vec<_>, _>>().map(Some).map_err(sql_err)
+    rows.collect::<Result<Vec<_>, _>>()
+        .map(Some)
+        .map_err(sql_err)
 }
 
-pub fn user_cohorts(conn: &Connection, workspace: WorkspaceId, braze_id: &BrazeId) -> Result<Option<Vec<UserCohort>>, StoreError> {
+pub fn user_cohorts(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    braze_id: &BrazeId,
+) -> Result<Option<Vec<UserCohort>>, StoreError> {
     let seq: Option<u32> = conn
         .prepare_cached("SELECT seq FROM users WHERE workspace_id = ?1 AND braze_id = ?2 AND deleted_at IS NULL")
         .and_then(|mut s| s.query_row(params![workspace.0, braze_id.as_str()], |r| r.get(0)).optional())
@@ -321,11 +482,14 @@ pub fn user_cohorts(conn: &Connection, workspace: WorkspaceId, braze_id: &BrazeI
             let id: String = r.get(1)?;
             Ok(UserCohort {
                 partner: r.get(0)?,
-                cohort_id: CohortId::parse(&id).ok_or_else(|| rusqlite::Error::InvalidColumnName("cohort_id".into()))?,
+                cohort_id: CohortId::parse(&id)
+                    .ok_or_else(|| rusqlite::Error::InvalidColumnName("cohort_id".into()))?,
                 name: r.get(2)?,
                 entered_at: Millis(r.get(3)?),
             })
         })
         .map_err(sql_err)?;
-    rows.collect::<Result<Vec<_>, _>>().map(Some).map_err(sql_err)
+    rows.collect::<Result<Vec<_>, _>>()
+        .map(Some)
+        .map_err(sql_err)
 }

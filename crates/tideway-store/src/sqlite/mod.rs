@@ -26,13 +26,15 @@ use tideway_core::cohorts::{CohortChange, CohortId, CohortTx, CohortUpsert, Memb
 use tideway_core::ids::{AliasLabel, BrazeId, ExternalId, WorkspaceId};
 use tideway_core::keys::{ApiKey, KeyHash, Secret};
 use tideway_core::store::{
-    CohortMember, CohortSummary, HeapWebhook, ImportKeyInfo, ImportKeyOwner, LoggedEvent, NewApiKey, SegmentSyncOutcome, SegmentSyncPage,
-    Store, StoreError, StoreFuture, UserCohort, Workspace,
+    CohortMember, CohortSummary, HeapWebhook, ImportKeyInfo, ImportKeyOwner, LoggedEvent,
+    NewApiKey, SegmentSyncOutcome, SegmentSyncPage, Store, StoreError, StoreFuture, UserCohort,
+    Workspace,
 };
 use tideway_core::track::TrackRequest;
 use tideway_core::users::{
-    self as services, AliasNewItem, AliasUpdateItem, DeleteOutcome, DeleteRequest, ExportOutcome, ExportRequest, IdentifyItem,
-    ItemOutcome, MergeItem, RemoveOutcome, RenameItem, RenameOutcome, TrackOutcome, WriteCtx,
+    self as services, AliasNewItem, AliasUpdateItem, DeleteOutcome, DeleteRequest, ExportOutcome,
+    ExportRequest, IdentifyItem, ItemOutcome, MergeItem, RemoveOutcome, RenameItem, RenameOutcome,
+    TrackOutcome, WriteCtx,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -60,7 +62,11 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        SqliteOptions { synchronous: Synchronous::Normal, max_batch: 512, max_array_len: 25 }
+        SqliteOptions {
+            synchronous: Synchronous::Normal,
+            max_batch: 512,
+            max_array_len: 25,
+        }
     }
 }
 
@@ -84,21 +90,29 @@ pub struct SqliteStore {
 pub(crate) fn sql_err(e: rusqlite::Error) -> StoreError {
     match e {
         rusqlite::Error::SqliteFailure(code, _)
-            if matches!(code.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+            if matches!(
+                code.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
         {
             StoreError::Unavailable(e.to_string())
         }
-        rusqlite::Error::SqliteFailure(code, _) if code.code == rusqlite::ErrorCode::ConstraintViolation => {
+        rusqlite::Error::SqliteFailure(code, _)
+            if code.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
             StoreError::Conflict(e.to_string())
         }
-        rusqlite::Error::InvalidColumnType(..) | rusqlite::Error::FromSqlConversionFailure(..) => StoreError::Corrupt(e.to_string()),
+        rusqlite::Error::InvalidColumnType(..) | rusqlite::Error::FromSqlConversionFailure(..) => {
+            StoreError::Corrupt(e.to_string())
+        }
         other => StoreError::Unavailable(other.to_string()),
     }
 }
 
 fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(sql_err)?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(sql_err)?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(sql_err)?;
     let sync = match synchronous {
         Synchronous::Normal => "NORMAL",
         Synchronous::Full => "FULL",
@@ -124,7 +138,12 @@ impl SqliteStore {
             .name("tideway-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx, writer_options))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
-        Ok(SqliteStore { jobs, readers: Arc::new(Mutex::new(Vec::new())), path: path.to_owned(), options })
+        Ok(SqliteStore {
+            jobs,
+            readers: Arc::new(Mutex::new(Vec::new())),
+            path: path.to_owned(),
+            options,
+        })
     }
 
     /// Runs `f` in the writer's current transaction (inside its own savepoint) and answers
@@ -132,7 +151,9 @@ impl SqliteStore {
     fn write<T, F>(&self, f: F) -> StoreFuture<'_, T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection, &mut RandomIds, &SqliteOptions) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection, &mut RandomIds, &SqliteOptions) -> Result<T, StoreError>
+            + Send
+            + 'static,
     {
         let (reply, answer) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(move |conn, ids, options| {
@@ -145,8 +166,13 @@ impl SqliteStore {
             }
         });
         Box::pin(async move {
-            self.jobs.send(job).await.map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
-            answer.await.map_err(|_| StoreError::Unavailable("the writer stopped before answering".into()))?
+            self.jobs
+                .send(job)
+                .await
+                .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+            answer.await.map_err(|_| {
+                StoreError::Unavailable("the writer stopped before answering".into())
+            })?
         })
     }
 
@@ -158,8 +184,16 @@ impl SqliteStore {
     {
         let workspace = workspace.clone();
         self.write(move |conn, ids, options| {
-            let mut tx = SqlUsers { conn, workspace: workspace.id };
-            let mut ctx = WriteCtx { workspace: &workspace, now, ids, max_array_len: options.max_array_len };
+            let mut tx = SqlUsers {
+                conn,
+                workspace: workspace.id,
+            };
+            let mut ctx = WriteCtx {
+                workspace: &workspace,
+                now,
+                ids,
+                max_array_len: options.max_array_len,
+            };
             f(&mut tx, &mut ctx)
         })
     }
@@ -175,7 +209,10 @@ impl SqliteStore {
         let sync = self.options.synchronous;
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let pooled = readers.lock().map_err(|_| StoreError::Unavailable("reader pool poisoned".into()))?.pop();
+                let pooled = readers
+                    .lock()
+                    .map_err(|_| StoreError::Unavailable("reader pool poisoned".into()))?
+                    .pop();
                 let conn = match pooled {
                     Some(c) => c,
                     None => open_connection(&path, sync)?,
@@ -235,14 +272,23 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOpt
     }
 }
 
-fn run_in_savepoint(job: Job, conn: &Connection, ids: &mut RandomIds, options: &SqliteOptions) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
+fn run_in_savepoint(
+    job: Job,
+    conn: &Connection,
+    ids: &mut RandomIds,
+    options: &SqliteOptions,
+) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
     if let Err(e) = conn.execute_batch("SAVEPOINT job") {
         let done = run_isolated_failure(job, conn, ids, options);
         let e = sql_err(e);
         return Box::new(move |_| (done.answer)(Err(e)));
     }
     let done = job(conn, ids, options);
-    let undo = if done.failed { "ROLLBACK TO job; RELEASE job" } else { "RELEASE job" };
+    let undo = if done.failed {
+        "ROLLBACK TO job; RELEASE job"
+    } else {
+        "RELEASE job"
+    };
     if let Err(e) = conn.execute_batch(undo) {
         tracing::error!(error = %e, "savepoint release failed");
     }
@@ -251,11 +297,19 @@ fn run_in_savepoint(job: Job, conn: &Connection, ids: &mut RandomIds, options: &
 
 /// Runs a job inside a savepoint that is always rolled back, used only to obtain its answer
 /// channel when the transaction could not be started.
-fn run_isolated_failure(job: Job, conn: &Connection, ids: &mut RandomIds, options: &SqliteOptions) -> JobDone {
+fn run_isolated_failure(
+    job: Job,
+    conn: &Connection,
+    ids: &mut RandomIds,
+    options: &SqliteOptions,
+) -> JobDone {
     let _ = conn.execute_batch("SAVEPOINT discard");
     let done = job(conn, ids, options);
     let _ = conn.execute_batch("ROLLBACK TO discard; RELEASE discard");
-    JobDone { failed: true, answer: done.answer }
+    JobDone {
+        failed: true,
+        answer: done.answer,
+    }
 }
 
 impl Store for SqliteStore {
@@ -281,7 +335,12 @@ impl Store for SqliteStore {
         self.read(move |conn| admin::list_api_keys(conn, workspace))
     }
 
-    fn revoke_api_key(&self, workspace: WorkspaceId, id_or_prefix: &str, now: Millis) -> StoreFuture<'_, bool> {
+    fn revoke_api_key(
+        &self,
+        workspace: WorkspaceId,
+        id_or_prefix: &str,
+        now: Millis,
+    ) -> StoreFuture<'_, bool> {
         let key = id_or_prefix.to_owned();
         self.write(move |conn, _, _| admin::revoke_api_key(conn, workspace, &key, now))
     }
@@ -290,48 +349,115 @@ impl Store for SqliteStore {
         self.read(move |conn| admin::find_api_key(conn, hash))
     }
 
-    fn track(&self, workspace: &Workspace, request: TrackRequest, now: Millis) -> StoreFuture<'_, TrackOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| services::track(tx, ctx, &request))
+    fn track(
+        &self,
+        workspace: &Workspace,
+        request: TrackRequest,
+        now: Millis,
+    ) -> StoreFuture<'_, TrackOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| {
+            services::track(tx, ctx, &request)
+        })
     }
 
-    fn identify(&self, workspace: &Workspace, items: Vec<(usize, IdentifyItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| services::identify(tx, ctx, &items))
+    fn identify(
+        &self,
+        workspace: &Workspace,
+        items: Vec<(usize, IdentifyItem)>,
+        now: Millis,
+    ) -> StoreFuture<'_, ItemOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| {
+            services::identify(tx, ctx, &items)
+        })
     }
 
-    fn alias_new(&self, workspace: &Workspace, items: Vec<(usize, AliasNewItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| services::alias_new(tx, ctx, &items))
+    fn alias_new(
+        &self,
+        workspace: &Workspace,
+        items: Vec<(usize, AliasNewItem)>,
+        now: Millis,
+    ) -> StoreFuture<'_, ItemOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| {
+            services::alias_new(tx, ctx, &items)
+        })
     }
 
-    fn alias_update(&self, workspace: &Workspace, items: Vec<(usize, AliasUpdateItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| services::alias_update(tx, ctx, &items))
+    fn alias_update(
+        &self,
+        workspace: &Workspace,
+        items: Vec<(usize, AliasUpdateItem)>,
+        now: Millis,
+    ) -> StoreFuture<'_, ItemOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| {
+            services::alias_update(tx, ctx, &items)
+        })
     }
 
-    fn merge_users(&self, workspace: &Workspace, items: Vec<(usize, MergeItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| services::merge_users(tx, ctx, &items))
+    fn merge_users(
+        &self,
+        workspace: &Workspace,
+        items: Vec<(usize, MergeItem)>,
+        now: Millis,
+    ) -> StoreFuture<'_, ItemOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| {
+            services::merge_users(tx, ctx, &items)
+        })
     }
 
-    fn delete_users(&self, workspace: &Workspace, request: DeleteRequest, now: Millis) -> StoreFuture<'_, DeleteOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| services::delete_users(tx, ctx, &request))
+    fn delete_users(
+        &self,
+        workspace: &Workspace,
+        request: DeleteRequest,
+        now: Millis,
+    ) -> StoreFuture<'_, DeleteOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| {
+            services::delete_users(tx, ctx, &request)
+        })
     }
 
-    fn rename_external_ids(&self, workspace: &Workspace, items: Vec<RenameItem>, now: Millis) -> StoreFuture<'_, RenameOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| services::rename_external_ids(tx, ctx, &items))
+    fn rename_external_ids(
+        &self,
+        workspace: &Workspace,
+        items: Vec<RenameItem>,
+        now: Millis,
+    ) -> StoreFuture<'_, RenameOutcome> {
+        self.write_users(workspace, now, move |tx, ctx| {
+            services::rename_external_ids(tx, ctx, &items)
+        })
     }
 
-    fn remove_external_ids(&self, workspace: &Workspace, ids: Vec<ExternalId>) -> StoreFuture<'_, RemoveOutcome> {
+    fn remove_external_ids(
+        &self,
+        workspace: &Workspace,
+        ids: Vec<ExternalId>,
+    ) -> StoreFuture<'_, RemoveOutcome> {
         let now = workspace.created_at;
-        self.write_users(workspace, now, move |tx, _| services::remove_external_ids(tx, &ids))
+        self.write_users(workspace, now, move |tx, _| {
+            services::remove_external_ids(tx, &ids)
+        })
     }
 
-    fn export_ids(&self, workspace: &Workspace, request: ExportRequest) -> StoreFuture<'_, ExportOutcome> {
+    fn export_ids(
+        &self,
+        workspace: &Workspace,
+        request: ExportRequest,
+    ) -> StoreFuture<'_, ExportOutcome> {
         let ws = workspace.id;
         self.read(move |conn| {
-            let mut lookup = SqlUsers { conn, workspace: ws };
+            let mut lookup = SqlUsers {
+                conn,
+                workspace: ws,
+            };
             services::export_ids(&mut lookup, &request)
         })
     }
 
-    fn partner_api_key(&self, partner: &str, fresh: Secret, now: Millis) -> StoreFuture<'_, Secret> {
+    fn partner_api_key(
+        &self,
+        partner: &str,
+        fresh: Secret,
+        now: Millis,
+    ) -> StoreFuture<'_, Secret> {
         let partner = partner.to_owned();
         self.write(move |conn, _, _| cohorts::partner_api_key(conn, &partner, &fresh, now))
     }
@@ -341,32 +467,68 @@ impl Store for SqliteStore {
         self.read(move |conn| cohorts::check_partner_api_key(conn, &partner, &key))
     }
 
-    fn create_import_key(&self, workspace: WorkspaceId, partner: &str, secret: &Secret, now: Millis) -> StoreFuture<'_, ImportKeyInfo> {
+    fn create_import_key(
+        &self,
+        workspace: WorkspaceId,
+        partner: &str,
+        secret: &Secret,
+        now: Millis,
+    ) -> StoreFuture<'_, ImportKeyInfo> {
         let (partner, secret) = (partner.to_owned(), secret.clone());
-        self.write(move |conn, _, _| cohorts::create_import_key(conn, workspace, &partner, &secret, now))
+        self.write(move |conn, _, _| {
+            cohorts::create_import_key(conn, workspace, &partner, &secret, now)
+        })
     }
 
-    fn list_import_keys(&self, workspace: WorkspaceId, partner: &str) -> StoreFuture<'_, Vec<ImportKeyInfo>> {
+    fn list_import_keys(
+        &self,
+        workspace: WorkspaceId,
+        partner: &str,
+    ) -> StoreFuture<'_, Vec<ImportKeyInfo>> {
         let partner = partner.to_owned();
         self.read(move |conn| cohorts::list_import_keys(conn, workspace, &partner))
     }
 
-    fn invalidate_import_key(&self, workspace: WorkspaceId, partner: &str, id_or_prefix: &str, now: Millis) -> StoreFuture<'_, bool> {
+    fn invalidate_import_key(
+        &self,
+        workspace: WorkspaceId,
+        partner: &str,
+        id_or_prefix: &str,
+        now: Millis,
+    ) -> StoreFuture<'_, bool> {
         let (partner, key) = (partner.to_owned(), id_or_prefix.to_owned());
-        self.write(move |conn, _, _| cohorts::invalidate_import_key(conn, workspace, &partner, &key, now))
+        self.write(move |conn, _, _| {
+            cohorts::invalidate_import_key(conn, workspace, &partner, &key, now)
+        })
     }
 
-    fn set_partner_enabled(&self, workspace: WorkspaceId, partner: &str, enabled: bool) -> StoreFuture<'_, ()> {
+    fn set_partner_enabled(
+        &self,
+        workspace: WorkspaceId,
+        partner: &str,
+        enabled: bool,
+    ) -> StoreFuture<'_, ()> {
         let partner = partner.to_owned();
-        self.write(move |conn, _, _| cohorts::set_partner_enabled(conn, workspace, &partner, enabled))
+        self.write(move |conn, _, _| {
+            cohorts::set_partner_enabled(conn, workspace, &partner, enabled)
+        })
     }
 
-    fn find_import_key(&self, partner: &str, hash: KeyHash) -> StoreFuture<'_, Option<ImportKeyOwner>> {
+    fn find_import_key(
+        &self,
+        partner: &str,
+        hash: KeyHash,
+    ) -> StoreFuture<'_, Option<ImportKeyOwner>> {
         let partner = partner.to_owned();
         self.read(move |conn| cohorts::find_import_key(conn, &partner, hash))
     }
 
-    fn heap_webhook(&self, workspace: WorkspaceId, fresh: Secret, alias_label: Option<Option<AliasLabel>>) -> StoreFuture<'_, HeapWebhook> {
+    fn heap_webhook(
+        &self,
+        workspace: WorkspaceId,
+        fresh: Secret,
+        alias_label: Option<Option<AliasLabel>>,
+    ) -> StoreFuture<'_, HeapWebhook> {
         self.write(move |conn, _, _| cohorts::heap_webhook(conn, workspace, &fresh, alias_label))
     }
 
@@ -374,12 +536,27 @@ impl Store for SqliteStore {
         self.read(cohorts::heap_webhooks)
     }
 
-    fn upsert_cohort(&self, workspace: &Workspace, partner: &str, upsert: CohortUpsert, now: Millis) -> StoreFuture<'_, ()> {
+    fn upsert_cohort(
+        &self,
+        workspace: &Workspace,
+        partner: &str,
+        upsert: CohortUpsert,
+        now: Millis,
+    ) -> StoreFuture<'_, ()> {
         let partner = partner.to_owned();
-        self.write_users(workspace, now, move |tx, _| cohorts::upsert_cohort(tx, &partner, &upsert, now))
+        self.write_users(workspace, now, move |tx, _| {
+            cohorts::upsert_cohort(tx, &partner, &upsert, now)
+        })
     }
 
-    fn apply_cohort_changes(&self, workspace: &Workspace, partner: &str, cohort_id: CohortId, changes: Vec<CohortChange>, now: Millis) -> StoreFuture<'_, MembershipOutcome> {
+    fn apply_cohort_changes(
+        &self,
+        workspace: &Workspace,
+        partner: &str,
+        cohort_id: CohortId,
+        changes: Vec<CohortChange>,
+        now: Millis,
+    ) -> StoreFuture<'_, MembershipOutcome> {
         let partner = partner.to_owned();
         self.write_users(workspace, now, move |tx, _| {
             if changes.iter().all(|c| c.identifiers.is_empty()) {
@@ -392,25 +569,51 @@ impl Store for SqliteStore {
         })
     }
 
-    fn apply_segment_sync(&self, workspace: &Workspace, partner: &str, page: SegmentSyncPage, now: Millis) -> StoreFuture<'_, SegmentSyncOutcome> {
+    fn apply_segment_sync(
+        &self,
+        workspace: &Workspace,
+        partner: &str,
+        page: SegmentSyncPage,
+        now: Millis,
+    ) -> StoreFuture<'_, SegmentSyncOutcome> {
         let partner = partner.to_owned();
-        self.write_users(workspace, now, move |tx, _| cohorts::apply_segment_sync(tx, &partner, &page, now))
+        self.write_users(workspace, now, move |tx, _| {
+            cohorts::apply_segment_sync(tx, &partner, &page, now)
+        })
     }
 
     fn list_cohorts(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<CohortSummary>> {
         self.read(move |conn| cohorts::list_cohorts(conn, workspace))
     }
 
-    fn cohort_members(&self, workspace: WorkspaceId, partner: &str, cohort_id: CohortId, after: u32, limit: usize) -> StoreFuture<'_, Option<Vec<CohortMember>>> {
+    fn cohort_members(
+        &self,
+        workspace: WorkspaceId,
+        partner: &str,
+        cohort_id: CohortId,
+        after: u32,
+        limit: usize,
+    ) -> StoreFuture<'_, Option<Vec<CohortMember>>> {
         let partner = partner.to_owned();
-        self.read(move |conn| cohorts::cohort_members(conn, workspace, &partner, &cohort_id, after, limit))
+        self.read(move |conn| {
+            cohorts::cohort_members(conn, workspace, &partner, &cohort_id, after, limit)
+        })
     }
 
-    fn user_cohorts(&self, workspace: WorkspaceId, braze_id: BrazeId) -> StoreFuture<'_, Option<Vec<UserCohort>>> {
+    fn user_cohorts(
+        &self,
+        workspace: WorkspaceId,
+        braze_id: BrazeId,
+    ) -> StoreFuture<'_, Option<Vec<UserCohort>>> {
         self.read(move |conn| cohorts::user_cohorts(conn, workspace, &braze_id))
     }
 
-    fn read_events(&self, workspace: WorkspaceId, after: i64, limit: usize) -> StoreFuture<'_, Vec<LoggedEvent>> {
+    fn read_events(
+        &self,
+        workspace: WorkspaceId,
+        after: i64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<LoggedEvent>> {
         self.read(move |conn| admin::read_events(conn, workspace, after, limit))
     }
 }

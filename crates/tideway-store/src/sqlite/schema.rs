@@ -7,7 +7,8 @@
 
 use rusqlite::Connection;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE workspaces (
     id            INTEGER PRIMARY KEY,
     name          TEXT NOT NULL UNIQUE,

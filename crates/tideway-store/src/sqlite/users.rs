@@ -7,7 +7,10 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
-use tideway_core::ids::{AliasLabel, AliasName, BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias, UserSeq, WorkspaceId};
+use tideway_core::ids::{
+    AliasLabel, AliasName, BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias, UserSeq,
+    WorkspaceId,
+};
 use tideway_core::profile::UserRecord;
 use tideway_core::store::{StoreError, UserLookup, UserTx};
 
@@ -19,7 +22,8 @@ pub struct SqlUsers<'c> {
     pub workspace: WorkspaceId,
 }
 
-const USER_COLUMNS: &str = "seq, braze_id, external_id, email, phone, created_at, updated_at, profile";
+const USER_COLUMNS: &str =
+    "seq, braze_id, external_id, email, phone, created_at, updated_at, profile";
 
 fn corrupt(what: &str) -> rusqlite::Error {
     rusqlite::Error::InvalidColumnType(0, what.to_owned(), rusqlite::types::Type::Text)
@@ -31,9 +35,18 @@ fn user_from_row(row: &Row<'_>) -> rusqlite::Result<UserRecord> {
     Ok(UserRecord {
         seq: UserSeq(row.get(0)?),
         braze_id: BrazeId::parse(&row.get::<_, String>(1)?).map_err(|_| corrupt("braze_id"))?,
-        external_id: opt(2)?.map(|s| ExternalId::parse(&s)).transpose().map_err(|_| corrupt("external_id"))?,
-        email: opt(3)?.map(|s| Email::parse(&s)).transpose().map_err(|_| corrupt("email"))?,
-        phone: opt(4)?.map(|s| Phone::parse(&s)).transpose().map_err(|_| corrupt("phone"))?,
+        external_id: opt(2)?
+            .map(|s| ExternalId::parse(&s))
+            .transpose()
+            .map_err(|_| corrupt("external_id"))?,
+        email: opt(3)?
+            .map(|s| Email::parse(&s))
+            .transpose()
+            .map_err(|_| corrupt("email"))?,
+        phone: opt(4)?
+            .map(|s| Phone::parse(&s))
+            .transpose()
+            .map_err(|_| corrupt("phone"))?,
         created_at: Millis(row.get(5)?),
         updated_at: Millis(row.get(6)?),
         profile: profile_codec::decode(&profile_text).map_err(|_| corrupt("profile"))?,
@@ -43,18 +56,25 @@ fn user_from_row(row: &Row<'_>) -> rusqlite::Result<UserRecord> {
 impl SqlUsers<'_> {
     fn one(&self, sql: &str, key: &str) -> Result<Option<UserRecord>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        stmt.query_row(params![self.workspace.0, key], user_from_row).optional().map_err(sql_err)
+        stmt.query_row(params![self.workspace.0, key], user_from_row)
+            .optional()
+            .map_err(sql_err)
     }
 
     fn many(&self, sql: &str, key: &str) -> Result<Vec<UserRecord>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        let rows = stmt.query_map(params![self.workspace.0, key], user_from_row).map_err(sql_err)?;
+        let rows = stmt
+            .query_map(params![self.workspace.0, key], user_from_row)
+            .map_err(sql_err)?;
         rows.collect::<Result<_, _>>().map_err(sql_err)
     }
 
     fn by_seq_via(&self, sql: &str, key: &str) -> Result<Option<UserRecord>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        let seq: Option<u32> = stmt.query_row(params![self.workspace.0, key], |r| r.get(0)).optional().map_err(sql_err)?;
+        let seq: Option<u32> = stmt
+            .query_row(params![self.workspace.0, key], |r| r.get(0))
+            .optional()
+            .map_err(sql_err)?;
         match seq {
             Some(seq) => self.by_seq(UserSeq(seq)),
             None => Ok(None),
@@ -62,28 +82,42 @@ impl SqlUsers<'_> {
     }
 
     pub fn by_seq(&self, seq: UserSeq) -> Result<Option<UserRecord>, StoreError> {
-        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL");
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL"
+        );
         let mut stmt = self.conn.prepare_cached(&sql).map_err(sql_err)?;
-        stmt.query_row(params![self.workspace.0, seq.0], user_from_row).optional().map_err(sql_err)
+        stmt.query_row(params![self.workspace.0, seq.0], user_from_row)
+            .optional()
+            .map_err(sql_err)
     }
 }
 
 impl UserLookup for SqlUsers<'_> {
     fn user_by_external_id(&mut self, id: &ExternalId) -> Result<Option<UserRecord>, StoreError> {
-        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND external_id = ?2");
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND external_id = ?2"
+        );
         if let Some(u) = self.one(&sql, id.as_str())? {
             return Ok(Some(u));
         }
-        self.by_seq_via("SELECT seq FROM deprecated_external_ids WHERE workspace_id = ?1 AND external_id = ?2", id.as_str())
+        self.by_seq_via(
+            "SELECT seq FROM deprecated_external_ids WHERE workspace_id = ?1 AND external_id = ?2",
+            id.as_str(),
+        )
     }
 
     fn user_by_alias(&mut self, alias: &UserAlias) -> Result<Option<UserRecord>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT seq FROM user_aliases WHERE workspace_id = ?1 AND label = ?2 AND name = ?3")
+            .prepare_cached(
+                "SELECT seq FROM user_aliases WHERE workspace_id = ?1 AND label = ?2 AND name = ?3",
+            )
             .map_err(sql_err)?;
         let seq: Option<u32> = stmt
-            .query_row(params![self.workspace.0, alias.label.as_str(), alias.name.as_str()], |r| r.get(0))
+            .query_row(
+                params![self.workspace.0, alias.label.as_str(), alias.name.as_str()],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(sql_err)?;
         match seq {
@@ -93,21 +127,30 @@ impl UserLookup for SqlUsers<'_> {
     }
 
     fn user_by_braze_id(&mut self, id: &BrazeId) -> Result<Option<UserRecord>, StoreError> {
-        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND braze_id = ?2 AND deleted_at IS NULL");
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND braze_id = ?2 AND deleted_at IS NULL"
+        );
         self.one(&sql, id.as_str())
     }
 
     fn user_by_device(&mut self, device: &DeviceId) -> Result<Option<UserRecord>, StoreError> {
-        self.by_seq_via("SELECT seq FROM user_devices WHERE workspace_id = ?1 AND device_id = ?2", device.as_str())
+        self.by_seq_via(
+            "SELECT seq FROM user_devices WHERE workspace_id = ?1 AND device_id = ?2",
+            device.as_str(),
+        )
     }
 
     fn users_by_email(&mut self, email: &Email) -> Result<Vec<UserRecord>, StoreError> {
-        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND email = ?2 ORDER BY updated_at DESC, seq DESC");
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND email = ?2 ORDER BY updated_at DESC, seq DESC"
+        );
         self.many(&sql, email.as_str())
     }
 
     fn users_by_phone(&mut self, phone: &Phone) -> Result<Vec<UserRecord>, StoreError> {
-        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND phone = ?2 ORDER BY updated_at DESC, seq DESC");
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND phone = ?2 ORDER BY updated_at DESC, seq DESC"
+        );
         self.many(&sql, phone.as_str())
     }
 
@@ -120,12 +163,18 @@ impl UserLookup for SqlUsers<'_> {
             .query_map(params![self.workspace.0, user.0], |r| {
                 let label: String = r.get(0)?;
                 let name: String = r.get(1)?;
-                Ok(AliasLabel::parse(&label).ok().zip(AliasName::parse(&name).ok()).map(|(label, name)| UserAlias { label, name }))
+                Ok(AliasLabel::parse(&label)
+                    .ok()
+                    .zip(AliasName::parse(&name).ok())
+                    .map(|(label, name)| UserAlias { label, name }))
             })
             .map_err(sql_err)?;
         let mut out = Vec::new();
         for row in rows {
-            out.push(row.map_err(sql_err)?.ok_or_else(|| StoreError::Corrupt("alias".into()))?);
+            out.push(
+                row.map_err(sql_err)?
+                    .ok_or_else(|| StoreError::Corrupt("alias".into()))?,
+            );
         }
         Ok(out)
     }
@@ -135,10 +184,15 @@ impl UserLookup for SqlUsers<'_> {
             .conn
             .prepare_cached("SELECT device_id FROM user_devices WHERE workspace_id = ?1 AND seq = ?2 ORDER BY device_id")
             .map_err(sql_err)?;
-        let rows = stmt.query_map(params![self.workspace.0, user.0], |r| r.get::<_, String>(0)).map_err(sql_err)?;
+        let rows = stmt
+            .query_map(params![self.workspace.0, user.0], |r| r.get::<_, String>(0))
+            .map_err(sql_err)?;
         let mut out = Vec::new();
         for row in rows {
-            out.push(DeviceId::parse(&row.map_err(sql_err)?).map_err(|_| StoreError::Corrupt("device id".into()))?);
+            out.push(
+                DeviceId::parse(&row.map_err(sql_err)?)
+                    .map_err(|_| StoreError::Corrupt("device id".into()))?,
+            );
         }
         Ok(out)
     }
@@ -148,7 +202,8 @@ impl UserLookup for SqlUsers<'_> {
             .conn
             .prepare_cached("SELECT 1 FROM deprecated_external_ids WHERE workspace_id = ?1 AND external_id = ?2")
             .map_err(sql_err)?;
-        stmt.exists(params![self.workspace.0, id.as_str()]).map_err(sql_err)
+        stmt.exists(params![self.workspace.0, id.as_str()])
+            .map_err(sql_err)
     }
 }
 
@@ -158,7 +213,9 @@ impl UserTx for SqlUsers<'_> {
             .conn
             .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM users WHERE workspace_id = ?1")
             .map_err(sql_err)?;
-        let seq: u32 = next.query_row([self.workspace.0], |r| r.get(0)).map_err(sql_err)?;
+        let seq: u32 = next
+            .query_row([self.workspace.0], |r| r.get(0))
+            .map_err(sql_err)?;
         let user = UserRecord::new(UserSeq(seq), braze_id, now);
         let mut insert = self
             .conn
@@ -166,7 +223,14 @@ impl UserTx for SqlUsers<'_> {
                 "INSERT INTO users (workspace_id, seq, braze_id, created_at, updated_at, profile) VALUES (?1, ?2, ?3, ?4, ?4, '{}')",
             )
             .map_err(sql_err)?;
-        insert.execute(params![self.workspace.0, seq, user.braze_id.as_str(), now.0]).map_err(sql_err)?;
+        insert
+            .execute(params![
+                self.workspace.0,
+                seq,
+                user.braze_id.as_str(),
+                now.0
+            ])
+            .map_err(sql_err)?;
         Ok(user)
     }
 
@@ -190,7 +254,11 @@ impl UserTx for SqlUsers<'_> {
                 profile_codec::encode(&user.profile),
             ])
             .map_err(sql_err)?;
-        if changed == 1 { Ok(()) } else { Err(StoreError::NotFound(format!("user {}", user.braze_id))) }
+        if changed == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!("user {}", user.braze_id)))
+        }
     }
 
     fn delete_user(&mut self, user: UserSeq, now: Millis) -> Result<(), StoreError> {
@@ -201,7 +269,10 @@ impl UserTx for SqlUsers<'_> {
             "DELETE FROM user_devices WHERE workspace_id = ?1 AND seq = ?2",
             "DELETE FROM deprecated_external_ids WHERE workspace_id = ?1 AND seq = ?2",
         ] {
-            self.conn.prepare_cached(sql).and_then(|mut s| s.execute(params![ws, user.0])).map_err(sql_err)?;
+            self.conn
+                .prepare_cached(sql)
+                .and_then(|mut s| s.execute(params![ws, user.0]))
+                .map_err(sql_err)?;
         }
         self.conn
             .prepare_cached(
@@ -223,8 +294,16 @@ impl UserTx for SqlUsers<'_> {
 
     fn remove_alias(&mut self, alias: &UserAlias) -> Result<(), StoreError> {
         self.conn
-            .prepare_cached("DELETE FROM user_aliases WHERE workspace_id = ?1 AND label = ?2 AND name = ?3")
-            .and_then(|mut s| s.execute(params![self.workspace.0, alias.label.as_str(), alias.name.as_str()]))
+            .prepare_cached(
+                "DELETE FROM user_aliases WHERE workspace_id = ?1 AND label = ?2 AND name = ?3",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    self.workspace.0,
+                    alias.label.as_str(),
+                    alias.name.as_str()
+                ])
+            })
             .map_err(sql_err)?;
         Ok(())
     }
@@ -237,7 +316,11 @@ impl UserTx for SqlUsers<'_> {
         Ok(())
     }
 
-    fn put_deprecated_external_id(&mut self, user: UserSeq, old: &ExternalId) -> Result<(), StoreError> {
+    fn put_deprecated_external_id(
+        &mut self,
+        user: UserSeq,
+        old: &ExternalId,
+    ) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("INSERT OR REPLACE INTO deprecated_external_ids (workspace_id, external_id, seq) VALUES (?1, ?2, ?3)")
             .and_then(|mut s| s.execute(params![self.workspace.0, old.as_str(), user.0]))
@@ -248,17 +331,28 @@ impl UserTx for SqlUsers<'_> {
     fn remove_deprecated_external_id(&mut self, old: &ExternalId) -> Result<bool, StoreError> {
         let n = self
             .conn
-            .prepare_cached("DELETE FROM deprecated_external_ids WHERE workspace_id = ?1 AND external_id = ?2")
+            .prepare_cached(
+                "DELETE FROM deprecated_external_ids WHERE workspace_id = ?1 AND external_id = ?2",
+            )
             .and_then(|mut s| s.execute(params![self.workspace.0, old.as_str()]))
             .map_err(sql_err)?;
         Ok(n > 0)
     }
 
-    fn move_cohort_memberships(&mut self, from: UserSeq, to: UserSeq, now: Millis) -> Result<(), StoreError> {
+    fn move_cohort_memberships(
+        &mut self,
+        from: UserSeq,
+        to: UserSeq,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         self.move_memberships(from, to, now)
     }
 
-    fn append_event(&mut self, user: Option<UserSeq>, event: &CurrentsEvent) -> Result<(), StoreError> {
+    fn append_event(
+        &mut self,
+        user: Option<UserSeq>,
+        event: &CurrentsEvent,
+    ) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
                 "INSERT INTO event_log (workspace_id, user_seq, event_id, event_type, time, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
