@@ -227,8 +227,11 @@ pub trait CohortTx: UserLookup {
     /// Creates the cohort (named `name`, or its id until named) or renames it; returns its key.
     fn upsert_cohort(&mut self, partner: &str, cohort_id: &CohortId, name: Option<&str>, created_at: Millis, now: Millis) -> Result<CohortKey, StoreError>;
     /// Sets whether `user` is a member; returns true if that changed anything. Entering and
-    /// leaving are recorded with their time.
+    /// leaving are recorded with their time. The cohort's member count is not touched: callers
+    /// adjust it once per request with [`CohortTx::adjust_member_count`].
     fn set_member(&mut self, cohort: CohortKey, user: UserSeq, member: bool, now: Millis) -> Result<bool, StoreError>;
+    /// Adds `delta` to the cohort's member count and marks it updated.
+    fn adjust_member_count(&mut self, cohort: CohortKey, delta: i64, now: Millis) -> Result<(), StoreError>;
     /// Every current member (for a drain).
     fn members(&mut self, cohort: CohortKey) -> Result<Vec<UserSeq>, StoreError>;
 }
@@ -279,7 +282,12 @@ pub fn apply_changes(tx: &mut dyn CohortTx, cohort: CohortKey, changes: &[Cohort
             }
         }
     }
+    tx.adjust_member_count(cohort, count_delta(&out), now)?;
     Ok(out)
+}
+
+fn count_delta(out: &MembershipOutcome) -> i64 {
+    i64::try_from(out.added).unwrap_or(i64::MAX) - i64::try_from(out.removed).unwrap_or(i64::MAX)
 }
 
 /// Removes every member (Heap's `segment.users.drain`).
@@ -290,6 +298,7 @@ pub fn drain(tx: &mut dyn CohortTx, cohort: CohortKey, now: Millis) -> Result<Me
             out.removed += 1;
         }
     }
+    tx.adjust_member_count(cohort, count_delta(&out), now)?;
     Ok(out)
 }
 

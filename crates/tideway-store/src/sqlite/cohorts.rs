@@ -72,16 +72,19 @@ impl CohortTx for SqlUsers<'_> {
         if changed == 0 {
             return Ok(false);
         }
-        let delta: i64 = if member { 1 } else { -1 };
-        self.conn
-            .prepare_cached("UPDATE cohorts SET member_count = member_count + ?2, updated_at = ?3 WHERE id = ?1")
-            .and_then(|mut s| s.execute(params![cohort.0, delta, now.0]))
-            .map_err(sql_err)?;
         self.conn
             .prepare_cached("INSERT INTO cohort_membership_changes (workspace_id, cohort, seq, entered, at) VALUES (?1, ?2, ?3, ?4, ?5)")
             .and_then(|mut s| s.execute(params![self.workspace.0, cohort.0, user.0, member, now.0]))
             .map_err(sql_err)?;
         Ok(true)
+    }
+
+    fn adjust_member_count(&mut self, cohort: CohortKey, delta: i64, now: Millis) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE cohorts SET member_count = member_count + ?2, updated_at = ?3 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![cohort.0, delta, now.0]))
+            .map_err(sql_err)?;
+        Ok(())
     }
 
     fn members(&mut self, cohort: CohortKey) -> Result<Vec<UserSeq>, StoreError> {
@@ -124,7 +127,9 @@ impl SqlUsers<'_> {
     ) -> Result<(), StoreError> {
         for (cohort, _) in self.memberships_of(from)? {
             self.set_member(cohort, from, false, now)?;
-            self.set_member(cohort, to, true, now)?;
+            let joined = self.set_member(cohort, to, true, now)?;
+            // The source left; the target joined unless it was a member already.
+            self.adjust_member_count(cohort, if joined { 0 } else { -1 }, now)?;
         }
         Ok(())
     }
@@ -132,7 +137,9 @@ impl SqlUsers<'_> {
     /// Records `user` leaving every cohort (delete).
     pub fn leave_all_cohorts(&mut self, user: UserSeq, now: Millis) -> Result<(), StoreError> {
         for (cohort, _) in self.memberships_of(user)? {
-            self.set_member(cohort, user, false, now)?;
+            if self.set_member(cohort, user, false, now)? {
+                self.adjust_member_count(cohort, -1, now)?;
+            }
         }
         Ok(())
     }

@@ -140,6 +140,84 @@ CREATE TABLE cohort_membership_changes (
 );
 CREATE INDEX cohort_membership_changes_workspace ON cohort_membership_changes(workspace_id, change_seq);
 "#,
+    // 3: Currents connectors. A Current's position is the last resolved `event_log.seq`;
+    // `currents_log_clock` samples "the log head was here at this time" (retention, lag in
+    // seconds and replay windows read it); dead letters, replay windows, retention drops and
+    // test sends are per Current.
+    r#"
+CREATE TABLE currents (
+    id               INTEGER PRIMARY KEY,
+    workspace_id     INTEGER NOT NULL,
+    name             TEXT NOT NULL,
+    kind             TEXT NOT NULL,
+    spec             TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    revision         INTEGER NOT NULL,
+    position         INTEGER NOT NULL,
+    delivered        INTEGER NOT NULL DEFAULT 0,
+    retried          INTEGER NOT NULL DEFAULT 0,
+    dead_lettered    INTEGER NOT NULL DEFAULT 0,
+    dropped          INTEGER NOT NULL DEFAULT 0,
+    skipped          INTEGER NOT NULL DEFAULT 0,
+    failing_since    INTEGER,
+    last_error_at    INTEGER,
+    last_error_status INTEGER,
+    last_error       TEXT,
+    last_success_at  INTEGER,
+    lease_owner      TEXT,
+    lease_until      INTEGER,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL
+);
+CREATE INDEX currents_workspace ON currents(workspace_id, id);
+CREATE TABLE currents_log_clock (
+    at            INTEGER PRIMARY KEY,
+    head          INTEGER NOT NULL
+);
+CREATE INDEX currents_log_clock_head ON currents_log_clock(head);
+CREATE TABLE currents_dead_letters (
+    id               INTEGER PRIMARY KEY,
+    current_id       INTEGER NOT NULL,
+    event_seq        INTEGER NOT NULL,
+    event_id         TEXT NOT NULL,
+    event_type       TEXT NOT NULL,
+    user_seq         INTEGER,
+    body             TEXT NOT NULL,
+    reason           TEXT NOT NULL,
+    detail           TEXT NOT NULL,
+    response_status  INTEGER,
+    response_body    TEXT,
+    created_at       INTEGER NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 1,
+    replay_pending   INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (current_id, event_id)
+);
+CREATE INDEX currents_dead_letters_replay ON currents_dead_letters(current_id, replay_pending, id);
+CREATE TABLE currents_replays (
+    id            INTEGER PRIMARY KEY,
+    current_id    INTEGER NOT NULL,
+    from_seq      INTEGER NOT NULL,
+    to_seq        INTEGER NOT NULL,
+    cursor        INTEGER NOT NULL,
+    created_at    INTEGER NOT NULL
+);
+CREATE INDEX currents_replays_current ON currents_replays(current_id, id);
+CREATE TABLE currents_drops (
+    id            INTEGER PRIMARY KEY,
+    current_id    INTEGER NOT NULL,
+    from_seq      INTEGER NOT NULL,
+    to_seq        INTEGER NOT NULL,
+    count         INTEGER NOT NULL,
+    at            INTEGER NOT NULL
+);
+CREATE INDEX currents_drops_current ON currents_drops(current_id, id);
+CREATE TABLE currents_test_sends (
+    current_id    INTEGER NOT NULL,
+    at            INTEGER NOT NULL,
+    count         INTEGER NOT NULL
+);
+CREATE INDEX currents_test_sends_current ON currents_test_sends(current_id, at);
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.
