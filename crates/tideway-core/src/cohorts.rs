@@ -262,23 +262,36 @@ pub fn match_identifier(tx: &mut dyn UserLookup, id: &CohortIdentifier) -> Resul
     Ok(user.map(|u| u.seq))
 }
 
-/// Applies `changes` in array order with set semantics.
+/// Applies `changes` in array order with set semantics. Within one request the last mention
+/// of a user wins and only the net effect is written, so a user added and removed in the same
+/// request (or a replayed request) records no spurious enter/leave.
 pub fn apply_changes(tx: &mut dyn CohortTx, cohort: CohortKey, changes: &[CohortChange], now: Millis) -> Result<MembershipOutcome, StoreError> {
     let mut out = MembershipOutcome::default();
+    let mut wanted: Vec<(UserSeq, bool)> = Vec::new();
+    let mut position: std::collections::HashMap<UserSeq, usize> = std::collections::HashMap::new();
     for change in changes {
         for id in &change.identifiers {
             match match_identifier(tx, id)? {
                 Some(user) => {
                     out.matched += 1;
-                    if tx.set_member(cohort, user, !change.remove, now)? {
-                        if change.remove {
-                            out.removed += 1;
-                        } else {
-                            out.added += 1;
+                    match position.get(&user) {
+                        Some(&i) => wanted[i].1 = !change.remove,
+                        None => {
+                            position.insert(user, wanted.len());
+                            wanted.push((user, !change.remove));
                         }
                     }
                 }
                 None => out.ignored += 1,
+            }
+        }
+    }
+    for (user, member) in wanted {
+        if tx.set_member(cohort, user, member, now)? {
+            if member {
+                out.added += 1;
+            } else {
+                out.removed += 1;
             }
         }
     }

@@ -146,7 +146,8 @@ pub struct HeapWebhook {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentSyncPage {
     pub cohort_id: CohortId,
-    pub name: String,
+    /// The segment's name when Heap sent one (a new cohort without one is named by its id).
+    pub name: Option<String>,
     /// `(sync_task_id, page_number)`: a page seen before is acknowledged without applying it
     /// again. `None` when Heap sent no sync info.
     pub page_key: Option<(String, i64)>,

@@ -1,1 +1,149 @@
-//! placeholder during bootstrap
+//! Tideway's HTTP edge: the Braze-compatible REST API (`/users/*`), its authentication, rate
+//! limits and error bodies, plus the operational routes (`/health`, `/metrics`,
+//! `/openapi.json`).
+//!
+//! Invariant: this is the only crate that knows HTTP. Handlers parse wire JSON into the domain
+//! types of `tideway-core` (parse, don't validate), call one `Store` operation, and render the
+//! outcome in Braze's response shapes. Wire types are not domain types: the structs in
+//! [`wire`] exist for the OpenAPI document and for rendering responses, never below this crate.
+//!
+//! Request path: [`observe`] (span, metrics, panic guard) → router → [`pipeline`] (key
+//! extraction, body limit, auth, rate limit, permission, JSON parsing) → [`users`] (one
+//! function per endpoint) → `Store`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tideway_core::store::Store;
+
+mod cohorts_api;
+mod error;
+mod fields;
+mod observe;
+pub mod openapi;
+mod ops;
+mod partners;
+mod pipeline;
+mod rate_limit;
+mod users;
+pub mod wire;
+
+pub use error::ApiError;
+pub use observe::{MetricsError, install_metrics_recorder};
+pub use rate_limit::RateLimits;
+
+/// Settings of the HTTP edge. `Default` gives Braze's documented limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Largest request body accepted; larger ones get `413 Payload Too Large`. Default 4 MiB.
+    pub max_body_bytes: usize,
+    /// Per-key request limits per endpoint group.
+    pub rate_limits: RateLimits,
+    /// Longest array custom attribute (Braze's default is 25). Enforced by the store, which
+    /// applies the profile rules; kept here so one config struct describes the edge's limits.
+    pub max_array_len: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_bytes: 4 * 1024 * 1024,
+            rate_limits: RateLimits::default(),
+            max_array_len: 25,
+        }
+    }
+}
+
+/// Everything a handler needs; cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    metrics: PrometheusHandle,
+    limiter: rate_limit::RateLimiter,
+    partner_limiter: partners::PartnerLimiter,
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn Store>, config: ServerConfig, metrics: PrometheusHandle) -> Self {
+        let limiter = rate_limit::RateLimiter::new(config.rate_limits.clone());
+        let partner_limiter = partners::PartnerLimiter::new(config.rate_limits.partner_per_hour);
+        AppState {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                metrics,
+                limiter,
+                partner_limiter,
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        self.inner.store.as_ref()
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn metrics(&self) -> &PrometheusHandle {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn limiter(&self) -> &rate_limit::RateLimiter {
+        &self.inner.limiter
+    }
+
+    pub(crate) fn partner_limiter(&self) -> &partners::PartnerLimiter {
+        &self.inner.partner_limiter
+    }
+}
+
+/// The whole HTTP application, state applied. Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()`: the client address is needed for
+/// key IP allowlists (a key with an allowlist is refused when the address is unknown).
+pub fn app(store: Arc<dyn Store>, config: ServerConfig, metrics: PrometheusHandle) -> Router {
+    let max_body = config.max_body_bytes;
+    let state = AppState::new(store, config, metrics);
+    Router::new()
+        .route("/users/track", post(users::users_track))
+        .route("/users/identify", post(users::users_identify))
+        .route("/users/alias/new", post(users::users_alias_new))
+        .route("/users/alias/update", post(users::users_alias_update))
+        .route("/users/merge", post(users::users_merge))
+        .route("/users/delete", post(users::users_delete))
+        .route(
+            "/users/external_ids/rename",
+            post(users::users_external_ids_rename),
+        )
+        .route(
+            "/users/external_ids/remove",
+            post(users::users_external_ids_remove),
+        )
+        .route("/users/export/ids", post(users::users_export_ids))
+        .route("/partners/{partner}/cohorts", post(partners::cohort_name))
+        .route("/partners/{partner}/cohorts/users", post(partners::cohort_users))
+        .route("/partners/heap/segment-sync", post(partners::heap_segment_sync))
+        .route("/partners/heap/segment-sync/{workspace}", post(partners::heap_segment_sync_workspace))
+        .route("/partners/heap/segment-sync/{workspace}/users_sync", post(partners::heap_users_sync))
+        .route("/partners/heap/segment-sync/{workspace}/users_drain", post(partners::heap_users_drain))
+        .route("/api/v1/cohorts", get(cohorts_api::list))
+        .route("/api/v1/cohorts/{partner}/{cohort_id}/members", get(cohorts_api::members))
+        .route("/api/v1/users/{braze_id}/cohorts", get(cohorts_api::user_cohorts))
+        .route("/health", get(ops::health))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi_json))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(observe::observe))
+        .with_state(state)
+}

@@ -231,19 +231,17 @@ pub fn list_import_keys(
     rows.collect::<Result<_, _>>().map_err(sql_err)
 }
 
-pub fn invalidate_import_key(
-    conn: &Connection,
-    workspace: WorkspaceId,
-    partner: &str,
-    id_or_prefix: &str,
-    now: Millis,
-) -> Result<bool, StoreError> {
+pub fn invalidate_import_key(conn: &Connection, workspace: WorkspaceId, partner: &str, id_or_prefix: &str, now: Millis) -> Result<bool, StoreError> {
     let id: Option<i64> = id_or_prefix.parse().ok();
+    let matches = "workspace_id = ?1 AND partner = ?2 AND invalidated_at IS NULL AND (id = ?3 OR prefix = ?4)";
+    let count: i64 = conn
+        .query_row(&format!("SELECT COUNT(*) FROM import_keys WHERE {matches}"), params![workspace.0, partner, id, id_or_prefix], |r| r.get(0))
+        .map_err(sql_err)?;
+    if count > 1 {
+        return Err(StoreError::Conflict(format!("more than one key with prefix '{id_or_prefix}' (name the key by its id)")));
+    }
     let n = conn
-        .execute(
-            "UPDATE import_keys SET invalidated_at = ?5 WHERE workspace_id = ?1 AND partner = ?2 AND invalidated_at IS NULL AND (id = ?3 OR prefix = ?4)",
-            params![workspace.0, partner, id, id_or_prefix, now.0],
-        )
+        .execute(&format!("UPDATE import_keys SET invalidated_at = ?5 WHERE {matches}"), params![workspace.0, partner, id, id_or_prefix, now.0])
         .map_err(sql_err)?;
     Ok(n > 0)
 }
@@ -375,7 +373,7 @@ pub fn apply_segment_sync(
             });
         }
     }
-    let cohort = tx.upsert_cohort(partner, &page.cohort_id, Some(&page.name), now, now)?;
+    let cohort = tx.upsert_cohort(partner, &page.cohort_id, page.name.as_deref(), now, now)?;
     let membership = if page.drain {
         cohorts::drain(tx, cohort, now)?
     } else {

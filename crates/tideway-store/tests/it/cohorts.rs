@@ -204,7 +204,7 @@ async fn sync_pages_apply_once_and_drain_empties() {
     .await;
     let page = SegmentSyncPage {
         cohort_id: cid("1338065"),
-        name: "Free Customers".into(),
+        name: Some("Free Customers".into()),
         page_key: Some(("task".into(), 1)),
         drain: false,
         changes: vec![CohortChange {

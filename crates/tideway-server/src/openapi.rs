@@ -1,0 +1,120 @@
+//! The OpenAPI 3 document of the REST API, generated from the handlers' `#[utoipa::path]`
+//! attributes and the [`crate::wire`] schemas, so it cannot drift from the routes.
+//!
+//! Served at `GET /openapi.json`; built once per process.
+
+use std::sync::OnceLock;
+
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::wire;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tideway REST API",
+        description = "Braze-compatible user data API. Authenticate with `Authorization: Bearer <REST API key>` \
+                       (legacy: `api_key` in the query string or the JSON body). Every REST response carries \
+                       `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`."
+    ),
+    paths(
+        crate::users::users_track,
+        crate::users::users_identify,
+        crate::users::users_alias_new,
+        crate::users::users_alias_update,
+        crate::users::users_merge,
+        crate::users::users_delete,
+        crate::users::users_external_ids_rename,
+        crate::users::users_external_ids_remove,
+        crate::users::users_export_ids,
+        crate::partners::cohort_name,
+        crate::partners::cohort_users,
+        crate::partners::heap_segment_sync,
+        crate::cohorts_api::list,
+        crate::cohorts_api::members,
+        crate::cohorts_api::user_cohorts,
+        crate::ops::health,
+        crate::ops::metrics,
+        crate::ops::openapi_json,
+    ),
+    components(schemas(
+        wire::ErrorBody,
+        wire::TrackObjectError,
+        wire::TrackResponse,
+        wire::ItemError,
+        wire::AliasesProcessedResponse,
+        wire::SuccessResponse,
+        wire::DeleteResponse,
+        wire::RenameResponse,
+        wire::RemoveResponse,
+        wire::ExportResponse,
+        wire::HealthResponse,
+        wire::UserAliasWire,
+        wire::TrackBody,
+        wire::AliasToIdentify,
+        wire::EmailToIdentify,
+        wire::PhoneToIdentify,
+        wire::IdentifyBody,
+        wire::NewAlias,
+        wire::AliasNewBody,
+        wire::AliasUpdate,
+        wire::AliasUpdateBody,
+        wire::UserIdentifier,
+        wire::MergeUpdate,
+        wire::MergeBody,
+        wire::EmailAddress,
+        wire::DeleteBody,
+        wire::ExternalIdRename,
+        wire::RenameBody,
+        wire::RemoveBody,
+        wire::ExportBody,
+        wire::CohortNameBody,
+        wire::CohortChangeWire,
+        wire::CohortUsersBody,
+        wire::CohortUsersResponse,
+    )),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "users", description = "Braze `/users/*` endpoints"),
+        (name = "partners", description = "Partner cohort import (keys in the JSON body) and Heap's signed segment-sync webhook"),
+        (name = "cohorts", description = "Tideway's cohort management API (permission cohorts.read)"),
+        (name = "ops", description = "Health, metrics and this document (no authentication)"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Adds the bearer scheme (and the legacy query key) the handlers refer to.
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer_auth",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A REST API key of the workspace, with the endpoint's permission",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "api_key_query",
+            SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::new("api_key"))),
+        );
+    }
+}
+
+/// The document as JSON text (built on first use).
+pub fn document_json() -> String {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_json()
+            .unwrap_or_else(|_| "{}".to_owned())
+    })
+    .clone()
+}

@@ -1,0 +1,308 @@
+//! The path every REST request takes before its endpoint runs: find the key, read the body
+//! within the size limit, authenticate, count against the rate limit, check IP allowlist and
+//! permission, parse the JSON, then dispatch; and the `X-RateLimit-*` headers on whatever comes
+//! out, success or error.
+//!
+//! Order matters and is chosen so each answer is the most useful one the server can give:
+//! - A key in `Authorization: Bearer` (or the legacy `api_key` query parameter) is checked
+//!   before the body is read, so an unauthenticated client never gets to make us parse JSON.
+//! - A key may also come in the body (legacy `api_key`), so without a header key the body is
+//!   read first; a body too large to read then gets 413 (its key cannot be known).
+//! - The request is counted as soon as the key is known (Braze counts every call of a key),
+//!   so 403, 413 and 400 answers carry the real counter in their headers; 401 carries the
+//!   headers empty, as Braze does.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequest, Query, Request};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value};
+use tideway_core::clock::Millis;
+use tideway_core::keys::{ApiKey, Permission, Secret};
+use tideway_core::store::Workspace;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::observe::{AUTH_FAILURES_TOTAL, RATE_LIMITED_TOTAL, record_workspace};
+use crate::rate_limit::{Decision, Group};
+
+
+/// The REST endpoints behind the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Track,
+    Identify,
+    AliasNew,
+    AliasUpdate,
+    Merge,
+    Delete,
+    ExternalIdsRename,
+    ExternalIdsRemove,
+    ExportIds,
+}
+
+impl Endpoint {
+    pub fn permission(self) -> Permission {
+        match self {
+            Endpoint::Track => Permission::UsersTrack,
+            Endpoint::Identify => Permission::UsersIdentify,
+            Endpoint::AliasNew => Permission::UsersAliasNew,
+            Endpoint::AliasUpdate => Permission::UsersAliasUpdate,
+            Endpoint::Merge => Permission::UsersMerge,
+            Endpoint::Delete => Permission::UsersDelete,
+            Endpoint::ExternalIdsRename => Permission::UsersExternalIdsRename,
+            Endpoint::ExternalIdsRemove => Permission::UsersExternalIdsRemove,
+            Endpoint::ExportIds => Permission::UsersExportIds,
+        }
+    }
+
+    pub fn group(self) -> Group {
+        match self {
+            Endpoint::Track => Group::Track,
+            Endpoint::ExportIds => Group::Export,
+            _ => Group::Batch,
+        }
+    }
+}
+
+/// An authenticated caller: the key and the workspace it belongs to.
+pub struct Caller {
+    pub key: ApiKey,
+    pub workspace: Workspace,
+}
+
+const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// Current time as the store wants it.
+pub fn now() -> Millis {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Millis(i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Runs `endpoint` for `req` through the whole pipeline; always answers with the
+/// `X-RateLimit-*` headers.
+pub async fn rest(state: AppState, endpoint: Endpoint, req: Request) -> Response {
+    let (outcome, decision) = authorize_and_run(&state, endpoint, req).await;
+    let mut response = match outcome {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    put_rate_headers(response.headers_mut(), decision.as_ref());
+    response
+}
+
+/// The body as far as it could be read before authentication.
+enum BodyState {
+    /// Not read yet (the key came from a header).
+    Unread(Request),
+    /// Read and parsed (the key may have come from it).
+    Parsed(Result<Map<String, Value>, ApiError>),
+}
+
+async fn authorize_and_run(
+    state: &AppState,
+    endpoint: Endpoint,
+    req: Request,
+) -> (Result<Response, ApiError>, Option<Decision>) {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    let (key, body) = match header_key(req.headers(), req.uri()) {
+        Some(key) => (key, BodyState::Unread(req)),
+        None => {
+            let parsed = read_json(req).await;
+            if matches!(parsed, Err(ApiError::PayloadTooLarge)) {
+                return (Err(ApiError::PayloadTooLarge), None);
+            }
+            let key = match &parsed {
+                Ok(map) => map
+                    .get("api_key")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            (key, BodyState::Parsed(parsed))
+        }
+    };
+    let caller = match authenticate(state, key).await {
+        Ok(caller) => caller,
+        Err(error) => return (Err(error), None),
+    };
+    record_workspace(caller.workspace.id.0);
+    let group = endpoint.group();
+    let decision = state.limiter().check(caller.key.id, group, now().secs());
+    if !decision.allowed {
+        metrics::counter!(RATE_LIMITED_TOTAL, "group" => group.as_str()).increment(1);
+        return (
+            Err(ApiError::RateLimited {
+                retry_after_secs: decision.retry_after,
+            }),
+            Some(decision),
+        );
+    }
+    if let Err(error) = check_access(&caller.key, endpoint.permission(), peer) {
+        return (Err(error), Some(decision));
+    }
+    let body = match body {
+        BodyState::Unread(req) => read_json(req).await,
+        BodyState::Parsed(parsed) => parsed,
+    };
+    let outcome = match body {
+        Ok(body) => crate::users::dispatch(state, endpoint, &caller, body).await,
+        Err(error) => Err(error),
+    };
+    (outcome, Some(decision))
+}
+
+/// `Authorization: Bearer <key>`, else the legacy `api_key` query parameter.
+fn header_key(headers: &HeaderMap, uri: &Uri) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| rest.trim().to_owned())
+        });
+    bearer.or_else(|| {
+        let Query(params) = Query::<HashMap<String, String>>::try_from_uri(uri).ok()?;
+        params.get("api_key").cloned()
+    })
+}
+
+fn auth_failure(reason: &'static str) {
+    metrics::counter!(AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
+    tracing::info!(reason, "REST authentication failed");
+}
+
+async fn authenticate(state: &AppState, key: String) -> Result<Caller, ApiError> {
+    if key.is_empty() {
+        auth_failure("missing_key");
+        return Err(ApiError::InvalidKey(key));
+    }
+    let hash = Secret::new(key.clone()).hash();
+    let found = state.store().find_api_key(hash).await?;
+    match found {
+        Some((api_key, workspace))
+            if api_key.hash.matches(&hash) && api_key.revoked_at.is_none() =>
+        {
+            Ok(Caller {
+                key: api_key,
+                workspace,
+            })
+        }
+        _ => {
+            auth_failure("unknown_key");
+            Err(ApiError::InvalidKey(key))
+        }
+    }
+}
+
+fn check_access(
+    key: &ApiKey,
+    permission: Permission,
+    peer: Option<IpAddr>,
+) -> Result<(), ApiError> {
+    if !key.allow.is_empty() && !peer.is_some_and(|ip| key.allow.allows(ip)) {
+        auth_failure("ip_not_allowlisted");
+        return Err(ApiError::IpNotAllowlisted);
+    }
+    if !key.permissions.contains(permission) {
+        auth_failure("permission_denied");
+        return Err(ApiError::AccessDenied);
+    }
+    Ok(())
+}
+
+/// Runs a handler of Tideway's own management API (`/api/v1/*`): the key comes from
+/// `Authorization: Bearer` (or the `api_key` query parameter) only, requests count against the
+/// key's management budget, the permission is checked, and the answer carries the
+/// `X-RateLimit-*` headers like every REST response.
+pub async fn management<F, Fut>(state: AppState, permission: Permission, req: Request, handler: F) -> Response
+where
+    F: FnOnce(AppState, Caller, Request) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+{
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
+    let key = header_key(req.headers(), req.uri()).unwrap_or_default();
+    let caller = match authenticate(&state, key).await {
+        Ok(caller) => caller,
+        Err(error) => {
+            let mut response = error.into_response();
+            put_rate_headers(response.headers_mut(), None);
+            return response;
+        }
+    };
+    record_workspace(caller.workspace.id.0);
+    let decision = state.limiter().check(caller.key.id, Group::Management, now().secs());
+    let outcome = if !decision.allowed {
+        metrics::counter!(RATE_LIMITED_TOTAL, "group" => Group::Management.as_str()).increment(1);
+        Err(ApiError::RateLimited { retry_after_secs: decision.retry_after })
+    } else {
+        match check_access(&caller.key, permission, peer) {
+            Ok(()) => handler(state.clone(), caller, req).await,
+            Err(error) => Err(error),
+        }
+    };
+    let mut response = outcome.unwrap_or_else(IntoResponse::into_response);
+    put_rate_headers(response.headers_mut(), Some(&decision));
+    response
+}
+
+/// Reads the body (within the router's `DefaultBodyLimit`) and parses it as a JSON object.
+/// The `Content-Type` is not checked: Braze clients sometimes omit it.
+pub(crate) async fn read_json(req: Request) -> Result<Map<String, Value>, ApiError> {
+    let bytes = match Bytes::from_request(req, &()).await {
+        Ok(bytes) => bytes,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        Err(rejection) => return Err(ApiError::malformed(rejection.body_text())),
+    };
+    parse_object(&bytes)
+}
+
+/// Parses a JSON object body; anything else is a 400 with serde's explanation.
+pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::malformed(
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::malformed(e.to_string())),
+    }
+}
+
+fn put_rate_headers(headers: &mut HeaderMap, decision: Option<&Decision>) {
+    let values = match decision {
+        Some(d) => [
+            HeaderValue::from(d.limit),
+            HeaderValue::from(d.remaining),
+            HeaderValue::from(d.reset),
+        ],
+        None => [
+            HeaderValue::from_static(""),
+            HeaderValue::from_static(""),
+            HeaderValue::from_static(""),
+        ],
+    };
+    for (name, value) in [LIMIT, REMAINING, RESET].into_iter().zip(values) {
+        headers.insert(name, value);
+    }
+}
+
+/// Turns a ready JSON value into a `201 Created` response (every user-data endpoint answers
+/// 201 on success, braze-api.md §3.6).
+pub fn created(body: impl serde::Serialize) -> Response {
+    (StatusCode::CREATED, axum::Json(body)).into_response()
+}

@@ -1,0 +1,11 @@
+//! Integration tests of the HTTP edge: the real server on a loopback port over a real SQLite
+//! store, driven with `reqwest` exactly as a Braze client would.
+
+mod harness;
+
+mod auth;
+mod batch;
+mod cohorts;
+mod identity;
+mod ops;
+mod track;

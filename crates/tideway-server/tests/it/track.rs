@@ -1,0 +1,510 @@
+//! `/users/track` through HTTP: counts, partial errors, 400s without writes, update-only,
+//! array operations, the device-id rule, and the Currents events each change logs.
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+use tideway_core::currents::EventType;
+use tideway_core::track::MISSING_IDENTIFIER;
+
+use crate::harness::Server;
+
+const T: &str = "2025-01-01T00:00:00Z";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attributes_events_and_purchases_are_applied_and_counted() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({
+                "attributes": [{"external_id": "u1", "first_name": "Ann", "plan": "pro", "tags": ["a", "b"]}],
+                "events": [{"external_id": "u1", "name": "opened", "time": T, "properties": {"screen": "home"}}],
+                "purchases": [{"external_id": "u1", "product_id": "p1", "currency": "usd", "price": 9.5, "quantity": 2, "time": T}],
+            }),
+        )
+        .await;
+    assert_eq!(
+        (a.status, &a.body),
+        (
+            201,
+            &json!({"message": "success", "attributes_processed": 1, "events_processed": 1, "purchases_processed": 1})
+        )
+    );
+    let user = s.export_external(&key, "u1").await.expect("exported");
+    assert_eq!(user["external_id"], "u1");
+    assert_eq!(user["first_name"], "Ann");
+    assert_eq!(
+        user["custom_attributes"],
+        json!({"plan": "pro", "tags": ["a", "b"]})
+    );
+    assert_eq!(
+        user["custom_events"],
+        json!([{"name": "opened", "first": "2025-01-01T00:00:00.000Z", "last": "2025-01-01T00:00:00.000Z", "count": 1}])
+    );
+    assert_eq!(user["purchases"][0]["name"], "p1");
+    assert_eq!(user["purchases"][0]["count"], 2);
+    assert_eq!(user["total_revenue"], json!(19.0));
+
+    // Only the arrays present in the request are counted.
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"events": [{"external_id": "u1", "name": "opened", "time": T}]}),
+        )
+        .await;
+    assert_eq!(a.body, json!({"message": "success", "events_processed": 1}));
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "u1", "plan": "max"}], "events": []}),
+        )
+        .await;
+    assert_eq!(
+        a.body,
+        json!({"message": "success", "attributes_processed": 1, "events_processed": 0})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_objects_are_reported_by_array_and_index_while_valid_ones_apply() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({
+                "attributes": [{"external_id": "u1", "a": 1}, {"first_name": "nobody"}, {"braze_id": "0123456789abcdef01234567", "a": 2}],
+                "events": [{"external_id": "u1", "name": "e", "time": T}, {"external_id": "u1", "name": "e"}],
+                "purchases": [{"external_id": "u1", "product_id": "p", "currency": "USD", "price": 1, "quantity": 101, "time": T}],
+            }),
+        )
+        .await;
+    assert_eq!(
+        (a.status, &a.body),
+        (
+            201,
+            &json!({
+                "message": "success",
+                "attributes_processed": 1,
+                "events_processed": 1,
+                "purchases_processed": 0,
+                "errors": [
+                    {"type": MISSING_IDENTIFIER, "input_array": "attributes", "index": 1},
+                    {"type": "'braze_id' does not match an existing user", "input_array": "attributes", "index": 2},
+                    {"type": "'time' is required", "input_array": "events", "index": 1},
+                    {"type": "'quantity' is not valid", "input_array": "purchases", "index": 0},
+                ]
+            })
+        )
+    );
+    let types: Vec<EventType> = s
+        .events(&ws)
+        .await
+        .iter()
+        .map(|e| e.event.event_type)
+        .collect();
+    assert_eq!(types, [EventType::ProfileUpdate, EventType::CustomEvent]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_nothing_valid_is_a_400_and_writes_nothing() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({
+                "attributes": [{"external_id": "ghost", "gender": "robot"}],
+                "events": [{"external_id": "ghost", "name": "e"}],
+                "purchases": [{"external_id": "ghost", "product_id": "p", "currency": "USD", "price": "free", "time": T}],
+            }),
+        )
+        .await;
+    assert_eq!(
+        (a.status, &a.body),
+        (
+            400,
+            &json!({
+                "message": "Valid data must be provided in the 'attributes', 'events', or 'purchases' fields.",
+                "errors": [
+                    {"type": "'gender' is not valid", "input_array": "attributes", "index": 0},
+                    {"type": "'time' is required", "input_array": "events", "index": 0},
+                    {"type": "'price' is not valid", "input_array": "purchases", "index": 0},
+                ]
+            })
+        )
+    );
+    let empty = s.post("/users/track", &key, json!({})).await;
+    assert_eq!(
+        (empty.status, &empty.body),
+        (
+            400,
+            &json!({"message": "Valid data must be provided in the 'attributes', 'events', or 'purchases' fields.", "errors": []})
+        )
+    );
+    let many: Vec<Value> = (0..76)
+        .map(|i| json!({"external_id": format!("u{i}"), "x": 1}))
+        .collect();
+    let too_many = s
+        .post("/users/track", &key, json!({"attributes": many}))
+        .await;
+    assert_eq!(
+        (too_many.status, &too_many.body),
+        (400, &json!({"message": "Max Input Length Exceeded"}))
+    );
+    let not_array = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "u0", "x": 1}], "purchases": "p"}),
+        )
+        .await;
+    assert_eq!(
+        (not_array.status, &not_array.body),
+        (
+            400,
+            &json!({"message": "'purchases' must be an array of objects"})
+        )
+    );
+
+    assert!(
+        s.events(&ws).await.is_empty(),
+        "no Currents event from a rejected request"
+    );
+    assert!(
+        s.export_external(&key, "ghost").await.is_none(),
+        "no user from a rejected request"
+    );
+    assert!(
+        s.export_external(&key, "u0").await.is_none(),
+        "no partial write of a rejected request"
+    );
+    let seventy_five: Vec<Value> = (0..75)
+        .map(|i| json!({"external_id": format!("u{i}"), "x": 1}))
+        .collect();
+    assert_eq!(
+        s.post("/users/track", &key, json!({"attributes": seventy_five}))
+            .await
+            .body["attributes_processed"],
+        75
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_existing_only_never_creates() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "new1", "_update_existing_only": true, "x": 1}]}),
+        )
+        .await;
+    assert_eq!(
+        a.body,
+        json!({"message": "success", "attributes_processed": 0})
+    );
+    let export = s
+        .post("/users/export/ids", &key, json!({"external_ids": ["new1"]}))
+        .await;
+    assert_eq!(
+        export.body,
+        json!({"message": "success", "users": [], "invalid_user_ids": ["new1"]})
+    );
+
+    // Alias-only objects are update-only unless `false` is explicit.
+    let alias = json!({"alias_name": "a1", "alias_label": "crm"});
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"user_alias": alias, "x": 1}]}),
+        )
+        .await;
+    assert_eq!(a.body["attributes_processed"], 0);
+    assert_eq!(
+        s.post("/users/export/ids", &key, json!({"user_aliases": [alias]}))
+            .await
+            .body["users"],
+        json!([])
+    );
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"user_alias": alias, "_update_existing_only": false, "x": 1}]}),
+        )
+        .await;
+    assert_eq!(a.body["attributes_processed"], 1);
+    let found = s
+        .post("/users/export/ids", &key, json!({"user_aliases": [alias]}))
+        .await;
+    assert_eq!(found.body["users"][0]["custom_attributes"]["x"], 1);
+    assert_eq!(found.body["users"][0]["user_aliases"], json!([alias]));
+
+    // An existing user is updated with `true`.
+    s.post(
+        "/users/track",
+        &key,
+        json!({"attributes": [{"external_id": "u1", "x": 1}]}),
+    )
+    .await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "u1", "_update_existing_only": true, "x": 2}]}),
+        )
+        .await;
+    assert_eq!(a.body["attributes_processed"], 1);
+    assert_eq!(
+        s.export_external(&key, "u1").await.expect("u1")["custom_attributes"]["x"],
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn array_and_increment_operations() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let attrs = |a: Value| json!({"attributes": [a]});
+    s.post(
+        "/users/track",
+        &key,
+        attrs(json!({"external_id": "u1", "tags": ["a", "b"], "n": {"inc": 5}, "gone": "soon"})),
+    )
+    .await;
+    s.post("/users/track", &key, attrs(json!({"external_id": "u1", "tags": {"add": ["c", "a"], "remove": ["b"]}, "n": {"inc": -2}}))).await;
+    s.post(
+        "/users/track",
+        &key,
+        attrs(json!({"external_id": "u1", "tags": {"remove": ["c"]}, "gone": null})),
+    )
+    .await;
+    let user = s.export_external(&key, "u1").await.expect("u1");
+    assert_eq!(user["custom_attributes"], json!({"tags": ["a"], "n": 3}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_id_makes_an_anonymous_user_that_external_id_later_identifies() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"events": [{"device_id": "dev1", "name": "browsed", "time": T}]}),
+        )
+        .await;
+    assert_eq!(a.body, json!({"message": "success", "events_processed": 1}));
+    let anon = s
+        .post("/users/export/ids", &key, json!({"device_id": "dev1"}))
+        .await
+        .body["users"][0]
+        .clone();
+    assert!(anon.get("external_id").is_none(), "anonymous: {anon}");
+    assert_eq!(anon["device_ids"], json!(["dev1"]));
+    let custom = s.events_of_type(&ws, EventType::CustomEvent).await;
+    assert_eq!(
+        custom[0].event.body["user"],
+        json!({"user_id": anon["braze_id"], "device_id": "dev1"})
+    );
+
+    let a = s.post("/users/track", &key, json!({"attributes": [{"external_id": "u1", "device_id": "dev1", "first_name": "Ann"}]})).await;
+    assert_eq!(a.body["attributes_processed"], 1);
+    let identified = s.export_external(&key, "u1").await.expect("u1");
+    assert_eq!(
+        identified["braze_id"], anon["braze_id"],
+        "identified in place"
+    );
+    assert_eq!(identified["custom_events"][0]["name"], "browsed");
+    let by_device = s
+        .post("/users/export/ids", &key, json!({"device_id": "dev1"}))
+        .await;
+    assert_eq!(by_device.body["users"][0]["external_id"], "u1");
+    assert_eq!(by_device.body["users"][0]["braze_id"], anon["braze_id"]);
+
+    // A device of an anonymous user seen with an external id that exists already: merged in.
+    s.post(
+        "/users/track",
+        &key,
+        json!({"events": [{"external_id": "u2", "name": "browsed", "time": T}]}),
+    )
+    .await;
+    s.post("/users/track", &key, json!({"events": [{"device_id": "dev2", "name": "browsed", "time": T}], "attributes": [{"device_id": "dev2", "only_anon": true}]})).await;
+    let anon2 = s
+        .post("/users/export/ids", &key, json!({"device_id": "dev2"}))
+        .await
+        .body["users"][0]["braze_id"]
+        .clone();
+    s.post(
+        "/users/track",
+        &key,
+        json!({"attributes": [{"external_id": "u2", "device_id": "dev2", "plan": "pro"}]}),
+    )
+    .await;
+    let u2 = s.export_external(&key, "u2").await.expect("u2");
+    assert_eq!(u2["custom_events"][0]["count"], 2);
+    assert_eq!(
+        u2["custom_attributes"],
+        json!({"only_anon": true, "plan": "pro"})
+    );
+    let orphans = s.events_of_type(&ws, EventType::UserOrphan).await;
+    assert_eq!(orphans.len(), 1);
+    assert_eq!(orphans[0].event.body["user"]["user_id"], anon2);
+    assert_eq!(
+        orphans[0].event.body["properties"]["orphaned_by_id"],
+        u2["braze_id"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_accepted_change_logs_exactly_one_currents_event() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({
+                "attributes": [{"external_id": "u1", "first_name": "Ann", "time_zone": "Europe/Paris", "plan": "pro"}],
+                "events": [{"external_id": "u1", "name": "opened", "time": T, "app_id": "app-1", "properties": {"k": "v"}}],
+                "purchases": [{"external_id": "u1", "product_id": "p1", "currency": "EUR", "price": 2.5, "quantity": 2, "time": T}],
+            }),
+        )
+        .await;
+    assert_eq!(a.status, 201);
+    let u1 = s.export_external(&key, "u1").await.expect("u1");
+    let braze = u1["braze_id"].clone();
+
+    let events = s.events(&ws).await;
+    let types: Vec<EventType> = events.iter().map(|e| e.event.event_type).collect();
+    assert_eq!(
+        types,
+        [
+            EventType::ProfileUpdate,
+            EventType::CustomEvent,
+            EventType::Purchase,
+            EventType::Purchase
+        ]
+    );
+    let update = &events[0].event.body;
+    assert_eq!(update["event_type"], "users.profile.Update");
+    assert_eq!(
+        update["user"],
+        json!({"user_id": braze, "external_user_id": "u1", "timezone": "Europe/Paris"})
+    );
+    assert_eq!(update["properties"]["first_name"], "Ann");
+    assert_eq!(
+        update["properties"]["app_group_id"],
+        ws.app_group_id.as_str()
+    );
+    let custom = &events[1].event.body;
+    assert_eq!(custom["event_type"], "users.behaviors.CustomEvent");
+    assert_eq!(
+        custom["user"],
+        json!({"user_id": braze, "external_user_id": "u1", "timezone": "Europe/Paris"})
+    );
+    assert_eq!(custom["properties"]["name"], "opened");
+    assert_eq!(custom["properties"]["app_id"], "app-1");
+    assert_eq!(custom["properties"]["custom_properties"], json!({"k": "v"}));
+    assert_eq!(custom["time"], 1_735_689_600);
+    for purchase in &events[2..] {
+        let body = &purchase.event.body;
+        assert_eq!(body["event_type"], "users.behaviors.Purchase");
+        assert_eq!(
+            body["user"],
+            json!({"user_id": braze, "external_user_id": "u1"})
+        );
+        assert_eq!(
+            (
+                body["properties"]["product_id"].clone(),
+                body["properties"]["currency"].clone()
+            ),
+            (json!("p1"), json!("EUR"))
+        );
+    }
+
+    // Orphan (identify merges an alias-only user in) and delete: one event each.
+    let alias = json!({"alias_name": "anon", "alias_label": "crm"});
+    s.post(
+        "/users/track",
+        &key,
+        json!({"attributes": [{"user_alias": alias, "_update_existing_only": false, "x": 1}]}),
+    )
+    .await;
+    let alias_user = s
+        .post("/users/export/ids", &key, json!({"user_aliases": [alias]}))
+        .await
+        .body["users"][0]["braze_id"]
+        .clone();
+    let a = s
+        .post(
+            "/users/identify",
+            &key,
+            json!({"aliases_to_identify": [{"external_id": "u1", "user_alias": alias}]}),
+        )
+        .await;
+    assert_eq!(
+        a.body,
+        json!({"aliases_processed": 1, "message": "success"})
+    );
+    let a = s
+        .post("/users/delete", &key, json!({"external_ids": ["u1"]}))
+        .await;
+    assert_eq!(a.body, json!({"deleted": 1, "message": "success"}));
+
+    let events = s.events(&ws).await;
+    let types: Vec<EventType> = events.iter().map(|e| e.event.event_type).collect();
+    assert_eq!(
+        types,
+        [
+            EventType::ProfileUpdate,
+            EventType::CustomEvent,
+            EventType::Purchase,
+            EventType::Purchase,
+            EventType::ProfileUpdate,
+            EventType::UserOrphan,
+            EventType::UserDeleteRequest,
+        ]
+    );
+    let orphan = &events[5].event.body;
+    assert_eq!(orphan["user"]["user_id"], alias_user);
+    assert_eq!(orphan["properties"]["orphaned_by_id"], braze);
+    let delete = &events[6].event.body;
+    assert_eq!(delete["user"], json!({"user_id": braze}));
+    let ids: HashSet<String> = events.iter().map(|e| e.event.id.0.clone()).collect();
+    assert_eq!(ids.len(), events.len(), "event ids are unique");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.event.body["id"] == e.event.id.0.as_str())
+    );
+    // A user deleted is gone from export.
+    let gone = s
+        .post(
+            "/users/export/ids",
+            &key,
+            json!({"external_ids": ["u1"], "user_aliases": [alias]}),
+        )
+        .await;
+    assert_eq!(
+        gone.body,
+        json!({"message": "success", "users": [], "invalid_user_ids": ["u1"]})
+    );
+}
