@@ -484,6 +484,8 @@ pub struct QueuedEvent {
 pub struct Claimed {
     pub events: Vec<QueuedEvent>,
     pub scanned_to: i64,
+    /// Log entries looked at (fewer than asked for: the read reached the head of the log).
+    pub scanned: usize,
 }
 
 /// Why an event went to the dead-letter store.

@@ -49,14 +49,43 @@ enum Resolved {
     Error(String),
 }
 
+/// Users changed by one request, saved once at its end rather than once per object (a
+/// request often touches the same user many times).
+#[derive(Default)]
+struct Touched(Vec<UserRecord>);
+
+impl Touched {
+    /// The freshest copy of `user`: this request's own if it changed it already.
+    fn freshest(&mut self, user: UserRecord) -> UserRecord {
+        match self.0.iter().position(|u| u.seq == user.seq) {
+            Some(i) => self.0.swap_remove(i),
+            None => user,
+        }
+    }
+
+    fn keep(&mut self, user: UserRecord) {
+        self.0.push(user);
+    }
+
+    fn flush(&mut self, tx: &mut dyn UserTx) -> Result<(), StoreError> {
+        for user in self.0.drain(..) {
+            tx.save_user(&user)?;
+        }
+        Ok(())
+    }
+}
+
 /// Applies a parsed `/users/track` request: attributes, then events, then purchases (Braze's
 /// processing order).
 pub fn track(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, req: &TrackRequest) -> Result<TrackOutcome, StoreError> {
     let mut out = TrackOutcome { errors: req.errors.clone(), ..TrackOutcome::default() };
+    let mut touched = Touched::default();
     for (index, obj) in &req.attributes {
-        match resolve(tx, ctx, &obj.target)? {
-            Resolved::User(mut user) => {
+        match resolve_for_track(tx, ctx, &obj.target, &mut touched)? {
+            Resolved::User(user) => {
+                let mut user = touched.freshest(*user);
                 apply_attributes(tx, ctx, &mut user, obj)?;
+                touched.keep(user);
                 out.attributes_processed += 1;
             }
             Resolved::Skip => {}
@@ -64,9 +93,11 @@ pub fn track(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, req: &TrackRequest) ->
         }
     }
     for (index, obj) in &req.events {
-        match resolve(tx, ctx, &obj.target)? {
-            Resolved::User(mut user) => {
+        match resolve_for_track(tx, ctx, &obj.target, &mut touched)? {
+            Resolved::User(user) => {
+                let mut user = touched.freshest(*user);
                 apply_event(tx, ctx, &mut user, obj)?;
+                touched.keep(user);
                 out.events_processed += 1;
             }
             Resolved::Skip => {}
@@ -74,17 +105,29 @@ pub fn track(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, req: &TrackRequest) ->
         }
     }
     for (index, obj) in &req.purchases {
-        match resolve(tx, ctx, &obj.target)? {
-            Resolved::User(mut user) => {
+        match resolve_for_track(tx, ctx, &obj.target, &mut touched)? {
+            Resolved::User(user) => {
+                let mut user = touched.freshest(*user);
                 apply_purchase(tx, ctx, &mut user, obj)?;
+                touched.keep(user);
                 out.purchases_processed += 1;
             }
             Resolved::Skip => {}
             Resolved::Error(message) => out.errors.push(ObjectError { input_array: crate::track::InputArray::Purchases, index: *index, message }),
         }
     }
+    touched.flush(tx)?;
     out.errors.sort_by_key(|e| (e.input_array as u8, e.index));
     Ok(out)
+}
+
+/// [`resolve`], after saving this request's pending changes when the target may identify or
+/// merge users (those paths read and write users directly in the store).
+fn resolve_for_track(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, target: &Target, touched: &mut Touched) -> Result<Resolved, StoreError> {
+    if target.device.is_some() || target.alias.is_some() {
+        touched.flush(tx)?;
+    }
+    resolve(tx, ctx, target)
 }
 
 fn new_user(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>) -> Result<UserRecord, StoreError> {
@@ -258,7 +301,6 @@ fn apply_attributes(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut User
         return Ok(());
     }
     user.updated_at = ctx.now;
-    tx.save_user(user)?;
     let event = CurrentsEvent::profile_update(
         ctx.ids.event_id(),
         ctx.now,
@@ -274,7 +316,6 @@ fn apply_attributes(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut User
 fn apply_event(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut UserRecord, obj: &EventObject) -> Result<(), StoreError> {
     user.profile.events.entry(obj.name.clone()).and_modify(|o| o.record(obj.time, 1)).or_insert_with(|| Occurrences::once(obj.time));
     user.updated_at = ctx.now;
-    tx.save_user(user)?;
     let event = CurrentsEvent::custom_event(
         ctx.ids.event_id(),
         obj.time,
@@ -296,7 +337,6 @@ fn apply_purchase(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut UserRe
         .or_insert(Occurrences { first: obj.time, last: obj.time, count: quantity });
     user.profile.total_revenue += obj.price * f64::from(obj.quantity);
     user.updated_at = ctx.now;
-    tx.save_user(user)?;
     // Braze: quantity N is treated as N purchases of quantity 1.
     for _ in 0..obj.quantity {
         let event = CurrentsEvent::purchase(

@@ -5,41 +5,69 @@
 //! Layout: `{"s": {standard by name}, "c": {custom}, "e": {name: [first_ms, last_ms, count]},
 //! "p": {product: [first_ms, last_ms, count]}, "r": total_revenue}`.
 
-use std::collections::BTreeMap;
 
-use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde_json::{Value, json};
 use tideway_core::clock::Millis;
 use tideway_core::profile::{Occurrences, Profile, StandardField};
 use tideway_core::store::StoreError;
 
+/// Writes the document directly (no intermediate `Value` tree: this runs once per saved user
+/// on the ingest path).
 pub fn encode(profile: &Profile) -> String {
-    let standard: Map<String, Value> = profile
-        .standard
-        .iter()
-        .map(|(f, v)| (f.as_str().to_owned(), v.clone()))
-        .collect();
-    let occ = |m: &BTreeMap<String, Occurrences>| -> Map<String, Value> {
-        m.iter()
-            .map(|(k, o)| (k.clone(), json!([o.first.0, o.last.0, o.count])))
-            .collect()
+    let mut out = String::with_capacity(256);
+    out.push('{');
+    let mut first_section = true;
+    let mut section = |out: &mut String, key: &str| {
+        if !first_section {
+            out.push(',');
+        }
+        first_section = false;
+        out.push('"');
+        out.push_str(key);
+        out.push_str("\":");
     };
-    let mut doc = Map::new();
-    if !standard.is_empty() {
-        doc.insert("s".into(), Value::Object(standard));
+    if !profile.standard.is_empty() {
+        section(&mut out, "s");
+        out.push('{');
+        for (i, (field, value)) in profile.standard.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push('"');
+            out.push_str(field.as_str());
+            out.push_str("\":");
+            out.push_str(&value.to_string());
+        }
+        out.push('}');
     }
     if !profile.custom.is_empty() {
-        doc.insert("c".into(), Value::Object(profile.custom.clone()));
+        section(&mut out, "c");
+        out.push_str(&serde_json::to_string(&profile.custom).unwrap_or_else(|_| "{}".to_owned()));
     }
-    if !profile.events.is_empty() {
-        doc.insert("e".into(), Value::Object(occ(&profile.events)));
-    }
-    if !profile.purchases.is_empty() {
-        doc.insert("p".into(), Value::Object(occ(&profile.purchases)));
+    for (key, occurrences) in [("e", &profile.events), ("p", &profile.purchases)] {
+        if occurrences.is_empty() {
+            continue;
+        }
+        section(&mut out, key);
+        out.push('{');
+        for (i, (name, o)) in occurrences.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&serde_json::to_string(name).unwrap_or_else(|_| "\"\"".to_owned()));
+            let _ = write!(out, ":[{},{},{}]", o.first.0, o.last.0, o.count);
+        }
+        out.push('}');
     }
     if profile.total_revenue != 0.0 {
-        doc.insert("r".into(), json!(profile.total_revenue));
+        section(&mut out, "r");
+        out.push_str(&json!(profile.total_revenue).to_string());
     }
-    Value::Object(doc).to_string()
+    out.push('}');
+    out
 }
 
 pub fn decode(text: &str) -> Result<Profile, StoreError> {

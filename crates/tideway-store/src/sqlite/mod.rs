@@ -13,6 +13,7 @@
 
 mod admin;
 mod cohorts;
+pub mod currents;
 mod schema;
 mod users;
 
@@ -40,6 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::RandomIds;
 pub use users::SqlUsers;
+use users::UserCache;
 
 /// How hard SQLite syncs each commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,11 +79,23 @@ struct JobDone {
     answer: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
 }
 
-type Job = Box<dyn FnOnce(&Connection, &mut RandomIds, &SqliteOptions) -> JobDone + Send>;
+/// What the writer thread keeps between jobs.
+struct WriterEnv {
+    ids: RandomIds,
+    options: SqliteOptions,
+    /// Users the writer has read or written recently. The writer is the only one that writes
+    /// users, so its cache stays true; it is dropped whenever a job or a commit fails, since a
+    /// rollback may have undone what it remembers.
+    cache: UserCache,
+}
+
+type Job = Box<dyn FnOnce(&Connection, &mut WriterEnv) -> JobDone + Send>;
 
 /// The SQLite-backed [`Store`].
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
+    /// Dropped with the store, which ends the checkpoint thread.
+    _checkpoint_stop: std::sync::mpsc::Sender<()>,
     readers: Arc<Mutex<Vec<Connection>>>,
     path: PathBuf,
     options: SqliteOptions,
@@ -133,13 +147,23 @@ impl SqliteStore {
         // The channel bound is backpressure: when the writer falls behind, callers wait here
         // instead of piling up unbounded memory.
         let (jobs, rx) = mpsc::channel::<Job>(options.max_batch * 4);
+        // Checkpoints run on their own thread and connection: done inside the writer's commit
+        // (SQLite's default) they would stall every acknowledgement behind copying the WAL back.
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0").map_err(sql_err)?;
         let writer_options = options.clone();
         std::thread::Builder::new()
             .name("tideway-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx, writer_options))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        let (checkpoint_stop, stopped) = std::sync::mpsc::channel::<()>();
+        let checkpointer = open_connection(path, options.synchronous)?;
+        std::thread::Builder::new()
+            .name("tideway-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpointer, &stopped))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(SqliteStore {
             jobs,
+            _checkpoint_stop: checkpoint_stop,
             readers: Arc::new(Mutex::new(Vec::new())),
             path: path.to_owned(),
             options,
@@ -155,9 +179,18 @@ impl SqliteStore {
             + Send
             + 'static,
     {
+        self.write_env(move |conn, env| f(conn, &mut env.ids, &env.options))
+    }
+
+    /// [`SqliteStore::write`] with access to the whole writer environment (the user cache).
+    fn write_env<T, F>(&self, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut WriterEnv) -> Result<T, StoreError> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel::<Result<T, StoreError>>();
-        let job: Job = Box::new(move |conn, ids, options| {
-            let result = f(conn, ids, options);
+        let job: Job = Box::new(move |conn, env| {
+            let result = f(conn, env);
             JobDone {
                 failed: result.is_err(),
                 answer: Box::new(move |commit| {
@@ -183,16 +216,13 @@ impl SqliteStore {
         F: FnOnce(&mut SqlUsers<'_>, &mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let workspace = workspace.clone();
-        self.write(move |conn, ids, options| {
-            let mut tx = SqlUsers {
-                conn,
-                workspace: workspace.id,
-            };
+        self.write_env(move |conn, env| {
+            let mut tx = SqlUsers::writer(conn, workspace.id, &mut env.cache);
             let mut ctx = WriteCtx {
                 workspace: &workspace,
                 now,
-                ids,
-                max_array_len: options.max_array_len,
+                ids: &mut env.ids,
+                max_array_len: env.options.max_array_len,
             };
             f(&mut tx, &mut ctx)
         })
@@ -229,8 +259,20 @@ impl SqliteStore {
     }
 }
 
+/// Copies committed WAL frames back into the database file every 200 ms (PASSIVE: never
+/// blocks the writer or readers), until the store is dropped.
+fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(Duration::from_millis(200)) {
+        if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+        }
+    }
+    // A last full checkpoint so a cleanly stopped store leaves a small WAL behind.
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+}
+
 fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOptions) {
-    let mut ids = RandomIds;
+    let mut env = WriterEnv { ids: RandomIds, options: options.clone(), cache: UserCache::default() };
     let mut batch: Vec<Job> = Vec::with_capacity(options.max_batch);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -248,18 +290,21 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOpt
             tracing::error!(error = %e, jobs = size, "cannot begin a write transaction");
             for job in batch.drain(..) {
                 // The job never ran; answer its caller with the error via a no-op run.
-                let done = run_isolated_failure(job, &conn, &mut ids, &options);
+                let done = run_isolated_failure(job, &conn, &mut env);
                 (done.answer)(Err(e.clone()));
             }
+            env.cache.clear();
             continue;
         }
         for job in batch.drain(..) {
-            answers.push(run_in_savepoint(job, &conn, &mut ids, &options));
+            answers.push(run_in_savepoint(job, &conn, &mut env));
         }
         let committed = conn.execute_batch("COMMIT").map_err(sql_err);
         if committed.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
+            env.cache.clear();
         }
+        env.cache.trim();
         metrics::counter!("tideway_store_commits_total").increment(1);
         metrics::histogram!("tideway_store_commit_batch_jobs").record(size as f64);
         metrics::histogram!("tideway_store_commit_seconds").record(started.elapsed().as_secs_f64());
@@ -272,19 +317,15 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOpt
     }
 }
 
-fn run_in_savepoint(
-    job: Job,
-    conn: &Connection,
-    ids: &mut RandomIds,
-    options: &SqliteOptions,
-) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
+fn run_in_savepoint(job: Job, conn: &Connection, env: &mut WriterEnv) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
     if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-        let done = run_isolated_failure(job, conn, ids, options);
+        let done = run_isolated_failure(job, conn, env);
         let e = sql_err(e);
         return Box::new(move |_| (done.answer)(Err(e)));
     }
-    let done = job(conn, ids, options);
+    let done = job(conn, env);
     let undo = if done.failed {
+        env.cache.clear();
         "ROLLBACK TO job; RELEASE job"
     } else {
         "RELEASE job"
@@ -297,15 +338,11 @@ fn run_in_savepoint(
 
 /// Runs a job inside a savepoint that is always rolled back, used only to obtain its answer
 /// channel when the transaction could not be started.
-fn run_isolated_failure(
-    job: Job,
-    conn: &Connection,
-    ids: &mut RandomIds,
-    options: &SqliteOptions,
-) -> JobDone {
+fn run_isolated_failure(job: Job, conn: &Connection, env: &mut WriterEnv) -> JobDone {
     let _ = conn.execute_batch("SAVEPOINT discard");
-    let done = job(conn, ids, options);
+    let done = job(conn, env);
     let _ = conn.execute_batch("ROLLBACK TO discard; RELEASE discard");
+    env.cache.clear();
     JobDone {
         failed: true,
         answer: done.answer,
@@ -444,10 +481,7 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'_, ExportOutcome> {
         let ws = workspace.id;
         self.read(move |conn| {
-            let mut lookup = SqlUsers {
-                conn,
-                workspace: ws,
-            };
+            let mut lookup = SqlUsers::reader(conn, ws);
             services::export_ids(&mut lookup, &request)
         })
     }

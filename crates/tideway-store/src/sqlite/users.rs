@@ -4,6 +4,8 @@
 //! service can never reach another workspace's rows. Statements are prepared once per
 //! connection (`prepare_cached`), which matters on the ingest path.
 
+use std::collections::HashMap;
+
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
@@ -20,6 +22,80 @@ use crate::profile_codec;
 pub struct SqlUsers<'c> {
     pub conn: &'c Connection,
     pub workspace: WorkspaceId,
+    /// The writer's cache; readers go to the database every time.
+    cache: Option<&'c mut UserCache>,
+}
+
+/// Users the writer thread has seen, so the ingest path does not re-read (and re-decode) a
+/// profile it wrote a moment ago, nor rewrite identifier index entries that did not change.
+/// Only the writer writes users, which keeps the cache true; the writer clears it whenever a
+/// rollback may have undone something it remembers.
+#[derive(Default)]
+pub struct UserCache {
+    users: HashMap<(i64, u32), UserRecord>,
+    by_external: HashMap<(i64, String), u32>,
+    next_seq: HashMap<i64, u32>,
+}
+
+impl UserCache {
+    /// Above this many cached users the cache starts over (bounded memory, ~1 KB a user).
+    const MAX_USERS: usize = 200_000;
+
+    pub fn clear(&mut self) {
+        self.users.clear();
+        self.by_external.clear();
+        self.next_seq.clear();
+    }
+
+    /// Keeps memory bounded; called between batches.
+    pub fn trim(&mut self) {
+        if self.users.len() > Self::MAX_USERS {
+            self.users.clear();
+            self.by_external.clear();
+        }
+    }
+
+    fn remember(&mut self, ws: WorkspaceId, user: &UserRecord) {
+        if let Some(old) = self.users.get(&(ws.0, user.seq.0))
+            && let Some(ext) = &old.external_id
+            && old.external_id != user.external_id
+        {
+            self.by_external.remove(&(ws.0, ext.as_str().to_owned()));
+        }
+        if let Some(ext) = &user.external_id {
+            self.by_external.insert((ws.0, ext.as_str().to_owned()), user.seq.0);
+        }
+        self.users.insert((ws.0, user.seq.0), user.clone());
+    }
+
+    fn forget(&mut self, ws: WorkspaceId, seq: UserSeq) {
+        if let Some(old) = self.users.remove(&(ws.0, seq.0))
+            && let Some(ext) = old.external_id
+        {
+            self.by_external.remove(&(ws.0, ext.as_str().to_owned()));
+        }
+    }
+}
+
+impl<'c> SqlUsers<'c> {
+    pub fn reader(conn: &'c Connection, workspace: WorkspaceId) -> Self {
+        SqlUsers { conn, workspace, cache: None }
+    }
+
+    pub fn writer(conn: &'c Connection, workspace: WorkspaceId, cache: &'c mut UserCache) -> Self {
+        SqlUsers { conn, workspace, cache: Some(cache) }
+    }
+
+    fn remember(&mut self, user: Option<UserRecord>) -> Option<UserRecord> {
+        if let (Some(cache), Some(u)) = (self.cache.as_deref_mut(), &user) {
+            cache.remember(self.workspace, u);
+        }
+        user
+    }
+
+    fn cached(&self, seq: u32) -> Option<UserRecord> {
+        self.cache.as_deref().and_then(|c| c.users.get(&(self.workspace.0, seq)).cloned())
+    }
 }
 
 const USER_COLUMNS: &str =
@@ -54,22 +130,23 @@ fn user_from_row(row: &Row<'_>) -> rusqlite::Result<UserRecord> {
 }
 
 impl SqlUsers<'_> {
-    fn one(&self, sql: &str, key: &str) -> Result<Option<UserRecord>, StoreError> {
+    fn one(&mut self, sql: &str, key: &str) -> Result<Option<UserRecord>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        stmt.query_row(params![self.workspace.0, key], user_from_row)
-            .optional()
-            .map_err(sql_err)
+        let found = stmt.query_row(params![self.workspace.0, key], user_from_row).optional().map_err(sql_err)?;
+        Ok(self.remember(found))
     }
 
-    fn many(&self, sql: &str, key: &str) -> Result<Vec<UserRecord>, StoreError> {
+    fn many(&mut self, sql: &str, key: &str) -> Result<Vec<UserRecord>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        let rows = stmt
-            .query_map(params![self.workspace.0, key], user_from_row)
-            .map_err(sql_err)?;
-        rows.collect::<Result<_, _>>().map_err(sql_err)
+        let rows = stmt.query_map(params![self.workspace.0, key], user_from_row).map_err(sql_err)?;
+        let users: Vec<UserRecord> = rows.collect::<Result<_, _>>().map_err(sql_err)?;
+        for u in &users {
+            self.remember(Some(u.clone()));
+        }
+        Ok(users)
     }
 
-    fn by_seq_via(&self, sql: &str, key: &str) -> Result<Option<UserRecord>, StoreError> {
+    fn by_seq_via(&mut self, sql: &str, key: &str) -> Result<Option<UserRecord>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
         let seq: Option<u32> = stmt
             .query_row(params![self.workspace.0, key], |r| r.get(0))
@@ -81,19 +158,25 @@ impl SqlUsers<'_> {
         }
     }
 
-    pub fn by_seq(&self, seq: UserSeq) -> Result<Option<UserRecord>, StoreError> {
+    pub fn by_seq(&mut self, seq: UserSeq) -> Result<Option<UserRecord>, StoreError> {
+        if let Some(user) = self.cached(seq.0) {
+            return Ok(Some(user));
+        }
         let sql = format!(
             "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL"
         );
         let mut stmt = self.conn.prepare_cached(&sql).map_err(sql_err)?;
-        stmt.query_row(params![self.workspace.0, seq.0], user_from_row)
-            .optional()
-            .map_err(sql_err)
+        let found = stmt.query_row(params![self.workspace.0, seq.0], user_from_row).optional().map_err(sql_err)?;
+        Ok(self.remember(found))
     }
 }
 
 impl UserLookup for SqlUsers<'_> {
     fn user_by_external_id(&mut self, id: &ExternalId) -> Result<Option<UserRecord>, StoreError> {
+        let known = self.cache.as_deref().and_then(|c| c.by_external.get(&(self.workspace.0, id.as_str().to_owned())).copied());
+        if let Some(user) = known.and_then(|seq| self.cached(seq)) {
+            return Ok(Some(user));
+        }
         let sql = format!(
             "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND external_id = ?2"
         );
@@ -209,13 +292,17 @@ impl UserLookup for SqlUsers<'_> {
 
 impl UserTx for SqlUsers<'_> {
     fn create_user(&mut self, braze_id: BrazeId, now: Millis) -> Result<UserRecord, StoreError> {
-        let mut next = self
-            .conn
-            .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM users WHERE workspace_id = ?1")
-            .map_err(sql_err)?;
-        let seq: u32 = next
-            .query_row([self.workspace.0], |r| r.get(0))
-            .map_err(sql_err)?;
+        let ws = self.workspace.0;
+        let seq = match self.cache.as_deref().and_then(|c| c.next_seq.get(&ws).copied()) {
+            Some(seq) => seq,
+            None => {
+                let mut next = self
+                    .conn
+                    .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM users WHERE workspace_id = ?1")
+                    .map_err(sql_err)?;
+                next.query_row([ws], |r| r.get(0)).map_err(sql_err)?
+            }
+        };
         let user = UserRecord::new(UserSeq(seq), braze_id, now);
         let mut insert = self
             .conn
@@ -231,10 +318,35 @@ impl UserTx for SqlUsers<'_> {
                 now.0
             ])
             .map_err(sql_err)?;
+        if let Some(cache) = self.cache.as_deref_mut() {
+            cache.next_seq.insert(ws, seq + 1);
+            cache.remember(self.workspace, &user);
+        }
         Ok(user)
     }
 
     fn save_user(&mut self, user: &UserRecord) -> Result<(), StoreError> {
+        // When the identifiers are as the writer last saw them, write only the profile: an
+        // UPDATE naming indexed columns rewrites their index entries even if equal.
+        let identifiers_unchanged = self
+            .cached(user.seq.0)
+            .is_some_and(|old| old.external_id == user.external_id && old.email == user.email && old.phone == user.phone);
+        if identifiers_unchanged {
+            let changed = self
+                .conn
+                .prepare_cached(
+                    "UPDATE users SET created_at = ?3, updated_at = ?4, profile = ?5 WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![self.workspace.0, user.seq.0, user.created_at.0, user.updated_at.0, profile_codec::encode(&user.profile)])
+                })
+                .map_err(sql_err)?;
+            if changed != 1 {
+                return Err(StoreError::NotFound(format!("user {}", user.braze_id)));
+            }
+            self.remember(Some(user.clone()));
+            return Ok(());
+        }
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -255,6 +367,7 @@ impl UserTx for SqlUsers<'_> {
             ])
             .map_err(sql_err)?;
         if changed == 1 {
+            self.remember(Some(user.clone()));
             Ok(())
         } else {
             Err(StoreError::NotFound(format!("user {}", user.braze_id)))
@@ -263,6 +376,9 @@ impl UserTx for SqlUsers<'_> {
 
     fn delete_user(&mut self, user: UserSeq, now: Millis) -> Result<(), StoreError> {
         self.leave_all_cohorts(user, now)?;
+        if let Some(cache) = self.cache.as_deref_mut() {
+            cache.forget(self.workspace, user);
+        }
         let ws = self.workspace.0;
         for sql in [
             "DELETE FROM user_aliases WHERE workspace_id = ?1 AND seq = ?2",

@@ -1,0 +1,332 @@
+//! The admin commands: `tideway workspaces …` and `tideway keys …`.
+//!
+//! They open the SQLite file directly (safe beside a running server: WAL mode and a busy
+//! timeout), so they work without a network and without a key. Stdout carries only the
+//! result a script wants (a new key's secret, a new workspace's app_group_id, a listing);
+//! notes and errors go to stderr, and every error says what to do next.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tideway_core::clock::Millis;
+use tideway_core::keys::{ApiKey, IpAllowlist, PermissionSet};
+use tideway_core::store::{Store, StoreError, Workspace};
+
+use crate::config::Settings;
+use crate::data;
+
+/// Where the admin commands find the database.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Location {
+    /// Data directory of the Tideway instance [default: ./tideway-data]
+    #[arg(long, env = "TIDEWAY_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML configuration file to take `data-dir` and `synchronous` from
+    #[arg(long, env = "TIDEWAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl Location {
+    /// Opens the existing database this location names, with its data directory.
+    pub fn open_store(&self) -> anyhow::Result<(tideway_store::sqlite::SqliteStore, PathBuf)> {
+        let settings = self.settings()?;
+        let store = data::open_existing(&settings.data_dir, settings.sqlite_options())?;
+        Ok((store, settings.data_dir))
+    }
+
+    fn settings(&self) -> anyhow::Result<crate::config::Resolved> {
+        Settings {
+            data_dir: self.data_dir.clone(),
+            ..Settings::default()
+        }
+        .resolve(self.config.as_deref())
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum WorkspacesCommand {
+    /// Create a workspace; prints its app_group_id
+    Create {
+        /// Workspace name (unique)
+        name: String,
+        #[command(flatten)]
+        location: Location,
+    },
+    /// List workspaces: name, app_group_id, created
+    List {
+        #[command(flatten)]
+        location: Location,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Create a REST API key; prints only its secret (shown once, stored hashed)
+    Create {
+        #[command(flatten)]
+        location: Location,
+        /// Workspace the key belongs to
+        #[arg(long, default_value = "default")]
+        workspace: String,
+        /// Comma-separated permissions, e.g. users.track,users.identify (or `all`); known:
+        /// users.track, users.identify, users.alias.new, users.alias.update, users.delete,
+        /// users.export.ids, users.merge, users.external_ids.rename, users.external_ids.remove,
+        /// cohorts.read, segments.list, segments.details, segments.read, segments.manage,
+        /// currents.manage
+        #[arg(long, value_name = "LIST", value_parser = parse_permissions)]
+        permissions: PermissionSet,
+        /// A label to tell keys apart in listings
+        #[arg(long, value_name = "LABEL", default_value = "")]
+        name: String,
+        /// Only accept the key from this network or address (repeatable; default: anywhere)
+        #[arg(long = "allow-ip", value_name = "CIDR")]
+        allow_ip: Vec<String>,
+    },
+    /// List a workspace's keys (never their secrets)
+    List {
+        #[command(flatten)]
+        location: Location,
+        #[arg(long, default_value = "default")]
+        workspace: String,
+    },
+    /// Revoke a key by id or prefix; the running server refuses it from then on
+    Revoke {
+        #[command(flatten)]
+        location: Location,
+        #[arg(long, default_value = "default")]
+        workspace: String,
+        /// The key's id or its 8-character prefix, as `tideway keys list` shows them
+        id_or_prefix: String,
+    },
+}
+
+/// clap value parser for `--permissions`.
+fn parse_permissions(raw: &str) -> Result<PermissionSet, String> {
+    if raw.trim() == "all" {
+        return Ok(PermissionSet::all());
+    }
+    if raw.split(',').all(|p| p.trim().is_empty()) {
+        return Err("give at least one permission, e.g. --permissions users.track".to_owned());
+    }
+    PermissionSet::parse_list(raw).map_err(|e| e.to_string())
+}
+
+pub async fn workspaces(command: WorkspacesCommand) -> anyhow::Result<()> {
+    match command {
+        WorkspacesCommand::Create { name, location } => {
+            let settings = location.settings()?;
+            let name = name.trim().to_owned();
+            if name.is_empty() {
+                anyhow::bail!("a workspace name must not be empty");
+            }
+            let store = data::open(&settings.data_dir, settings.sqlite_options())?;
+            let workspace = match store.create_workspace(&name, data::now()).await {
+                Ok(w) => w,
+                Err(StoreError::Conflict(_)) => anyhow::bail!(
+                    "workspace '{name}' already exists in {}; see `tideway workspaces list --data-dir {}`",
+                    settings.data_dir.display(),
+                    settings.data_dir.display()
+                ),
+                Err(e) => return Err(e).context("cannot create the workspace"),
+            };
+            println!("{}", workspace.app_group_id);
+            eprintln!(
+                "Created workspace '{}'. Give it a key with `tideway keys create --data-dir {} --workspace {} --permissions users.track`.",
+                workspace.name,
+                settings.data_dir.display(),
+                workspace.name
+            );
+        }
+        WorkspacesCommand::List { location } => {
+            let settings = location.settings()?;
+            let store = data::open_existing(&settings.data_dir, settings.sqlite_options())?;
+            let workspaces = store
+                .list_workspaces()
+                .await
+                .context("cannot list workspaces")?;
+            let rows = workspaces
+                .iter()
+                .map(|w| {
+                    vec![
+                        w.name.clone(),
+                        w.app_group_id.clone(),
+                        w.created_at.to_iso(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            print!("{}", table(&["NAME", "APP_GROUP_ID", "CREATED"], &rows));
+        }
+    }
+    Ok(())
+}
+
+pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create {
+            location,
+            workspace,
+            permissions,
+            name,
+            allow_ip,
+        } => {
+            let settings = location.settings()?;
+            let allow = IpAllowlist::parse_all(allow_ip.iter().map(String::as_str))
+                .context("bad --allow-ip")?;
+            let store = data::open_existing(&settings.data_dir, settings.sqlite_options())?;
+            let ws = find_workspace(&store, &workspace, &settings.data_dir).await?;
+            let (secret, key) = data::mint_key(ws.id, &name, permissions, allow, data::now());
+            let stored = store
+                .create_api_key(key)
+                .await
+                .context("cannot store the key")?;
+            println!("{}", secret.expose());
+            eprintln!(
+                "Created key {} (prefix {}) in workspace '{}' with {}. The secret above is shown only once.",
+                stored.id,
+                stored.prefix,
+                ws.name,
+                stored.permissions.to_list()
+            );
+        }
+        KeysCommand::List {
+            location,
+            workspace,
+        } => {
+            let settings = location.settings()?;
+            let store = data::open_existing(&settings.data_dir, settings.sqlite_options())?;
+            let ws = find_workspace(&store, &workspace, &settings.data_dir).await?;
+            let keys = store
+                .list_api_keys(ws.id)
+                .await
+                .context("cannot list keys")?;
+            let rows = keys.iter().map(key_row).collect::<Vec<_>>();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "ID",
+                        "PREFIX",
+                        "NAME",
+                        "PERMISSIONS",
+                        "ALLOWED_IPS",
+                        "CREATED",
+                        "REVOKED"
+                    ],
+                    &rows
+                )
+            );
+        }
+        KeysCommand::Revoke {
+            location,
+            workspace,
+            id_or_prefix,
+        } => {
+            let settings = location.settings()?;
+            let store = data::open_existing(&settings.data_dir, settings.sqlite_options())?;
+            let ws = find_workspace(&store, &workspace, &settings.data_dir).await?;
+            let revoked = store
+                .revoke_api_key(ws.id, id_or_prefix.trim(), data::now())
+                .await
+                .context("cannot revoke the key")?;
+            if !revoked {
+                anyhow::bail!(
+                    "no live key with id or prefix '{id_or_prefix}' in workspace '{}'; see `tideway keys list --data-dir {} --workspace {}`",
+                    ws.name,
+                    settings.data_dir.display(),
+                    ws.name
+                );
+            }
+            eprintln!("Revoked key '{id_or_prefix}' of workspace '{}'.", ws.name);
+        }
+    }
+    Ok(())
+}
+
+pub async fn find_workspace(
+    store: &dyn Store,
+    name: &str,
+    data_dir: &Path,
+) -> anyhow::Result<Workspace> {
+    store.workspace_by_name(name).await.context("cannot read workspaces")?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no workspace named '{name}' in {dir}; list them with `tideway workspaces list --data-dir {dir}` \
+             or create it with `tideway workspaces create {name} --data-dir {dir}`",
+            dir = data_dir.display()
+        )
+    })
+}
+
+fn key_row(key: &ApiKey) -> Vec<String> {
+    let allow: Vec<String> = key.allow.entries().collect();
+    vec![
+        key.id.to_string(),
+        key.prefix.clone(),
+        if key.name.is_empty() {
+            "-".to_owned()
+        } else {
+            key.name.clone()
+        },
+        key.permissions.to_list(),
+        if allow.is_empty() {
+            "any".to_owned()
+        } else {
+            allow.join(",")
+        },
+        Millis(key.created_at).to_iso(),
+        key.revoked_at
+            .map_or_else(|| "-".to_owned(), |at| Millis(at).to_iso()),
+    ]
+}
+
+/// A plain left-aligned text table, columns separated by two spaces.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permissions_parse_with_helpful_errors() {
+        assert_eq!(parse_permissions("all").unwrap(), PermissionSet::all());
+        assert!(
+            parse_permissions("users.track,users.identify")
+                .unwrap()
+                .contains(tideway_core::keys::Permission::UsersIdentify)
+        );
+        let err = parse_permissions("users.trak").unwrap_err();
+        assert!(
+            err.contains("users.trak") && err.contains("users.track"),
+            "{err}"
+        );
+        assert!(
+            parse_permissions(" , ")
+                .unwrap_err()
+                .contains("at least one")
+        );
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+}

@@ -1,0 +1,21 @@
+//! `tideway bench …`: benchmarks as subcommands. Each one measures, in the same run, a limit
+//! beside the figure it reports (DESIGN.md §4), prints the ratio, and says PASS or FAIL against
+//! the target. Results and the commands that produced them are recorded in BENCHMARKS.md.
+
+mod ingest;
+mod limits;
+mod load;
+
+pub use ingest::IngestArgs;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Drive /users/track over loopback and compare with a no-op handler and raw SQLite inserts
+    Ingest(IngestArgs),
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Ingest(args) => ingest::run(args).await,
+    }
+}

@@ -1,0 +1,330 @@
+//! Configuration: one struct, [`Settings`], that is both the `serve` command line and the TOML
+//! file.
+//!
+//! Every setting is optional at every layer, and precedence is flag > `TIDEWAY_*` environment
+//! variable > `--config FILE` > built-in default. clap reads flags and environment variables
+//! (a flag wins over its variable); [`Settings::or`] lets the file fill what is still unset and
+//! [`Settings::resolve`] applies the defaults. The file's keys are the flag names without the
+//! leading `--` (`data-dir = "/var/lib/tideway"`), and unknown keys are an error so a typo never
+//! passes silently. `tideway serve --print-config` shows the effective result as a file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tideway_server::{RateLimits, ServerConfig};
+use tideway_store::sqlite::{SqliteOptions, Synchronous};
+
+/// The default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "./tideway-data";
+/// The default address of the REST API.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
+
+/// How log lines are written (to stderr; stdout is kept for what scripts read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// SQLite's `synchronous` setting for the database (always in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Durable against a process crash (kill -9): a commit is in the OS once acknowledged. A
+    /// power loss or kernel crash may lose the last commits (never corrupts the file).
+    Normal,
+    /// fsync on every commit: durable against power loss too, at a cost in throughput.
+    Full,
+}
+
+impl From<SyncMode> for Synchronous {
+    fn from(mode: SyncMode) -> Self {
+        match mode {
+            SyncMode::Normal => Synchronous::Normal,
+            SyncMode::Full => Synchronous::Full,
+        }
+    }
+}
+
+/// The settings of `tideway serve`, as flags, `TIDEWAY_*` variables and TOML keys.
+#[derive(Debug, Clone, Default, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// Directory for the SQLite database (tideway.sqlite) and the initial admin key; created if
+    /// missing [default: ./tideway-data]
+    #[arg(long, env = "TIDEWAY_DATA_DIR", value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Address of the REST API; port 0 picks a free port (the bound address is printed)
+    /// [default: 127.0.0.1:4000]
+    #[arg(long, env = "TIDEWAY_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+
+    /// Log line format (logs go to stderr; filter with RUST_LOG, default info) [default: text]
+    #[arg(long, env = "TIDEWAY_LOG_FORMAT", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+
+    /// SQLite durability (WAL mode). normal: no acknowledged write is lost if the process
+    /// crashes or is killed (kill -9), the last commits may be lost on power loss; full: fsync
+    /// every commit, durable against power loss too, slower [default: normal]
+    #[arg(long, env = "TIDEWAY_SYNCHRONOUS", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synchronous: Option<SyncMode>,
+
+    /// Largest accepted request body in bytes; larger bodies get 413 [default: 4194304]
+    #[arg(long, env = "TIDEWAY_MAX_BODY_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<usize>,
+
+    /// /users/track requests per minute per key; more get 429 [default: 50000]
+    #[arg(long, env = "TIDEWAY_TRACK_RATE_LIMIT", value_name = "PER_MINUTE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub track_rate_limit: Option<u32>,
+
+    /// Requests per minute per key shared by /users/identify, /users/alias/*,
+    /// /users/merge, /users/delete and /users/external_ids/* [default: 20000]
+    #[arg(long, env = "TIDEWAY_BATCH_RATE_LIMIT", value_name = "PER_MINUTE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_rate_limit: Option<u32>,
+
+    /// /users/export/ids requests per minute per key [default: 250]
+    #[arg(long, env = "TIDEWAY_EXPORT_RATE_LIMIT", value_name = "PER_MINUTE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export_rate_limit: Option<u32>,
+
+    /// Longest array custom attribute; extra elements are dropped from the front [default: 25]
+    #[arg(long, env = "TIDEWAY_MAX_ARRAY_LEN", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_array_len: Option<usize>,
+}
+
+/// [`Settings`] with every value decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub log_format: LogFormat,
+    pub synchronous: SyncMode,
+    pub server: ServerConfig,
+}
+
+impl Settings {
+    /// Fills every unset value from `fallback` (the lower-precedence layer).
+    pub fn or(self, fallback: Settings) -> Settings {
+        Settings {
+            data_dir: self.data_dir.or(fallback.data_dir),
+            listen: self.listen.or(fallback.listen),
+            log_format: self.log_format.or(fallback.log_format),
+            synchronous: self.synchronous.or(fallback.synchronous),
+            max_body_bytes: self.max_body_bytes.or(fallback.max_body_bytes),
+            track_rate_limit: self.track_rate_limit.or(fallback.track_rate_limit),
+            batch_rate_limit: self.batch_rate_limit.or(fallback.batch_rate_limit),
+            export_rate_limit: self.export_rate_limit.or(fallback.export_rate_limit),
+            max_array_len: self.max_array_len.or(fallback.max_array_len),
+        }
+    }
+
+    /// The built-in defaults, every value set.
+    pub fn defaults() -> Settings {
+        let server = ServerConfig::default();
+        Settings {
+            data_dir: Some(PathBuf::from(DEFAULT_DATA_DIR)),
+            listen: Some(
+                DEFAULT_LISTEN
+                    .parse()
+                    .expect("the default listen address parses"),
+            ),
+            log_format: Some(LogFormat::Text),
+            synchronous: Some(SyncMode::Normal),
+            max_body_bytes: Some(server.max_body_bytes),
+            track_rate_limit: Some(server.rate_limits.users_track_per_minute),
+            batch_rate_limit: Some(server.rate_limits.users_batch_per_minute),
+            export_rate_limit: Some(server.rate_limits.users_export_per_minute),
+            max_array_len: Some(server.max_array_len),
+        }
+    }
+
+    /// Reads a TOML configuration file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Settings> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a valid Tideway configuration (keys are the `tideway serve` flag names \
+                 without `--`, see `tideway serve --help`)",
+                path.display()
+            )
+        })
+    }
+
+    /// Applies the file (if any) and the defaults.
+    pub fn layered(self, file: Option<&Path>) -> anyhow::Result<Settings> {
+        let from_file = match file {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        Ok(self.or(from_file).or(Settings::defaults()))
+    }
+
+    /// Applies the file (if any) and the defaults and checks the result.
+    pub fn resolve(self, file: Option<&Path>) -> anyhow::Result<Resolved> {
+        let full = self.layered(file)?;
+        let missing = || anyhow::anyhow!("a setting has no default (a bug)");
+        let resolved = Resolved {
+            data_dir: full.data_dir.ok_or_else(missing)?,
+            listen: full.listen.ok_or_else(missing)?,
+            log_format: full.log_format.ok_or_else(missing)?,
+            synchronous: full.synchronous.ok_or_else(missing)?,
+            server: ServerConfig {
+                max_body_bytes: full.max_body_bytes.ok_or_else(missing)?,
+                rate_limits: RateLimits {
+                    users_track_per_minute: full.track_rate_limit.ok_or_else(missing)?,
+                    users_batch_per_minute: full.batch_rate_limit.ok_or_else(missing)?,
+                    users_export_per_minute: full.export_rate_limit.ok_or_else(missing)?,
+                    ..RateLimits::default()
+                },
+                max_array_len: full.max_array_len.ok_or_else(missing)?,
+            },
+        };
+        let limits = &resolved.server.rate_limits;
+        if limits.users_track_per_minute == 0
+            || limits.users_batch_per_minute == 0
+            || limits.users_export_per_minute == 0
+        {
+            anyhow::bail!("rate limits must be at least 1 request per minute");
+        }
+        if resolved.server.max_body_bytes == 0 || resolved.server.max_array_len == 0 {
+            anyhow::bail!("--max-body-bytes and --max-array-len must be at least 1");
+        }
+        Ok(resolved)
+    }
+}
+
+impl Resolved {
+    pub fn sqlite_options(&self) -> SqliteOptions {
+        SqliteOptions {
+            synchronous: self.synchronous.into(),
+            max_array_len: self.server.max_array_len,
+            ..SqliteOptions::default()
+        }
+    }
+}
+
+/// `<data-dir>/tideway.sqlite`
+pub fn database_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("tideway.sqlite")
+}
+
+/// `<data-dir>/initial-admin-key`
+pub fn initial_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("initial-admin-key")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn parse(args: &[&str]) -> Settings {
+        Cli::try_parse_from(std::iter::once("tideway").chain(args.iter().copied()))
+            .unwrap()
+            .settings
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let r = parse(&[]).resolve(None).unwrap();
+        assert_eq!(r.data_dir, PathBuf::from("./tideway-data"));
+        assert_eq!(r.listen, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(r.log_format, LogFormat::Text);
+        assert_eq!(r.synchronous, SyncMode::Normal);
+        assert_eq!(r.server, ServerConfig::default());
+        assert_eq!(
+            database_path(&r.data_dir),
+            PathBuf::from("./tideway-data/tideway.sqlite")
+        );
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let f = file(
+            "listen = \"127.0.0.1:5000\"\ndata-dir = \"/from/file\"\nsynchronous = \"full\"\ntrack-rate-limit = 7\n",
+        );
+        let r = parse(&["--listen", "127.0.0.1:6000", "--track-rate-limit", "9"])
+            .resolve(Some(f.path()))
+            .unwrap();
+        assert_eq!(r.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(r.server.rate_limits.users_track_per_minute, 9);
+        assert_eq!(r.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(r.synchronous, SyncMode::Full);
+        assert_eq!(
+            r.server.rate_limits.users_export_per_minute,
+            ServerConfig::default().rate_limits.users_export_per_minute
+        );
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected_with_the_file_name() {
+        let f = file("listn = \"127.0.0.1:5000\"\n");
+        let err = format!("{:#}", parse(&[]).resolve(Some(f.path())).unwrap_err());
+        assert!(err.contains("listn"), "{err}");
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn printed_config_reads_back_as_the_same_settings() {
+        let full = parse(&["--synchronous", "full", "--log-format", "json"])
+            .layered(None)
+            .unwrap();
+        let text = toml::to_string(&full).unwrap();
+        let back: Settings = toml::from_str(&text).unwrap();
+        assert_eq!(back, full);
+        assert!(text.contains("synchronous = \"full\""), "{text}");
+    }
+
+    #[test]
+    fn help_documents_the_real_defaults() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        let d = ServerConfig::default();
+        for value in [
+            d.max_body_bytes.to_string(),
+            d.rate_limits.users_track_per_minute.to_string(),
+            d.rate_limits.users_batch_per_minute.to_string(),
+            d.rate_limits.users_export_per_minute.to_string(),
+            d.max_array_len.to_string(),
+        ] {
+            assert!(
+                help.contains(&format!("[default: {value}]")),
+                "help lacks default {value}:\n{help}"
+            );
+        }
+        assert!(help.contains("[default: ./tideway-data]"));
+        assert!(help.contains("[default: 127.0.0.1:4000]"));
+    }
+
+    #[test]
+    fn zero_limits_are_refused() {
+        assert!(parse(&["--export-rate-limit", "0"]).resolve(None).is_err());
+    }
+}

@@ -1,0 +1,192 @@
+//! `tideway serve`: open the data directory, bootstrap a first workspace and admin key, and
+//! run the REST API until SIGINT or SIGTERM.
+//!
+//! Stdout is an interface: scripts and tests read the line
+//! `Tideway is listening on http://ADDR` (the bound address, so `--listen 127.0.0.1:0` shows
+//! the real port) and, on the very first start, the admin key. Everything else is logged to
+//! stderr. Shutdown is graceful: the listener closes, in-flight requests finish (and so their
+//! writes commit) before the process exits.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tideway_core::keys::{IpAllowlist, PermissionSet};
+use tideway_core::store::Store;
+use tideway_server::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::{Resolved, Settings, initial_key_path};
+use crate::data;
+
+/// The prefix of the stdout line that announces the REST endpoint.
+pub const LISTENING_LINE: &str = "Tideway is listening on ";
+/// The name of the workspace created on first start.
+pub const DEFAULT_WORKSPACE: &str = "default";
+
+/// Runs the server with resolved settings until a shutdown signal.
+pub async fn run(settings: Resolved) -> anyhow::Result<()> {
+    let store = Arc::new(data::open(&settings.data_dir, settings.sqlite_options())?);
+    bootstrap(store.as_ref(), &settings.data_dir).await?;
+    let metrics = tideway_server::install_metrics_recorder()
+        .context("cannot install the metrics recorder")?;
+    let router = tideway_server::app(store, settings.server.clone(), metrics);
+    let listener = TcpListener::bind(settings.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (is another server running there? pick another --listen)",
+            settings.listen
+        )
+    })?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    announce(addr)?;
+    tracing::info!(%addr, data_dir = %settings.data_dir.display(), synchronous = ?settings.synchronous, "serving the REST API");
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("the HTTP server failed")?;
+    tracing::info!("stopped: every in-flight request has been answered");
+    Ok(())
+}
+
+/// Prints (and flushes) the stable stdout line with the REST endpoint.
+fn announce(addr: SocketAddr) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{LISTENING_LINE}http://{addr}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// On a data directory without workspaces: creates `default` and an admin key with every
+/// permission, shown once on stdout and kept in `<data-dir>/initial-admin-key` (mode 0600).
+async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
+    if !store
+        .list_workspaces()
+        .await
+        .context("cannot list workspaces")?
+        .is_empty()
+    {
+        return Ok(());
+    }
+    let now = data::now();
+    let workspace = store
+        .create_workspace(DEFAULT_WORKSPACE, now)
+        .await
+        .context("cannot create the default workspace")?;
+    let (secret, key) = data::mint_key(
+        workspace.id,
+        "initial admin key",
+        PermissionSet::all(),
+        IpAllowlist::default(),
+        now,
+    );
+    store
+        .create_api_key(key)
+        .await
+        .context("cannot create the initial admin key")?;
+    let path = initial_key_path(data_dir);
+    data::write_secret_file(&path, &secret).with_context(|| {
+        format!(
+            "the admin key was created but could not be saved; create another with \
+             `tideway keys create --data-dir {} --workspace {DEFAULT_WORKSPACE} --permissions all`",
+            data_dir.display()
+        )
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "Created workspace '{DEFAULT_WORKSPACE}' (app_group_id {}).",
+        workspace.app_group_id
+    )?;
+    writeln!(
+        out,
+        "Admin REST API key (every permission; shown once, saved to {}): {}",
+        path.display(),
+        secret.expose()
+    )?;
+    out.flush()?;
+    tracing::info!(workspace = DEFAULT_WORKSPACE, key_file = %path.display(), "first start: created the default workspace and an admin key");
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT: shutting down"),
+        () = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+}
+
+/// A server running inside this process (for `tideway bench`): its address, and a handle that
+/// stops it gracefully.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl InProcess {
+    /// Serves `store` on a free loopback port.
+    pub async fn start(store: Arc<dyn Store>, config: ServerConfig) -> anyhow::Result<InProcess> {
+        let metrics = tideway_server::install_metrics_recorder()
+            .context("cannot install the metrics recorder")?;
+        let router = tideway_server::app(store, config, metrics);
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .context("cannot bind a loopback port")?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Ok(InProcess { addr, stop, task })
+    }
+
+    /// Stops accepting, waits for in-flight requests.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .context("the server task panicked")?
+            .context("the server failed")?;
+        Ok(())
+    }
+}
+
+/// `tideway serve --print-config`: the effective settings as a TOML file.
+pub fn print_config(settings: &Settings) -> anyhow::Result<()> {
+    let text = toml::to_string(settings).context("cannot render the configuration")?;
+    print!("{text}");
+    Ok(())
+}

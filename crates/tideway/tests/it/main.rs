@@ -1,0 +1,7 @@
+//! The `tideway` binary end to end: one integration test binary that runs the built
+//! executable (`serve` on port 0 with a temporary data directory, and the admin CLI) and talks
+//! to it over real loopback HTTP.
+
+mod cli;
+mod durability;
+mod support;

@@ -1,0 +1,220 @@
+//! Test support: the built `tideway` binary as a child process (`serve` and the admin CLI),
+//! and a small HTTP client for the REST API.
+//!
+//! Readiness is never guessed with sleeps: a server is ready when it has printed its listening
+//! line and answered `/health`, polled against a deadline.
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const LISTENING_LINE: &str = "Tideway is listening on ";
+const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_tideway")
+}
+
+/// A `tideway serve` child process.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    /// Stdout lines printed before the listening line (the first-start key announcement).
+    pub preamble: Vec<String>,
+}
+
+impl Server {
+    /// Starts `tideway serve --data-dir DIR --listen 127.0.0.1:0 EXTRA…` and waits until it is
+    /// listening and healthy. Its stderr (logs) is appended to a file beside the data
+    /// directory, quoted if the server dies during startup.
+    pub async fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let log = data_dir.with_extension(format!("log-{}", std::process::id()));
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open the server log");
+        let mut child = Command::new(binary())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tideway serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut preamble = Vec::new();
+        let url = tokio::time::timeout(STARTUP_DEADLINE, async {
+            loop {
+                match lines.next_line().await.expect("read stdout") {
+                    Some(line) => match line.strip_prefix(LISTENING_LINE) {
+                        Some(url) => return url.trim().to_owned(),
+                        None => preamble.push(line),
+                    },
+                    None => {
+                        let logs = std::fs::read_to_string(&log).unwrap_or_default();
+                        panic!("tideway serve exited before listening; stdout {preamble:?}; logs:\n{logs}");
+                    }
+                }
+            }
+        })
+        .await
+        .expect("tideway serve did not print its listening line in time");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let server = Server {
+            child,
+            url,
+            preamble,
+        };
+        server.wait_healthy().await;
+        server
+    }
+
+    pub async fn wait_healthy(&self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        loop {
+            if let Ok(r) = client.get(format!("{}/health", self.url)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never became healthy",
+                self.url
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL, no chance to clean up (`Child::kill` sends SIGKILL on Unix), then reaps it.
+    pub async fn kill9(mut self) {
+        self.child.kill().await.expect("SIGKILL the server");
+    }
+
+    /// SIGTERM, then waits for the process to exit on its own; returns whether it exited 0.
+    pub async fn terminate(mut self) -> bool {
+        let pid = self.child.id().expect("the server is running");
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the server did not stop within 30 s of SIGTERM")
+            .expect("wait for the server");
+        exit.success()
+    }
+}
+
+/// The key the first start saved.
+pub fn initial_admin_key(data_dir: &Path) -> String {
+    std::fs::read_to_string(data_dir.join("initial-admin-key"))
+        .expect("read initial-admin-key")
+        .trim()
+        .to_owned()
+}
+
+/// Runs `tideway ARGS…` to completion.
+pub async fn tideway(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("TIDEWAY_DATA_DIR")
+        .env_remove("TIDEWAY_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run tideway")
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs `tideway ARGS…` and expects success; returns stdout.
+pub async fn tideway_ok(args: &[&str]) -> String {
+    let out = tideway(args).await;
+    assert!(
+        out.status.success(),
+        "tideway {args:?} failed: {}",
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// A REST client bound to one server URL.
+#[derive(Clone)]
+pub struct Api {
+    client: reqwest::Client,
+    pub url: String,
+}
+
+impl Api {
+    pub fn new(url: &str) -> Api {
+        Api {
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("HTTP client"),
+            url: url.to_owned(),
+        }
+    }
+
+    /// POSTs JSON with a Bearer key; returns status and JSON body (Null if none).
+    pub async fn post(
+        &self,
+        path: &str,
+        key: &str,
+        body: &Value,
+    ) -> Result<(u16, Value), reqwest::Error> {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+
+    pub async fn post_ok(&self, path: &str, key: &str, body: &Value) -> (u16, Value) {
+        self.post(path, key, body)
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// `/users/export/ids` for these external ids (≤ 50), every field.
+    pub async fn export(&self, key: &str, external_ids: &[String]) -> Value {
+        let body = serde_json::json!({
+            "external_ids": external_ids,
+            "fields_to_export": ["external_id", "custom_attributes", "custom_events"],
+        });
+        let (status, body) = self.post_ok("/users/export/ids", key, &body).await;
+        assert_eq!(status, 201, "export failed: {body}");
+        body
+    }
+}
