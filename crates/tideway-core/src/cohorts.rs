@@ -252,14 +252,13 @@ pub struct MembershipOutcome {
 
 /// Finds the user an identifier names, under cohort import's rules.
 pub fn match_identifier(tx: &mut dyn UserLookup, id: &CohortIdentifier) -> Result<Option<UserSeq>, StoreError> {
-    let user = match id {
-        CohortIdentifier::External(e) => tx.user_by_external_id(e)?,
-        CohortIdentifier::Alias(a) => tx.user_by_alias(a)?,
+    match id {
+        CohortIdentifier::External(e) => tx.seq_by_external_id(e),
+        CohortIdentifier::Alias(a) => tx.seq_by_alias(a),
         // A device id matches only a user who is still anonymous (braze-api.md §2.7, §7).
-        CohortIdentifier::Device(d) => tx.user_by_device(d)?.filter(|u| !u.is_identified()),
-        CohortIdentifier::Unusable => None,
-    };
-    Ok(user.map(|u| u.seq))
+        CohortIdentifier::Device(d) => tx.anonymous_seq_by_device(d),
+        CohortIdentifier::Unusable => Ok(None),
+    }
 }
 
 /// Applies `changes` in array order with set semantics. Within one request the last mention

@@ -66,6 +66,22 @@ pub trait UserLookup {
     fn devices_of(&mut self, user: UserSeq) -> Result<Vec<DeviceId>, StoreError>;
     /// True if `id` is kept as a deprecated external id (after a rename).
     fn is_deprecated_external_id(&mut self, id: &ExternalId) -> Result<bool, StoreError>;
+
+    /// Like [`UserLookup::user_by_external_id`] but only the sequence number; a store can
+    /// answer it without loading the profile (cohort import matches a million of these).
+    fn seq_by_external_id(&mut self, id: &ExternalId) -> Result<Option<UserSeq>, StoreError> {
+        Ok(self.user_by_external_id(id)?.map(|u| u.seq))
+    }
+
+    /// The sequence number of the alias's user.
+    fn seq_by_alias(&mut self, alias: &UserAlias) -> Result<Option<UserSeq>, StoreError> {
+        Ok(self.user_by_alias(alias)?.map(|u| u.seq))
+    }
+
+    /// The sequence number of the device's user if that user is still anonymous.
+    fn anonymous_seq_by_device(&mut self, device: &DeviceId) -> Result<Option<UserSeq>, StoreError> {
+        Ok(self.user_by_device(device)?.filter(|u| !u.is_identified()).map(|u| u.seq))
+    }
 }
 
 /// Primitive writes inside one transaction of one workspace. Every method's effect commits or

@@ -280,6 +280,32 @@ impl UserLookup for SqlUsers<'_> {
         Ok(out)
     }
 
+    fn seq_by_external_id(&mut self, id: &ExternalId) -> Result<Option<UserSeq>, StoreError> {
+        if let Some(seq) = self.cache.as_deref().and_then(|c| c.by_external.get(&(self.workspace.0, id.as_str().to_owned())).copied()) {
+            return Ok(Some(UserSeq(seq)));
+        }
+        let ws = self.workspace.0;
+        match self.seq_where("SELECT seq FROM users WHERE workspace_id = ?1 AND external_id = ?2", params![ws, id.as_str()])? {
+            Some(seq) => Ok(Some(seq)),
+            None => self.seq_where("SELECT seq FROM deprecated_external_ids WHERE workspace_id = ?1 AND external_id = ?2", params![ws, id.as_str()]),
+        }
+    }
+
+    fn seq_by_alias(&mut self, alias: &UserAlias) -> Result<Option<UserSeq>, StoreError> {
+        self.seq_where(
+            "SELECT seq FROM user_aliases WHERE workspace_id = ?1 AND label = ?2 AND name = ?3",
+            params![self.workspace.0, alias.label.as_str(), alias.name.as_str()],
+        )
+    }
+
+    fn anonymous_seq_by_device(&mut self, device: &DeviceId) -> Result<Option<UserSeq>, StoreError> {
+        self.seq_where(
+            "SELECT u.seq FROM user_devices d JOIN users u ON u.workspace_id = d.workspace_id AND u.seq = d.seq
+             WHERE d.workspace_id = ?1 AND d.device_id = ?2 AND u.external_id IS NULL AND u.deleted_at IS NULL",
+            params![self.workspace.0, device.as_str()],
+        )
+    }
+
     fn is_deprecated_external_id(&mut self, id: &ExternalId) -> Result<bool, StoreError> {
         let mut stmt = self
             .conn
@@ -287,6 +313,13 @@ impl UserLookup for SqlUsers<'_> {
             .map_err(sql_err)?;
         stmt.exists(params![self.workspace.0, id.as_str()])
             .map_err(sql_err)
+    }
+}
+
+impl SqlUsers<'_> {
+    fn seq_where(&self, sql: &str, params: impl rusqlite::Params) -> Result<Option<UserSeq>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
+        stmt.query_row(params, |r| r.get::<_, u32>(0)).optional().map(|s| s.map(UserSeq)).map_err(sql_err)
     }
 }
 

@@ -2,6 +2,7 @@
 //! beside the figure it reports (DESIGN.md §4), prints the ratio, and says PASS or FAIL against
 //! the target. Results and the commands that produced them are recorded in BENCHMARKS.md.
 
+mod cohorts;
 mod ingest;
 mod limits;
 mod load;
@@ -12,10 +13,14 @@ pub use ingest::IngestArgs;
 pub enum BenchCommand {
     /// Drive /users/track over loopback and compare with a no-op handler and raw SQLite inserts
     Ingest(IngestArgs),
+    /// Partner cohort import: 1,000,000 membership changes against 1,000,000 users, beside a
+    /// handler that only parses the same requests
+    Cohorts(cohorts::CohortsArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Ingest(args) => ingest::run(args).await,
+        BenchCommand::Cohorts(args) => cohorts::run(args).await,
     }
 }

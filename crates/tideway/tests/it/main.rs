@@ -3,5 +3,6 @@
 //! to it over real loopback HTTP.
 
 mod cli;
+mod cohorts_push;
 mod durability;
 mod support;
