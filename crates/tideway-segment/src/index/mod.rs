@@ -1,0 +1,389 @@
+//! The bitmap evaluator: an in-memory index of every profile of a workspace, kept fresh one
+//! change at a time, that evaluates a [`Filter`] as set operations over roaring bitmaps.
+//!
+//! Layout (uids are dense, so a bitmap of uids is a set of users):
+//! - `live`, `identified`, email/phone availability, and one bitmap per partner cohort;
+//! - per attribute name an [`attr::AttrIndex`] (value dictionary with a bitmap per value,
+//!   bit-sliced indexes for numbers and ISO-8601 times);
+//! - per event name a bitmap of users who ever did it plus every user's sorted times in an
+//!   [`arena::Arena`]; purchases likewise, plus buyers per product and a bit-sliced total spend;
+//! - dense columns for `created_at` and `random_bucket`.
+//!
+//! Evaluation (`eval.rs`) passes a candidate set down the tree: `and` runs its children from
+//! the cheapest / most selective to the most expensive, each over the survivors of the previous
+//! ones, so scans (event counts, buckets) only look at candidates; `or` is a union, `not` a
+//! difference from the candidates. The result must equal [`crate::matches()`] over the same
+//! profiles, exactly; the property tests check it after random updates and removals too.
+
+mod arena;
+mod attr;
+mod bsi;
+mod eval;
+mod uidmap;
+
+use std::collections::HashMap;
+
+use roaring::RoaringBitmap;
+
+use crate::filter::{Filter, SegmentLookup};
+use crate::predicate::{email_available, phone_available, total_spend};
+use crate::profile::SegmentProfile;
+use arena::Arena;
+use attr::AttrIndex;
+use bsi::{Bsi, f64_key};
+
+/// One in [`SAMPLE_MODULUS`] users (chosen by a hash of the uid) forms the fixed estimation sample.
+const SAMPLE_MODULUS: u32 = 100;
+/// Below this many live users [`SegmentIndex::estimate_size`] just counts.
+const EXACT_BELOW: u64 = 100_000;
+
+/// The bitmap index of one workspace's profiles. See the module documentation.
+#[derive(Default)]
+pub struct SegmentIndex {
+    live: RoaringBitmap,
+    sample: RoaringBitmap,
+    identified: RoaringBitmap,
+    email_available: RoaringBitmap,
+    phone_available: RoaringBitmap,
+    created: Vec<i64>,
+    buckets: Vec<u16>,
+    cohorts: HashMap<String, HashMap<String, RoaringBitmap>>,
+    attributes: HashMap<String, AttrIndex>,
+    events: HashMap<String, EventIndex>,
+    purchases: PurchaseIndex,
+}
+
+#[derive(Default)]
+struct EventIndex {
+    ever: RoaringBitmap,
+    times: Arena<i64>,
+}
+
+#[derive(Default)]
+struct PurchaseIndex {
+    any: RoaringBitmap,
+    /// Per user `(time, product number)`, sorted by time.
+    records: Arena<(i64, u32)>,
+    product_numbers: HashMap<String, u32>,
+    buyers: Vec<RoaringBitmap>,
+    /// [`total_spend`] of users with purchases (a NaN total is left out: it compares false).
+    spend: Bsi,
+}
+
+impl std::fmt::Debug for SegmentIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentIndex")
+            .field("users", &self.live.len())
+            .field(
+                "cohorts",
+                &self.cohorts.values().map(HashMap::len).sum::<usize>(),
+            )
+            .field("attributes", &self.attributes.len())
+            .field("events", &self.events.len())
+            .field("products", &self.purchases.buyers.len())
+            .finish()
+    }
+}
+
+fn in_sample(uid: u32) -> bool {
+    // murmur3 finaliser: spreads consecutive uids
+    let mut h = uid;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h.is_multiple_of(SAMPLE_MODULUS)
+}
+
+/// Approximate heap bytes of a bitmap: container payloads plus per-container bookkeeping.
+/// (roaring's statistics count array capacity in 4-byte units and bitset capacity in bits, so
+/// they are converted here: arrays hold `u16`s, a bitset is 8 KiB.)
+pub(crate) fn bitmap_bytes(b: &RoaringBitmap) -> usize {
+    let s = b.statistics();
+    s.n_bytes_array_containers as usize / 2
+        + s.n_bitset_containers as usize * 8192
+        + s.n_bytes_run_containers as usize
+        + s.n_containers as usize * 32
+}
+
+impl SegmentIndex {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of live users.
+    pub fn len(&self) -> u64 {
+        self.live.len()
+    }
+
+    /// Whether there is no live user.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// All live uids.
+    pub fn live(&self) -> &RoaringBitmap {
+        &self.live
+    }
+
+    /// Inserts the profile, or replaces what the index holds for its uid. Uids are meant to be
+    /// dense: the per-user columns are sized by the largest uid seen.
+    pub fn upsert(&mut self, profile: &SegmentProfile) {
+        let uid = profile.uid;
+        self.remove(uid);
+        self.live.insert(uid);
+        if in_sample(uid) {
+            self.sample.insert(uid);
+        }
+        if profile.external_id.is_some() {
+            self.identified.insert(uid);
+        }
+        let i = uid as usize;
+        if self.created.len() <= i {
+            self.created.resize(i + 1, 0);
+            self.buckets.resize(i + 1, 0);
+        }
+        self.created[i] = profile.created_at;
+        self.buckets[i] = profile.random_bucket;
+        for (partner, cohort_id) in &profile.cohorts {
+            self.cohort_insert(uid, partner, cohort_id);
+        }
+        for (name, value) in &profile.attributes {
+            if value.is_null() {
+                continue;
+            }
+            match self.attributes.get_mut(name) {
+                Some(a) => a.insert(uid, value),
+                None => {
+                    let mut a = AttrIndex::default();
+                    a.insert(uid, value);
+                    self.attributes.insert(name.clone(), a);
+                }
+            }
+        }
+        if email_available(&profile.attributes) {
+            self.email_available.insert(uid);
+        }
+        if phone_available(&profile.attributes) {
+            self.phone_available.insert(uid);
+        }
+        for (name, history) in &profile.events {
+            if history.times().is_empty() {
+                continue;
+            }
+            let e = match self.events.get_mut(name) {
+                Some(e) => e,
+                None => self.events.entry(name.clone()).or_default(),
+            };
+            e.ever.insert(uid);
+            e.times.set(uid, history.times());
+        }
+        if !profile.purchases.is_empty() {
+            let p = &mut self.purchases;
+            p.any.insert(uid);
+            let mut records = Vec::with_capacity(profile.purchases.len());
+            for r in &profile.purchases {
+                let n = match p.product_numbers.get(&r.product_id) {
+                    Some(&n) => n,
+                    None => {
+                        let n = u32::try_from(p.buyers.len())
+                            .expect("fewer than 4 G distinct product ids");
+                        p.buyers.push(RoaringBitmap::new());
+                        p.product_numbers.insert(r.product_id.clone(), n);
+                        n
+                    }
+                };
+                p.buyers[n as usize].insert(uid);
+                records.push((r.time, n));
+            }
+            records.sort_unstable();
+            p.records.set(uid, &records);
+            let total = total_spend(&profile.purchases);
+            if !total.is_nan() {
+                p.spend.insert(uid, f64_key(total));
+            }
+        }
+    }
+
+    /// Removes a user; whether it was there.
+    pub fn remove(&mut self, uid: u32) -> bool {
+        if !self.live.remove(uid) {
+            return false;
+        }
+        self.sample.remove(uid);
+        self.identified.remove(uid);
+        self.email_available.remove(uid);
+        self.phone_available.remove(uid);
+        for cohorts in self.cohorts.values_mut() {
+            cohorts.retain(|_, members| {
+                members.remove(uid);
+                !members.is_empty()
+            });
+        }
+        self.cohorts.retain(|_, cohorts| !cohorts.is_empty());
+        for a in self.attributes.values_mut() {
+            a.remove(uid);
+        }
+        for e in self.events.values_mut() {
+            if e.ever.remove(uid) {
+                e.times.remove(uid);
+            }
+        }
+        let p = &mut self.purchases;
+        if p.any.remove(uid) {
+            for &(_, n) in p.records.get(uid) {
+                p.buyers[n as usize].remove(uid);
+            }
+            p.records.remove(uid);
+            p.spend.remove(uid);
+        }
+        true
+    }
+
+    fn cohort_insert(&mut self, uid: u32, partner: &str, cohort_id: &str) {
+        if let Some(members) = self
+            .cohorts
+            .get_mut(partner)
+            .and_then(|c| c.get_mut(cohort_id))
+        {
+            members.insert(uid);
+            return;
+        }
+        self.cohorts
+            .entry(partner.to_owned())
+            .or_default()
+            .entry(cohort_id.to_owned())
+            .or_default()
+            .insert(uid);
+    }
+
+    fn cohort(&self, partner: &str, cohort_id: &str) -> Option<&RoaringBitmap> {
+        self.cohorts.get(partner)?.get(cohort_id)
+    }
+
+    /// Applies a cohort membership delta (cohort import) without a whole profile; ignored for a
+    /// uid that is not live (cohort import never creates users). Whether it was applied.
+    pub fn add_to_cohort(&mut self, uid: u32, partner: &str, cohort_id: &str) -> bool {
+        if !self.live.contains(uid) {
+            return false;
+        }
+        self.cohort_insert(uid, partner, cohort_id);
+        true
+    }
+
+    /// Removes one cohort membership; whether the user was a member.
+    pub fn remove_from_cohort(&mut self, uid: u32, partner: &str, cohort_id: &str) -> bool {
+        let Some(cohorts) = self.cohorts.get_mut(partner) else {
+            return false;
+        };
+        let Some(members) = cohorts.get_mut(cohort_id) else {
+            return false;
+        };
+        let was = members.remove(uid);
+        if members.is_empty() {
+            cohorts.remove(cohort_id);
+        }
+        was
+    }
+
+    /// The uids of live users in the segment at `now` (unix seconds); `in_segment` resolves
+    /// through `lookup`. Equal to the profiles for which [`crate::matches()`] is true.
+    pub fn evaluate(&self, filter: &Filter, now: i64, lookup: &dyn SegmentLookup) -> RoaringBitmap {
+        eval::Eval::new(self, now, lookup).eval(filter, &self.live)
+    }
+
+    /// The segment's size: exact (`false`) below 100 000 users, else estimated (`true`) by
+    /// evaluating the fixed 1 % sample of uids and scaling to the live users.
+    pub fn estimate_size(
+        &self,
+        filter: &Filter,
+        now: i64,
+        lookup: &dyn SegmentLookup,
+    ) -> (u64, bool) {
+        let live = self.live.len();
+        let sample = self.sample.len();
+        if live < EXACT_BELOW || sample == 0 {
+            return (self.evaluate(filter, now, lookup).len(), false);
+        }
+        let hits = eval::Eval::new(self, now, lookup)
+            .eval(filter, &self.sample)
+            .len();
+        let scaled = (hits as f64 * live as f64 / sample as f64).round() as u64;
+        (scaled.min(live), true)
+    }
+
+    /// Converts bitmaps to their most compact containers (run-length where it pays); worth
+    /// calling after a bulk load.
+    pub fn optimize(&mut self) {
+        for b in [
+            &mut self.live,
+            &mut self.sample,
+            &mut self.identified,
+            &mut self.email_available,
+            &mut self.phone_available,
+            &mut self.purchases.any,
+        ] {
+            b.optimize();
+        }
+        for b in self.cohorts.values_mut().flat_map(HashMap::values_mut) {
+            b.optimize();
+        }
+        for a in self.attributes.values_mut() {
+            a.optimize();
+        }
+        for e in self.events.values_mut() {
+            e.ever.optimize();
+        }
+        for b in &mut self.purchases.buyers {
+            b.optimize();
+        }
+        self.purchases.spend.optimize();
+    }
+
+    /// Approximate heap bytes held by the index.
+    pub fn memory_bytes(&self) -> usize {
+        let bitmaps = [
+            &self.live,
+            &self.sample,
+            &self.identified,
+            &self.email_available,
+            &self.phone_available,
+        ]
+        .into_iter()
+        .map(bitmap_bytes)
+        .sum::<usize>();
+        let columns = self.created.capacity() * 8 + self.buckets.capacity() * 2;
+        let cohorts: usize = self
+            .cohorts
+            .iter()
+            .map(|(p, cs)| {
+                p.capacity()
+                    + cs.iter()
+                        .map(|(c, b)| c.capacity() + 48 + bitmap_bytes(b))
+                        .sum::<usize>()
+            })
+            .sum();
+        let attributes: usize = self
+            .attributes
+            .iter()
+            .map(|(n, a)| n.capacity() + a.heap_bytes())
+            .sum();
+        let events: usize = self
+            .events
+            .iter()
+            .map(|(n, e)| n.capacity() + bitmap_bytes(&e.ever) + e.times.heap_bytes())
+            .sum();
+        let p = &self.purchases;
+        let purchases = bitmap_bytes(&p.any)
+            + p.records.heap_bytes()
+            + p.product_numbers
+                .keys()
+                .map(|k| k.capacity() + 40)
+                .sum::<usize>()
+            + p.buyers.iter().map(bitmap_bytes).sum::<usize>()
+            + p.spend.heap_bytes();
+        bitmaps + columns + cohorts + attributes + events + purchases
+    }
+}
