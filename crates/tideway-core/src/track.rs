@@ -196,8 +196,9 @@ fn parse_id<T, E>(obj: &Map<String, Value>, key: &str, parse: impl Fn(&str) -> R
     opt_str(obj, key)?.map(|s| parse(s).map_err(|_| not_valid(key))).transpose()
 }
 
-/// Resolves the identifier keys of a track object. `email_is_attribute` is true for attribute
-/// objects, where `email`/`phone` are also profile fields.
+/// Resolves the identifier keys of a track object: which one names the user (precedence
+/// `external_id` > `user_alias` > `braze_id` > `email` > `phone` > `device_id`), and whether it
+/// may create that user.
 fn parse_target(obj: &Map<String, Value>) -> Result<Target, String> {
     let external = parse_id(obj, "external_id", ExternalId::parse)?;
     let alias = match obj.get("user_alias") {

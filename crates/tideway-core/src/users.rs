@@ -12,7 +12,7 @@ use crate::currents::{CurrentsEvent, EventUser};
 use crate::ids::{BrazeId, DeviceId, Email, ExternalId, IdSource, Phone, UserAlias};
 use crate::profile::{Occurrences, UserRecord, apply_custom};
 use crate::store::{StoreError, UserLookup, UserTx, Workspace};
-use crate::track::{AttributeObject, ContactChange, EventObject, ObjectError, PurchaseObject, Target, TrackRequest, UserRef};
+use crate::track::{AttributeObject, ContactChange, EventObject, InputArray, ObjectError, PurchaseObject, Target, TrackRequest, UserRef};
 
 /// `update_source` of profile updates made through the REST API.
 pub const UPDATE_SOURCE_REST: &str = "rest_api";
@@ -80,45 +80,44 @@ impl Touched {
 pub fn track(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, req: &TrackRequest) -> Result<TrackOutcome, StoreError> {
     let mut out = TrackOutcome { errors: req.errors.clone(), ..TrackOutcome::default() };
     let mut touched = Touched::default();
-    for (index, obj) in &req.attributes {
-        match resolve_for_track(tx, ctx, &obj.target, &mut touched)? {
-            Resolved::User(user) => {
-                let mut user = touched.freshest(*user);
-                apply_attributes(tx, ctx, &mut user, obj)?;
-                touched.keep(user);
-                out.attributes_processed += 1;
-            }
-            Resolved::Skip => {}
-            Resolved::Error(message) => out.errors.push(ObjectError { input_array: crate::track::InputArray::Attributes, index: *index, message }),
-        }
-    }
-    for (index, obj) in &req.events {
-        match resolve_for_track(tx, ctx, &obj.target, &mut touched)? {
-            Resolved::User(user) => {
-                let mut user = touched.freshest(*user);
-                apply_event(tx, ctx, &mut user, obj)?;
-                touched.keep(user);
-                out.events_processed += 1;
-            }
-            Resolved::Skip => {}
-            Resolved::Error(message) => out.errors.push(ObjectError { input_array: crate::track::InputArray::Events, index: *index, message }),
-        }
-    }
-    for (index, obj) in &req.purchases {
-        match resolve_for_track(tx, ctx, &obj.target, &mut touched)? {
-            Resolved::User(user) => {
-                let mut user = touched.freshest(*user);
-                apply_purchase(tx, ctx, &mut user, obj)?;
-                touched.keep(user);
-                out.purchases_processed += 1;
-            }
-            Resolved::Skip => {}
-            Resolved::Error(message) => out.errors.push(ObjectError { input_array: crate::track::InputArray::Purchases, index: *index, message }),
-        }
-    }
+    out.attributes_processed = apply_each(tx, ctx, &mut touched, &mut out.errors, InputArray::Attributes, &req.attributes, |o| &o.target, apply_attributes)?;
+    out.events_processed = apply_each(tx, ctx, &mut touched, &mut out.errors, InputArray::Events, &req.events, |o| &o.target, apply_event)?;
+    out.purchases_processed = apply_each(tx, ctx, &mut touched, &mut out.errors, InputArray::Purchases, &req.purchases, |o| &o.target, apply_purchase)?;
     touched.flush(tx)?;
     out.errors.sort_by_key(|e| (e.input_array as u8, e.index));
     Ok(out)
+}
+
+/// The applier of one kind of track object.
+type Apply<T> = fn(&mut dyn UserTx, &mut WriteCtx<'_>, &mut UserRecord, &T) -> Result<(), StoreError>;
+
+/// Resolves and applies each object of one array; returns how many were processed and records
+/// the ones whose user could not be resolved.
+#[allow(clippy::too_many_arguments)]
+fn apply_each<T>(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    touched: &mut Touched,
+    errors: &mut Vec<ObjectError>,
+    input_array: InputArray,
+    objects: &[(usize, T)],
+    target_of: fn(&T) -> &Target,
+    apply: Apply<T>,
+) -> Result<usize, StoreError> {
+    let mut processed = 0;
+    for (index, obj) in objects {
+        match resolve_for_track(tx, ctx, target_of(obj), touched)? {
+            Resolved::User(user) => {
+                let mut user = touched.freshest(*user);
+                apply(tx, ctx, &mut user, obj)?;
+                touched.keep(user);
+                processed += 1;
+            }
+            Resolved::Skip => {}
+            Resolved::Error(message) => errors.push(ObjectError { input_array, index: *index, message }),
+        }
+    }
+    Ok(processed)
 }
 
 /// [`resolve`], after saving this request's pending changes when the target may identify or
