@@ -60,7 +60,10 @@ impl EndpointUrl {
         if raw.len() > 2048 {
             return Err(EndpointError::TooLong);
         }
-        if raw.chars().any(|c| c.is_whitespace() || c.is_control() || c == '#') {
+        if raw
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '#')
+        {
             return Err(EndpointError::BadCharacters);
         }
         let lower = raw.to_ascii_lowercase();
@@ -76,7 +79,11 @@ impl EndpointUrl {
             return Err(EndpointError::Credentials);
         }
         let host = if authority.starts_with('[') {
-            authority.split(']').next().map(|h| h.trim_start_matches('[')).unwrap_or("")
+            authority
+                .split(']')
+                .next()
+                .map(|h| h.trim_start_matches('['))
+                .unwrap_or("")
         } else {
             authority.split(':').next().unwrap_or("")
         };
@@ -91,7 +98,9 @@ impl EndpointUrl {
     }
 
     pub fn is_https(&self) -> bool {
-        self.0.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        self.0
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
     }
 
     /// The URL with its query string cut off: safe to log (query strings sometimes carry keys).
@@ -127,8 +136,14 @@ impl BearerToken {
         let body = raw.trim_end_matches('=');
         let ok = !body.is_empty()
             && raw.len() <= 4096
-            && body.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b));
-        if ok { Ok(BearerToken(raw.to_owned())) } else { Err(BadBearerToken) }
+            && body
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b));
+        if ok {
+            Ok(BearerToken(raw.to_owned()))
+        } else {
+            Err(BadBearerToken)
+        }
     }
 
     pub fn expose(&self) -> &str {
@@ -154,7 +169,11 @@ pub enum CurrentKind {
 }
 
 impl CurrentKind {
-    pub const ALL: [CurrentKind; 3] = [CurrentKind::HeapExport, CurrentKind::CustomHttp, CurrentKind::HeapTrack];
+    pub const ALL: [CurrentKind; 3] = [
+        CurrentKind::HeapExport,
+        CurrentKind::CustomHttp,
+        CurrentKind::HeapTrack,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -170,7 +189,11 @@ impl CurrentKind {
 }
 
 impl EventCategory {
-    pub const ALL: [EventCategory; 3] = [EventCategory::MessageEngagement, EventCategory::CustomerBehavior, EventCategory::User];
+    pub const ALL: [EventCategory; 3] = [
+        EventCategory::MessageEngagement,
+        EventCategory::CustomerBehavior,
+        EventCategory::User,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -243,7 +266,13 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { base_ms: 1_000, multiplier: 2, cap_ms: 300_000, request_timeout_ms: 30_000, max_retry_after_ms: 3_600_000 }
+        RetryPolicy {
+            base_ms: 1_000,
+            multiplier: 2,
+            cap_ms: 300_000,
+            request_timeout_ms: 30_000,
+            max_retry_after_ms: 3_600_000,
+        }
     }
 }
 
@@ -263,7 +292,11 @@ pub const DAY_MS: u64 = 86_400_000;
 
 impl Default for Windows {
     fn default() -> Self {
-        Windows { failure_window_ms: 5 * DAY_MS, retention_ms: 7 * DAY_MS, alert_after_ms: DAY_MS }
+        Windows {
+            failure_window_ms: 5 * DAY_MS,
+            retention_ms: 7 * DAY_MS,
+            alert_after_ms: DAY_MS,
+        }
     }
 }
 
@@ -509,9 +542,13 @@ impl DeadLetterReason {
     }
 
     pub fn parse(raw: &str) -> Option<Self> {
-        [DeadLetterReason::Rejected, DeadLetterReason::TooLargeForReceiver, DeadLetterReason::Oversized]
-            .into_iter()
-            .find(|r| r.as_str() == raw)
+        [
+            DeadLetterReason::Rejected,
+            DeadLetterReason::TooLargeForReceiver,
+            DeadLetterReason::Oversized,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == raw)
     }
 }
 
@@ -601,11 +638,18 @@ pub struct DropRecord {
 /// How far behind a Current is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Lag {
-    /// Selected events after the position (not counting replays or dead letters).
+    /// Selected events after the position (not counting replays or dead letters); counted
+    /// exactly up to [`LAG_EXACT_UP_TO`], beyond that estimated from log positions.
     pub events: u64,
+    /// Whether `events` was counted (not estimated).
+    pub exact: bool,
     /// When the oldest of them entered the log (from the log clock), if any.
     pub oldest_logged_at: Option<Millis>,
 }
+
+/// Lags up to this many events are counted exactly; larger ones are estimated (a status read
+/// must not scan a 10 M-event backlog).
+pub const LAG_EXACT_UP_TO: u64 = 100_000;
 
 /// Which event types a read keeps: `None` keeps all.
 pub type TypeFilter = Option<Vec<String>>;
@@ -615,10 +659,26 @@ pub trait CurrentsStore: Send + Sync {
     // -- definitions --------------------------------------------------------------------
     /// Creates a Current at the end of the log (it exports what happens from now on), in
     /// status `initial` (`Draft`, or `Active` for create-and-launch).
-    fn create_current(&self, workspace: WorkspaceId, spec: CurrentSpec, initial: CurrentStatus, now: Millis) -> StoreFuture<'_, Current>;
+    fn create_current(
+        &self,
+        workspace: WorkspaceId,
+        spec: CurrentSpec,
+        initial: CurrentStatus,
+        now: Millis,
+    ) -> StoreFuture<'_, Current>;
     /// Replaces the spec (position and counters are kept).
-    fn update_current(&self, workspace: WorkspaceId, id: CurrentId, spec: CurrentSpec, now: Millis) -> StoreFuture<'_, Current>;
-    fn get_current(&self, workspace: WorkspaceId, id: CurrentId) -> StoreFuture<'_, Option<Current>>;
+    fn update_current(
+        &self,
+        workspace: WorkspaceId,
+        id: CurrentId,
+        spec: CurrentSpec,
+        now: Millis,
+    ) -> StoreFuture<'_, Current>;
+    fn get_current(
+        &self,
+        workspace: WorkspaceId,
+        id: CurrentId,
+    ) -> StoreFuture<'_, Option<Current>>;
     fn list_currents(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<Current>>;
     /// Every Current of every workspace (the exporter's supervisor).
     fn all_currents(&self) -> StoreFuture<'_, Vec<Current>>;
@@ -626,47 +686,99 @@ pub trait CurrentsStore: Send + Sync {
     fn delete_current(&self, workspace: WorkspaceId, id: CurrentId) -> StoreFuture<'_, bool>;
     /// Applies a status change; [`crate::store::StoreError::Conflict`] when the Current is in a status the
     /// change cannot start from. `Enable` also clears the failure streak.
-    fn change_status(&self, id: CurrentId, change: StatusChange, reason: Option<LastError>, now: Millis) -> StoreFuture<'_, Current>;
+    fn change_status(
+        &self,
+        id: CurrentId,
+        change: StatusChange,
+        reason: Option<LastError>,
+        now: Millis,
+    ) -> StoreFuture<'_, Current>;
 
     // -- consuming ----------------------------------------------------------------------
     /// Takes or renews the lease when it is free, expired or already `owner`'s.
-    fn acquire_lease(&self, id: CurrentId, owner: &str, now: Millis, ttl_ms: u64) -> StoreFuture<'_, bool>;
+    fn acquire_lease(
+        &self,
+        id: CurrentId,
+        owner: &str,
+        now: Millis,
+        ttl_ms: u64,
+    ) -> StoreFuture<'_, bool>;
     fn release_lease(&self, id: CurrentId, owner: &str) -> StoreFuture<'_, ()>;
     /// Reads up to `scan` log entries of the workspace after `after`, keeping the selected
     /// types.
-    fn claim(&self, workspace: WorkspaceId, after: i64, scan: usize, types: TypeFilter) -> StoreFuture<'_, Claimed>;
+    fn claim(
+        &self,
+        workspace: WorkspaceId,
+        after: i64,
+        scan: usize,
+        types: TypeFilter,
+    ) -> StoreFuture<'_, Claimed>;
     /// Records a batch's outcome: cursor, counters, dead letters, last success; clears the
     /// failure streak when something was delivered.
     fn ack(&self, ack: Ack) -> StoreFuture<'_, ()>;
     /// Records a failed attempt (`retried` events will be re-sent); returns the start of the
     /// failure streak.
-    fn record_failure(&self, id: CurrentId, owner: &str, error: LastError, retried: u64) -> StoreFuture<'_, Millis>;
+    fn record_failure(
+        &self,
+        id: CurrentId,
+        owner: &str,
+        error: LastError,
+        retried: u64,
+    ) -> StoreFuture<'_, Millis>;
     /// Drops every selected queued event that entered the log before `cutoff` (moving the
     /// position past them), records and returns what was dropped.
-    fn apply_retention(&self, id: CurrentId, owner: &str, cutoff: Millis, types: TypeFilter, now: Millis) -> StoreFuture<'_, Option<DropRecord>>;
+    fn apply_retention(
+        &self,
+        id: CurrentId,
+        owner: &str,
+        cutoff: Millis,
+        types: TypeFilter,
+        now: Millis,
+    ) -> StoreFuture<'_, Option<DropRecord>>;
     fn lag(&self, id: CurrentId, types: TypeFilter) -> StoreFuture<'_, Lag>;
     /// Records "the log head is here at `now`" when it moved; forgets samples older than
     /// `keep_ms` (keeping one so old positions still map to a time).
     fn tick_log_clock(&self, now: Millis, keep_ms: u64) -> StoreFuture<'_, ()>;
 
     // -- dead letters and replays -------------------------------------------------------
-    fn list_dead_letters(&self, id: CurrentId, after_id: i64, limit: usize) -> StoreFuture<'_, Vec<DeadLetter>>;
+    fn list_dead_letters(
+        &self,
+        id: CurrentId,
+        after_id: i64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<DeadLetter>>;
     /// Marks dead letters for replay; returns how many.
     fn replay_dead_letters(&self, id: CurrentId, pick: DeadLetterPick) -> StoreFuture<'_, u64>;
     /// Dead letters marked for replay, oldest first.
     fn claim_dead_letters(&self, id: CurrentId, limit: usize) -> StoreFuture<'_, Vec<DeadLetter>>;
     /// Queues the log entries that entered the log within `[from, to]` for re-delivery.
-    fn replay_window(&self, id: CurrentId, from: Millis, to: Millis) -> StoreFuture<'_, Option<ReplayWindow>>;
+    fn replay_window(
+        &self,
+        id: CurrentId,
+        from: Millis,
+        to: Millis,
+    ) -> StoreFuture<'_, Option<ReplayWindow>>;
     /// The oldest pending replay window, if any.
     fn next_replay_window(&self, id: CurrentId) -> StoreFuture<'_, Option<ReplayWindow>>;
     fn list_drops(&self, id: CurrentId, limit: usize) -> StoreFuture<'_, Vec<DropRecord>>;
     /// Counts test events against the cap (`max` per `window_ms`); `Conflict` when over it.
-    fn record_test_events(&self, id: CurrentId, count: u64, max: u64, window_ms: u64, now: Millis) -> StoreFuture<'_, ()>;
+    fn record_test_events(
+        &self,
+        id: CurrentId,
+        count: u64,
+        max: u64,
+        window_ms: u64,
+        now: Millis,
+    ) -> StoreFuture<'_, ()>;
 
     // -- appending ----------------------------------------------------------------------
     /// Appends events that do not come with a user-state change (benchmarks, fixtures,
     /// imports); returns the last position written.
-    fn append_events(&self, workspace: WorkspaceId, events: Vec<(Option<UserSeq>, CurrentsEvent)>) -> StoreFuture<'_, i64>;
+    fn append_events(
+        &self,
+        workspace: WorkspaceId,
+        events: Vec<(Option<UserSeq>, CurrentsEvent)>,
+    ) -> StoreFuture<'_, i64>;
 }
 
 #[cfg(test)]
@@ -680,8 +792,14 @@ mod tests {
         assert!(EndpointUrl::parse("http://[::1]:8080/x").is_ok());
         assert_eq!(EndpointUrl::parse("ftp://h"), Err(EndpointError::Scheme));
         assert_eq!(EndpointUrl::parse("https://"), Err(EndpointError::NoHost));
-        assert_eq!(EndpointUrl::parse("https://u:p@h/"), Err(EndpointError::Credentials));
-        assert_eq!(EndpointUrl::parse("https://h/a b"), Err(EndpointError::BadCharacters));
+        assert_eq!(
+            EndpointUrl::parse("https://u:p@h/"),
+            Err(EndpointError::Credentials)
+        );
+        assert_eq!(
+            EndpointUrl::parse("https://h/a b"),
+            Err(EndpointError::BadCharacters)
+        );
         let url = EndpointUrl::parse("https://h/x?token=secret").unwrap();
         assert!(!format!("{url:?}").contains("secret"));
         assert!(url.is_https());
@@ -694,13 +812,24 @@ mod tests {
         assert!(BearerToken::parse("").is_err());
         assert!(BearerToken::parse("has space").is_err());
         assert!(BearerToken::parse("==").is_err());
-        assert_eq!(format!("{:?}", BearerToken::parse("s3cret").unwrap()), "BearerToken(<redacted>)");
+        assert_eq!(
+            format!("{:?}", BearerToken::parse("s3cret").unwrap()),
+            "BearerToken(<redacted>)"
+        );
     }
 
     #[test]
     fn status_rules() {
-        assert_eq!(StatusChange::Launch.rule(), (&[CurrentStatus::Draft][..], CurrentStatus::Active));
-        assert!(StatusChange::Enable.rule().0.contains(&CurrentStatus::Disabled));
+        assert_eq!(
+            StatusChange::Launch.rule(),
+            (&[CurrentStatus::Draft][..], CurrentStatus::Active)
+        );
+        assert!(
+            StatusChange::Enable
+                .rule()
+                .0
+                .contains(&CurrentStatus::Disabled)
+        );
         for s in CurrentStatus::ALL {
             assert_eq!(CurrentStatus::parse(s.as_str()), Some(s));
         }

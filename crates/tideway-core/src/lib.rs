@@ -12,6 +12,7 @@ pub mod currents_store;
 pub mod ids;
 pub mod keys;
 pub mod profile;
+pub mod segments;
 pub mod store;
 pub mod track;
 pub mod users;

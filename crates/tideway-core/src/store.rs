@@ -17,6 +17,7 @@ use crate::ids::{BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias, UserSeq
 use crate::ids::AliasLabel;
 use crate::keys::{ApiKey, IpAllowlist, KeyHash, PermissionSet, Secret};
 use crate::profile::UserRecord;
+use crate::segments::{FeedPosition, ProfileChanges, ProfileSnapshot, Segment};
 use crate::users::{
     AliasNewItem, AliasUpdateItem, DeleteOutcome, DeleteRequest, ExportOutcome, ExportRequest, IdentifyItem, ItemOutcome,
     MergeItem, RemoveOutcome, RenameItem, RenameOutcome, TrackOutcome,
@@ -106,6 +107,9 @@ pub trait UserTx: UserLookup {
     fn append_event(&mut self, user: Option<UserSeq>, event: &CurrentsEvent) -> Result<(), StoreError>;
     /// Moves `from`'s cohort memberships to `to` (merge: the survivor keeps the union).
     fn move_cohort_memberships(&mut self, from: UserSeq, to: UserSeq, now: Millis) -> Result<(), StoreError>;
+    /// Records that `from` was merged into `into`, so history kept per user (the events the
+    /// segment index counts) follows the merge.
+    fn record_merge(&mut self, from: UserSeq, into: UserSeq, now: Millis) -> Result<(), StoreError>;
 }
 
 /// A new REST API key to store.
@@ -266,4 +270,18 @@ pub trait Store: Send + Sync {
 
     /// Events of a workspace after log position `after`, oldest first.
     fn read_events(&self, workspace: WorkspaceId, after: i64, limit: usize) -> StoreFuture<'_, Vec<LoggedEvent>>;
+
+    /// Stores a new segment (the caller chose its id and validated its filter).
+    fn create_segment(&self, workspace: WorkspaceId, segment: Segment) -> StoreFuture<'_, Segment>;
+    fn segment(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, Option<Segment>>;
+    /// The workspace's segments, oldest first.
+    fn list_segments(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<Segment>>;
+    /// Replaces name and filter; `None` if there is no such segment.
+    fn update_segment(&self, workspace: WorkspaceId, id: &str, name: String, filter: serde_json::Value, now: Millis) -> StoreFuture<'_, Option<Segment>>;
+    /// Returns whether a segment was deleted.
+    fn delete_segment(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool>;
+    /// Every live user of the workspace as segment evaluation sees them, at one consistent point.
+    fn segment_profiles(&self, workspace: WorkspaceId) -> StoreFuture<'_, ProfileSnapshot>;
+    /// The users whose events, attributes or cohort memberships changed after `after`, reloaded.
+    fn segment_profile_changes(&self, workspace: WorkspaceId, after: FeedPosition) -> StoreFuture<'_, ProfileChanges>;
 }

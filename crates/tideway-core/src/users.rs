@@ -373,6 +373,7 @@ pub fn merge_into(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, source: &UserReco
     tx.append_event(Some(source.seq), &orphan)?;
     // Memberships move before the delete, which would otherwise record the source leaving.
     tx.move_cohort_memberships(source.seq, target.seq, ctx.now)?;
+    tx.record_merge(source.seq, target.seq, ctx.now)?;
     tx.delete_user(source.seq, ctx.now)?;
     for alias in source_aliases.iter().filter(|a| !target_labels.contains(&a.label)) {
         tx.put_alias(target.seq, alias)?;

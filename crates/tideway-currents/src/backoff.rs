@@ -12,12 +12,19 @@ use tideway_core::currents_store::RetryPolicy;
 /// The upper bound of the jittered wait for this attempt.
 pub fn ceiling(policy: &RetryPolicy, attempt: u32) -> Duration {
     let exp = attempt.saturating_sub(1).min(63);
-    let factor = u64::from(policy.multiplier.max(1)).checked_pow(exp).unwrap_or(u64::MAX);
+    let factor = u64::from(policy.multiplier.max(1))
+        .checked_pow(exp)
+        .unwrap_or(u64::MAX);
     Duration::from_millis(policy.base_ms.saturating_mul(factor).min(policy.cap_ms))
 }
 
 /// The wait before retry number `attempt`; `draw` is uniform in `[0, 1)`.
-pub fn delay(policy: &RetryPolicy, attempt: u32, retry_after: Option<Duration>, draw: f64) -> Duration {
+pub fn delay(
+    policy: &RetryPolicy,
+    attempt: u32,
+    retry_after: Option<Duration>,
+    draw: f64,
+) -> Duration {
     let jittered = ceiling(policy, attempt).mul_f64(draw.clamp(0.0, 1.0));
     match retry_after {
         Some(asked) => jittered.max(asked.min(Duration::from_millis(policy.max_retry_after_ms))),
@@ -57,14 +64,23 @@ impl Jitter {
 mod tests {
     use super::*;
 
-    const POLICY: RetryPolicy =
-        RetryPolicy { base_ms: 1_000, multiplier: 2, cap_ms: 300_000, request_timeout_ms: 30_000, max_retry_after_ms: 3_600_000 };
+    const POLICY: RetryPolicy = RetryPolicy {
+        base_ms: 1_000,
+        multiplier: 2,
+        cap_ms: 300_000,
+        request_timeout_ms: 30_000,
+        max_retry_after_ms: 3_600_000,
+    };
 
     #[test]
     fn the_ceiling_doubles_from_one_second_to_the_five_minute_cap() {
         let secs: Vec<u64> = (1..=12).map(|a| ceiling(&POLICY, a).as_secs()).collect();
         assert_eq!(secs, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
-        assert_eq!(ceiling(&POLICY, 1_000), Duration::from_secs(300), "no overflow");
+        assert_eq!(
+            ceiling(&POLICY, 1_000),
+            Duration::from_secs(300),
+            "no overflow"
+        );
         assert_eq!(ceiling(&POLICY, 0), Duration::from_secs(1));
     }
 
@@ -85,6 +101,9 @@ mod tests {
         let asked = Some(Duration::from_secs(30));
         assert_eq!(delay(&POLICY, 1, asked, 0.3), Duration::from_secs(30));
         assert_eq!(delay(&POLICY, 10, asked, 0.5), Duration::from_secs(150));
-        assert_eq!(delay(&POLICY, 1, Some(Duration::from_secs(86_400)), 0.1), Duration::from_secs(3_600));
+        assert_eq!(
+            delay(&POLICY, 1, Some(Duration::from_secs(86_400)), 0.1),
+            Duration::from_secs(3_600)
+        );
     }
 }

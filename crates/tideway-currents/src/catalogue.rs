@@ -49,7 +49,9 @@ impl FieldType {
             FieldType::Float | FieldType::Double => value.is_number(),
             FieldType::Boolean => value.is_boolean(),
             FieldType::Object => value.is_object(),
-            FieldType::Array => value.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
+            FieldType::Array => value
+                .as_array()
+                .is_some_and(|a| a.iter().all(Value::is_string)),
         }
     }
 }
@@ -80,7 +82,9 @@ impl TypeInfo {
             || (category == EventCategory::MessageEngagement
                 && matches!(
                     self.name.as_str(),
-                    "users.behaviors.Uninstall" | "users.behaviors.subscription.GlobalStateChange" | "users.behaviors.subscriptiongroup.StateChange"
+                    "users.behaviors.Uninstall"
+                        | "users.behaviors.subscription.GlobalStateChange"
+                        | "users.behaviors.subscriptiongroup.StateChange"
                 ))
     }
 
@@ -128,11 +132,20 @@ fn parse_fields(list: &str, line: usize) -> Result<Vec<Field>, CatalogueError> {
     }
     list.split(',')
         .map(|part| {
-            let (name, ty) = part.trim().split_once(':').ok_or_else(|| CatalogueError { line, problem: format!("field {part:?}") })?;
+            let (name, ty) = part.trim().split_once(':').ok_or_else(|| CatalogueError {
+                line,
+                problem: format!("field {part:?}"),
+            })?;
             let optional = ty.ends_with('?');
-            let ty = FieldType::parse(ty.trim_end_matches('?'))
-                .ok_or_else(|| CatalogueError { line, problem: format!("type of {name}: {ty}") })?;
-            Ok(Field { name: name.trim().to_owned(), ty, optional })
+            let ty = FieldType::parse(ty.trim_end_matches('?')).ok_or_else(|| CatalogueError {
+                line,
+                problem: format!("type of {name}: {ty}"),
+            })?;
+            Ok(Field {
+                name: name.trim().to_owned(),
+                ty,
+                optional,
+            })
         })
         .collect()
 }
@@ -156,17 +169,31 @@ pub fn parse(text: &str) -> Result<Vec<TypeInfo>, CatalogueError> {
         } else if let Some(rest) = raw.strip_prefix("- `") {
             let Some(category) = category else { continue };
             let name = rest.split('`').next().unwrap_or_default();
-            types.push(TypeInfo { name: name.to_owned(), category, user: Vec::new(), properties: Vec::new() });
+            types.push(TypeInfo {
+                name: name.to_owned(),
+                category,
+                user: Vec::new(),
+                properties: Vec::new(),
+            });
         } else if let Some(list) = raw.strip_prefix("  - user:") {
-            let t = types.last_mut().ok_or_else(|| CatalogueError { line, problem: "user list before a type".into() })?;
+            let t = types.last_mut().ok_or_else(|| CatalogueError {
+                line,
+                problem: "user list before a type".into(),
+            })?;
             t.user = parse_fields(list, line)?;
         } else if let Some(list) = raw.strip_prefix("  - properties:") {
-            let t = types.last_mut().ok_or_else(|| CatalogueError { line, problem: "properties before a type".into() })?;
+            let t = types.last_mut().ok_or_else(|| CatalogueError {
+                line,
+                problem: "properties before a type".into(),
+            })?;
             t.properties = parse_fields(list, line)?;
         }
     }
     if types.is_empty() {
-        return Err(CatalogueError { line: 0, problem: "no event types".into() });
+        return Err(CatalogueError {
+            line: 0,
+            problem: "no event types".into(),
+        });
     }
     Ok(types)
 }
@@ -195,7 +222,11 @@ pub fn find(name: &str) -> Option<&'static TypeInfo> {
 
 /// The type names a set of categories selects.
 pub fn names_in(categories: &[EventCategory]) -> Vec<String> {
-    all().iter().filter(|t| categories.iter().any(|c| t.in_category(*c))).map(|t| t.name.clone()).collect()
+    all()
+        .iter()
+        .filter(|t| categories.iter().any(|c| t.in_category(*c)))
+        .map(|t| t.name.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -211,9 +242,17 @@ mod tests {
         assert_eq!(count(EventCategory::CustomerBehavior), 13);
         assert_eq!(count(EventCategory::User), 3);
         let custom = find("users.behaviors.CustomEvent").unwrap();
-        assert!(custom.properties.iter().any(|f| f.name == "custom_properties" && f.ty == FieldType::Object && f.optional));
+        assert!(
+            custom
+                .properties
+                .iter()
+                .any(|f| f.name == "custom_properties" && f.ty == FieldType::Object && f.optional)
+        );
         assert!(find("agentconsole.ToolInvocation").unwrap().user.is_empty());
-        assert!(names_in(&[EventCategory::MessageEngagement]).contains(&"users.behaviors.Uninstall".to_owned()));
+        assert!(
+            names_in(&[EventCategory::MessageEngagement])
+                .contains(&"users.behaviors.Uninstall".to_owned())
+        );
     }
 
     #[test]

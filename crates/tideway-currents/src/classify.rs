@@ -19,7 +19,10 @@ use tideway_core::currents_store::DeadLetterReason;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
     /// An HTTP response; `retry_after` is the parsed `Retry-After` header, if any.
-    Status { code: u16, retry_after: Option<Duration> },
+    Status {
+        code: u16,
+        retry_after: Option<Duration>,
+    },
     /// No response within the request timeout.
     Timeout,
     /// The connection could not be made or broke.
@@ -39,20 +42,36 @@ pub enum Verdict {
     /// Stop the Current until it is re-enabled; nothing is acknowledged.
     Halt,
     /// Send the same batch again later, not before `at_least` when the receiver said so.
-    Retry { at_least: Option<Duration> },
+    Retry {
+        at_least: Option<Duration>,
+    },
 }
 
 /// The table.
 pub fn classify(answer: Answer, batch_len: usize) -> Verdict {
     match answer {
-        Answer::Status { code: 200..=299, .. } => Verdict::Ack,
+        Answer::Status {
+            code: 200..=299, ..
+        } => Verdict::Ack,
         Answer::Status { code: 400, .. } if batch_len > 1 => Verdict::SplitToSingles,
         Answer::Status { code: 400, .. } => Verdict::DeadLetter(DeadLetterReason::Rejected),
         Answer::Status { code: 413, .. } if batch_len > 1 => Verdict::Halve,
-        Answer::Status { code: 413, .. } => Verdict::DeadLetter(DeadLetterReason::TooLargeForReceiver),
-        Answer::Status { code: 401 | 403 | 404, .. } => Verdict::Halt,
-        Answer::Status { code: 429 | 503, retry_after } => Verdict::Retry { at_least: retry_after },
-        Answer::Status { .. } | Answer::Timeout | Answer::Connection => Verdict::Retry { at_least: None },
+        Answer::Status { code: 413, .. } => {
+            Verdict::DeadLetter(DeadLetterReason::TooLargeForReceiver)
+        }
+        Answer::Status {
+            code: 401 | 403 | 404,
+            ..
+        } => Verdict::Halt,
+        Answer::Status {
+            code: 429 | 503,
+            retry_after,
+        } => Verdict::Retry {
+            at_least: retry_after,
+        },
+        Answer::Status { .. } | Answer::Timeout | Answer::Connection => {
+            Verdict::Retry { at_least: None }
+        }
     }
 }
 
@@ -65,8 +84,13 @@ pub fn parse_retry_after(raw: &str, now_unix_secs: i64) -> Option<Duration> {
     let format = time::macros::format_description!(
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );
-    let at = time::PrimitiveDateTime::parse(raw, &format).ok()?.assume_utc().unix_timestamp();
-    Some(Duration::from_secs(u64::try_from(at - now_unix_secs).unwrap_or(0)))
+    let at = time::PrimitiveDateTime::parse(raw, &format)
+        .ok()?
+        .assume_utc()
+        .unix_timestamp();
+    Some(Duration::from_secs(
+        u64::try_from(at - now_unix_secs).unwrap_or(0),
+    ))
 }
 
 #[cfg(test)]
@@ -74,7 +98,10 @@ mod tests {
     use super::*;
 
     fn status(code: u16) -> Answer {
-        Answer::Status { code, retry_after: None }
+        Answer::Status {
+            code,
+            retry_after: None,
+        }
     }
 
     #[test]
@@ -85,22 +112,67 @@ mod tests {
         }
         assert_eq!(classify(status(400), 100), Verdict::SplitToSingles);
         assert_eq!(classify(status(400), 2), Verdict::SplitToSingles);
-        assert_eq!(classify(status(400), 1), Verdict::DeadLetter(DeadLetterReason::Rejected));
+        assert_eq!(
+            classify(status(400), 1),
+            Verdict::DeadLetter(DeadLetterReason::Rejected)
+        );
         assert_eq!(classify(status(413), 100), Verdict::Halve);
-        assert_eq!(classify(status(413), 1), Verdict::DeadLetter(DeadLetterReason::TooLargeForReceiver));
+        assert_eq!(
+            classify(status(413), 1),
+            Verdict::DeadLetter(DeadLetterReason::TooLargeForReceiver)
+        );
         for code in [401, 403, 404] {
             assert_eq!(classify(status(code), 100), Verdict::Halt);
             assert_eq!(classify(status(code), 1), Verdict::Halt);
         }
-        for code in [100, 301, 302, 304, 402, 405, 408, 409, 422, 500, 502, 504, 599] {
-            assert_eq!(classify(status(code), 100), Verdict::Retry { at_least: None }, "{code}");
+        for code in [
+            100, 301, 302, 304, 402, 405, 408, 409, 422, 500, 502, 504, 599,
+        ] {
+            assert_eq!(
+                classify(status(code), 100),
+                Verdict::Retry { at_least: None },
+                "{code}"
+            );
         }
         let wait = Some(Duration::from_secs(7));
-        assert_eq!(classify(Answer::Status { code: 429, retry_after: wait }, 10), Verdict::Retry { at_least: wait });
-        assert_eq!(classify(Answer::Status { code: 503, retry_after: wait }, 10), Verdict::Retry { at_least: wait });
-        assert_eq!(classify(Answer::Status { code: 500, retry_after: wait }, 10), Verdict::Retry { at_least: None });
-        assert_eq!(classify(Answer::Timeout, 5), Verdict::Retry { at_least: None });
-        assert_eq!(classify(Answer::Connection, 1), Verdict::Retry { at_least: None });
+        assert_eq!(
+            classify(
+                Answer::Status {
+                    code: 429,
+                    retry_after: wait
+                },
+                10
+            ),
+            Verdict::Retry { at_least: wait }
+        );
+        assert_eq!(
+            classify(
+                Answer::Status {
+                    code: 503,
+                    retry_after: wait
+                },
+                10
+            ),
+            Verdict::Retry { at_least: wait }
+        );
+        assert_eq!(
+            classify(
+                Answer::Status {
+                    code: 500,
+                    retry_after: wait
+                },
+                10
+            ),
+            Verdict::Retry { at_least: None }
+        );
+        assert_eq!(
+            classify(Answer::Timeout, 5),
+            Verdict::Retry { at_least: None }
+        );
+        assert_eq!(
+            classify(Answer::Connection, 1),
+            Verdict::Retry { at_least: None }
+        );
     }
 
     #[test]
@@ -108,8 +180,14 @@ mod tests {
         assert_eq!(parse_retry_after("120", 0), Some(Duration::from_secs(120)));
         assert_eq!(parse_retry_after(" 0 ", 0), Some(Duration::ZERO));
         // Sun, 06 Nov 1994 08:49:37 GMT = 784111777
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784_111_770), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784_111_800), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784_111_770),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784_111_800),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon", 0), None);
         assert_eq!(parse_retry_after("-5", 0), None);
     }

@@ -19,12 +19,18 @@ impl Clock {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| Millis(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
             .unwrap_or(Millis(0));
-        Clock { wall, at: Instant::now() }
+        Clock {
+            wall,
+            at: Instant::now(),
+        }
     }
 
     /// Anchored at `wall` now (tests).
     pub fn starting_at(wall: Millis) -> Clock {
-        Clock { wall, at: Instant::now() }
+        Clock {
+            wall,
+            at: Instant::now(),
+        }
     }
 
     pub fn now(&self) -> Millis {

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use tideway_core::clock::Millis;
 use tideway_core::currents_store::{
-    Ack, BatchSource, Current, CurrentId, CurrentStatus, DeadLetterReason, LastError, NewDeadLetter, Ordering, QueuedEvent, StatusChange,
-    TypeFilter,
+    Ack, BatchSource, Current, CurrentId, CurrentStatus, DeadLetterReason, LastError,
+    NewDeadLetter, Ordering, QueuedEvent, StatusChange, TypeFilter,
 };
 use tideway_core::store::StoreError;
 use tokio::sync::watch;
@@ -139,48 +139,100 @@ fn publish_status(current: &Current) {
 
 /// Retention: drops what passed the retention period (counted, recorded, loud); returns the
 /// last dropped position.
-async fn retention(shared: &Shared, current: &Current, types: &TypeFilter) -> Result<Option<i64>, StoreError> {
+async fn retention(
+    shared: &Shared,
+    current: &Current,
+    types: &TypeFilter,
+) -> Result<Option<i64>, StoreError> {
     if current.status == CurrentStatus::Draft {
         return Ok(None);
     }
     let now = shared.clock.now();
-    let cutoff = Millis(now.0.saturating_sub(i64::try_from(current.spec.windows.retention_ms).unwrap_or(i64::MAX)));
-    let Some(drop) = shared.store.apply_retention(current.id, &shared.config.owner, cutoff, types.clone(), now).await? else {
+    let cutoff = Millis(
+        now.0
+            .saturating_sub(i64::try_from(current.spec.windows.retention_ms).unwrap_or(i64::MAX)),
+    );
+    let Some(drop) = shared
+        .store
+        .apply_retention(current.id, &shared.config.owner, cutoff, types.clone(), now)
+        .await?
+    else {
         return Ok(None);
     };
-    metrics::counter!("tideway_currents_dropped_events_total", "current" => label(current.id)).increment(drop.count);
+    metrics::counter!("tideway_currents_dropped_events_total", "current" => label(current.id))
+        .increment(drop.count);
     tracing::error!(current = %current.id, name = %current.spec.name, dropped = drop.count, from_seq = drop.from_seq, to_seq = drop.to_seq,
         "queued events passed the retention period and were dropped (recorded; replayable from the event log)");
-    shared.alert(current, "dropped", &format!("{} queued events passed retention and were dropped", drop.count)).await;
+    shared
+        .alert(
+            current,
+            "dropped",
+            &format!(
+                "{} queued events passed retention and were dropped",
+                drop.count
+            ),
+        )
+        .await;
     shared.bump();
     Ok(Some(drop.to_seq))
 }
 
 /// Lag gauges and the "stuck" alert (oldest queued event older than `alert_after`).
-async fn observe(shared: &Shared, current: &Current, types: &TypeFilter, stuck_alerted: &mut bool) -> Result<(), StoreError> {
+async fn observe(
+    shared: &Shared,
+    current: &Current,
+    types: &TypeFilter,
+    stuck_alerted: &mut bool,
+) -> Result<(), StoreError> {
     let now = shared.clock.now();
     let lag = shared.store.lag(current.id, types.clone()).await?;
-    let lag_secs = lag.oldest_logged_at.map_or(0.0, |t| ((now.0 - t.0).max(0) as f64) / 1000.0);
-    metrics::gauge!("tideway_currents_lag_events", "current" => label(current.id)).set(lag.events as f64);
+    let lag_secs = lag
+        .oldest_logged_at
+        .map_or(0.0, |t| ((now.0 - t.0).max(0) as f64) / 1000.0);
+    metrics::gauge!("tideway_currents_lag_events", "current" => label(current.id))
+        .set(lag.events as f64);
     metrics::gauge!("tideway_currents_lag_seconds", "current" => label(current.id)).set(lag_secs);
-    let stuck = lag_secs * 1000.0 > current.spec.windows.alert_after_ms as f64 && current.status != CurrentStatus::Draft;
+    let stuck = lag_secs * 1000.0 > current.spec.windows.alert_after_ms as f64
+        && current.status != CurrentStatus::Draft;
     if stuck && !*stuck_alerted {
         *stuck_alerted = true;
         tracing::error!(current = %current.id, name = %current.spec.name, lag_events = lag.events, lag_seconds = lag_secs,
             "Current is stuck: its oldest queued event is older than the alert threshold");
-        shared.alert(current, "stuck", &format!("{} events queued, the oldest for {lag_secs:.0} s", lag.events)).await;
+        shared
+            .alert(
+                current,
+                "stuck",
+                &format!(
+                    "{} events queued, the oldest for {lag_secs:.0} s",
+                    lag.events
+                ),
+            )
+            .await;
     } else if !stuck {
         *stuck_alerted = false;
     }
     Ok(())
 }
 
-async fn parked(shared: &Shared, control: &mut watch::Receiver<Control>, current: Arc<Current>) -> Exit {
+async fn parked(
+    shared: &Shared,
+    control: &mut watch::Receiver<Control>,
+    current: Arc<Current>,
+) -> Exit {
     let types = selected_types(&current.spec.selection);
     let mut stuck_alerted = false;
     loop {
         let now = shared.clock.now();
-        let leased = shared.store.acquire_lease(current.id, &shared.config.owner, now, shared.config.lease_ttl_ms).await.unwrap_or(false);
+        let leased = shared
+            .store
+            .acquire_lease(
+                current.id,
+                &shared.config.owner,
+                now,
+                shared.config.lease_ttl_ms,
+            )
+            .await
+            .unwrap_or(false);
         if leased {
             let done = match retention(shared, &current, &types).await {
                 Ok(_) => observe(shared, &current, &types, &mut stuck_alerted).await,
@@ -215,10 +267,19 @@ struct Active<'a> {
     window_busy: bool,
 }
 
-async fn active(shared: &Arc<Shared>, control: &mut watch::Receiver<Control>, current: Arc<Current>, jitter: &mut Jitter) -> Exit {
+async fn active(
+    shared: &Arc<Shared>,
+    control: &mut watch::Receiver<Control>,
+    current: Arc<Current>,
+    jitter: &mut Jitter,
+) -> Exit {
     let id = current.id;
     let owner = &shared.config.owner;
-    match shared.store.acquire_lease(id, owner, shared.clock.now(), shared.config.lease_ttl_ms).await {
+    match shared
+        .store
+        .acquire_lease(id, owner, shared.clock.now(), shared.config.lease_ttl_ms)
+        .await
+    {
         Ok(true) => {}
         Ok(false) => return Exit::Pause,
         Err(e) => {
@@ -230,7 +291,11 @@ async fn active(shared: &Arc<Shared>, control: &mut watch::Receiver<Control>, cu
         Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::error!(current = %id, error = %e, "cannot deliver to this Current's endpoint");
-            let err = LastError { at: shared.clock.now(), status: None, message: e.to_string() };
+            let err = LastError {
+                at: shared.clock.now(),
+                status: None,
+                message: e.to_string(),
+            };
             let _ = shared.store.record_failure(id, owner, err, 0).await;
             shared.bump();
             return match control.changed().await {
@@ -243,7 +308,11 @@ async fn active(shared: &Arc<Shared>, control: &mut watch::Receiver<Control>, cu
     if let Some(probe) = sender.probe().await
         && classify(probe.answer, 0) == Verdict::Halt
     {
-        let err = LastError { at: shared.clock.now(), status: probe.status(), message: probe.describe() };
+        let err = LastError {
+            at: shared.clock.now(),
+            status: probe.status(),
+            message: probe.describe(),
+        };
         return halt(shared, &current, StatusChange::Halt, err).await;
     }
     let max_in_flight = match current.spec.ordering {
@@ -273,7 +342,11 @@ async fn active(shared: &Arc<Shared>, control: &mut watch::Receiver<Control>, cu
     let flush = Duration::from_millis(a.current.spec.flush_interval_ms);
     loop {
         // 1. Settle finished batches, oldest first.
-        while a.window.front().is_some_and(|f| f.done.is_some() || f.handle.is_finished()) {
+        while a
+            .window
+            .front()
+            .is_some_and(|f| f.done.is_some() || f.handle.is_finished())
+        {
             if let Some(exit) = a.settle_front().await {
                 return exit;
             }
@@ -281,7 +354,11 @@ async fn active(shared: &Arc<Shared>, control: &mut watch::Receiver<Control>, cu
         // 2. Maintenance: lease renewal, retention (only with nothing in flight), gauges.
         let now = Instant::now();
         if now >= next_maintenance {
-            match shared.store.acquire_lease(id, owner, shared.clock.now(), shared.config.lease_ttl_ms).await {
+            match shared
+                .store
+                .acquire_lease(id, owner, shared.clock.now(), shared.config.lease_ttl_ms)
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) | Err(_) => {
                     tracing::warn!(current = %id, "lost the Current's lease; stopping");
@@ -328,7 +405,8 @@ async fn active(shared: &Arc<Shared>, control: &mut watch::Receiver<Control>, cu
                 }
             }
         }
-        metrics::gauge!("tideway_currents_in_flight_batches", "current" => label(id)).set(a.window.len() as f64);
+        metrics::gauge!("tideway_currents_in_flight_batches", "current" => label(id))
+            .set(a.window.len() as f64);
         // 4. Wait.
         let mut wake = next_maintenance;
         if a.window.len() < a.max_in_flight {
@@ -377,7 +455,11 @@ async fn active(shared: &Arc<Shared>, control: &mut watch::Receiver<Control>, cu
 
 impl Active<'_> {
     /// Claims and spawns one batch; false when there is nothing to send now.
-    async fn claim_next(&mut self, jitter: &mut Jitter, flush: Duration) -> Result<bool, StoreError> {
+    async fn claim_next(
+        &mut self,
+        jitter: &mut Jitter,
+        flush: Duration,
+    ) -> Result<bool, StoreError> {
         let store = &self.shared.store;
         let id = self.current.id;
         if self.check_replays && !self.dead_letters_busy {
@@ -385,14 +467,29 @@ impl Active<'_> {
             if !dls.is_empty() {
                 let ids = dls.iter().map(|d| d.id).collect();
                 self.dead_letters_busy = true;
-                self.spawn(dls.into_iter().map(|d| d.event).collect(), BatchSource::DeadLetters { ids }, jitter);
+                self.spawn(
+                    dls.into_iter().map(|d| d.event).collect(),
+                    BatchSource::DeadLetters { ids },
+                    jitter,
+                );
                 return Ok(true);
             }
         }
         if self.check_replays && !self.window_busy {
             if let Some(w) = store.next_replay_window(id).await? {
-                let claimed = store.claim(self.current.workspace, w.cursor, self.batch * 4, self.types.clone()).await?;
-                let mut events: Vec<QueuedEvent> = claimed.events.into_iter().filter(|e| e.seq <= w.to_seq).collect();
+                let claimed = store
+                    .claim(
+                        self.current.workspace,
+                        w.cursor,
+                        self.batch * 4,
+                        self.types.clone(),
+                    )
+                    .await?;
+                let mut events: Vec<QueuedEvent> = claimed
+                    .events
+                    .into_iter()
+                    .filter(|e| e.seq <= w.to_seq)
+                    .collect();
                 let resolved_to = if events.len() > self.batch {
                     events.truncate(self.batch);
                     events.last().map_or(w.cursor, |e| e.seq)
@@ -400,7 +497,14 @@ impl Active<'_> {
                     claimed.scanned_to.min(w.to_seq).max(w.cursor + 1)
                 };
                 self.window_busy = true;
-                self.spawn(events, BatchSource::Window { window: w.id, resolved_to }, jitter);
+                self.spawn(
+                    events,
+                    BatchSource::Window {
+                        window: w.id,
+                        resolved_to,
+                    },
+                    jitter,
+                );
                 return Ok(true);
             }
             if !self.dead_letters_busy {
@@ -410,14 +514,25 @@ impl Active<'_> {
         let now = Instant::now();
         if self.buffer.len() < self.batch && now >= self.next_poll {
             let scan = (self.batch * 8).max(1_000);
-            let claimed = store.claim(self.current.workspace, self.read_cursor, scan, self.types.clone()).await?;
+            let claimed = store
+                .claim(
+                    self.current.workspace,
+                    self.read_cursor,
+                    scan,
+                    self.types.clone(),
+                )
+                .await?;
             let at_head = claimed.scanned < scan;
             self.read_cursor = claimed.scanned_to;
             if !claimed.events.is_empty() && self.buffer.is_empty() {
                 self.buffer_since = Some(now);
             }
             self.buffer.extend(claimed.events);
-            self.next_poll = if at_head { now + self.shared.config.poll() } else { now };
+            self.next_poll = if at_head {
+                now + self.shared.config.poll()
+            } else {
+                now
+            };
         }
         let due = self.buffer_since.is_some_and(|since| now >= since + flush);
         if self.buffer.len() >= self.batch || (!self.buffer.is_empty() && due) {
@@ -435,11 +550,15 @@ impl Active<'_> {
 
     fn spawn(&mut self, events: Vec<QueuedEvent>, source: BatchSource, jitter: &mut Jitter) {
         let max = self.shared.config.max_event_bytes;
-        let (events, oversized): (Vec<_>, Vec<_>) = events.into_iter().partition(|e| e.body.len() <= max);
+        let (events, oversized): (Vec<_>, Vec<_>) =
+            events.into_iter().partition(|e| e.body.len() <= max);
         let oversized = oversized
             .into_iter()
             .map(|event| NewDeadLetter {
-                detail: format!("event of {} bytes is over the {max}-byte limit; never sent", event.body.len()),
+                detail: format!(
+                    "event of {} bytes is over the {max}-byte limit; never sent",
+                    event.body.len()
+                ),
                 event,
                 reason: DeadLetterReason::Oversized,
                 response_status: None,
@@ -453,7 +572,11 @@ impl Active<'_> {
             jitter: Jitter::seeded(jitter.draw().to_bits()),
         };
         let handle = tokio::spawn(deliver(job, events, oversized));
-        self.window.push_back(InFlight { source, handle, done: None });
+        self.window.push_back(InFlight {
+            source,
+            handle,
+            done: None,
+        });
     }
 
     /// Acknowledges (or acts on) the oldest batch; `Some` ends the active loop.
@@ -516,12 +639,14 @@ impl Active<'_> {
             }
         }
         let l = label(id);
-        metrics::counter!("tideway_currents_delivered_events_total", "current" => l.clone()).increment(result.delivered);
+        metrics::counter!("tideway_currents_delivered_events_total", "current" => l.clone())
+            .increment(result.delivered);
         if dead > 0 {
             metrics::counter!("tideway_currents_dead_lettered_events_total", "current" => l.clone()).increment(dead);
         }
         if result.skipped > 0 {
-            metrics::counter!("tideway_currents_skipped_events_total", "current" => l).increment(result.skipped);
+            metrics::counter!("tideway_currents_skipped_events_total", "current" => l)
+                .increment(result.skipped);
         }
         shared.bump();
         None
@@ -530,12 +655,20 @@ impl Active<'_> {
 
 /// Halts or disables the Current (loudly) and tells the caller to wait for the new status.
 async fn halt(shared: &Shared, current: &Current, change: StatusChange, err: LastError) -> Exit {
-    let what = if change == StatusChange::Halt { "halted" } else { "disabled" };
+    let what = if change == StatusChange::Halt {
+        "halted"
+    } else {
+        "disabled"
+    };
     tracing::error!(current = %current.id, name = %current.spec.name, status = ?err.status, error = %err.message,
         "Current {what}: delivery stopped, queued events are kept until it is re-enabled");
     metrics::counter!("tideway_currents_stopped_total", "current" => label(current.id), "status" => what).increment(1);
     shared.alert(current, what, &err.message).await;
-    let exit = match shared.store.change_status(current.id, change, Some(err), shared.clock.now()).await {
+    let exit = match shared
+        .store
+        .change_status(current.id, change, Some(err), shared.clock.now())
+        .await
+    {
         Ok(updated) => Exit::SelfChanged(updated.revision),
         Err(e) => {
             tracing::warn!(current = %current.id, error = %e, "cannot record the status change");
@@ -554,8 +687,17 @@ pub(crate) struct Job {
 }
 
 /// Delivers one claimed batch to the end: acknowledged, split, dead-lettered, or stopped.
-pub(crate) async fn deliver(mut job: Job, events: Vec<QueuedEvent>, oversized: Vec<NewDeadLetter>) -> BatchResult {
-    let mut result = BatchResult { delivered: 0, skipped: 0, dead_letters: oversized, end: End::Done };
+pub(crate) async fn deliver(
+    mut job: Job,
+    events: Vec<QueuedEvent>,
+    oversized: Vec<NewDeadLetter>,
+) -> BatchResult {
+    let mut result = BatchResult {
+        delivered: 0,
+        skipped: 0,
+        dead_letters: oversized,
+        end: End::Done,
+    };
     let id = job.current.id;
     let l = label(id);
     let policy = job.current.spec.retry;
@@ -566,8 +708,13 @@ pub(crate) async fn deliver(mut job: Job, events: Vec<QueuedEvent>, oversized: V
             continue;
         }
         let sent = job.sender.send(&part).await;
-        metrics::histogram!("tideway_currents_request_seconds", "current" => l.clone()).record(sent.elapsed.as_secs_f64());
-        let verdict = if sent.sent == 0 { Verdict::Ack } else { classify(sent.answer, sent.sent) };
+        metrics::histogram!("tideway_currents_request_seconds", "current" => l.clone())
+            .record(sent.elapsed.as_secs_f64());
+        let verdict = if sent.sent == 0 {
+            Verdict::Ack
+        } else {
+            classify(sent.answer, sent.sent)
+        };
         metrics::counter!("tideway_currents_requests_total", "current" => l.clone(), "outcome" => verdict_label(verdict)).increment(1);
         match verdict {
             Verdict::Ack => {
@@ -601,20 +748,38 @@ pub(crate) async fn deliver(mut job: Job, events: Vec<QueuedEvent>, oversized: V
                 }
             }
             Verdict::Halt => {
-                result.end = End::Halt(LastError { at: job.shared.clock.now(), status: sent.status(), message: sent.describe() });
+                result.end = End::Halt(LastError {
+                    at: job.shared.clock.now(),
+                    status: sent.status(),
+                    message: sent.describe(),
+                });
                 return result;
             }
             Verdict::Retry { at_least } => {
                 failures = failures.saturating_add(1);
                 let now = job.shared.clock.now();
-                let err = LastError { at: now, status: sent.status(), message: sent.describe() };
-                metrics::counter!("tideway_currents_retried_events_total", "current" => l.clone()).increment(part.len() as u64);
-                match job.shared.store.record_failure(id, &job.shared.config.owner, err.clone(), part.len() as u64).await {
+                let err = LastError {
+                    at: now,
+                    status: sent.status(),
+                    message: sent.describe(),
+                };
+                metrics::counter!("tideway_currents_retried_events_total", "current" => l.clone())
+                    .increment(part.len() as u64);
+                match job
+                    .shared
+                    .store
+                    .record_failure(id, &job.shared.config.owner, err.clone(), part.len() as u64)
+                    .await
+                {
                     Ok(since) => {
                         let failing_for = u64::try_from(now.0 - since.0).unwrap_or(0);
                         if failing_for > job.current.spec.windows.failure_window_ms {
                             result.end = End::Disable(LastError {
-                                message: format!("failing for {} s (over the failure window); last: {}", failing_for / 1000, err.message),
+                                message: format!(
+                                    "failing for {} s (over the failure window); last: {}",
+                                    failing_for / 1000,
+                                    err.message
+                                ),
                                 ..err
                             });
                             return result;

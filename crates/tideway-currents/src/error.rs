@@ -18,6 +18,9 @@ pub enum CurrentsError {
 
 impl CurrentsError {
     pub(crate) fn spec(field: impl Into<String>, message: impl Into<String>) -> Self {
-        CurrentsError::InvalidSpec { field: field.into(), message: message.into() }
+        CurrentsError::InvalidSpec {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }

@@ -106,7 +106,9 @@ impl Shared {
     /// Posts an alert to the Current's alert webhook, if it has one (one attempt, 10 s).
     pub(crate) async fn alert(&self, current: &Current, kind: &str, message: &str) {
         metrics::counter!("tideway_currents_alerts_total", "current" => current.id.to_string(), "alert" => kind.to_owned()).increment(1);
-        let Some(url) = &current.spec.alert_webhook else { return };
+        let Some(url) = &current.spec.alert_webhook else {
+            return;
+        };
         let body = json!({
             "alert": kind,
             "current_id": current.id.0,
@@ -147,8 +149,16 @@ impl Exporter {
         Self::start_with_clock(store, config, Clock::system())
     }
 
-    pub fn start_with_clock(store: Arc<dyn CurrentsStore>, config: ExporterConfig, clock: Clock) -> Exporter {
-        let alerts = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default();
+    pub fn start_with_clock(
+        store: Arc<dyn CurrentsStore>,
+        config: ExporterConfig,
+        clock: Clock,
+    ) -> Exporter {
+        crate::install_tls();
+        let alerts = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
         let shared = Arc::new(Shared {
             store,
             config,
@@ -160,7 +170,11 @@ impl Exporter {
         });
         let (stop, stopped) = watch::channel(false);
         let supervisor = tokio::spawn(supervise(Arc::clone(&shared), stopped));
-        Exporter { shared, stop, supervisor: Some(supervisor) }
+        Exporter {
+            shared,
+            stop,
+            supervisor: Some(supervisor),
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn CurrentsStore> {
@@ -176,14 +190,21 @@ impl Exporter {
         self.shared.wake.notify_one();
     }
 
-    /// Tells the Current's consumer that replays were queued.
-    pub fn poke(&self, id: CurrentId) {
+    /// Brings the consumers in step with the store now (after a change made through the
+    /// store, before acting on it).
+    pub async fn sync(&self) {
+        reconcile(&self.shared).await;
+    }
+
+    /// Tells the Current's consumer that replays were queued (after syncing, so a replay
+    /// requested right after an update goes to the updated endpoint).
+    pub async fn poke(&self, id: CurrentId) {
+        reconcile(&self.shared).await;
         if let Ok(map) = self.shared.consumers.lock()
             && let Some(h) = map.get(&id)
         {
             h.control.send_modify(|c| c.poke = c.poke.wrapping_add(1));
         }
-        self.refresh();
     }
 
     /// A counter bumped whenever any Current made progress or changed state.
@@ -214,10 +235,14 @@ impl Exporter {
             if done(&current) {
                 return Ok((current, true));
             }
+            let checked = tokio::time::Instant::now();
             tokio::select! {
                 r = progress.changed() => if r.is_err() { return Ok((current, false)) },
                 () = tokio::time::sleep_until(deadline) => return Ok((current, false)),
             }
+            // Under heavy progress, re-read at most every 5 ms (the store serves the
+            // exporter first).
+            tokio::time::sleep_until((checked + Duration::from_millis(5)).min(deadline)).await;
         }
     }
 
@@ -230,13 +255,30 @@ impl Exporter {
         };
         let now = self.shared.clock.now();
         let c = &self.shared.config;
-        self.shared.store.record_test_events(current.id, types.len() as u64, c.test_event_cap, c.test_event_window_ms, now).await?;
-        let events = types.iter().map(|t| t.placeholder(&uuid::Uuid::new_v4().hyphenated().to_string(), now.secs())).collect::<Vec<_>>();
+        self.shared
+            .store
+            .record_test_events(
+                current.id,
+                types.len() as u64,
+                c.test_event_cap,
+                c.test_event_window_ms,
+                now,
+            )
+            .await?;
+        let events = types
+            .iter()
+            .map(|t| t.placeholder(&uuid::Uuid::new_v4().hyphenated().to_string(), now.secs()))
+            .collect::<Vec<_>>();
         let n = events.len();
         let sender = Sender::new(&current.spec, self.shared.clock)?;
         let sent = sender.send_values(events).await;
         let accepted = sent.sent == 0 || classify(sent.answer, sent.sent) == Verdict::Ack;
-        Ok(TestReport { events: n, status: sent.status(), accepted, message: sent.describe() })
+        Ok(TestReport {
+            events: n,
+            status: sent.status(),
+            accepted,
+            message: sent.describe(),
+        })
     }
 
     /// Stops every consumer (in-flight batches are abandoned and will be re-sent) and the
@@ -253,7 +295,11 @@ impl Exporter {
         for (id, h) in handles {
             h.task.abort();
             let _ = h.task.await;
-            let _ = self.shared.store.release_lease(id, &self.shared.config.owner).await;
+            let _ = self
+                .shared
+                .store
+                .release_lease(id, &self.shared.config.owner)
+                .await;
         }
     }
 }
@@ -279,7 +325,11 @@ async fn supervise(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
     loop {
         let now = tokio::time::Instant::now();
         if now >= next_tick {
-            if let Err(e) = shared.store.tick_log_clock(shared.clock.now(), shared.config.log_clock_keep_ms).await {
+            if let Err(e) = shared
+                .store
+                .tick_log_clock(shared.clock.now(), shared.config.log_clock_keep_ms)
+                .await
+            {
                 tracing::warn!(error = %e, "cannot sample the log clock");
             }
             next_tick = now + tick;
@@ -304,7 +354,9 @@ async fn reconcile(shared: &Arc<Shared>) {
             return;
         }
     };
-    let Ok(mut map) = shared.consumers.lock() else { return };
+    let Ok(mut map) = shared.consumers.lock() else {
+        return;
+    };
     let live: std::collections::HashSet<CurrentId> = currents.iter().map(|c| c.id).collect();
     map.retain(|id, h| {
         let keep = live.contains(id) && !h.task.is_finished();
@@ -322,7 +374,10 @@ async fn reconcile(shared: &Arc<Shared>) {
             }
             None => {
                 let id = current.id;
-                let (control, rx) = watch::channel(Control { current: Arc::new(current), poke: 0 });
+                let (control, rx) = watch::channel(Control {
+                    current: Arc::new(current),
+                    poke: 0,
+                });
                 let task = tokio::spawn(consumer::run(Arc::clone(shared), rx));
                 map.insert(id, ConsumerHandle { control, task });
             }

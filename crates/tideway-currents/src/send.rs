@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use serde_json::Value;
-use tideway_core::currents_store::{CurrentKind, CurrentSpec, HeapIdentity, NamePrefix, QueuedEvent, Transformation};
+use tideway_core::currents_store::{
+    CurrentKind, CurrentSpec, HeapIdentity, NamePrefix, QueuedEvent, Transformation,
+};
 use tideway_heap::forward::{self, Identity, Mapping, Pacer, SkipReason};
 
 use crate::CurrentsError;
@@ -50,8 +52,18 @@ impl Sent {
     pub fn describe(&self) -> String {
         match (self.answer, &self.error) {
             (Answer::Status { code, .. }, _) => {
-                let body = self.body.as_deref().unwrap_or("").chars().take(200).collect::<String>();
-                if body.is_empty() { format!("HTTP {code}") } else { format!("HTTP {code}: {body}") }
+                let body = self
+                    .body
+                    .as_deref()
+                    .unwrap_or("")
+                    .chars()
+                    .take(200)
+                    .collect::<String>();
+                if body.is_empty() {
+                    format!("HTTP {code}")
+                } else {
+                    format!("HTTP {code}: {body}")
+                }
             }
             (Answer::Timeout, _) => format!("timed out after {} ms", self.elapsed.as_millis()),
             (Answer::Connection, Some(e)) => format!("connection error: {e}"),
@@ -83,14 +95,17 @@ pub struct Sender {
     clock: Clock,
 }
 
-#[cfg(feature = "rustls")]
-fn tls_ready() {
-    // reqwest is built without a provider; install ring once (ignored if already there).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+/// Makes HTTPS usable: with the `rustls` feature, installs the ring crypto provider as the
+/// process default (once; a provider already installed is kept). reqwest is then built without
+/// a provider of its own, so **every** reqwest client in the process needs this first: a
+/// binary built with the feature calls it at the top of `main`. Without the feature it does
+/// nothing (and `https://` endpoints are refused with a clear error).
+pub fn install_tls() {
+    #[cfg(feature = "rustls")]
+    {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
-
-#[cfg(not(feature = "rustls"))]
-fn tls_ready() {}
 
 impl Sender {
     pub fn new(spec: &CurrentSpec, clock: Clock) -> Result<Sender, CurrentsError> {
@@ -99,10 +114,12 @@ impl Sender {
                 "this build has no TLS (enable the `rustls` feature) — use an http:// endpoint or a TLS-terminating proxy".into(),
             ));
         }
-        tls_ready();
+        install_tls();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(spec.retry.request_timeout_ms))
-            .connect_timeout(Duration::from_millis(spec.retry.request_timeout_ms.min(10_000)))
+            .connect_timeout(Duration::from_millis(
+                spec.retry.request_timeout_ms.min(10_000),
+            ))
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(spec.max_in_flight as usize * 2)
             .user_agent(concat!("tideway-currents/", env!("CARGO_PKG_VERSION")))
@@ -119,28 +136,51 @@ impl Sender {
                     },
                     prefix: h.prefix == NamePrefix::Braze,
                 };
-                let pacer = Pacer::new(h.app_events_per_minute, h.identity_events_per_minute, clock.now().0);
-                (forward::track_url(spec.endpoint.as_str()), Some(HeapTrack { app_id: h.app_id.clone(), mapping, pacer: Mutex::new(pacer) }))
+                let pacer = Pacer::new(
+                    h.app_events_per_minute,
+                    h.identity_events_per_minute,
+                    clock.now().0,
+                );
+                (
+                    forward::track_url(spec.endpoint.as_str()),
+                    Some(HeapTrack {
+                        app_id: h.app_id.clone(),
+                        mapping,
+                        pacer: Mutex::new(pacer),
+                    }),
+                )
             }
-            (CurrentKind::HeapTrack, None) => return Err(CurrentsError::spec("heap", "is required for heap_track")),
+            (CurrentKind::HeapTrack, None) => {
+                return Err(CurrentsError::spec("heap", "is required for heap_track"));
+            }
             _ => {
                 headers.insert("Braze-Currents-Version", HeaderValue::from_static("1"));
                 if let Some(token) = &spec.bearer_token {
                     let mut v = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
-                        .map_err(|_| CurrentsError::spec("bearer_token", "is not a valid header value"))?;
+                        .map_err(|_| {
+                            CurrentsError::spec("bearer_token", "is not a valid header value")
+                        })?;
                     v.set_sensitive(true);
                     headers.insert(AUTHORIZATION, v);
                 }
                 (spec.endpoint.as_str().to_owned(), None)
             }
         };
-        Ok(Sender { client, url, headers, transformations: spec.transformations.clone(), heap, clock })
+        Ok(Sender {
+            client,
+            url,
+            headers,
+            transformations: spec.transformations.clone(),
+            heap,
+            clock,
+        })
     }
 
     /// Sends logged events.
     pub async fn send(&self, events: &[QueuedEvent]) -> Sent {
         if self.heap.is_none() && self.transformations.is_empty() {
-            let mut body = String::with_capacity(events.iter().map(|e| e.body.len() + 1).sum::<usize>() + 16);
+            let mut body =
+                String::with_capacity(events.iter().map(|e| e.body.len() + 1).sum::<usize>() + 16);
             body.push_str("{\"events\":[");
             for (i, e) in events.iter().enumerate() {
                 if i > 0 {
@@ -153,7 +193,10 @@ impl Sender {
         }
         let values = events
             .iter()
-            .map(|e| serde_json::from_str::<Value>(&e.body).unwrap_or_else(|_| Value::String(e.body.clone())))
+            .map(|e| {
+                serde_json::from_str::<Value>(&e.body)
+                    .unwrap_or_else(|_| Value::String(e.body.clone()))
+            })
             .collect();
         self.send_values(values).await
     }
@@ -181,7 +224,17 @@ impl Sender {
             }
         }
         if mapped.is_empty() {
-            return Sent { answer: Answer::Status { code: 204, retry_after: None }, body: None, sent: 0, skipped, elapsed: Duration::ZERO, error: None };
+            return Sent {
+                answer: Answer::Status {
+                    code: 204,
+                    retry_after: None,
+                },
+                body: None,
+                sent: 0,
+                skipped,
+                elapsed: Duration::ZERO,
+                error: None,
+            };
         }
         loop {
             let wait = match heap.pacer.lock() {
@@ -208,12 +261,29 @@ impl Sender {
 
     async fn post(&self, body: String, sent: usize, skipped: Vec<SkipReason>) -> Sent {
         let started = Instant::now();
-        let result = self.client.post(&self.url).headers(self.headers.clone()).body(body).send().await;
+        let result = self
+            .client
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .body(body)
+            .send()
+            .await;
         let response = match result {
             Ok(r) => r,
             Err(e) => {
-                let answer = if e.is_timeout() { Answer::Timeout } else { Answer::Connection };
-                return Sent { answer, body: None, sent, skipped, elapsed: started.elapsed(), error: Some(e.without_url().to_string()) };
+                let answer = if e.is_timeout() {
+                    Answer::Timeout
+                } else {
+                    Answer::Connection
+                };
+                return Sent {
+                    answer,
+                    body: None,
+                    sent,
+                    skipped,
+                    elapsed: started.elapsed(),
+                    error: Some(e.without_url().to_string()),
+                };
             }
         };
         let code = response.status().as_u16();
@@ -225,14 +295,32 @@ impl Sender {
         let text = match response.bytes().await {
             Ok(b) => b,
             Err(e) => {
-                let answer = if e.is_timeout() { Answer::Timeout } else { Answer::Connection };
-                return Sent { answer, body: None, sent, skipped, elapsed: started.elapsed(), error: Some(e.without_url().to_string()) };
+                let answer = if e.is_timeout() {
+                    Answer::Timeout
+                } else {
+                    Answer::Connection
+                };
+                return Sent {
+                    answer,
+                    body: None,
+                    sent,
+                    skipped,
+                    elapsed: started.elapsed(),
+                    error: Some(e.without_url().to_string()),
+                };
             }
         };
         let body = (!(200..300).contains(&code)).then(|| {
             let cut = text.len().min(MAX_RESPONSE_BODY);
             String::from_utf8_lossy(&text[..cut]).into_owned()
         });
-        Sent { answer: Answer::Status { code, retry_after }, body, sent, skipped, elapsed: started.elapsed(), error: None }
+        Sent {
+            answer: Answer::Status { code, retry_after },
+            body,
+            sent,
+            skipped,
+            elapsed: started.elapsed(),
+            error: None,
+        }
     }
 }

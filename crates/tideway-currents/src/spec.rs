@@ -18,8 +18,9 @@
 use serde_json::{Map, Value};
 use tideway_core::currents::EventCategory;
 use tideway_core::currents_store::{
-    BearerToken, CurrentKind, CurrentSpec, DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_INTERVAL_MS, DEFAULT_MAX_IN_FLIGHT, EndpointUrl, FieldAction,
-    HeapIdentity, HeapTrackSettings, MAX_BATCH_SIZE, NamePrefix, Ordering, RetryPolicy, Selection, Transformation, Windows,
+    BearerToken, CurrentKind, CurrentSpec, DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_INTERVAL_MS,
+    DEFAULT_MAX_IN_FLIGHT, EndpointUrl, FieldAction, HeapIdentity, HeapTrackSettings,
+    MAX_BATCH_SIZE, NamePrefix, Ordering, RetryPolicy, Selection, Transformation, Windows,
 };
 use tideway_heap::forward;
 
@@ -52,12 +53,24 @@ fn err(field: &str, message: &str) -> CurrentsError {
     CurrentsError::spec(field, message)
 }
 
-fn opt_u64(m: &Map<String, Value>, key: &str, min: u64, max: u64, default: u64) -> Result<u64, CurrentsError> {
+fn opt_u64(
+    m: &Map<String, Value>,
+    key: &str,
+    min: u64,
+    max: u64,
+    default: u64,
+) -> Result<u64, CurrentsError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(v) => {
-            let n = v.as_u64().ok_or_else(|| err(key, "must be a non-negative integer"))?;
-            if (min..=max).contains(&n) { Ok(n) } else { Err(err(key, &format!("must be between {min} and {max}"))) }
+            let n = v
+                .as_u64()
+                .ok_or_else(|| err(key, "must be a non-negative integer"))?;
+            if (min..=max).contains(&n) {
+                Ok(n)
+            } else {
+                Err(err(key, &format!("must be between {min} and {max}")))
+            }
         }
     }
 }
@@ -78,11 +91,19 @@ fn check_known(m: &Map<String, Value>, known: &[&str], prefix: &str) -> Result<(
 }
 
 fn str_list<'a>(v: &'a Value, field: &str) -> Result<Vec<&'a str>, CurrentsError> {
-    let items = v.as_array().ok_or_else(|| err(field, "must be an array of strings"))?;
+    let items = v
+        .as_array()
+        .ok_or_else(|| err(field, "must be an array of strings"))?;
     if items.is_empty() {
         return Err(err(field, "must not be empty"));
     }
-    items.iter().map(|i| i.as_str().ok_or_else(|| err(field, "must be an array of strings"))).collect()
+    items
+        .iter()
+        .map(|i| {
+            i.as_str()
+                .ok_or_else(|| err(field, "must be an array of strings"))
+        })
+        .collect()
 }
 
 /// Whether the JSON asks to launch right away (`"launch": true`).
@@ -92,18 +113,36 @@ pub fn wants_launch(body: &Value) -> bool {
 
 /// Parses and checks a Current definition.
 pub fn parse_spec(body: &Value) -> Result<CurrentSpec, CurrentsError> {
-    let m = body.as_object().ok_or_else(|| err("body", "must be a JSON object"))?;
+    let m = body
+        .as_object()
+        .ok_or_else(|| err("body", "must be a JSON object"))?;
     check_known(m, KNOWN, "")?;
-    let name = m.get("name").and_then(Value::as_str).map(str::trim).unwrap_or("");
+    let name = m
+        .get("name")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .unwrap_or("");
     if name.is_empty() || name.chars().count() > 255 {
-        return Err(err("name", "must be a non-empty string of at most 255 characters"));
+        return Err(err(
+            "name",
+            "must be a non-empty string of at most 255 characters",
+        ));
     }
-    let kind_raw = m.get("kind").and_then(Value::as_str).ok_or_else(|| err("kind", "must be heap_export, custom_http or heap_track"))?;
-    let kind = CurrentKind::parse(kind_raw).ok_or_else(|| err("kind", "must be heap_export, custom_http or heap_track"))?;
+    let kind_raw = m
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err("kind", "must be heap_export, custom_http or heap_track"))?;
+    let kind = CurrentKind::parse(kind_raw)
+        .ok_or_else(|| err("kind", "must be heap_export, custom_http or heap_track"))?;
 
     let heap = match (kind, m.get("heap")) {
         (CurrentKind::HeapTrack, Some(Value::Object(h))) => Some(parse_heap(h)?),
-        (CurrentKind::HeapTrack, _) => return Err(err("heap", "is required for heap_track (at least {\"app_id\": …})")),
+        (CurrentKind::HeapTrack, _) => {
+            return Err(err(
+                "heap",
+                "is required for heap_track (at least {\"app_id\": …})",
+            ));
+        }
         (_, None | Some(Value::Null)) => None,
         (_, Some(_)) => return Err(err("heap", "is only for the heap_track kind")),
     };
@@ -112,11 +151,14 @@ pub fn parse_spec(body: &Value) -> Result<CurrentSpec, CurrentsError> {
         (None | Some(Value::Null), Some((_, region))) => (*region).to_owned(),
         _ => return Err(err("endpoint", "must be an http:// or https:// URL")),
     };
-    let endpoint = EndpointUrl::parse(&endpoint_raw).map_err(|e| err("endpoint", &e.to_string()))?;
+    let endpoint =
+        EndpointUrl::parse(&endpoint_raw).map_err(|e| err("endpoint", &e.to_string()))?;
     let bearer_token = match m.get("bearer_token") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
-        Some(Value::String(s)) => Some(BearerToken::parse(s).map_err(|e| err("bearer_token", &e.to_string()))?),
+        Some(Value::String(s)) => {
+            Some(BearerToken::parse(s).map_err(|e| err("bearer_token", &e.to_string()))?)
+        }
         Some(_) => return Err(err("bearer_token", "must be a string")),
     };
 
@@ -136,22 +178,46 @@ pub fn parse_spec(body: &Value) -> Result<CurrentSpec, CurrentsError> {
         (None, Some(cats)) => {
             let mut out = Vec::new();
             for c in str_list(cats, "categories")? {
-                let cat = EventCategory::parse(c)
-                    .ok_or_else(|| err("categories", "must hold message_engagement, customer_behavior or user"))?;
+                let cat = EventCategory::parse(c).ok_or_else(|| {
+                    err(
+                        "categories",
+                        "must hold message_engagement, customer_behavior or user",
+                    )
+                })?;
                 if !out.contains(&cat) {
                     out.push(cat);
                 }
             }
             Selection::Categories(out)
         }
-        _ => return Err(err("event_types", "give exactly one of event_types or categories")),
+        _ => {
+            return Err(err(
+                "event_types",
+                "give exactly one of event_types or categories",
+            ));
+        }
     };
 
-    let max_batch = if kind == CurrentKind::HeapTrack { forward::MAX_EVENTS_PER_REQUEST as u64 } else { u64::from(MAX_BATCH_SIZE) };
+    let max_batch = if kind == CurrentKind::HeapTrack {
+        forward::MAX_EVENTS_PER_REQUEST as u64
+    } else {
+        u64::from(MAX_BATCH_SIZE)
+    };
     let batch_size = opt_u64(m, "batch_size", 1, max_batch, u64::from(DEFAULT_BATCH_SIZE))? as u32;
-    let flush_interval_ms = opt_u64(m, "flush_interval_ms", 1, 300_000, DEFAULT_FLUSH_INTERVAL_MS)?;
-    let ordering = if opt_bool(m, "per_user_ordering")? { Ordering::PerUser } else { Ordering::Unordered };
-    let max_in_flight = opt_u64(m, "max_in_flight", 1, 16, u64::from(DEFAULT_MAX_IN_FLIGHT))? as u32;
+    let flush_interval_ms = opt_u64(
+        m,
+        "flush_interval_ms",
+        1,
+        300_000,
+        DEFAULT_FLUSH_INTERVAL_MS,
+    )?;
+    let ordering = if opt_bool(m, "per_user_ordering")? {
+        Ordering::PerUser
+    } else {
+        Ordering::Unordered
+    };
+    let max_in_flight =
+        opt_u64(m, "max_in_flight", 1, 16, u64::from(DEFAULT_MAX_IN_FLIGHT))? as u32;
 
     let transformations = match m.get("transformations") {
         None | Some(Value::Null) => Vec::new(),
@@ -183,18 +249,43 @@ pub fn parse_spec(body: &Value) -> Result<CurrentSpec, CurrentsError> {
     let retry = match m.get("retry") {
         None | Some(Value::Null) => d,
         Some(Value::Object(r)) => (|| {
-            check_known(r, &["base_ms", "multiplier", "cap_ms", "request_timeout_ms", "max_retry_after_ms"], "")?;
+            check_known(
+                r,
+                &[
+                    "base_ms",
+                    "multiplier",
+                    "cap_ms",
+                    "request_timeout_ms",
+                    "max_retry_after_ms",
+                ],
+                "",
+            )?;
             let base_ms = opt_u64(r, "base_ms", 1, 3_600_000, d.base_ms)?;
             Ok(RetryPolicy {
                 base_ms,
                 multiplier: opt_u64(r, "multiplier", 1, 10, u64::from(d.multiplier))? as u32,
                 cap_ms: opt_u64(r, "cap_ms", base_ms, 86_400_000, d.cap_ms.max(base_ms))?,
-                request_timeout_ms: opt_u64(r, "request_timeout_ms", 1, 600_000, d.request_timeout_ms)?,
-                max_retry_after_ms: opt_u64(r, "max_retry_after_ms", 0, 86_400_000, d.max_retry_after_ms)?,
+                request_timeout_ms: opt_u64(
+                    r,
+                    "request_timeout_ms",
+                    1,
+                    600_000,
+                    d.request_timeout_ms,
+                )?,
+                max_retry_after_ms: opt_u64(
+                    r,
+                    "max_retry_after_ms",
+                    0,
+                    86_400_000,
+                    d.max_retry_after_ms,
+                )?,
             })
         })()
         .map_err(|e| match e {
-            CurrentsError::InvalidSpec { field, message } => CurrentsError::InvalidSpec { field: format!("retry.{field}"), message },
+            CurrentsError::InvalidSpec { field, message } => CurrentsError::InvalidSpec {
+                field: format!("retry.{field}"),
+                message,
+            },
             other => other,
         })?,
         Some(_) => return Err(err("retry", "must be an object")),
@@ -207,11 +298,16 @@ pub fn parse_spec(body: &Value) -> Result<CurrentSpec, CurrentsError> {
         alert_after_ms: opt_u64(m, "alert_after_ms", 1, YEAR_MS, w.alert_after_ms)?,
     };
     if windows.failure_window_ms > windows.retention_ms {
-        return Err(err("failure_window_ms", "must not be longer than retention_ms"));
+        return Err(err(
+            "failure_window_ms",
+            "must not be longer than retention_ms",
+        ));
     }
     let alert_webhook = match m.get("alert_webhook") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(EndpointUrl::parse(s).map_err(|e| err("alert_webhook", &e.to_string()))?),
+        Some(Value::String(s)) => {
+            Some(EndpointUrl::parse(s).map_err(|e| err("alert_webhook", &e.to_string()))?)
+        }
         Some(_) => return Err(err("alert_webhook", "must be a URL string")),
     };
     Ok(CurrentSpec {
@@ -233,8 +329,23 @@ pub fn parse_spec(body: &Value) -> Result<CurrentSpec, CurrentsError> {
 }
 
 fn parse_heap(h: &Map<String, Value>) -> Result<(HeapTrackSettings, &'static str), CurrentsError> {
-    check_known(h, &["app_id", "region", "identity", "prefix", "app_events_per_minute", "identity_events_per_minute"], "heap.")?;
-    let app_id = h.get("app_id").and_then(Value::as_str).map(str::trim).unwrap_or("");
+    check_known(
+        h,
+        &[
+            "app_id",
+            "region",
+            "identity",
+            "prefix",
+            "app_events_per_minute",
+            "identity_events_per_minute",
+        ],
+        "heap.",
+    )?;
+    let app_id = h
+        .get("app_id")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .unwrap_or("");
     if app_id.is_empty() || app_id.len() > 255 {
         return Err(err("heap.app_id", "must be a non-empty string"));
     }
@@ -245,15 +356,28 @@ fn parse_heap(h: &Map<String, Value>) -> Result<(HeapTrackSettings, &'static str
     };
     let identity = match h.get("identity") {
         None | Some(Value::Null) => HeapIdentity::ExternalUserId,
-        Some(v) => v.as_str().and_then(HeapIdentity::parse).ok_or_else(|| err("heap.identity", "must be external_user_id or user_id"))?,
+        Some(v) => v
+            .as_str()
+            .and_then(HeapIdentity::parse)
+            .ok_or_else(|| err("heap.identity", "must be external_user_id or user_id"))?,
     };
-    let prefix = if opt_bool(h, "prefix")? { NamePrefix::Braze } else { NamePrefix::None };
+    let prefix = if opt_bool(h, "prefix")? {
+        NamePrefix::Braze
+    } else {
+        NamePrefix::None
+    };
     Ok((
         HeapTrackSettings {
             app_id: app_id.to_owned(),
             identity,
             prefix,
-            app_events_per_minute: opt_u64(h, "app_events_per_minute", 1, 10_000_000, u64::from(forward::APP_EVENTS_PER_MINUTE))? as u32,
+            app_events_per_minute: opt_u64(
+                h,
+                "app_events_per_minute",
+                1,
+                10_000_000,
+                u64::from(forward::APP_EVENTS_PER_MINUTE),
+            )? as u32,
             identity_events_per_minute: opt_u64(
                 h,
                 "identity_events_per_minute",
@@ -287,7 +411,10 @@ mod tests {
     #[test]
     fn defaults_follow_the_reference() {
         let s = parse_spec(&base()).unwrap();
-        assert_eq!((s.batch_size, s.flush_interval_ms, s.max_in_flight), (100, 1_000, 2));
+        assert_eq!(
+            (s.batch_size, s.flush_interval_ms, s.max_in_flight),
+            (100, 1_000, 2)
+        );
         assert_eq!(s.retry, RetryPolicy::default());
         assert_eq!(s.windows.failure_window_ms, 5 * 86_400_000);
         assert_eq!(s.windows.retention_ms, 7 * 86_400_000);
@@ -316,15 +443,30 @@ mod tests {
         bad(json!({"endpoint": "ftp://x"}), "endpoint");
         bad(json!({"bearer_token": "a b"}), "bearer_token");
         bad(json!({"categories": ["nope"]}), "categories");
-        bad(json!({"categories": null, "event_types": ["users.Nope"]}), "event_types");
-        bad(json!({"event_types": ["users.behaviors.CustomEvent"]}), "event_types");
+        bad(
+            json!({"categories": null, "event_types": ["users.Nope"]}),
+            "event_types",
+        );
+        bad(
+            json!({"event_types": ["users.behaviors.CustomEvent"]}),
+            "event_types",
+        );
         bad(json!({"batch_size": 0}), "batch_size");
         bad(json!({"batch_size": 1001}), "batch_size");
-        bad(json!({"transformations": [{"field": "id", "action": "remove"}]}), "transformations[].field");
-        bad(json!({"transformations": [{"field": "email_address", "action": "mask"}]}), "transformations[].action");
+        bad(
+            json!({"transformations": [{"field": "id", "action": "remove"}]}),
+            "transformations[].field",
+        );
+        bad(
+            json!({"transformations": [{"field": "email_address", "action": "mask"}]}),
+            "transformations[].action",
+        );
         bad(json!({"retry": {"base_ms": 0}}), "retry.base_ms");
         bad(json!({"retry": {"jitter": 1}}), "retry.jitter");
-        bad(json!({"failure_window_ms": 10, "retention_ms": 5}), "failure_window_ms");
+        bad(
+            json!({"failure_window_ms": 10, "retention_ms": 5}),
+            "failure_window_ms",
+        );
         bad(json!({"heap": {"app_id": "1"}}), "heap");
         bad(json!({"surprise": 1}), "surprise");
     }
@@ -336,7 +478,10 @@ mod tests {
         .unwrap();
         assert_eq!(s.endpoint.as_str(), forward::EU_HOST);
         let h = s.heap.unwrap();
-        assert_eq!((h.identity, h.prefix, h.app_events_per_minute), (HeapIdentity::UserId, NamePrefix::Braze, 15_000));
+        assert_eq!(
+            (h.identity, h.prefix, h.app_events_per_minute),
+            (HeapIdentity::UserId, NamePrefix::Braze, 15_000)
+        );
         assert!(
             parse_spec(&json!({"name": "h", "kind": "heap_track", "categories": ["user"], "heap": {"app_id": ""}})).is_err()
         );
@@ -344,8 +489,18 @@ mod tests {
 
     #[test]
     fn selections_expand_to_type_names() {
-        assert_eq!(selected_types(&Selection::Categories(EventCategory::ALL.to_vec())), None);
+        assert_eq!(
+            selected_types(&Selection::Categories(EventCategory::ALL.to_vec())),
+            None
+        );
         let user = selected_types(&Selection::Categories(vec![EventCategory::User])).unwrap();
-        assert_eq!(user, ["users.UserDeleteRequest", "users.UserOrphan", "users.profile.Update"]);
+        assert_eq!(
+            user,
+            [
+                "users.UserDeleteRequest",
+                "users.UserOrphan",
+                "users.profile.Update"
+            ]
+        );
     }
 }

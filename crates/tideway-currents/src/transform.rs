@@ -63,7 +63,10 @@ mod tests {
     use serde_json::json;
 
     fn t(field: &str, action: FieldAction) -> Transformation {
-        Transformation { field: field.into(), action }
+        Transformation {
+            field: field.into(),
+            action,
+        }
     }
 
     #[test]
@@ -83,11 +86,23 @@ mod tests {
             ],
         );
         assert_eq!(e["properties"]["email_address"], REDACTED);
-        assert_eq!(e["user"]["external_user_id"], hex::encode(Sha256::digest(b"u-42")));
+        assert_eq!(
+            e["user"]["external_user_id"],
+            hex::encode(Sha256::digest(b"u-42"))
+        );
         assert_eq!(e["user"]["timezone"], Value::Null);
-        assert_eq!(e["properties"]["price"], hex::encode(Sha256::digest(b"9.5")));
-        assert_eq!(e["properties"]["custom_properties"]["email"], hex::encode(Sha256::digest(b"x@y.z")));
+        assert_eq!(
+            e["properties"]["price"],
+            hex::encode(Sha256::digest(b"9.5"))
+        );
+        assert_eq!(
+            e["properties"]["custom_properties"]["email"],
+            hex::encode(Sha256::digest(b"x@y.z"))
+        );
         assert_eq!(e["id"], "1");
-        assert_eq!(hex::encode(Sha256::digest(b"abc")), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            hex::encode(Sha256::digest(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -23,7 +23,10 @@ pub enum HeapError {
     NotJson(String),
     /// A required field is missing or has the wrong type.
     #[error("Invalid data format: {field} {problem}")]
-    InvalidField { field: &'static str, problem: &'static str },
+    InvalidField {
+        field: &'static str,
+        problem: &'static str,
+    },
     /// `action_type` is neither `segment.users.sync` nor `segment.users.drain`.
     #[error("Unknown action_type {0:?}")]
     UnknownAction(String),

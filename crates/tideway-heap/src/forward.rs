@@ -184,9 +184,16 @@ pub fn map_event(event: &Value, mapping: &Mapping) -> Result<Mapped, SkipReason>
     if name.chars().count() >= MAX_TEXT_CHARS {
         return Err(SkipReason::BadName);
     }
-    let time = e.get("time").and_then(Value::as_i64).ok_or(SkipReason::BadTime)?;
+    let time = e
+        .get("time")
+        .and_then(Value::as_i64)
+        .ok_or(SkipReason::BadTime)?;
     let timestamp = iso_timestamp(time).ok_or(SkipReason::BadTime)?;
-    let mut flat = Flattener { prefix, out: Map::new(), dropped: 0 };
+    let mut flat = Flattener {
+        prefix,
+        out: Map::new(),
+        dropped: 0,
+    };
     if let Some(Value::Object(props)) = e.get("properties") {
         for (k, v) in props {
             flat.put(k, v);
@@ -226,7 +233,11 @@ pub struct TokenBucket {
 impl TokenBucket {
     pub fn new(per_minute: u32, now_ms: i64) -> Self {
         let capacity = f64::from(per_minute.max(1));
-        TokenBucket { capacity, tokens: capacity, last_ms: now_ms }
+        TokenBucket {
+            capacity,
+            tokens: capacity,
+            last_ms: now_ms,
+        }
     }
 
     fn refill(&mut self, now_ms: i64) {
@@ -266,7 +277,11 @@ pub struct Pacer {
 
 impl Pacer {
     pub fn new(app_per_minute: u32, identity_per_minute: u32, now_ms: i64) -> Self {
-        Pacer { app: TokenBucket::new(app_per_minute, now_ms), identity_per_minute, identities: HashMap::new() }
+        Pacer {
+            app: TokenBucket::new(app_per_minute, now_ms),
+            identity_per_minute,
+            identities: HashMap::new(),
+        }
     }
 
     /// How long to wait before a request with these events per identity may go; when 0, the
@@ -304,7 +319,10 @@ mod tests {
     use super::*;
 
     fn mapping(prefix: bool) -> Mapping {
-        Mapping { identity: Identity::ExternalUserId, prefix }
+        Mapping {
+            identity: Identity::ExternalUserId,
+            prefix,
+        }
     }
 
     fn custom_event() -> Value {
@@ -337,7 +355,14 @@ mod tests {
 
     #[test]
     fn the_prefix_covers_event_and_property_names() {
-        let m = map_event(&custom_event(), &Mapping { identity: Identity::UserId, prefix: true }).unwrap();
+        let m = map_event(
+            &custom_event(),
+            &Mapping {
+                identity: Identity::UserId,
+                prefix: true,
+            },
+        )
+        .unwrap();
         assert_eq!(m.identity, "65a0c0ffee0000000000abcd");
         assert_eq!(m.event["event"], "braze-users.behaviors.CustomEvent");
         let props = m.event["properties"].as_object().unwrap();
@@ -353,14 +378,20 @@ mod tests {
         e["user"] = json!({});
         assert_eq!(map_event(&e, &mapping(false)), Err(SkipReason::NoIdentity));
         e["user"] = json!({"external_user_id": "x".repeat(256)});
-        assert_eq!(map_event(&e, &mapping(false)), Err(SkipReason::IdentityTooLong));
+        assert_eq!(
+            map_event(&e, &mapping(false)),
+            Err(SkipReason::IdentityTooLong)
+        );
         e["user"] = json!({"external_user_id": "ok"});
         e["time"] = json!("soon");
         assert_eq!(map_event(&e, &mapping(false)), Err(SkipReason::BadTime));
         e["time"] = json!(1);
         e.as_object_mut().unwrap().remove("id");
         assert_eq!(map_event(&e, &mapping(false)), Err(SkipReason::NoId));
-        assert_eq!(map_event(&json!(3), &mapping(false)), Err(SkipReason::NotAnEvent));
+        assert_eq!(
+            map_event(&json!(3), &mapping(false)),
+            Err(SkipReason::NotAnEvent)
+        );
     }
 
     #[test]
@@ -368,9 +399,19 @@ mod tests {
         let mut e = custom_event();
         e["properties"] = json!({"long": "é".repeat(2000), "k".repeat(1024): 1});
         let m = map_event(&e, &mapping(false)).unwrap();
-        assert_eq!(m.event["properties"]["long"].as_str().unwrap().chars().count(), 1023);
+        assert_eq!(
+            m.event["properties"]["long"]
+                .as_str()
+                .unwrap()
+                .chars()
+                .count(),
+            1023
+        );
         assert_eq!(m.dropped_keys, 1);
-        assert_eq!(track_url("https://heapanalytics.com/"), "https://heapanalytics.com/api/track");
+        assert_eq!(
+            track_url("https://heapanalytics.com/"),
+            "https://heapanalytics.com/api/track"
+        );
         assert_eq!(track_body("11", vec![])["app_id"], "11");
     }
 

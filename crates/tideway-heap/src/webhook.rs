@@ -114,7 +114,8 @@ fn mac(secret: &[u8], ts: &str, body: &[u8]) -> HmacSha256 {
 /// The `Heap-Hash` header value Heap would send for `body` at `ts_ms` (tests, clients).
 pub fn sign(secret: &[u8], ts_ms: i64, body: &[u8]) -> String {
     let ts = ts_ms.to_string();
-    let sig = base64::engine::general_purpose::STANDARD.encode(mac(secret, &ts, body).finalize().into_bytes());
+    let sig = base64::engine::general_purpose::STANDARD
+        .encode(mac(secret, &ts, body).finalize().into_bytes());
     format!("ts:{ts},hmac:{sig}")
 }
 
@@ -123,7 +124,10 @@ fn parse_header(header: &str) -> Result<(&str, i64, &str), HeapError> {
     let mut ts = None;
     let mut sig = None;
     for part in header.split(',') {
-        let (key, value) = part.trim().split_once(':').ok_or(HeapError::MalformedSignature("a part without ':'"))?;
+        let (key, value) = part
+            .trim()
+            .split_once(':')
+            .ok_or(HeapError::MalformedSignature("a part without ':'"))?;
         match key.trim() {
             "ts" => ts = Some(value.trim()),
             "hmac" => sig = Some(value.trim()),
@@ -131,13 +135,21 @@ fn parse_header(header: &str) -> Result<(&str, i64, &str), HeapError> {
         }
     }
     let ts = ts.ok_or(HeapError::MalformedSignature("no ts"))?;
-    let sig = sig.filter(|s| !s.is_empty()).ok_or(HeapError::MalformedSignature("no hmac"))?;
-    let ms: i64 = ts.parse().map_err(|_| HeapError::MalformedSignature("ts is not an integer"))?;
+    let sig = sig
+        .filter(|s| !s.is_empty())
+        .ok_or(HeapError::MalformedSignature("no hmac"))?;
+    let ms: i64 = ts
+        .parse()
+        .map_err(|_| HeapError::MalformedSignature("ts is not an integer"))?;
     Ok((ts, ms, sig))
 }
 
 fn decode_signature(sig: &str) -> Result<Vec<u8>, HeapError> {
-    if sig.len() == 64 && sig.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if sig.len() == 64
+        && sig
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return hex::decode(sig).map_err(|_| HeapError::MalformedSignature("bad hex"));
     }
     base64::engine::general_purpose::STANDARD
@@ -150,7 +162,12 @@ fn decode_signature(sig: &str) -> Result<Vec<u8>, HeapError> {
 /// Order: header present (else [`HeapError::MissingSignature`]), well-formed
 /// ([`HeapError::MalformedSignature`]), fresh ([`HeapError::StaleSignature`]), then the HMAC
 /// over the raw body and over its compact re-serialisation ([`HeapError::BadSignature`]).
-pub fn verify_signature(header: Option<&str>, body: &[u8], secret: &[u8], now_ms: i64) -> Result<SignedAt, HeapError> {
+pub fn verify_signature(
+    header: Option<&str>,
+    body: &[u8],
+    secret: &[u8],
+    now_ms: i64,
+) -> Result<SignedAt, HeapError> {
     let header = header.ok_or(HeapError::MissingSignature)?;
     let (ts_text, ts, sig) = parse_header(header)?;
     if now_ms.saturating_sub(ts) > MAX_AGE_MS || ts.saturating_sub(now_ms) >= MAX_AHEAD_MS {
@@ -162,7 +179,11 @@ pub fn verify_signature(header: Option<&str>, body: &[u8], secret: &[u8], now_ms
     }
     if let Ok(parsed) = serde_json::from_slice::<Value>(body) {
         let compact = parsed.to_string();
-        if compact.as_bytes() != body && mac(secret, ts_text, compact.as_bytes()).verify_slice(&expected).is_ok() {
+        if compact.as_bytes() != body
+            && mac(secret, ts_text, compact.as_bytes())
+                .verify_slice(&expected)
+                .is_ok()
+        {
             return Ok(SignedAt(ts));
         }
     }
@@ -183,7 +204,11 @@ fn user_id(entry: &Value) -> Option<String> {
     }
 }
 
-fn id_list(data: &Map<String, Value>, key: &'static str, skipped: &mut usize) -> Result<Vec<String>, HeapError> {
+fn id_list(
+    data: &Map<String, Value>,
+    key: &'static str,
+    skipped: &mut usize,
+) -> Result<Vec<String>, HeapError> {
     match data.get(key) {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(entries)) => {
@@ -201,18 +226,28 @@ fn id_list(data: &Map<String, Value>, key: &'static str, skipped: &mut usize) ->
 }
 
 fn config_fields(root: &Map<String, Value>) -> Result<Vec<ConfigField>, HeapError> {
-    let Some(config) = root.get("customer_config") else { return Ok(Vec::new()) };
-    let config = config.as_object().ok_or(invalid("customer_config", "must be an object"))?;
-    let Some(fields) = config.get("fields") else { return Ok(Vec::new()) };
-    let fields = fields.as_array().ok_or(invalid("customer_config.fields", "must be an array"))?;
+    let Some(config) = root.get("customer_config") else {
+        return Ok(Vec::new());
+    };
+    let config = config
+        .as_object()
+        .ok_or(invalid("customer_config", "must be an object"))?;
+    let Some(fields) = config.get("fields") else {
+        return Ok(Vec::new());
+    };
+    let fields = fields
+        .as_array()
+        .ok_or(invalid("customer_config.fields", "must be an array"))?;
     fields
         .iter()
         .map(|f| {
-            let f = f.as_object().ok_or(invalid("customer_config.fields", "must hold objects"))?;
-            let field_id = f
-                .get("field_id")
-                .and_then(Value::as_str)
-                .ok_or(invalid("customer_config.fields[].field_id", "must be a string"))?;
+            let f = f
+                .as_object()
+                .ok_or(invalid("customer_config.fields", "must hold objects"))?;
+            let field_id = f.get("field_id").and_then(Value::as_str).ok_or(invalid(
+                "customer_config.fields[].field_id",
+                "must be a string",
+            ))?;
             let value_id = match f.get("value") {
                 Some(Value::String(s)) => Some(s.clone()),
                 Some(Value::Object(v)) => v.get("id").and_then(|id| match id {
@@ -224,7 +259,10 @@ fn config_fields(root: &Map<String, Value>) -> Result<Vec<ConfigField>, HeapErro
             };
             Ok(ConfigField {
                 field_id: field_id.to_owned(),
-                field_type: f.get("field_type").and_then(Value::as_str).map(str::to_owned),
+                field_type: f
+                    .get("field_type")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
                 value_id,
             })
         })
@@ -232,11 +270,15 @@ fn config_fields(root: &Map<String, Value>) -> Result<Vec<ConfigField>, HeapErro
 }
 
 fn sync_page(data: &Map<String, Value>) -> Result<Option<SyncPage>, HeapError> {
-    let Some(info) = data.get("sync_info") else { return Ok(None) };
+    let Some(info) = data.get("sync_info") else {
+        return Ok(None);
+    };
     if info.is_null() {
         return Ok(None);
     }
-    let info = info.as_object().ok_or(invalid("data.sync_info", "must be an object"))?;
+    let info = info
+        .as_object()
+        .ok_or(invalid("data.sync_info", "must be an object"))?;
     let number = |k: &str, field: &'static str| -> Result<u32, HeapError> {
         info.get(k)
             .and_then(Value::as_u64)
@@ -246,16 +288,27 @@ fn sync_page(data: &Map<String, Value>) -> Result<Option<SyncPage>, HeapError> {
     let sync_task_id = match info.get("sync_task_id") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
-        _ => return Err(invalid("data.sync_info.sync_task_id", "must be a non-empty string")),
+        _ => {
+            return Err(invalid(
+                "data.sync_info.sync_task_id",
+                "must be a non-empty string",
+            ));
+        }
     };
-    Ok(Some(SyncPage { sync_task_id, page_number: number("page_number", "data.sync_info.page_number")?,
-        total_pages: number("total_pages", "data.sync_info.total_pages")?, }))
+    Ok(Some(SyncPage {
+        sync_task_id,
+        page_number: number("page_number", "data.sync_info.page_number")?,
+        total_pages: number("total_pages", "data.sync_info.total_pages")?,
+    }))
 }
 
 /// Parses a webhook body (`segment.users.sync` or `segment.users.drain`).
 pub fn parse_sync(body: &[u8]) -> Result<SyncRequest, HeapError> {
-    let root: Value = serde_json::from_slice(body).map_err(|e| HeapError::NotJson(e.to_string()))?;
-    let root = root.as_object().ok_or(invalid("body", "must be a JSON object"))?;
+    let root: Value =
+        serde_json::from_slice(body).map_err(|e| HeapError::NotJson(e.to_string()))?;
+    let root = root
+        .as_object()
+        .ok_or(invalid("body", "must be a JSON object"))?;
     let action = match root.get("action_type") {
         Some(Value::String(a)) if a == SyncAction::Sync.as_str() => SyncAction::Sync,
         Some(Value::String(a)) if a == SyncAction::Drain.as_str() => SyncAction::Drain,
@@ -267,17 +320,35 @@ pub fn parse_sync(body: &[u8]) -> Result<SyncRequest, HeapError> {
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(invalid("id_token", "must be a string")),
     };
-    let data = root.get("data").and_then(Value::as_object).ok_or(invalid("data", "must be an object"))?;
-    let segment = data.get("segment").and_then(Value::as_object).ok_or(invalid("data.segment", "must be an object"))?;
+    let data = root
+        .get("data")
+        .and_then(Value::as_object)
+        .ok_or(invalid("data", "must be an object"))?;
+    let segment = data
+        .get("segment")
+        .and_then(Value::as_object)
+        .ok_or(invalid("data.segment", "must be an object"))?;
     let id = match segment.get("id") {
-        Some(Value::Number(n)) => n.as_i64().ok_or(invalid("data.segment.id", "must be an integer"))?,
-        Some(Value::String(s)) => s.trim().parse().map_err(|_| invalid("data.segment.id", "must be an integer"))?,
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .ok_or(invalid("data.segment.id", "must be an integer"))?,
+        Some(Value::String(s)) => s
+            .trim()
+            .parse()
+            .map_err(|_| invalid("data.segment.id", "must be an integer"))?,
         _ => return Err(invalid("data.segment.id", "is required")),
     };
-    let name = segment.get("name").and_then(Value::as_str).map(str::to_owned);
+    let name = segment
+        .get("name")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let mut skipped = 0;
     let (mut add, remove, page) = match action {
-        SyncAction::Sync => (id_list(data, "add", &mut skipped)?, id_list(data, "remove", &mut skipped)?, sync_page(data)?),
+        SyncAction::Sync => (
+            id_list(data, "add", &mut skipped)?,
+            id_list(data, "remove", &mut skipped)?,
+            sync_page(data)?,
+        ),
         SyncAction::Drain => (Vec::new(), Vec::new(), sync_page(data)?),
     };
     // An id in both lists ends removed (the conservative reading).
@@ -322,7 +393,10 @@ mod tests {
         let body = sample().as_bytes();
         let header = heap_header(NOW - 5_000, body);
         assert_eq!(header, sign(SECRET, NOW - 5_000, body));
-        assert_eq!(verify_signature(Some(&header), body, SECRET, NOW), Ok(SignedAt(NOW - 5_000)));
+        assert_eq!(
+            verify_signature(Some(&header), body, SECRET, NOW),
+            Ok(SignedAt(NOW - 5_000))
+        );
     }
 
     #[test]
@@ -339,15 +413,36 @@ mod tests {
     fn wrong_secret_body_or_header_shape_is_refused_precisely() {
         let body = sample().as_bytes();
         let header = heap_header(NOW, body);
-        assert_eq!(verify_signature(Some(&header), body, b"other", NOW), Err(HeapError::BadSignature));
-        assert_eq!(verify_signature(Some(&header), b"{\"x\":1}", SECRET, NOW), Err(HeapError::BadSignature));
-        assert_eq!(verify_signature(None, body, SECRET, NOW), Err(HeapError::MissingSignature));
-        assert!(matches!(verify_signature(Some("garbage"), body, SECRET, NOW), Err(HeapError::MalformedSignature(_))));
-        assert!(matches!(verify_signature(Some("ts:abc,hmac:x"), body, SECRET, NOW), Err(HeapError::MalformedSignature(_))));
-        assert!(matches!(verify_signature(Some(&format!("ts:{NOW}")), body, SECRET, NOW), Err(HeapError::MalformedSignature(_))));
+        assert_eq!(
+            verify_signature(Some(&header), body, b"other", NOW),
+            Err(HeapError::BadSignature)
+        );
+        assert_eq!(
+            verify_signature(Some(&header), b"{\"x\":1}", SECRET, NOW),
+            Err(HeapError::BadSignature)
+        );
+        assert_eq!(
+            verify_signature(None, body, SECRET, NOW),
+            Err(HeapError::MissingSignature)
+        );
+        assert!(matches!(
+            verify_signature(Some("garbage"), body, SECRET, NOW),
+            Err(HeapError::MalformedSignature(_))
+        ));
+        assert!(matches!(
+            verify_signature(Some("ts:abc,hmac:x"), body, SECRET, NOW),
+            Err(HeapError::MalformedSignature(_))
+        ));
+        assert!(matches!(
+            verify_signature(Some(&format!("ts:{NOW}")), body, SECRET, NOW),
+            Err(HeapError::MalformedSignature(_))
+        ));
         assert_eq!(HeapError::BadSignature.http_status(), 403);
         assert_eq!(HeapError::StaleSignature.http_status(), 400);
-        assert_eq!(HeapError::MissingSignature.to_string(), "Expected \"heap-hash\" in the header");
+        assert_eq!(
+            HeapError::MissingSignature.to_string(),
+            "Expected \"heap-hash\" in the header"
+        );
     }
 
     #[test]
@@ -374,23 +469,47 @@ mod tests {
     fn the_reference_sync_sample_parses() {
         let req = parse_sync(sample().as_bytes()).unwrap();
         assert_eq!(req.action, SyncAction::Sync);
-        assert_eq!(req.id_token.as_deref(), Some("7a36ae58-c4b9-11eb-8529-0242ac130003"));
-        assert_eq!(req.segment, Segment { id: 1_338_065, name: Some("Free Customers".into()) });
+        assert_eq!(
+            req.id_token.as_deref(),
+            Some("7a36ae58-c4b9-11eb-8529-0242ac130003")
+        );
+        assert_eq!(
+            req.segment,
+            Segment {
+                id: 1_338_065,
+                name: Some("Free Customers".into())
+            }
+        );
         assert_eq!(req.segment.cohort_id(), "1338065");
         assert_eq!(
             req.page,
-            Some(SyncPage { sync_task_id: "afe74af0-496e-11ec-81d3-0242ac130003".into(), page_number: 1, total_pages: 5 })
+            Some(SyncPage {
+                sync_task_id: "afe74af0-496e-11ec-81d3-0242ac130003".into(),
+                page_number: 1,
+                total_pages: 5
+            })
         );
         assert_eq!(req.add, ["user1@email.com", "user2@email.com"]);
         assert_eq!(req.remove, ["user3@email.com"]);
-        assert_eq!(req.config_fields[0].value_id.as_deref(), Some("workspace_1"));
+        assert_eq!(
+            req.config_fields[0].value_id.as_deref(),
+            Some("workspace_1")
+        );
         assert_eq!(req.skipped, 0);
     }
 
     #[test]
     fn drain_numeric_ids_skips_and_overlaps() {
         let drain = parse_sync(br#"{"action_type":"segment.users.drain","customer_config":{"fields":[]},"data":{"segment":{"id":7,"name":"X"}}}"#).unwrap();
-        assert_eq!((drain.action, drain.add.len(), drain.remove.len(), drain.id_token), (SyncAction::Drain, 0, 0, None));
+        assert_eq!(
+            (
+                drain.action,
+                drain.add.len(),
+                drain.remove.len(),
+                drain.id_token
+            ),
+            (SyncAction::Drain, 0, 0, None)
+        );
         let req = parse_sync(
             br#"{"action_type":"segment.users.sync","data":{"segment":{"id":"9"},"add":[{"id":42},{"id":""},{"x":1},{"id":"both"}],"remove":[{"id":"both"},{"id":null}]}}"#,
         )
@@ -399,26 +518,39 @@ mod tests {
         assert_eq!(req.remove, ["both"]);
         assert_eq!(req.skipped, 3);
         assert_eq!(req.segment.id, 9);
-        let empty = parse_sync(br#"{"action_type":"segment.users.sync","data":{"segment":{"id":1}}}"#).unwrap();
+        let empty =
+            parse_sync(br#"{"action_type":"segment.users.sync","data":{"segment":{"id":1}}}"#)
+                .unwrap();
         assert!(empty.add.is_empty() && empty.remove.is_empty());
     }
 
     #[test]
     fn bad_bodies_get_precise_errors() {
         assert!(matches!(parse_sync(b"nope"), Err(HeapError::NotJson(_))));
-        assert_eq!(parse_sync(b"[]"), Err(invalid("body", "must be a JSON object")));
-        assert_eq!(parse_sync(br#"{"data":{}}"#), Err(invalid("action_type", "must be a string")));
+        assert_eq!(
+            parse_sync(b"[]"),
+            Err(invalid("body", "must be a JSON object"))
+        );
+        assert_eq!(
+            parse_sync(br#"{"data":{}}"#),
+            Err(invalid("action_type", "must be a string"))
+        );
         assert_eq!(
             parse_sync(br#"{"action_type":"segment.users.delete","data":{}}"#),
             Err(HeapError::UnknownAction("segment.users.delete".into()))
         );
-        assert_eq!(parse_sync(br#"{"action_type":"segment.users.sync"}"#), Err(invalid("data", "must be an object")));
+        assert_eq!(
+            parse_sync(br#"{"action_type":"segment.users.sync"}"#),
+            Err(invalid("data", "must be an object"))
+        );
         assert_eq!(
             parse_sync(br#"{"action_type":"segment.users.sync","data":{"segment":{}}}"#),
             Err(invalid("data.segment.id", "is required"))
         );
         assert_eq!(
-            parse_sync(br#"{"action_type":"segment.users.sync","data":{"segment":{"id":1},"add":"x"}}"#),
+            parse_sync(
+                br#"{"action_type":"segment.users.sync","data":{"segment":{"id":1},"add":"x"}}"#
+            ),
             Err(invalid("add", "must be an array of {\"id\": …} objects"))
         );
         assert_eq!(

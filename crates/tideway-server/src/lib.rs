@@ -20,6 +20,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tideway_core::store::Store;
 
 mod cohorts_api;
+mod currents_api;
 mod error;
 mod fields;
 mod observe;
@@ -28,9 +29,12 @@ mod ops;
 mod partners;
 mod pipeline;
 mod rate_limit;
+mod segment_service;
+mod segments_api;
 mod users;
 pub mod wire;
 
+pub use currents_api::CurrentsApi;
 pub use error::ApiError;
 pub use observe::{MetricsError, install_metrics_recorder};
 pub use rate_limit::RateLimits;
@@ -69,12 +73,16 @@ struct Inner {
     metrics: PrometheusHandle,
     limiter: rate_limit::RateLimiter,
     partner_limiter: partners::PartnerLimiter,
+    segments: Arc<segment_service::SegmentService>,
+    currents: Option<CurrentsApi>,
 }
 
 impl AppState {
     pub fn new(store: Arc<dyn Store>, config: ServerConfig, metrics: PrometheusHandle) -> Self {
         let limiter = rate_limit::RateLimiter::new(config.rate_limits.clone());
         let partner_limiter = partners::PartnerLimiter::new(config.rate_limits.partner_per_hour);
+        let segments = Arc::new(segment_service::SegmentService::new(Arc::clone(&store)));
+        segment_service::SegmentService::spawn_refresher(&segments);
         AppState {
             inner: Arc::new(Inner {
                 store,
@@ -82,6 +90,8 @@ impl AppState {
                 metrics,
                 limiter,
                 partner_limiter,
+                segments,
+                currents: None,
             }),
         }
     }
@@ -102,6 +112,15 @@ impl AppState {
         &self.inner.limiter
     }
 
+    pub(crate) fn segments(&self) -> &segment_service::SegmentService {
+        &self.inner.segments
+    }
+
+    /// The Currents API's storage and exporter (absent: `/api/v1/currents` answers 503).
+    pub(crate) fn currents(&self) -> Option<&CurrentsApi> {
+        self.inner.currents.as_ref()
+    }
+
     pub(crate) fn partner_limiter(&self) -> &partners::PartnerLimiter {
         &self.inner.partner_limiter
     }
@@ -111,8 +130,21 @@ impl AppState {
 /// `into_make_service_with_connect_info::<SocketAddr>()`: the client address is needed for
 /// key IP allowlists (a key with an allowlist is refused when the address is unknown).
 pub fn app(store: Arc<dyn Store>, config: ServerConfig, metrics: PrometheusHandle) -> Router {
+    app_with_currents(store, config, metrics, None)
+}
+
+/// [`app`] with the Currents management API backed by a running exporter.
+pub fn app_with_currents(
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    metrics: PrometheusHandle,
+    currents: Option<CurrentsApi>,
+) -> Router {
     let max_body = config.max_body_bytes;
-    let state = AppState::new(store, config, metrics);
+    let mut state = AppState::new(store, config, metrics);
+    if let Some(inner) = Arc::get_mut(&mut state.inner) {
+        inner.currents = currents;
+    }
     Router::new()
         .route("/users/track", post(users::users_track))
         .route("/users/identify", post(users::users_identify))
@@ -135,9 +167,29 @@ pub fn app(store: Arc<dyn Store>, config: ServerConfig, metrics: PrometheusHandl
         .route("/partners/heap/segment-sync/{workspace}", post(partners::heap_segment_sync_workspace))
         .route("/partners/heap/segment-sync/{workspace}/users_sync", post(partners::heap_users_sync))
         .route("/partners/heap/segment-sync/{workspace}/users_drain", post(partners::heap_users_drain))
+        .route("/api/v1/currents", get(currents_api::list).post(currents_api::create))
+        .route(
+            "/api/v1/currents/{id}",
+            get(currents_api::get_one).put(currents_api::update).delete(currents_api::delete),
+        )
+        .route("/api/v1/currents/{id}/dead_letters", get(currents_api::dead_letters))
+        .route("/api/v1/currents/{id}/{action}", post(currents_api::action))
         .route("/api/v1/cohorts", get(cohorts_api::list))
         .route("/api/v1/cohorts/{partner}/{cohort_id}/members", get(cohorts_api::members))
         .route("/api/v1/users/{braze_id}/cohorts", get(cohorts_api::user_cohorts))
+        .route("/api/v1/segments", get(segments_api::list).post(segments_api::create))
+        .route("/api/v1/segments/preview", post(segments_api::preview))
+        .route(
+            "/api/v1/segments/{id}",
+            get(segments_api::get_one)
+                .put(segments_api::update)
+                .delete(segments_api::delete),
+        )
+        .route("/api/v1/segments/{id}/size", get(segments_api::size))
+        .route("/api/v1/segments/{id}/members", get(segments_api::members))
+        .route("/api/v1/users/{braze_id}/segments", get(segments_api::user_segments))
+        .route("/segments/list", get(segments_api::braze_list))
+        .route("/segments/details", get(segments_api::braze_details))
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi_json))

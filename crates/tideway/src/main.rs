@@ -10,9 +10,12 @@ mod admin;
 mod bench;
 mod cohorts_push;
 mod config;
+mod currents;
 mod data;
 mod partners;
+mod segments;
 mod serve;
+mod sink_cmd;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -52,9 +55,15 @@ enum Command {
     /// Cohorts, from the partner's side.
     #[command(subcommand)]
     Cohorts(CohortsCommand),
+    /// Segments: export an audience.
+    #[command(subcommand)]
+    Segments(segments::SegmentsCommand),
     /// Benchmarks that report ratios against limits measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run a local Heap-like Currents receiver (token check first, dedupe on id, SQLite
+    /// storage, an HTML page at / and JSON at /events) with fault injection for tests and demos.
+    Sink(sink_cmd::SinkArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +88,8 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // With the `tls` feature reqwest has no crypto provider of its own: install ring first.
+    tideway_currents::install_tls();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -129,9 +140,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Segments(command) => {
+            telemetry::init(LogFormat::Text, "warn");
+            segments::run(command, std::io::IsTerminal::is_terminal(&std::io::stderr())).await
+        }
         Command::Bench(command) => {
             telemetry::init(LogFormat::Text, "warn");
             bench::run(command).await
+        }
+        Command::Sink(args) => {
+            telemetry::init(LogFormat::Text, "info");
+            sink_cmd::run(args).await
         }
     }
 }

@@ -33,7 +33,8 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
     bootstrap(store.as_ref(), &settings.data_dir).await?;
     let metrics = tideway_server::install_metrics_recorder()
         .context("cannot install the metrics recorder")?;
-    let router = tideway_server::app(store, settings.server.clone(), metrics);
+    let currents = crate::currents::start(Arc::clone(&store), &settings.data_dir);
+    let router = tideway_server::app_with_currents(store, settings.server.clone(), metrics, Some(currents.clone()));
     let listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
             "cannot listen on {} (is another server running there? pick another --listen)",
@@ -53,6 +54,7 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
     .await
     .context("the HTTP server failed")?;
     tracing::info!("stopped: every in-flight request has been answered");
+    crate::currents::stop(currents).await;
     Ok(())
 }
 

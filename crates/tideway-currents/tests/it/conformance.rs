@@ -12,11 +12,22 @@ use tideway_currents::catalogue::{self, Field};
 
 fn check(part: &str, obj: &Map<String, Value>, fields: &[Field], event_type: &str) {
     for (k, v) in obj {
-        let f = fields.iter().find(|f| f.name == *k).unwrap_or_else(|| panic!("{event_type}: {part}.{k} is not in the reference"));
-        assert!(v.is_null() && f.optional || f.ty.accepts(v), "{event_type}: {part}.{k} = {v} is not {:?}", f.ty);
+        let f = fields
+            .iter()
+            .find(|f| f.name == *k)
+            .unwrap_or_else(|| panic!("{event_type}: {part}.{k} is not in the reference"));
+        assert!(
+            v.is_null() && f.optional || f.ty.accepts(v),
+            "{event_type}: {part}.{k} = {v} is not {:?}",
+            f.ty
+        );
     }
     for f in fields.iter().filter(|f| !f.optional) {
-        assert!(obj.contains_key(&f.name), "{event_type}: required {part}.{} missing", f.name);
+        assert!(
+            obj.contains_key(&f.name),
+            "{event_type}: required {part}.{} missing",
+            f.name
+        );
     }
 }
 
@@ -25,20 +36,44 @@ fn every_emitted_event(full: bool) -> Vec<CurrentsEvent> {
     let ext = ExternalId::parse("u-1").unwrap();
     let dev = DeviceId::parse("d-1").unwrap();
     let user = if full {
-        EventUser { braze_id: &braze, external_id: Some(&ext), device_id: Some(&dev), time_zone: Some("Europe/Paris") }
+        EventUser {
+            braze_id: &braze,
+            external_id: Some(&ext),
+            device_id: Some(&dev),
+            time_zone: Some("Europe/Paris"),
+        }
     } else {
-        EventUser { braze_id: &braze, external_id: None, device_id: None, time_zone: None }
+        EventUser {
+            braze_id: &braze,
+            external_id: None,
+            device_id: None,
+            time_zone: None,
+        }
     };
     let at = Millis(1_700_000_000_123);
     let id = || EventId(uuid::Uuid::new_v4().to_string());
-    let props: Map<String, Value> =
-        if full { json!({"plan": "pro", "seats": 3, "tags": ["a"], "ok": true}).as_object().unwrap().clone() } else { Map::new() };
+    let props: Map<String, Value> = if full {
+        json!({"plan": "pro", "seats": 3, "tags": ["a"], "ok": true})
+            .as_object()
+            .unwrap()
+            .clone()
+    } else {
+        Map::new()
+    };
     let app = full.then_some("app-1");
     let mut standard = Map::new();
     if full {
-        for (k, v) in [("first_name", "Ada"), ("last_name", "L"), ("email_address", "a@b.c"), ("phone_number", "+1"), ("home_city", "P"),
-            ("country", "FR"), ("language", "fr"), ("gender", "F"), ("dob", "1990-01-01")]
-        {
+        for (k, v) in [
+            ("first_name", "Ada"),
+            ("last_name", "L"),
+            ("email_address", "a@b.c"),
+            ("phone_number", "+1"),
+            ("home_city", "P"),
+            ("country", "FR"),
+            ("language", "fr"),
+            ("gender", "F"),
+            ("dob", "1990-01-01"),
+        ] {
             standard.insert(k.into(), json!(v));
         }
     }
@@ -51,7 +86,10 @@ fn every_emitted_event(full: bool) -> Vec<CurrentsEvent> {
     ];
     let covered: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
     for t in EventType::ALL {
-        assert!(covered.contains(&t), "{t:?} is emitted but has no case in this test");
+        assert!(
+            covered.contains(&t),
+            "{t:?} is emitted but has no case in this test"
+        );
     }
     events
 }
@@ -61,22 +99,33 @@ fn every_emitted_event_type_matches_the_reference_field_lists() {
     for full in [true, false] {
         for e in every_emitted_event(full) {
             let name = e.event_type.as_str();
-            let info = catalogue::find(name).unwrap_or_else(|| panic!("{name} is not in the reference"));
+            let info =
+                catalogue::find(name).unwrap_or_else(|| panic!("{name} is not in the reference"));
             let body = e.body.as_object().unwrap();
             let mut keys: Vec<&str> = body.keys().map(String::as_str).collect();
             keys.sort_unstable();
-            assert_eq!(keys, ["event_type", "id", "properties", "time", "user"], "{name}: envelope");
+            assert_eq!(
+                keys,
+                ["event_type", "id", "properties", "time", "user"],
+                "{name}: envelope"
+            );
             assert_eq!(body["event_type"], name);
             assert!(body["time"].is_i64() && body["id"].is_string());
             check("user", body["user"].as_object().unwrap(), &info.user, name);
-            check("properties", body["properties"].as_object().unwrap(), &info.properties, name);
+            check(
+                "properties",
+                body["properties"].as_object().unwrap(),
+                &info.properties,
+                name,
+            );
         }
     }
 }
 
 #[test]
 fn the_compiled_in_catalogue_is_the_shared_reference() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/currents-events.md");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/reference/currents-events.md");
     let Ok(text) = std::fs::read_to_string(&path) else {
         // A checkout without shared/: the embedded copy is all there is (and is checked by
         // the catalogue's unit tests).

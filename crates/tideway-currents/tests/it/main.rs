@@ -58,10 +58,21 @@ impl Harness {
 
     pub async fn with_config(config: ExporterConfig) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(&dir.path().join("t.sqlite"), SqliteOptions::default()).unwrap());
-        let ws = store.create_workspace("w", Millis(1_700_000_000_000)).await.unwrap();
+        let store = Arc::new(
+            SqliteStore::open(&dir.path().join("t.sqlite"), SqliteOptions::default()).unwrap(),
+        );
+        let ws = store
+            .create_workspace("w", Millis(1_700_000_000_000))
+            .await
+            .unwrap();
         let exporter = Some(Exporter::start(store.clone(), config.clone()));
-        Harness { dir, store, ws, exporter, config }
+        Harness {
+            dir,
+            store,
+            ws,
+            exporter,
+            config,
+        }
     }
 
     pub fn exporter(&self) -> &Exporter {
@@ -79,7 +90,11 @@ impl Harness {
     /// Creates and launches a Current from its JSON definition.
     pub async fn current(&self, spec: Value) -> Current {
         let spec = parse_spec(&spec).unwrap();
-        let c = self.store.create_current(self.ws.id, spec, CurrentStatus::Active, Millis(1)).await.unwrap();
+        let c = self
+            .store
+            .create_current(self.ws.id, spec, CurrentStatus::Active, Millis(1))
+            .await
+            .unwrap();
         self.exporter().refresh();
         c
     }
@@ -104,28 +119,63 @@ impl Harness {
     pub async fn append_purchase(&self) -> String {
         let braze = BrazeId::from_bytes([9; 12]);
         let ext = ExternalId::parse("buyer").unwrap();
-        let user = EventUser { braze_id: &braze, external_id: Some(&ext), device_id: None, time_zone: None };
+        let user = EventUser {
+            braze_id: &braze,
+            external_id: Some(&ext),
+            device_id: None,
+            time_zone: None,
+        };
         let id = uuid::Uuid::new_v4().to_string();
-        let ev = CurrentsEvent::purchase(EventId(id.clone()), Millis(1_700_000_000_000), &user, "ag", None, "sku", "USD", 9.5, &Map::new());
-        self.store.append_events(self.ws.id, vec![(None, ev)]).await.unwrap();
+        let ev = CurrentsEvent::purchase(
+            EventId(id.clone()),
+            Millis(1_700_000_000_000),
+            &user,
+            "ag",
+            None,
+            "sku",
+            "USD",
+            9.5,
+            &Map::new(),
+        );
+        self.store
+            .append_events(self.ws.id, vec![(None, ev)])
+            .await
+            .unwrap();
         id
     }
 
-    pub async fn wait(&self, c: &Current, what: &str, done: impl FnMut(&Current) -> bool) -> Current {
+    pub async fn wait(
+        &self,
+        c: &Current,
+        what: &str,
+        done: impl FnMut(&Current) -> bool,
+    ) -> Current {
         let (current, ok) = self.exporter().wait_for(c.id, LIMIT, done).await.unwrap();
         assert!(ok, "timed out waiting for {what}: {current:#?}");
         current
     }
 }
 
-pub fn custom_event(user: usize, name: &str, props: &Map<String, Value>) -> (UserSeq, CurrentsEvent) {
+pub fn custom_event(
+    user: usize,
+    name: &str,
+    props: &Map<String, Value>,
+) -> (UserSeq, CurrentsEvent) {
     let mut bytes = [0u8; 12];
     bytes[..8].copy_from_slice(&(user as u64).to_be_bytes());
     let braze = BrazeId::from_bytes(bytes);
     let ext = ExternalId::parse(&format!("u{user}")).unwrap();
-    let eu = EventUser { braze_id: &braze, external_id: Some(&ext), device_id: None, time_zone: None };
+    let eu = EventUser {
+        braze_id: &braze,
+        external_id: Some(&ext),
+        device_id: None,
+        time_zone: None,
+    };
     let id = EventId(uuid::Uuid::new_v4().to_string());
-    (UserSeq(user as u32 + 1), CurrentsEvent::custom_event(id, Millis(1_700_000_000_000), &eu, "ag", None, name, props))
+    (
+        UserSeq(user as u32 + 1),
+        CurrentsEvent::custom_event(id, Millis(1_700_000_000_000), &eu, "ag", None, name, props),
+    )
 }
 
 pub fn spec(url: &str) -> Value {
@@ -154,7 +204,12 @@ pub async fn sink_ids(s: &RunningSink) -> Vec<String> {
     let mut out = Vec::new();
     let mut after = 0;
     loop {
-        let page = s.state.store().events(after, 10_000, None, sink::Order::Oldest).await.unwrap();
+        let page = s
+            .state
+            .store()
+            .events(after, 10_000, None, sink::Order::Oldest)
+            .await
+            .unwrap();
         let Some(last) = page.last() else { break };
         after = last.seq;
         out.extend(page.into_iter().map(|e| e.id));
@@ -187,9 +242,19 @@ pub struct Seen {
 
 impl Seen {
     pub fn ids(&self) -> Vec<String> {
-        self.body["events"].as_array().map(|a| a.iter().filter_map(|e| e["id"].as_str().map(str::to_owned)).collect()).unwrap_or_default()
+        self.body["events"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
+
+/// A request handed to the test, with where to send its answer.
+pub type Pending = (Seen, oneshot::Sender<Reply>);
 
 #[derive(Default)]
 pub struct CaptureState {
@@ -197,7 +262,7 @@ pub struct CaptureState {
     pub seen: Mutex<Vec<Seen>>,
     pub notify: Notify,
     /// When set, requests wait for a reply pushed through `manual` (model test).
-    pub manual: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(Seen, oneshot::Sender<Reply>)>>>,
+    pub manual: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Pending>>>,
 }
 
 pub struct Capture {
@@ -217,7 +282,9 @@ impl Drop for Capture {
 impl Capture {
     pub async fn start() -> Capture {
         let state = Arc::new(CaptureState::default());
-        let app = axum::Router::new().fallback(capture).with_state(state.clone());
+        let app = axum::Router::new()
+            .fallback(capture)
+            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -228,7 +295,11 @@ impl Capture {
                 })
                 .await
         });
-        Capture { addr, state, stop: Some(stop) }
+        Capture {
+            addr,
+            state,
+            stop: Some(stop),
+        }
     }
 
     pub fn push(&self, replies: impl IntoIterator<Item = Reply>) {
@@ -241,7 +312,11 @@ impl Capture {
 
     /// Ids acknowledged with 2xx.
     pub fn acked_ids(&self) -> Vec<String> {
-        self.seen().iter().filter(|s| (200..300).contains(&s.status)).flat_map(Seen::ids).collect()
+        self.seen()
+            .iter()
+            .filter(|s| (200..300).contains(&s.status))
+            .flat_map(Seen::ids)
+            .collect()
     }
 
     /// Waits until `done(seen)` holds.
@@ -260,9 +335,21 @@ impl Capture {
     }
 }
 
-async fn capture(State(state): State<Arc<CaptureState>>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn capture(
+    State(state): State<Arc<CaptureState>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let mut seen = Seen { at: tokio::time::Instant::now(), path: uri.path().to_owned(), query: uri.query().map(str::to_owned), headers, body: parsed, status: 200 };
+    let mut seen = Seen {
+        at: tokio::time::Instant::now(),
+        path: uri.path().to_owned(),
+        query: uri.query().map(str::to_owned),
+        headers,
+        body: parsed,
+        status: 200,
+    };
     let manual = state.manual.lock().unwrap().clone();
     let reply = match manual {
         Some(tx) => {
@@ -273,7 +360,12 @@ async fn capture(State(state): State<Arc<CaptureState>>, uri: axum::http::Uri, h
                 rrx.await.unwrap_or(Reply::Status(503))
             }
         }
-        None => state.script.lock().unwrap().pop_front().unwrap_or(Reply::Status(200)),
+        None => state
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Reply::Status(200)),
     };
     let response = match reply {
         Reply::Status(code) => {
@@ -283,7 +375,10 @@ async fn capture(State(state): State<Arc<CaptureState>>, uri: axum::http::Uri, h
         Reply::RetryAfter(code, secs) => {
             seen.status = code;
             let mut r = (StatusCode::from_u16(code).unwrap(), "slow down").into_response();
-            r.headers_mut().insert("retry-after", HeaderValue::from_str(&secs.to_string()).unwrap());
+            r.headers_mut().insert(
+                "retry-after",
+                HeaderValue::from_str(&secs.to_string()).unwrap(),
+            );
             r
         }
         Reply::Hang(d) => {

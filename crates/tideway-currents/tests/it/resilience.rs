@@ -33,36 +33,89 @@ async fn a_long_outage_then_recovery_with_counters_and_status_at_every_stage() {
 
     // Stage 1: healthy.
     h.append(100).await;
-    let c = h.wait(&c, "stage 1 delivered", |c| c.counters.delivered == 100).await;
-    assert_eq!((c.status, c.failing_since, c.counters.retried, c.counters.dropped), (CurrentStatus::Active, None, 0, 0));
+    let c = h
+        .wait(&c, "stage 1 delivered", |c| c.counters.delivered == 100)
+        .await;
+    assert_eq!(
+        (
+            c.status,
+            c.failing_since,
+            c.counters.retried,
+            c.counters.dropped
+        ),
+        (CurrentStatus::Active, None, 0, 0)
+    );
 
     // Stage 2: the receiver goes down; events queue up, retries are counted, status stays active.
     first.stop().await;
     h.append(200).await;
-    let c = h.wait(&c, "stage 2 failing", |c| c.failing_since.is_some() && c.counters.retried >= 200).await;
-    assert_eq!((c.status, c.counters.delivered, c.counters.dead_lettered), (CurrentStatus::Active, 100, 0));
-    assert!(c.last_error.as_ref().unwrap().message.starts_with("connection error"));
-    assert_eq!(h.store.lag(c.id, None).await.unwrap().events, 200, "every undelivered event is still queued");
+    let c = h
+        .wait(&c, "stage 2 failing", |c| {
+            c.failing_since.is_some() && c.counters.retried >= 200
+        })
+        .await;
+    assert_eq!(
+        (c.status, c.counters.delivered, c.counters.dead_lettered),
+        (CurrentStatus::Active, 100, 0)
+    );
+    assert!(
+        c.last_error
+            .as_ref()
+            .unwrap()
+            .message
+            .starts_with("connection error")
+    );
+    assert_eq!(
+        h.store.lag(c.id, None).await.unwrap().events,
+        200,
+        "every undelivered event is still queued"
+    );
 
     // Stage 3: back within the failure window: everything arrives, the streak ends.
     let second = start_sink(addr).await;
-    let c = h.wait(&c, "stage 3 delivered", |c| c.counters.delivered == 300).await;
-    assert_eq!((c.status, c.failing_since, c.counters.dropped), (CurrentStatus::Active, None, 0));
+    let c = h
+        .wait(&c, "stage 3 delivered", |c| c.counters.delivered == 300)
+        .await;
+    assert_eq!(
+        (c.status, c.failing_since, c.counters.dropped),
+        (CurrentStatus::Active, None, 0)
+    );
     assert_eq!(sink_ids(&second).await.len(), 300);
     assert_eq!(h.store.lag(c.id, None).await.unwrap().events, 0);
 
     // Stage 4: down for longer than the failure window: disabled, loudly.
     second.stop().await;
     h.append(50).await;
-    let c = h.wait(&c, "stage 4 disabled", |c| c.status == CurrentStatus::Disabled).await;
+    let c = h
+        .wait(&c, "stage 4 disabled", |c| {
+            c.status == CurrentStatus::Disabled
+        })
+        .await;
     assert_eq!(c.counters.delivered, 300);
-    assert!(c.last_error.as_ref().unwrap().message.contains("failure window"), "{:?}", c.last_error);
-    alerts.wait("a disabled alert", |seen| seen.iter().any(|s| s.body["alert"] == "disabled")).await;
-    assert!(alerts.seen().iter().any(|s| s.body["alert"] == "stuck"), "stuck longer than alert_after");
+    assert!(
+        c.last_error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("failure window"),
+        "{:?}",
+        c.last_error
+    );
+    alerts
+        .wait("a disabled alert", |seen| {
+            seen.iter().any(|s| s.body["alert"] == "disabled")
+        })
+        .await;
+    assert!(
+        alerts.seen().iter().any(|s| s.body["alert"] == "stuck"),
+        "stuck longer than alert_after"
+    );
 
     // Stage 5: still disabled at the end of retention: the 50 queued events are dropped,
     // counted and recorded.
-    let c = h.wait(&c, "stage 5 dropped", |c| c.counters.dropped == 50).await;
+    let c = h
+        .wait(&c, "stage 5 dropped", |c| c.counters.dropped == 50)
+        .await;
     assert_eq!(c.status, CurrentStatus::Disabled);
     let drops = h.store.list_drops(c.id, 10).await.unwrap();
     assert_eq!(drops.iter().map(|d| d.count).sum::<u64>(), 50);
@@ -71,10 +124,23 @@ async fn a_long_outage_then_recovery_with_counters_and_status_at_every_stage() {
     // Stage 6: receiver back, Current re-enabled: new events flow again.
     let third = start_sink(addr).await;
     let fresh = h.append(10).await;
-    h.store.change_status(c.id, StatusChange::Enable, None, Millis(9)).await.unwrap();
+    h.store
+        .change_status(c.id, StatusChange::Enable, None, Millis(9))
+        .await
+        .unwrap();
     h.exporter().refresh();
-    let c = h.wait(&c, "stage 6 delivered", |c| c.counters.delivered == 310).await;
-    assert_eq!((c.status, c.failing_since, c.counters.dropped, c.counters.dead_lettered), (CurrentStatus::Active, None, 50, 0));
+    let c = h
+        .wait(&c, "stage 6 delivered", |c| c.counters.delivered == 310)
+        .await;
+    assert_eq!(
+        (
+            c.status,
+            c.failing_since,
+            c.counters.dropped,
+            c.counters.dead_lettered
+        ),
+        (CurrentStatus::Active, None, 50, 0)
+    );
     let ids: HashSet<String> = sink_ids(&third).await.into_iter().collect();
     assert_eq!(ids.len(), 310);
     assert!(fresh.iter().all(|id| ids.contains(id)));
@@ -88,11 +154,21 @@ async fn latency(h: &Harness, cap: &Capture, rounds: usize) -> Duration {
         let ids = h.append(10).await;
         let want: HashSet<String> = ids.into_iter().collect();
         cap.wait("the round", |seen| {
-            let got: HashSet<String> = seen.iter().filter(|s| s.status == 200).flat_map(Seen::ids).collect();
+            let got: HashSet<String> = seen
+                .iter()
+                .filter(|s| s.status == 200)
+                .flat_map(Seen::ids)
+                .collect();
             want.is_subset(&got)
         })
         .await;
-        let arrived = cap.seen().iter().filter(|s| s.ids().iter().any(|i| want.contains(i))).map(|s| s.at).max().unwrap();
+        let arrived = cap
+            .seen()
+            .iter()
+            .filter(|s| s.ids().iter().any(|i| want.contains(i)))
+            .map(|s| s.at)
+            .max()
+            .unwrap();
         samples.push(arrived - before);
     }
     samples.sort();
@@ -109,23 +185,44 @@ async fn a_dead_or_slow_receiver_does_not_slow_another_current() {
     let solo = latency(&h, &healthy, 15).await;
 
     // A second Current whose receiver refuses connections, retrying as fast as it may.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut down = spec(&url(dead));
     down["max_in_flight"] = json!(4);
     down["batch_size"] = json!(5);
     let failing = h.current(down).await;
     h.append(10).await;
-    h.wait(&failing, "the other Current failing", |c| c.failing_since.is_some()).await;
+    h.wait(&failing, "the other Current failing", |c| {
+        c.failing_since.is_some()
+    })
+    .await;
     let with_dead = latency(&h, &healthy, 15).await;
 
     // And a third whose receiver takes 2 s per request.
-    let (slow, _d) = sink_with(Faults { delay_ms: 2_000, ..Faults::default() }, None).await;
+    let (slow, _d) = sink_with(
+        Faults {
+            delay_ms: 2_000,
+            ..Faults::default()
+        },
+        None,
+    )
+    .await;
     let mut sl = spec(&url(slow.addr));
     sl["retry"]["request_timeout_ms"] = json!(10_000);
     h.current(sl).await;
     let with_slow = latency(&h, &healthy, 15).await;
 
-    eprintln!("healthy Current latency: solo {solo:?}, beside a dead receiver {with_dead:?}, beside a slow one {with_slow:?}");
-    assert!(with_dead <= solo * 2, "dead receiver slowed another Current: {with_dead:?} vs {solo:?}");
-    assert!(with_slow <= solo * 2, "slow receiver slowed another Current: {with_slow:?} vs {solo:?}");
+    eprintln!(
+        "healthy Current latency: solo {solo:?}, beside a dead receiver {with_dead:?}, beside a slow one {with_slow:?}"
+    );
+    assert!(
+        with_dead <= solo * 2,
+        "dead receiver slowed another Current: {with_dead:?} vs {solo:?}"
+    );
+    assert!(
+        with_slow <= solo * 2,
+        "slow receiver slowed another Current: {with_slow:?} vs {solo:?}"
+    );
 }

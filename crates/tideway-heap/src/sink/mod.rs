@@ -73,7 +73,13 @@ pub struct SinkConfig {
 
 impl SinkConfig {
     pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
-        SinkConfig { listen, bearer_token: None, data_dir, max_body_bytes: 32 * 1024 * 1024, faults: Faults::default() }
+        SinkConfig {
+            listen,
+            bearer_token: None,
+            data_dir,
+            max_body_bytes: 32 * 1024 * 1024,
+            faults: Faults::default(),
+        }
     }
 }
 
@@ -93,7 +99,10 @@ pub struct Stats {
 
 impl Stats {
     pub fn last_headers(&self) -> Vec<(String, String)> {
-        self.last_headers.lock().map(|h| h.clone()).unwrap_or_default()
+        self.last_headers
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -121,7 +130,13 @@ impl SinkState {
             h.finish() | 1
         };
         Ok(SinkState {
-            inner: Arc::new(Inner { config, store, stats: Stats::default(), authorised: AtomicU64::new(0), rng: AtomicU64::new(seed) }),
+            inner: Arc::new(Inner {
+                config,
+                store,
+                stats: Stats::default(),
+                authorised: AtomicU64::new(0),
+                rng: AtomicU64::new(seed),
+            }),
         })
     }
 
@@ -135,7 +150,11 @@ impl SinkState {
 
     /// A uniform draw in [0, 1) (splitmix64; quality is plenty for fault injection).
     fn draw(&self) -> f64 {
-        let mut z = self.inner.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self
+            .inner
+            .rng
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
@@ -153,7 +172,12 @@ pub fn router(state: SinkState) -> Router {
         .with_state(state)
 }
 
-async fn fallback(State(state): State<SinkState>, method: axum::http::Method, headers: HeaderMap, body: Body) -> Response {
+async fn fallback(
+    State(state): State<SinkState>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     if method == axum::http::Method::POST {
         receive(State(state), headers, body).await
     } else {
@@ -179,8 +203,12 @@ impl RunningSink {
 
 /// Binds `config.listen` and serves in a background task.
 pub async fn start(config: SinkConfig) -> Result<RunningSink, HeapError> {
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| HeapError::Io(format!("cannot listen on {}: {e}", config.listen)))?;
-    let addr = listener.local_addr().map_err(|e| HeapError::Io(e.to_string()))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| HeapError::Io(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| HeapError::Io(e.to_string()))?;
     let state = SinkState::open(config)?;
     let app = router(state.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -191,7 +219,12 @@ pub async fn start(config: SinkConfig) -> Result<RunningSink, HeapError> {
             })
             .await
     });
-    Ok(RunningSink { addr, state, stop, task })
+    Ok(RunningSink {
+        addr,
+        state,
+        stop,
+        task,
+    })
 }
 
 /// Serves until `shutdown` resolves (the `tideway sink` command); `on_ready` gets the bound
@@ -201,21 +234,44 @@ pub async fn serve(
     on_ready: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), HeapError> {
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| HeapError::Io(format!("cannot listen on {}: {e}", config.listen)))?;
-    let addr = listener.local_addr().map_err(|e| HeapError::Io(e.to_string()))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| HeapError::Io(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| HeapError::Io(e.to_string()))?;
     let state = SinkState::open(config)?;
     on_ready(addr);
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.map_err(|e| HeapError::Io(e.to_string()))
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| HeapError::Io(e.to_string()))
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response {
-    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body.to_string()).into_response()
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn authorised(expected: &str, headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
-    let Some((scheme, token)) = value.trim().split_once(' ') else { return false };
-    scheme.eq_ignore_ascii_case("bearer") && bool::from(token.trim().as_bytes().ct_eq(expected.as_bytes()))
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, token)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("bearer")
+        && bool::from(token.trim().as_bytes().ct_eq(expected.as_bytes()))
 }
 
 fn status_of(code: u16) -> StatusCode {
@@ -232,7 +288,11 @@ async fn receive(State(state): State<SinkState>, headers: HeaderMap, body: Body)
             .iter()
             .map(|(k, v)| {
                 let v = v.to_str().unwrap_or("");
-                let v = if *k == header::AUTHORIZATION { v.split(' ').next().unwrap_or("").to_owned() + " <redacted>" } else { v.to_owned() };
+                let v = if *k == header::AUTHORIZATION {
+                    v.split(' ').next().unwrap_or("").to_owned() + " <redacted>"
+                } else {
+                    v.to_owned()
+                };
                 (k.as_str().to_owned(), v)
             })
             .collect();
@@ -244,8 +304,12 @@ async fn receive(State(state): State<SinkState>, headers: HeaderMap, body: Body)
         && !authorised(token, &headers)
     {
         inner.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-        let mut resp = json_response(StatusCode::UNAUTHORIZED, json!({"error": "invalid or missing bearer token"}));
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        let mut resp = json_response(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "invalid or missing bearer token"}),
+        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return resp;
     }
     let n = inner.authorised.fetch_add(1, Ordering::Relaxed);
@@ -264,7 +328,12 @@ async fn receive(State(state): State<SinkState>, headers: HeaderMap, body: Body)
     }
     let bytes: Bytes = match axum::body::to_bytes(body, inner.config.max_body_bytes).await {
         Ok(b) => b,
-        Err(_) => return json_response(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": "body too large"})),
+        Err(_) => {
+            return json_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": "body too large"}),
+            );
+        }
     };
     if bytes.iter().all(u8::is_ascii_whitespace) {
         inner.stats.empty.fetch_add(1, Ordering::Relaxed);
@@ -274,7 +343,10 @@ async fn receive(State(state): State<SinkState>, headers: HeaderMap, body: Body)
         Ok(v) => v,
         Err(e) => {
             inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            return json_response(StatusCode::BAD_REQUEST, json!({"error": format!("not JSON: {e}")}));
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("not JSON: {e}")}),
+            );
         }
     };
     let events = match parsed.get("events") {
@@ -285,7 +357,10 @@ async fn receive(State(state): State<SinkState>, headers: HeaderMap, body: Body)
         Some(Value::Array(events)) => events,
         Some(_) => {
             inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            return json_response(StatusCode::BAD_REQUEST, json!({"error": "events must be an array"}));
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "events must be an array"}),
+            );
         }
     };
     if events.is_empty() {
@@ -296,13 +371,21 @@ async fn receive(State(state): State<SinkState>, headers: HeaderMap, body: Body)
         && events.len() > max
     {
         inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
-        return json_response(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": format!("more than {max} events")}));
+        return json_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": format!("more than {max} events")}),
+        );
     }
     if let Some(bad) = &faults.reject_event_type
-        && events.iter().any(|e| e.get("event_type").and_then(Value::as_str) == Some(bad.as_str()))
+        && events
+            .iter()
+            .any(|e| e.get("event_type").and_then(Value::as_str) == Some(bad.as_str()))
     {
         inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
-        return json_response(StatusCode::BAD_REQUEST, json!({"error": format!("malformed event of type {bad}")}));
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("malformed event of type {bad}")}),
+        );
     }
     let mut incoming = Vec::with_capacity(events.len());
     for e in events {
@@ -316,7 +399,10 @@ async fn receive(State(state): State<SinkState>, headers: HeaderMap, body: Body)
                 body: e.to_string(),
             }),
             _ => {
-                inner.stats.malformed_skipped.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .stats
+                    .malformed_skipped
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -325,26 +411,46 @@ async fn receive(State(state): State<SinkState>, headers: HeaderMap, body: Body)
         + i64::from(time::OffsetDateTime::now_utc().millisecond());
     match inner.store.write(incoming, received_at).await {
         Ok(_) => {
-            inner.stats.accepted_events.fetch_add(count, Ordering::Relaxed);
+            inner
+                .stats
+                .accepted_events
+                .fetch_add(count, Ordering::Relaxed);
             json_response(StatusCode::OK, json!({}))
         }
         Err(e) => {
             tracing::error!(error = %e, "sink could not store a batch");
-            json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "storage unavailable"}))
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "storage unavailable"}),
+            )
         }
     }
 }
 
 /// `GET /events?after=SEQ&limit=N&event_type=T`
-async fn events_json(State(state): State<SinkState>, Query(q): Query<Vec<(String, String)>>) -> Response {
+async fn events_json(
+    State(state): State<SinkState>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Response {
     let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
     let after = get("after").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let limit = get("limit").and_then(|v| v.parse().ok()).unwrap_or(100usize).min(10_000);
+    let limit = get("limit")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100usize)
+        .min(10_000);
     let event_type = get("event_type").map(str::to_owned);
     let store = state.store();
-    let (totals, events) = match tokio::try_join!(store.totals(), store.events(after, limit, event_type, Order::Oldest)) {
+    let (totals, events) = match tokio::try_join!(
+        store.totals(),
+        store.events(after, limit, event_type, Order::Oldest)
+    ) {
         Ok(x) => x,
-        Err(e) => return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"error": e.to_string()})),
+        Err(e) => {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": e.to_string()}),
+            );
+        }
     };
     let next_after = events.last().map_or(after, |e| e.seq);
     let stats = state.stats();

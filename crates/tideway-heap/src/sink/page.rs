@@ -13,17 +13,26 @@ const LATEST: usize = 50;
 fn when(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
         .map(|t| {
-            format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z", t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute(), t.second())
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
         })
         .unwrap_or_else(|_| ms.to_string())
 }
 
 pub(super) async fn index(State(state): State<SinkState>) -> Response {
     let store = state.store();
-    let (totals, latest) = match tokio::try_join!(store.totals(), store.events(0, LATEST, None, Order::Newest)) {
-        Ok(x) => x,
-        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
-    };
+    let (totals, latest) =
+        match tokio::try_join!(store.totals(), store.events(0, LATEST, None, Order::Newest)) {
+            Ok(x) => x,
+            Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        };
     let page: Markup = html! {
         (DOCTYPE)
         html lang="en" {

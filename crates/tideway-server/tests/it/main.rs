@@ -8,4 +8,5 @@ mod batch;
 mod cohorts;
 mod identity;
 mod ops;
+mod segments;
 mod track;

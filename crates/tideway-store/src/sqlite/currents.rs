@@ -16,9 +16,9 @@ use tideway_core::currents_store::CurrentsStore;
 use tideway_core::currents_store::{
     Ack, BatchSource, BearerToken, Claimed, Counters, Current, CurrentId, CurrentKind, CurrentSpec,
     CurrentStatus, DeadLetter, DeadLetterPick, DeadLetterReason, DropRecord, EndpointUrl,
-    FieldAction, HeapIdentity, HeapTrackSettings, Lag, LastError, NamePrefix, NewDeadLetter,
-    Ordering, QueuedEvent, ReplayWindow, RetryPolicy, Selection, StatusChange, Transformation,
-    TypeFilter, Windows,
+    FieldAction, HeapIdentity, HeapTrackSettings, LAG_EXACT_UP_TO, Lag, LastError, NamePrefix,
+    NewDeadLetter, Ordering, QueuedEvent, ReplayWindow, RetryPolicy, Selection, StatusChange,
+    Transformation, TypeFilter, Windows,
 };
 use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::store::{StoreError, StoreFuture};
@@ -523,7 +523,7 @@ pub fn claim(
         claimed.scanned += 1;
         let event_type: String = row.get(2).map_err(sql_err)?;
         if let Some(types) = types
-            && !types.iter().any(|t| *t == event_type)
+            && !types.contains(&event_type)
         {
             continue;
         }
@@ -735,10 +735,40 @@ pub fn apply_retention(
 
 pub fn lag(conn: &Connection, id: CurrentId, types: &TypeFilter) -> Result<Lag, StoreError> {
     let current = load(conn, id)?.ok_or_else(|| StoreError::NotFound(format!("current {id}")))?;
-    let events = count_selected(conn, current.workspace, current.position, i64::MAX, types)?;
-    if events == 0 {
-        return Ok(Lag::default());
+    let counted: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM event_log WHERE workspace_id = ?1 AND seq > ?2
+                 AND (?3 IS NULL OR event_type IN (SELECT value FROM json_each(?3))) LIMIT ?4)",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                params![
+                    current.workspace.0,
+                    current.position,
+                    types_json(types),
+                    i64_of(LAG_EXACT_UP_TO)
+                ],
+                |r| r.get(0),
+            )
+        })
+        .map_err(sql_err)?;
+    if counted == 0 {
+        return Ok(Lag {
+            events: 0,
+            exact: true,
+            oldest_logged_at: None,
+        });
     }
+    let (events, exact) = if u64_of(counted) < LAG_EXACT_UP_TO {
+        (u64_of(counted), true)
+    } else {
+        // Too many to count on a status read: every log position of the workspace after ours.
+        let last: i64 = conn
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM event_log WHERE workspace_id = ?1")
+            .and_then(|mut s| s.query_row([current.workspace.0], |r| r.get(0)))
+            .map_err(sql_err)?;
+        (u64_of(last - current.position).max(LAG_EXACT_UP_TO), false)
+    };
     let first: Option<i64> = conn
         .prepare_cached(
             "SELECT MIN(seq) FROM event_log WHERE workspace_id = ?1 AND seq > ?2
@@ -761,6 +791,7 @@ pub fn lag(conn: &Connection, id: CurrentId, types: &TypeFilter) -> Result<Lag, 
     };
     Ok(Lag {
         events,
+        exact,
         oldest_logged_at: oldest,
     })
 }
@@ -899,7 +930,7 @@ pub fn replay_window(
     let last_tick: Option<i64> = conn
         .query_row("SELECT MAX(at) FROM currents_log_clock", [], |r| r.get(0))
         .map_err(sql_err)?;
-    let to_seq = if last_tick.is_none_or(|t| to.0 >= t) {
+    let to_seq = if last_tick.is_none_or(|t| to.0 > t) {
         head(conn)?
     } else {
         conn.query_row(
@@ -1186,5 +1217,420 @@ impl CurrentsStore for SqliteStore {
         events: Vec<(Option<UserSeq>, CurrentsEvent)>,
     ) -> StoreFuture<'_, i64> {
         self.write(move |conn, _, _| append_events(conn, workspace, &events))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tideway_core::currents::{CurrentsEvent, EventUser};
+    use tideway_core::currents_store::{
+        DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_INTERVAL_MS, DEFAULT_MAX_IN_FLIGHT,
+    };
+    use tideway_core::ids::{BrazeId, EventId};
+
+    fn db() -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        conn.execute(
+            "INSERT INTO workspaces (name, app_group_id, created_at) VALUES ('w', 'ag', 0)",
+            [],
+        )
+        .unwrap();
+        conn
+    }
+
+    fn spec() -> CurrentSpec {
+        CurrentSpec {
+            name: "c".into(),
+            kind: CurrentKind::HeapTrack,
+            endpoint: EndpointUrl::parse("https://h.example/x?k=1").unwrap(),
+            bearer_token: Some(BearerToken::parse("t0k==").unwrap()),
+            selection: Selection::Categories(vec![
+                EventCategory::User,
+                EventCategory::CustomerBehavior,
+            ]),
+            batch_size: DEFAULT_BATCH_SIZE,
+            flush_interval_ms: DEFAULT_FLUSH_INTERVAL_MS,
+            transformations: vec![Transformation {
+                field: "email_address".into(),
+                action: FieldAction::Hash,
+            }],
+            ordering: Ordering::PerUser,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            retry: RetryPolicy::default(),
+            windows: Windows::default(),
+            alert_webhook: Some(EndpointUrl::parse("http://alerts.example/").unwrap()),
+            heap: Some(HeapTrackSettings {
+                app_id: "11".into(),
+                identity: HeapIdentity::UserId,
+                prefix: NamePrefix::Braze,
+                app_events_per_minute: 15_000,
+                identity_events_per_minute: 1_000,
+            }),
+        }
+    }
+
+    fn append(conn: &Connection, n: usize) -> i64 {
+        let braze = BrazeId::from_bytes([1; 12]);
+        let user = EventUser {
+            braze_id: &braze,
+            external_id: None,
+            device_id: None,
+            time_zone: None,
+        };
+        let events: Vec<_> = (0..n)
+            .map(|i| {
+                (
+                    None,
+                    CurrentsEvent::custom_event(
+                        EventId(format!("e{i}")),
+                        Millis(0),
+                        &user,
+                        "ag",
+                        None,
+                        "n",
+                        &Map::new(),
+                    ),
+                )
+            })
+            .collect();
+        append_events(conn, WorkspaceId(1), &events).unwrap()
+    }
+
+    fn queued(seq: i64) -> QueuedEvent {
+        QueuedEvent {
+            seq,
+            event_id: format!("e{seq}"),
+            event_type: "t".into(),
+            user: None,
+            body: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn specs_round_trip_through_the_json_column() {
+        let s = spec();
+        assert_eq!(decode_spec(&encode_spec(&s)).unwrap(), s);
+        let mut plain = spec();
+        plain.selection = Selection::EventTypes(vec!["users.behaviors.CustomEvent".into()]);
+        plain.bearer_token = None;
+        plain.heap = None;
+        plain.alert_webhook = None;
+        plain.ordering = Ordering::Unordered;
+        assert_eq!(decode_spec(&encode_spec(&plain)).unwrap(), plain);
+    }
+
+    #[test]
+    fn a_current_starts_at_the_head_and_status_rules_hold() {
+        let conn = db();
+        append(&conn, 3);
+        let c = create_current(
+            &conn,
+            WorkspaceId(1),
+            &spec(),
+            CurrentStatus::Draft,
+            Millis(1),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.position, c.status, c.revision),
+            (3, CurrentStatus::Draft, 1)
+        );
+        assert!(matches!(
+            change_status(&conn, c.id, StatusChange::Resume, None, Millis(2)),
+            Err(StoreError::Conflict(_))
+        ));
+        append(&conn, 2);
+        let c = change_status(&conn, c.id, StatusChange::Launch, None, Millis(2)).unwrap();
+        assert_eq!(
+            (c.status, c.position, c.revision),
+            (CurrentStatus::Active, 5, 2),
+            "launch starts at the head"
+        );
+        assert!(
+            create_current(
+                &conn,
+                WorkspaceId(9),
+                &spec(),
+                CurrentStatus::Draft,
+                Millis(1)
+            )
+            .is_err()
+        );
+        assert!(
+            get_current(&conn, WorkspaceId(2), c.id).unwrap().is_none(),
+            "other workspaces cannot see it"
+        );
+    }
+
+    #[test]
+    fn leases_fence_progress_writes() {
+        let conn = db();
+        append(&conn, 4);
+        let c = create_current(
+            &conn,
+            WorkspaceId(1),
+            &spec(),
+            CurrentStatus::Active,
+            Millis(1),
+        )
+        .unwrap();
+        conn.execute("UPDATE currents SET position = 0", [])
+            .unwrap();
+        assert!(acquire_lease(&conn, c.id, "a", Millis(0), 1_000).unwrap());
+        assert!(
+            !acquire_lease(&conn, c.id, "b", Millis(500), 1_000).unwrap(),
+            "held"
+        );
+        assert!(
+            acquire_lease(&conn, c.id, "a", Millis(900), 1_000).unwrap(),
+            "renewed by its owner"
+        );
+        let ack_by = |owner: &str| Ack {
+            current: c.id,
+            owner: owner.into(),
+            source: BatchSource::Live { resolved_to: 2 },
+            delivered: 2,
+            skipped: 0,
+            dead_letters: vec![],
+            at: Millis(1_000),
+        };
+        assert!(matches!(
+            ack(&conn, &ack_by("b")),
+            Err(StoreError::Conflict(_))
+        ));
+        ack(&conn, &ack_by("a")).unwrap();
+        assert!(
+            acquire_lease(&conn, c.id, "b", Millis(2_000), 1_000).unwrap(),
+            "expired: taken over"
+        );
+        assert!(
+            matches!(ack(&conn, &ack_by("a")), Err(StoreError::Conflict(_))),
+            "the old owner is fenced off"
+        );
+        let c = load(&conn, c.id).unwrap().unwrap();
+        assert_eq!(
+            (c.position, c.counters.delivered, c.last_success_at),
+            (2, 2, Some(Millis(1_000)))
+        );
+    }
+
+    #[test]
+    fn failures_streaks_dead_letters_and_replays() {
+        let conn = db();
+        append(&conn, 4);
+        let c = create_current(
+            &conn,
+            WorkspaceId(1),
+            &spec(),
+            CurrentStatus::Active,
+            Millis(1),
+        )
+        .unwrap();
+        acquire_lease(&conn, c.id, "a", Millis(0), 60_000).unwrap();
+        let err = |at| LastError {
+            at: Millis(at),
+            status: Some(503),
+            message: "HTTP 503".into(),
+        };
+        assert_eq!(
+            record_failure(&conn, c.id, "a", &err(10), 100).unwrap(),
+            Millis(10)
+        );
+        assert_eq!(
+            record_failure(&conn, c.id, "a", &err(20), 100).unwrap(),
+            Millis(10),
+            "the streak keeps its start"
+        );
+        let dl = NewDeadLetter {
+            event: queued(3),
+            reason: DeadLetterReason::Rejected,
+            detail: "HTTP 400".into(),
+            response_status: Some(400),
+            response_body: Some("bad".into()),
+        };
+        let a = Ack {
+            current: c.id,
+            owner: "a".into(),
+            source: BatchSource::Live { resolved_to: 4 },
+            delivered: 3,
+            skipped: 0,
+            dead_letters: vec![dl.clone()],
+            at: Millis(30),
+        };
+        ack(&conn, &a).unwrap();
+        let c2 = load(&conn, c.id).unwrap().unwrap();
+        assert_eq!(
+            (
+                c2.failing_since,
+                c2.counters.retried,
+                c2.counters.dead_lettered
+            ),
+            (None, 200, 1)
+        );
+        assert_eq!(c2.last_error.unwrap().status, Some(503));
+        let dead = list_dead_letters(&conn, c.id, 0, 10).unwrap();
+        assert_eq!(
+            (
+                dead[0].reason,
+                dead[0].response_body.as_deref(),
+                dead[0].attempts
+            ),
+            (DeadLetterReason::Rejected, Some("bad"), 1)
+        );
+        assert_eq!(
+            replay_dead_letters(&conn, c.id, &DeadLetterPick::Ids(vec![dead[0].id])).unwrap(),
+            1
+        );
+        assert_eq!(claim_dead_letters(&conn, c.id, 10).unwrap().len(), 1);
+        // Refused again: it stays, with one more attempt, and is not counted twice.
+        let again = Ack {
+            source: BatchSource::DeadLetters {
+                ids: vec![dead[0].id],
+            },
+            delivered: 0,
+            ..a.clone()
+        };
+        ack(&conn, &again).unwrap();
+        let dead = list_dead_letters(&conn, c.id, 0, 10).unwrap();
+        assert_eq!(
+            (dead.len(), dead[0].attempts, dead[0].replay_pending),
+            (1, 2, false)
+        );
+        assert_eq!(
+            load(&conn, c.id).unwrap().unwrap().counters.dead_lettered,
+            1
+        );
+        // Replayed and accepted: it leaves the store.
+        replay_dead_letters(&conn, c.id, &DeadLetterPick::All).unwrap();
+        let ok = Ack {
+            source: BatchSource::DeadLetters {
+                ids: vec![dead[0].id],
+            },
+            delivered: 1,
+            dead_letters: vec![],
+            ..a
+        };
+        ack(&conn, &ok).unwrap();
+        assert!(list_dead_letters(&conn, c.id, 0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_log_clock_drives_retention_lag_and_replay_windows() {
+        let conn = db();
+        let c = create_current(
+            &conn,
+            WorkspaceId(1),
+            &spec(),
+            CurrentStatus::Active,
+            Millis(1),
+        )
+        .unwrap();
+        acquire_lease(&conn, c.id, "a", Millis(0), i64::MAX as u64 / 2).unwrap();
+        append(&conn, 5);
+        tick_log_clock(&conn, Millis(1_000), 1_000_000).unwrap();
+        append(&conn, 5);
+        tick_log_clock(&conn, Millis(2_000), 1_000_000).unwrap();
+        tick_log_clock(&conn, Millis(2_500), 1_000_000).unwrap();
+        append(&conn, 5);
+        let lag = lag(&conn, c.id, &None).unwrap();
+        assert_eq!(
+            lag,
+            Lag {
+                events: 15,
+                exact: true,
+                oldest_logged_at: Some(Millis(1_000))
+            }
+        );
+        let typed =
+            super::lag(&conn, c.id, &Some(vec!["users.behaviors.Purchase".into()])).unwrap();
+        assert_eq!(typed.events, 0);
+        // Everything logged before 1.5 s (the first 5) passed retention.
+        let drop = apply_retention(&conn, c.id, "a", Millis(1_500), &None, Millis(3_000))
+            .unwrap()
+            .unwrap();
+        assert_eq!((drop.from_seq, drop.to_seq, drop.count), (0, 5, 5));
+        assert!(
+            apply_retention(&conn, c.id, "a", Millis(1_500), &None, Millis(3_000))
+                .unwrap()
+                .is_none()
+        );
+        let c2 = load(&conn, c.id).unwrap().unwrap();
+        assert_eq!((c2.position, c2.counters.dropped), (5, 5));
+        assert_eq!(list_drops(&conn, c.id, 10).unwrap().len(), 1);
+        // Deliver up to 12; a window over (1 s, 2 s] is positions 6..=10.
+        conn.execute("UPDATE currents SET position = 12", [])
+            .unwrap();
+        let w = replay_window(&conn, c.id, Millis(1_001), Millis(2_000), Millis(4_000))
+            .unwrap()
+            .unwrap();
+        assert_eq!((w.from_seq, w.to_seq, w.cursor), (6, 10, 5));
+        let open_ended = replay_window(&conn, c.id, Millis(1_001), Millis(9_999), Millis(4_000))
+            .unwrap()
+            .unwrap();
+        assert_eq!(open_ended.to_seq, 12, "capped at the position");
+        assert_eq!(next_replay_window(&conn, c.id).unwrap(), Some(w));
+        let done = Ack {
+            current: c.id,
+            owner: "a".into(),
+            source: BatchSource::Window {
+                window: w.id,
+                resolved_to: 10,
+            },
+            delivered: 5,
+            skipped: 0,
+            dead_letters: vec![],
+            at: Millis(5_000),
+        };
+        ack(&conn, &done).unwrap();
+        assert_eq!(
+            next_replay_window(&conn, c.id).unwrap().map(|x| x.id),
+            Some(open_ended.id)
+        );
+        // Old samples are forgotten, keeping the newest one before the cutoff.
+        tick_log_clock(&conn, Millis(10_000), 5_000).unwrap();
+        let kept: i64 = conn
+            .query_row("SELECT COUNT(*) FROM currents_log_clock", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, 2);
+    }
+
+    #[test]
+    fn claims_filter_types_and_report_how_far_they_looked() {
+        let conn = db();
+        append(&conn, 10);
+        let all = claim(&conn, WorkspaceId(1), 2, 5, &None).unwrap();
+        assert_eq!((all.events.len(), all.scanned_to, all.scanned), (5, 7, 5));
+        let none = claim(&conn, WorkspaceId(1), 0, 100, &Some(vec!["x".into()])).unwrap();
+        assert_eq!(
+            (none.events.len(), none.scanned_to, none.scanned),
+            (0, 10, 10)
+        );
+        assert_eq!(
+            claim(&conn, WorkspaceId(2), 0, 100, &None).unwrap().scanned,
+            0
+        );
+    }
+
+    #[test]
+    fn test_sends_are_capped_per_rolling_window() {
+        let conn = db();
+        let c = create_current(
+            &conn,
+            WorkspaceId(1),
+            &spec(),
+            CurrentStatus::Draft,
+            Millis(1),
+        )
+        .unwrap();
+        record_test_events(&conn, c.id, 6, 10, 1_000, Millis(0)).unwrap();
+        assert!(matches!(
+            record_test_events(&conn, c.id, 6, 10, 1_000, Millis(500)),
+            Err(StoreError::Conflict(_))
+        ));
+        record_test_events(&conn, c.id, 6, 10, 1_000, Millis(1_001)).unwrap();
+        assert!(delete_current(&conn, WorkspaceId(1), c.id).unwrap());
+        assert!(!delete_current(&conn, WorkspaceId(1), c.id).unwrap());
     }
 }

@@ -15,6 +15,7 @@ mod admin;
 mod cohorts;
 pub mod currents;
 mod schema;
+mod segments;
 mod users;
 
 use std::path::{Path, PathBuf};
@@ -649,5 +650,63 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> StoreFuture<'_, Vec<LoggedEvent>> {
         self.read(move |conn| admin::read_events(conn, workspace, after, limit))
+    }
+
+    fn create_segment(
+        &self,
+        workspace: WorkspaceId,
+        segment: tideway_core::segments::Segment,
+    ) -> StoreFuture<'_, tideway_core::segments::Segment> {
+        self.write(move |conn, _, _| segments::create_segment(conn, workspace, segment))
+    }
+
+    fn segment(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+    ) -> StoreFuture<'_, Option<tideway_core::segments::Segment>> {
+        let id = id.to_owned();
+        self.read(move |conn| segments::segment(conn, workspace, &id))
+    }
+
+    fn list_segments(
+        &self,
+        workspace: WorkspaceId,
+    ) -> StoreFuture<'_, Vec<tideway_core::segments::Segment>> {
+        self.read(move |conn| segments::list_segments(conn, workspace))
+    }
+
+    fn update_segment(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+        name: String,
+        filter: serde_json::Value,
+        now: Millis,
+    ) -> StoreFuture<'_, Option<tideway_core::segments::Segment>> {
+        let id = id.to_owned();
+        self.write(move |conn, _, _| {
+            segments::update_segment(conn, workspace, &id, &name, &filter, now)
+        })
+    }
+
+    fn delete_segment(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool> {
+        let id = id.to_owned();
+        self.write(move |conn, _, _| segments::delete_segment(conn, workspace, &id))
+    }
+
+    fn segment_profiles(
+        &self,
+        workspace: WorkspaceId,
+    ) -> StoreFuture<'_, tideway_core::segments::ProfileSnapshot> {
+        self.read(move |conn| segments::snapshot(conn, workspace))
+    }
+
+    fn segment_profile_changes(
+        &self,
+        workspace: WorkspaceId,
+        after: tideway_core::segments::FeedPosition,
+    ) -> StoreFuture<'_, tideway_core::segments::ProfileChanges> {
+        self.read(move |conn| segments::changes(conn, workspace, after))
     }
 }

@@ -218,6 +218,51 @@ CREATE TABLE currents_test_sends (
 );
 CREATE INDEX currents_test_sends_current ON currents_test_sends(current_id, at);
 "#,
+    // 4: segments (filters in their wire JSON), per-user event reads and the user-change feed
+    // for the segment index.
+    r#"
+CREATE TABLE segments (
+    id            TEXT PRIMARY KEY,
+    workspace_id  INTEGER NOT NULL,
+    name          TEXT NOT NULL,
+    filter        TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+);
+CREATE INDEX segments_workspace ON segments(workspace_id, created_at);
+CREATE INDEX event_log_user_behaviors ON event_log(workspace_id, user_seq)
+    WHERE event_type IN ('users.behaviors.CustomEvent', 'users.behaviors.Purchase');
+-- Changes to users that write no event: creation, and identifiers (identify, rename,
+-- remove, email/phone). The segment index's change feed reads it with event_log and
+-- cohort_membership_changes.
+CREATE TABLE segment_user_changes (
+    change_seq    INTEGER PRIMARY KEY,
+    workspace_id  INTEGER NOT NULL,
+    seq           INTEGER NOT NULL
+);
+CREATE INDEX segment_user_changes_workspace ON segment_user_changes(workspace_id, change_seq);
+CREATE TRIGGER segment_user_created AFTER INSERT ON users
+BEGIN
+    INSERT INTO segment_user_changes (workspace_id, seq) VALUES (NEW.workspace_id, NEW.seq);
+END;
+CREATE TRIGGER segment_user_identifiers AFTER UPDATE OF external_id, email, phone ON users
+    WHEN OLD.external_id IS NOT NEW.external_id OR OLD.email IS NOT NEW.email OR OLD.phone IS NOT NEW.phone
+BEGIN
+    INSERT INTO segment_user_changes (workspace_id, seq) VALUES (NEW.workspace_id, NEW.seq);
+END;
+"#,
+    // 5: merges, so per-user history kept in the event log (custom events, purchases) follows
+    // a merged-away user into the survivor.
+    r#"
+CREATE TABLE user_merges (
+    workspace_id  INTEGER NOT NULL,
+    from_seq      INTEGER NOT NULL,
+    into_seq      INTEGER NOT NULL,
+    at            INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, from_seq)
+) WITHOUT ROWID;
+CREATE INDEX user_merges_into ON user_merges(workspace_id, into_seq);
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.

@@ -98,14 +98,14 @@ impl<'c> SqlUsers<'c> {
     }
 }
 
-const USER_COLUMNS: &str =
+pub(super) const USER_COLUMNS: &str =
     "seq, braze_id, external_id, email, phone, created_at, updated_at, profile";
 
 fn corrupt(what: &str) -> rusqlite::Error {
     rusqlite::Error::InvalidColumnType(0, what.to_owned(), rusqlite::types::Type::Text)
 }
 
-fn user_from_row(row: &Row<'_>) -> rusqlite::Result<UserRecord> {
+pub(super) fn user_from_row(row: &Row<'_>) -> rusqlite::Result<UserRecord> {
     let opt = |i: usize| -> rusqlite::Result<Option<String>> { row.get(i) };
     let profile_text: String = row.get(7)?;
     Ok(UserRecord {
@@ -495,6 +495,14 @@ impl UserTx for SqlUsers<'_> {
         now: Millis,
     ) -> Result<(), StoreError> {
         self.move_memberships(from, to, now)
+    }
+
+    fn record_merge(&mut self, from: UserSeq, into: UserSeq, now: Millis) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO user_merges (workspace_id, from_seq, into_seq, at) VALUES (?1, ?2, ?3, ?4)")
+            .and_then(|mut s| s.execute(params![self.workspace.0, from.0, into.0, now.0]))
+            .map_err(sql_err)?;
+        Ok(())
     }
 
     fn append_event(

@@ -3,6 +3,7 @@
 //! the target. Results and the commands that produced them are recorded in BENCHMARKS.md.
 
 mod cohorts;
+mod currents;
 mod ingest;
 mod limits;
 mod load;
@@ -16,11 +17,16 @@ pub enum BenchCommand {
     /// Partner cohort import: 1,000,000 membership changes against 1,000,000 users, beside a
     /// handler that only parses the same requests
     Cohorts(cohorts::CohortsArgs),
+    /// Currents export: events/s to `tideway sink` and to a no-op receiver (batches of 100),
+    /// p50/p99 event-to-delivery latency below saturation, RSS with a 10 M-event backlog;
+    /// beside each receiver's own maximum
+    Currents(currents::CurrentsArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Ingest(args) => ingest::run(args).await,
         BenchCommand::Cohorts(args) => cohorts::run(args).await,
+        BenchCommand::Currents(args) => currents::run(args).await,
     }
 }

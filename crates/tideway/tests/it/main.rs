@@ -4,5 +4,7 @@
 
 mod cli;
 mod cohorts_push;
+mod currents_crash;
 mod durability;
+mod segments_export;
 mod support;

@@ -1,0 +1,405 @@
+//! Segments over SQLite: the `segments` table, and the profile feed the segment index is built
+//! and kept fresh from.
+//!
+//! A profile for segment evaluation is the user row (identifiers, attributes) plus every
+//! occurrence of its custom events and purchases, read from `event_log`, plus its cohort
+//! memberships. The change feed after a position is: the users named by `event_log` or
+//! `segment_user_changes` rows (the latter filled by triggers on user creation and identifier
+//! changes, which write no event; a `users.UserOrphan` event also names the merge's surviving
+//! user), reloaded whole; and the `cohort_membership_changes` rows as deltas. Each read runs in
+//! one read transaction, so the positions it returns match exactly the data it loaded.
+
+use std::collections::{BTreeSet, HashMap};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::Value;
+use tideway_core::clock::Millis;
+use tideway_core::currents::EventType;
+use tideway_core::ids::{UserSeq, WorkspaceId};
+use tideway_core::segments::{
+    CohortDelta, FeedPosition, ProfileChanges, ProfileSnapshot, Segment, SegmentUser, base_profile,
+};
+use tideway_core::store::StoreError;
+use tideway_segment::{PurchaseRecord, SegmentProfile};
+
+use super::sql_err;
+use super::users::{USER_COLUMNS, user_from_row};
+
+const SEGMENT_COLUMNS: &str = "id, name, filter, created_at, updated_at";
+
+fn segment_from_row(row: &Row<'_>) -> rusqlite::Result<Segment> {
+    let text: String = row.get(2)?;
+    let filter = serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    Ok(Segment {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        filter,
+        created_at: Millis(row.get(3)?),
+        updated_at: Millis(row.get(4)?),
+    })
+}
+
+pub fn create_segment(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    segment: Segment,
+) -> Result<Segment, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO segments (id, workspace_id, name, filter, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            segment.id,
+            workspace.0,
+            segment.name,
+            segment.filter.to_string(),
+            segment.created_at.0,
+            segment.updated_at.0
+        ])
+    })
+    .map_err(sql_err)?;
+    Ok(segment)
+}
+
+pub fn segment(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id: &str,
+) -> Result<Option<Segment>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {SEGMENT_COLUMNS} FROM segments WHERE workspace_id = ?1 AND id = ?2"
+    ))
+    .and_then(|mut s| {
+        s.query_row(params![workspace.0, id], segment_from_row)
+            .optional()
+    })
+    .map_err(sql_err)
+}
+
+pub fn list_segments(
+    conn: &Connection,
+    workspace: WorkspaceId,
+) -> Result<Vec<Segment>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {SEGMENT_COLUMNS} FROM segments WHERE workspace_id = ?1 ORDER BY created_at, id"
+        ))
+        .map_err(sql_err)?;
+    let rows = stmt
+        .query_map(params![workspace.0], segment_from_row)
+        .map_err(sql_err)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(sql_err)
+}
+
+pub fn update_segment(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id: &str,
+    name: &str,
+    filter: &Value,
+    now: Millis,
+) -> Result<Option<Segment>, StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE segments SET name = ?3, filter = ?4, updated_at = ?5 WHERE workspace_id = ?1 AND id = ?2",
+        )
+        .and_then(|mut s| s.execute(params![workspace.0, id, name, filter.to_string(), now.0]))
+        .map_err(sql_err)?;
+    if changed == 0 {
+        return Ok(None);
+    }
+    segment(conn, workspace, id)
+}
+
+pub fn delete_segment(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id: &str,
+) -> Result<bool, StoreError> {
+    conn.prepare_cached("DELETE FROM segments WHERE workspace_id = ?1 AND id = ?2")
+        .and_then(|mut s| s.execute(params![workspace.0, id]))
+        .map(|n| n > 0)
+        .map_err(sql_err)
+}
+
+/// The log heads of a workspace, read inside the caller's transaction.
+fn heads(conn: &Connection, workspace: WorkspaceId) -> Result<FeedPosition, StoreError> {
+    let event_seq = conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM event_log WHERE workspace_id = ?1")
+        .and_then(|mut s| s.query_row(params![workspace.0], |r| r.get(0)))
+        .map_err(sql_err)?;
+    let cohort_change_seq = conn
+        .prepare_cached(
+            "SELECT COALESCE(MAX(change_seq), 0) FROM cohort_membership_changes WHERE workspace_id = ?1",
+        )
+        .and_then(|mut s| s.query_row(params![workspace.0], |r| r.get(0)))
+        .map_err(sql_err)?;
+    let user_change_seq = conn
+        .prepare_cached(
+            "SELECT COALESCE(MAX(change_seq), 0) FROM segment_user_changes WHERE workspace_id = ?1",
+        )
+        .and_then(|mut s| s.query_row(params![workspace.0], |r| r.get(0)))
+        .map_err(sql_err)?;
+    Ok(FeedPosition {
+        event_seq,
+        cohort_change_seq,
+        user_change_seq,
+    })
+}
+
+/// Adds one `event_log` behaviour row to a profile; rows of other types, or whose body lacks
+/// the needed fields, are skipped.
+fn add_behavior(profile: &mut SegmentProfile, event_type: &str, time: i64, body: &str) {
+    let Ok(body) = serde_json::from_str::<Value>(body) else {
+        return;
+    };
+    let props = &body["properties"];
+    if event_type == EventType::CustomEvent.as_str() {
+        if let Some(name) = props["name"].as_str() {
+            profile
+                .events
+                .entry(name.to_owned())
+                .or_default()
+                .record(time);
+        }
+    } else if event_type == EventType::Purchase.as_str()
+        && let Some(product_id) = props["product_id"].as_str()
+    {
+        profile.purchases.push(PurchaseRecord {
+            product_id: product_id.to_owned(),
+            time,
+            price: props["price"].as_f64().unwrap_or(0.0),
+        });
+    }
+}
+
+const BEHAVIOR_TYPES: &str = "('users.behaviors.CustomEvent', 'users.behaviors.Purchase')";
+
+/// Every live user of the workspace, with events, purchases and cohorts.
+pub fn snapshot(conn: &Connection, workspace: WorkspaceId) -> Result<ProfileSnapshot, StoreError> {
+    let tx = conn.unchecked_transaction().map_err(sql_err)?;
+    let position = heads(&tx, workspace)?;
+    let mut users: HashMap<u32, SegmentUser> = HashMap::new();
+    {
+        let mut stmt = tx
+            .prepare(&format!(
+                "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND deleted_at IS NULL"
+            ))
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map(params![workspace.0], user_from_row)
+            .map_err(sql_err)?;
+        for record in rows {
+            let record = record.map_err(sql_err)?;
+            users.insert(
+                record.seq.0,
+                SegmentUser {
+                    profile: base_profile(&record),
+                    braze_id: record.braze_id,
+                },
+            );
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare(&format!(
+                "SELECT user_seq, event_type, time, body FROM event_log
+                 WHERE workspace_id = ?1 AND seq <= ?2 AND user_seq IS NOT NULL AND event_type IN {BEHAVIOR_TYPES}
+                 ORDER BY seq"
+            ))
+            .map_err(sql_err)?;
+        let merged_into = merges(&tx, workspace)?;
+        let mut rows = stmt
+            .query(params![workspace.0, position.event_seq])
+            .map_err(sql_err)?;
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            let seq = survivor(&merged_into, row.get(0).map_err(sql_err)?);
+            if let Some(user) = users.get_mut(&seq) {
+                let event_type: String = row.get(1).map_err(sql_err)?;
+                let time: i64 = row.get(2).map_err(sql_err)?;
+                let body: String = row.get(3).map_err(sql_err)?;
+                add_behavior(&mut user.profile, &event_type, time, &body);
+            }
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare(
+                "SELECT m.seq, c.partner, c.cohort_id FROM cohort_members m JOIN cohorts c ON c.id = m.cohort
+                 WHERE c.workspace_id = ?1",
+            )
+            .map_err(sql_err)?;
+        let mut rows = stmt.query(params![workspace.0]).map_err(sql_err)?;
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            let seq: u32 = row.get(0).map_err(sql_err)?;
+            if let Some(user) = users.get_mut(&seq) {
+                user.profile
+                    .cohorts
+                    .insert((row.get(1).map_err(sql_err)?, row.get(2).map_err(sql_err)?));
+            }
+        }
+    }
+    tx.commit().map_err(sql_err)?;
+    let mut users: Vec<SegmentUser> = users.into_values().collect();
+    users.sort_by_key(|u| u.profile.uid);
+    Ok(ProfileSnapshot { users, position })
+}
+
+/// Who each merged-away user was merged into.
+fn merges(conn: &Connection, workspace: WorkspaceId) -> Result<HashMap<u32, u32>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT from_seq, into_seq FROM user_merges WHERE workspace_id = ?1").map_err(sql_err)?;
+    let rows = stmt.query_map(params![workspace.0], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql_err)?;
+    rows.collect::<Result<_, _>>().map_err(sql_err)
+}
+
+/// The user whose history `seq`'s now belongs to, following merges (A into B, B into C: C).
+fn survivor(merged_into: &HashMap<u32, u32>, mut seq: u32) -> u32 {
+    // Bounded: a merge chain is acyclic, but stored data must never hang a reader.
+    for _ in 0..64 {
+        match merged_into.get(&seq) {
+            Some(&into) => seq = into,
+            None => break,
+        }
+    }
+    seq
+}
+
+/// One user's full profile for segment evaluation, or `None` if they are deleted or unknown.
+fn load_user(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    seq: u32,
+    until: i64,
+) -> Result<Option<SegmentUser>, StoreError> {
+    let record = conn
+        .prepare_cached(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL"
+        ))
+        .and_then(|mut s| s.query_row(params![workspace.0, seq], user_from_row).optional())
+        .map_err(sql_err)?;
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    let mut profile = base_profile(&record);
+    {
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "WITH RECURSIVE merged(s) AS (
+                     SELECT ?2 UNION SELECT m.from_seq FROM user_merges m JOIN merged ON m.into_seq = merged.s WHERE m.workspace_id = ?1
+                 )
+                 SELECT event_type, time, body FROM event_log
+                 WHERE workspace_id = ?1 AND user_seq IN (SELECT s FROM merged) AND event_type IN {BEHAVIOR_TYPES} AND seq <= ?3
+                 ORDER BY seq"
+            ))
+            .map_err(sql_err)?;
+        let mut rows = stmt
+            .query(params![workspace.0, seq, until])
+            .map_err(sql_err)?;
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            let event_type: String = row.get(0).map_err(sql_err)?;
+            let time: i64 = row.get(1).map_err(sql_err)?;
+            let body: String = row.get(2).map_err(sql_err)?;
+            add_behavior(&mut profile, &event_type, time, &body);
+        }
+    }
+    {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT c.partner, c.cohort_id FROM cohort_members m JOIN cohorts c ON c.id = m.cohort
+                 WHERE m.seq = ?2 AND c.workspace_id = ?1",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map(params![workspace.0, seq], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(sql_err)?;
+        profile.cohorts = rows.collect::<Result<BTreeSet<_>, _>>().map_err(sql_err)?;
+    }
+    Ok(Some(SegmentUser {
+        braze_id: record.braze_id,
+        profile,
+    }))
+}
+
+/// The users named by log rows after `after`, reloaded.
+pub fn changes(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    after: FeedPosition,
+) -> Result<ProfileChanges, StoreError> {
+    let tx = conn.unchecked_transaction().map_err(sql_err)?;
+    let position = heads(&tx, workspace)?.max(after);
+    if position == after {
+        return Ok(ProfileChanges {
+            position,
+            ..ProfileChanges::default()
+        });
+    }
+    let seqs: BTreeSet<u32> = {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT user_seq FROM event_log WHERE workspace_id = ?1 AND seq > ?2 AND seq <= ?3 AND user_seq IS NOT NULL
+                 UNION
+                 SELECT seq FROM segment_user_changes WHERE workspace_id = ?1 AND change_seq > ?4 AND change_seq <= ?5
+                 UNION
+                 SELECT u.seq FROM event_log e JOIN users u
+                   ON u.workspace_id = e.workspace_id AND u.braze_id = json_extract(e.body, '$.properties.orphaned_by_id')
+                 WHERE e.workspace_id = ?1 AND e.seq > ?2 AND e.seq <= ?3 AND e.event_type = 'users.UserOrphan'",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    workspace.0,
+                    after.event_seq,
+                    position.event_seq,
+                    after.user_change_seq,
+                    position.user_change_seq
+                ],
+                |r| r.get(0),
+            )
+            .map_err(sql_err)?;
+        rows.collect::<Result<_, _>>().map_err(sql_err)?
+    };
+    let mut out = ProfileChanges {
+        position,
+        ..ProfileChanges::default()
+    };
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT ch.seq, c.partner, c.cohort_id, ch.entered FROM cohort_membership_changes ch
+                 JOIN cohorts c ON c.id = ch.cohort
+                 WHERE ch.workspace_id = ?1 AND ch.change_seq > ?2 AND ch.change_seq <= ?3
+                 ORDER BY ch.change_seq",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    workspace.0,
+                    after.cohort_change_seq,
+                    position.cohort_change_seq
+                ],
+                |r| {
+                    Ok(CohortDelta {
+                        user: UserSeq(r.get(0)?),
+                        partner: r.get(1)?,
+                        cohort_id: r.get(2)?,
+                        entered: r.get(3)?,
+                    })
+                },
+            )
+            .map_err(sql_err)?;
+        out.cohort_deltas = rows.collect::<Result<_, _>>().map_err(sql_err)?;
+    }
+    for seq in seqs {
+        match load_user(&tx, workspace, seq, position.event_seq)? {
+            Some(user) => out.users.push(user),
+            None => out.removed.push(UserSeq(seq)),
+        }
+    }
+    tx.commit().map_err(sql_err)?;
+    Ok(out)
+}
