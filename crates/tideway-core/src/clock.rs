@@ -78,7 +78,8 @@ fn parse_date_prefix(s: &str) -> Option<(Date, &str)> {
     let s = s.strip_prefix('-')?;
     let (d, s) = digits(s, 2)?;
     let month = Month::try_from(u8::try_from(m).ok()?).ok()?;
-    let date = Date::from_calendar_date(i32::try_from(y).ok()?, month, u8::try_from(d).ok()?).ok()?;
+    let date =
+        Date::from_calendar_date(i32::try_from(y).ok()?, month, u8::try_from(d).ok()?).ok()?;
     Some((date, s))
 }
 
@@ -92,7 +93,8 @@ fn parse_us_date(s: &str) -> Option<Millis> {
         return None;
     }
     let month = Month::try_from(u8::try_from(m).ok()?).ok()?;
-    let date = Date::from_calendar_date(i32::try_from(y).ok()?, month, u8::try_from(d).ok()?).ok()?;
+    let date =
+        Date::from_calendar_date(i32::try_from(y).ok()?, month, u8::try_from(d).ok()?).ok()?;
     to_millis(date, Time::MIDNIGHT, 0, UtcOffset::UTC)
 }
 
@@ -116,7 +118,12 @@ fn parse_time(s: &str) -> Option<(Time, u16, &str)> {
         }
         None => (0, s),
     };
-    let time = Time::from_hms(u8::try_from(h).ok()?, u8::try_from(mi).ok()?, u8::try_from(sec).ok()?).ok()?;
+    let time = Time::from_hms(
+        u8::try_from(h).ok()?,
+        u8::try_from(mi).ok()?,
+        u8::try_from(sec).ok()?,
+    )
+    .ok()?;
     Some((time, millis, s))
 }
 
@@ -137,7 +144,12 @@ fn parse_offset(s: &str) -> Option<UtcOffset> {
     if !s.is_empty() {
         return None;
     }
-    UtcOffset::from_hms(sign * i8::try_from(h).ok()?, sign * i8::try_from(m).ok()?, 0).ok()
+    UtcOffset::from_hms(
+        sign * i8::try_from(h).ok()?,
+        sign * i8::try_from(m).ok()?,
+        0,
+    )
+    .ok()
 }
 
 /// Parses a `dob` value: exactly `YYYY-MM-DD`.
@@ -158,23 +170,51 @@ mod tests {
         assert_eq!(parse_datetime("2024-01-02T03:04:05Z"), Some(Millis(base)));
         assert_eq!(parse_datetime("2024-01-02T03:04:05"), Some(Millis(base)));
         assert_eq!(parse_datetime("2024-01-02 03:04:05"), Some(Millis(base)));
-        assert_eq!(parse_datetime("2024-01-02T03:04:05.678Z"), Some(Millis(base + 678)));
-        assert_eq!(parse_datetime("2024-01-02T03:04:05:678Z"), Some(Millis(base + 678)));
-        assert_eq!(parse_datetime("2024-01-02T05:04:05+02:00"), Some(Millis(base)));
-        assert_eq!(parse_datetime("2024-01-02T05:04:05+0200"), Some(Millis(base)));
-        assert_eq!(parse_datetime("2024-01-02"), Some(Millis(1_704_153_600_000)));
-        assert_eq!(parse_datetime("01/02/2024"), Some(Millis(1_704_153_600_000)));
+        assert_eq!(
+            parse_datetime("2024-01-02T03:04:05.678Z"),
+            Some(Millis(base + 678))
+        );
+        assert_eq!(
+            parse_datetime("2024-01-02T03:04:05:678Z"),
+            Some(Millis(base + 678))
+        );
+        assert_eq!(
+            parse_datetime("2024-01-02T05:04:05+02:00"),
+            Some(Millis(base))
+        );
+        assert_eq!(
+            parse_datetime("2024-01-02T05:04:05+0200"),
+            Some(Millis(base))
+        );
+        assert_eq!(
+            parse_datetime("2024-01-02"),
+            Some(Millis(1_704_153_600_000))
+        );
+        assert_eq!(
+            parse_datetime("01/02/2024"),
+            Some(Millis(1_704_153_600_000))
+        );
     }
 
     #[test]
     fn rejects_garbage_and_out_of_range_years() {
-        for bad in ["", "yesterday", "2024-13-01", "2024-01-02T25:00:00Z", "3001-01-01", "2024-01-02Tfoo"] {
+        for bad in [
+            "",
+            "yesterday",
+            "2024-13-01",
+            "2024-01-02T25:00:00Z",
+            "3001-01-01",
+            "2024-01-02Tfoo",
+        ] {
             assert_eq!(parse_datetime(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn formats_like_braze_export() {
-        assert_eq!(Millis(1_704_164_645_678).to_iso(), "2024-01-02T03:04:05.678Z");
+        assert_eq!(
+            Millis(1_704_164_645_678).to_iso(),
+            "2024-01-02T03:04:05.678Z"
+        );
     }
 }

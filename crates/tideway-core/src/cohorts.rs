@@ -25,12 +25,36 @@ pub struct Partner {
 }
 
 pub const PARTNERS: [Partner; 6] = [
-    Partner { slug: "heap", display_name: "Heap", filter_name: "Heap Cohorts" },
-    Partner { slug: "amplitude", display_name: "Amplitude", filter_name: "Amplitude Cohorts" },
-    Partner { slug: "mixpanel", display_name: "Mixpanel", filter_name: "Mixpanel Cohorts" },
-    Partner { slug: "segment", display_name: "Segment", filter_name: "Segment Cohorts" },
-    Partner { slug: "census", display_name: "Census", filter_name: "Census Cohorts" },
-    Partner { slug: "hightouch", display_name: "Hightouch", filter_name: "Hightouch Cohorts" },
+    Partner {
+        slug: "heap",
+        display_name: "Heap",
+        filter_name: "Heap Cohorts",
+    },
+    Partner {
+        slug: "amplitude",
+        display_name: "Amplitude",
+        filter_name: "Amplitude Cohorts",
+    },
+    Partner {
+        slug: "mixpanel",
+        display_name: "Mixpanel",
+        filter_name: "Mixpanel Cohorts",
+    },
+    Partner {
+        slug: "segment",
+        display_name: "Segment",
+        filter_name: "Segment Cohorts",
+    },
+    Partner {
+        slug: "census",
+        display_name: "Census",
+        filter_name: "Census Cohorts",
+    },
+    Partner {
+        slug: "hightouch",
+        display_name: "Hightouch",
+        filter_name: "Hightouch Cohorts",
+    },
 ];
 
 pub fn partner(slug: &str) -> Option<Partner> {
@@ -91,7 +115,11 @@ pub struct CohortId(String);
 
 impl CohortId {
     pub fn parse(raw: &str) -> Option<Self> {
-        if raw.trim().is_empty() || raw.len() > crate::ids::MAX_IDENTIFIER_BYTES { None } else { Some(CohortId(raw.to_owned())) }
+        if raw.trim().is_empty() || raw.len() > crate::ids::MAX_IDENTIFIER_BYTES {
+            None
+        } else {
+            Some(CohortId(raw.to_owned()))
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -108,9 +136,18 @@ pub struct PartnerCredentials {
 
 /// Reads `partner_api_key` and `client_secret` (missing or non-string → the 401 texts).
 pub fn parse_credentials(body: &Map<String, Value>) -> Result<PartnerCredentials, CohortApiError> {
-    let partner_api_key = body.get("partner_api_key").and_then(Value::as_str).ok_or(CohortApiError::InvalidPartnerKey)?;
-    let client_secret = body.get("client_secret").and_then(Value::as_str).ok_or(CohortApiError::InvalidClientSecret)?;
-    Ok(PartnerCredentials { partner_api_key: partner_api_key.to_owned(), client_secret: client_secret.to_owned() })
+    let partner_api_key = body
+        .get("partner_api_key")
+        .and_then(Value::as_str)
+        .ok_or(CohortApiError::InvalidPartnerKey)?;
+    let client_secret = body
+        .get("client_secret")
+        .and_then(Value::as_str)
+        .ok_or(CohortApiError::InvalidClientSecret)?;
+    Ok(PartnerCredentials {
+        partner_api_key: partner_api_key.to_owned(),
+        client_secret: client_secret.to_owned(),
+    })
 }
 
 /// `POST /partners/{partner}/cohorts`.
@@ -122,7 +159,10 @@ pub struct CohortUpsert {
 }
 
 pub fn parse_cohort_id(body: &Map<String, Value>) -> Result<CohortId, CohortApiError> {
-    body.get("cohort_id").and_then(Value::as_str).and_then(CohortId::parse).ok_or(CohortApiError::InvalidCohortId)
+    body.get("cohort_id")
+        .and_then(Value::as_str)
+        .and_then(CohortId::parse)
+        .ok_or(CohortApiError::InvalidCohortId)
 }
 
 pub fn parse_upsert(body: &Map<String, Value>) -> Result<CohortUpsert, CohortApiError> {
@@ -131,8 +171,16 @@ pub fn parse_upsert(body: &Map<String, Value>) -> Result<CohortUpsert, CohortApi
         Some(n) if !n.trim().is_empty() => n.to_owned(),
         _ => return Err(CohortApiError::InvalidName),
     };
-    let created_at = body.get("created_at").and_then(Value::as_str).and_then(parse_datetime).ok_or(CohortApiError::InvalidCreatedAt)?;
-    Ok(CohortUpsert { cohort_id, name, created_at })
+    let created_at = body
+        .get("created_at")
+        .and_then(Value::as_str)
+        .and_then(parse_datetime)
+        .ok_or(CohortApiError::InvalidCreatedAt)?;
+    Ok(CohortUpsert {
+        cohort_id,
+        name,
+        created_at,
+    })
 }
 
 /// One identifier in a change object. Identifiers that do not parse (blank strings) are kept
@@ -162,7 +210,10 @@ pub fn parse_changes(body: &Map<String, Value>) -> Result<Vec<CohortChange>, Coh
     let mut total = 0usize;
     for item in items {
         let obj = item.as_object().ok_or(CohortApiError::InvalidChanges)?;
-        if !["user_ids", "device_ids", "aliases"].iter().any(|k| obj.contains_key(*k)) {
+        if !["user_ids", "device_ids", "aliases"]
+            .iter()
+            .any(|k| obj.contains_key(*k))
+        {
             return Err(CohortApiError::InvalidChanges);
         }
         let remove = match obj.get("should_remove") {
@@ -172,10 +223,14 @@ pub fn parse_changes(body: &Map<String, Value>) -> Result<Vec<CohortChange>, Coh
         };
         let mut identifiers = Vec::new();
         for s in string_list(obj.get("user_ids"))? {
-            identifiers.push(ExternalId::parse(s).map_or(CohortIdentifier::Unusable, CohortIdentifier::External));
+            identifiers.push(
+                ExternalId::parse(s).map_or(CohortIdentifier::Unusable, CohortIdentifier::External),
+            );
         }
         for s in string_list(obj.get("device_ids"))? {
-            identifiers.push(DeviceId::parse(s).map_or(CohortIdentifier::Unusable, CohortIdentifier::Device));
+            identifiers.push(
+                DeviceId::parse(s).map_or(CohortIdentifier::Unusable, CohortIdentifier::Device),
+            );
         }
         for alias in alias_list(obj.get("aliases"))? {
             identifiers.push(alias.map_or(CohortIdentifier::Unusable, CohortIdentifier::Alias));
@@ -184,7 +239,10 @@ pub fn parse_changes(body: &Map<String, Value>) -> Result<Vec<CohortChange>, Coh
         if total > MAX_IDENTIFIERS_PER_REQUEST {
             return Err(CohortApiError::TooManyIdentifiers);
         }
-        changes.push(CohortChange { identifiers, remove });
+        changes.push(CohortChange {
+            identifiers,
+            remove,
+        });
     }
     Ok(changes)
 }
@@ -192,7 +250,10 @@ pub fn parse_changes(body: &Map<String, Value>) -> Result<Vec<CohortChange>, Coh
 fn string_list(v: Option<&Value>) -> Result<Vec<&str>, CohortApiError> {
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items.iter().map(|i| i.as_str().ok_or(CohortApiError::InvalidChanges)).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().ok_or(CohortApiError::InvalidChanges))
+            .collect(),
         Some(_) => Err(CohortApiError::InvalidChanges),
     }
 }
@@ -205,7 +266,9 @@ fn alias_list(v: Option<&Value>) -> Result<Vec<Option<UserAlias>>, CohortApiErro
         let obj = v.as_object().ok_or(CohortApiError::InvalidChanges)?;
         let inner = obj.get("user_alias").unwrap_or(v);
         let o = inner.as_object().ok_or(CohortApiError::InvalidChanges)?;
-        if !o.get("alias_name").is_some_and(Value::is_string) || !o.get("alias_label").is_some_and(Value::is_string) {
+        if !o.get("alias_name").is_some_and(Value::is_string)
+            || !o.get("alias_label").is_some_and(Value::is_string)
+        {
             return Err(CohortApiError::InvalidChanges);
         }
         Ok(parse_alias(inner).ok())
@@ -225,13 +288,31 @@ pub struct CohortKey(pub i64);
 /// Membership writes inside a workspace transaction.
 pub trait CohortTx: UserLookup {
     /// Creates the cohort (named `name`, or its id until named) or renames it; returns its key.
-    fn upsert_cohort(&mut self, partner: &str, cohort_id: &CohortId, name: Option<&str>, created_at: Millis, now: Millis) -> Result<CohortKey, StoreError>;
+    fn upsert_cohort(
+        &mut self,
+        partner: &str,
+        cohort_id: &CohortId,
+        name: Option<&str>,
+        created_at: Millis,
+        now: Millis,
+    ) -> Result<CohortKey, StoreError>;
     /// Sets whether `user` is a member; returns true if that changed anything. Entering and
     /// leaving are recorded with their time. The cohort's member count is not touched: callers
     /// adjust it once per request with [`CohortTx::adjust_member_count`].
-    fn set_member(&mut self, cohort: CohortKey, user: UserSeq, member: bool, now: Millis) -> Result<bool, StoreError>;
+    fn set_member(
+        &mut self,
+        cohort: CohortKey,
+        user: UserSeq,
+        member: bool,
+        now: Millis,
+    ) -> Result<bool, StoreError>;
     /// Adds `delta` to the cohort's member count and marks it updated.
-    fn adjust_member_count(&mut self, cohort: CohortKey, delta: i64, now: Millis) -> Result<(), StoreError>;
+    fn adjust_member_count(
+        &mut self,
+        cohort: CohortKey,
+        delta: i64,
+        now: Millis,
+    ) -> Result<(), StoreError>;
     /// Every current member (for a drain).
     fn members(&mut self, cohort: CohortKey) -> Result<Vec<UserSeq>, StoreError>;
 }
@@ -251,7 +332,10 @@ pub struct MembershipOutcome {
 }
 
 /// Finds the user an identifier names, under cohort import's rules.
-pub fn match_identifier(tx: &mut dyn UserLookup, id: &CohortIdentifier) -> Result<Option<UserSeq>, StoreError> {
+pub fn match_identifier(
+    tx: &mut dyn UserLookup,
+    id: &CohortIdentifier,
+) -> Result<Option<UserSeq>, StoreError> {
     match id {
         CohortIdentifier::External(e) => tx.seq_by_external_id(e),
         CohortIdentifier::Alias(a) => tx.seq_by_alias(a),
@@ -264,7 +348,12 @@ pub fn match_identifier(tx: &mut dyn UserLookup, id: &CohortIdentifier) -> Resul
 /// Applies `changes` in array order with set semantics. Within one request the last mention
 /// of a user wins and only the net effect is written, so a user added and removed in the same
 /// request (or a replayed request) records no spurious enter/leave.
-pub fn apply_changes(tx: &mut dyn CohortTx, cohort: CohortKey, changes: &[CohortChange], now: Millis) -> Result<MembershipOutcome, StoreError> {
+pub fn apply_changes(
+    tx: &mut dyn CohortTx,
+    cohort: CohortKey,
+    changes: &[CohortChange],
+    now: Millis,
+) -> Result<MembershipOutcome, StoreError> {
     let mut out = MembershipOutcome::default();
     let mut wanted: Vec<(UserSeq, bool)> = Vec::new();
     let mut position: std::collections::HashMap<UserSeq, usize> = std::collections::HashMap::new();
@@ -303,7 +392,11 @@ fn count_delta(out: &MembershipOutcome) -> i64 {
 }
 
 /// Removes every member (Heap's `segment.users.drain`).
-pub fn drain(tx: &mut dyn CohortTx, cohort: CohortKey, now: Millis) -> Result<MembershipOutcome, StoreError> {
+pub fn drain(
+    tx: &mut dyn CohortTx,
+    cohort: CohortKey,
+    now: Millis,
+) -> Result<MembershipOutcome, StoreError> {
     let mut out = MembershipOutcome::default();
     for user in tx.members(cohort)? {
         if tx.set_member(cohort, user, false, now)? {
@@ -340,22 +433,64 @@ mod tests {
 
     #[test]
     fn rejects_bad_shapes_with_the_documented_text() {
-        for bad in [json!({}), json!([1]), json!([{"should_remove": true}]), json!([{"user_ids": "a"}]), json!([{"user_ids": [1]}]), json!([{"user_ids": [], "should_remove": "yes"}])] {
-            assert_eq!(changes(bad.clone()), Err(CohortApiError::InvalidChanges), "{bad}");
+        for bad in [
+            json!({}),
+            json!([1]),
+            json!([{"should_remove": true}]),
+            json!([{"user_ids": "a"}]),
+            json!([{"user_ids": [1]}]),
+            json!([{"user_ids": [], "should_remove": "yes"}]),
+        ] {
+            assert_eq!(
+                changes(bad.clone()),
+                Err(CohortApiError::InvalidChanges),
+                "{bad}"
+            );
         }
         let ids: Vec<String> = (0..1001).map(|i| i.to_string()).collect();
-        assert_eq!(changes(json!([{"user_ids": ids}])), Err(CohortApiError::TooManyIdentifiers));
+        assert_eq!(
+            changes(json!([{"user_ids": ids}])),
+            Err(CohortApiError::TooManyIdentifiers)
+        );
         let half: Vec<String> = (0..500).map(|i| i.to_string()).collect();
-        assert_eq!(changes(json!([{"user_ids": half}, {"user_ids": half}])).unwrap().len(), 2);
+        assert_eq!(
+            changes(json!([{"user_ids": half}, {"user_ids": half}]))
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[test]
     fn upsert_validation_texts() {
         let body = |v: Value| v.as_object().unwrap().clone();
-        assert_eq!(parse_upsert(&body(json!({"cohort_id": 5, "name": "n", "created_at": "2021-01-21T19:20:30+05:00"}))), Err(CohortApiError::InvalidCohortId));
-        assert_eq!(parse_upsert(&body(json!({"cohort_id": "c", "name": " ", "created_at": "2021-01-21"}))), Err(CohortApiError::InvalidName));
-        assert_eq!(parse_upsert(&body(json!({"cohort_id": "c", "name": "n", "created_at": "soon"}))), Err(CohortApiError::InvalidCreatedAt));
-        assert!(parse_upsert(&body(json!({"cohort_id": "c", "name": "n", "created_at": "2021-01-21T19:20:30+05:00"}))).is_ok());
-        assert_eq!(CohortApiError::PartnerNotEnabled("s".into()).to_string(), "Partner not enabled for client with client secret: s");
+        assert_eq!(
+            parse_upsert(&body(
+                json!({"cohort_id": 5, "name": "n", "created_at": "2021-01-21T19:20:30+05:00"})
+            )),
+            Err(CohortApiError::InvalidCohortId)
+        );
+        assert_eq!(
+            parse_upsert(&body(
+                json!({"cohort_id": "c", "name": " ", "created_at": "2021-01-21"})
+            )),
+            Err(CohortApiError::InvalidName)
+        );
+        assert_eq!(
+            parse_upsert(&body(
+                json!({"cohort_id": "c", "name": "n", "created_at": "soon"})
+            )),
+            Err(CohortApiError::InvalidCreatedAt)
+        );
+        assert!(
+            parse_upsert(&body(
+                json!({"cohort_id": "c", "name": "n", "created_at": "2021-01-21T19:20:30+05:00"})
+            ))
+            .is_ok()
+        );
+        assert_eq!(
+            CohortApiError::PartnerNotEnabled("s".into()).to_string(),
+            "Partner not enabled for client with client secret: s"
+        );
     }
 }

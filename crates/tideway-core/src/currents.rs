@@ -83,7 +83,13 @@ pub struct CurrentsEvent {
 }
 
 impl CurrentsEvent {
-    fn build(id: EventId, event_type: EventType, time: Millis, user: Map<String, Value>, properties: Map<String, Value>) -> Self {
+    fn build(
+        id: EventId,
+        event_type: EventType,
+        time: Millis,
+        user: Map<String, Value>,
+        properties: Map<String, Value>,
+    ) -> Self {
         let body = json!({
             "event_type": event_type.as_str(),
             "id": id.0,
@@ -91,7 +97,12 @@ impl CurrentsEvent {
             "user": user,
             "properties": properties,
         });
-        CurrentsEvent { id, event_type, time: time.secs(), body }
+        CurrentsEvent {
+            id,
+            event_type,
+            time: time.secs(),
+            body,
+        }
     }
 
     /// `users.behaviors.CustomEvent`
@@ -109,9 +120,18 @@ impl CurrentsEvent {
         put_opt(&mut props, "app_id", app_id);
         props.insert("name".into(), name.into());
         if !custom_properties.is_empty() {
-            props.insert("custom_properties".into(), Value::Object(custom_properties.clone()));
+            props.insert(
+                "custom_properties".into(),
+                Value::Object(custom_properties.clone()),
+            );
         }
-        Self::build(id, EventType::CustomEvent, at, user_keys(user, true, true, true), props)
+        Self::build(
+            id,
+            EventType::CustomEvent,
+            at,
+            user_keys(user, true, true, true),
+            props,
+        )
     }
 
     /// `users.behaviors.Purchase` (one per unit: Braze treats quantity N as N purchases).
@@ -134,9 +154,18 @@ impl CurrentsEvent {
         props.insert("price".into(), json!(price));
         props.insert("product_id".into(), product_id.into());
         if !purchase_properties.is_empty() {
-            props.insert("purchase_properties".into(), Value::Object(purchase_properties.clone()));
+            props.insert(
+                "purchase_properties".into(),
+                Value::Object(purchase_properties.clone()),
+            );
         }
-        Self::build(id, EventType::Purchase, at, user_keys(user, true, true, false), props)
+        Self::build(
+            id,
+            EventType::Purchase,
+            at,
+            user_keys(user, true, true, false),
+            props,
+        )
     }
 
     /// `users.profile.Update`. `standard` holds the changed standard fields under their
@@ -157,9 +186,18 @@ impl CurrentsEvent {
         props.insert("update_source".into(), update_source.into());
         props.extend(standard);
         if !custom.is_empty() {
-            props.insert("custom_attributes".into(), Value::String(Value::Object(custom.clone()).to_string()));
+            props.insert(
+                "custom_attributes".into(),
+                Value::String(Value::Object(custom.clone()).to_string()),
+            );
         }
-        Self::build(id, EventType::ProfileUpdate, at, user_keys(user, true, false, true), props)
+        Self::build(
+            id,
+            EventType::ProfileUpdate,
+            at,
+            user_keys(user, true, false, true),
+            props,
+        )
     }
 
     /// `users.UserDeleteRequest`
@@ -172,11 +210,23 @@ impl CurrentsEvent {
     }
 
     /// `users.UserOrphan`: `orphan` was merged into the user `orphaned_by`.
-    pub fn orphan(id: EventId, at: Millis, orphan: &EventUser<'_>, app_group_id: &str, orphaned_by: &BrazeId) -> Self {
+    pub fn orphan(
+        id: EventId,
+        at: Millis,
+        orphan: &EventUser<'_>,
+        app_group_id: &str,
+        orphaned_by: &BrazeId,
+    ) -> Self {
         let mut props = Map::new();
         props.insert("app_group_id".into(), app_group_id.into());
         props.insert("orphaned_by_id".into(), orphaned_by.as_str().into());
-        Self::build(id, EventType::UserOrphan, at, user_keys(orphan, true, true, false), props)
+        Self::build(
+            id,
+            EventType::UserOrphan,
+            at,
+            user_keys(orphan, true, true, false),
+            props,
+        )
     }
 }
 
@@ -186,11 +236,20 @@ fn put_opt(map: &mut Map<String, Value>, key: &str, value: Option<&str>) {
     }
 }
 
-fn user_keys(user: &EventUser<'_>, external: bool, device: bool, timezone: bool) -> Map<String, Value> {
+fn user_keys(
+    user: &EventUser<'_>,
+    external: bool,
+    device: bool,
+    timezone: bool,
+) -> Map<String, Value> {
     let mut map = Map::new();
     map.insert("user_id".into(), user.braze_id.as_str().into());
     if external {
-        put_opt(&mut map, "external_user_id", user.external_id.map(ExternalId::as_str));
+        put_opt(
+            &mut map,
+            "external_user_id",
+            user.external_id.map(ExternalId::as_str),
+        );
     }
     if device {
         put_opt(&mut map, "device_id", user.device_id.map(DeviceId::as_str));
@@ -214,20 +273,46 @@ mod tests {
         let braze = BrazeId::from_bytes([1; 12]);
         let ext = ExternalId::parse("u1").unwrap();
         let dev = DeviceId::parse("d1").unwrap();
-        let user = EventUser { braze_id: &braze, external_id: Some(&ext), device_id: Some(&dev), time_zone: Some("Europe/Paris") };
+        let user = EventUser {
+            braze_id: &braze,
+            external_id: Some(&ext),
+            device_id: Some(&dev),
+            time_zone: Some("Europe/Paris"),
+        };
         let at = Millis(1_700_000_000_123);
         let id = || EventId("e".into());
         let custom = CurrentsEvent::custom_event(id(), at, &user, "ag", None, "n", &Map::new());
-        assert_eq!(keys(&custom.body, "user"), ["user_id", "external_user_id", "device_id", "timezone"]);
+        assert_eq!(
+            keys(&custom.body, "user"),
+            ["user_id", "external_user_id", "device_id", "timezone"]
+        );
         assert_eq!(custom.body["time"], 1_700_000_000);
-        let purchase = CurrentsEvent::purchase(id(), at, &user, "ag", None, "p", "USD", 1.5, &Map::new());
-        assert_eq!(keys(&purchase.body, "user"), ["user_id", "external_user_id", "device_id"]);
-        let update = CurrentsEvent::profile_update(id(), at, &user, "ag", "rest_api", Map::new(), &Map::new());
-        assert_eq!(keys(&update.body, "user"), ["user_id", "external_user_id", "timezone"]);
+        let purchase =
+            CurrentsEvent::purchase(id(), at, &user, "ag", None, "p", "USD", 1.5, &Map::new());
+        assert_eq!(
+            keys(&purchase.body, "user"),
+            ["user_id", "external_user_id", "device_id"]
+        );
+        let update = CurrentsEvent::profile_update(
+            id(),
+            at,
+            &user,
+            "ag",
+            "rest_api",
+            Map::new(),
+            &Map::new(),
+        );
+        assert_eq!(
+            keys(&update.body, "user"),
+            ["user_id", "external_user_id", "timezone"]
+        );
         assert_eq!(update.body["properties"]["time_ms"], 1_700_000_000_123_i64);
         let delete = CurrentsEvent::delete_request(id(), at, &braze, "ag");
         assert_eq!(keys(&delete.body, "user"), ["user_id"]);
         let orphan = CurrentsEvent::orphan(id(), at, &user, "ag", &braze);
-        assert_eq!(keys(&orphan.body, "user"), ["user_id", "external_user_id", "device_id"]);
+        assert_eq!(
+            keys(&orphan.body, "user"),
+            ["user_id", "external_user_id", "device_id"]
+        );
     }
 }

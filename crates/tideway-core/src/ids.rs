@@ -95,8 +95,15 @@ pub struct BrazeId(String);
 
 impl BrazeId {
     pub fn parse(raw: &str) -> Result<Self, IdError> {
-        let ok = raw.len() == 24 && raw.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if ok { Ok(Self(raw.to_owned())) } else { Err(IdError::NotBrazeId) }
+        let ok = raw.len() == 24
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if ok {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(IdError::NotBrazeId)
+        }
     }
 
     /// Builds an id from 12 bytes (the caller supplies randomness: core does no IO).
@@ -141,9 +148,15 @@ mod tests {
     #[test]
     fn braze_id_accepts_only_24_lowercase_hex() {
         assert!(BrazeId::parse("0123456789abcdef01234567").is_ok());
-        assert_eq!(BrazeId::parse("0123456789ABCDEF01234567"), Err(IdError::NotBrazeId));
+        assert_eq!(
+            BrazeId::parse("0123456789ABCDEF01234567"),
+            Err(IdError::NotBrazeId)
+        );
         assert_eq!(BrazeId::parse("abc"), Err(IdError::NotBrazeId));
-        assert_eq!(BrazeId::from_bytes([0xab; 12]).as_str(), "abababababababababababab");
+        assert_eq!(
+            BrazeId::from_bytes([0xab; 12]).as_str(),
+            "abababababababababababab"
+        );
     }
 
     #[test]

@@ -123,7 +123,10 @@ impl PermissionSet {
     }
 
     pub fn to_list(&self) -> String {
-        self.iter().map(Permission::as_str).collect::<Vec<_>>().join(",")
+        self.iter()
+            .map(Permission::as_str)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -197,7 +200,11 @@ impl IpAllowlist {
     }
 
     pub fn parse_all<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Self, BadCidr> {
-        entries.into_iter().map(Self::parse_entry).collect::<Result<Vec<_>, _>>().map(Self)
+        entries
+            .into_iter()
+            .map(Self::parse_entry)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -118,7 +118,11 @@ pub struct Occurrences {
 
 impl Occurrences {
     pub fn once(at: Millis) -> Self {
-        Occurrences { first: at, last: at, count: 1 }
+        Occurrences {
+            first: at,
+            last: at,
+            count: 1,
+        }
     }
 
     pub fn record(&mut self, at: Millis, times: u64) {
@@ -178,7 +182,10 @@ impl UserRecord {
     }
 
     pub fn time_zone(&self) -> Option<&str> {
-        self.profile.standard.get(&StandardField::TimeZone).and_then(Value::as_str)
+        self.profile
+            .standard
+            .get(&StandardField::TimeZone)
+            .and_then(Value::as_str)
     }
 
     /// Stable random bucket 0..=9999, derived from the immutable `braze_id`.
@@ -199,7 +206,10 @@ impl UserRecord {
             self.phone.clone_from(&other.phone);
         }
         for (field, value) in &other.profile.standard {
-            self.profile.standard.entry(*field).or_insert_with(|| value.clone());
+            self.profile
+                .standard
+                .entry(*field)
+                .or_insert_with(|| value.clone());
         }
         for (name, value) in &other.profile.custom {
             if !self.profile.custom.contains_key(name) {
@@ -213,9 +223,14 @@ impl UserRecord {
     }
 }
 
-fn merge_occurrences(into: &mut BTreeMap<String, Occurrences>, from: &BTreeMap<String, Occurrences>) {
+fn merge_occurrences(
+    into: &mut BTreeMap<String, Occurrences>,
+    from: &BTreeMap<String, Occurrences>,
+) {
     for (name, occ) in from {
-        into.entry(name.clone()).and_modify(|o| o.absorb(occ)).or_insert(*occ);
+        into.entry(name.clone())
+            .and_modify(|o| o.absorb(occ))
+            .or_insert(*occ);
     }
 }
 
@@ -233,7 +248,11 @@ pub enum CustomChange {
     /// A nested object written with `_merge_objects: true`: deep-merged into the stored one.
     MergeObject(Map<String, Value>),
     /// `{"$add": [...], "$remove": [...], "$update": [...]}` on an array of objects.
-    ObjectArrayEdit { add: Vec<Value>, remove: Vec<Value>, update: Vec<ObjectUpdate> },
+    ObjectArrayEdit {
+        add: Vec<Value>,
+        remove: Vec<Value>,
+        update: Vec<ObjectUpdate>,
+    },
 }
 
 /// One `$update` element: objects whose `key` equals `value` get `new_object` merged in.
@@ -246,11 +265,18 @@ pub struct ObjectUpdate {
 
 /// Applies one custom-attribute change; returns the new value (`None` = attribute absent) if it
 /// differs from the old one.
-pub fn apply_custom(custom: &mut Map<String, Value>, name: &str, change: &CustomChange, max_array_len: usize) -> Option<Option<Value>> {
+pub fn apply_custom(
+    custom: &mut Map<String, Value>,
+    name: &str,
+    change: &CustomChange,
+    max_array_len: usize,
+) -> Option<Option<Value>> {
     let old = custom.get(name).cloned();
     let new: Option<Value> = match change {
         CustomChange::Set(v) => Some(match v {
-            Value::Array(items) if items.iter().all(|i| !i.is_object()) => Value::Array(cap(dedupe(items.clone()), max_array_len)),
+            Value::Array(items) if items.iter().all(|i| !i.is_object()) => {
+                Value::Array(cap(dedupe(items.clone()), max_array_len))
+            }
             other => other.clone(),
         }),
         CustomChange::Remove => None,
@@ -277,7 +303,11 @@ pub fn apply_custom(custom: &mut Map<String, Value>, name: &str, change: &Custom
             deep_merge(&mut base, patch);
             Some(Value::Object(base))
         }
-        CustomChange::ObjectArrayEdit { add, remove, update } => {
+        CustomChange::ObjectArrayEdit {
+            add,
+            remove,
+            update,
+        } => {
             let mut items: Vec<Value> = match &old {
                 Some(Value::Array(a)) => a.clone(),
                 _ => Vec::new(),
@@ -308,7 +338,11 @@ pub fn apply_custom(custom: &mut Map<String, Value>, name: &str, change: &Custom
 
 fn increment(old: Option<&Value>, by: &serde_json::Number) -> Value {
     let base = old.and_then(Value::as_number);
-    match (base.and_then(serde_json::Number::as_i64).or(if base.is_none() { Some(0) } else { None }), by.as_i64()) {
+    match (
+        base.and_then(serde_json::Number::as_i64)
+            .or(if base.is_none() { Some(0) } else { None }),
+        by.as_i64(),
+    ) {
         (Some(a), Some(b)) => Value::from(a.saturating_add(b)),
         _ => {
             let a = base.and_then(serde_json::Number::as_f64).unwrap_or(0.0);
@@ -362,10 +396,22 @@ mod tests {
         let mut c = Map::new();
         apply(&mut c, CustomChange::Set(json!(["x", "y", "x"])));
         assert_eq!(c["a"], json!(["y", "x"]));
-        apply(&mut c, CustomChange::ArrayEdit { add: vec![json!("y"), json!("z")], remove: vec![json!("x")] });
+        apply(
+            &mut c,
+            CustomChange::ArrayEdit {
+                add: vec![json!("y"), json!("z")],
+                remove: vec![json!("x")],
+            },
+        );
         assert_eq!(c["a"], json!(["y", "z"]));
         let many: Vec<Value> = (0..30).map(Value::from).collect();
-        apply(&mut c, CustomChange::ArrayEdit { add: many, remove: vec![] });
+        apply(
+            &mut c,
+            CustomChange::ArrayEdit {
+                add: many,
+                remove: vec![],
+            },
+        );
         assert_eq!(c["a"].as_array().unwrap().len(), 25);
         assert_eq!(c["a"][24], json!(29));
     }
@@ -377,19 +423,30 @@ mod tests {
         apply(&mut c, CustomChange::Increment((-2).into()));
         assert_eq!(c["a"], json!(3));
         assert_eq!(apply(&mut c, CustomChange::Remove), Some(None));
-        assert_eq!(apply(&mut c, CustomChange::Remove), None, "removing an absent attribute changes nothing");
+        assert_eq!(
+            apply(&mut c, CustomChange::Remove),
+            None,
+            "removing an absent attribute changes nothing"
+        );
     }
 
     #[test]
     fn object_arrays_add_remove_update() {
         let mut c = Map::new();
-        apply(&mut c, CustomChange::Set(json!([{"id": 1, "breed": "cat"}, {"id": 4, "breed": "dog"}])));
+        apply(
+            &mut c,
+            CustomChange::Set(json!([{"id": 1, "breed": "cat"}, {"id": 4, "breed": "dog"}])),
+        );
         apply(
             &mut c,
             CustomChange::ObjectArrayEdit {
                 add: vec![json!({"id": 5})],
                 remove: vec![json!({"id": 1, "breed": "cat"})],
-                update: vec![ObjectUpdate { key: "id".into(), value: json!(4), new_object: json!({"breed": "goldfish"}).as_object().unwrap().clone() }],
+                update: vec![ObjectUpdate {
+                    key: "id".into(),
+                    value: json!(4),
+                    new_object: json!({"breed": "goldfish"}).as_object().unwrap().clone(),
+                }],
             },
         );
         assert_eq!(c["a"], json!([{"id": 4, "breed": "goldfish"}, {"id": 5}]));
@@ -399,7 +456,10 @@ mod tests {
     fn merge_object_is_deep() {
         let mut c = Map::new();
         apply(&mut c, CustomChange::Set(json!({"x": {"y": 1, "z": 2}})));
-        apply(&mut c, CustomChange::MergeObject(json!({"x": {"y": 3}}).as_object().unwrap().clone()));
+        apply(
+            &mut c,
+            CustomChange::MergeObject(json!({"x": {"y": 3}}).as_object().unwrap().clone()),
+        );
         assert_eq!(c["a"], json!({"x": {"y": 3, "z": 2}}));
     }
 }

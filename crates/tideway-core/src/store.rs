@@ -13,16 +13,16 @@ use std::pin::Pin;
 use crate::clock::Millis;
 use crate::cohorts::{CohortChange, CohortId, CohortUpsert, MembershipOutcome};
 use crate::currents::CurrentsEvent;
-use crate::ids::{BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias, UserSeq, WorkspaceId};
 use crate::ids::AliasLabel;
+use crate::ids::{BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias, UserSeq, WorkspaceId};
 use crate::keys::{ApiKey, IpAllowlist, KeyHash, PermissionSet, Secret};
 use crate::profile::UserRecord;
 use crate::segments::{FeedPosition, ProfileChanges, ProfileSnapshot, Segment};
-use crate::users::{
-    AliasNewItem, AliasUpdateItem, DeleteOutcome, DeleteRequest, ExportOutcome, ExportRequest, IdentifyItem, ItemOutcome,
-    MergeItem, RemoveOutcome, RenameItem, RenameOutcome, TrackOutcome,
-};
 use crate::track::TrackRequest;
+use crate::users::{
+    AliasNewItem, AliasUpdateItem, DeleteOutcome, DeleteRequest, ExportOutcome, ExportRequest,
+    IdentifyItem, ItemOutcome, MergeItem, RemoveOutcome, RenameItem, RenameOutcome, TrackOutcome,
+};
 
 /// What went wrong in storage, as far as a caller can act on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,8 +80,14 @@ pub trait UserLookup {
     }
 
     /// The sequence number of the device's user if that user is still anonymous.
-    fn anonymous_seq_by_device(&mut self, device: &DeviceId) -> Result<Option<UserSeq>, StoreError> {
-        Ok(self.user_by_device(device)?.filter(|u| !u.is_identified()).map(|u| u.seq))
+    fn anonymous_seq_by_device(
+        &mut self,
+        device: &DeviceId,
+    ) -> Result<Option<UserSeq>, StoreError> {
+        Ok(self
+            .user_by_device(device)?
+            .filter(|u| !u.is_identified())
+            .map(|u| u.seq))
     }
 }
 
@@ -101,15 +107,29 @@ pub trait UserTx: UserLookup {
     /// Points `device` at `user` (moving it from any other user).
     fn put_device(&mut self, user: UserSeq, device: &DeviceId) -> Result<(), StoreError>;
     /// Keeps `old` resolving to `user` after a rename, until removed.
-    fn put_deprecated_external_id(&mut self, user: UserSeq, old: &ExternalId) -> Result<(), StoreError>;
+    fn put_deprecated_external_id(
+        &mut self,
+        user: UserSeq,
+        old: &ExternalId,
+    ) -> Result<(), StoreError>;
     fn remove_deprecated_external_id(&mut self, old: &ExternalId) -> Result<bool, StoreError>;
     /// Appends to the event log, about `user` where there is one.
-    fn append_event(&mut self, user: Option<UserSeq>, event: &CurrentsEvent) -> Result<(), StoreError>;
+    fn append_event(
+        &mut self,
+        user: Option<UserSeq>,
+        event: &CurrentsEvent,
+    ) -> Result<(), StoreError>;
     /// Moves `from`'s cohort memberships to `to` (merge: the survivor keeps the union).
-    fn move_cohort_memberships(&mut self, from: UserSeq, to: UserSeq, now: Millis) -> Result<(), StoreError>;
+    fn move_cohort_memberships(
+        &mut self,
+        from: UserSeq,
+        to: UserSeq,
+        now: Millis,
+    ) -> Result<(), StoreError>;
     /// Records that `from` was merged into `into`, so history kept per user (the events the
     /// segment index counts) follows the merge.
-    fn record_merge(&mut self, from: UserSeq, into: UserSeq, now: Millis) -> Result<(), StoreError>;
+    fn record_merge(&mut self, from: UserSeq, into: UserSeq, now: Millis)
+    -> Result<(), StoreError>;
 }
 
 /// A new REST API key to store.
@@ -225,51 +245,165 @@ pub trait Store: Send + Sync {
     fn create_api_key(&self, key: NewApiKey) -> StoreFuture<'_, ApiKey>;
     fn list_api_keys(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<ApiKey>>;
     /// Revokes the key with this id or visible prefix; returns whether one was revoked.
-    fn revoke_api_key(&self, workspace: WorkspaceId, id_or_prefix: &str, now: Millis) -> StoreFuture<'_, bool>;
+    fn revoke_api_key(
+        &self,
+        workspace: WorkspaceId,
+        id_or_prefix: &str,
+        now: Millis,
+    ) -> StoreFuture<'_, bool>;
     /// Finds a live (unrevoked) key by the hash of its secret, with its workspace.
     fn find_api_key(&self, hash: KeyHash) -> StoreFuture<'_, Option<(ApiKey, Workspace)>>;
 
-    fn track(&self, workspace: &Workspace, request: TrackRequest, now: Millis) -> StoreFuture<'_, TrackOutcome>;
-    fn identify(&self, workspace: &Workspace, items: Vec<(usize, IdentifyItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome>;
-    fn alias_new(&self, workspace: &Workspace, items: Vec<(usize, AliasNewItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome>;
-    fn alias_update(&self, workspace: &Workspace, items: Vec<(usize, AliasUpdateItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome>;
-    fn merge_users(&self, workspace: &Workspace, items: Vec<(usize, MergeItem)>, now: Millis) -> StoreFuture<'_, ItemOutcome>;
-    fn delete_users(&self, workspace: &Workspace, request: DeleteRequest, now: Millis) -> StoreFuture<'_, DeleteOutcome>;
-    fn rename_external_ids(&self, workspace: &Workspace, items: Vec<RenameItem>, now: Millis) -> StoreFuture<'_, RenameOutcome>;
-    fn remove_external_ids(&self, workspace: &Workspace, ids: Vec<ExternalId>) -> StoreFuture<'_, RemoveOutcome>;
-    fn export_ids(&self, workspace: &Workspace, request: ExportRequest) -> StoreFuture<'_, ExportOutcome>;
+    fn track(
+        &self,
+        workspace: &Workspace,
+        request: TrackRequest,
+        now: Millis,
+    ) -> StoreFuture<'_, TrackOutcome>;
+    fn identify(
+        &self,
+        workspace: &Workspace,
+        items: Vec<(usize, IdentifyItem)>,
+        now: Millis,
+    ) -> StoreFuture<'_, ItemOutcome>;
+    fn alias_new(
+        &self,
+        workspace: &Workspace,
+        items: Vec<(usize, AliasNewItem)>,
+        now: Millis,
+    ) -> StoreFuture<'_, ItemOutcome>;
+    fn alias_update(
+        &self,
+        workspace: &Workspace,
+        items: Vec<(usize, AliasUpdateItem)>,
+        now: Millis,
+    ) -> StoreFuture<'_, ItemOutcome>;
+    fn merge_users(
+        &self,
+        workspace: &Workspace,
+        items: Vec<(usize, MergeItem)>,
+        now: Millis,
+    ) -> StoreFuture<'_, ItemOutcome>;
+    fn delete_users(
+        &self,
+        workspace: &Workspace,
+        request: DeleteRequest,
+        now: Millis,
+    ) -> StoreFuture<'_, DeleteOutcome>;
+    fn rename_external_ids(
+        &self,
+        workspace: &Workspace,
+        items: Vec<RenameItem>,
+        now: Millis,
+    ) -> StoreFuture<'_, RenameOutcome>;
+    fn remove_external_ids(
+        &self,
+        workspace: &Workspace,
+        ids: Vec<ExternalId>,
+    ) -> StoreFuture<'_, RemoveOutcome>;
+    fn export_ids(
+        &self,
+        workspace: &Workspace,
+        request: ExportRequest,
+    ) -> StoreFuture<'_, ExportOutcome>;
 
     /// The operator-issued `partner_api_key` of a partner, created from `fresh` if absent.
-    fn partner_api_key(&self, partner: &str, fresh: Secret, now: Millis) -> StoreFuture<'_, Secret>;
+    fn partner_api_key(&self, partner: &str, fresh: Secret, now: Millis)
+    -> StoreFuture<'_, Secret>;
     /// True if `key` is the partner's current `partner_api_key` (constant-time compare).
     fn check_partner_api_key(&self, partner: &str, key: Secret) -> StoreFuture<'_, bool>;
     /// Stores a new data import key for (workspace, partner) and enables the partner there.
-    fn create_import_key(&self, workspace: WorkspaceId, partner: &str, secret: &Secret, now: Millis) -> StoreFuture<'_, ImportKeyInfo>;
-    fn list_import_keys(&self, workspace: WorkspaceId, partner: &str) -> StoreFuture<'_, Vec<ImportKeyInfo>>;
+    fn create_import_key(
+        &self,
+        workspace: WorkspaceId,
+        partner: &str,
+        secret: &Secret,
+        now: Millis,
+    ) -> StoreFuture<'_, ImportKeyInfo>;
+    fn list_import_keys(
+        &self,
+        workspace: WorkspaceId,
+        partner: &str,
+    ) -> StoreFuture<'_, Vec<ImportKeyInfo>>;
     /// Invalidates the key with this id or prefix at once; returns whether one was.
-    fn invalidate_import_key(&self, workspace: WorkspaceId, partner: &str, id_or_prefix: &str, now: Millis) -> StoreFuture<'_, bool>;
-    fn set_partner_enabled(&self, workspace: WorkspaceId, partner: &str, enabled: bool) -> StoreFuture<'_, ()>;
+    fn invalidate_import_key(
+        &self,
+        workspace: WorkspaceId,
+        partner: &str,
+        id_or_prefix: &str,
+        now: Millis,
+    ) -> StoreFuture<'_, bool>;
+    fn set_partner_enabled(
+        &self,
+        workspace: WorkspaceId,
+        partner: &str,
+        enabled: bool,
+    ) -> StoreFuture<'_, ()>;
     /// The workspace owning a valid data import key for `partner`.
-    fn find_import_key(&self, partner: &str, hash: KeyHash) -> StoreFuture<'_, Option<ImportKeyOwner>>;
+    fn find_import_key(
+        &self,
+        partner: &str,
+        hash: KeyHash,
+    ) -> StoreFuture<'_, Option<ImportKeyOwner>>;
     /// The workspace's Heap webhook settings, creating the secret from `fresh` if absent;
     /// `alias_label` (when `Some`) replaces the id mapping.
-    fn heap_webhook(&self, workspace: WorkspaceId, fresh: Secret, alias_label: Option<Option<AliasLabel>>) -> StoreFuture<'_, HeapWebhook>;
+    fn heap_webhook(
+        &self,
+        workspace: WorkspaceId,
+        fresh: Secret,
+        alias_label: Option<Option<AliasLabel>>,
+    ) -> StoreFuture<'_, HeapWebhook>;
     /// Every workspace's Heap webhook settings (to find the one whose secret signed a request).
     fn heap_webhooks(&self) -> StoreFuture<'_, Vec<HeapWebhook>>;
 
-    fn upsert_cohort(&self, workspace: &Workspace, partner: &str, upsert: CohortUpsert, now: Millis) -> StoreFuture<'_, ()>;
+    fn upsert_cohort(
+        &self,
+        workspace: &Workspace,
+        partner: &str,
+        upsert: CohortUpsert,
+        now: Millis,
+    ) -> StoreFuture<'_, ()>;
     /// Applies membership deltas; creates the cohort (named by its id) if it is new and there
     /// is something to apply.
-    fn apply_cohort_changes(&self, workspace: &Workspace, partner: &str, cohort_id: CohortId, changes: Vec<CohortChange>, now: Millis) -> StoreFuture<'_, MembershipOutcome>;
-    fn apply_segment_sync(&self, workspace: &Workspace, partner: &str, page: SegmentSyncPage, now: Millis) -> StoreFuture<'_, SegmentSyncOutcome>;
+    fn apply_cohort_changes(
+        &self,
+        workspace: &Workspace,
+        partner: &str,
+        cohort_id: CohortId,
+        changes: Vec<CohortChange>,
+        now: Millis,
+    ) -> StoreFuture<'_, MembershipOutcome>;
+    fn apply_segment_sync(
+        &self,
+        workspace: &Workspace,
+        partner: &str,
+        page: SegmentSyncPage,
+        now: Millis,
+    ) -> StoreFuture<'_, SegmentSyncOutcome>;
     fn list_cohorts(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<CohortSummary>>;
     /// Members in `seq` order after `after`; `None` if the cohort does not exist.
-    fn cohort_members(&self, workspace: WorkspaceId, partner: &str, cohort_id: CohortId, after: u32, limit: usize) -> StoreFuture<'_, Option<Vec<CohortMember>>>;
+    fn cohort_members(
+        &self,
+        workspace: WorkspaceId,
+        partner: &str,
+        cohort_id: CohortId,
+        after: u32,
+        limit: usize,
+    ) -> StoreFuture<'_, Option<Vec<CohortMember>>>;
     /// `None` if no live user has this braze_id.
-    fn user_cohorts(&self, workspace: WorkspaceId, braze_id: BrazeId) -> StoreFuture<'_, Option<Vec<UserCohort>>>;
+    fn user_cohorts(
+        &self,
+        workspace: WorkspaceId,
+        braze_id: BrazeId,
+    ) -> StoreFuture<'_, Option<Vec<UserCohort>>>;
 
     /// Events of a workspace after log position `after`, oldest first.
-    fn read_events(&self, workspace: WorkspaceId, after: i64, limit: usize) -> StoreFuture<'_, Vec<LoggedEvent>>;
+    fn read_events(
+        &self,
+        workspace: WorkspaceId,
+        after: i64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<LoggedEvent>>;
 
     /// Stores a new segment (the caller chose its id and validated its filter).
     fn create_segment(&self, workspace: WorkspaceId, segment: Segment) -> StoreFuture<'_, Segment>;
@@ -277,11 +411,22 @@ pub trait Store: Send + Sync {
     /// The workspace's segments, oldest first.
     fn list_segments(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<Segment>>;
     /// Replaces name and filter; `None` if there is no such segment.
-    fn update_segment(&self, workspace: WorkspaceId, id: &str, name: String, filter: serde_json::Value, now: Millis) -> StoreFuture<'_, Option<Segment>>;
+    fn update_segment(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+        name: String,
+        filter: serde_json::Value,
+        now: Millis,
+    ) -> StoreFuture<'_, Option<Segment>>;
     /// Returns whether a segment was deleted.
     fn delete_segment(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool>;
     /// Every live user of the workspace as segment evaluation sees them, at one consistent point.
     fn segment_profiles(&self, workspace: WorkspaceId) -> StoreFuture<'_, ProfileSnapshot>;
     /// The users whose events, attributes or cohort memberships changed after `after`, reloaded.
-    fn segment_profile_changes(&self, workspace: WorkspaceId, after: FeedPosition) -> StoreFuture<'_, ProfileChanges>;
+    fn segment_profile_changes(
+        &self,
+        workspace: WorkspaceId,
+        after: FeedPosition,
+    ) -> StoreFuture<'_, ProfileChanges>;
 }

@@ -21,7 +21,8 @@ pub const MAX_NESTED_BYTES: usize = 100 * 1024;
 pub const MAX_PURCHASE_PROPERTIES_BYTES: usize = 50 * 1024;
 
 /// The documented text for an object without a usable identifier.
-pub const MISSING_IDENTIFIER: &str = "'external_id', 'braze_id', 'user_alias', 'email' or 'phone' is required";
+pub const MISSING_IDENTIFIER: &str =
+    "'external_id', 'braze_id', 'user_alias', 'email' or 'phone' is required";
 
 /// How a request names a user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,12 +138,18 @@ pub enum TrackRejected {
 
 /// Parses a `/users/track` body (already known to be a JSON object).
 pub fn parse_track(body: &Map<String, Value>) -> Result<TrackRequest, TrackRejected> {
-    let arrays = [("attributes", InputArray::Attributes), ("events", InputArray::Events), ("purchases", InputArray::Purchases)];
+    let arrays = [
+        ("attributes", InputArray::Attributes),
+        ("events", InputArray::Events),
+        ("purchases", InputArray::Purchases),
+    ];
     let mut lists: [&[Value]; 3] = [&[], &[], &[]];
     for (slot, (key, _)) in lists.iter_mut().zip(arrays) {
         match body.get(key) {
             None | Some(Value::Null) => {}
-            Some(Value::Array(items)) if items.len() > MAX_OBJECTS_PER_ARRAY => return Err(TrackRejected::TooManyObjects),
+            Some(Value::Array(items)) if items.len() > MAX_OBJECTS_PER_ARRAY => {
+                return Err(TrackRejected::TooManyObjects);
+            }
             Some(Value::Array(items)) => *slot = items,
             Some(_) => return Err(TrackRejected::NotAnArray(key)),
         }
@@ -151,19 +158,31 @@ pub fn parse_track(body: &Map<String, Value>) -> Result<TrackRequest, TrackRejec
     for (index, item) in lists[0].iter().enumerate() {
         match parse_attribute_object(item) {
             Ok(obj) => req.attributes.push((index, obj)),
-            Err(message) => req.errors.push(ObjectError { input_array: InputArray::Attributes, index, message }),
+            Err(message) => req.errors.push(ObjectError {
+                input_array: InputArray::Attributes,
+                index,
+                message,
+            }),
         }
     }
     for (index, item) in lists[1].iter().enumerate() {
         match parse_event_object(item) {
             Ok(obj) => req.events.push((index, obj)),
-            Err(message) => req.errors.push(ObjectError { input_array: InputArray::Events, index, message }),
+            Err(message) => req.errors.push(ObjectError {
+                input_array: InputArray::Events,
+                index,
+                message,
+            }),
         }
     }
     for (index, item) in lists[2].iter().enumerate() {
         match parse_purchase_object(item) {
             Ok(obj) => req.purchases.push((index, obj)),
-            Err(message) => req.errors.push(ObjectError { input_array: InputArray::Purchases, index, message }),
+            Err(message) => req.errors.push(ObjectError {
+                input_array: InputArray::Purchases,
+                index,
+                message,
+            }),
         }
     }
     Ok(req)
@@ -176,8 +195,14 @@ fn not_valid(field: &str) -> String {
 /// Parses a user alias object `{"alias_name", "alias_label"}`.
 pub fn parse_alias(value: &Value) -> Result<UserAlias, String> {
     let obj = value.as_object().ok_or_else(|| not_valid("user_alias"))?;
-    let name = obj.get("alias_name").and_then(Value::as_str).and_then(|s| AliasName::parse(s).ok());
-    let label = obj.get("alias_label").and_then(Value::as_str).and_then(|s| AliasLabel::parse(s).ok());
+    let name = obj
+        .get("alias_name")
+        .and_then(Value::as_str)
+        .and_then(|s| AliasName::parse(s).ok());
+    let label = obj
+        .get("alias_label")
+        .and_then(Value::as_str)
+        .and_then(|s| AliasLabel::parse(s).ok());
     match (name, label) {
         (Some(name), Some(label)) => Ok(UserAlias { label, name }),
         _ => Err("'user_alias' must have a non-empty 'alias_name' and 'alias_label'".to_owned()),
@@ -192,8 +217,14 @@ fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>
     }
 }
 
-fn parse_id<T, E>(obj: &Map<String, Value>, key: &str, parse: impl Fn(&str) -> Result<T, E>) -> Result<Option<T>, String> {
-    opt_str(obj, key)?.map(|s| parse(s).map_err(|_| not_valid(key))).transpose()
+fn parse_id<T, E>(
+    obj: &Map<String, Value>,
+    key: &str,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> Result<Option<T>, String> {
+    opt_str(obj, key)?
+        .map(|s| parse(s).map_err(|_| not_valid(key)))
+        .transpose()
 }
 
 /// Resolves the identifier keys of a track object: which one names the user (precedence
@@ -232,7 +263,12 @@ fn parse_target(obj: &Map<String, Value>) -> Result<Target, String> {
     // Alias-only identification is update-only unless `false` is given explicitly (Our choice
     // in braze-api.md §3.2); everything else creates unless `true` is given.
     let update_existing_only = explicit_update_only.unwrap_or(matches!(primary, UserRef::Alias(_)));
-    Ok(Target { primary, device, alias, update_existing_only })
+    Ok(Target {
+        primary,
+        device,
+        alias,
+        update_existing_only,
+    })
 }
 
 /// Keys of an attribute object that are not attributes.
@@ -250,7 +286,9 @@ const NON_ATTRIBUTE_KEYS: [&str; 10] = [
 ];
 
 fn parse_attribute_object(value: &Value) -> Result<AttributeObject, String> {
-    let obj = value.as_object().ok_or("'attributes' elements must be objects")?;
+    let obj = value
+        .as_object()
+        .ok_or("'attributes' elements must be objects")?;
     let target = parse_target(obj)?;
     let merge_objects = match obj.get("_merge_objects") {
         None | Some(Value::Null) => false,
@@ -273,14 +311,21 @@ fn parse_attribute_object(value: &Value) -> Result<AttributeObject, String> {
             "phone" => out.phone = contact(v, key, Phone::parse)?,
             _ => match StandardField::parse(key) {
                 Some(field) => out.standard.push((field, standard_value(field, v)?)),
-                None => out.custom.push((check_name(key)?.to_owned(), custom_change(key, v, merge_objects)?)),
+                None => out.custom.push((
+                    check_name(key)?.to_owned(),
+                    custom_change(key, v, merge_objects)?,
+                )),
             },
         }
     }
     Ok(out)
 }
 
-fn contact<T, E>(v: &Value, key: &str, parse: impl Fn(&str) -> Result<T, E>) -> Result<ContactChange<T>, String> {
+fn contact<T, E>(
+    v: &Value,
+    key: &str,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> Result<ContactChange<T>, String> {
     match v {
         Value::Null => Ok(ContactChange::Clear),
         Value::String(s) => parse(s).map(ContactChange::Set).map_err(|_| not_valid(key)),
@@ -314,12 +359,16 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Value>, Stri
         }
         // Braze: an invalid country code is stored as NULL rather than rejected.
         F::Country => match s {
-            Some(c) if c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()) => Value::from(c.to_ascii_uppercase()),
+            Some(c) if c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()) => {
+                Value::from(c.to_ascii_uppercase())
+            }
             Some(_) => return Ok(None),
             None => return Err(bad()),
         },
         F::Language => match s {
-            Some(l) if (2..=3).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphabetic()) => Value::from(l.to_ascii_lowercase()),
+            Some(l) if (2..=3).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphabetic()) => {
+                Value::from(l.to_ascii_lowercase())
+            }
             Some(_) => return Ok(None),
             None => return Err(bad()),
         },
@@ -345,8 +394,14 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Value>, Stri
         },
         F::CurrentLocation => {
             let o = v.as_object().ok_or_else(bad)?;
-            let lon = o.get("longitude").and_then(Value::as_f64).filter(|x| (-180.0..=180.0).contains(x));
-            let lat = o.get("latitude").and_then(Value::as_f64).filter(|x| (-90.0..=90.0).contains(x));
+            let lon = o
+                .get("longitude")
+                .and_then(Value::as_f64)
+                .filter(|x| (-180.0..=180.0).contains(x));
+            let lat = o
+                .get("latitude")
+                .and_then(Value::as_f64)
+                .filter(|x| (-90.0..=90.0).contains(x));
             match (lon, lat) {
                 (Some(lon), Some(lat)) => serde_json::json!({"longitude": lon, "latitude": lat}),
                 _ => return Err(bad()),
@@ -356,7 +411,9 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Value>, Stri
             let at = s.and_then(parse_datetime).ok_or_else(bad)?;
             Value::from(at.to_iso())
         }
-        F::EmailOpenTrackingDisabled | F::EmailClickTrackingDisabled => Value::Bool(v.as_bool().ok_or_else(bad)?),
+        F::EmailOpenTrackingDisabled | F::EmailClickTrackingDisabled => {
+            Value::Bool(v.as_bool().ok_or_else(bad)?)
+        }
         F::PushTokens | F::SubscriptionGroups => {
             let items = v.as_array().ok_or_else(bad)?;
             if !items.iter().all(Value::is_object) {
@@ -404,7 +461,10 @@ fn custom_change(name: &str, v: &Value, merge_objects: bool) -> Result<CustomCha
                 };
             }
             if keys == ["$time"] {
-                let at = o["$time"].as_str().and_then(parse_datetime).ok_or_else(bad)?;
+                let at = o["$time"]
+                    .as_str()
+                    .and_then(parse_datetime)
+                    .ok_or_else(bad)?;
                 return Ok(CustomChange::Set(Value::from(at.to_iso())));
             }
             if !keys.is_empty() && keys.iter().all(|k| matches!(*k, "add" | "remove")) {
@@ -412,13 +472,21 @@ fn custom_change(name: &str, v: &Value, merge_objects: bool) -> Result<CustomCha
                 let remove = scalar_list(o.get("remove")).ok_or_else(bad)?;
                 return Ok(CustomChange::ArrayEdit { add, remove });
             }
-            if !keys.is_empty() && keys.iter().all(|k| matches!(*k, "$add" | "$remove" | "$update")) {
+            if !keys.is_empty()
+                && keys
+                    .iter()
+                    .all(|k| matches!(*k, "$add" | "$remove" | "$update"))
+            {
                 return object_array_edit(o).ok_or_else(bad);
             }
             if keys.iter().any(|k| k.starts_with('$')) {
                 return Err(bad());
             }
-            Ok(if merge_objects { CustomChange::MergeObject(o.clone()) } else { CustomChange::Set(v.clone()) })
+            Ok(if merge_objects {
+                CustomChange::MergeObject(o.clone())
+            } else {
+                CustomChange::Set(v.clone())
+            })
         }
     }
 }
@@ -451,12 +519,19 @@ fn object_array_edit(o: &Map<String, Value>) -> Option<CustomChange> {
             new_object: u.get("$new_object")?.as_object()?.clone(),
         });
     }
-    Some(CustomChange::ObjectArrayEdit { add, remove, update })
+    Some(CustomChange::ObjectArrayEdit {
+        add,
+        remove,
+        update,
+    })
 }
 
 /// Checks event or purchase properties: names non-empty, ≤ 255 chars, no leading `$`, not the
 /// reserved `time` / `event_name`; string values ≤ 255 chars; total size within `max_bytes`.
-fn parse_properties(obj: &Map<String, Value>, max_bytes: usize) -> Result<Map<String, Value>, String> {
+fn parse_properties(
+    obj: &Map<String, Value>,
+    max_bytes: usize,
+) -> Result<Map<String, Value>, String> {
     let props = match obj.get("properties") {
         None | Some(Value::Null) => return Ok(Map::new()),
         Some(Value::Object(p)) => p,
@@ -470,11 +545,16 @@ fn parse_properties(obj: &Map<String, Value>, max_bytes: usize) -> Result<Map<St
             return Err(format!("'properties' must not use the reserved key '{k}'"));
         }
         if matches!(v, Value::String(s) if s.chars().count() > MAX_NAME_CHARS) {
-            return Err(format!("'properties.{k}' is longer than {MAX_NAME_CHARS} characters"));
+            return Err(format!(
+                "'properties.{k}' is longer than {MAX_NAME_CHARS} characters"
+            ));
         }
     }
     if Value::Object(props.clone()).to_string().len() > max_bytes {
-        return Err(format!("'properties' is larger than {} KB", max_bytes / 1024));
+        return Err(format!(
+            "'properties' is larger than {} KB",
+            max_bytes / 1024
+        ));
     }
     Ok(props.clone())
 }
@@ -490,13 +570,17 @@ fn required_time(obj: &Map<String, Value>) -> Result<Millis, String> {
 fn required_name<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a str, String> {
     match obj.get(key) {
         None | Some(Value::Null) => Err(format!("'{key}' is required")),
-        Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= MAX_NAME_CHARS => Ok(s),
+        Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= MAX_NAME_CHARS => {
+            Ok(s)
+        }
         Some(_) => Err(not_valid(key)),
     }
 }
 
 fn parse_event_object(value: &Value) -> Result<EventObject, String> {
-    let obj = value.as_object().ok_or("'events' elements must be objects")?;
+    let obj = value
+        .as_object()
+        .ok_or("'events' elements must be objects")?;
     let target = parse_target(obj)?;
     Ok(EventObject {
         app_id: opt_str(obj, "app_id")?.map(str::to_owned),
@@ -508,16 +592,23 @@ fn parse_event_object(value: &Value) -> Result<EventObject, String> {
 }
 
 fn parse_purchase_object(value: &Value) -> Result<PurchaseObject, String> {
-    let obj = value.as_object().ok_or("'purchases' elements must be objects")?;
+    let obj = value
+        .as_object()
+        .ok_or("'purchases' elements must be objects")?;
     let target = parse_target(obj)?;
     let currency = match obj.get("currency") {
         None | Some(Value::Null) => return Err("'currency' is required".to_owned()),
-        Some(Value::String(c)) if c.len() == 3 && c.bytes().all(|b| b.is_ascii_alphabetic()) => c.to_ascii_uppercase(),
+        Some(Value::String(c)) if c.len() == 3 && c.bytes().all(|b| b.is_ascii_alphabetic()) => {
+            c.to_ascii_uppercase()
+        }
         Some(_) => return Err(not_valid("currency")),
     };
     let price = match obj.get("price") {
         None | Some(Value::Null) => return Err("'price' is required".to_owned()),
-        Some(v) => v.as_f64().filter(|p| p.is_finite()).ok_or_else(|| not_valid("price"))?,
+        Some(v) => v
+            .as_f64()
+            .filter(|p| p.is_finite())
+            .ok_or_else(|| not_valid("price"))?,
     };
     let quantity = match obj.get("quantity") {
         None | Some(Value::Null) => 1,
@@ -557,19 +648,40 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(req.valid_objects(), 2);
-        let errors: Vec<(&str, usize, &str)> = req.errors.iter().map(|e| (e.input_array.as_str(), e.index, e.message.as_str())).collect();
+        let errors: Vec<(&str, usize, &str)> = req
+            .errors
+            .iter()
+            .map(|e| (e.input_array.as_str(), e.index, e.message.as_str()))
+            .collect();
         assert_eq!(
             errors,
-            [("attributes", 1, MISSING_IDENTIFIER), ("events", 1, "'time' is required"), ("purchases", 0, "'quantity' is not valid")]
+            [
+                ("attributes", 1, MISSING_IDENTIFIER),
+                ("events", 1, "'time' is required"),
+                ("purchases", 0, "'quantity' is not valid")
+            ]
         );
     }
 
     #[test]
     fn rejects_more_than_75_objects_and_non_arrays() {
-        let many: Vec<Value> = (0..76).map(|i| json!({"external_id": i.to_string()})).collect();
-        assert_eq!(parse(json!({"attributes": many})), Err(TrackRejected::TooManyObjects));
-        assert_eq!(parse(json!({"events": {}})), Err(TrackRejected::NotAnArray("events")));
-        assert_eq!(parse(json!({"attributes": [], "events": [], "purchases": []})).unwrap().valid_objects(), 0);
+        let many: Vec<Value> = (0..76)
+            .map(|i| json!({"external_id": i.to_string()}))
+            .collect();
+        assert_eq!(
+            parse(json!({"attributes": many})),
+            Err(TrackRejected::TooManyObjects)
+        );
+        assert_eq!(
+            parse(json!({"events": {}})),
+            Err(TrackRejected::NotAnArray("events"))
+        );
+        assert_eq!(
+            parse(json!({"attributes": [], "events": [], "purchases": []}))
+                .unwrap()
+                .valid_objects(),
+            0
+        );
     }
 
     #[test]
@@ -580,7 +692,11 @@ mod tests {
             {"external_id": "e", "x": 1}
         ]}))
         .unwrap();
-        let flags: Vec<bool> = req.attributes.iter().map(|(_, a)| a.target.update_existing_only).collect();
+        let flags: Vec<bool> = req
+            .attributes
+            .iter()
+            .map(|(_, a)| a.target.update_existing_only)
+            .collect();
         assert_eq!(flags, [true, false, false]);
     }
 
@@ -591,11 +707,18 @@ mod tests {
         .unwrap();
         let (_, a) = &req.attributes[0];
         assert_eq!(a.standard, [(StandardField::Country, None)]);
-        let kinds: Vec<(&str, &CustomChange)> = a.custom.iter().map(|(n, c)| (n.as_str(), c)).collect();
+        let kinds: Vec<(&str, &CustomChange)> =
+            a.custom.iter().map(|(n, c)| (n.as_str(), c)).collect();
         assert!(matches!(kinds[0], ("n", CustomChange::Increment(_))));
         assert!(matches!(kinds[1], ("arr", CustomChange::ArrayEdit { .. })));
-        assert_eq!(kinds[2], ("t", &CustomChange::Set(json!("2020-05-28T00:00:00.000Z"))));
-        assert!(matches!(kinds[3], ("pets", CustomChange::ObjectArrayEdit { .. })));
+        assert_eq!(
+            kinds[2],
+            ("t", &CustomChange::Set(json!("2020-05-28T00:00:00.000Z")))
+        );
+        assert!(matches!(
+            kinds[3],
+            ("pets", CustomChange::ObjectArrayEdit { .. })
+        ));
         assert_eq!(kinds[4], ("gone", &CustomChange::Remove));
     }
 
@@ -609,7 +732,12 @@ mod tests {
         let messages: Vec<&str> = req.errors.iter().map(|e| e.message.as_str()).collect();
         assert_eq!(
             messages,
-            ["'gender' is not valid", "'dob' is not valid", "'$bad' is not a valid attribute name", "'properties' must not use the reserved key 'time'"]
+            [
+                "'gender' is not valid",
+                "'dob' is not valid",
+                "'$bad' is not a valid attribute name",
+                "'properties' must not use the reserved key 'time'"
+            ]
         );
     }
 

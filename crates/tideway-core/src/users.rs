@@ -12,7 +12,10 @@ use crate::currents::{CurrentsEvent, EventUser};
 use crate::ids::{BrazeId, DeviceId, Email, ExternalId, IdSource, Phone, UserAlias};
 use crate::profile::{Occurrences, UserRecord, apply_custom};
 use crate::store::{StoreError, UserLookup, UserTx, Workspace};
-use crate::track::{AttributeObject, ContactChange, EventObject, InputArray, ObjectError, PurchaseObject, Target, TrackRequest, UserRef};
+use crate::track::{
+    AttributeObject, ContactChange, EventObject, InputArray, ObjectError, PurchaseObject, Target,
+    TrackRequest, UserRef,
+};
 
 /// `update_source` of profile updates made through the REST API.
 pub const UPDATE_SOURCE_REST: &str = "rest_api";
@@ -28,7 +31,12 @@ pub struct WriteCtx<'a> {
 
 impl WriteCtx<'_> {
     fn event_user<'u>(&self, user: &'u UserRecord, device: Option<&'u DeviceId>) -> EventUser<'u> {
-        EventUser { braze_id: &user.braze_id, external_id: user.external_id.as_ref(), device_id: device, time_zone: user.time_zone() }
+        EventUser {
+            braze_id: &user.braze_id,
+            external_id: user.external_id.as_ref(),
+            device_id: device,
+            time_zone: user.time_zone(),
+        }
     }
 }
 
@@ -77,19 +85,54 @@ impl Touched {
 
 /// Applies a parsed `/users/track` request: attributes, then events, then purchases (Braze's
 /// processing order).
-pub fn track(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, req: &TrackRequest) -> Result<TrackOutcome, StoreError> {
-    let mut out = TrackOutcome { errors: req.errors.clone(), ..TrackOutcome::default() };
+pub fn track(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    req: &TrackRequest,
+) -> Result<TrackOutcome, StoreError> {
+    let mut out = TrackOutcome {
+        errors: req.errors.clone(),
+        ..TrackOutcome::default()
+    };
     let mut touched = Touched::default();
-    out.attributes_processed = apply_each(tx, ctx, &mut touched, &mut out.errors, InputArray::Attributes, &req.attributes, |o| &o.target, apply_attributes)?;
-    out.events_processed = apply_each(tx, ctx, &mut touched, &mut out.errors, InputArray::Events, &req.events, |o| &o.target, apply_event)?;
-    out.purchases_processed = apply_each(tx, ctx, &mut touched, &mut out.errors, InputArray::Purchases, &req.purchases, |o| &o.target, apply_purchase)?;
+    out.attributes_processed = apply_each(
+        tx,
+        ctx,
+        &mut touched,
+        &mut out.errors,
+        InputArray::Attributes,
+        &req.attributes,
+        |o| &o.target,
+        apply_attributes,
+    )?;
+    out.events_processed = apply_each(
+        tx,
+        ctx,
+        &mut touched,
+        &mut out.errors,
+        InputArray::Events,
+        &req.events,
+        |o| &o.target,
+        apply_event,
+    )?;
+    out.purchases_processed = apply_each(
+        tx,
+        ctx,
+        &mut touched,
+        &mut out.errors,
+        InputArray::Purchases,
+        &req.purchases,
+        |o| &o.target,
+        apply_purchase,
+    )?;
     touched.flush(tx)?;
     out.errors.sort_by_key(|e| (e.input_array as u8, e.index));
     Ok(out)
 }
 
 /// The applier of one kind of track object.
-type Apply<T> = fn(&mut dyn UserTx, &mut WriteCtx<'_>, &mut UserRecord, &T) -> Result<(), StoreError>;
+type Apply<T> =
+    fn(&mut dyn UserTx, &mut WriteCtx<'_>, &mut UserRecord, &T) -> Result<(), StoreError>;
 
 /// Resolves and applies each object of one array; returns how many were processed and records
 /// the ones whose user could not be resolved.
@@ -114,7 +157,11 @@ fn apply_each<T>(
                 processed += 1;
             }
             Resolved::Skip => {}
-            Resolved::Error(message) => errors.push(ObjectError { input_array, index: *index, message }),
+            Resolved::Error(message) => errors.push(ObjectError {
+                input_array,
+                index: *index,
+                message,
+            }),
         }
     }
     Ok(processed)
@@ -122,7 +169,12 @@ fn apply_each<T>(
 
 /// [`resolve`], after saving this request's pending changes when the target may identify or
 /// merge users (those paths read and write users directly in the store).
-fn resolve_for_track(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, target: &Target, touched: &mut Touched) -> Result<Resolved, StoreError> {
+fn resolve_for_track(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    target: &Target,
+    touched: &mut Touched,
+) -> Result<Resolved, StoreError> {
     if target.device.is_some() || target.alias.is_some() {
         touched.flush(tx)?;
     }
@@ -144,7 +196,11 @@ fn pick_contact_user(users: Vec<UserRecord>) -> Option<UserRecord> {
     }
 }
 
-fn resolve(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, target: &Target) -> Result<Resolved, StoreError> {
+fn resolve(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    target: &Target,
+) -> Result<Resolved, StoreError> {
     let create = !target.update_existing_only;
     let user = match &target.primary {
         UserRef::External(ext) => return resolve_external(tx, ctx, ext, target),
@@ -159,7 +215,11 @@ fn resolve(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, target: &Target) -> Resu
         },
         UserRef::Braze(id) => match tx.user_by_braze_id(id)? {
             Some(u) => u,
-            None => return Ok(Resolved::Error("'braze_id' does not match an existing user".to_owned())),
+            None => {
+                return Ok(Resolved::Error(
+                    "'braze_id' does not match an existing user".to_owned(),
+                ));
+            }
         },
         UserRef::Email(email) => match pick_contact_user(tx.users_by_email(email)?) {
             Some(u) => u,
@@ -197,7 +257,12 @@ fn resolve(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, target: &Target) -> Resu
 /// An `external_id` target, possibly with the `device_id` of an anonymous user to identify
 /// (braze-api.md §7: a new external id identifies the anonymous user in place; an existing one
 /// absorbs and orphans it) and an alias to attach.
-fn resolve_external(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, ext: &ExternalId, target: &Target) -> Result<Resolved, StoreError> {
+fn resolve_external(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    ext: &ExternalId,
+    target: &Target,
+) -> Result<Resolved, StoreError> {
     let mut user = tx.user_by_external_id(ext)?;
     if let Some(device) = &target.device {
         let on_device = tx.user_by_device(device)?.filter(|d| !d.is_identified());
@@ -234,8 +299,17 @@ fn resolve_external(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, ext: &ExternalI
 }
 
 /// Gives `user` the alias unless the pair belongs to someone or the user has that label.
-fn attach_alias_if_free(tx: &mut dyn UserTx, user: &mut UserRecord, alias: &UserAlias) -> Result<bool, StoreError> {
-    if tx.user_by_alias(alias)?.is_some() || tx.aliases_of(user.seq)?.iter().any(|a| a.label == alias.label) {
+fn attach_alias_if_free(
+    tx: &mut dyn UserTx,
+    user: &mut UserRecord,
+    alias: &UserAlias,
+) -> Result<bool, StoreError> {
+    if tx.user_by_alias(alias)?.is_some()
+        || tx
+            .aliases_of(user.seq)?
+            .iter()
+            .any(|a| a.label == alias.label)
+    {
         return Ok(false);
     }
     tx.put_alias(user.seq, alias)?;
@@ -249,7 +323,12 @@ fn device_of(target: &Target) -> Option<&DeviceId> {
     }
 }
 
-fn apply_attributes(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut UserRecord, obj: &AttributeObject) -> Result<(), StoreError> {
+fn apply_attributes(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    user: &mut UserRecord,
+    obj: &AttributeObject,
+) -> Result<(), StoreError> {
     let mut standard = Map::new();
     let mut custom = Map::new();
     match &obj.email {
@@ -312,8 +391,17 @@ fn apply_attributes(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut User
     tx.append_event(Some(user.seq), &event)
 }
 
-fn apply_event(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut UserRecord, obj: &EventObject) -> Result<(), StoreError> {
-    user.profile.events.entry(obj.name.clone()).and_modify(|o| o.record(obj.time, 1)).or_insert_with(|| Occurrences::once(obj.time));
+fn apply_event(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    user: &mut UserRecord,
+    obj: &EventObject,
+) -> Result<(), StoreError> {
+    user.profile
+        .events
+        .entry(obj.name.clone())
+        .and_modify(|o| o.record(obj.time, 1))
+        .or_insert_with(|| Occurrences::once(obj.time));
     user.updated_at = ctx.now;
     let event = CurrentsEvent::custom_event(
         ctx.ids.event_id(),
@@ -327,13 +415,22 @@ fn apply_event(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut UserRecor
     tx.append_event(Some(user.seq), &event)
 }
 
-fn apply_purchase(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut UserRecord, obj: &PurchaseObject) -> Result<(), StoreError> {
+fn apply_purchase(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    user: &mut UserRecord,
+    obj: &PurchaseObject,
+) -> Result<(), StoreError> {
     let quantity = u64::from(obj.quantity);
     user.profile
         .purchases
         .entry(obj.product_id.clone())
         .and_modify(|o| o.record(obj.time, quantity))
-        .or_insert(Occurrences { first: obj.time, last: obj.time, count: quantity });
+        .or_insert(Occurrences {
+            first: obj.time,
+            last: obj.time,
+            count: quantity,
+        });
     user.profile.total_revenue += obj.price * f64::from(obj.quantity);
     user.updated_at = ctx.now;
     // Braze: quantity N is treated as N purchases of quantity 1.
@@ -357,10 +454,19 @@ fn apply_purchase(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, user: &mut UserRe
 /// Merges `source` into `target`: target absorbs the fields only source has, takes source's
 /// aliases (unless it already has the label) and devices; source is orphaned (a
 /// `users.UserOrphan` event) and deleted.
-pub fn merge_into(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, source: &UserRecord, target: &mut UserRecord) -> Result<(), StoreError> {
+pub fn merge_into(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    source: &UserRecord,
+    target: &mut UserRecord,
+) -> Result<(), StoreError> {
     let source_aliases = tx.aliases_of(source.seq)?;
     let source_devices = tx.devices_of(source.seq)?;
-    let target_labels: Vec<_> = tx.aliases_of(target.seq)?.into_iter().map(|a| a.label).collect();
+    let target_labels: Vec<_> = tx
+        .aliases_of(target.seq)?
+        .into_iter()
+        .map(|a| a.label)
+        .collect();
     target.absorb(source);
     target.updated_at = ctx.now;
     let orphan = CurrentsEvent::orphan(
@@ -375,7 +481,10 @@ pub fn merge_into(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, source: &UserReco
     tx.move_cohort_memberships(source.seq, target.seq, ctx.now)?;
     tx.record_merge(source.seq, target.seq, ctx.now)?;
     tx.delete_user(source.seq, ctx.now)?;
-    for alias in source_aliases.iter().filter(|a| !target_labels.contains(&a.label)) {
+    for alias in source_aliases
+        .iter()
+        .filter(|a| !target_labels.contains(&a.label))
+    {
         tx.put_alias(target.seq, alias)?;
     }
     for device in &source_devices {
@@ -447,7 +556,11 @@ pub struct IdentifyItem {
 }
 
 /// `/users/identify` (braze-api.md §4.1, §7).
-pub fn identify(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, items: &[(usize, IdentifyItem)]) -> Result<ItemOutcome, StoreError> {
+pub fn identify(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    items: &[(usize, IdentifyItem)],
+) -> Result<ItemOutcome, StoreError> {
     let mut out = ItemOutcome::default();
     for (index, item) in items {
         let source = match &item.source {
@@ -457,14 +570,20 @@ pub fn identify(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, items: &[(usize, Id
             IdentifySource::Phone(p, rules) => prioritize(tx.users_by_phone(p)?, rules),
         };
         let Some(mut source) = source else {
-            out.errors.push((*index, "no single user matches the identifier to identify".to_owned()));
+            out.errors.push((
+                *index,
+                "no single user matches the identifier to identify".to_owned(),
+            ));
             continue;
         };
         if let Some(existing) = &source.external_id {
             if existing == &item.external_id {
                 out.processed += 1;
             } else {
-                out.errors.push((*index, "the user to identify already has a different external_id".to_owned()));
+                out.errors.push((
+                    *index,
+                    "the user to identify already has a different external_id".to_owned(),
+                ));
             }
             continue;
         }
@@ -477,9 +596,18 @@ pub fn identify(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, items: &[(usize, Id
             Some(mut target) => {
                 // One alias per label: if the target already has this label, do not combine.
                 if let IdentifySource::Alias(alias) = &item.source
-                    && tx.aliases_of(target.seq)?.iter().any(|a| a.label == alias.label)
+                    && tx
+                        .aliases_of(target.seq)?
+                        .iter()
+                        .any(|a| a.label == alias.label)
                 {
-                    out.errors.push((*index, format!("the user with this external_id already has an alias labelled '{}'", alias.label)));
+                    out.errors.push((
+                        *index,
+                        format!(
+                            "the user with this external_id already has an alias labelled '{}'",
+                            alias.label
+                        ),
+                    ));
                     continue;
                 }
                 merge_into(tx, ctx, &source, &mut target)?;
@@ -497,7 +625,11 @@ pub struct AliasNewItem {
 }
 
 /// `/users/alias/new` (braze-api.md §4.2).
-pub fn alias_new(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, items: &[(usize, AliasNewItem)]) -> Result<ItemOutcome, StoreError> {
+pub fn alias_new(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    items: &[(usize, AliasNewItem)],
+) -> Result<ItemOutcome, StoreError> {
     let mut out = ItemOutcome::default();
     for (index, item) in items {
         let owner = tx.user_by_alias(&item.alias)?;
@@ -505,11 +637,26 @@ pub fn alias_new(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, items: &[(usize, A
             Some(ext) => match tx.user_by_external_id(ext)? {
                 // Braze: with an unknown external_id the alias is added to no one.
                 None => out.processed += 1,
-                Some(user) if owner.as_ref().is_some_and(|o| o.seq == user.seq) => out.processed += 1,
-                Some(_) if owner.is_some() => out.errors.push((*index, "this alias already belongs to another user".to_owned())),
+                Some(user) if owner.as_ref().is_some_and(|o| o.seq == user.seq) => {
+                    out.processed += 1
+                }
+                Some(_) if owner.is_some() => out.errors.push((
+                    *index,
+                    "this alias already belongs to another user".to_owned(),
+                )),
                 Some(user) => {
-                    if tx.aliases_of(user.seq)?.iter().any(|a| a.label == item.alias.label) {
-                        out.errors.push((*index, format!("the user already has an alias labelled '{}'", item.alias.label)));
+                    if tx
+                        .aliases_of(user.seq)?
+                        .iter()
+                        .any(|a| a.label == item.alias.label)
+                    {
+                        out.errors.push((
+                            *index,
+                            format!(
+                                "the user already has an alias labelled '{}'",
+                                item.alias.label
+                            ),
+                        ));
                     } else {
                         tx.put_alias(user.seq, &item.alias)?;
                         out.processed += 1;
@@ -535,16 +682,25 @@ pub struct AliasUpdateItem {
 }
 
 /// `/users/alias/update`: renames an alias within its label.
-pub fn alias_update(tx: &mut dyn UserTx, _ctx: &mut WriteCtx<'_>, items: &[(usize, AliasUpdateItem)]) -> Result<ItemOutcome, StoreError> {
+pub fn alias_update(
+    tx: &mut dyn UserTx,
+    _ctx: &mut WriteCtx<'_>,
+    items: &[(usize, AliasUpdateItem)],
+) -> Result<ItemOutcome, StoreError> {
     let mut out = ItemOutcome::default();
     for (index, item) in items {
-        let new = UserAlias { label: item.old.label.clone(), name: item.new_name.clone() };
+        let new = UserAlias {
+            label: item.old.label.clone(),
+            name: item.new_name.clone(),
+        };
         let Some(user) = tx.user_by_alias(&item.old)? else {
-            out.errors.push((*index, "no user has this alias".to_owned()));
+            out.errors
+                .push((*index, "no user has this alias".to_owned()));
             continue;
         };
         if tx.user_by_alias(&new)?.is_some() {
-            out.errors.push((*index, "the new alias already exists".to_owned()));
+            out.errors
+                .push((*index, "the new alias already exists".to_owned()));
             continue;
         }
         tx.remove_alias(&item.old)?;
@@ -570,7 +726,9 @@ impl UserKey {
             UserKey::External(e) => tx.user_by_external_id(e),
             UserKey::Alias(a) => tx.user_by_alias(a),
             UserKey::Braze(b) => tx.user_by_braze_id(b),
-            UserKey::Email(e, rules) if rules.is_empty() => Ok(pick_contact_user(tx.users_by_email(e)?)),
+            UserKey::Email(e, rules) if rules.is_empty() => {
+                Ok(pick_contact_user(tx.users_by_email(e)?))
+            }
             UserKey::Email(e, rules) => Ok(prioritize(tx.users_by_email(e)?, rules)),
             UserKey::Phone(p) => Ok(pick_contact_user(tx.users_by_phone(p)?)),
         }
@@ -584,15 +742,25 @@ pub struct MergeItem {
 }
 
 /// `/users/merge`: folds one profile into another.
-pub fn merge_users(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, items: &[(usize, MergeItem)]) -> Result<ItemOutcome, StoreError> {
+pub fn merge_users(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    items: &[(usize, MergeItem)],
+) -> Result<ItemOutcome, StoreError> {
     let mut out = ItemOutcome::default();
     for (index, item) in items {
         let (Some(source), Some(mut target)) = (item.merge.find(tx)?, item.keep.find(tx)?) else {
-            out.errors.push((*index, "both 'identifier_to_merge' and 'identifier_to_keep' must match a user".to_owned()));
+            out.errors.push((
+                *index,
+                "both 'identifier_to_merge' and 'identifier_to_keep' must match a user".to_owned(),
+            ));
             continue;
         };
         if source.seq == target.seq {
-            out.errors.push((*index, "'identifier_to_merge' and 'identifier_to_keep' are the same user".to_owned()));
+            out.errors.push((
+                *index,
+                "'identifier_to_merge' and 'identifier_to_keep' are the same user".to_owned(),
+            ));
             continue;
         }
         merge_into(tx, ctx, &source, &mut target)?;
@@ -612,11 +780,20 @@ pub struct DeleteOutcome {
 }
 
 /// `/users/delete`: each named user is erased and a `users.UserDeleteRequest` logged.
-pub fn delete_users(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, req: &DeleteRequest) -> Result<DeleteOutcome, StoreError> {
+pub fn delete_users(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    req: &DeleteRequest,
+) -> Result<DeleteOutcome, StoreError> {
     let mut out = DeleteOutcome::default();
     for key in &req.users {
         if let Some(user) = key.find(tx)? {
-            let event = CurrentsEvent::delete_request(ctx.ids.event_id(), ctx.now, &user.braze_id, &ctx.workspace.app_group_id);
+            let event = CurrentsEvent::delete_request(
+                ctx.ids.event_id(),
+                ctx.now,
+                &user.braze_id,
+                &ctx.workspace.app_group_id,
+            );
             tx.append_event(Some(user.seq), &event)?;
             tx.delete_user(user.seq, ctx.now)?;
             out.deleted += 1;
@@ -638,16 +815,26 @@ pub struct RenameOutcome {
 }
 
 /// `/users/external_ids/rename`: the old id stays resolvable (deprecated) until removed.
-pub fn rename_external_ids(tx: &mut dyn UserTx, ctx: &mut WriteCtx<'_>, items: &[RenameItem]) -> Result<RenameOutcome, StoreError> {
+pub fn rename_external_ids(
+    tx: &mut dyn UserTx,
+    ctx: &mut WriteCtx<'_>,
+    items: &[RenameItem],
+) -> Result<RenameOutcome, StoreError> {
     let mut out = RenameOutcome::default();
     for item in items {
         let user = tx.user_by_external_id(&item.current)?;
         let Some(mut user) = user.filter(|u| u.external_id.as_ref() == Some(&item.current)) else {
-            out.errors.push((item.current.clone(), "'current_external_id' does not match a user's current external_id".to_owned()));
+            out.errors.push((
+                item.current.clone(),
+                "'current_external_id' does not match a user's current external_id".to_owned(),
+            ));
             continue;
         };
         if tx.user_by_external_id(&item.new)?.is_some() {
-            out.errors.push((item.current.clone(), "'new_external_id' is already in use".to_owned()));
+            out.errors.push((
+                item.current.clone(),
+                "'new_external_id' is already in use".to_owned(),
+            ));
             continue;
         }
         user.external_id = Some(item.new.clone());
@@ -666,13 +853,17 @@ pub struct RemoveOutcome {
 }
 
 /// `/users/external_ids/remove`: only deprecated ids can be removed.
-pub fn remove_external_ids(tx: &mut dyn UserTx, ids: &[ExternalId]) -> Result<RemoveOutcome, StoreError> {
+pub fn remove_external_ids(
+    tx: &mut dyn UserTx,
+    ids: &[ExternalId],
+) -> Result<RemoveOutcome, StoreError> {
     let mut out = RemoveOutcome::default();
     for id in ids {
         if tx.remove_deprecated_external_id(id)? {
             out.removed.push(id.clone());
         } else {
-            out.errors.push((id.clone(), "not a deprecated external_id".to_owned()));
+            out.errors
+                .push((id.clone(), "not a deprecated external_id".to_owned()));
         }
     }
     Ok(out)
@@ -730,7 +921,10 @@ pub const EXPORT_FIELDS: [&str; 28] = [
 ];
 
 /// `/users/export/ids`, in Braze's profile export shape. Read-only.
-pub fn export_ids(tx: &mut dyn UserLookup, req: &ExportRequest) -> Result<ExportOutcome, StoreError> {
+pub fn export_ids(
+    tx: &mut dyn UserLookup,
+    req: &ExportRequest,
+) -> Result<ExportOutcome, StoreError> {
     let mut out = ExportOutcome::default();
     let mut found: Vec<UserRecord> = Vec::new();
     let push = |u: UserRecord, found: &mut Vec<UserRecord>| {
@@ -772,12 +966,18 @@ pub fn export_ids(tx: &mut dyn UserLookup, req: &ExportRequest) -> Result<Export
     for user in found {
         let aliases = tx.aliases_of(user.seq)?;
         let devices = tx.devices_of(user.seq)?;
-        out.users.push(export_user(&user, &aliases, &devices, &req.fields));
+        out.users
+            .push(export_user(&user, &aliases, &devices, &req.fields));
     }
     Ok(out)
 }
 
-fn export_user(user: &UserRecord, aliases: &[UserAlias], devices: &[DeviceId], fields: &[String]) -> Map<String, Value> {
+fn export_user(
+    user: &UserRecord,
+    aliases: &[UserAlias],
+    devices: &[DeviceId],
+    fields: &[String],
+) -> Map<String, Value> {
     use crate::profile::StandardField as F;
     let want = |name: &str| fields.is_empty() || fields.iter().any(|f| f == name);
     let mut m = Map::new();
@@ -790,14 +990,29 @@ fn export_user(user: &UserRecord, aliases: &[UserAlias], devices: &[DeviceId], f
         }
     };
     put("created_at", Some(user.created_at.to_iso().into()));
-    put("external_id", user.external_id.as_ref().map(|e| e.as_str().into()));
+    put(
+        "external_id",
+        user.external_id.as_ref().map(|e| e.as_str().into()),
+    );
     put(
         "user_aliases",
-        Some(Value::Array(aliases.iter().map(|a| json!({"alias_name": a.name.as_str(), "alias_label": a.label.as_str()})).collect())),
+        Some(Value::Array(
+            aliases
+                .iter()
+                .map(|a| json!({"alias_name": a.name.as_str(), "alias_label": a.label.as_str()}))
+                .collect(),
+        )),
     );
     put("braze_id", Some(user.braze_id.as_str().into()));
     put("appboy_id", Some(user.braze_id.as_str().into()));
-    put("device_ids", if devices.is_empty() { None } else { Some(devices.iter().map(|d| Value::from(d.as_str())).collect()) });
+    put(
+        "device_ids",
+        if devices.is_empty() {
+            None
+        } else {
+            Some(devices.iter().map(|d| Value::from(d.as_str())).collect())
+        },
+    );
     put("first_name", std(F::FirstName));
     put("last_name", std(F::LastName));
     put("email", user.email.as_ref().map(|e| e.as_str().into()));
@@ -810,15 +1025,25 @@ fn export_user(user: &UserRecord, aliases: &[UserAlias], devices: &[DeviceId], f
     put("time_zone", std(F::TimeZone));
     put(
         "last_coordinates",
-        std(F::CurrentLocation).map(|loc| json!([loc["longitude"].clone(), loc["latitude"].clone()])),
+        std(F::CurrentLocation)
+            .map(|loc| json!([loc["longitude"].clone(), loc["latitude"].clone()])),
     );
     put("email_subscribe", std(F::EmailSubscribe));
     put("push_subscribe", std(F::PushSubscribe));
-    put("email_open_tracking_disabled", std(F::EmailOpenTrackingDisabled));
-    put("email_click_tracking_disabled", std(F::EmailClickTrackingDisabled));
+    put(
+        "email_open_tracking_disabled",
+        std(F::EmailOpenTrackingDisabled),
+    );
+    put(
+        "email_click_tracking_disabled",
+        std(F::EmailClickTrackingDisabled),
+    );
     put("push_tokens", std(F::PushTokens));
     put("subscription_groups", std(F::SubscriptionGroups));
-    put("custom_attributes", Some(Value::Object(user.profile.custom.clone())));
+    put(
+        "custom_attributes",
+        Some(Value::Object(user.profile.custom.clone())),
+    );
     let occurrences = |list: &std::collections::BTreeMap<String, Occurrences>| -> Value {
         list.iter()
             .map(|(name, o)| json!({"name": name, "first": o.first.to_iso(), "last": o.last.to_iso(), "count": o.count}))

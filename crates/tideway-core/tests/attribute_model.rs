@@ -77,7 +77,10 @@ fn to_change(op: &Op) -> CustomChange {
     let arr = |v: &[u8]| v.iter().map(|x| json!(x)).collect::<Vec<Value>>();
     match op {
         Op::SetArray(v) => CustomChange::Set(Value::Array(arr(v))),
-        Op::Edit { add, remove } => CustomChange::ArrayEdit { add: arr(add), remove: arr(remove) },
+        Op::Edit { add, remove } => CustomChange::ArrayEdit {
+            add: arr(add),
+            remove: arr(remove),
+        },
         Op::Inc(n) => CustomChange::Increment((*n).into()),
         Op::Remove => CustomChange::Remove,
     }
@@ -86,7 +89,12 @@ fn to_change(op: &Op) -> CustomChange {
 fn to_model(v: Option<&Value>) -> Model {
     match v {
         None => Model::Absent,
-        Some(Value::Array(items)) => Model::List(items.iter().map(|x| u8::try_from(x.as_u64().unwrap()).unwrap()).collect()),
+        Some(Value::Array(items)) => Model::List(
+            items
+                .iter()
+                .map(|x| u8::try_from(x.as_u64().unwrap()).unwrap())
+                .collect(),
+        ),
         Some(Value::Number(n)) => Model::Int(n.as_i64().unwrap()),
         Some(other) => panic!("unexpected {other}"),
     }

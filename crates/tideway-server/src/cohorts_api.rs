@@ -28,24 +28,29 @@ const DEFAULT_PAGE: usize = 1_000;
     security(("bearer_auth" = []))
 )]
 pub async fn list(State(state): State<AppState>, req: Request) -> Response {
-    management(state, Permission::CohortsRead, req, |state, caller, _| async move {
-        let cohorts = state.store().list_cohorts(caller.workspace.id).await?;
-        let items: Vec<_> = cohorts
-            .iter()
-            .map(|c| {
-                json!({
-                    "partner": c.partner,
-                    "cohort_id": c.cohort_id.as_str(),
-                    "name": c.name,
-                    "filter_name": partner(&c.partner).map(|p| p.filter_name),
-                    "member_count": c.member_count,
-                    "created_at": c.created_at.to_iso(),
-                    "updated_at": c.updated_at.to_iso(),
+    management(
+        state,
+        Permission::CohortsRead,
+        req,
+        |state, caller, _| async move {
+            let cohorts = state.store().list_cohorts(caller.workspace.id).await?;
+            let items: Vec<_> = cohorts
+                .iter()
+                .map(|c| {
+                    json!({
+                        "partner": c.partner,
+                        "cohort_id": c.cohort_id.as_str(),
+                        "name": c.name,
+                        "filter_name": partner(&c.partner).map(|p| p.filter_name),
+                        "member_count": c.member_count,
+                        "created_at": c.created_at.to_iso(),
+                        "updated_at": c.updated_at.to_iso(),
+                    })
                 })
-            })
-            .collect();
-        Ok(axum::Json(json!({ "cohorts": items })).into_response())
-    })
+                .collect();
+            Ok(axum::Json(json!({ "cohorts": items })).into_response())
+        },
+    )
     .await
 }
 
@@ -110,7 +115,11 @@ pub async fn members(
     ),
     security(("bearer_auth" = []))
 )]
-pub async fn user_cohorts(State(state): State<AppState>, Path(braze_id): Path<String>, req: Request) -> Response {
+pub async fn user_cohorts(
+    State(state): State<AppState>,
+    Path(braze_id): Path<String>,
+    req: Request,
+) -> Response {
     management(state, Permission::CohortsRead, req, |state, caller, _| async move {
         let id = BrazeId::parse(&braze_id).map_err(|e| ApiError::bad_request(format!("'braze_id' {e}")))?;
         let cohorts = state

@@ -162,22 +162,54 @@ pub fn app_with_currents(
         )
         .route("/users/export/ids", post(users::users_export_ids))
         .route("/partners/{partner}/cohorts", post(partners::cohort_name))
-        .route("/partners/{partner}/cohorts/users", post(partners::cohort_users))
-        .route("/partners/heap/segment-sync", post(partners::heap_segment_sync))
-        .route("/partners/heap/segment-sync/{workspace}", post(partners::heap_segment_sync_workspace))
-        .route("/partners/heap/segment-sync/{workspace}/users_sync", post(partners::heap_users_sync))
-        .route("/partners/heap/segment-sync/{workspace}/users_drain", post(partners::heap_users_drain))
-        .route("/api/v1/currents", get(currents_api::list).post(currents_api::create))
+        .route(
+            "/partners/{partner}/cohorts/users",
+            post(partners::cohort_users),
+        )
+        .route(
+            "/partners/heap/segment-sync",
+            post(partners::heap_segment_sync),
+        )
+        .route(
+            "/partners/heap/segment-sync/{workspace}",
+            post(partners::heap_segment_sync_workspace),
+        )
+        .route(
+            "/partners/heap/segment-sync/{workspace}/users_sync",
+            post(partners::heap_users_sync),
+        )
+        .route(
+            "/partners/heap/segment-sync/{workspace}/users_drain",
+            post(partners::heap_users_drain),
+        )
+        .route(
+            "/api/v1/currents",
+            get(currents_api::list).post(currents_api::create),
+        )
         .route(
             "/api/v1/currents/{id}",
-            get(currents_api::get_one).put(currents_api::update).delete(currents_api::delete),
+            get(currents_api::get_one)
+                .put(currents_api::update)
+                .delete(currents_api::delete),
         )
-        .route("/api/v1/currents/{id}/dead_letters", get(currents_api::dead_letters))
+        .route(
+            "/api/v1/currents/{id}/dead_letters",
+            get(currents_api::dead_letters),
+        )
         .route("/api/v1/currents/{id}/{action}", post(currents_api::action))
         .route("/api/v1/cohorts", get(cohorts_api::list))
-        .route("/api/v1/cohorts/{partner}/{cohort_id}/members", get(cohorts_api::members))
-        .route("/api/v1/users/{braze_id}/cohorts", get(cohorts_api::user_cohorts))
-        .route("/api/v1/segments", get(segments_api::list).post(segments_api::create))
+        .route(
+            "/api/v1/cohorts/{partner}/{cohort_id}/members",
+            get(cohorts_api::members),
+        )
+        .route(
+            "/api/v1/users/{braze_id}/cohorts",
+            get(cohorts_api::user_cohorts),
+        )
+        .route(
+            "/api/v1/segments",
+            get(segments_api::list).post(segments_api::create),
+        )
         .route("/api/v1/segments/preview", post(segments_api::preview))
         .route(
             "/api/v1/segments/{id}",
@@ -187,7 +219,10 @@ pub fn app_with_currents(
         )
         .route("/api/v1/segments/{id}/size", get(segments_api::size))
         .route("/api/v1/segments/{id}/members", get(segments_api::members))
-        .route("/api/v1/users/{braze_id}/segments", get(segments_api::user_segments))
+        .route(
+            "/api/v1/users/{braze_id}/segments",
+            get(segments_api::user_segments),
+        )
         .route("/segments/list", get(segments_api::braze_list))
         .route("/segments/details", get(segments_api::braze_details))
         .route("/health", get(ops::health))

@@ -14,7 +14,9 @@ use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use tideway_core::cohorts::{self, CohortApiError, CohortChange, CohortId, CohortIdentifier, MembershipOutcome, partner};
+use tideway_core::cohorts::{
+    self, CohortApiError, CohortChange, CohortId, CohortIdentifier, MembershipOutcome, partner,
+};
 use tideway_core::ids::{AliasName, ExternalId, UserAlias};
 use tideway_core::keys::Secret;
 use tideway_core::store::{HeapWebhook, SegmentSyncPage, Workspace};
@@ -34,13 +36,19 @@ pub struct PartnerLimiter {
 
 impl PartnerLimiter {
     pub fn new(per_hour: u32) -> Self {
-        PartnerLimiter { per_hour, windows: Mutex::new(HashMap::new()) }
+        PartnerLimiter {
+            per_hour,
+            windows: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Counts a request; `Err(seconds until the window ends)` when over budget.
     fn check(&self, partner: &str, now_secs: i64) -> Result<(), u64> {
         let window = now_secs - now_secs.rem_euclid(3600);
-        let mut windows = self.windows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut windows = self
+            .windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = windows.entry(partner.to_owned()).or_insert((window, 0));
         if entry.0 != window {
             *entry = (window, 0);
@@ -91,24 +99,45 @@ impl IntoResponse for PartnerError {
 
 /// Reads the body, checks the partner, both keys and the hourly budget; returns the body and
 /// the workspace the import key belongs to.
-async fn authorize(state: &AppState, slug: &str, req: Request) -> Result<(Map<String, Value>, Workspace), PartnerError> {
-    let Some(partner) = partner(slug) else { return Err(ApiError::NotFound.into()) };
+async fn authorize(
+    state: &AppState,
+    slug: &str,
+    req: Request,
+) -> Result<(Map<String, Value>, Workspace), PartnerError> {
+    let Some(partner) = partner(slug) else {
+        return Err(ApiError::NotFound.into());
+    };
     let bytes = match Bytes::from_request(req, &()).await {
         Ok(b) => b,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(ApiError::PayloadTooLarge.into()),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::PayloadTooLarge.into());
+        }
         Err(rejection) => return Err(ApiError::malformed(rejection.body_text()).into()),
     };
     let body = parse_object(&bytes)?;
     let creds = cohorts::parse_credentials(&body)?;
-    if !state.store().check_partner_api_key(partner.slug, Secret::new(creds.partner_api_key)).await? {
+    if !state
+        .store()
+        .check_partner_api_key(partner.slug, Secret::new(creds.partner_api_key))
+        .await?
+    {
         metrics::counter!("tideway_partner_auth_failures_total", "partner" => partner.slug, "reason" => "partner_api_key").increment(1);
         return Err(CohortApiError::InvalidPartnerKey.into());
     }
     if let Err(retry_after) = state.partner_limiter().check(partner.slug, now().secs()) {
         metrics::counter!("tideway_rate_limited_total", "group" => "partner").increment(1);
-        return Err(ApiError::RateLimited { retry_after_secs: retry_after }.into());
+        return Err(ApiError::RateLimited {
+            retry_after_secs: retry_after,
+        }
+        .into());
     }
-    let owner = state.store().find_import_key(partner.slug, Secret::new(creds.client_secret.clone()).hash()).await?;
+    let owner = state
+        .store()
+        .find_import_key(
+            partner.slug,
+            Secret::new(creds.client_secret.clone()).hash(),
+        )
+        .await?;
     let Some(owner) = owner else {
         metrics::counter!("tideway_partner_auth_failures_total", "partner" => partner.slug, "reason" => "client_secret").increment(1);
         return Err(CohortApiError::InvalidClientSecret.into());
@@ -145,11 +174,18 @@ fn membership_body(out: &MembershipOutcome) -> Value {
         (status = 401, description = "`Invalid Partner API key` · `Invalid client secret` · `Partner not enabled for client with client secret: <secret>`", body = crate::wire::ErrorBody),
     )
 )]
-pub async fn cohort_name(State(state): State<AppState>, Path(slug): Path<String>, req: Request) -> Response {
+pub async fn cohort_name(
+    State(state): State<AppState>,
+    Path(slug): Path<String>,
+    req: Request,
+) -> Response {
     let result: Result<Response, PartnerError> = async {
         let (body, workspace) = authorize(&state, &slug, req).await?;
         let upsert = cohorts::parse_upsert(&body)?;
-        state.store().upsert_cohort(&workspace, &slug, upsert, now()).await?;
+        state
+            .store()
+            .upsert_cohort(&workspace, &slug, upsert, now())
+            .await?;
         Ok(success(json!({})))
     }
     .await;
@@ -170,7 +206,11 @@ pub async fn cohort_name(State(state): State<AppState>, Path(slug): Path<String>
         (status = 401, description = "As for /cohorts", body = crate::wire::ErrorBody),
     )
 )]
-pub async fn cohort_users(State(state): State<AppState>, Path(slug): Path<String>, req: Request) -> Response {
+pub async fn cohort_users(
+    State(state): State<AppState>,
+    Path(slug): Path<String>,
+    req: Request,
+) -> Response {
     let result: Result<Response, PartnerError> = async {
         let (body, workspace) = authorize(&state, &slug, req).await?;
         let cohort_id = cohorts::parse_cohort_id(&body)?;
@@ -195,22 +235,40 @@ fn webhook_error(status: u16, message: &str) -> Response {
 /// Verifies, parses and applies one Heap segment-sync call for the webhooks in `candidates`
 /// (the workspace whose secret signed it wins). `expected` is the action an alias route
 /// (`…/users_sync`, `…/users_drain`) admits.
-async fn segment_sync(state: &AppState, candidates: Vec<HeapWebhook>, expected: Option<SyncAction>, req: Request) -> Response {
-    let header = req.headers().get(webhook::SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+async fn segment_sync(
+    state: &AppState,
+    candidates: Vec<HeapWebhook>,
+    expected: Option<SyncAction>,
+    req: Request,
+) -> Response {
+    let header = req
+        .headers()
+        .get(webhook::SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let bytes = match Bytes::from_request(req, &()).await {
         Ok(b) => b,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => return ApiError::PayloadTooLarge.into_response(),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return ApiError::PayloadTooLarge.into_response();
+        }
         Err(rejection) => return webhook_error(400, &rejection.body_text()),
     };
     if candidates.is_empty() {
-        tracing::error!("a Heap segment-sync call arrived but no workspace has a webhook secret (tideway partners heap-webhook-secret)");
+        tracing::error!(
+            "a Heap segment-sync call arrived but no workspace has a webhook secret (tideway partners heap-webhook-secret)"
+        );
         return webhook_error(500, "webhook secret not configured");
     }
     let now_ms = now().0;
     let mut failure = HeapError::BadSignature;
     let mut signer = None;
     for hook in candidates {
-        match webhook::verify_signature(header.as_deref(), &bytes, hook.secret.expose().as_bytes(), now_ms) {
+        match webhook::verify_signature(
+            header.as_deref(),
+            &bytes,
+            hook.secret.expose().as_bytes(),
+            now_ms,
+        ) {
             Ok(_) => {
                 signer = Some(hook);
                 break;
@@ -232,13 +290,25 @@ async fn segment_sync(state: &AppState, candidates: Vec<HeapWebhook>, expected: 
         Err(e) => return webhook_error(e.http_status(), &e.to_string()),
     };
     if expected.is_some_and(|a| a != request.action) {
-        return webhook_error(405, &format!("this URL accepts only {}", expected.map_or("", SyncAction::as_str)));
+        return webhook_error(
+            405,
+            &format!(
+                "this URL accepts only {}",
+                expected.map_or("", SyncAction::as_str)
+            ),
+        );
     }
     let to_identifier = |id: &str| -> CohortIdentifier {
         match &hook.alias_label {
-            None => ExternalId::parse(id).map_or(CohortIdentifier::Unusable, CohortIdentifier::External),
-            Some(label) => AliasName::parse(id)
-                .map_or(CohortIdentifier::Unusable, |name| CohortIdentifier::Alias(UserAlias { label: label.clone(), name })),
+            None => {
+                ExternalId::parse(id).map_or(CohortIdentifier::Unusable, CohortIdentifier::External)
+            }
+            Some(label) => AliasName::parse(id).map_or(CohortIdentifier::Unusable, |name| {
+                CohortIdentifier::Alias(UserAlias {
+                    label: label.clone(),
+                    name,
+                })
+            }),
         }
     };
     let Some(cohort_id) = CohortId::parse(&request.segment.cohort_id()) else {
@@ -247,11 +317,20 @@ async fn segment_sync(state: &AppState, candidates: Vec<HeapWebhook>, expected: 
     let page = SegmentSyncPage {
         cohort_id,
         name: request.segment.name.clone(),
-        page_key: request.page.as_ref().map(|p| (p.sync_task_id.clone(), i64::from(p.page_number))),
+        page_key: request
+            .page
+            .as_ref()
+            .map(|p| (p.sync_task_id.clone(), i64::from(p.page_number))),
         drain: request.action == SyncAction::Drain,
         changes: vec![
-            CohortChange { identifiers: request.add.iter().map(|id| to_identifier(id)).collect(), remove: false },
-            CohortChange { identifiers: request.remove.iter().map(|id| to_identifier(id)).collect(), remove: true },
+            CohortChange {
+                identifiers: request.add.iter().map(|id| to_identifier(id)).collect(),
+                remove: false,
+            },
+            CohortChange {
+                identifiers: request.remove.iter().map(|id| to_identifier(id)).collect(),
+                remove: true,
+            },
         ],
     };
     tracing::info!(
@@ -261,7 +340,11 @@ async fn segment_sync(state: &AppState, candidates: Vec<HeapWebhook>, expected: 
         action = request.action.as_str(),
         "Heap segment sync"
     );
-    match state.store().apply_segment_sync(&hook.workspace, "heap", page, now()).await {
+    match state
+        .store()
+        .apply_segment_sync(&hook.workspace, "heap", page, now())
+        .await
+    {
         Ok(out) => {
             let mut body = membership_body(&out.membership);
             body["message"] = json!("success");
@@ -274,14 +357,27 @@ async fn segment_sync(state: &AppState, candidates: Vec<HeapWebhook>, expected: 
     }
 }
 
-async fn webhooks_for(state: &AppState, workspace: Option<&str>) -> Result<Vec<HeapWebhook>, Response> {
-    let all = state.store().heap_webhooks().await.map_err(|e| ApiError::from(e).into_response())?;
+async fn webhooks_for(
+    state: &AppState,
+    workspace: Option<&str>,
+) -> Result<Vec<HeapWebhook>, Response> {
+    let all = state
+        .store()
+        .heap_webhooks()
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
     Ok(match workspace {
         None => all,
         Some(w) => {
-            let found: Vec<HeapWebhook> = all.into_iter().filter(|h| h.workspace.app_group_id == w || h.workspace.name == w).collect();
+            let found: Vec<HeapWebhook> = all
+                .into_iter()
+                .filter(|h| h.workspace.app_group_id == w || h.workspace.name == w)
+                .collect();
             if found.is_empty() {
-                return Err(webhook_error(404, "no workspace with a Heap webhook at this URL"));
+                return Err(webhook_error(
+                    404,
+                    "no workspace with a Heap webhook at this URL",
+                ));
             }
             found
         }
@@ -313,21 +409,33 @@ pub async fn heap_segment_sync(State(state): State<AppState>, req: Request) -> R
 
 /// `POST /partners/heap/segment-sync/{workspace}` (app_group_id or name), plus the
 /// reference receiver's `…/users_sync` and `…/users_drain` aliases.
-pub async fn heap_segment_sync_workspace(State(state): State<AppState>, Path(workspace): Path<String>, req: Request) -> Response {
+pub async fn heap_segment_sync_workspace(
+    State(state): State<AppState>,
+    Path(workspace): Path<String>,
+    req: Request,
+) -> Response {
     match webhooks_for(&state, Some(&workspace)).await {
         Ok(hooks) => segment_sync(&state, hooks, None, req).await,
         Err(response) => response,
     }
 }
 
-pub async fn heap_users_sync(State(state): State<AppState>, Path(workspace): Path<String>, req: Request) -> Response {
+pub async fn heap_users_sync(
+    State(state): State<AppState>,
+    Path(workspace): Path<String>,
+    req: Request,
+) -> Response {
     match webhooks_for(&state, Some(&workspace)).await {
         Ok(hooks) => segment_sync(&state, hooks, Some(SyncAction::Sync), req).await,
         Err(response) => response,
     }
 }
 
-pub async fn heap_users_drain(State(state): State<AppState>, Path(workspace): Path<String>, req: Request) -> Response {
+pub async fn heap_users_drain(
+    State(state): State<AppState>,
+    Path(workspace): Path<String>,
+    req: Request,
+) -> Response {
     match webhooks_for(&state, Some(&workspace)).await {
         Ok(hooks) => segment_sync(&state, hooks, Some(SyncAction::Drain), req).await,
         Err(response) => response,

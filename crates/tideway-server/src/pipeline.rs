@@ -29,7 +29,6 @@ use crate::error::ApiError;
 use crate::observe::{AUTH_FAILURES_TOTAL, RATE_LIMITED_TOTAL, record_workspace};
 use crate::rate_limit::{Decision, Group};
 
-
 /// The REST endpoints behind the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -228,12 +227,20 @@ fn check_access(
 /// `Authorization: Bearer` (or the `api_key` query parameter) only, requests count against the
 /// key's management budget, the permission is checked, and the answer carries the
 /// `X-RateLimit-*` headers like every REST response.
-pub async fn management<F, Fut>(state: AppState, permission: Permission, req: Request, handler: F) -> Response
+pub async fn management<F, Fut>(
+    state: AppState,
+    permission: Permission,
+    req: Request,
+    handler: F,
+) -> Response
 where
     F: FnOnce(AppState, Caller, Request) -> Fut,
     Fut: std::future::Future<Output = Result<Response, ApiError>>,
 {
-    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
     let key = header_key(req.headers(), req.uri()).unwrap_or_default();
     let caller = match authenticate(&state, key).await {
         Ok(caller) => caller,
@@ -244,10 +251,14 @@ where
         }
     };
     record_workspace(caller.workspace.id.0);
-    let decision = state.limiter().check(caller.key.id, Group::Management, now().secs());
+    let decision = state
+        .limiter()
+        .check(caller.key.id, Group::Management, now().secs());
     let outcome = if !decision.allowed {
         metrics::counter!(RATE_LIMITED_TOTAL, "group" => Group::Management.as_str()).increment(1);
-        Err(ApiError::RateLimited { retry_after_secs: decision.retry_after })
+        Err(ApiError::RateLimited {
+            retry_after_secs: decision.retry_after,
+        })
     } else {
         match check_access(&caller.key, permission, peer) {
             Ok(()) => handler(state.clone(), caller, req).await,

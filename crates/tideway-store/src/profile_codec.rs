@@ -5,7 +5,6 @@
 //! Layout: `{"s": {standard by name}, "c": {custom}, "e": {name: [first_ms, last_ms, count]},
 //! "p": {product: [first_ms, last_ms, count]}, "r": total_revenue}`.
 
-
 use std::collections::BTreeMap;
 use std::fmt::Write;
 

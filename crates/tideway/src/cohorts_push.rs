@@ -41,13 +41,25 @@ impl Member {
         match kind {
             "e" => Some(Member::External(rest.to_owned())),
             "d" => Some(Member::Device(rest.to_owned())),
-            "a" => rest.split_once('\u{1f}').map(|(l, n)| Member::Alias { label: l.to_owned(), name: n.to_owned() }),
+            "a" => rest.split_once('\u{1f}').map(|(l, n)| Member::Alias {
+                label: l.to_owned(),
+                name: n.to_owned(),
+            }),
             _ => None,
         }
     }
 
-    fn from_columns(external_id: Option<&str>, device_id: Option<&str>, alias_name: Option<&str>, alias_label: Option<&str>) -> Option<Member> {
-        let present = |v: Option<&str>| v.map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
+    fn from_columns(
+        external_id: Option<&str>,
+        device_id: Option<&str>,
+        alias_name: Option<&str>,
+        alias_label: Option<&str>,
+    ) -> Option<Member> {
+        let present = |v: Option<&str>| {
+            v.map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
         if let Some(e) = present(external_id) {
             return Some(Member::External(e));
         }
@@ -93,17 +105,32 @@ fn csv_fields(line: &str) -> Vec<String> {
 
 /// Reads the membership list. Rows naming no identifier are errors (with their line number).
 pub fn read_members(path: &Path, format: InputFormat) -> anyhow::Result<BTreeSet<Member>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open the membership list {}", path.display()))?;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open the membership list {}", path.display()))?;
     let mut lines = BufReader::new(file).lines().enumerate();
     let mut members = BTreeSet::new();
     match format {
         InputFormat::Csv => {
-            let Some((_, header)) = lines.next() else { return Ok(members) };
-            let header: Vec<String> = csv_fields(header?.trim_end_matches('\r')).into_iter().map(|h| h.trim().to_owned()).collect();
+            let Some((_, header)) = lines.next() else {
+                return Ok(members);
+            };
+            let header: Vec<String> = csv_fields(header?.trim_end_matches('\r'))
+                .into_iter()
+                .map(|h| h.trim().to_owned())
+                .collect();
             let col = |name: &str| header.iter().position(|h| h == name);
-            let (e, d, an, al) = (col("external_id"), col("device_id"), col("alias_name"), col("alias_label"));
+            let (e, d, an, al) = (
+                col("external_id"),
+                col("device_id"),
+                col("alias_name"),
+                col("alias_label"),
+            );
             if e.is_none() && d.is_none() && (an.is_none() || al.is_none()) {
-                bail!("{}: the header must name external_id, device_id, or alias_name and alias_label (found: {})", path.display(), header.join(","));
+                bail!(
+                    "{}: the header must name external_id, device_id, or alias_name and alias_label (found: {})",
+                    path.display(),
+                    header.join(",")
+                );
             }
             for (n, line) in lines {
                 let line = line?;
@@ -113,8 +140,14 @@ pub fn read_members(path: &Path, format: InputFormat) -> anyhow::Result<BTreeSet
                 }
                 let f = csv_fields(line);
                 let get = |i: Option<usize>| i.and_then(|i| f.get(i)).map(String::as_str);
-                let member = Member::from_columns(get(e), get(d), get(an), get(al))
-                    .with_context(|| format!("{} line {}: no external_id, device_id or alias_name+alias_label", path.display(), n + 1))?;
+                let member =
+                    Member::from_columns(get(e), get(d), get(an), get(al)).with_context(|| {
+                        format!(
+                            "{} line {}: no external_id, device_id or alias_name+alias_label",
+                            path.display(),
+                            n + 1
+                        )
+                    })?;
                 members.insert(member);
             }
         }
@@ -124,10 +157,22 @@ pub fn read_members(path: &Path, format: InputFormat) -> anyhow::Result<BTreeSet
                 if line.trim().is_empty() {
                     continue;
                 }
-                let v: Value = serde_json::from_str(&line).with_context(|| format!("{} line {}: not JSON", path.display(), n + 1))?;
+                let v: Value = serde_json::from_str(&line)
+                    .with_context(|| format!("{} line {}: not JSON", path.display(), n + 1))?;
                 let s = |k: &str| v.get(k).and_then(Value::as_str);
-                let member = Member::from_columns(s("external_id"), s("device_id"), s("alias_name"), s("alias_label"))
-                    .with_context(|| format!("{} line {}: no external_id, device_id or alias_name+alias_label", path.display(), n + 1))?;
+                let member = Member::from_columns(
+                    s("external_id"),
+                    s("device_id"),
+                    s("alias_name"),
+                    s("alias_label"),
+                )
+                .with_context(|| {
+                    format!(
+                        "{} line {}: no external_id, device_id or alias_name+alias_label",
+                        path.display(),
+                        n + 1
+                    )
+                })?;
                 members.insert(member);
             }
         }
@@ -149,7 +194,10 @@ fn load_state(path: &Path, identity: &str) -> anyhow::Result<PushState> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PushState::default()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read the state file {}", path.display())),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot read the state file {}", path.display()));
+        }
     };
     let mut lines = text.lines();
     if lines.next() != Some(identity) {
@@ -170,7 +218,8 @@ fn save_state(path: &Path, identity: &str, state: &PushState) -> anyhow::Result<
         text.push('\n');
     }
     std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace the state file {}", path.display()))
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot replace the state file {}", path.display()))
 }
 
 /// The request body's `cohort_changes` element for a chunk.
@@ -182,7 +231,9 @@ fn change_object(chunk: &[Member], remove: bool) -> Value {
         match m {
             Member::External(e) => user_ids.push(json!(e)),
             Member::Device(d) => device_ids.push(json!(d)),
-            Member::Alias { label, name } => aliases.push(json!({"alias_name": name, "alias_label": label})),
+            Member::Alias { label, name } => {
+                aliases.push(json!({"alias_name": name, "alias_label": label}))
+            }
         }
     }
     let mut obj = json!({"user_ids": user_ids, "device_ids": device_ids, "aliases": aliases});
@@ -202,7 +253,9 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn delay(&self, attempt: u32, unit_random: f64) -> Duration {
-        let exp = self.base.saturating_mul(2u32.saturating_pow(attempt.min(20)));
+        let exp = self
+            .base
+            .saturating_mul(2u32.saturating_pow(attempt.min(20)));
         exp.min(self.cap).mul_f64(unit_random.clamp(0.0, 1.0))
     }
 }
@@ -210,7 +263,9 @@ impl Backoff {
 /// A uniform random number in [0, 1) from the OS (via a v4 UUID's random bits).
 fn unit_random() -> f64 {
     let bytes = uuid::Uuid::new_v4().into_bytes();
-    let n = u64::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[8], bytes[9]]);
+    let n = u64::from_le_bytes([
+        bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[8], bytes[9],
+    ]);
     (n >> 11) as f64 / (1u64 << 53) as f64
 }
 
@@ -293,7 +348,9 @@ impl Client {
                         .and_then(|s| s.trim().parse::<u64>().ok())
                         .map(Duration::from_secs);
                     let text = resp.text().await.unwrap_or_default();
-                    let retryable = status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 423;
+                    let retryable = status.as_u16() == 429
+                        || status.is_server_error()
+                        || status.as_u16() == 423;
                     if !retryable || attempt >= self.backoff.max_retries {
                         let hint = match status.as_u16() {
                             401 => " (check --partner-api-key, --client-secret and --partner)",
@@ -306,12 +363,16 @@ impl Client {
                 }
                 Err(e) => {
                     if attempt >= self.backoff.max_retries {
-                        return Err(e).with_context(|| format!("{url} could not be reached after {} retries", attempt));
+                        return Err(e).with_context(|| {
+                            format!("{url} could not be reached after {} retries", attempt)
+                        });
                     }
                     None
                 }
             };
-            let wait = retry_after.unwrap_or_else(|| self.backoff.delay(attempt, unit_random())).min(self.backoff.cap);
+            let wait = retry_after
+                .unwrap_or_else(|| self.backoff.delay(attempt, unit_random()))
+                .min(self.backoff.cap);
             tracing::debug!(attempt, wait_ms = wait.as_millis() as u64, "retrying");
             tokio::time::sleep(wait).await;
             attempt += 1;
@@ -322,10 +383,12 @@ impl Client {
 
 /// Runs a push end to end.
 pub async fn push(args: &PushArgs, show_progress: bool) -> anyhow::Result<PushSummary> {
-    let format = args.format.unwrap_or(match args.input.extension().and_then(|e| e.to_str()) {
-        Some("csv") => InputFormat::Csv,
-        _ => InputFormat::Jsonl,
-    });
+    let format = args
+        .format
+        .unwrap_or(match args.input.extension().and_then(|e| e.to_str()) {
+            Some("csv") => InputFormat::Csv,
+            _ => InputFormat::Jsonl,
+        });
     let wanted = read_members(&args.input, format)?;
     let base = args.url.trim_end_matches('/');
     let identity = state_identity(base, &args.partner, &args.cohort_id);
@@ -336,7 +399,10 @@ pub async fn push(args: &PushArgs, show_progress: bool) -> anyhow::Result<PushSu
     });
     let mut state = load_state(&state_path, &identity)?;
     let mut client = Client {
-        http: reqwest::Client::builder().timeout(Duration::from_secs(args.timeout_secs)).build().context("cannot build the HTTP client")?,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(args.timeout_secs))
+            .build()
+            .context("cannot build the HTTP client")?,
         backoff: Backoff {
             base: Duration::from_millis(args.backoff_base_ms),
             cap: Duration::from_millis(args.backoff_cap_ms),
@@ -346,19 +412,33 @@ pub async fn push(args: &PushArgs, show_progress: bool) -> anyhow::Result<PushSu
         retries: 0,
     };
     let name = args.name.clone().unwrap_or_else(|| args.cohort_id.clone());
-    let created_at = tideway_core::clock::Millis(time::OffsetDateTime::now_utc().unix_timestamp() * 1000).to_iso();
+    let created_at =
+        tideway_core::clock::Millis(time::OffsetDateTime::now_utc().unix_timestamp() * 1000)
+            .to_iso();
     let naming = json!({
         "partner_api_key": args.partner_api_key, "client_secret": args.client_secret,
         "cohort_id": args.cohort_id, "name": name, "created_at": created_at,
     });
-    client.post(&format!("{base}/partners/{}/cohorts", args.partner), &naming).await.context("naming the cohort failed")?;
+    client
+        .post(
+            &format!("{base}/partners/{}/cohorts", args.partner),
+            &naming,
+        )
+        .await
+        .context("naming the cohort failed")?;
 
     let adds: Vec<Member> = wanted.difference(&state.members).cloned().collect();
     let removes: Vec<Member> = state.members.difference(&wanted).cloned().collect();
-    let bar = if show_progress { ProgressBar::new((adds.len() + removes.len()) as u64) } else { ProgressBar::hidden() };
+    let bar = if show_progress {
+        ProgressBar::new((adds.len() + removes.len()) as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} changes ({per_sec}, eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} changes ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let url = format!("{base}/partners/{}/cohorts/users", args.partner);
     let mut summary = PushSummary::default();
@@ -404,24 +484,52 @@ mod tests {
 
     #[test]
     fn csv_quoting_and_columns() {
-        assert_eq!(csv_fields(r#"a,"b,c","d""e",,"#), ["a", "b,c", "d\"e", "", ""]);
+        assert_eq!(
+            csv_fields(r#"a,"b,c","d""e",,"#),
+            ["a", "b,c", "d\"e", "", ""]
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.csv");
-        std::fs::write(&path, "alias_label,alias_name,external_id\r\nemail,a@b,\r\n,,u1\r\n\r\n").unwrap();
+        std::fs::write(
+            &path,
+            "alias_label,alias_name,external_id\r\nemail,a@b,\r\n,,u1\r\n\r\n",
+        )
+        .unwrap();
         let members = read_members(&path, InputFormat::Csv).unwrap();
         assert_eq!(
             members.into_iter().collect::<Vec<_>>(),
-            [Member::External("u1".into()), Member::Alias { label: "email".into(), name: "a@b".into() }]
+            [
+                Member::External("u1".into()),
+                Member::Alias {
+                    label: "email".into(),
+                    name: "a@b".into()
+                }
+            ]
         );
         std::fs::write(&path, "external_id\nu1\n,\n").unwrap();
-        assert!(read_members(&path, InputFormat::Csv).unwrap_err().to_string().contains("line 3"));
+        assert!(
+            read_members(&path, InputFormat::Csv)
+                .unwrap_err()
+                .to_string()
+                .contains("line 3")
+        );
     }
 
     #[test]
     fn state_round_trips_and_ignores_another_cohort() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let state = PushState { members: [Member::External("x".into()), Member::Device("d".into()), Member::Alias { label: "l".into(), name: "n".into() }].into() };
+        let state = PushState {
+            members: [
+                Member::External("x".into()),
+                Member::Device("d".into()),
+                Member::Alias {
+                    label: "l".into(),
+                    name: "n".into(),
+                },
+            ]
+            .into(),
+        };
         save_state(&path, "id", &state).unwrap();
         assert_eq!(load_state(&path, "id").unwrap().members, state.members);
         assert!(load_state(&path, "other").unwrap().members.is_empty());
@@ -429,7 +537,11 @@ mod tests {
 
     #[test]
     fn backoff_is_capped_with_full_jitter() {
-        let b = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(1), max_retries: 3 };
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(1),
+            max_retries: 3,
+        };
         assert_eq!(b.delay(0, 1.0), Duration::from_millis(100));
         assert_eq!(b.delay(3, 1.0), Duration::from_millis(800));
         assert_eq!(b.delay(10, 1.0), Duration::from_secs(1));
@@ -440,7 +552,14 @@ mod tests {
 
     #[test]
     fn change_objects_split_identifier_kinds() {
-        let chunk = [Member::External("e".into()), Member::Device("d".into()), Member::Alias { label: "l".into(), name: "n".into() }];
+        let chunk = [
+            Member::External("e".into()),
+            Member::Device("d".into()),
+            Member::Alias {
+                label: "l".into(),
+                name: "n".into(),
+            },
+        ];
         assert_eq!(
             change_object(&chunk, true),
             json!({"user_ids": ["e"], "device_ids": ["d"], "aliases": [{"alias_name": "n", "alias_label": "l"}], "should_remove": true})

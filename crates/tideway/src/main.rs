@@ -133,7 +133,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Cohorts(CohortsCommand::Push(args)) => {
             telemetry::init(LogFormat::Text, "warn");
-            let summary = cohorts_push::push(&args, std::io::IsTerminal::is_terminal(&std::io::stderr())).await?;
+            let summary =
+                cohorts_push::push(&args, std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .await?;
             println!(
                 "added {} removed {} requests {} retries {}",
                 summary.added, summary.removed, summary.requests, summary.retries
@@ -142,7 +144,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Segments(command) => {
             telemetry::init(LogFormat::Text, "warn");
-            segments::run(command, std::io::IsTerminal::is_terminal(&std::io::stderr())).await
+            segments::run(
+                command,
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            )
+            .await
         }
         Command::Bench(command) => {
             telemetry::init(LogFormat::Text, "warn");

@@ -91,7 +91,10 @@ fn known_partner(slug: &str) -> anyhow::Result<&str> {
         Some(p) => Ok(p.slug),
         None => {
             let known: Vec<&str> = PARTNERS.iter().map(|p| p.slug).collect();
-            bail!("unknown partner '{slug}'; known partners: {}", known.join(", "))
+            bail!(
+                "unknown partner '{slug}'; known partners: {}",
+                known.join(", ")
+            )
         }
     }
 }
@@ -104,29 +107,54 @@ fn fresh_key() -> Secret {
 pub async fn run(command: PartnersCommand) -> anyhow::Result<()> {
     match command {
         PartnersCommand::List => {
-            let rows: Vec<Vec<String>> =
-                PARTNERS.iter().map(|p| vec![p.slug.to_owned(), p.display_name.to_owned(), p.filter_name.to_owned()]).collect();
+            let rows: Vec<Vec<String>> = PARTNERS
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.slug.to_owned(),
+                        p.display_name.to_owned(),
+                        p.filter_name.to_owned(),
+                    ]
+                })
+                .collect();
             print!("{}", table(&["partner", "name", "segment filter"], &rows));
         }
         PartnersCommand::ApiKey { location, partner } => {
             let slug = known_partner(&partner)?;
             let (store, _) = location.open_store()?;
-            let key = store.partner_api_key(slug, fresh_key(), data::now()).await.context("cannot read the partner API key")?;
+            let key = store
+                .partner_api_key(slug, fresh_key(), data::now())
+                .await
+                .context("cannot read the partner API key")?;
             println!("{}", key.expose());
         }
-        PartnersCommand::ImportKey { location, workspace, partner } => {
+        PartnersCommand::ImportKey {
+            location,
+            workspace,
+            partner,
+        } => {
             let slug = known_partner(&partner)?;
             let (store, dir) = location.open_store()?;
             let ws = find_workspace(&store, &workspace, &dir).await?;
             let secret = fresh_key();
-            store.create_import_key(ws.id, slug, &secret, data::now()).await.context("cannot store the import key")?;
+            store
+                .create_import_key(ws.id, slug, &secret, data::now())
+                .await
+                .context("cannot store the import key")?;
             println!("{}", secret.expose());
         }
-        PartnersCommand::ImportKeys { location, workspace, partner } => {
+        PartnersCommand::ImportKeys {
+            location,
+            workspace,
+            partner,
+        } => {
             let slug = known_partner(&partner)?;
             let (store, dir) = location.open_store()?;
             let ws = find_workspace(&store, &workspace, &dir).await?;
-            let keys = store.list_import_keys(ws.id, slug).await.context("cannot list import keys")?;
+            let keys = store
+                .list_import_keys(ws.id, slug)
+                .await
+                .context("cannot list import keys")?;
             let rows: Vec<Vec<String>> = keys
                 .iter()
                 .map(|k| {
@@ -134,46 +162,92 @@ pub async fn run(command: PartnersCommand) -> anyhow::Result<()> {
                         k.id.to_string(),
                         k.prefix.clone(),
                         k.created_at.to_iso(),
-                        k.invalidated_at.map_or_else(|| "valid".to_owned(), |at| format!("invalidated {}", at.to_iso())),
+                        k.invalidated_at.map_or_else(
+                            || "valid".to_owned(),
+                            |at| format!("invalidated {}", at.to_iso()),
+                        ),
                     ]
                 })
                 .collect();
             print!("{}", table(&["id", "prefix", "created", "status"], &rows));
         }
-        PartnersCommand::InvalidateImportKey { location, workspace, partner, id_or_prefix } => {
+        PartnersCommand::InvalidateImportKey {
+            location,
+            workspace,
+            partner,
+            id_or_prefix,
+        } => {
             let slug = known_partner(&partner)?;
             let (store, dir) = location.open_store()?;
             let ws = find_workspace(&store, &workspace, &dir).await?;
-            if !store.invalidate_import_key(ws.id, slug, &id_or_prefix, data::now()).await.context("cannot invalidate the key")? {
+            if !store
+                .invalidate_import_key(ws.id, slug, &id_or_prefix, data::now())
+                .await
+                .context("cannot invalidate the key")?
+            {
                 bail!(
                     "no valid {slug} import key '{id_or_prefix}' in workspace '{workspace}'; list them with `tideway partners import-keys --workspace {workspace} --partner {slug}`"
                 );
             }
             eprintln!("Invalidated import key '{id_or_prefix}'.");
         }
-        PartnersCommand::Enable { location, workspace, partner } => set_enabled(location, &workspace, &partner, true).await?,
-        PartnersCommand::Disable { location, workspace, partner } => set_enabled(location, &workspace, &partner, false).await?,
-        PartnersCommand::HeapWebhookSecret { location, workspace, match_alias_label, match_external_id } => {
+        PartnersCommand::Enable {
+            location,
+            workspace,
+            partner,
+        } => set_enabled(location, &workspace, &partner, true).await?,
+        PartnersCommand::Disable {
+            location,
+            workspace,
+            partner,
+        } => set_enabled(location, &workspace, &partner, false).await?,
+        PartnersCommand::HeapWebhookSecret {
+            location,
+            workspace,
+            match_alias_label,
+            match_external_id,
+        } => {
             let (store, dir) = location.open_store()?;
             let ws = find_workspace(&store, &workspace, &dir).await?;
             let mapping = match (match_alias_label, match_external_id) {
-                (Some(label), _) => Some(Some(AliasLabel::parse(&label).map_err(|e| anyhow::anyhow!("--match-alias-label: {e}"))?)),
+                (Some(label), _) => Some(Some(
+                    AliasLabel::parse(&label)
+                        .map_err(|e| anyhow::anyhow!("--match-alias-label: {e}"))?,
+                )),
                 (None, true) => Some(None),
                 (None, false) => None,
             };
-            let fresh = Secret::new(format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()));
-            let hook = store.heap_webhook(ws.id, fresh, mapping).await.context("cannot read the webhook settings")?;
+            let fresh = Secret::new(format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            ));
+            let hook = store
+                .heap_webhook(ws.id, fresh, mapping)
+                .await
+                .context("cannot read the webhook settings")?;
             println!("{}", hook.secret.expose());
         }
     }
     Ok(())
 }
 
-async fn set_enabled(location: Location, workspace: &str, partner: &str, enabled: bool) -> anyhow::Result<()> {
+async fn set_enabled(
+    location: Location,
+    workspace: &str,
+    partner: &str,
+    enabled: bool,
+) -> anyhow::Result<()> {
     let slug = known_partner(partner)?;
     let (store, dir) = location.open_store()?;
     let ws = find_workspace(&store, workspace, &dir).await?;
-    store.set_partner_enabled(ws.id, slug, enabled).await.context("cannot change the partner setting")?;
-    eprintln!("{} {slug} for workspace '{workspace}'.", if enabled { "Enabled" } else { "Disabled" });
+    store
+        .set_partner_enabled(ws.id, slug, enabled)
+        .await
+        .context("cannot change the partner setting")?;
+    eprintln!(
+        "{} {slug} for workspace '{workspace}'.",
+        if enabled { "Enabled" } else { "Disabled" }
+    );
     Ok(())
 }

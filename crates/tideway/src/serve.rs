@@ -34,7 +34,12 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
     let metrics = tideway_server::install_metrics_recorder()
         .context("cannot install the metrics recorder")?;
     let currents = crate::currents::start(Arc::clone(&store), &settings.data_dir);
-    let router = tideway_server::app_with_currents(store, settings.server.clone(), metrics, Some(currents.clone()));
+    let router = tideway_server::app_with_currents(
+        store,
+        settings.server.clone(),
+        metrics,
+        Some(currents.clone()),
+    );
     let listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
             "cannot listen on {} (is another server running there? pick another --listen)",

@@ -695,17 +695,42 @@ async fn merged_users_events_count_for_the_survivor() {
     let key = s.admin_key(&ws).await;
     let opened = |who: Value| {
         let mut event = json!({"name": "opened", "time": "2025-06-15T09:00:00Z"});
-        event.as_object_mut().unwrap().extend(who.as_object().unwrap().clone());
+        event
+            .as_object_mut()
+            .unwrap()
+            .extend(who.as_object().unwrap().clone());
         event
     };
     track(&s, &key, json!({"events": [opened(json!({"device_id": "d1"})), opened(json!({"device_id": "d1"})), opened(json!({"external_id": "alice"}))]})).await;
-    let three = create(&s, &key, "opened thrice", json!({"event": {"name": "opened", "op": "count_at_least", "value": 3}})).await;
+    let three = create(
+        &s,
+        &key,
+        "opened thrice",
+        json!({"event": {"name": "opened", "op": "count_at_least", "value": 3}}),
+    )
+    .await;
     assert_eq!(size(&s, &key, &three).await, 0);
-    let a = s.post("/users/identify", &key, json!({"aliases_to_identify": [{"external_id": "alice", "device_id": "d1"}]})).await;
+    let a = s
+        .post(
+            "/users/identify",
+            &key,
+            json!({"aliases_to_identify": [{"external_id": "alice", "device_id": "d1"}]}),
+        )
+        .await;
     assert_eq!(a.status, 201, "{a:?}");
-    assert_eq!(size(&s, &key, &three).await, 1, "the live index after catch-up");
+    assert_eq!(
+        size(&s, &key, &three).await,
+        1,
+        "the live index after catch-up"
+    );
     let fresh = LiveIndex::from_snapshot(s.store.segment_profiles(ws.id).await.unwrap());
     assert_eq!(fresh.len(), 1, "the orphaned user is gone");
-    let a = s.post("/api/v1/segments/preview", &key, json!({"filter": {"event": {"name": "opened", "op": "count_exactly", "value": 3}}})).await;
+    let a = s
+        .post(
+            "/api/v1/segments/preview",
+            &key,
+            json!({"filter": {"event": {"name": "opened", "op": "count_exactly", "value": 3}}}),
+        )
+        .await;
     assert_eq!(a.body["size"], 1, "{a:?}");
 }

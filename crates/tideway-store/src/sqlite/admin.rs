@@ -113,17 +113,31 @@ pub fn list_api_keys(conn: &Connection, workspace: WorkspaceId) -> Result<Vec<Ap
     rows.collect::<Result<_, _>>().map_err(sql_err)
 }
 
-pub fn revoke_api_key(conn: &Connection, workspace: WorkspaceId, id_or_prefix: &str, now: Millis) -> Result<bool, StoreError> {
+pub fn revoke_api_key(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id_or_prefix: &str,
+    now: Millis,
+) -> Result<bool, StoreError> {
     let by_id: Option<i64> = id_or_prefix.parse().ok();
     let matches = "workspace_id = ?1 AND revoked_at IS NULL AND (id = ?2 OR prefix = ?3)";
     let count: i64 = conn
-        .query_row(&format!("SELECT COUNT(*) FROM api_keys WHERE {matches}"), params![workspace.0, by_id, id_or_prefix], |r| r.get(0))
+        .query_row(
+            &format!("SELECT COUNT(*) FROM api_keys WHERE {matches}"),
+            params![workspace.0, by_id, id_or_prefix],
+            |r| r.get(0),
+        )
         .map_err(sql_err)?;
     if count > 1 {
-        return Err(StoreError::Conflict(format!("more than one key with prefix '{id_or_prefix}' (name the key by its id)")));
+        return Err(StoreError::Conflict(format!(
+            "more than one key with prefix '{id_or_prefix}' (name the key by its id)"
+        )));
     }
     let n = conn
-        .execute(&format!("UPDATE api_keys SET revoked_at = ?4 WHERE {matches}"), params![workspace.0, by_id, id_or_prefix, now.0])
+        .execute(
+            &format!("UPDATE api_keys SET revoked_at = ?4 WHERE {matches}"),
+            params![workspace.0, by_id, id_or_prefix, now.0],
+        )
         .map_err(sql_err)?;
     Ok(n > 0)
 }

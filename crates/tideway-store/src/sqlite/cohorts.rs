@@ -79,7 +79,12 @@ impl CohortTx for SqlUsers<'_> {
         Ok(true)
     }
 
-    fn adjust_member_count(&mut self, cohort: CohortKey, delta: i64, now: Millis) -> Result<(), StoreError> {
+    fn adjust_member_count(
+        &mut self,
+        cohort: CohortKey,
+        delta: i64,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("UPDATE cohorts SET member_count = member_count + ?2, updated_at = ?3 WHERE id = ?1")
             .and_then(|mut s| s.execute(params![cohort.0, delta, now.0]))
@@ -231,17 +236,32 @@ pub fn list_import_keys(
     rows.collect::<Result<_, _>>().map_err(sql_err)
 }
 
-pub fn invalidate_import_key(conn: &Connection, workspace: WorkspaceId, partner: &str, id_or_prefix: &str, now: Millis) -> Result<bool, StoreError> {
+pub fn invalidate_import_key(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    partner: &str,
+    id_or_prefix: &str,
+    now: Millis,
+) -> Result<bool, StoreError> {
     let id: Option<i64> = id_or_prefix.parse().ok();
     let matches = "workspace_id = ?1 AND partner = ?2 AND invalidated_at IS NULL AND (id = ?3 OR prefix = ?4)";
     let count: i64 = conn
-        .query_row(&format!("SELECT COUNT(*) FROM import_keys WHERE {matches}"), params![workspace.0, partner, id, id_or_prefix], |r| r.get(0))
+        .query_row(
+            &format!("SELECT COUNT(*) FROM import_keys WHERE {matches}"),
+            params![workspace.0, partner, id, id_or_prefix],
+            |r| r.get(0),
+        )
         .map_err(sql_err)?;
     if count > 1 {
-        return Err(StoreError::Conflict(format!("more than one key with prefix '{id_or_prefix}' (name the key by its id)")));
+        return Err(StoreError::Conflict(format!(
+            "more than one key with prefix '{id_or_prefix}' (name the key by its id)"
+        )));
     }
     let n = conn
-        .execute(&format!("UPDATE import_keys SET invalidated_at = ?5 WHERE {matches}"), params![workspace.0, partner, id, id_or_prefix, now.0])
+        .execute(
+            &format!("UPDATE import_keys SET invalidated_at = ?5 WHERE {matches}"),
+            params![workspace.0, partner, id, id_or_prefix, now.0],
+        )
         .map_err(sql_err)?;
     Ok(n > 0)
 }

@@ -150,7 +150,8 @@ impl SqliteStore {
         let (jobs, rx) = mpsc::channel::<Job>(options.max_batch * 4);
         // Checkpoints run on their own thread and connection: done inside the writer's commit
         // (SQLite's default) they would stall every acknowledgement behind copying the WAL back.
-        conn.execute_batch("PRAGMA wal_autocheckpoint = 0").map_err(sql_err)?;
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .map_err(sql_err)?;
         let writer_options = options.clone();
         std::thread::Builder::new()
             .name("tideway-sqlite-writer".into())
@@ -161,7 +162,9 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("tideway-sqlite-checkpoint".into())
             .spawn(move || checkpoint_loop(&checkpointer, &stopped))
-            .map_err(|e| StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}")))?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}"))
+            })?;
         Ok(SqliteStore {
             jobs,
             _checkpoint_stop: checkpoint_stop,
@@ -263,7 +266,9 @@ impl SqliteStore {
 /// Copies committed WAL frames back into the database file every 200 ms (PASSIVE: never
 /// blocks the writer or readers), until the store is dropped.
 fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(Duration::from_millis(200)) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(Duration::from_millis(200))
+    {
         if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
             tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
         }
@@ -273,7 +278,11 @@ fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
 }
 
 fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOptions) {
-    let mut env = WriterEnv { ids: RandomIds, options: options.clone(), cache: UserCache::default() };
+    let mut env = WriterEnv {
+        ids: RandomIds,
+        options: options.clone(),
+        cache: UserCache::default(),
+    };
     let mut batch: Vec<Job> = Vec::with_capacity(options.max_batch);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -318,7 +327,11 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOpt
     }
 }
 
-fn run_in_savepoint(job: Job, conn: &Connection, env: &mut WriterEnv) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
+fn run_in_savepoint(
+    job: Job,
+    conn: &Connection,
+    env: &mut WriterEnv,
+) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
     if let Err(e) = conn.execute_batch("SAVEPOINT job") {
         let done = run_isolated_failure(job, conn, env);
         let e = sql_err(e);

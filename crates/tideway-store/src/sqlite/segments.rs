@@ -249,8 +249,12 @@ pub fn snapshot(conn: &Connection, workspace: WorkspaceId) -> Result<ProfileSnap
 
 /// Who each merged-away user was merged into.
 fn merges(conn: &Connection, workspace: WorkspaceId) -> Result<HashMap<u32, u32>, StoreError> {
-    let mut stmt = conn.prepare_cached("SELECT from_seq, into_seq FROM user_merges WHERE workspace_id = ?1").map_err(sql_err)?;
-    let rows = stmt.query_map(params![workspace.0], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql_err)?;
+    let mut stmt = conn
+        .prepare_cached("SELECT from_seq, into_seq FROM user_merges WHERE workspace_id = ?1")
+        .map_err(sql_err)?;
+    let rows = stmt
+        .query_map(params![workspace.0], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(sql_err)?;
     rows.collect::<Result<_, _>>().map_err(sql_err)
 }
 

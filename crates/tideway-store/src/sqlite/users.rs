@@ -63,7 +63,8 @@ impl UserCache {
             self.by_external.remove(&(ws.0, ext.as_str().to_owned()));
         }
         if let Some(ext) = &user.external_id {
-            self.by_external.insert((ws.0, ext.as_str().to_owned()), user.seq.0);
+            self.by_external
+                .insert((ws.0, ext.as_str().to_owned()), user.seq.0);
         }
         self.users.insert((ws.0, user.seq.0), user.clone());
     }
@@ -79,11 +80,19 @@ impl UserCache {
 
 impl<'c> SqlUsers<'c> {
     pub fn reader(conn: &'c Connection, workspace: WorkspaceId) -> Self {
-        SqlUsers { conn, workspace, cache: None }
+        SqlUsers {
+            conn,
+            workspace,
+            cache: None,
+        }
     }
 
     pub fn writer(conn: &'c Connection, workspace: WorkspaceId, cache: &'c mut UserCache) -> Self {
-        SqlUsers { conn, workspace, cache: Some(cache) }
+        SqlUsers {
+            conn,
+            workspace,
+            cache: Some(cache),
+        }
     }
 
     fn remember(&mut self, user: Option<UserRecord>) -> Option<UserRecord> {
@@ -94,7 +103,9 @@ impl<'c> SqlUsers<'c> {
     }
 
     fn cached(&self, seq: u32) -> Option<UserRecord> {
-        self.cache.as_deref().and_then(|c| c.users.get(&(self.workspace.0, seq)).cloned())
+        self.cache
+            .as_deref()
+            .and_then(|c| c.users.get(&(self.workspace.0, seq)).cloned())
     }
 }
 
@@ -132,13 +143,18 @@ pub(super) fn user_from_row(row: &Row<'_>) -> rusqlite::Result<UserRecord> {
 impl SqlUsers<'_> {
     fn one(&mut self, sql: &str, key: &str) -> Result<Option<UserRecord>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        let found = stmt.query_row(params![self.workspace.0, key], user_from_row).optional().map_err(sql_err)?;
+        let found = stmt
+            .query_row(params![self.workspace.0, key], user_from_row)
+            .optional()
+            .map_err(sql_err)?;
         Ok(self.remember(found))
     }
 
     fn many(&mut self, sql: &str, key: &str) -> Result<Vec<UserRecord>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        let rows = stmt.query_map(params![self.workspace.0, key], user_from_row).map_err(sql_err)?;
+        let rows = stmt
+            .query_map(params![self.workspace.0, key], user_from_row)
+            .map_err(sql_err)?;
         let users: Vec<UserRecord> = rows.collect::<Result<_, _>>().map_err(sql_err)?;
         for u in &users {
             self.remember(Some(u.clone()));
@@ -166,14 +182,21 @@ impl SqlUsers<'_> {
             "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL"
         );
         let mut stmt = self.conn.prepare_cached(&sql).map_err(sql_err)?;
-        let found = stmt.query_row(params![self.workspace.0, seq.0], user_from_row).optional().map_err(sql_err)?;
+        let found = stmt
+            .query_row(params![self.workspace.0, seq.0], user_from_row)
+            .optional()
+            .map_err(sql_err)?;
         Ok(self.remember(found))
     }
 }
 
 impl UserLookup for SqlUsers<'_> {
     fn user_by_external_id(&mut self, id: &ExternalId) -> Result<Option<UserRecord>, StoreError> {
-        let known = self.cache.as_deref().and_then(|c| c.by_external.get(&(self.workspace.0, id.as_str().to_owned())).copied());
+        let known = self.cache.as_deref().and_then(|c| {
+            c.by_external
+                .get(&(self.workspace.0, id.as_str().to_owned()))
+                .copied()
+        });
         if let Some(user) = known.and_then(|seq| self.cached(seq)) {
             return Ok(Some(user));
         }
@@ -281,7 +304,11 @@ impl UserLookup for SqlUsers<'_> {
     }
 
     fn seq_by_external_id(&mut self, id: &ExternalId) -> Result<Option<UserSeq>, StoreError> {
-        if let Some(seq) = self.cache.as_deref().and_then(|c| c.by_external.get(&(self.workspace.0, id.as_str().to_owned())).copied()) {
+        if let Some(seq) = self.cache.as_deref().and_then(|c| {
+            c.by_external
+                .get(&(self.workspace.0, id.as_str().to_owned()))
+                .copied()
+        }) {
             return Ok(Some(UserSeq(seq)));
         }
         let ws = self.workspace.0;
@@ -298,7 +325,10 @@ impl UserLookup for SqlUsers<'_> {
         )
     }
 
-    fn anonymous_seq_by_device(&mut self, device: &DeviceId) -> Result<Option<UserSeq>, StoreError> {
+    fn anonymous_seq_by_device(
+        &mut self,
+        device: &DeviceId,
+    ) -> Result<Option<UserSeq>, StoreError> {
         self.seq_where(
             "SELECT u.seq FROM user_devices d JOIN users u ON u.workspace_id = d.workspace_id AND u.seq = d.seq
              WHERE d.workspace_id = ?1 AND d.device_id = ?2 AND u.external_id IS NULL AND u.deleted_at IS NULL",
@@ -317,21 +347,34 @@ impl UserLookup for SqlUsers<'_> {
 }
 
 impl SqlUsers<'_> {
-    fn seq_where(&self, sql: &str, params: impl rusqlite::Params) -> Result<Option<UserSeq>, StoreError> {
+    fn seq_where(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Option<UserSeq>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        stmt.query_row(params, |r| r.get::<_, u32>(0)).optional().map(|s| s.map(UserSeq)).map_err(sql_err)
+        stmt.query_row(params, |r| r.get::<_, u32>(0))
+            .optional()
+            .map(|s| s.map(UserSeq))
+            .map_err(sql_err)
     }
 }
 
 impl UserTx for SqlUsers<'_> {
     fn create_user(&mut self, braze_id: BrazeId, now: Millis) -> Result<UserRecord, StoreError> {
         let ws = self.workspace.0;
-        let seq = match self.cache.as_deref().and_then(|c| c.next_seq.get(&ws).copied()) {
+        let seq = match self
+            .cache
+            .as_deref()
+            .and_then(|c| c.next_seq.get(&ws).copied())
+        {
             Some(seq) => seq,
             None => {
                 let mut next = self
                     .conn
-                    .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM users WHERE workspace_id = ?1")
+                    .prepare_cached(
+                        "SELECT COALESCE(MAX(seq), 0) + 1 FROM users WHERE workspace_id = ?1",
+                    )
                     .map_err(sql_err)?;
                 next.query_row([ws], |r| r.get(0)).map_err(sql_err)?
             }
@@ -361,9 +404,11 @@ impl UserTx for SqlUsers<'_> {
     fn save_user(&mut self, user: &UserRecord) -> Result<(), StoreError> {
         // When the identifiers are as the writer last saw them, write only the profile: an
         // UPDATE naming indexed columns rewrites their index entries even if equal.
-        let identifiers_unchanged = self
-            .cached(user.seq.0)
-            .is_some_and(|old| old.external_id == user.external_id && old.email == user.email && old.phone == user.phone);
+        let identifiers_unchanged = self.cached(user.seq.0).is_some_and(|old| {
+            old.external_id == user.external_id
+                && old.email == user.email
+                && old.phone == user.phone
+        });
         if identifiers_unchanged {
             let changed = self
                 .conn
@@ -497,7 +542,12 @@ impl UserTx for SqlUsers<'_> {
         self.move_memberships(from, to, now)
     }
 
-    fn record_merge(&mut self, from: UserSeq, into: UserSeq, now: Millis) -> Result<(), StoreError> {
+    fn record_merge(
+        &mut self,
+        from: UserSeq,
+        into: UserSeq,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("INSERT OR REPLACE INTO user_merges (workspace_id, from_seq, into_seq, at) VALUES (?1, ?2, ?3, ?4)")
             .and_then(|mut s| s.execute(params![self.workspace.0, from.0, into.0, now.0]))

@@ -44,19 +44,30 @@ pub struct CohortsArgs {
 fn bar(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template(&format!("{{spinner}} {what} {{bar:40}} {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})"))
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} {{bar:40}} {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
 }
 
 /// Creates `users` users (`u0`, `u1`, …) through the store, 75 per transaction.
-async fn seed(store: &Arc<tideway_store::sqlite::SqliteStore>, ws: &tideway_core::store::Workspace, users: usize) -> anyhow::Result<()> {
+async fn seed(
+    store: &Arc<tideway_store::sqlite::SqliteStore>,
+    ws: &tideway_core::store::Workspace,
+    users: usize,
+) -> anyhow::Result<()> {
     let progress = bar(users as u64, "seeding users");
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let (store, ws, next, progress) = (Arc::clone(store), ws.clone(), Arc::clone(&next), progress.clone());
+        let (store, ws, next, progress) = (
+            Arc::clone(store),
+            ws.clone(),
+            Arc::clone(&next),
+            progress.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             loop {
                 let start = next.fetch_add(75, Ordering::Relaxed);
@@ -64,10 +75,16 @@ async fn seed(store: &Arc<tideway_store::sqlite::SqliteStore>, ws: &tideway_core
                     return Ok::<(), anyhow::Error>(());
                 }
                 let end = (start + 75).min(users);
-                let attributes: Vec<Value> = (start..end).map(|i| json!({"external_id": format!("u{i}"), "plan": "pro"})).collect();
+                let attributes: Vec<Value> = (start..end)
+                    .map(|i| json!({"external_id": format!("u{i}"), "plan": "pro"}))
+                    .collect();
                 let body = json!({ "attributes": attributes });
-                let request = parse_track(body.as_object().context("object")?).context("seed body")?;
-                store.track(&ws, request, data::now()).await.context("seeding failed")?;
+                let request =
+                    parse_track(body.as_object().context("object")?).context("seed body")?;
+                store
+                    .track(&ws, request, data::now())
+                    .await
+                    .context("seeding failed")?;
                 progress.inc((end - start) as u64);
             }
         }));
@@ -95,7 +112,12 @@ fn bodies(args: &CohortsArgs, partner_key: &str, import_key: &str) -> Vec<String
 
 /// Sends every body with `clients` concurrent clients; returns the elapsed time and the sum of
 /// `added` the server reported.
-async fn drive(addr: SocketAddr, bodies: Arc<Vec<String>>, clients: usize, label: &str) -> anyhow::Result<(Duration, u64)> {
+async fn drive(
+    addr: SocketAddr,
+    bodies: Arc<Vec<String>>,
+    clients: usize,
+    label: &str,
+) -> anyhow::Result<(Duration, u64)> {
     let progress = bar(bodies.len() as u64, label);
     let next = Arc::new(AtomicUsize::new(0));
     let http = reqwest::Client::new();
@@ -103,13 +125,26 @@ async fn drive(addr: SocketAddr, bodies: Arc<Vec<String>>, clients: usize, label
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let (bodies, next, http, url, progress) = (Arc::clone(&bodies), Arc::clone(&next), http.clone(), url.clone(), progress.clone());
+        let (bodies, next, http, url, progress) = (
+            Arc::clone(&bodies),
+            Arc::clone(&next),
+            http.clone(),
+            url.clone(),
+            progress.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut added = 0u64;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(body) = bodies.get(i) else { return Ok::<u64, anyhow::Error>(added) };
-                let res = http.post(&url).header("content-type", "application/json").body(body.clone()).send().await?;
+                let Some(body) = bodies.get(i) else {
+                    return Ok::<u64, anyhow::Error>(added);
+                };
+                let res = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
                 let status = res.status();
                 let answer: Value = res.json().await.unwrap_or(Value::Null);
                 if !status.is_success() {
@@ -130,37 +165,71 @@ async fn drive(addr: SocketAddr, bodies: Arc<Vec<String>>, clients: usize, label
 
 /// The limit: a handler that parses the same requests (credentials and changes) and answers 201.
 async fn parse_only(body: axum::body::Bytes) -> (StatusCode, axum::Json<Value>) {
-    let parsed = serde_json::from_slice::<Value>(&body).ok().and_then(|v| match v {
-        Value::Object(map) => Some(map),
-        _ => None,
-    });
+    let parsed = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| match v {
+            Value::Object(map) => Some(map),
+            _ => None,
+        });
     let ok = parsed.is_some_and(|map| {
-        tideway_core::cohorts::parse_credentials(&map).is_ok() && tideway_core::cohorts::parse_changes(&map).is_ok()
+        tideway_core::cohorts::parse_credentials(&map).is_ok()
+            && tideway_core::cohorts::parse_changes(&map).is_ok()
     });
-    let status = if ok { StatusCode::CREATED } else { StatusCode::BAD_REQUEST };
-    (status, axum::Json(json!({"message": "success", "added": 0})))
+    let status = if ok {
+        StatusCode::CREATED
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    (
+        status,
+        axum::Json(json!({"message": "success", "added": 0})),
+    )
 }
 
 pub async fn run(args: CohortsArgs) -> anyhow::Result<()> {
     if !(1..=1000).contains(&args.chunk) {
         bail!("--chunk must be 1..=1000 (the API's limit)");
     }
-    let dir = tempfile::Builder::new().prefix("tideway-bench-cohorts").tempdir().context("cannot create a temporary directory")?;
+    let dir = tempfile::Builder::new()
+        .prefix("tideway-bench-cohorts")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
     let store = Arc::new(data::open(dir.path(), SqliteOptions::default())?);
     let now = data::now();
-    let ws = store.create_workspace("bench", now).await.context("cannot create the workspace")?;
-    let partner_key = store.partner_api_key("heap", Secret::new(uuid::Uuid::new_v4().to_string()), now).await?;
+    let ws = store
+        .create_workspace("bench", now)
+        .await
+        .context("cannot create the workspace")?;
+    let partner_key = store
+        .partner_api_key("heap", Secret::new(uuid::Uuid::new_v4().to_string()), now)
+        .await?;
     let import_key = Secret::new(uuid::Uuid::new_v4().to_string());
-    store.create_import_key(ws.id, "heap", &import_key, now).await?;
-    eprintln!("bench cohorts: {} changes in requests of {} from {} clients, against {} existing users", thousands(args.changes as f64), args.chunk, args.clients, thousands(args.users as f64));
+    store
+        .create_import_key(ws.id, "heap", &import_key, now)
+        .await?;
+    eprintln!(
+        "bench cohorts: {} changes in requests of {} from {} clients, against {} existing users",
+        thousands(args.changes as f64),
+        args.chunk,
+        args.clients,
+        thousands(args.users as f64)
+    );
     let seeded = Instant::now();
     seed(&store, &ws, args.users).await?;
-    eprintln!("{:>18}: {} users in {:.1} s", "seeded", thousands(args.users as f64), seeded.elapsed().as_secs_f64());
+    eprintln!(
+        "{:>18}: {} users in {:.1} s",
+        "seeded",
+        thousands(args.users as f64),
+        seeded.elapsed().as_secs_f64()
+    );
 
     let bodies = Arc::new(bodies(&args, partner_key.expose(), import_key.expose()));
     let unlimited = 1_000_000_000;
     let config = ServerConfig {
-        rate_limits: RateLimits { partner_per_hour: unlimited, ..RateLimits::default() },
+        rate_limits: RateLimits {
+            partner_per_hour: unlimited,
+            ..RateLimits::default()
+        },
         max_body_bytes: 4 * 1024 * 1024,
         ..ServerConfig::default()
     };
@@ -169,20 +238,37 @@ pub async fn run(args: CohortsArgs) -> anyhow::Result<()> {
     let (took, added) = drive(server.addr, Arc::clone(&bodies), args.clients, "tideway").await?;
     server.stop().await?;
     let rate = args.changes as f64 / took.as_secs_f64();
-    eprintln!("{:>18}: {} changes in {:.2} s, {} changes/s, {} users entered the cohort", "tideway", thousands(args.changes as f64), took.as_secs_f64(), thousands(rate), thousands(added as f64));
+    eprintln!(
+        "{:>18}: {} changes in {:.2} s, {} changes/s, {} users entered the cohort",
+        "tideway",
+        thousands(args.changes as f64),
+        took.as_secs_f64(),
+        thousands(rate),
+        thousands(added as f64)
+    );
     let distinct = args.changes.min(args.users) as u64;
     if added != distinct {
-        bail!("the server reported {added} users entering the cohort, expected {distinct}: the figures are not valid");
+        bail!(
+            "the server reported {added} users entering the cohort, expected {distinct}: the figures are not valid"
+        );
     }
 
     let router = axum::Router::new().route("/partners/heap/cohorts/users", post(parse_only));
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.context("cannot bind a loopback port")?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .context("cannot bind a loopback port")?;
     let addr = listener.local_addr()?;
     let noop = tokio::spawn(async move { axum::serve(listener, router).await });
     let (limit_took, _) = drive(addr, bodies, args.clients, "parse-only").await?;
     noop.abort();
     let limit_rate = args.changes as f64 / limit_took.as_secs_f64();
-    eprintln!("{:>18}: {} changes in {:.2} s, {} changes/s", "parse-only handler", thousands(args.changes as f64), limit_took.as_secs_f64(), thousands(limit_rate));
+    eprintln!(
+        "{:>18}: {} changes in {:.2} s, {} changes/s",
+        "parse-only handler",
+        thousands(args.changes as f64),
+        limit_took.as_secs_f64(),
+        thousands(limit_rate)
+    );
     let scaled_target = TARGET.as_secs_f64() * args.changes as f64 / 1_000_000.0;
     println!(
         "cohort import: {} changes in {:.2} s ({} changes/s) | parse-only handler: {} changes/s (ratio {:.2}) | target {} changes in ≤ {:.1} s: {}",
@@ -193,7 +279,11 @@ pub async fn run(args: CohortsArgs) -> anyhow::Result<()> {
         rate / limit_rate,
         thousands(args.changes as f64),
         scaled_target,
-        if took.as_secs_f64() <= scaled_target { "PASS" } else { "FAIL" }
+        if took.as_secs_f64() <= scaled_target {
+            "PASS"
+        } else {
+            "FAIL"
+        }
     );
     Ok(())
 }
