@@ -176,6 +176,8 @@ async fn current_json(api: &CurrentsApi, c: &Current) -> Result<Value, ApiError>
     Ok(Value::Object(m))
 }
 
+#[utoipa::path(get, path = "/api/v1/currents", tag = "currents", summary = "List the workspace's Currents with status, counts and lag",
+    responses((status = 200, description = "`{\"currents\": [...]}`", body = Object)), security(("bearer_auth" = [])))]
 /// `GET /api/v1/currents`
 pub async fn list(State(state): State<AppState>, req: Request) -> Response {
     management(
@@ -199,6 +201,9 @@ pub async fn list(State(state): State<AppState>, req: Request) -> Response {
     .await
 }
 
+#[utoipa::path(post, path = "/api/v1/currents", tag = "currents", summary = "Create a Current (a draft unless `launch: true`)",
+    request_body(content = Object, description = "`{name, kind: heap_export|custom_http|heap_track, endpoint, bearer_token?, event_types | categories, batch_size?, flush_interval_ms?, transformations?, launch?}`"),
+    responses((status = 201, description = "The Current", body = Object), (status = 400, description = "Invalid definition", body = crate::wire::ErrorBody)), security(("bearer_auth" = [])))]
 /// `POST /api/v1/currents`
 pub async fn create(State(state): State<AppState>, req: Request) -> Response {
     management(
@@ -230,6 +235,9 @@ pub async fn create(State(state): State<AppState>, req: Request) -> Response {
     .await
 }
 
+#[utoipa::path(get, path = "/api/v1/currents/{id}", tag = "currents", summary = "One Current: status, delivered / retried / dead-lettered counts, lag, last error and success, recent drops",
+    params(("id" = String, Path, description = "Current id")),
+    responses((status = 200, description = "The Current", body = Object), (status = 404, description = "No such Current", body = crate::wire::ErrorBody)), security(("bearer_auth" = [])))]
 /// `GET /api/v1/currents/{id}`
 pub async fn get_one(
     State(state): State<AppState>,
@@ -250,6 +258,9 @@ pub async fn get_one(
     .await
 }
 
+#[utoipa::path(put, path = "/api/v1/currents/{id}", tag = "currents", summary = "Replace a Current's definition (position and counts are kept)",
+    params(("id" = String, Path, description = "Current id")), request_body(content = Object, description = "As for create"),
+    responses((status = 200, description = "The Current", body = Object), (status = 400, description = "Invalid definition", body = crate::wire::ErrorBody), (status = 404, description = "No such Current", body = crate::wire::ErrorBody)), security(("bearer_auth" = [])))]
 /// `PUT /api/v1/currents/{id}`: replaces the definition (position and counts are kept).
 pub async fn update(
     State(state): State<AppState>,
@@ -277,6 +288,9 @@ pub async fn update(
     .await
 }
 
+#[utoipa::path(delete, path = "/api/v1/currents/{id}", tag = "currents", summary = "Remove a Current",
+    params(("id" = String, Path, description = "Current id")),
+    responses((status = 200, description = "`{\"message\":\"success\"}`", body = Object), (status = 404, description = "No such Current", body = crate::wire::ErrorBody)), security(("bearer_auth" = [])))]
 /// `DELETE /api/v1/currents/{id}`
 pub async fn delete(
     State(state): State<AppState>,
@@ -315,6 +329,9 @@ fn time_field(body: &Map<String, Value>, key: &'static str) -> Result<Millis, Ap
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/currents/{id}/{action}", tag = "currents", summary = "launch, pause, resume, enable, test (send test events) or replay (dead letters, or a time window with `from`/`to`)",
+    params(("id" = String, Path, description = "Current id"), ("action" = String, Path, description = "launch | pause | resume | enable | test | replay")),
+    responses((status = 200, description = "Done", body = Object), (status = 202, description = "Replay scheduled", body = Object), (status = 400, description = "Unknown action or bad window", body = crate::wire::ErrorBody), (status = 404, description = "No such Current", body = crate::wire::ErrorBody)), security(("bearer_auth" = [])))]
 /// `POST /api/v1/currents/{id}/{action}`
 pub async fn action(
     State(state): State<AppState>,
@@ -373,6 +390,9 @@ pub async fn action(
     .await
 }
 
+#[utoipa::path(get, path = "/api/v1/currents/{id}/dead_letters", tag = "currents", summary = "Dead-lettered events with their reason and the receiver's response",
+    params(("id" = String, Path, description = "Current id"), ("after" = Option<i64>, Query, description = "Last id of the previous page"), ("limit" = Option<usize>, Query, description = "Page size")),
+    responses((status = 200, description = "A page of dead letters", body = Object), (status = 404, description = "No such Current", body = crate::wire::ErrorBody)), security(("bearer_auth" = [])))]
 /// `GET /api/v1/currents/{id}/dead_letters?after=ID&limit=N`
 pub async fn dead_letters(
     State(state): State<AppState>,

@@ -45,6 +45,13 @@ use crate::wire;
         crate::segments_api::user_segments,
         crate::segments_api::braze_list,
         crate::segments_api::braze_details,
+        crate::currents_api::list,
+        crate::currents_api::create,
+        crate::currents_api::get_one,
+        crate::currents_api::update,
+        crate::currents_api::delete,
+        crate::currents_api::action,
+        crate::currents_api::dead_letters,
         crate::ops::health,
         crate::ops::metrics,
         crate::ops::openapi_json,
@@ -91,6 +98,7 @@ use crate::wire;
         (name = "partners", description = "Partner cohort import (keys in the JSON body) and Heap's signed segment-sync webhook"),
         (name = "cohorts", description = "Tideway's cohort management API (permission cohorts.read)"),
         (name = "segments", description = "Segments: Tideway's management API (permissions segments.manage / segments.read) and Braze's /segments/list (segments.list) and /segments/details (segments.details)"),
+        (name = "currents", description = "Currents: export of engagement events to Heap or any HTTP receiver (permission currents.manage)"),
         (name = "ops", description = "Health, metrics and this document (no authentication)"),
     )
 )]
