@@ -11,7 +11,7 @@ pub enum CurrentsError {
     /// The storage refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The HTTP client could not be built (e.g. an https endpoint without TLS support).
+    /// The HTTP client could not be built.
     #[error("cannot deliver to this endpoint: {0}")]
     Transport(String),
 }

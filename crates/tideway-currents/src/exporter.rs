@@ -154,7 +154,6 @@ impl Exporter {
         config: ExporterConfig,
         clock: Clock,
     ) -> Exporter {
-        crate::install_tls();
         let alerts = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()

@@ -28,4 +28,3 @@ pub mod transform;
 pub use clock::Clock;
 pub use error::CurrentsError;
 pub use exporter::{Exporter, ExporterConfig, TestReport};
-pub use send::install_tls;

@@ -95,26 +95,8 @@ pub struct Sender {
     clock: Clock,
 }
 
-/// Makes HTTPS usable: with the `rustls` feature, installs the ring crypto provider as the
-/// process default (once; a provider already installed is kept). reqwest is then built without
-/// a provider of its own, so **every** reqwest client in the process needs this first: a
-/// binary built with the feature calls it at the top of `main`. Without the feature it does
-/// nothing (and `https://` endpoints are refused with a clear error).
-pub fn install_tls() {
-    #[cfg(feature = "rustls")]
-    {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-}
-
 impl Sender {
     pub fn new(spec: &CurrentSpec, clock: Clock) -> Result<Sender, CurrentsError> {
-        if spec.endpoint.is_https() && !cfg!(feature = "rustls") {
-            return Err(CurrentsError::Transport(
-                "this build has no TLS (enable the `rustls` feature) — use an http:// endpoint or a TLS-terminating proxy".into(),
-            ));
-        }
-        install_tls();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(spec.retry.request_timeout_ms))
             .connect_timeout(Duration::from_millis(

@@ -88,8 +88,6 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // With the `tls` feature reqwest has no crypto provider of its own: install ring first.
-    tideway_currents::install_tls();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

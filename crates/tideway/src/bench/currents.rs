@@ -303,7 +303,6 @@ fn percentile(sorted: &[u64], p: f64) -> Duration {
 }
 
 pub async fn run(args: CurrentsArgs) -> anyhow::Result<()> {
-    tideway_currents::install_tls();
     let tmp = tempfile::tempdir_in(args.dir.clone().unwrap_or_else(std::env::temp_dir))
         .context("temporary directory")?;
     let data_dir = tmp.path().join("data");
