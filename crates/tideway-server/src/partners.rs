@@ -62,7 +62,7 @@ impl PartnerLimiter {
 }
 
 /// A failed partner request.
-enum PartnerError {
+pub enum PartnerError {
     Api(CohortApiError),
     Edge(ApiError),
 }
@@ -178,18 +178,14 @@ pub async fn cohort_name(
     State(state): State<AppState>,
     Path(slug): Path<String>,
     req: Request,
-) -> Response {
-    let result: Result<Response, PartnerError> = async {
-        let (body, workspace) = authorize(&state, &slug, req).await?;
-        let upsert = cohorts::parse_upsert(&body)?;
-        state
-            .store()
-            .upsert_cohort(&workspace, &slug, upsert, now())
-            .await?;
-        Ok(success(json!({})))
-    }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, PartnerError> {
+    let (body, workspace) = authorize(&state, &slug, req).await?;
+    let upsert = cohorts::parse_upsert(&body)?;
+    state
+        .store()
+        .upsert_cohort(&workspace, &slug, upsert, now())
+        .await?;
+    Ok(success(json!({})))
 }
 
 /// `POST /partners/{partner}/cohorts/users`: membership deltas.
@@ -210,20 +206,21 @@ pub async fn cohort_users(
     State(state): State<AppState>,
     Path(slug): Path<String>,
     req: Request,
-) -> Response {
-    let result: Result<Response, PartnerError> = async {
-        let (body, workspace) = authorize(&state, &slug, req).await?;
-        let cohort_id = cohorts::parse_cohort_id(&body)?;
-        let changes = cohorts::parse_changes(&body)?;
-        let out = state.store().apply_cohort_changes(&workspace, &slug, cohort_id, changes, now()).await?;
-        metrics::counter!("tideway_cohort_identifiers_total", "partner" => partner(&slug).map_or("unknown", |p| p.slug), "outcome" => "matched")
-            .increment(out.matched as u64);
-        metrics::counter!("tideway_cohort_identifiers_total", "partner" => partner(&slug).map_or("unknown", |p| p.slug), "outcome" => "ignored")
-            .increment(out.ignored as u64);
-        Ok(success(membership_body(&out)))
+) -> Result<Response, PartnerError> {
+    let (body, workspace) = authorize(&state, &slug, req).await?;
+    let cohort_id = cohorts::parse_cohort_id(&body)?;
+    let changes = cohorts::parse_changes(&body)?;
+    let out = state
+        .store()
+        .apply_cohort_changes(&workspace, &slug, cohort_id, changes, now())
+        .await?;
+    // `authorize` has checked the slug names a known partner.
+    let label = partner(&slug).map_or("unknown", |p| p.slug);
+    for (outcome, count) in [("matched", out.matched), ("ignored", out.ignored)] {
+        metrics::counter!("tideway_cohort_identifiers_total", "partner" => label, "outcome" => outcome)
+            .increment(count as u64);
     }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    Ok(success(membership_body(&out)))
 }
 
 /// A webhook error in Heap's reference receiver's shape: `{"error": …}`.
@@ -401,10 +398,7 @@ async fn webhooks_for(
     )
 )]
 pub async fn heap_segment_sync(State(state): State<AppState>, req: Request) -> Response {
-    match webhooks_for(&state, None).await {
-        Ok(hooks) => segment_sync(&state, hooks, None, req).await,
-        Err(response) => response,
-    }
+    sync_for(&state, None, None, req).await
 }
 
 /// `POST /partners/heap/segment-sync/{workspace}` (app_group_id or name), plus the
@@ -414,10 +408,7 @@ pub async fn heap_segment_sync_workspace(
     Path(workspace): Path<String>,
     req: Request,
 ) -> Response {
-    match webhooks_for(&state, Some(&workspace)).await {
-        Ok(hooks) => segment_sync(&state, hooks, None, req).await,
-        Err(response) => response,
-    }
+    sync_for(&state, Some(&workspace), None, req).await
 }
 
 pub async fn heap_users_sync(
@@ -425,10 +416,7 @@ pub async fn heap_users_sync(
     Path(workspace): Path<String>,
     req: Request,
 ) -> Response {
-    match webhooks_for(&state, Some(&workspace)).await {
-        Ok(hooks) => segment_sync(&state, hooks, Some(SyncAction::Sync), req).await,
-        Err(response) => response,
-    }
+    sync_for(&state, Some(&workspace), Some(SyncAction::Sync), req).await
 }
 
 pub async fn heap_users_drain(
@@ -436,8 +424,18 @@ pub async fn heap_users_drain(
     Path(workspace): Path<String>,
     req: Request,
 ) -> Response {
-    match webhooks_for(&state, Some(&workspace)).await {
-        Ok(hooks) => segment_sync(&state, hooks, Some(SyncAction::Drain), req).await,
+    sync_for(&state, Some(&workspace), Some(SyncAction::Drain), req).await
+}
+
+/// Finds the candidate webhooks (one workspace, or all) and runs the call against them.
+async fn sync_for(
+    state: &AppState,
+    workspace: Option<&str>,
+    expected: Option<SyncAction>,
+    req: Request,
+) -> Response {
+    match webhooks_for(state, workspace).await {
+        Ok(hooks) => segment_sync(state, hooks, expected, req).await,
         Err(response) => response,
     }
 }
