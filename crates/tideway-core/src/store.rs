@@ -96,8 +96,25 @@ pub trait UserLookup {
 pub trait UserTx: UserLookup {
     /// Creates an empty user with a fresh dense sequence number.
     fn create_user(&mut self, braze_id: BrazeId, now: Millis) -> Result<UserRecord, StoreError>;
+    /// Creates a user with this external id (a store may do it in one write).
+    fn create_user_with_external_id(
+        &mut self,
+        braze_id: BrazeId,
+        external_id: &ExternalId,
+        now: Millis,
+    ) -> Result<UserRecord, StoreError> {
+        let mut user = self.create_user(braze_id, now)?;
+        user.external_id = Some(external_id.clone());
+        self.save_user(&user)?;
+        Ok(user)
+    }
     /// Writes identifiers and profile back.
     fn save_user(&mut self, user: &UserRecord) -> Result<(), StoreError>;
+    /// [`UserTx::save_user`] for a record the caller is done with (a store that keeps users
+    /// in memory can keep this one without copying it).
+    fn save_user_owned(&mut self, user: UserRecord) -> Result<(), StoreError> {
+        self.save_user(&user)
+    }
     /// Removes the user for good: identifiers, aliases, devices and profile are erased; the
     /// sequence number is never reused.
     fn delete_user(&mut self, user: UserSeq, now: Millis) -> Result<(), StoreError>;

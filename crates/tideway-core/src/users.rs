@@ -77,7 +77,7 @@ impl Touched {
 
     fn flush(&mut self, tx: &mut dyn UserTx) -> Result<(), StoreError> {
         for user in self.0.drain(..) {
-            tx.save_user(&user)?;
+            tx.save_user_owned(user)?;
         }
         Ok(())
     }
@@ -282,10 +282,8 @@ fn resolve_external(
     let mut user = match user {
         Some(u) => u,
         None if !target.update_existing_only => {
-            let mut u = new_user(tx, ctx)?;
-            u.external_id = Some(ext.clone());
-            tx.save_user(&u)?;
-            u
+            let braze_id = ctx.ids.braze_id();
+            tx.create_user_with_external_id(braze_id, ext, ctx.now)?
         }
         None => return Ok(Resolved::Skip),
     };

@@ -3,15 +3,23 @@
 //! Why a single writer: SQLite allows one writer at a time anyway, and a transaction's cost is
 //! dominated by its commit (the WAL append and, with `synchronous=FULL`, the fsync). So the
 //! writer drains every job that is waiting (up to `max_batch`), runs them all in one
-//! transaction — each inside its own savepoint, so one failing job rolls back alone — commits
-//! once, and only then answers each caller. A request is therefore acknowledged only after its
-//! data and its Currents events are durable, and many concurrent requests share one commit.
+//! transaction, commits once, and only then answers each caller. A request is therefore
+//! acknowledged only after its data and its Currents events are durable, and many concurrent
+//! requests share one commit.
+//!
+//! Jobs run optimistically, without savepoints (a savepoint copies every page a job touches
+//! into a sub-journal, which cost the ingest path a quarter of its time). Jobs rarely fail, and
+//! they are re-runnable: when one does, the whole batch is rolled back and run again with one
+//! savepoint per job, so the failing job rolls back alone. After the jobs, in the same
+//! transaction, the writer does a bounded step of the work kept behind the acknowledgements
+//! (`behind`: profile rows, the behaviour index).
 //!
 //! Readers use their own connections (WAL lets them run beside the writer) on tokio's blocking
 //! pool. Other processes (the admin CLI) may open the same file: SQLite's locking plus a busy
 //! timeout keep that safe.
 
 mod admin;
+mod behind;
 mod cohorts;
 pub mod currents;
 mod schema;
@@ -61,6 +69,10 @@ pub struct SqliteOptions {
     pub max_batch: usize,
     /// Longest array custom attribute (Braze's default is 25).
     pub max_array_len: usize,
+    /// About how long the writer takes to write deferred profile rows (one sweep, see
+    /// `behind`): longer coalesces more changes per row write; shorter keeps `user_log`
+    /// (replayed after a crash) shorter.
+    pub sweep_period: Duration,
 }
 
 impl Default for SqliteOptions {
@@ -69,28 +81,29 @@ impl Default for SqliteOptions {
             synchronous: Synchronous::Normal,
             max_batch: 512,
             max_array_len: 25,
+            sweep_period: behind::SWEEP_PERIOD,
         }
     }
-}
-
-/// What the writer hands back after running a job: whether it failed (so its savepoint is
-/// rolled back) and how to answer its caller once the commit outcome is known.
-struct JobDone {
-    failed: bool,
-    answer: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
 }
 
 /// What the writer thread keeps between jobs.
 struct WriterEnv {
     ids: RandomIds,
     options: SqliteOptions,
-    /// Users the writer has read or written recently. The writer is the only one that writes
-    /// users, so its cache stays true; it is dropped whenever a job or a commit fails, since a
-    /// rollback may have undone what it remembers.
+    /// The writer's view of users, the truth for the users it holds (see `UserCache`).
     cache: UserCache,
+    behind: behind::Behind,
 }
 
-type Job = Box<dyn FnOnce(&Connection, &mut WriterEnv) -> JobDone + Send>;
+/// One caller's operation. `run` may be called more than once (a failed optimistic batch is
+/// re-run with savepoints); each run leaves its result for `answer`, which is called once with
+/// the outcome of the commit.
+struct Job {
+    run: JobRun,
+    answer: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
+}
+
+type JobRun = Box<dyn FnMut(&Connection, &mut WriterEnv) -> Result<(), StoreError> + Send>;
 
 /// The SQLite-backed [`Store`].
 pub struct SqliteStore {
@@ -145,6 +158,21 @@ impl SqliteStore {
     pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let mut conn = open_connection(path, options.synchronous)?;
         schema::migrate(&mut conn).map_err(sql_err)?;
+        // Profiles logged but not yet written to their rows (a crash, or another process
+        // stopped) are written now, before anything reads the rows.
+        {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(sql_err)?;
+            let replayed = behind::replay(&tx)?;
+            tx.commit().map_err(sql_err)?;
+            if replayed > 0 {
+                tracing::info!(
+                    users = replayed,
+                    "wrote deferred profiles from the user log"
+                );
+            }
+        }
         // The channel bound is backpressure: when the writer falls behind, callers wait here
         // instead of piling up unbounded memory.
         let (jobs, rx) = mpsc::channel::<Job>(options.max_batch * 4);
@@ -157,6 +185,25 @@ impl SqliteStore {
             .name("tideway-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx, writer_options))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        // An idle writer still finishes the work it keeps behind: a tick is an empty job,
+        // and every batch ends with a step of that work. The tick holds only a weak sender, so
+        // dropping the store still stops the writer.
+        let weak = jobs.downgrade();
+        std::thread::Builder::new()
+            .name("tideway-sqlite-tick".into())
+            .spawn(move || {
+                while let Some(jobs) = weak.upgrade() {
+                    if jobs.capacity() == jobs.max_capacity() {
+                        let _ = jobs.try_send(Job {
+                            run: Box::new(|_, _| Ok(())),
+                            answer: Box::new(|_| ()),
+                        });
+                    }
+                    drop(jobs);
+                    std::thread::sleep(behind::TICK);
+                }
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the tick thread: {e}")))?;
         let (checkpoint_stop, stopped) = std::sync::mpsc::channel::<()>();
         let checkpointer = open_connection(path, options.synchronous)?;
         std::thread::Builder::new()
@@ -174,12 +221,12 @@ impl SqliteStore {
         })
     }
 
-    /// Runs `f` in the writer's current transaction (inside its own savepoint) and answers
-    /// after the commit.
-    fn write<T, F>(&self, f: F) -> StoreFuture<'_, T>
+    /// Runs `f` in the writer's current transaction and answers after the commit. `f` may run
+    /// more than once (only the last run's effects are committed).
+    fn write<T, F>(&self, mut f: F) -> StoreFuture<'_, T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection, &mut RandomIds, &SqliteOptions) -> Result<T, StoreError>
+        F: FnMut(&Connection, &mut RandomIds, &SqliteOptions) -> Result<T, StoreError>
             + Send
             + 'static,
     {
@@ -187,21 +234,34 @@ impl SqliteStore {
     }
 
     /// [`SqliteStore::write`] with access to the whole writer environment (the user cache).
-    fn write_env<T, F>(&self, f: F) -> StoreFuture<'_, T>
+    fn write_env<T, F>(&self, mut f: F) -> StoreFuture<'_, T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection, &mut WriterEnv) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&Connection, &mut WriterEnv) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel::<Result<T, StoreError>>();
-        let job: Job = Box::new(move |conn, env| {
-            let result = f(conn, env);
-            JobDone {
-                failed: result.is_err(),
-                answer: Box::new(move |commit| {
-                    let _ = reply.send(commit.and(result));
-                }),
-            }
-        });
+        let slot = Arc::new(Mutex::new(None::<Result<T, StoreError>>));
+        let run_slot = Arc::clone(&slot);
+        let job = Job {
+            run: Box::new(move |conn, env| {
+                let result = f(conn, env);
+                let failed = result.as_ref().err().cloned();
+                if let Ok(mut slot) = run_slot.lock() {
+                    *slot = Some(result);
+                }
+                failed.map_or(Ok(()), Err)
+            }),
+            answer: Box::new(move |commit| {
+                let result = slot
+                    .lock()
+                    .ok()
+                    .and_then(|mut s| s.take())
+                    .unwrap_or_else(|| {
+                        Err(StoreError::Unavailable("the write did not run".into()))
+                    });
+                let _ = reply.send(commit.and(result));
+            }),
+        };
         Box::pin(async move {
             self.jobs
                 .send(job)
@@ -213,13 +273,21 @@ impl SqliteStore {
         })
     }
 
+    /// Makes the workspace's `users` rows and behaviour index current (the writer keeps some
+    /// of both behind its acknowledgements): readers of profiles call it first, so they see
+    /// every write acknowledged before them.
+    fn flush_workspace(&self, workspace: WorkspaceId) -> StoreFuture<'_, ()> {
+        self.write_env(move |conn, env| behind::flush_workspace(conn, &mut env.cache, workspace.0))
+    }
+
     /// Runs a workspace-scoped user service in the writer.
     fn write_users<T, F>(&self, workspace: &Workspace, now: Millis, f: F) -> StoreFuture<'_, T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut SqlUsers<'_>, &mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&mut SqlUsers<'_>, &mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let workspace = workspace.clone();
+        let mut f = f;
         self.write_env(move |conn, env| {
             let mut tx = SqlUsers::writer(conn, workspace.id, &mut env.cache);
             let mut ctx = WriteCtx {
@@ -282,6 +350,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOpt
         ids: RandomIds,
         options: options.clone(),
         cache: UserCache::default(),
+        behind: behind::Behind::new(options.sweep_period),
     };
     let mut batch: Vec<Job> = Vec::with_capacity(options.max_batch);
     while let Some(first) = rx.blocking_recv() {
@@ -294,25 +363,9 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOpt
         }
         let size = batch.len();
         let started = std::time::Instant::now();
-        let mut answers = Vec::with_capacity(size);
-        let begun = conn.execute_batch("BEGIN IMMEDIATE").map_err(sql_err);
-        if let Err(e) = begun {
-            tracing::error!(error = %e, jobs = size, "cannot begin a write transaction");
-            for job in batch.drain(..) {
-                // The job never ran; answer its caller with the error via a no-op run.
-                let done = run_isolated_failure(job, &conn, &mut env);
-                (done.answer)(Err(e.clone()));
-            }
-            env.cache.clear();
-            continue;
-        }
-        for job in batch.drain(..) {
-            answers.push(run_in_savepoint(job, &conn, &mut env));
-        }
-        let committed = conn.execute_batch("COMMIT").map_err(sql_err);
+        let committed = run_batch(&conn, &mut env, &mut batch);
         if committed.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-            env.cache.clear();
+            behind::reset(&conn, &mut env.cache, &mut env.behind);
         }
         env.cache.trim();
         metrics::counter!("tideway_store_commits_total").increment(1);
@@ -321,25 +374,71 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOpt
         if let Err(e) = &committed {
             tracing::error!(error = %e, jobs = size, "commit failed; every job in the batch is answered with an error");
         }
-        for answer in answers {
-            answer(committed.clone());
+        for job in batch.drain(..) {
+            (job.answer)(committed.clone());
+        }
+    }
+    // Shutting down: write what is behind, so a clean stop leaves no log to replay.
+    if conn.execute_batch("BEGIN IMMEDIATE").is_ok() {
+        match behind::replay(&conn) {
+            Ok(_) => {
+                let _ = conn.execute_batch("COMMIT");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not write deferred profiles at shutdown; they are replayed at the next open");
+                let _ = conn.execute_batch("ROLLBACK");
+            }
         }
     }
 }
 
-fn run_in_savepoint(
-    job: Job,
-    conn: &Connection,
-    env: &mut WriterEnv,
-) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
-    if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-        let done = run_isolated_failure(job, conn, env);
-        let e = sql_err(e);
-        return Box::new(move |_| (done.answer)(Err(e)));
+/// Runs a batch in one transaction and commits it: optimistically without savepoints first;
+/// if a job fails, rolls everything back and runs the batch again with one savepoint per job.
+/// Then the step of work kept behind (in its own savepoint: if it fails, it is only delayed).
+fn run_batch(conn: &Connection, env: &mut WriterEnv, batch: &mut [Job]) -> Result<(), StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(sql_err)?;
+    let next = behind::next_log_id(conn);
+    match next {
+        Ok(next) => env.cache.next_log_id = env.cache.next_log_id.max(next),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
     }
-    let done = job(conn, env);
-    let undo = if done.failed {
-        env.cache.clear();
+    let failed = batch.iter_mut().any(|job| (job.run)(conn, env).is_err());
+    if failed {
+        metrics::counter!("tideway_store_batch_reruns_total").increment(1);
+        conn.execute_batch("ROLLBACK").map_err(sql_err)?;
+        behind::reset(conn, &mut env.cache, &mut env.behind);
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(sql_err)?;
+        for job in batch.iter_mut() {
+            run_in_savepoint(job, conn, env);
+        }
+    }
+    if conn.execute_batch("SAVEPOINT behind").is_ok() {
+        let stepped = behind::step(conn, &mut env.cache, &mut env.behind);
+        if let Err(e) = stepped {
+            tracing::warn!(error = %e, "work behind the log failed; retried after the next batch");
+            let _ = conn.execute_batch("ROLLBACK TO behind");
+            // What the step marked clean may have been rolled back with it.
+            behind::reset(conn, &mut env.cache, &mut env.behind);
+        }
+        let _ = conn.execute_batch("RELEASE behind");
+    }
+    let committed = conn.execute_batch("COMMIT").map_err(sql_err);
+    if committed.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    committed
+}
+
+/// Runs one job inside its own savepoint, rolling back only it if it fails.
+fn run_in_savepoint(job: &mut Job, conn: &Connection, env: &mut WriterEnv) {
+    if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        tracing::error!(error = %e, "cannot open a savepoint");
+        return;
+    }
+    let undo = if (job.run)(conn, env).is_err() {
         "ROLLBACK TO job; RELEASE job"
     } else {
         "RELEASE job"
@@ -347,19 +446,10 @@ fn run_in_savepoint(
     if let Err(e) = conn.execute_batch(undo) {
         tracing::error!(error = %e, "savepoint release failed");
     }
-    done.answer
-}
-
-/// Runs a job inside a savepoint that is always rolled back, used only to obtain its answer
-/// channel when the transaction could not be started.
-fn run_isolated_failure(job: Job, conn: &Connection, env: &mut WriterEnv) -> JobDone {
-    let _ = conn.execute_batch("SAVEPOINT discard");
-    let done = job(conn, env);
-    let _ = conn.execute_batch("ROLLBACK TO discard; RELEASE discard");
-    env.cache.clear();
-    JobDone {
-        failed: true,
-        answer: done.answer,
+    if undo.starts_with("ROLLBACK") {
+        // The cache may remember what the savepoint undid; the replay makes the rows (this
+        // transaction's view of them) the truth again.
+        behind::reset(conn, &mut env.cache, &mut env.behind);
     }
 }
 
@@ -379,7 +469,7 @@ impl Store for SqliteStore {
     }
 
     fn create_api_key(&self, key: NewApiKey) -> StoreFuture<'_, ApiKey> {
-        self.write(move |conn, _, _| admin::create_api_key(conn, key))
+        self.write(move |conn, _, _| admin::create_api_key(conn, key.clone()))
     }
 
     fn list_api_keys(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<ApiKey>> {
@@ -494,9 +584,13 @@ impl Store for SqliteStore {
         request: ExportRequest,
     ) -> StoreFuture<'_, ExportOutcome> {
         let ws = workspace.id;
-        self.read(move |conn| {
-            let mut lookup = SqlUsers::reader(conn, ws);
-            services::export_ids(&mut lookup, &request)
+        Box::pin(async move {
+            self.flush_workspace(ws).await?;
+            self.read(move |conn| {
+                let mut lookup = SqlUsers::reader(conn, ws);
+                services::export_ids(&mut lookup, &request)
+            })
+            .await
         })
     }
 
@@ -577,7 +671,9 @@ impl Store for SqliteStore {
         fresh: Secret,
         alias_label: Option<Option<AliasLabel>>,
     ) -> StoreFuture<'_, HeapWebhook> {
-        self.write(move |conn, _, _| cohorts::heap_webhook(conn, workspace, &fresh, alias_label))
+        self.write(move |conn, _, _| {
+            cohorts::heap_webhook(conn, workspace, &fresh, alias_label.clone())
+        })
     }
 
     fn heap_webhooks(&self) -> StoreFuture<'_, Vec<HeapWebhook>> {
@@ -670,7 +766,7 @@ impl Store for SqliteStore {
         workspace: WorkspaceId,
         segment: tideway_core::segments::Segment,
     ) -> StoreFuture<'_, tideway_core::segments::Segment> {
-        self.write(move |conn, _, _| segments::create_segment(conn, workspace, segment))
+        self.write(move |conn, _, _| segments::create_segment(conn, workspace, segment.clone()))
     }
 
     fn segment(
@@ -712,7 +808,11 @@ impl Store for SqliteStore {
         &self,
         workspace: WorkspaceId,
     ) -> StoreFuture<'_, tideway_core::segments::ProfileSnapshot> {
-        self.read(move |conn| segments::snapshot(conn, workspace))
+        Box::pin(async move {
+            self.flush_workspace(workspace).await?;
+            self.read(move |conn| segments::snapshot(conn, workspace))
+                .await
+        })
     }
 
     fn segment_profile_changes(
@@ -720,6 +820,10 @@ impl Store for SqliteStore {
         workspace: WorkspaceId,
         after: tideway_core::segments::FeedPosition,
     ) -> StoreFuture<'_, tideway_core::segments::ProfileChanges> {
-        self.read(move |conn| segments::changes(conn, workspace, after))
+        Box::pin(async move {
+            self.flush_workspace(workspace).await?;
+            self.read(move |conn| segments::changes(conn, workspace, after))
+                .await
+        })
     }
 }

@@ -263,6 +263,39 @@ CREATE TABLE user_merges (
 ) WITHOUT ROWID;
 CREATE INDEX user_merges_into ON user_merges(workspace_id, into_seq);
 "#,
+    // 6: profile writes behind a log. A saved profile is appended to `user_log` (its whole
+    // post-image) in the transaction that acknowledges it, and written to its `users` row
+    // later, in seq order, by the writer's sweep; `user_log` rows are deleted once a finished
+    // sweep has superseded them, and replayed into `users` when the store opens. The per-user
+    // index of custom events and purchases moves off `event_log` (a random insert per event on
+    // the ingest path) into `user_behaviors`, filled behind the log in sorted batches;
+    // `store_marks.behaviors_indexed_upto` says how far.
+    r#"
+CREATE TABLE user_log (
+    id            INTEGER PRIMARY KEY,
+    workspace_id  INTEGER NOT NULL,
+    seq           INTEGER NOT NULL,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    profile       TEXT NOT NULL
+);
+CREATE TABLE user_behaviors (
+    workspace_id  INTEGER NOT NULL,
+    user_seq      INTEGER NOT NULL,
+    log_seq       INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, user_seq, log_seq)
+) WITHOUT ROWID;
+INSERT INTO user_behaviors (workspace_id, user_seq, log_seq)
+    SELECT workspace_id, user_seq, seq FROM event_log
+    WHERE user_seq IS NOT NULL AND event_type IN ('users.behaviors.CustomEvent', 'users.behaviors.Purchase');
+DROP INDEX event_log_user_behaviors;
+CREATE TABLE store_marks (
+    name          TEXT PRIMARY KEY,
+    value         INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO store_marks (name, value)
+    VALUES ('behaviors_indexed_upto', (SELECT COALESCE(MAX(seq), 0) FROM event_log));
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.

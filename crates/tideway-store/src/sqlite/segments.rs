@@ -270,12 +270,52 @@ fn survivor(merged_into: &HashMap<u32, u32>, mut seq: u32) -> u32 {
     seq
 }
 
-/// One user's full profile for segment evaluation, or `None` if they are deleted or unknown.
+/// One behaviour row of `event_log`: (type, time, body).
+type BehaviorRow = (String, i64, String);
+
+/// The custom events and purchases logged in `(from, until]` that `user_behaviors` does not
+/// cover yet, grouped by the user they now belong to (following merges).
+fn unindexed_behaviors(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    from: i64,
+    until: i64,
+) -> Result<HashMap<u32, Vec<BehaviorRow>>, StoreError> {
+    let mut out: HashMap<u32, Vec<BehaviorRow>> = HashMap::new();
+    if until <= from {
+        return Ok(out);
+    }
+    let merged_into = merges(conn, workspace)?;
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT user_seq, event_type, time, body FROM event_log
+             WHERE workspace_id = ?1 AND seq > ?2 AND seq <= ?3 AND user_seq IS NOT NULL AND event_type IN {BEHAVIOR_TYPES}
+             ORDER BY seq"
+        ))
+        .map_err(sql_err)?;
+    let mut rows = stmt
+        .query(params![workspace.0, from, until])
+        .map_err(sql_err)?;
+    while let Some(row) = rows.next().map_err(sql_err)? {
+        let seq = survivor(&merged_into, row.get(0).map_err(sql_err)?);
+        out.entry(seq).or_default().push((
+            row.get(1).map_err(sql_err)?,
+            row.get(2).map_err(sql_err)?,
+            row.get(3).map_err(sql_err)?,
+        ));
+    }
+    Ok(out)
+}
+
+/// One user's full profile for segment evaluation, or `None` if they are deleted or unknown:
+/// behaviours up to `indexed` from `user_behaviors` (their own and those of the users merged
+/// into them), then `unindexed` (those logged after, up to the feed position).
 fn load_user(
     conn: &Connection,
     workspace: WorkspaceId,
     seq: u32,
-    until: i64,
+    indexed: i64,
+    unindexed: &HashMap<u32, Vec<BehaviorRow>>,
 ) -> Result<Option<SegmentUser>, StoreError> {
     let record = conn
         .prepare_cached(&format!(
@@ -289,17 +329,17 @@ fn load_user(
     let mut profile = base_profile(&record);
     {
         let mut stmt = conn
-            .prepare_cached(&format!(
+            .prepare_cached(
                 "WITH RECURSIVE merged(s) AS (
                      SELECT ?2 UNION SELECT m.from_seq FROM user_merges m JOIN merged ON m.into_seq = merged.s WHERE m.workspace_id = ?1
                  )
-                 SELECT event_type, time, body FROM event_log
-                 WHERE workspace_id = ?1 AND user_seq IN (SELECT s FROM merged) AND event_type IN {BEHAVIOR_TYPES} AND seq <= ?3
-                 ORDER BY seq"
-            ))
+                 SELECT e.event_type, e.time, e.body FROM user_behaviors b JOIN event_log e ON e.seq = b.log_seq
+                 WHERE b.workspace_id = ?1 AND b.user_seq IN (SELECT s FROM merged) AND b.log_seq <= ?3
+                 ORDER BY b.log_seq",
+            )
             .map_err(sql_err)?;
         let mut rows = stmt
-            .query(params![workspace.0, seq, until])
+            .query(params![workspace.0, seq, indexed])
             .map_err(sql_err)?;
         while let Some(row) = rows.next().map_err(sql_err)? {
             let event_type: String = row.get(0).map_err(sql_err)?;
@@ -307,6 +347,9 @@ fn load_user(
             let body: String = row.get(2).map_err(sql_err)?;
             add_behavior(&mut profile, &event_type, time, &body);
         }
+    }
+    for (event_type, time, body) in unindexed.get(&seq).into_iter().flatten() {
+        add_behavior(&mut profile, event_type, *time, body);
     }
     {
         let mut stmt = conn
@@ -398,8 +441,10 @@ pub fn changes(
             .map_err(sql_err)?;
         out.cohort_deltas = rows.collect::<Result<_, _>>().map_err(sql_err)?;
     }
+    let indexed = super::behind::indexed_upto(&tx)?.min(position.event_seq);
+    let unindexed = unindexed_behaviors(&tx, workspace, indexed, position.event_seq)?;
     for seq in seqs {
-        match load_user(&tx, workspace, seq, position.event_seq)? {
+        match load_user(&tx, workspace, seq, indexed, &unindexed)? {
             Some(user) => out.users.push(user),
             None => out.removed.push(UserSeq(seq)),
         }

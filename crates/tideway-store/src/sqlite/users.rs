@@ -4,7 +4,9 @@
 //! service can never reach another workspace's rows. Statements are prepared once per
 //! connection (`prepare_cached`), which matters on the ingest path.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tideway_core::clock::Millis;
@@ -26,54 +28,94 @@ pub struct SqlUsers<'c> {
     cache: Option<&'c mut UserCache>,
 }
 
-/// Users the writer thread has seen, so the ingest path does not re-read (and re-decode) a
-/// profile it wrote a moment ago, nor rewrite identifier index entries that did not change.
-/// Only the writer writes users, which keeps the cache true; the writer clears it whenever a
-/// rollback may have undone something it remembers.
+/// The writer's view of users: the users it has read or written, and the ones whose latest
+/// state is only in `user_log` so far (dirty: their `users` row is behind).
+///
+/// Only the writer writes users, so this view is the truth: a user found here is never re-read
+/// from the database, and a dirty user is never dropped from it until the sweep
+/// (`sqlite/behind.rs`) has written its row. Whenever a rollback may have undone something
+/// remembered here, the writer clears it and replays `user_log` into `users`
+/// ([`super::behind::reset`]), which makes the rows the truth again.
 #[derive(Default)]
 pub struct UserCache {
-    users: HashMap<(i64, u32), UserRecord>,
-    by_external: HashMap<(i64, String), u32>,
-    next_seq: HashMap<i64, u32>,
+    users: FxHashMap<(i64, u32), UserRecord>,
+    /// Per workspace: external id → seq (a map per workspace so a lookup borrows the id).
+    by_external: FxHashMap<i64, FxHashMap<String, u32>>,
+    next_seq: FxHashMap<i64, u32>,
+    /// Users whose `users` row is behind, keyed in row order, with the row as it must become.
+    pub(super) dirty: BTreeMap<(i64, u32), PendingRow>,
+    /// The id the next `user_log` row gets (monotonic for the writer's life).
+    pub(super) next_log_id: i64,
+}
+
+/// A `users` row's profile columns as the sweep will write them (the post-image also logged).
+pub(super) struct PendingRow {
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub profile: String,
 }
 
 impl UserCache {
-    /// Above this many cached users the cache starts over (bounded memory, ~1 KB a user).
+    /// Above this many cached users the clean ones are dropped (bounded memory, ~1 KB a user).
     const MAX_USERS: usize = 200_000;
 
     pub fn clear(&mut self) {
         self.users.clear();
         self.by_external.clear();
         self.next_seq.clear();
+        self.dirty.clear();
     }
 
-    /// Keeps memory bounded; called between batches.
+    /// Keeps memory bounded; called between batches. Dirty users stay: their rows are behind.
     pub fn trim(&mut self) {
         if self.users.len() > Self::MAX_USERS {
-            self.users.clear();
-            self.by_external.clear();
+            let dirty = &self.dirty;
+            self.users.retain(|key, _| dirty.contains_key(key));
+            let users = &self.users;
+            for (ws, ids) in &mut self.by_external {
+                ids.retain(|_, seq| users.contains_key(&(*ws, *seq)));
+            }
         }
+    }
+
+    /// Number of users whose row is behind.
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.len()
     }
 
     fn remember(&mut self, ws: WorkspaceId, user: &UserRecord) {
-        if let Some(old) = self.users.get(&(ws.0, user.seq.0))
-            && let Some(ext) = &old.external_id
-            && old.external_id != user.external_id
-        {
-            self.by_external.remove(&(ws.0, ext.as_str().to_owned()));
+        self.keep(ws, user.clone());
+    }
+
+    /// Remembers `user` as the truth, keeping the external-id map in step.
+    fn keep(&mut self, ws: WorkspaceId, user: UserRecord) {
+        let old_ext = self
+            .users
+            .get(&(ws.0, user.seq.0))
+            .and_then(|old| old.external_id.as_ref());
+        if old_ext != user.external_id.as_ref() {
+            let ids = self.by_external.entry(ws.0).or_default();
+            if let Some(ext) = old_ext {
+                ids.remove(ext.as_str());
+            }
+            if let Some(ext) = &user.external_id {
+                ids.insert(ext.as_str().to_owned(), user.seq.0);
+            }
         }
-        if let Some(ext) = &user.external_id {
-            self.by_external
-                .insert((ws.0, ext.as_str().to_owned()), user.seq.0);
-        }
-        self.users.insert((ws.0, user.seq.0), user.clone());
+        self.users.insert((ws.0, user.seq.0), user);
+    }
+
+    fn seq_of_external(&self, ws: WorkspaceId, id: &ExternalId) -> Option<u32> {
+        self.by_external.get(&ws.0)?.get(id.as_str()).copied()
     }
 
     fn forget(&mut self, ws: WorkspaceId, seq: UserSeq) {
+        self.dirty.remove(&(ws.0, seq.0));
         if let Some(old) = self.users.remove(&(ws.0, seq.0))
             && let Some(ext) = old.external_id
+            && let Some(ids) = self.by_external.get_mut(&ws.0)
         {
-            self.by_external.remove(&(ws.0, ext.as_str().to_owned()));
+            ids.remove(ext.as_str());
         }
     }
 }
@@ -95,11 +137,21 @@ impl<'c> SqlUsers<'c> {
         }
     }
 
+    /// Passes a user read from the database through the writer's cache: a cached user is
+    /// fresher than its row (the row may be behind), so the cached copy wins; otherwise the
+    /// row is remembered.
     fn remember(&mut self, user: Option<UserRecord>) -> Option<UserRecord> {
-        if let (Some(cache), Some(u)) = (self.cache.as_deref_mut(), &user) {
-            cache.remember(self.workspace, u);
+        let ws = self.workspace;
+        match (self.cache.as_deref_mut(), user) {
+            (Some(cache), Some(u)) => match cache.users.get(&(ws.0, u.seq.0)) {
+                Some(cached) => Some(cached.clone()),
+                None => {
+                    cache.remember(ws, &u);
+                    Some(u)
+                }
+            },
+            (_, user) => user,
         }
-        user
     }
 
     fn cached(&self, seq: u32) -> Option<UserRecord> {
@@ -155,10 +207,13 @@ impl SqlUsers<'_> {
         let rows = stmt
             .query_map(params![self.workspace.0, key], user_from_row)
             .map_err(sql_err)?;
-        let users: Vec<UserRecord> = rows.collect::<Result<_, _>>().map_err(sql_err)?;
-        for u in &users {
-            self.remember(Some(u.clone()));
-        }
+        let rows: Vec<UserRecord> = rows.collect::<Result<_, _>>().map_err(sql_err)?;
+        let mut users: Vec<UserRecord> = rows
+            .into_iter()
+            .filter_map(|u| self.remember(Some(u)))
+            .collect();
+        // The rows' order used their `updated_at`, which may be behind the cached users'.
+        users.sort_by_key(|u| std::cmp::Reverse((u.updated_at, u.seq.0)));
         Ok(users)
     }
 
@@ -192,11 +247,11 @@ impl SqlUsers<'_> {
 
 impl UserLookup for SqlUsers<'_> {
     fn user_by_external_id(&mut self, id: &ExternalId) -> Result<Option<UserRecord>, StoreError> {
-        let known = self.cache.as_deref().and_then(|c| {
-            c.by_external
-                .get(&(self.workspace.0, id.as_str().to_owned()))
-                .copied()
-        });
+        let ws = self.workspace;
+        let known = self
+            .cache
+            .as_deref()
+            .and_then(|c| c.seq_of_external(ws, id));
         if let Some(user) = known.and_then(|seq| self.cached(seq)) {
             return Ok(Some(user));
         }
@@ -304,11 +359,12 @@ impl UserLookup for SqlUsers<'_> {
     }
 
     fn seq_by_external_id(&mut self, id: &ExternalId) -> Result<Option<UserSeq>, StoreError> {
-        if let Some(seq) = self.cache.as_deref().and_then(|c| {
-            c.by_external
-                .get(&(self.workspace.0, id.as_str().to_owned()))
-                .copied()
-        }) {
+        let ws = self.workspace;
+        if let Some(seq) = self
+            .cache
+            .as_deref()
+            .and_then(|c| c.seq_of_external(ws, id))
+        {
             return Ok(Some(UserSeq(seq)));
         }
         let ws = self.workspace.0;
@@ -347,21 +403,70 @@ impl UserLookup for SqlUsers<'_> {
 }
 
 impl SqlUsers<'_> {
-    fn seq_where(
-        &self,
-        sql: &str,
-        params: impl rusqlite::Params,
-    ) -> Result<Option<UserSeq>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
-        stmt.query_row(params, |r| r.get::<_, u32>(0))
-            .optional()
-            .map(|s| s.map(UserSeq))
-            .map_err(sql_err)
+    /// Writes `user` (see `save_user`) without remembering it in the cache.
+    fn write_user(&mut self, user: &UserRecord) -> Result<(), StoreError> {
+        let profile = profile_codec::encode(&user.profile);
+        let ws = self.workspace;
+        // When the identifiers are as the writer last saw them, only the profile changed: log
+        // its post-image (one append) and let the sweep write the row later, in row order,
+        // together with the user's other changes. Identifier changes are written to the row at
+        // once, since lookups by external id, email and phone read the rows' indexes.
+        if let Some(cache) = self.cache.as_deref_mut()
+            && cache.users.get(&(ws.0, user.seq.0)).is_some_and(|old| {
+                old.external_id == user.external_id
+                    && old.email == user.email
+                    && old.phone == user.phone
+            })
+        {
+            log_post_image(self.conn, cache, ws, user, &profile)?;
+            cache.dirty.insert(
+                (ws.0, user.seq.0),
+                PendingRow {
+                    created_at: user.created_at.0,
+                    updated_at: user.updated_at.0,
+                    profile,
+                },
+            );
+            return Ok(());
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "UPDATE OR FAIL users SET external_id = ?3, email = ?4, phone = ?5, created_at = ?6, updated_at = ?7, profile = ?8
+                 WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL",
+            )
+            .map_err(sql_err)?;
+        let changed = stmt
+            .execute(params![
+                ws.0,
+                user.seq.0,
+                user.external_id.as_ref().map(ExternalId::as_str),
+                user.email.as_ref().map(Email::as_str),
+                user.phone.as_ref().map(Phone::as_str),
+                user.created_at.0,
+                user.updated_at.0,
+                profile,
+            ])
+            .map_err(sql_err)?;
+        if changed != 1 {
+            return Err(StoreError::NotFound(format!("user {}", user.braze_id)));
+        }
+        if let Some(cache) = self.cache.as_deref_mut() {
+            // Logged too, so a replay after a crash, which applies each user's last logged
+            // state, never puts an older deferred state over this one.
+            log_post_image(self.conn, cache, ws, user, &profile)?;
+            cache.dirty.remove(&(ws.0, user.seq.0));
+        }
+        Ok(())
     }
-}
 
-impl UserTx for SqlUsers<'_> {
-    fn create_user(&mut self, braze_id: BrazeId, now: Millis) -> Result<UserRecord, StoreError> {
+    /// One INSERT for a new user, with its external id when it has one.
+    fn insert_user(
+        &mut self,
+        braze_id: BrazeId,
+        external_id: Option<&ExternalId>,
+        now: Millis,
+    ) -> Result<UserRecord, StoreError> {
         let ws = self.workspace.0;
         let seq = match self
             .cache
@@ -379,20 +484,21 @@ impl UserTx for SqlUsers<'_> {
                 next.query_row([ws], |r| r.get(0)).map_err(sql_err)?
             }
         };
-        let user = UserRecord::new(UserSeq(seq), braze_id, now);
-        let mut insert = self
-            .conn
+        let mut user = UserRecord::new(UserSeq(seq), braze_id, now);
+        user.external_id = external_id.cloned();
+        self.conn
             .prepare_cached(
-                "INSERT INTO users (workspace_id, seq, braze_id, created_at, updated_at, profile) VALUES (?1, ?2, ?3, ?4, ?4, '{}')",
+                "INSERT OR FAIL INTO users (workspace_id, seq, braze_id, external_id, created_at, updated_at, profile) VALUES (?1, ?2, ?3, ?4, ?5, ?5, '{}')",
             )
-            .map_err(sql_err)?;
-        insert
-            .execute(params![
-                self.workspace.0,
-                seq,
-                user.braze_id.as_str(),
-                now.0
-            ])
+            .and_then(|mut s| {
+                s.execute(params![
+                    ws,
+                    seq,
+                    user.braze_id.as_str(),
+                    external_id.map(ExternalId::as_str),
+                    now.0
+                ])
+            })
             .map_err(sql_err)?;
         if let Some(cache) = self.cache.as_deref_mut() {
             cache.next_seq.insert(ws, seq + 1);
@@ -401,55 +507,49 @@ impl UserTx for SqlUsers<'_> {
         Ok(user)
     }
 
+    fn seq_where(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Option<UserSeq>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(sql_err)?;
+        stmt.query_row(params, |r| r.get::<_, u32>(0))
+            .optional()
+            .map(|s| s.map(UserSeq))
+            .map_err(sql_err)
+    }
+}
+
+impl UserTx for SqlUsers<'_> {
+    fn create_user(&mut self, braze_id: BrazeId, now: Millis) -> Result<UserRecord, StoreError> {
+        self.insert_user(braze_id, None, now)
+    }
+
+    fn create_user_with_external_id(
+        &mut self,
+        braze_id: BrazeId,
+        external_id: &ExternalId,
+        now: Millis,
+    ) -> Result<UserRecord, StoreError> {
+        self.insert_user(braze_id, Some(external_id), now)
+    }
+
     fn save_user(&mut self, user: &UserRecord) -> Result<(), StoreError> {
-        // When the identifiers are as the writer last saw them, write only the profile: an
-        // UPDATE naming indexed columns rewrites their index entries even if equal.
-        let identifiers_unchanged = self.cached(user.seq.0).is_some_and(|old| {
-            old.external_id == user.external_id
-                && old.email == user.email
-                && old.phone == user.phone
-        });
-        if identifiers_unchanged {
-            let changed = self
-                .conn
-                .prepare_cached(
-                    "UPDATE users SET created_at = ?3, updated_at = ?4, profile = ?5 WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![self.workspace.0, user.seq.0, user.created_at.0, user.updated_at.0, profile_codec::encode(&user.profile)])
-                })
-                .map_err(sql_err)?;
-            if changed != 1 {
-                return Err(StoreError::NotFound(format!("user {}", user.braze_id)));
-            }
-            self.remember(Some(user.clone()));
-            return Ok(());
+        self.write_user(user)?;
+        let ws = self.workspace;
+        if let Some(cache) = self.cache.as_deref_mut() {
+            cache.remember(ws, user);
         }
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "UPDATE users SET external_id = ?3, email = ?4, phone = ?5, created_at = ?6, updated_at = ?7, profile = ?8
-                 WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL",
-            )
-            .map_err(sql_err)?;
-        let changed = stmt
-            .execute(params![
-                self.workspace.0,
-                user.seq.0,
-                user.external_id.as_ref().map(ExternalId::as_str),
-                user.email.as_ref().map(Email::as_str),
-                user.phone.as_ref().map(Phone::as_str),
-                user.created_at.0,
-                user.updated_at.0,
-                profile_codec::encode(&user.profile),
-            ])
-            .map_err(sql_err)?;
-        if changed == 1 {
-            self.remember(Some(user.clone()));
-            Ok(())
-        } else {
-            Err(StoreError::NotFound(format!("user {}", user.braze_id)))
+        Ok(())
+    }
+
+    fn save_user_owned(&mut self, user: UserRecord) -> Result<(), StoreError> {
+        self.write_user(&user)?;
+        let ws = self.workspace;
+        if let Some(cache) = self.cache.as_deref_mut() {
+            cache.keep(ws, user);
         }
+        Ok(())
     }
 
     fn delete_user(&mut self, user: UserSeq, now: Millis) -> Result<(), StoreError> {
@@ -562,7 +662,7 @@ impl UserTx for SqlUsers<'_> {
     ) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
-                "INSERT INTO event_log (workspace_id, user_seq, event_id, event_type, time, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR FAIL INTO event_log (workspace_id, user_seq, event_id, event_type, time, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -577,4 +677,31 @@ impl UserTx for SqlUsers<'_> {
             .map_err(sql_err)?;
         Ok(())
     }
+}
+
+/// Appends a user's profile post-image to `user_log`, in the transaction that acknowledges it.
+fn log_post_image(
+    conn: &Connection,
+    cache: &mut UserCache,
+    ws: WorkspaceId,
+    user: &UserRecord,
+    profile: &str,
+) -> Result<(), StoreError> {
+    let id = cache.next_log_id;
+    conn.prepare_cached(
+        "INSERT OR FAIL INTO user_log (id, workspace_id, seq, created_at, updated_at, profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            id,
+            ws.0,
+            user.seq.0,
+            user.created_at.0,
+            user.updated_at.0,
+            profile
+        ])
+    })
+    .map_err(sql_err)?;
+    cache.next_log_id += 1;
+    Ok(())
 }

@@ -14,6 +14,7 @@ use tideway_core::track::parse_track;
 use tideway_core::users::{ExportRequest, IdentifyItem, IdentifySource, RenameItem};
 use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
+mod behind;
 mod cohorts;
 
 const NOW: Millis = Millis(1_750_000_000_000);

@@ -1,0 +1,183 @@
+//! The work the writer keeps behind its acknowledgements: profile rows written later from
+//! `user_log`, replayed after a crash, swept when idle; the behaviour index filled behind the
+//! log; and the optimistic batch that re-runs with savepoints when a job fails.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use serde_json::json;
+use tideway_core::store::{Store, StoreError};
+use tideway_store::sqlite::{SqliteOptions, SqliteStore};
+
+use super::{NOW, export_one, track};
+
+fn open_with(dir: &tempfile::TempDir, sweep_period: Duration) -> SqliteStore {
+    let options = SqliteOptions {
+        sweep_period,
+        ..SqliteOptions::default()
+    };
+    SqliteStore::open(&dir.path().join("t.sqlite"), options).expect("open store")
+}
+
+fn raw(dir: &tempfile::TempDir) -> Connection {
+    Connection::open(dir.path().join("t.sqlite")).unwrap()
+}
+
+fn count(conn: &Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// The profile text in a user's row, read straight from the file.
+fn row_profile(conn: &Connection, external_id: &str) -> String {
+    conn.query_row(
+        "SELECT profile FROM users WHERE external_id = ?1",
+        [external_id],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_logged_but_not_yet_in_their_rows_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    // A sweep period far longer than the test: rows stay behind unless replayed.
+    let store = open_with(&dir, Duration::from_secs(3600));
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    for round in 0..3 {
+        let attributes: Vec<_> = (0..50)
+            .map(|i| json!({"external_id": format!("u{i}"), "round": round, "first_name": format!("N{round}")}))
+            .collect();
+        track(&store, &ws, json!({"attributes": attributes})).await;
+    }
+    let file = raw(&dir);
+    assert!(
+        count(&file, "SELECT COUNT(*) FROM user_log") >= 50,
+        "the acknowledged profiles are in the log"
+    );
+    assert!(
+        !row_profile(&file, "u7").contains("\"round\":2"),
+        "and not yet in their rows (this test exercises the replay)"
+    );
+    // A crash: the writer never gets to write the rows or replay at shutdown.
+    std::mem::forget(store);
+    let store = open_with(&dir, Duration::from_secs(3600));
+    assert_eq!(
+        count(&file, "SELECT COUNT(*) FROM user_log"),
+        0,
+        "replayed on open"
+    );
+    assert!(row_profile(&file, "u7").contains("\"round\":2"));
+    let ws = store.workspace_by_name("w").await.unwrap().unwrap();
+    for i in [0, 7, 49] {
+        let user = export_one(&store, &ws, &format!("u{i}")).await.unwrap();
+        assert_eq!(user["custom_attributes"]["round"], 2);
+        assert_eq!(user["first_name"], "N2");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_see_every_acknowledged_write_though_rows_are_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(&dir, Duration::from_secs(3600));
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    track(
+        &store,
+        &ws,
+        json!({"attributes": [{"external_id": "a", "plan": "free"}]}),
+    )
+    .await;
+    track(
+        &store,
+        &ws,
+        json!({"attributes": [{"external_id": "a", "plan": "pro", "visits": {"inc": 2}}]}),
+    )
+    .await;
+    let user = export_one(&store, &ws, "a").await.unwrap();
+    assert_eq!(user["custom_attributes"]["plan"], "pro");
+    assert_eq!(user["custom_attributes"]["visits"], 2);
+    // The segment feed reads rows too: it sees the same.
+    let snapshot = store.segment_profiles(ws.id).await.unwrap();
+    assert_eq!(snapshot.users.len(), 1);
+    assert_eq!(
+        snapshot.users[0].profile.attributes.get("plan"),
+        Some(&json!("pro"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_writer_sweeps_every_row_and_empties_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(&dir, Duration::from_millis(200));
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    for chunk in 0..4 {
+        let attributes: Vec<_> = (chunk * 75..(chunk + 1) * 75)
+            .map(|i| json!({"external_id": format!("u{i}"), "plan": "pro"}))
+            .collect();
+        track(&store, &ws, json!({"attributes": attributes})).await;
+    }
+    track(
+        &store,
+        &ws,
+        json!({"events": [{"external_id": "u1", "name": "opened", "time": "2025-01-01T00:00:00Z"}]}),
+    )
+    .await;
+    let file = raw(&dir);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let logged = count(&file, "SELECT COUNT(*) FROM user_log");
+        let behind = count(
+            &file,
+            "SELECT COUNT(*) FROM users WHERE profile NOT LIKE '%\"plan\":\"pro\"%'",
+        );
+        let indexed = count(&file, "SELECT COUNT(*) FROM user_behaviors");
+        if logged == 0 && behind == 0 && indexed == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still behind: {logged} logged, {behind} rows, {indexed} behaviours indexed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_in_an_optimistic_batch_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open_with(&dir, Duration::from_secs(3600)));
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..120 {
+        let store = Arc::clone(&store);
+        let ws = ws.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 20 == 0 {
+                // Conflicts: fails inside the batch it lands in.
+                Err(store.create_workspace("w", NOW).await.err())
+            } else {
+                Ok(track(
+                    &store,
+                    &ws,
+                    json!({"attributes": [{"external_id": format!("u{i}"), "n": i}],
+                           "events": [{"external_id": format!("u{i}"), "name": "e", "time": "2025-01-01T00:00:00Z"}]}),
+                )
+                .await)
+            }
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(out) => assert_eq!((out.attributes_processed, out.events_processed), (1, 1)),
+            Err(e) => assert!(matches!(e, Some(StoreError::Conflict(_))), "job {i}: {e:?}"),
+        }
+    }
+    let events = store.read_events(ws.id, 0, 10_000).await.unwrap();
+    assert_eq!(events.len(), 2 * 114, "every successful job's events, once");
+    for i in [1, 57, 119] {
+        let user = export_one(&store, &ws, &format!("u{i}")).await.unwrap();
+        assert_eq!(user["custom_attributes"]["n"], i);
+    }
+    assert_eq!(store.list_workspaces().await.unwrap().len(), 1);
+}
