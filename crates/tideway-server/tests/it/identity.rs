@@ -91,9 +91,12 @@ async fn an_alias_only_user_merges_into_the_identified_one() {
     );
     let orphans = s.events_of_type(&ws, EventType::UserOrphan).await;
     assert_eq!(orphans.len(), 1);
-    assert_eq!(orphans[0].event.body["user"]["user_id"], anon["braze_id"]);
     assert_eq!(
-        orphans[0].event.body["properties"]["orphaned_by_id"],
+        orphans[0].event.body_value()["user"]["user_id"],
+        anon["braze_id"]
+    );
+    assert_eq!(
+        orphans[0].event.body_value()["properties"]["orphaned_by_id"],
         known["braze_id"]
     );
 }

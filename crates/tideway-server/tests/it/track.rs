@@ -320,7 +320,7 @@ async fn a_device_id_makes_an_anonymous_user_that_external_id_later_identifies()
     assert_eq!(anon["device_ids"], json!(["dev1"]));
     let custom = s.events_of_type(&ws, EventType::CustomEvent).await;
     assert_eq!(
-        custom[0].event.body["user"],
+        custom[0].event.body_value()["user"],
         json!({"user_id": anon["braze_id"], "device_id": "dev1"})
     );
 
@@ -365,9 +365,9 @@ async fn a_device_id_makes_an_anonymous_user_that_external_id_later_identifies()
     );
     let orphans = s.events_of_type(&ws, EventType::UserOrphan).await;
     assert_eq!(orphans.len(), 1);
-    assert_eq!(orphans[0].event.body["user"]["user_id"], anon2);
+    assert_eq!(orphans[0].event.body_value()["user"]["user_id"], anon2);
     assert_eq!(
-        orphans[0].event.body["properties"]["orphaned_by_id"],
+        orphans[0].event.body_value()["properties"]["orphaned_by_id"],
         u2["braze_id"]
     );
 }
@@ -403,7 +403,7 @@ async fn each_accepted_change_logs_exactly_one_currents_event() {
             EventType::Purchase
         ]
     );
-    let update = &events[0].event.body;
+    let update = &events[0].event.body_value();
     assert_eq!(update["event_type"], "users.profile.Update");
     assert_eq!(
         update["user"],
@@ -414,7 +414,7 @@ async fn each_accepted_change_logs_exactly_one_currents_event() {
         update["properties"]["app_group_id"],
         ws.app_group_id.as_str()
     );
-    let custom = &events[1].event.body;
+    let custom = &events[1].event.body_value();
     assert_eq!(custom["event_type"], "users.behaviors.CustomEvent");
     assert_eq!(
         custom["user"],
@@ -425,7 +425,7 @@ async fn each_accepted_change_logs_exactly_one_currents_event() {
     assert_eq!(custom["properties"]["custom_properties"], json!({"k": "v"}));
     assert_eq!(custom["time"], 1_735_689_600);
     for purchase in &events[2..] {
-        let body = &purchase.event.body;
+        let body = &purchase.event.body_value();
         assert_eq!(body["event_type"], "users.behaviors.Purchase");
         assert_eq!(
             body["user"],
@@ -483,17 +483,17 @@ async fn each_accepted_change_logs_exactly_one_currents_event() {
             EventType::UserDeleteRequest,
         ]
     );
-    let orphan = &events[5].event.body;
+    let orphan = &events[5].event.body_value();
     assert_eq!(orphan["user"]["user_id"], alias_user);
     assert_eq!(orphan["properties"]["orphaned_by_id"], braze);
-    let delete = &events[6].event.body;
+    let delete = &events[6].event.body_value();
     assert_eq!(delete["user"], json!({"user_id": braze}));
     let ids: HashSet<String> = events.iter().map(|e| e.event.id.0.clone()).collect();
     assert_eq!(ids.len(), events.len(), "event ids are unique");
     assert!(
         events
             .iter()
-            .all(|e| e.event.body["id"] == e.event.id.0.as_str())
+            .all(|e| e.event.body_value()["id"] == e.event.id.0.as_str())
     );
     // A user deleted is gone from export.
     let gone = s

@@ -202,7 +202,8 @@ pub fn read_events(
         let (seq, user, id, event_type, time, body) = row.map_err(sql_err)?;
         let event_type = EventType::parse(&event_type)
             .ok_or_else(|| StoreError::Corrupt(format!("event type {event_type}")))?;
-        let body = serde_json::from_str(&body)
+        // The text is kept as logged (it is what the exporter sends); it must still be JSON.
+        serde_json::from_str::<serde_json::Value>(&body)
             .map_err(|e| StoreError::Corrupt(format!("event body: {e}")))?;
         out.push(LoggedEvent {
             seq,

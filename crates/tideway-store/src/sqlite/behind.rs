@@ -20,13 +20,14 @@
 //! remembered, [`reset`]s: the cache is dropped and `user_log` is replayed into `users` (each
 //! user's last logged state), which makes the rows the truth again.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 use tideway_core::store::StoreError;
 
 use super::sql_err;
-use super::users::UserCache;
+use super::users::{LogEntry, UserCache};
 
 /// About how long one sweep over the dirty users takes, by default. Longer means fewer row
 /// writes (a user changed many times is written once) and a longer `user_log` to replay after
@@ -98,17 +99,40 @@ pub fn reset(conn: &Connection, cache: &mut UserCache, behind: &mut Behind) {
 
 /// Writes each user's last logged state into their row, then empties the log.
 pub fn replay(conn: &Connection) -> Result<usize, StoreError> {
-    let applied = conn
+    let mut latest: BTreeMap<(i64, u32), LogEntry> = BTreeMap::new();
+    {
+        let mut stmt = conn
+            .prepare_cached("SELECT entries FROM user_log ORDER BY id")
+            .map_err(sql_err)?;
+        let mut rows = stmt.query([]).map_err(sql_err)?;
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            let bytes = row
+                .get_ref(0)
+                .and_then(|v| v.as_blob().map_err(Into::into))
+                .map_err(sql_err)?;
+            for entry in LogEntry::decode(bytes)? {
+                latest.insert((entry.workspace, entry.seq), entry);
+            }
+        }
+    }
+    let mut stmt = conn
         .prepare_cached(
-            "UPDATE users SET created_at = l.created_at, updated_at = l.updated_at, profile = l.profile
-             FROM (SELECT workspace_id, seq, created_at, updated_at, profile FROM user_log
-                   WHERE id IN (SELECT MAX(id) FROM user_log GROUP BY workspace_id, seq)) AS l
-             WHERE users.workspace_id = l.workspace_id AND users.seq = l.seq AND users.deleted_at IS NULL",
+            "UPDATE OR FAIL users SET created_at = ?3, updated_at = ?4, profile = ?5
+             WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL",
         )
-        .and_then(|mut s| s.execute([]))
         .map_err(sql_err)?;
+    for ((ws, seq), entry) in &latest {
+        stmt.execute(params![
+            ws,
+            seq,
+            entry.created_at,
+            entry.updated_at,
+            entry.profile
+        ])
+        .map_err(sql_err)?;
+    }
     conn.execute("DELETE FROM user_log", []).map_err(sql_err)?;
-    Ok(applied)
+    Ok(latest.len())
 }
 
 /// The id the next `user_log` row may take (above any row present).

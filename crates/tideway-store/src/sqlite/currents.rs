@@ -1044,7 +1044,7 @@ pub fn append_events(
             event.id.0,
             event.event_type.as_str(),
             event.time,
-            event.body.to_string()
+            event.body.as_str()
         ])
         .map_err(sql_err)?;
         last = conn.last_insert_rowid();

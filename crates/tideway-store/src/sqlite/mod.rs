@@ -182,7 +182,7 @@ impl SqliteStore {
             .map_err(sql_err)?;
         let writer_options = options.clone();
         std::thread::Builder::new()
-            .name("tideway-sqlite-writer".into())
+            .name("tideway-writer".into())
             .spawn(move || writer_loop(conn, rx, writer_options))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
         // An idle writer still finishes the work it keeps behind: a tick is an empty job,
@@ -190,7 +190,7 @@ impl SqliteStore {
         // dropping the store still stops the writer.
         let weak = jobs.downgrade();
         std::thread::Builder::new()
-            .name("tideway-sqlite-tick".into())
+            .name("tideway-tick".into())
             .spawn(move || {
                 while let Some(jobs) = weak.upgrade() {
                     if jobs.capacity() == jobs.max_capacity() {
@@ -207,7 +207,7 @@ impl SqliteStore {
         let (checkpoint_stop, stopped) = std::sync::mpsc::channel::<()>();
         let checkpointer = open_connection(path, options.synchronous)?;
         std::thread::Builder::new()
-            .name("tideway-sqlite-checkpoint".into())
+            .name("tideway-ckpt".into())
             .spawn(move || checkpoint_loop(&checkpointer, &stopped))
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}"))
@@ -296,7 +296,9 @@ impl SqliteStore {
                 ids: &mut env.ids,
                 max_array_len: env.options.max_array_len,
             };
-            f(&mut tx, &mut ctx)
+            let out = f(&mut tx, &mut ctx)?;
+            tx.finish()?;
+            Ok(out)
         })
     }
 
@@ -347,7 +349,7 @@ fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
 
 fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOptions) {
     let mut env = WriterEnv {
-        ids: RandomIds,
+        ids: RandomIds::default(),
         options: options.clone(),
         cache: UserCache::default(),
         behind: behind::Behind::new(options.sweep_period),

@@ -264,20 +264,17 @@ CREATE TABLE user_merges (
 CREATE INDEX user_merges_into ON user_merges(workspace_id, into_seq);
 "#,
     // 6: profile writes behind a log. A saved profile is appended to `user_log` (its whole
-    // post-image) in the transaction that acknowledges it, and written to its `users` row
+    // post-image; one row holds a job's) in the transaction that acknowledges it, and written to its `users` row
     // later, in seq order, by the writer's sweep; `user_log` rows are deleted once a finished
     // sweep has superseded them, and replayed into `users` when the store opens. The per-user
     // index of custom events and purchases moves off `event_log` (a random insert per event on
     // the ingest path) into `user_behaviors`, filled behind the log in sorted batches;
     // `store_marks.behaviors_indexed_upto` says how far.
     r#"
+-- One row per job: its users' post-images, encoded by `sqlite/users.rs` (`LogEntry`).
 CREATE TABLE user_log (
     id            INTEGER PRIMARY KEY,
-    workspace_id  INTEGER NOT NULL,
-    seq           INTEGER NOT NULL,
-    created_at    INTEGER NOT NULL,
-    updated_at    INTEGER NOT NULL,
-    profile       TEXT NOT NULL
+    entries       BLOB NOT NULL
 );
 CREATE TABLE user_behaviors (
     workspace_id  INTEGER NOT NULL,

@@ -26,6 +26,8 @@ pub struct SqlUsers<'c> {
     pub workspace: WorkspaceId,
     /// The writer's cache; readers go to the database every time.
     cache: Option<&'c mut UserCache>,
+    /// Post-images saved by this job, written to `user_log` as one row by [`SqlUsers::finish`].
+    log: Vec<u8>,
 }
 
 /// The writer's view of users: the users it has read or written, and the ones whose latest
@@ -126,6 +128,7 @@ impl<'c> SqlUsers<'c> {
             conn,
             workspace,
             cache: None,
+            log: Vec::new(),
         }
     }
 
@@ -134,6 +137,7 @@ impl<'c> SqlUsers<'c> {
             conn,
             workspace,
             cache: Some(cache),
+            log: Vec::new(),
         }
     }
 
@@ -418,7 +422,7 @@ impl SqlUsers<'_> {
                     && old.phone == user.phone
             })
         {
-            log_post_image(self.conn, cache, ws, user, &profile)?;
+            LogEntry::push(&mut self.log, ws.0, user, &profile);
             cache.dirty.insert(
                 (ws.0, user.seq.0),
                 PendingRow {
@@ -454,7 +458,7 @@ impl SqlUsers<'_> {
         if let Some(cache) = self.cache.as_deref_mut() {
             // Logged too, so a replay after a crash, which applies each user's last logged
             // state, never puts an older deferred state over this one.
-            log_post_image(self.conn, cache, ws, user, &profile)?;
+            LogEntry::push(&mut self.log, ws.0, user, &profile);
             cache.dirty.remove(&(ws.0, user.seq.0));
         }
         Ok(())
@@ -671,7 +675,7 @@ impl UserTx for SqlUsers<'_> {
                     event.id.0,
                     event.event_type.as_str(),
                     event.time,
-                    event.body.to_string()
+                    event.body.as_str()
                 ])
             })
             .map_err(sql_err)?;
@@ -679,29 +683,77 @@ impl UserTx for SqlUsers<'_> {
     }
 }
 
-/// Appends a user's profile post-image to `user_log`, in the transaction that acknowledges it.
-fn log_post_image(
-    conn: &Connection,
-    cache: &mut UserCache,
-    ws: WorkspaceId,
-    user: &UserRecord,
-    profile: &str,
-) -> Result<(), StoreError> {
-    let id = cache.next_log_id;
-    conn.prepare_cached(
-        "INSERT OR FAIL INTO user_log (id, workspace_id, seq, created_at, updated_at, profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            id,
-            ws.0,
-            user.seq.0,
-            user.created_at.0,
-            user.updated_at.0,
-            profile
-        ])
-    })
-    .map_err(sql_err)?;
-    cache.next_log_id += 1;
-    Ok(())
+/// One post-image in a `user_log` row: `workspace i64, seq u32, created_at i64, updated_at
+/// i64, profile length u32, profile bytes`, little-endian, repeated.
+pub(super) struct LogEntry {
+    pub workspace: i64,
+    pub seq: u32,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub profile: String,
+}
+
+impl LogEntry {
+    fn push(out: &mut Vec<u8>, workspace: i64, user: &UserRecord, profile: &str) {
+        out.extend_from_slice(&workspace.to_le_bytes());
+        out.extend_from_slice(&user.seq.0.to_le_bytes());
+        out.extend_from_slice(&user.created_at.0.to_le_bytes());
+        out.extend_from_slice(&user.updated_at.0.to_le_bytes());
+        // A profile is far below 4 GiB (attribute and array limits bound it).
+        out.extend_from_slice(&(profile.len() as u32).to_le_bytes());
+        out.extend_from_slice(profile.as_bytes());
+    }
+
+    /// Every entry of one row, in the order they were saved.
+    pub fn decode(mut bytes: &[u8]) -> Result<Vec<LogEntry>, StoreError> {
+        fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], StoreError> {
+            if bytes.len() < n {
+                return Err(StoreError::Corrupt("user_log entry is cut short".into()));
+            }
+            let (head, rest) = bytes.split_at(n);
+            *bytes = rest;
+            Ok(head)
+        }
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let i64_at = |b: &[u8]| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+            let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]));
+            let workspace = i64_at(take(&mut bytes, 8)?);
+            let seq = u32_at(take(&mut bytes, 4)?);
+            let created_at = i64_at(take(&mut bytes, 8)?);
+            let updated_at = i64_at(take(&mut bytes, 8)?);
+            let len = u32_at(take(&mut bytes, 4)?) as usize;
+            let profile = std::str::from_utf8(take(&mut bytes, len)?)
+                .map_err(|_| StoreError::Corrupt("user_log profile is not UTF-8".into()))?
+                .to_owned();
+            out.push(LogEntry {
+                workspace,
+                seq,
+                created_at,
+                updated_at,
+                profile,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl SqlUsers<'_> {
+    /// Ends the job: writes the post-images it saved to `user_log`, one row.
+    pub fn finish(&mut self) -> Result<(), StoreError> {
+        let Some(cache) = self.cache.as_deref_mut() else {
+            return Ok(());
+        };
+        if self.log.is_empty() {
+            return Ok(());
+        }
+        let id = cache.next_log_id;
+        self.conn
+            .prepare_cached("INSERT OR FAIL INTO user_log (id, entries) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute(params![id, self.log]))
+            .map_err(sql_err)?;
+        cache.next_log_id += 1;
+        self.log.clear();
+        Ok(())
+    }
 }

@@ -115,11 +115,24 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
             (target, Some(server))
         }
     };
+    let cpu_before = ThreadCpu::read();
     let mut tideway = drive(&target, "tideway", &args, duration).await;
+    let cpu = ThreadCpu::since(ThreadCpu::read(), cpu_before);
     if let Some(server) = server {
         server.stop().await?;
     }
     report_phase("tideway", &mut tideway);
+    if let Some(cpu) = cpu {
+        let objects = (tideway.requests * OBJECTS as u64).max(1) as f64;
+        let per_object = |d: Duration| d.as_secs_f64() * 1e6 / objects;
+        eprintln!(
+            "{:>16}: CPU per object {:.1} µs in all (SQLite writer thread {:.1} µs, the rest {:.1} µs, load generator included)",
+            "tideway",
+            per_object(cpu.total),
+            per_object(cpu.writer),
+            per_object(cpu.total.saturating_sub(cpu.writer)),
+        );
+    }
     if tideway.requests == 0 {
         anyhow::bail!(
             "no request succeeded: {}",
@@ -332,5 +345,52 @@ fn summary(
             ));
             parts.join(" | ")
         }
+    }
+}
+
+/// CPU time this process's threads used, from `/proc/self/task/*/stat` (Linux): in all, and
+/// by the store's writer thread. Measured per object it says where a limit is, however busy
+/// the machine is with other work (wall-clock throughput does not).
+#[derive(Debug, Clone, Copy, Default)]
+struct ThreadCpu {
+    total: Duration,
+    writer: Duration,
+}
+
+impl ThreadCpu {
+    fn read() -> Option<ThreadCpu> {
+        // Clock ticks are 100 Hz on Linux (USER_HZ).
+        const TICK: Duration = Duration::from_millis(10);
+        let mut cpu = ThreadCpu::default();
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ... utime stime ...": fields 14 and 15, counted after
+            // the closing parenthesis since `comm` may hold spaces.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = &stat[open + 1..close];
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u32>().ok());
+            let (Some(user), Some(system)) = (ticks(11), ticks(12)) else {
+                continue;
+            };
+            let used = TICK * (user + system);
+            cpu.total += used;
+            if comm == "tideway-writer" {
+                cpu.writer += used;
+            }
+        }
+        Some(cpu)
+    }
+
+    fn since(after: Option<Self>, before: Option<Self>) -> Option<ThreadCpu> {
+        let (after, before) = (after?, before?);
+        Some(ThreadCpu {
+            total: after.total.saturating_sub(before.total),
+            writer: after.writer.saturating_sub(before.writer),
+        })
     }
 }

@@ -224,15 +224,16 @@ fn check_log(events: &[tideway_core::store::LoggedEvent], acked: &[Sent], unknow
             "event id {} appears twice in the log",
             logged.event.id.0
         );
-        assert_eq!(logged.event.body["id"], logged.event.id.0.as_str());
-        let user = logged.event.body["user"]["external_user_id"]
+        let body = logged.event.body_value();
+        assert_eq!(body["id"], logged.event.id.0.as_str());
+        let user = body["user"]["external_user_id"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
         match logged.event.event_type {
             EventType::CustomEvent => {
-                assert_eq!(logged.event.body["properties"]["name"], "dur_event");
-                let k = logged.event.body["properties"]["custom_properties"]["k"]
+                assert_eq!(body["properties"]["name"], "dur_event");
+                let k = body["properties"]["custom_properties"]["k"]
                     .as_u64()
                     .expect("k");
                 *custom.entry((user, k)).or_default() += 1;
