@@ -13,7 +13,9 @@
 //!
 //! The same holds for the per-user index of behaviours the segment loader reads
 //! (`user_behaviors`): it is filled from `event_log` in sorted batches, and
-//! `store_marks.behaviors_indexed_upto` says how far; readers read the rest from the log.
+//! `store_marks.behaviors_indexed_upto` says how far; readers read the rest from the log. It
+//! is filled only once some workspace has a segment (nothing else reads it), a bounded chunk
+//! per batch, so a first segment on a long history is caught up without a stall.
 //!
 //! Readers that need profiles as of now (export, segments) first ask the writer to
 //! [`flush_workspace`]. Opening the store, and any rollback that may have undone what the cache
@@ -44,9 +46,13 @@ const MAX_DIRTY: usize = 250_000;
 const CATCH_UP_ROWS: usize = 4_096;
 const DELETE_CHUNK: i64 = 50_000;
 
-/// How often behaviours are indexed (and at most how many log rows they may lag on the
-/// ingest path besides).
+/// How often behaviours are indexed while segments are in use, and how often the writer looks
+/// whether they are (a segment created by another process shows up within this).
 const INDEX_EVERY: Duration = Duration::from_millis(500);
+
+/// Most `event_log` positions one step indexes: a first segment on a long history is caught up
+/// over many batches, none of which stalls.
+const INDEX_CHUNK: i64 = 200_000;
 
 const BEHAVIOR_TYPES: &str = "('users.behaviors.CustomEvent', 'users.behaviors.Purchase')";
 
@@ -60,6 +66,9 @@ pub struct Behind {
     /// ... and up to this they are gone.
     deleted_upto: i64,
     last_indexed: Instant,
+    /// Whether any workspace has a segment: until one does, nothing reads `user_behaviors`,
+    /// so the writer does not fill it (a segment's first load scans `event_log` anyway).
+    segments_in_use: bool,
 }
 
 impl Behind {
@@ -70,7 +79,8 @@ impl Behind {
             sweep: None,
             deletable_upto: 0,
             deleted_upto: 0,
-            last_indexed: Instant::now(),
+            last_indexed: Instant::now() - INDEX_EVERY,
+            segments_in_use: false,
         }
     }
 }
@@ -151,8 +161,17 @@ pub fn step(
 ) -> Result<(), StoreError> {
     let now = Instant::now();
     if now.duration_since(behind.last_indexed) >= INDEX_EVERY {
-        index_behaviors(conn)?;
-        behind.last_indexed = now;
+        if !behind.segments_in_use {
+            behind.segments_in_use = conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM segments)")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(sql_err)?;
+        }
+        let caught_up = !behind.segments_in_use || index_behaviors(conn)?;
+        // Behind by more than a chunk: the next batch indexes the next one.
+        if caught_up {
+            behind.last_indexed = now;
+        }
     }
     sweep_step(conn, cache, behind, now)?;
     if behind.deleted_upto < behind.deletable_upto {
@@ -246,8 +265,9 @@ fn write_rows(
     Ok(())
 }
 
-/// Writes every dirty row of `workspace` and indexes every behaviour logged so far: after it
-/// commits, the workspace's `users` rows and `user_behaviors` are current.
+/// Writes every dirty row of `workspace`: after it commits, the workspace's `users` rows are
+/// current. (Behaviours are not indexed here: readers scan the few `user_behaviors` does not
+/// cover yet in the log.)
 pub fn flush_workspace(
     conn: &Connection,
     cache: &mut UserCache,
@@ -258,20 +278,21 @@ pub fn flush_workspace(
         .range((workspace, 0)..=(workspace, u32::MAX))
         .map(|(k, _)| *k)
         .collect();
-    write_rows(conn, cache, &keys)?;
-    index_behaviors(conn)
+    write_rows(conn, cache, &keys)
 }
 
-/// Indexes the custom events and purchases logged since the last time, sorted by user so the
-/// index pages they land on are written once per batch.
-fn index_behaviors(conn: &Connection) -> Result<(), StoreError> {
+/// Indexes the custom events and purchases logged since the last time (at most
+/// [`INDEX_CHUNK`] log positions), sorted by user so the index pages they land on are written
+/// once per batch. Returns whether the index has caught up with the log.
+fn index_behaviors(conn: &Connection) -> Result<bool, StoreError> {
     let upto = indexed_upto(conn)?;
-    let head: i64 = conn
+    let log_head: i64 = conn
         .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM event_log")
         .and_then(|mut s| s.query_row([], |r| r.get(0)))
         .map_err(sql_err)?;
+    let head = log_head.min(upto.saturating_add(INDEX_CHUNK));
     if head <= upto {
-        return Ok(());
+        return Ok(true);
     }
     conn.prepare_cached(&format!(
         "INSERT OR IGNORE INTO user_behaviors (workspace_id, user_seq, log_seq)
@@ -284,7 +305,7 @@ fn index_behaviors(conn: &Connection) -> Result<(), StoreError> {
     conn.prepare_cached("UPDATE store_marks SET value = ?1 WHERE name = 'behaviors_indexed_upto'")
         .and_then(|mut s| s.execute([head]))
         .map_err(sql_err)?;
-    Ok(())
+    Ok(head == log_head)
 }
 
 /// How far `user_behaviors` covers `event_log` (read in the caller's transaction).
