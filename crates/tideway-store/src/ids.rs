@@ -1,4 +1,5 @@
-//! Fresh identifiers from the operating system's randomness (the [`IdSource`] core asks for).
+//! Fresh identifiers (the [`IdSource`] core asks for): event ids from the operating system's
+//! randomness, braze ids in Braze's own ObjectId shape.
 //!
 //! Every tracked object gets a fresh event id, so the randomness is read from the OS a buffer
 //! at a time rather than with one system call per id (that call was a visible share of the
@@ -6,19 +7,28 @@
 
 use tideway_core::ids::{BrazeId, EventId, IdSource};
 
-/// Random `braze_id`s and UUID v4 event ids.
+/// `braze_id`s shaped like Braze's own (MongoDB ObjectIds) and UUID v4 event ids.
 pub struct RandomIds {
     buf: Box<[u8; 4096]>,
     /// Bytes of `buf` already handed out.
     used: usize,
+    /// ObjectId parts: 5 random bytes fixed for this process, and a 3-byte counter.
+    process: [u8; 5],
+    counter: u32,
 }
 
 impl Default for RandomIds {
     fn default() -> Self {
-        RandomIds {
+        let mut ids = RandomIds {
             buf: Box::new([0; 4096]),
             used: 4096,
-        }
+            process: [0; 5],
+            counter: 0,
+        };
+        ids.process = ids.bytes::<5>();
+        let start = ids.bytes::<3>();
+        ids.counter = u32::from_be_bytes([0, start[0], start[1], start[2]]);
+        ids
     }
 }
 
@@ -46,8 +56,19 @@ impl RandomIds {
 }
 
 impl IdSource for RandomIds {
+    /// An ObjectId: 4 bytes of Unix seconds, 5 bytes fixed per process, a 3-byte counter —
+    /// the shape of Braze's ids, unique without coordination, and increasing, so a new user's
+    /// entry lands at the end of the `braze_id` index instead of on a random page.
     fn braze_id(&mut self) -> BrazeId {
-        BrazeId::from_bytes(self.bytes::<12>())
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()) as u32;
+        self.counter = (self.counter + 1) & 0x00ff_ffff;
+        let mut bytes = [0u8; 12];
+        bytes[..4].copy_from_slice(&secs.to_be_bytes());
+        bytes[4..9].copy_from_slice(&self.process);
+        bytes[9..].copy_from_slice(&self.counter.to_be_bytes()[1..]);
+        BrazeId::from_bytes(bytes)
     }
 
     fn event_id(&mut self) -> EventId {
@@ -70,7 +91,9 @@ mod tests {
             assert_eq!(parsed.get_version_num(), 4);
             assert!(seen.insert(id.0));
         }
-        let a = ids.braze_id();
-        assert_ne!(a, ids.braze_id());
+        let braze: Vec<BrazeId> = (0..1000).map(|_| ids.braze_id()).collect();
+        let unique: std::collections::HashSet<&str> = braze.iter().map(BrazeId::as_str).collect();
+        assert_eq!(unique.len(), braze.len());
+        assert!(braze.iter().all(|b| b.as_str().len() == 24));
     }
 }
