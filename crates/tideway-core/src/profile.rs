@@ -188,11 +188,17 @@ impl UserRecord {
             .and_then(Value::as_str)
     }
 
-    /// Stable random bucket 0..=9999, derived from the immutable `braze_id`.
+    /// Stable random bucket 0..=9999, derived from the immutable `braze_id`: a hash of all of
+    /// it (FNV-1a), since its leading bytes are a timestamp shared by users created together.
     pub fn random_bucket(&self) -> u16 {
-        let hex = &self.braze_id.as_str()[..8];
-        let n = u32::from_str_radix(hex, 16).unwrap_or(0);
-        u16::try_from(n % 10_000).unwrap_or(0)
+        let hash = self
+            .braze_id
+            .as_str()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+        u16::try_from(hash % 10_000).unwrap_or(0)
     }
 
     /// Folds `other` (an anonymous or alias-only profile being merged away) into `self`,

@@ -75,6 +75,15 @@ impl Touched {
         self.0.push(user);
     }
 
+    /// This request's copy of the user with this external id, if it changed one.
+    fn take_by_external(&mut self, ext: &ExternalId) -> Option<UserRecord> {
+        let i = self
+            .0
+            .iter()
+            .position(|u| u.external_id.as_ref() == Some(ext))?;
+        Some(self.0.swap_remove(i))
+    }
+
     fn flush(&mut self, tx: &mut dyn UserTx) -> Result<(), StoreError> {
         for user in self.0.drain(..) {
             tx.save_user_owned(user)?;
@@ -177,6 +186,12 @@ fn resolve_for_track(
 ) -> Result<Resolved, StoreError> {
     if target.device.is_some() || target.alias.is_some() {
         touched.flush(tx)?;
+    } else if let UserRef::External(ext) = &target.primary
+        && let Some(user) = touched.take_by_external(ext)
+    {
+        // A user this request already changed: its copy is the freshest, and looking the
+        // user up again would only be thrown away.
+        return Ok(Resolved::User(Box::new(user)));
     }
     resolve(tx, ctx, target)
 }

@@ -73,6 +73,8 @@ pub struct SqliteOptions {
     /// `behind`): longer coalesces more changes per row write; shorter keeps `user_log`
     /// (replayed after a crash) shorter.
     pub sweep_period: Duration,
+    /// Most users the writer keeps in memory beyond those whose rows are behind (~1 KB each).
+    pub max_cached_users: usize,
 }
 
 impl Default for SqliteOptions {
@@ -82,6 +84,7 @@ impl Default for SqliteOptions {
             max_batch: 512,
             max_array_len: 25,
             sweep_period: behind::SWEEP_PERIOD,
+            max_cached_users: 200_000,
         }
     }
 }
@@ -355,7 +358,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOpt
     let mut env = WriterEnv {
         ids: RandomIds::default(),
         options: options.clone(),
-        cache: UserCache::default(),
+        cache: UserCache::with_limit(options.max_cached_users),
         behind: behind::Behind::new(options.sweep_period),
     };
     let mut batch: Vec<Job> = Vec::with_capacity(options.max_batch);

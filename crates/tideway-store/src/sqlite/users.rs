@@ -28,18 +28,47 @@ pub struct SqlUsers<'c> {
     cache: Option<&'c mut UserCache>,
     /// Post-images saved by this job, written to `user_log` as one row by [`SqlUsers::finish`].
     log: Vec<u8>,
+    /// The identifiers in the row of each user this job was handed (the writer only): a save
+    /// that keeps them writes only the log; one that changes them writes the row.
+    handed: FxHashMap<(i64, u32), RowIdentifiers>,
 }
 
-/// The writer's view of users: the users it has read or written, and the ones whose latest
-/// state is only in `user_log` so far (dirty: their `users` row is behind).
+/// The identifier columns of a `users` row (always current: they are written at once).
+#[derive(Clone, PartialEq, Eq)]
+struct RowIdentifiers {
+    external_id: Option<ExternalId>,
+    email: Option<Email>,
+    phone: Option<Phone>,
+}
+
+impl RowIdentifiers {
+    fn of(user: &UserRecord) -> Self {
+        RowIdentifiers {
+            external_id: user.external_id.clone(),
+            email: user.email.clone(),
+            phone: user.phone.clone(),
+        }
+    }
+
+    fn matches(&self, user: &UserRecord) -> bool {
+        self.external_id == user.external_id && self.email == user.email && self.phone == user.phone
+    }
+}
+
+/// The writer's view of users. A user's truth is the record held here if there is one, else
+/// their `users` row with the pending post-image (if the row is behind) laid over it.
 ///
-/// Only the writer writes users, so this view is the truth: a user found here is never re-read
-/// from the database, and a dirty user is never dropped from it until the sweep
-/// (`sqlite/behind.rs`) has written its row. Whenever a rollback may have undone something
-/// remembered here, the writer clears it and replays `user_log` into `users`
-/// ([`super::behind::reset`]), which makes the rows the truth again.
-#[derive(Default)]
+/// Only the writer writes users, so this holds: `users` has the records the writer saved (the
+/// latest state); `dirty` has the profile of every user whose row is behind, until the sweep
+/// (`sqlite/behind.rs`) writes it; `by_external` maps external ids to users exactly (identifier
+/// changes are written at once and update it). A lookup *hands out* the cached record (removes
+/// it: no copy), and the save that follows puts it back; a record handed out and never saved
+/// is simply gone, which is safe, since the row plus the pending post-image say the same.
+/// Whenever a rollback may have undone something remembered here, the writer clears it and
+/// replays `user_log` into `users` ([`super::behind::reset`]), which makes the rows the truth.
 pub struct UserCache {
+    /// Above this many cached users (or mapped external ids) they are dropped.
+    max_users: usize,
     users: FxHashMap<(i64, u32), UserRecord>,
     /// Per workspace: external id → seq (a map per workspace so a lookup borrows the id).
     by_external: FxHashMap<i64, FxHashMap<String, u32>>,
@@ -58,8 +87,17 @@ pub(super) struct PendingRow {
 }
 
 impl UserCache {
-    /// Above this many cached users the clean ones are dropped (bounded memory, ~1 KB a user).
-    const MAX_USERS: usize = 200_000;
+    /// A cache of at most `max_users` records (~1 KB each) and as many external ids.
+    pub fn with_limit(max_users: usize) -> Self {
+        UserCache {
+            max_users,
+            users: FxHashMap::default(),
+            by_external: FxHashMap::default(),
+            next_seq: FxHashMap::default(),
+            dirty: BTreeMap::new(),
+            next_log_id: 0,
+        }
+    }
 
     pub fn clear(&mut self) {
         self.users.clear();
@@ -68,15 +106,14 @@ impl UserCache {
         self.dirty.clear();
     }
 
-    /// Keeps memory bounded; called between batches. Dirty users stay: their rows are behind.
+    /// Keeps memory bounded; called between batches. Pending rows stay: they are the only
+    /// place the latest profiles of users whose rows are behind live outside the log.
     pub fn trim(&mut self) {
-        if self.users.len() > Self::MAX_USERS {
-            let dirty = &self.dirty;
-            self.users.retain(|key, _| dirty.contains_key(key));
-            let users = &self.users;
-            for (ws, ids) in &mut self.by_external {
-                ids.retain(|_, seq| users.contains_key(&(*ws, *seq)));
-            }
+        if self.users.len() > self.max_users {
+            self.users.clear();
+        }
+        if self.by_external.values().map(FxHashMap::len).sum::<usize>() > self.max_users {
+            self.by_external.clear();
         }
     }
 
@@ -85,40 +122,40 @@ impl UserCache {
         self.dirty.len()
     }
 
-    fn remember(&mut self, ws: WorkspaceId, user: &UserRecord) {
-        self.keep(ws, user.clone());
-    }
-
-    /// Remembers `user` as the truth, keeping the external-id map in step.
+    /// Holds `user` as the truth (the writer just saved or created it).
     fn keep(&mut self, ws: WorkspaceId, user: UserRecord) {
-        let old_ext = self
-            .users
-            .get(&(ws.0, user.seq.0))
-            .and_then(|old| old.external_id.as_ref());
-        if old_ext != user.external_id.as_ref() {
-            let ids = self.by_external.entry(ws.0).or_default();
-            if let Some(ext) = old_ext {
-                ids.remove(ext.as_str());
-            }
-            if let Some(ext) = &user.external_id {
-                ids.insert(ext.as_str().to_owned(), user.seq.0);
-            }
+        if let Some(ext) = &user.external_id {
+            self.map_external(ws, ext, user.seq.0);
         }
         self.users.insert((ws.0, user.seq.0), user);
+    }
+
+    fn map_external(&mut self, ws: WorkspaceId, ext: &ExternalId, seq: u32) {
+        let ids = self.by_external.entry(ws.0).or_default();
+        if ids.get(ext.as_str()) != Some(&seq) {
+            ids.insert(ext.as_str().to_owned(), seq);
+        }
+    }
+
+    fn unmap_external(&mut self, ws: WorkspaceId, ext: &ExternalId) {
+        if let Some(ids) = self.by_external.get_mut(&ws.0) {
+            ids.remove(ext.as_str());
+        }
     }
 
     fn seq_of_external(&self, ws: WorkspaceId, id: &ExternalId) -> Option<u32> {
         self.by_external.get(&ws.0)?.get(id.as_str()).copied()
     }
 
-    fn forget(&mut self, ws: WorkspaceId, seq: UserSeq) {
-        self.dirty.remove(&(ws.0, seq.0));
-        if let Some(old) = self.users.remove(&(ws.0, seq.0))
-            && let Some(ext) = old.external_id
-            && let Some(ids) = self.by_external.get_mut(&ws.0)
-        {
-            ids.remove(ext.as_str());
+    /// Lays the pending post-image over a user read from their (maybe behind) row.
+    fn patch(&self, ws: WorkspaceId, user: &mut UserRecord) -> Result<(), StoreError> {
+        if let Some(pending) = self.dirty.get(&(ws.0, user.seq.0)) {
+            user.profile = profile_codec::decode(&pending.profile)
+                .map_err(|e| StoreError::Corrupt(format!("pending profile: {e}")))?;
+            user.created_at = Millis(pending.created_at);
+            user.updated_at = Millis(pending.updated_at);
         }
+        Ok(())
     }
 }
 
@@ -129,6 +166,7 @@ impl<'c> SqlUsers<'c> {
             workspace,
             cache: None,
             log: Vec::new(),
+            handed: FxHashMap::default(),
         }
     }
 
@@ -138,30 +176,46 @@ impl<'c> SqlUsers<'c> {
             workspace,
             cache: Some(cache),
             log: Vec::new(),
+            handed: FxHashMap::default(),
         }
     }
 
-    /// Passes a user read from the database through the writer's cache: a cached user is
-    /// fresher than its row (the row may be behind), so the cached copy wins; otherwise the
-    /// row is remembered.
-    fn remember(&mut self, user: Option<UserRecord>) -> Option<UserRecord> {
-        let ws = self.workspace;
-        match (self.cache.as_deref_mut(), user) {
-            (Some(cache), Some(u)) => match cache.users.get(&(ws.0, u.seq.0)) {
-                Some(cached) => Some(cached.clone()),
-                None => {
-                    cache.remember(ws, &u);
-                    Some(u)
-                }
-            },
-            (_, user) => user,
+    /// Turns a user read from their row into the truth (the writer's cached record, or the row
+    /// with the pending post-image laid over it) and hands it out.
+    fn from_row(&mut self, row: Option<UserRecord>) -> Result<Option<UserRecord>, StoreError> {
+        let Some(mut user) = row else {
+            return Ok(None);
+        };
+        if self.cache.is_none() {
+            return Ok(Some(user));
         }
+        if let Some(cached) = self.take_cached(user.seq.0) {
+            return Ok(Some(cached));
+        }
+        if let Some(cache) = self.cache.as_deref() {
+            cache.patch(self.workspace, &mut user)?;
+        }
+        Ok(Some(self.hand_out(user)))
     }
 
-    fn cached(&self, seq: u32) -> Option<UserRecord> {
-        self.cache
-            .as_deref()
-            .and_then(|c| c.users.get(&(self.workspace.0, seq)).cloned())
+    /// The cached record of `seq`, handed out (the writer only).
+    fn take_cached(&mut self, seq: u32) -> Option<UserRecord> {
+        let user = self
+            .cache
+            .as_deref_mut()?
+            .users
+            .remove(&(self.workspace.0, seq))?;
+        Some(self.hand_out(user))
+    }
+
+    /// Notes the identifiers of a user this job was handed (see `handed`).
+    fn hand_out(&mut self, user: UserRecord) -> UserRecord {
+        if self.cache.is_some() {
+            self.handed
+                .entry((self.workspace.0, user.seq.0))
+                .or_insert_with(|| RowIdentifiers::of(&user));
+        }
+        user
     }
 }
 
@@ -203,7 +257,7 @@ impl SqlUsers<'_> {
             .query_row(params![self.workspace.0, key], user_from_row)
             .optional()
             .map_err(sql_err)?;
-        Ok(self.remember(found))
+        self.from_row(found)
     }
 
     fn many(&mut self, sql: &str, key: &str) -> Result<Vec<UserRecord>, StoreError> {
@@ -212,10 +266,10 @@ impl SqlUsers<'_> {
             .query_map(params![self.workspace.0, key], user_from_row)
             .map_err(sql_err)?;
         let rows: Vec<UserRecord> = rows.collect::<Result<_, _>>().map_err(sql_err)?;
-        let mut users: Vec<UserRecord> = rows
-            .into_iter()
-            .filter_map(|u| self.remember(Some(u)))
-            .collect();
+        let mut users = Vec::with_capacity(rows.len());
+        for row in rows {
+            users.extend(self.from_row(Some(row))?);
+        }
         // The rows' order used their `updated_at`, which may be behind the cached users'.
         users.sort_by_key(|u| std::cmp::Reverse((u.updated_at, u.seq.0)));
         Ok(users)
@@ -234,7 +288,7 @@ impl SqlUsers<'_> {
     }
 
     pub fn by_seq(&mut self, seq: UserSeq) -> Result<Option<UserRecord>, StoreError> {
-        if let Some(user) = self.cached(seq.0) {
+        if let Some(user) = self.take_cached(seq.0) {
             return Ok(Some(user));
         }
         let sql = format!(
@@ -245,7 +299,7 @@ impl SqlUsers<'_> {
             .query_row(params![self.workspace.0, seq.0], user_from_row)
             .optional()
             .map_err(sql_err)?;
-        Ok(self.remember(found))
+        self.from_row(found)
     }
 }
 
@@ -256,8 +310,9 @@ impl UserLookup for SqlUsers<'_> {
             .cache
             .as_deref()
             .and_then(|c| c.seq_of_external(ws, id));
-        if let Some(user) = known.and_then(|seq| self.cached(seq)) {
-            return Ok(Some(user));
+        if let Some(seq) = known {
+            // The map is exact, so this is the user (read from the row if not cached).
+            return self.by_seq(UserSeq(seq));
         }
         let sql = format!(
             "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND external_id = ?2"
@@ -415,12 +470,17 @@ impl SqlUsers<'_> {
         // its post-image (one append) and let the sweep write the row later, in row order,
         // together with the user's other changes. Identifier changes are written to the row at
         // once, since lookups by external id, email and phone read the rows' indexes.
+        let key = (ws.0, user.seq.0);
+        // The row's identifiers: those of the user as handed to this job, or of the cached
+        // record (the writer saved it; its identifiers went to the row at once).
+        let row_ids = self.handed.get(&key).cloned().or_else(|| {
+            self.cache
+                .as_deref()
+                .and_then(|c| c.users.get(&key))
+                .map(RowIdentifiers::of)
+        });
         if let Some(cache) = self.cache.as_deref_mut()
-            && cache.users.get(&(ws.0, user.seq.0)).is_some_and(|old| {
-                old.external_id == user.external_id
-                    && old.email == user.email
-                    && old.phone == user.phone
-            })
+            && row_ids.as_ref().is_some_and(|ids| ids.matches(user))
         {
             LogEntry::push(&mut self.log, ws.0, user, &profile);
             cache.dirty.insert(
@@ -459,7 +519,21 @@ impl SqlUsers<'_> {
             // Logged too, so a replay after a crash, which applies each user's last logged
             // state, never puts an older deferred state over this one.
             LogEntry::push(&mut self.log, ws.0, user, &profile);
-            cache.dirty.remove(&(ws.0, user.seq.0));
+            cache.dirty.remove(&key);
+            // Keep the external-id map exact.
+            match row_ids.as_ref().map(|ids| ids.external_id.as_ref()) {
+                Some(old) if old == user.external_id.as_ref() => {}
+                Some(Some(old)) => cache.unmap_external(ws, old),
+                Some(None) => {}
+                // Not known what the row held: forget the workspace's map (an optimisation).
+                None => {
+                    cache.by_external.remove(&ws.0);
+                }
+            }
+            if let Some(ext) = &user.external_id {
+                cache.map_external(ws, ext, user.seq.0);
+            }
+            self.handed.insert(key, RowIdentifiers::of(user));
         }
         Ok(())
     }
@@ -506,9 +580,11 @@ impl SqlUsers<'_> {
             .map_err(sql_err)?;
         if let Some(cache) = self.cache.as_deref_mut() {
             cache.next_seq.insert(ws, seq + 1);
-            cache.remember(self.workspace, &user);
+            if let Some(ext) = external_id {
+                cache.map_external(self.workspace, ext, seq);
+            }
         }
-        Ok(user)
+        Ok(self.hand_out(user))
     }
 
     fn seq_where(
@@ -542,7 +618,7 @@ impl UserTx for SqlUsers<'_> {
         self.write_user(user)?;
         let ws = self.workspace;
         if let Some(cache) = self.cache.as_deref_mut() {
-            cache.remember(ws, user);
+            cache.keep(ws, user.clone());
         }
         Ok(())
     }
@@ -558,8 +634,21 @@ impl UserTx for SqlUsers<'_> {
 
     fn delete_user(&mut self, user: UserSeq, now: Millis) -> Result<(), StoreError> {
         self.leave_all_cohorts(user, now)?;
+        let ws = self.workspace;
         if let Some(cache) = self.cache.as_deref_mut() {
-            cache.forget(self.workspace, user);
+            let key = (ws.0, user.0);
+            cache.dirty.remove(&key);
+            let cached = cache.users.remove(&key).map(|u| u.external_id);
+            let handed = self.handed.remove(&key).map(|ids| ids.external_id);
+            match cached.or(handed) {
+                Some(Some(ext)) => cache.unmap_external(ws, &ext),
+                Some(None) => {}
+                None => {
+                    // The row's external id is not known here: drop the workspace's map rather
+                    // than risk a stale entry.
+                    cache.by_external.remove(&ws.0);
+                }
+            }
         }
         let ws = self.workspace.0;
         for sql in [
