@@ -182,7 +182,7 @@ impl<'c> SqlUsers<'c> {
 
     /// Turns a user read from their row into the truth (the writer's cached record, or the row
     /// with the pending post-image laid over it) and hands it out.
-    fn from_row(&mut self, row: Option<UserRecord>) -> Result<Option<UserRecord>, StoreError> {
+    fn truth_of_row(&mut self, row: Option<UserRecord>) -> Result<Option<UserRecord>, StoreError> {
         let Some(mut user) = row else {
             return Ok(None);
         };
@@ -257,7 +257,7 @@ impl SqlUsers<'_> {
             .query_row(params![self.workspace.0, key], user_from_row)
             .optional()
             .map_err(sql_err)?;
-        self.from_row(found)
+        self.truth_of_row(found)
     }
 
     fn many(&mut self, sql: &str, key: &str) -> Result<Vec<UserRecord>, StoreError> {
@@ -268,7 +268,7 @@ impl SqlUsers<'_> {
         let rows: Vec<UserRecord> = rows.collect::<Result<_, _>>().map_err(sql_err)?;
         let mut users = Vec::with_capacity(rows.len());
         for row in rows {
-            users.extend(self.from_row(Some(row))?);
+            users.extend(self.truth_of_row(Some(row))?);
         }
         // The rows' order used their `updated_at`, which may be behind the cached users'.
         users.sort_by_key(|u| std::cmp::Reverse((u.updated_at, u.seq.0)));
@@ -299,7 +299,7 @@ impl SqlUsers<'_> {
             .query_row(params![self.workspace.0, seq.0], user_from_row)
             .optional()
             .map_err(sql_err)?;
-        self.from_row(found)
+        self.truth_of_row(found)
     }
 }
 
