@@ -130,11 +130,12 @@ pub trait UserTx: UserLookup {
         old: &ExternalId,
     ) -> Result<(), StoreError>;
     fn remove_deprecated_external_id(&mut self, old: &ExternalId) -> Result<bool, StoreError>;
-    /// Appends to the event log, about `user` where there is one.
+    /// Appends to the event log, about `user` where there is one (a store may buffer it until
+    /// the job ends; it commits with the job either way).
     fn append_event(
         &mut self,
         user: Option<UserSeq>,
-        event: &CurrentsEvent,
+        event: CurrentsEvent,
     ) -> Result<(), StoreError>;
     /// Moves `from`'s cohort memberships to `to` (merge: the survivor keeps the union).
     fn move_cohort_memberships(

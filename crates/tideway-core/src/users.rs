@@ -401,7 +401,7 @@ fn apply_attributes(
         standard,
         &custom,
     );
-    tx.append_event(Some(user.seq), &event)
+    tx.append_event(Some(user.seq), event)
 }
 
 fn apply_event(
@@ -425,7 +425,7 @@ fn apply_event(
         &obj.name,
         &obj.properties,
     );
-    tx.append_event(Some(user.seq), &event)
+    tx.append_event(Some(user.seq), event)
 }
 
 fn apply_purchase(
@@ -459,7 +459,7 @@ fn apply_purchase(
             obj.price,
             &obj.properties,
         );
-        tx.append_event(Some(user.seq), &event)?;
+        tx.append_event(Some(user.seq), event)?;
     }
     Ok(())
 }
@@ -489,7 +489,7 @@ pub fn merge_into(
         &ctx.workspace.app_group_id,
         &target.braze_id,
     );
-    tx.append_event(Some(source.seq), &orphan)?;
+    tx.append_event(Some(source.seq), orphan)?;
     // Memberships move before the delete, which would otherwise record the source leaving.
     tx.move_cohort_memberships(source.seq, target.seq, ctx.now)?;
     tx.record_merge(source.seq, target.seq, ctx.now)?;
@@ -807,7 +807,7 @@ pub fn delete_users(
                 &user.braze_id,
                 &ctx.workspace.app_group_id,
             );
-            tx.append_event(Some(user.seq), &event)?;
+            tx.append_event(Some(user.seq), event)?;
             tx.delete_user(user.seq, ctx.now)?;
             out.deleted += 1;
         }
