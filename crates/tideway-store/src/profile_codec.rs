@@ -6,67 +6,76 @@
 //! "p": {product: [first_ms, last_ms, count]}, "r": total_revenue}`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
+use std::io::Write;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tideway_core::clock::Millis;
 use tideway_core::profile::{Occurrences, Profile, StandardField};
 use tideway_core::store::StoreError;
 
-/// Writes the document directly (no intermediate `Value` tree: this runs once per saved user
-/// on the ingest path).
+/// Writes the document directly into one buffer (no intermediate `Value` tree, no string per
+/// value: this runs once per saved user on the ingest path).
 pub fn encode(profile: &Profile) -> String {
-    let mut out = String::with_capacity(256);
-    out.push('{');
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    out.push(b'{');
     let mut first_section = true;
-    let mut section = |out: &mut String, key: &str| {
+    let mut section = |out: &mut Vec<u8>, key: &[u8]| {
         if !first_section {
-            out.push(',');
+            out.push(b',');
         }
         first_section = false;
-        out.push('"');
-        out.push_str(key);
-        out.push_str("\":");
+        out.push(b'"');
+        out.extend_from_slice(key);
+        out.extend_from_slice(b"\":");
     };
     if !profile.standard.is_empty() {
-        section(&mut out, "s");
-        out.push('{');
+        section(&mut out, b"s");
+        out.push(b'{');
         for (i, (field, value)) in profile.standard.iter().enumerate() {
             if i > 0 {
-                out.push(',');
+                out.push(b',');
             }
-            out.push('"');
-            out.push_str(field.as_str());
-            out.push_str("\":");
-            out.push_str(&value.to_string());
+            out.push(b'"');
+            out.extend_from_slice(field.as_str().as_bytes());
+            out.extend_from_slice(b"\":");
+            json(&mut out, value);
         }
-        out.push('}');
+        out.push(b'}');
     }
     if !profile.custom.is_empty() {
-        section(&mut out, "c");
-        out.push_str(&serde_json::to_string(&profile.custom).unwrap_or_else(|_| "{}".to_owned()));
+        section(&mut out, b"c");
+        json(&mut out, &profile.custom);
     }
-    for (key, occurrences) in [("e", &profile.events), ("p", &profile.purchases)] {
+    for (key, occurrences) in [(b"e", &profile.events), (b"p", &profile.purchases)] {
         if occurrences.is_empty() {
             continue;
         }
         section(&mut out, key);
-        out.push('{');
+        out.push(b'{');
         for (i, (name, o)) in occurrences.iter().enumerate() {
             if i > 0 {
-                out.push(',');
+                out.push(b',');
             }
-            out.push_str(&serde_json::to_string(name).unwrap_or_else(|_| "\"\"".to_owned()));
+            json(&mut out, name);
             let _ = write!(out, ":[{},{},{}]", o.first.0, o.last.0, o.count);
         }
-        out.push('}');
+        out.push(b'}');
     }
     if profile.total_revenue != 0.0 {
-        section(&mut out, "r");
-        out.push_str(&json!(profile.total_revenue).to_string());
+        section(&mut out, b"r");
+        json(&mut out, &profile.total_revenue);
     }
-    out.push('}');
-    out
+    out.push(b'}');
+    // Only JSON text (valid UTF-8) was written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends `value` as JSON. Writing into a Vec cannot fail, and serde_json errors otherwise
+/// only for non-string map keys, which the document's types do not have.
+fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    if serde_json::to_writer(&mut *out, value).is_err() {
+        out.extend_from_slice(b"null");
+    }
 }
 
 pub fn decode(text: &str) -> Result<Profile, StoreError> {
@@ -110,7 +119,24 @@ pub fn decode(text: &str) -> Result<Profile, StoreError> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    #[test]
+    fn writes_the_documented_layout_and_escapes() {
+        let mut p = Profile::default();
+        p.standard.insert(StandardField::FirstName, json!("J\"o\\ é\n"));
+        p.custom.insert("a \"b\"".into(), json!({"x": [1, 2.5, null, "s"]}));
+        p.events.insert("ev\"1".into(), Occurrences::once(Millis(7)));
+        p.total_revenue = 0.1 + 0.2;
+        let text = encode(&p);
+        assert_eq!(
+            text,
+            r#"{"s":{"first_name":"J\"o\\ é\n"},"c":{"a \"b\"":{"x":[1,2.5,null,"s"]}},"e":{"ev\"1":[7,7,1]},"r":0.30000000000000004}"#
+        );
+        assert_eq!(decode(&text).unwrap(), p);
+    }
 
     #[test]
     fn round_trips() {
