@@ -126,9 +126,12 @@ mod tests {
     #[test]
     fn writes_the_documented_layout_and_escapes() {
         let mut p = Profile::default();
-        p.standard.insert(StandardField::FirstName, json!("J\"o\\ é\n"));
-        p.custom.insert("a \"b\"".into(), json!({"x": [1, 2.5, null, "s"]}));
-        p.events.insert("ev\"1".into(), Occurrences::once(Millis(7)));
+        p.standard
+            .insert(StandardField::FirstName, json!("J\"o\\ é\n"));
+        p.custom
+            .insert("a \"b\"".into(), json!({"x": [1, 2.5, null, "s"]}));
+        p.events
+            .insert("ev\"1".into(), Occurrences::once(Millis(7)));
         p.total_revenue = 0.1 + 0.2;
         let text = encode(&p);
         assert_eq!(

@@ -45,6 +45,35 @@ pub fn open(data_dir: &Path, options: SqliteOptions) -> anyhow::Result<SqliteSto
         .with_context(|| format!("cannot open the database {}", path.display()))
 }
 
+/// Takes `<data-dir>/serve.lock` for as long as the returned file lives: one `tideway serve`
+/// per data directory, since the server's writer holds recent profiles in memory as the truth
+/// (the admin CLI needs no lock: it only writes keys and workspaces, and replays the profile
+/// log, which is harmless). The OS drops the lock when the process ends, however it ends.
+pub fn lock_for_serving(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .with_context(|| format!("cannot create the data directory {} (check its parent's permissions or pass --data-dir)", data_dir.display()))?;
+    let path = data_dir.join("serve.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another `tideway serve` is running on {}; stop it first, or pass another --data-dir",
+            data_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
 /// Opens the database of an existing data directory; a missing one is an error that says how
 /// to make one (admin commands must not scatter empty databases around on a typo).
 pub fn open_existing(data_dir: &Path, options: SqliteOptions) -> anyhow::Result<SqliteStore> {

@@ -29,6 +29,7 @@ pub const DEFAULT_WORKSPACE: &str = "default";
 
 /// Runs the server with resolved settings until a shutdown signal.
 pub async fn run(settings: Resolved) -> anyhow::Result<()> {
+    let _one_server = data::lock_for_serving(&settings.data_dir)?;
     let store = Arc::new(data::open(&settings.data_dir, settings.sqlite_options())?);
     bootstrap(store.as_ref(), &settings.data_dir).await?;
     let metrics = tideway_server::install_metrics_recorder()

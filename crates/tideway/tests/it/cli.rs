@@ -62,6 +62,22 @@ async fn first_start_prints_the_endpoint_and_a_private_admin_key_once() {
         .post_ok("/users/track", &key, &track_one("second-user"))
         .await;
     assert_eq!(status, 201);
+
+    // One server per data directory: a second one says so and exits non-zero.
+    let second = tideway(&[
+        "serve",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    assert!(!second.status.success());
+    assert!(
+        stderr(&second).contains("another `tideway serve` is running on"),
+        "{}",
+        stderr(&second)
+    );
     assert!(server.terminate().await);
 }
 
