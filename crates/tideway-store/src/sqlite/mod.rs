@@ -340,11 +340,16 @@ impl SqliteStore {
     }
 }
 
-/// Copies committed WAL frames back into the database file every 200 ms (PASSIVE: never
-/// blocks the writer or readers), until the store is dropped.
+/// How often committed WAL frames are copied back into the database file. A page rewritten by
+/// many commits in between (the tail pages of the logs) is copied, and synced, once; the WAL
+/// grows to about this much ingest (~100 MB a second at full speed) before it is reused.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Copies committed WAL frames back into the database file every [`CHECKPOINT_EVERY`]
+/// (PASSIVE: never blocks the writer or readers), until the store is dropped.
 fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-        stop.recv_timeout(Duration::from_millis(200))
+        stop.recv_timeout(CHECKPOINT_EVERY)
     {
         if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
             tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
