@@ -444,13 +444,13 @@ fn custom_change(name: &str, v: &Value, merge_objects: bool) -> Result<CustomCha
         Value::Array(items) => {
             let scalars = items.iter().all(is_scalar);
             let objects = items.iter().all(Value::is_object);
-            if !(scalars || objects) || v.to_string().len() > MAX_NESTED_BYTES {
+            if !(scalars || objects) || json_len(v) > MAX_NESTED_BYTES {
                 return Err(bad());
             }
             Ok(CustomChange::Set(v.clone()))
         }
         Value::Object(o) => {
-            if v.to_string().len() > MAX_NESTED_BYTES {
+            if json_len(v) > MAX_NESTED_BYTES {
                 return Err(bad());
             }
             let keys: Vec<&str> = o.keys().map(String::as_str).collect();
@@ -550,13 +550,31 @@ fn parse_properties(
             ));
         }
     }
-    if Value::Object(props.clone()).to_string().len() > max_bytes {
+    if json_len(props) > max_bytes {
         return Err(format!(
             "'properties' is larger than {} KB",
             max_bytes / 1024
         ));
     }
     Ok(props.clone())
+}
+
+/// The length of `value` written as JSON, counted without building the text.
+fn json_len(value: &(impl serde::Serialize + ?Sized)) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Counting cannot fail, and a map with string keys always serialises.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 fn required_time(obj: &Map<String, Value>) -> Result<Millis, String> {
@@ -637,6 +655,21 @@ mod tests {
 
     fn parse(body: Value) -> Result<TrackRequest, TrackRejected> {
         parse_track(body.as_object().unwrap())
+    }
+
+    #[test]
+    fn properties_are_measured_as_the_json_they_are() {
+        let props: Map<String, Value> = (0..500)
+            .map(|i| (format!("k{i}"), json!("v".repeat(200))))
+            .collect();
+        let text_len = Value::Object(props.clone()).to_string().len();
+        assert_eq!(json_len(&props), text_len);
+        let event = |props: &Map<String, Value>| json!({"events": [{"external_id": "u", "name": "e", "time": "2025-01-01T00:00:00Z", "properties": props}]});
+        let req = parse(event(&props)).unwrap();
+        assert!(req.events.is_empty(), "{text_len} bytes is over the limit");
+        assert!(req.errors[0].message.contains("larger than"));
+        let small: Map<String, Value> = props.into_iter().take(10).collect();
+        assert_eq!(parse(event(&small)).unwrap().events.len(), 1);
     }
 
     #[test]

@@ -348,8 +348,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Copies committed WAL frames back into the database file every [`CHECKPOINT_EVERY`]
 /// (PASSIVE: never blocks the writer or readers), until the store is dropped.
 fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-        stop.recv_timeout(CHECKPOINT_EVERY)
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
     {
         if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
             tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
