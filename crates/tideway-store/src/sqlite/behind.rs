@@ -42,9 +42,11 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// Above this many dirty users the sweep writes faster than its pace (bounded memory).
 const MAX_DIRTY: usize = 250_000;
 
-/// Most rows one batch writes once a sweep is late, or deletes from `user_log`.
-const CATCH_UP_ROWS: usize = 4_096;
-const DELETE_CHUNK: i64 = 50_000;
+/// Most rows one batch writes beyond the sweep's pace (when dirty users pile up past
+/// [`MAX_DIRTY`]), and most superseded `user_log` rows (one job's post-images each, tens of
+/// KB) one batch deletes: every batch's step stays a few milliseconds, whatever piled up.
+const MAX_EXTRA_ROWS: usize = 1_024;
+const DELETE_CHUNK: i64 = 128;
 
 /// How often behaviours are indexed while segments are in use, and how often the writer looks
 /// whether they are (a segment created by another process shows up within this).
@@ -205,12 +207,13 @@ fn sweep_step(
         }),
     };
     let elapsed = now.duration_since(sweep.started).as_secs_f64();
-    let share = (elapsed / behind.period.as_secs_f64()).min(1.0);
-    let mut due = ((sweep.planned as f64 * share).ceil() as usize).saturating_sub(sweep.written);
-    if share >= 1.0 {
-        due = due.max(CATCH_UP_ROWS);
-    }
-    due = due.max(cache.dirty.len().saturating_sub(MAX_DIRTY));
+    // The pace: `planned` rows per period, kept up past the period (the sweep also visits
+    // users dirtied after it started, ahead of its cursor), so no batch writes a burst.
+    let share = elapsed / behind.period.as_secs_f64();
+    let mut due =
+        ((sweep.planned.max(1) as f64 * share).ceil() as usize).saturating_sub(sweep.written);
+    let excess = cache.dirty.len().saturating_sub(MAX_DIRTY);
+    due = due.max(excess.min(MAX_EXTRA_ROWS));
     let keys: Vec<(i64, u32)> = cache
         .dirty
         .range(sweep.cursor..)
