@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, params};
 use tideway_core::store::StoreError;
 
+use super::segments::BEHAVIOR_TYPES;
 use super::sql_err;
 use super::users::{LogEntry, UserCache};
 
@@ -55,8 +56,6 @@ const INDEX_EVERY: Duration = Duration::from_millis(500);
 /// Most `event_log` positions one step indexes: a first segment on a long history is caught up
 /// over many batches, none of which stalls.
 const INDEX_CHUNK: i64 = 200_000;
-
-const BEHAVIOR_TYPES: &str = "('users.behaviors.CustomEvent', 'users.behaviors.Purchase')";
 
 /// The writer's bookkeeping for work behind the acknowledgements.
 #[derive(Debug)]

@@ -175,7 +175,9 @@ fn add_behavior(profile: &mut SegmentProfile, event_type: &str, time: i64, body:
     }
 }
 
-const BEHAVIOR_TYPES: &str = "('users.behaviors.CustomEvent', 'users.behaviors.Purchase')";
+/// The `event_log` types the segment loader (and `user_behaviors`) index per user.
+pub(super) const BEHAVIOR_TYPES: &str =
+    "('users.behaviors.CustomEvent', 'users.behaviors.Purchase')";
 
 /// Every live user of the workspace, with events, purchases and cohorts.
 pub fn snapshot(conn: &Connection, workspace: WorkspaceId) -> Result<ProfileSnapshot, StoreError> {
