@@ -10,10 +10,19 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tideway_core::store::StoreError;
 
+/// How much of an unknown key a 401 echoes. Braze echoes the whole key; a client that sends
+/// a 64 KiB "key" must not get a 64 KiB answer (an amplification), and a short prefix is enough
+/// for a person to see which key they sent. Longer keys end in `…`.
+pub const KEY_ECHO_CHARS: usize = 12;
+
+/// Seconds a 503 asks the client to wait before retrying (`Retry-After`).
+pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 1;
+
 /// A failed REST request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
-    /// 401: no key, or a key that is unknown or revoked. Carries the key as sent (empty if none).
+    /// 401: no key, or a key that is unknown or revoked. Carries the key as sent (empty if
+    /// none); the body echoes at most [`KEY_ECHO_CHARS`] characters of it.
     InvalidKey(String),
     /// 403: the key lacks the endpoint's permission.
     AccessDenied,
@@ -86,7 +95,7 @@ impl ApiError {
     /// The JSON body.
     pub fn body(&self) -> Value {
         let message = match self {
-            ApiError::InvalidKey(key) => format!("Invalid API key: {key}"),
+            ApiError::InvalidKey(key) => format!("Invalid API key: {}", echo_prefix(key)),
             ApiError::AccessDenied => "Access Denied".to_owned(),
             ApiError::IpNotAllowlisted => {
                 "Access Denied: IP address not allowlisted for this API key".to_owned()
@@ -113,15 +122,30 @@ impl ApiError {
     }
 }
 
+/// The first [`KEY_ECHO_CHARS`] characters of `key`, with `…` when it was longer.
+fn echo_prefix(key: &str) -> String {
+    match key.char_indices().nth(KEY_ECHO_CHARS) {
+        None => key.to_owned(),
+        Some((cut, _)) => format!("{}…", &key[..cut]),
+    }
+}
+
+/// Every store failure has one honest status. Handlers that expect `NotFound` or `Conflict`
+/// for a named thing map them with their own message first; what reaches this conversion is
+/// answered generically, with the detail logged and never sent.
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::Unavailable(detail) => {
-                tracing::warn!(error = %detail, "storage unavailable");
+                tracing::warn!(error = %detail, "storage unavailable; answering 503");
                 ApiError::Unavailable
             }
-            other => {
-                tracing::error!(error = %other, "storage error");
+            // "<thing> not found" / "<thing> already exists" name what the caller sent, never
+            // an internal detail.
+            e @ StoreError::NotFound(_) => ApiError::Missing(e.to_string()),
+            e @ StoreError::Conflict(_) => ApiError::Conflict(e.to_string()),
+            StoreError::Corrupt(detail) => {
+                tracing::error!(error = %detail, "corrupt data in storage; answering 500");
                 ApiError::Internal
             }
         }
@@ -131,10 +155,15 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
-        if let ApiError::RateLimited { retry_after_secs } = self {
+        let retry_after = match self {
+            ApiError::RateLimited { retry_after_secs } => Some(retry_after_secs),
+            ApiError::Unavailable => Some(UNAVAILABLE_RETRY_AFTER_SECS),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -170,6 +199,58 @@ mod tests {
             ApiError::from(StoreError::Corrupt("row".into())),
             ApiError::Internal
         );
+    }
+
+    #[test]
+    fn every_store_error_has_an_honest_status() {
+        let cases = [
+            (StoreError::Unavailable("disk".into()), 503),
+            (StoreError::NotFound("current 7".into()), 404),
+            (StoreError::Conflict("workspace 'w'".into()), 409),
+            (StoreError::Corrupt("row".into()), 500),
+        ];
+        for (err, status) in cases {
+            assert_eq!(
+                ApiError::from(err.clone()).status().as_u16(),
+                status,
+                "{err}"
+            );
+        }
+        assert_eq!(
+            ApiError::from(StoreError::NotFound("current 7".into())).body(),
+            json!({"message": "current 7 not found"})
+        );
+        assert_eq!(
+            ApiError::from(StoreError::Conflict("workspace 'w'".into())).body(),
+            json!({"message": "workspace 'w' already exists"})
+        );
+        // A 500 never describes what went wrong.
+        assert_eq!(
+            ApiError::from(StoreError::Corrupt("users row 12: bad json".into())).body(),
+            json!({"message": "Internal Server Error"})
+        );
+    }
+
+    #[test]
+    fn unavailable_asks_to_retry_after_a_second() {
+        let response = ApiError::Unavailable.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert!(
+            ApiError::Internal
+                .into_response()
+                .headers()
+                .get(header::RETRY_AFTER)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn invalid_key_echo_is_short() {
+        assert_eq!(echo_prefix(""), "");
+        assert_eq!(echo_prefix("non-existent"), "non-existent");
+        assert_eq!(echo_prefix("non-existent!"), "non-existent…");
+        assert_eq!(echo_prefix(&"ü".repeat(13)), format!("{}…", "ü".repeat(12)));
     }
 
     #[test]

@@ -235,6 +235,7 @@ fn webhook_error(status: u16, message: &str) -> Response {
 async fn segment_sync(
     state: &AppState,
     candidates: Vec<HeapWebhook>,
+    named_workspace: bool,
     expected: Option<SyncAction>,
     req: Request,
 ) -> Response {
@@ -250,7 +251,7 @@ async fn segment_sync(
         }
         Err(rejection) => return webhook_error(400, &rejection.body_text()),
     };
-    if candidates.is_empty() {
+    if candidates.is_empty() && !named_workspace {
         tracing::error!(
             "a Heap segment-sync call arrived but no workspace has a webhook secret (tideway partners heap-webhook-secret)"
         );
@@ -258,6 +259,16 @@ async fn segment_sync(
     }
     let now_ms = now().0;
     let mut failure = HeapError::BadSignature;
+    if candidates.is_empty() {
+        // A URL naming an unknown workspace (or one without a secret) must answer exactly as a
+        // known workspace with a wrong signature does, or workspace names could be enumerated
+        // without a key: run the same header checks, and never accept the HMAC.
+        if let Err(e) = webhook::verify_signature(header.as_deref(), &bytes, &[], now_ms)
+            && e != HeapError::BadSignature
+        {
+            failure = e;
+        }
+    }
     let mut signer = None;
     for hook in candidates {
         match webhook::verify_signature(
@@ -365,19 +376,12 @@ async fn webhooks_for(
         .map_err(|e| ApiError::from(e).into_response())?;
     Ok(match workspace {
         None => all,
-        Some(w) => {
-            let found: Vec<HeapWebhook> = all
-                .into_iter()
-                .filter(|h| h.workspace.app_group_id == w || h.workspace.name == w)
-                .collect();
-            if found.is_empty() {
-                return Err(webhook_error(
-                    404,
-                    "no workspace with a Heap webhook at this URL",
-                ));
-            }
-            found
-        }
+        // An unknown workspace gives no candidates; the caller then answers as for a bad
+        // signature, so the answer never tells which workspace names exist.
+        Some(w) => all
+            .into_iter()
+            .filter(|h| h.workspace.app_group_id == w || h.workspace.name == w)
+            .collect(),
     })
 }
 
@@ -435,7 +439,7 @@ async fn sync_for(
     req: Request,
 ) -> Response {
     match webhooks_for(state, workspace).await {
-        Ok(hooks) => segment_sync(state, hooks, expected, req).await,
+        Ok(hooks) => segment_sync(state, hooks, workspace.is_some(), expected, req).await,
         Err(response) => response,
     }
 }

@@ -9,8 +9,10 @@
 //! - A key may also come in the body (legacy `api_key`), so without a header key the body is
 //!   read first; a body too large to read then gets 413 (its key cannot be known).
 //! - The request is counted as soon as the key is known (Braze counts every call of a key),
-//!   so 403, 413 and 400 answers carry the real counter in their headers; 401 carries the
-//!   headers empty, as Braze does.
+//!   so 403, 413 and 400 answers carry the real counter in their headers. An answer given
+//!   before a key is known (401, a 413 for a body that had to be read to find the key) carries
+//!   no `X-RateLimit-*` headers: Braze sends them empty, but an empty header is no number and
+//!   trips strict clients and proxies, so Tideway leaves them out.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -85,8 +87,8 @@ pub fn now() -> Millis {
     Millis(i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Runs `endpoint` for `req` through the whole pipeline; always answers with the
-/// `X-RateLimit-*` headers.
+/// Runs `endpoint` for `req` through the whole pipeline; answers carry the `X-RateLimit-*`
+/// headers whenever the key is known.
 pub async fn rest(state: AppState, endpoint: Endpoint, req: Request) -> Response {
     let (outcome, decision) = authorize_and_run(&state, endpoint, req).await;
     let mut response = match outcome {
@@ -294,19 +296,20 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
+/// Sets the `X-RateLimit-*` headers from the key's counter; without one (no key known yet)
+/// there is no honest number, so none is sent.
 fn put_rate_headers(headers: &mut HeaderMap, decision: Option<&Decision>) {
-    let values = match decision {
-        Some(d) => [
-            HeaderValue::from(d.limit),
-            HeaderValue::from(d.remaining),
-            HeaderValue::from(d.reset),
-        ],
-        None => [
-            HeaderValue::from_static(""),
-            HeaderValue::from_static(""),
-            HeaderValue::from_static(""),
-        ],
+    let Some(d) = decision else {
+        for name in [LIMIT, REMAINING, RESET] {
+            headers.remove(name);
+        }
+        return;
     };
+    let values = [
+        HeaderValue::from(d.limit),
+        HeaderValue::from(d.remaining),
+        HeaderValue::from(d.reset),
+    ];
     for (name, value) in [LIMIT, REMAINING, RESET].into_iter().zip(values) {
         headers.insert(name, value);
     }

@@ -48,7 +48,7 @@ macro_rules! rest_handler {
                         ("X-RateLimit-Reset" = i64, description = "End of the current window, UTC epoch seconds"),
                     )),
                 (status = 400, description = "Invalid body, with the reason", body = ErrorBody),
-                (status = 401, description = "Missing or unknown key: `Invalid API key: <key>` (rate-limit headers empty)", body = ErrorBody),
+                (status = 401, description = "Missing or unknown key: `Invalid API key: <first 12 characters of the key>` (no rate-limit headers)", body = ErrorBody),
                 (status = 403, description = "`Access Denied` (permission) or `Access Denied: IP address not allowlisted for this API key`", body = ErrorBody),
                 (status = 413, description = "`Payload Too Large`", body = ErrorBody),
                 (status = 429, description = "`Rate Limited`, with `Retry-After`", body = ErrorBody),

@@ -11,12 +11,17 @@ use crate::harness::{Auth, NOW, Server};
 
 const TRACK_ONE: &str = r#"{"attributes":[{"external_id":"u1","first_name":"Ann"}]}"#;
 
-fn empty_rate(a: &crate::harness::Answer) {
-    assert_eq!(
-        a.rate(),
-        (String::new(), String::new(), String::new()),
-        "rate-limit headers present but empty: {a:?}"
-    );
+/// An answer given before any key is known carries no `X-RateLimit-*` header at all (an
+/// empty header is no number).
+fn no_rate(a: &crate::harness::Answer) {
+    for name in [
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    ] {
+        assert!(a.header(name).is_none(), "{name} present: {a:?}");
+        assert!(!a.headers.contains_key(name), "{name} present: {a:?}");
+    }
 }
 
 fn real_rate(a: &crate::harness::Answer) {
@@ -30,7 +35,7 @@ fn real_rate(a: &crate::harness::Answer) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_and_unknown_keys_get_401_with_the_key_echoed_and_empty_rate_headers() {
+async fn missing_and_unknown_keys_get_401_with_the_key_echoed_and_no_rate_headers() {
     let s = Server::start().await;
     let ws = s.workspace("w").await;
     let _key = s.admin_key(&ws).await;
@@ -48,7 +53,7 @@ async fn missing_and_unknown_keys_get_401_with_the_key_echoed_and_empty_rate_hea
         (none.status, &none.body),
         (401, &json!({"message": "Invalid API key: "}))
     );
-    empty_rate(&none);
+    no_rate(&none);
 
     let unknown = s
         .post("/users/track", "non-existent", json!({"attributes": []}))
@@ -57,7 +62,7 @@ async fn missing_and_unknown_keys_get_401_with_the_key_echoed_and_empty_rate_hea
         (unknown.status, &unknown.body),
         (401, &json!({"message": "Invalid API key: non-existent"}))
     );
-    empty_rate(&unknown);
+    no_rate(&unknown);
 
     let unknown_query = s
         .send(
@@ -158,9 +163,12 @@ async fn legacy_keys_in_query_and_body_are_accepted_and_revoked_keys_are_not() {
         .await;
     assert_eq!(
         (revoked.status, &revoked.body),
-        (401, &json!({"message": format!("Invalid API key: {key}")}))
+        (
+            401,
+            &json!({"message": format!("Invalid API key: {}…", &key[..12])})
+        )
     );
-    empty_rate(&revoked);
+    no_rate(&revoked);
 }
 
 const ALL_ENDPOINTS: [(&str, Permission); 9] = [
@@ -374,7 +382,7 @@ async fn bodies_over_the_limit_get_413_json() {
         (anonymous.status, &anonymous.body),
         (413, &json!({"message": "Payload Too Large"}))
     );
-    empty_rate(&anonymous);
+    no_rate(&anonymous);
     assert!(s.events(&ws).await.is_empty());
 
     let just_under = json!({"attributes": [{"external_id": "u1", "bio": "x".repeat(200)}]});
@@ -552,4 +560,68 @@ async fn a_key_of_one_workspace_never_sees_another() {
             .len(),
         1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_echoes_only_a_short_prefix_of_a_huge_key() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let _key = s.admin_key(&ws).await;
+    // 64 KiB of "key", in the header and in the body.
+    let huge = "k".repeat(64 * 1024);
+    let by_header = s
+        .post("/users/track", &huge, json!({"attributes": []}))
+        .await;
+    let by_body = s
+        .send(
+            reqwest::Method::POST,
+            "/users/track",
+            Auth::None,
+            Some(
+                json!({"api_key": huge, "attributes": []})
+                    .to_string()
+                    .into(),
+            ),
+            true,
+        )
+        .await;
+    for a in [&by_header, &by_body] {
+        assert_eq!(
+            (a.status, &a.body),
+            (401, &json!({"message": "Invalid API key: kkkkkkkkkkkk…"}))
+        );
+        no_rate(a);
+    }
+    // Multi-byte characters are cut on a character boundary, not a byte.
+    let wide = "é".repeat(40);
+    let a = s
+        .send(
+            reqwest::Method::POST,
+            "/users/track",
+            Auth::None,
+            Some(
+                json!({"api_key": wide, "attributes": []})
+                    .to_string()
+                    .into(),
+            ),
+            true,
+        )
+        .await;
+    assert_eq!(
+        a.body,
+        json!({"message": format!("Invalid API key: {}…", "é".repeat(12))})
+    );
+    // Management routes answer the same way.
+    let a = s
+        .send(
+            reqwest::Method::GET,
+            "/api/v1/cohorts",
+            Auth::Bearer(&huge),
+            None,
+            true,
+        )
+        .await;
+    assert_eq!(a.status, 401);
+    assert!(a.body["message"].as_str().unwrap().len() < 64, "{a:?}");
+    no_rate(&a);
 }

@@ -574,3 +574,62 @@ async fn heap_segment_sync_is_verified_paged_idempotent_and_drains() {
         (json!(1), json!(1))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heap_segment_sync_does_not_tell_which_workspaces_exist() {
+    let s = Server::start().await;
+    let ws = s.workspace("acme").await;
+    let _ = s.workspace("no-secret").await;
+    s.store
+        .heap_webhook(ws.id, Secret::new("whsec-acme".into()), None)
+        .await
+        .unwrap();
+    let body = sync_body("task-1", 1, &["u1"], &[]);
+    let raw = body.to_string();
+    // For each probe, a known workspace (by name and by app_group_id), a known workspace
+    // without a webhook secret, and an unknown name must answer byte for byte alike.
+    let targets = [
+        "acme".to_owned(),
+        ws.app_group_id.clone(),
+        "no-secret".to_owned(),
+        "surely-not-a-workspace".to_owned(),
+    ];
+    let probes: [(&str, Option<String>); 4] = [
+        ("no header", None),
+        ("malformed header", Some("nonsense".to_owned())),
+        (
+            "stale signature",
+            Some(sign(b"whsec-acme", now_ms() - 120_000, raw.as_bytes())),
+        ),
+        (
+            "wrong secret",
+            Some(sign(b"guess", now_ms(), raw.as_bytes())),
+        ),
+    ];
+    for (what, header) in &probes {
+        let mut answers = Vec::new();
+        for target in &targets {
+            for suffix in ["", "/users_sync"] {
+                let mut req = s
+                    .client
+                    .post(format!(
+                        "{}/partners/heap/segment-sync/{target}{suffix}",
+                        s.base
+                    ))
+                    .body(raw.clone());
+                if let Some(h) = header {
+                    req = req.header("heap-hash", h);
+                }
+                let res = req.send().await.unwrap();
+                let status = res.status().as_u16();
+                answers.push((status, res.text().await.unwrap()));
+            }
+        }
+        assert!(
+            answers.iter().all(|a| a == &answers[0]),
+            "{what}: answers differ by workspace: {answers:?}"
+        );
+        assert!(matches!(answers[0].0, 400 | 403), "{what}: {answers:?}");
+    }
+    assert!(s.store.list_cohorts(ws.id).await.unwrap().is_empty());
+}

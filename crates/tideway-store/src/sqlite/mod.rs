@@ -118,25 +118,39 @@ pub struct SqliteStore {
     options: SqliteOptions,
 }
 
+/// What a SQLite failure means to a caller, decided once and exhaustively: a database that
+/// is busy, full, unreadable or unwritable right now is `Unavailable` (503, retry or fix the
+/// disk); a broken uniqueness rule is a `Conflict` (409); a damaged file, or SQL this crate
+/// should never have sent, is `Corrupt` (500, the detail logged here, never sent).
 pub(crate) fn sql_err(e: rusqlite::Error) -> StoreError {
-    match e {
-        rusqlite::Error::SqliteFailure(code, _)
-            if matches!(
-                code.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ) =>
-        {
-            StoreError::Unavailable(e.to_string())
+    use rusqlite::ErrorCode as C;
+    let rusqlite::Error::SqliteFailure(failure, _) = &e else {
+        // Column types, conversions, missing rows: the data is not what the schema promises.
+        tracing::error!(error = %e, "unexpected SQLite result");
+        return StoreError::Corrupt(e.to_string());
+    };
+    match failure.code {
+        C::DatabaseBusy
+        | C::DatabaseLocked
+        | C::OutOfMemory
+        | C::ReadOnly
+        | C::SystemIoFailure
+        | C::DiskFull
+        | C::CannotOpen
+        | C::FileLockingProtocolFailed
+        | C::PermissionDenied
+        | C::OperationInterrupted
+        | C::OperationAborted
+        | C::SchemaChanged
+        | C::NoLargeFileSupport => StoreError::Unavailable(e.to_string()),
+        C::ConstraintViolation => {
+            tracing::info!(error = %e, "uniqueness rule broken");
+            StoreError::Conflict("a record with the same key".to_owned())
         }
-        rusqlite::Error::SqliteFailure(code, _)
-            if code.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
-            StoreError::Conflict(e.to_string())
-        }
-        rusqlite::Error::InvalidColumnType(..) | rusqlite::Error::FromSqlConversionFailure(..) => {
+        _ => {
+            tracing::error!(error = %e, "SQLite failure that retrying cannot fix");
             StoreError::Corrupt(e.to_string())
         }
-        other => StoreError::Unavailable(other.to_string()),
     }
 }
 
