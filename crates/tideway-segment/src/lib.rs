@@ -51,6 +51,7 @@ pub use filter::{
     NoSegments, NumberOp, Pattern, PurchaseOp, SegmentLookup, TimeOp, Timestamp,
 };
 pub use index::SegmentIndex;
+pub use index::codec::{DecodeError, INDEX_FORMAT, Reader, Writer};
 pub use naive::matches;
 pub use parse::{MAX_DEPTH, ValidationContext};
 pub use profile::{EventHistory, PurchaseRecord, SegmentProfile};

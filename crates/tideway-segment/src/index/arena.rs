@@ -5,6 +5,7 @@
 //! compact. Replacing or removing a user's list leaves garbage behind; once garbage is more than
 //! half the arena it is compacted in one pass, so updates stay amortised O(list length).
 
+use super::codec::{DecodeError, Reader, Writer, bad};
 use super::uidmap::{Slot, Span, UidMap};
 
 /// Compact only past this much garbage, so small indexes do not churn.
@@ -12,18 +13,37 @@ const COMPACT_MIN: usize = 1 << 16;
 
 /// Items with a time; lists are sorted by it, so the last item is the latest.
 pub(crate) trait Timed: Copy {
+    /// Bytes [`Timed::put`] writes.
+    const BYTES: usize;
     fn time(&self) -> i64;
+    fn put(&self, w: &mut Writer<'_>);
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError>;
 }
 
 impl Timed for i64 {
+    const BYTES: usize = 8;
     fn time(&self) -> i64 {
         *self
+    }
+    fn put(&self, w: &mut Writer<'_>) {
+        w.i64(*self);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        r.i64()
     }
 }
 
 impl Timed for (i64, u32) {
+    const BYTES: usize = 12;
     fn time(&self) -> i64 {
         self.0
+    }
+    fn put(&self, w: &mut Writer<'_>) {
+        w.i64(self.0);
+        w.u32(self.1);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok((r.i64()?, r.u32()?))
     }
 }
 
@@ -106,6 +126,47 @@ impl<T: Timed> Arena<T> {
         });
         self.data = data;
         self.garbage = 0;
+    }
+
+    /// Every item of every list, in no particular order.
+    pub(crate) fn for_each_item(&self, mut f: impl FnMut(&T)) {
+        self.spans
+            .for_each(|_, span| self.slice(span).iter().for_each(&mut f));
+    }
+
+    /// The byte form (see `codec.rs`): spans, items and garbage as held.
+    pub(crate) fn encode(&self, w: &mut Writer<'_>) {
+        self.spans.encode(w);
+        w.len(self.data.len());
+        for item in &self.data {
+            item.put(w);
+        }
+        w.len(self.garbage);
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let spans: UidMap<Span> = UidMap::decode(r)?;
+        let n = r.len(T::BYTES)?;
+        let mut data = Vec::with_capacity(n);
+        for _ in 0..n {
+            data.push(T::get(r)?);
+        }
+        let garbage = r.len(0)?;
+        let mut ok = garbage <= data.len();
+        spans.for_each(|_, s| {
+            ok &= s.len > 0
+                && (s.off as usize)
+                    .checked_add(s.len as usize)
+                    .is_some_and(|end| end <= data.len());
+        });
+        if !ok {
+            return Err(bad("arena spans"));
+        }
+        Ok(Arena {
+            spans,
+            data,
+            garbage,
+        })
     }
 
     pub(crate) fn heap_bytes(&self) -> usize {

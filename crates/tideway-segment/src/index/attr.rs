@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use super::bitmap_bytes;
 use super::bsi::{Bsi, f64_key, i64_key};
+use super::codec::{DecodeError, Reader, Writer, bad};
 use super::uidmap::UidMap;
 use crate::predicate::{is_blank_string, num, value_time};
 
@@ -193,6 +194,85 @@ impl AttrIndex {
         }
         self.numbers.optimize();
         self.times.optimize();
+    }
+
+    /// The byte form (see `codec.rs`): column, bitmaps, dictionary values with their users;
+    /// lookups, free list and flags are rebuilt on decode.
+    pub(crate) fn encode(&self, w: &mut Writer<'_>) {
+        self.slots.encode(w);
+        w.bitmap(&self.present);
+        w.bitmap(&self.blank);
+        w.len(self.dict.len());
+        for e in &self.dict {
+            match e {
+                None => w.u8(0),
+                Some(e) => {
+                    w.u8(1);
+                    w.str(&e.value.to_string());
+                    w.bitmap(&e.users);
+                }
+            }
+        }
+        self.numbers.encode(w);
+        self.times.encode(w);
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let slots: UidMap<u32> = UidMap::decode(r)?;
+        let present = r.bitmap()?;
+        let blank = r.bitmap()?;
+        let n = r.len(1)?;
+        let mut a = AttrIndex {
+            slots,
+            present,
+            blank,
+            ..AttrIndex::default()
+        };
+        a.dict.reserve(n);
+        for id in 0..n {
+            let id = u32::try_from(id)
+                .ok()
+                .filter(|&id| id < NUMBER_SLOT)
+                .ok_or(bad("attribute dictionary size"))?;
+            match r.u8()? {
+                0 => {
+                    a.dict.push(None);
+                    a.free.push(id);
+                }
+                1 => {
+                    let value: Value =
+                        serde_json::from_slice(r.bytes()?).map_err(|_| bad("attribute value"))?;
+                    let users = r.bitmap()?;
+                    let fresh = match &value {
+                        Value::String(s) => a.by_string.insert(s.clone(), id).is_none(),
+                        Value::Number(_) | Value::Null => false,
+                        other => a.by_json.insert(other.to_string(), id).is_none(),
+                    };
+                    if !fresh {
+                        return Err(bad("attribute dictionary"));
+                    }
+                    a.dict.push(Some(DictEntry {
+                        time: value_time(&value),
+                        blank: is_blank_string(&value),
+                        value,
+                        users,
+                    }));
+                    a.live_entries += 1;
+                }
+                _ => return Err(bad("attribute dictionary entry")),
+            }
+        }
+        a.numbers = Bsi::decode(r)?;
+        a.times = Bsi::decode(r)?;
+        let mut ok = true;
+        let dict = &a.dict;
+        a.slots.for_each(|_, id| {
+            ok &= id == NUMBER_SLOT || dict.get(id as usize).is_some_and(Option::is_some);
+        });
+        if !ok {
+            return Err(bad("attribute column"));
+        }
+        Ok(a)
     }
 
     pub(crate) fn heap_bytes(&self) -> usize {

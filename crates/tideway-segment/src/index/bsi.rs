@@ -9,6 +9,7 @@
 use roaring::RoaringBitmap;
 
 use super::bitmap_bytes;
+use super::codec::{DecodeError, Reader, Writer, bad};
 
 /// Comparison of a user's key with the query key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +141,22 @@ impl Bsi {
         for b in &mut self.bits {
             b.optimize();
         }
+    }
+
+    pub(crate) fn encode(&self, w: &mut Writer<'_>) {
+        w.bitmap(&self.exists);
+        for b in &self.bits {
+            w.bitmap(b);
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let exists = r.bitmap()?;
+        let bits = (0..64).map(|_| r.bitmap()).collect::<Result<Vec<_>, _>>()?;
+        if bits.iter().any(|b| !b.is_subset(&exists)) {
+            return Err(bad("bit-sliced index"));
+        }
+        Ok(Bsi { exists, bits })
     }
 
     pub(crate) fn heap_bytes(&self) -> usize {

@@ -18,6 +18,7 @@
 mod arena;
 mod attr;
 mod bsi;
+pub(crate) mod codec;
 mod eval;
 mod uidmap;
 
@@ -31,6 +32,7 @@ use crate::profile::SegmentProfile;
 use arena::Arena;
 use attr::AttrIndex;
 use bsi::{Bsi, f64_key};
+use codec::{DecodeError, Reader, Writer, bad};
 
 /// One in [`SAMPLE_MODULUS`] users (chosen by a hash of the uid) forms the fixed estimation sample.
 const SAMPLE_MODULUS: u32 = 100;
@@ -340,6 +342,116 @@ impl SegmentIndex {
             b.optimize();
         }
         self.purchases.spend.optimize();
+    }
+
+    /// Appends the index's byte form (layout [`codec::INDEX_FORMAT`]) to `out`; read it back
+    /// with [`SegmentIndex::decode`]. The result answers every filter exactly as `self` does.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let w = &mut Writer::new(out);
+        for b in [
+            &self.live,
+            &self.sample,
+            &self.identified,
+            &self.email_available,
+            &self.phone_available,
+        ] {
+            w.bitmap(b);
+        }
+        w.i64s(&self.created);
+        w.u16s(&self.buckets);
+        w.len(self.cohorts.len());
+        for (partner, cohorts) in &self.cohorts {
+            w.str(partner);
+            w.len(cohorts.len());
+            for (id, members) in cohorts {
+                w.str(id);
+                w.bitmap(members);
+            }
+        }
+        w.len(self.attributes.len());
+        for (name, a) in &self.attributes {
+            w.str(name);
+            a.encode(w);
+        }
+        w.len(self.events.len());
+        for (name, e) in &self.events {
+            w.str(name);
+            w.bitmap(&e.ever);
+            e.times.encode(w);
+        }
+        let p = &self.purchases;
+        w.bitmap(&p.any);
+        p.records.encode(w);
+        // product names in number order, so the numbers in `records` stay valid
+        let mut products: Vec<(&String, &u32)> = p.product_numbers.iter().collect();
+        products.sort_unstable_by_key(|(_, n)| **n);
+        w.len(products.len());
+        for ((name, _), buyers) in products.iter().zip(&p.buyers) {
+            w.str(name);
+            w.bitmap(buyers);
+        }
+        p.spend.encode(w);
+    }
+
+    /// Reads back what [`SegmentIndex::encode`] wrote (the whole of `bytes`).
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let r = &mut Reader::new(bytes);
+        let mut index = SegmentIndex {
+            live: r.bitmap()?,
+            sample: r.bitmap()?,
+            identified: r.bitmap()?,
+            email_available: r.bitmap()?,
+            phone_available: r.bitmap()?,
+            created: r.i64s()?,
+            buckets: r.u16s()?,
+            ..SegmentIndex::default()
+        };
+        let columns = index.created.len().min(index.buckets.len());
+        if index.live.max().is_some_and(|m| m as usize >= columns) {
+            return Err(bad("per-user columns"));
+        }
+        for _ in 0..r.len(1)? {
+            let partner = r.string()?;
+            let mut cohorts = HashMap::new();
+            for _ in 0..r.len(1)? {
+                let id = r.string()?;
+                cohorts.insert(id, r.bitmap()?);
+            }
+            index.cohorts.insert(partner, cohorts);
+        }
+        for _ in 0..r.len(1)? {
+            let name = r.string()?;
+            index.attributes.insert(name, AttrIndex::decode(r)?);
+        }
+        for _ in 0..r.len(1)? {
+            let name = r.string()?;
+            let ever = r.bitmap()?;
+            let times = Arena::decode(r)?;
+            index.events.insert(name, EventIndex { ever, times });
+        }
+        let p = &mut index.purchases;
+        p.any = r.bitmap()?;
+        p.records = Arena::decode(r)?;
+        let n = r.len(1)?;
+        for number in 0..n {
+            let name = r.string()?;
+            let number = u32::try_from(number).map_err(|_| bad("product count"))?;
+            if p.product_numbers.insert(name, number).is_some() {
+                return Err(bad("product names"));
+            }
+            p.buyers.push(r.bitmap()?);
+        }
+        let mut ok = true;
+        p.records
+            .for_each_item(|&(_, n)| ok &= (n as usize) < p.buyers.len());
+        if !ok {
+            return Err(bad("purchase records"));
+        }
+        p.spend = Bsi::decode(r)?;
+        if !r.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(index)
     }
 
     /// Approximate heap bytes held by the index.

@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
+use super::codec::{DecodeError, Reader, Writer, bad};
+
 /// A fast hash for `u32` uids (a 64-bit finaliser): uids are not attacker-chosen, and SipHash
 /// would dominate lookups.
 #[derive(Default, Clone, Copy)]
@@ -39,10 +41,21 @@ type UidHashMap<T> = HashMap<u32, T, BuildHasherDefault<UidHasher>>;
 pub(crate) trait Slot: Copy + PartialEq {
     /// Never stored as a real value.
     const EMPTY: Self;
+    /// Bytes [`Slot::put`] writes.
+    const BYTES: usize;
+    fn put(&self, w: &mut Writer<'_>);
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError>;
 }
 
 impl Slot for u32 {
     const EMPTY: Self = u32::MAX;
+    const BYTES: usize = 4;
+    fn put(&self, w: &mut Writer<'_>) {
+        w.u32(*self);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        r.u32()
+    }
 }
 
 /// A run of `len` items at `off` in an arena, with the time of the last (latest) item, which
@@ -60,6 +73,19 @@ impl Slot for Span {
         len: 0,
         last: i64::MIN,
     };
+    const BYTES: usize = 16;
+    fn put(&self, w: &mut Writer<'_>) {
+        w.u32(self.off);
+        w.u32(self.len);
+        w.i64(self.last);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Span {
+            off: r.u32()?,
+            len: r.u32()?,
+            last: r.i64()?,
+        })
+    }
 }
 
 /// Below this many entries the map stays sparse.
@@ -151,6 +177,74 @@ impl<T: Slot> UidMap<T> {
                 .iter_mut()
                 .filter(|v| **v != T::EMPTY)
                 .for_each(&mut f),
+        }
+    }
+
+    /// Every stored `(uid, value)`, in no particular order.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(u32, T)) {
+        match self {
+            Self::Sparse { map, .. } => map.iter().for_each(|(&u, &v)| f(u, v)),
+            Self::Dense { slots, .. } => {
+                for (u, &v) in slots.iter().enumerate() {
+                    if v != T::EMPTY {
+                        f(u as u32, v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The byte form (see `codec.rs`): the sparse or dense form as it is held.
+    pub(crate) fn encode(&self, w: &mut Writer<'_>) {
+        match self {
+            Self::Sparse { map, max_uid } => {
+                w.u8(0);
+                w.u32(*max_uid);
+                w.len(map.len());
+                for (&u, v) in map {
+                    w.u32(u);
+                    v.put(w);
+                }
+            }
+            Self::Dense { slots, len } => {
+                w.u8(1);
+                w.len(*len);
+                w.len(slots.len());
+                for v in slots {
+                    v.put(w);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        match r.u8()? {
+            0 => {
+                let max_uid = r.u32()?;
+                let n = r.len(4 + T::BYTES)?;
+                let mut map = UidHashMap::with_capacity_and_hasher(n, Default::default());
+                for _ in 0..n {
+                    let u = r.u32()?;
+                    let v = T::get(r)?;
+                    if u > max_uid || v == T::EMPTY || map.insert(u, v).is_some() {
+                        return Err(bad("sparse uid map"));
+                    }
+                }
+                Ok(Self::Sparse { map, max_uid })
+            }
+            1 => {
+                let len = r.len(0)?;
+                let n = r.len(T::BYTES)?;
+                let mut slots = Vec::with_capacity(n);
+                for _ in 0..n {
+                    slots.push(T::get(r)?);
+                }
+                if slots.iter().filter(|v| **v != T::EMPTY).count() != len {
+                    return Err(bad("dense uid map count"));
+                }
+                Ok(Self::Dense { slots, len })
+            }
+            _ => Err(bad("uid map form")),
         }
     }
 
