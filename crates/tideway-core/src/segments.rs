@@ -7,11 +7,18 @@
 //! whose data changed after these positions", reloaded). [`LiveIndex`] applies both, so the
 //! HTTP service and the export CLI evaluate segments the same way. No IO here: the caller reads
 //! the store and passes `now`.
+//!
+//! A [`LiveIndex`] also has a byte form, its *snapshot* ([`LiveIndex::to_snapshot`],
+//! [`LiveIndex::from_snapshot_bytes`]): the index, the ids and the feed position, behind a
+//! versioned header and a checksum, so a server can load it at start and catch up from the
+//! feed instead of reloading every profile. Writing it to disk is the caller's business.
 
 use std::collections::HashMap;
 
 use serde_json::Value;
-use tideway_segment::{Filter, SegmentIndex, SegmentLookup, SegmentProfile};
+use tideway_segment::{
+    DecodeError, Filter, INDEX_FORMAT, Reader, SegmentIndex, SegmentLookup, SegmentProfile, Writer,
+};
 
 use crate::clock::Millis;
 use crate::ids::{BrazeId, UserSeq};
@@ -133,8 +140,62 @@ pub struct Member {
 #[derive(Default)]
 pub struct LiveIndex {
     index: SegmentIndex,
-    ids: HashMap<u32, (BrazeId, Option<String>)>,
+    /// By uid (uids are dense): braze_id and external_id of each indexed user.
+    ids: Vec<Option<(BrazeId, Option<String>)>>,
     position: FeedPosition,
+}
+
+/// First bytes of a [`LiveIndex`] snapshot.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"TWSEGIX\0";
+/// Version of the snapshot framing and of the ids / position part; the index part has its own
+/// ([`INDEX_FORMAT`]). A snapshot with either version different is refused.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Magic, two versions, payload length, checksum.
+const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 8;
+
+/// Why snapshot bytes were refused (the caller discards them and rebuilds).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("not a segment index snapshot")]
+    NotASnapshot,
+    #[error(
+        "snapshot format {found}/{found_index}, this build reads {SNAPSHOT_FORMAT}/{INDEX_FORMAT}"
+    )]
+    OtherVersion { found: u32, found_index: u32 },
+    #[error("snapshot checksum mismatch (damaged or truncated)")]
+    Checksum,
+    #[error(transparent)]
+    Damaged(#[from] DecodeError),
+}
+
+/// A fast 64-bit checksum (four independent multiply-rotate lanes over 8-byte words, then the
+/// tail and the length). It detects damage — torn writes, flipped bits — not tampering: the
+/// file lives in the data directory with mode 0600.
+pub fn snapshot_checksum(bytes: &[u8]) -> u64 {
+    const K: [u64; 4] = [
+        0x9E37_79B9_7F4A_7C15,
+        0xC2B2_AE3D_27D4_EB4F,
+        0x1656_67B1_9E37_79F9,
+        0x85EB_CA77_C2B2_AE63,
+    ];
+    let mut lanes = K;
+    let mut blocks = bytes.chunks_exact(32);
+    for block in &mut blocks {
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            let word = u64::from_le_bytes(block[i * 8..][..8].try_into().expect("8 bytes"));
+            *lane = (*lane ^ word).wrapping_mul(K[i]).rotate_left(29);
+        }
+    }
+    let mut h = (bytes.len() as u64).wrapping_mul(K[0]);
+    for lane in lanes {
+        h = (h ^ lane).wrapping_mul(K[1]).rotate_left(31);
+    }
+    for &b in blocks.remainder() {
+        h = (h ^ u64::from(b)).wrapping_mul(K[2]).rotate_left(23);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(K[3]);
+    h ^ (h >> 29)
 }
 
 impl LiveIndex {
@@ -153,10 +214,117 @@ impl LiveIndex {
 
     fn upsert(&mut self, user: &SegmentUser) {
         self.index.upsert(&user.profile);
-        self.ids.insert(
-            user.profile.uid,
-            (user.braze_id.clone(), user.profile.external_id.clone()),
-        );
+        let i = user.profile.uid as usize;
+        if self.ids.len() <= i {
+            self.ids.resize(i + 1, None);
+        }
+        self.ids[i] = Some((user.braze_id.clone(), user.profile.external_id.clone()));
+    }
+
+    /// The snapshot: this index, its ids and its feed position, framed (magic, versions,
+    /// length, checksum). [`LiveIndex::from_snapshot_bytes`] reads it back.
+    pub fn to_snapshot(&self) -> Vec<u8> {
+        let mut payload = Vec::new();
+        {
+            let w = &mut Writer::new(&mut payload);
+            w.i64(self.position.event_seq);
+            w.i64(self.position.cohort_change_seq);
+            w.i64(self.position.user_change_seq);
+            let count = self.ids.iter().flatten().count();
+            w.len(count);
+            for (uid, (braze_id, external_id)) in self
+                .ids
+                .iter()
+                .enumerate()
+                .filter_map(|(u, e)| Some((u, e.as_ref()?)))
+            {
+                w.u32(uid as u32);
+                let mut raw = [0u8; 12];
+                hex::decode_to_slice(braze_id.as_str(), &mut raw)
+                    .expect("a braze_id is 24 hex characters");
+                for b in raw {
+                    w.u8(b);
+                }
+                match external_id {
+                    None => w.u8(0),
+                    Some(e) => {
+                        w.u8(1);
+                        w.str(e);
+                    }
+                }
+            }
+        }
+        self.index.encode(&mut payload);
+        let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
+        out.extend_from_slice(&INDEX_FORMAT.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&snapshot_checksum(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Reads a snapshot written by [`LiveIndex::to_snapshot`]; refuses other versions, a bad
+    /// checksum and anything that does not decode exactly.
+    pub fn from_snapshot_bytes(bytes: &[u8]) -> Result<LiveIndex, SnapshotError> {
+        if bytes.len() < HEADER_BYTES || &bytes[..8] != SNAPSHOT_MAGIC {
+            return Err(SnapshotError::NotASnapshot);
+        }
+        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let long = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let (found, found_index) = (word(8), word(12));
+        if found != SNAPSHOT_FORMAT || found_index != INDEX_FORMAT {
+            return Err(SnapshotError::OtherVersion { found, found_index });
+        }
+        let payload = &bytes[HEADER_BYTES..];
+        if long(16) != payload.len() as u64 || long(24) != snapshot_checksum(payload) {
+            return Err(SnapshotError::Checksum);
+        }
+        let r = &mut Reader::new(payload);
+        let position = FeedPosition {
+            event_seq: r.i64()?,
+            cohort_change_seq: r.i64()?,
+            user_change_seq: r.i64()?,
+        };
+        let count = r.len(4 + 12 + 1)?;
+        let mut entries: Vec<(u32, BrazeId, Option<String>)> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let uid = r.u32()?;
+            let raw: [u8; 12] = r.take(12)?.try_into().expect("12 bytes");
+            let external_id = match r.u8()? {
+                0 => None,
+                1 => Some(r.string()?),
+                _ => {
+                    return Err(DecodeError {
+                        what: "external id",
+                    }
+                    .into());
+                }
+            };
+            entries.push((uid, BrazeId::from_bytes(raw), external_id));
+        }
+        let index = SegmentIndex::decode(r.rest())?;
+        // exactly one id per indexed user, in uid order (which also bounds the ids column)
+        if entries.len() as u64 != index.len()
+            || !entries
+                .iter()
+                .zip(index.live().iter())
+                .all(|((uid, _, _), live)| *uid == live)
+        {
+            return Err(DecodeError { what: "ids" }.into());
+        }
+        let mut ids = Vec::new();
+        ids.resize(index.live().max().map_or(0, |m| m as usize + 1), None);
+        for (uid, braze_id, external_id) in entries {
+            ids[uid as usize] = Some((braze_id, external_id));
+        }
+        let live = LiveIndex {
+            index,
+            ids,
+            position,
+        };
+        Ok(live)
     }
 
     /// Applies cohort deltas, reloaded users and removals, then moves to `changes.position`.
@@ -173,7 +341,9 @@ impl LiveIndex {
         }
         for seq in &changes.removed {
             self.index.remove(seq.0);
-            self.ids.remove(&seq.0);
+            if let Some(slot) = self.ids.get_mut(seq.0 as usize) {
+                *slot = None;
+            }
         }
         for user in &changes.users {
             self.upsert(user);
@@ -239,12 +409,12 @@ impl LiveIndex {
     pub fn seq_of(&self, braze_id: &BrazeId) -> Option<UserSeq> {
         self.ids
             .iter()
-            .find(|(_, (b, _))| b == braze_id)
-            .map(|(uid, _)| UserSeq(*uid))
+            .position(|e| e.as_ref().is_some_and(|(b, _)| b == braze_id))
+            .map(|uid| UserSeq(uid as u32))
     }
 
     fn member(&self, uid: u32) -> Option<Member> {
-        let (braze_id, external_id) = self.ids.get(&uid)?;
+        let (braze_id, external_id) = self.ids.get(uid as usize)?.as_ref()?;
         Some(Member {
             seq: UserSeq(uid),
             braze_id: braze_id.clone(),
@@ -314,5 +484,59 @@ mod tests {
         assert_eq!(live.position(), next);
         assert_eq!(live.seq_of(&BrazeId::from_bytes([3; 12])), Some(UserSeq(3)));
         assert_eq!(live.seq_of(&BrazeId::from_bytes([2; 12])), None);
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_and_damage_is_refused() {
+        let mut live = LiveIndex::from_snapshot(ProfileSnapshot {
+            users: vec![user(1, &["c"]), user(2, &["c"]), user(7, &[])],
+            position: FeedPosition {
+                event_seq: 11,
+                cohort_change_seq: 12,
+                user_change_seq: 13,
+            },
+        });
+        live.apply(&ProfileChanges {
+            removed: vec![UserSeq(2)],
+            ..ProfileChanges::default()
+        });
+        let in_c = Filter::from_json(
+            &serde_json::json!({"cohort": {"partner": "heap", "cohort_id": "c", "op": "includes"}}),
+        )
+        .unwrap();
+        let bytes = live.to_snapshot();
+        let back = LiveIndex::from_snapshot_bytes(&bytes).expect("round trip");
+        assert_eq!(back.position(), live.position());
+        assert_eq!(back.len(), 2);
+        assert_eq!(
+            back.members(&in_c, 0, &NoSegments, 0, 10),
+            live.members(&in_c, 0, &NoSegments, 0, 10)
+        );
+        assert_eq!(back.seq_of(&BrazeId::from_bytes([7; 12])), Some(UserSeq(7)));
+        assert_eq!(back.seq_of(&BrazeId::from_bytes([2; 12])), None);
+
+        for at in [HEADER_BYTES, bytes.len() / 2, bytes.len() - 1] {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x40;
+            assert_eq!(
+                LiveIndex::from_snapshot_bytes(&flipped).err(),
+                Some(SnapshotError::Checksum),
+                "flip at {at}"
+            );
+        }
+        assert_eq!(
+            LiveIndex::from_snapshot_bytes(&bytes[..bytes.len() - 5]).err(),
+            Some(SnapshotError::Checksum)
+        );
+        let mut old = bytes.clone();
+        old[8] = 0;
+        assert!(matches!(
+            LiveIndex::from_snapshot_bytes(&old),
+            Err(SnapshotError::OtherVersion { found: 0, .. })
+        ));
+        assert_eq!(
+            LiveIndex::from_snapshot_bytes(b"hello").err(),
+            Some(SnapshotError::NotASnapshot)
+        );
     }
 }

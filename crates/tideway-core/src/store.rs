@@ -447,4 +447,8 @@ pub trait Store: Send + Sync {
         workspace: WorkspaceId,
         after: FeedPosition,
     ) -> StoreFuture<'_, ProfileChanges>;
+    /// How far the workspace's change feed reaches: everything acknowledged so far is at or
+    /// before it. Cheap (no flush, no profile read), so a reader can ask it on every request
+    /// and wait for its index to pass it.
+    fn segment_feed_head(&self, workspace: WorkspaceId) -> StoreFuture<'_, FeedPosition>;
 }

@@ -328,7 +328,7 @@ pub async fn size(
             let at = now().secs();
             let body = state
                 .segments()
-                .with_fresh(ws, |live| {
+                .with_fresh(ws, move |live| {
                     if estimate {
                         let (size, estimated) = live.index().estimate_size(&filter, at, &lookup);
                         json!({"size": size, "estimate": estimated})
@@ -372,7 +372,7 @@ pub async fn preview(State(state): State<AppState>, req: Request) -> Response {
             let at = now().secs();
             let size = state
                 .segments()
-                .with_fresh(ws, |live| live.size(&filter, at, &lookup))
+                .with_fresh(ws, move |live| live.size(&filter, at, &lookup))
                 .await?;
             Ok(axum::Json(json!({ "size": size })).into_response())
         },
@@ -436,7 +436,9 @@ pub async fn members(
             let at = now().secs();
             let page = state
                 .segments()
-                .with_fresh(ws, |live| live.members(&filter, at, &lookup, after, limit))
+                .with_fresh(ws, move |live| {
+                    live.members(&filter, at, &lookup, after, limit)
+                })
                 .await?;
             let next = (page.len() == limit)
                 .then(|| page.last().map(|m| m.seq.0.to_string()))
@@ -483,7 +485,7 @@ pub async fn user_segments(
             let at = now().secs();
             let found = state
                 .segments()
-                .with_fresh(ws, |live| {
+                .with_fresh(ws, move |live| {
                     let seq = live.seq_of(&id)?;
                     let within: Vec<Value> = segments
                         .iter()

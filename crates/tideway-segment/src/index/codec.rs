@@ -114,6 +114,11 @@ impl<'a> Reader<'a> {
         Reader { rest: bytes }
     }
 
+    /// Everything not read yet (consumed).
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.rest)
+    }
+
     /// Whether every byte has been read.
     pub fn is_empty(&self) -> bool {
         self.rest.is_empty()

@@ -149,6 +149,14 @@ fn heads(conn: &Connection, workspace: WorkspaceId) -> Result<FeedPosition, Stor
     })
 }
 
+/// The log heads of a workspace, in a read transaction of their own.
+pub fn feed_head(conn: &Connection, workspace: WorkspaceId) -> Result<FeedPosition, StoreError> {
+    let tx = conn.unchecked_transaction().map_err(sql_err)?;
+    let head = heads(&tx, workspace)?;
+    tx.commit().map_err(sql_err)?;
+    Ok(head)
+}
+
 /// Adds one `event_log` behaviour row to a profile; rows of other types, or whose body lacks
 /// the needed fields, are skipped.
 fn add_behavior(profile: &mut SegmentProfile, event_type: &str, time: i64, body: &str) {
