@@ -79,10 +79,22 @@ struct Inner {
 
 impl AppState {
     pub fn new(store: Arc<dyn Store>, config: ServerConfig, metrics: PrometheusHandle) -> Self {
+        Self::with_segment_snapshots(store, config, metrics, None)
+    }
+
+    /// [`AppState::new`], keeping each workspace's segment index as a snapshot file in
+    /// `segment_snapshots` (loaded at start, written periodically and at shutdown).
+    pub fn with_segment_snapshots(
+        store: Arc<dyn Store>,
+        config: ServerConfig,
+        metrics: PrometheusHandle,
+        segment_snapshots: Option<std::path::PathBuf>,
+    ) -> Self {
         let limiter = rate_limit::RateLimiter::new(config.rate_limits.clone());
         let partner_limiter = partners::PartnerLimiter::new(config.rate_limits.partner_per_hour);
-        let segments = Arc::new(segment_service::SegmentService::new(Arc::clone(&store)));
-        segment_service::SegmentService::spawn_refresher(&segments);
+        let segments =
+            segment_service::SegmentService::with_snapshots(Arc::clone(&store), segment_snapshots);
+        segment_service::SegmentService::spawn_preload(&segments);
         AppState {
             inner: Arc::new(Inner {
                 store,
@@ -140,8 +152,20 @@ pub fn app_with_currents(
     metrics: PrometheusHandle,
     currents: Option<CurrentsApi>,
 ) -> Router {
+    app_with_options(store, config, metrics, currents, None)
+}
+
+/// [`app_with_currents`], keeping segment indexes as snapshots in `segment_snapshots`
+/// (`tideway serve` passes `<data-dir>/segment-index`).
+pub fn app_with_options(
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    metrics: PrometheusHandle,
+    currents: Option<CurrentsApi>,
+    segment_snapshots: Option<std::path::PathBuf>,
+) -> Router {
     let max_body = config.max_body_bytes;
-    let mut state = AppState::new(store, config, metrics);
+    let mut state = AppState::with_segment_snapshots(store, config, metrics, segment_snapshots);
     if let Some(inner) = Arc::get_mut(&mut state.inner) {
         inner.currents = currents;
     }

@@ -853,4 +853,11 @@ impl Store for SqliteStore {
                 .await
         })
     }
+
+    fn segment_feed_head(
+        &self,
+        workspace: WorkspaceId,
+    ) -> StoreFuture<'_, tideway_core::segments::FeedPosition> {
+        self.read(move |conn| segments::feed_head(conn, workspace))
+    }
 }
