@@ -6,7 +6,8 @@
 //! Filters arrive in their wire form and are parsed and validated against the workspace (its
 //! cohorts and its other segments) with `tideway_segment::Filter::parse`; a rejected filter is a
 //! 400 whose message is `"<JSON path>: <what is wrong>"`. Sizes and members come from the
-//! [`crate::segment_service`], which catches up with the store before each evaluation.
+//! [`crate::segment_service`], which waits (≤ 1 s) for its index to cover everything the store
+//! acknowledged before the request, then evaluates off the async threads.
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -7,6 +7,7 @@ mod currents;
 mod ingest;
 mod limits;
 mod load;
+mod segments;
 
 pub use ingest::IngestArgs;
 
@@ -21,6 +22,9 @@ pub enum BenchCommand {
     /// p50/p99 event-to-delivery latency below saturation, RSS with a 10 M-event backlog;
     /// beside each receiver's own maximum
     Currents(currents::CurrentsArgs),
+    /// Segment size right after a restart (index from its snapshot, beside a full build) and
+    /// p50/p99 under /users/track load
+    Segments(segments::SegmentsArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -28,5 +32,6 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ingest(args) => ingest::run(args).await,
         BenchCommand::Cohorts(args) => cohorts::run(args).await,
         BenchCommand::Currents(args) => currents::run(args).await,
+        BenchCommand::Segments(args) => segments::run(args).await,
     }
 }

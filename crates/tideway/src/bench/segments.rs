@@ -1,0 +1,290 @@
+//! `tideway bench segments`: a segment's size right after a restart, and under ingest load.
+//!
+//! Seeds a workspace of `--users` users (a `plan` attribute each, a third of them in a Heap
+//! cohort) and a segment (cohort includes ∧ `plan` = "pro"), serves it with segment
+//! snapshots in the data directory, asks its size once (the index is built from every profile:
+//! the limit this benchmark measures beside its figures), stops the server (a clean shutdown
+//! writes the snapshot), starts a new one on the same data and times the first
+//! `/api/v1/segments/{id}/size` (DESIGN.md §4: ≤ 2 s on 3 M users). Then `--clients`
+//! closed-loop `/users/track` clients drive the bench ingest workload over the same users while
+//! one client asks the size back to back: p50 / p99 under load (target p99 ≤ 100 ms).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tideway_core::cohorts::{CohortId, parse_changes};
+use tideway_core::keys::{IpAllowlist, Permission, PermissionSet};
+use tideway_core::segments::Segment;
+use tideway_core::store::{Store, Workspace};
+use tideway_core::track::parse_track;
+use tideway_server::{RateLimits, ServerConfig};
+use tideway_store::sqlite::{SqliteOptions, SqliteStore};
+use tokio::net::TcpListener;
+
+use crate::bench::load::{self, Stats, Target, millis, thousands};
+use crate::data;
+
+const FIRST_SIZE_TARGET: Duration = Duration::from_secs(2);
+const P99_TARGET: Duration = Duration::from_millis(100);
+const PLANS: [&str; 3] = ["free", "trial", "pro"];
+
+#[derive(Debug, clap::Args)]
+pub struct SegmentsArgs {
+    /// Users in the workspace
+    #[arg(long, default_value_t = 3_000_000)]
+    pub users: usize,
+    /// Concurrent /users/track clients during the load phase
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Seconds of the load phase
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+}
+
+struct Running {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn start(store: Arc<dyn Store>, snapshots: &Path) -> anyhow::Result<Running> {
+    let metrics = tideway_server::install_metrics_recorder()
+        .context("cannot install the metrics recorder")?;
+    let unlimited = 1_000_000_000;
+    let config = ServerConfig {
+        rate_limits: RateLimits {
+            users_track_per_minute: unlimited,
+            users_batch_per_minute: unlimited,
+            users_export_per_minute: unlimited,
+            management_per_minute: unlimited,
+            partner_per_hour: unlimited,
+        },
+        ..ServerConfig::default()
+    };
+    let router =
+        tideway_server::app_with_options(store, config, metrics, None, Some(snapshots.to_owned()));
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    Ok(Running { addr, stop, task })
+}
+
+impl Running {
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.context("server task")?.context("server")?;
+        Ok(())
+    }
+}
+
+async fn seed(store: &Arc<SqliteStore>, ws: &Workspace, users: usize) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..8 {
+        let (store, ws, next) = (Arc::clone(store), ws.clone(), Arc::clone(&next));
+        tasks.spawn(async move {
+            loop {
+                let start = next.fetch_add(75, std::sync::atomic::Ordering::Relaxed);
+                if start >= users {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                let attributes: Vec<Value> = (start..(start + 75).min(users))
+                    .map(|i| json!({"external_id": format!("bench-{i}"), "plan": PLANS[i % 3]}))
+                    .collect();
+                let body = json!({ "attributes": attributes });
+                let request = parse_track(body.as_object().context("object")?)
+                    .map_err(|e| anyhow::anyhow!("seed body: {e:?}"))?;
+                store.track(&ws, request, data::now()).await?;
+            }
+        });
+    }
+    while let Some(t) = tasks.join_next().await {
+        t.context("a seeding task panicked")??;
+    }
+    // a third of the users enter the cohort
+    let cohort = CohortId::parse("bench").context("cohort id")?;
+    for chunk in (0..users).step_by(3).collect::<Vec<_>>().chunks(1000) {
+        let ids: Vec<String> = chunk.iter().map(|i| format!("bench-{i}")).collect();
+        let body = json!({"cohort_changes": [{"user_ids": ids}]});
+        let changes = parse_changes(body.as_object().context("object")?)
+            .map_err(|e| anyhow::anyhow!("cohort body: {e:?}"))?;
+        store
+            .apply_cohort_changes(ws, "heap", cohort.clone(), changes, data::now())
+            .await?;
+    }
+    Ok(())
+}
+
+async fn size(client: &reqwest::Client, url: &str, key: &str) -> anyhow::Result<u64> {
+    let response = client.get(url).bearer_auth(key).send().await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    if !status.is_success() {
+        bail!("HTTP {status}: {body}");
+    }
+    body["size"].as_u64().context("no size in the answer")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p / 100.0).round() as usize]
+}
+
+pub async fn run(args: SegmentsArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir().context("cannot create a temporary data directory")?;
+    let snapshots = dir.path().join("segment-index");
+    let open = || data::open(dir.path(), SqliteOptions::default());
+    let store = Arc::new(open()?);
+    let now = data::now();
+    let ws = store.create_workspace("bench", now).await?;
+    let permissions: PermissionSet = [Permission::UsersTrack, Permission::SegmentsRead]
+        .into_iter()
+        .collect();
+    let (secret, key) = data::mint_key(ws.id, "bench", permissions, IpAllowlist::default(), now);
+    store.create_api_key(key).await?;
+    let key = secret.expose().to_owned();
+    let filter = json!({"and": [
+        {"cohort": {"partner": "heap", "cohort_id": "bench", "op": "includes"}},
+        {"attribute": {"name": "plan", "op": "equals", "value": "pro"}}
+    ]});
+    store
+        .create_segment(
+            ws.id,
+            Segment {
+                id: "bench-segment".into(),
+                name: "bench".into(),
+                filter,
+                created_at: now,
+                updated_at: now,
+            },
+        )
+        .await?;
+    eprintln!(
+        "bench segments: {} users, segment = cohort includes ∧ plan = pro",
+        thousands(args.users as f64)
+    );
+    let seeded = Instant::now();
+    seed(&store, &ws, args.users).await?;
+    eprintln!("{:>24}: {:.1} s", "seeded", seeded.elapsed().as_secs_f64());
+    let expected = args.users.div_ceil(3).div_ceil(3) as u64;
+    let client = reqwest::Client::new();
+
+    // the limit: the index built from every profile (no snapshot yet)
+    let server = start(store.clone() as Arc<dyn Store>, &snapshots).await?;
+    let url = format!("http://{}/api/v1/segments/bench-segment/size", server.addr);
+    let t = Instant::now();
+    let cold = size(&client, &url, &key).await?;
+    let full_build = t.elapsed();
+    eprintln!(
+        "{:>24}: {} (size {cold}, expected about {expected})",
+        "first size, full build",
+        millis(full_build)
+    );
+    server.stop().await?;
+    drop(store);
+    let file = snapshots.join(format!("{}.snap", ws.id.0));
+    let snapshot_bytes = std::fs::metadata(&file)
+        .context("no snapshot after a clean shutdown")?
+        .len();
+    let t = Instant::now();
+    let bytes = std::fs::read(&file)?;
+    let loaded = tideway_core::segments::LiveIndex::from_snapshot_bytes(&bytes)
+        .context("the snapshot does not load")?;
+    let load_time = t.elapsed();
+    drop((loaded, bytes));
+    eprintln!(
+        "{:>24}: {:.1} MB, read + decoded in {}",
+        "snapshot",
+        snapshot_bytes as f64 / 1e6,
+        millis(load_time)
+    );
+
+    // restart
+    let store = Arc::new(open()?);
+    let server = start(store.clone() as Arc<dyn Store>, &snapshots).await?;
+    let url = format!("http://{}/api/v1/segments/bench-segment/size", server.addr);
+    let t = Instant::now();
+    let warm = size(&client, &url, &key).await?;
+    let first = t.elapsed();
+    eprintln!(
+        "{:>24}: {} (size {warm})",
+        "first size after restart",
+        millis(first)
+    );
+    if warm != cold {
+        bail!("the size after the restart ({warm}) differs from before ({cold})");
+    }
+
+    // under load
+    let target = Target {
+        client: reqwest::Client::new(),
+        url: format!("http://{}/users/track", server.addr),
+        api_key: Some(key.clone()),
+    };
+    let duration = Duration::from_secs(args.seconds);
+    let users = args.users as u64;
+    let clients = args.clients;
+    let ingest = tokio::spawn(async move {
+        load::closed_loop(&target, "ingest", clients, users, duration).await
+    });
+    let deadline = Instant::now() + duration;
+    let mut latencies = Vec::new();
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        size(&client, &url, &key).await?;
+        latencies.push(t.elapsed());
+    }
+    let mut ingest: Stats = ingest.await.context("the ingest task panicked")?;
+    latencies.sort_unstable();
+    let (p50, p99) = (percentile(&latencies, 50.0), percentile(&latencies, 99.0));
+    eprintln!(
+        "{:>24}: {} sizes, p50 {}, p99 {}, max {}; ingest {} objects/s, p99 {}, {} errors",
+        "size under ingest",
+        latencies.len(),
+        millis(p50),
+        millis(p99),
+        millis(percentile(&latencies, 100.0)),
+        thousands(ingest.objects_per_sec()),
+        millis(ingest.percentile(99.0)),
+        ingest.errors
+    );
+    server.stop().await?;
+    let pass = |ok: bool| if ok { "PASS" } else { "FAIL" };
+    println!(
+        "first size after restart {} vs full build {} ({:.0}x faster; target ≤ {}: {}); snapshot {:.1} MB loads in {}; size under {clients}-client ingest p50 {} p99 {} (target p99 ≤ {}: {})",
+        millis(first),
+        millis(full_build),
+        full_build.as_secs_f64() / first.as_secs_f64().max(1e-9),
+        millis(FIRST_SIZE_TARGET),
+        pass(first <= FIRST_SIZE_TARGET),
+        snapshot_bytes as f64 / 1e6,
+        millis(load_time),
+        millis(p50),
+        millis(p99),
+        millis(P99_TARGET),
+        pass(p99 <= P99_TARGET),
+    );
+    if ingest.errors > 0 {
+        bail!(
+            "{} ingest requests failed; the figures are not valid",
+            ingest.errors
+        );
+    }
+    Ok(())
+}
