@@ -35,11 +35,12 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
     let metrics = tideway_server::install_metrics_recorder()
         .context("cannot install the metrics recorder")?;
     let currents = crate::currents::start(Arc::clone(&store), &settings.data_dir);
-    let router = tideway_server::app_with_currents(
+    let router = tideway_server::app_with_options(
         store,
         settings.server.clone(),
         metrics,
         Some(currents.clone()),
+        Some(settings.data_dir.join("segment-index")),
     );
     let listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
