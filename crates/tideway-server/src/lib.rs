@@ -9,7 +9,8 @@
 //!
 //! Request path: [`observe`] (span, metrics, panic guard) → router → [`pipeline`] (key
 //! extraction, body limit, auth, rate limit, permission, JSON parsing) → [`users`] (one
-//! function per endpoint) → `Store`.
+//! function per endpoint) → `Store`. [`serve`] (`listener`) is the accept loop around it: the
+//! connection cap and the idle, header and body timeouts.
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ mod cohorts_api;
 mod currents_api;
 mod error;
 mod fields;
+mod listener;
 mod observe;
 pub mod openapi;
 mod ops;
@@ -36,6 +38,11 @@ pub mod wire;
 
 pub use currents_api::CurrentsApi;
 pub use error::ApiError;
+pub use listener::{
+    ConnectionLimits, FD_HEADROOM, HTTP_CONNECTIONS_OPEN, HTTP_CONNECTIONS_REFUSED_TOTAL,
+    HTTP_CONNECTIONS_TIMED_OUT_TOTAL, default_max_connections, max_connections_for,
+    open_file_limit, serve,
+};
 pub use observe::{MetricsError, install_metrics_recorder};
 pub use rate_limit::RateLimits;
 
@@ -138,9 +145,10 @@ impl AppState {
     }
 }
 
-/// The whole HTTP application, state applied. Serve it with
-/// `into_make_service_with_connect_info::<SocketAddr>()`: the client address is needed for
-/// key IP allowlists (a key with an allowlist is refused when the address is unknown).
+/// The whole HTTP application, state applied. Serve it with [`serve`] (which adds the
+/// connection limits), or else with `into_make_service_with_connect_info::<SocketAddr>()`: the
+/// client address is needed for key IP allowlists (a key with an allowlist is refused when the
+/// address is unknown).
 pub fn app(store: Arc<dyn Store>, config: ServerConfig, metrics: PrometheusHandle) -> Router {
     app_with_currents(store, config, metrics, None)
 }
@@ -255,6 +263,11 @@ pub fn app_with_options(
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(listener::enforce_body_deadline))
+        .layer(axum::middleware::from_fn_with_state(
+            max_body,
+            listener::refuse_declared_oversize,
+        ))
         .layer(axum::middleware::from_fn(observe::observe))
         .with_state(state)
 }

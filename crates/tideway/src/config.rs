@@ -10,10 +10,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use tideway_server::{RateLimits, ServerConfig};
+use tideway_server::{ConnectionLimits, RateLimits, ServerConfig};
 use tideway_store::sqlite::{SqliteOptions, Synchronous};
 
 /// The default data directory, relative to the working directory.
@@ -104,6 +105,32 @@ pub struct Settings {
     #[arg(long, env = "TIDEWAY_MAX_ARRAY_LEN", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_array_len: Option<usize>,
+
+    /// Milliseconds a client has to send a request's headers, from their first byte; a slower
+    /// connection is closed [default: 10000]
+    #[arg(long, env = "TIDEWAY_HEADER_TIMEOUT_MS", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_timeout_ms: Option<u64>,
+
+    /// Milliseconds a connection may stay open with no request in progress and no byte sent
+    /// either way (before its first request, between keep-alive requests); then it is closed
+    /// [default: 60000]
+    #[arg(long, env = "TIDEWAY_IDLE_TIMEOUT_MS", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+
+    /// Milliseconds a client has to send a request's body, from the end of its headers; a
+    /// later body gets 408 Request Timeout and the connection is closed [default: 30000]
+    #[arg(long, env = "TIDEWAY_BODY_TIMEOUT_MS", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_timeout_ms: Option<u64>,
+
+    /// Connections open at once; beyond it a new connection gets 503 and is closed at once.
+    /// Keep it below the open-file limit (`ulimit -n`) [default: the soft open-file limit
+    /// minus 128, at least 32]
+    #[arg(long, env = "TIDEWAY_MAX_CONNECTIONS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
 }
 
 /// [`Settings`] with every value decided.
@@ -114,6 +141,8 @@ pub struct Resolved {
     pub log_format: LogFormat,
     pub synchronous: SyncMode,
     pub server: ServerConfig,
+    /// Timeouts and the cap of the HTTP listener.
+    pub connections: ConnectionLimits,
 }
 
 impl Settings {
@@ -129,6 +158,10 @@ impl Settings {
             batch_rate_limit: self.batch_rate_limit.or(fallback.batch_rate_limit),
             export_rate_limit: self.export_rate_limit.or(fallback.export_rate_limit),
             max_array_len: self.max_array_len.or(fallback.max_array_len),
+            header_timeout_ms: self.header_timeout_ms.or(fallback.header_timeout_ms),
+            idle_timeout_ms: self.idle_timeout_ms.or(fallback.idle_timeout_ms),
+            body_timeout_ms: self.body_timeout_ms.or(fallback.body_timeout_ms),
+            max_connections: self.max_connections.or(fallback.max_connections),
         }
     }
 
@@ -149,6 +182,10 @@ impl Settings {
             batch_rate_limit: Some(server.rate_limits.users_batch_per_minute),
             export_rate_limit: Some(server.rate_limits.users_export_per_minute),
             max_array_len: Some(server.max_array_len),
+            header_timeout_ms: Some(millis(ConnectionLimits::DEFAULT_HEADER_TIMEOUT)),
+            idle_timeout_ms: Some(millis(ConnectionLimits::DEFAULT_IDLE_TIMEOUT)),
+            body_timeout_ms: Some(millis(ConnectionLimits::DEFAULT_BODY_TIMEOUT)),
+            max_connections: Some(tideway_server::default_max_connections()),
         }
     }
 
@@ -193,6 +230,12 @@ impl Settings {
                 },
                 max_array_len: full.max_array_len.ok_or_else(missing)?,
             },
+            connections: ConnectionLimits {
+                header_timeout: Duration::from_millis(full.header_timeout_ms.ok_or_else(missing)?),
+                idle_timeout: Duration::from_millis(full.idle_timeout_ms.ok_or_else(missing)?),
+                body_timeout: Duration::from_millis(full.body_timeout_ms.ok_or_else(missing)?),
+                max_connections: full.max_connections.ok_or_else(missing)?,
+            },
         };
         let limits = &resolved.server.rate_limits;
         if limits.users_track_per_minute == 0
@@ -203,6 +246,17 @@ impl Settings {
         }
         if resolved.server.max_body_bytes == 0 || resolved.server.max_array_len == 0 {
             anyhow::bail!("--max-body-bytes and --max-array-len must be at least 1");
+        }
+        let connections = &resolved.connections;
+        if connections.header_timeout.is_zero()
+            || connections.idle_timeout.is_zero()
+            || connections.body_timeout.is_zero()
+            || connections.max_connections == 0
+        {
+            anyhow::bail!(
+                "--header-timeout-ms, --idle-timeout-ms, --body-timeout-ms and --max-connections \
+                 must be at least 1"
+            );
         }
         Ok(resolved)
     }
@@ -216,6 +270,11 @@ impl Resolved {
             ..SqliteOptions::default()
         }
     }
+}
+
+/// A duration as a whole number of milliseconds (a setting's unit).
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `<data-dir>/tideway.sqlite`
@@ -259,6 +318,7 @@ mod tests {
         assert_eq!(r.log_format, LogFormat::Text);
         assert_eq!(r.synchronous, SyncMode::Normal);
         assert_eq!(r.server, ServerConfig::default());
+        assert_eq!(r.connections, ConnectionLimits::default());
         assert_eq!(
             database_path(&r.data_dir),
             PathBuf::from("./tideway-data/tideway.sqlite")
@@ -313,6 +373,9 @@ mod tests {
             d.rate_limits.users_batch_per_minute.to_string(),
             d.rate_limits.users_export_per_minute.to_string(),
             d.max_array_len.to_string(),
+            millis(ConnectionLimits::DEFAULT_HEADER_TIMEOUT).to_string(),
+            millis(ConnectionLimits::DEFAULT_IDLE_TIMEOUT).to_string(),
+            millis(ConnectionLimits::DEFAULT_BODY_TIMEOUT).to_string(),
         ] {
             assert!(
                 help.contains(&format!("[default: {value}]")),
@@ -321,6 +384,58 @@ mod tests {
         }
         assert!(help.contains("[default: ./tideway-data]"));
         assert!(help.contains("[default: 127.0.0.1:4000]"));
+        assert!(
+            help.contains("[default: the soft open-file limit minus 128, at least 32]"),
+            "{help}"
+        );
+        assert_eq!(
+            tideway_server::FD_HEADROOM,
+            128,
+            "the help text names the headroom"
+        );
+    }
+
+    #[test]
+    fn connection_limits_are_flags_file_keys_and_variables() {
+        let f = file("header-timeout-ms = 1500\nidle-timeout-ms = 2500\nmax-connections = 40\n");
+        let r = parse(&["--idle-timeout-ms", "700", "--body-timeout-ms", "900"])
+            .resolve(Some(f.path()))
+            .unwrap();
+        assert_eq!(
+            r.connections,
+            ConnectionLimits {
+                header_timeout: Duration::from_millis(1500),
+                idle_timeout: Duration::from_millis(700),
+                body_timeout: Duration::from_millis(900),
+                max_connections: 40,
+            }
+        );
+        let full = parse(&[]).layered(None).unwrap();
+        assert_eq!(
+            full.max_connections,
+            Some(tideway_server::default_max_connections()),
+            "the default cap is sized from the open-file limit"
+        );
+        let text = toml::to_string(&full).unwrap();
+        assert!(text.contains("idle-timeout-ms = 60000"), "{text}");
+        for zero in [
+            "--header-timeout-ms",
+            "--idle-timeout-ms",
+            "--body-timeout-ms",
+            "--max-connections",
+        ] {
+            assert!(parse(&[zero, "0"]).resolve(None).is_err(), "{zero} 0");
+        }
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for variable in [
+            "TIDEWAY_HEADER_TIMEOUT_MS",
+            "TIDEWAY_IDLE_TIMEOUT_MS",
+            "TIDEWAY_BODY_TIMEOUT_MS",
+            "TIDEWAY_MAX_CONNECTIONS",
+        ] {
+            assert!(help.contains(variable), "{help}");
+        }
     }
 
     #[test]

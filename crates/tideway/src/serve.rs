@@ -5,7 +5,8 @@
 //! `Tideway is listening on http://ADDR` (the bound address, so `--listen 127.0.0.1:0` shows
 //! the real port) and, on the very first start, the admin key. Everything else is logged to
 //! stderr. Shutdown is graceful: the listener closes, in-flight requests finish (and so their
-//! writes commit) before the process exits.
+//! writes commit) before the process exits. The accept loop is `tideway_server::serve`, with
+//! the connection cap and the idle, header and body timeouts of the settings.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tideway_core::keys::{IpAllowlist, PermissionSet};
 use tideway_core::store::Store;
-use tideway_server::ServerConfig;
+use tideway_server::{ConnectionLimits, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -53,13 +54,13 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
         .context("cannot read the bound address")?;
     announce(addr)?;
     tracing::info!(%addr, data_dir = %settings.data_dir.display(), synchronous = ?settings.synchronous, "serving the REST API");
-    axum::serve(
+    tideway_server::serve(
         listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
+        router,
+        settings.connections.clone(),
+        shutdown_signal(),
     )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("the HTTP server failed")?;
+    .await;
     tracing::info!("stopped: every in-flight request has been answered");
     crate::currents::stop(currents).await;
     Ok(())
@@ -155,11 +156,11 @@ async fn shutdown_signal() {
 pub struct InProcess {
     pub addr: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: JoinHandle<std::io::Result<()>>,
+    task: JoinHandle<()>,
 }
 
 impl InProcess {
-    /// Serves `store` on a free loopback port.
+    /// Serves `store` on a free loopback port, with the default connection limits.
     pub async fn start(store: Arc<dyn Store>, config: ServerConfig) -> anyhow::Result<InProcess> {
         let metrics = tideway_server::install_metrics_recorder()
             .context("cannot install the metrics recorder")?;
@@ -169,26 +170,21 @@ impl InProcess {
             .context("cannot bind a loopback port")?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async {
+        let task = tokio::spawn(tideway_server::serve(
+            listener,
+            router,
+            ConnectionLimits::default(),
+            async {
                 let _ = stopped.await;
-            })
-            .await
-        });
+            },
+        ));
         Ok(InProcess { addr, stop, task })
     }
 
     /// Stops accepting, waits for in-flight requests.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
-        self.task
-            .await
-            .context("the server task panicked")?
-            .context("the server failed")?;
+        self.task.await.context("the server task panicked")?;
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 
 mod cli;
 mod cohorts_push;
+mod connections;
 mod currents_crash;
 mod durability;
 mod segments_export;
