@@ -19,8 +19,10 @@
 //!
 //! Readers that need profiles as of now (export, segments) first ask the writer to
 //! [`flush_workspace`]. Opening the store, and any rollback that may have undone what the cache
-//! remembered, [`reset`]s: the cache is dropped and `user_log` is replayed into `users` (each
-//! user's last logged state), which makes the rows the truth again.
+//! remembered, resets: the cache is dropped ([`forget`]) and `user_log` is replayed into
+//! `users` ([`replay`], each user's last logged state), which makes the rows the truth again.
+//! Between a forget and a successful replay the rows may be stale, so the writer runs no job
+//! in between (it refuses them, and retries the replay every batch).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -98,14 +100,13 @@ struct Sweep {
     log_upto: i64,
 }
 
-/// Drops the cache and replays `user_log` into `users`, inside the caller's transaction (or
-/// in autocommit mode as two statements, the delete only after the update succeeded).
-pub fn reset(conn: &Connection, cache: &mut UserCache, behind: &mut Behind) {
+/// Drops what the writer remembers of users (the cache, the sweep in progress) after a
+/// rollback that may have undone some of it. The caller then [`replay`]s `user_log`, and
+/// until a replay succeeds the rows are stale: no write may read them (the writer refuses
+/// writes; see `SqliteStore`'s recovery).
+pub fn forget(cache: &mut UserCache, behind: &mut Behind) {
     cache.clear();
     behind.sweep = None;
-    if let Err(e) = replay(conn) {
-        tracing::error!(error = %e, "replaying the user log failed; it is retried at the next reset or open");
-    }
 }
 
 /// Writes each user's last logged state into their row, then empties the log.

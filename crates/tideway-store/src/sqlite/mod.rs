@@ -22,6 +22,8 @@ mod admin;
 mod behind;
 mod cohorts;
 pub mod currents;
+#[cfg(feature = "failpoints")]
+mod failpoints;
 mod schema;
 mod segments;
 mod users;
@@ -49,6 +51,8 @@ use tideway_core::users::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::RandomIds;
+#[cfg(feature = "failpoints")]
+pub use failpoints::Failpoints;
 pub use users::SqlUsers;
 use users::UserCache;
 
@@ -75,6 +79,16 @@ pub struct SqliteOptions {
     pub sweep_period: Duration,
     /// Most users the writer keeps in memory beyond those whose rows are behind (~1 KB each).
     pub max_cached_users: usize,
+    /// Bound on the WAL file, in bytes. When a batch leaves the WAL larger, the writer
+    /// checkpoints it (RESTART) before the next batch, so the next commit writes it from the
+    /// start again; and a WAL restarted from a larger size is truncated to this
+    /// (`journal_size_limit`). The file stays within about this plus one batch, unless a
+    /// reader holds an old snapshot through the checkpoint (it is retried, see
+    /// [`FORCED_CHECKPOINT_RETRY`]).
+    pub wal_limit: u64,
+    /// Planned failure points armed by tests.
+    #[cfg(feature = "failpoints")]
+    pub failpoints: Arc<Failpoints>,
 }
 
 impl Default for SqliteOptions {
@@ -85,6 +99,9 @@ impl Default for SqliteOptions {
             max_array_len: 25,
             sweep_period: behind::SWEEP_PERIOD,
             max_cached_users: 200_000,
+            wal_limit: DEFAULT_WAL_LIMIT,
+            #[cfg(feature = "failpoints")]
+            failpoints: Arc::default(),
         }
     }
 }
@@ -96,6 +113,10 @@ struct WriterEnv {
     /// The writer's view of users, the truth for the users it holds (see `UserCache`).
     cache: UserCache,
     behind: behind::Behind,
+    /// A rollback cleared the cache and the replay of `user_log` that must follow it failed:
+    /// the `users` rows may be stale, so no job runs (each is refused as unavailable) until a
+    /// replay, retried at every batch and tick, succeeds.
+    rows_stale: bool,
 }
 
 /// One caller's operation. `run` may be called more than once (a failed optimistic batch is
@@ -154,14 +175,16 @@ pub(crate) fn sql_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// How long a connection waits for a lock another one holds (the admin CLI beside the server).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Each connection's page cache is 8 MiB. More does not help here and costs: SQLite scans a
 /// connection's whole page-cache hash table at the end of every write transaction (and a
 /// reader drops its cache whenever the WAL moved on), which with 64 MiB was 5 % of the
 /// ingest writer's time. The writer reads little (it keeps the users it writes in memory).
 fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(sql_err)?;
-    conn.busy_timeout(Duration::from_secs(10))
-        .map_err(sql_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err)?;
     let sync = match synchronous {
         Synchronous::Normal => "NORMAL",
         Synchronous::Full => "FULL",
@@ -174,9 +197,54 @@ fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection, 
     Ok(conn)
 }
 
+/// `path` with `suffix` appended to its file name (`tideway.sqlite` → `tideway.sqlite-wal`).
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Makes the database files readable by their owner only: they hold Currents bearer tokens,
+/// the Heap webhook secret, partner API keys and every user's profile. SQLite gives the
+/// `-wal` and `-shm` files it creates the database file's mode, so creating that file 0600
+/// before SQLite opens it covers them; files an older version left looser are tightened.
+fn restrict_files(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let cannot = |what: &str, file: &Path, e: std::io::Error| {
+        StoreError::Unavailable(format!("cannot {what} {}: {e}", file.display()))
+    };
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        // An empty file is an empty database to SQLite.
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(cannot("create", path, e)),
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let file = sibling(path, suffix);
+        let mode = match std::fs::metadata(&file) {
+            Ok(meta) => meta.permissions().mode(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(cannot("inspect", &file, e)),
+        };
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| cannot("restrict the permissions of", &file, e))?;
+            tracing::info!(file = %file.display(), was = format!("{:o}", mode & 0o777), "made a database file readable by its owner only (0600)");
+        }
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, migrates it, and starts the writer.
+    /// The database files are made readable by their owner only (see [`restrict_files`]).
     pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        restrict_files(path)?;
         let mut conn = open_connection(path, options.synchronous)?;
         schema::migrate(&mut conn).map_err(sql_err)?;
         // Profiles logged but not yet written to their rows (a crash, or another process
@@ -199,12 +267,24 @@ impl SqliteStore {
         let (jobs, rx) = mpsc::channel::<Job>(options.max_batch * 4);
         // Checkpoints run on their own thread and connection: done inside the writer's commit
         // (SQLite's default) they would stall every acknowledgement behind copying the WAL back.
-        conn.execute_batch("PRAGMA wal_autocheckpoint = 0")
-            .map_err(sql_err)?;
+        // Only when the WAL passes its bound does the writer checkpoint, between batches (see
+        // `bound_wal`); a WAL restarted from beyond the bound is truncated back to it.
+        conn.execute_batch(&format!(
+            "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {};",
+            i64::try_from(options.wal_limit).unwrap_or(i64::MAX)
+        ))
+        .map_err(sql_err)?;
         let writer_options = options.clone();
+        let checkpointing = Arc::new(Mutex::new(()));
+        let wal = WalBound {
+            path: sibling(path, "-wal"),
+            limit: options.wal_limit,
+            retry_at: None,
+            checkpointing: Arc::clone(&checkpointing),
+        };
         std::thread::Builder::new()
             .name("tideway-writer".into())
-            .spawn(move || writer_loop(conn, rx, writer_options))
+            .spawn(move || writer_loop(conn, rx, writer_options, wal))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
         // An idle writer still finishes the work it keeps behind: a tick is an empty job,
         // and every batch ends with a step of that work. The tick holds only a weak sender, so
@@ -229,7 +309,7 @@ impl SqliteStore {
         let checkpointer = open_connection(path, options.synchronous)?;
         std::thread::Builder::new()
             .name("tideway-ckpt".into())
-            .spawn(move || checkpoint_loop(&checkpointer, &stopped))
+            .spawn(move || checkpoint_loop(&checkpointer, &stopped, &checkpointing))
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}"))
             })?;
@@ -355,15 +435,44 @@ impl SqliteStore {
 }
 
 /// How often committed WAL frames are copied back into the database file. A page rewritten by
-/// many commits in between (the tail pages of the logs) is copied, and synced, once; the WAL
-/// grows to about this much ingest (~100 MB a second at full speed) before it is reused.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// many commits in between (the tail pages of the logs) is copied, and synced, once. Copying
+/// back is not enough to bound the WAL under continuous writes (SQLite reuses it from the
+/// start only when a write begins with every frame copied back and no reader in it): the
+/// writer does that part ([`WalBound`]), and these checkpoints keep what is left for it, which
+/// it copies while the next batch waits, to about this much ingest. (Measured with `tideway
+/// bench ingest`: every 1 s, a forced checkpoint stalled the writer 60-320 ms; every 250 ms,
+/// 70-130 ms; every 100 ms, no better, with more syncs.)
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// The default [`SqliteOptions::wal_limit`]: DESIGN.md §4 wants the WAL ≤ 256 MiB under
+/// sustained ingest, and this leaves room for the batch that passes it and for a forced
+/// checkpoint a reader delays.
+pub const DEFAULT_WAL_LIMIT: u64 = 128 << 20;
+
+/// How long a forced checkpoint waits for the checkpoint thread and for readers of older
+/// snapshots; every batch waits with it, so it is short, and it is retried.
+const FORCED_CHECKPOINT_WAIT: Duration = Duration::from_millis(250);
+
+/// After a forced checkpoint that could not finish (a long read, such as a segment load, still
+/// needs the WAL), the writer carries on this long before it tries again, instead of stalling
+/// every batch on that reader.
+const FORCED_CHECKPOINT_RETRY: Duration = Duration::from_millis(500);
 
 /// Copies committed WAL frames back into the database file every [`CHECKPOINT_EVERY`]
 /// (PASSIVE: never blocks the writer or readers), until the store is dropped.
-fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
+/// `checkpointing` is held while checkpointing, shared with the writer's forced checkpoints:
+/// SQLite answers a checkpoint that finds another one running with BUSY at once, without
+/// waiting, so the two take turns here instead.
+fn checkpoint_loop(
+    conn: &Connection,
+    stop: &std::sync::mpsc::Receiver<()>,
+    checkpointing: &Mutex<()>,
+) {
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
     {
+        let _turn = checkpointing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
             tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
         }
@@ -372,12 +481,79 @@ fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOptions) {
+/// Keeps the WAL file within [`SqliteOptions::wal_limit`]: after a batch that leaves it larger,
+/// the writer itself runs a RESTART checkpoint (it copies back what the checkpoint thread has
+/// not, waits for readers to leave the WAL), so the next commit writes the WAL from its start
+/// again, and `journal_size_limit` cuts the file back to the limit. The writer is the one
+/// connection that can do it: any checkpoint that waits for writers to pause would wait for it
+/// forever under continuous ingest.
+struct WalBound {
+    /// The `-wal` file, whose size is the measure.
+    path: PathBuf,
+    limit: u64,
+    /// Set when a forced checkpoint could not finish: not before then again.
+    retry_at: Option<std::time::Instant>,
+    /// Taken in turns with the checkpoint thread (see [`checkpoint_loop`]).
+    checkpointing: Arc<Mutex<()>>,
+}
+
+impl WalBound {
+    /// Between batches: measures the WAL and checkpoints it if it is past the limit.
+    fn after_batch(&mut self, conn: &Connection) {
+        let Ok(size) = std::fs::metadata(&self.path).map(|m| m.len()) else {
+            // No WAL file (yet): nothing to bound.
+            return;
+        };
+        metrics::gauge!("tideway_store_wal_bytes").set(size as f64);
+        if size <= self.limit {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if self.retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        metrics::counter!("tideway_store_wal_forced_checkpoints_total").increment(1);
+        let _turn = self
+            .checkpointing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = conn.busy_timeout(FORCED_CHECKPOINT_WAIT);
+        // The row is (busy, frames in the log, frames copied back); busy = 1 when a reader
+        // kept the checkpoint from finishing.
+        let busy = conn
+            .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
+            .map_err(sql_err);
+        let _ = conn.busy_timeout(BUSY_TIMEOUT);
+        // How long the next batch waited: what bounding the WAL costs the ingest path.
+        metrics::histogram!("tideway_store_wal_forced_checkpoint_seconds")
+            .record(now.elapsed().as_secs_f64());
+        match busy {
+            Ok(0) => self.retry_at = None,
+            outcome => {
+                metrics::counter!("tideway_store_wal_checkpoints_delayed_total").increment(1);
+                tracing::debug!(
+                    wal_bytes = size,
+                    ?outcome,
+                    "forced WAL checkpoint could not finish (a reader is still in the WAL); retried shortly"
+                );
+                self.retry_at = Some(now + FORCED_CHECKPOINT_RETRY);
+            }
+        }
+    }
+}
+
+fn writer_loop(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    options: SqliteOptions,
+    mut wal: WalBound,
+) {
     let mut env = WriterEnv {
         ids: RandomIds::default(),
         options: options.clone(),
         cache: UserCache::with_limit(options.max_cached_users),
         behind: behind::Behind::new(options.sweep_period),
+        rows_stale: false,
     };
     let mut batch: Vec<Job> = Vec::with_capacity(options.max_batch);
     while let Some(first) = rx.blocking_recv() {
@@ -390,9 +566,16 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOpt
         }
         let size = batch.len();
         let started = std::time::Instant::now();
-        let committed = run_batch(&conn, &mut env, &mut batch);
-        if committed.is_err() {
-            behind::reset(&conn, &mut env.cache, &mut env.behind);
+        let committed = if env.rows_stale {
+            replay_owed(&conn, &mut env)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| run_batch(&conn, &mut env, &mut batch));
+        if committed.is_err() && !env.rows_stale {
+            // Rolled back: the cache may remember what was undone. (Rows already stale are
+            // replayed before the next batch instead.)
+            let _ = reset(&conn, &mut env);
         }
         env.cache.trim();
         metrics::counter!("tideway_store_commits_total").increment(1);
@@ -404,6 +587,8 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOpt
         for job in batch.drain(..) {
             (job.answer)(committed.clone());
         }
+        // After the answers: a forced checkpoint delays the next batch, not this one.
+        wal.after_batch(&conn);
     }
     // Shutting down: write what is behind, so a clean stop leaves no log to replay.
     if conn.execute_batch("BEGIN IMMEDIATE").is_ok() {
@@ -419,9 +604,59 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, options: SqliteOpt
     }
 }
 
+/// What a job is answered while the writer cannot trust the `users` rows: unavailable (503),
+/// so the caller retries; nothing of it ran.
+fn refused() -> StoreError {
+    StoreError::Unavailable(
+        "the store is recovering from a failed write; nothing was applied, retry shortly".into(),
+    )
+}
+
+/// After a rollback that may have undone what the writer's cache remembers: forgets it and
+/// replays `user_log` into `users` (in the caller's transaction, or in autocommit mode). If
+/// the replay fails, the rows may be stale — a job computing a user's next state from one
+/// would overwrite acknowledged changes — so the writer marks them stale and runs no job
+/// until a replay succeeds ([`replay_owed`]); the error returned is the refusal.
+fn reset(conn: &Connection, env: &mut WriterEnv) -> Result<(), StoreError> {
+    behind::forget(&mut env.cache, &mut env.behind);
+    #[cfg(feature = "failpoints")]
+    let planned = env.options.failpoints.before_replay();
+    #[cfg(not(feature = "failpoints"))]
+    let planned = Ok(());
+    match planned.and_then(|()| behind::replay(conn)) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            if !env.rows_stale {
+                tracing::error!(error = %e, "replaying the user log after a rollback failed; writes are refused (503) until a replay succeeds, retried at every batch");
+            }
+            env.rows_stale = true;
+            metrics::counter!("tideway_store_replay_failures_total").increment(1);
+            metrics::gauge!("tideway_store_refusing_writes").set(1.0);
+            Err(refused())
+        }
+    }
+}
+
+/// Before a batch, while the rows are stale: the replay a failed [`reset`] left owed, in its
+/// own transaction. Until it commits, the batch is refused.
+fn replay_owed(conn: &Connection, env: &mut WriterEnv) -> Result<(), StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(|_| refused())?;
+    let replayed = reset(conn, env).and_then(|()| conn.execute_batch("COMMIT").map_err(sql_err));
+    if replayed.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(refused());
+    }
+    env.rows_stale = false;
+    metrics::gauge!("tideway_store_refusing_writes").set(0.0);
+    tracing::info!("replayed the user log; writes are accepted again");
+    Ok(())
+}
+
 /// Runs a batch in one transaction and commits it: optimistically without savepoints first;
 /// if a job fails, rolls everything back and runs the batch again with one savepoint per job.
 /// Then the step of work kept behind (in its own savepoint: if it fails, it is only delayed).
+/// If a replay after a rollback fails, the whole batch is rolled back and refused.
 fn run_batch(conn: &Connection, env: &mut WriterEnv, batch: &mut [Job]) -> Result<(), StoreError> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(sql_err)?;
     let next = behind::next_log_id(conn);
@@ -436,10 +671,13 @@ fn run_batch(conn: &Connection, env: &mut WriterEnv, batch: &mut [Job]) -> Resul
     if failed {
         metrics::counter!("tideway_store_batch_reruns_total").increment(1);
         conn.execute_batch("ROLLBACK").map_err(sql_err)?;
-        behind::reset(conn, &mut env.cache, &mut env.behind);
+        reset(conn, env)?;
         conn.execute_batch("BEGIN IMMEDIATE").map_err(sql_err)?;
         for job in batch.iter_mut() {
-            run_in_savepoint(job, conn, env);
+            if let Err(refusal) = run_in_savepoint(job, conn, env) {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(refusal);
+            }
         }
     }
     if conn.execute_batch("SAVEPOINT behind").is_ok() {
@@ -448,7 +686,10 @@ fn run_batch(conn: &Connection, env: &mut WriterEnv, batch: &mut [Job]) -> Resul
             tracing::warn!(error = %e, "work behind the log failed; retried after the next batch");
             let _ = conn.execute_batch("ROLLBACK TO behind");
             // What the step marked clean may have been rolled back with it.
-            behind::reset(conn, &mut env.cache, &mut env.behind);
+            if let Err(refusal) = reset(conn, env) {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(refusal);
+            }
         }
         let _ = conn.execute_batch("RELEASE behind");
     }
@@ -459,11 +700,18 @@ fn run_batch(conn: &Connection, env: &mut WriterEnv, batch: &mut [Job]) -> Resul
     committed
 }
 
-/// Runs one job inside its own savepoint, rolling back only it if it fails.
-fn run_in_savepoint(job: &mut Job, conn: &Connection, env: &mut WriterEnv) {
+/// Runs one job inside its own savepoint, rolling back only it if it fails. An error is a
+/// refusal of the whole batch: the job could not be isolated, or the replay after its
+/// rollback failed.
+fn run_in_savepoint(
+    job: &mut Job,
+    conn: &Connection,
+    env: &mut WriterEnv,
+) -> Result<(), StoreError> {
     if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-        tracing::error!(error = %e, "cannot open a savepoint");
-        return;
+        // Not run again, the job would be answered with its rolled-back optimistic result.
+        tracing::error!(error = %e, "cannot open a savepoint; the batch is refused");
+        return Err(refused());
     }
     let undo = if (job.run)(conn, env).is_err() {
         "ROLLBACK TO job; RELEASE job"
@@ -476,8 +724,9 @@ fn run_in_savepoint(job: &mut Job, conn: &Connection, env: &mut WriterEnv) {
     if undo.starts_with("ROLLBACK") {
         // The cache may remember what the savepoint undid; the replay makes the rows (this
         // transaction's view of them) the truth again.
-        behind::reset(conn, &mut env.cache, &mut env.behind);
+        reset(conn, env)?;
     }
+    Ok(())
 }
 
 impl Store for SqliteStore {

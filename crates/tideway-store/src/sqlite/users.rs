@@ -67,7 +67,8 @@ impl RowIdentifiers {
 /// it: no copy), and the save that follows puts it back; a record handed out and never saved
 /// is simply gone, which is safe, since the row plus the pending post-image say the same.
 /// Whenever a rollback may have undone something remembered here, the writer clears it and
-/// replays `user_log` into `users` ([`super::behind::reset`]), which makes the rows the truth.
+/// replays `user_log` into `users` ([`super::behind::forget`], [`super::behind::replay`]), which
+/// makes the rows the truth.
 pub struct UserCache {
     /// Above this many cached users (or mapped external ids) they are dropped.
     max_users: usize,

@@ -16,6 +16,9 @@ use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
 mod behind;
 mod cohorts;
+mod files;
+mod recovery;
+mod wal;
 
 const NOW: Millis = Millis(1_750_000_000_000);
 
