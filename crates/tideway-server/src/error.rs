@@ -32,6 +32,8 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     /// 413: body over the configured limit.
     PayloadTooLarge,
+    /// 408: the body did not arrive within the body-read timeout.
+    RequestTimeout,
     /// 400 with a message and, optionally, one documented detail field (`errors`, …).
     BadRequest {
         message: String,
@@ -83,6 +85,7 @@ impl ApiError {
             ApiError::AccessDenied | ApiError::IpNotAllowlisted => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound | ApiError::Missing(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -102,6 +105,7 @@ impl ApiError {
             }
             ApiError::RateLimited { .. } => "Rate Limited".to_owned(),
             ApiError::PayloadTooLarge => "Payload Too Large".to_owned(),
+            ApiError::RequestTimeout => "Request Timeout".to_owned(),
             ApiError::BadRequest { message, .. } => message.clone(),
             ApiError::NotFound => "Invalid URL".to_owned(),
             ApiError::Missing(what) | ApiError::Conflict(what) => what.clone(),

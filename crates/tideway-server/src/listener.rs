@@ -50,7 +50,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper::body::{Frame, Incoming, SizeHint};
@@ -562,11 +562,7 @@ pub(crate) async fn enforce_body_deadline(req: Request, next: Next) -> Response 
         response = &mut handler => response,
         () = body_overdue(deadline, &received) => {
             tracing::info!("the request body did not arrive in time: 408, closing the connection");
-            let mut response = (
-                StatusCode::REQUEST_TIMEOUT,
-                axum::Json(serde_json::json!({"message": "Request Timeout"})),
-            )
-                .into_response();
+            let mut response = crate::error::ApiError::RequestTimeout.into_response();
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
