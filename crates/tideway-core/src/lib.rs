@@ -9,6 +9,7 @@ pub mod clock;
 pub mod cohorts;
 pub mod currents;
 pub mod currents_store;
+pub mod egress;
 pub mod ids;
 pub mod keys;
 pub mod profile;

@@ -287,7 +287,7 @@ async fn active(
             return Exit::Pause;
         }
     }
-    let sender = match Sender::new(&current.spec, shared.clock) {
+    let sender = match Sender::new(&current.spec, shared.clock, &shared.config.egress) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::error!(current = %id, error = %e, "cannot deliver to this Current's endpoint");

@@ -6,7 +6,8 @@
 //! also samples the log clock (which log position was the head at which time) that
 //! retention, lag in seconds and replay windows read. [`Exporter::send_test`] is the
 //! **send test events** action; [`Exporter::wait_for`] lets tests and tools wait for a
-//! Current's state without sleeping.
+//! Current's state without sleeping. Every request it and its consumers make keeps the
+//! egress policy of [`ExporterConfig::egress`] ([`crate::egress`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tideway_core::currents_store::{Current, CurrentId, CurrentsStore};
+use tideway_core::egress::EgressPolicy;
 use tideway_core::store::StoreError;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -23,7 +25,7 @@ use crate::clock::Clock;
 use crate::consumer::{self, Control};
 use crate::send::Sender;
 use crate::spec::selected_types;
-use crate::{CurrentsError, catalogue};
+use crate::{CurrentsError, catalogue, egress};
 
 /// Process-wide exporter settings (per-Current settings live in each Current's spec).
 #[derive(Debug, Clone)]
@@ -48,6 +50,8 @@ pub struct ExporterConfig {
     pub test_event_window_ms: u64,
     /// How long log-clock samples are kept.
     pub log_clock_keep_ms: u64,
+    /// Which destinations deliveries, test sends and alerts may reach.
+    pub egress: EgressPolicy,
 }
 
 impl Default for ExporterConfig {
@@ -63,6 +67,7 @@ impl Default for ExporterConfig {
             test_event_cap: 10_000,
             test_event_window_ms: 7 * 86_400_000,
             log_clock_keep_ms: 60 * 86_400_000,
+            egress: EgressPolicy::default(),
         }
     }
 }
@@ -94,7 +99,8 @@ pub(crate) struct Shared {
     pub(crate) wake: Notify,
     progress: watch::Sender<u64>,
     consumers: Mutex<HashMap<CurrentId, ConsumerHandle>>,
-    alerts: reqwest::Client,
+    /// The alert webhook client (`None`: it could not be built, which was logged).
+    alerts: Option<reqwest::Client>,
 }
 
 impl Shared {
@@ -106,8 +112,15 @@ impl Shared {
     /// Posts an alert to the Current's alert webhook, if it has one (one attempt, 10 s).
     pub(crate) async fn alert(&self, current: &Current, kind: &str, message: &str) {
         metrics::counter!("tideway_currents_alerts_total", "current" => current.id.to_string(), "alert" => kind.to_owned()).increment(1);
-        let Some(url) = &current.spec.alert_webhook else {
+        let (Some(url), Some(client)) = (&current.spec.alert_webhook, &self.alerts) else {
             return;
+        };
+        let url = match egress::parse_url(&self.config.egress, url.as_str()) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(current = %current.id, webhook = %url, error = %e, "alert webhook not sent");
+                return;
+            }
         };
         let body = json!({
             "alert": kind,
@@ -117,9 +130,10 @@ impl Shared {
             "message": message,
             "at": self.clock.now().to_iso(),
         });
-        let sent = self.alerts.post(url.as_str()).json(&body).send().await;
+        let sent = client.post(url).json(&body).send().await;
         if let Err(e) = sent {
-            tracing::warn!(current = %current.id, webhook = %url, error = %e.without_url(), "alert webhook failed");
+            let webhook = current.spec.alert_webhook.as_ref().map(|u| u.redacted());
+            tracing::warn!(current = %current.id, webhook, error = %egress::reason(&e), "alert webhook failed");
         }
     }
 }
@@ -133,6 +147,8 @@ pub struct TestReport {
     pub status: Option<u16>,
     /// Whether the receiver accepted them (2xx).
     pub accepted: bool,
+    /// A short reason (`"delivered"`, `"receiver answered 500: will be retried"`,
+    /// `"connection refused"`, `"refused by egress policy: …"`); never the receiver's body.
     pub message: String,
 }
 
@@ -154,10 +170,11 @@ impl Exporter {
         config: ExporterConfig,
         clock: Clock,
     ) -> Exporter {
-        let alerts = reqwest::Client::builder()
+        let alerts = egress::client_builder(config.egress)
             .timeout(Duration::from_secs(10))
             .build()
-            .unwrap_or_default();
+            .inspect_err(|e| tracing::error!(error = %e, "cannot build the alert webhook client: no alert will be posted"))
+            .ok();
         let shared = Arc::new(Shared {
             store,
             config,
@@ -182,6 +199,11 @@ impl Exporter {
 
     pub fn clock(&self) -> Clock {
         self.shared.clock
+    }
+
+    /// The egress policy every request keeps (the management API judges definitions by it).
+    pub fn egress(&self) -> EgressPolicy {
+        self.shared.config.egress
     }
 
     /// Rescan now (after a create, update, status change or delete).
@@ -246,8 +268,24 @@ impl Exporter {
     }
 
     /// **Send test events**: one placeholder event of each selected type, sent once (no
-    /// retry), transformations applied; counted against the test cap.
+    /// retry), transformations applied; counted against the test cap. The report gives the
+    /// receiver's status and a short reason, never its body (the body of whatever answers at
+    /// an endpoint is not for the key holder to read). An endpoint the egress policy refuses
+    /// is reported, with nothing sent and nothing counted.
     pub async fn send_test(&self, current: &Current) -> Result<TestReport, CurrentsError> {
+        let sender = match Sender::new(&current.spec, self.shared.clock, &self.shared.config.egress)
+        {
+            Ok(s) => s,
+            Err(CurrentsError::Refused { refusal, .. }) => {
+                return Ok(TestReport {
+                    events: 0,
+                    status: None,
+                    accepted: false,
+                    message: refusal.to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let types: Vec<&catalogue::TypeInfo> = match selected_types(&current.spec.selection) {
             None => catalogue::all().iter().collect(),
             Some(names) => names.iter().filter_map(|n| catalogue::find(n)).collect(),
@@ -269,14 +307,13 @@ impl Exporter {
             .map(|t| t.placeholder(&uuid::Uuid::new_v4().hyphenated().to_string(), now.secs()))
             .collect::<Vec<_>>();
         let n = events.len();
-        let sender = Sender::new(&current.spec, self.shared.clock)?;
         let sent = sender.send_values(events).await;
         let accepted = sent.sent == 0 || classify(sent.answer, sent.sent) == Verdict::Ack;
         Ok(TestReport {
             events: n,
             status: sent.status(),
             accepted,
-            message: sent.describe(),
+            message: sent.reason(),
         })
     }
 

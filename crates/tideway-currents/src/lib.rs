@@ -19,6 +19,7 @@ pub mod catalogue;
 pub mod classify;
 pub mod clock;
 pub mod consumer;
+pub mod egress;
 mod error;
 pub mod exporter;
 pub mod send;

@@ -7,7 +7,10 @@
 //! `Content-Type: application/json`, `Braze-Currents-Version: 1` and
 //! `Authorization: Bearer …` when a token is set. Redirects are not followed (a 3xx is
 //! retried like a 5xx); one client (connection pool) per Current, so a slow receiver never
-//! holds a connection another Current needs.
+//! holds a connection another Current needs. The client keeps the egress policy
+//! ([`crate::egress`]): an endpoint whose address the policy refuses makes [`Sender::new`]
+//! fail, and a name that resolves only to refused addresses fails each request as a
+//! connection error naming the rule.
 //!
 //! `heap_track`: `POST {host}/api/track` with `{"app_id", "events"}` mapped by
 //! `tideway_heap::forward`, paced by Heap's limits; events Heap cannot take are skipped and
@@ -24,10 +27,12 @@ use tideway_core::currents_store::{
 };
 use tideway_heap::forward::{self, Identity, Mapping, Pacer, SkipReason};
 
+use tideway_core::egress::EgressPolicy;
+
 use crate::CurrentsError;
-use crate::classify::{Answer, parse_retry_after};
+use crate::classify::{Answer, Verdict, classify, parse_retry_after};
 use crate::clock::Clock;
-use crate::transform;
+use crate::{egress, transform};
 
 /// Longest response body kept (dead letters, last error).
 pub const MAX_RESPONSE_BODY: usize = 4_096;
@@ -71,6 +76,34 @@ impl Sent {
         }
     }
 
+    /// What happened, in a short sentence that never quotes the receiver's body: the **send
+    /// test events** report (`"delivered"`, `"receiver answered 500: will be retried"`,
+    /// `"connection refused"`, `"refused by egress policy: …"`).
+    pub fn reason(&self) -> String {
+        match self.answer {
+            Answer::Status { code, .. } => {
+                let then = match classify(self.answer, self.sent.max(1)) {
+                    Verdict::Ack if self.sent == 0 => return "nothing to send".to_owned(),
+                    Verdict::Ack => return "delivered".to_owned(),
+                    Verdict::Retry { .. } => "will be retried",
+                    Verdict::SplitToSingles | Verdict::DeadLetter(_) => {
+                        "the events would be dead-lettered"
+                    }
+                    Verdict::Halve => "the batch would be halved",
+                    Verdict::Halt => {
+                        "the Current would halt (check the endpoint and the bearer token)"
+                    }
+                };
+                format!("receiver answered {code}: {then}")
+            }
+            Answer::Timeout => format!("timed out after {} ms", self.elapsed.as_millis()),
+            Answer::Connection => self
+                .error
+                .clone()
+                .unwrap_or_else(|| "connection error".to_owned()),
+        }
+    }
+
     pub fn status(&self) -> Option<u16> {
         match self.answer {
             Answer::Status { code, .. } => Some(code),
@@ -96,8 +129,21 @@ pub struct Sender {
 }
 
 impl Sender {
-    pub fn new(spec: &CurrentSpec, clock: Clock) -> Result<Sender, CurrentsError> {
-        let client = reqwest::Client::builder()
+    /// The client for `spec`, or why it cannot be sent to: an endpoint the egress policy
+    /// refuses is [`CurrentsError::Refused`].
+    pub fn new(
+        spec: &CurrentSpec,
+        clock: Clock,
+        policy: &EgressPolicy,
+    ) -> Result<Sender, CurrentsError> {
+        egress::parse_url(policy, spec.endpoint.as_str()).map_err(|e| match e {
+            egress::UrlError::Refused(refusal) => CurrentsError::Refused {
+                field: "endpoint".to_owned(),
+                refusal,
+            },
+            other => CurrentsError::spec("endpoint", other.to_string()),
+        })?;
+        let client = egress::client_builder(*policy)
             .timeout(Duration::from_millis(spec.retry.request_timeout_ms))
             .connect_timeout(Duration::from_millis(
                 spec.retry.request_timeout_ms.min(10_000),
@@ -264,7 +310,7 @@ impl Sender {
                     sent,
                     skipped,
                     elapsed: started.elapsed(),
-                    error: Some(e.without_url().to_string()),
+                    error: Some(egress::reason(&e)),
                 };
             }
         };
@@ -288,7 +334,7 @@ impl Sender {
                     sent,
                     skipped,
                     elapsed: started.elapsed(),
-                    error: Some(e.without_url().to_string()),
+                    error: Some(egress::reason(&e)),
                 };
             }
         };

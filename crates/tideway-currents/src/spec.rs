@@ -14,6 +14,9 @@
 //!           "prefix": false, "app_events_per_minute", "identity_events_per_minute"}}
 //! ```
 //! `launch` (create and launch at once) is accepted and left to the caller.
+//!
+//! [`check_egress`] then judges the definition's URLs against the server's egress policy
+//! (a separate step: the policy is a setting of the server, not part of the definition).
 
 use serde_json::{Map, Value};
 use tideway_core::currents::EventCategory;
@@ -22,10 +25,12 @@ use tideway_core::currents_store::{
     DEFAULT_MAX_IN_FLIGHT, EndpointUrl, FieldAction, HeapIdentity, HeapTrackSettings,
     MAX_BATCH_SIZE, NamePrefix, Ordering, RetryPolicy, Selection, Transformation, Windows,
 };
+use tideway_core::egress::EgressPolicy;
 use tideway_heap::forward;
 
 use crate::CurrentsError;
 use crate::catalogue;
+use crate::egress::{self, UrlError};
 use crate::transform::ENVELOPE;
 
 const KNOWN: &[&str] = &[
@@ -390,6 +395,27 @@ fn parse_heap(h: &Map<String, Value>) -> Result<(HeapTrackSettings, &'static str
     ))
 }
 
+/// Judges the definition's URLs (`endpoint`, `alert_webhook`) as the HTTP client will read
+/// them: [`CurrentsError::Refused`] names the field and the rule an address or host name
+/// breaks. Host names are judged again, by what they resolve to, at every connection.
+pub fn check_egress(spec: &CurrentSpec, policy: &EgressPolicy) -> Result<(), CurrentsError> {
+    let urls = std::iter::once(("endpoint", &spec.endpoint))
+        .chain(spec.alert_webhook.iter().map(|u| ("alert_webhook", u)));
+    for (field, url) in urls {
+        match egress::parse_url(policy, url.as_str()) {
+            Ok(_) => {}
+            Err(UrlError::Refused(refusal)) => {
+                return Err(CurrentsError::Refused {
+                    field: field.to_owned(),
+                    refusal,
+                });
+            }
+            Err(other) => return Err(err(field, &other.to_string())),
+        }
+    }
+    Ok(())
+}
+
 /// The event type names a Current selects (`None`: every type).
 pub fn selected_types(selection: &Selection) -> Option<Vec<String>> {
     match selection {
@@ -403,6 +429,7 @@ pub fn selected_types(selection: &Selection) -> Option<Vec<String>> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use tideway_core::egress::Rule;
 
     fn base() -> Value {
         json!({"name": "Heap", "kind": "heap_export", "endpoint": "https://h.example/c?k=1", "categories": ["user"]})
@@ -484,6 +511,70 @@ mod tests {
         );
         assert!(
             parse_spec(&json!({"name": "h", "kind": "heap_track", "categories": ["user"], "heap": {"app_id": ""}})).is_err()
+        );
+    }
+
+    #[test]
+    fn egress_names_the_field_and_the_rule() {
+        let refused = |patch: Value, policy: EgressPolicy| {
+            let mut b = base();
+            for (k, v) in patch.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            match check_egress(&parse_spec(&b).unwrap(), &policy) {
+                Err(CurrentsError::Refused { field, refusal }) => Some((field, refusal.rule)),
+                Ok(()) => None,
+                Err(other) => panic!("{patch}: {other:?}"),
+            }
+        };
+        let allow = EgressPolicy::default();
+        let deny = EgressPolicy::DENY_PRIVATE;
+        assert_eq!(refused(json!({}), deny), None);
+        assert_eq!(
+            refused(
+                json!({"endpoint": "http://169.254.169.254/latest/meta-data"}),
+                allow
+            ),
+            Some(("endpoint".into(), Rule::Metadata))
+        );
+        assert_eq!(
+            refused(json!({"endpoint": "http://2852039166/"}), allow),
+            Some(("endpoint".into(), Rule::Metadata))
+        );
+        assert_eq!(
+            refused(
+                json!({"endpoint": "http://metadata.google.internal./"}),
+                allow
+            ),
+            Some(("endpoint".into(), Rule::Metadata))
+        );
+        assert_eq!(
+            refused(json!({"endpoint": "https://[FE80::1]:8443/"}), allow),
+            Some(("endpoint".into(), Rule::LinkLocal))
+        );
+        assert_eq!(
+            refused(
+                json!({"alert_webhook": "http://[::ffff:169.254.1.1]/a"}),
+                allow
+            ),
+            Some(("alert_webhook".into(), Rule::LinkLocal))
+        );
+        assert_eq!(
+            refused(json!({"endpoint": "http://10.0.0.5:9400/"}), allow),
+            None
+        );
+        assert_eq!(
+            refused(json!({"endpoint": "http://10.0.0.5:9400/"}), deny),
+            Some(("endpoint".into(), Rule::Private))
+        );
+        assert_eq!(
+            refused(json!({"alert_webhook": "http://127.0.0.1:1/"}), deny),
+            Some(("alert_webhook".into(), Rule::Loopback))
+        );
+        assert_eq!(
+            refused(json!({"endpoint": "http://localhost:9400/"}), deny),
+            None,
+            "names are judged by what they resolve to"
         );
     }
 

@@ -8,9 +8,16 @@
 //!   `{"from": …, "to": …}`, ISO 8601 or Unix milliseconds);
 //! - `GET /api/v1/currents/{id}/dead_letters?after=&limit=`.
 //!
-//! Definitions are parsed by `tideway_currents::spec::parse_spec` (400 names the field);
-//! every change is written to the store and then handed to the running exporter, which
-//! starts, stops or re-reads the Current's consumer. Bearer tokens are never returned.
+//! Definitions are parsed by `tideway_currents::spec::parse_spec` and their URLs judged by
+//! the exporter's egress policy (`spec::check_egress`); a 400 names the field
+//! (`{"message": "endpoint: …", "errors": [{"field": "endpoint", "message": …}]}`, plus
+//! `"rule"` when the egress policy refused it). Every change is written to the store and then
+//! handed to the running exporter, which starts, stops or re-reads the Current's consumer.
+//! Bearer tokens are never returned, and `test` reports the receiver's status and a short
+//! reason, never its body.
+//!
+//! Path ids are canonical decimal (`/api/v1/currents/1`): `+1`, `01` or ` 1` name no
+//! Current (404), so one Current has one URL.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +33,7 @@ use tideway_core::currents_store::{
 };
 use tideway_core::keys::Permission;
 use tideway_core::store::{StoreError, Workspace};
-use tideway_currents::spec::{parse_spec, selected_types, wants_launch};
+use tideway_currents::spec::{check_egress, parse_spec, selected_types, wants_launch};
 use tideway_currents::{CurrentsError, Exporter};
 
 use crate::AppState;
@@ -54,18 +61,38 @@ fn store_error(e: StoreError) -> ApiError {
 
 fn currents_error(e: CurrentsError) -> ApiError {
     match e {
-        CurrentsError::InvalidSpec { field, message } => {
-            ApiError::bad_request(format!("{field}: {message}"))
-        }
+        CurrentsError::InvalidSpec { field, message } => ApiError::bad_request_with(
+            format!("{field}: {message}"),
+            "errors",
+            json!([{"field": field, "message": message}]),
+        ),
+        CurrentsError::Refused { field, refusal } => ApiError::bad_request_with(
+            format!("{field}: {refusal}"),
+            "errors",
+            json!([{"field": field, "rule": refusal.rule.code(), "message": refusal.to_string()}]),
+        ),
         CurrentsError::Store(e) => store_error(e),
         CurrentsError::Transport(why) => ApiError::bad_request(why),
     }
 }
 
+/// A path id in canonical decimal: ASCII digits, no sign, no leading zero, in range.
 fn parse_id(raw: &str) -> Result<CurrentId, ApiError> {
-    raw.parse()
+    let canonical = !raw.is_empty()
+        && raw.bytes().all(|b| b.is_ascii_digit())
+        && (raw == "0" || !raw.starts_with('0'));
+    canonical
+        .then(|| raw.parse().ok())
+        .flatten()
         .map(CurrentId)
-        .map_err(|_| ApiError::Missing(format!("no Current '{raw}' in this workspace")))
+        .ok_or_else(|| ApiError::Missing(format!("no Current '{raw}' in this workspace")))
+}
+
+/// Parses a definition and judges its URLs by the egress policy.
+fn parse_checked(api: &CurrentsApi, body: &Value) -> Result<CurrentSpec, ApiError> {
+    let spec = parse_spec(body).map_err(currents_error)?;
+    check_egress(&spec, &api.exporter.egress()).map_err(currents_error)?;
+    Ok(spec)
 }
 
 async fn load(api: &CurrentsApi, ws: &Workspace, raw: &str) -> Result<Current, ApiError> {
@@ -213,7 +240,7 @@ pub async fn create(State(state): State<AppState>, req: Request) -> Response {
         |state, caller, req| async move {
             let api = api(&state)?;
             let body = Value::Object(read_json(req).await?);
-            let spec = parse_spec(&body).map_err(currents_error)?;
+            let spec = parse_checked(&api, &body)?;
             let initial = if wants_launch(&body) {
                 CurrentStatus::Active
             } else {
@@ -275,7 +302,7 @@ pub async fn update(
             let api = api(&state)?;
             let existing = load(&api, &caller.workspace, &id).await?;
             let body = Value::Object(read_json(req).await?);
-            let spec = parse_spec(&body).map_err(currents_error)?;
+            let spec = parse_checked(&api, &body)?;
             let c = api
                 .store
                 .update_current(caller.workspace.id, existing.id, spec, now())
@@ -355,6 +382,7 @@ pub async fn action(
             return Ok(axum::Json(current_json(&api, &c).await?).into_response());
         }
         if action == "test" {
+            // Status and a short reason only: the receiver's body is not echoed.
             let report = api.exporter.send_test(&c).await.map_err(currents_error)?;
             return Ok(axum::Json(json!({
                 "events": report.events, "accepted": report.accepted, "status": report.status, "message": report.message,
@@ -422,4 +450,37 @@ pub async fn dead_letters(
         Ok(axum::Json(json!({"dead_letters": items, "next_after": next})).into_response())
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_ids_are_canonical_decimal() {
+        assert_eq!(parse_id("1").unwrap(), CurrentId(1));
+        assert_eq!(parse_id("0").unwrap(), CurrentId(0));
+        assert_eq!(
+            parse_id("9223372036854775807").unwrap(),
+            CurrentId(i64::MAX)
+        );
+        for raw in [
+            "",
+            "+1",
+            "-1",
+            "01",
+            "00",
+            " 1",
+            "1 ",
+            "1.0",
+            "1e0",
+            "０",
+            "9223372036854775808",
+        ] {
+            assert!(
+                matches!(parse_id(raw), Err(ApiError::Missing(_))),
+                "{raw:?}"
+            );
+        }
+    }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use tideway_core::egress::{EgressPolicy, PrivateEndpoints};
 use tideway_server::{ConnectionLimits, RateLimits, ServerConfig};
 use tideway_store::sqlite::{SqliteOptions, Synchronous};
 
@@ -131,6 +132,16 @@ pub struct Settings {
     #[arg(long, env = "TIDEWAY_MAX_CONNECTIONS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+
+    /// Refuse Current endpoints and webhooks on loopback, private and unspecified addresses
+    /// (127/8, ::1, 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7, 0.0.0.0), judged both
+    /// in the URL and in what a host name resolves to at connect time; for a server whose
+    /// keys others hold. Link-local addresses (169.254/16, fe80::/10) and cloud metadata
+    /// services are refused whatever this says [default: false]
+    #[arg(long, env = "TIDEWAY_DENY_PRIVATE_ENDPOINTS", value_name = "BOOL", num_args = 0..=1,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deny_private_endpoints: Option<bool>,
 }
 
 /// [`Settings`] with every value decided.
@@ -143,6 +154,8 @@ pub struct Resolved {
     pub server: ServerConfig,
     /// Timeouts and the cap of the HTTP listener.
     pub connections: ConnectionLimits,
+    /// Where outgoing requests (Currents, webhooks) may go.
+    pub egress: EgressPolicy,
 }
 
 impl Settings {
@@ -162,6 +175,9 @@ impl Settings {
             idle_timeout_ms: self.idle_timeout_ms.or(fallback.idle_timeout_ms),
             body_timeout_ms: self.body_timeout_ms.or(fallback.body_timeout_ms),
             max_connections: self.max_connections.or(fallback.max_connections),
+            deny_private_endpoints: self
+                .deny_private_endpoints
+                .or(fallback.deny_private_endpoints),
         }
     }
 
@@ -186,6 +202,7 @@ impl Settings {
             idle_timeout_ms: Some(millis(ConnectionLimits::DEFAULT_IDLE_TIMEOUT)),
             body_timeout_ms: Some(millis(ConnectionLimits::DEFAULT_BODY_TIMEOUT)),
             max_connections: Some(tideway_server::default_max_connections()),
+            deny_private_endpoints: Some(false),
         }
     }
 
@@ -235,6 +252,13 @@ impl Settings {
                 idle_timeout: Duration::from_millis(full.idle_timeout_ms.ok_or_else(missing)?),
                 body_timeout: Duration::from_millis(full.body_timeout_ms.ok_or_else(missing)?),
                 max_connections: full.max_connections.ok_or_else(missing)?,
+            },
+            egress: EgressPolicy {
+                private: if full.deny_private_endpoints.ok_or_else(missing)? {
+                    PrivateEndpoints::Deny
+                } else {
+                    PrivateEndpoints::Allow
+                },
             },
         };
         let limits = &resolved.server.rate_limits;
@@ -393,6 +417,44 @@ mod tests {
             128,
             "the help text names the headroom"
         );
+    }
+
+    #[test]
+    fn deny_private_endpoints_is_a_flag_a_value_and_a_file_key() {
+        assert_eq!(
+            parse(&[]).resolve(None).unwrap().egress,
+            EgressPolicy::ALLOW_PRIVATE
+        );
+        assert_eq!(
+            parse(&["--deny-private-endpoints"])
+                .resolve(None)
+                .unwrap()
+                .egress,
+            EgressPolicy::DENY_PRIVATE
+        );
+        let f = file("deny-private-endpoints = true\n");
+        assert_eq!(
+            parse(&[]).resolve(Some(f.path())).unwrap().egress,
+            EgressPolicy::DENY_PRIVATE
+        );
+        assert_eq!(
+            parse(&["--deny-private-endpoints=false"])
+                .resolve(Some(f.path()))
+                .unwrap()
+                .egress,
+            EgressPolicy::ALLOW_PRIVATE,
+            "the flag beats the file"
+        );
+        let full = parse(&["--deny-private-endpoints", "--listen", "127.0.0.1:0"])
+            .layered(None)
+            .unwrap();
+        assert_eq!(full.listen, Some("127.0.0.1:0".parse().unwrap()));
+        let text = toml::to_string(&full).unwrap();
+        assert!(text.contains("deny-private-endpoints = true"), "{text}");
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("--deny-private-endpoints"), "{help}");
+        assert!(help.contains("TIDEWAY_DENY_PRIVATE_ENDPOINTS"), "{help}");
     }
 
     #[test]

@@ -3,11 +3,14 @@
 //!
 //! The lease owner is this host and data directory, so a restarted server (after a crash
 //! included) takes its Currents back at once instead of waiting for its old leases to expire,
-//! while another node sharing a database gets a different name.
+//! while another node sharing a database gets a different name. Every request it makes keeps
+//! the egress policy from the settings (`deny-private-endpoints`), and the management API
+//! judges new definitions by the same policy (it reads it from the exporter).
 
 use std::path::Path;
 use std::sync::Arc;
 
+use tideway_core::egress::EgressPolicy;
 use tideway_currents::{Exporter, ExporterConfig};
 use tideway_server::CurrentsApi;
 use tideway_store::sqlite::SqliteStore;
@@ -23,11 +26,13 @@ fn owner(data_dir: &Path) -> String {
 }
 
 /// Starts the exporter; the returned handle goes to the HTTP edge.
-pub fn start(store: Arc<SqliteStore>, data_dir: &Path) -> CurrentsApi {
+pub fn start(store: Arc<SqliteStore>, data_dir: &Path, egress: EgressPolicy) -> CurrentsApi {
     let config = ExporterConfig {
         owner: owner(data_dir),
+        egress,
         ..ExporterConfig::default()
     };
+    tracing::info!(egress = ?egress, "starting the Currents exporter");
     let exporter = Arc::new(Exporter::start(store.clone(), config));
     CurrentsApi { store, exporter }
 }

@@ -35,7 +35,7 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
     bootstrap(store.as_ref(), &settings.data_dir).await?;
     let metrics = tideway_server::install_metrics_recorder()
         .context("cannot install the metrics recorder")?;
-    let currents = crate::currents::start(Arc::clone(&store), &settings.data_dir);
+    let currents = crate::currents::start(Arc::clone(&store), &settings.data_dir, settings.egress);
     let router = tideway_server::app_with_options(
         store,
         settings.server.clone(),

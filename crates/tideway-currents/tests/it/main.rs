@@ -4,6 +4,7 @@
 //! generous limit as a failure detector).
 
 mod conformance;
+mod egress;
 mod model;
 mod resilience;
 mod rules;

@@ -6,6 +6,7 @@ mod harness;
 mod auth;
 mod batch;
 mod cohorts;
+mod currents_egress;
 mod identity;
 mod ops;
 mod segments;
