@@ -8,4 +8,5 @@ mod connections;
 mod currents_crash;
 mod durability;
 mod segments_export;
+mod segments_restart;
 mod support;
