@@ -144,6 +144,7 @@ pub fn redirect_policy(policy: EgressPolicy, max: usize) -> redirect::Policy {
 /// A client builder that keeps the policy: the [`PolicyResolver`], the checking
 /// [`redirect_policy`] ([`MAX_REDIRECTS`]) and no proxy. IP-literal URLs never reach the
 /// resolver: check each URL with [`check_url`] / [`parse_url`] before requesting it.
+#[allow(clippy::disallowed_methods)] // the one place that may: it applies the policy
 pub fn client_builder(policy: EgressPolicy) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .dns_resolver(Arc::new(PolicyResolver::new(policy)))

@@ -398,6 +398,8 @@ pub async fn push(args: &PushArgs, show_progress: bool) -> anyhow::Result<PushSu
         PathBuf::from(p)
     });
     let mut state = load_state(&state_path, &identity)?;
+    // The operator's own Tideway URL, given on the command line: not a user-supplied target.
+    #[allow(clippy::disallowed_methods)]
     let mut client = Client {
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(args.timeout_secs))

@@ -1,6 +1,9 @@
 //! `tideway sink` over real HTTP: the receiver rules of `reference/heap.md` §4 (token first,
 //! empty batches, dedupe, malformed elements), its views, and its fault injection.
 
+// Tests talk to servers and receivers they started on loopback: plain clients are right here.
+#![allow(clippy::disallowed_methods)]
+
 use std::sync::atomic::Ordering;
 
 use serde_json::{Value, json};

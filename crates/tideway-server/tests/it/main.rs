@@ -1,6 +1,9 @@
 //! Integration tests of the HTTP edge: the real server on a loopback port over a real SQLite
 //! store, driven with `reqwest` exactly as a Braze client would.
 
+// Tests talk to servers and receivers they started on loopback: plain clients are right here.
+#![allow(clippy::disallowed_methods)]
+
 mod harness;
 
 mod auth;

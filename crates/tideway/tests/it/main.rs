@@ -2,6 +2,9 @@
 //! executable (`serve` on port 0 with a temporary data directory, and the admin CLI) and talks
 //! to it over real loopback HTTP.
 
+// Tests talk to servers and receivers they started on loopback: plain clients are right here.
+#![allow(clippy::disallowed_methods)]
+
 mod cli;
 mod cohorts_push;
 mod connections;
