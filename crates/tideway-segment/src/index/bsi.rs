@@ -42,6 +42,16 @@ pub(crate) fn f64_key(x: f64) -> u64 {
     if b >> 63 == 0 { b | 1 << 63 } else { !b }
 }
 
+/// The `f64` whose key is `key` (the inverse of [`f64_key`], `-0.0` coming back as `0.0`).
+pub(crate) fn f64_of_key(key: u64) -> f64 {
+    let b = if key >> 63 == 1 {
+        key & !(1 << 63)
+    } else {
+        !key
+    };
+    f64::from_bits(b)
+}
+
 /// Order-preserving key of an `i64`.
 pub(crate) fn i64_key(t: i64) -> u64 {
     (t as u64) ^ (1 << 63)
@@ -65,6 +75,20 @@ impl Bsi {
                 b.remove(uid);
             }
         }
+    }
+
+    /// `uid`'s key, if it has one (one membership test per bit).
+    pub(crate) fn get(&self, uid: u32) -> Option<u64> {
+        if !self.exists.contains(uid) {
+            return None;
+        }
+        Some(
+            self.bits
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.contains(uid))
+                .fold(0u64, |k, (i, _)| k | 1 << i),
+        )
     }
 
     pub(crate) fn exists(&self) -> &RoaringBitmap {
@@ -167,6 +191,23 @@ impl Bsi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_read_back() {
+        let mut b = Bsi::default();
+        for (uid, x) in [
+            (1u32, 0.0),
+            (2, -3.25),
+            (3, 1e300),
+            (4, f64::INFINITY),
+            (5, 7.5),
+        ] {
+            b.insert(uid, f64_key(x));
+            assert_eq!(b.get(uid).map(f64_of_key), Some(x), "{x}");
+        }
+        assert_eq!(f64_of_key(f64_key(-0.0)).to_bits(), 0.0f64.to_bits());
+        assert_eq!(b.get(9), None);
+    }
 
     #[test]
     fn keys_preserve_order() {

@@ -22,16 +22,17 @@ pub(crate) mod codec;
 mod eval;
 mod uidmap;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use roaring::RoaringBitmap;
+use serde_json::Value;
 
 use crate::filter::{Filter, SegmentLookup};
 use crate::predicate::{email_available, phone_available, total_spend};
-use crate::profile::SegmentProfile;
+use crate::profile::{PurchaseRecord, SegmentProfile};
 use arena::Arena;
 use attr::AttrIndex;
-use bsi::{Bsi, f64_key};
+use bsi::{Bsi, f64_key, f64_of_key};
 use codec::{DecodeError, Reader, Writer, bad};
 
 /// One in [`SAMPLE_MODULUS`] users (chosen by a hash of the uid) forms the fixed estimation sample.
@@ -70,6 +71,19 @@ struct PurchaseIndex {
     buyers: Vec<RoaringBitmap>,
     /// [`total_spend`] of users with purchases (a NaN total is left out: it compares false).
     spend: Bsi,
+}
+
+impl PurchaseIndex {
+    /// The number of `product_id`, allocated on first sight.
+    fn product_number(&mut self, product_id: &str) -> u32 {
+        if let Some(&n) = self.product_numbers.get(product_id) {
+            return n;
+        }
+        let n = u32::try_from(self.buyers.len()).expect("fewer than 4 G distinct product ids");
+        self.buyers.push(RoaringBitmap::new());
+        self.product_numbers.insert(product_id.to_owned(), n);
+        n
+    }
 }
 
 impl std::fmt::Debug for SegmentIndex {
@@ -152,25 +166,7 @@ impl SegmentIndex {
         for (partner, cohort_id) in &profile.cohorts {
             self.cohort_insert(uid, partner, cohort_id);
         }
-        for (name, value) in &profile.attributes {
-            if value.is_null() {
-                continue;
-            }
-            match self.attributes.get_mut(name) {
-                Some(a) => a.insert(uid, value),
-                None => {
-                    let mut a = AttrIndex::default();
-                    a.insert(uid, value);
-                    self.attributes.insert(name.clone(), a);
-                }
-            }
-        }
-        if email_available(&profile.attributes) {
-            self.email_available.insert(uid);
-        }
-        if phone_available(&profile.attributes) {
-            self.phone_available.insert(uid);
-        }
+        self.insert_attributes(uid, &profile.attributes);
         for (name, history) in &profile.events {
             if history.times().is_empty() {
                 continue;
@@ -187,16 +183,7 @@ impl SegmentIndex {
             p.any.insert(uid);
             let mut records = Vec::with_capacity(profile.purchases.len());
             for r in &profile.purchases {
-                let n = match p.product_numbers.get(&r.product_id) {
-                    Some(&n) => n,
-                    None => {
-                        let n = u32::try_from(p.buyers.len())
-                            .expect("fewer than 4 G distinct product ids");
-                        p.buyers.push(RoaringBitmap::new());
-                        p.product_numbers.insert(r.product_id.clone(), n);
-                        n
-                    }
-                };
+                let n = p.product_number(&r.product_id);
                 p.buyers[n as usize].insert(uid);
                 records.push((r.time, n));
             }
@@ -240,6 +227,118 @@ impl SegmentIndex {
             }
             p.records.remove(uid);
             p.spend.remove(uid);
+        }
+        true
+    }
+
+    /// Indexes `uid`'s attributes (the caller removed any it had) and the availabilities
+    /// derived from them.
+    fn insert_attributes(&mut self, uid: u32, attributes: &BTreeMap<String, Value>) {
+        for (name, value) in attributes {
+            if value.is_null() {
+                continue;
+            }
+            match self.attributes.get_mut(name) {
+                Some(a) => a.insert(uid, value),
+                None => {
+                    let mut a = AttrIndex::default();
+                    a.insert(uid, value);
+                    self.attributes.insert(name.clone(), a);
+                }
+            }
+        }
+        if email_available(attributes) {
+            self.email_available.insert(uid);
+        }
+        if phone_available(attributes) {
+            self.phone_available.insert(uid);
+        }
+    }
+
+    /// Replaces what the index holds of a user outside their history: external id, creation
+    /// time, random bucket and attributes; their events, purchases and cohort memberships stay.
+    /// For a uid that is not live, inserts `profile` whole (a new user). Either way the index
+    /// then answers as if [`SegmentIndex::upsert`] had been given `profile` with the history and
+    /// cohorts the index held — what a change feed needs when only attributes changed, without
+    /// reloading a long event history.
+    pub fn update_attributes(&mut self, profile: &SegmentProfile) {
+        let uid = profile.uid;
+        if !self.live.contains(uid) {
+            self.upsert(profile);
+            return;
+        }
+        if profile.external_id.is_some() {
+            self.identified.insert(uid);
+        } else {
+            self.identified.remove(uid);
+        }
+        let i = uid as usize;
+        self.created[i] = profile.created_at;
+        self.buckets[i] = profile.random_bucket;
+        for a in self.attributes.values_mut() {
+            a.remove(uid);
+        }
+        self.email_available.remove(uid);
+        self.phone_available.remove(uid);
+        self.insert_attributes(uid, &profile.attributes);
+    }
+
+    /// Appends occurrences (times in any order) of custom event `name` to a live user's
+    /// history, as if they had been recorded in the profile upserted. Ignored for a uid that is
+    /// not live; whether it was applied. Costs a copy of that user's history of this event, not
+    /// a reload of their profile.
+    pub fn append_events(&mut self, uid: u32, name: &str, times: &[i64]) -> bool {
+        if !self.live.contains(uid) {
+            return false;
+        }
+        if times.is_empty() {
+            return true;
+        }
+        let e = match self.events.get_mut(name) {
+            Some(e) => e,
+            None => self.events.entry(name.to_owned()).or_default(),
+        };
+        let mut merged = Vec::with_capacity(e.times.get(uid).len() + times.len());
+        merged.extend_from_slice(e.times.get(uid));
+        merged.extend_from_slice(times);
+        merged.sort_unstable();
+        e.ever.insert(uid);
+        e.times.set(uid, &merged);
+        true
+    }
+
+    /// Appends purchases to a live user's, *after* the ones held: total spend continues the
+    /// sum in profile order (floating-point addition is not associative, so the order is part
+    /// of the answer), exactly as an upsert of the profile with these at the end of
+    /// `purchases`. Ignored for a uid that is not live; whether it was applied.
+    pub fn append_purchases(&mut self, uid: u32, purchases: &[PurchaseRecord]) -> bool {
+        if !self.live.contains(uid) {
+            return false;
+        }
+        if purchases.is_empty() {
+            return true;
+        }
+        let p = &mut self.purchases;
+        let before = if p.any.contains(uid) {
+            // a user with purchases but no key has a NaN total, and keeps it
+            p.spend.get(uid).map_or(f64::NAN, f64_of_key)
+        } else {
+            0.0
+        };
+        let mut records = p.records.get(uid).to_vec();
+        for r in purchases {
+            let n = p.product_number(&r.product_id);
+            p.buyers[n as usize].insert(uid);
+            records.push((r.time, n));
+        }
+        records.sort_unstable();
+        p.records.set(uid, &records);
+        p.any.insert(uid);
+        let total = purchases.iter().fold(before, |sum, r| sum + r.price);
+        if total.is_nan() {
+            p.spend.remove(uid);
+        } else {
+            p.spend.insert(uid, f64_key(total));
         }
         true
     }

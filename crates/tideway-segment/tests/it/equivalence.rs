@@ -1,15 +1,16 @@
 //! The bitmap index must return exactly the profiles the naive evaluator accepts, for random
 //! filters over random profiles, also after random incremental updates, removals and cohort
-//! deltas.
+//! deltas, and after the change feed's cheap updates (attributes only, appended events and
+//! purchases), whose model is the profile they stand for.
 
 use std::collections::BTreeMap;
 
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::select;
-use tideway_segment::{Filter, SegmentIndex, SegmentProfile, matches};
+use tideway_segment::{Filter, PurchaseRecord, SegmentIndex, SegmentProfile, matches};
 
-use crate::strategies::{filter, now, profile, profiles, segments};
+use crate::strategies::{filter, instant, now, profile, profiles, segments};
 
 fn naive(filter: &Filter, profiles: &BTreeMap<u32, SegmentProfile>, now: i64) -> Vec<u32> {
     let lookup = segments();
@@ -48,6 +49,38 @@ enum Change {
     Remove(u32),
     AddToCohort(u32, &'static str, &'static str),
     RemoveFromCohort(u32, &'static str, &'static str),
+    /// Everything but the history and cohorts of the profile replaces the user's.
+    UpdateAttributes(SegmentProfile),
+    AppendEvents(u32, &'static str, Vec<i64>),
+    AppendPurchases(u32, Vec<PurchaseRecord>),
+}
+
+/// Purchases whose prices make the order of summation matter (0.1, 1e17) and can make a
+/// total infinite or NaN.
+fn purchases() -> impl Strategy<Value = Vec<PurchaseRecord>> {
+    vec(
+        (
+            select(vec!["p1", "p2", "p4"]),
+            instant(),
+            select(vec![
+                0.1,
+                0.5,
+                3.0,
+                1e17,
+                -1e17,
+                9_007_199_254_740_992.0,
+                -9_007_199_254_740_992.0,
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+            ]),
+        )
+            .prop_map(|(p, time, price)| PurchaseRecord {
+                product_id: p.to_owned(),
+                time,
+                price,
+            }),
+        0..4,
+    )
 }
 
 fn changes() -> impl Strategy<Value = Vec<Change>> {
@@ -64,6 +97,10 @@ fn changes() -> impl Strategy<Value = Vec<Change>> {
             2 => uid().prop_map(Change::Remove),
             1 => (uid(), cohort()).prop_map(|(u, (p, c))| Change::AddToCohort(u, p, c)),
             1 => (uid(), cohort()).prop_map(|(u, (p, c))| Change::RemoveFromCohort(u, p, c)),
+            3 => uid().prop_flat_map(profile).prop_map(Change::UpdateAttributes),
+            3 => (uid(), select(vec!["a", "b", "c"]), vec(instant(), 0..4))
+                .prop_map(|(u, e, t)| Change::AppendEvents(u, e, t)),
+            3 => (uid(), purchases()).prop_map(|(u, p)| Change::AppendPurchases(u, p)),
         ],
         0..24,
     )
@@ -123,11 +160,76 @@ proptest! {
                         .is_some_and(|p| p.cohorts.remove(&(partner.to_owned(), cohort.to_owned())));
                     prop_assert_eq!(was, model_was);
                 }
+                Change::UpdateAttributes(mut p) => {
+                    index.update_attributes(&p);
+                    if let Some(old) = model.remove(&p.uid) {
+                        p.events = old.events;
+                        p.purchases = old.purchases;
+                        p.cohorts = old.cohorts;
+                    }
+                    model.insert(p.uid, p);
+                }
+                Change::AppendEvents(uid, name, times) => {
+                    let applied = index.append_events(uid, name, &times);
+                    let p = model.get_mut(&uid);
+                    prop_assert_eq!(applied, p.is_some());
+                    if let Some(p) = p
+                        && !times.is_empty()
+                    {
+                        let history = p.events.entry(name.to_owned()).or_default();
+                        for t in times {
+                            history.record(t);
+                        }
+                    }
+                }
+                Change::AppendPurchases(uid, purchases) => {
+                    let applied = index.append_purchases(uid, &purchases);
+                    let p = model.get_mut(&uid);
+                    prop_assert_eq!(applied, p.is_some());
+                    if let Some(p) = p {
+                        p.purchases.extend(purchases);
+                    }
+                }
             }
             if i % 6 == 5 {
                 assert_agree(&index, &model, &filters, now)?;
             }
         }
         assert_agree(&index, &model, &filters, now)?;
+    }
+}
+
+/// Appended purchases continue the total in profile order: with 2^53 (where the spacing of
+/// doubles is 2) a cent-level amount is absorbed or not depending on the order of the sum.
+#[test]
+fn appended_purchases_keep_the_order_of_the_total() {
+    let big = 9_007_199_254_740_992.0;
+    let buy = |price: f64| PurchaseRecord {
+        product_id: "p1".into(),
+        time: 10,
+        price,
+    };
+    let mut profile = SegmentProfile::new(7, 0);
+    profile.purchases = vec![buy(0.5)];
+    let mut index = SegmentIndex::new();
+    index.upsert(&profile);
+    index.append_purchases(7, &[buy(big), buy(-big)]);
+    profile.purchases.extend([buy(big), buy(-big)]);
+    let lookup = segments();
+    for threshold in [0.0, 0.5] {
+        for at_least in [false, true] {
+            let number = serde_json::Number::from_f64(threshold).expect("finite");
+            let f = if at_least {
+                Filter::Purchase(tideway_segment::PurchaseOp::TotalSpendAtLeast(number))
+            } else {
+                Filter::Purchase(tideway_segment::PurchaseOp::TotalSpendAtMost(number))
+            };
+            let expected = matches(&f, &profile, 0, &lookup);
+            assert_eq!(
+                index.evaluate(&f, 0, &lookup).contains(7),
+                expected,
+                "{threshold} {at_least}"
+            );
+        }
     }
 }

@@ -26,7 +26,7 @@ pub fn iso(t: i64) -> String {
 }
 
 /// Instants around `NOW`, on whole days and half days so window bounds are hit exactly.
-fn instant() -> impl Strategy<Value = i64> {
+pub fn instant() -> impl Strategy<Value = i64> {
     prop_oneof![
         (-120i64..120).prop_map(|k| NOW + k * DAY / 2),
         (-40i64..40).prop_map(|k| NOW + k * DAY + 1),
