@@ -4,8 +4,10 @@
 //!
 //! The in-process server is the real thing: the SQLite store with group commit at the chosen
 //! `--synchronous`, the full axum app with auth, validation and metrics. Only its rate limits
-//! are lifted, since the point is to find the machine's limit, not the configured one.
+//! are lifted, since the point is to find the machine's limit, not the configured one. Its
+//! WAL file is sampled while it runs: sustained ingest must not grow it without bound.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +25,12 @@ use crate::serve::InProcess;
 
 /// DESIGN.md §4: ≥ 100,000 objects/s sustained, p99 < 50 ms at half that rate.
 const TARGET_P99: Duration = Duration::from_millis(50);
+
+/// DESIGN.md §4: the SQLite WAL stays ≤ 256 MiB under sustained ingest.
+const TARGET_WAL_BYTES: u64 = 256 << 20;
+
+/// How often the in-process server's WAL file is measured.
+const WAL_SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, clap::Args)]
 pub struct IngestArgs {
@@ -115,13 +123,27 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
             (target, Some(server))
         }
     };
+    let sampler = server
+        .is_some()
+        .then(|| WalSampler::start(wal_path(scratch.path())));
     let cpu_before = ThreadCpu::read();
     let mut tideway = drive(&target, "tideway", &args, duration).await;
     let cpu = ThreadCpu::since(ThreadCpu::read(), cpu_before);
+    let wal = sampler.map(WalSampler::finish);
     if let Some(server) = server {
         server.stop().await?;
     }
     report_phase("tideway", &mut tideway);
+    if let Some(wal) = &wal {
+        eprintln!(
+            "{:>16}: largest WAL {} ({} samples, one every {} ms; the store bounds it at {})",
+            "tideway",
+            mebibytes(wal.largest),
+            wal.samples,
+            WAL_SAMPLE_EVERY.as_millis(),
+            mebibytes(SqliteOptions::default().wal_limit),
+        );
+    }
     if let Some(cpu) = cpu {
         let objects = (tideway.requests * OBJECTS as u64).max(1) as f64;
         let per_object = |d: Duration| d.as_secs_f64() * 1e6 / objects;
@@ -144,7 +166,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     }
 
     if args.skip_limits {
-        println!("{}", summary(&args, &mut tideway, None, None));
+        println!("{}", summary(&args, &mut tideway, wal.as_ref(), None, None));
         return check_errors(&tideway);
     }
 
@@ -190,7 +212,13 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
 
     println!(
         "{}",
-        summary(&args, &mut tideway, Some(&mut noop_stats), sqlite)
+        summary(
+            &args,
+            &mut tideway,
+            wal.as_ref(),
+            Some(&mut noop_stats),
+            sqlite
+        )
     );
     check_errors(&tideway)?;
     check_errors(&noop_stats)
@@ -277,12 +305,13 @@ fn check_errors(stats: &Stats) -> anyhow::Result<()> {
     }
 }
 
-/// The one-line result, e.g. `tideway: 112,000 objects/s (p50 4.1 ms, p99 21 ms) | no-op
-/// handler: 400,000 objects/s (ratio 0.28) | raw SQLite inserts: 900,000 rows/s (ratio 0.12) |
-/// target 100,000 objects/s: PASS`.
+/// The one-line result, e.g. `tideway: 112,000 objects/s (p50 4.1 ms, p99 21 ms, largest
+/// WAL 130 MiB) | no-op handler: 400,000 objects/s (ratio 0.28) | raw SQLite inserts: 900,000
+/// rows/s (ratio 0.12) | target 100,000 objects/s: PASS | target WAL ≤ 256 MiB: PASS`.
 fn summary(
     args: &IngestArgs,
     tideway: &mut Stats,
+    wal: Option<&WalSamples>,
     noop: Option<&mut Stats>,
     sqlite_rows_per_sec: Option<f64>,
 ) -> String {
@@ -290,10 +319,20 @@ fn summary(
     let ok = |pass: bool| if pass && clean { "PASS" } else { "FAIL" };
     let (p50, p99) = (tideway.percentile(50.0), tideway.percentile(99.0));
     let tideway_rate = tideway.objects_per_sec();
+    let largest_wal = wal.map_or(String::new(), |w| {
+        format!(", largest WAL {}", mebibytes(w.largest))
+    });
+    let wal_target = wal.map(|w| {
+        format!(
+            "target WAL ≤ {}: {}",
+            mebibytes(TARGET_WAL_BYTES),
+            ok(w.largest <= TARGET_WAL_BYTES)
+        )
+    });
     match args.rate {
         None => {
             let mut parts = vec![format!(
-                "tideway: {} objects/s (p50 {}, p99 {})",
+                "tideway: {} objects/s (p50 {}, p99 {}{largest_wal})",
                 thousands(tideway_rate),
                 millis(p50),
                 millis(p99)
@@ -318,11 +357,12 @@ fn summary(
                 thousands(args.target as f64),
                 ok(tideway_rate >= args.target as f64)
             ));
+            parts.extend(wal_target);
             parts.join(" | ")
         }
         Some(rate) => {
             let mut parts = vec![format!(
-                "tideway at {} objects/s offered: {} objects/s (p50 {}, p99 {})",
+                "tideway at {} objects/s offered: {} objects/s (p50 {}, p99 {}{largest_wal})",
                 thousands(rate as f64),
                 thousands(tideway_rate),
                 millis(p50),
@@ -343,8 +383,65 @@ fn summary(
                 thousands(rate as f64),
                 ok(kept && p99 < TARGET_P99)
             ));
+            parts.extend(wal_target);
             parts.join(" | ")
         }
+    }
+}
+
+/// The in-process server's WAL file: `<data dir>/tideway.sqlite-wal`.
+fn wal_path(data_dir: &std::path::Path) -> PathBuf {
+    let mut name = crate::config::database_path(data_dir).into_os_string();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+/// What the WAL sampler saw over a phase.
+#[derive(Debug, Clone, Copy)]
+struct WalSamples {
+    largest: u64,
+    samples: u64,
+}
+
+/// Measures the WAL file every [`WAL_SAMPLE_EVERY`] on its own thread while a phase runs: the
+/// size on disk, whatever the store believes, is what the bound is about.
+struct WalSampler {
+    /// Dropped to stop the thread.
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<WalSamples>,
+}
+
+impl WalSampler {
+    fn start(path: PathBuf) -> WalSampler {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut seen = WalSamples {
+                largest: 0,
+                samples: 0,
+            };
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(WAL_SAMPLE_EVERY)
+            {
+                // No file yet is a WAL of size 0.
+                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                seen.largest = seen.largest.max(size);
+                seen.samples += 1;
+            }
+            seen
+        });
+        WalSampler { stop, thread }
+    }
+
+    fn finish(self) -> WalSamples {
+        drop(self.stop);
+        self.thread.join().unwrap_or(WalSamples {
+            largest: u64::MAX,
+            samples: 0,
+        })
     }
 }
 
