@@ -3,9 +3,11 @@
 //!
 //! The filter language itself is `tideway-segment`; this module is the glue between it and the
 //! rest of the domain. The store hands out a [`ProfileSnapshot`] (every live user, as a
-//! [`SegmentProfile`], with the log positions it reflects) and then [`ProfileChanges`] ("users
-//! whose data changed after these positions", reloaded). [`LiveIndex`] applies both, so the
-//! HTTP service and the export CLI evaluate segments the same way. No IO here: the caller reads
+//! [`SegmentProfile`], with the log positions it reflects) and then [`ProfileChanges`] (what
+//! changed after these positions, incrementally: new attributes, appended events and purchases,
+//! cohort deltas, removals, and whole profiles only where an append cannot say it).
+//! [`LiveIndex`] applies both, so the HTTP service and the export CLI evaluate segments the same
+//! way. No IO here: the caller reads
 //! the store and passes `now`.
 //!
 //! A [`LiveIndex`] also has a byte form, its *snapshot* ([`LiveIndex::to_snapshot`],
@@ -17,7 +19,8 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 use tideway_segment::{
-    DecodeError, Filter, INDEX_FORMAT, Reader, SegmentIndex, SegmentLookup, SegmentProfile, Writer,
+    DecodeError, Filter, INDEX_FORMAT, PurchaseRecord, Reader, SegmentIndex, SegmentLookup,
+    SegmentProfile, Writer,
 };
 
 use crate::clock::Millis;
@@ -76,16 +79,67 @@ pub struct ProfileSnapshot {
     pub position: FeedPosition,
 }
 
-/// What changed between two positions: the current profiles of users whose attributes,
-/// identifiers or events changed, the users that no longer exist (deleted or merged away), and
-/// cohort membership deltas in change order (cheap to apply: a million-change cohort import
-/// does not reload a million profiles).
+/// What changed between two positions, in the cheapest form that brings an index at the first
+/// position to the second:
+///
+/// - `attributes`: users whose attributes or identifiers changed, and new users: their current
+///   identifiers, creation time and attributes only (the profiles' events, purchases and cohorts
+///   are empty and ignored). An indexed user keeps their history; a new one is inserted, and
+///   their history arrives as `occurrences` and `cohort_deltas` like everyone else's.
+/// - `occurrences`: every custom event and purchase logged between the positions, in log order,
+///   appended to their users' histories (a user who tracked one event does not reload years of
+///   them).
+/// - `cohort_deltas`: membership changes in change order (a million-change cohort import does
+///   not reload a million profiles).
+/// - `removed`: users that no longer exist (deleted or merged away).
+/// - `users`: users reloaded whole (events, purchases and cohorts included), for the rare
+///   changes an append cannot express, e.g. a merge's survivor, whose history gained the
+///   loser's. A reload reflects everything up to `position` and replaces whatever the other
+///   parts did to that user.
+///
+/// A user is in at most one of `attributes`, `removed` and `users`. [`LiveIndex::apply`] is the
+/// meaning of this type: applied to the index a full load would give at the first position, the
+/// result must answer every filter as a full load at `position` would.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProfileChanges {
     pub users: Vec<SegmentUser>,
+    pub attributes: Vec<SegmentUser>,
+    pub occurrences: Vec<Occurrence>,
     pub removed: Vec<UserSeq>,
     pub cohort_deltas: Vec<CohortDelta>,
     pub position: FeedPosition,
+}
+
+impl ProfileChanges {
+    /// How many things this applies (users, occurrences, deltas), for metrics and pacing.
+    pub fn len(&self) -> usize {
+        self.users.len()
+            + self.attributes.len()
+            + self.occurrences.len()
+            + self.removed.len()
+            + self.cohort_deltas.len()
+    }
+
+    /// Whether it changes nothing (it may still move the position).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One custom event or purchase of one user, appended to their history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Occurrence {
+    pub user: UserSeq,
+    pub behavior: Behavior,
+}
+
+/// What an [`Occurrence`] records.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Behavior {
+    /// A custom event, at `time` (unix seconds).
+    Event { name: String, time: i64 },
+    /// One purchase (a purchase of quantity n is n of them).
+    Purchase(PurchaseRecord),
 }
 
 /// One user entering or leaving one partner cohort.
@@ -214,6 +268,10 @@ impl LiveIndex {
 
     fn upsert(&mut self, user: &SegmentUser) {
         self.index.upsert(&user.profile);
+        self.set_ids(user);
+    }
+
+    fn set_ids(&mut self, user: &SegmentUser) {
         let i = user.profile.uid as usize;
         if self.ids.len() <= i {
             self.ids.resize(i + 1, None);
@@ -327,10 +385,15 @@ impl LiveIndex {
         Ok(live)
     }
 
-    /// Applies cohort deltas, reloaded users and removals, then moves to `changes.position`.
-    /// A reloaded profile already reflects every delta up to the position, so it replaces
-    /// whatever the deltas did to that user.
+    /// Applies a change set (see [`ProfileChanges`] for what each part means), then moves to
+    /// `changes.position`. Order: attributes first (so a new user is live for the rest), then
+    /// cohort deltas and appended occurrences, then removals, then whole reloads (which
+    /// already reflect everything before them).
     pub fn apply(&mut self, changes: &ProfileChanges) {
+        for user in &changes.attributes {
+            self.index.update_attributes(&user.profile);
+            self.set_ids(user);
+        }
         for d in &changes.cohort_deltas {
             if d.entered {
                 self.index.add_to_cohort(d.user.0, &d.partner, &d.cohort_id);
@@ -339,6 +402,7 @@ impl LiveIndex {
                     .remove_from_cohort(d.user.0, &d.partner, &d.cohort_id);
             }
         }
+        self.append(&changes.occurrences);
         for seq in &changes.removed {
             self.index.remove(seq.0);
             if let Some(slot) = self.ids.get_mut(seq.0 as usize) {
@@ -349,6 +413,28 @@ impl LiveIndex {
             self.upsert(user);
         }
         self.position = self.position.max(changes.position);
+    }
+
+    /// Appends occurrences, grouped so that each user's history of each event is copied once
+    /// per change set however many occurrences it gained; purchases keep their log order
+    /// (total spend is summed in it).
+    fn append(&mut self, occurrences: &[Occurrence]) {
+        let mut events: HashMap<(u32, &str), Vec<i64>> = HashMap::new();
+        let mut purchases: HashMap<u32, Vec<PurchaseRecord>> = HashMap::new();
+        for o in occurrences {
+            match &o.behavior {
+                Behavior::Event { name, time } => {
+                    events.entry((o.user.0, name)).or_default().push(*time);
+                }
+                Behavior::Purchase(p) => purchases.entry(o.user.0).or_default().push(p.clone()),
+            }
+        }
+        for ((uid, name), times) in events {
+            self.index.append_events(uid, name, &times);
+        }
+        for (uid, records) in purchases {
+            self.index.append_purchases(uid, &records);
+        }
     }
 
     /// The store positions this index reflects; ask the store for changes after them.
@@ -473,6 +559,7 @@ mod tests {
                 delta(3, "c", true),
             ],
             position: next,
+            ..ProfileChanges::default()
         });
         let members: Vec<u32> = live
             .members(&in_c, 0, &NoSegments, 0, 10)
@@ -484,6 +571,63 @@ mod tests {
         assert_eq!(live.position(), next);
         assert_eq!(live.seq_of(&BrazeId::from_bytes([3; 12])), Some(UserSeq(3)));
         assert_eq!(live.seq_of(&BrazeId::from_bytes([2; 12])), None);
+    }
+
+    #[test]
+    fn a_new_user_takes_deltas_and_occurrences_of_the_same_change_set() {
+        let mut live = LiveIndex::from_snapshot(ProfileSnapshot {
+            users: vec![user(1, &[])],
+            position: FeedPosition::default(),
+        });
+        let parse = |v: serde_json::Value| Filter::from_json(&v).unwrap();
+        let target = parse(serde_json::json!({"and": [
+            {"cohort": {"partner": "heap", "cohort_id": "c", "op": "includes"}},
+            {"event": {"name": "open", "op": "count_at_least", "value": 2}},
+            {"purchase": {"op": "total_spend_at_least", "value": 3}},
+        ]}));
+        let open = |u: u32, time: i64| Occurrence {
+            user: UserSeq(u),
+            behavior: Behavior::Event {
+                name: "open".into(),
+                time,
+            },
+        };
+        let buy = |u: u32, price: f64| Occurrence {
+            user: UserSeq(u),
+            behavior: Behavior::Purchase(PurchaseRecord {
+                product_id: "p".into(),
+                time: 5,
+                price,
+            }),
+        };
+        live.apply(&ProfileChanges {
+            // 2 is new: its attributes make it live before its delta and occurrences apply
+            attributes: vec![user(2, &[])],
+            cohort_deltas: vec![delta(1, "c", true), delta(2, "c", true)],
+            occurrences: vec![
+                open(2, 9),
+                open(1, 3),
+                open(2, 4),
+                buy(2, 1.0),
+                buy(2, 2.5),
+                buy(1, 9.0),
+            ],
+            ..ProfileChanges::default()
+        });
+        let members = |live: &LiveIndex| -> Vec<u32> {
+            live.members(&target, 10, &NoSegments, 0, 10)
+                .iter()
+                .map(|m| m.seq.0)
+                .collect()
+        };
+        assert_eq!(members(&live), [2]);
+        // attributes only: the history stays
+        live.apply(&ProfileChanges {
+            attributes: vec![user(2, &[])],
+            occurrences: vec![open(1, 8)],
+            ..ProfileChanges::default()
+        });
+        assert_eq!(members(&live), [1, 2]);
     }
 
     #[test]

@@ -360,8 +360,7 @@ impl SegmentService {
             .store
             .segment_profile_changes(slot.workspace, from)
             .await?;
-        let applied =
-            (changes.users.len() + changes.removed.len() + changes.cohort_deltas.len()) as u64;
+        let applied = changes.len() as u64;
         let position = changes.position;
         if position != from {
             let s = Arc::clone(slot);

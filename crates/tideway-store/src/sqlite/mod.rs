@@ -1096,11 +1096,8 @@ impl Store for SqliteStore {
         workspace: WorkspaceId,
         after: tideway_core::segments::FeedPosition,
     ) -> StoreFuture<'_, tideway_core::segments::ProfileChanges> {
-        Box::pin(async move {
-            self.flush_workspace(workspace).await?;
-            self.read(move |conn| segments::changes(conn, workspace, after))
-                .await
-        })
+        // No flush: the feed reads pending profiles from `user_log` (see `segments.rs`).
+        self.read(move |conn| segments::changes(conn, workspace, after))
     }
 
     fn segment_feed_head(

@@ -3,11 +3,33 @@
 //!
 //! A profile for segment evaluation is the user row (identifiers, attributes) plus every
 //! occurrence of its custom events and purchases, read from `event_log`, plus its cohort
-//! memberships. The change feed after a position is: the users named by `event_log` or
-//! `segment_user_changes` rows (the latter filled by triggers on user creation and identifier
-//! changes, which write no event; a `users.UserOrphan` event also names the merge's surviving
-//! user), reloaded whole; and the `cohort_membership_changes` rows as deltas. Each read runs in
-//! one read transaction, so the positions it returns match exactly the data it loaded.
+//! memberships. A full load ([`snapshot`]) reads all of it. The change feed after a position
+//! ([`changes`]) is incremental, so a round costs what changed, not the changed users' history:
+//!
+//! - the custom events and purchases in `event_log` after the position, in log order, become
+//!   occurrences to append;
+//! - users named by any other `event_log` row (a profile update, a delete request, an orphan) or
+//!   by `segment_user_changes` (creation and identifier changes, which write no event) get their
+//!   *current attributes*: the row, whose identifier columns are always current, with the
+//!   user's newest post-image in `user_log` laid over it (see below); a user whose row is gone
+//!   or deleted is removed;
+//! - a merge's survivor (named by the `users.UserOrphan` row) is reloaded whole, since its
+//!   history gained the loser's;
+//! - `cohort_membership_changes` rows are deltas.
+//!
+//! **No flush.** A saved profile reaches its `users` row only when the writer's sweep gets to it
+//! (`behind.rs`); until then the committed truth is its newest post-image in `user_log`. The
+//! sweep deletes `user_log` rows only as a prefix (ids up to one a finished sweep covered), and
+//! only after writing every row they were behind for, so: a user's newest post-image still in
+//! `user_log` is their current profile, and a user with none there has a current row. The feed
+//! therefore scans `user_log` from the newest row down until it has seen every user it needs,
+//! and reads the row for the others — whether their post-images were deleted by a sweep since
+//! the position (a reader far behind, or after a restart, whose replay empties `user_log`), or
+//! they never had one. A user changed after the position logged their post-image after it, so
+//! the scan normally stops within the rows logged since the last round.
+//!
+//! Each read runs in one read transaction, so the positions it returns match exactly the data it
+//! loaded.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -16,14 +38,17 @@ use serde_json::Value;
 use tideway_core::clock::Millis;
 use tideway_core::currents::EventType;
 use tideway_core::ids::{UserSeq, WorkspaceId};
+use tideway_core::profile::UserRecord;
 use tideway_core::segments::{
-    CohortDelta, FeedPosition, ProfileChanges, ProfileSnapshot, Segment, SegmentUser, base_profile,
+    Behavior, CohortDelta, FeedPosition, Occurrence, ProfileChanges, ProfileSnapshot, Segment,
+    SegmentUser, base_profile,
 };
 use tideway_core::store::StoreError;
 use tideway_segment::{PurchaseRecord, SegmentProfile};
 
 use super::sql_err;
-use super::users::{USER_COLUMNS, user_from_row};
+use super::users::{LogEntry, USER_COLUMNS, user_from_row};
+use crate::profile_codec;
 
 const SEGMENT_COLUMNS: &str = "id, name, filter, created_at, updated_at";
 
@@ -157,29 +182,38 @@ pub fn feed_head(conn: &Connection, workspace: WorkspaceId) -> Result<FeedPositi
     Ok(head)
 }
 
+/// The custom event or purchase one `event_log` row records; `None` for rows of other types,
+/// or whose body lacks the needed fields.
+fn behavior(event_type: &str, time: i64, body: &str) -> Option<Behavior> {
+    let custom = event_type == EventType::CustomEvent.as_str();
+    if !custom && event_type != EventType::Purchase.as_str() {
+        return None;
+    }
+    let body = serde_json::from_str::<Value>(body).ok()?;
+    let props = &body["properties"];
+    if custom {
+        Some(Behavior::Event {
+            name: props["name"].as_str()?.to_owned(),
+            time,
+        })
+    } else {
+        Some(Behavior::Purchase(PurchaseRecord {
+            product_id: props["product_id"].as_str()?.to_owned(),
+            time,
+            price: props["price"].as_f64().unwrap_or(0.0),
+        }))
+    }
+}
+
 /// Adds one `event_log` behaviour row to a profile; rows of other types, or whose body lacks
 /// the needed fields, are skipped.
 fn add_behavior(profile: &mut SegmentProfile, event_type: &str, time: i64, body: &str) {
-    let Ok(body) = serde_json::from_str::<Value>(body) else {
-        return;
-    };
-    let props = &body["properties"];
-    if event_type == EventType::CustomEvent.as_str() {
-        if let Some(name) = props["name"].as_str() {
-            profile
-                .events
-                .entry(name.to_owned())
-                .or_default()
-                .record(time);
+    match behavior(event_type, time, body) {
+        Some(Behavior::Event { name, time }) => {
+            profile.events.entry(name).or_default().record(time)
         }
-    } else if event_type == EventType::Purchase.as_str()
-        && let Some(product_id) = props["product_id"].as_str()
-    {
-        profile.purchases.push(PurchaseRecord {
-            product_id: product_id.to_owned(),
-            time,
-            price: props["price"].as_f64().unwrap_or(0.0),
-        });
+        Some(Behavior::Purchase(p)) => profile.purchases.push(p),
+        None => {}
     }
 }
 
@@ -317,25 +351,17 @@ fn unindexed_behaviors(
     Ok(out)
 }
 
-/// One user's full profile for segment evaluation, or `None` if they are deleted or unknown:
-/// behaviours up to `indexed` from `user_behaviors` (their own and those of the users merged
-/// into them), then `unindexed` (those logged after, up to the feed position).
+/// One user's full profile for segment evaluation from their current `record`: behaviours up
+/// to `indexed` from `user_behaviors` (their own and those of the users merged into them), then
+/// `unindexed` (those logged after, up to the feed position), and cohorts.
 fn load_user(
     conn: &Connection,
     workspace: WorkspaceId,
-    seq: u32,
+    record: UserRecord,
     indexed: i64,
     unindexed: &HashMap<u32, Vec<BehaviorRow>>,
-) -> Result<Option<SegmentUser>, StoreError> {
-    let record = conn
-        .prepare_cached(&format!(
-            "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL"
-        ))
-        .and_then(|mut s| s.query_row(params![workspace.0, seq], user_from_row).optional())
-        .map_err(sql_err)?;
-    let Some(record) = record else {
-        return Ok(None);
-    };
+) -> Result<SegmentUser, StoreError> {
+    let seq = record.seq.0;
     let mut profile = base_profile(&record);
     {
         let mut stmt = conn
@@ -373,13 +399,69 @@ fn load_user(
             .map_err(sql_err)?;
         profile.cohorts = rows.collect::<Result<BTreeSet<_>, _>>().map_err(sql_err)?;
     }
-    Ok(Some(SegmentUser {
+    Ok(SegmentUser {
         braze_id: record.braze_id,
         profile,
-    }))
+    })
 }
 
-/// The users named by log rows after `after`, reloaded.
+/// The current records of the live users among `seqs` (a deleted or unknown user has none),
+/// without asking the writer to flush: each row (identifiers are written to it at once) with
+/// the user's newest post-image in `user_log`, if any, laid over it. See the module
+/// documentation for why that is the committed truth.
+fn current_records(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    seqs: &BTreeSet<u32>,
+) -> Result<HashMap<u32, UserRecord>, StoreError> {
+    let mut records = HashMap::with_capacity(seqs.len());
+    {
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {USER_COLUMNS} FROM users WHERE workspace_id = ?1 AND seq = ?2 AND deleted_at IS NULL"
+            ))
+            .map_err(sql_err)?;
+        for &seq in seqs {
+            if let Some(record) = stmt
+                .query_row(params![workspace.0, seq], user_from_row)
+                .optional()
+                .map_err(sql_err)?
+            {
+                records.insert(seq, record);
+            }
+        }
+    }
+    let mut wanted: BTreeSet<u32> = records.keys().copied().collect();
+    if wanted.is_empty() {
+        return Ok(records);
+    }
+    let mut stmt = conn
+        .prepare_cached("SELECT entries FROM user_log ORDER BY id DESC")
+        .map_err(sql_err)?;
+    let mut rows = stmt.query([]).map_err(sql_err)?;
+    while !wanted.is_empty()
+        && let Some(row) = rows.next().map_err(sql_err)?
+    {
+        let bytes = row
+            .get_ref(0)
+            .and_then(|v| v.as_blob().map_err(Into::into))
+            .map_err(sql_err)?;
+        // entries of one row are in save order: the last one of a user is their newest
+        for entry in LogEntry::decode(bytes)?.into_iter().rev() {
+            if entry.workspace != workspace.0 || !wanted.remove(&entry.seq) {
+                continue;
+            }
+            if let Some(record) = records.get_mut(&entry.seq) {
+                record.created_at = Millis(entry.created_at);
+                record.updated_at = Millis(entry.updated_at);
+                record.profile = profile_codec::decode(&entry.profile)?;
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// What changed after `after`, incrementally (see the module documentation).
 pub fn changes(
     conn: &Connection,
     workspace: WorkspaceId,
@@ -387,42 +469,74 @@ pub fn changes(
 ) -> Result<ProfileChanges, StoreError> {
     let tx = conn.unchecked_transaction().map_err(sql_err)?;
     let position = heads(&tx, workspace)?.max(after);
-    if position == after {
-        return Ok(ProfileChanges {
-            position,
-            ..ProfileChanges::default()
-        });
-    }
-    let seqs: BTreeSet<u32> = {
-        let mut stmt = tx
-            .prepare_cached(
-                "SELECT user_seq FROM event_log WHERE workspace_id = ?1 AND seq > ?2 AND seq <= ?3 AND user_seq IS NOT NULL
-                 UNION
-                 SELECT seq FROM segment_user_changes WHERE workspace_id = ?1 AND change_seq > ?4 AND change_seq <= ?5
-                 UNION
-                 SELECT u.seq FROM event_log e JOIN users u
-                   ON u.workspace_id = e.workspace_id AND u.braze_id = json_extract(e.body, '$.properties.orphaned_by_id')
-                 WHERE e.workspace_id = ?1 AND e.seq > ?2 AND e.seq <= ?3 AND e.event_type = 'users.UserOrphan'",
-            )
-            .map_err(sql_err)?;
-        let rows = stmt
-            .query_map(
-                params![
-                    workspace.0,
-                    after.event_seq,
-                    position.event_seq,
-                    after.user_change_seq,
-                    position.user_change_seq
-                ],
-                |r| r.get(0),
-            )
-            .map_err(sql_err)?;
-        rows.collect::<Result<_, _>>().map_err(sql_err)?
-    };
     let mut out = ProfileChanges {
         position,
         ..ProfileChanges::default()
     };
+    if position == after {
+        return Ok(out);
+    }
+    // Users whose attributes to read, and merge survivors (by braze_id) to reload whole.
+    let mut named: BTreeSet<u32> = BTreeSet::new();
+    let mut survivors: BTreeSet<String> = BTreeSet::new();
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT user_seq, event_type, time, body FROM event_log
+                 WHERE workspace_id = ?1 AND seq > ?2 AND seq <= ?3 AND user_seq IS NOT NULL
+                 ORDER BY seq",
+            )
+            .map_err(sql_err)?;
+        let mut rows = stmt
+            .query(params![workspace.0, after.event_seq, position.event_seq])
+            .map_err(sql_err)?;
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            let user: u32 = row.get(0).map_err(sql_err)?;
+            let event_type = row
+                .get_ref(1)
+                .and_then(|v| Ok(v.as_str()?))
+                .map_err(sql_err)?;
+            let time: i64 = row.get(2).map_err(sql_err)?;
+            let body = row
+                .get_ref(3)
+                .and_then(|v| Ok(v.as_str()?))
+                .map_err(sql_err)?;
+            if event_type == EventType::CustomEvent.as_str()
+                || event_type == EventType::Purchase.as_str()
+            {
+                if let Some(behavior) = behavior(event_type, time, body) {
+                    out.occurrences.push(Occurrence {
+                        user: UserSeq(user),
+                        behavior,
+                    });
+                }
+                continue;
+            }
+            if event_type == EventType::UserOrphan.as_str()
+                && let Ok(body) = serde_json::from_str::<Value>(body)
+                && let Some(into) = body["properties"]["orphaned_by_id"].as_str()
+            {
+                survivors.insert(into.to_owned());
+            }
+            named.insert(user);
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT seq FROM segment_user_changes WHERE workspace_id = ?1 AND change_seq > ?2 AND change_seq <= ?3",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map(
+                params![workspace.0, after.user_change_seq, position.user_change_seq],
+                |r| r.get(0),
+            )
+            .map_err(sql_err)?;
+        for seq in rows {
+            named.insert(seq.map_err(sql_err)?);
+        }
+    }
     {
         let mut stmt = tx
             .prepare_cached(
@@ -451,14 +565,47 @@ pub fn changes(
             .map_err(sql_err)?;
         out.cohort_deltas = rows.collect::<Result<_, _>>().map_err(sql_err)?;
     }
-    let indexed = super::behind::indexed_upto(&tx)?.min(position.event_seq);
-    let unindexed = unindexed_behaviors(&tx, workspace, indexed, position.event_seq)?;
-    for seq in seqs {
-        match load_user(&tx, workspace, seq, indexed, &unindexed)? {
-            Some(user) => out.users.push(user),
-            None => out.removed.push(UserSeq(seq)),
+    let mut reload: BTreeSet<u32> = BTreeSet::new();
+    {
+        let mut stmt = tx
+            .prepare_cached("SELECT seq FROM users WHERE workspace_id = ?1 AND braze_id = ?2")
+            .map_err(sql_err)?;
+        for braze_id in &survivors {
+            if let Some(seq) = stmt
+                .query_row(params![workspace.0, braze_id], |r| r.get(0))
+                .optional()
+                .map_err(sql_err)?
+            {
+                reload.insert(seq);
+            }
         }
     }
+    named.extend(&reload);
+    let mut records = current_records(&tx, workspace, &named)?;
+    for seq in &named {
+        if !records.contains_key(seq) {
+            out.removed.push(UserSeq(*seq));
+        }
+    }
+    if reload.iter().any(|s| records.contains_key(s)) {
+        let indexed = super::behind::indexed_upto(&tx)?.min(position.event_seq);
+        let unindexed = unindexed_behaviors(&tx, workspace, indexed, position.event_seq)?;
+        for seq in &reload {
+            if let Some(record) = records.remove(seq) {
+                out.users
+                    .push(load_user(&tx, workspace, record, indexed, &unindexed)?);
+            }
+        }
+    }
+    let mut attributes: Vec<UserRecord> = records.into_values().collect();
+    attributes.sort_by_key(|r| r.seq);
+    out.attributes = attributes
+        .into_iter()
+        .map(|record| SegmentUser {
+            profile: base_profile(&record),
+            braze_id: record.braze_id,
+        })
+        .collect();
     tx.commit().map_err(sql_err)?;
     Ok(out)
 }

@@ -18,6 +18,7 @@ mod behind;
 mod cohorts;
 mod files;
 mod recovery;
+mod segment_feed;
 mod wal;
 
 const NOW: Millis = Millis(1_750_000_000_000);
