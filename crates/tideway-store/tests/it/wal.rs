@@ -11,7 +11,7 @@ use super::{NOW, track};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wal_never_passes_its_bound_by_more_than_a_batch_while_writes_continue() {
-    const LIMIT: u64 = 1 << 20;
+    const LIMIT: u64 = 2 << 20;
     const WRITES: usize = 400;
     let dir = tempfile::tempdir().unwrap();
     let options = SqliteOptions {
