@@ -83,8 +83,8 @@ pub struct SqliteOptions {
     /// checkpoints it (RESTART) before the next batch, so the next commit writes it from the
     /// start again; and a WAL restarted from a larger size is truncated to this
     /// (`journal_size_limit`). The file stays within about this plus one batch, unless a
-    /// reader holds an old snapshot through the checkpoint (it is retried, see
-    /// [`FORCED_CHECKPOINT_RETRY`]).
+    /// reader holds an old snapshot through the checkpoint (it is retried every 500 ms until
+    /// the reader is done).
     pub wal_limit: u64,
     /// Planned failure points armed by tests.
     #[cfg(feature = "failpoints")]
@@ -268,7 +268,7 @@ impl SqliteStore {
         // Checkpoints run on their own thread and connection: done inside the writer's commit
         // (SQLite's default) they would stall every acknowledgement behind copying the WAL back.
         // Only when the WAL passes its bound does the writer checkpoint, between batches (see
-        // `bound_wal`); a WAL restarted from beyond the bound is truncated back to it.
+        // `WalBound`); a WAL restarted from beyond the bound is truncated back to it.
         conn.execute_batch(&format!(
             "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {};",
             i64::try_from(options.wal_limit).unwrap_or(i64::MAX)
