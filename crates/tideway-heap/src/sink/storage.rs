@@ -98,11 +98,32 @@ CREATE TABLE IF NOT EXISTS totals (key TEXT PRIMARY KEY, value INTEGER NOT NULL)
 ";
 
 impl SinkStore {
-    /// Opens (creating) `<dir>/sink.sqlite` and starts the writer thread.
+    /// Opens (creating) `<dir>/sink.sqlite` and starts the writer thread. The directory is
+    /// created 0700 and the database 0600 (SQLite gives its `-wal` and `-shm` the database's
+    /// mode): received events carry users' identifiers and properties.
     pub fn open(dir: &Path) -> Result<SinkStore, HeapError> {
-        std::fs::create_dir_all(dir)
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .map_err(|e| HeapError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("sink.sqlite");
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(HeapError::Storage(format!(
+                    "cannot create {}: {e}",
+                    path.display()
+                )));
+            }
+        }
         let writer = open(&path)?;
         writer.execute_batch(SCHEMA).map_err(storage)?;
         let reader = open(&path)?;

@@ -238,3 +238,23 @@ async fn stored_events_survive_a_restart_and_keep_deduplicating() {
     let totals = s.state.store().totals().await.unwrap();
     assert_eq!((totals.unique, totals.duplicates), (2, 1));
 }
+
+#[tokio::test]
+async fn the_sink_keeps_its_files_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("sink-data");
+    let config = SinkConfig::new("127.0.0.1:0".parse().unwrap(), dir.clone());
+    let s = sink::start(config).await.unwrap();
+    let body = json!({"events": [event("e1", "users.messages.email.Send")]}).to_string();
+    assert_eq!(post(&s, None, &body).await.0, 200);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "the sink's directory");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        files += 1;
+    }
+    assert!(files >= 2, "sink.sqlite and its WAL at least");
+}
