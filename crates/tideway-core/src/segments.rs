@@ -199,6 +199,35 @@ pub struct LiveIndex {
     position: FeedPosition,
 }
 
+/// A snapshot being taken: what [`LiveIndex::begin_snapshot`] copied out of the index.
+pub struct PendingSnapshot {
+    /// Position and ids, encoded.
+    payload: Vec<u8>,
+    index: SegmentIndex,
+    position: FeedPosition,
+}
+
+impl PendingSnapshot {
+    /// The feed position the snapshot records.
+    pub fn position(&self) -> FeedPosition {
+        self.position
+    }
+
+    /// The snapshot bytes (see [`LiveIndex::to_snapshot`]).
+    pub fn finish(self) -> Vec<u8> {
+        let mut payload = self.payload;
+        self.index.encode(&mut payload);
+        let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
+        out.extend_from_slice(&INDEX_FORMAT.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&snapshot_checksum(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        out
+    }
+}
+
 /// First bytes of a [`LiveIndex`] snapshot.
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TWSEGIX\0";
 /// Version of the snapshot framing and of the ids / position part; the index part has its own
@@ -282,6 +311,14 @@ impl LiveIndex {
     /// The snapshot: this index, its ids and its feed position, framed (magic, versions,
     /// length, checksum). [`LiveIndex::from_snapshot_bytes`] reads it back.
     pub fn to_snapshot(&self) -> Vec<u8> {
+        self.begin_snapshot().finish()
+    }
+
+    /// The part of [`LiveIndex::to_snapshot`] that reads `self`, kept short so that a caller
+    /// holding a lock on the index holds it briefly: the position and ids are encoded (no
+    /// allocation per user) and the bitmap index is copied; [`PendingSnapshot::finish`]
+    /// encodes that copy and frames the whole without needing the index.
+    pub fn begin_snapshot(&self) -> PendingSnapshot {
         let mut payload = Vec::new();
         {
             let w = &mut Writer::new(&mut payload);
@@ -312,15 +349,11 @@ impl LiveIndex {
                 }
             }
         }
-        self.index.encode(&mut payload);
-        let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        out.extend_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
-        out.extend_from_slice(&INDEX_FORMAT.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&snapshot_checksum(&payload).to_le_bytes());
-        out.extend_from_slice(&payload);
-        out
+        PendingSnapshot {
+            payload,
+            index: self.index.clone(),
+            position: self.position,
+        }
     }
 
     /// Reads a snapshot written by [`LiveIndex::to_snapshot`]; refuses other versions, a bad
@@ -628,6 +661,32 @@ mod tests {
             ..ProfileChanges::default()
         });
         assert_eq!(members(&live), [1, 2]);
+    }
+
+    #[test]
+    fn a_begun_snapshot_is_the_index_as_it_was_begun() {
+        let mut live = LiveIndex::from_snapshot(ProfileSnapshot {
+            users: vec![user(1, &["c"]), user(2, &[])],
+            position: FeedPosition::default(),
+        });
+        let pending = live.begin_snapshot();
+        let before = live.to_snapshot();
+        // changes applied while the snapshot is encoded are not in it
+        live.apply(&ProfileChanges {
+            cohort_deltas: vec![delta(2, "c", true)],
+            removed: vec![UserSeq(1)],
+            position: FeedPosition {
+                cohort_change_seq: 1,
+                ..FeedPosition::default()
+            },
+            ..ProfileChanges::default()
+        });
+        assert_eq!(pending.position(), FeedPosition::default());
+        let bytes = pending.finish();
+        assert_eq!(bytes, before);
+        let back = LiveIndex::from_snapshot_bytes(&bytes).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_ne!(live.to_snapshot(), bytes);
     }
 
     #[test]

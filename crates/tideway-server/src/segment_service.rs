@@ -18,14 +18,19 @@
 //!   them under the write half of the index's `RwLock`; evaluations hold the read half only
 //!   while they evaluate. Loads, builds, applies, evaluations and snapshot writes all run on
 //!   the blocking pool, never on the async request threads.
+//!   The feed is incremental (appended occurrences, attributes, deltas; see
+//!   `tideway_core::segments::ProfileChanges`), so a catch-up costs what changed since the last
+//!   one and a waiting request normally waits for the rest of one round plus one more.
 //! - **Persistence.** A snapshot is written (temp file, fsync, rename; mode 0600) after a full
 //!   build, every [`SNAPSHOT_EVERY`] when something changed, after [`SNAPSHOT_AFTER`] applied
-//!   changes, and when the service is dropped (clean shutdown).
+//!   changes, and when the service is dropped (clean shutdown). The periodic ones are written
+//!   beside the worker: the read lock is held only to copy the index
+//!   ([`LiveIndex::begin_snapshot`]), so catch-ups go on while the file is encoded and synced.
 
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -42,12 +47,25 @@ pub const FRESH_WAIT: Duration = Duration::from_secs(1);
 pub const FIRST_LOAD_WAIT: Duration = Duration::from_secs(25);
 /// A snapshot is rewritten this often while the index changes...
 pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
-/// ... or once this many users and cohort deltas have been applied since the last one.
-pub const SNAPSHOT_AFTER: u64 = 250_000;
+/// ... or once this many changes (attribute updates, appended events and purchases, cohort
+/// deltas, removals, reloads) have been applied since the last one. It bounds the catch-up
+/// after a crash (a clean shutdown writes a snapshot): about 10 µs a change on the test
+/// machine, so ~10 s at worst; and each snapshot costs about a second of one core on 3 M
+/// users, so under 100,000 objects/s of ingest one comes every ~10 s, not every second.
+pub const SNAPSHOT_AFTER: u64 = 1_000_000;
 
 const INDEX_LOADS: &str = "tideway_segment_index_loads_total";
 const INDEX_BUILD_SECONDS: &str = "tideway_segment_index_build_seconds";
 const CATCHUP_SECONDS: &str = "tideway_segment_catchup_seconds";
+/// A catch-up's phases: reading the feed, waiting for the write lock, applying.
+const CATCHUP_READ_SECONDS: &str = "tideway_segment_catchup_read_seconds";
+const CATCHUP_LOCK_SECONDS: &str = "tideway_segment_catchup_lock_wait_seconds";
+const CATCHUP_APPLY_SECONDS: &str = "tideway_segment_catchup_apply_seconds";
+const CATCHUP_CHANGES: &str = "tideway_segment_catchup_changes";
+/// How long requests wait for the index to cover the head they read.
+const FRESH_WAIT_SECONDS: &str = "tideway_segment_fresh_wait_seconds";
+/// How long taking a snapshot holds the index's read lock (a catch-up's apply waits for it).
+const SNAPSHOT_LOCK_SECONDS: &str = "tideway_segment_snapshot_lock_seconds";
 const CATCHUP_LAG_EVENTS: &str = "tideway_segment_catchup_lag_events";
 const SNAPSHOT_AGE_SECONDS: &str = "tideway_segment_snapshot_age_seconds";
 const SNAPSHOT_BYTES: &str = "tideway_segment_snapshot_bytes";
@@ -103,6 +121,8 @@ struct Slot {
     persisted: Mutex<Persisted>,
     /// Held while the snapshot file is written (the worker and a shutdown may both try).
     writing: Mutex<()>,
+    /// Whether a background snapshot write is under way (at most one is started at a time).
+    persisting: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -206,6 +226,7 @@ impl SegmentService {
                 changes_since: 0,
             }),
             writing: Mutex::new(()),
+            persisting: AtomicBool::new(false),
         });
         slots.insert(workspace, Arc::clone(&slot));
         tokio::spawn(worker(self.me.clone(), Arc::clone(&slot)));
@@ -225,6 +246,7 @@ impl SegmentService {
         let mut rx = slot.published.subscribe();
         let fresh = |p: &Option<FeedPosition>| p.is_some_and(|p| covers(p, head));
         if !fresh(&rx.borrow()) {
+            let waiting = Instant::now();
             {
                 let mut wanted = lock(&slot.wanted);
                 *wanted = component_max(*wanted, head);
@@ -244,6 +266,7 @@ impl SegmentService {
                     ));
                 }
             }
+            metrics::histogram!(FRESH_WAIT_SECONDS).record(waiting.elapsed().as_secs_f64());
         }
         tokio::task::spawn_blocking(move || {
             let guard = slot.read();
@@ -275,7 +298,7 @@ impl SegmentService {
                 || (p.changes_since > 0 && p.at.elapsed() >= SNAPSHOT_EVERY)
         };
         if due {
-            self.persist(slot).await;
+            self.persist_in_background(slot);
         }
         if let Some(age) = self.snapshot_dir.as_ref().map(|_| lock(&slot.persisted).at) {
             metrics::gauge!(SNAPSHOT_AGE_SECONDS, "workspace" => slot.workspace.0.to_string())
@@ -360,14 +383,22 @@ impl SegmentService {
             .store
             .segment_profile_changes(slot.workspace, from)
             .await?;
+        metrics::histogram!(CATCHUP_READ_SECONDS).record(started.elapsed().as_secs_f64());
         let applied = changes.len() as u64;
+        metrics::histogram!(CATCHUP_CHANGES).record(applied as f64);
         let position = changes.position;
         if position != from {
             let s = Arc::clone(slot);
             tokio::task::spawn_blocking(move || {
-                if let Some(live) = s.write().as_mut() {
+                let asked = Instant::now();
+                let mut guard = s.write();
+                let locked = Instant::now();
+                if let Some(live) = guard.as_mut() {
                     live.apply(&changes);
                 }
+                drop(guard);
+                metrics::histogram!(CATCHUP_LOCK_SECONDS).record((locked - asked).as_secs_f64());
+                metrics::histogram!(CATCHUP_APPLY_SECONDS).record(locked.elapsed().as_secs_f64());
             })
             .await
             .map_err(|e| unavailable("segment index catch-up failed", e))?;
@@ -401,6 +432,39 @@ impl SegmentService {
                 tracing::warn!(error = %e, workspace = slot.workspace.0, "segment snapshot task failed")
             }
         }
+    }
+
+    /// Starts writing the workspace's snapshot on the blocking pool, unless a write is already
+    /// under way, and returns at once: the worker goes on catching up while the file is
+    /// encoded and synced (seconds on millions of users), so a due snapshot never holds up
+    /// freshness longer than [`LiveIndex::begin_snapshot`] holds the read lock.
+    fn persist_in_background(&self, slot: &Arc<Slot>) {
+        let Some(path) = self.snapshot_path(slot.workspace) else {
+            return;
+        };
+        if slot.persisting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let s = Arc::clone(slot);
+        let me = self.me.clone();
+        tokio::task::spawn_blocking(move || {
+            let written = write_slot(&s, &path);
+            s.persisting.store(false, Ordering::Release);
+            match written {
+                Ok(true) => {
+                    if let Some(service) = me.upgrade() {
+                        service
+                            .counters
+                            .snapshots_written
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, workspace = s.workspace.0, "cannot write the segment index snapshot")
+                }
+            }
+        });
     }
 
     /// Writes every index whose snapshot is behind it (what a clean shutdown does).
@@ -461,10 +525,11 @@ async fn worker(service: Weak<SegmentService>, slot: Arc<Slot>) {
 }
 
 /// Writes the slot's index to `path` if it is ahead of what was last written; whether it
-/// wrote. Encoding holds the read lock (evaluations go on; a catch-up's apply waits).
+/// wrote. Only copying the index holds the read lock (evaluations go on; a catch-up's apply
+/// waits that long); encoding and syncing the file do not.
 fn write_slot(slot: &Slot, path: &Path) -> std::io::Result<bool> {
     let _writing = lock(&slot.writing);
-    let (bytes, position) = {
+    let (pending, counted) = {
         let guard = slot.read();
         let Some(live) = guard.as_ref() else {
             return Ok(false);
@@ -472,14 +537,25 @@ fn write_slot(slot: &Slot, path: &Path) -> std::io::Result<bool> {
         if lock(&slot.persisted).position == Some(live.position()) {
             return Ok(false);
         }
-        (live.to_snapshot(), live.position())
+        let started = Instant::now();
+        let pending = live.begin_snapshot();
+        metrics::histogram!(SNAPSHOT_LOCK_SECONDS).record(started.elapsed().as_secs_f64());
+        (pending, lock(&slot.persisted).changes_since)
     };
+    // encoded without the lock: catch-ups apply meanwhile
+    let position = pending.position();
+    let bytes = pending.finish();
     write_atomically(path, &bytes)?;
-    *lock(&slot.persisted) = Persisted {
-        position: Some(position),
-        at: Instant::now(),
-        changes_since: 0,
-    };
+    {
+        // changes applied while the file was written count towards the next one
+        let mut p = lock(&slot.persisted);
+        let changes_since = p.changes_since.saturating_sub(counted);
+        *p = Persisted {
+            position: Some(position),
+            at: Instant::now(),
+            changes_since,
+        };
+    }
     metrics::gauge!(SNAPSHOT_BYTES, "workspace" => slot.workspace.0.to_string())
         .set(bytes.len() as f64);
     Ok(true)

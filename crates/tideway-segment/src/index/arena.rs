@@ -47,6 +47,7 @@ impl Timed for (i64, u32) {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Arena<T: Timed> {
     spans: UidMap<Span>,
     data: Vec<T>,

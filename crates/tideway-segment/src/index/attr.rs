@@ -21,6 +21,7 @@ use crate::predicate::{is_blank_string, num, value_time};
 /// Column marker: the user's value is a number, held in [`AttrIndex::numbers`].
 pub(crate) const NUMBER_SLOT: u32 = u32::MAX - 1;
 
+#[derive(Clone)]
 pub(crate) struct DictEntry {
     pub value: Value,
     pub time: Option<i64>,
@@ -28,7 +29,7 @@ pub(crate) struct DictEntry {
     pub users: RoaringBitmap,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct AttrIndex {
     /// uid → dictionary id or [`NUMBER_SLOT`].
     pub slots: UidMap<u32>,

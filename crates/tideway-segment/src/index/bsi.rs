@@ -21,6 +21,7 @@ pub(crate) enum Cmp {
     Gt,
 }
 
+#[derive(Clone)]
 pub(crate) struct Bsi {
     exists: RoaringBitmap,
     bits: Vec<RoaringBitmap>,

@@ -40,8 +40,9 @@ const SAMPLE_MODULUS: u32 = 100;
 /// Below this many live users [`SegmentIndex::estimate_size`] just counts.
 const EXACT_BELOW: u64 = 100_000;
 
-/// The bitmap index of one workspace's profiles. See the module documentation.
-#[derive(Default)]
+/// The bitmap index of one workspace's profiles. See the module documentation. `Clone` is a
+/// deep copy (a server copies it to write a snapshot without holding up changes).
+#[derive(Default, Clone)]
 pub struct SegmentIndex {
     live: RoaringBitmap,
     sample: RoaringBitmap,
@@ -56,13 +57,13 @@ pub struct SegmentIndex {
     purchases: PurchaseIndex,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct EventIndex {
     ever: RoaringBitmap,
     times: Arena<i64>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct PurchaseIndex {
     any: RoaringBitmap,
     /// Per user `(time, product number)`, sorted by time.

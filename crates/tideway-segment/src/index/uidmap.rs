@@ -91,6 +91,7 @@ impl Slot for Span {
 /// Below this many entries the map stays sparse.
 const DENSE_MIN: usize = 1024;
 
+#[derive(Clone)]
 pub(crate) enum UidMap<T: Slot> {
     Sparse { map: UidHashMap<T>, max_uid: u32 },
     Dense { slots: Vec<T>, len: usize },

@@ -278,6 +278,19 @@ pub async fn run(args: SegmentsArgs) -> anyhow::Result<()> {
         ingest.errors
     );
     server.stop().await?;
+    // where the time of the freshness wait goes (the segment service's own histograms)
+    let rendered = tideway_server::install_metrics_recorder()
+        .context("cannot read the metrics")?
+        .render();
+    for line in rendered.lines().filter(|l| {
+        l.starts_with("tideway_segment_")
+            && (l.contains("quantile=\"0.5\"")
+                || l.contains("quantile=\"0.99\"")
+                || l.contains("quantile=\"1\"")
+                || l.contains("_count"))
+    }) {
+        eprintln!("{:>24}  {line}", "");
+    }
     let pass = |ok: bool| if ok { "PASS" } else { "FAIL" };
     println!(
         "first size after restart {} vs full build {} ({:.0}x faster; target ≤ {}: {}); snapshot {:.1} MB loads in {}; size under {clients}-client ingest p50 {} p99 {} (target p99 ≤ {}: {})",
