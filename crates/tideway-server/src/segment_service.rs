@@ -739,7 +739,18 @@ mod tests {
         let first = SegmentService::with_snapshots(Arc::clone(&store), Some(snapshots.clone()));
         assert_eq!(size(&first, &ws).await, 50);
         first.persist_all();
+        // The service is gone only when its worker lets go of it (after its current step), and
+        // its drop and any background write still rewrite the snapshot: wait for all of that
+        // before damaging the file, or a late good write would repair it.
+        let slots: Vec<Arc<Slot>> = lock(&first.slots).values().cloned().collect();
+        let gone = Arc::downgrade(&first);
         drop(first);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while gone.strong_count() > 0 || slots.iter().any(|s| s.persisting.load(Ordering::Acquire))
+        {
+            assert!(Instant::now() < deadline, "the first service never stopped");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let file = snapshots.join(format!("{}.snap", ws.id.0));
         let mut bytes = std::fs::read(&file).unwrap();
         let middle = bytes.len() / 2;
