@@ -441,7 +441,11 @@ pub trait Store: Send + Sync {
     fn delete_segment(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool>;
     /// Every live user of the workspace as segment evaluation sees them, at one consistent point.
     fn segment_profiles(&self, workspace: WorkspaceId) -> StoreFuture<'_, ProfileSnapshot>;
-    /// The users whose events, attributes or cohort memberships changed after `after`, reloaded.
+    /// What changed after `after`, as increments ([`ProfileChanges`]): current attributes of
+    /// users whose attributes or identifiers changed, custom-event and purchase occurrences in
+    /// log order, cohort deltas, removed users, and whole profiles only where increments cannot
+    /// say it (a merge's survivor). Applying it to an index at `after` gives the index a full
+    /// load at the returned position would.
     fn segment_profile_changes(
         &self,
         workspace: WorkspaceId,
