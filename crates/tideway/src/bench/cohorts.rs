@@ -224,12 +224,8 @@ pub async fn run(args: CohortsArgs) -> anyhow::Result<()> {
     );
 
     let bodies = Arc::new(bodies(&args, partner_key.expose(), import_key.expose()));
-    let unlimited = 1_000_000_000;
     let config = ServerConfig {
-        rate_limits: RateLimits {
-            partner_per_hour: unlimited,
-            ..RateLimits::default()
-        },
+        rate_limits: RateLimits::unlimited(),
         max_body_bytes: 4 * 1024 * 1024,
         ..ServerConfig::default()
     };

@@ -255,15 +255,8 @@ async fn start_tideway(
         .create_api_key(key)
         .await
         .context("cannot create the bench key")?;
-    let unlimited = 1_000_000_000;
     let config = ServerConfig {
-        rate_limits: RateLimits {
-            users_track_per_minute: unlimited,
-            users_batch_per_minute: unlimited,
-            users_export_per_minute: unlimited,
-            management_per_minute: unlimited,
-            partner_per_hour: unlimited,
-        },
+        rate_limits: RateLimits::unlimited(),
         ..ServerConfig::default()
     };
     let store: Arc<dyn Store> = store;

@@ -54,15 +54,8 @@ struct Running {
 async fn start(store: Arc<dyn Store>, snapshots: &Path) -> anyhow::Result<Running> {
     let metrics = tideway_server::install_metrics_recorder()
         .context("cannot install the metrics recorder")?;
-    let unlimited = 1_000_000_000;
     let config = ServerConfig {
-        rate_limits: RateLimits {
-            users_track_per_minute: unlimited,
-            users_batch_per_minute: unlimited,
-            users_export_per_minute: unlimited,
-            management_per_minute: unlimited,
-            partner_per_hour: unlimited,
-        },
+        rate_limits: RateLimits::unlimited(),
         ..ServerConfig::default()
     };
     let router =
