@@ -331,11 +331,13 @@ impl SegmentService {
                         at: Instant::now(),
                         changes_since: 0,
                     };
-                    slot.published.send_replace(Some(position));
+                    // Counted before it is published: whoever is answered from it sees the
+                    // count that says where it came from.
                     self.counters.snapshot_loads.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(INDEX_LOADS, "source" => "snapshot").increment(1);
                     metrics::histogram!(INDEX_BUILD_SECONDS, "source" => "snapshot")
                         .record(started.elapsed().as_secs_f64());
+                    slot.published.send_replace(Some(position));
                     tracing::info!(
                         workspace = workspace.0,
                         bytes,
@@ -359,11 +361,11 @@ impl SegmentService {
             .map_err(|e| unavailable("segment index build failed", e))?;
         let position = live.position();
         *slot.write() = Some(live);
-        slot.published.send_replace(Some(position));
         self.counters.full_loads.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(INDEX_LOADS, "source" => "store").increment(1);
         metrics::histogram!(INDEX_BUILD_SECONDS, "source" => "store")
             .record(started.elapsed().as_secs_f64());
+        slot.published.send_replace(Some(position));
         tracing::info!(
             workspace = workspace.0,
             ms = started.elapsed().as_millis() as u64,
