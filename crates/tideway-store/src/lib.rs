@@ -5,5 +5,6 @@
 //! and run here inside a transaction, so a second backend (PostgreSQL) reuses them unchanged.
 
 pub mod ids;
+pub mod postgres;
 mod profile_codec;
 pub mod sqlite;

@@ -17,6 +17,7 @@ use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 mod behind;
 mod cohorts;
 mod files;
+mod postgres;
 mod recovery;
 mod segment_feed;
 mod wal;

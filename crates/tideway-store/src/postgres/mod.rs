@@ -1,0 +1,188 @@
+//! PostgreSQL groundwork for the second backend (issue 10): a connection pool, error mapping,
+//! the schema with its migrations and distribution table, and the per-workspace commit
+//! sequences that order the logs.
+//!
+//! There is no `Store` implementation here yet: it comes with the reshape of the store contract.
+//! What is here is what that store will stand on, tested against a real PostgreSQL 15
+//! (`tests/it/postgres.rs`; `scripts/test` starts a throwaway server).
+//!
+//! The client is `tokio-postgres` behind a `deadpool-postgres` pool, without TLS (the database
+//! is on loopback or a private network). Not sqlx: its SQLite driver links a different
+//! `libsqlite3-sys` than rusqlite.
+
+pub mod schema;
+pub mod sequence;
+
+use std::time::Duration;
+
+use deadpool_postgres::{
+    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+};
+use tideway_core::store::StoreError;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+pub use schema::{DISTRIBUTION, Distribution, MigrateOutcome, migrate};
+pub use sequence::{Sequence, allocate};
+
+/// A pooled client; derefs to `tokio_postgres::Client` (and its transactions to
+/// `tokio_postgres::Transaction`).
+pub type PgClient = deadpool_postgres::Client;
+
+/// How long a caller waits for a pooled connection, or for a new one to be made, before the
+/// database counts as unavailable (rather than hanging a request behind a dead server).
+const POOL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections per process. Each node of a cluster holds its own pool, so this times the
+/// number of nodes must stay under the server's `max_connections` (100 by default).
+const POOL_SIZE: usize = 16;
+
+/// Why [`connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL is not a PostgreSQL connection string; retrying will not help.
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(String),
+    /// The URL parsed but the server could not be used.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A pool of connections to one PostgreSQL database.
+#[derive(Clone)]
+pub struct PgPool {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PgPool {
+    // The config holds the password; show only the pool's shape.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = self.pool.status();
+        f.debug_struct("PgPool")
+            .field("size", &status.size)
+            .field("available", &status.available)
+            .finish()
+    }
+}
+
+impl PgPool {
+    /// A connection from the pool (made if none is idle), or `Unavailable`.
+    pub async fn client(&self) -> Result<PgClient, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+}
+
+/// Opens a pool on `url` (`postgres://USER[:PASSWORD]@HOST:PORT/DB`) and checks that the server
+/// answers, so a wrong URL or a server that is down fails at start, not at the first request.
+pub async fn connect(url: &str) -> Result<PgPool, ConnectError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| ConnectError::InvalidUrl(e.to_string()))?;
+    config.connect_timeout(POOL_TIMEOUT);
+    config.application_name("tideway");
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        // `Fast` trusts a returned connection unless it is closed; a broken one fails its next
+        // statement with `Unavailable`, which callers already retry.
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(POOL_SIZE)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(POOL_TIMEOUT))
+        .create_timeout(Some(POOL_TIMEOUT))
+        .recycle_timeout(Some(POOL_TIMEOUT))
+        .build()
+        .map_err(|e| ConnectError::InvalidUrl(e.to_string()))?;
+    let pool = PgPool { pool };
+    pool.client()
+        .await?
+        .simple_query("SELECT 1")
+        .await
+        .map_err(pg_err)?;
+    Ok(pool)
+}
+
+/// Maps a pool failure: timeouts and a closed pool are `Unavailable`; a backend error is mapped
+/// by [`pg_err`].
+pub fn pool_err(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => pg_err(e),
+        PoolError::Timeout(kind) => {
+            let what = match kind {
+                TimeoutType::Wait => "waiting for a free connection",
+                TimeoutType::Create => "connecting",
+                TimeoutType::Recycle => "checking a pooled connection",
+            };
+            StoreError::Unavailable(format!("PostgreSQL timed out {what}"))
+        }
+        PoolError::Closed => StoreError::Unavailable("the PostgreSQL pool is closed".to_owned()),
+        // Both are wiring bugs (the pool is built with a runtime and without hooks), not
+        // something a retry fixes.
+        PoolError::NoRuntimeSpecified => {
+            StoreError::Corrupt("the PostgreSQL pool has no runtime".to_owned())
+        }
+        PoolError::PostCreateHook(e) => {
+            StoreError::Corrupt(format!("PostgreSQL connection hook failed: {e}"))
+        }
+    }
+}
+
+/// Maps a PostgreSQL error to what a caller can act on, as `sqlite::sql_err` does for SQLite:
+/// `Unavailable` when retrying later may work (connection and IO failures, resource limits,
+/// shutdown, a cancelled or conflicting transaction), `Conflict` for a broken uniqueness rule,
+/// `Corrupt` for everything else (a statement or data that does not match the schema: a bug).
+pub fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    let Some(db) = e.as_db_error() else {
+        // Not a server answer: the socket (closed, IO error, timeout) or the client decoding
+        // rows that do not have the types the code expects.
+        if e.is_closed() || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+        {
+            return StoreError::Unavailable(e.to_string());
+        }
+        tracing::error!(error = %e, "unexpected PostgreSQL client error");
+        return StoreError::Corrupt(e.to_string());
+    };
+    let code = db.code();
+    if *code == SqlState::UNIQUE_VIOLATION {
+        tracing::info!(error = %e, "uniqueness rule broken");
+        return StoreError::Conflict("a record with the same key".to_owned());
+    }
+    // A lock another session holds (`NOWAIT`, `lock_timeout`), or a read-only server (a
+    // standby after a failover): both pass.
+    if *code == SqlState::LOCK_NOT_AVAILABLE || *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+        return StoreError::Unavailable(e.to_string());
+    }
+    match &code.code()[..2] {
+        // 08 connection exception, 53 insufficient resources (disk full, out of memory, too many
+        // connections), 57 operator intervention (shutdown, cancel, cannot connect now), 58
+        // system error (IO), 40 transaction rollback (serialization failure, deadlock: the
+        // transaction did nothing and can be run again).
+        "08" | "53" | "57" | "58" | "40" => StoreError::Unavailable(e.to_string()),
+        _ => {
+            tracing::error!(error = %e, "PostgreSQL failure that retrying cannot fix");
+            StoreError::Corrupt(e.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_malformed_url_is_invalid_and_an_unreachable_server_unavailable() {
+        assert!(matches!(
+            connect("postgres://a@b:notaport/db").await,
+            Err(ConnectError::InvalidUrl(_))
+        ));
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        match connect("postgres://postgres@127.0.0.1:1/postgres").await {
+            Err(ConnectError::Store(StoreError::Unavailable(_))) => {}
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+}
