@@ -15,7 +15,7 @@ use tideway_currents::egress;
 use tideway_currents::spec::{check_egress, parse_spec};
 use tokio::sync::oneshot;
 
-use crate::{Harness, fast_config, spec};
+use crate::{Harness, fast_config, serve_on_loopback, spec};
 
 /// A receiver that answers every request the same way and counts them.
 struct Receiver {
@@ -42,16 +42,7 @@ impl Receiver {
                 r
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+        let (addr, stop) = serve_on_loopback(app).await;
         Receiver {
             addr,
             hits,

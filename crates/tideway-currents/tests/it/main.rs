@@ -280,22 +280,28 @@ impl Drop for Capture {
     }
 }
 
+/// Serves `app` on a free loopback port until the returned sender is dropped or fired.
+pub async fn serve_on_loopback(app: axum::Router) -> (SocketAddr, oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (addr, stop)
+}
+
 impl Capture {
     pub async fn start() -> Capture {
         let state = Arc::new(CaptureState::default());
         let app = axum::Router::new()
             .fallback(capture)
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+        let (addr, stop) = serve_on_loopback(app).await;
         Capture {
             addr,
             state,
