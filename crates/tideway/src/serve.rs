@@ -164,7 +164,12 @@ impl InProcess {
     pub async fn start(store: Arc<dyn Store>, config: ServerConfig) -> anyhow::Result<InProcess> {
         let metrics = tideway_server::install_metrics_recorder()
             .context("cannot install the metrics recorder")?;
-        let router = tideway_server::app(store, config, metrics);
+        InProcess::serve_router(tideway_server::app(store, config, metrics)).await
+    }
+
+    /// Serves an already built app on a free loopback port through the same accept loop as
+    /// `tideway serve` (default connection limits).
+    pub async fn serve_router(router: axum::Router) -> anyhow::Result<InProcess> {
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
             .context("cannot bind a loopback port")?;

@@ -9,7 +9,6 @@
 //! closed-loop `/users/track` clients drive the bench ingest workload over the same users while
 //! one client asks the size back to back: p50 / p99 under load (target p99 ≤ 100 ms).
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,10 +22,10 @@ use tideway_core::store::{Store, Workspace};
 use tideway_core::track::parse_track;
 use tideway_server::{RateLimits, ServerConfig};
 use tideway_store::sqlite::{SqliteOptions, SqliteStore};
-use tokio::net::TcpListener;
 
 use crate::bench::load::{self, Stats, Target, millis, thousands};
 use crate::data;
+use crate::serve::InProcess;
 
 const FIRST_SIZE_TARGET: Duration = Duration::from_secs(2);
 const P99_TARGET: Duration = Duration::from_millis(100);
@@ -45,13 +44,7 @@ pub struct SegmentsArgs {
     pub seconds: u64,
 }
 
-struct Running {
-    addr: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-async fn start(store: Arc<dyn Store>, snapshots: &Path) -> anyhow::Result<Running> {
+async fn start(store: Arc<dyn Store>, snapshots: &Path) -> anyhow::Result<InProcess> {
     let metrics = tideway_server::install_metrics_recorder()
         .context("cannot install the metrics recorder")?;
     let config = ServerConfig {
@@ -60,28 +53,7 @@ async fn start(store: Arc<dyn Store>, snapshots: &Path) -> anyhow::Result<Runnin
     };
     let router =
         tideway_server::app_with_options(store, config, metrics, None, Some(snapshots.to_owned()));
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    Ok(Running { addr, stop, task })
-}
-
-impl Running {
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        self.task.await.context("server task")?.context("server")?;
-        Ok(())
-    }
+    InProcess::serve_router(router).await
 }
 
 async fn seed(store: &Arc<SqliteStore>, ws: &Workspace, users: usize) -> anyhow::Result<()> {
