@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::clock::{Millis, parse_datetime};
 use crate::ids::{DeviceId, ExternalId, UserAlias, UserSeq};
-use crate::store::{StoreError, UserLookup};
+use crate::store::{Lookup, SegmentSyncOutcome, SegmentSyncPage, StoreError, UserLookup};
 use crate::track::parse_alias;
 
 /// A technology partner that can import cohorts.
@@ -315,6 +315,9 @@ pub trait CohortTx: UserLookup {
     ) -> Result<(), StoreError>;
     /// Every current member (for a drain).
     fn members(&mut self, cohort: CohortKey) -> Result<Vec<UserSeq>, StoreError>;
+    /// Records that Heap's sync page `(task, page)` is being applied; false if it was
+    /// recorded before (the page is then acknowledged without applying it again).
+    fn mark_sync_page(&mut self, task: &str, page: i64, now: Millis) -> Result<bool, StoreError>;
 }
 
 /// What one `/cohorts/users` request did.
@@ -329,6 +332,52 @@ pub struct MembershipOutcome {
     pub added: usize,
     /// Users who left it.
     pub removed: usize,
+}
+
+/// `/partners/{partner}/cohorts/users`: applies `changes` to the cohort, creating it (named by
+/// its id) if it is new. Partners test their credentials by sending empty changes for made-up
+/// cohort ids, so a request with no identifier at all creates nothing and answers zeroes.
+pub fn apply_partner_changes(
+    tx: &mut dyn CohortTx,
+    partner: &str,
+    cohort_id: &CohortId,
+    changes: &[CohortChange],
+    now: Millis,
+) -> Result<MembershipOutcome, StoreError> {
+    if changes.iter().all(|c| c.identifiers.is_empty()) {
+        return Ok(MembershipOutcome::default());
+    }
+    let cohort = tx.upsert_cohort(partner, cohort_id, None, now, now)?;
+    apply_changes(tx, cohort, changes, now)
+}
+
+/// One page of Heap's segment sync: a page already applied (same sync task and page number)
+/// is acknowledged without being applied again; otherwise the cohort is created or renamed and
+/// the page drains it or applies its changes.
+pub fn apply_segment_sync(
+    tx: &mut dyn CohortTx,
+    partner: &str,
+    page: &SegmentSyncPage,
+    now: Millis,
+) -> Result<SegmentSyncOutcome, StoreError> {
+    if let Some((task, number)) = &page.page_key
+        && !tx.mark_sync_page(task, *number, now)?
+    {
+        return Ok(SegmentSyncOutcome {
+            membership: MembershipOutcome::default(),
+            replayed: true,
+        });
+    }
+    let cohort = tx.upsert_cohort(partner, &page.cohort_id, page.name.as_deref(), now, now)?;
+    let membership = if page.drain {
+        drain(tx, cohort, now)?
+    } else {
+        apply_changes(tx, cohort, &page.changes, now)?
+    };
+    Ok(SegmentSyncOutcome {
+        membership,
+        replayed: false,
+    })
 }
 
 /// Finds the user an identifier names, under cohort import's rules.
@@ -354,6 +403,17 @@ pub fn apply_changes(
     changes: &[CohortChange],
     now: Millis,
 ) -> Result<MembershipOutcome, StoreError> {
+    let keys: Vec<Lookup<'_>> = changes
+        .iter()
+        .flat_map(|c| &c.identifiers)
+        .filter_map(|id| match id {
+            CohortIdentifier::External(e) => Some(Lookup::External(e)),
+            CohortIdentifier::Alias(a) => Some(Lookup::Alias(a)),
+            CohortIdentifier::Device(d) => Some(Lookup::Device(d)),
+            CohortIdentifier::Unusable => None,
+        })
+        .collect();
+    tx.prefetch(&keys)?;
     let mut out = MembershipOutcome::default();
     let mut wanted: Vec<(UserSeq, bool)> = Vec::new();
     let mut position: std::collections::HashMap<UserSeq, usize> = std::collections::HashMap::new();

@@ -24,6 +24,17 @@ use crate::currents::{CurrentsEvent, EventCategory};
 use crate::ids::{UserSeq, WorkspaceId};
 use crate::store::StoreFuture;
 
+/// One logged Currents event as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedEvent {
+    /// Position in the workspace's log: positions increase in commit order (see
+    /// [`crate::store`], "Log order").
+    pub seq: i64,
+    pub workspace: WorkspaceId,
+    pub user: Option<UserSeq>,
+    pub event: CurrentsEvent,
+}
+
 /// The database key of a Current.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CurrentId(pub i64);
@@ -693,6 +704,15 @@ pub trait CurrentsStore: Send + Sync {
         reason: Option<LastError>,
         now: Millis,
     ) -> StoreFuture<'_, Current>;
+
+    // -- the log ------------------------------------------------------------------------
+    /// Events of a workspace after log position `after`, oldest first.
+    fn read_events(
+        &self,
+        workspace: WorkspaceId,
+        after: i64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<LoggedEvent>>;
 
     // -- consuming ----------------------------------------------------------------------
     /// Takes or renews the lease when it is free, expired or already `owner`'s.

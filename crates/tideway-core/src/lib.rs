@@ -14,6 +14,7 @@ pub mod ids;
 pub mod keys;
 pub mod profile;
 pub mod segments;
+pub mod services;
 pub mod store;
 pub mod track;
 pub mod users;

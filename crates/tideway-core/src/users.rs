@@ -11,7 +11,7 @@ use crate::clock::Millis;
 use crate::currents::{CurrentsEvent, EventUser};
 use crate::ids::{BrazeId, DeviceId, Email, ExternalId, IdSource, Phone, UserAlias};
 use crate::profile::{Occurrences, UserRecord, apply_custom};
-use crate::store::{StoreError, UserLookup, UserTx, Workspace};
+use crate::store::{Lookup, StoreError, UserLookup, UserTx, Workspace};
 use crate::track::{
     AttributeObject, ContactChange, EventObject, InputArray, ObjectError, PurchaseObject, Target,
     TrackRequest, UserRef,
@@ -86,10 +86,38 @@ impl Touched {
 
     fn flush(&mut self, tx: &mut dyn UserTx) -> Result<(), StoreError> {
         for user in self.0.drain(..) {
-            tx.save_user_owned(user)?;
+            tx.save_user(user)?;
         }
         Ok(())
     }
+}
+
+/// Every user a track request names, for one batched lookup ([`UserLookup::prefetch`]).
+fn prefetch_keys(req: &TrackRequest) -> Vec<Lookup<'_>> {
+    let targets = req
+        .attributes
+        .iter()
+        .map(|(_, o)| &o.target)
+        .chain(req.events.iter().map(|(_, o)| &o.target))
+        .chain(req.purchases.iter().map(|(_, o)| &o.target));
+    let mut keys = Vec::new();
+    for t in targets {
+        keys.push(match &t.primary {
+            UserRef::External(e) => Lookup::External(e),
+            UserRef::Alias(a) => Lookup::Alias(a),
+            UserRef::Braze(b) => Lookup::Braze(b),
+            UserRef::Email(e) => Lookup::Email(e),
+            UserRef::Phone(p) => Lookup::Phone(p),
+            UserRef::Device(d) => Lookup::Device(d),
+        });
+        if let Some(d) = &t.device {
+            keys.push(Lookup::Device(d));
+        }
+        if let Some(a) = &t.alias {
+            keys.push(Lookup::Alias(a));
+        }
+    }
+    keys
 }
 
 /// Applies a parsed `/users/track` request: attributes, then events, then purchases (Braze's
@@ -103,6 +131,7 @@ pub fn track(
         errors: req.errors.clone(),
         ..TrackOutcome::default()
     };
+    tx.prefetch(&prefetch_keys(req))?;
     let mut touched = Touched::default();
     out.attributes_processed = apply_each(
         tx,
@@ -241,7 +270,7 @@ fn resolve(
             None if create => {
                 let mut u = new_user(tx, ctx)?;
                 u.email = Some(email.clone());
-                tx.save_user(&u)?;
+                tx.save_user(u.clone())?;
                 u
             }
             None => return Ok(Resolved::Skip),
@@ -251,7 +280,7 @@ fn resolve(
             None if create => {
                 let mut u = new_user(tx, ctx)?;
                 u.phone = Some(phone.clone());
-                tx.save_user(&u)?;
+                tx.save_user(u.clone())?;
                 u
             }
             None => return Ok(Resolved::Skip),
@@ -288,7 +317,7 @@ fn resolve_external(
             (None, Some(mut anon)) => {
                 anon.external_id = Some(ext.clone());
                 anon.updated_at = ctx.now;
-                tx.save_user(&anon)?;
+                tx.save_user(anon.clone())?;
                 user = Some(anon);
             }
             _ => {}
@@ -503,7 +532,7 @@ pub fn merge_into(
     for device in &source_devices {
         tx.put_device(target.seq, device)?;
     }
-    tx.save_user(target)
+    tx.save_user(target.clone())
 }
 
 /// Per-item result of the batch endpoints (identify, alias, merge): how many were processed
@@ -604,7 +633,7 @@ pub fn identify(
             None => {
                 source.external_id = Some(item.external_id.clone());
                 source.updated_at = ctx.now;
-                tx.save_user(&source)?;
+                tx.save_user(source.clone())?;
             }
             Some(mut target) => {
                 // One alias per label: if the target already has this label, do not combine.
@@ -852,7 +881,7 @@ pub fn rename_external_ids(
         }
         user.external_id = Some(item.new.clone());
         user.updated_at = ctx.now;
-        tx.save_user(&user)?;
+        tx.save_user(user.clone())?;
         tx.put_deprecated_external_id(user.seq, &item.current)?;
         out.renamed.push(item.new.clone());
     }

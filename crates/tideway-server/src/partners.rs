@@ -19,6 +19,7 @@ use tideway_core::cohorts::{
 };
 use tideway_core::ids::{AliasName, ExternalId, UserAlias};
 use tideway_core::keys::Secret;
+use tideway_core::services::Services;
 use tideway_core::store::{HeapWebhook, SegmentSyncPage, Workspace};
 use tideway_heap::HeapError;
 use tideway_heap::webhook::{self, SyncAction};

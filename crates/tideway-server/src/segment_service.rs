@@ -625,6 +625,7 @@ mod tests {
     use serde_json::json;
     use tideway_core::clock::Millis;
     use tideway_core::segments::Segment;
+    use tideway_core::services::Services;
     use tideway_core::store::Workspace;
     use tideway_core::track::parse_track;
     use tideway_segment::{Filter, NoSegments};

@@ -10,6 +10,7 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 use tideway_core::ids::{AliasName, BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias};
+use tideway_core::services::Services;
 use tideway_core::track::{InputArray, ObjectError, TrackRejected, parse_track};
 use tideway_core::users::{
     AliasNewItem, AliasUpdateItem, DeleteRequest, EXPORT_FIELDS, ExportRequest, IdentifyItem,

@@ -6,6 +6,7 @@
 //! notes and errors go to stderr, and every error says what to do next.
 
 use std::path::{Path, PathBuf};
+use tideway_core::store::prelude::*;
 
 use anyhow::Context;
 use tideway_core::clock::Millis;

@@ -203,7 +203,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_file_in_the_data_directory_is_private() {
-        use tideway_core::store::Store;
+        use tideway_core::store::prelude::*;
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("data");
         let _lock = lock_for_serving(&dir).unwrap();

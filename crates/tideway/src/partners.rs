@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use tideway_core::cohorts::{PARTNERS, partner};
 use tideway_core::ids::AliasLabel;
 use tideway_core::keys::Secret;
-use tideway_core::store::Store;
+use tideway_core::store::prelude::*;
 
 use crate::admin::{Location, find_workspace, table};
 use crate::data;

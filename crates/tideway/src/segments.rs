@@ -7,11 +7,11 @@
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use tideway_core::store::prelude::*;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use tideway_core::segments::{LiveIndex, Member, segment_lookup};
-use tideway_core::store::Store;
 
 use crate::admin::{Location, find_workspace};
 

@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tideway_core::store::prelude::*;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -23,7 +24,7 @@ use tideway_core::clock::Millis;
 use tideway_core::currents::{CurrentsEvent, EventUser};
 use tideway_core::currents_store::{Current, CurrentStatus, CurrentsStore};
 use tideway_core::ids::{BrazeId, EventId, ExternalId, UserSeq};
-use tideway_core::store::{Store, Workspace};
+use tideway_core::store::Workspace;
 use tideway_currents::spec::parse_spec;
 use tideway_currents::{Exporter, ExporterConfig};
 use tideway_heap::sink::{self, Faults, RunningSink, SinkConfig};

@@ -3,7 +3,7 @@
 use serde_json::json;
 use tideway_core::ids::ExternalId;
 use tideway_core::keys::{IpAllowlist, Permission, PermissionSet};
-use tideway_core::store::Store;
+use tideway_core::store::prelude::*;
 use tideway_core::users::ExportRequest;
 use tideway_server::{RateLimits, ServerConfig};
 

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use tideway_core::store::prelude::*;
 
 use axum::http::StatusCode;
 use serde_json::{Value, json};

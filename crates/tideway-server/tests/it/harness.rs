@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tideway_core::store::prelude::*;
 
 use reqwest::header::HeaderMap;
 use serde_json::Value;

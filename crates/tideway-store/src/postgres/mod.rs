@@ -1,17 +1,23 @@
-//! PostgreSQL groundwork for the second backend (issue 10): a connection pool, error mapping,
-//! the schema with its migrations and distribution table, and the per-workspace commit
-//! sequences that order the logs.
+//! The PostgreSQL store ([`PgStore`]): several `tideway serve` nodes on one database.
 //!
-//! There is no `Store` implementation here yet: it comes with the reshape of the store contract.
-//! What is here is what that store will stand on, tested against a real PostgreSQL 15
-//! (`tests/it/postgres.rs`; `scripts/test` starts a throwaway server).
+//! Parts: a connection pool and error mapping (here), the schema with its migrations and
+//! distribution table (`schema.rs`), the per-workspace commit sequences that order the logs
+//! (`sequence.rs`), and one file per bounded context of the store contract: `admin.rs`
+//! (workspaces and credentials), `users.rs` (the unit-of-work transaction, cohort reads),
+//! `segments.rs` (segments and the change feed), `currents.rs` (the event log and Currents).
+//! Tested against a real PostgreSQL 15 (`tests/it/postgres.rs` and the conformance suite;
+//! `scripts/test` starts a throwaway server).
 //!
 //! The client is `tokio-postgres` behind a `deadpool-postgres` pool, without TLS (the database
 //! is on loopback or a private network). Not sqlx: its SQLite driver links a different
 //! `libsqlite3-sys` than rusqlite.
 
+mod admin;
+mod currents;
 pub mod schema;
+mod segments;
 pub mod sequence;
+mod users;
 
 use std::time::Duration;
 
@@ -104,6 +110,27 @@ pub async fn connect(url: &str) -> Result<PgPool, ConnectError> {
         .await
         .map_err(pg_err)?;
     Ok(pool)
+}
+
+/// The PostgreSQL backend of the store contract. Cheap to clone (the pool is shared).
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to `url`, runs the migrations (serialised between nodes by an advisory lock),
+    /// and returns the store.
+    pub async fn open(url: &str) -> Result<PgStore, ConnectError> {
+        let pool = connect(url).await?;
+        migrate(&pool).await?;
+        Ok(PgStore { pool })
+    }
+
+    /// The pool this store uses (tests and benchmarks read the database through it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
 }
 
 /// Maps a pool failure: timeouts and a closed pool are `Unavailable`; a backend error is mapped

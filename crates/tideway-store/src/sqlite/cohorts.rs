@@ -3,18 +3,27 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tideway_core::clock::Millis;
-use tideway_core::cohorts::{self, CohortId, CohortKey, CohortTx, CohortUpsert, MembershipOutcome};
+use tideway_core::cohorts::{CohortId, CohortKey, CohortTx};
 use tideway_core::ids::{AliasLabel, BrazeId, ExternalId, UserSeq, WorkspaceId};
 use tideway_core::keys::{KeyHash, Secret};
 use tideway_core::store::{
-    CohortMember, CohortSummary, HeapWebhook, ImportKeyInfo, ImportKeyOwner, SegmentSyncOutcome,
-    SegmentSyncPage, StoreError, UserCohort, Workspace,
+    CohortMember, CohortSummary, HeapWebhook, ImportKeyInfo, ImportKeyOwner, StoreError,
+    UserCohort, Workspace,
 };
 
 use super::sql_err;
 use super::users::SqlUsers;
 
 impl CohortTx for SqlUsers<'_> {
+    fn mark_sync_page(&mut self, task: &str, page: i64, now: Millis) -> Result<bool, StoreError> {
+        let inserted = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO heap_sync_pages (workspace_id, sync_task_id, page_number, applied_at) VALUES (?1, ?2, ?3, ?4)")
+            .and_then(|mut s| s.execute(params![self.workspace.0, task, page, now.0]))
+            .map_err(sql_err)?;
+        Ok(inserted == 1)
+    }
+
     fn upsert_cohort(
         &mut self,
         partner: &str,
@@ -356,53 +365,6 @@ pub fn heap_webhooks(conn: &Connection) -> Result<Vec<HeapWebhook>, StoreError> 
         .map_err(sql_err)?;
     let rows = stmt.query_map([], webhook_from_row).map_err(sql_err)?;
     rows.collect::<Result<_, _>>().map_err(sql_err)
-}
-
-pub fn upsert_cohort(
-    tx: &mut SqlUsers<'_>,
-    partner: &str,
-    upsert: &CohortUpsert,
-    now: Millis,
-) -> Result<(), StoreError> {
-    tx.upsert_cohort(
-        partner,
-        &upsert.cohort_id,
-        Some(&upsert.name),
-        upsert.created_at,
-        now,
-    )
-    .map(|_| ())
-}
-
-pub fn apply_segment_sync(
-    tx: &mut SqlUsers<'_>,
-    partner: &str,
-    page: &SegmentSyncPage,
-    now: Millis,
-) -> Result<SegmentSyncOutcome, StoreError> {
-    if let Some((task, number)) = &page.page_key {
-        let inserted = tx
-            .conn
-            .prepare_cached("INSERT OR IGNORE INTO heap_sync_pages (workspace_id, sync_task_id, page_number, applied_at) VALUES (?1, ?2, ?3, ?4)")
-            .and_then(|mut s| s.execute(params![tx.workspace.0, task, number, now.0]))
-            .map_err(sql_err)?;
-        if inserted == 0 {
-            return Ok(SegmentSyncOutcome {
-                membership: MembershipOutcome::default(),
-                replayed: true,
-            });
-        }
-    }
-    let cohort = tx.upsert_cohort(partner, &page.cohort_id, page.name.as_deref(), now, now)?;
-    let membership = if page.drain {
-        cohorts::drain(tx, cohort, now)?
-    } else {
-        cohorts::apply_changes(tx, cohort, &page.changes, now)?
-    };
-    Ok(SegmentSyncOutcome {
-        membership,
-        replayed: false,
-    })
 }
 
 pub fn list_cohorts(

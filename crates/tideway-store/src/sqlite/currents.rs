@@ -21,6 +21,7 @@ use tideway_core::currents_store::{
     Transformation, TypeFilter, Windows,
 };
 use tideway_core::ids::{UserSeq, WorkspaceId};
+use tideway_core::store::LoggedEvent;
 use tideway_core::store::{StoreError, StoreFuture};
 
 use super::{SqliteStore, sql_err};
@@ -1055,6 +1056,15 @@ pub fn append_events(
 // ---- the trait ----------------------------------------------------------------------------
 
 impl CurrentsStore for SqliteStore {
+    fn read_events(
+        &self,
+        workspace: WorkspaceId,
+        after: i64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<LoggedEvent>> {
+        self.read(move |conn| super::admin::read_events(conn, workspace, after, limit))
+    }
+
     fn create_current(
         &self,
         workspace: WorkspaceId,

@@ -34,20 +34,15 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 use tideway_core::clock::Millis;
-use tideway_core::cohorts::{CohortChange, CohortId, CohortTx, CohortUpsert, MembershipOutcome};
-use tideway_core::ids::{AliasLabel, BrazeId, ExternalId, WorkspaceId};
+use tideway_core::cohorts::CohortId;
+use tideway_core::ids::{AliasLabel, BrazeId, WorkspaceId};
 use tideway_core::keys::{ApiKey, KeyHash, Secret};
 use tideway_core::store::{
-    CohortMember, CohortSummary, HeapWebhook, ImportKeyInfo, ImportKeyOwner, LoggedEvent,
-    NewApiKey, SegmentSyncOutcome, SegmentSyncPage, Store, StoreError, StoreFuture, UserCohort,
-    Workspace,
+    AdminStore, CohortMember, CohortStore, CohortSummary, HeapWebhook, ImportKeyInfo,
+    ImportKeyOwner, NewApiKey, ReadWork, SegmentStore, StoreError, StoreFuture, UnitOfWork,
+    UserCohort, UserStore, WorkOutput, Workspace,
 };
-use tideway_core::track::TrackRequest;
-use tideway_core::users::{
-    self as services, AliasNewItem, AliasUpdateItem, DeleteOutcome, DeleteRequest, ExportOutcome,
-    ExportRequest, IdentifyItem, ItemOutcome, MergeItem, RemoveOutcome, RenameItem, RenameOutcome,
-    TrackOutcome, WriteCtx,
-};
+use tideway_core::users::WriteCtx;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::RandomIds;
@@ -729,7 +724,7 @@ fn run_in_savepoint(
     Ok(())
 }
 
-impl Store for SqliteStore {
+impl AdminStore for SqliteStore {
     fn create_workspace(&self, name: &str, now: Millis) -> StoreFuture<'_, Workspace> {
         let name = name.to_owned();
         self.write(move |conn, _, _| admin::create_workspace(conn, &name, now))
@@ -764,110 +759,6 @@ impl Store for SqliteStore {
 
     fn find_api_key(&self, hash: KeyHash) -> StoreFuture<'_, Option<(ApiKey, Workspace)>> {
         self.read(move |conn| admin::find_api_key(conn, hash))
-    }
-
-    fn track(
-        &self,
-        workspace: &Workspace,
-        request: TrackRequest,
-        now: Millis,
-    ) -> StoreFuture<'_, TrackOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| {
-            services::track(tx, ctx, &request)
-        })
-    }
-
-    fn identify(
-        &self,
-        workspace: &Workspace,
-        items: Vec<(usize, IdentifyItem)>,
-        now: Millis,
-    ) -> StoreFuture<'_, ItemOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| {
-            services::identify(tx, ctx, &items)
-        })
-    }
-
-    fn alias_new(
-        &self,
-        workspace: &Workspace,
-        items: Vec<(usize, AliasNewItem)>,
-        now: Millis,
-    ) -> StoreFuture<'_, ItemOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| {
-            services::alias_new(tx, ctx, &items)
-        })
-    }
-
-    fn alias_update(
-        &self,
-        workspace: &Workspace,
-        items: Vec<(usize, AliasUpdateItem)>,
-        now: Millis,
-    ) -> StoreFuture<'_, ItemOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| {
-            services::alias_update(tx, ctx, &items)
-        })
-    }
-
-    fn merge_users(
-        &self,
-        workspace: &Workspace,
-        items: Vec<(usize, MergeItem)>,
-        now: Millis,
-    ) -> StoreFuture<'_, ItemOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| {
-            services::merge_users(tx, ctx, &items)
-        })
-    }
-
-    fn delete_users(
-        &self,
-        workspace: &Workspace,
-        request: DeleteRequest,
-        now: Millis,
-    ) -> StoreFuture<'_, DeleteOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| {
-            services::delete_users(tx, ctx, &request)
-        })
-    }
-
-    fn rename_external_ids(
-        &self,
-        workspace: &Workspace,
-        items: Vec<RenameItem>,
-        now: Millis,
-    ) -> StoreFuture<'_, RenameOutcome> {
-        self.write_users(workspace, now, move |tx, ctx| {
-            services::rename_external_ids(tx, ctx, &items)
-        })
-    }
-
-    fn remove_external_ids(
-        &self,
-        workspace: &Workspace,
-        ids: Vec<ExternalId>,
-    ) -> StoreFuture<'_, RemoveOutcome> {
-        let now = workspace.created_at;
-        self.write_users(workspace, now, move |tx, _| {
-            services::remove_external_ids(tx, &ids)
-        })
-    }
-
-    fn export_ids(
-        &self,
-        workspace: &Workspace,
-        request: ExportRequest,
-    ) -> StoreFuture<'_, ExportOutcome> {
-        let ws = workspace.id;
-        Box::pin(async move {
-            self.flush_workspace(ws).await?;
-            self.read(move |conn| {
-                let mut lookup = SqlUsers::reader(conn, ws);
-                services::export_ids(&mut lookup, &request)
-            })
-            .await
-        })
     }
 
     fn partner_api_key(
@@ -955,53 +846,30 @@ impl Store for SqliteStore {
     fn heap_webhooks(&self) -> StoreFuture<'_, Vec<HeapWebhook>> {
         self.read(cohorts::heap_webhooks)
     }
+}
 
-    fn upsert_cohort(
+impl UserStore for SqliteStore {
+    fn run_unit(
         &self,
         workspace: &Workspace,
-        partner: &str,
-        upsert: CohortUpsert,
         now: Millis,
-    ) -> StoreFuture<'_, ()> {
-        let partner = partner.to_owned();
-        self.write_users(workspace, now, move |tx, _| {
-            cohorts::upsert_cohort(tx, &partner, &upsert, now)
-        })
+        mut work: UnitOfWork,
+    ) -> StoreFuture<'_, WorkOutput> {
+        self.write_users(workspace, now, move |tx, ctx| work(tx, ctx))
     }
 
-    fn apply_cohort_changes(
-        &self,
-        workspace: &Workspace,
-        partner: &str,
-        cohort_id: CohortId,
-        changes: Vec<CohortChange>,
-        now: Millis,
-    ) -> StoreFuture<'_, MembershipOutcome> {
-        let partner = partner.to_owned();
-        self.write_users(workspace, now, move |tx, _| {
-            if changes.iter().all(|c| c.identifiers.is_empty()) {
-                // Partners test credentials with empty changes on made-up cohort ids: answer
-                // without creating a cohort.
-                return Ok(MembershipOutcome::default());
-            }
-            let cohort = tx.upsert_cohort(&partner, &cohort_id, None, now, now)?;
-            tideway_core::cohorts::apply_changes(tx, cohort, &changes, now)
+    fn read_unit(&self, workspace: WorkspaceId, work: ReadWork) -> StoreFuture<'_, WorkOutput> {
+        Box::pin(async move {
+            // The writer keeps profile rows behind its acknowledgements: write this
+            // workspace's first, so the read sees every acknowledged write.
+            self.flush_workspace(workspace).await?;
+            self.read(move |conn| work(&mut SqlUsers::reader(conn, workspace)))
+                .await
         })
     }
+}
 
-    fn apply_segment_sync(
-        &self,
-        workspace: &Workspace,
-        partner: &str,
-        page: SegmentSyncPage,
-        now: Millis,
-    ) -> StoreFuture<'_, SegmentSyncOutcome> {
-        let partner = partner.to_owned();
-        self.write_users(workspace, now, move |tx, _| {
-            cohorts::apply_segment_sync(tx, &partner, &page, now)
-        })
-    }
-
+impl CohortStore for SqliteStore {
     fn list_cohorts(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<CohortSummary>> {
         self.read(move |conn| cohorts::list_cohorts(conn, workspace))
     }
@@ -1027,16 +895,9 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'_, Option<Vec<UserCohort>>> {
         self.read(move |conn| cohorts::user_cohorts(conn, workspace, &braze_id))
     }
+}
 
-    fn read_events(
-        &self,
-        workspace: WorkspaceId,
-        after: i64,
-        limit: usize,
-    ) -> StoreFuture<'_, Vec<LoggedEvent>> {
-        self.read(move |conn| admin::read_events(conn, workspace, after, limit))
-    }
-
+impl SegmentStore for SqliteStore {
     fn create_segment(
         &self,
         workspace: WorkspaceId,

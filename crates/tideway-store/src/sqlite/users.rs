@@ -619,16 +619,7 @@ impl UserTx for SqlUsers<'_> {
         self.insert_user(braze_id, Some(external_id), now)
     }
 
-    fn save_user(&mut self, user: &UserRecord) -> Result<(), StoreError> {
-        self.write_user(user)?;
-        let ws = self.workspace;
-        if let Some(cache) = self.cache.as_deref_mut() {
-            cache.keep(ws, user.clone());
-        }
-        Ok(())
-    }
-
-    fn save_user_owned(&mut self, user: UserRecord) -> Result<(), StoreError> {
+    fn save_user(&mut self, user: UserRecord) -> Result<(), StoreError> {
         self.write_user(&user)?;
         let ws = self.workspace;
         if let Some(cache) = self.cache.as_deref_mut() {

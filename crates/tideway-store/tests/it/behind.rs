@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tideway_core::store::prelude::*;
 
 use rusqlite::Connection;
 use serde_json::json;
 use tideway_core::segments::Segment;
-use tideway_core::store::{Store, StoreError};
+use tideway_core::store::StoreError;
 use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
 use super::{NOW, export_one, track};

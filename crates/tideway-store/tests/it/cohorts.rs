@@ -5,7 +5,8 @@ use serde_json::json;
 use tideway_core::cohorts::{CohortChange, CohortId, CohortIdentifier, CohortUpsert};
 use tideway_core::ids::{AliasLabel, AliasName, BrazeId, DeviceId, ExternalId, UserAlias};
 use tideway_core::keys::Secret;
-use tideway_core::store::{SegmentSyncPage, Store};
+use tideway_core::store::SegmentSyncPage;
+use tideway_core::store::prelude::*;
 use tideway_core::users::{IdentifyItem, IdentifySource};
 
 use super::{NOW, open, track};

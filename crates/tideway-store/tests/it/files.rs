@@ -4,9 +4,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use tideway_core::store::prelude::*;
 
 use serde_json::json;
-use tideway_core::store::Store;
 use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
 use super::{NOW, track};

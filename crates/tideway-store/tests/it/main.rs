@@ -4,19 +4,26 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use tideway_core::store::prelude::*;
 
 use serde_json::{Value, json};
 use tideway_core::clock::Millis;
 use tideway_core::ids::{AliasLabel, AliasName, DeviceId, ExternalId, UserAlias};
 use tideway_core::keys::{IpAllowlist, PermissionSet, Secret};
-use tideway_core::store::{NewApiKey, Store, StoreError, Workspace};
+use tideway_core::store::{NewApiKey, StoreError, Workspace};
 use tideway_core::track::parse_track;
 use tideway_core::users::{ExportRequest, IdentifyItem, IdentifySource, RenameItem};
 use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
 mod behind;
 mod cohorts;
+mod conformance;
 mod files;
+mod pg;
+mod pg_admin;
+mod pg_currents;
+mod pg_segments;
+mod pg_users;
 mod postgres;
 mod recovery;
 mod segment_feed;

@@ -6,10 +6,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tideway_core::store::prelude::*;
 
 use rusqlite::Connection;
 use serde_json::{Value, json};
-use tideway_core::store::{Store, StoreError};
+use tideway_core::store::StoreError;
 use tideway_core::track::parse_track;
 use tideway_store::sqlite::{Failpoints, SqliteOptions, SqliteStore};
 

@@ -6,6 +6,7 @@
 //! the current profile is the row for some users and a newer post-image for others.
 
 use std::time::Duration;
+use tideway_core::store::prelude::*;
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -14,7 +15,7 @@ use serde_json::{Value, json};
 use tideway_core::cohorts::{CohortChange, CohortId, CohortIdentifier};
 use tideway_core::ids::ExternalId;
 use tideway_core::segments::{LiveIndex, Member};
-use tideway_core::store::{Store, Workspace};
+use tideway_core::store::Workspace;
 use tideway_core::users::{DeleteRequest, MergeItem, UserKey};
 use tideway_segment::{Filter, NoSegments};
 use tideway_store::sqlite::{SqliteOptions, SqliteStore};

@@ -4,7 +4,7 @@
 //! file passes `SqliteOptions::wal_limit`.
 
 use serde_json::json;
-use tideway_core::store::Store;
+use tideway_core::store::prelude::*;
 use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
 use super::{NOW, track};

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tideway_core::store::prelude::*;
 
 use anyhow::{Context, bail};
 use axum::http::StatusCode;

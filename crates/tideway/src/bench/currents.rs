@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tideway_core::store::prelude::*;
 
 use anyhow::Context;
 use axum::body::Bytes;
@@ -26,7 +27,7 @@ use tideway_core::currents::{CurrentsEvent, EventUser};
 use tideway_core::currents_store::{Current, CurrentStatus, CurrentsStore, StatusChange};
 use tideway_core::ids::{BrazeId, EventId, ExternalId, UserSeq};
 use tideway_core::keys::{IpAllowlist, PermissionSet};
-use tideway_core::store::{Store, Workspace};
+use tideway_core::store::Workspace;
 use tideway_currents::spec::parse_spec;
 use tideway_currents::{Exporter, ExporterConfig};
 use tideway_heap::sink::{self, SinkConfig};

@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tideway_core::store::prelude::*;
 
 use anyhow::Context;
 use tideway_core::keys::{IpAllowlist, Permission, PermissionSet};

@@ -12,6 +12,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tideway_core::store::prelude::*;
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};

@@ -188,7 +188,7 @@ async fn check_profiles(api: &Api, key: &str, acked: &[Sent], unknown: &[Sent]) 
 
 /// Every event of the default workspace, oldest first, read straight from the store.
 async fn read_log(data_dir: &std::path::Path) -> Vec<tideway_core::store::LoggedEvent> {
-    use tideway_core::store::Store;
+    use tideway_core::store::prelude::*;
     let store = SqliteStore::open(&data_dir.join("tideway.sqlite"), SqliteOptions::default())
         .expect("open the store");
     let workspace = store

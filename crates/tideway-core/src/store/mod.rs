@@ -1,0 +1,93 @@
+//! The storage contract: what the services need from a database, split by bounded context.
+//!
+//! A backend implements five small async traits and one transaction type:
+//!
+//! - [`AdminStore`] (`admin.rs`): workspaces, REST API keys, partner keys, data import keys,
+//!   Heap webhook settings;
+//! - [`UserStore`] (`users.rs`): **one primitive** — run a unit of domain work in a write
+//!   transaction of one workspace ([`UserStore::run_unit`]) — plus its read-only twin. The
+//!   work is a closure over [`DomainTx`], the primitive reads and writes ([`UserLookup`],
+//!   [`UserTx`], [`crate::cohorts::CohortTx`]); the rules themselves live in
+//!   [`crate::users`], [`crate::cohorts`] and [`crate::services`], above the store;
+//! - [`CohortStore`] (`cohorts.rs`): cohort reads for the management API;
+//! - [`SegmentStore`] (`segments.rs`): stored segments and the segment change feed;
+//! - [`crate::currents_store::CurrentsStore`]: the Currents event log and each Current's
+//!   position, lease, dead letters and replays.
+//!
+//! [`Store`] is all five, implemented for any type that implements them; the HTTP edge and the
+//! CLI hold an `Arc<dyn Store>` and call the services through
+//! [`crate::services::Services`].
+//!
+//! **Log order** (every backend): the positions of a workspace's event log, cohort membership
+//! changes and segment user changes increase in *commit* order — once a reader has seen
+//! position `p`, no entry at or below `p` commits later. A consumer that reads `seq > p`
+//! therefore never skips an entry that commits late. SQLite gets it from its single writer;
+//! PostgreSQL from a per-workspace counter row taken at the end of the transaction (see
+//! `tideway-store` `postgres/sequence.rs` and ARCHITECTURE.md).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::clock::Millis;
+use crate::ids::WorkspaceId;
+
+mod admin;
+mod cohorts;
+mod segments;
+mod users;
+
+pub use admin::{AdminStore, HeapWebhook, ImportKeyInfo, ImportKeyOwner, NewApiKey};
+pub use cohorts::{
+    CohortMember, CohortStore, CohortSummary, SegmentSyncOutcome, SegmentSyncPage, UserCohort,
+};
+pub use segments::SegmentStore;
+pub use users::{
+    DomainTx, Lookup, ReadWork, UnitOfWork, UserLookup, UserStore, UserTx, WorkOutput, read_unit,
+    run_unit,
+};
+
+pub use crate::currents_store::{CurrentsStore, LoggedEvent};
+
+/// What went wrong in storage, as far as a caller can act on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or the write could not be committed; retrying later
+    /// may work. Nothing of the operation was applied.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// A uniqueness rule would be broken (e.g. a workspace name that exists).
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// The named thing does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Stored data could not be read back (a bug or a damaged file).
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+}
+
+/// A workspace (Braze's "app group").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workspace {
+    pub id: WorkspaceId,
+    pub name: String,
+    /// Stable public id, carried by Currents events as `app_group_id`.
+    pub app_group_id: String,
+    pub created_at: Millis,
+}
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A whole backend: every bounded context's contract. Implemented for every type that
+/// implements the five, so a backend never names it.
+pub trait Store: AdminStore + UserStore + CohortStore + SegmentStore + CurrentsStore {}
+
+impl<T> Store for T where T: AdminStore + UserStore + CohortStore + SegmentStore + CurrentsStore {}
+
+/// Every contract trait and the services, for callers that hold a concrete store (the CLI,
+/// tests, benchmarks): `use tideway_core::store::prelude::*;`.
+pub mod prelude {
+    pub use super::{AdminStore, CohortStore, SegmentStore, Store, UserStore};
+    pub use crate::currents_store::CurrentsStore;
+    pub use crate::services::Services;
+}

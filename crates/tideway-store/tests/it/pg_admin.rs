@@ -1,0 +1,1 @@
+//! PostgreSQL store: workspaces and credentials.

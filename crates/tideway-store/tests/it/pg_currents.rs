@@ -1,0 +1,1 @@
+//! PostgreSQL store: the event log and Currents.

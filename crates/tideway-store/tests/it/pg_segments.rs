@@ -1,0 +1,1 @@
+//! PostgreSQL store: segments and the change feed.

@@ -1,0 +1,1 @@
+//! PostgreSQL store: the unit-of-work transaction and cohort reads.
