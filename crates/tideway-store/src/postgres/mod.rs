@@ -112,19 +112,43 @@ pub async fn connect(url: &str) -> Result<PgPool, ConnectError> {
     Ok(pool)
 }
 
+/// What a [`PgStore`] is told besides where the database is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgOptions {
+    /// Longest array custom attribute (Braze's default is 25), as in `SqliteOptions`.
+    pub max_array_len: usize,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions { max_array_len: 25 }
+    }
+}
+
 /// The PostgreSQL backend of the store contract. Cheap to clone (the pool is shared).
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    options: PgOptions,
 }
 
 impl PgStore {
     /// Connects to `url`, runs the migrations (serialised between nodes by an advisory lock),
-    /// and returns the store.
+    /// and returns the store with default options.
     pub async fn open(url: &str) -> Result<PgStore, ConnectError> {
+        PgStore::open_with(url, PgOptions::default()).await
+    }
+
+    /// [`PgStore::open`] with options.
+    pub async fn open_with(url: &str, options: PgOptions) -> Result<PgStore, ConnectError> {
         let pool = connect(url).await?;
         migrate(&pool).await?;
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, options })
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &PgOptions {
+        &self.options
     }
 
     /// The pool this store uses (tests and benchmarks read the database through it).
