@@ -8,3 +8,5 @@ pub mod ids;
 pub mod postgres;
 mod profile_codec;
 pub mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
