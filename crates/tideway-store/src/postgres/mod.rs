@@ -130,6 +130,8 @@ impl Default for PgOptions {
 pub struct PgStore {
     pool: PgPool,
     options: PgOptions,
+    /// The group-commit queue of units of work (`users.rs`).
+    units: users::Units,
 }
 
 impl PgStore {
@@ -143,7 +145,11 @@ impl PgStore {
     pub async fn open_with(url: &str, options: PgOptions) -> Result<PgStore, ConnectError> {
         let pool = connect(url).await?;
         migrate(&pool).await?;
-        Ok(PgStore { pool, options })
+        Ok(PgStore {
+            pool,
+            options,
+            units: users::Units::default(),
+        })
     }
 
     /// The options the store was opened with.

@@ -1,1 +1,2352 @@
-//! (being written)
+//! Units of domain work over PostgreSQL ([`UserStore`]), the user and cohort primitives they run
+//! on ([`UserLookup`], [`UserTx`], [`CohortTx`] for `PgTx`), and the cohort reads
+//! ([`CohortStore`]).
+//!
+//! **Group commit.** [`UserStore::run_unit`] queues the unit; a few batch workers
+//! ([`WORKERS`]) each take the waiting units of one workspace (up to [`MAX_BATCH_UNITS`]) and
+//! run them in one transaction on one connection, so many concurrent requests share one
+//! commit and a few multi-row statements. A workspace has at most one batch in flight on a
+//! node: two batches of one workspace would lock the same users in different orders and
+//! deadlock. Batches of different workspaces run in parallel. A batch first runs
+//! optimistically, all units in one transaction without savepoints; if anything fails it is
+//! rolled back and run again with a SAVEPOINT per unit, so a failing unit fails alone while its
+//! neighbours commit. Every unit is answered only after the commit.
+//!
+//! **Conflicts between nodes.** Write lookups lock the users they load (`FOR NO KEY UPDATE`:
+//! not the key, so foreign-key checks of other writers do not wait), so two nodes never lose
+//! an update: the second waits, then reads the first one's commit. Two nodes that create the
+//! same external id at once: the second insert breaks the unique index after the first
+//! commits; the unit is rolled back and run again (it then finds the user). A deadlock or
+//! serialization failure (SQLSTATE class 40) reruns the batch. Both are bounded
+//! ([`MAX_ATTEMPTS`], with a small jittered backoff), then the error is the answer.
+//!
+//! **Synchronous primitives over an async client.** The traits are synchronous and
+//! tokio-postgres is async: a batch runs on tokio's blocking pool and drives each statement
+//! with [`Handle::block_on`]. To keep round trips few, `PgTx` keeps what the transaction has
+//! loaded or written: users by seq (locked, so the cache is the truth for them) with indexes
+//! from external id, braze id, alias, device and deprecated external id to seq, including
+//! "no such user" answers. [`UserLookup::prefetch`] loads every user a request names with one
+//! statement per key kind, all sent at once (pipelined). Saves, aliases, devices, deprecated
+//! ids and cohort membership are buffered and written at the end with multi-row statements
+//! (`unnest` of arrays), or earlier when a statement must see them (a delete, a merge, a
+//! lookup by email or phone).
+//!
+//! **Sequences.** A new user's dense `seq` comes from the workspace's `users` counter
+//! (`sequence.rs`), needed at once because the services use it. The first creation of a
+//! transaction takes one value, which locks the counter row until commit; later creations
+//! count on from it locally and the counter is advanced by the rest before commit. So the
+//! users of one workspace are created by one transaction at a time (across nodes too): the
+//! price of dense seqs without holes. The event log, cohort membership changes and segment
+//! user changes take their ranges last, just before the commit (their rows are buffered until
+//! then), so their order is commit order. Counters are always taken in one order (users, then
+//! the three logs), so they never deadlock against each other.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use deadpool_postgres::Transaction;
+use rustc_hash::{FxHashMap, FxHashSet};
+use tideway_core::clock::Millis;
+use tideway_core::cohorts::{CohortId, CohortKey, CohortTx};
+use tideway_core::currents::CurrentsEvent;
+use tideway_core::ids::{
+    AliasLabel, AliasName, BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias, UserSeq,
+    WorkspaceId,
+};
+use tideway_core::profile::UserRecord;
+use tideway_core::store::{
+    CohortMember, CohortStore, CohortSummary, Lookup, ReadWork, StoreError, StoreFuture,
+    UnitOfWork, UserCohort, UserLookup, UserStore, UserTx, WorkOutput, Workspace,
+};
+use tideway_core::users::WriteCtx;
+use tokio::runtime::Handle;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, Row};
+
+use super::sequence::{Sequence, allocate};
+use super::{PgPool, PgStore, pg_err};
+use crate::ids::RandomIds;
+use crate::profile_codec;
+
+/// Batch workers per store. Each holds one connection while it runs a batch; with one batch
+/// per workspace at a time, more workers only help when several workspaces write at once.
+pub const WORKERS: usize = 3;
+
+/// Most units of work in one batch (one transaction). A track request is about 75 objects, so
+/// a full batch is a few thousand objects: enough to spread the commit, small enough that one
+/// transaction's locks and statements stay short.
+pub const MAX_BATCH_UNITS: usize = 64;
+
+/// Units waiting or running before `run_unit` waits for room: backpressure, so a database
+/// that falls behind holds callers instead of growing the queue without bound.
+const QUEUE_UNITS: usize = 1024;
+
+/// How many times a batch (or one unit) that hit a conflict or a deadlock is run before its
+/// error is the answer.
+pub const MAX_ATTEMPTS: u32 = 5;
+
+/// The first retry waits about this long; each further one twice as long, with jitter.
+const BACKOFF: Duration = Duration::from_millis(2);
+
+// --- The queue and its workers ---------------------------------------------------------------
+
+/// One caller's unit of work, waiting for or in a batch.
+struct Job {
+    workspace: Workspace,
+    now: Millis,
+    work: UnitOfWork,
+    reply: oneshot::Sender<Result<WorkOutput, StoreError>>,
+    /// Its place in the queue's bound, given back when the job is answered (dropped).
+    _room: OwnedSemaphorePermit,
+}
+
+/// The group-commit queue of a [`PgStore`]: cheap to clone; the workers stop once the last
+/// clone is dropped.
+#[derive(Clone)]
+pub(super) struct Units {
+    queue: Arc<Queue>,
+    _open: Arc<Open>,
+}
+
+impl Default for Units {
+    fn default() -> Self {
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState::default()),
+            wake: Notify::new(),
+            room: Arc::new(Semaphore::new(QUEUE_UNITS)),
+        });
+        Units {
+            _open: Arc::new(Open(Arc::clone(&queue))),
+            queue,
+        }
+    }
+}
+
+impl std::fmt::Debug for Units {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let waiting = self.queue.lock().jobs.len();
+        f.debug_struct("Units").field("waiting", &waiting).finish()
+    }
+}
+
+/// Closes the queue when the last store clone lets go of it.
+struct Open(Arc<Queue>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.wake.notify_waiters();
+    }
+}
+
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Woken when a job arrives, a workspace's batch ends, or the queue closes.
+    wake: Notify,
+    room: Arc<Semaphore>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// Workspaces with a batch in flight.
+    busy: FxHashSet<i64>,
+    closed: bool,
+    started: bool,
+}
+
+enum Take {
+    Batch(Vec<Job>),
+    Wait,
+    Closed,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // The state stays consistent under every operation (no panics while it is held).
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The oldest waiting job whose workspace has no batch in flight, with the jobs of the
+    /// same workspace queued after it.
+    fn take(&self) -> Take {
+        let mut state = self.lock();
+        let Some(first) = state
+            .jobs
+            .iter()
+            .position(|j| !state.busy.contains(&j.workspace.id.0))
+        else {
+            return if state.closed && state.jobs.is_empty() {
+                Take::Closed
+            } else {
+                Take::Wait
+            };
+        };
+        let ws = state.jobs[first].workspace.id.0;
+        let mut batch = Vec::new();
+        let mut rest = VecDeque::with_capacity(state.jobs.len());
+        for job in state.jobs.drain(..) {
+            if job.workspace.id.0 == ws && batch.len() < MAX_BATCH_UNITS {
+                batch.push(job);
+            } else {
+                rest.push_back(job);
+            }
+        }
+        state.jobs = rest;
+        state.busy.insert(ws);
+        Take::Batch(batch)
+    }
+
+    fn release(&self, ws: i64) {
+        self.lock().busy.remove(&ws);
+        self.wake.notify_waiters();
+    }
+}
+
+/// Takes batches off the queue and runs each on the blocking pool, until the queue closes.
+async fn worker(queue: Arc<Queue>, pool: PgPool, max_array_len: usize) {
+    let mut ids = Some(RandomIds::default());
+    loop {
+        let notified = queue.wake.notified();
+        tokio::pin!(notified);
+        // Registered before looking, so a wake between the look and the wait is not lost.
+        notified.as_mut().enable();
+        let batch = match queue.take() {
+            Take::Batch(batch) => batch,
+            Take::Wait => {
+                notified.await;
+                continue;
+            }
+            Take::Closed => return,
+        };
+        let ws = batch[0].workspace.id.0;
+        let rt = Handle::current();
+        let pool = pool.clone();
+        let mut worker_ids = ids.take().unwrap_or_default();
+        let ran = tokio::task::spawn_blocking(move || {
+            let mut env = BatchEnv {
+                rt: &rt,
+                pool: &pool,
+                ids: &mut worker_ids,
+                max_array_len,
+            };
+            run_batch(&mut env, batch);
+            worker_ids
+        })
+        .await;
+        match ran {
+            Ok(returned) => ids = Some(returned),
+            // A unit panicked: its batch was dropped, so each caller gets "stopped before
+            // answering" (Unavailable); the transaction was rolled back with its connection.
+            Err(e) => tracing::error!(error = %e, "a PostgreSQL batch did not finish"),
+        }
+        queue.release(ws);
+    }
+}
+
+impl UserStore for PgStore {
+    fn run_unit(
+        &self,
+        workspace: &Workspace,
+        now: Millis,
+        work: UnitOfWork,
+    ) -> StoreFuture<'_, WorkOutput> {
+        let workspace = workspace.clone();
+        Box::pin(async move {
+            let queue = &self.units.queue;
+            let room = Arc::clone(&queue.room)
+                .acquire_owned()
+                .await
+                .map_err(|_| StoreError::Unavailable("the PostgreSQL writer has stopped".into()))?;
+            let (reply, answer) = oneshot::channel();
+            {
+                let mut state = queue.lock();
+                if !state.started {
+                    state.started = true;
+                    for _ in 0..WORKERS {
+                        tokio::spawn(worker(
+                            Arc::clone(queue),
+                            self.pool.clone(),
+                            self.options.max_array_len,
+                        ));
+                    }
+                }
+                state.jobs.push_back(Job {
+                    workspace,
+                    now,
+                    work,
+                    reply,
+                    _room: room,
+                });
+            }
+            queue.wake.notify_waiters();
+            answer.await.map_err(|_| {
+                StoreError::Unavailable("the PostgreSQL writer stopped before answering".into())
+            })?
+        })
+    }
+
+    fn read_unit(&self, workspace: WorkspaceId, work: ReadWork) -> StoreFuture<'_, WorkOutput> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let rt = Handle::current();
+            tokio::task::spawn_blocking(move || {
+                let mut client = rt.block_on(pool.client())?;
+                // One snapshot for the whole read; it includes every commit acknowledged before.
+                let tx = rt
+                    .block_on(
+                        client
+                            .build_transaction()
+                            .isolation_level(IsolationLevel::RepeatableRead)
+                            .read_only(true)
+                            .start(),
+                    )
+                    .map_err(pg_err)?;
+                let mut reader = PgTx::new(&rt, &tx, workspace, Mode::Read);
+                let out = work(&mut reader)?;
+                drop(reader);
+                rt.block_on(tx.commit()).map_err(pg_err)?;
+                Ok(out)
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("the read did not finish: {e}")))?
+        })
+    }
+}
+
+// --- Running a batch -------------------------------------------------------------------------
+
+/// What a batch runs with on its blocking thread.
+struct BatchEnv<'a> {
+    rt: &'a Handle,
+    pool: &'a PgPool,
+    ids: &'a mut RandomIds,
+    max_array_len: usize,
+}
+
+/// Why a transaction failed, as far as running it again is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// A unique index was broken by a row another transaction committed (two nodes created
+    /// the same user): running the work again finds that row.
+    Conflict,
+    /// Deadlock or serialization failure (SQLSTATE class 40): nothing was done; run again.
+    Transient,
+    /// Anything else: the work's own error or a broken connection.
+    Other,
+    /// The commit was sent and its answer lost: it may have committed, so it is not run again.
+    Ambiguous,
+}
+
+impl Failure {
+    fn of(e: &tokio_postgres::Error) -> Failure {
+        match e.code() {
+            Some(code) if *code == SqlState::UNIQUE_VIOLATION => Failure::Conflict,
+            Some(code) if code.code().starts_with("40") => Failure::Transient,
+            _ => Failure::Other,
+        }
+    }
+
+    /// The class of an error a helper already mapped (`sequence::allocate`): `pg_err` maps
+    /// class 40 to `Unavailable` and a unique violation to `Conflict`.
+    fn of_mapped(e: &StoreError) -> Failure {
+        match e {
+            StoreError::Conflict(_) => Failure::Conflict,
+            StoreError::Unavailable(_) => Failure::Transient,
+            _ => Failure::Other,
+        }
+    }
+
+    fn retryable(self) -> bool {
+        matches!(self, Failure::Conflict | Failure::Transient)
+    }
+}
+
+/// The outcome of one pass over a batch.
+enum Pass {
+    /// Committed; each unit's own result (in the isolated pass a unit may have failed alone).
+    Committed(Vec<Result<WorkOutput, StoreError>>),
+    /// Nothing committed.
+    Failed(StoreError, Failure),
+}
+
+/// Runs `jobs` (all of one workspace) and answers each: optimistically together, then, if that
+/// fails, with a savepoint per unit; passes that hit a conflict or a deadlock are run again, a
+/// bounded number of times.
+fn run_batch(env: &mut BatchEnv<'_>, mut jobs: Vec<Job>) {
+    let started = std::time::Instant::now();
+    let mut isolate = false;
+    let mut attempt = 1;
+    let results = loop {
+        let pass = if isolate {
+            isolated(env, &mut jobs)
+        } else {
+            together(env, &mut jobs)
+        };
+        let (error, failure) = match pass {
+            Pass::Committed(results) => break results,
+            Pass::Failed(error, failure) => (error, failure),
+        };
+        let rerun = failure != Failure::Ambiguous
+            && attempt < MAX_ATTEMPTS
+            && (failure.retryable() || (jobs.len() > 1 && !isolate));
+        if !rerun {
+            tracing::warn!(error = %error, ?failure, units = jobs.len(), "a PostgreSQL batch failed");
+            break jobs.iter().map(|_| Err(error.clone())).collect();
+        }
+        metrics::counter!("tideway_store_batch_reruns_total").increment(1);
+        if failure.retryable() {
+            backoff(attempt);
+        }
+        isolate = jobs.len() > 1;
+        attempt += 1;
+    };
+    metrics::counter!("tideway_store_commits_total").increment(1);
+    metrics::histogram!("tideway_store_commit_batch_jobs").record(jobs.len() as f64);
+    metrics::histogram!("tideway_store_commit_seconds").record(started.elapsed().as_secs_f64());
+    for (job, result) in jobs.into_iter().zip(results) {
+        // A caller that gave up is no longer listening; nothing to do for it.
+        let _ = job.reply.send(result);
+    }
+}
+
+/// Sleeps before attempt `attempt + 1`: about [`BACKOFF`] × 2^(attempt - 1), jittered so two
+/// nodes that collided do not collide again in step.
+fn backoff(attempt: u32) {
+    let base = BACKOFF.saturating_mul(1 << attempt.saturating_sub(1).min(5));
+    let jitter = f64::from(getrandom::u32().unwrap_or(0)) / f64::from(u32::MAX);
+    std::thread::sleep(base.mul_f64(0.5 + jitter));
+}
+
+/// A pooled connection and a transaction on it, or the failure.
+fn begin<'c>(
+    env: &BatchEnv<'_>,
+    client: &'c mut deadpool_postgres::Client,
+) -> Result<Transaction<'c>, (StoreError, Failure)> {
+    env.rt
+        .block_on(client.transaction())
+        .map_err(|e| (pg_err(e), Failure::Other))
+}
+
+fn connect(env: &BatchEnv<'_>) -> Result<deadpool_postgres::Client, Pass> {
+    env.rt
+        .block_on(env.pool.client())
+        .map_err(|e| Pass::Failed(e, Failure::Other))
+}
+
+/// Commits; a refusal from the server (nothing committed) is an ordinary failure, a lost
+/// answer is [`Failure::Ambiguous`].
+fn commit(env: &BatchEnv<'_>, tx: Transaction<'_>) -> Result<(), Pass> {
+    env.rt.block_on(tx.commit()).map_err(|e| {
+        let failure = if e.as_db_error().is_some() {
+            Failure::of(&e)
+        } else {
+            Failure::Ambiguous
+        };
+        Pass::Failed(pg_err(e), failure)
+    })
+}
+
+fn rollback(env: &BatchEnv<'_>, tx: Transaction<'_>) {
+    // A failed rollback leaves nothing behind either: the connection is then broken and the
+    // server ends the transaction with it.
+    let _ = env.rt.block_on(tx.rollback());
+}
+
+/// Every unit in one transaction, no savepoints; the first failure fails the pass.
+fn together(env: &mut BatchEnv<'_>, jobs: &mut [Job]) -> Pass {
+    let mut client = match connect(env) {
+        Ok(c) => c,
+        Err(pass) => return pass,
+    };
+    let tx = match begin(env, &mut client) {
+        Ok(tx) => tx,
+        Err((e, f)) => return Pass::Failed(e, f),
+    };
+    let ws = jobs[0].workspace.id;
+    let mut outputs = Vec::with_capacity(jobs.len());
+    let mut failed = None;
+    let mut logs = Logs::default();
+    {
+        let mut ptx = PgTx::new(env.rt, &tx, ws, Mode::Write);
+        for job in jobs.iter_mut() {
+            let mut ctx = WriteCtx {
+                workspace: &job.workspace,
+                now: job.now,
+                ids: &mut *env.ids,
+                max_array_len: env.max_array_len,
+            };
+            match (job.work)(&mut ptx, &mut ctx) {
+                Ok(out) => outputs.push(Ok(out)),
+                Err(e) => {
+                    failed = Some((e, ptx.failure.unwrap_or(Failure::Other)));
+                    break;
+                }
+            }
+        }
+        if failed.is_none() {
+            match ptx.sync() {
+                Ok(()) => logs = std::mem::take(&mut ptx.logs),
+                Err(e) => failed = Some((e, ptx.failure.unwrap_or(Failure::Other))),
+            }
+        }
+    }
+    if failed.is_none()
+        && let Err(e) = logs.write(env.rt, &tx, ws)
+    {
+        failed = Some(e);
+    }
+    if let Some((e, failure)) = failed {
+        rollback(env, tx);
+        return Pass::Failed(e, failure);
+    }
+    match commit(env, tx) {
+        Ok(()) => Pass::Committed(outputs),
+        Err(pass) => pass,
+    }
+}
+
+/// Every unit in its own savepoint: a unit that fails is rolled back alone (after running it
+/// again if it hit a conflict); a deadlock fails the pass.
+fn isolated(env: &mut BatchEnv<'_>, jobs: &mut [Job]) -> Pass {
+    let mut client = match connect(env) {
+        Ok(c) => c,
+        Err(pass) => return pass,
+    };
+    let tx = match begin(env, &mut client) {
+        Ok(tx) => tx,
+        Err((e, f)) => return Pass::Failed(e, f),
+    };
+    let ws = jobs[0].workspace.id;
+    let mut results = Vec::with_capacity(jobs.len());
+    let mut logs = Logs::default();
+    let mut failed = None;
+    'jobs: for job in jobs.iter_mut() {
+        let mut attempt = 1;
+        loop {
+            if let Err(e) = env.rt.block_on(tx.batch_execute("SAVEPOINT unit")) {
+                failed = Some((pg_err(e), Failure::Other));
+                break 'jobs;
+            }
+            let mut ptx = PgTx::new(env.rt, &tx, ws, Mode::Write);
+            let mut ctx = WriteCtx {
+                workspace: &job.workspace,
+                now: job.now,
+                ids: &mut *env.ids,
+                max_array_len: env.max_array_len,
+            };
+            let ran = (job.work)(&mut ptx, &mut ctx).and_then(|out| ptx.sync().map(|()| out));
+            match ran {
+                Ok(out) => {
+                    let unit_logs = std::mem::take(&mut ptx.logs);
+                    drop(ptx);
+                    if let Err(e) = env.rt.block_on(tx.batch_execute("RELEASE SAVEPOINT unit")) {
+                        failed = Some((pg_err(e), Failure::Other));
+                        break 'jobs;
+                    }
+                    logs.append(unit_logs);
+                    results.push(Ok(out));
+                    break;
+                }
+                Err(e) => {
+                    let failure = ptx.failure.unwrap_or(Failure::Other);
+                    drop(ptx);
+                    if let Err(undo) = env
+                        .rt
+                        .block_on(tx.batch_execute("ROLLBACK TO SAVEPOINT unit"))
+                    {
+                        failed = Some((pg_err(undo), Failure::Other));
+                        break 'jobs;
+                    }
+                    match failure {
+                        // The locks this transaction holds may be part of the cycle: the
+                        // whole batch goes back and runs again.
+                        Failure::Transient => {
+                            failed = Some((e, failure));
+                            break 'jobs;
+                        }
+                        // The row it collided with has committed; run the unit again, which
+                        // now sees it.
+                        Failure::Conflict if attempt < MAX_ATTEMPTS => {
+                            attempt += 1;
+                            backoff(attempt);
+                        }
+                        _ => {
+                            results.push(Err(e));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if failed.is_none()
+        && let Err(e) = logs.write(env.rt, &tx, ws)
+    {
+        failed = Some(e);
+    }
+    if let Some((e, failure)) = failed {
+        rollback(env, tx);
+        return Pass::Failed(e, failure);
+    }
+    match commit(env, tx) {
+        Ok(()) => Pass::Committed(results),
+        Err(pass) => pass,
+    }
+}
+
+// --- The transaction's logs ------------------------------------------------------------------
+
+/// Rows of the three position-ordered logs a transaction wrote, inserted just before its
+/// commit, after taking their ranges ([`Logs::write`]).
+#[derive(Default)]
+struct Logs {
+    events: Vec<(Option<u32>, CurrentsEvent)>,
+    /// `(cohort, user, entered, at)`.
+    membership_changes: Vec<(i64, u32, bool, Millis)>,
+    /// Users created or whose identifiers changed (the segment feed reloads them).
+    user_changes: Vec<u32>,
+}
+
+impl Logs {
+    fn append(&mut self, mut other: Logs) {
+        self.events.append(&mut other.events);
+        self.membership_changes
+            .append(&mut other.membership_changes);
+        self.user_changes.append(&mut other.user_changes);
+    }
+
+    /// Takes each log's range (in the fixed order event log, membership changes, user
+    /// changes) and inserts its rows, one statement per log.
+    fn write(
+        self,
+        rt: &Handle,
+        tx: &Transaction<'_>,
+        ws: WorkspaceId,
+    ) -> Result<(), (StoreError, Failure)> {
+        let mapped = |e: StoreError| {
+            let failure = Failure::of_mapped(&e);
+            (e, failure)
+        };
+        let raw = |e: tokio_postgres::Error| {
+            let failure = Failure::of(&e);
+            (pg_err(e), failure)
+        };
+        let count = |n: usize| u32::try_from(n).map_err(|_| (too_many("log rows"), Failure::Other));
+        if !self.events.is_empty() {
+            let n = count(self.events.len())?;
+            let first = rt
+                .block_on(allocate(tx, ws, Sequence::EventLog, n))
+                .map_err(mapped)?;
+            let seqs: Vec<i64> = (first..first + i64::from(n)).collect();
+            let users: Vec<Option<i64>> =
+                self.events.iter().map(|(u, _)| u.map(i64::from)).collect();
+            let ids: Vec<&str> = self.events.iter().map(|(_, e)| e.id.0.as_str()).collect();
+            let types: Vec<&str> = self
+                .events
+                .iter()
+                .map(|(_, e)| e.event_type.as_str())
+                .collect();
+            let times: Vec<i64> = self.events.iter().map(|(_, e)| e.time).collect();
+            let bodies: Vec<&str> = self.events.iter().map(|(_, e)| e.body.as_str()).collect();
+            execute(
+                rt,
+                tx,
+                "INSERT INTO event_log (workspace_id, seq, user_seq, event_id, event_type, time, body)
+                 SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[])",
+                &[&ws.0, &seqs, &users, &ids, &types, &times, &bodies],
+            )
+            .map_err(raw)?;
+        }
+        if !self.membership_changes.is_empty() {
+            let n = count(self.membership_changes.len())?;
+            let first = rt
+                .block_on(allocate(tx, ws, Sequence::CohortMembershipChanges, n))
+                .map_err(mapped)?;
+            let seqs: Vec<i64> = (first..first + i64::from(n)).collect();
+            let rows = &self.membership_changes;
+            let cohorts: Vec<i64> = rows.iter().map(|r| r.0).collect();
+            let users: Vec<i64> = rows.iter().map(|r| i64::from(r.1)).collect();
+            let entered: Vec<bool> = rows.iter().map(|r| r.2).collect();
+            let at: Vec<i64> = rows.iter().map(|r| r.3.0).collect();
+            execute(
+                rt,
+                tx,
+                "INSERT INTO cohort_membership_changes (workspace_id, change_seq, cohort, seq, entered, at)
+                 SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bool[], $6::bigint[])",
+                &[&ws.0, &seqs, &cohorts, &users, &entered, &at],
+            )
+            .map_err(raw)?;
+        }
+        if !self.user_changes.is_empty() {
+            // One row per user is enough: the feed reloads the user as they are.
+            let mut seen = FxHashSet::default();
+            let users: Vec<i64> = self
+                .user_changes
+                .iter()
+                .filter(|u| seen.insert(**u))
+                .map(|u| i64::from(*u))
+                .collect();
+            let n = count(users.len())?;
+            let first = rt
+                .block_on(allocate(tx, ws, Sequence::SegmentUserChanges, n))
+                .map_err(mapped)?;
+            let seqs: Vec<i64> = (first..first + i64::from(n)).collect();
+            execute(
+                rt,
+                tx,
+                "INSERT INTO segment_user_changes (workspace_id, change_seq, seq)
+                 SELECT $1, * FROM unnest($2::bigint[], $3::bigint[])",
+                &[&ws.0, &seqs, &users],
+            )
+            .map_err(raw)?;
+        }
+        Ok(())
+    }
+}
+
+fn too_many(what: &str) -> StoreError {
+    StoreError::Corrupt(format!(
+        "more {what} in one transaction than a counter can number"
+    ))
+}
+
+// --- Statements ------------------------------------------------------------------------------
+
+/// The columns a user is read from, in [`user_at`]'s order, for a `users u` in the statement
+/// (a macro so statements are `concat!`ed at compile time and the statement cache keys on
+/// fixed text).
+macro_rules! user_columns {
+    () => {
+        "u.seq, u.braze_id, u.external_id, u.email, u.phone, u.created_at, u.updated_at, u.profile"
+    };
+}
+
+/// A lookup statement in both modes: writers lock the users they read (`FOR NO KEY UPDATE`:
+/// the key never changes, so other writers' foreign-key checks are not blocked), readers do
+/// not.
+macro_rules! lookup {
+    ($($sql:tt)+) => {
+        Statement {
+            write: concat!($($sql)+, " FOR NO KEY UPDATE OF u"),
+            read: concat!($($sql)+),
+        }
+    };
+}
+
+/// A statement's text for writers and for readers.
+struct Statement {
+    write: &'static str,
+    read: &'static str,
+}
+
+const BY_EXTERNAL: Statement = lookup!(
+    "SELECT ",
+    user_columns!(),
+    " FROM users u WHERE u.workspace_id = $1 AND u.external_id = ANY($2::text[])"
+);
+const BY_DEPRECATED: Statement = lookup!(
+    "SELECT d.external_id, ",
+    user_columns!(),
+    " FROM deprecated_external_ids d JOIN users u ON u.workspace_id = d.workspace_id AND u.seq = d.seq
+     WHERE d.workspace_id = $1 AND d.external_id = ANY($2::text[]) AND u.deleted_at IS NULL"
+);
+const BY_ALIAS: Statement = lookup!(
+    "SELECT a.label, a.name, ",
+    user_columns!(),
+    " FROM user_aliases a JOIN users u ON u.workspace_id = a.workspace_id AND u.seq = a.seq
+     WHERE a.workspace_id = $1 AND (a.label, a.name) IN (SELECT * FROM unnest($2::text[], $3::text[]))
+       AND u.deleted_at IS NULL"
+);
+const BY_DEVICE: Statement = lookup!(
+    "SELECT d.device_id, ",
+    user_columns!(),
+    " FROM user_devices d JOIN users u ON u.workspace_id = d.workspace_id AND u.seq = d.seq
+     WHERE d.workspace_id = $1 AND d.device_id = ANY($2::text[]) AND u.deleted_at IS NULL"
+);
+const BY_BRAZE: Statement = lookup!(
+    "SELECT ",
+    user_columns!(),
+    " FROM users u WHERE u.workspace_id = $1 AND u.braze_id = ANY($2::text[]) AND u.deleted_at IS NULL"
+);
+const BY_SEQ: Statement = lookup!(
+    "SELECT ",
+    user_columns!(),
+    " FROM users u WHERE u.workspace_id = $1 AND u.seq = ANY($2::bigint[]) AND u.deleted_at IS NULL"
+);
+const BY_EMAIL: Statement = lookup!(
+    "SELECT ",
+    user_columns!(),
+    " FROM users u WHERE u.workspace_id = $1 AND u.email = $2"
+);
+const BY_PHONE: Statement = lookup!(
+    "SELECT ",
+    user_columns!(),
+    " FROM users u WHERE u.workspace_id = $1 AND u.phone = $2"
+);
+
+type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+/// Runs a statement (prepared once per connection) and returns its rows.
+fn query(
+    rt: &Handle,
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    rt.block_on(async {
+        let stmt = tx.prepare_cached(sql).await?;
+        tx.query(&stmt, params).await
+    })
+}
+
+/// Runs a statement (prepared once per connection) and returns the rows it changed.
+fn execute(
+    rt: &Handle,
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    rt.block_on(async {
+        let stmt = tx.prepare_cached(sql).await?;
+        tx.execute(&stmt, params).await
+    })
+}
+
+/// The rows of `sql`, or none without running it when `skip` (pipelined lookups: a kind of
+/// key the request does not name).
+async fn rows_unless(
+    tx: &Transaction<'_>,
+    skip: bool,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    if skip {
+        return Ok(Vec::new());
+    }
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.query(&stmt, params).await
+}
+
+fn get<'r, T: tokio_postgres::types::FromSql<'r>>(
+    row: &'r Row,
+    at: usize,
+) -> Result<T, StoreError> {
+    row.try_get(at).map_err(pg_err)
+}
+
+fn seq_from(raw: i64, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(raw).map_err(|_| StoreError::Corrupt(format!("{what} {raw} is not a user seq")))
+}
+
+fn parsed<T, E>(
+    raw: String,
+    what: &str,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<T, StoreError> {
+    parse(&raw).map_err(|_| StoreError::Corrupt(format!("{what} {raw:?}")))
+}
+
+fn parsed_opt<T, E>(
+    raw: Option<String>,
+    what: &str,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<Option<T>, StoreError> {
+    raw.map(|r| parsed(r, what, parse)).transpose()
+}
+
+/// A user from the eight columns starting at `at` ([`user_columns`]).
+fn user_at(row: &Row, at: usize) -> Result<UserRecord, StoreError> {
+    let profile: String = get(row, at + 7)?;
+    Ok(UserRecord {
+        seq: UserSeq(seq_from(get(row, at)?, "users.seq")?),
+        braze_id: parsed(get(row, at + 1)?, "users.braze_id", BrazeId::parse)?,
+        external_id: parsed_opt(get(row, at + 2)?, "users.external_id", ExternalId::parse)?,
+        email: parsed_opt(get(row, at + 3)?, "users.email", Email::parse)?,
+        phone: parsed_opt(get(row, at + 4)?, "users.phone", Phone::parse)?,
+        created_at: Millis(get(row, at + 5)?),
+        updated_at: Millis(get(row, at + 6)?),
+        profile: profile_codec::decode(&profile)?,
+    })
+}
+
+fn alias_at(row: &Row, at: usize) -> Result<UserAlias, StoreError> {
+    Ok(UserAlias {
+        label: parsed(get(row, at)?, "user_aliases.label", AliasLabel::parse)?,
+        name: parsed(get(row, at + 1)?, "user_aliases.name", AliasName::parse)?,
+    })
+}
+
+// --- The transaction -------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A unit of work: lookups lock, writes are buffered and flushed.
+    Write,
+    /// A read-only snapshot: no locks, no writes.
+    Read,
+}
+
+/// The identifier columns of a user's row as the database has them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identifiers {
+    external_id: Option<ExternalId>,
+    email: Option<Email>,
+    phone: Option<Phone>,
+}
+
+impl Identifiers {
+    fn of(user: &UserRecord) -> Self {
+        Identifiers {
+            external_id: user.external_id.clone(),
+            email: user.email.clone(),
+            phone: user.phone.clone(),
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.external_id.is_some() || self.email.is_some() || self.phone.is_some()
+    }
+}
+
+/// What the database holds of a cached user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stored {
+    /// Created in this transaction and not inserted yet.
+    New,
+    /// A row with these identifiers.
+    Row(Identifiers),
+    /// Saved without having been loaded here: a row whose identifiers are not known.
+    Unknown,
+}
+
+/// A user this transaction loaded (and, writing, locked) or created: the truth about them.
+struct Cached {
+    user: UserRecord,
+    stored: Stored,
+    /// Saved since it was last written.
+    dirty: bool,
+}
+
+/// Which user an alias, device or deprecated external id belongs to (`None`: nobody), and
+/// whether that differs from the database.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    seq: Option<u32>,
+    dirty: bool,
+}
+
+/// A user's membership of a cohort as this transaction knows it.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    /// The database has the row.
+    stored: bool,
+    /// A member (since then) or not.
+    current: Option<Millis>,
+    /// Set or removed here: the row is rewritten.
+    touched: bool,
+}
+
+#[derive(Default)]
+struct Cache {
+    users: FxHashMap<u32, Cached>,
+    /// Deleted in this transaction.
+    deleted: FxHashSet<u32>,
+    /// Current external ids (`None`: no user has it now).
+    by_external: FxHashMap<ExternalId, Option<u32>>,
+    by_braze: FxHashMap<BrazeId, Option<u32>>,
+    aliases: FxHashMap<UserAlias, Slot>,
+    devices: FxHashMap<DeviceId, Slot>,
+    deprecated: FxHashMap<ExternalId, Slot>,
+    members: FxHashMap<(i64, u32), Member>,
+    /// Member count changes per cohort: the sum and the latest time.
+    counts: FxHashMap<i64, (i64, Millis)>,
+    /// The seq the next user created gets, once the counter is locked.
+    next_user: Option<u32>,
+    /// Users numbered from `next_user` that the counter does not count yet.
+    unbooked_users: u32,
+}
+
+impl Cache {
+    /// Takes a user read from the database. A user already cached (or deleted here) keeps
+    /// what this transaction knows; the row may be older than that.
+    fn adopt(&mut self, user: UserRecord) -> u32 {
+        let seq = user.seq.0;
+        if self.deleted.contains(&seq) || self.users.contains_key(&seq) {
+            return seq;
+        }
+        if let Some(ext) = &user.external_id {
+            point(&mut self.by_external, &self.users, ext, seq);
+        }
+        point(&mut self.by_braze, &self.users, &user.braze_id, seq);
+        self.users.insert(
+            seq,
+            Cached {
+                stored: Stored::Row(Identifiers::of(&user)),
+                user,
+                dirty: false,
+            },
+        );
+        seq
+    }
+
+    fn live(&self, seq: u32) -> Option<&UserRecord> {
+        self.users.get(&seq).map(|c| &c.user)
+    }
+
+    /// Forgets every slot that points at `seq` (its rows were deleted).
+    fn unpoint_slots(&mut self, seq: u32) {
+        for slot in self
+            .aliases
+            .values_mut()
+            .chain(self.devices.values_mut())
+            .chain(self.deprecated.values_mut())
+        {
+            if slot.seq == Some(seq) {
+                *slot = Slot {
+                    seq: None,
+                    dirty: false,
+                };
+            }
+        }
+    }
+}
+
+/// Points `key` at `seq` unless it points at another user this transaction holds (whose
+/// state is the truth).
+fn point<K: std::hash::Hash + Eq + Clone>(
+    index: &mut FxHashMap<K, Option<u32>>,
+    users: &FxHashMap<u32, Cached>,
+    key: &K,
+    seq: u32,
+) {
+    match index.get(key) {
+        Some(Some(other)) if *other != seq && users.contains_key(other) => {}
+        Some(Some(other)) if *other == seq => {}
+        _ => {
+            index.insert(key.clone(), Some(seq));
+        }
+    }
+}
+
+/// Records `seq` for `key` unless the transaction already knows the key's owner.
+fn learn<K: std::hash::Hash + Eq + Clone>(
+    slots: &mut FxHashMap<K, Slot>,
+    key: &K,
+    seq: Option<u32>,
+) {
+    if !slots.contains_key(key) {
+        slots.insert(key.clone(), Slot { seq, dirty: false });
+    }
+}
+
+/// Points a slot at `seq` (or at nobody); true if that changed it.
+fn set_slot<K: std::hash::Hash + Eq + Clone>(
+    slots: &mut FxHashMap<K, Slot>,
+    key: &K,
+    seq: Option<u32>,
+) -> bool {
+    match slots.get_mut(key) {
+        Some(slot) if slot.seq == seq => false,
+        Some(slot) => {
+            *slot = Slot { seq, dirty: true };
+            true
+        }
+        None => {
+            slots.insert(key.clone(), Slot { seq, dirty: true });
+            true
+        }
+    }
+}
+
+/// One workspace's view inside a transaction: the [`UserTx`] and [`CohortTx`] a unit of work
+/// runs on (or, reading, the [`UserLookup`]).
+struct PgTx<'t, 'c> {
+    rt: &'t Handle,
+    tx: &'t Transaction<'c>,
+    ws: WorkspaceId,
+    mode: Mode,
+    cache: Cache,
+    logs: Logs,
+    /// The class of the first database error: it decides whether the work runs again.
+    failure: Option<Failure>,
+}
+
+impl<'t, 'c> PgTx<'t, 'c> {
+    fn new(rt: &'t Handle, tx: &'t Transaction<'c>, ws: WorkspaceId, mode: Mode) -> Self {
+        PgTx {
+            rt,
+            tx,
+            ws,
+            mode,
+            cache: Cache::default(),
+            logs: Logs::default(),
+            failure: None,
+        }
+    }
+}
+
+impl PgTx<'_, '_> {
+    /// Notes a database error's class (the first one counts: after it the transaction only
+    /// refuses) and maps it.
+    fn fail(&mut self, e: tokio_postgres::Error) -> StoreError {
+        let failure = Failure::of(&e);
+        self.failure.get_or_insert(failure);
+        pg_err(e)
+    }
+
+    fn fail_mapped(&mut self, e: StoreError) -> StoreError {
+        self.failure.get_or_insert(Failure::of_mapped(&e));
+        e
+    }
+
+    fn query(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, StoreError> {
+        query(self.rt, self.tx, sql, params).map_err(|e| self.fail(e))
+    }
+
+    fn execute(&mut self, sql: &str, params: &Params<'_>) -> Result<u64, StoreError> {
+        execute(self.rt, self.tx, sql, params).map_err(|e| self.fail(e))
+    }
+
+    fn text(&self, statement: &Statement) -> &'static str {
+        match self.mode {
+            Mode::Write => statement.write,
+            Mode::Read => statement.read,
+        }
+    }
+
+    fn allocate(&mut self, sequence: Sequence, n: u32) -> Result<i64, StoreError> {
+        let (rt, tx) = (self.rt, self.tx);
+        rt.block_on(allocate(tx, self.ws, sequence, n))
+            .map_err(|e| self.fail_mapped(e))
+    }
+
+    /// Loads the users these keys name, and what each key points at (nobody included), with
+    /// one statement per kind of key, all sent at once. Keys already known are skipped.
+    fn load(
+        &mut self,
+        externals: &[&ExternalId],
+        aliases: &[&UserAlias],
+        brazes: &[&BrazeId],
+        devices: &[&DeviceId],
+    ) -> Result<(), StoreError> {
+        let c = &self.cache;
+        let mut seen = FxHashSet::default();
+        let ext: Vec<&str> = externals
+            .iter()
+            .filter(|e| !c.by_external.contains_key(**e) && seen.insert(e.as_str()))
+            .map(|e| e.as_str())
+            .collect();
+        let mut seen = FxHashSet::default();
+        let dep: Vec<&str> = externals
+            .iter()
+            .filter(|e| !c.deprecated.contains_key(**e) && seen.insert(e.as_str()))
+            .map(|e| e.as_str())
+            .collect();
+        let mut seen = FxHashSet::default();
+        let (labels, names): (Vec<&str>, Vec<&str>) = aliases
+            .iter()
+            .filter(|a| !c.aliases.contains_key(**a) && seen.insert(**a))
+            .map(|a| (a.label.as_str(), a.name.as_str()))
+            .unzip();
+        let mut seen = FxHashSet::default();
+        let braze: Vec<&str> = brazes
+            .iter()
+            .filter(|b| !c.by_braze.contains_key(**b) && seen.insert(b.as_str()))
+            .map(|b| b.as_str())
+            .collect();
+        let mut seen = FxHashSet::default();
+        let dev: Vec<&str> = devices
+            .iter()
+            .filter(|d| !c.devices.contains_key(**d) && seen.insert(d.as_str()))
+            .map(|d| d.as_str())
+            .collect();
+        if ext.is_empty()
+            && dep.is_empty()
+            && labels.is_empty()
+            && braze.is_empty()
+            && dev.is_empty()
+        {
+            return Ok(());
+        }
+        let (rt, tx, ws) = (self.rt, self.tx, self.ws.0);
+        let sql = [
+            self.text(&BY_EXTERNAL),
+            self.text(&BY_DEPRECATED),
+            self.text(&BY_ALIAS),
+            self.text(&BY_BRAZE),
+            self.text(&BY_DEVICE),
+        ];
+        // Sent back to back on the connection: one round trip for all of them.
+        let params: [&Params<'_>; 5] = [
+            &[&ws, &ext],
+            &[&ws, &dep],
+            &[&ws, &labels, &names],
+            &[&ws, &braze],
+            &[&ws, &dev],
+        ];
+        let (by_ext, by_dep, by_alias, by_braze, by_dev) = rt.block_on(async {
+            tokio::join!(
+                rows_unless(tx, ext.is_empty(), sql[0], params[0]),
+                rows_unless(tx, dep.is_empty(), sql[1], params[1]),
+                rows_unless(tx, labels.is_empty(), sql[2], params[2]),
+                rows_unless(tx, braze.is_empty(), sql[3], params[3]),
+                rows_unless(tx, dev.is_empty(), sql[4], params[4]),
+            )
+        });
+        let (by_ext, by_dep, by_alias, by_braze, by_dev) = (
+            by_ext.map_err(|e| self.fail(e))?,
+            by_dep.map_err(|e| self.fail(e))?,
+            by_alias.map_err(|e| self.fail(e))?,
+            by_braze.map_err(|e| self.fail(e))?,
+            by_dev.map_err(|e| self.fail(e))?,
+        );
+        let cache = &mut self.cache;
+        for row in &by_ext {
+            cache.adopt(user_at(row, 0)?);
+        }
+        for row in &by_braze {
+            cache.adopt(user_at(row, 0)?);
+        }
+        for row in &by_dep {
+            let key = parsed(
+                get(row, 0)?,
+                "deprecated_external_ids.external_id",
+                ExternalId::parse,
+            )?;
+            let seq = cache.adopt(user_at(row, 1)?);
+            learn(&mut cache.deprecated, &key, Some(seq));
+        }
+        for row in &by_alias {
+            let alias = alias_at(row, 0)?;
+            let seq = cache.adopt(user_at(row, 2)?);
+            learn(&mut cache.aliases, &alias, Some(seq));
+        }
+        for row in &by_dev {
+            let device = parsed(get(row, 0)?, "user_devices.device_id", DeviceId::parse)?;
+            let seq = cache.adopt(user_at(row, 1)?);
+            learn(&mut cache.devices, &device, Some(seq));
+        }
+        // What was asked and not found belongs to nobody.
+        for e in externals {
+            cache.by_external.entry((*e).clone()).or_insert(None);
+            learn(&mut cache.deprecated, *e, None);
+        }
+        for a in aliases {
+            learn(&mut cache.aliases, *a, None);
+        }
+        for b in brazes {
+            cache.by_braze.entry((*b).clone()).or_insert(None);
+        }
+        for d in devices {
+            learn(&mut cache.devices, *d, None);
+        }
+        Ok(())
+    }
+
+    /// `seq` if that user is alive, loading them if this transaction has not yet.
+    fn live(&mut self, seq: u32) -> Result<Option<u32>, StoreError> {
+        let ws = self.ws.0;
+        if self.cache.users.contains_key(&seq) {
+            return Ok(Some(seq));
+        }
+        if self.cache.deleted.contains(&seq) {
+            return Ok(None);
+        }
+        let sql = self.text(&BY_SEQ);
+        let rows = self.query(sql, &[&ws, &vec![i64::from(seq)]])?;
+        for row in &rows {
+            self.cache.adopt(user_at(row, 0)?);
+        }
+        Ok(self.cache.users.contains_key(&seq).then_some(seq))
+    }
+
+    fn resolve_external(&mut self, id: &ExternalId) -> Result<Option<u32>, StoreError> {
+        if !self.cache.by_external.contains_key(id) || !self.cache.deprecated.contains_key(id) {
+            self.load(&[id], &[], &[], &[])?;
+        }
+        if let Some(Some(seq)) = self.cache.by_external.get(id).copied()
+            && let Some(seq) = self.live(seq)?
+        {
+            return Ok(Some(seq));
+        }
+        match self.cache.deprecated.get(id).and_then(|s| s.seq) {
+            Some(seq) => self.live(seq),
+            None => Ok(None),
+        }
+    }
+
+    fn resolve_alias(&mut self, alias: &UserAlias) -> Result<Option<u32>, StoreError> {
+        if !self.cache.aliases.contains_key(alias) {
+            self.load(&[], &[alias], &[], &[])?;
+        }
+        match self.cache.aliases.get(alias).and_then(|s| s.seq) {
+            Some(seq) => self.live(seq),
+            None => Ok(None),
+        }
+    }
+
+    fn resolve_device(&mut self, device: &DeviceId) -> Result<Option<u32>, StoreError> {
+        if !self.cache.devices.contains_key(device) {
+            self.load(&[], &[], &[], &[device])?;
+        }
+        match self.cache.devices.get(device).and_then(|s| s.seq) {
+            Some(seq) => self.live(seq),
+            None => Ok(None),
+        }
+    }
+
+    fn record(&self, seq: Option<u32>) -> Option<UserRecord> {
+        seq.and_then(|s| self.cache.live(s)).cloned()
+    }
+
+    /// Every live user whose `column` (email or phone) is `value`, most recently updated
+    /// first. Pending writes go first, so the database's index answers for every user.
+    fn by_contact(
+        &mut self,
+        statement: &Statement,
+        value: &str,
+    ) -> Result<Vec<UserRecord>, StoreError> {
+        let ws = self.ws.0;
+        self.sync()?;
+        let sql = self.text(statement);
+        let rows = self.query(sql, &[&ws, &value])?;
+        let mut seqs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            seqs.push(self.cache.adopt(user_at(row, 0)?));
+        }
+        let mut users: Vec<UserRecord> = seqs
+            .into_iter()
+            .filter_map(|s| self.cache.live(s).cloned())
+            .collect();
+        users.sort_by_key(|u| std::cmp::Reverse((u.updated_at, u.seq.0)));
+        Ok(users)
+    }
+
+    /// `seq`'s rows of a slot table (aliases or devices) as this transaction sees them: the
+    /// database's, less those it moved or removed, plus those it gave `seq`.
+    fn owned<K: std::hash::Hash + Eq + Clone>(
+        stored: Vec<K>,
+        slots: &FxHashMap<K, Slot>,
+        seq: u32,
+    ) -> Vec<K> {
+        let mut out: Vec<K> = stored
+            .into_iter()
+            .filter(|k| slots.get(k).is_none_or(|s| s.seq == Some(seq)))
+            .collect();
+        for (k, slot) in slots {
+            if slot.seq == Some(seq) && !out.contains(k) {
+                out.push(k.clone());
+            }
+        }
+        out
+    }
+
+    // --- writing -----------------------------------------------------------------------------
+
+    /// A fresh dense seq: the first of the transaction locks the workspace's users counter
+    /// (until commit), the rest count on locally and are booked by [`PgTx::book_users`].
+    fn new_seq(&mut self) -> Result<u32, StoreError> {
+        if let Some(next) = self.cache.next_user {
+            let after = next.checked_add(1).ok_or_else(|| too_many("users"))?;
+            self.cache.next_user = Some(after);
+            self.cache.unbooked_users += 1;
+            return Ok(next);
+        }
+        let first = self.allocate(Sequence::Users, 1)?;
+        let seq = seq_from(first, "the users counter")?;
+        self.cache.next_user = Some(seq.checked_add(1).ok_or_else(|| too_many("users"))?);
+        Ok(seq)
+    }
+
+    fn create(
+        &mut self,
+        braze_id: BrazeId,
+        external_id: Option<&ExternalId>,
+        now: Millis,
+    ) -> Result<UserRecord, StoreError> {
+        let seq = self.new_seq()?;
+        let mut user = UserRecord::new(UserSeq(seq), braze_id, now);
+        user.external_id = external_id.cloned();
+        let cache = &mut self.cache;
+        if let Some(ext) = external_id {
+            cache.by_external.insert(ext.clone(), Some(seq));
+        }
+        cache.by_braze.insert(user.braze_id.clone(), Some(seq));
+        cache.users.insert(
+            seq,
+            Cached {
+                user: user.clone(),
+                stored: Stored::New,
+                dirty: true,
+            },
+        );
+        Ok(user)
+    }
+
+    /// Writes everything buffered except the logs: users, aliases, devices, deprecated ids,
+    /// cohort membership and counts, and books the users created. After it the database holds
+    /// what this transaction knows.
+    fn sync(&mut self) -> Result<(), StoreError> {
+        if self.mode == Mode::Read {
+            return Ok(());
+        }
+        self.write_users()?;
+        self.book_users()?;
+        self.write_slots()?;
+        self.write_members()
+    }
+
+    /// Inserts the new users and updates the saved ones, one statement each (two when an
+    /// external id moved: it is cleared first, so a swap within the batch does not trip the
+    /// unique index halfway).
+    fn write_users(&mut self) -> Result<(), StoreError> {
+        let mut dirty: Vec<u32> = self
+            .cache
+            .users
+            .iter()
+            .filter(|(_, c)| c.dirty)
+            .map(|(s, _)| *s)
+            .collect();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        dirty.sort_unstable();
+        let users = &self.cache.users;
+        let (new, saved): (Vec<u32>, Vec<u32>) = dirty
+            .iter()
+            .partition(|s| users.get(s).is_some_and(|c| c.stored == Stored::New));
+        let changed: Vec<u32> = saved
+            .iter()
+            .copied()
+            .filter(|s| {
+                users.get(s).is_some_and(|c| match &c.stored {
+                    Stored::Row(ids) => *ids != Identifiers::of(&c.user),
+                    Stored::New | Stored::Unknown => true,
+                })
+            })
+            .collect();
+        let moved: Vec<i64> = changed
+            .iter()
+            .filter(|s| {
+                users.get(s).is_some_and(|c| match &c.stored {
+                    Stored::Row(ids) => {
+                        ids.external_id.is_some() && ids.external_id != c.user.external_id
+                    }
+                    Stored::New | Stored::Unknown => true,
+                })
+            })
+            .map(|s| i64::from(*s))
+            .collect();
+        let (rt, tx, ws) = (self.rt, self.tx, self.ws.0);
+        let result = (|| {
+            if !moved.is_empty() {
+                execute(
+                    rt,
+                    tx,
+                    "UPDATE users SET external_id = NULL WHERE workspace_id = $1 AND seq = ANY($2::bigint[]) AND deleted_at IS NULL",
+                    &[&ws, &moved],
+                )?;
+            }
+            let mut updated = 0;
+            if !saved.is_empty() {
+                let rows = Columns::of(users, &saved);
+                updated = execute(
+                    rt,
+                    tx,
+                    "UPDATE users AS u SET external_id = v.external_id, email = v.email, phone = v.phone,
+                            created_at = v.created_at, updated_at = v.updated_at, profile = v.profile
+                     FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::text[])
+                          AS v(seq, external_id, email, phone, created_at, updated_at, profile)
+                     WHERE u.workspace_id = $1 AND u.seq = v.seq AND u.deleted_at IS NULL",
+                    &[&ws, &rows.seq, &rows.external_id, &rows.email, &rows.phone, &rows.created_at, &rows.updated_at, &rows.profile],
+                )?;
+            }
+            if !new.is_empty() {
+                let rows = Columns::of(users, &new);
+                execute(
+                    rt,
+                    tx,
+                    "INSERT INTO users (workspace_id, seq, braze_id, external_id, email, phone, created_at, updated_at, profile)
+                     SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::text[])",
+                    &[&ws, &rows.seq, &rows.braze_id, &rows.external_id, &rows.email, &rows.phone, &rows.created_at, &rows.updated_at, &rows.profile],
+                )?;
+            }
+            Ok(updated)
+        })();
+        let updated = result.map_err(|e| self.fail(e))?;
+        if updated != saved.len() as u64 {
+            // A save of a user whose row is gone (deleted by another transaction before this
+            // one locked it): as SQLite answers a save that changes no row.
+            return Err(StoreError::NotFound(format!(
+                "{} of {} saved users",
+                saved.len() as u64 - updated.min(saved.len() as u64),
+                saved.len()
+            )));
+        }
+        self.logs.user_changes.extend(new.iter().chain(&changed));
+        for seq in dirty {
+            if let Some(c) = self.cache.users.get_mut(&seq) {
+                c.stored = Stored::Row(Identifiers::of(&c.user));
+                c.dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Advances the users counter past the users numbered locally (it is still locked by this
+    /// transaction, so nobody else moved it).
+    fn book_users(&mut self) -> Result<(), StoreError> {
+        let n = self.cache.unbooked_users;
+        if n == 0 {
+            return Ok(());
+        }
+        let first = self.allocate(Sequence::Users, n)?;
+        let expected = self
+            .cache
+            .next_user
+            .map(|next| i64::from(next) - i64::from(n));
+        if Some(first) != expected {
+            return Err(StoreError::Corrupt(format!(
+                "the users counter moved while this transaction held it (at {first}, expected {expected:?})"
+            )));
+        }
+        self.cache.unbooked_users = 0;
+        Ok(())
+    }
+
+    fn write_slots(&mut self) -> Result<(), StoreError> {
+        let (rt, tx, ws) = (self.rt, self.tx, self.ws.0);
+        let cache = &self.cache;
+        let result = (|| {
+            let (put, gone) = dirty_slots(&cache.aliases);
+            if !gone.is_empty() {
+                let (labels, names): (Vec<&str>, Vec<&str>) = gone
+                    .iter()
+                    .map(|a| (a.label.as_str(), a.name.as_str()))
+                    .unzip();
+                execute(
+                    rt,
+                    tx,
+                    "DELETE FROM user_aliases WHERE workspace_id = $1
+                       AND (label, name) IN (SELECT * FROM unnest($2::text[], $3::text[]))",
+                    &[&ws, &labels, &names],
+                )?;
+            }
+            if !put.is_empty() {
+                let (labels, names): (Vec<&str>, Vec<&str>) = put
+                    .iter()
+                    .map(|(a, _)| (a.label.as_str(), a.name.as_str()))
+                    .unzip();
+                let seqs: Vec<i64> = put.iter().map(|(_, s)| *s).collect();
+                execute(
+                    rt,
+                    tx,
+                    "INSERT INTO user_aliases (workspace_id, label, name, seq)
+                     SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[])
+                     ON CONFLICT (workspace_id, label, name) DO UPDATE SET seq = EXCLUDED.seq",
+                    &[&ws, &labels, &names, &seqs],
+                )?;
+            }
+            let (put, gone) = dirty_slots(&cache.devices);
+            if !gone.is_empty() {
+                let keys: Vec<&str> = gone.iter().map(|d| d.as_str()).collect();
+                execute(
+                    rt,
+                    tx,
+                    "DELETE FROM user_devices WHERE workspace_id = $1 AND device_id = ANY($2::text[])",
+                    &[&ws, &keys],
+                )?;
+            }
+            if !put.is_empty() {
+                let keys: Vec<&str> = put.iter().map(|(d, _)| d.as_str()).collect();
+                let seqs: Vec<i64> = put.iter().map(|(_, s)| *s).collect();
+                execute(
+                    rt,
+                    tx,
+                    "INSERT INTO user_devices (workspace_id, device_id, seq)
+                     SELECT $1, * FROM unnest($2::text[], $3::bigint[])
+                     ON CONFLICT (workspace_id, device_id) DO UPDATE SET seq = EXCLUDED.seq",
+                    &[&ws, &keys, &seqs],
+                )?;
+            }
+            let (put, gone) = dirty_slots(&cache.deprecated);
+            if !gone.is_empty() {
+                let keys: Vec<&str> = gone.iter().map(|e| e.as_str()).collect();
+                execute(
+                    rt,
+                    tx,
+                    "DELETE FROM deprecated_external_ids WHERE workspace_id = $1 AND external_id = ANY($2::text[])",
+                    &[&ws, &keys],
+                )?;
+            }
+            if !put.is_empty() {
+                let keys: Vec<&str> = put.iter().map(|(e, _)| e.as_str()).collect();
+                let seqs: Vec<i64> = put.iter().map(|(_, s)| *s).collect();
+                execute(
+                    rt,
+                    tx,
+                    "INSERT INTO deprecated_external_ids (workspace_id, external_id, seq)
+                     SELECT $1, * FROM unnest($2::text[], $3::bigint[])
+                     ON CONFLICT (workspace_id, external_id) DO UPDATE SET seq = EXCLUDED.seq",
+                    &[&ws, &keys, &seqs],
+                )?;
+            }
+            Ok(())
+        })();
+        result.map_err(|e| self.fail(e))?;
+        let cache = &mut self.cache;
+        for slot in cache
+            .aliases
+            .values_mut()
+            .chain(cache.devices.values_mut())
+            .chain(cache.deprecated.values_mut())
+        {
+            slot.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Writes membership rows set or removed here and the member counts.
+    fn write_members(&mut self) -> Result<(), StoreError> {
+        let touched: Vec<((i64, u32), Member)> = self
+            .cache
+            .members
+            .iter()
+            .filter(|(_, m)| m.touched)
+            .map(|(k, m)| (*k, *m))
+            .collect();
+        if touched.is_empty() && self.cache.counts.is_empty() {
+            return Ok(());
+        }
+        let (gone_c, gone_u): (Vec<i64>, Vec<i64>) = touched
+            .iter()
+            .filter(|(_, m)| m.stored)
+            .map(|((c, u), _)| (*c, i64::from(*u)))
+            .unzip();
+        let mut put_c = Vec::new();
+        let mut put_u = Vec::new();
+        let mut put_at = Vec::new();
+        for ((c, u), m) in &touched {
+            if let Some(at) = m.current {
+                put_c.push(*c);
+                put_u.push(i64::from(*u));
+                put_at.push(at.0);
+            }
+        }
+        let mut counts: Vec<(i64, i64, i64)> = self
+            .cache
+            .counts
+            .iter()
+            .map(|(c, (d, at))| (*c, *d, at.0))
+            .collect();
+        counts.sort_unstable();
+        let (rt, tx, ws) = (self.rt, self.tx, self.ws.0);
+        let result = (|| {
+            let mut deleted = 0;
+            if !gone_c.is_empty() {
+                deleted = execute(
+                    rt,
+                    tx,
+                    "DELETE FROM cohort_members WHERE workspace_id = $1
+                       AND (cohort, seq) IN (SELECT * FROM unnest($2::bigint[], $3::bigint[]))",
+                    &[&ws, &gone_c, &gone_u],
+                )?;
+            }
+            if !put_c.is_empty() {
+                execute(
+                    rt,
+                    tx,
+                    "INSERT INTO cohort_members (workspace_id, cohort, seq, entered_at)
+                     SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[])",
+                    &[&ws, &put_c, &put_u, &put_at],
+                )?;
+            }
+            if !counts.is_empty() {
+                let ids: Vec<i64> = counts.iter().map(|c| c.0).collect();
+                let deltas: Vec<i64> = counts.iter().map(|c| c.1).collect();
+                let at: Vec<i64> = counts.iter().map(|c| c.2).collect();
+                execute(
+                    rt,
+                    tx,
+                    "UPDATE cohorts AS c SET member_count = c.member_count + v.delta, updated_at = v.at
+                     FROM unnest($2::bigint[], $3::bigint[], $4::bigint[]) AS v(id, delta, at)
+                     WHERE c.workspace_id = $1 AND c.id = v.id",
+                    &[&ws, &ids, &deltas, &at],
+                )?;
+            }
+            Ok(deleted)
+        })();
+        let deleted = result.map_err(|e| self.fail(e))?;
+        if deleted != gone_c.len() as u64 {
+            // Another transaction removed a membership this one read: run the work again.
+            self.failure.get_or_insert(Failure::Conflict);
+            return Err(StoreError::Conflict(
+                "cohort membership changed by another transaction".into(),
+            ));
+        }
+        for ((c, u), m) in touched {
+            self.cache.members.insert(
+                (c, u),
+                Member {
+                    stored: m.current.is_some(),
+                    current: m.current,
+                    touched: false,
+                },
+            );
+        }
+        self.cache.counts.clear();
+        Ok(())
+    }
+
+    /// Makes sure the membership of `user` in `cohort` is known, loading it for every user
+    /// this transaction holds at once (cohort import sets many members of one cohort).
+    fn know_membership(&mut self, cohort: i64, user: u32) -> Result<(), StoreError> {
+        let ws = self.ws.0;
+        if self.cache.members.contains_key(&(cohort, user)) {
+            return Ok(());
+        }
+        let mut seqs: Vec<u32> = self
+            .cache
+            .users
+            .keys()
+            .copied()
+            .filter(|s| *s != user && !self.cache.members.contains_key(&(cohort, *s)))
+            .collect();
+        seqs.push(user);
+        let wanted: Vec<i64> = seqs.iter().map(|s| i64::from(*s)).collect();
+        let rows = self.query(
+            "SELECT seq, entered_at FROM cohort_members WHERE workspace_id = $1 AND cohort = $2 AND seq = ANY($3::bigint[])",
+            &[&ws, &cohort, &wanted],
+        )?;
+        for s in seqs {
+            self.cache.members.insert(
+                (cohort, s),
+                Member {
+                    stored: false,
+                    current: None,
+                    touched: false,
+                },
+            );
+        }
+        for row in &rows {
+            let seq = seq_from(get(row, 0)?, "cohort_members.seq")?;
+            self.cache.members.insert(
+                (cohort, seq),
+                Member {
+                    stored: true,
+                    current: Some(Millis(get(row, 1)?)),
+                    touched: false,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The cohorts `user` is a member of (written memberships first, so the table answers).
+    fn cohorts_of(&mut self, user: u32) -> Result<Vec<i64>, StoreError> {
+        let ws = self.ws.0;
+        self.write_members()?;
+        let rows = self.query(
+            "SELECT cohort FROM cohort_members WHERE workspace_id = $1 AND seq = $2 ORDER BY cohort",
+            &[&ws, &i64::from(user)],
+        )?;
+        rows.iter().map(|r| get(r, 0)).collect()
+    }
+}
+
+/// The dirty slots of a map: those now pointing at a user, and those pointing at nobody.
+fn dirty_slots<K: std::hash::Hash + Eq>(slots: &FxHashMap<K, Slot>) -> (Vec<(&K, i64)>, Vec<&K>) {
+    let mut put = Vec::new();
+    let mut gone = Vec::new();
+    for (k, slot) in slots.iter().filter(|(_, s)| s.dirty) {
+        match slot.seq {
+            Some(seq) => put.push((k, i64::from(seq))),
+            None => gone.push(k),
+        }
+    }
+    (put, gone)
+}
+
+/// The `users` columns of some cached users, as arrays for `unnest`.
+struct Columns<'a> {
+    seq: Vec<i64>,
+    braze_id: Vec<&'a str>,
+    external_id: Vec<Option<&'a str>>,
+    email: Vec<Option<&'a str>>,
+    phone: Vec<Option<&'a str>>,
+    created_at: Vec<i64>,
+    updated_at: Vec<i64>,
+    profile: Vec<String>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(users: &'a FxHashMap<u32, Cached>, seqs: &[u32]) -> Self {
+        let mut cols = Columns {
+            seq: Vec::with_capacity(seqs.len()),
+            braze_id: Vec::with_capacity(seqs.len()),
+            external_id: Vec::with_capacity(seqs.len()),
+            email: Vec::with_capacity(seqs.len()),
+            phone: Vec::with_capacity(seqs.len()),
+            created_at: Vec::with_capacity(seqs.len()),
+            updated_at: Vec::with_capacity(seqs.len()),
+            profile: Vec::with_capacity(seqs.len()),
+        };
+        for user in seqs.iter().filter_map(|s| users.get(s)).map(|c| &c.user) {
+            cols.seq.push(i64::from(user.seq.0));
+            cols.braze_id.push(user.braze_id.as_str());
+            cols.external_id
+                .push(user.external_id.as_ref().map(ExternalId::as_str));
+            cols.email.push(user.email.as_ref().map(Email::as_str));
+            cols.phone.push(user.phone.as_ref().map(Phone::as_str));
+            cols.created_at.push(user.created_at.0);
+            cols.updated_at.push(user.updated_at.0);
+            cols.profile.push(profile_codec::encode(&user.profile));
+        }
+        cols
+    }
+}
+
+impl UserLookup for PgTx<'_, '_> {
+    fn user_by_external_id(&mut self, id: &ExternalId) -> Result<Option<UserRecord>, StoreError> {
+        let seq = self.resolve_external(id)?;
+        Ok(self.record(seq))
+    }
+
+    fn user_by_alias(&mut self, alias: &UserAlias) -> Result<Option<UserRecord>, StoreError> {
+        let seq = self.resolve_alias(alias)?;
+        Ok(self.record(seq))
+    }
+
+    fn user_by_braze_id(&mut self, id: &BrazeId) -> Result<Option<UserRecord>, StoreError> {
+        if !self.cache.by_braze.contains_key(id) {
+            self.load(&[], &[], &[id], &[])?;
+        }
+        let seq = match self.cache.by_braze.get(id).copied().flatten() {
+            Some(seq) => self.live(seq)?,
+            None => None,
+        };
+        Ok(self.record(seq))
+    }
+
+    fn user_by_device(&mut self, device: &DeviceId) -> Result<Option<UserRecord>, StoreError> {
+        let seq = self.resolve_device(device)?;
+        Ok(self.record(seq))
+    }
+
+    fn users_by_email(&mut self, email: &Email) -> Result<Vec<UserRecord>, StoreError> {
+        self.by_contact(&BY_EMAIL, email.as_str())
+    }
+
+    fn users_by_phone(&mut self, phone: &Phone) -> Result<Vec<UserRecord>, StoreError> {
+        self.by_contact(&BY_PHONE, phone.as_str())
+    }
+
+    fn aliases_of(&mut self, user: UserSeq) -> Result<Vec<UserAlias>, StoreError> {
+        let ws = self.ws.0;
+        let rows = self.query(
+            "SELECT label, name FROM user_aliases WHERE workspace_id = $1 AND seq = $2",
+            &[&ws, &i64::from(user.0)],
+        )?;
+        let stored = rows
+            .iter()
+            .map(|r| alias_at(r, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Self::owned(stored, &self.cache.aliases, user.0);
+        out.sort_by(|a, b| {
+            (a.label.as_str(), a.name.as_str()).cmp(&(b.label.as_str(), b.name.as_str()))
+        });
+        Ok(out)
+    }
+
+    fn devices_of(&mut self, user: UserSeq) -> Result<Vec<DeviceId>, StoreError> {
+        let ws = self.ws.0;
+        let rows = self.query(
+            "SELECT device_id FROM user_devices WHERE workspace_id = $1 AND seq = $2",
+            &[&ws, &i64::from(user.0)],
+        )?;
+        let stored = rows
+            .iter()
+            .map(|r| parsed(get(r, 0)?, "user_devices.device_id", DeviceId::parse))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Self::owned(stored, &self.cache.devices, user.0);
+        out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Ok(out)
+    }
+
+    fn is_deprecated_external_id(&mut self, id: &ExternalId) -> Result<bool, StoreError> {
+        if !self.cache.deprecated.contains_key(id) {
+            self.load(&[id], &[], &[], &[])?;
+        }
+        Ok(self
+            .cache
+            .deprecated
+            .get(id)
+            .is_some_and(|s| s.seq.is_some()))
+    }
+
+    fn prefetch(&mut self, keys: &[Lookup<'_>]) -> Result<(), StoreError> {
+        let mut externals = Vec::new();
+        let mut aliases = Vec::new();
+        let mut brazes = Vec::new();
+        let mut devices = Vec::new();
+        for key in keys {
+            match key {
+                Lookup::External(e) => externals.push(*e),
+                Lookup::Alias(a) => aliases.push(*a),
+                Lookup::Braze(b) => brazes.push(*b),
+                Lookup::Device(d) => devices.push(*d),
+                // Answered by the database's index after pending writes (`by_contact`):
+                // loading them here would not save that statement.
+                Lookup::Email(_) | Lookup::Phone(_) => {}
+            }
+        }
+        self.load(&externals, &aliases, &brazes, &devices)
+    }
+
+    fn seq_by_external_id(&mut self, id: &ExternalId) -> Result<Option<UserSeq>, StoreError> {
+        Ok(self.resolve_external(id)?.map(UserSeq))
+    }
+
+    fn seq_by_alias(&mut self, alias: &UserAlias) -> Result<Option<UserSeq>, StoreError> {
+        Ok(self.resolve_alias(alias)?.map(UserSeq))
+    }
+
+    fn anonymous_seq_by_device(
+        &mut self,
+        device: &DeviceId,
+    ) -> Result<Option<UserSeq>, StoreError> {
+        let seq = self.resolve_device(device)?;
+        Ok(seq
+            .filter(|s| self.cache.live(*s).is_some_and(|u| !u.is_identified()))
+            .map(UserSeq))
+    }
+}
+
+impl UserTx for PgTx<'_, '_> {
+    fn create_user(&mut self, braze_id: BrazeId, now: Millis) -> Result<UserRecord, StoreError> {
+        self.create(braze_id, None, now)
+    }
+
+    fn create_user_with_external_id(
+        &mut self,
+        braze_id: BrazeId,
+        external_id: &ExternalId,
+        now: Millis,
+    ) -> Result<UserRecord, StoreError> {
+        self.create(braze_id, Some(external_id), now)
+    }
+
+    fn save_user(&mut self, user: UserRecord) -> Result<(), StoreError> {
+        let seq = user.seq.0;
+        if self.cache.deleted.contains(&seq) {
+            return Err(StoreError::NotFound(format!("user {}", user.braze_id)));
+        }
+        let cache = &mut self.cache;
+        let old_ext = match cache.users.get(&seq) {
+            Some(c) => c.user.external_id.clone(),
+            None => None,
+        };
+        if old_ext != user.external_id {
+            if let Some(old) = old_ext
+                && cache.by_external.get(&old) == Some(&Some(seq))
+            {
+                cache.by_external.insert(old, None);
+            }
+            if let Some(new) = &user.external_id {
+                cache.by_external.insert(new.clone(), Some(seq));
+            }
+        }
+        match cache.users.get_mut(&seq) {
+            Some(c) => {
+                c.user = user;
+                c.dirty = true;
+            }
+            None => {
+                cache.by_braze.insert(user.braze_id.clone(), Some(seq));
+                cache.users.insert(
+                    seq,
+                    Cached {
+                        user,
+                        stored: Stored::Unknown,
+                        dirty: true,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_user(&mut self, user: UserSeq, now: Millis) -> Result<(), StoreError> {
+        let ws = self.ws.0;
+        let seq = user.0;
+        if self.live(seq)?.is_none() {
+            return Ok(());
+        }
+        for cohort in self.cohorts_of(seq)? {
+            if self.set_member(CohortKey(cohort), user, false, now)? {
+                self.adjust_member_count(CohortKey(cohort), -1, now)?;
+            }
+        }
+        // Everything pending goes first: the deletes below act on the tables.
+        self.sync()?;
+        let params: [&(dyn ToSql + Sync); 2] = [&ws, &i64::from(seq)];
+        for sql in [
+            "DELETE FROM user_aliases WHERE workspace_id = $1 AND seq = $2",
+            "DELETE FROM user_devices WHERE workspace_id = $1 AND seq = $2",
+            "DELETE FROM deprecated_external_ids WHERE workspace_id = $1 AND seq = $2",
+        ] {
+            self.execute(sql, &params)?;
+        }
+        self.execute(
+            "UPDATE users SET external_id = NULL, email = NULL, phone = NULL, profile = '{}', deleted_at = $3, updated_at = $3
+             WHERE workspace_id = $1 AND seq = $2",
+            &[&ws, &i64::from(seq), &now.0],
+        )?;
+        let cache = &mut self.cache;
+        if let Some(gone) = cache.users.remove(&seq) {
+            // As SQLite's trigger: the segment feed hears of it when identifiers were erased.
+            if Identifiers::of(&gone.user).any() {
+                self.logs.user_changes.push(seq);
+            }
+            if let Some(ext) = gone.user.external_id {
+                cache.by_external.insert(ext, None);
+            }
+            cache.by_braze.insert(gone.user.braze_id, None);
+        }
+        cache.deleted.insert(seq);
+        cache.unpoint_slots(seq);
+        Ok(())
+    }
+
+    fn put_alias(&mut self, user: UserSeq, alias: &UserAlias) -> Result<(), StoreError> {
+        set_slot(&mut self.cache.aliases, alias, Some(user.0));
+        Ok(())
+    }
+
+    fn remove_alias(&mut self, alias: &UserAlias) -> Result<(), StoreError> {
+        if !self.cache.aliases.contains_key(alias) {
+            self.load(&[], &[alias], &[], &[])?;
+        }
+        set_slot(&mut self.cache.aliases, alias, None);
+        Ok(())
+    }
+
+    fn put_device(&mut self, user: UserSeq, device: &DeviceId) -> Result<(), StoreError> {
+        set_slot(&mut self.cache.devices, device, Some(user.0));
+        Ok(())
+    }
+
+    fn put_deprecated_external_id(
+        &mut self,
+        user: UserSeq,
+        old: &ExternalId,
+    ) -> Result<(), StoreError> {
+        set_slot(&mut self.cache.deprecated, old, Some(user.0));
+        Ok(())
+    }
+
+    fn remove_deprecated_external_id(&mut self, old: &ExternalId) -> Result<bool, StoreError> {
+        if !self.cache.deprecated.contains_key(old) {
+            self.load(&[old], &[], &[], &[])?;
+        }
+        let existed = self
+            .cache
+            .deprecated
+            .get(old)
+            .is_some_and(|s| s.seq.is_some());
+        if existed {
+            set_slot(&mut self.cache.deprecated, old, None);
+        }
+        Ok(existed)
+    }
+
+    fn append_event(
+        &mut self,
+        user: Option<UserSeq>,
+        event: CurrentsEvent,
+    ) -> Result<(), StoreError> {
+        self.logs.events.push((user.map(|u| u.0), event));
+        Ok(())
+    }
+
+    fn move_cohort_memberships(
+        &mut self,
+        from: UserSeq,
+        to: UserSeq,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        for cohort in self.cohorts_of(from.0)? {
+            let cohort = CohortKey(cohort);
+            self.set_member(cohort, from, false, now)?;
+            let joined = self.set_member(cohort, to, true, now)?;
+            // The source left; the target joined unless it was a member already.
+            self.adjust_member_count(cohort, if joined { 0 } else { -1 }, now)?;
+        }
+        Ok(())
+    }
+
+    fn record_merge(
+        &mut self,
+        from: UserSeq,
+        into: UserSeq,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let ws = self.ws.0;
+        // Both users' rows must exist (foreign keys): write what is pending first.
+        self.sync()?;
+        self.execute(
+            "INSERT INTO user_merges (workspace_id, from_seq, into_seq, at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (workspace_id, from_seq) DO UPDATE SET into_seq = EXCLUDED.into_seq, at = EXCLUDED.at",
+            &[&ws, &i64::from(from.0), &i64::from(into.0), &now.0],
+        )?;
+        Ok(())
+    }
+}
+
+impl CohortTx for PgTx<'_, '_> {
+    fn upsert_cohort(
+        &mut self,
+        partner: &str,
+        cohort_id: &CohortId,
+        name: Option<&str>,
+        created_at: Millis,
+        now: Millis,
+    ) -> Result<CohortKey, StoreError> {
+        let ws = self.ws.0;
+        // Locked: membership of one cohort changes one transaction at a time, so what this
+        // one reads of it stays true until its commit.
+        let rows = self.query(
+            "SELECT id, name FROM cohorts WHERE workspace_id = $1 AND partner = $2 AND cohort_id = $3 FOR NO KEY UPDATE",
+            &[&ws, &partner, &cohort_id.as_str()],
+        )?;
+        if let Some(row) = rows.first() {
+            let id: i64 = get(row, 0)?;
+            let old: String = get(row, 1)?;
+            if let Some(name) = name.filter(|n| *n != old) {
+                self.execute(
+                    "UPDATE cohorts SET name = $3, updated_at = $4 WHERE workspace_id = $1 AND id = $2",
+                    &[&ws, &id, &name, &now.0],
+                )?;
+            }
+            return Ok(CohortKey(id));
+        }
+        // Two nodes creating it at once: the second breaks the unique key and runs again.
+        let rows = self.query(
+            "INSERT INTO cohorts (workspace_id, partner, cohort_id, name, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            &[
+                &ws,
+                &partner,
+                &cohort_id.as_str(),
+                &name.unwrap_or(cohort_id.as_str()),
+                &created_at.0,
+                &now.0,
+            ],
+        )?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("INSERT … RETURNING returned no row".into()))?;
+        Ok(CohortKey(get(row, 0)?))
+    }
+
+    fn set_member(
+        &mut self,
+        cohort: CohortKey,
+        user: UserSeq,
+        member: bool,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        self.know_membership(cohort.0, user.0)?;
+        let Some(state) = self.cache.members.get_mut(&(cohort.0, user.0)) else {
+            return Err(StoreError::Corrupt("membership not loaded".into()));
+        };
+        if state.current.is_some() == member {
+            return Ok(false);
+        }
+        state.current = member.then_some(now);
+        state.touched = true;
+        self.logs
+            .membership_changes
+            .push((cohort.0, user.0, member, now));
+        Ok(true)
+    }
+
+    fn adjust_member_count(
+        &mut self,
+        cohort: CohortKey,
+        delta: i64,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let entry = self.cache.counts.entry(cohort.0).or_insert((0, now));
+        entry.0 += delta;
+        entry.1 = now;
+        Ok(())
+    }
+
+    fn members(&mut self, cohort: CohortKey) -> Result<Vec<UserSeq>, StoreError> {
+        let ws = self.ws.0;
+        self.write_members()?;
+        let rows = self.query(
+            "SELECT seq, entered_at FROM cohort_members WHERE workspace_id = $1 AND cohort = $2 ORDER BY seq",
+            &[&ws, &cohort.0],
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq = seq_from(get(row, 0)?, "cohort_members.seq")?;
+            self.cache.members.insert(
+                (cohort.0, seq),
+                Member {
+                    stored: true,
+                    current: Some(Millis(get(row, 1)?)),
+                    touched: false,
+                },
+            );
+            out.push(UserSeq(seq));
+        }
+        Ok(out)
+    }
+
+    fn mark_sync_page(&mut self, task: &str, page: i64, now: Millis) -> Result<bool, StoreError> {
+        let ws = self.ws.0;
+        let inserted = self.execute(
+            "INSERT INTO heap_sync_pages (workspace_id, sync_task_id, page_number, applied_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+            &[&ws, &task, &page, &now.0],
+        )?;
+        Ok(inserted == 1)
+    }
+}
+
+// --- Cohort reads ----------------------------------------------------------------------------
+
+fn cohort_id_at(row: &Row, at: usize) -> Result<CohortId, StoreError> {
+    let raw: String = get(row, at)?;
+    CohortId::parse(&raw).ok_or_else(|| StoreError::Corrupt(format!("cohorts.cohort_id {raw:?}")))
+}
+
+impl CohortStore for PgStore {
+    fn list_cohorts(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<CohortSummary>> {
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            // Byte order, as SQLite sorts, whatever the database's collation.
+            let rows = client
+                .query(
+                    "SELECT partner, cohort_id, name, member_count, created_at, updated_at FROM cohorts
+                     WHERE workspace_id = $1 ORDER BY partner COLLATE \"C\", name COLLATE \"C\", cohort_id COLLATE \"C\"",
+                    &[&workspace.0],
+                )
+                .await
+                .map_err(pg_err)?;
+            rows.iter()
+                .map(|r| {
+                    let count: i64 = get(r, 3)?;
+                    Ok(CohortSummary {
+                        partner: get(r, 0)?,
+                        cohort_id: cohort_id_at(r, 1)?,
+                        name: get(r, 2)?,
+                        member_count: u64::try_from(count).map_err(|_| {
+                            StoreError::Corrupt(format!("cohorts.member_count {count}"))
+                        })?,
+                        created_at: Millis(get(r, 4)?),
+                        updated_at: Millis(get(r, 5)?),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn cohort_members(
+        &self,
+        workspace: WorkspaceId,
+        partner: &str,
+        cohort_id: CohortId,
+        after: u32,
+        limit: usize,
+    ) -> StoreFuture<'_, Option<Vec<CohortMember>>> {
+        let partner = partner.to_owned();
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let cohort = client
+                .query_opt(
+                    "SELECT id FROM cohorts WHERE workspace_id = $1 AND partner = $2 AND cohort_id = $3",
+                    &[&workspace.0, &partner, &cohort_id.as_str()],
+                )
+                .await
+                .map_err(pg_err)?;
+            let Some(cohort) = cohort else {
+                return Ok(None);
+            };
+            let cohort: i64 = get(&cohort, 0)?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = client
+                .query(
+                    "SELECT m.seq, u.braze_id, u.external_id, m.entered_at FROM cohort_members m
+                     JOIN users u ON u.workspace_id = m.workspace_id AND u.seq = m.seq
+                     WHERE m.workspace_id = $1 AND m.cohort = $2 AND m.seq > $3 ORDER BY m.seq LIMIT $4",
+                    &[&workspace.0, &cohort, &i64::from(after), &limit],
+                )
+                .await
+                .map_err(pg_err)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(CohortMember {
+                        user: UserSeq(seq_from(get(r, 0)?, "cohort_members.seq")?),
+                        braze_id: parsed(get(r, 1)?, "users.braze_id", BrazeId::parse)?,
+                        external_id: parsed_opt(
+                            get(r, 2)?,
+                            "users.external_id",
+                            ExternalId::parse,
+                        )?,
+                        entered_at: Millis(get(r, 3)?),
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+                .map(Some)
+        })
+    }
+
+    fn user_cohorts(
+        &self,
+        workspace: WorkspaceId,
+        braze_id: BrazeId,
+    ) -> StoreFuture<'_, Option<Vec<UserCohort>>> {
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let user = client
+                .query_opt(
+                    "SELECT seq FROM users WHERE workspace_id = $1 AND braze_id = $2 AND deleted_at IS NULL",
+                    &[&workspace.0, &braze_id.as_str()],
+                )
+                .await
+                .map_err(pg_err)?;
+            let Some(user) = user else {
+                return Ok(None);
+            };
+            let seq: i64 = get(&user, 0)?;
+            let rows = client
+                .query(
+                    "SELECT c.partner, c.cohort_id, c.name, m.entered_at FROM cohort_members m
+                     JOIN cohorts c ON c.workspace_id = m.workspace_id AND c.id = m.cohort
+                     WHERE m.workspace_id = $1 AND m.seq = $2 ORDER BY c.partner COLLATE \"C\", c.name COLLATE \"C\"",
+                    &[&workspace.0, &seq],
+                )
+                .await
+                .map_err(pg_err)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(UserCohort {
+                        partner: get(r, 0)?,
+                        cohort_id: cohort_id_at(r, 1)?,
+                        name: get(r, 2)?,
+                        entered_at: Millis(get(r, 3)?),
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+                .map(Some)
+        })
+    }
+}
