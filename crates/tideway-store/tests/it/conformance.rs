@@ -1,1 +1,0 @@
-//! The conformance suite: every store behaviour the HTTP layer relies on, run against each backend.
