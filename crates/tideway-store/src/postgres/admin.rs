@@ -4,9 +4,11 @@
 //! The same rules as SQLite's (`sqlite/admin.rs` and the credential half of
 //! `sqlite/cohorts.rs`), one statement or one short transaction per call, and no cache: every
 //! node reads the shared tables, so a key revoked or a partner disabled through one node is
-//! refused by all of them from the next request on. The tables are Citus reference tables
-//! (found by hash or secret before the workspace is known), except `workspace_partners`, which is
-//! distributed and always addressed by its workspace.
+//! refused by all of them from the next request on. The lookups every request makes (REST key,
+//! data import key, partner key, webhook secrets) use statements prepared once per connection.
+//! The tables are Citus reference tables (found by hash or secret before the workspace is
+//! known), except `workspace_partners`, which is distributed and always addressed by its
+//! workspace.
 //!
 //! A workspace's `workspace_sequences` rows are not created here: `sequence::allocate` creates
 //! each on its first use with `INSERT … ON CONFLICT DO UPDATE`, which two first writers at once
@@ -42,7 +44,7 @@ fn workspace_at(row: &Row, at: usize) -> Result<Workspace, StoreError> {
 
 /// Maps a failed write that names a workspace: a foreign-key violation means the workspace does
 /// not exist (SQLite, without enforced foreign keys, would store a dangling row instead).
-fn workspace_write_err(workspace: WorkspaceId, e: tokio_postgres::Error) -> StoreError {
+pub(super) fn workspace_write_err(workspace: WorkspaceId, e: tokio_postgres::Error) -> StoreError {
     if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) {
         return StoreError::NotFound(format!("workspace {}", workspace.0));
     }
@@ -293,15 +295,17 @@ impl AdminStore for PgStore {
     fn find_api_key(&self, hash: KeyHash) -> StoreFuture<'_, Option<(ApiKey, Workspace)>> {
         Box::pin(async move {
             let client = self.pool.client().await?;
+            // Every REST request asks: the statement is prepared once per connection.
+            let statement = client
+                .prepare_cached(&format!(
+                    "SELECT {KEY_COLUMNS}, {WORKSPACE_COLUMNS}
+                     FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id
+                     WHERE k.hash = $1 AND k.revoked_at IS NULL"
+                ))
+                .await
+                .map_err(pg_err)?;
             let row = client
-                .query_opt(
-                    &format!(
-                        "SELECT {KEY_COLUMNS}, {WORKSPACE_COLUMNS}
-                         FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id
-                         WHERE k.hash = $1 AND k.revoked_at IS NULL"
-                    ),
-                    &[&hash.0.as_slice()],
-                )
+                .query_opt(&statement, &[&hash.0.as_slice()])
                 .await
                 .map_err(pg_err)?;
             let Some(row) = row else {
@@ -351,11 +355,12 @@ impl AdminStore for PgStore {
         let partner = partner.to_owned();
         Box::pin(async move {
             let client = self.pool.client().await?;
+            let statement = client
+                .prepare_cached("SELECT secret FROM partner_api_keys WHERE partner = $1")
+                .await
+                .map_err(pg_err)?;
             let stored: Option<String> = client
-                .query_opt(
-                    "SELECT secret FROM partner_api_keys WHERE partner = $1",
-                    &[&partner],
-                )
+                .query_opt(&statement, &[&partner])
                 .await
                 .map_err(pg_err)?
                 .map(|row| row.try_get(0))
@@ -486,17 +491,18 @@ impl AdminStore for PgStore {
             let client = self.pool.client().await?;
             // A partner never enabled or disabled in the workspace has no row or `false`:
             // import is refused either way.
+            let statement = client
+                .prepare_cached(&format!(
+                    "SELECT {WORKSPACE_COLUMNS}, k.hash, COALESCE(p.enabled, false)
+                     FROM import_keys k JOIN workspaces w ON w.id = k.workspace_id
+                     LEFT JOIN workspace_partners p
+                         ON p.workspace_id = k.workspace_id AND p.partner = k.partner
+                     WHERE k.hash = $1 AND k.partner = $2 AND k.invalidated_at IS NULL"
+                ))
+                .await
+                .map_err(pg_err)?;
             let row = client
-                .query_opt(
-                    &format!(
-                        "SELECT {WORKSPACE_COLUMNS}, k.hash, COALESCE(p.enabled, false)
-                         FROM import_keys k JOIN workspaces w ON w.id = k.workspace_id
-                         LEFT JOIN workspace_partners p
-                             ON p.workspace_id = k.workspace_id AND p.partner = k.partner
-                         WHERE k.hash = $1 AND k.partner = $2 AND k.invalidated_at IS NULL"
-                    ),
-                    &[&hash.0.as_slice(), &partner],
-                )
+                .query_opt(&statement, &[&hash.0.as_slice(), &partner])
                 .await
                 .map_err(pg_err)?;
             let Some(row) = row else {
@@ -552,10 +558,11 @@ impl AdminStore for PgStore {
     fn heap_webhooks(&self) -> StoreFuture<'_, Vec<HeapWebhook>> {
         Box::pin(async move {
             let client = self.pool.client().await?;
-            let rows = client
-                .query(&format!("{WEBHOOK_SELECT} ORDER BY w.id"), &[])
+            let statement = client
+                .prepare_cached(&format!("{WEBHOOK_SELECT} ORDER BY w.id"))
                 .await
                 .map_err(pg_err)?;
+            let rows = client.query(&statement, &[]).await.map_err(pg_err)?;
             rows.iter().map(webhook_from_row).collect()
         })
     }

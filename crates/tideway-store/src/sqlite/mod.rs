@@ -25,7 +25,7 @@ pub mod currents;
 #[cfg(feature = "failpoints")]
 mod failpoints;
 mod schema;
-mod segments;
+pub(crate) mod segments;
 mod users;
 
 use std::path::{Path, PathBuf};

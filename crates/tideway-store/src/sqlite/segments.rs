@@ -184,7 +184,7 @@ pub fn feed_head(conn: &Connection, workspace: WorkspaceId) -> Result<FeedPositi
 
 /// The custom event or purchase one `event_log` row records; `None` for rows of other types,
 /// or whose body lacks the needed fields.
-fn behavior(event_type: &str, time: i64, body: &str) -> Option<Behavior> {
+pub(crate) fn behavior(event_type: &str, time: i64, body: &str) -> Option<Behavior> {
     let custom = event_type == EventType::CustomEvent.as_str();
     if !custom && event_type != EventType::Purchase.as_str() {
         return None;
