@@ -1,13 +1,31 @@
-//! PostgreSQL store: segments. Segment CRUD answers as on SQLite, and a damaged filter is
-//! `Corrupt`.
+//! PostgreSQL store: segments and the change feed. Segment CRUD answers as on SQLite, and a
+//! damaged filter is `Corrupt`. The feed is held to a full load as SQLite's is
+//! (`segment_feed.rs`): an index built from `segment_profiles` at some point and caught up step
+//! by step from `segment_profile_changes` must answer every filter as one built from every
+//! profile at the end — after random operations written through two nodes (two `PgStore`s on
+//! one database) and read through the other, and with writers on both nodes running while the
+//! reader catches up, so a catch-up reads in the middle of commits. And the full load itself
+//! answers as SQLite's after the same operations, and skips a damaged event body as SQLite does.
 
 use std::fmt::Debug;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use serde_json::json;
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::sample::select;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::TestRunner;
+use serde_json::{Value, json};
 use tideway_core::clock::Millis;
-use tideway_core::ids::WorkspaceId;
-use tideway_core::segments::Segment;
-use tideway_core::store::{AdminStore, SegmentStore, StoreError};
+use tideway_core::cohorts::{CohortChange, CohortId, CohortIdentifier};
+use tideway_core::ids::{ExternalId, WorkspaceId};
+use tideway_core::segments::{LiveIndex, Member, Segment};
+use tideway_core::services::Services;
+use tideway_core::store::{AdminStore, SegmentStore, StoreError, UserStore, Workspace};
+use tideway_core::track::parse_track;
+use tideway_core::users::{DeleteRequest, MergeItem, UserKey};
+use tideway_segment::{Filter, NoSegments};
+use tideway_store::postgres::PgStore;
 use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
 use super::pg::TestDb;
@@ -124,6 +142,495 @@ async fn a_segment_of_a_missing_workspace_is_not_found_and_a_damaged_filter_corr
     ));
     assert!(matches!(
         store.list_segments(ws).await,
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
+// --- the feed against a full load -----------------------------------------------------------------
+
+const USERS: u8 = 6;
+const TIMES: [&str; 4] = [
+    "2025-06-14T08:00:00Z",
+    "2025-06-10T00:00:00Z",
+    "2025-05-01T12:00:00Z",
+    "2024-12-31T23:59:59Z",
+];
+
+fn ext(user: u8) -> ExternalId {
+    ExternalId::parse(&format!("u{user}")).unwrap()
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// One `/users/track` request: any of an attribute update, an event, a purchase.
+    Track {
+        user: u8,
+        plan: Option<Option<&'static str>>,
+        score: Option<i64>,
+        email: Option<bool>,
+        event: Option<(&'static str, usize)>,
+        purchase: Option<(&'static str, f64, u32, usize)>,
+    },
+    Merge {
+        from: u8,
+        into: u8,
+    },
+    Delete(u8),
+    Cohort {
+        user: u8,
+        cohort: &'static str,
+        remove: bool,
+    },
+    /// The reader applies the feed's changes since its index's position.
+    CatchUp,
+    /// Writes go through the other node from now on.
+    SwitchNode,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let user = || 0..USERS;
+    let track = (
+        user(),
+        proptest::option::of(proptest::option::of(select(vec!["free", "pro"]))),
+        proptest::option::of(0i64..4),
+        proptest::option::weighted(0.2, any::<bool>()),
+        proptest::option::of((select(vec!["open", "buy"]), 0..TIMES.len())),
+        proptest::option::weighted(
+            0.4,
+            (
+                select(vec!["p1", "p2"]),
+                select(vec![0.1, 0.2, 5.0, 99.5]),
+                1u32..3,
+                0..TIMES.len(),
+            ),
+        ),
+    )
+        .prop_map(|(user, plan, score, email, event, purchase)| Op::Track {
+            user,
+            plan,
+            score,
+            email,
+            event,
+            purchase,
+        });
+    prop_oneof![
+        8 => track,
+        1 => (user(), user()).prop_map(|(from, into)| Op::Merge { from, into }),
+        1 => user().prop_map(Op::Delete),
+        2 => (user(), select(vec!["c1", "c2"]), any::<bool>())
+            .prop_map(|(user, cohort, remove)| Op::Cohort { user, cohort, remove }),
+        3 => Just(Op::CatchUp),
+        1 => Just(Op::SwitchNode),
+    ]
+}
+
+fn leaves() -> Vec<Value> {
+    vec![
+        json!({"attribute": {"name": "plan", "op": "equals", "value": "pro"}}),
+        json!({"attribute": {"name": "plan", "op": "exists", "value": true}}),
+        json!({"attribute": {"name": "score", "op": "greater_than", "value": 1}}),
+        json!({"attribute": {"name": "email_available", "op": "equals", "value": true}}),
+        json!({"event": {"name": "open", "op": "count_at_least", "value": 2}}),
+        json!({"event": {"name": "open", "op": "count_at_least", "value": 1, "within_days": 7}}),
+        json!({"event": {"name": "buy", "op": "count_at_most", "value": 1}}),
+        json!({"purchase": {"op": "total_spend_at_least", "value": 10}}),
+        json!({"purchase": {"op": "total_spend_at_most", "value": 0.3}}),
+        json!({"purchase": {"product_id": "p2", "op": "count_at_least", "value": 2}}),
+        json!({"purchase": {"op": "made_any", "value": true}}),
+        json!({"cohort": {"partner": "heap", "cohort_id": "c1", "op": "includes"}}),
+        json!({"cohort": {"partner": "heap", "cohort_id": "c2", "op": "excludes"}}),
+        json!({"identified": true}),
+    ]
+}
+
+fn leaf() -> impl Strategy<Value = Value> {
+    select(leaves())
+}
+
+fn filter() -> impl Strategy<Value = Filter> {
+    leaf()
+        .prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                vec(inner.clone(), 1..3).prop_map(|v| json!({"and": v})),
+                vec(inner.clone(), 1..3).prop_map(|v| json!({"or": v})),
+                inner.prop_map(|f| json!({"not": f})),
+            ]
+        })
+        .prop_map(|v| Filter::from_json(&v).expect("a valid filter"))
+}
+
+/// Every leaf once, for the tests that do not draw filters.
+fn every_leaf() -> Vec<Filter> {
+    leaves()
+        .iter()
+        .map(|v| Filter::from_json(v).unwrap())
+        .collect()
+}
+
+async fn run(store: &impl UserStore, ws: &Workspace, op: &Op) {
+    match op {
+        Op::Track {
+            user,
+            plan,
+            score,
+            email,
+            event,
+            purchase,
+        } => {
+            let id = format!("u{user}");
+            let mut attributes = json!({"external_id": id});
+            if let Some(plan) = plan {
+                attributes["plan"] = json!(plan);
+            }
+            if let Some(score) = score {
+                attributes["score"] = json!(score);
+            }
+            if let Some(email) = email {
+                attributes["email"] = match email {
+                    true => json!(format!("{id}@example.com")),
+                    false => Value::Null,
+                };
+            }
+            let mut body = json!({"attributes": [attributes]});
+            if let Some((name, at)) = event {
+                body["events"] = json!([{"external_id": id, "name": name, "time": TIMES[*at]}]);
+            }
+            if let Some((product, price, quantity, at)) = purchase {
+                body["purchases"] = json!([{
+                    "external_id": id, "product_id": product, "currency": "USD",
+                    "price": price, "quantity": quantity, "time": TIMES[*at],
+                }]);
+            }
+            let request = parse_track(body.as_object().unwrap()).unwrap();
+            store.track(ws, request, NOW).await.unwrap();
+        }
+        Op::Merge { from, into } => {
+            let item = MergeItem {
+                merge: UserKey::External(ext(*from)),
+                keep: UserKey::External(ext(*into)),
+            };
+            // unknown or equal users are per-item errors: nothing changes
+            store.merge_users(ws, vec![(0, item)], NOW).await.unwrap();
+        }
+        Op::Delete(user) => {
+            let request = DeleteRequest {
+                users: vec![UserKey::External(ext(*user))],
+            };
+            store.delete_users(ws, request, NOW).await.unwrap();
+        }
+        Op::Cohort {
+            user,
+            cohort,
+            remove,
+        } => {
+            let changes = vec![CohortChange {
+                identifiers: vec![CohortIdentifier::External(ext(*user))],
+                remove: *remove,
+            }];
+            store
+                .apply_cohort_changes(ws, "heap", CohortId::parse(cohort).unwrap(), changes, NOW)
+                .await
+                .unwrap();
+        }
+        Op::CatchUp | Op::SwitchNode => {}
+    }
+}
+
+async fn catch_up(store: &PgStore, ws: WorkspaceId, live: &mut LiveIndex) {
+    let changes = store
+        .segment_profile_changes(ws, live.position())
+        .await
+        .expect("changes");
+    live.apply(&changes);
+}
+
+fn answers(live: &LiveIndex, filters: &[Filter]) -> Vec<Vec<Member>> {
+    filters
+        .iter()
+        .map(|f| live.all_members(f, NOW.secs(), &NoSegments).collect())
+        .collect()
+}
+
+/// `live`, caught up once more, against a full load read through `store`.
+async fn agrees_with_a_full_load(
+    store: &PgStore,
+    ws: WorkspaceId,
+    mut live: LiveIndex,
+    filters: &[Filter],
+) -> Result<(), TestCaseError> {
+    catch_up(store, ws, &mut live).await;
+    let full = LiveIndex::from_snapshot(store.segment_profiles(ws).await.unwrap());
+    prop_assert_eq!(live.position(), full.position());
+    prop_assert_eq!(store.segment_feed_head(ws).await.unwrap(), full.position());
+    prop_assert_eq!(live.len(), full.len());
+    let (got, expected) = (answers(&live, filters), answers(&full, filters));
+    for ((f, got), expected) in filters.iter().zip(&got).zip(&expected) {
+        prop_assert_eq!(got, expected, "filter {}", f.to_json());
+    }
+    Ok(())
+}
+
+/// Runs `ops` in a fresh workspace, writing through one node and reading the feed through the
+/// other (the index is fully loaded after `load_at` of them and caught up at each `CatchUp`),
+/// then compares it, caught up, with a full load.
+async fn differential(
+    nodes: &[PgStore; 2],
+    ws: &Workspace,
+    ops: &[Op],
+    load_at: usize,
+    filters: &[Filter],
+) -> Result<(), TestCaseError> {
+    let mut writer = 0;
+    let reader = |writer: usize| &nodes[1 - writer];
+    let mut live: Option<LiveIndex> = None;
+    for (i, op) in ops.iter().enumerate() {
+        if i == load_at.min(ops.len()) {
+            let snapshot = reader(writer).segment_profiles(ws.id).await.unwrap();
+            live = Some(LiveIndex::from_snapshot(snapshot));
+        }
+        match op {
+            Op::CatchUp => {
+                if let Some(live) = live.as_mut() {
+                    catch_up(reader(writer), ws.id, live).await;
+                }
+            }
+            Op::SwitchNode => writer = 1 - writer,
+            op => run(&nodes[writer], ws, op).await,
+        }
+    }
+    let live = match live {
+        Some(live) => live,
+        None => LiveIndex::from_snapshot(reader(writer).segment_profiles(ws.id).await.unwrap()),
+    };
+    agrees_with_a_full_load(reader(writer), ws.id, live, filters).await
+}
+
+/// Two nodes on one database, for a whole property run (one workspace per case).
+fn two_nodes(rt: &tokio::runtime::Runtime) -> (TestDb, [PgStore; 2]) {
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let nodes = [db.store().await, db.store().await];
+        (db, nodes)
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn an_index_caught_up_incrementally_answers_as_a_full_load() {
+    let rt = runtime();
+    let (db, nodes) = two_nodes(&rt);
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    });
+    let strategy = (vec(op(), 1..40), 0usize..12, vec(filter(), 1..12));
+    let cases = AtomicUsize::new(0);
+    let outcome = runner.run(&strategy, |(ops, load_at, filters)| {
+        let case = cases.fetch_add(1, Ordering::Relaxed);
+        rt.block_on(async {
+            let ws = nodes[0]
+                .create_workspace(&format!("w{case}"), NOW)
+                .await
+                .unwrap();
+            differential(&nodes, &ws, &ops, load_at, &filters).await
+        })
+    });
+    drop(nodes);
+    drop(rt);
+    drop(db);
+    if let Err(e) = outcome {
+        panic!("{e}");
+    }
+}
+
+/// Two writers, one per node, run random operations while a reader catches up in a loop: a
+/// catch-up lands between and during their commits, and must still miss nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catching_up_while_two_nodes_write_misses_nothing() {
+    let db = TestDb::create().await;
+    let nodes = [db.store().await, db.store().await];
+    let ws = nodes[0].create_workspace("w", NOW).await.unwrap();
+    let mut runner = TestRunner::deterministic();
+    let mut writers = Vec::new();
+    for node in &nodes {
+        let ops: Vec<Op> = (0..60)
+            .map(|_| op().new_tree(&mut runner).unwrap().current())
+            .collect();
+        let (node, ws) = (node.clone(), ws.clone());
+        writers.push(tokio::spawn(async move {
+            for op in &ops {
+                run(&node, &ws, op).await;
+            }
+        }));
+    }
+    let reader = db.store().await;
+    let mut live = LiveIndex::from_snapshot(reader.segment_profiles(ws.id).await.unwrap());
+    let mut rounds = 0;
+    while writers.iter().any(|w| !w.is_finished()) {
+        catch_up(&reader, ws.id, &mut live).await;
+        rounds += 1;
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert!(rounds > 1, "the reader caught up while the writers ran");
+    agrees_with_a_full_load(&reader, ws.id, live, &every_leaf())
+        .await
+        .unwrap();
+}
+
+/// Members without the random braze_id, which differs between two stores.
+fn ids(answers: Vec<Vec<Member>>) -> Vec<Vec<(u32, Option<String>)>> {
+    answers
+        .into_iter()
+        .map(|members| {
+            members
+                .into_iter()
+                .map(|m| (m.seq.0, m.external_id))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_load_answers_as_sqlite_after_the_same_operations() {
+    let rt = runtime();
+    let (db, nodes) = two_nodes(&rt);
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 24,
+        ..ProptestConfig::default()
+    });
+    let strategy = (vec(op(), 1..40), vec(filter(), 1..12));
+    let cases = AtomicUsize::new(0);
+    let outcome = runner.run(&strategy, |(ops, filters)| {
+        let case = cases.fetch_add(1, Ordering::Relaxed);
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite =
+            SqliteStore::open(&dir.path().join("t.sqlite"), SqliteOptions::default()).unwrap();
+        rt.block_on(async {
+            let pg_ws = nodes[0]
+                .create_workspace(&format!("w{case}"), NOW)
+                .await
+                .unwrap();
+            let sqlite_ws = sqlite.create_workspace("w", NOW).await.unwrap();
+            let mut writer = 0;
+            for op in &ops {
+                if let Op::SwitchNode = op {
+                    writer = 1 - writer;
+                }
+                run(&nodes[writer], &pg_ws, op).await;
+                run(&sqlite, &sqlite_ws, op).await;
+            }
+            let pg = LiveIndex::from_snapshot(nodes[0].segment_profiles(pg_ws.id).await.unwrap());
+            let expected =
+                LiveIndex::from_snapshot(sqlite.segment_profiles(sqlite_ws.id).await.unwrap());
+            prop_assert_eq!(pg.len(), expected.len());
+            let (got, expected) = (
+                ids(answers(&pg, &filters)),
+                ids(answers(&expected, &filters)),
+            );
+            for ((f, got), expected) in filters.iter().zip(&got).zip(&expected) {
+                prop_assert_eq!(got, expected, "filter {}", f.to_json());
+            }
+            Ok(())
+        })
+    });
+    drop(nodes);
+    drop(rt);
+    drop(db);
+    if let Err(e) = outcome {
+        panic!("{e}");
+    }
+}
+
+/// A custom event whose body does not decode is skipped by both reads, as SQLite skips it; it
+/// still moves the position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_event_body_is_skipped_by_the_load_and_the_feed() {
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    run(
+        &store,
+        &ws,
+        &Op::Track {
+            user: 1,
+            plan: None,
+            score: None,
+            email: None,
+            event: Some(("open", 0)),
+            purchase: None,
+        },
+    )
+    .await;
+    let mut live = LiveIndex::from_snapshot(store.segment_profiles(ws.id).await.unwrap());
+    let user_seq: i64 = db
+        .client()
+        .await
+        .query_one("SELECT seq FROM users WHERE workspace_id = $1", &[&ws.id.0])
+        .await
+        .unwrap()
+        .get(0);
+    // A row appended as a writer would (the counter, then the row), with a body that is not
+    // JSON and one without the event's name.
+    for body in ["{not json", r#"{"properties":{"nom":"open"}}"#] {
+        db.client()
+            .await
+            .execute(
+                "WITH s AS (
+                     INSERT INTO workspace_sequences AS c (workspace_id, name, head)
+                     VALUES ($1, 'event_log', 1)
+                     ON CONFLICT (workspace_id, name) DO UPDATE SET head = c.head + 1
+                     RETURNING head
+                 )
+                 INSERT INTO event_log (workspace_id, seq, user_seq, event_id, event_type, time, body)
+                 SELECT $1, s.head, $2, md5(s.head::text), 'users.behaviors.CustomEvent', 1750000000, $3
+                 FROM s",
+                &[&ws.id.0, &user_seq, &body],
+            )
+            .await
+            .unwrap();
+    }
+    let changes = store
+        .segment_profile_changes(ws.id, live.position())
+        .await
+        .unwrap();
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(changes.position.event_seq, live.position().event_seq + 2);
+    live.apply(&changes);
+    let once =
+        Filter::from_json(&json!({"event": {"name": "open", "op": "count_at_least", "value": 1}}))
+            .unwrap();
+    let twice =
+        Filter::from_json(&json!({"event": {"name": "open", "op": "count_at_least", "value": 2}}))
+            .unwrap();
+    let full = LiveIndex::from_snapshot(store.segment_profiles(ws.id).await.unwrap());
+    assert_eq!(full.position(), live.position());
+    for index in [&live, &full] {
+        assert_eq!(
+            ids(answers(index, &[once.clone(), twice.clone()])),
+            [vec![(user_seq as u32, Some("u1".to_owned()))], vec![]]
+        );
+    }
+
+    // A profile that does not decode fails the load as damaged data, not with a panic.
+    db.client()
+        .await
+        .execute(
+            "UPDATE users SET profile = '[' WHERE workspace_id = $1",
+            &[&ws.id.0],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.segment_profiles(ws.id).await,
         Err(StoreError::Corrupt(_))
     ));
 }
