@@ -29,6 +29,8 @@ use tideway_core::track::parse_track;
 use tideway_core::users::{ExportOutcome, ExportRequest, TrackOutcome};
 use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
+use super::pg::TestDb;
+
 mod admin;
 mod cohorts;
 mod currents;
@@ -41,6 +43,7 @@ mod users;
 pub(crate) struct Subject {
     store: Arc<dyn Store>,
     _dir: Option<tempfile::TempDir>,
+    _db: Option<TestDb>,
 }
 
 impl Subject {
@@ -51,6 +54,17 @@ impl Subject {
         Subject {
             store: Arc::new(store),
             _dir: Some(dir),
+            _db: None,
+        }
+    }
+
+    pub(crate) async fn postgres() -> Subject {
+        let db = TestDb::create().await;
+        let store = db.store().await;
+        Subject {
+            store: Arc::new(store),
+            _dir: None,
+            _db: Some(db),
         }
     }
 
@@ -145,7 +159,7 @@ macro_rules! on_backend {
 macro_rules! conformance {
     ($($groups:tt)*) => {
         on_backend!(sqlite, { $($groups)* });
-        // PostgreSQL joins once `PgStore` implements every contract trait (issue 10).
+        on_backend!(postgres, { $($groups)* });
     };
 }
 
@@ -156,7 +170,9 @@ conformance! {
         a_failing_unit_rolls_back_alone,
         track_applies_valid_objects_and_reports_each_error,
         update_existing_only_never_creates_users,
+        attribute_operations_apply_across_requests,
         device_users_identify_in_place_or_merge_and_orphan,
+        alias_users_identify_in_place_or_merge,
         aliases_are_added_and_renamed,
         merges_fold_one_profile_into_another,
         deletes_erase_users_and_log_a_delete_request,
@@ -188,6 +204,7 @@ conformance! {
         segments_are_created_listed_updated_and_deleted,
         an_index_caught_up_from_the_feed_answers_as_a_fresh_load,
         the_feed_head_moves_past_every_acknowledged_write,
+        an_index_following_concurrent_writers_ends_as_a_fresh_load,
     ],
     currents: [
         a_current_starts_at_the_end_of_the_log,

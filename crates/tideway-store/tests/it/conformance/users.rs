@@ -1073,3 +1073,139 @@ pub(super) async fn contact_identifiers_pick_users_by_recency_and_prioritization
     };
     assert_eq!(named(&export(&*store, &ws, by_phone).await), ["old", "-"]);
 }
+
+/// Attribute operations across requests: array add (re-adding moves to the end) and remove,
+/// increments, `null` removes, nested objects replaced or deep-merged, arrays capped at the
+/// most recent 25, standard fields set and cleared.
+pub(super) async fn attribute_operations_apply_across_requests(store: Arc<dyn Store>) {
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    let one = |attributes: serde_json::Value| json!({"attributes": [attributes]});
+    let long: Vec<String> = (0..30).map(|i| format!("v{i}")).collect();
+    track(&*store, &ws, one(json!({
+        "external_id": "u1", "first_name": "Ann", "tags": ["a", "b"], "n": {"inc": 5}, "gone": "soon",
+        "address": {"city": "Oslo", "zip": "0150"}, "long": long,
+    })))
+    .await;
+    track(&*store, &ws, one(json!({
+        "external_id": "u1", "tags": {"add": ["c", "a"], "remove": ["b"]}, "n": {"inc": -2},
+        "address": {"zip": "0151", "street": {"name": "Karl Johans gate"}}, "_merge_objects": true,
+    })))
+    .await;
+    track(
+        &*store,
+        &ws,
+        one(json!({"external_id": "u1", "tags": {"remove": ["x"]}, "gone": null, "first_name": null, "last_name": "Lee"})),
+    )
+    .await;
+    let user = export_one(&*store, &ws, "u1").await.unwrap();
+    let expected_long: Vec<String> = (5..30).map(|i| format!("v{i}")).collect();
+    assert_eq!(
+        user["custom_attributes"],
+        json!({
+            "tags": ["c", "a"],
+            "n": 3,
+            "address": {"city": "Oslo", "zip": "0151", "street": {"name": "Karl Johans gate"}},
+            "long": expected_long,
+        })
+    );
+    assert_eq!(user.get("first_name"), None);
+    assert_eq!(user["last_name"], "Lee");
+    // An object without `_merge_objects` replaces the stored one.
+    track(
+        &*store,
+        &ws,
+        one(json!({"external_id": "u1", "address": {"city": "Bergen"}})),
+    )
+    .await;
+    let user = export_one(&*store, &ws, "u1").await.unwrap();
+    assert_eq!(
+        user["custom_attributes"]["address"],
+        json!({"city": "Bergen"})
+    );
+    // A request that changes nothing logs nothing.
+    let before = all_events(&*store, &ws).await.len();
+    track(
+        &*store,
+        &ws,
+        one(json!({"external_id": "u1", "last_name": "Lee", "n": 3})),
+    )
+    .await;
+    assert_eq!(all_events(&*store, &ws).await.len(), before);
+    assert_eq!(before, 4);
+}
+
+/// `/users/identify` by alias: an unknown external id identifies the alias's user in place;
+/// a known one absorbs the alias's user (aliases move, the orphan is logged) unless it has an
+/// alias of that label already; an unknown alias is an error.
+pub(super) async fn alias_users_identify_in_place_or_merge(store: Arc<dyn Store>) {
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    track(&*store, &ws, json!({"attributes": [
+        {"user_alias": {"alias_name": "a-1", "alias_label": "crm"}, "_update_existing_only": false, "from": "a-1"},
+        {"user_alias": {"alias_name": "a-2", "alias_label": "crm"}, "_update_existing_only": false, "from": "a-2", "only": "a-2"},
+        {"user_alias": {"alias_name": "w-1", "alias_label": "web"}, "_update_existing_only": false, "from": "w-1"},
+        {"external_id": "kept", "from": "kept", "user_alias": {"alias_name": "k-1", "alias_label": "crm"}},
+    ]}))
+    .await;
+    let by_alias = |label: &str, name: &str| ExportRequest {
+        aliases: vec![alias(label, name)],
+        ..ExportRequest::default()
+    };
+    let a1 = export(&*store, &ws, by_alias("crm", "a-1")).await.users;
+    let identify = |index, external: &str, label: &str, name: &str| {
+        (
+            index,
+            IdentifyItem {
+                external_id: ext(external),
+                source: IdentifySource::Alias(alias(label, name)),
+            },
+        )
+    };
+    let items = vec![
+        identify(0, "fresh", "crm", "a-1"),
+        identify(1, "kept", "crm", "a-2"),
+        identify(2, "kept", "web", "w-1"),
+        identify(3, "kept", "crm", "missing"),
+    ];
+    assert_eq!(
+        store.identify(&ws, items, NOW).await.unwrap(),
+        ItemOutcome {
+            processed: 2,
+            errors: vec![
+                (
+                    1,
+                    "the user with this external_id already has an alias labelled 'crm'".to_owned()
+                ),
+                (
+                    3,
+                    "no single user matches the identifier to identify".to_owned()
+                ),
+            ],
+        }
+    );
+    let fresh = export_one(&*store, &ws, "fresh").await.unwrap();
+    assert_eq!(fresh["braze_id"], a1[0]["braze_id"], "identified in place");
+    assert_eq!(fresh["custom_attributes"], json!({"from": "a-1"}));
+    let kept = export_one(&*store, &ws, "kept").await.unwrap();
+    assert_eq!(kept["custom_attributes"], json!({"from": "kept"}));
+    let mut aliases: Vec<String> = kept["user_aliases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            format!(
+                "{}/{}",
+                a["alias_label"].as_str().unwrap(),
+                a["alias_name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    aliases.sort();
+    assert_eq!(aliases, ["crm/k-1", "web/w-1"]);
+    let a2 = export(&*store, &ws, by_alias("crm", "a-2")).await.users;
+    assert_eq!(a2.len(), 1, "not merged");
+    assert_eq!(a2[0].get("external_id"), None);
+    assert_eq!(
+        types(&all_events(&*store, &ws).await),
+        [UPDATE, UPDATE, UPDATE, UPDATE, ORPHAN]
+    );
+}
