@@ -280,7 +280,13 @@ async fn active(
         .acquire_lease(id, owner, shared.clock.now(), shared.config.lease_ttl_ms)
         .await
     {
-        Ok(true) => {}
+        // Each start resumes from the committed position, so it may re-send the batches the
+        // previous holder (another node, or this one before a pause) had in flight: counted,
+        // so that bound can be checked.
+        Ok(true) => {
+            metrics::counter!("tideway_currents_consumer_starts_total", "current" => label(id))
+                .increment(1)
+        }
         Ok(false) => return Exit::Pause,
         Err(e) => {
             tracing::warn!(current = %id, error = %e, "cannot take the Current's lease");
@@ -361,6 +367,8 @@ async fn active(
             {
                 Ok(true) => {}
                 Ok(false) | Err(_) => {
+                    metrics::counter!("tideway_currents_leases_lost_total", "current" => label(id))
+                        .increment(1);
                     tracing::warn!(current = %id, "lost the Current's lease; stopping");
                     return Exit::Pause;
                 }
