@@ -9,10 +9,13 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 
+use tideway_core::store::Store;
 use tokio_postgres::{Client, NoTls};
 
 use crate::postgres::{PgPool, PgStore, connect};
+use crate::sqlite::{SqliteOptions, SqliteStore};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -209,5 +212,78 @@ impl TestDb {
         PgStore::open(&self.url)
             .await
             .expect("open the PostgreSQL store")
+    }
+}
+
+/// Which backend `TIDEWAY_TEST_BACKEND` asks the integration tests to run on: `sqlite` (the
+/// default) or `postgres`. `scripts/test` runs the server's suite once with each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn from_env() -> Backend {
+        match std::env::var("TIDEWAY_TEST_BACKEND").as_deref() {
+            Ok("postgres") => Backend::Postgres,
+            Ok("sqlite") | Ok("") | Err(_) => Backend::Sqlite,
+            Ok(other) => panic!("TIDEWAY_TEST_BACKEND={other}: use sqlite or postgres"),
+        }
+    }
+}
+
+/// A store of one test's own on the chosen backend, with what keeps it alive (a temp dir or a
+/// database dropped at the end).
+pub struct TestStore {
+    pub store: Arc<dyn Store>,
+    pub backend: Backend,
+    _keep: Keep,
+}
+
+/// Held only to be dropped with the store: the directory is removed, the database dropped.
+enum Keep {
+    Dir { _dir: tempfile::TempDir },
+    Db(TestDb),
+}
+
+impl TestStore {
+    /// A fresh store on the backend `TIDEWAY_TEST_BACKEND` names.
+    pub async fn from_env() -> TestStore {
+        TestStore::on(Backend::from_env()).await
+    }
+
+    /// A fresh store on `backend`.
+    pub async fn on(backend: Backend) -> TestStore {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let store =
+                    SqliteStore::open(&dir.path().join("tideway.sqlite"), SqliteOptions::default())
+                        .expect("open the SQLite store");
+                TestStore {
+                    store: Arc::new(store),
+                    backend,
+                    _keep: Keep::Dir { _dir: dir },
+                }
+            }
+            Backend::Postgres => {
+                let db = TestDb::create().await;
+                let store = db.store().await;
+                TestStore {
+                    store: Arc::new(store),
+                    backend,
+                    _keep: Keep::Db(db),
+                }
+            }
+        }
+    }
+
+    /// The PostgreSQL database under the store, if that is the backend.
+    pub fn database(&self) -> Option<&TestDb> {
+        match &self._keep {
+            Keep::Db(db) => Some(db),
+            Keep::Dir { .. } => None,
+        }
     }
 }

@@ -4,7 +4,6 @@
 use serde_json::{Value, json};
 use tideway_core::keys::{Permission, Secret};
 use tideway_core::store::Workspace;
-use tideway_core::store::prelude::*;
 use tideway_heap::webhook::sign;
 
 use crate::harness::{Auth, NOW, Server};

@@ -1,10 +1,10 @@
-//! Test harness: a real server on `127.0.0.1:0` over a real SQLite store in a temp dir, keys
-//! made through the `Store` trait, and a small `reqwest` client that keeps status, headers and
-//! JSON body of each answer.
+//! Test harness: a real server on `127.0.0.1:0` over a real store — SQLite in a temp dir, or a
+//! fresh PostgreSQL database when `TIDEWAY_TEST_BACKEND=postgres` (`scripts/test` runs this
+//! suite on both) — keys made through the `Store` trait, and a small `reqwest` client that keeps
+//! status, headers and JSON body of each answer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tideway_core::store::prelude::*;
 
 use reqwest::header::HeaderMap;
 use serde_json::Value;
@@ -13,15 +13,15 @@ use tideway_core::currents::EventType;
 use tideway_core::keys::{IpAllowlist, Permission, PermissionSet, Secret};
 use tideway_core::store::{LoggedEvent, NewApiKey, Store, Workspace};
 use tideway_server::{ServerConfig, app, install_metrics_recorder};
-use tideway_store::sqlite::{SqliteOptions, SqliteStore};
+use tideway_store::testing::TestStore;
 
 pub const NOW: Millis = Millis(1_750_000_000_000);
 
 pub struct Server {
     pub base: String,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn Store>,
     pub client: reqwest::Client,
-    _dir: tempfile::TempDir,
+    _backend: TestStore,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -75,13 +75,10 @@ impl Server {
     }
 
     pub async fn with_config(config: ServerConfig) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Arc::new(
-            SqliteStore::open(&dir.path().join("tideway.sqlite"), SqliteOptions::default())
-                .expect("open store"),
-        );
+        let backend = TestStore::from_env().await;
+        let store = Arc::clone(&backend.store);
         let metrics = install_metrics_recorder().expect("metrics recorder");
-        let router = app(Arc::clone(&store) as Arc<dyn Store>, config, metrics);
+        let router = app(Arc::clone(&store), config, metrics);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -101,7 +98,7 @@ impl Server {
             base: format!("http://{addr}"),
             store,
             client: reqwest::Client::new(),
-            _dir: dir,
+            _backend: backend,
             stop: Some(stop),
         }
     }

@@ -8,7 +8,6 @@ use serde_json::{Value, json};
 use tideway_core::keys::{Permission, Secret};
 use tideway_core::segments::{LiveIndex, segment_lookup};
 use tideway_core::store::Workspace;
-use tideway_core::store::prelude::*;
 use tideway_segment::{Filter, matches};
 
 use crate::harness::{Answer, Auth, NOW, Server};
