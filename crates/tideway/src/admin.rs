@@ -5,8 +5,8 @@
 //! result a script wants (a new key's secret, a new workspace's app_group_id, a listing);
 //! notes and errors go to stderr, and every error says what to do next.
 
-use std::path::{Path, PathBuf};
-use tideway_core::store::prelude::*;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use tideway_core::clock::Millis;
@@ -22,22 +22,28 @@ pub struct Location {
     /// Data directory of the Tideway instance [default: ./tideway-data]
     #[arg(long, env = "TIDEWAY_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// TOML configuration file to take `data-dir` and `synchronous` from
+    /// PostgreSQL database of the Tideway instance, when it runs on one (as `tideway serve
+    /// --database-url`)
+    #[arg(long, env = "TIDEWAY_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+    /// TOML configuration file to take `data-dir`, `database-url` and `synchronous` from
     #[arg(long, env = "TIDEWAY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
 
 impl Location {
-    /// Opens the existing database this location names, with its data directory.
-    pub fn open_store(&self) -> anyhow::Result<(tideway_store::sqlite::SqliteStore, PathBuf)> {
+    /// Opens the existing database this location names, with the flags that name it again
+    /// (for the commands an error message suggests).
+    pub async fn open_store(&self) -> anyhow::Result<(Arc<dyn Store>, String)> {
         let settings = self.settings()?;
-        let store = data::open_existing(&settings.data_dir, settings.sqlite_options())?;
-        Ok((store, settings.data_dir))
+        let store = data::open_store(&settings, false).await?;
+        Ok((store, settings.database.flags(&settings.data_dir)))
     }
 
     fn settings(&self) -> anyhow::Result<crate::config::Resolved> {
         Settings {
             data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone(),
             ..Settings::default()
         }
         .resolve(self.config.as_deref())
@@ -120,27 +126,27 @@ pub async fn workspaces(command: WorkspacesCommand) -> anyhow::Result<()> {
             if name.is_empty() {
                 anyhow::bail!("a workspace name must not be empty");
             }
-            let store = data::open(&settings.data_dir, settings.sqlite_options())?;
+            let store = data::open_store(&settings, true).await?;
             let workspace = match store.create_workspace(&name, data::now()).await {
                 Ok(w) => w,
                 Err(StoreError::Conflict(_)) => anyhow::bail!(
-                    "workspace '{name}' already exists in {}; see `tideway workspaces list --data-dir {}`",
-                    settings.data_dir.display(),
-                    settings.data_dir.display()
+                    "workspace '{name}' already exists in {}; see `tideway workspaces list {}`",
+                    settings.database.describe(&settings.data_dir),
+                    settings.database.flags(&settings.data_dir)
                 ),
                 Err(e) => return Err(e).context("cannot create the workspace"),
             };
             println!("{}", workspace.app_group_id);
             eprintln!(
-                "Created workspace '{}'. Give it a key with `tideway keys create --data-dir {} --workspace {} --permissions users.track`.",
+                "Created workspace '{}'. Give it a key with `tideway keys create {} --workspace {} --permissions users.track`.",
                 workspace.name,
-                settings.data_dir.display(),
+                settings.database.flags(&settings.data_dir),
                 workspace.name
             );
         }
         WorkspacesCommand::List { location } => {
             let settings = location.settings()?;
-            let store = data::open_existing(&settings.data_dir, settings.sqlite_options())?;
+            let store = data::open_store(&settings, false).await?;
             let workspaces = store
                 .list_workspaces()
                 .await
@@ -173,8 +179,13 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             let settings = location.settings()?;
             let allow = IpAllowlist::parse_all(allow_ip.iter().map(String::as_str))
                 .context("bad --allow-ip")?;
-            let store = data::open_existing(&settings.data_dir, settings.sqlite_options())?;
-            let ws = find_workspace(&store, &workspace, &settings.data_dir).await?;
+            let store = data::open_store(&settings, false).await?;
+            let ws = find_workspace(
+                store.as_ref(),
+                &workspace,
+                &settings.database.flags(&settings.data_dir),
+            )
+            .await?;
             let (secret, key) = data::mint_key(ws.id, &name, permissions, allow, data::now());
             let stored = store
                 .create_api_key(key)
@@ -194,8 +205,13 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             workspace,
         } => {
             let settings = location.settings()?;
-            let store = data::open_existing(&settings.data_dir, settings.sqlite_options())?;
-            let ws = find_workspace(&store, &workspace, &settings.data_dir).await?;
+            let store = data::open_store(&settings, false).await?;
+            let ws = find_workspace(
+                store.as_ref(),
+                &workspace,
+                &settings.database.flags(&settings.data_dir),
+            )
+            .await?;
             let keys = store
                 .list_api_keys(ws.id)
                 .await
@@ -223,17 +239,22 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             id_or_prefix,
         } => {
             let settings = location.settings()?;
-            let store = data::open_existing(&settings.data_dir, settings.sqlite_options())?;
-            let ws = find_workspace(&store, &workspace, &settings.data_dir).await?;
+            let store = data::open_store(&settings, false).await?;
+            let ws = find_workspace(
+                store.as_ref(),
+                &workspace,
+                &settings.database.flags(&settings.data_dir),
+            )
+            .await?;
             let revoked = store
                 .revoke_api_key(ws.id, id_or_prefix.trim(), data::now())
                 .await
                 .context("cannot revoke the key")?;
             if !revoked {
                 anyhow::bail!(
-                    "no live key with id or prefix '{id_or_prefix}' in workspace '{}'; see `tideway keys list --data-dir {} --workspace {}`",
+                    "no live key with id or prefix '{id_or_prefix}' in workspace '{}'; see `tideway keys list {} --workspace {}`",
                     ws.name,
-                    settings.data_dir.display(),
+                    settings.database.flags(&settings.data_dir),
                     ws.name
                 );
             }
@@ -243,18 +264,23 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The workspace named `name`; an error naming the commands to list or create it (`flags`
+/// names the database: `--data-dir DIR` or `--database-url URL`).
 pub async fn find_workspace(
     store: &dyn Store,
     name: &str,
-    data_dir: &Path,
+    flags: &str,
 ) -> anyhow::Result<Workspace> {
-    store.workspace_by_name(name).await.context("cannot read workspaces")?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "no workspace named '{name}' in {dir}; list them with `tideway workspaces list --data-dir {dir}` \
-             or create it with `tideway workspaces create {name} --data-dir {dir}`",
-            dir = data_dir.display()
-        )
-    })
+    store
+        .workspace_by_name(name)
+        .await
+        .context("cannot read workspaces")?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no workspace named '{name}'; list them with `tideway workspaces list {flags}` \
+             or create it with `tideway workspaces create {name} {flags}`"
+            )
+        })
 }
 
 fn key_row(key: &ApiKey) -> Vec<String> {

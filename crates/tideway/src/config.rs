@@ -16,6 +16,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tideway_core::egress::{EgressPolicy, PrivateEndpoints};
 use tideway_server::{ConnectionLimits, RateLimits, ServerConfig};
+use tideway_store::postgres::PgOptions;
 use tideway_store::sqlite::{SqliteOptions, Synchronous};
 
 /// The default data directory, relative to the working directory.
@@ -62,6 +63,14 @@ pub struct Settings {
     #[arg(long, env = "TIDEWAY_DATA_DIR", value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+
+    /// PostgreSQL database to use instead of the data directory's SQLite file, e.g.
+    /// postgres://tideway@127.0.0.1:5432/tideway. Several `tideway serve` nodes may share one;
+    /// each keeps its own --data-dir for its key file and segment-index snapshots. Migrations
+    /// run on start [default: none: SQLite in the data directory]
+    #[arg(long, env = "TIDEWAY_DATABASE_URL", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
 
     /// Address of the REST API; port 0 picks a free port (the bound address is printed)
     /// [default: 127.0.0.1:4000]
@@ -133,6 +142,14 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
 
+    /// Milliseconds a node's hold on a Current (its lease in the database) lasts without
+    /// renewal; when a node dies, another node sharing the database takes its Currents over
+    /// after at most this long, re-sending only the batches that were in flight. Leases are
+    /// renewed every third of it [default: 30000]
+    #[arg(long, env = "TIDEWAY_CURRENTS_LEASE_TTL_MS", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currents_lease_ttl_ms: Option<u64>,
+
     /// Refuse Current endpoints and webhooks on loopback, private and unspecified addresses
     /// (127/8, ::1, 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7, 0.0.0.0), judged both
     /// in the URL and in what a host name resolves to at connect time; for a server whose
@@ -144,10 +161,63 @@ pub struct Settings {
     pub deny_private_endpoints: Option<bool>,
 }
 
+/// Which database holds the data.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    /// `<data-dir>/tideway.sqlite` (the default).
+    Sqlite,
+    /// A PostgreSQL database, possibly shared by several nodes.
+    Postgres(String),
+}
+
+impl Database {
+    /// Where the data is, for messages and logs: a PostgreSQL URL without its password.
+    pub fn describe(&self, data_dir: &Path) -> String {
+        match self {
+            Database::Sqlite => database_path(data_dir).display().to_string(),
+            Database::Postgres(url) => redact_url(url),
+        }
+    }
+
+    /// The flags that name this database again, for the commands an error message suggests.
+    pub fn flags(&self, data_dir: &Path) -> String {
+        match self {
+            Database::Sqlite => format!("--data-dir {}", data_dir.display()),
+            Database::Postgres(url) => format!("--database-url {}", redact_url(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Database {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite => f.write_str("Sqlite"),
+            Database::Postgres(url) => write!(f, "Postgres({})", redact_url(url)),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`; a URL without a password
+/// (or not a URL) is returned as it is.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
 /// [`Settings`] with every value decided.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
     pub data_dir: PathBuf,
+    pub database: Database,
     pub listen: SocketAddr,
     pub log_format: LogFormat,
     pub synchronous: SyncMode,
@@ -156,6 +226,8 @@ pub struct Resolved {
     pub connections: ConnectionLimits,
     /// Where outgoing requests (Currents, webhooks) may go.
     pub egress: EgressPolicy,
+    /// How long a Currents lease lasts without renewal.
+    pub currents_lease_ttl: Duration,
 }
 
 impl Settings {
@@ -163,6 +235,7 @@ impl Settings {
     pub fn or(self, fallback: Settings) -> Settings {
         Settings {
             data_dir: self.data_dir.or(fallback.data_dir),
+            database_url: self.database_url.or(fallback.database_url),
             listen: self.listen.or(fallback.listen),
             log_format: self.log_format.or(fallback.log_format),
             synchronous: self.synchronous.or(fallback.synchronous),
@@ -178,6 +251,9 @@ impl Settings {
             deny_private_endpoints: self
                 .deny_private_endpoints
                 .or(fallback.deny_private_endpoints),
+            currents_lease_ttl_ms: self
+                .currents_lease_ttl_ms
+                .or(fallback.currents_lease_ttl_ms),
         }
     }
 
@@ -186,6 +262,7 @@ impl Settings {
         let server = ServerConfig::default();
         Settings {
             data_dir: Some(PathBuf::from(DEFAULT_DATA_DIR)),
+            database_url: None,
             listen: Some(
                 DEFAULT_LISTEN
                     .parse()
@@ -203,6 +280,7 @@ impl Settings {
             body_timeout_ms: Some(millis(ConnectionLimits::DEFAULT_BODY_TIMEOUT)),
             max_connections: Some(tideway_server::default_max_connections()),
             deny_private_endpoints: Some(false),
+            currents_lease_ttl_ms: Some(30_000),
         }
     }
 
@@ -234,6 +312,18 @@ impl Settings {
         let missing = || anyhow::anyhow!("a setting has no default (a bug)");
         let resolved = Resolved {
             data_dir: full.data_dir.ok_or_else(missing)?,
+            database: match full.database_url.filter(|u| !u.trim().is_empty()) {
+                None => Database::Sqlite,
+                Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                    Database::Postgres(url)
+                }
+                Some(url) => anyhow::bail!(
+                    "--database-url {} is not a PostgreSQL URL; write it as \
+                     postgres://USER[:PASSWORD]@HOST:PORT/DATABASE, or leave it out to use SQLite \
+                     in the data directory",
+                    redact_url(&url)
+                ),
+            },
             listen: full.listen.ok_or_else(missing)?,
             log_format: full.log_format.ok_or_else(missing)?,
             synchronous: full.synchronous.ok_or_else(missing)?,
@@ -260,7 +350,15 @@ impl Settings {
                     PrivateEndpoints::Allow
                 },
             },
+            currents_lease_ttl: Duration::from_millis(
+                full.currents_lease_ttl_ms.ok_or_else(missing)?,
+            ),
         };
+        if resolved.currents_lease_ttl < Duration::from_millis(300) {
+            anyhow::bail!(
+                "--currents-lease-ttl-ms must be at least 300 (a lease is renewed every third of it)"
+            );
+        }
         let limits = &resolved.server.rate_limits;
         if limits.users_track_per_minute == 0
             || limits.users_batch_per_minute == 0
@@ -287,6 +385,31 @@ impl Settings {
 }
 
 impl Resolved {
+    /// Where this node keeps its segment-index snapshots: per database, so a node pointed at
+    /// another database (or switched from SQLite to PostgreSQL) never loads positions that
+    /// belong to another store.
+    pub fn segment_index_dir(&self) -> PathBuf {
+        let root = self.data_dir.join("segment-index");
+        match &self.database {
+            Database::Sqlite => root,
+            Database::Postgres(url) => {
+                // The URL without credentials names the database; a short stable digest of it
+                // keeps the directory name a plain word.
+                let place = url.rsplit_once('@').map_or(url.as_str(), |(_, host)| host);
+                let digest = place.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                });
+                root.join(format!("postgres-{digest:016x}"))
+            }
+        }
+    }
+
+    pub fn pg_options(&self) -> PgOptions {
+        PgOptions {
+            max_array_len: self.server.max_array_len,
+        }
+    }
+
     pub fn sqlite_options(&self) -> SqliteOptions {
         SqliteOptions {
             synchronous: self.synchronous.into(),

@@ -1,5 +1,5 @@
 //! The Currents exporter inside `tideway serve`: started beside the REST API on the same
-//! SQLite store, stopped after the API has drained.
+//! store, stopped after the API has drained.
 //!
 //! The lease owner is this host and data directory, so a restarted server (after a crash
 //! included) takes its Currents back at once instead of waiting for its old leases to expire,
@@ -9,11 +9,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tideway_core::egress::EgressPolicy;
+use tideway_core::store::Store;
 use tideway_currents::{Exporter, ExporterConfig};
 use tideway_server::CurrentsApi;
-use tideway_store::sqlite::SqliteStore;
 
 fn owner(data_dir: &Path) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -26,14 +27,27 @@ fn owner(data_dir: &Path) -> String {
 }
 
 /// Starts the exporter; the returned handle goes to the HTTP edge.
-pub fn start(store: Arc<SqliteStore>, data_dir: &Path, egress: EgressPolicy) -> CurrentsApi {
+pub fn start(
+    store: Arc<dyn Store>,
+    data_dir: &Path,
+    egress: EgressPolicy,
+    lease_ttl: Duration,
+) -> CurrentsApi {
+    let defaults = ExporterConfig::default();
+    let lease_ttl_ms = u64::try_from(lease_ttl.as_millis()).unwrap_or(u64::MAX);
     let config = ExporterConfig {
         owner: owner(data_dir),
         egress,
-        ..ExporterConfig::default()
+        lease_ttl_ms,
+        // Renewed three times per lease, so one slow round never lets it lapse.
+        maintenance_interval_ms: defaults.maintenance_interval_ms.min(lease_ttl_ms / 3),
+        // A node looks for Currents a dead node left at least once per lease.
+        rescan_interval_ms: defaults.rescan_interval_ms.min(lease_ttl_ms),
+        ..defaults
     };
     tracing::info!(egress = ?egress, "starting the Currents exporter");
-    let exporter = Arc::new(Exporter::start(store.clone(), config));
+    let store: Arc<dyn tideway_core::currents_store::CurrentsStore> = store;
+    let exporter = Arc::new(Exporter::start(Arc::clone(&store), config));
     CurrentsApi { store, exporter }
 }
 

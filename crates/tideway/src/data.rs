@@ -12,16 +12,18 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use tideway_core::clock::Millis;
 use tideway_core::ids::WorkspaceId;
 use tideway_core::keys::{ApiKey, IpAllowlist, PermissionSet, Secret};
-use tideway_core::store::NewApiKey;
+use tideway_core::store::{NewApiKey, Store};
+use tideway_store::postgres::PgStore;
 use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
-use crate::config::database_path;
+use crate::config::{Database, Resolved, database_path, redact_url};
 
 /// Now, from the system clock.
 pub fn now() -> Millis {
@@ -63,6 +65,34 @@ pub fn open(data_dir: &Path, options: SqliteOptions) -> anyhow::Result<SqliteSto
     let path = database_path(data_dir);
     SqliteStore::open(&path, options)
         .with_context(|| format!("cannot open the database {}", path.display()))
+}
+
+/// Opens the database the settings name as the whole store contract: the data directory's
+/// SQLite file (created with its directory when `create`, else it must exist), or the
+/// PostgreSQL database of `--database-url` (migrated on open; several nodes may do so at once).
+pub async fn open_store(settings: &Resolved, create: bool) -> anyhow::Result<Arc<dyn Store>> {
+    match &settings.database {
+        Database::Sqlite => {
+            let store = if create {
+                open(&settings.data_dir, settings.sqlite_options())?
+            } else {
+                open_existing(&settings.data_dir, settings.sqlite_options())?
+            };
+            Ok(Arc::new(store))
+        }
+        Database::Postgres(url) => {
+            let store = PgStore::open_with(url, settings.pg_options())
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot use the PostgreSQL database {}; check that the server is running \
+                         and that the user may create tables there, or fix --database-url",
+                        redact_url(url)
+                    )
+                })?;
+            Ok(Arc::new(store))
+        }
+    }
 }
 
 /// Takes `<data-dir>/serve.lock` for as long as the returned file lives: one `tideway serve`

@@ -8,7 +8,6 @@ use anyhow::{Context, bail};
 use tideway_core::cohorts::{PARTNERS, partner};
 use tideway_core::ids::AliasLabel;
 use tideway_core::keys::Secret;
-use tideway_core::store::prelude::*;
 
 use crate::admin::{Location, find_workspace, table};
 use crate::data;
@@ -121,7 +120,7 @@ pub async fn run(command: PartnersCommand) -> anyhow::Result<()> {
         }
         PartnersCommand::ApiKey { location, partner } => {
             let slug = known_partner(&partner)?;
-            let (store, _) = location.open_store()?;
+            let (store, _) = location.open_store().await?;
             let key = store
                 .partner_api_key(slug, fresh_key(), data::now())
                 .await
@@ -134,8 +133,8 @@ pub async fn run(command: PartnersCommand) -> anyhow::Result<()> {
             partner,
         } => {
             let slug = known_partner(&partner)?;
-            let (store, dir) = location.open_store()?;
-            let ws = find_workspace(&store, &workspace, &dir).await?;
+            let (store, flags) = location.open_store().await?;
+            let ws = find_workspace(store.as_ref(), &workspace, &flags).await?;
             let secret = fresh_key();
             store
                 .create_import_key(ws.id, slug, &secret, data::now())
@@ -149,8 +148,8 @@ pub async fn run(command: PartnersCommand) -> anyhow::Result<()> {
             partner,
         } => {
             let slug = known_partner(&partner)?;
-            let (store, dir) = location.open_store()?;
-            let ws = find_workspace(&store, &workspace, &dir).await?;
+            let (store, flags) = location.open_store().await?;
+            let ws = find_workspace(store.as_ref(), &workspace, &flags).await?;
             let keys = store
                 .list_import_keys(ws.id, slug)
                 .await
@@ -178,8 +177,8 @@ pub async fn run(command: PartnersCommand) -> anyhow::Result<()> {
             id_or_prefix,
         } => {
             let slug = known_partner(&partner)?;
-            let (store, dir) = location.open_store()?;
-            let ws = find_workspace(&store, &workspace, &dir).await?;
+            let (store, flags) = location.open_store().await?;
+            let ws = find_workspace(store.as_ref(), &workspace, &flags).await?;
             if !store
                 .invalidate_import_key(ws.id, slug, &id_or_prefix, data::now())
                 .await
@@ -207,8 +206,8 @@ pub async fn run(command: PartnersCommand) -> anyhow::Result<()> {
             match_alias_label,
             match_external_id,
         } => {
-            let (store, dir) = location.open_store()?;
-            let ws = find_workspace(&store, &workspace, &dir).await?;
+            let (store, flags) = location.open_store().await?;
+            let ws = find_workspace(store.as_ref(), &workspace, &flags).await?;
             let mapping = match (match_alias_label, match_external_id) {
                 (Some(label), _) => Some(Some(
                     AliasLabel::parse(&label)
@@ -239,8 +238,8 @@ async fn set_enabled(
     enabled: bool,
 ) -> anyhow::Result<()> {
     let slug = known_partner(partner)?;
-    let (store, dir) = location.open_store()?;
-    let ws = find_workspace(&store, workspace, &dir).await?;
+    let (store, flags) = location.open_store().await?;
+    let ws = find_workspace(store.as_ref(), workspace, &flags).await?;
     store
         .set_partner_enabled(ws.id, slug, enabled)
         .await

@@ -7,7 +7,6 @@
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use tideway_core::store::prelude::*;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -83,8 +82,8 @@ fn write_member(out: &mut dyn Write, format: Format, m: &Member) -> std::io::Res
 
 /// Exports the members; returns how many were written.
 pub async fn export(args: &ExportArgs, show_progress: bool) -> anyhow::Result<u64> {
-    let (store, data_dir) = args.location.open_store()?;
-    let workspace = find_workspace(&store, &args.workspace, &data_dir).await?;
+    let (store, flags) = args.location.open_store().await?;
+    let workspace = find_workspace(store.as_ref(), &args.workspace, &flags).await?;
     let segments = store
         .list_segments(workspace.id)
         .await

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tideway_core::keys::{IpAllowlist, PermissionSet};
-use tideway_core::store::Store;
+use tideway_core::store::{Store, StoreError};
 use tideway_server::{ConnectionLimits, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -31,17 +31,22 @@ pub const DEFAULT_WORKSPACE: &str = "default";
 /// Runs the server with resolved settings until a shutdown signal.
 pub async fn run(settings: Resolved) -> anyhow::Result<()> {
     let _one_server = data::lock_for_serving(&settings.data_dir)?;
-    let store = Arc::new(data::open(&settings.data_dir, settings.sqlite_options())?);
+    let store = data::open_store(&settings, true).await?;
     bootstrap(store.as_ref(), &settings.data_dir).await?;
     let metrics = tideway_server::install_metrics_recorder()
         .context("cannot install the metrics recorder")?;
-    let currents = crate::currents::start(Arc::clone(&store), &settings.data_dir, settings.egress);
+    let currents = crate::currents::start(
+        Arc::clone(&store),
+        &settings.data_dir,
+        settings.egress,
+        settings.currents_lease_ttl,
+    );
     let router = tideway_server::app_with_options(
         store,
         settings.server.clone(),
         metrics,
         Some(currents.clone()),
-        Some(settings.data_dir.join("segment-index")),
+        Some(settings.segment_index_dir()),
     );
     let listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
@@ -53,7 +58,7 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
         .local_addr()
         .context("cannot read the bound address")?;
     announce(addr)?;
-    tracing::info!(%addr, data_dir = %settings.data_dir.display(), synchronous = ?settings.synchronous, "serving the REST API");
+    tracing::info!(%addr, data_dir = %settings.data_dir.display(), database = %settings.database.describe(&settings.data_dir), synchronous = ?settings.synchronous, "serving the REST API");
     tideway_server::serve(
         listener,
         router,
@@ -86,10 +91,19 @@ async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let now = data::now();
-    let workspace = store
-        .create_workspace(DEFAULT_WORKSPACE, now)
-        .await
-        .context("cannot create the default workspace")?;
+    let workspace = match store.create_workspace(DEFAULT_WORKSPACE, now).await {
+        Ok(workspace) => workspace,
+        // Another node on the same database bootstrapped it at the same moment: its key is
+        // the admin key, printed by that node.
+        Err(StoreError::Conflict(_)) => {
+            tracing::info!(
+                workspace = DEFAULT_WORKSPACE,
+                "another node created the default workspace first"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("cannot create the default workspace"),
+    };
     let (secret, key) = data::mint_key(
         workspace.id,
         "initial admin key",
@@ -195,8 +209,14 @@ impl InProcess {
 }
 
 /// `tideway serve --print-config`: the effective settings as a TOML file.
+/// A database password is shown as `***`.
 pub fn print_config(settings: &Settings) -> anyhow::Result<()> {
-    let text = toml::to_string(settings).context("cannot render the configuration")?;
+    let mut settings = settings.clone();
+    settings.database_url = settings
+        .database_url
+        .as_deref()
+        .map(crate::config::redact_url);
+    let text = toml::to_string(&settings).context("cannot render the configuration")?;
     print!("{text}");
     Ok(())
 }

@@ -49,9 +49,14 @@ pub struct IngestArgs {
     /// latency target applies at half the throughput target (e.g. --rate 50000)
     #[arg(long, value_name = "OBJECTS_PER_SEC", value_parser = clap::value_parser!(u64).range(75..))]
     rate: Option<u64>,
-    /// Throughput target in objects/s that PASS/FAIL is judged against
-    #[arg(long, default_value_t = 100_000)]
-    target: u64,
+    /// Throughput target in objects/s that PASS/FAIL is judged against [default: 100000 on
+    /// SQLite, 50000 on PostgreSQL]
+    #[arg(long)]
+    target: Option<u64>,
+    /// Run on this PostgreSQL database instead of SQLite: one in-process node, then two on the
+    /// same database, then raw multi-row inserts as the limit (closed loop only)
+    #[arg(long, value_name = "URL", conflicts_with_all = ["url", "rate"])]
+    database_url: Option<String>,
     /// Drive an external Tideway at this base URL (e.g. http://127.0.0.1:4000) instead of an
     /// in-process one; mind its --track-rate-limit
     #[arg(long, value_name = "URL", requires = "api_key")]
@@ -74,6 +79,19 @@ pub struct IngestArgs {
 
 pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
+    if let Some(url) = &args.database_url {
+        return crate::bench::ingest_pg::run(crate::bench::ingest_pg::PgBench {
+            url,
+            clients: args.clients,
+            users: args.users,
+            duration,
+            target: args
+                .target
+                .unwrap_or(crate::bench::ingest_pg::DEFAULT_TARGET),
+            skip_limits: args.skip_limits,
+        })
+        .await;
+    }
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(4096)
@@ -104,6 +122,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
                 client: client.clone(),
                 url: format!("{}/users/track", url.trim_end_matches('/')),
                 api_key: args.api_key.clone(),
+                spread: Vec::new(),
             };
             eprintln!("driving the external Tideway at {url}");
             (target, None)
@@ -120,6 +139,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
                 client: client.clone(),
                 url: format!("http://{}/users/track", server.addr),
                 api_key: Some(key),
+                spread: Vec::new(),
             };
             (target, Some(server))
         }
@@ -177,6 +197,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         client: client.clone(),
         url: format!("http://{}/users/track", noop.addr),
         api_key: None,
+        spread: Vec::new(),
     };
     let mut noop_stats = drive(&noop_target, "no-op handler", &args, duration).await;
     noop.stop().await?;
@@ -310,6 +331,7 @@ fn summary(
     sqlite_rows_per_sec: Option<f64>,
 ) -> String {
     let clean = tideway.errors == 0;
+    let target = args.target.unwrap_or(100_000);
     let ok = |pass: bool| if pass && clean { "PASS" } else { "FAIL" };
     let (p50, p99) = (tideway.percentile(50.0), tideway.percentile(99.0));
     let tideway_rate = tideway.objects_per_sec();
@@ -348,8 +370,8 @@ fn summary(
             }
             parts.push(format!(
                 "target {} objects/s: {}",
-                thousands(args.target as f64),
-                ok(tideway_rate >= args.target as f64)
+                thousands(target as f64),
+                ok(tideway_rate >= target as f64)
             ));
             parts.extend(wal_target);
             parts.join(" | ")

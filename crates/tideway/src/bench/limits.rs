@@ -62,7 +62,7 @@ impl NoopServer {
 }
 
 /// One row per object of the workload: (external_id, kind, object JSON).
-fn rows(requests: usize, users: u64) -> anyhow::Result<Vec<(String, &'static str, String)>> {
+pub fn rows(requests: usize, users: u64) -> anyhow::Result<Vec<(String, &'static str, String)>> {
     let mut workload = Workload::new(0x5EED, users);
     let mut rows = Vec::with_capacity(requests * OBJECTS);
     for _ in 0..requests {

@@ -126,9 +126,26 @@ pub struct Target {
     /// The full URL of the endpoint (`…/users/track`).
     pub url: String,
     pub api_key: Option<String>,
+    /// The same endpoint on other nodes of one cluster: clients are spread round-robin over
+    /// `url` and these, as a load balancer would.
+    pub spread: Vec<String>,
 }
 
 impl Target {
+    /// The target client number `client` talks to.
+    fn for_client(&self, client: usize) -> Target {
+        let nodes = 1 + self.spread.len();
+        let url = match client % nodes {
+            0 => self.url.clone(),
+            i => self.spread[i - 1].clone(),
+        };
+        Target {
+            url,
+            spread: Vec::new(),
+            ..self.clone()
+        }
+    }
+
     async fn send(&self, body: String) -> Result<(), String> {
         let mut request = self
             .client
@@ -263,7 +280,7 @@ pub async fn closed_loop(
     let ticker = tick_progress(bar.clone(), objects.clone(), start);
     let mut tasks = tokio::task::JoinSet::new();
     for client in 0..clients {
-        let target = target.clone();
+        let target = target.for_client(client);
         let objects = objects.clone();
         tasks.spawn(async move {
             let mut workload = Workload::new(client as u64 + 1, users);

@@ -8,6 +8,7 @@
 mod cohorts;
 mod currents;
 mod ingest;
+mod ingest_pg;
 mod limits;
 mod load;
 mod segments;

@@ -215,6 +215,7 @@ pub async fn run(args: SegmentsArgs) -> anyhow::Result<()> {
         client: reqwest::Client::new(),
         url: format!("http://{}/users/track", server.addr),
         api_key: Some(key.clone()),
+        spread: Vec::new(),
     };
     let duration = Duration::from_secs(args.seconds);
     let users = args.users as u64;

@@ -5,115 +5,13 @@
 //! create, status, pause/resume, test events, dead-letter listing.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
-use crate::support::{Api, Server, binary, initial_admin_key};
+use crate::support::{Api, Server, Sink, initial_admin_key, management};
 
-const SINK_LINE: &str = "Tideway sink is listening on ";
 const DEADLINE: Duration = Duration::from_secs(120);
-
-struct Sink {
-    _child: Child,
-    url: String,
-    client: reqwest::Client,
-}
-
-impl Sink {
-    async fn start(dir: &Path, extra: &[&str]) -> Sink {
-        let mut child = Command::new(binary())
-            .arg("sink")
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn tideway sink");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let url = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let line = lines
-                    .next_line()
-                    .await
-                    .expect("read")
-                    .expect("the sink exited before listening");
-                if let Some(url) = line.strip_prefix(SINK_LINE) {
-                    return url.trim().to_owned();
-                }
-            }
-        })
-        .await
-        .expect("the sink did not start");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Sink {
-            _child: child,
-            url,
-            client: reqwest::Client::builder().no_proxy().build().unwrap(),
-        }
-    }
-
-    async fn page(&self, after: i64) -> Value {
-        self.client
-            .get(format!("{}/events?after={after}&limit=10000", self.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    /// (id → deliveries) of everything stored, and the total duplicate deliveries.
-    async fn all(&self) -> (std::collections::HashMap<String, u64>, u64) {
-        let mut out = std::collections::HashMap::new();
-        let mut after = 0;
-        loop {
-            let page = self.page(after).await;
-            let events = page["events"].as_array().unwrap().clone();
-            if events.is_empty() {
-                return (out, page["duplicates"].as_u64().unwrap());
-            }
-            after = page["next_after"].as_i64().unwrap();
-            for e in events {
-                out.insert(
-                    e["id"].as_str().unwrap().to_owned(),
-                    e["deliveries"].as_u64().unwrap(),
-                );
-            }
-        }
-    }
-
-    async fn unique(&self) -> u64 {
-        self.page(i64::MAX - 1).await["unique"].as_u64().unwrap()
-    }
-}
-
-async fn management(
-    api: &Api,
-    method: reqwest::Method,
-    path: &str,
-    key: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let mut req = client
-        .request(method, format!("{}{path}", api.url))
-        .bearer_auth(key);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
 
 /// Every event id in the server's log.
 fn logged_ids(data_dir: &Path) -> Vec<String> {

@@ -13,3 +13,4 @@ mod durability;
 mod segments_export;
 mod segments_restart;
 mod support;
+mod two_nodes;
