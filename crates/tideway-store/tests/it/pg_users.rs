@@ -794,3 +794,141 @@ async fn two_nodes_creating_the_same_users_at_once_end_with_one_each() {
         assert_eq!(custom.len(), 8, "{custom:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_increments_through_two_nodes_lose_no_update() {
+    let db = TestDb::create().await;
+    let (a, b) = (Arc::new(db.store().await), Arc::new(db.store().await));
+    let ws = a.create_workspace("w", NOW).await.unwrap();
+    let users = 5;
+    let objects: Vec<Value> = (0..users)
+        .map(|u| json!({"external_id": format!("hot-{u}"), "visits": 0}))
+        .collect();
+    let req = parse_track(json!({"attributes": objects}).as_object().unwrap()).unwrap();
+    a.track(&ws, req, NOW).await.unwrap();
+    // Batches that only change existing profiles let the next batch of the workspace start
+    // before they commit; every one of these requests is such a batch.
+    let (tasks_per_node, requests) = (8, 20);
+    let mut tasks = Vec::new();
+    for (n, store) in [&a, &b].into_iter().enumerate() {
+        for t in 0..tasks_per_node {
+            let store = Arc::clone(store);
+            let ws = ws.clone();
+            tasks.push(tokio::spawn(async move {
+                for r in 0..requests {
+                    // Three of the five users, in an order that varies.
+                    let objects: Vec<Value> = (0..3)
+                        .map(|k| (n + t + r + k * 2) % users)
+                        .map(|u| json!({"external_id": format!("hot-{u}"), "visits": {"inc": 1}}))
+                        .collect();
+                    let req =
+                        parse_track(json!({"attributes": objects}).as_object().unwrap()).unwrap();
+                    store.track(&ws, req, NOW).await.unwrap();
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let out = a
+        .export_ids(
+            &ws,
+            ExportRequest {
+                external_ids: (0..users).map(|u| ext(&format!("hot-{u}"))).collect(),
+                ..ExportRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    let total: i64 = out
+        .users
+        .iter()
+        .map(|u| u["custom_attributes"]["visits"].as_i64().unwrap())
+        .sum();
+    assert_eq!(total, (2 * tasks_per_node * requests * 3) as i64);
+    let seqs = pg_column(&a, ws.id, "event_log", "seq").await;
+    assert_eq!(seqs.len(), users + 2 * tasks_per_node * requests * 3);
+    assert!(gap_free(&seqs));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_that_collides_with_another_writers_new_user_runs_again_and_finds_it() {
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    // Another writer (not going through this store's queue) creates "racer" and holds its
+    // transaction open: it has the users counter and the unique key.
+    let other = db.client().await;
+    other.batch_execute("BEGIN").await.unwrap();
+    let seq: i64 = other
+        .query_one(
+            "INSERT INTO workspace_sequences AS s (workspace_id, name, head) VALUES ($1, 'users', 1)
+             ON CONFLICT (workspace_id, name) DO UPDATE SET head = s.head + 1 RETURNING head",
+            &[&ws.id.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    other
+        .execute(
+            "INSERT INTO users (workspace_id, seq, braze_id, external_id, created_at, updated_at, profile)
+             VALUES ($1, $2, 'aaaaaaaaaaaaaaaaaaaaaaaa', 'racer', $3, $3, '{\"c\":{\"from\":\"other\"}}')",
+            &[&ws.id.0, &seq, &NOW.0],
+        )
+        .await
+        .unwrap();
+    let tracking = {
+        let store = store.clone();
+        let ws = ws.clone();
+        tokio::spawn(async move {
+            let body = json!({"attributes": [{"external_id": "racer", "plan": "pro"}]});
+            let req = parse_track(body.as_object().unwrap()).unwrap();
+            store.track(&ws, req, NOW).await
+        })
+    };
+    // The unit did not see the uncommitted user and waits to create its own.
+    let watcher = db.client().await;
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    other.batch_execute("COMMIT").await.unwrap();
+    let out = tracking.await.unwrap().expect("the rerun succeeds");
+    assert_eq!(out.attributes_processed, 1);
+    let count: i64 = watcher
+        .query_one(
+            "SELECT count(*) FROM users WHERE workspace_id = $1",
+            &[&ws.id.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1, "the store's own creation was rolled back");
+    let exported = store
+        .export_ids(
+            &ws,
+            ExportRequest {
+                external_ids: vec![ext("racer")],
+                ..ExportRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        exported.users[0]["custom_attributes"],
+        json!({"from": "other", "plan": "pro"})
+    );
+    // The rolled-back creation left no hole in the users' numbering.
+    assert!(gap_free(&pg_column(&store, ws.id, "users", "seq").await));
+}
