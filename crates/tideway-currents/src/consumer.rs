@@ -293,6 +293,18 @@ async fn active(
             return Exit::Pause;
         }
     }
+    // Resume from the position committed *now*, read under the lease: the definition this
+    // task was handed may be seconds old, and when the lease comes from another node (which
+    // died, or let it lapse) that node has moved the position since. Starting from the old
+    // one would re-send everything it delivered in between.
+    let current = match shared.store.get_current(current.workspace, id).await {
+        Ok(Some(fresh)) => Arc::new(fresh),
+        Ok(None) => return Exit::Pause,
+        Err(e) => {
+            tracing::warn!(current = %id, error = %e, "cannot read the Current after taking its lease");
+            return Exit::Pause;
+        }
+    };
     let sender = match Sender::new(&current.spec, shared.clock, &shared.config.egress) {
         Ok(s) => Arc::new(s),
         Err(e) => {

@@ -45,6 +45,7 @@ impl Server {
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .env_remove("RUST_LOG")
+            .env_remove("TIDEWAY_DATABASE_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -136,6 +137,7 @@ pub async fn tideway(args: &[&str]) -> Output {
         .env_remove("RUST_LOG")
         .env_remove("TIDEWAY_DATA_DIR")
         .env_remove("TIDEWAY_CONFIG")
+        .env_remove("TIDEWAY_DATABASE_URL")
         .stdin(Stdio::null())
         .output()
         .await

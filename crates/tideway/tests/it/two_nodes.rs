@@ -19,7 +19,9 @@ use tideway_heap::webhook::sign;
 use tideway_store::testing::TestDb;
 use tokio::sync::Mutex;
 
-use crate::support::{Api, Server, Sink, initial_admin_key, management, tideway_ok};
+use crate::support::{
+    Api, Server, Sink, initial_admin_key, management, stderr, tideway, tideway_ok,
+};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const WRITERS: usize = 4;
@@ -461,9 +463,142 @@ async fn two_nodes_on_one_database_share_the_work_and_survive_a_sigkill() {
         expected.len(),
         ledger.unknown
     );
+    if duplicates > bound {
+        for entry in std::fs::read_dir(tmp.path()).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.contains(".log-") {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                for line in text
+                    .lines()
+                    .filter(|l| l.contains("urrent") || l.contains("lease"))
+                {
+                    eprintln!("{name}: {line}");
+                }
+            }
+        }
+    }
     assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
 
     for node in nodes.into_iter().flatten() {
         assert!(node.terminate().await, "a node did not stop cleanly");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_works_on_postgres_and_says_what_is_wrong_with_a_database_url() {
+    let db = TestDb::create().await;
+    let url = db.url.as_str();
+    let app_group_id = tideway_ok(&["workspaces", "create", "acme", "--database-url", url]).await;
+    assert_eq!(app_group_id.trim().len(), 36, "{app_group_id}");
+    let listed = tideway_ok(&["workspaces", "list", "--database-url", url]).await;
+    assert!(listed.contains("acme"), "{listed}");
+    let key = tideway_ok(&[
+        "keys",
+        "create",
+        "--database-url",
+        url,
+        "--workspace",
+        "acme",
+        "--permissions",
+        "all",
+    ])
+    .await
+    .trim()
+    .to_owned();
+    let keys = tideway_ok(&["keys", "list", "--database-url", url, "--workspace", "acme"]).await;
+    assert!(keys.contains(&key[..8]), "{keys}");
+
+    // A server on the same database accepts the key at once, and an export from the database
+    // sees what it acknowledged.
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("node"), &["--database-url", url]).await;
+    let api = Api::new(&server.url);
+    let (status, body) = api
+        .post_ok(
+            "/users/track",
+            &key,
+            &json!({"attributes": [{"external_id": "u1", "plan": "pro"}, {"external_id": "u2", "plan": "free"}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, segment) = api
+        .post_ok(
+            "/api/v1/segments",
+            &key,
+            &json!({"name": "pro", "filter": {"attribute": {"name": "plan", "op": "equals", "value": "pro"}}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{segment}");
+    let id = segment["id"].as_str().unwrap();
+    let exported = tideway_ok(&[
+        "segments",
+        "export",
+        id,
+        "--format",
+        "jsonl",
+        "--database-url",
+        url,
+        "--workspace",
+        "acme",
+    ])
+    .await;
+    let rows: Vec<Value> = exported
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{exported}");
+    assert_eq!(rows[0]["external_id"], "u1");
+    let revoked = tideway(&[
+        "keys",
+        "revoke",
+        "--database-url",
+        url,
+        "--workspace",
+        "acme",
+        &key[..8],
+    ])
+    .await;
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    let (status, _) = api
+        .post_ok(
+            "/users/track",
+            &key,
+            &json!({"attributes": [{"external_id": "u3"}]}),
+        )
+        .await;
+    assert_eq!(
+        status, 401,
+        "a key revoked through the CLI is refused by the server at once"
+    );
+    assert!(server.terminate().await);
+
+    // Errors name the database by its flags, and say what to do.
+    let missing = tideway(&["keys", "list", "--database-url", url, "--workspace", "nope"]).await;
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains(&format!("tideway workspaces list --database-url {url}")),
+        "{}",
+        stderr(&missing)
+    );
+    let wrong = tideway(&["workspaces", "list", "--database-url", "mysql://x@y/z"]).await;
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).contains("is not a PostgreSQL URL"),
+        "{}",
+        stderr(&wrong)
+    );
+    let down = tideway(&[
+        "workspaces",
+        "list",
+        "--database-url",
+        "postgres://tideway:hunter2@127.0.0.1:1/tideway",
+    ])
+    .await;
+    assert!(!down.status.success());
+    let said = stderr(&down);
+    assert!(said.contains("check that the server is running"), "{said}");
+    assert!(
+        said.contains("postgres://tideway:***@127.0.0.1:1/tideway") && !said.contains("hunter2"),
+        "the password never shows: {said}"
+    );
 }
