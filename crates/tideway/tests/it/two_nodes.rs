@@ -93,7 +93,7 @@ async fn write_round(
         .cohort_members
         .extend(users.iter().cloned());
 
-    if n % 4 == 0 {
+    if n.is_multiple_of(4) {
         let page = json!({"action_type": "segment.users.sync",
             "data": {"segment": {"id": 4242, "name": "Heap Trial"},
                 "sync_info": {"page_number": n, "total_pages": 1000, "sync_task_id": format!("task-w{writer}")},
