@@ -40,20 +40,21 @@
 //! "no such user" answers. [`UserLookup::prefetch`] loads every user a request names with one
 //! statement per key kind, all sent at once (pipelined). Saves, aliases, devices, deprecated
 //! ids and cohort membership are buffered and written at the end with multi-row statements
-//! (`unnest` of arrays; `INSERT … ON CONFLICT` for users),
-//! or earlier when a statement must see them (a delete, a merge, a lookup by email or phone).
-//! Keyed statements are shaped so that each key is one probe of a unique index whatever the
-//! planner's statistics say (see the lookups' comment).
+//! (`unnest` of arrays; `INSERT … ON CONFLICT` for users), or earlier when a statement must
+//! see them (a delete, a merge, a lookup by email or phone). Keyed statements are shaped so
+//! that each key is one probe of a unique index whatever the planner's statistics say (see
+//! the lookups' comment).
 //!
 //! **Sequences.** A new user's dense `seq` comes from the workspace's `users` counter
 //! (`sequence.rs`), needed at once because the services use it. The first creation of a
 //! transaction takes one value, which locks the counter row until commit; later creations
 //! count on from it locally and the counter is advanced by the rest before commit. So the
 //! users of one workspace are created by one transaction at a time (across nodes too, and such
-//! a batch keeps the front to its commit): the price of dense seqs without holes. The event log, cohort membership changes and segment
-//! user changes take their ranges last, just before the commit (their rows are buffered until
-//! then), so their order is commit order. Counters are always taken in one order (users, then
-//! the three logs), so they never deadlock against each other.
+//! a batch keeps the front to its commit): the price of dense seqs without holes. The event
+//! log, cohort membership changes and segment user changes take their ranges last, just before
+//! the commit (their rows are buffered until then), so their order is commit order. Counters
+//! are always taken in one order (users, then the three logs), so they never deadlock against
+//! each other.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -476,14 +477,25 @@ fn run_batch(env: &mut BatchEnv<'_>, mut jobs: Vec<Job>) {
             together(env, &mut jobs)
         };
         let (error, failure) = match pass {
-            Pass::Committed(results) => break results,
+            Pass::Committed(results) => {
+                metrics::counter!("tideway_store_commits_total").increment(1);
+                metrics::histogram!("tideway_store_commit_batch_jobs").record(jobs.len() as f64);
+                metrics::histogram!("tideway_store_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                break results;
+            }
             Pass::Failed(error, failure) => (error, failure),
         };
         let rerun = failure != Failure::Ambiguous
             && attempt < MAX_ATTEMPTS
             && (failure.retryable() || (jobs.len() > 1 && !isolate));
         if !rerun {
-            tracing::warn!(error = %error, ?failure, units = jobs.len(), "a PostgreSQL batch failed");
+            if jobs.len() == 1 && failure == Failure::Other {
+                // The unit's own error, answered to its caller.
+                tracing::debug!(error = %error, "a unit of work failed");
+            } else {
+                tracing::warn!(error = %error, ?failure, units = jobs.len(), attempts = attempt, "a PostgreSQL batch failed");
+            }
             break jobs.iter().map(|_| Err(error.clone())).collect();
         }
         metrics::counter!("tideway_store_batch_reruns_total").increment(1);
@@ -494,9 +506,6 @@ fn run_batch(env: &mut BatchEnv<'_>, mut jobs: Vec<Job>) {
         isolate = jobs.len() > 1;
         attempt += 1;
     };
-    metrics::counter!("tideway_store_commits_total").increment(1);
-    metrics::histogram!("tideway_store_commit_batch_jobs").record(jobs.len() as f64);
-    metrics::histogram!("tideway_store_commit_seconds").record(started.elapsed().as_secs_f64());
     for (job, result) in jobs.into_iter().zip(results) {
         // A caller that gave up is no longer listening; nothing to do for it.
         let _ = job.reply.send(result);
