@@ -4,6 +4,7 @@
 //! operations of the `Store` trait; the rules those operations follow live in `tideway-core`
 //! and run here inside a transaction, so a second backend (PostgreSQL) reuses them unchanged.
 
+mod codec;
 pub mod ids;
 pub mod postgres;
 mod profile_codec;

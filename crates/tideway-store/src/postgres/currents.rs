@@ -32,14 +32,15 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::codec::{corrupt, i64_of, u64_of};
 use tideway_core::clock::Millis;
-use tideway_core::currents::{CurrentsEvent, EventType};
+use tideway_core::currents::CurrentsEvent;
 use tideway_core::currents_store::{
     Ack, BatchSource, Claimed, Counters, Current, CurrentId, CurrentSpec, CurrentStatus,
     CurrentsStore, DeadLetter, DeadLetterPick, DeadLetterReason, DropRecord, LAG_EXACT_UP_TO, Lag,
     LastError, LoggedEvent, NewDeadLetter, QueuedEvent, ReplayWindow, StatusChange, TypeFilter,
 };
-use tideway_core::ids::{EventId, UserSeq, WorkspaceId};
+use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::store::{StoreError, StoreFuture};
 
 use super::sequence::{Sequence, allocate};
@@ -73,18 +74,6 @@ macro_rules! head_of {
             " AND s.name = 'event_log'), 0)"
         )
     };
-}
-
-fn corrupt(what: impl Into<String>) -> StoreError {
-    StoreError::Corrupt(what.into())
-}
-
-fn u64_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn i64_of(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn limit_of(n: usize) -> i64 {
@@ -225,26 +214,18 @@ fn dead_letter_of(row: &Row) -> Result<DeadLetter, StoreError> {
     })
 }
 
-/// One `event_log` row as a [`LoggedEvent`], checked as SQLite's `read_events` checks it: a
-/// known event type, and a body that is JSON (kept as text: it is what the exporter sends).
+/// One `event_log` row as a [`LoggedEvent`] (checked as on SQLite: `codec::logged_event`).
 fn logged_event_of(row: &Row, workspace: WorkspaceId) -> Result<LoggedEvent, StoreError> {
     let event_type: String = get(row, 3)?;
-    let event_type =
-        EventType::parse(&event_type).ok_or_else(|| corrupt(format!("event type {event_type}")))?;
-    let body: String = get(row, 5)?;
-    serde_json::from_str::<serde_json::Value>(&body)
-        .map_err(|e| corrupt(format!("event body: {e}")))?;
-    Ok(LoggedEvent {
-        seq: get(row, 0)?,
+    crate::codec::logged_event(
+        get(row, 0)?,
         workspace,
-        user: user_of(get(row, 1)?)?,
-        event: CurrentsEvent {
-            id: EventId(get(row, 2)?),
-            event_type,
-            time: get(row, 4)?,
-            body,
-        },
-    })
+        user_of(get(row, 1)?)?,
+        get(row, 2)?,
+        &event_type,
+        get(row, 4)?,
+        get(row, 5)?,
+    )
 }
 
 async fn load<C: GenericClient>(c: &C, id: CurrentId) -> Result<Option<Current>, StoreError> {

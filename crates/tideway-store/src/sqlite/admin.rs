@@ -2,8 +2,7 @@
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tideway_core::clock::Millis;
-use tideway_core::currents::{CurrentsEvent, EventType};
-use tideway_core::ids::{EventId, UserSeq, WorkspaceId};
+use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::keys::{ApiKey, IpAllowlist, KeyHash, PermissionSet};
 use tideway_core::store::{LoggedEvent, NewApiKey, StoreError, Workspace};
 
@@ -200,22 +199,15 @@ pub fn read_events(
     let mut out = Vec::new();
     for row in rows {
         let (seq, user, id, event_type, time, body) = row.map_err(sql_err)?;
-        let event_type = EventType::parse(&event_type)
-            .ok_or_else(|| StoreError::Corrupt(format!("event type {event_type}")))?;
-        // The text is kept as logged (it is what the exporter sends); it must still be JSON.
-        serde_json::from_str::<serde_json::Value>(&body)
-            .map_err(|e| StoreError::Corrupt(format!("event body: {e}")))?;
-        out.push(LoggedEvent {
+        out.push(crate::codec::logged_event(
             seq,
             workspace,
-            user: user.map(UserSeq),
-            event: CurrentsEvent {
-                id: EventId(id),
-                event_type,
-                time,
-                body,
-            },
-        });
+            user.map(UserSeq),
+            id,
+            &event_type,
+            time,
+            body,
+        )?);
     }
     Ok(out)
 }

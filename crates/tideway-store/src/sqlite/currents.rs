@@ -8,6 +8,7 @@
 //! Type filters in counting queries use `json_each`, so one prepared statement serves any
 //! selection.
 
+use crate::codec::{corrupt, i64_of, u64_of};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::{Map, Value, json};
 use tideway_core::clock::Millis;
@@ -28,18 +29,6 @@ use super::{SqliteStore, sql_err};
 
 const CURRENT_COLUMNS: &str = "id, workspace_id, spec, status, revision, position, delivered, retried, dead_lettered, dropped, skipped, \
      failing_since, last_error_at, last_error_status, last_error, last_success_at, created_at, updated_at";
-
-fn corrupt(what: impl Into<String>) -> StoreError {
-    StoreError::Corrupt(what.into())
-}
-
-fn u64_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn i64_of(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
 
 // ---- spec codec ---------------------------------------------------------------------------
 
