@@ -16,6 +16,7 @@ use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
 mod behind;
 mod conformance;
+mod feed_model;
 mod files;
 mod pg;
 mod pg_admin;
