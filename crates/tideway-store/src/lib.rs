@@ -1,8 +1,9 @@
-//! Storage for Tideway: implementations of `tideway_core::store::Store`.
+//! Storage for Tideway: the two backends of `tideway_core::store::Store`, embedded SQLite
+//! (`sqlite`) and PostgreSQL (`postgres`), and what they decode alike (`codec`).
 //!
-//! Invariant: this is the only crate that contains SQL. Everything above it speaks the domain
-//! operations of the `Store` trait; the rules those operations follow live in `tideway-core`
-//! and run here inside a transaction, so a second backend (PostgreSQL) reuses them unchanged.
+//! Invariant: this is the only crate that contains SQL. Everything above it speaks the store
+//! contract; the domain rules live in `tideway-core` and run here as units of work inside one
+//! transaction, so both backends run them unchanged.
 
 mod codec;
 pub mod ids;
