@@ -1,0 +1,1 @@
+//! The email channel (placeholder until the module lands).

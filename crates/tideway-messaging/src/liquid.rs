@@ -1,0 +1,1 @@
+//! Braze-flavoured Liquid (placeholder until the module lands).

@@ -1,0 +1,1 @@
+//! The webhook channel (placeholder until the module lands).
