@@ -5,6 +5,7 @@
 //! numbers; time and fresh ids are parameters. That keeps every rule unit-testable and lets
 //! SQLite and PostgreSQL stores run the very same service code inside their transactions.
 
+pub mod campaigns;
 pub mod clock;
 pub mod cohorts;
 pub mod currents;
