@@ -12,7 +12,9 @@
 //! - [`CohortStore`] (`cohorts.rs`): cohort reads for the management API;
 //! - [`SegmentStore`] (`segments.rs`): stored segments and the segment change feed;
 //! - [`crate::currents_store::CurrentsStore`]: the Currents event log and each Current's
-//!   position, lease, dead letters and replays.
+//!   position, lease, dead letters and replays;
+//! - [`MessagingStore`] (`messaging.rs`): campaigns, dispatches, the send queue, receipts and
+//!   the trigger cursor.
 //!
 //! [`Store`] is all five, implemented for any type that implements them; the HTTP edge and the
 //! CLI hold an `Arc<dyn Store>` and call the services through
@@ -33,12 +35,18 @@ use crate::ids::WorkspaceId;
 
 mod admin;
 mod cohorts;
+mod messaging;
 mod segments;
 mod users;
 
 pub use admin::{AdminStore, HeapWebhook, ImportKeyInfo, ImportKeyOwner, NewApiKey};
 pub use cohorts::{
     CohortMember, CohortStore, CohortSummary, SegmentSyncOutcome, SegmentSyncPage, UserCohort,
+};
+pub use messaging::{
+    CampaignRecord, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource, Enqueue,
+    EnqueueOutcome, MessagingStore, NewSend, Receipt, SendCounts, SendJob, SendState, SentMessage,
+    Settlement, TriggerCursor,
 };
 pub use segments::SegmentStore;
 pub use users::{

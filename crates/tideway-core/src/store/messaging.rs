@@ -1,0 +1,315 @@
+//! The messaging context: stored campaigns, dispatches, the durable send queue, per-user
+//! campaign receipts, the trigger engine's cursor, and the reads the dispatcher needs.
+//!
+//! Every method is one transaction. Events passed in (EnrollInControl, Send, Failure, Abort, …)
+//! are appended to the workspace's event log **in the same transaction** as the state change
+//! they describe, under the same log-order rule as every other append (see [`crate::store`]).
+//!
+//! The queue: a send is a row (`pending`, due at a time) that a dispatcher *claims* with a lease
+//! ([`MessagingStore::claim_sends`]); whatever happens to the attempt is *settled*
+//! ([`MessagingStore::settle_sends`]) fenced by the lease owner, so a node that lost its lease
+//! (it stalled, another took over) cannot write a second outcome. A crash leaves claimed rows
+//! whose lease expires and are claimed again: at most the messages in flight are sent twice,
+//! and they carry the same idempotency key (the send's id).
+//!
+//! Receipts make "a user receives a campaign once, or again after the re-eligibility
+//! window" hold under concurrency: [`NewSend::receipt`] is taken with a conditional upsert in
+//! the enqueue transaction, and an item whose receipt is refused is skipped whole.
+
+use serde_json::Value;
+
+use crate::campaigns::CampaignStatus;
+use crate::clock::Millis;
+use crate::currents::CurrentsEvent;
+use crate::ids::{UserSeq, WorkspaceId};
+use crate::profile::UserRecord;
+
+use super::StoreFuture;
+
+/// A stored campaign: its canonical definition ([`crate::campaigns::CampaignDefinition`]'s
+/// JSON) and its lifecycle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CampaignRecord {
+    /// A UUID, unique across workspaces (Braze's `campaign_id`).
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub tags: Vec<String>,
+    pub status: CampaignStatus,
+    pub definition: Value,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    /// When it was last launched: triggers before it never start a send.
+    pub launched_at: Option<Millis>,
+    /// Scheduled delivery: the next occurrence not yet dispatched.
+    pub next_run: Option<Millis>,
+    pub first_sent: Option<Millis>,
+    pub last_sent: Option<Millis>,
+}
+
+/// Where a dispatch's messages come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DispatchSource {
+    /// A stored campaign (its current definition is read when each message is sent).
+    Campaign { campaign_id: String },
+    /// An ad-hoc `/messages/send`: the message definition travels with the dispatch, in the
+    /// canonical campaign JSON shape (`messages`, …).
+    AdHoc { definition: Value },
+}
+
+/// One dispatch: a scheduled occurrence, an API request or one trigger; its `id` is Braze's
+/// `dispatch_id`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchRecord {
+    pub id: String,
+    pub workspace: WorkspaceId,
+    pub source: DispatchSource,
+    pub send_id: Option<String>,
+    /// Events carry a per-user dispatch id derived from this one (triggered sends) rather than
+    /// this one (scheduled occurrences).
+    pub per_user_ids: bool,
+    /// JSON object text: `trigger_properties` of an API trigger, shared by every recipient.
+    pub properties: Option<String>,
+    pub created_at: Millis,
+    /// A dispatch that targets an audience is expanded in chunks; `Some(u)` means users up to
+    /// and including `u` are enqueued and the rest are not yet, `None` that it is complete.
+    pub expanding_after: Option<UserSeq>,
+}
+
+/// A campaign receipt to take with an item: the item goes ahead only if the user has not
+/// received the campaign, or received it at least `reeligible_after_ms` ago.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub campaign_id: String,
+    pub reeligible_after_ms: Option<i64>,
+}
+
+/// A message to deliver later.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendJob {
+    pub dispatch_id: String,
+    /// The variant (`message_variation_id`) to send.
+    pub variant: String,
+    pub due_at: Millis,
+    /// JSON object text: per-user properties (an API recipient's `trigger_properties`, a
+    /// trigger's event properties); `None` if there are none.
+    pub properties: Option<String>,
+}
+
+/// One user's item of an enqueue: take the receipt (if any), then write the job (if any) and
+/// the events. A control-group enrolment has a receipt and an event but no job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSend {
+    pub user: UserSeq,
+    pub receipt: Option<Receipt>,
+    pub job: Option<SendJob>,
+    pub events: Vec<CurrentsEvent>,
+}
+
+/// Where the trigger engine has read a workspace's logs up to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TriggerCursor {
+    /// Last event-log position read.
+    pub events: i64,
+    /// Last cohort-membership-change position read.
+    pub cohort_changes: i64,
+}
+
+/// One transaction's worth of enqueueing.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Enqueue {
+    /// Dispatches to create first (an API request, a trigger, a scheduled occurrence).
+    pub dispatches: Vec<DispatchRecord>,
+    pub items: Vec<NewSend>,
+    /// Events about nobody's receipt (e.g. aborts decided before a job exists).
+    pub events: Vec<(Option<UserSeq>, CurrentsEvent)>,
+    /// Compare-and-set of the trigger cursor: `(expected, new)`. The enqueue fails with
+    /// [`super::StoreError::Conflict`] (and writes nothing) when the stored cursor is not
+    /// `expected` — another node read the same stretch of log first.
+    pub cursor: Option<(TriggerCursor, TriggerCursor)>,
+    /// Compare-and-set of a scheduled campaign's next run: `(campaign_id, expected, new)`.
+    /// Conflict (nothing written) when it is not `expected`: the occurrence was dispatched by
+    /// another node.
+    pub next_run: Option<(String, Option<Millis>, Option<Millis>)>,
+    /// Marks a dispatch's expansion progress: `(dispatch_id, Some(last user enqueued))`, or
+    /// `None` when it is complete.
+    pub expansion: Option<(String, Option<UserSeq>)>,
+}
+
+/// What an enqueue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EnqueueOutcome {
+    /// Jobs written.
+    pub queued: u64,
+    /// Items skipped because their receipt was refused (not re-eligible).
+    pub ineligible: u64,
+}
+
+/// A claimed send, with everything the dispatcher needs to look up the rest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimedSend {
+    /// The send's id: its idempotency key, `Message-ID` and tracking-token subject.
+    pub id: i64,
+    pub workspace: WorkspaceId,
+    pub user: UserSeq,
+    pub job: SendJob,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// What became of an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendState {
+    /// Delivered (or handed to the MTA): kept for tracking with the address it went to and
+    /// the original URLs of its tracked links (JSON array text), by link index.
+    Sent {
+        address: Option<String>,
+        links: Option<String>,
+    },
+    /// Try again at `at` (attempt count goes up by one).
+    RetryAt { at: Millis },
+    /// Not sent and never will be (a terminal failure, an abort, an unreachable user).
+    Failed,
+}
+
+/// One settlement: the outcome and the events that report it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settlement {
+    pub send: i64,
+    pub workspace: WorkspaceId,
+    pub user: UserSeq,
+    pub state: SendState,
+    pub events: Vec<CurrentsEvent>,
+}
+
+/// A sent message as tracking needs it (opens, clicks, unsubscribes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentMessage {
+    pub id: i64,
+    pub workspace: WorkspaceId,
+    pub user: UserSeq,
+    pub dispatch_id: String,
+    pub variant: String,
+    pub address: Option<String>,
+    pub links: Option<String>,
+    pub sent_at: Millis,
+}
+
+/// A user entering a partner cohort, as the cohort-membership change log holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CohortEntry {
+    pub position: i64,
+    pub user: UserSeq,
+    pub partner: String,
+    pub cohort_id: String,
+    pub at: Millis,
+}
+
+/// Counts of a dispatch's or campaign's sends by state, for the management API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SendCounts {
+    pub pending: u64,
+    pub sent: u64,
+    pub failed: u64,
+}
+
+/// The messaging context's storage.
+pub trait MessagingStore: Send + Sync {
+    // -- campaigns ------------------------------------------------------------------------
+    /// Stores a new campaign (the caller chose its id and checked its definition).
+    fn create_campaign(
+        &self,
+        workspace: WorkspaceId,
+        campaign: CampaignRecord,
+    ) -> StoreFuture<'_, CampaignRecord>;
+    fn campaign(&self, workspace: WorkspaceId, id: &str)
+    -> StoreFuture<'_, Option<CampaignRecord>>;
+    /// The workspace's campaigns, oldest first.
+    fn list_campaigns(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<CampaignRecord>>;
+    /// Replaces everything but `id` and `created_at`; `None` if there is no such campaign.
+    fn save_campaign(
+        &self,
+        workspace: WorkspaceId,
+        campaign: CampaignRecord,
+    ) -> StoreFuture<'_, Option<CampaignRecord>>;
+    /// Deletes the campaign with its pending sends (sent ones are kept for tracking);
+    /// returns whether it existed.
+    fn delete_campaign(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool>;
+    /// Every active campaign of every workspace (the trigger engine and the scheduler).
+    fn active_campaigns(&self) -> StoreFuture<'_, Vec<(WorkspaceId, CampaignRecord)>>;
+    /// Counts of the campaign's sends by state.
+    fn campaign_send_counts(&self, workspace: WorkspaceId, id: &str)
+    -> StoreFuture<'_, SendCounts>;
+
+    // -- dispatches and the queue -----------------------------------------------------------
+    /// Creates dispatches, takes receipts, writes jobs and events, moves cursors — all or
+    /// nothing (see [`Enqueue`]).
+    fn enqueue(&self, workspace: WorkspaceId, enqueue: Enqueue) -> StoreFuture<'_, EnqueueOutcome>;
+    fn dispatch(&self, workspace: WorkspaceId, id: &str)
+    -> StoreFuture<'_, Option<DispatchRecord>>;
+    /// Dispatches whose expansion is not complete (resumed after a restart).
+    fn expanding_dispatches(&self) -> StoreFuture<'_, Vec<DispatchRecord>>;
+    /// Claims up to `limit` pending sends due at `now`, of any workspace, oldest due first,
+    /// whose lease is free or expired, for `lease_ms`.
+    fn claim_sends(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_ms: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<ClaimedSend>>;
+    /// Records outcomes and appends their events, each only where `owner` still holds the
+    /// send's lease; returns how many were refused because the lease was lost.
+    fn settle_sends(
+        &self,
+        owner: &str,
+        now: Millis,
+        settlements: Vec<Settlement>,
+    ) -> StoreFuture<'_, u64>;
+    /// The earliest due time of a pending send, if any (the dispatcher sleeps until then).
+    fn next_due(&self) -> StoreFuture<'_, Option<Millis>>;
+    /// A sent message, for tracking.
+    fn sent_message(
+        &self,
+        workspace: WorkspaceId,
+        send: i64,
+    ) -> StoreFuture<'_, Option<SentMessage>>;
+    /// Appends engagement events (opens, clicks) about a sent message.
+    fn record_engagement(
+        &self,
+        workspace: WorkspaceId,
+        user: UserSeq,
+        events: Vec<CurrentsEvent>,
+    ) -> StoreFuture<'_, ()>;
+    /// How many messages were sent (state `Sent`) to `user` since `since`, across campaigns
+    /// (frequency capping).
+    fn sends_since(
+        &self,
+        workspace: WorkspaceId,
+        user: UserSeq,
+        since: Millis,
+    ) -> StoreFuture<'_, u64>;
+
+    // -- triggers -------------------------------------------------------------------------
+    fn trigger_cursor(&self, workspace: WorkspaceId) -> StoreFuture<'_, TriggerCursor>;
+    /// Users entering partner cohorts after log position `after`, oldest first.
+    fn cohort_entries(
+        &self,
+        workspace: WorkspaceId,
+        after: i64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<CohortEntry>>;
+    /// The cohort-change log's head (a new trigger cursor starts there, not at the start).
+    fn cohort_changes_head(&self, workspace: WorkspaceId) -> StoreFuture<'_, i64>;
+    /// The event log's head.
+    fn event_log_head(&self, workspace: WorkspaceId) -> StoreFuture<'_, i64>;
+
+    // -- recipients -----------------------------------------------------------------------
+    /// The users a dispatcher is about to message, as of every acknowledged write; missing
+    /// (deleted) users are left out.
+    fn users_by_seq(
+        &self,
+        workspace: WorkspaceId,
+        users: Vec<UserSeq>,
+    ) -> StoreFuture<'_, Vec<UserRecord>>;
+}
