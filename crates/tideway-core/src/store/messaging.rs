@@ -168,6 +168,9 @@ pub enum SendState {
     },
     /// Try again at `at` (attempt count goes up by one).
     RetryAt { at: Millis },
+    /// Not attempted (the campaign is paused, its rate limit is spent): due again at `at`,
+    /// attempt count unchanged.
+    Deferred { at: Millis },
     /// Not sent and never will be (a terminal failure, an abort, an unreachable user).
     Failed,
 }
