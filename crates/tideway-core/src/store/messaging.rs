@@ -70,6 +70,9 @@ pub struct DispatchRecord {
     pub per_user_ids: bool,
     /// JSON object text: `trigger_properties` of an API trigger, shared by every recipient.
     pub properties: Option<String>,
+    /// An extra audience of this dispatch alone (an API request's `audience` or
+    /// `segment_id`), as a segment-language filter (JSON), ANDed with the campaign's.
+    pub audience: Option<Value>,
     pub created_at: Millis,
     /// A dispatch that targets an audience is expanded in chunks; `Some(u)` means users up to
     /// and including `u` are enqueued and the rest are not yet, `None` that it is complete.
