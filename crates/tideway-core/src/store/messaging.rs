@@ -310,6 +310,12 @@ pub trait MessagingStore: Send + Sync {
     /// The event log's head.
     fn event_log_head(&self, workspace: WorkspaceId) -> StoreFuture<'_, i64>;
 
+    // -- secrets --------------------------------------------------------------------------
+    /// The key that signs tracking and unsubscribe URLs, the same for every node: the first
+    /// call stores `candidate` (32 random bytes the caller drew) and every call returns the
+    /// stored key.
+    fn messaging_secret(&self, candidate: [u8; 32]) -> StoreFuture<'_, [u8; 32]>;
+
     // -- recipients -----------------------------------------------------------------------
     /// The users a dispatcher is about to message, as of every acknowledged write; missing
     /// (deleted) users are left out.
