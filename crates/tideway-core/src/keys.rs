@@ -33,10 +33,24 @@ pub enum Permission {
     SegmentsRead,
     SegmentsManage,
     CurrentsManage,
+    CampaignsManage,
+    CampaignsRead,
+    CampaignsList,
+    CampaignsDetails,
+    CampaignsTriggerSend,
+    CampaignsTriggerScheduleCreate,
+    CampaignsTriggerScheduleUpdate,
+    CampaignsTriggerScheduleDelete,
+    MessagesSend,
+    MessagesScheduleCreate,
+    MessagesScheduleUpdate,
+    MessagesScheduleDelete,
+    SendsIdCreate,
+    SendsDataSeries,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 15] = [
+    pub const ALL: [Permission; 29] = [
         Permission::UsersTrack,
         Permission::UsersIdentify,
         Permission::UsersAliasNew,
@@ -52,6 +66,20 @@ impl Permission {
         Permission::SegmentsRead,
         Permission::SegmentsManage,
         Permission::CurrentsManage,
+        Permission::CampaignsManage,
+        Permission::CampaignsRead,
+        Permission::CampaignsList,
+        Permission::CampaignsDetails,
+        Permission::CampaignsTriggerSend,
+        Permission::CampaignsTriggerScheduleCreate,
+        Permission::CampaignsTriggerScheduleUpdate,
+        Permission::CampaignsTriggerScheduleDelete,
+        Permission::MessagesSend,
+        Permission::MessagesScheduleCreate,
+        Permission::MessagesScheduleUpdate,
+        Permission::MessagesScheduleDelete,
+        Permission::SendsIdCreate,
+        Permission::SendsDataSeries,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +99,20 @@ impl Permission {
             Permission::SegmentsRead => "segments.read",
             Permission::SegmentsManage => "segments.manage",
             Permission::CurrentsManage => "currents.manage",
+            Permission::CampaignsManage => "campaigns.manage",
+            Permission::CampaignsRead => "campaigns.read",
+            Permission::CampaignsList => "campaigns.list",
+            Permission::CampaignsDetails => "campaigns.details",
+            Permission::CampaignsTriggerSend => "campaigns.trigger.send",
+            Permission::CampaignsTriggerScheduleCreate => "campaigns.trigger.schedule.create",
+            Permission::CampaignsTriggerScheduleUpdate => "campaigns.trigger.schedule.update",
+            Permission::CampaignsTriggerScheduleDelete => "campaigns.trigger.schedule.delete",
+            Permission::MessagesSend => "messages.send",
+            Permission::MessagesScheduleCreate => "messages.schedule.create",
+            Permission::MessagesScheduleUpdate => "messages.schedule.update",
+            Permission::MessagesScheduleDelete => "messages.schedule.delete",
+            Permission::SendsIdCreate => "sends.id.create",
+            Permission::SendsDataSeries => "sends.data_series",
         }
     }
 }
