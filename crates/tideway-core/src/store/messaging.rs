@@ -75,8 +75,11 @@ pub struct DispatchRecord {
     pub audience: Option<Value>,
     pub created_at: Millis,
     /// A dispatch that targets an audience is expanded in chunks; `Some(u)` means users up to
-    /// and including `u` are enqueued and the rest are not yet, `None` that it is complete.
+    /// and including `u` are enqueued and the rest are not yet (a new expansion starts at
+    /// `Some(UserSeq(0))`: seqs start at 1), `None` that it is complete.
     pub expanding_after: Option<UserSeq>,
+    /// A scheduled API send: its expansion waits until this time (its jobs are due then).
+    pub not_before: Option<Millis>,
 }
 
 /// A campaign receipt to take with an item: the item goes ahead only if the user has not
@@ -137,6 +140,25 @@ pub struct Enqueue {
     /// Marks a dispatch's expansion progress: `(dispatch_id, Some(last user enqueued))`, or
     /// `None` when it is complete.
     pub expansion: Option<(String, Option<UserSeq>)>,
+    /// Conversions to record: each is written (with its event) only if that (campaign, user,
+    /// conversion index) has no conversion yet — a conversion counts once.
+    pub conversions: Vec<NewConversion>,
+}
+
+/// A user converting on a campaign's conversion event `index`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewConversion {
+    pub campaign_id: String,
+    pub user: UserSeq,
+    pub index: u8,
+    pub event: CurrentsEvent,
+}
+
+/// A campaign a user received, and when (the last time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptRecord {
+    pub campaign_id: String,
+    pub received_at: Millis,
 }
 
 /// What an enqueue did.
@@ -146,6 +168,8 @@ pub struct EnqueueOutcome {
     pub queued: u64,
     /// Items skipped because their receipt was refused (not re-eligible).
     pub ineligible: u64,
+    /// Conversions written (new ones).
+    pub conversions: u64,
 }
 
 /// A claimed send, with everything the dispatcher needs to look up the rest.
@@ -253,8 +277,9 @@ pub trait MessagingStore: Send + Sync {
     fn enqueue(&self, workspace: WorkspaceId, enqueue: Enqueue) -> StoreFuture<'_, EnqueueOutcome>;
     fn dispatch(&self, workspace: WorkspaceId, id: &str)
     -> StoreFuture<'_, Option<DispatchRecord>>;
-    /// Dispatches whose expansion is not complete (resumed after a restart).
-    fn expanding_dispatches(&self) -> StoreFuture<'_, Vec<DispatchRecord>>;
+    /// Dispatches whose expansion is not complete and whose `not_before` has passed `now`
+    /// (or is unset): resumed after a restart, scheduled broadcasts when due.
+    fn expanding_dispatches(&self, now: Millis) -> StoreFuture<'_, Vec<DispatchRecord>>;
     /// Claims up to `limit` pending sends due at `now`, of any workspace, oldest due first,
     /// whose lease is free or expired, for `lease_ms`.
     fn claim_sends(
@@ -295,6 +320,44 @@ pub trait MessagingStore: Send + Sync {
         user: UserSeq,
         since: Millis,
     ) -> StoreFuture<'_, u64>;
+
+    /// Moves a dispatch's pending jobs (and its expansion, if waiting) to `at`; false if there
+    /// is no such dispatch.
+    fn reschedule_dispatch(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+        at: Millis,
+    ) -> StoreFuture<'_, bool>;
+    /// Cancels a dispatch: deletes its pending jobs and ends its expansion; false if there is
+    /// no such dispatch.
+    fn cancel_dispatch(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool>;
+    /// The campaigns `user` received, most recent receipt each (conversion tracking).
+    fn receipts_of(
+        &self,
+        workspace: WorkspaceId,
+        user: UserSeq,
+    ) -> StoreFuture<'_, Vec<ReceiptRecord>>;
+    /// Records a caller-chosen `send_id` (or checks it exists) for a campaign: true if it was
+    /// new. [`super::StoreError::Conflict`] when `max_per_day` new send ids were already
+    /// created for the workspace since `day_start`.
+    fn create_send_id(
+        &self,
+        workspace: WorkspaceId,
+        campaign_id: &str,
+        send_id: &str,
+        now: Millis,
+        day_start: Millis,
+        max_per_day: u32,
+    ) -> StoreFuture<'_, bool>;
+    /// The workspace's messaging settings (frequency-capping rules), JSON as saved; `None`
+    /// when never saved.
+    fn messaging_settings(&self, workspace: WorkspaceId) -> StoreFuture<'_, Option<Value>>;
+    fn save_messaging_settings(
+        &self,
+        workspace: WorkspaceId,
+        settings: Value,
+    ) -> StoreFuture<'_, ()>;
 
     // -- triggers -------------------------------------------------------------------------
     fn trigger_cursor(&self, workspace: WorkspaceId) -> StoreFuture<'_, TriggerCursor>;

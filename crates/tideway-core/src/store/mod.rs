@@ -45,8 +45,8 @@ pub use cohorts::{
 };
 pub use messaging::{
     CampaignRecord, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource, Enqueue,
-    EnqueueOutcome, MessagingStore, NewSend, Receipt, SendCounts, SendJob, SendState, SentMessage,
-    Settlement, TriggerCursor,
+    EnqueueOutcome, MessagingStore, NewConversion, NewSend, Receipt, ReceiptRecord, SendCounts,
+    SendJob, SendState, SentMessage, Settlement, TriggerCursor,
 };
 pub use segments::SegmentStore;
 pub use users::{
