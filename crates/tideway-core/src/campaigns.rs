@@ -402,6 +402,19 @@ pub enum ConversionKind {
 }
 
 impl ConversionEvent {
+    /// Whether what happened counts as this conversion.
+    pub fn matches(&self, occurrence: &Occurrence<'_>) -> bool {
+        match (&self.kind, occurrence) {
+            (ConversionKind::CustomEvent { name }, Occurrence::CustomEvent { name: got, .. }) => {
+                name == got
+            }
+            (ConversionKind::Purchase { product_id }, Occurrence::Purchase { product_id: got }) => {
+                product_id.as_deref().is_none_or(|p| p == *got)
+            }
+            _ => false,
+        }
+    }
+
     /// Braze's `conversion_behavior` object (a JSON string in Currents events).
     pub fn behavior_json(&self) -> Value {
         let mut out = match &self.kind {
@@ -417,6 +430,58 @@ impl ConversionEvent {
         };
         out["window"] = json!(self.window_secs);
         out
+    }
+}
+
+/// A workspace frequency-capping rule: at most `max` messages per user within
+/// `window_secs`, across campaigns that obey caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrequencyCap {
+    pub max: u32,
+    pub window_secs: i64,
+}
+
+/// Most frequency-capping rules per workspace (Braze: 10).
+pub const MAX_FREQUENCY_CAPS: usize = 10;
+
+impl FrequencyCap {
+    /// Parses the workspace messaging settings' `frequency_caps` (`[{"max", "window_seconds"}]`,
+    /// at most 10, windows up to 30 days). Missing means no caps.
+    pub fn parse_rules(settings: &Value) -> Result<Vec<FrequencyCap>, DefinitionError> {
+        let list = match settings.get("frequency_caps") {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Array(list)) => list,
+            Some(_) => return Err(bad("frequency_caps", "must be an array")),
+        };
+        if list.len() > MAX_FREQUENCY_CAPS {
+            return Err(bad(
+                "frequency_caps",
+                format!("at most {MAX_FREQUENCY_CAPS} rules are allowed"),
+            ));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                let path = format!("frequency_caps[{i}]");
+                let max = rule
+                    .get("max")
+                    .and_then(Value::as_u64)
+                    .and_then(|m| u32::try_from(m).ok())
+                    .filter(|m| *m >= 1)
+                    .ok_or_else(|| bad(format!("{path}.max"), "must be a positive integer"))?;
+                let window_secs = rule
+                    .get("window_seconds")
+                    .and_then(Value::as_i64)
+                    .filter(|w| (60..=MAX_CONVERSION_WINDOW_SECS).contains(w))
+                    .ok_or_else(|| {
+                        bad(
+                            format!("{path}.window_seconds"),
+                            "must be 60 to 2592000 (one minute to 30 days)",
+                        )
+                    })?;
+                Ok(FrequencyCap { max, window_secs })
+            })
+            .collect()
     }
 }
 
@@ -1441,6 +1506,52 @@ mod tests {
             ..daily
         };
         assert_eq!(ended.next_after(Millis(day)), None);
+    }
+
+    #[test]
+    fn frequency_caps_parse_with_limits() {
+        let rules = FrequencyCap::parse_rules(
+            &json!({"frequency_caps": [{"max": 2, "window_seconds": 86400}]}),
+        )
+        .unwrap();
+        assert_eq!(
+            rules,
+            vec![FrequencyCap {
+                max: 2,
+                window_secs: 86_400
+            }]
+        );
+        assert!(FrequencyCap::parse_rules(&json!({})).unwrap().is_empty());
+        let e = FrequencyCap::parse_rules(
+            &json!({"frequency_caps": [{"max": 0, "window_seconds": 86400}]}),
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "frequency_caps[0].max");
+        let e = FrequencyCap::parse_rules(
+            &json!({"frequency_caps": [{"max": 1, "window_seconds": 40 * 86400}]}),
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "frequency_caps[0].window_seconds");
+    }
+
+    #[test]
+    fn conversions_match_their_kind() {
+        let c = ConversionEvent {
+            kind: ConversionKind::CustomEvent {
+                name: "upgraded".into(),
+            },
+            window_secs: 60,
+        };
+        let props = Map::new();
+        assert!(c.matches(&Occurrence::CustomEvent {
+            name: "upgraded",
+            properties: &props
+        }));
+        assert!(!c.matches(&Occurrence::CustomEvent {
+            name: "other",
+            properties: &props
+        }));
+        assert!(!c.matches(&Occurrence::Purchase { product_id: "x" }));
     }
 
     #[test]
