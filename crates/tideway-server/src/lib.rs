@@ -21,6 +21,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tideway_core::store::Store;
 
 mod cohorts_api;
+mod connected_audience;
 mod currents_api;
 mod error;
 mod fields;
