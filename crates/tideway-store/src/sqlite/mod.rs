@@ -24,6 +24,7 @@ mod cohorts;
 pub mod currents;
 #[cfg(feature = "failpoints")]
 mod failpoints;
+pub(crate) mod messaging;
 mod schema;
 pub(crate) mod segments;
 mod users;

@@ -293,6 +293,106 @@ CREATE TABLE store_marks (
 INSERT INTO store_marks (name, value)
     VALUES ('behaviors_indexed_upto', (SELECT COALESCE(MAX(seq), 0) FROM event_log));
 "#,
+    // 7: messaging (`sqlite/messaging.rs`). Campaigns and dispatches; the durable send queue
+    // (a send is `pending` until settled `sent` or `failed`, claimed with a lease); per-user
+    // campaign receipts and conversions; send ids; each workspace's trigger cursor and
+    // messaging settings; the tracking-URL signing key.
+    r#"
+CREATE TABLE campaigns (
+    workspace_id  INTEGER NOT NULL,
+    id            TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    description   TEXT NOT NULL,
+    tags          TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    definition    TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    launched_at   INTEGER,
+    next_run      INTEGER,
+    first_sent    INTEGER,
+    last_sent     INTEGER,
+    PRIMARY KEY (workspace_id, id)
+) WITHOUT ROWID;
+CREATE INDEX campaigns_created ON campaigns(workspace_id, created_at, id);
+CREATE INDEX campaigns_status ON campaigns(status);
+-- source 'campaign' names campaign_id; source 'adhoc' carries its definition.
+CREATE TABLE dispatches (
+    workspace_id     INTEGER NOT NULL,
+    id               TEXT NOT NULL,
+    source           TEXT NOT NULL CHECK (source IN ('campaign', 'adhoc')),
+    campaign_id      TEXT,
+    definition       TEXT,
+    send_id          TEXT,
+    per_user_ids     INTEGER NOT NULL,
+    properties       TEXT,
+    audience         TEXT,
+    created_at       INTEGER NOT NULL,
+    expanding_after  INTEGER,
+    not_before       INTEGER,
+    PRIMARY KEY (workspace_id, id)
+) WITHOUT ROWID;
+CREATE INDEX dispatches_campaign ON dispatches(workspace_id, campaign_id) WHERE campaign_id IS NOT NULL;
+CREATE INDEX dispatches_expanding ON dispatches(not_before) WHERE expanding_after IS NOT NULL;
+CREATE TABLE sends (
+    id            INTEGER PRIMARY KEY,
+    workspace_id  INTEGER NOT NULL,
+    dispatch_id   TEXT NOT NULL,
+    user_seq      INTEGER NOT NULL,
+    variant       TEXT NOT NULL,
+    due_at        INTEGER NOT NULL,
+    properties    TEXT,
+    state         TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    lease_owner   TEXT,
+    lease_until   INTEGER,
+    address       TEXT,
+    links         TEXT,
+    sent_at       INTEGER
+);
+-- Claiming: pending sends in due order.
+CREATE INDEX sends_due ON sends(state, due_at);
+-- When a claimed send's lease runs out (`next_due`).
+CREATE INDEX sends_leased ON sends(lease_until) WHERE state = 'pending' AND lease_owner IS NOT NULL;
+-- Frequency capping (`sends_since`).
+CREATE INDEX sends_user ON sends(workspace_id, user_seq, sent_at) WHERE state = 'sent';
+CREATE INDEX sends_dispatch ON sends(workspace_id, dispatch_id, state);
+CREATE TABLE campaign_receipts (
+    workspace_id  INTEGER NOT NULL,
+    user_seq      INTEGER NOT NULL,
+    campaign_id   TEXT NOT NULL,
+    received_at   INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, user_seq, campaign_id)
+) WITHOUT ROWID;
+CREATE TABLE campaign_conversions (
+    workspace_id  INTEGER NOT NULL,
+    campaign_id   TEXT NOT NULL,
+    user_seq      INTEGER NOT NULL,
+    idx           INTEGER NOT NULL,
+    at            INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, campaign_id, user_seq, idx)
+) WITHOUT ROWID;
+CREATE TABLE campaign_send_ids (
+    workspace_id  INTEGER NOT NULL,
+    campaign_id   TEXT NOT NULL,
+    send_id       TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, campaign_id, send_id)
+) WITHOUT ROWID;
+CREATE INDEX campaign_send_ids_created ON campaign_send_ids(workspace_id, created_at);
+-- Per workspace: the trigger engine's cursor (0, 0 until first moved) and the messaging
+-- settings (NULL until saved).
+CREATE TABLE messaging_workspaces (
+    workspace_id           INTEGER PRIMARY KEY,
+    cursor_events          INTEGER NOT NULL DEFAULT 0,
+    cursor_cohort_changes  INTEGER NOT NULL DEFAULT 0,
+    settings               TEXT
+);
+CREATE TABLE messaging_secrets (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    key           BLOB NOT NULL
+);
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.

@@ -1,0 +1,1293 @@
+//! Messaging over SQLite: campaigns, dispatches, the durable send queue, campaign receipts and
+//! conversions, send ids, the trigger cursor and messaging settings (schema version 7).
+//!
+//! Every write runs on the writer, as one job of its group commit, so each method is one
+//! transaction and its events go to `event_log` in that transaction (positions in commit order,
+//! as every append here). The single writer also makes the compare-and-sets (trigger cursor,
+//! `next_run`), receipts and claims race-free without locks: two enqueues of the same
+//! (campaign, user) run one after the other, and the second sees the first's receipt.
+//!
+//! What the backends share is decided here and reused by `postgres/messaging.rs`:
+//! - **A receipt's time** ([`receipt_time`]): the contract's [`Enqueue`] carries no clock, so an
+//!   item's receipt is taken at its job's `due_at` (when the user receives it), else at its
+//!   first event's time (a control-group enrolment), else at the newest dispatch the enqueue
+//!   creates, else 0.
+//! - **Expansion marks only move forward** ([`expansion_update`]): a mark `Some(u)` applies
+//!   only to a dispatch that is still expanding and has not reached `u` yet, and `None` ends an
+//!   expansion; a mark that does not apply makes the whole enqueue a
+//!   [`StoreError::Conflict`] (nothing written). So a cancelled or deleted campaign's dispatch
+//!   gets no more jobs from an expander already running, and two nodes resuming one
+//!   expansion queue each chunk once.
+//! - **`next_due`** is when the next send can be claimed: the earliest `due_at` of a pending
+//!   send without a lease, or the earliest `lease_until` of one under a lease (claimed sends
+//!   in flight; a crashed node's expire then).
+//! - A `next_run` compare-and-set on a campaign that does not exist is a conflict too (it can
+//!   no longer be dispatched).
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::Value;
+use tideway_core::campaigns::CampaignStatus;
+use tideway_core::clock::Millis;
+use tideway_core::currents::CurrentsEvent;
+use tideway_core::ids::{UserSeq, WorkspaceId};
+use tideway_core::profile::UserRecord;
+use tideway_core::store::{
+    CampaignRecord, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource, Enqueue,
+    EnqueueOutcome, MessagingStore, NewSend, ReceiptRecord, SendCounts, SendJob, SendState,
+    SentMessage, Settlement, StoreError, StoreFuture, TriggerCursor,
+};
+
+use super::users::SqlUsers;
+use super::{SqliteStore, sql_err};
+use crate::codec::{corrupt, u64_of};
+
+// ---- shared with the PostgreSQL store ----------------------------------------------------
+
+/// The time an item's receipt is taken at (see the module docs).
+pub(crate) fn receipt_time(item: &NewSend, enqueue: &Enqueue) -> Millis {
+    if let Some(job) = &item.job {
+        return job.due_at;
+    }
+    if let Some(event) = item.events.first() {
+        return Millis::from_secs(event.time);
+    }
+    enqueue
+        .dispatches
+        .iter()
+        .map(|d| d.created_at)
+        .max()
+        .unwrap_or(Millis(0))
+}
+
+/// Whether a receipt received at `received_at` may be taken again at `now`.
+pub(crate) fn reeligible(received_at: Millis, window_ms: Option<i64>, now: Millis) -> bool {
+    window_ms.is_some_and(|w| received_at.0.saturating_add(w) <= now.0)
+}
+
+/// The conflict of a mark that does not move an expansion forward.
+pub(crate) fn expansion_conflict(dispatch: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "expansion of dispatch {dispatch} (ended, or already past this point)"
+    ))
+}
+
+/// The conflict of a compare-and-set that found another value.
+pub(crate) fn cas_conflict(what: &str) -> StoreError {
+    StoreError::Conflict(format!("{what} moved by another writer"))
+}
+
+/// The stored text of a campaign's tags.
+pub(crate) fn tags_text(tags: &[String]) -> String {
+    Value::from(tags.to_vec()).to_string()
+}
+
+pub(crate) fn tags_of(text: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(text).map_err(|e| corrupt(format!("campaign tags: {e}")))
+}
+
+pub(crate) fn json_of(text: &str, what: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| corrupt(format!("{what}: {e}")))
+}
+
+pub(crate) fn status_of(text: &str) -> Result<CampaignStatus, StoreError> {
+    CampaignStatus::parse(text).ok_or_else(|| corrupt(format!("campaign status {text:?}")))
+}
+
+/// A dispatch's source as its `(source, campaign_id, definition)` columns.
+pub(crate) fn source_columns(
+    source: &DispatchSource,
+) -> (&'static str, Option<&str>, Option<String>) {
+    match source {
+        DispatchSource::Campaign { campaign_id } => ("campaign", Some(campaign_id.as_str()), None),
+        DispatchSource::AdHoc { definition } => ("adhoc", None, Some(definition.to_string())),
+    }
+}
+
+pub(crate) fn source_of(
+    kind: &str,
+    campaign_id: Option<String>,
+    definition: Option<&str>,
+) -> Result<DispatchSource, StoreError> {
+    match (kind, campaign_id, definition) {
+        ("campaign", Some(campaign_id), _) => Ok(DispatchSource::Campaign { campaign_id }),
+        ("adhoc", _, Some(text)) => Ok(DispatchSource::AdHoc {
+            definition: json_of(text, "dispatch definition")?,
+        }),
+        (kind, ..) => Err(corrupt(format!("dispatch source {kind:?}"))),
+    }
+}
+
+/// Every event an enqueue appends, in order: the accepted items', the loose ones, the new
+/// conversions'.
+type Appends = Vec<(Option<UserSeq>, CurrentsEvent)>;
+
+// ---- rows ---------------------------------------------------------------------------------
+
+const CAMPAIGN_COLUMNS: &str = "id, name, description, tags, status, definition, created_at, \
+     updated_at, launched_at, next_run, first_sent, last_sent";
+
+const DISPATCH_COLUMNS: &str = "workspace_id, id, source, campaign_id, definition, send_id, \
+     per_user_ids, properties, audience, created_at, expanding_after, not_before";
+
+/// A row's columns before decoding (rusqlite's row closure cannot return our error).
+struct RawCampaign {
+    id: String,
+    name: String,
+    description: String,
+    tags: String,
+    status: String,
+    definition: String,
+    times: [Option<i64>; 6],
+}
+
+fn raw_campaign(row: &Row<'_>, at: usize) -> rusqlite::Result<RawCampaign> {
+    Ok(RawCampaign {
+        id: row.get(at)?,
+        name: row.get(at + 1)?,
+        description: row.get(at + 2)?,
+        tags: row.get(at + 3)?,
+        status: row.get(at + 4)?,
+        definition: row.get(at + 5)?,
+        times: [
+            row.get(at + 6)?,
+            row.get(at + 7)?,
+            row.get(at + 8)?,
+            row.get(at + 9)?,
+            row.get(at + 10)?,
+            row.get(at + 11)?,
+        ],
+    })
+}
+
+fn campaign_of(raw: RawCampaign) -> Result<CampaignRecord, StoreError> {
+    let [created, updated, launched, next_run, first_sent, last_sent] = raw.times;
+    Ok(CampaignRecord {
+        id: raw.id,
+        name: raw.name,
+        description: raw.description,
+        tags: tags_of(&raw.tags)?,
+        status: status_of(&raw.status)?,
+        definition: json_of(&raw.definition, "campaign definition")?,
+        created_at: Millis(created.unwrap_or_default()),
+        updated_at: Millis(updated.unwrap_or_default()),
+        launched_at: launched.map(Millis),
+        next_run: next_run.map(Millis),
+        first_sent: first_sent.map(Millis),
+        last_sent: last_sent.map(Millis),
+    })
+}
+
+struct RawDispatch {
+    workspace: i64,
+    id: String,
+    source: String,
+    campaign_id: Option<String>,
+    definition: Option<String>,
+    send_id: Option<String>,
+    per_user_ids: bool,
+    properties: Option<String>,
+    audience: Option<String>,
+    created_at: i64,
+    expanding_after: Option<u32>,
+    not_before: Option<i64>,
+}
+
+fn raw_dispatch(row: &Row<'_>) -> rusqlite::Result<RawDispatch> {
+    Ok(RawDispatch {
+        workspace: row.get(0)?,
+        id: row.get(1)?,
+        source: row.get(2)?,
+        campaign_id: row.get(3)?,
+        definition: row.get(4)?,
+        send_id: row.get(5)?,
+        per_user_ids: row.get(6)?,
+        properties: row.get(7)?,
+        audience: row.get(8)?,
+        created_at: row.get(9)?,
+        expanding_after: row.get(10)?,
+        not_before: row.get(11)?,
+    })
+}
+
+fn dispatch_of(raw: RawDispatch) -> Result<DispatchRecord, StoreError> {
+    Ok(DispatchRecord {
+        id: raw.id,
+        workspace: WorkspaceId(raw.workspace),
+        source: source_of(&raw.source, raw.campaign_id, raw.definition.as_deref())?,
+        send_id: raw.send_id,
+        per_user_ids: raw.per_user_ids,
+        properties: raw.properties,
+        audience: raw
+            .audience
+            .as_deref()
+            .map(|a| json_of(a, "dispatch audience"))
+            .transpose()?,
+        created_at: Millis(raw.created_at),
+        expanding_after: raw.expanding_after.map(UserSeq),
+        not_before: raw.not_before.map(Millis),
+    })
+}
+
+// ---- campaigns ------------------------------------------------------------------------------
+
+fn campaign(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id: &str,
+) -> Result<Option<CampaignRecord>, StoreError> {
+    let sql =
+        format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE workspace_id = ?1 AND id = ?2");
+    conn.prepare_cached(&sql)
+        .map_err(sql_err)?
+        .query_row(params![workspace.0, id], |r| raw_campaign(r, 0))
+        .optional()
+        .map_err(sql_err)?
+        .map(campaign_of)
+        .transpose()
+}
+
+fn create_campaign(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    c: &CampaignRecord,
+) -> Result<CampaignRecord, StoreError> {
+    let sql = format!(
+        "INSERT INTO campaigns ({CAMPAIGN_COLUMNS}, workspace_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+    );
+    conn.prepare_cached(&sql)
+        .map_err(sql_err)?
+        .execute(params![
+            c.id,
+            c.name,
+            c.description,
+            tags_text(&c.tags),
+            c.status.as_str(),
+            c.definition.to_string(),
+            c.created_at.0,
+            c.updated_at.0,
+            c.launched_at.map(|m| m.0),
+            c.next_run.map(|m| m.0),
+            c.first_sent.map(|m| m.0),
+            c.last_sent.map(|m| m.0),
+            workspace.0,
+        ])
+        .map_err(sql_err)?;
+    Ok(c.clone())
+}
+
+fn list_campaigns(
+    conn: &Connection,
+    workspace: WorkspaceId,
+) -> Result<Vec<CampaignRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE workspace_id = ?1 ORDER BY created_at, id"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
+    let raws = stmt
+        .query_map(params![workspace.0], |r| raw_campaign(r, 0))
+        .map_err(sql_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(sql_err)?;
+    raws.into_iter().map(campaign_of).collect()
+}
+
+fn save_campaign(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    c: &CampaignRecord,
+) -> Result<Option<CampaignRecord>, StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE campaigns SET name = ?3, description = ?4, tags = ?5, status = ?6,
+                 definition = ?7, updated_at = ?8, launched_at = ?9, next_run = ?10,
+                 first_sent = ?11, last_sent = ?12
+             WHERE workspace_id = ?1 AND id = ?2",
+        )
+        .map_err(sql_err)?
+        .execute(params![
+            workspace.0,
+            c.id,
+            c.name,
+            c.description,
+            tags_text(&c.tags),
+            c.status.as_str(),
+            c.definition.to_string(),
+            c.updated_at.0,
+            c.launched_at.map(|m| m.0),
+            c.next_run.map(|m| m.0),
+            c.first_sent.map(|m| m.0),
+            c.last_sent.map(|m| m.0),
+        ])
+        .map_err(sql_err)?;
+    if changed == 0 {
+        return Ok(None);
+    }
+    campaign(conn, workspace, &c.id)
+}
+
+fn delete_campaign(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id: &str,
+) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "DELETE FROM sends WHERE workspace_id = ?1 AND state = 'pending' AND dispatch_id IN
+             (SELECT id FROM dispatches WHERE workspace_id = ?1 AND campaign_id = ?2)",
+    )
+    .map_err(sql_err)?
+    .execute(params![workspace.0, id])
+    .map_err(sql_err)?;
+    // Its expansions end: an expander still running gets a conflict, not more jobs.
+    conn.prepare_cached(
+        "UPDATE dispatches SET expanding_after = NULL
+         WHERE workspace_id = ?1 AND campaign_id = ?2 AND expanding_after IS NOT NULL",
+    )
+    .map_err(sql_err)?
+    .execute(params![workspace.0, id])
+    .map_err(sql_err)?;
+    let deleted = conn
+        .prepare_cached("DELETE FROM campaigns WHERE workspace_id = ?1 AND id = ?2")
+        .map_err(sql_err)?
+        .execute(params![workspace.0, id])
+        .map_err(sql_err)?;
+    Ok(deleted > 0)
+}
+
+fn active_campaigns(conn: &Connection) -> Result<Vec<(WorkspaceId, CampaignRecord)>, StoreError> {
+    let sql = format!(
+        "SELECT workspace_id, {CAMPAIGN_COLUMNS} FROM campaigns WHERE status = 'active'
+         ORDER BY workspace_id, created_at, id"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
+    let raws = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, raw_campaign(r, 1)?)))
+        .map_err(sql_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(sql_err)?;
+    raws.into_iter()
+        .map(|(ws, raw)| Ok((WorkspaceId(ws), campaign_of(raw)?)))
+        .collect()
+}
+
+fn counts_of(rows: impl IntoIterator<Item = (String, i64)>) -> SendCounts {
+    let mut counts = SendCounts::default();
+    for (state, n) in rows {
+        match state.as_str() {
+            "pending" => counts.pending += u64_of(n),
+            "sent" => counts.sent += u64_of(n),
+            _ => counts.failed += u64_of(n),
+        }
+    }
+    counts
+}
+
+fn campaign_send_counts(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id: &str,
+) -> Result<SendCounts, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT s.state, COUNT(*) FROM dispatches d
+             JOIN sends s ON s.workspace_id = d.workspace_id AND s.dispatch_id = d.id
+             WHERE d.workspace_id = ?1 AND d.campaign_id = ?2
+             GROUP BY s.state",
+        )
+        .map_err(sql_err)?;
+    let rows = stmt
+        .query_map(params![workspace.0, id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(sql_err)?
+        .collect::<rusqlite::Result<Vec<(String, i64)>>>()
+        .map_err(sql_err)?;
+    Ok(counts_of(rows))
+}
+
+// ---- enqueue --------------------------------------------------------------------------------
+
+fn insert_dispatch(conn: &Connection, d: &DispatchRecord) -> Result<(), StoreError> {
+    let (source, campaign_id, definition) = source_columns(&d.source);
+    let sql = format!(
+        "INSERT INTO dispatches ({DISPATCH_COLUMNS})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    );
+    conn.prepare_cached(&sql)
+        .map_err(sql_err)?
+        .execute(params![
+            d.workspace.0,
+            d.id,
+            source,
+            campaign_id,
+            definition,
+            d.send_id,
+            d.per_user_ids,
+            d.properties,
+            d.audience.as_ref().map(Value::to_string),
+            d.created_at.0,
+            d.expanding_after.map(|u| u.0),
+            d.not_before.map(|m| m.0),
+        ])
+        .map_err(sql_err)?;
+    Ok(())
+}
+
+fn trigger_cursor(conn: &Connection, workspace: WorkspaceId) -> Result<TriggerCursor, StoreError> {
+    let found = conn
+        .prepare_cached(
+            "SELECT cursor_events, cursor_cohort_changes FROM messaging_workspaces
+             WHERE workspace_id = ?1",
+        )
+        .map_err(sql_err)?
+        .query_row(params![workspace.0], |r| {
+            Ok(TriggerCursor {
+                events: r.get(0)?,
+                cohort_changes: r.get(1)?,
+            })
+        })
+        .optional()
+        .map_err(sql_err)?;
+    Ok(found.unwrap_or_default())
+}
+
+/// Takes the receipt: true when the item may go ahead.
+fn take_receipt(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    user: UserSeq,
+    campaign_id: &str,
+    window_ms: Option<i64>,
+    now: Millis,
+) -> Result<bool, StoreError> {
+    let received: Option<i64> = conn
+        .prepare_cached(
+            "SELECT received_at FROM campaign_receipts
+             WHERE workspace_id = ?1 AND user_seq = ?2 AND campaign_id = ?3",
+        )
+        .map_err(sql_err)?
+        .query_row(params![workspace.0, user.0, campaign_id], |r| r.get(0))
+        .optional()
+        .map_err(sql_err)?;
+    match received {
+        Some(at) if !reeligible(Millis(at), window_ms, now) => Ok(false),
+        _ => {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO campaign_receipts (workspace_id, user_seq, campaign_id, received_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .map_err(sql_err)?
+            .execute(params![workspace.0, user.0, campaign_id, now.0])
+            .map_err(sql_err)?;
+            Ok(true)
+        }
+    }
+}
+
+fn insert_send(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    user: UserSeq,
+    job: &SendJob,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO sends (workspace_id, dispatch_id, user_seq, variant, due_at, properties, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
+    )
+    .map_err(sql_err)?
+    .execute(params![
+        workspace.0,
+        job.dispatch_id,
+        user.0,
+        job.variant,
+        job.due_at.0,
+        job.properties
+    ])
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+/// The expansion mark's `UPDATE`: `?3` is the new mark (`NULL`: complete). It applies to a
+/// dispatch still expanding whose mark it moves forward; ending one always applies.
+pub(crate) fn expansion_update() -> &'static str {
+    "UPDATE dispatches SET expanding_after = ?3
+     WHERE workspace_id = ?1 AND id = ?2 AND expanding_after IS NOT NULL
+       AND (?3 IS NULL OR expanding_after < ?3)"
+}
+
+fn enqueue(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    e: &Enqueue,
+) -> Result<EnqueueOutcome, StoreError> {
+    let mut outcome = EnqueueOutcome::default();
+    // The compare-and-sets first: a conflict writes nothing (the job fails and rolls back).
+    if let Some((expected, new)) = &e.cursor {
+        if trigger_cursor(conn, workspace)? != *expected {
+            return Err(cas_conflict("the trigger cursor"));
+        }
+        conn.prepare_cached(
+            "INSERT INTO messaging_workspaces (workspace_id, cursor_events, cursor_cohort_changes)
+             VALUES (?1, ?2, ?3)
+             ON CONFLICT (workspace_id) DO UPDATE
+                 SET cursor_events = excluded.cursor_events,
+                     cursor_cohort_changes = excluded.cursor_cohort_changes",
+        )
+        .map_err(sql_err)?
+        .execute(params![workspace.0, new.events, new.cohort_changes])
+        .map_err(sql_err)?;
+    }
+    if let Some((campaign_id, expected, new)) = &e.next_run {
+        let changed = conn
+            .prepare_cached(
+                "UPDATE campaigns SET next_run = ?4
+                 WHERE workspace_id = ?1 AND id = ?2 AND next_run IS ?3",
+            )
+            .map_err(sql_err)?
+            .execute(params![
+                workspace.0,
+                campaign_id,
+                expected.map(|m| m.0),
+                new.map(|m| m.0)
+            ])
+            .map_err(sql_err)?;
+        if changed == 0 {
+            return Err(cas_conflict("the campaign's next run"));
+        }
+    }
+    for d in &e.dispatches {
+        if d.workspace != workspace {
+            return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
+        }
+        insert_dispatch(conn, d)?;
+    }
+    if let Some((dispatch, mark)) = &e.expansion {
+        let changed = conn
+            .prepare_cached(expansion_update())
+            .map_err(sql_err)?
+            .execute(params![workspace.0, dispatch, mark.map(|u| u.0)])
+            .map_err(sql_err)?;
+        if changed == 0 && mark.is_some() {
+            return Err(expansion_conflict(dispatch));
+        }
+    }
+    let mut appends: Appends = Vec::new();
+    for item in &e.items {
+        if let Some(receipt) = &item.receipt {
+            let now = receipt_time(item, e);
+            let taken = take_receipt(
+                conn,
+                workspace,
+                item.user,
+                &receipt.campaign_id,
+                receipt.reeligible_after_ms,
+                now,
+            )?;
+            if !taken {
+                outcome.ineligible += 1;
+                continue;
+            }
+        }
+        if let Some(job) = &item.job {
+            insert_send(conn, workspace, item.user, job)?;
+            outcome.queued += 1;
+        }
+        appends.extend(item.events.iter().map(|ev| (Some(item.user), ev.clone())));
+    }
+    appends.extend(e.events.iter().cloned());
+    for c in &e.conversions {
+        let added = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO campaign_conversions (workspace_id, campaign_id, user_seq, idx, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(sql_err)?
+            .execute(params![
+                workspace.0,
+                c.campaign_id,
+                c.user.0,
+                c.index,
+                Millis::from_secs(c.event.time).0
+            ])
+            .map_err(sql_err)?;
+        if added > 0 {
+            outcome.conversions += 1;
+            appends.push((Some(c.user), c.event.clone()));
+        }
+    }
+    super::currents::append_events(conn, workspace, &appends)?;
+    Ok(outcome)
+}
+
+fn dispatch(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id: &str,
+) -> Result<Option<DispatchRecord>, StoreError> {
+    let sql =
+        format!("SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE workspace_id = ?1 AND id = ?2");
+    conn.prepare_cached(&sql)
+        .map_err(sql_err)?
+        .query_row(params![workspace.0, id], raw_dispatch)
+        .optional()
+        .map_err(sql_err)?
+        .map(dispatch_of)
+        .transpose()
+}
+
+fn expanding_dispatches(conn: &Connection, now: Millis) -> Result<Vec<DispatchRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {DISPATCH_COLUMNS} FROM dispatches
+         WHERE expanding_after IS NOT NULL AND (not_before IS NULL OR not_before <= ?1)
+         ORDER BY created_at, workspace_id, id"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
+    let raws = stmt
+        .query_map(params![now.0], raw_dispatch)
+        .map_err(sql_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(sql_err)?;
+    raws.into_iter().map(dispatch_of).collect()
+}
+
+// ---- the queue ------------------------------------------------------------------------------
+
+fn claim_sends(
+    conn: &Connection,
+    owner: &str,
+    now: Millis,
+    lease_ms: u64,
+    limit: usize,
+) -> Result<Vec<ClaimedSend>, StoreError> {
+    let until = now
+        .0
+        .saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX));
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut stmt = conn
+        .prepare_cached(
+            "UPDATE sends SET lease_owner = ?1, lease_until = ?3
+             WHERE id IN (
+                 SELECT id FROM sends
+                 WHERE state = 'pending' AND due_at <= ?2
+                   AND (lease_until IS NULL OR lease_until <= ?2)
+                 ORDER BY due_at, id LIMIT ?4)
+             RETURNING id, workspace_id, user_seq, dispatch_id, variant, due_at, properties, attempts",
+        )
+        .map_err(sql_err)?;
+    let mut claimed = stmt
+        .query_map(params![owner, now.0, until, limit], |r| {
+            Ok(ClaimedSend {
+                id: r.get(0)?,
+                workspace: WorkspaceId(r.get(1)?),
+                user: UserSeq(r.get(2)?),
+                job: SendJob {
+                    dispatch_id: r.get(3)?,
+                    variant: r.get(4)?,
+                    due_at: Millis(r.get(5)?),
+                    properties: r.get(6)?,
+                },
+                attempts: r.get(7)?,
+            })
+        })
+        .map_err(sql_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(sql_err)?;
+    // RETURNING comes in no particular order.
+    claimed.sort_by_key(|c| (c.job.due_at, c.id));
+    Ok(claimed)
+}
+
+fn settle_sends(
+    conn: &Connection,
+    owner: &str,
+    now: Millis,
+    settlements: &[Settlement],
+) -> Result<u64, StoreError> {
+    let mut refused = 0;
+    let mut sent = conn
+        .prepare_cached(
+            "UPDATE sends SET state = 'sent', sent_at = ?4, address = ?5, links = ?6,
+                 lease_owner = NULL, lease_until = NULL, attempts = attempts + 1
+             WHERE id = ?1 AND workspace_id = ?2 AND state = 'pending' AND lease_owner = ?3
+             RETURNING dispatch_id",
+        )
+        .map_err(sql_err)?;
+    let mut later = conn
+        .prepare_cached(
+            "UPDATE sends SET due_at = ?4, attempts = attempts + ?5,
+                 lease_owner = NULL, lease_until = NULL
+             WHERE id = ?1 AND workspace_id = ?2 AND state = 'pending' AND lease_owner = ?3",
+        )
+        .map_err(sql_err)?;
+    let mut failed = conn
+        .prepare_cached(
+            "UPDATE sends SET state = 'failed', attempts = attempts + 1,
+                 lease_owner = NULL, lease_until = NULL
+             WHERE id = ?1 AND workspace_id = ?2 AND state = 'pending' AND lease_owner = ?3",
+        )
+        .map_err(sql_err)?;
+    let mut campaign_sent = conn
+        .prepare_cached(
+            "UPDATE campaigns SET first_sent = COALESCE(first_sent, ?3),
+                 last_sent = MAX(COALESCE(last_sent, ?3), ?3)
+             WHERE workspace_id = ?1 AND id =
+                 (SELECT campaign_id FROM dispatches WHERE workspace_id = ?1 AND id = ?2)",
+        )
+        .map_err(sql_err)?;
+    for s in settlements {
+        let accepted = match &s.state {
+            SendState::Sent { address, links } => {
+                let dispatch: Option<String> = sent
+                    .query_row(
+                        params![s.send, s.workspace.0, owner, now.0, address, links],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(sql_err)?;
+                if let Some(dispatch) = &dispatch {
+                    campaign_sent
+                        .execute(params![s.workspace.0, dispatch, now.0])
+                        .map_err(sql_err)?;
+                }
+                dispatch.is_some()
+            }
+            SendState::RetryAt { at } => {
+                later
+                    .execute(params![s.send, s.workspace.0, owner, at.0, 1])
+                    .map_err(sql_err)?
+                    > 0
+            }
+            SendState::Deferred { at } => {
+                later
+                    .execute(params![s.send, s.workspace.0, owner, at.0, 0])
+                    .map_err(sql_err)?
+                    > 0
+            }
+            SendState::Failed => {
+                failed
+                    .execute(params![s.send, s.workspace.0, owner])
+                    .map_err(sql_err)?
+                    > 0
+            }
+        };
+        if !accepted {
+            refused += 1;
+            continue;
+        }
+        if !s.events.is_empty() {
+            let events: Appends = s.events.iter().map(|e| (Some(s.user), e.clone())).collect();
+            super::currents::append_events(conn, s.workspace, &events)?;
+        }
+    }
+    Ok(refused)
+}
+
+fn next_due(conn: &Connection) -> Result<Option<Millis>, StoreError> {
+    let free: Option<i64> = conn
+        .prepare_cached(
+            "SELECT due_at FROM sends WHERE state = 'pending' AND lease_owner IS NULL
+             ORDER BY due_at LIMIT 1",
+        )
+        .map_err(sql_err)?
+        .query_row([], |r| r.get(0))
+        .optional()
+        .map_err(sql_err)?;
+    let leased: Option<i64> = conn
+        .prepare_cached(
+            "SELECT MIN(lease_until) FROM sends WHERE state = 'pending' AND lease_owner IS NOT NULL",
+        )
+        .map_err(sql_err)?
+        .query_row([], |r| r.get(0))
+        .map_err(sql_err)?;
+    Ok(match (free, leased) {
+        (Some(a), Some(b)) => Some(Millis(a.min(b))),
+        (a, b) => a.or(b).map(Millis),
+    })
+}
+
+fn sent_message(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id: i64,
+) -> Result<Option<SentMessage>, StoreError> {
+    conn.prepare_cached(
+        "SELECT id, workspace_id, user_seq, dispatch_id, variant, address, links, sent_at
+         FROM sends WHERE id = ?1 AND workspace_id = ?2 AND state = 'sent'",
+    )
+    .map_err(sql_err)?
+    .query_row(params![id, workspace.0], |r| {
+        Ok(SentMessage {
+            id: r.get(0)?,
+            workspace: WorkspaceId(r.get(1)?),
+            user: UserSeq(r.get(2)?),
+            dispatch_id: r.get(3)?,
+            variant: r.get(4)?,
+            address: r.get(5)?,
+            links: r.get(6)?,
+            sent_at: Millis(r.get::<_, Option<i64>>(7)?.unwrap_or_default()),
+        })
+    })
+    .optional()
+    .map_err(sql_err)
+}
+
+fn sends_since(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    user: UserSeq,
+    since: Millis,
+) -> Result<u64, StoreError> {
+    let n: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM sends
+             WHERE workspace_id = ?1 AND user_seq = ?2 AND state = 'sent' AND sent_at >= ?3",
+        )
+        .map_err(sql_err)?
+        .query_row(params![workspace.0, user.0, since.0], |r| r.get(0))
+        .map_err(sql_err)?;
+    Ok(u64_of(n))
+}
+
+fn reschedule_dispatch(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id: &str,
+    at: Millis,
+) -> Result<bool, StoreError> {
+    let exists = conn
+        .prepare_cached(
+            "UPDATE dispatches SET not_before = CASE WHEN expanding_after IS NULL
+                 THEN not_before ELSE ?3 END
+             WHERE workspace_id = ?1 AND id = ?2",
+        )
+        .map_err(sql_err)?
+        .execute(params![workspace.0, id, at.0])
+        .map_err(sql_err)?;
+    if exists == 0 {
+        return Ok(false);
+    }
+    conn.prepare_cached(
+        "UPDATE sends SET due_at = ?3
+         WHERE workspace_id = ?1 AND dispatch_id = ?2 AND state = 'pending'",
+    )
+    .map_err(sql_err)?
+    .execute(params![workspace.0, id, at.0])
+    .map_err(sql_err)?;
+    Ok(true)
+}
+
+fn cancel_dispatch(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    id: &str,
+) -> Result<bool, StoreError> {
+    let exists = conn
+        .prepare_cached(
+            "UPDATE dispatches SET expanding_after = NULL WHERE workspace_id = ?1 AND id = ?2",
+        )
+        .map_err(sql_err)?
+        .execute(params![workspace.0, id])
+        .map_err(sql_err)?;
+    if exists == 0 {
+        return Ok(false);
+    }
+    conn.prepare_cached(
+        "DELETE FROM sends WHERE workspace_id = ?1 AND dispatch_id = ?2 AND state = 'pending'",
+    )
+    .map_err(sql_err)?
+    .execute(params![workspace.0, id])
+    .map_err(sql_err)?;
+    Ok(true)
+}
+
+fn receipts_of(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    user: UserSeq,
+) -> Result<Vec<ReceiptRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT campaign_id, received_at FROM campaign_receipts
+             WHERE workspace_id = ?1 AND user_seq = ?2 ORDER BY received_at DESC, campaign_id",
+        )
+        .map_err(sql_err)?;
+    stmt.query_map(params![workspace.0, user.0], |r| {
+        Ok(ReceiptRecord {
+            campaign_id: r.get(0)?,
+            received_at: Millis(r.get(1)?),
+        })
+    })
+    .map_err(sql_err)?
+    .collect::<rusqlite::Result<Vec<_>>>()
+    .map_err(sql_err)
+}
+
+/// The conflict of a send id over the daily cap.
+pub(crate) fn send_id_cap(max_per_day: u32) -> StoreError {
+    StoreError::Conflict(format!(
+        "the daily quota of {max_per_day} new send ids (a new send id)"
+    ))
+}
+
+fn create_send_id(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    campaign_id: &str,
+    send_id: &str,
+    now: Millis,
+    day_start: Millis,
+    max_per_day: u32,
+) -> Result<bool, StoreError> {
+    let exists = conn
+        .prepare_cached(
+            "SELECT 1 FROM campaign_send_ids
+             WHERE workspace_id = ?1 AND campaign_id = ?2 AND send_id = ?3",
+        )
+        .map_err(sql_err)?
+        .exists(params![workspace.0, campaign_id, send_id])
+        .map_err(sql_err)?;
+    if exists {
+        return Ok(false);
+    }
+    let today: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM campaign_send_ids WHERE workspace_id = ?1 AND created_at >= ?2",
+        )
+        .map_err(sql_err)?
+        .query_row(params![workspace.0, day_start.0], |r| r.get(0))
+        .map_err(sql_err)?;
+    if u64_of(today) >= u64::from(max_per_day) {
+        return Err(send_id_cap(max_per_day));
+    }
+    conn.prepare_cached(
+        "INSERT INTO campaign_send_ids (workspace_id, campaign_id, send_id, created_at)
+         VALUES (?1, ?2, ?3, ?4)",
+    )
+    .map_err(sql_err)?
+    .execute(params![workspace.0, campaign_id, send_id, now.0])
+    .map_err(sql_err)?;
+    Ok(true)
+}
+
+fn messaging_settings(
+    conn: &Connection,
+    workspace: WorkspaceId,
+) -> Result<Option<Value>, StoreError> {
+    let text: Option<Option<String>> = conn
+        .prepare_cached("SELECT settings FROM messaging_workspaces WHERE workspace_id = ?1")
+        .map_err(sql_err)?
+        .query_row(params![workspace.0], |r| r.get(0))
+        .optional()
+        .map_err(sql_err)?;
+    text.flatten()
+        .map(|t| json_of(&t, "messaging settings"))
+        .transpose()
+}
+
+fn save_messaging_settings(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    settings: &Value,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO messaging_workspaces (workspace_id, settings) VALUES (?1, ?2)
+         ON CONFLICT (workspace_id) DO UPDATE SET settings = excluded.settings",
+    )
+    .map_err(sql_err)?
+    .execute(params![workspace.0, settings.to_string()])
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+// ---- triggers -------------------------------------------------------------------------------
+
+fn cohort_entries(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<CohortEntry>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT m.change_seq, m.seq, c.partner, c.cohort_id, m.at
+             FROM cohort_membership_changes m JOIN cohorts c ON c.id = m.cohort
+             WHERE m.workspace_id = ?1 AND m.change_seq > ?2 AND m.entered = 1
+             ORDER BY m.change_seq LIMIT ?3",
+        )
+        .map_err(sql_err)?;
+    stmt.query_map(
+        params![workspace.0, after, i64::try_from(limit).unwrap_or(i64::MAX)],
+        |r| {
+            Ok(CohortEntry {
+                position: r.get(0)?,
+                user: UserSeq(r.get(1)?),
+                partner: r.get(2)?,
+                cohort_id: r.get(3)?,
+                at: Millis(r.get(4)?),
+            })
+        },
+    )
+    .map_err(sql_err)?
+    .collect::<rusqlite::Result<Vec<_>>>()
+    .map_err(sql_err)
+}
+
+fn max_of(conn: &Connection, sql: &str, workspace: WorkspaceId) -> Result<i64, StoreError> {
+    conn.prepare_cached(sql)
+        .map_err(sql_err)?
+        .query_row(params![workspace.0], |r| r.get::<_, Option<i64>>(0))
+        .map(Option::unwrap_or_default)
+        .map_err(sql_err)
+}
+
+fn messaging_secret(conn: &Connection, candidate: [u8; 32]) -> Result<[u8; 32], StoreError> {
+    conn.prepare_cached("INSERT OR IGNORE INTO messaging_secrets (id, key) VALUES (1, ?1)")
+        .map_err(sql_err)?
+        .execute(params![candidate.as_slice()])
+        .map_err(sql_err)?;
+    let key: Vec<u8> = conn
+        .prepare_cached("SELECT key FROM messaging_secrets WHERE id = 1")
+        .map_err(sql_err)?
+        .query_row([], |r| r.get(0))
+        .map_err(sql_err)?;
+    key.try_into()
+        .map_err(|_| corrupt("the messaging secret is not 32 bytes"))
+}
+
+// ---- the trait --------------------------------------------------------------------------------
+
+impl MessagingStore for SqliteStore {
+    fn create_campaign(
+        &self,
+        workspace: WorkspaceId,
+        campaign: CampaignRecord,
+    ) -> StoreFuture<'_, CampaignRecord> {
+        self.write(move |conn, _, _| create_campaign(conn, workspace, &campaign))
+    }
+
+    fn campaign(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+    ) -> StoreFuture<'_, Option<CampaignRecord>> {
+        let id = id.to_owned();
+        self.read(move |conn| campaign(conn, workspace, &id))
+    }
+
+    fn list_campaigns(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<CampaignRecord>> {
+        self.read(move |conn| list_campaigns(conn, workspace))
+    }
+
+    fn save_campaign(
+        &self,
+        workspace: WorkspaceId,
+        campaign: CampaignRecord,
+    ) -> StoreFuture<'_, Option<CampaignRecord>> {
+        self.write(move |conn, _, _| save_campaign(conn, workspace, &campaign))
+    }
+
+    fn delete_campaign(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool> {
+        let id = id.to_owned();
+        self.write(move |conn, _, _| delete_campaign(conn, workspace, &id))
+    }
+
+    fn active_campaigns(&self) -> StoreFuture<'_, Vec<(WorkspaceId, CampaignRecord)>> {
+        self.read(active_campaigns)
+    }
+
+    fn campaign_send_counts(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+    ) -> StoreFuture<'_, SendCounts> {
+        let id = id.to_owned();
+        self.read(move |conn| campaign_send_counts(conn, workspace, &id))
+    }
+
+    fn enqueue(&self, workspace: WorkspaceId, enqueue: Enqueue) -> StoreFuture<'_, EnqueueOutcome> {
+        self.write(move |conn, _, _| self::enqueue(conn, workspace, &enqueue))
+    }
+
+    fn dispatch(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+    ) -> StoreFuture<'_, Option<DispatchRecord>> {
+        let id = id.to_owned();
+        self.read(move |conn| dispatch(conn, workspace, &id))
+    }
+
+    fn expanding_dispatches(&self, now: Millis) -> StoreFuture<'_, Vec<DispatchRecord>> {
+        self.read(move |conn| expanding_dispatches(conn, now))
+    }
+
+    fn claim_sends(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_ms: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<ClaimedSend>> {
+        let owner = owner.to_owned();
+        self.write(move |conn, _, _| claim_sends(conn, &owner, now, lease_ms, limit))
+    }
+
+    fn settle_sends(
+        &self,
+        owner: &str,
+        now: Millis,
+        settlements: Vec<Settlement>,
+    ) -> StoreFuture<'_, u64> {
+        let owner = owner.to_owned();
+        self.write(move |conn, _, _| settle_sends(conn, &owner, now, &settlements))
+    }
+
+    fn next_due(&self) -> StoreFuture<'_, Option<Millis>> {
+        self.read(next_due)
+    }
+
+    fn sent_message(
+        &self,
+        workspace: WorkspaceId,
+        send: i64,
+    ) -> StoreFuture<'_, Option<SentMessage>> {
+        self.read(move |conn| sent_message(conn, workspace, send))
+    }
+
+    fn record_engagement(
+        &self,
+        workspace: WorkspaceId,
+        user: UserSeq,
+        events: Vec<CurrentsEvent>,
+    ) -> StoreFuture<'_, ()> {
+        let events: Appends = events.into_iter().map(|e| (Some(user), e)).collect();
+        self.write(move |conn, _, _| {
+            super::currents::append_events(conn, workspace, &events).map(|_| ())
+        })
+    }
+
+    fn sends_since(
+        &self,
+        workspace: WorkspaceId,
+        user: UserSeq,
+        since: Millis,
+    ) -> StoreFuture<'_, u64> {
+        self.read(move |conn| sends_since(conn, workspace, user, since))
+    }
+
+    fn reschedule_dispatch(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+        at: Millis,
+    ) -> StoreFuture<'_, bool> {
+        let id = id.to_owned();
+        self.write(move |conn, _, _| reschedule_dispatch(conn, workspace, &id, at))
+    }
+
+    fn cancel_dispatch(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool> {
+        let id = id.to_owned();
+        self.write(move |conn, _, _| cancel_dispatch(conn, workspace, &id))
+    }
+
+    fn receipts_of(
+        &self,
+        workspace: WorkspaceId,
+        user: UserSeq,
+    ) -> StoreFuture<'_, Vec<ReceiptRecord>> {
+        self.read(move |conn| receipts_of(conn, workspace, user))
+    }
+
+    fn create_send_id(
+        &self,
+        workspace: WorkspaceId,
+        campaign_id: &str,
+        send_id: &str,
+        now: Millis,
+        day_start: Millis,
+        max_per_day: u32,
+    ) -> StoreFuture<'_, bool> {
+        let (campaign_id, send_id) = (campaign_id.to_owned(), send_id.to_owned());
+        self.write(move |conn, _, _| {
+            create_send_id(
+                conn,
+                workspace,
+                &campaign_id,
+                &send_id,
+                now,
+                day_start,
+                max_per_day,
+            )
+        })
+    }
+
+    fn messaging_settings(&self, workspace: WorkspaceId) -> StoreFuture<'_, Option<Value>> {
+        self.read(move |conn| messaging_settings(conn, workspace))
+    }
+
+    fn save_messaging_settings(
+        &self,
+        workspace: WorkspaceId,
+        settings: Value,
+    ) -> StoreFuture<'_, ()> {
+        self.write(move |conn, _, _| save_messaging_settings(conn, workspace, &settings))
+    }
+
+    fn trigger_cursor(&self, workspace: WorkspaceId) -> StoreFuture<'_, TriggerCursor> {
+        self.read(move |conn| trigger_cursor(conn, workspace))
+    }
+
+    fn cohort_entries(
+        &self,
+        workspace: WorkspaceId,
+        after: i64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<CohortEntry>> {
+        self.read(move |conn| cohort_entries(conn, workspace, after, limit))
+    }
+
+    fn cohort_changes_head(&self, workspace: WorkspaceId) -> StoreFuture<'_, i64> {
+        self.read(move |conn| {
+            max_of(
+                conn,
+                "SELECT MAX(change_seq) FROM cohort_membership_changes WHERE workspace_id = ?1",
+                workspace,
+            )
+        })
+    }
+
+    fn event_log_head(&self, workspace: WorkspaceId) -> StoreFuture<'_, i64> {
+        self.read(move |conn| {
+            max_of(
+                conn,
+                "SELECT MAX(seq) FROM event_log WHERE workspace_id = ?1",
+                workspace,
+            )
+        })
+    }
+
+    fn messaging_secret(&self, candidate: [u8; 32]) -> StoreFuture<'_, [u8; 32]> {
+        self.write(move |conn, _, _| messaging_secret(conn, candidate))
+    }
+
+    fn users_by_seq(
+        &self,
+        workspace: WorkspaceId,
+        users: Vec<UserSeq>,
+    ) -> StoreFuture<'_, Vec<UserRecord>> {
+        Box::pin(async move {
+            // Profile rows are kept behind the writer's acknowledgements: write this
+            // workspace's first (as `read_unit` does), so every acknowledged write is seen.
+            self.flush_workspace(workspace).await?;
+            self.read(move |conn| {
+                let mut reader = SqlUsers::reader(conn, workspace);
+                let mut found = Vec::with_capacity(users.len());
+                for seq in users {
+                    if let Some(user) = reader.by_seq(seq)? {
+                        found.push(user);
+                    }
+                }
+                Ok(found)
+            })
+            .await
+        })
+    }
+}
