@@ -43,6 +43,9 @@ pub struct CampaignRecord {
     pub launched_at: Option<Millis>,
     /// Scheduled delivery: the next occurrence not yet dispatched.
     pub next_run: Option<Millis>,
+    /// When a send of one of its dispatches was first and last settled
+    /// [`SendState::Sent`] (the settlement's `now`); kept up by
+    /// [`MessagingStore::settle_sends`].
     pub first_sent: Option<Millis>,
     pub last_sent: Option<Millis>,
 }
@@ -83,7 +86,14 @@ pub struct DispatchRecord {
 }
 
 /// A campaign receipt to take with an item: the item goes ahead only if the user has not
-/// received the campaign, or received it at least `reeligible_after_ms` ago.
+/// received the campaign, or received it at least `reeligible_after_ms` ago (`None`: never
+/// again).
+///
+/// The receipt is taken *at* the item's job's `due_at` (when the user receives it), else at its
+/// first event's time (a control-group enrolment), else at the latest `created_at` of the
+/// enqueue's new dispatches, else at 0. A receipt received at `r` may be taken again at `t`
+/// when `r + reeligible_after_ms <= t`; taking it records `t` as the new receipt time. Items
+/// of one enqueue are taken in order, each seeing the receipts taken before it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
     pub campaign_id: String,
@@ -135,10 +145,15 @@ pub struct Enqueue {
     pub cursor: Option<(TriggerCursor, TriggerCursor)>,
     /// Compare-and-set of a scheduled campaign's next run: `(campaign_id, expected, new)`.
     /// Conflict (nothing written) when it is not `expected`: the occurrence was dispatched by
-    /// another node.
+    /// another node — or when the workspace has no such campaign.
     pub next_run: Option<(String, Option<Millis>, Option<Millis>)>,
     /// Marks a dispatch's expansion progress: `(dispatch_id, Some(last user enqueued))`, or
-    /// `None` when it is complete.
+    /// `None` when it is complete. A mark only moves an expansion forward: it applies to a
+    /// dispatch of the workspace that is still expanding (`expanding_after` is `Some`) and,
+    /// for `Some(u)`, has not reached `u` yet. A mark that does not apply (the dispatch was
+    /// cancelled, its campaign deleted, another node enqueued this chunk or finished the
+    /// expansion first, no such dispatch) fails the enqueue with
+    /// [`super::StoreError::Conflict`], nothing written — so every chunk is enqueued once.
     pub expansion: Option<(String, Option<UserSeq>)>,
     /// Conversions to record: each is written (with its event) only if that (campaign, user,
     /// conversion index) has no conversion yet — a conversion counts once.
@@ -175,7 +190,8 @@ pub struct EnqueueOutcome {
 /// A claimed send, with everything the dispatcher needs to look up the rest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClaimedSend {
-    /// The send's id: its idempotency key, `Message-ID` and tracking-token subject.
+    /// The send's id: its idempotency key, `Message-ID` and tracking-token subject. Unique
+    /// across workspaces and never reused, not even after the send was deleted.
     pub id: i64,
     pub workspace: WorkspaceId,
     pub user: UserSeq,
@@ -202,7 +218,8 @@ pub enum SendState {
     Failed,
 }
 
-/// One settlement: the outcome and the events that report it.
+/// One settlement: the outcome and the events that report it (appended about `user` to the
+/// log of `workspace`, the send's workspace — a settlement naming another is refused).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settlement {
     pub send: i64,
@@ -254,7 +271,7 @@ pub trait MessagingStore: Send + Sync {
     ) -> StoreFuture<'_, CampaignRecord>;
     fn campaign(&self, workspace: WorkspaceId, id: &str)
     -> StoreFuture<'_, Option<CampaignRecord>>;
-    /// The workspace's campaigns, oldest first.
+    /// The workspace's campaigns, oldest first (`created_at`, then `id`).
     fn list_campaigns(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<CampaignRecord>>;
     /// Replaces everything but `id` and `created_at`; `None` if there is no such campaign.
     fn save_campaign(
@@ -262,26 +279,32 @@ pub trait MessagingStore: Send + Sync {
         workspace: WorkspaceId,
         campaign: CampaignRecord,
     ) -> StoreFuture<'_, Option<CampaignRecord>>;
-    /// Deletes the campaign with its pending sends (sent ones are kept for tracking);
+    /// Deletes the campaign with its pending sends — claimed ones too, whose settlement is then
+    /// refused — and ends its dispatches' expansions (sent ones are kept for tracking);
     /// returns whether it existed.
     fn delete_campaign(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool>;
-    /// Every active campaign of every workspace (the trigger engine and the scheduler).
+    /// Every active campaign of every workspace (the trigger engine and the scheduler), by
+    /// workspace id, then oldest first.
     fn active_campaigns(&self) -> StoreFuture<'_, Vec<(WorkspaceId, CampaignRecord)>>;
-    /// Counts of the campaign's sends by state.
+    /// Counts of the campaign's sends by state (pending: queued, claimed or to retry).
     fn campaign_send_counts(&self, workspace: WorkspaceId, id: &str)
     -> StoreFuture<'_, SendCounts>;
 
     // -- dispatches and the queue -----------------------------------------------------------
     /// Creates dispatches, takes receipts, writes jobs and events, moves cursors — all or
-    /// nothing (see [`Enqueue`]).
+    /// nothing (see [`Enqueue`]). The events are appended in this order: each accepted item's
+    /// (about its user), then [`Enqueue::events`], then the new conversions'.
     fn enqueue(&self, workspace: WorkspaceId, enqueue: Enqueue) -> StoreFuture<'_, EnqueueOutcome>;
     fn dispatch(&self, workspace: WorkspaceId, id: &str)
     -> StoreFuture<'_, Option<DispatchRecord>>;
-    /// Dispatches whose expansion is not complete and whose `not_before` has passed `now`
-    /// (or is unset): resumed after a restart, scheduled broadcasts when due.
+    /// Dispatches of every workspace whose expansion is not complete and whose `not_before` is
+    /// at or before `now` (or unset): resumed after a restart, scheduled broadcasts when due.
+    /// Oldest first (`created_at`).
     fn expanding_dispatches(&self, now: Millis) -> StoreFuture<'_, Vec<DispatchRecord>>;
-    /// Claims up to `limit` pending sends due at `now`, of any workspace, oldest due first,
-    /// whose lease is free or expired, for `lease_ms`.
+    /// Claims up to `limit` pending sends due at `now` (`due_at <= now`), of any workspace,
+    /// oldest due first (then by id), whose lease is free or expired, for `lease_ms`: the
+    /// lease runs until `now + lease_ms` and is free again from that instant. Two claims never
+    /// return the same send while its lease runs; the attempt count is not changed.
     fn claim_sends(
         &self,
         owner: &str,
@@ -291,13 +314,23 @@ pub trait MessagingStore: Send + Sync {
     ) -> StoreFuture<'_, Vec<ClaimedSend>>;
     /// Records outcomes and appends their events, each only where `owner` still holds the
     /// send's lease; returns how many were refused because the lease was lost.
+    ///
+    /// `owner` holds the lease of a send it claimed as long as the send is pending and no
+    /// other owner claimed it since — also once the lease has run out, if nobody took it
+    /// over. Everything else is refused and counted: a send claimed by another owner, never
+    /// claimed by this one, already settled (also earlier in the same call), deleted (its
+    /// dispatch cancelled, its campaign deleted), or named with another workspace. A refused
+    /// settlement writes nothing and appends none of its events. `Sent` records `now` as the
+    /// sent time; `RetryAt` and `Deferred` leave the send pending without a lease.
     fn settle_sends(
         &self,
         owner: &str,
         now: Millis,
         settlements: Vec<Settlement>,
     ) -> StoreFuture<'_, u64>;
-    /// The earliest due time of a pending send, if any (the dispatcher sleeps until then).
+    /// When the next pending send can be claimed, if there is one (the dispatcher sleeps until
+    /// then): the earliest, over pending sends, of the send's `due_at`, or for a claimed send
+    /// the later of its `due_at` and the end of its lease.
     fn next_due(&self) -> StoreFuture<'_, Option<Millis>>;
     /// A sent message, for tracking.
     fn sent_message(
@@ -312,8 +345,8 @@ pub trait MessagingStore: Send + Sync {
         user: UserSeq,
         events: Vec<CurrentsEvent>,
     ) -> StoreFuture<'_, ()>;
-    /// How many messages were sent (state `Sent`) to `user` since `since`, across campaigns
-    /// (frequency capping).
+    /// How many messages were sent (state `Sent`) to `user` at or after `since`, across
+    /// campaigns (frequency capping).
     fn sends_since(
         &self,
         workspace: WorkspaceId,
@@ -321,26 +354,28 @@ pub trait MessagingStore: Send + Sync {
         since: Millis,
     ) -> StoreFuture<'_, u64>;
 
-    /// Moves a dispatch's pending jobs (and its expansion, if waiting) to `at`; false if there
-    /// is no such dispatch.
+    /// Moves a dispatch's pending jobs (and its expansion's `not_before`, while it is still
+    /// expanding) to `at`; false if the workspace has no such dispatch.
     fn reschedule_dispatch(
         &self,
         workspace: WorkspaceId,
         id: &str,
         at: Millis,
     ) -> StoreFuture<'_, bool>;
-    /// Cancels a dispatch: deletes its pending jobs and ends its expansion; false if there is
-    /// no such dispatch.
+    /// Cancels a dispatch: deletes its pending jobs (claimed ones too) and ends its expansion;
+    /// false if the workspace has no such dispatch. Sent messages are kept.
     fn cancel_dispatch(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool>;
-    /// The campaigns `user` received, most recent receipt each (conversion tracking).
+    /// The campaigns `user` received, most recent receipt each (conversion tracking), the most
+    /// recently received first (then by campaign id).
     fn receipts_of(
         &self,
         workspace: WorkspaceId,
         user: UserSeq,
     ) -> StoreFuture<'_, Vec<ReceiptRecord>>;
     /// Records a caller-chosen `send_id` (or checks it exists) for a campaign: true if it was
-    /// new. [`super::StoreError::Conflict`] when `max_per_day` new send ids were already
-    /// created for the workspace since `day_start`.
+    /// new, false if the (campaign, send id) exists already. [`super::StoreError::Conflict`]
+    /// (nothing written) when it is new and `max_per_day` new send ids were already created
+    /// for the workspace at or after `day_start`; concurrent calls never pass the cap.
     fn create_send_id(
         &self,
         workspace: WorkspaceId,
@@ -361,16 +396,18 @@ pub trait MessagingStore: Send + Sync {
 
     // -- triggers -------------------------------------------------------------------------
     fn trigger_cursor(&self, workspace: WorkspaceId) -> StoreFuture<'_, TriggerCursor>;
-    /// Users entering partner cohorts after log position `after`, oldest first.
+    /// Users entering partner cohorts after log position `after`, oldest first, at most
+    /// `limit` (leaving a cohort moves the log's head but is not an entry).
     fn cohort_entries(
         &self,
         workspace: WorkspaceId,
         after: i64,
         limit: usize,
     ) -> StoreFuture<'_, Vec<CohortEntry>>;
-    /// The cohort-change log's head (a new trigger cursor starts there, not at the start).
+    /// The cohort-change log's head, its last committed position or 0 (a new trigger cursor
+    /// starts there, not at the start).
     fn cohort_changes_head(&self, workspace: WorkspaceId) -> StoreFuture<'_, i64>;
-    /// The event log's head.
+    /// The event log's head: its last committed position, or 0 when it is empty.
     fn event_log_head(&self, workspace: WorkspaceId) -> StoreFuture<'_, i64>;
 
     // -- secrets --------------------------------------------------------------------------
@@ -380,8 +417,8 @@ pub trait MessagingStore: Send + Sync {
     fn messaging_secret(&self, candidate: [u8; 32]) -> StoreFuture<'_, [u8; 32]>;
 
     // -- recipients -----------------------------------------------------------------------
-    /// The users a dispatcher is about to message, as of every acknowledged write; missing
-    /// (deleted) users are left out.
+    /// The users a dispatcher is about to message, as of every acknowledged write, in the order
+    /// asked; missing (deleted, unknown) users are left out.
     fn users_by_seq(
         &self,
         workspace: WorkspaceId,
