@@ -1,5 +1,5 @@
 //! Messaging over SQLite: campaigns, dispatches, the durable send queue, campaign receipts and
-//! conversions, send ids, the trigger cursor and messaging settings (schema version 7).
+//! conversions, send ids, the trigger cursor and messaging settings (schema versions 7 and 8).
 //!
 //! Every write runs on the writer, as one job of its group commit, so each method is one
 //! transaction and its events go to `event_log` in that transaction (positions in commit order,
@@ -7,22 +7,27 @@
 //! `next_run`), receipts and claims race-free without locks: two enqueues of the same
 //! (campaign, user) run one after the other, and the second sees the first's receipt.
 //!
-//! What the backends share is decided here and reused by `postgres/messaging.rs`:
+//! The contract's docs say what both backends do (`tideway_core::store::MessagingStore`, checked
+//! by the conformance suite on both); the helpers that decide it are here and reused by
+//! `postgres/messaging.rs`:
 //! - **A receipt's time** ([`receipt_time`]): the contract's [`Enqueue`] carries no clock, so an
 //!   item's receipt is taken at its job's `due_at` (when the user receives it), else at its
 //!   first event's time (a control-group enrolment), else at the newest dispatch the enqueue
-//!   creates, else 0.
+//!   creates, else 0; [`reeligible`] compares without overflowing.
 //! - **Expansion marks only move forward** ([`expansion_update`]): a mark `Some(u)` applies
-//!   only to a dispatch that is still expanding and has not reached `u` yet, and `None` ends an
-//!   expansion; a mark that does not apply makes the whole enqueue a
+//!   only to a dispatch that is still expanding and has not reached `u` yet, and `None` only
+//!   to one still expanding; a mark that does not apply makes the whole enqueue a
 //!   [`StoreError::Conflict`] (nothing written). So a cancelled or deleted campaign's dispatch
 //!   gets no more jobs from an expander already running, and two nodes resuming one
-//!   expansion queue each chunk once.
+//!   expansion queue each chunk — the last one too — once.
 //! - **`next_due`** is when the next send can be claimed: the earliest `due_at` of a pending
-//!   send without a lease, or the earliest `lease_until` of one under a lease (claimed sends
-//!   in flight; a crashed node's expire then).
+//!   send without a lease, or for one under a lease (claimed sends in flight; a crashed
+//!   node's expire then) the later of its `due_at` and `lease_until` — a rescheduled send
+//!   whose lease ran out is not claimable before its new due time.
 //! - A `next_run` compare-and-set on a campaign that does not exist is a conflict too (it can
 //!   no longer be dispatched).
+//! - Send ids are never reused (`AUTOINCREMENT`, schema version 8): a send's id is its
+//!   idempotency key.
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
@@ -506,7 +511,8 @@ fn insert_send(
 }
 
 /// The expansion mark's `UPDATE`: `?3` is the new mark (`NULL`: complete). It applies to a
-/// dispatch still expanding whose mark it moves forward; ending one always applies.
+/// dispatch still expanding whose mark it moves forward, or that it ends; nothing changed is a
+/// conflict.
 pub(crate) fn expansion_update() -> &'static str {
     "UPDATE dispatches SET expanding_after = ?3
      WHERE workspace_id = ?1 AND id = ?2 AND expanding_after IS NOT NULL
@@ -565,7 +571,7 @@ fn enqueue(
             .map_err(sql_err)?
             .execute(params![workspace.0, dispatch, mark.map(|u| u.0)])
             .map_err(sql_err)?;
-        if changed == 0 && mark.is_some() {
+        if changed == 0 {
             return Err(expansion_conflict(dispatch));
         }
     }
@@ -790,9 +796,12 @@ fn next_due(conn: &Connection) -> Result<Option<Millis>, StoreError> {
         .query_row([], |r| r.get(0))
         .optional()
         .map_err(sql_err)?;
+    // Claimed sends (few: those in flight) are claimable again when their lease ends, but not
+    // before they are due (a dispatch rescheduled while they were claimed).
     let leased: Option<i64> = conn
         .prepare_cached(
-            "SELECT MIN(lease_until) FROM sends WHERE state = 'pending' AND lease_owner IS NOT NULL",
+            "SELECT MIN(MAX(lease_until, due_at)) FROM sends
+             WHERE state = 'pending' AND lease_owner IS NOT NULL",
         )
         .map_err(sql_err)?
         .query_row([], |r| r.get(0))

@@ -393,6 +393,39 @@ CREATE TABLE messaging_secrets (
     key           BLOB NOT NULL
 );
 "#,
+    // 8: a send's id is its idempotency key, `Message-ID` and tracking-token subject, so it is
+    // never reused: `AUTOINCREMENT` (a plain rowid gives the newest send's id again once that
+    // send is deleted by a cancelled dispatch or a deleted campaign). SQLite cannot add it to a
+    // table, so `sends` is rebuilt with its rows and indexes.
+    r#"
+CREATE TABLE sends_v8 (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    workspace_id  INTEGER NOT NULL,
+    dispatch_id   TEXT NOT NULL,
+    user_seq      INTEGER NOT NULL,
+    variant       TEXT NOT NULL,
+    due_at        INTEGER NOT NULL,
+    properties    TEXT,
+    state         TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    lease_owner   TEXT,
+    lease_until   INTEGER,
+    address       TEXT,
+    links         TEXT,
+    sent_at       INTEGER
+);
+INSERT INTO sends_v8 (id, workspace_id, dispatch_id, user_seq, variant, due_at, properties,
+        state, attempts, lease_owner, lease_until, address, links, sent_at)
+    SELECT id, workspace_id, dispatch_id, user_seq, variant, due_at, properties,
+        state, attempts, lease_owner, lease_until, address, links, sent_at
+    FROM sends;
+DROP TABLE sends;
+ALTER TABLE sends_v8 RENAME TO sends;
+CREATE INDEX sends_due ON sends(state, due_at);
+CREATE INDEX sends_leased ON sends(lease_until) WHERE state = 'pending' AND lease_owner IS NOT NULL;
+CREATE INDEX sends_user ON sends(workspace_id, user_seq, sent_at) WHERE state = 'sent';
+CREATE INDEX sends_dispatch ON sends(workspace_id, dispatch_id, state);
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.
