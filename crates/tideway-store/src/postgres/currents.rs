@@ -447,6 +447,24 @@ async fn append_events(
     if events.is_empty() {
         return Ok(0);
     }
+    let mut client = store.pool.client().await?;
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let last = append_in(&tx, workspace, events).await?;
+    tx.commit().await.map_err(pg_err)?;
+    Ok(last)
+}
+
+/// Appends `events` to the workspace's log inside `tx` and returns the last position (0 when
+/// there are none). Call it as the transaction's last step, right before the commit: the
+/// range it takes keeps the workspace's counter row locked until then (see `sequence.rs`).
+pub(super) async fn append_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    workspace: WorkspaceId,
+    events: &[(Option<UserSeq>, CurrentsEvent)],
+) -> Result<i64, StoreError> {
+    if events.is_empty() {
+        return Ok(0);
+    }
     let n = u32::try_from(events.len())
         .map_err(|_| corrupt(format!("{} events in one append", events.len())))?;
     let users: Vec<Option<i64>> = events
@@ -457,13 +475,11 @@ async fn append_events(
     let types: Vec<&str> = events.iter().map(|(_, e)| e.event_type.as_str()).collect();
     let times: Vec<i64> = events.iter().map(|(_, e)| e.time).collect();
     let bodies: Vec<&str> = events.iter().map(|(_, e)| e.body.as_str()).collect();
-    let mut client = store.pool.client().await?;
-    let tx = client.transaction().await.map_err(pg_err)?;
     // The range comes last, right before the rows: the counter row stays locked until commit
     // (see `sequence.rs`).
-    let first = allocate(&tx, workspace, Sequence::EventLog, n).await?;
+    let first = allocate(tx, workspace, Sequence::EventLog, n).await?;
     execute(
-        &tx,
+        tx,
         "INSERT INTO event_log (workspace_id, seq, user_seq, event_id, event_type, time, body)
          SELECT $1, $2 + e.ord - 1, e.u, e.i, e.t, e.tm, e.b
          FROM unnest($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[])
@@ -471,7 +487,6 @@ async fn append_events(
         &[&workspace.0, &first, &users, &ids, &types, &times, &bodies],
     )
     .await?;
-    tx.commit().await.map_err(pg_err)?;
     Ok(first + i64::from(n) - 1)
 }
 

@@ -4,7 +4,8 @@
 //! distribution table (`schema.rs`), the per-workspace commit sequences that order the logs
 //! (`sequence.rs`), and one file per bounded context of the store contract: `admin.rs`
 //! (workspaces and credentials), `users.rs` (the unit-of-work transaction, cohort reads),
-//! `segments.rs` (segments and the change feed), `currents.rs` (the event log and Currents).
+//! `segments.rs` (segments and the change feed), `currents.rs` (the event log and Currents),
+//! `messaging.rs` (campaigns, dispatches, the send queue).
 //! Tested against a real PostgreSQL 15 (`tests/it/postgres.rs` and the conformance suite;
 //! `scripts/test` starts a throwaway server).
 //!
@@ -14,6 +15,7 @@
 
 mod admin;
 mod currents;
+mod messaging;
 pub mod schema;
 mod segments;
 pub mod sequence;
