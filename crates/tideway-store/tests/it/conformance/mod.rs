@@ -2,16 +2,16 @@
 //! (`tideway_core::store::Store`), run against every backend — SQLite (`SqliteStore` on a file
 //! in a temp dir) and PostgreSQL (`PgStore` on a database of the check's own, see `pg.rs`).
 //!
-//! It holds every user, cohort, segment-feed, Currents-log and admin behaviour the HTTP layer
-//! relies on, stated through the contract alone (no SQL, no backend type), with exact expected
-//! values: a backend conforms when every check passes on it. What only one backend has (SQLite
-//! reopened with a second connection, PostgreSQL with two nodes) stays in that backend's own
-//! tests (`main.rs`, `pg_*.rs`).
+//! It holds every user, cohort, segment-feed, Currents-log, admin and messaging behaviour the
+//! HTTP layer and the messaging engine rely on, stated through the contract alone (no SQL, no
+//! backend type), with exact expected values: a backend conforms when every check passes on it.
+//! What only one backend has (SQLite reopened with a second connection, PostgreSQL with two
+//! nodes) stays in that backend's own tests (`main.rs`, `pg_*.rs`).
 //!
 //! **Adding a check.** Write `pub(super) async fn what_it_guarantees(store: Arc<dyn Store>)` in
 //! the file of its bounded context (`users.rs`, `cohorts.rs`, `admin.rs`, `log.rs`, `feed.rs`,
-//! `currents.rs`), starting from an empty store, and add its name to that group in the
-//! `conformance!` list at the end of this file. The macro makes one `#[tokio::test]` per
+//! `currents.rs`, `messaging.rs`), starting from an empty store, and add its name to that group
+//! in the `conformance!` list at the end of this file. The macro makes one `#[tokio::test]` per
 //! backend of it: `conformance::sqlite::<group>::<check>` and
 //! `conformance::postgres::<group>::<check>`. Run them with
 //! `cargo test -p tideway-store --test it conformance` (PostgreSQL needs
@@ -36,6 +36,7 @@ mod cohorts;
 mod currents;
 mod feed;
 mod log;
+mod messaging;
 mod users;
 
 /// The store a check runs against, and what keeps its backend alive: fields drop in order, so
@@ -212,5 +213,27 @@ conformance! {
         leases_fence_a_second_owner,
         failures_and_dead_letters_are_recorded_and_replayed,
         the_log_clock_drives_lag_and_retention,
+    ],
+    messaging: [
+        campaigns_are_created_read_listed_saved_and_deleted,
+        deleting_a_campaign_keeps_only_its_sent_messages,
+        enqueue_writes_dispatches_jobs_and_events_all_or_nothing,
+        receipts_allow_a_campaign_once_per_window,
+        cursor_and_next_run_move_by_compare_and_set,
+        expansion_marks_only_move_forward,
+        claims_lease_due_sends_oldest_first,
+        settlements_are_fenced_by_the_lease,
+        settled_sends_move_between_states,
+        settlement_events_land_in_each_workspaces_log,
+        sends_since_counts_a_users_sent_messages,
+        engagement_is_appended_to_the_log,
+        conversions_count_once,
+        send_ids_are_capped_per_workspace_and_day,
+        dispatches_are_rescheduled_and_cancelled,
+        messaging_settings_round_trip,
+        the_messaging_secret_is_the_first_candidate,
+        users_by_seq_reads_current_profiles,
+        trigger_reads_follow_the_logs,
+        concurrent_claims_never_claim_a_send_twice,
     ],
 }
