@@ -87,15 +87,21 @@ pub struct Workspace {
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// A whole backend: every bounded context's contract. Implemented for every type that
-/// implements the five, so a backend never names it.
-pub trait Store: AdminStore + UserStore + CohortStore + SegmentStore + CurrentsStore {}
+/// implements the six, so a backend never names it.
+pub trait Store:
+    AdminStore + UserStore + CohortStore + SegmentStore + CurrentsStore + MessagingStore
+{
+}
 
-impl<T> Store for T where T: AdminStore + UserStore + CohortStore + SegmentStore + CurrentsStore {}
+impl<T> Store for T where
+    T: AdminStore + UserStore + CohortStore + SegmentStore + CurrentsStore + MessagingStore
+{
+}
 
 /// Every contract trait and the services, for callers that hold a concrete store (the CLI,
 /// tests, benchmarks): `use tideway_core::store::prelude::*;`.
 pub mod prelude {
-    pub use super::{AdminStore, CohortStore, SegmentStore, Store, UserStore};
+    pub use super::{AdminStore, CohortStore, MessagingStore, SegmentStore, Store, UserStore};
     pub use crate::currents_store::CurrentsStore;
     pub use crate::services::Services;
 }
