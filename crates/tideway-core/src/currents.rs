@@ -18,7 +18,8 @@ use serde_json::{Map, Value};
 use crate::clock::Millis;
 use crate::ids::{BrazeId, DeviceId, EventId, ExternalId};
 
-/// The Currents event types Tideway emits today.
+/// The Currents event types Tideway emits today. The messaging ones are built in
+/// [`crate::message_events`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventType {
     CustomEvent,
@@ -26,6 +27,23 @@ pub enum EventType {
     ProfileUpdate,
     UserDeleteRequest,
     UserOrphan,
+    CampaignConversion,
+    CampaignEnrollInControl,
+    CanvasConversion,
+    EmailAbort,
+    EmailBounce,
+    EmailClick,
+    EmailDeferral,
+    EmailDelivery,
+    EmailOpen,
+    EmailSend,
+    EmailSoftBounce,
+    EmailUnsubscribe,
+    WebhookAbort,
+    WebhookFailure,
+    WebhookRetry,
+    WebhookSend,
+    SubscriptionGlobalStateChange,
 }
 
 /// The three categories a Current can subscribe to.
@@ -37,12 +55,29 @@ pub enum EventCategory {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 5] = [
+    pub const ALL: [EventType; 22] = [
         EventType::CustomEvent,
         EventType::Purchase,
         EventType::ProfileUpdate,
         EventType::UserDeleteRequest,
         EventType::UserOrphan,
+        EventType::CampaignConversion,
+        EventType::CampaignEnrollInControl,
+        EventType::CanvasConversion,
+        EventType::EmailAbort,
+        EventType::EmailBounce,
+        EventType::EmailClick,
+        EventType::EmailDeferral,
+        EventType::EmailDelivery,
+        EventType::EmailOpen,
+        EventType::EmailSend,
+        EventType::EmailSoftBounce,
+        EventType::EmailUnsubscribe,
+        EventType::WebhookAbort,
+        EventType::WebhookFailure,
+        EventType::WebhookRetry,
+        EventType::WebhookSend,
+        EventType::SubscriptionGlobalStateChange,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +87,25 @@ impl EventType {
             EventType::ProfileUpdate => "users.profile.Update",
             EventType::UserDeleteRequest => "users.UserDeleteRequest",
             EventType::UserOrphan => "users.UserOrphan",
+            EventType::CampaignConversion => "users.campaigns.Conversion",
+            EventType::CampaignEnrollInControl => "users.campaigns.EnrollInControl",
+            EventType::CanvasConversion => "users.canvas.Conversion",
+            EventType::EmailAbort => "users.messages.email.Abort",
+            EventType::EmailBounce => "users.messages.email.Bounce",
+            EventType::EmailClick => "users.messages.email.Click",
+            EventType::EmailDeferral => "users.messages.email.Deferral",
+            EventType::EmailDelivery => "users.messages.email.Delivery",
+            EventType::EmailOpen => "users.messages.email.Open",
+            EventType::EmailSend => "users.messages.email.Send",
+            EventType::EmailSoftBounce => "users.messages.email.SoftBounce",
+            EventType::EmailUnsubscribe => "users.messages.email.Unsubscribe",
+            EventType::WebhookAbort => "users.messages.webhook.Abort",
+            EventType::WebhookFailure => "users.messages.webhook.Failure",
+            EventType::WebhookRetry => "users.messages.webhook.Retry",
+            EventType::WebhookSend => "users.messages.webhook.Send",
+            EventType::SubscriptionGlobalStateChange => {
+                "users.behaviors.subscription.GlobalStateChange"
+            }
         }
     }
 
@@ -59,12 +113,34 @@ impl EventType {
         Self::ALL.into_iter().find(|t| t.as_str() == raw)
     }
 
+    /// The section of `reference/currents-events.md` the type is listed under.
+    /// `GlobalStateChange` is listed under customer behaviour though Braze's glossary still
+    /// files it under message engagement; a Current selecting either gets it (that rule lives
+    /// in `tideway_currents::catalogue`).
     pub fn category(self) -> EventCategory {
         match self {
-            EventType::CustomEvent | EventType::Purchase => EventCategory::CustomerBehavior,
+            EventType::CustomEvent
+            | EventType::Purchase
+            | EventType::SubscriptionGlobalStateChange => EventCategory::CustomerBehavior,
             EventType::ProfileUpdate | EventType::UserDeleteRequest | EventType::UserOrphan => {
                 EventCategory::User
             }
+            EventType::CampaignConversion
+            | EventType::CampaignEnrollInControl
+            | EventType::CanvasConversion
+            | EventType::EmailAbort
+            | EventType::EmailBounce
+            | EventType::EmailClick
+            | EventType::EmailDeferral
+            | EventType::EmailDelivery
+            | EventType::EmailOpen
+            | EventType::EmailSend
+            | EventType::EmailSoftBounce
+            | EventType::EmailUnsubscribe
+            | EventType::WebhookAbort
+            | EventType::WebhookFailure
+            | EventType::WebhookRetry
+            | EventType::WebhookSend => EventCategory::MessageEngagement,
         }
     }
 }
@@ -102,8 +178,9 @@ impl CurrentsEvent {
     }
 
     /// Writes `{"event_type","id","time","user":{…},"properties":{…}}`: `user` and
-    /// `properties` write the members of their objects.
-    fn build(
+    /// `properties` write the members of their objects. Crate-visible so the messaging
+    /// constructors in [`crate::message_events`] write the very same envelope.
+    pub(crate) fn build(
         id: EventId,
         event_type: EventType,
         time: Millis,
@@ -298,7 +375,9 @@ impl CurrentsEvent {
     }
 }
 
-fn user_keys(
+/// The `user` members: `user_id` always, the others when the type lists them and they are
+/// known.
+pub(crate) fn user_keys(
     o: &mut JsonObject,
     user: &EventUser<'_>,
     external: bool,
@@ -319,7 +398,7 @@ fn user_keys(
 
 /// Room for an event's fixed part (type, id, time, user ids, app group): enough for most
 /// events without growing.
-const BASE_CAPACITY: usize = 384;
+pub(crate) const BASE_CAPACITY: usize = 384;
 
 /// A guess at the JSON length of a property map, to size the buffer once.
 fn map_capacity(map: &Map<String, Value>) -> usize {
@@ -350,32 +429,32 @@ fn utf8(buf: Vec<u8>) -> String {
 /// A JSON object (or objects nested in it) written member by member into one buffer. Every
 /// scalar goes through `serde_json`'s own serialiser, so escaping and number formatting are
 /// exactly `serde_json`'s.
-struct JsonObject {
+pub(crate) struct JsonObject {
     buf: Vec<u8>,
     /// No member written yet in the innermost open object (no comma before the next key).
     first: bool,
 }
 
 impl JsonObject {
-    fn with_capacity(capacity: usize) -> Self {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
         JsonObject {
             buf: Vec::with_capacity(capacity),
             first: true,
         }
     }
 
-    fn open(&mut self) {
+    pub(crate) fn open(&mut self) {
         self.buf.push(b'{');
         self.first = true;
     }
 
-    fn close(&mut self) {
+    pub(crate) fn close(&mut self) {
         self.buf.push(b'}');
         self.first = false;
     }
 
     /// `"key":`, after a comma unless it is the first member.
-    fn key(&mut self, key: &str) {
+    pub(crate) fn key(&mut self, key: &str) {
         if !self.first {
             self.buf.push(b',');
         }
@@ -384,40 +463,52 @@ impl JsonObject {
         self.buf.push(b':');
     }
 
-    fn str(&mut self, key: &str, value: &str) {
+    pub(crate) fn str(&mut self, key: &str, value: &str) {
         self.key(key);
         written(serde_json::to_writer(&mut self.buf, value));
     }
 
     /// Omitted when `None`.
-    fn opt_str(&mut self, key: &str, value: Option<&str>) {
+    pub(crate) fn opt_str(&mut self, key: &str, value: Option<&str>) {
         if let Some(value) = value {
             self.str(key, value);
         }
     }
 
-    fn i64(&mut self, key: &str, value: i64) {
+    pub(crate) fn i64(&mut self, key: &str, value: i64) {
         self.key(key);
         written(serde_json::to_writer(&mut self.buf, &value));
     }
 
     /// Non-finite values print as `null`, as `json!(value)` has them.
-    fn f64(&mut self, key: &str, value: f64) {
+    pub(crate) fn f64(&mut self, key: &str, value: f64) {
         self.key(key);
         written(serde_json::to_writer(&mut self.buf, &value));
     }
 
-    fn value(&mut self, key: &str, value: &Value) {
+    pub(crate) fn bool(&mut self, key: &str, value: bool) {
+        self.key(key);
+        self.buf
+            .extend_from_slice(if value { b"true" } else { b"false" });
+    }
+
+    /// A JSON array of strings.
+    pub(crate) fn strs(&mut self, key: &str, values: &[&str]) {
+        self.key(key);
+        written(serde_json::to_writer(&mut self.buf, values));
+    }
+
+    pub(crate) fn value(&mut self, key: &str, value: &Value) {
         self.key(key);
         written(serde_json::to_writer(&mut self.buf, value));
     }
 
-    fn map(&mut self, key: &str, value: &Map<String, Value>) {
+    pub(crate) fn map(&mut self, key: &str, value: &Map<String, Value>) {
         self.key(key);
         written(serde_json::to_writer(&mut self.buf, value));
     }
 
-    fn finish(self) -> String {
+    pub(crate) fn finish(self) -> String {
         utf8(self.buf)
     }
 }

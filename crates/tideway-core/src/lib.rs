@@ -13,6 +13,7 @@ pub mod currents_store;
 pub mod egress;
 pub mod ids;
 pub mod keys;
+pub mod message_events;
 pub mod profile;
 pub mod segments;
 pub mod services;
