@@ -158,6 +158,82 @@ pub struct Enqueue {
     /// Conversions to record: each is written (with its event) only if that (campaign, user,
     /// conversion index) has no conversion yet — a conversion counts once.
     pub conversions: Vec<NewConversion>,
+    /// Campaign stats to count, applied in the same transaction (so an enqueue refused by a
+    /// compare-and-set counts nothing). One without `unique_user` adds one to its
+    /// (campaign, stat); one with `unique_user` records that user for its (campaign, stat) and
+    /// adds one only if the user was not recorded yet — by an earlier enqueue or earlier in
+    /// this one.
+    pub stats: Vec<StatIncrement>,
+}
+
+/// One counted figure of a campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CampaignStat {
+    Sends,
+    Deliveries,
+    Bounces,
+    SoftBounces,
+    Opens,
+    UniqueOpens,
+    Clicks,
+    UniqueClicks,
+    Unsubscribes,
+    Conversions,
+    Aborts,
+    Failures,
+    ControlGroup,
+}
+
+impl CampaignStat {
+    /// Every stat, in the order [`MessagingStore::campaign_stats`] lists them.
+    pub const ALL: [CampaignStat; 13] = [
+        CampaignStat::Sends,
+        CampaignStat::Deliveries,
+        CampaignStat::Bounces,
+        CampaignStat::SoftBounces,
+        CampaignStat::Opens,
+        CampaignStat::UniqueOpens,
+        CampaignStat::Clicks,
+        CampaignStat::UniqueClicks,
+        CampaignStat::Unsubscribes,
+        CampaignStat::Conversions,
+        CampaignStat::Aborts,
+        CampaignStat::Failures,
+        CampaignStat::ControlGroup,
+    ];
+
+    /// Its name, as stored and as the API reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CampaignStat::Sends => "sends",
+            CampaignStat::Deliveries => "deliveries",
+            CampaignStat::Bounces => "bounces",
+            CampaignStat::SoftBounces => "soft_bounces",
+            CampaignStat::Opens => "opens",
+            CampaignStat::UniqueOpens => "unique_opens",
+            CampaignStat::Clicks => "clicks",
+            CampaignStat::UniqueClicks => "unique_clicks",
+            CampaignStat::Unsubscribes => "unsubscribes",
+            CampaignStat::Conversions => "conversions",
+            CampaignStat::Aborts => "aborts",
+            CampaignStat::Failures => "failures",
+            CampaignStat::ControlGroup => "control_group",
+        }
+    }
+
+    /// The stat named `name` ([`CampaignStat::as_str`]), if there is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// One event's contribution to a campaign's stats. With `unique_user`, it counts only the
+/// first time for that (campaign, stat, user).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatIncrement {
+    pub campaign_id: String,
+    pub stat: CampaignStat,
+    pub unique_user: Option<UserSeq>,
 }
 
 /// A user converting on a campaign's conversion event `index`.
@@ -280,8 +356,8 @@ pub trait MessagingStore: Send + Sync {
         campaign: CampaignRecord,
     ) -> StoreFuture<'_, Option<CampaignRecord>>;
     /// Deletes the campaign with its pending sends — claimed ones too, whose settlement is then
-    /// refused — and ends its dispatches' expansions (sent ones are kept for tracking);
-    /// returns whether it existed.
+    /// refused — and its stats (counts and the users counted), and ends its dispatches'
+    /// expansions (sent ones are kept for tracking); returns whether it existed.
     fn delete_campaign(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool>;
     /// Every active campaign of every workspace (the trigger engine and the scheduler), by
     /// workspace id, then oldest first.
@@ -289,6 +365,14 @@ pub trait MessagingStore: Send + Sync {
     /// Counts of the campaign's sends by state (pending: queued, claimed or to retry).
     fn campaign_send_counts(&self, workspace: WorkspaceId, id: &str)
     -> StoreFuture<'_, SendCounts>;
+    /// The campaign's stats as counted by [`Enqueue::stats`]: every stat of
+    /// [`CampaignStat::ALL`], in that order, zero when never counted (also for a campaign the
+    /// workspace does not have).
+    fn campaign_stats(
+        &self,
+        workspace: WorkspaceId,
+        campaign_id: &str,
+    ) -> StoreFuture<'_, Vec<(CampaignStat, u64)>>;
 
     // -- dispatches and the queue -----------------------------------------------------------
     /// Creates dispatches, takes receipts, writes jobs and events, moves cursors — all or
@@ -424,4 +508,22 @@ pub trait MessagingStore: Send + Sync {
         workspace: WorkspaceId,
         users: Vec<UserSeq>,
     ) -> StoreFuture<'_, Vec<UserRecord>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CampaignStat;
+
+    #[test]
+    fn stat_names_are_distinct_and_parse_back() {
+        for stat in CampaignStat::ALL {
+            assert_eq!(CampaignStat::parse(stat.as_str()), Some(stat));
+        }
+        let mut names: Vec<&str> = CampaignStat::ALL.iter().map(|s| s.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), CampaignStat::ALL.len());
+        assert_eq!(CampaignStat::parse("Sends"), None);
+        assert_eq!(CampaignStat::parse(""), None);
+    }
 }

@@ -44,9 +44,9 @@ pub use cohorts::{
     CohortMember, CohortStore, CohortSummary, SegmentSyncOutcome, SegmentSyncPage, UserCohort,
 };
 pub use messaging::{
-    CampaignRecord, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource, Enqueue,
-    EnqueueOutcome, MessagingStore, NewConversion, NewSend, Receipt, ReceiptRecord, SendCounts,
-    SendJob, SendState, SentMessage, Settlement, TriggerCursor,
+    CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
+    Enqueue, EnqueueOutcome, MessagingStore, NewConversion, NewSend, Receipt, ReceiptRecord,
+    SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement, TriggerCursor,
 };
 pub use segments::SegmentStore;
 pub use users::{

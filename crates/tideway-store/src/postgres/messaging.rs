@@ -1,5 +1,6 @@
 //! Messaging over PostgreSQL: campaigns, dispatches, the durable send queue, campaign receipts
-//! and conversions, send ids, the trigger cursor and messaging settings (schema version 2).
+//! and conversions, send ids, the trigger cursor and messaging settings (schema version 2),
+//! and campaign stats (schema version 3).
 //!
 //! The semantics are the SQLite store's (`sqlite/messaging.rs`, whose module docs say what
 //! both decide: a receipt's time, expansion marks that only move forward, `next_due`); what
@@ -27,6 +28,11 @@
 //!   only in the transaction that writes the rows, so the head read is never ahead of what a
 //!   reader can see.
 //! - `users_by_seq` reads the `users` rows, always current here, in one statement.
+//! - **Campaign stats** are tallied as on SQLite (`StatTally`), then written in at most two
+//!   statements whatever the number of increments: the unique ones' users recorded with one
+//!   `INSERT … FROM unnest … ON CONFLICT DO NOTHING RETURNING` (a returned row is a new user,
+//!   and counts), then one upsert adding each distinct (campaign, stat)'s total. Both write in
+//!   key order, so concurrent enqueues lock the rows in one order.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -40,9 +46,9 @@ use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{BrazeId, Email, ExternalId, Phone, UserSeq, WorkspaceId};
 use tideway_core::profile::UserRecord;
 use tideway_core::store::{
-    CampaignRecord, ClaimedSend, CohortEntry, DispatchRecord, Enqueue, EnqueueOutcome,
-    MessagingStore, ReceiptRecord, SendCounts, SendJob, SendState, SentMessage, Settlement,
-    StoreError, StoreFuture, TriggerCursor,
+    CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, Enqueue,
+    EnqueueOutcome, MessagingStore, ReceiptRecord, SendCounts, SendJob, SendState, SentMessage,
+    Settlement, StatIncrement, StoreError, StoreFuture, TriggerCursor,
 };
 
 use super::currents::append_in;
@@ -51,8 +57,8 @@ use super::{PgStore, pg_err};
 use crate::codec::{corrupt, u64_of};
 use crate::profile_codec;
 use crate::sqlite::messaging::{
-    cas_conflict, expansion_conflict, json_of, receipt_time, send_id_cap, source_columns,
-    source_of, status_of, tags_of, tags_text,
+    StatTally, cas_conflict, expansion_conflict, json_of, receipt_time, send_id_cap,
+    source_columns, source_of, stats_of, status_of, tags_of, tags_text,
 };
 
 type Appends = Vec<(Option<UserSeq>, CurrentsEvent)>;
@@ -329,6 +335,12 @@ async fn delete_campaign(
         &[&workspace.0, &id],
     )
     .await?;
+    for sql in [
+        "DELETE FROM campaign_stats WHERE workspace_id = $1 AND campaign_id = $2",
+        "DELETE FROM campaign_stat_users WHERE workspace_id = $1 AND campaign_id = $2",
+    ] {
+        execute(&tx, sql, &[&workspace.0, &id]).await?;
+    }
     let deleted = execute(
         &tx,
         "DELETE FROM campaigns WHERE workspace_id = $1 AND id = $2",
@@ -383,6 +395,25 @@ async fn campaign_send_counts(
         }
     }
     Ok(counts)
+}
+
+async fn campaign_stats(
+    store: &PgStore,
+    workspace: WorkspaceId,
+    campaign_id: &str,
+) -> Result<Vec<(CampaignStat, u64)>, StoreError> {
+    let client = store.pool.client().await?;
+    let rows = query(
+        &client,
+        "SELECT stat, count FROM campaign_stats WHERE workspace_id = $1 AND campaign_id = $2",
+        &[&workspace.0, &campaign_id],
+    )
+    .await?;
+    stats_of(
+        rows.iter()
+            .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
+            .collect::<Result<Vec<(String, i64)>, StoreError>>()?,
+    )
 }
 
 // ---- enqueue --------------------------------------------------------------------------------
@@ -628,9 +659,77 @@ async fn enqueue(
             }
         }
     }
+    count_stats(&tx, workspace, &e.stats).await?;
     append_in(&tx, workspace, &appends).await?;
     tx.commit().await.map_err(pg_err)?;
     Ok(outcome)
+}
+
+/// Applies an enqueue's stat increments in (at most) two statements: the unique ones' users
+/// recorded, then one upsert of every distinct (campaign, stat)'s total.
+async fn count_stats<C: GenericClient>(
+    c: &C,
+    workspace: WorkspaceId,
+    stats: &[StatIncrement],
+) -> Result<(), StoreError> {
+    let mut tally = StatTally::of(stats);
+    let unique = std::mem::take(&mut tally.unique);
+    if !unique.is_empty() {
+        let (mut campaigns, mut names, mut users) = (
+            Vec::with_capacity(unique.len()),
+            Vec::with_capacity(unique.len()),
+            Vec::with_capacity(unique.len()),
+        );
+        for &(campaign_id, stat, user) in &unique {
+            campaigns.push(campaign_id);
+            names.push(stat.as_str());
+            users.push(i64::from(user.0));
+        }
+        let added: HashSet<(String, String, i64)> = query(
+            c,
+            "INSERT INTO campaign_stat_users (workspace_id, campaign_id, stat, user_seq)
+             SELECT $1, x.c, x.s, x.u
+             FROM unnest($2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS x(c, s, u, ord)
+             ORDER BY x.ord
+             ON CONFLICT DO NOTHING
+             RETURNING campaign_id, stat, user_seq",
+            &[&workspace.0, &campaigns, &names, &users],
+        )
+        .await?
+        .iter()
+        .map(|row| Ok((get(row, 0)?, get(row, 1)?, get(row, 2)?)))
+        .collect::<Result<_, StoreError>>()?;
+        for (k, &(campaign_id, stat, _)) in unique.iter().enumerate() {
+            if added.contains(&(campaign_id.to_owned(), names[k].to_owned(), users[k])) {
+                tally.count_new(campaign_id, stat);
+            }
+        }
+    }
+    if tally.counts.is_empty() {
+        return Ok(());
+    }
+    let (mut campaigns, mut names, mut adds) = (
+        Vec::with_capacity(tally.counts.len()),
+        Vec::with_capacity(tally.counts.len()),
+        Vec::with_capacity(tally.counts.len()),
+    );
+    for (&(campaign_id, stat), &n) in &tally.counts {
+        campaigns.push(campaign_id);
+        names.push(stat.as_str());
+        adds.push(n);
+    }
+    execute(
+        c,
+        "INSERT INTO campaign_stats AS s (workspace_id, campaign_id, stat, count)
+         SELECT $1, x.c, x.s, x.n
+         FROM unnest($2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS x(c, s, n, ord)
+         ORDER BY x.ord
+         ON CONFLICT (workspace_id, campaign_id, stat) DO UPDATE
+             SET count = s.count + EXCLUDED.count",
+        &[&workspace.0, &campaigns, &names, &adds],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn dispatch(
@@ -1260,6 +1359,15 @@ impl MessagingStore for PgStore {
     ) -> StoreFuture<'_, SendCounts> {
         let id = id.to_owned();
         Box::pin(async move { campaign_send_counts(self, workspace, &id).await })
+    }
+
+    fn campaign_stats(
+        &self,
+        workspace: WorkspaceId,
+        campaign_id: &str,
+    ) -> StoreFuture<'_, Vec<(CampaignStat, u64)>> {
+        let campaign_id = campaign_id.to_owned();
+        Box::pin(async move { campaign_stats(self, workspace, &campaign_id).await })
     }
 
     fn enqueue(&self, workspace: WorkspaceId, enqueue: Enqueue) -> StoreFuture<'_, EnqueueOutcome> {

@@ -89,6 +89,8 @@ pub const DISTRIBUTION: &[(&str, Distribution)] = &[
     ("campaign_conversions", BY_WORKSPACE),
     ("campaign_send_ids", BY_WORKSPACE),
     ("messaging_workspaces", BY_WORKSPACE),
+    ("campaign_stats", BY_WORKSPACE),
+    ("campaign_stat_users", BY_WORKSPACE),
 ];
 
 /// Where each table goes, or `None` for a table the schema does not have.
@@ -507,6 +509,25 @@ CREATE TABLE messaging_workspaces (
 CREATE TABLE messaging_secrets (
     id            integer PRIMARY KEY CHECK (id = 1),
     key           bytea NOT NULL
+);
+"#,
+    // 3: campaign stats (`postgres/messaging.rs`), counted in the trigger engine's enqueues: a
+    // count per (campaign, stat), and the users already counted by the unique stats (unique
+    // opens, unique clicks).
+    r#"
+CREATE TABLE campaign_stats (
+    workspace_id  bigint NOT NULL,
+    campaign_id   text NOT NULL,
+    stat          text NOT NULL,
+    count         bigint NOT NULL CHECK (count >= 0),
+    PRIMARY KEY (workspace_id, campaign_id, stat)
+);
+CREATE TABLE campaign_stat_users (
+    workspace_id  bigint NOT NULL,
+    campaign_id   text NOT NULL,
+    stat          text NOT NULL,
+    user_seq      bigint NOT NULL,
+    PRIMARY KEY (workspace_id, campaign_id, stat, user_seq)
 );
 "#,
 ];

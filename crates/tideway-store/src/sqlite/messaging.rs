@@ -1,5 +1,6 @@
 //! Messaging over SQLite: campaigns, dispatches, the durable send queue, campaign receipts and
-//! conversions, send ids, the trigger cursor and messaging settings (schema versions 7 and 8).
+//! conversions, send ids, the trigger cursor, messaging settings and campaign stats (schema
+//! versions 7, 8 and 9).
 //!
 //! Every write runs on the writer, as one job of its group commit, so each method is one
 //! transaction and its events go to `event_log` in that transaction (positions in commit order,
@@ -28,6 +29,12 @@
 //!   no longer be dispatched).
 //! - Send ids are never reused (`AUTOINCREMENT`, schema version 8): a send's id is its
 //!   idempotency key.
+//! - **Campaign stats** ([`StatTally`], schema version 9) are tallied before they are written:
+//!   a unique increment's (campaign, stat, user) is recorded once (`INSERT OR IGNORE` into
+//!   `campaign_stat_users`) and counts only if that row is new; then each distinct
+//!   (campaign, stat) gets one upsert adding its total, whatever the number of events.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
@@ -37,9 +44,9 @@ use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::profile::UserRecord;
 use tideway_core::store::{
-    CampaignRecord, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource, Enqueue,
-    EnqueueOutcome, MessagingStore, NewSend, ReceiptRecord, SendCounts, SendJob, SendState,
-    SentMessage, Settlement, StoreError, StoreFuture, TriggerCursor,
+    CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
+    Enqueue, EnqueueOutcome, MessagingStore, NewSend, ReceiptRecord, SendCounts, SendJob,
+    SendState, SentMessage, Settlement, StatIncrement, StoreError, StoreFuture, TriggerCursor,
 };
 
 use super::users::SqlUsers;
@@ -120,6 +127,51 @@ pub(crate) fn source_of(
         }),
         (kind, ..) => Err(corrupt(format!("dispatch source {kind:?}"))),
     }
+}
+
+/// An enqueue's stat increments, tallied: what to add per (campaign, stat) without a user,
+/// and the distinct (campaign, stat, user) of the unique ones, which add one each only where
+/// the user is not recorded yet. Both in key order (the order rows are written and locked in).
+#[derive(Debug, Default)]
+pub(crate) struct StatTally<'a> {
+    pub(crate) counts: BTreeMap<(&'a str, CampaignStat), i64>,
+    pub(crate) unique: BTreeSet<(&'a str, CampaignStat, UserSeq)>,
+}
+
+impl<'a> StatTally<'a> {
+    pub(crate) fn of(stats: &'a [StatIncrement]) -> Self {
+        let mut tally = StatTally::default();
+        for s in stats {
+            match s.unique_user {
+                None => *tally.counts.entry((&s.campaign_id, s.stat)).or_default() += 1,
+                Some(user) => {
+                    tally.unique.insert((&s.campaign_id, s.stat, user));
+                }
+            }
+        }
+        tally
+    }
+
+    /// Adds a unique increment whose user was newly recorded.
+    pub(crate) fn count_new(&mut self, campaign_id: &'a str, stat: CampaignStat) {
+        *self.counts.entry((campaign_id, stat)).or_default() += 1;
+    }
+}
+
+/// A campaign's stats from its stored `(stat, count)` rows: every stat, in
+/// [`CampaignStat::ALL`] order, zero where there is no row.
+pub(crate) fn stats_of(
+    rows: impl IntoIterator<Item = (String, i64)>,
+) -> Result<Vec<(CampaignStat, u64)>, StoreError> {
+    let mut stats: Vec<(CampaignStat, u64)> = CampaignStat::ALL.map(|s| (s, 0)).to_vec();
+    for (name, count) in rows {
+        let stat =
+            CampaignStat::parse(&name).ok_or_else(|| corrupt(format!("campaign stat {name:?}")))?;
+        for slot in stats.iter_mut().filter(|(s, _)| *s == stat) {
+            slot.1 = u64_of(count);
+        }
+    }
+    Ok(stats)
 }
 
 /// Every event an enqueue appends, in order: the accepted items', the loose ones, the new
@@ -351,6 +403,15 @@ fn delete_campaign(
     .map_err(sql_err)?
     .execute(params![workspace.0, id])
     .map_err(sql_err)?;
+    for sql in [
+        "DELETE FROM campaign_stats WHERE workspace_id = ?1 AND campaign_id = ?2",
+        "DELETE FROM campaign_stat_users WHERE workspace_id = ?1 AND campaign_id = ?2",
+    ] {
+        conn.prepare_cached(sql)
+            .map_err(sql_err)?
+            .execute(params![workspace.0, id])
+            .map_err(sql_err)?;
+    }
     let deleted = conn
         .prepare_cached("DELETE FROM campaigns WHERE workspace_id = ?1 AND id = ?2")
         .map_err(sql_err)?
@@ -406,6 +467,26 @@ fn campaign_send_counts(
         .collect::<rusqlite::Result<Vec<(String, i64)>>>()
         .map_err(sql_err)?;
     Ok(counts_of(rows))
+}
+
+fn campaign_stats(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    campaign_id: &str,
+) -> Result<Vec<(CampaignStat, u64)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT stat, count FROM campaign_stats WHERE workspace_id = ?1 AND campaign_id = ?2",
+        )
+        .map_err(sql_err)?;
+    let rows = stmt
+        .query_map(params![workspace.0, campaign_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .map_err(sql_err)?
+        .collect::<rusqlite::Result<Vec<(String, i64)>>>()
+        .map_err(sql_err)?;
+    stats_of(rows)
 }
 
 // ---- enqueue --------------------------------------------------------------------------------
@@ -519,6 +600,42 @@ pub(crate) fn expansion_update() -> &'static str {
        AND (?3 IS NULL OR expanding_after < ?3)"
 }
 
+/// Applies an enqueue's stat increments: each unique one's user recorded (counting only if
+/// new), then one upsert per distinct (campaign, stat).
+fn count_stats(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    stats: &[StatIncrement],
+) -> Result<(), StoreError> {
+    let mut tally = StatTally::of(stats);
+    let unique = std::mem::take(&mut tally.unique);
+    for (campaign_id, stat, user) in unique {
+        let added = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO campaign_stat_users (workspace_id, campaign_id, stat, user_seq)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .map_err(sql_err)?
+            .execute(params![workspace.0, campaign_id, stat.as_str(), user.0])
+            .map_err(sql_err)?;
+        if added > 0 {
+            tally.count_new(campaign_id, stat);
+        }
+    }
+    for ((campaign_id, stat), n) in tally.counts {
+        conn.prepare_cached(
+            "INSERT INTO campaign_stats (workspace_id, campaign_id, stat, count)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (workspace_id, campaign_id, stat) DO UPDATE
+                 SET count = count + excluded.count",
+        )
+        .map_err(sql_err)?
+        .execute(params![workspace.0, campaign_id, stat.as_str(), n])
+        .map_err(sql_err)?;
+    }
+    Ok(())
+}
+
 fn enqueue(
     conn: &Connection,
     workspace: WorkspaceId,
@@ -619,6 +736,7 @@ fn enqueue(
             appends.push((Some(c.user), c.event.clone()));
         }
     }
+    count_stats(conn, workspace, &e.stats)?;
     super::currents::append_events(conn, workspace, &appends)?;
     Ok(outcome)
 }
@@ -1109,6 +1227,15 @@ impl MessagingStore for SqliteStore {
     ) -> StoreFuture<'_, SendCounts> {
         let id = id.to_owned();
         self.read(move |conn| campaign_send_counts(conn, workspace, &id))
+    }
+
+    fn campaign_stats(
+        &self,
+        workspace: WorkspaceId,
+        campaign_id: &str,
+    ) -> StoreFuture<'_, Vec<(CampaignStat, u64)>> {
+        let campaign_id = campaign_id.to_owned();
+        self.read(move |conn| campaign_stats(conn, workspace, &campaign_id))
     }
 
     fn enqueue(&self, workspace: WorkspaceId, enqueue: Enqueue) -> StoreFuture<'_, EnqueueOutcome> {

@@ -426,6 +426,25 @@ CREATE INDEX sends_leased ON sends(lease_until) WHERE state = 'pending' AND leas
 CREATE INDEX sends_user ON sends(workspace_id, user_seq, sent_at) WHERE state = 'sent';
 CREATE INDEX sends_dispatch ON sends(workspace_id, dispatch_id, state);
 "#,
+    // 9: campaign stats (`sqlite/messaging.rs`), counted in the trigger engine's enqueues: a
+    // count per (campaign, stat), and the users already counted by the unique stats (unique
+    // opens, unique clicks).
+    r#"
+CREATE TABLE campaign_stats (
+    workspace_id  INTEGER NOT NULL,
+    campaign_id   TEXT NOT NULL,
+    stat          TEXT NOT NULL,
+    count         INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, campaign_id, stat)
+) WITHOUT ROWID;
+CREATE TABLE campaign_stat_users (
+    workspace_id  INTEGER NOT NULL,
+    campaign_id   TEXT NOT NULL,
+    stat          TEXT NOT NULL,
+    user_seq      INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, campaign_id, stat, user_seq)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.

@@ -2,7 +2,8 @@
 //! campaigns and dispatches; enqueues that take receipts, move the trigger cursor, a campaign's
 //! next run and a dispatch's expansion by compare-and-set, all or nothing; the send queue's
 //! leases and the settlements they fence, with their events in the Currents log; frequency
-//! caps, conversions, send ids, settings, the signing key and the users a dispatcher reads.
+//! caps, conversions, campaign stats, send ids, settings, the signing key and the users a
+//! dispatcher reads.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,9 +16,10 @@ use tideway_core::currents::{CurrentsEvent, EventUser};
 use tideway_core::ids::{BrazeId, EventId, UserSeq};
 use tideway_core::store::prelude::*;
 use tideway_core::store::{
-    CampaignRecord, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource, Enqueue,
-    EnqueueOutcome, LoggedEvent, NewConversion, NewSend, Receipt, ReceiptRecord, SendCounts,
-    SendJob, SendState, SentMessage, Settlement, StoreError, TriggerCursor, Workspace,
+    CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
+    Enqueue, EnqueueOutcome, LoggedEvent, NewConversion, NewSend, Receipt, ReceiptRecord,
+    SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement, StoreError,
+    TriggerCursor, Workspace,
 };
 use tideway_core::users::{DeleteRequest, UserKey};
 
@@ -1565,6 +1567,331 @@ pub(super) async fn conversions_count_once(store: Arc<dyn Store>) {
         ..Enqueue::default()
     };
     assert_eq!(store.enqueue(b.id, elsewhere).await.unwrap().conversions, 1);
+}
+
+// --- campaign stats --------------------------------------------------------------------------
+
+fn inc(campaign_id: &str, stat: CampaignStat, user: Option<u32>) -> StatIncrement {
+    StatIncrement {
+        campaign_id: campaign_id.to_owned(),
+        stat,
+        unique_user: user.map(UserSeq),
+    }
+}
+
+fn counting(stats: Vec<StatIncrement>) -> Enqueue {
+    Enqueue {
+        stats,
+        ..Enqueue::default()
+    }
+}
+
+/// Every stat in `CampaignStat::ALL` order: the given counts, zero for the rest.
+fn stat_counts(counted: &[(CampaignStat, u64)]) -> Vec<(CampaignStat, u64)> {
+    CampaignStat::ALL
+        .iter()
+        .map(|&stat| {
+            let n = counted.iter().find(|(s, _)| *s == stat).map_or(0, |c| c.1);
+            (stat, n)
+        })
+        .collect()
+}
+
+async fn stats_of(
+    store: &dyn Store,
+    ws: &Workspace,
+    campaign_id: &str,
+) -> Vec<(CampaignStat, u64)> {
+    store.campaign_stats(ws.id, campaign_id).await.unwrap()
+}
+
+/// A campaign never counted has every stat at zero, in `ALL` order; each increment without a
+/// user adds one (repeats too), while a unique one counts a (campaign, stat, user) once —
+/// repeated within one enqueue or across enqueues — and its user is counted separately per
+/// stat and per campaign. Increments go with the rest of an enqueue.
+pub(super) async fn campaign_stats_count_increments_and_unique_users_once(store: Arc<dyn Store>) {
+    use CampaignStat::*;
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    store
+        .create_campaign(ws.id, campaign("camp", NOW, CampaignStatus::Active))
+        .await
+        .unwrap();
+    let zero = CampaignStat::ALL.map(|s| (s, 0)).to_vec();
+    assert_eq!(stats_of(&*store, &ws, "camp").await, zero);
+    assert_eq!(stats_of(&*store, &ws, "no-such").await, zero);
+    assert_eq!(
+        zero.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+        [
+            "sends",
+            "deliveries",
+            "bounces",
+            "soft_bounces",
+            "opens",
+            "unique_opens",
+            "clicks",
+            "unique_clicks",
+            "unsubscribes",
+            "conversions",
+            "aborts",
+            "failures",
+            "control_group",
+        ]
+    );
+
+    let first = counting(vec![
+        inc("camp", Sends, None),
+        inc("camp", Opens, None),
+        inc("camp", UniqueOpens, Some(1)),
+        inc("camp", Sends, None),
+        inc("camp", Opens, None),
+        inc("camp", UniqueOpens, Some(1)),
+        inc("camp", UniqueOpens, Some(2)),
+        inc("camp", UniqueClicks, Some(1)),
+        inc("camp", Sends, None),
+        inc("camp", ControlGroup, None),
+        inc("other", UniqueOpens, Some(1)),
+    ]);
+    assert_eq!(
+        store.enqueue(ws.id, first).await.unwrap(),
+        EnqueueOutcome::default()
+    );
+    assert_eq!(
+        stats_of(&*store, &ws, "camp").await,
+        stat_counts(&[
+            (Sends, 3),
+            (Opens, 2),
+            (UniqueOpens, 2),
+            (UniqueClicks, 1),
+            (ControlGroup, 1),
+        ])
+    );
+    assert_eq!(
+        stats_of(&*store, &ws, "other").await,
+        stat_counts(&[(UniqueOpens, 1)])
+    );
+
+    // A second enqueue, with a job and an event: users 1 and 2 are counted already.
+    let second = Enqueue {
+        dispatches: vec![dispatch(&ws, "d", "camp")],
+        items: vec![NewSend {
+            events: vec![event(&ws, "sent")],
+            ..item(3, job("d", NOW))
+        }],
+        ..counting(vec![
+            inc("camp", UniqueOpens, Some(1)),
+            inc("camp", UniqueOpens, Some(3)),
+            inc("camp", Opens, None),
+            inc("camp", UniqueClicks, Some(2)),
+            inc("camp", UniqueClicks, Some(1)),
+            inc("camp", Deliveries, None),
+            inc("camp", Bounces, None),
+            inc("camp", SoftBounces, None),
+            inc("camp", Clicks, None),
+            inc("camp", Unsubscribes, None),
+            inc("camp", Conversions, None),
+            inc("camp", Aborts, None),
+            inc("camp", Failures, None),
+        ])
+    };
+    assert_eq!(store.enqueue(ws.id, second).await.unwrap(), queued(1));
+    assert_eq!(log_of(&*store, &ws).await, [by(Some(3), "sent")]);
+    assert_eq!(
+        stats_of(&*store, &ws, "camp").await,
+        [
+            (Sends, 3),
+            (Deliveries, 1),
+            (Bounces, 1),
+            (SoftBounces, 1),
+            (Opens, 3),
+            (UniqueOpens, 3),
+            (Clicks, 1),
+            (UniqueClicks, 2),
+            (Unsubscribes, 1),
+            (Conversions, 1),
+            (Aborts, 1),
+            (Failures, 1),
+            (ControlGroup, 1),
+        ]
+    );
+    assert_eq!(
+        stats_of(&*store, &ws, "other").await,
+        stat_counts(&[(UniqueOpens, 1)])
+    );
+}
+
+/// An enqueue that fails — its trigger cursor's compare-and-set refused, another node having
+/// read that stretch of log — counts nothing, and records none of its unique users.
+pub(super) async fn a_refused_enqueue_counts_no_stats(store: Arc<dyn Store>) {
+    use CampaignStat::*;
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    let start = TriggerCursor::default();
+    let c1 = TriggerCursor {
+        events: 5,
+        cohort_changes: 0,
+    };
+    let c2 = TriggerCursor {
+        events: 9,
+        cohort_changes: 1,
+    };
+    let moved = Enqueue {
+        cursor: Some((start, c1)),
+        ..counting(vec![
+            inc("camp", Sends, None),
+            inc("camp", UniqueClicks, Some(1)),
+        ])
+    };
+    store.enqueue(ws.id, moved).await.unwrap();
+    let counted = stat_counts(&[(Sends, 1), (UniqueClicks, 1)]);
+    assert_eq!(stats_of(&*store, &ws, "camp").await, counted);
+    // Counted again from the stale cursor: refused.
+    let stale = Enqueue {
+        cursor: Some((start, c2)),
+        ..counting(vec![
+            inc("camp", Sends, None),
+            inc("camp", Opens, None),
+            inc("camp", UniqueClicks, Some(2)),
+            inc("camp", UniqueOpens, Some(2)),
+            inc("fresh", Sends, None),
+        ])
+    };
+    let refused = store.enqueue(ws.id, stale).await;
+    assert!(is_conflict(&refused), "{refused:?}");
+    assert_eq!(stats_of(&*store, &ws, "camp").await, counted);
+    assert_eq!(
+        stats_of(&*store, &ws, "fresh").await,
+        stat_counts(&[]),
+        "nothing counted"
+    );
+    // Refused by a dispatch id taken, too.
+    let taken = Enqueue {
+        dispatches: vec![dispatch(&ws, "d", "camp"), dispatch(&ws, "d", "camp")],
+        ..counting(vec![inc("camp", UniqueClicks, Some(2))])
+    };
+    assert!(store.enqueue(ws.id, taken).await.is_err());
+    assert_eq!(stats_of(&*store, &ws, "camp").await, counted);
+    // The refused enqueues recorded no unique user: user 2 counts now.
+    let next = Enqueue {
+        cursor: Some((c1, c2)),
+        ..counting(vec![
+            inc("camp", UniqueClicks, Some(2)),
+            inc("camp", UniqueOpens, Some(2)),
+        ])
+    };
+    store.enqueue(ws.id, next).await.unwrap();
+    assert_eq!(
+        stats_of(&*store, &ws, "camp").await,
+        stat_counts(&[(Sends, 1), (UniqueOpens, 1), (UniqueClicks, 2)])
+    );
+    assert_eq!(store.trigger_cursor(ws.id).await.unwrap(), c2);
+}
+
+/// Stats belong to one (workspace, campaign): counting one leaves the others as they were,
+/// unique users are recorded per workspace, and deleting a campaign deletes its stats and its
+/// recorded users (counted afresh if it comes back) but no other campaign's.
+pub(super) async fn campaign_stats_are_per_campaign_and_workspace_and_deleted_with_it(
+    store: Arc<dyn Store>,
+) {
+    use CampaignStat::*;
+    let a = store.create_workspace("a", NOW).await.unwrap();
+    let b = store.create_workspace("b", NOW).await.unwrap();
+    for (ws, id) in [(&a, "camp"), (&a, "other"), (&b, "camp")] {
+        store
+            .create_campaign(ws.id, campaign(id, NOW, CampaignStatus::Active))
+            .await
+            .unwrap();
+    }
+    let in_a = counting(vec![
+        inc("camp", Sends, None),
+        inc("camp", Sends, None),
+        inc("camp", UniqueOpens, Some(1)),
+        inc("other", Sends, None),
+        inc("other", UniqueOpens, Some(1)),
+    ]);
+    store.enqueue(a.id, in_a).await.unwrap();
+    assert_eq!(
+        stats_of(&*store, &b, "camp").await,
+        stat_counts(&[]),
+        "another workspace's campaign of the same id"
+    );
+    let in_b = counting(vec![
+        inc("camp", Sends, None),
+        inc("camp", UniqueOpens, Some(1)),
+    ]);
+    store.enqueue(b.id, in_b).await.unwrap();
+    let camp_a = stat_counts(&[(Sends, 2), (UniqueOpens, 1)]);
+    let other_a = stat_counts(&[(Sends, 1), (UniqueOpens, 1)]);
+    let camp_b = stat_counts(&[(Sends, 1), (UniqueOpens, 1)]);
+    assert_eq!(stats_of(&*store, &a, "camp").await, camp_a);
+    assert_eq!(stats_of(&*store, &a, "other").await, other_a);
+    assert_eq!(stats_of(&*store, &b, "camp").await, camp_b);
+
+    assert!(store.delete_campaign(a.id, "camp").await.unwrap());
+    assert_eq!(stats_of(&*store, &a, "camp").await, stat_counts(&[]));
+    assert_eq!(stats_of(&*store, &a, "other").await, other_a);
+    assert_eq!(stats_of(&*store, &b, "camp").await, camp_b);
+    // Its recorded users went with it: user 1 counts again for a campaign of that id.
+    store
+        .enqueue(a.id, counting(vec![inc("camp", UniqueOpens, Some(1))]))
+        .await
+        .unwrap();
+    assert_eq!(
+        stats_of(&*store, &a, "camp").await,
+        stat_counts(&[(UniqueOpens, 1)])
+    );
+    // The other workspace's campaign of the same id keeps its users.
+    store
+        .enqueue(b.id, counting(vec![inc("camp", UniqueOpens, Some(1))]))
+        .await
+        .unwrap();
+    assert_eq!(stats_of(&*store, &b, "camp").await, camp_b);
+    assert!(!store.delete_campaign(a.id, "no-such").await.unwrap());
+    assert_eq!(stats_of(&*store, &a, "other").await, other_a);
+}
+
+/// Enqueues racing (no cursor between them), each counting the same unique users in its own
+/// order: every user counts once, every plain increment once per enqueue, none deadlocks.
+pub(super) async fn concurrent_enqueues_count_each_unique_user_once(store: Arc<dyn Store>) {
+    use CampaignStat::*;
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    const TASKS: u32 = 6;
+    const USERS: u32 = 40;
+    let mut tasks = Vec::new();
+    for k in 0..TASKS {
+        let store = Arc::clone(&store);
+        let ws = ws.id;
+        tasks.push(tokio::spawn(async move {
+            let mut stats = Vec::new();
+            for i in 0..USERS {
+                // Each task its own order of users and campaigns.
+                let user = (i * 7 + k * 13) % USERS + 1;
+                let campaign_id = if (i + k).is_multiple_of(2) {
+                    "c1"
+                } else {
+                    "c2"
+                };
+                stats.push(inc("c1", UniqueOpens, Some(user)));
+                stats.push(inc("c2", UniqueClicks, Some(user)));
+                stats.push(inc(campaign_id, Opens, None));
+            }
+            store.enqueue(ws, counting(stats)).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let c1 = stats_of(&*store, &ws, "c1").await;
+    let c2 = stats_of(&*store, &ws, "c2").await;
+    let opens = |stats: &[(CampaignStat, u64)]| stats.iter().find(|s| s.0 == Opens).unwrap().1;
+    let (c1_opens, c2_opens) = (opens(&c1), opens(&c2));
+    assert_eq!(
+        c1,
+        stat_counts(&[(Opens, c1_opens), (UniqueOpens, u64::from(USERS))])
+    );
+    assert_eq!(
+        c2,
+        stat_counts(&[(Opens, c2_opens), (UniqueClicks, u64::from(USERS))])
+    );
+    assert_eq!(c1_opens + c2_opens, u64::from(TASKS * USERS));
 }
 
 /// A send id is new once per (campaign, send id); at most `max_per_day` new ones per workspace
