@@ -1,1 +1,3 @@
 //! Integration tests of tideway-messaging.
+
+mod channels;
