@@ -27,8 +27,9 @@
 //! Values are written with line breaks turned into spaces (no header injection) and
 //! non-ASCII text encoded (RFC 2047).
 //!
-//! Connections: this build of lettre has no connection pool (its `pool` feature is off), so
-//! each message opens one SMTP session; every command waits at most [`SMTP_TIMEOUT`].
+//! Connections: lettre's pool keeps SMTP sessions open and reuses them (a session per message
+//! would cost a handshake, and TLS, per email); every command waits at most [`SMTP_TIMEOUT`].
+//! The pool starts a task when the sender is built, so build it inside the runtime.
 
 use std::fmt;
 use std::time::Duration;
@@ -842,8 +843,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_password_is_never_shown() {
+    // A runtime: the sender's connection pool starts a task when it is built.
+    #[tokio::test]
+    async fn the_password_is_never_shown() {
         let u = SmtpUrl::parse("smtps://user:hunter2@mail.example.com:465").unwrap();
         assert_eq!(u.to_string(), "smtps://user:***@mail.example.com:465");
         assert!(!format!("{u:?}").contains("hunter2"));

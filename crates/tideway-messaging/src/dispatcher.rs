@@ -1,0 +1,1189 @@
+//! The dispatcher: claims due sends from the store's queue, renders each for its user, hands
+//! it to its channel, and settles the outcome with its Currents events.
+//!
+//! The loop is plain: claim (leased) → render → send → classify → settle (fenced by the lease).
+//! Sends run concurrently up to [`DispatchConfig::concurrency`]; one campaign (or ad-hoc
+//! dispatch) may hold at most [`DispatchConfig::per_source`] of those slots, so a receiver that
+//! hangs for its whole timeout delays its own campaign only: the sends of other campaigns are
+//! claimed and sent beside it. Sends over the cap, of a paused campaign, or beyond a
+//! campaign's rate limit are *deferred* (due again shortly, no attempt counted).
+//!
+//! Settlement is batched: outcomes are collected as sends finish and written together
+//! ([`MessagingStore::settle_sends`]) every few milliseconds, so a million-user campaign is a
+//! few thousand transactions, not a million.
+//!
+//! Crash safety: a send is `pending` until its outcome is settled. A crash between the
+//! channel's answer and the settlement leaves the lease to expire; the send is claimed again
+//! and re-sent with the same idempotency key (`Idempotency-Key` header, `Message-ID`): at most
+//! the messages in flight are duplicated.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use tideway_core::campaigns::{
+    CampaignDefinition, CampaignStatus, EmailContent, FrequencyCap, Message, Variant,
+    WebhookContent, user_dispatch_id,
+};
+use tideway_core::clock::Millis;
+use tideway_core::currents::{CurrentsEvent, EventUser};
+use tideway_core::ids::{EventId, UserSeq, WorkspaceId};
+use tideway_core::message_events::{MessageSource, Origin, WebhookFailure};
+use tideway_core::profile::{StandardField, UserRecord};
+use tideway_core::store::{
+    AdminStore, CampaignRecord, ClaimedSend, DispatchRecord, DispatchSource, MessagingStore,
+    SendState, Settlement, StoreError, Workspace,
+};
+use tideway_currents::Clock;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tracing::{debug, warn};
+
+use crate::email::{self, EmailOutcome, OutgoingEmail, SmtpSender};
+use crate::liquid::{RenderError, Template, Vars};
+use crate::personalise::{CampaignVars, vars_for};
+use crate::tracking::{TrackingKey, TrackingUrls, add_open_pixel, rewrite_links};
+use crate::webhook::{self, Method, WebhookOutcome, WebhookRequest, WebhookSender};
+
+/// Most email attempts (the first and its retries) before a soft bounce becomes final.
+pub const EMAIL_MAX_ATTEMPTS: u32 = 5;
+
+/// How the dispatcher runs.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// The lease owner's name (unique per process).
+    pub owner: String,
+    /// How long a claim is held: longer than the slowest attempt (a 90 s webhook timeout).
+    pub lease_ms: u64,
+    /// Most sends claimed at once.
+    pub claim_batch: usize,
+    /// Most sends in flight.
+    pub concurrency: usize,
+    /// Most sends in flight of one campaign or ad-hoc dispatch.
+    pub per_source: usize,
+    /// How long to wait when nothing is due.
+    pub idle: Duration,
+    /// How soon a deferred send is due again.
+    pub defer_ms: i64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            owner: format!("node-{}", uuid::Uuid::new_v4().simple()),
+            lease_ms: 120_000,
+            claim_batch: 1_000,
+            concurrency: 512,
+            per_source: 128,
+            idle: Duration::from_millis(200),
+            defer_ms: 1_000,
+        }
+    }
+}
+
+/// The channels a dispatcher sends on.
+#[derive(Clone)]
+pub struct Channels {
+    pub webhook: WebhookSender,
+    /// `None` when no `smtp-url` is configured: email sends are aborted as undeliverable.
+    pub smtp: Option<SmtpSender>,
+}
+
+/// Open/click tracking and subscription links: the signing key and the public base URL.
+#[derive(Clone)]
+pub struct Tracking {
+    pub key: TrackingKey,
+    pub urls: TrackingUrls,
+}
+
+/// The store a dispatcher needs.
+pub trait DispatchStore: MessagingStore + AdminStore {}
+impl<T: MessagingStore + AdminStore + ?Sized> DispatchStore for T {}
+
+/// A campaign or ad-hoc definition with its templates parsed once.
+struct Compiled {
+    campaign: Option<CampaignRecord>,
+    definition: CampaignDefinition,
+    templates: HashMap<String, Template>,
+}
+
+impl Compiled {
+    fn new(campaign: Option<CampaignRecord>, definition: CampaignDefinition) -> Compiled {
+        let mut templates = HashMap::new();
+        for (path, source) in definition.templates() {
+            match Template::parse(source) {
+                Ok(t) => {
+                    templates.insert(path, t);
+                }
+                Err(e) => debug!(path, error = %e, "stored template does not parse"),
+            }
+        }
+        Compiled {
+            campaign,
+            definition,
+            templates,
+        }
+    }
+
+    fn variant_index(&self, id: &str) -> Option<usize> {
+        self.definition.variants.iter().position(|v| v.id == id)
+    }
+
+    fn render(&self, path: &str, vars: &Vars) -> Result<String, RenderError> {
+        match self.templates.get(path) {
+            Some(t) => t.render(vars),
+            None => Err(RenderError::Failed {
+                message: format!("{path} does not parse"),
+            }),
+        }
+    }
+}
+
+/// A campaign's token bucket (its `rate_limit_per_minute`), per node.
+struct Bucket {
+    per_minute: u32,
+    tokens: f64,
+    at: Millis,
+}
+
+impl Bucket {
+    fn take(&mut self, now: Millis) -> bool {
+        let rate = f64::from(self.per_minute) / 60_000.0;
+        let elapsed = (now.0 - self.at.0).max(0) as f64;
+        self.tokens = (self.tokens + elapsed * rate).min(f64::from(self.per_minute));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The dispatcher of one process.
+pub struct Dispatcher<S: ?Sized> {
+    store: Arc<S>,
+    channels: Channels,
+    tracking: Option<Tracking>,
+    clock: Clock,
+    config: DispatchConfig,
+    workspaces: Mutex<HashMap<WorkspaceId, Workspace>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    in_flight: Mutex<HashMap<String, usize>>,
+    /// Users with a send in flight that counts toward frequency caps, and that send: a second
+    /// such send for the user is deferred until the first is settled (and so counted by
+    /// [`MessagingStore::sends_since`]), so caps hold under concurrency. Per node: two nodes
+    /// may each have one such send of a user in flight (see ARCHITECTURE.md).
+    capped_in_flight: Mutex<HashMap<(WorkspaceId, UserSeq), i64>>,
+    /// Each workspace's frequency-capping rules, re-read every [`CAPS_TTL_MS`].
+    caps: Mutex<HashMap<WorkspaceId, CachedCaps>>,
+    wake: Notify,
+}
+
+/// A workspace's frequency-capping rules and when they were read.
+type CachedCaps = (Millis, Arc<Vec<FrequencyCap>>);
+
+/// A webhook's rendered URL, body and headers.
+type RenderedWebhook = (String, String, Vec<(String, String)>);
+
+/// How long a workspace's frequency-capping rules are cached.
+const CAPS_TTL_MS: i64 = 5_000;
+
+/// A frequency-cap check's answer.
+enum CapCheck {
+    /// Under every cap: send (the user's slot is now held).
+    Clear,
+    /// Another send of this user is in flight: try again shortly.
+    Busy,
+    /// At a cap: this send is dropped (counted as `frequency_capped`).
+    Capped,
+}
+
+/// Everything one send needs besides its claim.
+struct Prepared {
+    claim: ClaimedSend,
+    user: UserRecord,
+    workspace: Workspace,
+    dispatch: Arc<DispatchRecord>,
+    compiled: Arc<Compiled>,
+    variant: usize,
+    source_key: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn event_id() -> EventId {
+    EventId(uuid::Uuid::new_v4().hyphenated().to_string())
+}
+
+/// A jitter in [0, 1) derived from the send and attempt: retries of different sends spread
+/// out, and the schedule is reproducible (no hidden randomness).
+fn jitter(send: i64, attempt: u32) -> f64 {
+    let digest = Sha256::new()
+        .chain_update(send.to_be_bytes())
+        .chain_update(attempt.to_be_bytes())
+        .finalize();
+    f64::from(u32::from_be_bytes([
+        digest[0], digest[1], digest[2], digest[3],
+    ])) / (f64::from(u32::MAX) + 1.0)
+}
+
+/// The idempotency key of a send: the same on every attempt and after a crash.
+pub fn idempotency_key(workspace: WorkspaceId, send: i64) -> String {
+    format!("tw-{}-{}", workspace.0, send)
+}
+
+impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
+    pub fn new(
+        store: Arc<S>,
+        channels: Channels,
+        tracking: Option<Tracking>,
+        clock: Clock,
+        config: DispatchConfig,
+    ) -> Arc<Self> {
+        Arc::new(Dispatcher {
+            store,
+            channels,
+            tracking,
+            clock,
+            config,
+            workspaces: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            capped_in_flight: Mutex::new(HashMap::new()),
+            caps: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Something was enqueued: look for due sends now rather than after the idle wait.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Runs until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let slots = Arc::new(Semaphore::new(self.config.concurrency));
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<Settlement>();
+        let settler = tokio::spawn(Arc::clone(&self).settle_loop(done_rx));
+        let _settler = AbortOnDrop(settler);
+        loop {
+            let room = slots.available_permits().min(self.config.claim_batch);
+            if room == 0 {
+                tokio::select! {
+                    _ = slots.acquire() => {}
+                    _ = self.wake.notified() => {}
+                }
+                continue;
+            }
+            let now = self.clock.now();
+            let claimed = match self
+                .store
+                .claim_sends(&self.config.owner, now, self.config.lease_ms, room)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "claiming sends failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if claimed.is_empty() {
+                let wait = match self.store.next_due().await {
+                    Ok(Some(due)) => Duration::from_millis((due.0 - now.0).clamp(1, 60_000) as u64)
+                        .min(self.config.idle),
+                    _ => self.config.idle,
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.wake.notified() => {}
+                }
+                continue;
+            }
+            metrics::counter!("tideway_messages_claimed_total").increment(claimed.len() as u64);
+            let (ready, settled) = self.prepare(claimed, now).await;
+            for s in settled {
+                let _ = done_tx.send(s);
+            }
+            for p in ready {
+                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let me = Arc::clone(&self);
+                let done = done_tx.clone();
+                tokio::spawn(async move {
+                    let key = p.source_key.clone();
+                    let settlement = me.attempt(p).await;
+                    {
+                        let mut flight = lock(&me.in_flight);
+                        if let Some(n) = flight.get_mut(&key) {
+                            *n = n.saturating_sub(1);
+                        }
+                    }
+                    let _ = done.send(settlement);
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    async fn settle_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Settlement>) {
+        loop {
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            // Gather what finishes within a few milliseconds into one transaction.
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(5);
+            while batch.len() < 2_000 {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(s)) => batch.push(s),
+                    _ => break,
+                }
+            }
+            let n = batch.len() as u64;
+            loop {
+                match self
+                    .store
+                    .settle_sends(&self.config.owner, self.clock.now(), batch.clone())
+                    .await
+                {
+                    Ok(refused) => {
+                        if refused > 0 {
+                            metrics::counter!("tideway_messages_settle_refused_total")
+                                .increment(refused);
+                            warn!(refused, "sends settled after their lease was lost");
+                        }
+                        metrics::counter!("tideway_messages_settled_total").increment(n);
+                        // The users' frequency-cap slots are free once their sends are
+                        // recorded (and so counted by the next send's check).
+                        let mut capped = lock(&self.capped_in_flight);
+                        for s in &batch {
+                            if capped.get(&(s.workspace, s.user)) == Some(&s.send) {
+                                capped.remove(&(s.workspace, s.user));
+                            }
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        // Not settled: keep them and retry; if this process dies, the lease
+                        // expires and the sends are claimed again (at most these re-sent).
+                        warn!(error = %e, "settling sends failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn workspace(&self, id: WorkspaceId) -> Result<Option<Workspace>, StoreError> {
+        if let Some(w) = lock(&self.workspaces).get(&id) {
+            return Ok(Some(w.clone()));
+        }
+        let all = self.store.list_workspaces().await?;
+        let mut cache = lock(&self.workspaces);
+        for w in all {
+            cache.insert(w.id, w);
+        }
+        Ok(cache.get(&id).cloned())
+    }
+
+    /// Loads what the claimed sends need; answers at once the ones that cannot go (their
+    /// campaign is gone, stopped or paused, the user was deleted, the source is at its cap).
+    async fn prepare(
+        &self,
+        claimed: Vec<ClaimedSend>,
+        now: Millis,
+    ) -> (Vec<Prepared>, Vec<Settlement>) {
+        let mut ready = Vec::new();
+        let mut settled = Vec::new();
+        let mut dispatches: HashMap<(WorkspaceId, String), Option<Arc<DispatchRecord>>> =
+            HashMap::new();
+        let mut compiled: HashMap<(WorkspaceId, String), Option<Arc<Compiled>>> = HashMap::new();
+        let mut by_workspace: HashMap<WorkspaceId, Vec<UserSeq>> = HashMap::new();
+        for c in &claimed {
+            by_workspace.entry(c.workspace).or_default().push(c.user);
+        }
+        let mut users: HashMap<(WorkspaceId, UserSeq), UserRecord> = HashMap::new();
+        let mut workspaces: HashMap<WorkspaceId, Workspace> = HashMap::new();
+        for (ws, seqs) in by_workspace {
+            match self.workspace(ws).await {
+                Ok(Some(w)) => {
+                    workspaces.insert(ws, w);
+                }
+                _ => continue,
+            }
+            match self.store.users_by_seq(ws, seqs).await {
+                Ok(list) => {
+                    for u in list {
+                        users.insert((ws, u.seq), u);
+                    }
+                }
+                Err(e) => warn!(workspace = ws.0, error = %e, "loading recipients failed"),
+            }
+        }
+        for c in claimed {
+            let defer = |c: &ClaimedSend, ms: i64| Settlement {
+                send: c.id,
+                workspace: c.workspace,
+                user: c.user,
+                state: SendState::Deferred {
+                    at: Millis(now.0 + ms),
+                },
+                events: Vec::new(),
+            };
+            let Some(workspace) = workspaces.get(&c.workspace).cloned() else {
+                settled.push(defer(&c, 5_000));
+                continue;
+            };
+            let dkey = (c.workspace, c.job.dispatch_id.clone());
+            if !dispatches.contains_key(&dkey) {
+                let d = self
+                    .store
+                    .dispatch(c.workspace, &c.job.dispatch_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(Arc::new);
+                dispatches.insert(dkey.clone(), d);
+            }
+            let Some(dispatch) = dispatches.get(&dkey).cloned().flatten() else {
+                settled.push(fail(&c, Vec::new()));
+                continue;
+            };
+            let source_key = match &dispatch.source {
+                DispatchSource::Campaign { campaign_id } => campaign_id.clone(),
+                DispatchSource::AdHoc { .. } => format!("adhoc:{}", dispatch.id),
+            };
+            let ckey = (c.workspace, source_key.clone());
+            if !compiled.contains_key(&ckey) {
+                let loaded = match &dispatch.source {
+                    DispatchSource::Campaign { campaign_id } => {
+                        match self.store.campaign(c.workspace, campaign_id).await {
+                            Ok(Some(record)) => CampaignDefinition::load(&record.definition)
+                                .ok()
+                                .map(|d| Arc::new(Compiled::new(Some(record), d))),
+                            Ok(None) => None,
+                            Err(_) => {
+                                settled.push(defer(&c, 5_000));
+                                continue;
+                            }
+                        }
+                    }
+                    DispatchSource::AdHoc { definition } => CampaignDefinition::load(definition)
+                        .ok()
+                        .map(|d| Arc::new(Compiled::new(None, d))),
+                };
+                compiled.insert(ckey.clone(), loaded);
+            }
+            let Some(comp) = compiled.get(&ckey).cloned().flatten() else {
+                // The campaign was deleted: nothing to send.
+                metrics::counter!("tideway_messages_skipped_total", "reason" => "campaign_deleted")
+                    .increment(1);
+                settled.push(fail(&c, Vec::new()));
+                continue;
+            };
+            if let Some(campaign) = &comp.campaign {
+                match campaign.status {
+                    CampaignStatus::Active => {}
+                    CampaignStatus::Paused | CampaignStatus::Draft => {
+                        settled.push(defer(&c, 30_000));
+                        continue;
+                    }
+                    CampaignStatus::Stopped => {
+                        metrics::counter!("tideway_messages_skipped_total", "reason" => "campaign_stopped")
+                            .increment(1);
+                        settled.push(fail(&c, Vec::new()));
+                        continue;
+                    }
+                }
+            }
+            let Some(user) = users.get(&(c.workspace, c.user)).cloned() else {
+                metrics::counter!("tideway_messages_skipped_total", "reason" => "user_deleted")
+                    .increment(1);
+                settled.push(fail(&c, Vec::new()));
+                continue;
+            };
+            let Some(variant) = comp.variant_index(&c.job.variant) else {
+                metrics::counter!("tideway_messages_skipped_total", "reason" => "variant_removed")
+                    .increment(1);
+                settled.push(fail(&c, Vec::new()));
+                continue;
+            };
+            // Per-source cap on sends in flight, then the campaign's rate limit.
+            {
+                let mut flight = lock(&self.in_flight);
+                let n = flight.entry(source_key.clone()).or_insert(0);
+                if *n >= self.config.per_source {
+                    drop(flight);
+                    settled.push(defer(&c, self.config.defer_ms));
+                    continue;
+                }
+                *n += 1;
+            }
+            if let Some(limit) = comp.definition.rate_limit_per_minute {
+                let allowed = lock(&self.buckets)
+                    .entry(source_key.clone())
+                    .or_insert(Bucket {
+                        per_minute: limit,
+                        tokens: f64::from(limit.clamp(1, 10)),
+                        at: now,
+                    })
+                    .take(now);
+                if !allowed {
+                    self.release_source(&source_key);
+                    metrics::counter!("tideway_messages_rate_limited_total").increment(1);
+                    let wait = (60_000 / i64::from(limit.max(1))).max(50);
+                    settled.push(defer(&c, wait));
+                    continue;
+                }
+            }
+            if comp.definition.obey_frequency_caps {
+                match self.frequency_check(&c, now).await {
+                    Ok(CapCheck::Clear) => {}
+                    Ok(CapCheck::Busy) => {
+                        self.release_source(&source_key);
+                        settled.push(defer(&c, self.config.defer_ms));
+                        continue;
+                    }
+                    Ok(CapCheck::Capped) => {
+                        self.release_source(&source_key);
+                        metrics::counter!("tideway_messages_skipped_total", "reason" => "frequency_capped")
+                            .increment(1);
+                        settled.push(fail(&c, Vec::new()));
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "reading frequency caps failed; deferring the send");
+                        self.release_source(&source_key);
+                        settled.push(defer(&c, 5_000));
+                        continue;
+                    }
+                }
+            }
+            ready.push(Prepared {
+                claim: c,
+                user,
+                workspace,
+                dispatch,
+                compiled: comp,
+                variant,
+                source_key,
+            });
+        }
+        (ready, settled)
+    }
+
+    /// Gives back a source's in-flight slot taken in [`Self::prepare`].
+    fn release_source(&self, source_key: &str) {
+        if let Some(n) = lock(&self.in_flight).get_mut(source_key) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// The workspace's frequency-capping rules, cached for [`CAPS_TTL_MS`].
+    async fn caps(
+        &self,
+        workspace: WorkspaceId,
+        now: Millis,
+    ) -> Result<Arc<Vec<FrequencyCap>>, StoreError> {
+        if let Some((at, caps)) = lock(&self.caps).get(&workspace)
+            && now.0 - at.0 < CAPS_TTL_MS
+        {
+            return Ok(Arc::clone(caps));
+        }
+        let settings = self.store.messaging_settings(workspace).await?;
+        let caps = Arc::new(
+            settings
+                .as_ref()
+                .and_then(|s| FrequencyCap::parse_rules(s).ok())
+                .unwrap_or_default(),
+        );
+        lock(&self.caps).insert(workspace, (now, Arc::clone(&caps)));
+        Ok(caps)
+    }
+
+    /// Whether the workspace's frequency caps let this send go now. On `Clear` the user's
+    /// slot is taken (released when the send is settled).
+    async fn frequency_check(&self, c: &ClaimedSend, now: Millis) -> Result<CapCheck, StoreError> {
+        let caps = self.caps(c.workspace, now).await?;
+        if caps.is_empty() {
+            return Ok(CapCheck::Clear);
+        }
+        let slot = (c.workspace, c.user);
+        {
+            let mut held = lock(&self.capped_in_flight);
+            match held.get(&slot) {
+                Some(holder) if *holder != c.id => return Ok(CapCheck::Busy),
+                _ => {
+                    held.insert(slot, c.id);
+                }
+            }
+        }
+        for cap in caps.iter() {
+            let since = Millis(now.0 - cap.window_secs * 1_000);
+            let sent = match self.store.sends_since(c.workspace, c.user, since).await {
+                Ok(n) => n,
+                Err(e) => {
+                    lock(&self.capped_in_flight).remove(&slot);
+                    return Err(e);
+                }
+            };
+            if sent >= u64::from(cap.max) {
+                lock(&self.capped_in_flight).remove(&slot);
+                return Ok(CapCheck::Capped);
+            }
+        }
+        Ok(CapCheck::Clear)
+    }
+
+    fn links(&self, workspace: WorkspaceId, send: i64) -> Map<String, Value> {
+        let mut links = Map::new();
+        if let Some(t) = &self.tracking {
+            let url = t.urls.unsubscribe(&t.key, workspace.0, send);
+            for name in ["set_user_to_unsubscribed_url", "unsubscribe_url"] {
+                links.insert(name.into(), json!(url));
+            }
+            let resubscribe = format!("{url}?state=subscribed");
+            links.insert("set_user_to_subscribed_url".into(), json!(resubscribe));
+            links.insert(
+                "set_user_to_opted_in_url".into(),
+                json!(format!("{url}?state=opted_in")),
+            );
+        }
+        links
+    }
+
+    /// One attempt of one prepared send, classified into its settlement.
+    async fn attempt(&self, p: Prepared) -> Settlement {
+        let variant: &Variant = &p.compiled.definition.variants[p.variant];
+        let campaign = p.compiled.campaign.as_ref();
+        let event_dispatch_id = if p.dispatch.per_user_ids {
+            user_dispatch_id(&p.dispatch.id, p.user.braze_id.as_str())
+        } else {
+            p.dispatch.id.clone()
+        };
+        let origin = match campaign {
+            Some(c) => Origin::Campaign {
+                campaign_id: &c.id,
+                campaign_name: Some(&c.name),
+                message_variation_id: Some(&variant.id),
+                message_variation_name: Some(&variant.name),
+            },
+            None => Origin::AdHoc,
+        };
+        let source = MessageSource {
+            app_group_id: &p.workspace.app_group_id,
+            app_id: None,
+            origin,
+            dispatch_id: Some(&event_dispatch_id),
+            send_id: p.dispatch.send_id.as_deref(),
+        };
+        let event_user = EventUser {
+            braze_id: &p.user.braze_id,
+            external_id: p.user.external_id.as_ref(),
+            device_id: None,
+            time_zone: p.user.time_zone(),
+        };
+        let vars = vars_for(
+            &p.user,
+            CampaignVars {
+                campaign_id: campaign.map(|c| c.id.as_str()),
+                campaign_name: campaign.map(|c| c.name.as_str()),
+                dispatch_id: &event_dispatch_id,
+                variant_id: &variant.id,
+                variant_name: &variant.name,
+            },
+            p.dispatch.properties.as_deref(),
+            p.claim.job.properties.as_deref(),
+            matches!(
+                p.compiled.definition.delivery,
+                tideway_core::campaigns::Delivery::ActionBased(_)
+            ),
+            self.links(p.claim.workspace, p.claim.id),
+        );
+        let path = format!("messages[{}]", p.variant);
+        let now = self.clock.now();
+        let ctx = Ctx {
+            claim: &p.claim,
+            source: &source,
+            user: &event_user,
+            record: &p.user,
+            compiled: &p.compiled,
+            vars: &vars,
+            path: &path,
+        };
+        match &variant.message {
+            Message::Webhook(w) => self.send_webhook(&ctx, w, now).await,
+            Message::Email(e) => self.send_email(&ctx, e, now).await,
+        }
+    }
+
+    async fn send_webhook(&self, ctx: &Ctx<'_>, w: &WebhookContent, now: Millis) -> Settlement {
+        let c = ctx.claim;
+        let abort = |abort_type: &str, log: Option<&str>| {
+            metrics::counter!("tideway_messages_aborted_total", "channel" => "webhook", "abort_type" => abort_type.to_owned())
+                .increment(1);
+            fail(
+                c,
+                vec![CurrentsEvent::webhook_abort(
+                    event_id(),
+                    now,
+                    ctx.user,
+                    ctx.source,
+                    abort_type,
+                    log,
+                )],
+            )
+        };
+        let rendered = (|| -> Result<RenderedWebhook, RenderError> {
+            let url = ctx
+                .compiled
+                .render(&format!("{}.url", ctx.path), ctx.vars)?;
+            let body = ctx
+                .compiled
+                .render(&format!("{}.body", ctx.path), ctx.vars)?;
+            let mut headers = Vec::new();
+            for (name, _) in &w.headers {
+                let value = ctx
+                    .compiled
+                    .render(&format!("{}.request_headers.{name}", ctx.path), ctx.vars)?;
+                headers.push((name.clone(), value));
+            }
+            Ok((url, body, headers))
+        })();
+        let (url, body, headers) = match rendered {
+            Ok(r) => r,
+            Err(RenderError::Abort { log }) => return abort("liquid_abort_message", Some(&log)),
+            Err(RenderError::Failed { message }) => {
+                return abort("template_parse_error", Some(&message));
+            }
+        };
+        let method = match w.method {
+            tideway_core::campaigns::WebhookMethod::Post => Method::Post,
+            tideway_core::campaigns::WebhookMethod::Put => Method::Put,
+            tideway_core::campaigns::WebhookMethod::Delete => Method::Delete,
+            tideway_core::campaigns::WebhookMethod::Get => Method::Get,
+        };
+        let request = WebhookRequest {
+            url: url.trim().to_owned(),
+            method,
+            headers,
+            body,
+            idempotency_key: idempotency_key(c.workspace, c.id),
+        };
+        let attempt = self.channels.webhook.send(&request).await;
+        let now = self.clock.now();
+        let retry_count = c.attempts;
+        let failure = |terminal: bool| {
+            let (host, path) = split_url(&request.url);
+            CurrentsEvent::webhook_failure(
+                event_id(),
+                now,
+                ctx.user,
+                ctx.source,
+                &WebhookFailure {
+                    http_status_code: attempt.status.map(i32::from),
+                    endpoint_url: Some(redact_query(&request.url).to_owned()),
+                    host: host.as_deref(),
+                    url_path: path.as_deref(),
+                    raw_response: attempt.raw_response.as_deref(),
+                    content_length: attempt.content_length.map(|n| n as i64),
+                    webhook_duration_ms: Some(attempt.duration_ms as i64),
+                    retry_count: retry_count as i32,
+                    is_terminal: terminal,
+                    failure_source: "External Endpoint",
+                },
+            )
+        };
+        match &attempt.outcome {
+            WebhookOutcome::Delivered => {
+                metrics::counter!("tideway_messages_sent_total", "channel" => "webhook")
+                    .increment(1);
+                Settlement {
+                    send: c.id,
+                    workspace: c.workspace,
+                    user: c.user,
+                    state: SendState::Sent {
+                        address: None,
+                        links: None,
+                    },
+                    events: vec![CurrentsEvent::webhook_send(
+                        event_id(),
+                        now,
+                        ctx.user,
+                        ctx.source,
+                        extras(ctx.compiled, ctx.path).as_deref(),
+                    )],
+                }
+            }
+            WebhookOutcome::Blocked { abort_type, reason } => abort(abort_type, Some(reason)),
+            WebhookOutcome::Failed { .. } => {
+                metrics::counter!("tideway_messages_failed_total", "channel" => "webhook")
+                    .increment(1);
+                fail(c, vec![failure(true)])
+            }
+            WebhookOutcome::Retry { reason } => {
+                if c.attempts + 1 >= webhook::MAX_ATTEMPTS {
+                    metrics::counter!("tideway_messages_failed_total", "channel" => "webhook")
+                        .increment(1);
+                    fail(c, vec![failure(true)])
+                } else {
+                    metrics::counter!("tideway_messages_retried_total", "channel" => "webhook")
+                        .increment(1);
+                    let delay = webhook::retry_delay(c.attempts + 1, jitter(c.id, c.attempts));
+                    let retry = CurrentsEvent::webhook_retry(
+                        event_id(),
+                        now,
+                        ctx.user,
+                        ctx.source,
+                        if attempt.status.is_some() {
+                            "http_status"
+                        } else {
+                            "connection"
+                        },
+                        reason,
+                    );
+                    Settlement {
+                        send: c.id,
+                        workspace: c.workspace,
+                        user: c.user,
+                        state: SendState::RetryAt {
+                            at: Millis(now.0 + delay.as_millis() as i64),
+                        },
+                        events: vec![failure(false), retry],
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_email(&self, ctx: &Ctx<'_>, e: &EmailContent, now: Millis) -> Settlement {
+        let c = ctx.claim;
+        let address = ctx.record.email.as_ref().map(|e| e.as_str().to_owned());
+        let abort = |abort_type: &str, log: Option<&str>| {
+            metrics::counter!("tideway_messages_aborted_total", "channel" => "email", "abort_type" => abort_type.to_owned())
+                .increment(1);
+            fail(
+                c,
+                vec![CurrentsEvent::email_abort(
+                    event_id(),
+                    now,
+                    ctx.user,
+                    ctx.source,
+                    address.as_deref().unwrap_or(""),
+                    abort_type,
+                    log,
+                )],
+            )
+        };
+        let Some(to) = address.clone() else {
+            return abort("missing_email", Some("the user has no email address"));
+        };
+        let subscription = ctx
+            .record
+            .profile
+            .standard
+            .get(&StandardField::EmailSubscribe)
+            .and_then(Value::as_str);
+        if subscription == Some("unsubscribed") {
+            metrics::counter!("tideway_messages_skipped_total", "reason" => "unsubscribed")
+                .increment(1);
+            return fail(c, Vec::new());
+        }
+        let Some(smtp) = &self.channels.smtp else {
+            return abort(
+                "smtp_not_configured",
+                Some("no smtp-url is configured on this server"),
+            );
+        };
+        let render = |field: &str| {
+            ctx.compiled
+                .render(&format!("{}.{field}", ctx.path), ctx.vars)
+        };
+        let rendered = (|| -> Result<_, RenderError> {
+            let subject = render("subject")?;
+            let mut html = render("body")?;
+            let from = render("from")?;
+            let reply_to = match &e.reply_to {
+                Some(_) => Some(render("reply_to")?),
+                None => None,
+            };
+            let text = match &e.plaintext_body {
+                Some(_) => Some(render("plaintext_body")?),
+                None => None,
+            };
+            if e.preheader.is_some() {
+                let pre = render("preheader")?;
+                html = format!(
+                    "<div style=\"display:none;max-height:0;overflow:hidden\">{}</div>{html}",
+                    escape_html(&pre)
+                );
+            }
+            let mut headers = Vec::new();
+            for (name, _) in &e.headers {
+                headers.push((name.clone(), render(&format!("headers.{name}"))?));
+            }
+            Ok((subject, html, from, reply_to, text, headers))
+        })();
+        let (subject, mut html, from, reply_to, text, headers) = match rendered {
+            Ok(r) => r,
+            Err(RenderError::Abort { log }) => return abort("liquid_abort_message", Some(&log)),
+            Err(RenderError::Failed { message }) => {
+                return abort("template_parse_error", Some(&message));
+            }
+        };
+        let mut links_json = None;
+        let mut list_unsubscribe = None;
+        if let Some(t) = &self.tracking {
+            let flag =
+                |f: StandardField| ctx.record.profile.standard.get(&f) == Some(&Value::Bool(true));
+            if !flag(StandardField::EmailClickTrackingDisabled) {
+                let (rewritten, originals) = rewrite_links(&html, |index, _| {
+                    t.urls.click(&t.key, c.workspace.0, c.id, index)
+                });
+                html = rewritten;
+                links_json = Some(Value::from(originals).to_string());
+            }
+            if !flag(StandardField::EmailOpenTrackingDisabled) {
+                html = add_open_pixel(&html, &t.urls.open_pixel(&t.key, c.workspace.0, c.id));
+            }
+            list_unsubscribe = Some(t.urls.unsubscribe(&t.key, c.workspace.0, c.id));
+        }
+        let text = text.unwrap_or_else(|| email::html_to_text(&html));
+        let key = idempotency_key(c.workspace, c.id);
+        let outgoing = OutgoingEmail {
+            from,
+            to: to.clone(),
+            reply_to,
+            subject,
+            html: Some(html),
+            text: Some(text),
+            headers,
+            message_id: format!("{key}@tideway"),
+            list_unsubscribe,
+        };
+        let result = smtp.send(&outgoing).await;
+        let now = self.clock.now();
+        let first = c.attempts == 0;
+        let send_event = || {
+            CurrentsEvent::email_send(
+                event_id(),
+                now,
+                ctx.user,
+                ctx.source,
+                &to,
+                extras(ctx.compiled, ctx.path).as_deref(),
+            )
+        };
+        let reason = || match result.code {
+            Some(code) => format!("{code} {}", result.reply).trim().to_owned(),
+            None => result.reply.clone(),
+        };
+        match result.outcome {
+            EmailOutcome::Accepted => {
+                metrics::counter!("tideway_messages_sent_total", "channel" => "email").increment(1);
+                let mut events = Vec::new();
+                if first {
+                    events.push(send_event());
+                }
+                let from_domain = outgoing
+                    .from
+                    .rsplit('@')
+                    .next()
+                    .map(|d| d.trim_end_matches('>').to_owned());
+                events.push(CurrentsEvent::email_delivery(
+                    event_id(),
+                    now,
+                    ctx.user,
+                    ctx.source,
+                    &to,
+                    &tideway_core::message_events::EmailDeliveryInfo {
+                        esp: Some("tideway"),
+                        from_domain: from_domain.as_deref(),
+                        sending_ip: None,
+                    },
+                ));
+                Settlement {
+                    send: c.id,
+                    workspace: c.workspace,
+                    user: c.user,
+                    state: SendState::Sent {
+                        address: Some(to.clone()),
+                        links: links_json,
+                    },
+                    events,
+                }
+            }
+            EmailOutcome::Permanent => {
+                metrics::counter!("tideway_messages_failed_total", "channel" => "email")
+                    .increment(1);
+                let mut events = Vec::new();
+                if first {
+                    events.push(send_event());
+                }
+                events.push(CurrentsEvent::email_bounce(
+                    event_id(),
+                    now,
+                    ctx.user,
+                    ctx.source,
+                    &to,
+                    &reason(),
+                    false,
+                ));
+                fail(c, events)
+            }
+            EmailOutcome::Temporary => {
+                let mut events = Vec::new();
+                if first {
+                    events.push(send_event());
+                    events.push(CurrentsEvent::email_soft_bounce(
+                        event_id(),
+                        now,
+                        ctx.user,
+                        ctx.source,
+                        &to,
+                        &reason(),
+                    ));
+                } else {
+                    events.push(CurrentsEvent::email_deferral(
+                        event_id(),
+                        now,
+                        ctx.user,
+                        ctx.source,
+                        &to,
+                        (c.attempts + 1) as i32,
+                        &reason(),
+                        to.rsplit('@').next(),
+                    ));
+                }
+                if c.attempts + 1 >= EMAIL_MAX_ATTEMPTS {
+                    metrics::counter!("tideway_messages_failed_total", "channel" => "email")
+                        .increment(1);
+                    fail(c, events)
+                } else {
+                    metrics::counter!("tideway_messages_retried_total", "channel" => "email")
+                        .increment(1);
+                    let delay = email::email_retry_delay(c.attempts + 1, jitter(c.id, c.attempts));
+                    Settlement {
+                        send: c.id,
+                        workspace: c.workspace,
+                        user: c.user,
+                        state: SendState::RetryAt {
+                            at: Millis(now.0 + delay.as_millis() as i64),
+                        },
+                        events,
+                    }
+                }
+            }
+            EmailOutcome::Invalid { abort_type } => abort(abort_type, Some(&reason())),
+        }
+    }
+}
+
+/// What one send's rendering and events share.
+struct Ctx<'a> {
+    claim: &'a ClaimedSend,
+    source: &'a MessageSource<'a>,
+    user: &'a EventUser<'a>,
+    record: &'a UserRecord,
+    compiled: &'a Compiled,
+    vars: &'a Vars,
+    path: &'a str,
+}
+
+fn fail(c: &ClaimedSend, events: Vec<CurrentsEvent>) -> Settlement {
+    Settlement {
+        send: c.id,
+        workspace: c.workspace,
+        user: c.user,
+        state: SendState::Failed,
+        events,
+    }
+}
+
+fn extras(compiled: &Compiled, path: &str) -> Option<String> {
+    let index: usize = path
+        .trim_start_matches("messages[")
+        .trim_end_matches(']')
+        .parse()
+        .ok()?;
+    match &compiled.definition.variants.get(index)?.message {
+        Message::Email(e) => e.extras.clone(),
+        Message::Webhook(w) => w.extras.clone(),
+    }
+}
+
+fn split_url(url: &str) -> (Option<String>, Option<String>) {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    let path = path.split('?').next().unwrap_or("/");
+    (
+        Some(host.to_owned()),
+        Some(if path.is_empty() { "/" } else { path }.to_owned()),
+    )
+}
+
+fn redact_query(url: &str) -> &str {
+    url.split('?').next().unwrap_or(url)
+}
+
+fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_is_in_range_and_reproducible() {
+        for send in 0..200 {
+            let j = jitter(send, 1);
+            assert!((0.0..1.0).contains(&j));
+            assert_eq!(j, jitter(send, 1));
+        }
+    }
+
+    #[test]
+    fn urls_split_into_host_and_path() {
+        assert_eq!(
+            split_url("https://h.example:8443/a/b?x=1"),
+            (Some("h.example:8443".into()), Some("/a/b".into()))
+        );
+        assert_eq!(split_url("http://h"), (Some("h".into()), Some("/".into())));
+        assert_eq!(redact_query("https://h/p?token=s"), "https://h/p");
+    }
+
+    #[test]
+    fn buckets_refill_at_their_rate() {
+        let mut b = Bucket {
+            per_minute: 60,
+            tokens: 1.0,
+            at: Millis(0),
+        };
+        assert!(b.take(Millis(0)));
+        assert!(!b.take(Millis(500)));
+        assert!(b.take(Millis(1_000)));
+    }
+}

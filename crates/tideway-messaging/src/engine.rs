@@ -1,0 +1,79 @@
+//! The messaging engine of one process: the dispatcher, the trigger engine and the scheduler,
+//! started together over one store and stopped together when the [`Engine`] is dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tideway_currents::Clock;
+
+use crate::audience::Audiences;
+use crate::dispatcher::{Channels, DispatchConfig, Dispatcher, Tracking};
+use crate::scheduler::Scheduler;
+use crate::triggers::{TriggerConfig, TriggerEngine, TriggerStore};
+
+/// How the engine runs.
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    pub dispatch: DispatchConfig,
+    pub triggers: TriggerConfig,
+    /// How often the scheduler looks for due occurrences and pending expansions.
+    pub schedule_poll: Option<Duration>,
+}
+
+/// The running engine; its tasks stop when it is dropped.
+pub struct Engine<S: ?Sized> {
+    dispatcher: Arc<Dispatcher<S>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl<S: TriggerStore + ?Sized + 'static> Engine<S> {
+    pub fn start(
+        store: Arc<S>,
+        audiences: Arc<dyn Audiences>,
+        channels: Channels,
+        tracking: Option<Tracking>,
+        clock: Clock,
+        config: EngineConfig,
+    ) -> Engine<S> {
+        let dispatcher = Dispatcher::new(
+            Arc::clone(&store),
+            channels,
+            tracking,
+            clock,
+            config.dispatch,
+        );
+        let triggers = TriggerEngine::new(
+            Arc::clone(&store),
+            Arc::clone(&audiences),
+            Arc::clone(&dispatcher),
+            clock,
+            config.triggers,
+        );
+        let scheduler = Scheduler::new(
+            store,
+            audiences,
+            Arc::clone(&dispatcher),
+            clock,
+            config.schedule_poll.unwrap_or(Duration::from_millis(250)),
+        );
+        let tasks = vec![
+            tokio::spawn(Arc::clone(&dispatcher).run()),
+            tokio::spawn(triggers.run()),
+            tokio::spawn(scheduler.run()),
+        ];
+        Engine { dispatcher, tasks }
+    }
+
+    /// Wakes the dispatcher (something was queued for now).
+    pub fn wake(&self) {
+        self.dispatcher.wake();
+    }
+}
+
+impl<S: ?Sized> Drop for Engine<S> {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,579 @@
+//! The trigger engine: action-based campaigns, started by what users do.
+//!
+//! It follows each workspace's logs from a cursor kept in the store: the event log (custom
+//! events, purchases) and the cohort-membership change log (users entering partner cohorts).
+//! For every occurrence that matches an active action-based campaign's trigger (after the
+//! campaign's launch and within its start/end), and whose user is in the campaign's audience
+//! at that moment, it plans a per-user dispatch; the jobs, receipts and the cursor's advance are
+//! one transaction ([`tideway_core::store::Enqueue::cursor`] is a compare-and-set). So a
+//! trigger is acted on exactly once: a crash before the commit re-reads the same stretch, and
+//! a second node that read it too loses the compare-and-set and writes nothing.
+//!
+//! The same pass records conversions: a custom event or purchase (or an email open or click)
+//! of a user who received a campaign with a matching conversion event, within its window,
+//! becomes a `users.campaigns.Conversion` in that transaction (once per campaign, user and
+//! conversion event; the store keeps the first), and counts every messaging event it reads
+//! into its campaign's stats ([`crate::stats`]), in the same transaction.
+//!
+//! Latency: the engine polls every [`TriggerConfig::poll`] (100 ms) and runs again at once
+//! when a read was full, so a cohort delta becomes a queued send in a fraction of a second.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tideway_core::campaigns::{
+    CampaignDefinition, CampaignStatus, ConversionEvent, ConversionKind, Delivery, Occurrence,
+};
+use tideway_core::clock::Millis;
+use tideway_core::currents::{CurrentsEvent, EventType, EventUser};
+use tideway_core::ids::{EventId, UserSeq, WorkspaceId};
+use tideway_core::message_events::{MessageSource, Origin};
+use tideway_core::store::{
+    CampaignRecord, CurrentsStore, DispatchRecord, DispatchSource, Enqueue, NewConversion,
+    StoreError, TriggerCursor,
+};
+use tideway_currents::Clock;
+use tracing::{debug, warn};
+
+use crate::audience::{Audiences, audience_filter};
+use crate::dispatcher::{DispatchStore, Dispatcher};
+use crate::plan::{self, Recipient};
+
+/// Most log entries read per pass.
+pub const READ_LIMIT: usize = 1_000;
+
+#[derive(Debug, Clone)]
+pub struct TriggerConfig {
+    pub poll: Duration,
+}
+
+impl Default for TriggerConfig {
+    fn default() -> Self {
+        TriggerConfig {
+            poll: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The store the trigger engine needs.
+pub trait TriggerStore: DispatchStore + CurrentsStore {}
+impl<T: DispatchStore + CurrentsStore + ?Sized> TriggerStore for T {}
+
+/// Points the workspace's trigger cursor at the logs' heads if it was never set, so a first
+/// action-based campaign starts from now rather than from the start of history. Called when
+/// such a campaign is launched.
+pub async fn start_cursor<S: TriggerStore + ?Sized>(
+    store: &S,
+    workspace: WorkspaceId,
+) -> Result<(), StoreError> {
+    let cursor = store.trigger_cursor(workspace).await?;
+    if cursor != TriggerCursor::default() {
+        return Ok(());
+    }
+    let heads = TriggerCursor {
+        events: store.event_log_head(workspace).await?,
+        cohort_changes: store.cohort_changes_head(workspace).await?,
+    };
+    match store
+        .enqueue(
+            workspace,
+            Enqueue {
+                cursor: Some((cursor, heads)),
+                ..Enqueue::default()
+            },
+        )
+        .await
+    {
+        Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// One occurrence read from the logs.
+struct Happened {
+    user: UserSeq,
+    /// Milliseconds.
+    at: Millis,
+    kind: Kind,
+}
+
+enum Kind {
+    Custom {
+        name: String,
+        properties: Map<String, Value>,
+    },
+    Purchase {
+        product_id: String,
+        properties: Map<String, Value>,
+    },
+    Cohort {
+        partner: String,
+        cohort_id: String,
+    },
+    /// An email of `campaign_id` opened or clicked (conversions only).
+    Engaged {
+        engagement: Engagement,
+        campaign_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engagement {
+    Open,
+    Click,
+}
+
+impl Happened {
+    /// What a campaign trigger sees; `None` for engagement, which triggers nothing
+    /// ([`Self::converts`] reads it directly).
+    fn occurrence(&self) -> Option<Occurrence<'_>> {
+        Some(match &self.kind {
+            Kind::Custom { name, properties } => Occurrence::CustomEvent { name, properties },
+            Kind::Purchase { product_id, .. } => Occurrence::Purchase { product_id },
+            Kind::Cohort { partner, cohort_id } => Occurrence::CohortEntry { partner, cohort_id },
+            Kind::Engaged { .. } => return None,
+        })
+    }
+
+    /// Whether this counts as `conversion` of `campaign_id`.
+    fn converts(&self, conversion: &ConversionEvent, campaign_id: &str) -> bool {
+        match (&self.kind, &conversion.kind) {
+            (
+                Kind::Engaged {
+                    engagement,
+                    campaign_id: of,
+                },
+                ConversionKind::OpensEmail,
+            ) => of == campaign_id && *engagement == Engagement::Open,
+            (
+                Kind::Engaged {
+                    engagement,
+                    campaign_id: of,
+                },
+                ConversionKind::ClicksEmail,
+            ) => of == campaign_id && *engagement == Engagement::Click,
+            (Kind::Engaged { .. } | Kind::Cohort { .. }, _) => false,
+            _ => self.occurrence().is_some_and(|o| conversion.matches(&o)),
+        }
+    }
+
+    /// What `{{event_properties.${x}}}` sees.
+    fn properties(&self) -> Option<String> {
+        match &self.kind {
+            Kind::Custom { properties, .. } | Kind::Purchase { properties, .. } => {
+                Some(Value::Object(properties.clone()).to_string())
+            }
+            Kind::Cohort { .. } | Kind::Engaged { .. } => None,
+        }
+    }
+}
+
+pub struct TriggerEngine<S: ?Sized> {
+    store: Arc<S>,
+    audiences: Arc<dyn Audiences>,
+    dispatcher: Arc<Dispatcher<S>>,
+    clock: Clock,
+    config: TriggerConfig,
+    /// Workspaces with at least one campaign (whose stats are counted), re-read every
+    /// [`WORKSPACES_TTL_MS`].
+    with_campaigns: std::sync::Mutex<(Millis, Arc<Vec<WorkspaceId>>)>,
+}
+
+/// How long the list of workspaces with campaigns is cached.
+const WORKSPACES_TTL_MS: i64 = 5_000;
+
+impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
+    pub fn new(
+        store: Arc<S>,
+        audiences: Arc<dyn Audiences>,
+        dispatcher: Arc<Dispatcher<S>>,
+        clock: Clock,
+        config: TriggerConfig,
+    ) -> Self {
+        TriggerEngine {
+            store,
+            audiences,
+            dispatcher,
+            clock,
+            config,
+            with_campaigns: std::sync::Mutex::new((Millis(i64::MIN), Arc::new(Vec::new()))),
+        }
+    }
+
+    /// Workspaces that have (or had) campaigns: their logs are read for stats even when no
+    /// campaign is triggered by them.
+    async fn workspaces_with_campaigns(&self) -> Result<Arc<Vec<WorkspaceId>>, StoreError> {
+        let now = self.clock.now();
+        {
+            let cached = self
+                .with_campaigns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if now.0.saturating_sub(cached.0.0) < WORKSPACES_TTL_MS {
+                return Ok(Arc::clone(&cached.1));
+            }
+        }
+        let mut found = Vec::new();
+        for w in self.store.list_workspaces().await? {
+            if !self.store.list_campaigns(w.id).await?.is_empty() {
+                found.push(w.id);
+            }
+        }
+        let found = Arc::new(found);
+        *self
+            .with_campaigns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (now, Arc::clone(&found));
+        Ok(found)
+    }
+
+    pub async fn run(self) {
+        loop {
+            let busy = match self.pass().await {
+                Ok(busy) => busy,
+                Err(e) => {
+                    warn!(error = %e, "trigger pass failed; retrying");
+                    false
+                }
+            };
+            if !busy {
+                tokio::time::sleep(self.config.poll).await;
+            }
+        }
+    }
+
+    /// One pass over every workspace with campaigns (triggers of its active action-based
+    /// campaigns, conversions, stats); true if some read was full (more is waiting).
+    pub async fn pass(&self) -> Result<bool, StoreError> {
+        let mut by_workspace: HashMap<WorkspaceId, Vec<(CampaignRecord, CampaignDefinition)>> =
+            HashMap::new();
+        for (ws, c) in self.store.active_campaigns().await? {
+            let Ok(def) = CampaignDefinition::load(&c.definition) else {
+                continue;
+            };
+            if matches!(def.delivery, Delivery::ActionBased(_)) || !def.conversion_events.is_empty()
+            {
+                by_workspace.entry(ws).or_default().push((c, def));
+            }
+        }
+        for ws in self.workspaces_with_campaigns().await?.iter() {
+            by_workspace.entry(*ws).or_default();
+        }
+        let mut busy = false;
+        for (ws, campaigns) in by_workspace {
+            match self.workspace_pass(ws, &campaigns).await {
+                Ok(full) => busy |= full,
+                Err(StoreError::Conflict(_)) => busy = true,
+                Err(e) => warn!(workspace = ws.0, error = %e, "trigger pass of a workspace failed"),
+            }
+        }
+        Ok(busy)
+    }
+
+    async fn workspace_pass(
+        &self,
+        ws: WorkspaceId,
+        campaigns: &[(CampaignRecord, CampaignDefinition)],
+    ) -> Result<bool, StoreError> {
+        let cursor = self.store.trigger_cursor(ws).await?;
+        if cursor == TriggerCursor::default() {
+            start_cursor(self.store.as_ref(), ws).await?;
+            return Ok(true);
+        }
+        let events = self
+            .store
+            .read_events(ws, cursor.events, READ_LIMIT)
+            .await?;
+        let entries = self
+            .store
+            .cohort_entries(ws, cursor.cohort_changes, READ_LIMIT)
+            .await?;
+        if events.is_empty() && entries.is_empty() {
+            return Ok(false);
+        }
+        let full = events.len() == READ_LIMIT || entries.len() == READ_LIMIT;
+        let next = TriggerCursor {
+            events: events.last().map_or(cursor.events, |e| e.seq),
+            cohort_changes: entries.last().map_or(cursor.cohort_changes, |e| e.position),
+        };
+        let stats: Vec<_> = events
+            .iter()
+            .flat_map(|logged| crate::stats::increments(logged.user, &logged.event))
+            .collect();
+        let mut happened = Vec::new();
+        for logged in &events {
+            let Some(user) = logged.user else { continue };
+            let engagement = match logged.event.event_type.as_str() {
+                "users.messages.email.Open" => Some(Engagement::Open),
+                "users.messages.email.Click" => Some(Engagement::Click),
+                _ => None,
+            };
+            if let Some(engagement) = engagement {
+                let body = logged.event.body_value();
+                if let Some(campaign_id) = body["properties"]["campaign_id"].as_str() {
+                    happened.push(Happened {
+                        user,
+                        at: Millis::from_secs(logged.event.time),
+                        kind: Kind::Engaged {
+                            engagement,
+                            campaign_id: campaign_id.to_owned(),
+                        },
+                    });
+                }
+                continue;
+            }
+            let kind = match logged.event.event_type {
+                EventType::CustomEvent | EventType::Purchase => {
+                    let body = logged.event.body_value();
+                    let props = &body["properties"];
+                    if logged.event.event_type == EventType::CustomEvent {
+                        Kind::Custom {
+                            name: props["name"].as_str().unwrap_or_default().to_owned(),
+                            properties: props["custom_properties"]
+                                .as_object()
+                                .cloned()
+                                .unwrap_or_default(),
+                        }
+                    } else {
+                        Kind::Purchase {
+                            product_id: props["product_id"].as_str().unwrap_or_default().to_owned(),
+                            properties: props["purchase_properties"]
+                                .as_object()
+                                .cloned()
+                                .unwrap_or_default(),
+                        }
+                    }
+                }
+                _ => continue,
+            };
+            happened.push(Happened {
+                user,
+                at: Millis::from_secs(logged.event.time),
+                kind,
+            });
+        }
+        for entry in entries {
+            happened.push(Happened {
+                user: entry.user,
+                at: entry.at,
+                kind: Kind::Cohort {
+                    partner: entry.partner,
+                    cohort_id: entry.cohort_id,
+                },
+            });
+        }
+
+        let now = self.clock.now();
+        let app_group_id = self
+            .store
+            .list_workspaces()
+            .await?
+            .into_iter()
+            .find(|w| w.id == ws)
+            .map(|w| w.app_group_id)
+            .unwrap_or_default();
+        let mut enqueue = Enqueue {
+            cursor: Some((cursor, next)),
+            stats,
+            ..Enqueue::default()
+        };
+        for (campaign, def) in campaigns {
+            if campaign.status != CampaignStatus::Active {
+                continue;
+            }
+            let Delivery::ActionBased(action) = &def.delivery else {
+                continue;
+            };
+            let launched = campaign.launched_at.unwrap_or(campaign.updated_at);
+            let from = action
+                .start
+                .map_or(launched, |s| Millis(s.0.max(launched.0)));
+            // Custom events carry second precision: an event in the launch's second counts.
+            let matching: Vec<&Happened> = happened
+                .iter()
+                .filter(|h| {
+                    h.at.0 >= from.0 - from.0.rem_euclid(1_000)
+                        && action.end.is_none_or(|end| h.at.0 <= end.0)
+                        && h.occurrence()
+                            .is_some_and(|o| action.triggers.iter().any(|t| t.matches(&o)))
+                })
+                .collect();
+            if matching.is_empty() {
+                continue;
+            }
+            let mut users: Vec<UserSeq> = matching.iter().map(|h| h.user).collect();
+            users.sort_unstable();
+            users.dedup();
+            let filter = audience_filter(&def.audience)?;
+            let in_audience = self.audiences.matching(ws, filter, users).await?;
+            let controls = plan::control_users(campaign, def, &in_audience);
+            let records = if controls.is_empty() {
+                HashMap::new()
+            } else {
+                self.store
+                    .users_by_seq(ws, controls)
+                    .await?
+                    .into_iter()
+                    .map(|u| (u.seq, u))
+                    .collect()
+            };
+            let due_at = Millis(now.0 + i64::from(action.delay_secs) * 1_000);
+            // One dispatch per (user, trigger); the receipt keeps a user who triggers twice in
+            // one pass to one send (unless re-eligible).
+            for h in matching {
+                if in_audience.binary_search(&h.user).is_err() {
+                    continue;
+                }
+                let dispatch = DispatchRecord {
+                    id: plan::new_dispatch_id(),
+                    workspace: ws,
+                    source: DispatchSource::Campaign {
+                        campaign_id: campaign.id.clone(),
+                    },
+                    send_id: None,
+                    per_user_ids: true,
+                    properties: None,
+                    audience: None,
+                    created_at: now,
+                    expanding_after: None,
+                    not_before: None,
+                };
+                let items = plan::campaign_items(
+                    plan::CampaignDispatch {
+                        campaign,
+                        definition: def,
+                        dispatch: &dispatch,
+                        app_group_id: &app_group_id,
+                    },
+                    &[Recipient {
+                        user: h.user,
+                        properties: h.properties(),
+                    }],
+                    &records,
+                    due_at,
+                    now,
+                );
+                if items.is_empty() {
+                    continue;
+                }
+                enqueue.dispatches.push(dispatch);
+                enqueue.items.extend(items);
+            }
+        }
+        enqueue.conversions = self
+            .conversions(ws, campaigns, &happened, &app_group_id)
+            .await?;
+        let triggered = enqueue.items.len();
+        let outcome = self.store.enqueue(ws, enqueue).await?;
+        if triggered > 0 {
+            debug!(
+                workspace = ws.0,
+                triggered,
+                queued = outcome.queued,
+                ineligible = outcome.ineligible,
+                "triggered sends"
+            );
+            metrics::counter!("tideway_campaign_triggers_total").increment(triggered as u64);
+            self.dispatcher.wake();
+        }
+        Ok(full)
+    }
+
+    /// The conversions among `happened`: for each user who received one of `campaigns` with
+    /// conversion events, each event that matches one within its window after the receipt.
+    async fn conversions(
+        &self,
+        ws: WorkspaceId,
+        campaigns: &[(CampaignRecord, CampaignDefinition)],
+        happened: &[Happened],
+        app_group_id: &str,
+    ) -> Result<Vec<NewConversion>, StoreError> {
+        let converting: HashMap<&str, (&CampaignRecord, &CampaignDefinition)> = campaigns
+            .iter()
+            .filter(|(_, d)| !d.conversion_events.is_empty())
+            .map(|(c, d)| (c.id.as_str(), (c, d)))
+            .collect();
+        if converting.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut users: Vec<UserSeq> = happened
+            .iter()
+            .filter(|h| !matches!(h.kind, Kind::Cohort { .. }))
+            .map(|h| h.user)
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        let mut found: Vec<(UserSeq, Millis, &CampaignRecord, u8, &ConversionEvent)> = Vec::new();
+        for &user in &users {
+            let receipts = self.store.receipts_of(ws, user).await?;
+            for receipt in receipts {
+                let Some((campaign, def)) = converting.get(receipt.campaign_id.as_str()) else {
+                    continue;
+                };
+                for h in happened.iter().filter(|h| h.user == user) {
+                    for (index, conversion) in def.conversion_events.iter().enumerate() {
+                        let within = h.at.0
+                            >= receipt.received_at.0 - receipt.received_at.0.rem_euclid(1_000)
+                            && h.at.0 <= receipt.received_at.0 + conversion.window_secs * 1_000;
+                        if within && h.converts(conversion, &campaign.id) {
+                            found.push((user, h.at, campaign, index as u8, conversion));
+                        }
+                    }
+                }
+            }
+        }
+        if found.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut seqs: Vec<UserSeq> = found.iter().map(|f| f.0).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        let records: HashMap<UserSeq, _> = self
+            .store
+            .users_by_seq(ws, seqs)
+            .await?
+            .into_iter()
+            .map(|u| (u.seq, u))
+            .collect();
+        let mut out = Vec::new();
+        for (user, at, campaign, index, conversion) in found {
+            let Some(record) = records.get(&user) else {
+                continue;
+            };
+            let event_user = EventUser {
+                braze_id: &record.braze_id,
+                external_id: record.external_id.as_ref(),
+                device_id: None,
+                time_zone: record.time_zone(),
+            };
+            let source = MessageSource {
+                app_group_id,
+                app_id: None,
+                origin: Origin::Campaign {
+                    campaign_id: &campaign.id,
+                    campaign_name: Some(&campaign.name),
+                    message_variation_id: None,
+                    message_variation_name: None,
+                },
+                dispatch_id: None,
+                send_id: None,
+            };
+            out.push(NewConversion {
+                campaign_id: campaign.id.clone(),
+                user,
+                index,
+                event: CurrentsEvent::campaign_conversion(
+                    EventId(uuid::Uuid::new_v4().hyphenated().to_string()),
+                    at,
+                    &event_user,
+                    &source,
+                    i32::from(index),
+                    &conversion.behavior_json().to_string(),
+                ),
+            });
+        }
+        Ok(out)
+    }
+}
