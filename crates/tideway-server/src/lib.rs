@@ -20,20 +20,25 @@ use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tideway_core::store::Store;
 
+mod audiences;
+mod campaigns_api;
 mod cohorts_api;
 mod connected_audience;
 mod currents_api;
 mod error;
 mod fields;
 mod listener;
+mod messaging_api;
 mod observe;
 pub mod openapi;
 mod ops;
 mod partners;
 mod pipeline;
 mod rate_limit;
+mod schedule_api;
 mod segment_service;
 mod segments_api;
+mod tracking_api;
 mod users;
 pub mod wire;
 
@@ -44,6 +49,7 @@ pub use listener::{
     HTTP_CONNECTIONS_TIMED_OUT_TOTAL, default_max_connections, max_connections_for,
     open_file_limit, serve,
 };
+pub use messaging_api::MessagingApi;
 pub use observe::{MetricsError, install_metrics_recorder};
 pub use rate_limit::RateLimits;
 
@@ -83,6 +89,17 @@ struct Inner {
     partner_limiter: partners::PartnerLimiter,
     segments: Arc<segment_service::SegmentService>,
     currents: Option<CurrentsApi>,
+    messaging: Option<MessagingApi>,
+}
+
+/// What the messaging engine runs with: its channels, the tracking key and public URLs, its
+/// clock and settings. [`app_with_messaging`] starts the engine over the app's own segment
+/// indexes; it stops when the app is dropped.
+pub struct MessagingOptions {
+    pub channels: tideway_messaging::dispatcher::Channels,
+    pub tracking: tideway_messaging::dispatcher::Tracking,
+    pub clock: tideway_currents::Clock,
+    pub engine: tideway_messaging::engine::EngineConfig,
 }
 
 impl AppState {
@@ -112,6 +129,7 @@ impl AppState {
                 partner_limiter,
                 segments,
                 currents: None,
+                messaging: None,
             }),
         }
     }
@@ -139,6 +157,11 @@ impl AppState {
     /// The Currents API's storage and exporter (absent: `/api/v1/currents` answers 503).
     pub(crate) fn currents(&self) -> Option<&CurrentsApi> {
         self.inner.currents.as_ref()
+    }
+
+    /// The messaging engine's handles (absent: the messaging routes answer 503).
+    pub(crate) fn messaging(&self) -> Option<&MessagingApi> {
+        self.inner.messaging.as_ref()
     }
 
     pub(crate) fn partner_limiter(&self) -> &partners::PartnerLimiter {
@@ -173,10 +196,42 @@ pub fn app_with_options(
     currents: Option<CurrentsApi>,
     segment_snapshots: Option<std::path::PathBuf>,
 ) -> Router {
+    app_with_messaging(store, config, metrics, currents, segment_snapshots, None)
+}
+
+/// [`app_with_options`] with the messaging engine running (campaigns, API sends, tracking).
+pub fn app_with_messaging(
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    metrics: PrometheusHandle,
+    currents: Option<CurrentsApi>,
+    segment_snapshots: Option<std::path::PathBuf>,
+    messaging: Option<MessagingOptions>,
+) -> Router {
     let max_body = config.max_body_bytes;
-    let mut state = AppState::with_segment_snapshots(store, config, metrics, segment_snapshots);
+    let mut state =
+        AppState::with_segment_snapshots(Arc::clone(&store), config, metrics, segment_snapshots);
+    let messaging = messaging.map(|options| {
+        let audiences: Arc<dyn tideway_messaging::audience::Audiences> = Arc::new(
+            audiences::SegmentAudiences::new(Arc::clone(&store), Arc::clone(&state.inner.segments)),
+        );
+        let engine = tideway_messaging::engine::Engine::start(
+            store,
+            Arc::clone(&audiences),
+            options.channels,
+            Some(options.tracking.clone()),
+            options.clock,
+            options.engine,
+        );
+        MessagingApi {
+            audiences,
+            engine: Arc::new(engine),
+            tracking: options.tracking,
+        }
+    });
     if let Some(inner) = Arc::get_mut(&mut state.inner) {
         inner.currents = currents;
+        inner.messaging = messaging;
     }
     Router::new()
         .route("/users/track", post(users::users_track))
@@ -255,6 +310,59 @@ pub fn app_with_options(
         .route(
             "/api/v1/users/{braze_id}/segments",
             get(segments_api::user_segments),
+        )
+        .route(
+            "/api/v1/campaigns",
+            get(campaigns_api::list).post(campaigns_api::create),
+        )
+        .route(
+            "/api/v1/campaigns/{id}",
+            get(campaigns_api::get_one)
+                .put(campaigns_api::update)
+                .delete(campaigns_api::delete),
+        )
+        .route(
+            "/api/v1/campaigns/{id}/{action}",
+            post(campaigns_api::action),
+        )
+        .route(
+            "/api/v1/messaging/settings",
+            get(campaigns_api::settings).put(campaigns_api::save_settings),
+        )
+        .route("/campaigns/trigger/send", post(messaging_api::trigger_send))
+        .route("/messages/send", post(messaging_api::messages_send))
+        .route(
+            "/campaigns/trigger/schedule/create",
+            post(schedule_api::trigger_schedule_create),
+        )
+        .route(
+            "/campaigns/trigger/schedule/update",
+            post(schedule_api::trigger_schedule_update),
+        )
+        .route(
+            "/campaigns/trigger/schedule/delete",
+            post(schedule_api::trigger_schedule_delete),
+        )
+        .route(
+            "/messages/schedule/create",
+            post(schedule_api::messages_schedule_create),
+        )
+        .route(
+            "/messages/schedule/update",
+            post(schedule_api::messages_schedule_update),
+        )
+        .route(
+            "/messages/schedule/delete",
+            post(schedule_api::messages_schedule_delete),
+        )
+        .route("/sends/id/create", post(schedule_api::send_id_create))
+        .route("/campaigns/list", get(messaging_api::campaigns_list))
+        .route("/campaigns/details", get(messaging_api::campaigns_details))
+        .route("/t/o/{token}", get(tracking_api::open))
+        .route("/t/c/{token}", get(tracking_api::click))
+        .route(
+            "/t/u/{token}",
+            get(tracking_api::unsubscribe_page).post(tracking_api::unsubscribe),
         )
         .route("/segments/list", get(segments_api::braze_list))
         .route("/segments/details", get(segments_api::braze_details))

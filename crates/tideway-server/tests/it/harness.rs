@@ -103,6 +103,47 @@ impl Server {
         }
     }
 
+    /// A server with the messaging engine running; `options` gets the server's base URL (the
+    /// public URL of its tracking links).
+    pub async fn with_messaging(
+        options: impl FnOnce(&str) -> tideway_server::MessagingOptions,
+    ) -> Server {
+        let backend = TestStore::from_env().await;
+        let store = Arc::clone(&backend.store);
+        let metrics = install_metrics_recorder().expect("metrics recorder");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let base = format!("http://{addr}");
+        let router = tideway_server::app_with_messaging(
+            Arc::clone(&store),
+            ServerConfig::default(),
+            metrics,
+            None,
+            None,
+            Some(options(&base)),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Server {
+            base,
+            store,
+            client: reqwest::Client::new(),
+            _backend: backend,
+            stop: Some(stop),
+        }
+    }
+
     pub async fn workspace(&self, name: &str) -> Workspace {
         self.store
             .create_workspace(name, NOW)
@@ -214,10 +255,29 @@ impl Server {
     }
 
     pub async fn events(&self, ws: &Workspace) -> Vec<LoggedEvent> {
-        self.store
-            .read_events(ws.id, 0, 1000)
+        let mut out: Vec<LoggedEvent> = Vec::new();
+        loop {
+            let after = out.last().map_or(0, |e| e.seq);
+            let page = self
+                .store
+                .read_events(ws.id, after, 1000)
+                .await
+                .expect("read events");
+            if page.is_empty() {
+                return out;
+            }
+            out.extend(page);
+        }
+    }
+
+    /// The logged events whose type is `name` (e.g. `users.messages.webhook.Send`), as JSON.
+    pub async fn events_named(&self, ws: &Workspace, name: &str) -> Vec<Value> {
+        self.events(ws)
             .await
-            .expect("read events")
+            .into_iter()
+            .filter(|e| e.event.event_type.as_str() == name)
+            .map(|e| e.event.body_value())
+            .collect()
     }
 
     pub async fn events_of_type(&self, ws: &Workspace, t: EventType) -> Vec<LoggedEvent> {

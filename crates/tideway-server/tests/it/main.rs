@@ -11,6 +11,7 @@ mod batch;
 mod cohorts;
 mod currents_egress;
 mod identity;
+mod messaging;
 mod ops;
 mod segments;
 mod track;

@@ -1,0 +1,437 @@
+//! Braze's scheduled API sends (`braze-messaging.md` §3.4) and send ids (§3.5):
+//! `/campaigns/trigger/schedule/{create,update,delete}`, `/messages/schedule/{create,update,
+//! delete}` and `POST /sends/id/create`.
+//!
+//! A scheduled send is a dispatch whose jobs (or, for a broadcast, whose expansion) wait until
+//! the schedule's time; Tideway's `schedule_id` is the dispatch's id (Our choice: one name for
+//! one thing). Updating moves the dispatch's pending jobs and expansion to the new time;
+//! deleting cancels what has not gone out. Both are best-effort near the send time, as Braze
+//! says: what is already claimed goes.
+//!
+//! `schedule.in_local_time` and `schedule.at_optimal_time` are refused with a 400 naming them:
+//! Tideway sends a scheduled API dispatch at one instant for everyone (a recurring campaign's
+//! `scheduled` delivery is where per-user time lives).
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use tideway_core::clock::{Millis, parse_datetime};
+use tideway_core::keys::Permission;
+use tideway_core::store::StoreError;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::messaging_api::{INVALID_CAMPAIGN, messaging, not_enabled, send_adhoc, trigger};
+use crate::pipeline::{management, now, read_json};
+
+/// Most new `(send_id, campaign_id)` pairs per workspace per UTC day (Braze: 100).
+pub const MAX_SEND_IDS_PER_DAY: u32 = 100;
+/// Longest `send_id`.
+const MAX_SEND_ID_CHARS: usize = 64;
+
+const INVALID_SCHEDULE_ID: &str = "Invalid schedule_id";
+
+/// Reads `schedule` (required): `{"time": ISO 8601, "in_local_time"?: false,
+/// "at_optimal_time"?: false}` → the instant. A time in the past is refused.
+pub fn parse_schedule(body: &Map<String, Value>, now: Millis) -> Result<Millis, ApiError> {
+    let Some(schedule) = body.get("schedule").filter(|v| !v.is_null()) else {
+        return Err(ApiError::malformed("schedule is required"));
+    };
+    let Value::Object(schedule) = schedule else {
+        return Err(ApiError::malformed(
+            "schedule must be an object like {\"time\": \"2026-05-24T20:30:36Z\"}",
+        ));
+    };
+    for flag in ["in_local_time", "at_optimal_time"] {
+        match schedule.get(flag) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(Value::Bool(true)) => {
+                return Err(ApiError::malformed(format!(
+                    "schedule.{flag} is not supported: Tideway sends a scheduled API send at one time for everyone; give schedule.time in UTC"
+                )));
+            }
+            Some(_) => {
+                return Err(ApiError::malformed(format!(
+                    "schedule.{flag} must be true or false"
+                )));
+            }
+        }
+    }
+    let time = match schedule.get("time") {
+        Some(Value::String(t)) => parse_datetime(t).ok_or_else(|| {
+            ApiError::malformed(format!(
+                "schedule.time {t:?} is not an ISO 8601 time (e.g. 2026-05-24T20:30:36Z)"
+            ))
+        })?,
+        None | Some(Value::Null) => return Err(ApiError::malformed("schedule.time is required")),
+        Some(_) => return Err(ApiError::malformed("schedule.time must be a string")),
+    };
+    if time.0 < now.0 {
+        return Err(ApiError::malformed(
+            "schedule.time is in the past; to send now use the send endpoint",
+        ));
+    }
+    Ok(time)
+}
+
+fn schedule_id(body: &Map<String, Value>) -> Result<String, ApiError> {
+    match body.get("schedule_id") {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        None | Some(Value::Null) => Err(ApiError::malformed("schedule_id is required")),
+        Some(_) => Err(ApiError::malformed("schedule_id must be a string")),
+    }
+}
+
+fn created(dispatch_id: &str, errors: Vec<String>) -> Response {
+    let mut body =
+        json!({"dispatch_id": dispatch_id, "schedule_id": dispatch_id, "message": "success"});
+    if !errors.is_empty() {
+        body["errors"] = json!(errors);
+    }
+    (StatusCode::CREATED, axum::Json(body)).into_response()
+}
+
+fn success() -> Response {
+    (
+        StatusCode::CREATED,
+        axum::Json(json!({"message": "success"})),
+    )
+        .into_response()
+}
+
+/// Checks the schedule names a dispatch of `campaign_id` (or an ad-hoc one when `None`).
+async fn owned_dispatch(
+    state: &AppState,
+    workspace: tideway_core::ids::WorkspaceId,
+    id: &str,
+    campaign_id: Option<&str>,
+) -> Result<(), ApiError> {
+    let dispatch = state
+        .store()
+        .dispatch(workspace, id)
+        .await?
+        .ok_or_else(|| ApiError::bad_request(INVALID_SCHEDULE_ID))?;
+    let matches = match (&dispatch.source, campaign_id) {
+        (tideway_core::store::DispatchSource::Campaign { campaign_id: of }, Some(c)) => of == c,
+        (tideway_core::store::DispatchSource::AdHoc { .. }, None) => true,
+        _ => false,
+    };
+    if !matches || dispatch.not_before.is_none() {
+        return Err(ApiError::bad_request(INVALID_SCHEDULE_ID));
+    }
+    Ok(())
+}
+
+fn campaign_field(body: &Map<String, Value>) -> Result<String, ApiError> {
+    match body.get("campaign_id") {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        None | Some(Value::Null) => Err(ApiError::malformed("campaign_id is required")),
+        Some(_) => Err(ApiError::malformed("campaign_id must be a string")),
+    }
+}
+
+/// `POST /campaigns/trigger/schedule/create`.
+#[utoipa::path(
+    post,
+    path = "/campaigns/trigger/schedule/create",
+    tag = "messaging",
+    summary = "Braze: schedule an API-triggered campaign (campaigns.trigger.schedule.create)",
+    request_body(content = Object, description = "The `/campaigns/trigger/send` body plus `schedule: {time}`"),
+    responses(
+        (status = 201, description = "`{\"dispatch_id\", \"schedule_id\", \"message\": \"success\"}`", body = Object),
+        (status = 400, description = "As `/campaigns/trigger/send`, or a missing, malformed or past `schedule`", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
+pub async fn trigger_schedule_create(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::CampaignsTriggerScheduleCreate,
+        req,
+        |state, caller, req| async move {
+            let Some(api) = messaging(&state) else {
+                return Ok(not_enabled());
+            };
+            let body = read_json(req).await?;
+            let at = parse_schedule(&body, now())?;
+            let (id, errors) = trigger(&state, &api, &caller, &body, Some(at)).await?;
+            Ok(created(&id, errors))
+        },
+    )
+    .await
+}
+
+/// `POST /campaigns/trigger/schedule/update`.
+#[utoipa::path(
+    post,
+    path = "/campaigns/trigger/schedule/update",
+    tag = "messaging",
+    summary = "Braze: move a scheduled API-triggered campaign (campaigns.trigger.schedule.update)",
+    request_body(content = Object, description = "`{campaign_id, schedule_id, schedule: {time}}`"),
+    responses(
+        (status = 201, description = "`{\"message\": \"success\"}`", body = Object),
+        (status = 400, description = "`Invalid schedule_id`, or a missing, malformed or past `schedule`", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
+pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::CampaignsTriggerScheduleUpdate,
+        req,
+        |state, caller, req| async move {
+            let body = read_json(req).await?;
+            let campaign = campaign_field(&body)?;
+            let id = schedule_id(&body)?;
+            let at = parse_schedule(&body, now())?;
+            owned_dispatch(&state, caller.workspace.id, &id, Some(&campaign)).await?;
+            reschedule(&state, caller.workspace.id, &id, at).await
+        },
+    )
+    .await
+}
+
+/// `POST /campaigns/trigger/schedule/delete`.
+#[utoipa::path(
+    post,
+    path = "/campaigns/trigger/schedule/delete",
+    tag = "messaging",
+    summary = "Braze: cancel a scheduled API-triggered campaign (campaigns.trigger.schedule.delete)",
+    request_body(content = Object, description = "`{campaign_id, schedule_id}`"),
+    responses(
+        (status = 201, description = "`{\"message\": \"success\"}`", body = Object),
+        (status = 400, description = "`Invalid schedule_id`", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
+pub async fn trigger_schedule_delete(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::CampaignsTriggerScheduleDelete,
+        req,
+        |state, caller, req| async move {
+            let body = read_json(req).await?;
+            let campaign = campaign_field(&body)?;
+            let id = schedule_id(&body)?;
+            owned_dispatch(&state, caller.workspace.id, &id, Some(&campaign)).await?;
+            cancel(&state, caller.workspace.id, &id).await
+        },
+    )
+    .await
+}
+
+/// `POST /messages/schedule/create`.
+#[utoipa::path(
+    post,
+    path = "/messages/schedule/create",
+    tag = "messaging",
+    summary = "Braze: schedule ad-hoc messages (messages.schedule.create)",
+    request_body(content = Object, description = "The `/messages/send` body plus `schedule: {time}`"),
+    responses(
+        (status = 201, description = "`{\"dispatch_id\", \"schedule_id\", \"message\": \"success\"}`", body = Object),
+        (status = 400, description = "As `/messages/send`, or a missing, malformed or past `schedule`", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
+pub async fn messages_schedule_create(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::MessagesScheduleCreate,
+        req,
+        |state, caller, req| async move {
+            let Some(api) = messaging(&state) else {
+                return Ok(not_enabled());
+            };
+            let body = read_json(req).await?;
+            let at = parse_schedule(&body, now())?;
+            let (id, errors) = send_adhoc(&state, &api, &caller, &body, Some(at)).await?;
+            Ok(created(&id, errors))
+        },
+    )
+    .await
+}
+
+/// `POST /messages/schedule/update`.
+#[utoipa::path(
+    post,
+    path = "/messages/schedule/update",
+    tag = "messaging",
+    summary = "Braze: move scheduled ad-hoc messages (messages.schedule.update)",
+    request_body(content = Object, description = "`{schedule_id, schedule: {time}}`; replacing `messages` of a scheduled send is refused (delete and create it again)"),
+    responses(
+        (status = 201, description = "`{\"message\": \"success\"}`", body = Object),
+        (status = 400, description = "`Invalid schedule_id`, a missing, malformed or past `schedule`, or `messages`", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
+pub async fn messages_schedule_update(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::MessagesScheduleUpdate,
+        req,
+        |state, caller, req| async move {
+            let body = read_json(req).await?;
+            let id = schedule_id(&body)?;
+            if body.get("messages").is_some_and(|m| !m.is_null()) {
+                return Err(ApiError::malformed(
+                    "messages of a scheduled send cannot be replaced; delete the schedule and create it again",
+                ));
+            }
+            let at = parse_schedule(&body, now())?;
+            owned_dispatch(&state, caller.workspace.id, &id, None).await?;
+            reschedule(&state, caller.workspace.id, &id, at).await
+        },
+    )
+    .await
+}
+
+/// `POST /messages/schedule/delete`.
+#[utoipa::path(
+    post,
+    path = "/messages/schedule/delete",
+    tag = "messaging",
+    summary = "Braze: cancel scheduled ad-hoc messages (messages.schedule.delete)",
+    request_body(content = Object, description = "`{schedule_id}`"),
+    responses(
+        (status = 201, description = "`{\"message\": \"success\"}`", body = Object),
+        (status = 400, description = "`Invalid schedule_id`", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
+pub async fn messages_schedule_delete(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::MessagesScheduleDelete,
+        req,
+        |state, caller, req| async move {
+            let body = read_json(req).await?;
+            let id = schedule_id(&body)?;
+            owned_dispatch(&state, caller.workspace.id, &id, None).await?;
+            cancel(&state, caller.workspace.id, &id).await
+        },
+    )
+    .await
+}
+
+async fn reschedule(
+    state: &AppState,
+    workspace: tideway_core::ids::WorkspaceId,
+    id: &str,
+    at: Millis,
+) -> Result<Response, ApiError> {
+    if !state.store().reschedule_dispatch(workspace, id, at).await? {
+        return Err(ApiError::bad_request(INVALID_SCHEDULE_ID));
+    }
+    if let Some(api) = messaging(state) {
+        api.engine.wake();
+    }
+    Ok(success())
+}
+
+async fn cancel(
+    state: &AppState,
+    workspace: tideway_core::ids::WorkspaceId,
+    id: &str,
+) -> Result<Response, ApiError> {
+    if !state.store().cancel_dispatch(workspace, id).await? {
+        return Err(ApiError::bad_request(INVALID_SCHEDULE_ID));
+    }
+    Ok(success())
+}
+
+/// `POST /sends/id/create`.
+#[utoipa::path(
+    post,
+    path = "/sends/id/create",
+    tag = "messaging",
+    summary = "Braze: create a send id for a campaign (sends.id.create)",
+    request_body(content = Object, description = "`{campaign_id, send_id?}` (ASCII, ≤ 64 characters; generated when absent)"),
+    responses(
+        (status = 201, description = "`{\"message\": \"success\", \"send_id\"}`", body = Object),
+        (status = 400, description = "`Invalid Campaign ID`, a malformed `send_id`, or more than 100 new send ids today", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
+pub async fn send_id_create(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::SendsIdCreate,
+        req,
+        |state, caller, req| async move {
+            let body = read_json(req).await?;
+            let campaign = campaign_field(&body)?;
+            let send_id = match body.get("send_id") {
+                None | Some(Value::Null) => uuid::Uuid::new_v4().simple().to_string(),
+                Some(Value::String(s))
+                    if !s.is_empty() && s.is_ascii() && s.len() <= MAX_SEND_ID_CHARS =>
+                {
+                    s.clone()
+                }
+                Some(_) => {
+                    return Err(ApiError::malformed(format!(
+                        "send_id must be an ASCII string of 1 to {MAX_SEND_ID_CHARS} characters"
+                    )));
+                }
+            };
+            let ws = caller.workspace.id;
+            if state.store().campaign(ws, &campaign).await?.is_none() {
+                return Err(ApiError::bad_request(INVALID_CAMPAIGN));
+            }
+            let at = now();
+            let day_start = Millis(at.0 - at.0.rem_euclid(86_400_000));
+            match state
+                .store()
+                .create_send_id(ws, &campaign, &send_id, at, day_start, MAX_SEND_IDS_PER_DAY)
+                .await
+            {
+                Ok(_) => {}
+                Err(StoreError::Conflict(_)) => {
+                    return Err(ApiError::bad_request(format!(
+                        "at most {MAX_SEND_IDS_PER_DAY} send ids can be created per day"
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+            Ok((
+                StatusCode::CREATED,
+                axum::Json(json!({"message": "success", "send_id": send_id})),
+            )
+                .into_response())
+        },
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn schedules_parse_and_refuse_what_tideway_does_not_do() {
+        let now = Millis(1_700_000_000_000);
+        let at = parse_schedule(
+            &body(json!({"schedule": {"time": "2030-01-01T00:00:00Z"}})),
+            now,
+        )
+        .expect("a future time parses");
+        assert_eq!(at, Millis(1_893_456_000_000));
+        for bad in [
+            json!({}),
+            json!({"schedule": "soon"}),
+            json!({"schedule": {}}),
+            json!({"schedule": {"time": "tomorrow"}}),
+            json!({"schedule": {"time": "2001-01-01T00:00:00Z"}}),
+            json!({"schedule": {"time": "2030-01-01T00:00:00Z", "in_local_time": true}}),
+            json!({"schedule": {"time": "2030-01-01T00:00:00Z", "at_optimal_time": "yes"}}),
+        ] {
+            let err = parse_schedule(&body(bad.clone()), now).expect_err("refused");
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+}

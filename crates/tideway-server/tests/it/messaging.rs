@@ -1,0 +1,585 @@
+//! Campaigns that send, over HTTP with the engine running: a real server on loopback, a real
+//! webhook receiver (axum) and a real SMTP server (`SmtpSink`) in the test process.
+//!
+//! - API-triggered webhook with `trigger_properties`, Liquid and the idempotency key, and the
+//!   `users.messages.webhook.Send` event with the campaign's fields;
+//! - email: Liquid, `Message-ID`, `List-Unsubscribe`, the open pixel, click redirects and the
+//!   unsubscribe link, each with its Currents event; unsubscribed users are not sent to;
+//! - retries (503 → `Failure` not terminal + `Retry`), terminal failures (404);
+//! - re-eligibility, frequency caps and the rate limit under concurrent requests;
+//! - bad input: a template that does not parse, an unknown campaign, no recipients — a 400
+//!   naming the problem, and nothing sent.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::any;
+use serde_json::{Value, json};
+use tideway_core::egress::EgressPolicy;
+use tideway_core::store::Workspace;
+use tideway_currents::Clock;
+use tideway_messaging::dispatcher::{Channels, Tracking};
+use tideway_messaging::email::{SmtpSender, SmtpUrl};
+use tideway_messaging::engine::EngineConfig;
+use tideway_messaging::smtp_sink::SmtpSink;
+use tideway_messaging::tracking::{TrackingKey, TrackingUrls};
+use tideway_messaging::webhook::WebhookSender;
+use tideway_server::MessagingOptions;
+
+use crate::harness::Server;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+struct Hit {
+    headers: HeaderMap,
+    body: String,
+}
+
+/// A local webhook receiver: answers the queued statuses in order, then 200.
+#[derive(Clone, Default)]
+struct Receiver {
+    hits: Arc<Mutex<Vec<Hit>>>,
+    statuses: Arc<Mutex<VecDeque<u16>>>,
+}
+
+impl Receiver {
+    async fn start() -> (Receiver, String) {
+        let receiver = Receiver::default();
+        let app = axum::Router::new()
+            .route("/hook", any(hook))
+            .with_state(receiver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (receiver, format!("http://{addr}/hook"))
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    fn answer(&self, statuses: &[u16]) {
+        self.statuses.lock().unwrap().extend(statuses);
+    }
+}
+
+async fn hook(State(r): State<Receiver>, headers: HeaderMap, body: String) -> StatusCode {
+    r.hits.lock().unwrap().push(Hit { headers, body });
+    let status = r.statuses.lock().unwrap().pop_front().unwrap_or(200);
+    StatusCode::from_u16(status).unwrap()
+}
+
+struct Setup {
+    s: Server,
+    ws: Workspace,
+    key: String,
+    hooks: Receiver,
+    hook_url: String,
+    smtp: SmtpSink,
+}
+
+async fn setup() -> Setup {
+    let smtp = SmtpSink::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("start the SMTP sink");
+    let smtp_url = smtp.url();
+    let s = Server::with_messaging(|base| MessagingOptions {
+        channels: Channels {
+            webhook: WebhookSender::new(EgressPolicy::default(), Duration::from_secs(5))
+                .expect("webhook client"),
+            smtp: Some(
+                SmtpSender::new(&SmtpUrl::parse(&smtp_url).expect("smtp url"))
+                    .expect("smtp client"),
+            ),
+        },
+        tracking: Tracking {
+            key: TrackingKey::new([7; 32]),
+            urls: TrackingUrls::new(base),
+        },
+        clock: Clock::system(),
+        engine: EngineConfig::default(),
+    })
+    .await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let (hooks, hook_url) = Receiver::start().await;
+    Setup {
+        s,
+        ws,
+        key,
+        hooks,
+        hook_url,
+        smtp,
+    }
+}
+
+impl Setup {
+    async fn track(&self, attributes: Value) {
+        let a = self
+            .s
+            .post(
+                "/users/track",
+                &self.key,
+                json!({ "attributes": attributes }),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{a:?}");
+    }
+
+    /// Creates and launches a campaign; returns its id.
+    async fn campaign(&self, body: Value) -> String {
+        let a = self.s.post("/api/v1/campaigns", &self.key, body).await;
+        assert_eq!(a.status, 201, "{a:?}");
+        let id = a.body["campaign"]["id"].as_str().unwrap().to_owned();
+        let a = self
+            .s
+            .post(
+                &format!("/api/v1/campaigns/{id}/launch"),
+                &self.key,
+                json!({}),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{a:?}");
+        id
+    }
+
+    fn webhook_campaign(&self, name: &str, extra: Value) -> Value {
+        let mut body = json!({
+            "name": name,
+            "messages": [{
+                "channel": "webhook",
+                "url": self.hook_url,
+                "request_method": "POST",
+                "request_headers": {"X-Campaign": "{{campaign.${name}}}"},
+                "body": "{\"plan\": \"{{api_trigger_properties.${plan} | default: 'none'}}\", \"name\": \"{{${first_name}}}\"}",
+            }],
+            "delivery": {"type": "api_triggered"},
+        });
+        if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+            b.extend(e);
+        }
+        body
+    }
+
+    async fn trigger(&self, campaign: &str, recipients: Value) -> crate::harness::Answer {
+        self.s
+            .post(
+                "/campaigns/trigger/send",
+                &self.key,
+                json!({"campaign_id": campaign, "recipients": recipients}),
+            )
+            .await
+    }
+
+    async fn events(&self, name: &str) -> Vec<Value> {
+        self.s.events_named(&self.ws, name).await
+    }
+
+    /// Waits until at least `n` events named `name` are logged.
+    async fn wait_events(&self, name: &str, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let events = self.events(name).await;
+            if events.len() >= n {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} {name} events: {events:?}",
+                events.len()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn wait_hits(&self, n: usize) -> Vec<Hit> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let hits = self.hooks.hits();
+            if hits.len() >= n {
+                return hits;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} webhooks",
+                hits.len()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_triggered_webhook_renders_trigger_properties_and_logs_its_send() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1", "first_name": "Ada"}, {"external_id": "u2"}]))
+        .await;
+    let id = t.campaign(t.webhook_campaign("Welcome", json!({}))).await;
+    let a = t
+        .trigger(
+            &id,
+            json!([{"external_user_id": "u1", "trigger_properties": {"plan": "pro"}}, {"external_user_id": "u2"}]),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert_eq!(a.body["message"], "success");
+    let dispatch = a.body["dispatch_id"].as_str().unwrap().to_owned();
+    let hits = t.wait_hits(2).await;
+    let mut bodies: Vec<Value> = hits
+        .iter()
+        .map(|h| serde_json::from_str(&h.body).unwrap())
+        .collect();
+    bodies.sort_by_key(|b| b["name"].to_string());
+    assert_eq!(
+        bodies,
+        vec![
+            json!({"plan": "none", "name": ""}),
+            json!({"plan": "pro", "name": "Ada"})
+        ]
+    );
+    for h in &hits {
+        assert_eq!(h.headers["x-campaign"], "Welcome");
+        assert!(
+            h.headers["idempotency-key"]
+                .to_str()
+                .unwrap()
+                .starts_with("tw-")
+        );
+    }
+    let keys: std::collections::HashSet<_> = hits
+        .iter()
+        .map(|h| h.headers["idempotency-key"].clone())
+        .collect();
+    assert_eq!(keys.len(), 2, "one key per send");
+    let sends = t.wait_events("users.messages.webhook.Send", 2).await;
+    for e in &sends {
+        let p = &e["properties"];
+        assert_eq!(p["campaign_id"], id.as_str());
+        assert_eq!(p["campaign_name"], "Welcome");
+        assert!(p["message_variation_id"].is_string(), "{e}");
+        assert!(
+            p["dispatch_id"].as_str().is_some_and(|d| !d.is_empty()),
+            "{e}"
+        );
+        assert!(e["user"]["user_id"].is_string(), "{e}");
+    }
+    // The campaign's stats count them.
+    let a =
+        t.s.send(
+            reqwest::Method::GET,
+            &format!("/api/v1/campaigns/{id}"),
+            crate::harness::Auth::Bearer(&t.key),
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["campaign"]["stats"]["sent"], 2, "{a:?}");
+    let _ = dispatch;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_retries_on_503_and_fails_for_good_on_404() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1"}, {"external_id": "u2"}]))
+        .await;
+    let id = t.campaign(t.webhook_campaign("Retry", json!({}))).await;
+    t.hooks.answer(&[503]);
+    let a = t.trigger(&id, json!([{"external_user_id": "u1"}])).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let failures = t.wait_events("users.messages.webhook.Failure", 1).await;
+    assert_eq!(failures[0]["properties"]["http_status_code"], 503);
+    assert_eq!(failures[0]["properties"]["is_terminal"], false);
+    t.wait_events("users.messages.webhook.Retry", 1).await;
+    assert!(t.events("users.messages.webhook.Send").await.is_empty());
+
+    t.hooks.answer(&[404]);
+    let a = t.trigger(&id, json!([{"external_user_id": "u2"}])).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let failures = t.events("users.messages.webhook.Failure").await;
+        if let Some(f) = failures
+            .iter()
+            .find(|f| f["properties"]["http_status_code"] == 404)
+        {
+            assert_eq!(f["properties"]["is_terminal"], true, "{f}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no 404 failure: {failures:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(t.hooks.hits().len(), 2, "the 404 is not retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_is_rendered_tracked_and_unsubscribes() {
+    let t = setup().await;
+    t.track(json!([
+        {"external_id": "u1", "first_name": "Ada", "email": "ada@example.com", "plan": "pro"},
+        {"external_id": "nomail"},
+    ]))
+    .await;
+    let id = t
+        .campaign(json!({
+            "name": "Trial",
+            "messages": [{
+                "channel": "email",
+                "from": "Team <team@tideway.example>",
+                "subject": "Hi {{${first_name} | default: 'there'}}",
+                "body": "<html><body><p>Plan: {{custom_attribute.${plan}}}</p><a href=\"https://example.com/upgrade?x=1\">Upgrade</a></body></html>",
+            }],
+            "delivery": {"type": "api_triggered"},
+        }))
+        .await;
+    let a = t
+        .trigger(
+            &id,
+            json!([{"external_user_id": "u1"}, {"external_user_id": "nomail"}]),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let mails = t.smtp.wait_for(1, DEADLINE).await;
+    assert_eq!(mails.len(), 1);
+    let mail = &mails[0];
+    assert_eq!(mail.to, vec!["ada@example.com".to_owned()]);
+    assert_eq!(mail.header("Subject").as_deref(), Some("Hi Ada"));
+    assert!(
+        mail.header("Message-ID").is_some_and(|m| m.contains("tw-")),
+        "{:?}",
+        mail.header("Message-ID")
+    );
+    let unsubscribe = mail
+        .header("List-Unsubscribe")
+        .expect("List-Unsubscribe")
+        .trim_matches(['<', '>'])
+        .to_owned();
+    let html = mail.html().expect("an HTML part");
+    assert!(html.contains("Plan: pro"), "{html}");
+    assert!(
+        !html.contains("https://example.com/upgrade"),
+        "links are rewritten: {html}"
+    );
+    let links: Vec<String> = html
+        .split('"')
+        .filter(|p| p.starts_with(&t.s.base))
+        .map(str::to_owned)
+        .collect();
+    let click = links
+        .iter()
+        .find(|l| l.contains("/t/c/"))
+        .expect("a click link");
+    let pixel = links
+        .iter()
+        .find(|l| l.contains("/t/o/"))
+        .expect("an open pixel");
+    t.wait_events("users.messages.email.Delivery", 1).await;
+    assert_eq!(t.events("users.messages.email.Send").await.len(), 1);
+    let aborts = t.wait_events("users.messages.email.Abort", 1).await;
+    assert_eq!(aborts[0]["properties"]["abort_type"], "missing_email");
+
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = plain.get(pixel.as_str()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/gif");
+    let r = plain.get(click.as_str()).send().await.unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], "https://example.com/upgrade?x=1");
+    let opens = t.wait_events("users.messages.email.Open", 1).await;
+    assert_eq!(opens[0]["properties"]["campaign_id"], id.as_str());
+    let clicks = t.wait_events("users.messages.email.Click", 1).await;
+    assert_eq!(
+        clicks[0]["properties"]["url"],
+        "https://example.com/upgrade?x=1"
+    );
+    // A forged token is a 404 and records nothing.
+    let forged = format!("{}x", &click[..click.len() - 1]);
+    assert_eq!(plain.get(forged).send().await.unwrap().status(), 404);
+    assert_eq!(t.events("users.messages.email.Click").await.len(), 1);
+
+    // One-click unsubscribe (RFC 8058): POST to the List-Unsubscribe URL.
+    let r = plain
+        .post(unsubscribe.as_str())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("List-Unsubscribe=One-Click")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    t.wait_events("users.messages.email.Unsubscribe", 1).await;
+    t.wait_events("users.behaviors.subscription.GlobalStateChange", 1)
+        .await;
+    let user = t.s.export_external(&t.key, "u1").await.unwrap();
+    assert_eq!(user["email_subscribe"], "unsubscribed", "{user}");
+    // An unsubscribed user is not sent to.
+    let a = t.trigger(&id, json!([{"external_user_id": "u1"}])).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.smtp.messages().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_campaigns_and_sends_are_refused_naming_the_problem() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1"}])).await;
+    let mut bad = t.webhook_campaign("Bad", json!({}));
+    bad["messages"][0]["body"] = json!("{% if %}");
+    let a = t.s.post("/api/v1/campaigns", &t.key, bad).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages[0].body"),
+        "{a:?}"
+    );
+    let a = t
+        .trigger("no-such-campaign", json!([{"external_user_id": "u1"}]))
+        .await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.body["message"], "Invalid Campaign ID");
+    let id = t.campaign(t.webhook_campaign("Good", json!({}))).await;
+    let a =
+        t.s.post(
+            "/campaigns/trigger/send",
+            &t.key,
+            json!({"campaign_id": id}),
+        )
+        .await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.body["message"], "No Recipients");
+    let many: Vec<Value> = (0..51)
+        .map(|i| json!({"external_user_id": format!("x{i}")}))
+        .collect();
+    let a = t.trigger(&id, Value::Array(many)).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    let a =
+        t.s.post(
+            "/campaigns/trigger/send",
+            &t.key,
+            json!({"campaign_id": id, "recipients": "u1"}),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{a:?}");
+    // A key without the permission.
+    let weak =
+        t.s.key_for(&t.ws, &[tideway_core::keys::Permission::UsersTrack])
+            .await;
+    let a =
+        t.s.post(
+            "/campaigns/trigger/send",
+            &weak,
+            json!({"campaign_id": id, "recipients": [{"external_user_id": "u1"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 403, "{a:?}");
+    assert_eq!(a.body["message"], "Access Denied");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(t.hooks.hits().is_empty(), "nothing was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_triggers_respect_reeligibility() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1"}])).await;
+    let id = t.campaign(t.webhook_campaign("Once", json!({}))).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let s = t.s.client.clone();
+        let url = format!("{}/campaigns/trigger/send", t.s.base);
+        let key = t.key.clone();
+        let body = json!({"campaign_id": id, "recipients": [{"external_user_id": "u1"}]});
+        tasks.push(tokio::spawn(async move {
+            s.post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 201);
+    }
+    t.wait_hits(1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.hooks.hits().len(), 1, "a campaign reaches a user once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frequency_caps_hold_across_campaigns_sent_at_once() {
+    let t = setup().await;
+    let users: Vec<Value> = (0..20)
+        .map(|i| json!({"external_id": format!("u{i}")}))
+        .collect();
+    t.track(Value::Array(users)).await;
+    let a =
+        t.s.send(
+            reqwest::Method::PUT,
+            "/api/v1/messaging/settings",
+            crate::harness::Auth::Bearer(&t.key),
+            Some(
+                json!({"frequency_caps": [{"max": 1, "window_seconds": 86400}]})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            true,
+        )
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let capped = json!({"frequency_capping": true});
+    let first = t.campaign(t.webhook_campaign("A", capped.clone())).await;
+    let second = t.campaign(t.webhook_campaign("B", capped)).await;
+    let recipients: Vec<Value> = (0..20)
+        .map(|i| json!({"external_user_id": format!("u{i}")}))
+        .collect();
+    let (a, b) = tokio::join!(
+        t.trigger(&first, Value::Array(recipients.clone())),
+        t.trigger(&second, Value::Array(recipients))
+    );
+    assert_eq!((a.status, b.status), (201, 201));
+    t.wait_hits(20).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        t.hooks.hits().len(),
+        20,
+        "each user gets one message of the two campaigns"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_holds_for_concurrent_sends() {
+    let t = setup().await;
+    let users: Vec<Value> = (0..30)
+        .map(|i| json!({"external_id": format!("u{i}")}))
+        .collect();
+    t.track(Value::Array(users)).await;
+    let id = t
+        .campaign(t.webhook_campaign("Slow", json!({"rate_limit_per_minute": 10})))
+        .await;
+    let recipients: Vec<Value> = (0..30)
+        .map(|i| json!({"external_user_id": format!("u{i}")}))
+        .collect();
+    let a = t.trigger(&id, Value::Array(recipients)).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    t.wait_hits(10).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let sent = t.hooks.hits().len();
+    // The bucket starts with 10 and refills one every 6 s.
+    assert!(
+        (10..=11).contains(&sent),
+        "sent {sent} within the first seconds"
+    );
+}
