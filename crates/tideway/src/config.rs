@@ -159,6 +159,49 @@ pub struct Settings {
           default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deny_private_endpoints: Option<bool>,
+
+    /// SMTP server for email messages: smtp://HOST:PORT (plain, or STARTTLS when the server
+    /// offers it), smtps://USER:PASSWORD@HOST:465 (TLS), with optional USER:PASSWORD@; the
+    /// password is never logged or printed. Without it, email sends are aborted as
+    /// undeliverable [default: none]
+    #[arg(
+        long,
+        env = "TIDEWAY_SMTP_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smtp_url: Option<String>,
+
+    /// The address people's mail clients reach this server at: the base of the open-pixel,
+    /// click-tracking and unsubscribe links written into emails, e.g. https://mail.example.com
+    /// [default: http://<listen address>]
+    #[arg(long, env = "TIDEWAY_PUBLIC_URL", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+
+    /// Milliseconds one webhook message request may take before it counts as a timeout (and is
+    /// retried) [default: 90000]
+    #[arg(long, env = "TIDEWAY_WEBHOOK_TIMEOUT_MS", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_timeout_ms: Option<u64>,
+}
+
+/// The `smtp-url` setting, checked; `Debug` hides its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SmtpSetting(String);
+
+impl SmtpSetting {
+    /// The URL as given (with its password): for the SMTP client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SmtpSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
 }
 
 /// Which database holds the data.
@@ -228,6 +271,12 @@ pub struct Resolved {
     pub egress: EgressPolicy,
     /// How long a Currents lease lasts without renewal.
     pub currents_lease_ttl: Duration,
+    /// The SMTP server for email messages, if any.
+    pub smtp: Option<SmtpSetting>,
+    /// The base of tracking links; `None`: `http://<bound address>`.
+    pub public_url: Option<String>,
+    /// How long one webhook message request may take.
+    pub webhook_timeout: Duration,
 }
 
 impl Settings {
@@ -254,6 +303,9 @@ impl Settings {
             currents_lease_ttl_ms: self
                 .currents_lease_ttl_ms
                 .or(fallback.currents_lease_ttl_ms),
+            smtp_url: self.smtp_url.or(fallback.smtp_url),
+            public_url: self.public_url.or(fallback.public_url),
+            webhook_timeout_ms: self.webhook_timeout_ms.or(fallback.webhook_timeout_ms),
         }
     }
 
@@ -281,6 +333,9 @@ impl Settings {
             max_connections: Some(tideway_server::default_max_connections()),
             deny_private_endpoints: Some(false),
             currents_lease_ttl_ms: Some(30_000),
+            smtp_url: None,
+            public_url: None,
+            webhook_timeout_ms: Some(DEFAULT_WEBHOOK_TIMEOUT_MS),
         }
     }
 
@@ -353,7 +408,28 @@ impl Settings {
             currents_lease_ttl: Duration::from_millis(
                 full.currents_lease_ttl_ms.ok_or_else(missing)?,
             ),
+            smtp: match full.smtp_url.filter(|u| !u.trim().is_empty()) {
+                None => None,
+                Some(url) => {
+                    if let Err(e) = tideway_messaging::email::SmtpUrl::parse(&url) {
+                        anyhow::bail!(
+                            "--smtp-url {} is not usable ({e}); write it as smtp://HOST:PORT, \
+                             smtp://USER:PASSWORD@HOST:587 or smtps://USER:PASSWORD@HOST:465",
+                            redact_url(&url)
+                        );
+                    }
+                    Some(SmtpSetting(url))
+                }
+            },
+            public_url: match full.public_url.filter(|u| !u.trim().is_empty()) {
+                None => None,
+                Some(url) => Some(public_url(&url)?),
+            },
+            webhook_timeout: Duration::from_millis(full.webhook_timeout_ms.ok_or_else(missing)?),
         };
+        if resolved.webhook_timeout.is_zero() {
+            anyhow::bail!("--webhook-timeout-ms must be at least 1");
+        }
         if resolved.currents_lease_ttl < Duration::from_millis(300) {
             anyhow::bail!(
                 "--currents-lease-ttl-ms must be at least 300 (a lease is renewed every third of it)"
@@ -417,6 +493,29 @@ impl Resolved {
             ..SqliteOptions::default()
         }
     }
+}
+
+/// The default `webhook-timeout-ms`: Braze's 90 seconds per attempt.
+pub const DEFAULT_WEBHOOK_TIMEOUT_MS: u64 = 90_000;
+
+/// Checks a `public-url`: an absolute http(s) URL without query or fragment; returned without
+/// its trailing slash (links are appended to it).
+fn public_url(raw: &str) -> anyhow::Result<String> {
+    let url = raw.trim();
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    let fine = rest.is_some_and(|r| {
+        let host = r.split('/').next().unwrap_or_default();
+        !host.is_empty() && !host.contains('@') && !r.contains(['?', '#', ' '])
+    });
+    if !fine {
+        anyhow::bail!(
+            "--public-url {url} is not usable; write the address people reach this server at, \
+             such as https://mail.example.com or http://203.0.113.7:4000 (no query or fragment)"
+        );
+    }
+    Ok(url.trim_end_matches('/').to_owned())
 }
 
 /// A duration as a whole number of milliseconds (a setting's unit).

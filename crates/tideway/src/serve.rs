@@ -16,7 +16,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use tideway_core::keys::{IpAllowlist, PermissionSet};
 use tideway_core::store::{Store, StoreError};
-use tideway_server::{ConnectionLimits, ServerConfig};
+use tideway_messaging::dispatcher::{Channels, Tracking};
+use tideway_messaging::email::{SmtpSender, SmtpUrl};
+use tideway_messaging::engine::EngineConfig;
+use tideway_messaging::tracking::{TrackingKey, TrackingUrls};
+use tideway_messaging::webhook::WebhookSender;
+use tideway_server::{ConnectionLimits, MessagingOptions, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -41,13 +46,6 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
         settings.egress,
         settings.currents_lease_ttl,
     );
-    let router = tideway_server::app_with_options(
-        store,
-        settings.server.clone(),
-        metrics,
-        Some(currents.clone()),
-        Some(settings.segment_index_dir()),
-    );
     let listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
             "cannot listen on {} (is another server running there? pick another --listen)",
@@ -57,6 +55,15 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
+    let messaging = messaging_options(store.as_ref(), &settings, addr).await?;
+    let router = tideway_server::app_with_messaging(
+        store,
+        settings.server.clone(),
+        metrics,
+        Some(currents.clone()),
+        Some(settings.segment_index_dir()),
+        Some(messaging),
+    );
     announce(addr)?;
     tracing::info!(%addr, data_dir = %settings.data_dir.display(), database = %settings.database.describe(&settings.data_dir), synchronous = ?settings.synchronous, "serving the REST API");
     tideway_server::serve(
@@ -69,6 +76,54 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
     tracing::info!("stopped: every in-flight request has been answered");
     crate::currents::stop(currents).await;
     Ok(())
+}
+
+/// The messaging engine's channels, tracking and clock, from the settings: webhooks under
+/// the same egress policy as Currents, email through `smtp-url` (none: email sends are aborted
+/// as undeliverable), tracking links under `public-url` (default: the bound address), signed
+/// with the key every node of the database shares (drawn by the first to start).
+async fn messaging_options(
+    store: &dyn Store,
+    settings: &Resolved,
+    addr: SocketAddr,
+) -> anyhow::Result<MessagingOptions> {
+    let mut candidate = [0u8; 32];
+    getrandom::fill(&mut candidate)
+        .map_err(|e| anyhow::anyhow!("cannot draw a tracking-link signing key: {e}"))?;
+    let secret = store
+        .messaging_secret(candidate)
+        .await
+        .context("cannot read or store the tracking-link signing key")?;
+    let public_url = settings
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let smtp = match &settings.smtp {
+        None => None,
+        Some(url) => {
+            let parsed = SmtpUrl::parse(url.expose()).with_context(|| {
+                format!("--smtp-url {url:?} is not usable; write it as smtp://HOST:PORT or smtps://USER:PASSWORD@HOST:465")
+            })?;
+            Some(
+                SmtpSender::new(&parsed)
+                    .with_context(|| format!("cannot set up the SMTP client for {url:?}"))?,
+            )
+        }
+    };
+    tracing::info!(public_url = %public_url, smtp = ?settings.smtp, egress = ?settings.egress, "starting the messaging engine");
+    Ok(MessagingOptions {
+        channels: Channels {
+            webhook: WebhookSender::new(settings.egress, settings.webhook_timeout)
+                .context("cannot build the webhook client")?,
+            smtp,
+        },
+        tracking: Tracking {
+            key: TrackingKey::new(secret),
+            urls: TrackingUrls::new(&public_url),
+        },
+        clock: tideway_currents::Clock::system(),
+        engine: EngineConfig::default(),
+    })
 }
 
 /// Prints (and flushes) the stable stdout line with the REST endpoint.
@@ -209,13 +264,14 @@ impl InProcess {
 }
 
 /// `tideway serve --print-config`: the effective settings as a TOML file.
-/// A database password is shown as `***`.
+/// Database and SMTP passwords are shown as `***`.
 pub fn print_config(settings: &Settings) -> anyhow::Result<()> {
     let mut settings = settings.clone();
     settings.database_url = settings
         .database_url
         .as_deref()
         .map(crate::config::redact_url);
+    settings.smtp_url = settings.smtp_url.as_deref().map(crate::config::redact_url);
     let text = toml::to_string(&settings).context("cannot render the configuration")?;
     print!("{text}");
     Ok(())
