@@ -93,6 +93,9 @@ fn not_found() -> Response {
     )
 }
 
+/// How long a verified link waits for its message's settlement to commit.
+const SETTLEMENT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A link's token, verified, with the sent message it names.
 struct Link {
     token: TrackingToken,
@@ -107,7 +110,15 @@ async fn resolve(state: &AppState, raw: &str) -> Option<Link> {
     let token = TrackingToken::verify(&api.tracking.key, raw)?;
     let ws = WorkspaceId(token.workspace);
     let found = async {
-        let sent = state.store().sent_message(ws, token.send).await?;
+        // The SMTP server accepts a mail a few milliseconds before its settlement commits
+        // (settlements are batched); an open or click that fast (a mail client's prefetch)
+        // waits for it rather than failing.
+        let mut sent = state.store().sent_message(ws, token.send).await?;
+        let deadline = tokio::time::Instant::now() + SETTLEMENT_WAIT;
+        while sent.is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            sent = state.store().sent_message(ws, token.send).await?;
+        }
         let workspace = state
             .store()
             .list_workspaces()

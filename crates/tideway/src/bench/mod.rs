@@ -12,6 +12,7 @@ mod ingest_pg;
 mod limits;
 mod load;
 mod segments;
+mod send;
 
 pub use ingest::IngestArgs;
 
@@ -29,6 +30,9 @@ pub enum BenchCommand {
     /// Segment size right after a restart (index from its snapshot, beside a full build) and
     /// p50/p99 under /users/track load
     Segments(segments::SegmentsArgs),
+    /// Campaign sends through the webhook channel: a 1 M-user broadcast beside the receiver's
+    /// own maximum, and cohort entry → webhook → its `webhook.Send` at a Current's receiver
+    Send(send::SendArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -37,5 +41,6 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Cohorts(args) => cohorts::run(args).await,
         BenchCommand::Currents(args) => currents::run(args).await,
         BenchCommand::Segments(args) => segments::run(args).await,
+        BenchCommand::Send(args) => send::run(args).await,
     }
 }

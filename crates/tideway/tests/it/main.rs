@@ -5,6 +5,7 @@
 // Tests talk to servers and receivers they started on loopback: plain clients are right here.
 #![allow(clippy::disallowed_methods)]
 
+mod campaigns;
 mod cli;
 mod cohorts_push;
 mod connections;

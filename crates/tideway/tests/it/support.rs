@@ -222,10 +222,14 @@ impl Api {
 }
 
 const SINK_LINE: &str = "Tideway sink is listening on ";
-/// A child `tideway sink`: a Currents receiver that stores what it gets, by event id.
+const SMTP_SINK_LINE: &str = "Tideway SMTP sink is listening on ";
+/// A child `tideway sink`: a Currents receiver that stores what it gets, by event id (and,
+/// with `--smtp-listen`, a mailbox).
 pub struct Sink {
     _child: Child,
     pub url: String,
+    /// `smtp://ADDR` when started with `--smtp-listen`.
+    pub smtp: Option<String>,
     client: reqwest::Client,
 }
 
@@ -244,6 +248,7 @@ impl Sink {
             .spawn()
             .expect("spawn tideway sink");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut smtp = None;
         let url = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
                 let line = lines
@@ -251,6 +256,9 @@ impl Sink {
                     .await
                     .expect("read")
                     .expect("the sink exited before listening");
+                if let Some(url) = line.strip_prefix(SMTP_SINK_LINE) {
+                    smtp = Some(url.trim().to_owned());
+                }
                 if let Some(url) = line.strip_prefix(SINK_LINE) {
                     return url.trim().to_owned();
                 }
@@ -262,7 +270,59 @@ impl Sink {
         Sink {
             _child: child,
             url,
+            smtp,
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    /// The SMTP address of a sink started with `--smtp-listen`.
+    pub fn smtp_url(&self) -> String {
+        self.smtp
+            .clone()
+            .expect("the sink was started without --smtp-listen")
+    }
+
+    /// Waits until the mailbox holds `n` mails; returns them (`/mails`).
+    pub async fn wait_mail(&self, n: usize, within: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let body: Value = self
+                .client
+                .get(format!("{}/mails", self.url))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let mails = body["mails"].as_array().cloned().unwrap_or_default();
+            if mails.len() >= n {
+                return mails;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} mails arrived",
+                mails.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every stored event's body as received (`/events` pages).
+    pub async fn events(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.page(after).await;
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            if events.is_empty() {
+                return out;
+            }
+            after = page["next_after"].as_i64().unwrap();
+            out.extend(events.into_iter().map(|e| match &e["event"] {
+                Value::String(text) => serde_json::from_str(text).unwrap_or(Value::Null),
+                body => body.clone(),
+            }));
         }
     }
 
