@@ -229,9 +229,27 @@ pub struct Schedule {
     pub start: Option<Millis>,
     /// No occurrence after this.
     pub end: Option<Millis>,
+    /// Each occurrence's time of day is each user's local time (their `time_zone`; UTC when
+    /// they have none or an unknown one): occurrences are read as wall-clock times in UTC and
+    /// moved per user when the audience is expanded, which starts [`LOCAL_TIME_LEAD_MS`]
+    /// early so the first zone (UTC+14) is on time.
+    pub in_local_time: bool,
 }
 
+/// How early a local-time occurrence is expanded: the earliest time zone is UTC+14.
+pub const LOCAL_TIME_LEAD_MS: i64 = 14 * 3_600_000;
+
 impl Schedule {
+    /// When the occurrence `at` is expanded into sends: at once, or early enough for the first
+    /// zone when it is in users' local time.
+    pub fn expands_at(&self, at: Millis) -> Millis {
+        if self.in_local_time {
+            Millis(at.0 - LOCAL_TIME_LEAD_MS)
+        } else {
+            at
+        }
+    }
+
     /// The first occurrence strictly after `after` (and not before `start`), or `None` when
     /// the schedule has no more.
     pub fn next_after(&self, after: Millis) -> Option<Millis> {
@@ -1141,14 +1159,26 @@ fn parse_delivery(raw: Option<&Value>) -> Result<(Delivery, Value), DefinitionEr
                     ));
                 }
             };
+            let in_local_time = match s.get("in_local_time") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(bad(
+                        "delivery.schedule.in_local_time",
+                        "must be true or false",
+                    ));
+                }
+            };
             let mut json = json;
             json["start"] = iso(start);
             json["end"] = iso(end);
+            json["in_local_time"] = json!(in_local_time);
             Ok((
                 Delivery::Scheduled(Schedule {
                     frequency,
                     start,
                     end,
+                    in_local_time,
                 }),
                 json!({"type": "scheduled", "schedule": json}),
             ))
@@ -1477,6 +1507,7 @@ mod tests {
             },
             start: None,
             end: None,
+            in_local_time: false,
         };
         // 1970-01-01T00:00Z → 09:00 the same day; at 09:00 exactly → the next day.
         assert_eq!(daily.next_after(Millis(0)), Some(Millis(9 * 3_600_000)));
@@ -1491,6 +1522,7 @@ mod tests {
             },
             start: None,
             end: None,
+            in_local_time: false,
         };
         // 1970-01-01 was a Thursday; the next Monday is 1970-01-05.
         assert_eq!(weekly.next_after(Millis(0)), Some(Millis(4 * day)));
@@ -1498,11 +1530,13 @@ mod tests {
             frequency: Frequency::Once { at: Millis(5_000) },
             start: None,
             end: None,
+            in_local_time: false,
         };
         assert_eq!(once.next_after(Millis(0)), Some(Millis(5_000)));
         assert_eq!(once.next_after(Millis(5_000)), None);
         let ended = Schedule {
             end: Some(Millis(day)),
+            in_local_time: false,
             ..daily
         };
         assert_eq!(ended.next_after(Millis(day)), None);

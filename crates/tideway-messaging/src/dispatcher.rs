@@ -17,14 +17,14 @@
 //! and re-sent with the same idempotency key (`Idempotency-Key` header, `Message-ID`): at most
 //! the messages in flight are duplicated.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tideway_core::campaigns::{
-    CampaignDefinition, CampaignStatus, EmailContent, FrequencyCap, Message, Variant,
+    CampaignDefinition, CampaignStatus, Delivery, EmailContent, FrequencyCap, Message, Variant,
     WebhookContent, user_dispatch_id,
 };
 use tideway_core::clock::Millis;
@@ -40,6 +40,7 @@ use tideway_currents::Clock;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tracing::{debug, warn};
 
+use crate::audience::Audiences;
 use crate::email::{self, EmailOutcome, OutgoingEmail, SmtpSender};
 use crate::liquid::{RenderError, Template, Vars};
 use crate::personalise::{CampaignVars, vars_for};
@@ -165,6 +166,8 @@ impl Bucket {
 /// The dispatcher of one process.
 pub struct Dispatcher<S: ?Sized> {
     store: Arc<S>,
+    /// Who is in a campaign's audience when a delayed triggered message goes out.
+    audiences: Arc<dyn Audiences>,
     channels: Channels,
     tracking: Option<Tracking>,
     clock: Clock,
@@ -240,6 +243,7 @@ pub fn idempotency_key(workspace: WorkspaceId, send: i64) -> String {
 impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
     pub fn new(
         store: Arc<S>,
+        audiences: Arc<dyn Audiences>,
         channels: Channels,
         tracking: Option<Tracking>,
         clock: Clock,
@@ -247,6 +251,7 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
     ) -> Arc<Self> {
         Arc::new(Dispatcher {
             store,
+            audiences,
             channels,
             tracking,
             clock,
@@ -576,7 +581,76 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                 source_key,
             });
         }
+        let (ready, left) = self.still_in_audience(ready).await;
+        settled.extend(left);
         (ready, settled)
+    }
+
+    /// A delayed action-based message goes out only to users still in the campaign's audience
+    /// when it is due (Braze checks the audience at send time); the others are dropped
+    /// (counted as `left_audience`). One audience question per campaign in the claim.
+    async fn still_in_audience(&self, ready: Vec<Prepared>) -> (Vec<Prepared>, Vec<Settlement>) {
+        let delayed = |p: &Prepared| {
+            p.compiled.campaign.is_some()
+                && matches!(&p.compiled.definition.delivery, Delivery::ActionBased(a) if a.delay_secs > 0)
+        };
+        let mut groups: HashMap<(WorkspaceId, String), Vec<UserSeq>> = HashMap::new();
+        for p in ready.iter().filter(|p| delayed(p)) {
+            groups
+                .entry((p.claim.workspace, p.source_key.clone()))
+                .or_default()
+                .push(p.claim.user);
+        }
+        if groups.is_empty() {
+            return (ready, Vec::new());
+        }
+        let mut inside: HashMap<(WorkspaceId, String), Option<HashSet<UserSeq>>> = HashMap::new();
+        for ((ws, key), users) in groups {
+            let Some(p) = ready
+                .iter()
+                .find(|p| p.claim.workspace == ws && p.source_key == key)
+            else {
+                continue;
+            };
+            let answer = match crate::audience::audience_filter(&p.compiled.definition.audience) {
+                Ok(filter) => self.audiences.matching(ws, filter, users).await,
+                Err(e) => Err(e),
+            };
+            match answer {
+                Ok(members) => {
+                    inside.insert((ws, key), Some(members.into_iter().collect()));
+                }
+                Err(e) => {
+                    // Unknown: send (the audience held when it was triggered).
+                    warn!(workspace = ws.0, campaign = %key, error = %e, "checking the audience at send time failed");
+                    inside.insert((ws, key), None);
+                }
+            }
+        }
+        let mut keep = Vec::with_capacity(ready.len());
+        let mut left = Vec::new();
+        for p in ready {
+            let gone = delayed(&p)
+                && inside
+                    .get(&(p.claim.workspace, p.source_key.clone()))
+                    .and_then(Option::as_ref)
+                    .is_some_and(|members| !members.contains(&p.claim.user));
+            if gone {
+                metrics::counter!("tideway_messages_skipped_total", "reason" => "left_audience")
+                    .increment(1);
+                self.release_source(&p.source_key);
+                let slot = (p.claim.workspace, p.claim.user);
+                let mut capped = lock(&self.capped_in_flight);
+                if capped.get(&slot) == Some(&p.claim.id) {
+                    capped.remove(&slot);
+                }
+                drop(capped);
+                left.push(fail(&p.claim, Vec::new()));
+            } else {
+                keep.push(p);
+            }
+        }
+        (keep, left)
     }
 
     /// Gives back a source's in-flight slot taken in [`Self::prepare`].

@@ -37,6 +37,7 @@ impl<S: TriggerStore + ?Sized + 'static> Engine<S> {
     ) -> Engine<S> {
         let dispatcher = Dispatcher::new(
             Arc::clone(&store),
+            Arc::clone(&audiences),
             channels,
             tracking,
             clock,

@@ -13,7 +13,8 @@
 //!
 //! The engine ([`engine`]) over the store's queue:
 //! - [`triggers`]: action-based campaigns, conversions and [`stats`] from the logs;
-//! - [`scheduler`]: scheduled campaigns and audience expansion in chunks;
+//! - [`scheduler`]: scheduled campaigns (in UTC or each user's [`local_time`]) and audience
+//!   expansion in chunks;
 //! - [`dispatcher`]: claim → render ([`personalise`]) → send → settle;
 //! - [`sends`] and [`plan`]: what the API's sends and the loops enqueue; [`audience`]: who is
 //!   in a campaign's audience (answered by the server's segment indexes).
@@ -23,6 +24,7 @@ pub mod dispatcher;
 pub mod email;
 pub mod engine;
 pub mod liquid;
+pub mod local_time;
 pub mod personalise;
 pub mod plan;
 pub mod scheduler;

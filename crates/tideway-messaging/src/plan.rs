@@ -45,6 +45,8 @@ pub fn control_users(
 pub struct Recipient {
     pub user: UserSeq,
     pub properties: Option<String>,
+    /// This recipient's own due time (a local-time occurrence), instead of the dispatch's.
+    pub due_at: Option<Millis>,
 }
 
 /// A campaign dispatch being planned: the campaign, its parsed definition, the dispatch and
@@ -85,7 +87,7 @@ pub fn campaign_items(
                 job: Some(SendJob {
                     dispatch_id: dispatch.id.clone(),
                     variant: v.id.clone(),
-                    due_at,
+                    due_at: r.due_at.unwrap_or(due_at),
                     properties: r.properties.clone(),
                 }),
                 events: Vec::new(),
@@ -151,7 +153,7 @@ pub fn adhoc_items(
                 job: Some(SendJob {
                     dispatch_id: dispatch.id.clone(),
                     variant: v.id.clone(),
-                    due_at,
+                    due_at: r.due_at.unwrap_or(due_at),
                     properties: r.properties.clone(),
                 }),
                 events: Vec::new(),

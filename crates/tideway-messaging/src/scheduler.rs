@@ -115,7 +115,7 @@ impl<S: DispatchStore + ?Sized + 'static> Scheduler<S> {
                     continue;
                 }
             };
-            if next.0 > now.0 {
+            if schedule.expands_at(next).0 > now.0 {
                 continue;
             }
             let following = schedule.next_after(next);
@@ -131,7 +131,9 @@ impl<S: DispatchStore + ?Sized + 'static> Scheduler<S> {
                 audience: None,
                 created_at: now,
                 expanding_after: Some(UserSeq(0)),
-                not_before: None,
+                // A local-time occurrence remembers itself here (its expansion may resume
+                // after a restart): the occurrence is `not_before + LOCAL_TIME_LEAD_MS`.
+                not_before: schedule.in_local_time.then(|| schedule.expands_at(next)),
             };
             let claimed = self
                 .store
@@ -227,14 +229,29 @@ impl<S: DispatchStore + ?Sized + 'static> Scheduler<S> {
         done: bool,
     ) -> Result<(), StoreError> {
         let ws = dispatch.workspace;
+        let now = self.clock.now();
+        let local = local_occurrence(def, dispatch);
+        let zones: HashMap<UserSeq, Option<String>> = match local {
+            None => HashMap::new(),
+            Some(_) => self
+                .store
+                .users_by_seq(ws, chunk.to_vec())
+                .await?
+                .into_iter()
+                .map(|u| (u.seq, u.time_zone().map(str::to_owned)))
+                .collect(),
+        };
         let recipients: Vec<Recipient> = chunk
             .iter()
             .map(|u| Recipient {
                 user: *u,
                 properties: None,
+                due_at: local.map(|at| {
+                    let zone = zones.get(u).and_then(Option::as_deref);
+                    Millis(crate::local_time::local_due(at, zone).0.max(now.0))
+                }),
             })
             .collect();
-        let now = self.clock.now();
         let items = match campaign {
             Some(campaign) => {
                 let controls = plan::control_users(campaign, def, chunk);
@@ -304,5 +321,20 @@ impl<S: DispatchStore + ?Sized + 'static> Scheduler<S> {
             .find(|w| w.id == ws)
             .map(|w| w.app_group_id)
             .unwrap_or_default())
+    }
+}
+
+/// The occurrence a local-time scheduled dispatch delivers (each user at its wall-clock time
+/// in their zone), or `None` for every other dispatch.
+fn local_occurrence(def: &CampaignDefinition, dispatch: &DispatchRecord) -> Option<Millis> {
+    match (&def.delivery, &dispatch.source, dispatch.not_before) {
+        (Delivery::Scheduled(s), DispatchSource::Campaign { .. }, Some(expanded))
+            if s.in_local_time =>
+        {
+            Some(Millis(
+                expanded.0 + tideway_core::campaigns::LOCAL_TIME_LEAD_MS,
+            ))
+        }
+        _ => None,
     }
 }

@@ -204,6 +204,7 @@ pub async fn trigger_campaign<S: DispatchStore + UserStore + ?Sized>(
                 .map(|(u, props)| Recipient {
                     user: *u,
                     properties: object_text(props),
+                    due_at: None,
                 })
                 .collect();
             let outside_audience = users.len() - recipients.len();
@@ -320,6 +321,7 @@ pub async fn send_messages<S: DispatchStore + UserStore + ?Sized>(
         .map(|(u, props)| Recipient {
             user: *u,
             properties: object_text(props),
+            due_at: None,
         })
         .collect();
     let outside_audience = users.len() - recipients.len();

@@ -450,6 +450,7 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
                     &[Recipient {
                         user: h.user,
                         properties: h.properties(),
+                        due_at: None,
                     }],
                     &records,
                     due_at,

@@ -583,3 +583,159 @@ async fn the_rate_limit_holds_for_concurrent_sends() {
         "sent {sent} within the first seconds"
     );
 }
+
+/// The wall-clock time now, as an ISO 8601 string (events trigger campaigns launched before
+/// their time).
+fn now_iso() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    tideway_core::clock::Millis(ms).to_iso()
+}
+
+/// A receiver that never answers in time.
+async fn hanging_receiver() -> String {
+    let app = axum::Router::new().route(
+        "/hook",
+        any(|| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "late"
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/hook")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_receiver_does_not_slow_another_campaign() {
+    let t = setup().await;
+    let users: Vec<Value> = (0..300)
+        .map(|i| json!({"external_id": format!("u{i}")}))
+        .collect();
+    for chunk in users.chunks(75) {
+        t.track(Value::Array(chunk.to_vec())).await;
+    }
+    let mut stuck = t.webhook_campaign("Stuck", json!({}));
+    stuck["messages"][0]["url"] = json!(hanging_receiver().await);
+    let stuck = t.campaign(stuck).await;
+    let healthy = t.campaign(t.webhook_campaign("Healthy", json!({}))).await;
+    // More sends to the hanging receiver than the dispatcher has slots for one campaign.
+    let a =
+        t.s.post(
+            "/campaigns/trigger/send",
+            &t.key,
+            json!({"campaign_id": stuck, "broadcast": true}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recipients: Vec<Value> = (0..50)
+        .map(|i| json!({"external_user_id": format!("u{i}")}))
+        .collect();
+    let a = t.trigger(&healthy, Value::Array(recipients)).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    t.wait_hits(50).await;
+    // The hanging campaign's sends hold their slots until the 5 s timeout; the healthy ones
+    // all went out before any of them timed out (no outcome of the stuck campaign yet).
+    let stuck_outcomes: Vec<Value> = t
+        .events("users.messages.webhook.Failure")
+        .await
+        .into_iter()
+        .chain(t.events("users.messages.webhook.Retry").await)
+        .filter(|e| e["properties"]["campaign_id"] == stuck.as_str())
+        .collect();
+    assert!(
+        stuck_outcomes.is_empty(),
+        "the healthy campaign waited for the stuck one: {stuck_outcomes:?}"
+    );
+    assert_eq!(t.events("users.messages.webhook.Send").await.len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_trigger_checks_the_audience_when_the_message_goes_out() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "stays", "plan": "trial"}, {"external_id": "leaves", "plan": "trial"}]))
+        .await;
+    let mut campaign = t.webhook_campaign("Stuck in trial", json!({}));
+    campaign["delivery"] = json!({"type": "action_based", "delay_seconds": 2,
+        "triggers": [{"custom_event": {"name": "stuck"}}]});
+    campaign["audience"] =
+        json!({"filter": {"attribute": {"name": "plan", "op": "equals", "value": "trial"}}});
+    t.campaign(campaign).await;
+    let a =
+        t.s.post(
+            "/users/track",
+            &t.key,
+            json!({"events": [
+                {"external_id": "stays", "name": "stuck", "time": now_iso()},
+                {"external_id": "leaves", "name": "stuck", "time": now_iso()},
+            ]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    // Both were in the audience when they triggered it; one leaves it during the delay.
+    t.track(json!([{"external_id": "leaves", "plan": "pro"}]))
+        .await;
+    t.wait_hits(1).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let hits = t.hooks.hits();
+    assert_eq!(hits.len(), 1, "only the user still in the audience");
+    let body: Value = serde_json::from_str(&hits[0].body).unwrap();
+    assert_eq!(body["name"], "");
+    let sends = t.events("users.messages.webhook.Send").await;
+    assert_eq!(sends.len(), 1);
+    assert_eq!(sends[0]["user"]["external_user_id"], "stays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_time_schedule_reaches_each_user_at_their_wall_clock_time() {
+    let t = setup().await;
+    t.track(json!([
+        {"external_id": "utc"},
+        {"external_id": "kiritimati", "time_zone": "Pacific/Kiritimati"},
+        {"external_id": "los_angeles", "time_zone": "America/Los_Angeles"},
+    ]))
+    .await;
+    // Two seconds from now, read as a wall-clock time: in UTC that is in two seconds, at
+    // UTC+14 it passed 14 hours ago (sent at once), in Los Angeles it is hours away.
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 2_000;
+    let mut campaign = t.webhook_campaign("Local", json!({}));
+    campaign["messages"][0]["body"] = json!("{\"user\": \"{{${user_id}}}\"}");
+    campaign["delivery"] = json!({"type": "scheduled", "schedule": {"frequency": "once",
+        "at": tideway_core::clock::Millis(at).to_iso(), "in_local_time": true}});
+    let id = t.campaign(campaign).await;
+    let hits = t.wait_hits(2).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let mut users: Vec<String> = t
+        .hooks
+        .hits()
+        .iter()
+        .map(|h| {
+            serde_json::from_str::<Value>(&h.body).unwrap()["user"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    users.sort();
+    assert_eq!(users, vec!["kiritimati", "utc"], "{hits:?}");
+    let a =
+        t.s.send(
+            reqwest::Method::GET,
+            &format!("/api/v1/campaigns/{id}"),
+            crate::harness::Auth::Bearer(&t.key),
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(a.body["campaign"]["stats"]["pending"], 1, "{a:?}");
+}
