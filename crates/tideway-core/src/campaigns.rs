@@ -330,6 +330,10 @@ pub enum Trigger {
     Purchase { product_id: Option<String> },
     /// Entering a partner cohort (a Tideway extension: Braze has no such trigger).
     CohortEntry { partner: String, cohort_id: String },
+    /// Entering one of the workspace's segments (a Tideway extension). Never matches an
+    /// [`Occurrence`]: the trigger engine detects entries itself by following the segment's
+    /// membership (`tideway-messaging`'s `triggers.rs`).
+    SegmentEntry { segment_id: String },
 }
 
 /// What happened to a user that may start a send, as the trigger engine reads it from the log.
@@ -692,6 +696,22 @@ impl CampaignDefinition {
     /// Parses a stored (canonical) definition.
     pub fn load(stored: &Value) -> Result<CampaignDefinition, DefinitionError> {
         Self::parse(stored, || String::from("missing-id")).map(|(d, _)| d)
+    }
+
+    /// The segments whose entry triggers this campaign, each once, in trigger order (empty
+    /// unless the delivery is action-based with `segment_entry` triggers).
+    pub fn segment_entry_ids(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        if let Delivery::ActionBased(action) = &self.delivery {
+            for t in &action.triggers {
+                if let Trigger::SegmentEntry { segment_id } = t {
+                    if !out.contains(&segment_id.as_str()) {
+                        out.push(segment_id);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Every Liquid template of the definition, with its path (for checking on save).
@@ -1232,7 +1252,7 @@ fn parse_trigger(raw: &Value, path: &str) -> Result<(Trigger, Value), Definition
     let obj = raw.as_object().filter(|o| o.len() == 1).ok_or_else(|| {
         bad(
             path,
-            "must be an object with one key: custom_event, purchase or cohort_entry",
+            "must be an object with one key: custom_event, purchase, cohort_entry or segment_entry",
         )
     })?;
     let (kind, body) = obj.iter().next().ok_or_else(|| bad(path, "is empty"))?;
@@ -1277,9 +1297,16 @@ fn parse_trigger(raw: &Value, path: &str) -> Result<(Trigger, Value), Definition
             let json = json!({"cohort_entry": {"partner": partner, "cohort_id": cohort_id}});
             Ok((Trigger::CohortEntry { partner, cohort_id }, json))
         }
+        "segment_entry" => {
+            let segment_id = string_field(body, "segment_id", &p, true)?.unwrap_or_default();
+            let json = json!({"segment_entry": {"segment_id": segment_id}});
+            Ok((Trigger::SegmentEntry { segment_id }, json))
+        }
         other => Err(bad(
             path,
-            format!("unknown trigger {other:?} (custom_event, purchase or cohort_entry)"),
+            format!(
+                "unknown trigger {other:?} (custom_event, purchase, cohort_entry or segment_entry)"
+            ),
         )),
     }
 }
@@ -1496,6 +1523,66 @@ mod tests {
         }));
         let p = Trigger::Purchase { product_id: None };
         assert!(p.matches(&Occurrence::Purchase { product_id: "x" }));
+        let s = Trigger::SegmentEntry {
+            segment_id: "7".into(),
+        };
+        assert!(!s.matches(&Occurrence::CohortEntry {
+            partner: "heap",
+            cohort_id: "7"
+        }));
+        assert!(!s.matches(&Occurrence::Purchase { product_id: "7" }));
+    }
+
+    #[test]
+    fn segment_entry_triggers_parse_and_list_their_segments() {
+        let mut c = email_campaign();
+        c["delivery"] = json!({"type": "action_based", "delay_seconds": 60, "triggers": [
+            {"segment_entry": {"segment_id": "seg-a"}},
+            {"purchase": {}},
+            {"segment_entry": {"segment_id": "seg-b"}},
+            {"segment_entry": {"segment_id": "seg-a"}}
+        ]});
+        let (def, canonical) = CampaignDefinition::parse(&c, ids()).unwrap();
+        let Delivery::ActionBased(action) = &def.delivery else {
+            panic!("{:?}", def.delivery)
+        };
+        assert_eq!(
+            action.triggers[0],
+            Trigger::SegmentEntry {
+                segment_id: "seg-a".into()
+            }
+        );
+        assert_eq!(action.delay_secs, 60);
+        assert_eq!(
+            canonical["delivery"]["triggers"][2],
+            json!({"segment_entry": {"segment_id": "seg-b"}})
+        );
+        assert_eq!(CampaignDefinition::load(&canonical).unwrap(), def);
+        assert_eq!(def.segment_entry_ids(), vec!["seg-a", "seg-b"]);
+
+        let (other, _) = CampaignDefinition::parse(&email_campaign(), ids()).unwrap();
+        assert!(other.segment_entry_ids().is_empty());
+
+        for (body, path) in [
+            (json!({}), "delivery.triggers[0].segment_entry.segment_id"),
+            (
+                json!({"segment_id": ""}),
+                "delivery.triggers[0].segment_entry.segment_id",
+            ),
+            (
+                json!({"segment_id": 7}),
+                "delivery.triggers[0].segment_entry.segment_id",
+            ),
+            (json!("seg-a"), "delivery.triggers[0].segment_entry"),
+        ] {
+            let mut c = email_campaign();
+            c["delivery"] = json!({"type": "action_based", "triggers": [{"segment_entry": body}]});
+            assert_eq!(
+                CampaignDefinition::parse(&c, ids()).unwrap_err().path,
+                path,
+                "{body}"
+            );
+        }
     }
 
     #[test]

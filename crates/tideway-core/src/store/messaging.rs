@@ -1,5 +1,6 @@
 //! The messaging context: stored campaigns, dispatches, the durable send queue, per-user
-//! campaign receipts, the trigger engine's cursor, and the reads the dispatcher needs.
+//! campaign receipts, the trigger engine's cursor and segment trackers, and the reads the
+//! dispatcher needs.
 //!
 //! Every method is one transaction. Events passed in (EnrollInControl, Send, Failure, Abort, …)
 //! are appended to the workspace's event log **in the same transaction** as the state change
@@ -23,6 +24,7 @@ use crate::clock::Millis;
 use crate::currents::CurrentsEvent;
 use crate::ids::{UserSeq, WorkspaceId};
 use crate::profile::UserRecord;
+use crate::segments::FeedPosition;
 
 use super::StoreFuture;
 
@@ -164,6 +166,24 @@ pub struct Enqueue {
     /// adds one only if the user was not recorded yet — by an earlier enqueue or earlier in
     /// this one.
     pub stats: Vec<StatIncrement>,
+    /// Segment-entry trigger state to write: `(campaign_id, segment_id, expected, new)`, each a
+    /// compare-and-set of that (campaign, segment)'s [`SegmentTracker::position`]: `expected`
+    /// `None` means the tracker must not exist yet, `Some(p)` that it is stored at `p`. Any
+    /// mismatch fails the enqueue with [`super::StoreError::Conflict`] and writes nothing —
+    /// another node acted on that stretch of the segment's feed first — and so does a tracker
+    /// of a campaign the workspace does not have (deleted meanwhile).
+    pub segment_trackers: Vec<(String, String, Option<FeedPosition>, SegmentTracker)>,
+}
+
+/// How far the trigger engine has followed one segment for one segment-entry campaign, and who
+/// was in the segment there.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SegmentTracker {
+    /// The segment change-feed position the members are as of.
+    pub position: FeedPosition,
+    /// The members at `position`: a serialized roaring bitmap of user seqs (opaque to the
+    /// store).
+    pub members: Vec<u8>,
 }
 
 /// One counted figure of a campaign.
@@ -356,8 +376,8 @@ pub trait MessagingStore: Send + Sync {
         campaign: CampaignRecord,
     ) -> StoreFuture<'_, Option<CampaignRecord>>;
     /// Deletes the campaign with its pending sends — claimed ones too, whose settlement is then
-    /// refused — and its stats (counts and the users counted), and ends its dispatches'
-    /// expansions (sent ones are kept for tracking); returns whether it existed.
+    /// refused — its stats (counts and the users counted) and its segment trackers, and ends
+    /// its dispatches' expansions (sent ones are kept for tracking); returns whether it existed.
     fn delete_campaign(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool>;
     /// Every active campaign of every workspace (the trigger engine and the scheduler), by
     /// workspace id, then oldest first.
@@ -493,6 +513,14 @@ pub trait MessagingStore: Send + Sync {
     fn cohort_changes_head(&self, workspace: WorkspaceId) -> StoreFuture<'_, i64>;
     /// The event log's head: its last committed position, or 0 when it is empty.
     fn event_log_head(&self, workspace: WorkspaceId) -> StoreFuture<'_, i64>;
+    /// A segment-entry campaign's tracker of one segment (written by [`Enqueue::segment_trackers`]);
+    /// `None` until the first is written.
+    fn segment_tracker(
+        &self,
+        workspace: WorkspaceId,
+        campaign_id: &str,
+        segment_id: &str,
+    ) -> StoreFuture<'_, Option<SegmentTracker>>;
 
     // -- secrets --------------------------------------------------------------------------
     /// The key that signs tracking and unsubscribe URLs, the same for every node: the first

@@ -46,7 +46,8 @@ pub use cohorts::{
 pub use messaging::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
     Enqueue, EnqueueOutcome, MessagingStore, NewConversion, NewSend, Receipt, ReceiptRecord,
-    SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement, TriggerCursor,
+    SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement,
+    TriggerCursor,
 };
 pub use segments::SegmentStore;
 pub use users::{

@@ -1,6 +1,6 @@
 //! Messaging over PostgreSQL: campaigns, dispatches, the durable send queue, campaign receipts
 //! and conversions, send ids, the trigger cursor and messaging settings (schema version 2),
-//! and campaign stats (schema version 3).
+//! campaign stats (schema version 3) and segment-entry trackers (schema version 4).
 //!
 //! The semantics are the SQLite store's (`sqlite/messaging.rs`, whose module docs say what
 //! both decide: a receipt's time, expansion marks that only move forward, `next_due`); what
@@ -33,6 +33,11 @@
 //!   `INSERT … FROM unnest … ON CONFLICT DO NOTHING RETURNING` (a returned row is a new user,
 //!   and counts), then one upsert adding each distinct (campaign, stat)'s total. Both write in
 //!   key order, so concurrent enqueues lock the rows in one order.
+//! - **Segment trackers** move by compare-and-set in the writing statement too (`INSERT … ON
+//!   CONFLICT DO NOTHING` from none, `UPDATE … WHERE position = expected` otherwise), after a
+//!   `FOR SHARE` lock on their campaign's row; `delete_campaign` deletes the trackers after
+//!   the campaign row, so a tracker written concurrently with a delete is deleted with it or
+//!   refused.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -45,10 +50,11 @@ use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{BrazeId, Email, ExternalId, Phone, UserSeq, WorkspaceId};
 use tideway_core::profile::UserRecord;
+use tideway_core::segments::FeedPosition;
 use tideway_core::store::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, Enqueue,
-    EnqueueOutcome, MessagingStore, ReceiptRecord, SendCounts, SendJob, SendState, SentMessage,
-    Settlement, StatIncrement, StoreError, StoreFuture, TriggerCursor,
+    EnqueueOutcome, MessagingStore, ReceiptRecord, SegmentTracker, SendCounts, SendJob, SendState,
+    SentMessage, Settlement, StatIncrement, StoreError, StoreFuture, TriggerCursor,
 };
 
 use super::currents::append_in;
@@ -347,6 +353,14 @@ async fn delete_campaign(
         &[&workspace.0, &id],
     )
     .await?;
+    // After the campaign row: a tracker written by an enqueue that locked the row first is
+    // committed by now and deleted here; a later one finds no campaign (see `move_trackers`).
+    execute(
+        &tx,
+        "DELETE FROM segment_trackers WHERE workspace_id = $1 AND campaign_id = $2",
+        &[&workspace.0, &id],
+    )
+    .await?;
     tx.commit().await.map_err(pg_err)?;
     Ok(deleted > 0)
 }
@@ -485,6 +499,104 @@ async fn move_cursor<C: GenericClient>(
     }
 }
 
+/// Applies [`Enqueue::segment_trackers`], each a compare-and-set on the stored position, or
+/// `Conflict`.
+async fn move_trackers<C: GenericClient>(
+    c: &C,
+    workspace: WorkspaceId,
+    moves: &[(String, String, Option<FeedPosition>, SegmentTracker)],
+) -> Result<(), StoreError> {
+    for (campaign_id, segment_id, expected, new) in moves {
+        let campaign = query_opt(
+            c,
+            "SELECT 1 FROM campaigns WHERE workspace_id = $1 AND id = $2 FOR SHARE",
+            &[&workspace.0, campaign_id],
+        )
+        .await?;
+        if campaign.is_none() {
+            return Err(cas_conflict("the segment tracker's campaign"));
+        }
+        let p = new.position;
+        let moved = match expected {
+            None => {
+                query_opt(
+                    c,
+                    "INSERT INTO segment_trackers (workspace_id, campaign_id, segment_id,
+                         event_seq, cohort_change_seq, user_change_seq, members)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (workspace_id, campaign_id, segment_id) DO NOTHING
+                     RETURNING 1",
+                    &[
+                        &workspace.0,
+                        campaign_id,
+                        segment_id,
+                        &p.event_seq,
+                        &p.cohort_change_seq,
+                        &p.user_change_seq,
+                        &new.members,
+                    ],
+                )
+                .await?
+            }
+            Some(old) => {
+                query_opt(
+                    c,
+                    "UPDATE segment_trackers
+                     SET event_seq = $7, cohort_change_seq = $8, user_change_seq = $9,
+                         members = $10
+                     WHERE workspace_id = $1 AND campaign_id = $2 AND segment_id = $3
+                       AND event_seq = $4 AND cohort_change_seq = $5 AND user_change_seq = $6
+                     RETURNING 1",
+                    &[
+                        &workspace.0,
+                        campaign_id,
+                        segment_id,
+                        &old.event_seq,
+                        &old.cohort_change_seq,
+                        &old.user_change_seq,
+                        &p.event_seq,
+                        &p.cohort_change_seq,
+                        &p.user_change_seq,
+                        &new.members,
+                    ],
+                )
+                .await?
+            }
+        };
+        if moved.is_none() {
+            return Err(cas_conflict("the segment tracker"));
+        }
+    }
+    Ok(())
+}
+
+async fn segment_tracker(
+    store: &PgStore,
+    workspace: WorkspaceId,
+    campaign_id: &str,
+    segment_id: &str,
+) -> Result<Option<SegmentTracker>, StoreError> {
+    let client = store.pool.client().await?;
+    let row = query_opt(
+        &client,
+        "SELECT event_seq, cohort_change_seq, user_change_seq, members FROM segment_trackers
+         WHERE workspace_id = $1 AND campaign_id = $2 AND segment_id = $3",
+        &[&workspace.0, &campaign_id, &segment_id],
+    )
+    .await?;
+    row.map(|row| {
+        Ok(SegmentTracker {
+            position: FeedPosition {
+                event_seq: get(&row, 0)?,
+                cohort_change_seq: get(&row, 1)?,
+                user_change_seq: get(&row, 2)?,
+            },
+            members: get(&row, 3)?,
+        })
+    })
+    .transpose()
+}
+
 /// Takes the receipts of the items that have one; returns which items may go ahead.
 async fn take_receipts<C: GenericClient>(
     c: &C,
@@ -574,6 +686,7 @@ async fn enqueue(
             return Err(cas_conflict("the campaign's next run"));
         }
     }
+    move_trackers(&tx, workspace, &e.segment_trackers).await?;
     for d in &e.dispatches {
         if d.workspace != workspace {
             return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
@@ -1516,6 +1629,16 @@ impl MessagingStore for PgStore {
 
     fn event_log_head(&self, workspace: WorkspaceId) -> StoreFuture<'_, i64> {
         Box::pin(head(self, workspace, Sequence::EventLog))
+    }
+
+    fn segment_tracker(
+        &self,
+        workspace: WorkspaceId,
+        campaign_id: &str,
+        segment_id: &str,
+    ) -> StoreFuture<'_, Option<SegmentTracker>> {
+        let (campaign_id, segment_id) = (campaign_id.to_owned(), segment_id.to_owned());
+        Box::pin(async move { segment_tracker(self, workspace, &campaign_id, &segment_id).await })
     }
 
     fn messaging_secret(&self, candidate: [u8; 32]) -> StoreFuture<'_, [u8; 32]> {

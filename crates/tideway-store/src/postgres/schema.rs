@@ -91,6 +91,7 @@ pub const DISTRIBUTION: &[(&str, Distribution)] = &[
     ("messaging_workspaces", BY_WORKSPACE),
     ("campaign_stats", BY_WORKSPACE),
     ("campaign_stat_users", BY_WORKSPACE),
+    ("segment_trackers", BY_WORKSPACE),
 ];
 
 /// Where each table goes, or `None` for a table the schema does not have.
@@ -528,6 +529,20 @@ CREATE TABLE campaign_stat_users (
     stat          text NOT NULL,
     user_seq      bigint NOT NULL,
     PRIMARY KEY (workspace_id, campaign_id, stat, user_seq)
+);
+"#,
+    // 4: segment-entry trigger trackers (`postgres/messaging.rs`): per (campaign, segment) the
+    // segment feed position followed to and the members there (a serialized roaring bitmap).
+    r#"
+CREATE TABLE segment_trackers (
+    workspace_id       bigint NOT NULL,
+    campaign_id        text NOT NULL,
+    segment_id         text NOT NULL,
+    event_seq          bigint NOT NULL,
+    cohort_change_seq  bigint NOT NULL,
+    user_change_seq    bigint NOT NULL,
+    members            bytea NOT NULL,
+    PRIMARY KEY (workspace_id, campaign_id, segment_id)
 );
 "#,
 ];

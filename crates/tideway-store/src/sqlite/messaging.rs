@@ -1,6 +1,6 @@
 //! Messaging over SQLite: campaigns, dispatches, the durable send queue, campaign receipts and
-//! conversions, send ids, the trigger cursor, messaging settings and campaign stats (schema
-//! versions 7, 8 and 9).
+//! conversions, send ids, the trigger cursor, segment-entry trackers, messaging settings and
+//! campaign stats (schema versions 7, 8, 9 and 10).
 //!
 //! Every write runs on the writer, as one job of its group commit, so each method is one
 //! transaction and its events go to `event_log` in that transaction (positions in commit order,
@@ -43,10 +43,12 @@ use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::profile::UserRecord;
+use tideway_core::segments::FeedPosition;
 use tideway_core::store::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
-    Enqueue, EnqueueOutcome, MessagingStore, NewSend, ReceiptRecord, SendCounts, SendJob,
-    SendState, SentMessage, Settlement, StatIncrement, StoreError, StoreFuture, TriggerCursor,
+    Enqueue, EnqueueOutcome, MessagingStore, NewSend, ReceiptRecord, SegmentTracker, SendCounts,
+    SendJob, SendState, SentMessage, Settlement, StatIncrement, StoreError, StoreFuture,
+    TriggerCursor,
 };
 
 use super::users::SqlUsers;
@@ -406,6 +408,7 @@ fn delete_campaign(
     for sql in [
         "DELETE FROM campaign_stats WHERE workspace_id = ?1 AND campaign_id = ?2",
         "DELETE FROM campaign_stat_users WHERE workspace_id = ?1 AND campaign_id = ?2",
+        "DELETE FROM segment_trackers WHERE workspace_id = ?1 AND campaign_id = ?2",
     ] {
         conn.prepare_cached(sql)
             .map_err(sql_err)?
@@ -533,6 +536,76 @@ fn trigger_cursor(conn: &Connection, workspace: WorkspaceId) -> Result<TriggerCu
         .optional()
         .map_err(sql_err)?;
     Ok(found.unwrap_or_default())
+}
+
+fn segment_tracker(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    campaign_id: &str,
+    segment_id: &str,
+) -> Result<Option<SegmentTracker>, StoreError> {
+    conn.prepare_cached(
+        "SELECT event_seq, cohort_change_seq, user_change_seq, members FROM segment_trackers
+         WHERE workspace_id = ?1 AND campaign_id = ?2 AND segment_id = ?3",
+    )
+    .map_err(sql_err)?
+    .query_row(params![workspace.0, campaign_id, segment_id], |r| {
+        Ok(SegmentTracker {
+            position: FeedPosition {
+                event_seq: r.get(0)?,
+                cohort_change_seq: r.get(1)?,
+                user_change_seq: r.get(2)?,
+            },
+            members: r.get(3)?,
+        })
+    })
+    .optional()
+    .map_err(sql_err)
+}
+
+/// Applies [`Enqueue::segment_trackers`]: each a compare-and-set on the stored position.
+fn move_segment_trackers(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    moves: &[(String, String, Option<FeedPosition>, SegmentTracker)],
+) -> Result<(), StoreError> {
+    for (campaign_id, segment_id, expected, new) in moves {
+        let exists = conn
+            .prepare_cached("SELECT 1 FROM campaigns WHERE workspace_id = ?1 AND id = ?2")
+            .map_err(sql_err)?
+            .exists(params![workspace.0, campaign_id])
+            .map_err(sql_err)?;
+        if !exists {
+            return Err(cas_conflict("the segment tracker's campaign"));
+        }
+        let stored = segment_tracker(conn, workspace, campaign_id, segment_id)?;
+        if stored.map(|t| t.position) != *expected {
+            return Err(cas_conflict("the segment tracker"));
+        }
+        let p = new.position;
+        conn.prepare_cached(
+            "INSERT INTO segment_trackers (workspace_id, campaign_id, segment_id, event_seq,
+                 cohort_change_seq, user_change_seq, members)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (workspace_id, campaign_id, segment_id) DO UPDATE
+                 SET event_seq = excluded.event_seq,
+                     cohort_change_seq = excluded.cohort_change_seq,
+                     user_change_seq = excluded.user_change_seq,
+                     members = excluded.members",
+        )
+        .map_err(sql_err)?
+        .execute(params![
+            workspace.0,
+            campaign_id,
+            segment_id,
+            p.event_seq,
+            p.cohort_change_seq,
+            p.user_change_seq,
+            new.members
+        ])
+        .map_err(sql_err)?;
+    }
+    Ok(())
 }
 
 /// Takes the receipt: true when the item may go ahead.
@@ -676,6 +749,7 @@ fn enqueue(
             return Err(cas_conflict("the campaign's next run"));
         }
     }
+    move_segment_trackers(conn, workspace, &e.segment_trackers)?;
     for d in &e.dispatches {
         if d.workspace != workspace {
             return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
@@ -1398,6 +1472,16 @@ impl MessagingStore for SqliteStore {
                 workspace,
             )
         })
+    }
+
+    fn segment_tracker(
+        &self,
+        workspace: WorkspaceId,
+        campaign_id: &str,
+        segment_id: &str,
+    ) -> StoreFuture<'_, Option<SegmentTracker>> {
+        let (campaign_id, segment_id) = (campaign_id.to_owned(), segment_id.to_owned());
+        self.read(move |conn| segment_tracker(conn, workspace, &campaign_id, &segment_id))
     }
 
     fn messaging_secret(&self, candidate: [u8; 32]) -> StoreFuture<'_, [u8; 32]> {

@@ -445,6 +445,20 @@ CREATE TABLE campaign_stat_users (
     PRIMARY KEY (workspace_id, campaign_id, stat, user_seq)
 ) WITHOUT ROWID;
 "#,
+    // 10: segment-entry trigger trackers (`sqlite/messaging.rs`): per (campaign, segment) the
+    // segment feed position followed to and the members there (a serialized roaring bitmap).
+    r#"
+CREATE TABLE segment_trackers (
+    workspace_id        INTEGER NOT NULL,
+    campaign_id         TEXT NOT NULL,
+    segment_id          TEXT NOT NULL,
+    event_seq           INTEGER NOT NULL,
+    cohort_change_seq   INTEGER NOT NULL,
+    user_change_seq     INTEGER NOT NULL,
+    members             BLOB NOT NULL,
+    PRIMARY KEY (workspace_id, campaign_id, segment_id)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.

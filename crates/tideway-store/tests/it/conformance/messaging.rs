@@ -2,8 +2,8 @@
 //! campaigns and dispatches; enqueues that take receipts, move the trigger cursor, a campaign's
 //! next run and a dispatch's expansion by compare-and-set, all or nothing; the send queue's
 //! leases and the settlements they fence, with their events in the Currents log; frequency
-//! caps, conversions, campaign stats, send ids, settings, the signing key and the users a
-//! dispatcher reads.
+//! caps, conversions, campaign stats, segment-entry trackers, send ids, settings, the signing
+//! key and the users a dispatcher reads.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,12 +14,13 @@ use tideway_core::clock::Millis;
 use tideway_core::cohorts::{CohortChange, CohortIdentifier};
 use tideway_core::currents::{CurrentsEvent, EventUser};
 use tideway_core::ids::{BrazeId, EventId, UserSeq};
+use tideway_core::segments::FeedPosition;
 use tideway_core::store::prelude::*;
 use tideway_core::store::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
     Enqueue, EnqueueOutcome, LoggedEvent, NewConversion, NewSend, Receipt, ReceiptRecord,
-    SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement, StoreError,
-    TriggerCursor, Workspace,
+    SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement,
+    StoreError, TriggerCursor, Workspace,
 };
 use tideway_core::users::{DeleteRequest, UserKey};
 
@@ -2397,4 +2398,198 @@ pub(super) async fn concurrent_claims_never_claim_a_send_twice(store: Arc<dyn St
         pending(0, per_ws as u64, 0)
     );
     assert_eq!(store.next_due().await.unwrap(), None);
+}
+
+fn tracker(event_seq: i64, members: &[u8]) -> SegmentTracker {
+    SegmentTracker {
+        position: FeedPosition {
+            event_seq,
+            cohort_change_seq: 2,
+            user_change_seq: 3,
+        },
+        members: members.to_vec(),
+    }
+}
+
+/// Segment-entry trackers: written by an enqueue, each a compare-and-set on the stored position
+/// (none: must not exist yet); a stale one, or one of a campaign the workspace does not have,
+/// is a `Conflict` and the enqueue writes nothing; racing moves have one winner; they are per
+/// (workspace, campaign, segment) and deleted with their campaign.
+pub(super) async fn segment_trackers_move_by_compare_and_set(store: Arc<dyn Store>) {
+    let a = store.create_workspace("a", NOW).await.unwrap();
+    let b = store.create_workspace("b", NOW).await.unwrap();
+    for (ws, id) in [(&a, "camp"), (&a, "other"), (&b, "camp")] {
+        store
+            .create_campaign(ws.id, campaign(id, NOW, CampaignStatus::Active))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store.segment_tracker(a.id, "camp", "seg").await.unwrap(),
+        None
+    );
+    let payload = |tag: &str| Enqueue {
+        dispatches: vec![dispatch(&a, &format!("d-{tag}"), "camp")],
+        items: vec![NewSend {
+            user: UserSeq(1),
+            receipt: receipt(&format!("camp-{tag}"), None),
+            job: Some(job(&format!("d-{tag}"), NOW)),
+            events: vec![event(&a, &format!("item-{tag}"))],
+        }],
+        events: vec![(None, event(&a, &format!("loose-{tag}")))],
+        ..Enqueue::default()
+    };
+    let move_to = |expected: Option<FeedPosition>, new: &SegmentTracker, tag: &str| Enqueue {
+        segment_trackers: vec![("camp".into(), "seg".into(), expected, new.clone())],
+        ..payload(tag)
+    };
+    // Round trip: created from none, bytes kept exactly (empty too).
+    let t1 = tracker(10, &[0, 1, 2, 255]);
+    assert_eq!(
+        store.enqueue(a.id, move_to(None, &t1, "1")).await.unwrap(),
+        queued(1)
+    );
+    assert_eq!(
+        store.segment_tracker(a.id, "camp", "seg").await.unwrap(),
+        Some(t1.clone())
+    );
+    // Stale expectations: none when one exists, another position.
+    let t2 = tracker(20, &[]);
+    for expected in [None, Some(tracker(9, &[]).position)] {
+        let refused = store.enqueue(a.id, move_to(expected, &t2, "2")).await;
+        assert!(is_conflict(&refused), "{refused:?}");
+    }
+    // A stale tracker fails the whole enqueue, the other tracker moves too.
+    let both = Enqueue {
+        segment_trackers: vec![
+            ("other".into(), "seg".into(), None, t2.clone()),
+            ("camp".into(), "seg".into(), None, t2.clone()),
+        ],
+        ..payload("2")
+    };
+    assert!(is_conflict(&store.enqueue(a.id, both).await));
+    // A campaign the workspace does not have.
+    let missing = Enqueue {
+        segment_trackers: vec![("nope".into(), "seg".into(), None, t2.clone())],
+        ..payload("2")
+    };
+    assert!(is_conflict(&store.enqueue(a.id, missing).await));
+    nothing_of_refused(&*store, &a).await;
+    assert_eq!(
+        store.segment_tracker(a.id, "camp", "seg").await.unwrap(),
+        Some(t1.clone())
+    );
+    assert_eq!(
+        store.segment_tracker(a.id, "other", "seg").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.segment_tracker(a.id, "nope", "seg").await.unwrap(),
+        None
+    );
+    // The right expectation moves it.
+    store
+        .enqueue(a.id, move_to(Some(t1.position), &t2, "3"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.segment_tracker(a.id, "camp", "seg").await.unwrap(),
+        Some(t2.clone())
+    );
+    // Per (workspace, campaign, segment).
+    assert_eq!(
+        store.segment_tracker(a.id, "camp", "seg2").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.segment_tracker(b.id, "camp", "seg").await.unwrap(),
+        None
+    );
+    let in_b = Enqueue {
+        segment_trackers: vec![
+            ("camp".into(), "seg".into(), None, tracker(5, b"b")),
+            ("camp".into(), "seg2".into(), None, tracker(6, b"b2")),
+        ],
+        ..Enqueue::default()
+    };
+    store.enqueue(b.id, in_b).await.unwrap();
+    assert_eq!(
+        store.segment_tracker(b.id, "camp", "seg2").await.unwrap(),
+        Some(tracker(6, b"b2"))
+    );
+    assert_eq!(
+        store.segment_tracker(a.id, "camp", "seg").await.unwrap(),
+        Some(t2.clone())
+    );
+
+    // Nodes racing from the same position: exactly one moves it and writes its events.
+    for expected in [Some(t2.position), None] {
+        let segment = if expected.is_some() { "seg" } else { "fresh" };
+        let mut tasks = Vec::new();
+        for k in 0..6 {
+            let store = Arc::clone(&store);
+            let ws = a.clone();
+            tasks.push(tokio::spawn(async move {
+                let racing = Enqueue {
+                    segment_trackers: vec![(
+                        "camp".into(),
+                        segment.into(),
+                        expected,
+                        tracker(100 + k, &[k as u8]),
+                    )],
+                    events: vec![(None, event(&ws, &format!("{segment}-race-{k}")))],
+                    ..Enqueue::default()
+                };
+                store.enqueue(ws.id, racing).await
+            }));
+        }
+        let mut won = Vec::new();
+        for (k, t) in tasks.into_iter().enumerate() {
+            match t.await.unwrap() {
+                Ok(_) => won.push(k as i64),
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(won.len(), 1, "{segment}");
+        assert_eq!(
+            store.segment_tracker(a.id, "camp", segment).await.unwrap(),
+            Some(tracker(100 + won[0], &[won[0] as u8]))
+        );
+        let racers = log_of(&*store, &a)
+            .await
+            .into_iter()
+            .filter(|(_, id)| id.starts_with(&format!("{segment}-race-")))
+            .collect::<Vec<_>>();
+        assert_eq!(racers, [by(None, &format!("{segment}-race-{}", won[0]))]);
+    }
+
+    // Deleted with their campaign, and only theirs.
+    assert!(store.delete_campaign(a.id, "camp").await.unwrap());
+    assert_eq!(
+        store.segment_tracker(a.id, "camp", "seg").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.segment_tracker(a.id, "camp", "fresh").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.segment_tracker(b.id, "camp", "seg").await.unwrap(),
+        Some(tracker(5, b"b"))
+    );
+    let other = Enqueue {
+        segment_trackers: vec![("other".into(), "seg".into(), None, tracker(1, b"o"))],
+        ..Enqueue::default()
+    };
+    store.enqueue(a.id, other).await.unwrap();
+    assert!(store.delete_campaign(b.id, "camp").await.unwrap());
+    assert_eq!(
+        store.segment_tracker(b.id, "camp", "seg2").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.segment_tracker(a.id, "other", "seg").await.unwrap(),
+        Some(tracker(1, b"o"))
+    );
 }

@@ -239,5 +239,6 @@ conformance! {
         users_by_seq_reads_current_profiles,
         trigger_reads_follow_the_logs,
         concurrent_claims_never_claim_a_send_twice,
+        segment_trackers_move_by_compare_and_set,
     ],
 }
