@@ -38,7 +38,7 @@ use tideway_core::store::{
 };
 use tideway_currents::Clock;
 use tokio::sync::{Notify, Semaphore, mpsc};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::audience::Audiences;
 use crate::email::{self, EmailOutcome, OutgoingEmail, SmtpSender};
@@ -53,7 +53,8 @@ pub const EMAIL_MAX_ATTEMPTS: u32 = 5;
 /// How the dispatcher runs.
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
-    /// The lease owner's name (unique per process).
+    /// The lease owner's name: unique per node and stable across its restarts (`tideway serve`
+    /// uses host and data directory), so a restarted node takes back its own leases.
     pub owner: String,
     /// How long a claim is held: longer than the slowest attempt (a 90 s webhook timeout).
     pub lease_ms: u64,
@@ -272,6 +273,17 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
 
     /// Runs until the task is dropped.
     pub async fn run(self: Arc<Self>) {
+        // Sends a previous incarnation of this node (same owner name) had in flight are
+        // claimable again now, not when their lease ends.
+        match self.store.release_leases(&self.config.owner).await {
+            Ok(0) => {}
+            Ok(n) => {
+                info!(released = n, owner = %self.config.owner, "took back the sends in flight at the last stop")
+            }
+            Err(e) => {
+                warn!(error = %e, "releasing this node's old leases failed; they expire on their own")
+            }
+        }
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Settlement>();
         let settler = tokio::spawn(Arc::clone(&self).settle_loop(done_rx));

@@ -16,7 +16,8 @@ use tideway_core::store::Store;
 use tideway_currents::{Exporter, ExporterConfig};
 use tideway_server::CurrentsApi;
 
-fn owner(data_dir: &Path) -> String {
+/// This node's name as a lease owner (Currents and the send queue): host and data directory.
+pub(crate) fn owner(data_dir: &Path) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()

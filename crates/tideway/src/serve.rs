@@ -16,7 +16,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tideway_core::keys::{IpAllowlist, PermissionSet};
 use tideway_core::store::{Store, StoreError};
-use tideway_messaging::dispatcher::{Channels, Tracking};
+use tideway_messaging::dispatcher::{Channels, DispatchConfig, Tracking};
 use tideway_messaging::email::{SmtpSender, SmtpUrl};
 use tideway_messaging::engine::EngineConfig;
 use tideway_messaging::tracking::{TrackingKey, TrackingUrls};
@@ -122,7 +122,15 @@ async fn messaging_options(
             urls: TrackingUrls::new(&public_url),
         },
         clock: tideway_currents::Clock::system(),
-        engine: EngineConfig::default(),
+        // The same stable name as the Currents leases: a restarted node takes back at once
+        // the sends it had in flight when it died.
+        engine: EngineConfig {
+            dispatch: DispatchConfig {
+                owner: crate::currents::owner(&settings.data_dir),
+                ..DispatchConfig::default()
+            },
+            ..EngineConfig::default()
+        },
     })
 }
 

@@ -436,6 +436,11 @@ pub trait MessagingStore: Send + Sync {
     /// then): the earliest, over pending sends, of the send's `due_at`, or for a claimed send
     /// the later of its `due_at` and the end of its lease.
     fn next_due(&self) -> StoreFuture<'_, Option<Millis>>;
+    /// Makes every pending send leased by `owner` claimable now, and returns how many. A node
+    /// calls it when it starts: its owner name is stable (host and data directory), so these
+    /// are the sends its previous incarnation had in flight when it died — they go out again
+    /// at once (same idempotency key) instead of after their lease.
+    fn release_leases(&self, owner: &str) -> StoreFuture<'_, u64>;
     /// A sent message, for tracking.
     fn sent_message(
         &self,

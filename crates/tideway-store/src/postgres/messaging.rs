@@ -1525,6 +1525,21 @@ impl MessagingStore for PgStore {
         Box::pin(next_due(self))
     }
 
+    fn release_leases(&self, owner: &str) -> StoreFuture<'_, u64> {
+        let owner = owner.to_owned();
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "UPDATE sends SET lease_owner = NULL, lease_until = NULL
+                     WHERE state = 'pending' AND lease_owner = $1",
+                )
+                .await
+                .map_err(pg_err)?;
+            client.execute(&stmt, &[&owner]).await.map_err(pg_err)
+        })
+    }
+
     fn sent_message(
         &self,
         workspace: WorkspaceId,

@@ -1354,6 +1354,21 @@ impl MessagingStore for SqliteStore {
         self.read(next_due)
     }
 
+    fn release_leases(&self, owner: &str) -> StoreFuture<'_, u64> {
+        let owner = owner.to_owned();
+        self.write(move |conn, _, _| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE sends SET lease_owner = NULL, lease_until = NULL
+                     WHERE state = 'pending' AND lease_owner = ?1",
+                )
+                .map_err(sql_err)?
+                .execute(params![owner])
+                .map_err(sql_err)?;
+            Ok(n as u64)
+        })
+    }
+
     fn sent_message(
         &self,
         workspace: WorkspaceId,
