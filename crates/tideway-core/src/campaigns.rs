@@ -704,10 +704,10 @@ impl CampaignDefinition {
         let mut out: Vec<&str> = Vec::new();
         if let Delivery::ActionBased(action) = &self.delivery {
             for t in &action.triggers {
-                if let Trigger::SegmentEntry { segment_id } = t {
-                    if !out.contains(&segment_id.as_str()) {
-                        out.push(segment_id);
-                    }
+                if let Trigger::SegmentEntry { segment_id } = t
+                    && !out.contains(&segment_id.as_str())
+                {
+                    out.push(segment_id);
                 }
             }
         }

@@ -15,26 +15,46 @@
 //! conversion event; the store keeps the first), and counts every messaging event it reads
 //! into its campaign's stats ([`crate::stats`]), in the same transaction.
 //!
+//! **Segment entry** (a Tideway extension: `{"segment_entry": {"segment_id"}}`) is detected
+//! here rather than read from a log. Each (campaign, segment) has a tracker in the store
+//! ([`SegmentTracker`]): a segment change-feed position and the segment's members there (a
+//! roaring bitmap of user seqs). The first pass after launch records the head and the members
+//! then — users already in do not "enter". Each later pass reads the feed's changes since the
+//! tracker (`segment_profile_changes`), asks which of the users it names are in the segment
+//! now, and plans a per-user dispatch (as for a cohort entry: audience, receipts, delay) for
+//! those who were not members before; those jobs and the tracker's move (a compare-and-set on
+//! its position) are one enqueue, so an entry is acted on exactly once across restarts and
+//! nodes, and entries while no node ran are found after the restart. Membership is evaluated
+//! when the pass runs: a user who enters and leaves between two passes is not seen, and a
+//! change that needs no write — a filter on time passing (`"more_than_days_ago"`, …) — is
+//! seen only at the user's next change. Entries while the campaign is paused are acted on when
+//! it is resumed (its tracker waits for it). A trigger naming a deleted segment is skipped.
+//!
 //! Latency: the engine polls every [`TriggerConfig::poll`] (100 ms) and runs again at once
 //! when a read was full, so a cohort delta becomes a queued send in a fraction of a second.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use roaring::RoaringBitmap;
 use serde_json::{Map, Value};
 use tideway_core::campaigns::{
-    CampaignDefinition, CampaignStatus, ConversionEvent, ConversionKind, Delivery, Occurrence,
+    ActionDelivery, CampaignDefinition, CampaignStatus, ConversionEvent, ConversionKind, Delivery,
+    Occurrence,
 };
 use tideway_core::clock::Millis;
 use tideway_core::currents::{CurrentsEvent, EventType, EventUser};
 use tideway_core::ids::{EventId, UserSeq, WorkspaceId};
 use tideway_core::message_events::{MessageSource, Origin};
+use tideway_core::profile::UserRecord;
+use tideway_core::segments::FeedPosition;
 use tideway_core::store::{
     CampaignRecord, CurrentsStore, DispatchRecord, DispatchSource, Enqueue, NewConversion,
-    StoreError, TriggerCursor,
+    SegmentStore, SegmentTracker, StoreError, TriggerCursor,
 };
 use tideway_currents::Clock;
+use tideway_segment::Filter;
 use tracing::{debug, warn};
 
 use crate::audience::{Audiences, audience_filter};
@@ -58,8 +78,8 @@ impl Default for TriggerConfig {
 }
 
 /// The store the trigger engine needs.
-pub trait TriggerStore: DispatchStore + CurrentsStore {}
-impl<T: DispatchStore + CurrentsStore + ?Sized> TriggerStore for T {}
+pub trait TriggerStore: DispatchStore + CurrentsStore + SegmentStore {}
+impl<T: DispatchStore + CurrentsStore + SegmentStore + ?Sized> TriggerStore for T {}
 
 /// Points the workspace's trigger cursor at the logs' heads if it was never set, so a first
 /// action-based campaign starts from now rather than from the start of history. Called when
@@ -179,6 +199,8 @@ pub struct TriggerEngine<S: ?Sized> {
     /// Workspaces with at least one campaign (whose stats are counted), re-read every
     /// [`WORKSPACES_TTL_MS`].
     with_campaigns: std::sync::Mutex<(Millis, Arc<Vec<WorkspaceId>>)>,
+    /// Segment-entry triggers found naming a deleted segment (logged once each).
+    missing_segments: std::sync::Mutex<HashSet<(WorkspaceId, String, String)>>,
 }
 
 /// How long the list of workspaces with campaigns is cached.
@@ -199,6 +221,7 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
             clock,
             config,
             with_campaigns: std::sync::Mutex::new((Millis(i64::MIN), Arc::new(Vec::new()))),
+            missing_segments: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -268,8 +291,258 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
                 Err(StoreError::Conflict(_)) => busy = true,
                 Err(e) => warn!(workspace = ws.0, error = %e, "trigger pass of a workspace failed"),
             }
+            match self.segment_pass(ws, &campaigns).await {
+                Ok(raced) => busy |= raced,
+                Err(e) => {
+                    warn!(workspace = ws.0, error = %e, "segment-entry pass of a workspace failed")
+                }
+            }
         }
         Ok(busy)
+    }
+
+    /// The workspace's `app_group_id` (control-group and conversion events carry it).
+    async fn app_group_id(&self, ws: WorkspaceId) -> Result<String, StoreError> {
+        Ok(self
+            .store
+            .list_workspaces()
+            .await?
+            .into_iter()
+            .find(|w| w.id == ws)
+            .map(|w| w.app_group_id)
+            .unwrap_or_default())
+    }
+
+    /// The records of those of `users` the campaign puts in its control group (their
+    /// enrolment events need them).
+    async fn control_records(
+        &self,
+        ws: WorkspaceId,
+        campaign: &CampaignRecord,
+        def: &CampaignDefinition,
+        users: &[UserSeq],
+    ) -> Result<HashMap<UserSeq, UserRecord>, StoreError> {
+        let controls = plan::control_users(campaign, def, users);
+        if controls.is_empty() {
+            return Ok(HashMap::new());
+        }
+        Ok(self
+            .store
+            .users_by_seq(ws, controls)
+            .await?
+            .into_iter()
+            .map(|u| (u.seq, u))
+            .collect())
+    }
+
+    /// Segment-entry triggers of the workspace's active action-based campaigns: each
+    /// (campaign, segment) tracker followed along the segment change feed (see the module
+    /// docs). True if a tracker move lost a race (another node moved it: look again soon).
+    async fn segment_pass(
+        &self,
+        ws: WorkspaceId,
+        campaigns: &[(CampaignRecord, CampaignDefinition)],
+    ) -> Result<bool, StoreError> {
+        let mut head: Option<FeedPosition> = None;
+        let mut app_group_id: Option<String> = None;
+        let mut raced = false;
+        for (campaign, def) in campaigns {
+            if campaign.status != CampaignStatus::Active {
+                continue;
+            }
+            let Delivery::ActionBased(action) = &def.delivery else {
+                continue;
+            };
+            for segment_id in def.segment_entry_ids() {
+                let followed = self
+                    .follow_segment(
+                        ws,
+                        (campaign, def, action),
+                        segment_id,
+                        &mut head,
+                        &mut app_group_id,
+                    )
+                    .await;
+                match followed {
+                    Ok(()) => {}
+                    Err(StoreError::Conflict(_)) => raced = true,
+                    Err(e) => warn!(
+                        workspace = ws.0,
+                        campaign = %campaign.id,
+                        segment = segment_id,
+                        error = %e,
+                        "segment-entry trigger failed"
+                    ),
+                }
+            }
+        }
+        Ok(raced)
+    }
+
+    /// Moves one (campaign, segment) tracker to the feed's head, planning a send for each user
+    /// who entered the segment on the way, in one enqueue.
+    async fn follow_segment(
+        &self,
+        ws: WorkspaceId,
+        (campaign, def, action): (&CampaignRecord, &CampaignDefinition, &ActionDelivery),
+        segment_id: &str,
+        head: &mut Option<FeedPosition>,
+        app_group_id: &mut Option<String>,
+    ) -> Result<(), StoreError> {
+        if self.store.segment(ws, segment_id).await?.is_none() {
+            let first = self
+                .missing_segments
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert((ws, campaign.id.clone(), segment_id.to_owned()));
+            if first {
+                debug!(
+                    workspace = ws.0,
+                    campaign = %campaign.id,
+                    segment = segment_id,
+                    "segment-entry trigger names a deleted segment; skipped"
+                );
+            }
+            return Ok(());
+        }
+        let segment_filter = Filter::InSegment(segment_id.to_owned());
+        let tracker_of = |expected: Option<FeedPosition>, position, members: &RoaringBitmap| {
+            let mut bytes = Vec::with_capacity(members.serialized_size());
+            members
+                .serialize_into(&mut bytes)
+                .map_err(|e| StoreError::Corrupt(format!("segment tracker members: {e}")))?;
+            Ok::<_, StoreError>(vec![(
+                campaign.id.clone(),
+                segment_id.to_owned(),
+                expected,
+                SegmentTracker {
+                    position,
+                    members: bytes,
+                },
+            )])
+        };
+        let Some(tracker) = self
+            .store
+            .segment_tracker(ws, &campaign.id, segment_id)
+            .await?
+        else {
+            // The first look: whoever is in the segment now is in already and does not enter.
+            // The head is read first, so the members are as of it or later (the audience's
+            // answer includes every write acknowledged before the question).
+            let position = self.store.segment_feed_head(ws).await?;
+            let members: RoaringBitmap = self
+                .audiences
+                .members(ws, segment_filter, None)
+                .await?
+                .into_iter()
+                .map(|u| u.0)
+                .collect();
+            let enqueue = Enqueue {
+                segment_trackers: tracker_of(None, position, &members)?,
+                ..Enqueue::default()
+            };
+            self.store.enqueue(ws, enqueue).await?;
+            return Ok(());
+        };
+        let feed_head = match *head {
+            Some(h) => h,
+            None => *head.insert(self.store.segment_feed_head(ws).await?),
+        };
+        if tracker.position.event_seq >= feed_head.event_seq
+            && tracker.position.cohort_change_seq >= feed_head.cohort_change_seq
+            && tracker.position.user_change_seq >= feed_head.user_change_seq
+        {
+            return Ok(());
+        }
+        let changes = self
+            .store
+            .segment_profile_changes(ws, tracker.position)
+            .await?;
+        if changes.position == tracker.position {
+            return Ok(());
+        }
+        let mut changed: Vec<UserSeq> = changes
+            .users
+            .iter()
+            .chain(&changes.attributes)
+            .map(|u| UserSeq(u.profile.uid))
+            .chain(changes.occurrences.iter().map(|o| o.user))
+            .chain(changes.removed.iter().copied())
+            .chain(changes.cohort_deltas.iter().map(|d| d.user))
+            .collect();
+        changed.sort_unstable();
+        changed.dedup();
+        let previous = RoaringBitmap::deserialize_from(tracker.members.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("segment tracker members: {e}")))?;
+        let now_in: RoaringBitmap = if changed.is_empty() {
+            RoaringBitmap::new()
+        } else {
+            self.audiences
+                .matching(ws, segment_filter, changed.clone())
+                .await?
+                .into_iter()
+                .map(|u| u.0)
+                .collect()
+        };
+        let changed_set: RoaringBitmap = changed.iter().map(|u| u.0).collect();
+        let entered = &now_in - &previous;
+        let left = &changed_set - &now_in;
+        let members = (&previous | &entered) - &left;
+
+        let now = self.clock.now();
+        let launched = campaign.launched_at.unwrap_or(campaign.updated_at);
+        let in_window = now.0 >= launched.0
+            && action.start.is_none_or(|s| now.0 >= s.0)
+            && action.end.is_none_or(|e| now.0 <= e.0);
+        let mut enqueue = Enqueue {
+            segment_trackers: tracker_of(Some(tracker.position), changes.position, &members)?,
+            ..Enqueue::default()
+        };
+        if in_window && !entered.is_empty() {
+            let entered: Vec<UserSeq> = entered.iter().map(UserSeq).collect();
+            let filter = audience_filter(&def.audience)?;
+            let in_audience = self.audiences.matching(ws, filter, entered).await?;
+            let records = self
+                .control_records(ws, campaign, def, &in_audience)
+                .await?;
+            let app_group_id = match app_group_id {
+                Some(id) => id,
+                None => app_group_id.insert(self.app_group_id(ws).await?),
+            };
+            let planned = TriggeredBy {
+                ws,
+                campaign,
+                def,
+                app_group_id,
+                records: &records,
+                due_at: Millis(now.0 + i64::from(action.delay_secs) * 1_000),
+                now,
+            };
+            for user in in_audience {
+                let recipient = Recipient {
+                    user,
+                    properties: None,
+                    due_at: None,
+                };
+                planned.dispatch_to(recipient, &mut enqueue);
+            }
+        }
+        let triggered = enqueue.items.len();
+        let outcome = self.store.enqueue(ws, enqueue).await?;
+        if triggered > 0 {
+            debug!(
+                workspace = ws.0,
+                campaign = %campaign.id,
+                segment = segment_id,
+                triggered,
+                queued = outcome.queued,
+                ineligible = outcome.ineligible,
+                "segment entries triggered sends"
+            );
+            metrics::counter!("tideway_campaign_triggers_total").increment(triggered as u64);
+            self.dispatcher.wake();
+        }
+        Ok(())
     }
 
     async fn workspace_pass(
@@ -366,14 +639,7 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
         }
 
         let now = self.clock.now();
-        let app_group_id = self
-            .store
-            .list_workspaces()
-            .await?
-            .into_iter()
-            .find(|w| w.id == ws)
-            .map(|w| w.app_group_id)
-            .unwrap_or_default();
+        let app_group_id = self.app_group_id(ws).await?;
         let mut enqueue = Enqueue {
             cursor: Some((cursor, next)),
             stats,
@@ -408,17 +674,9 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
             users.dedup();
             let filter = audience_filter(&def.audience)?;
             let in_audience = self.audiences.matching(ws, filter, users).await?;
-            let controls = plan::control_users(campaign, def, &in_audience);
-            let records = if controls.is_empty() {
-                HashMap::new()
-            } else {
-                self.store
-                    .users_by_seq(ws, controls)
-                    .await?
-                    .into_iter()
-                    .map(|u| (u.seq, u))
-                    .collect()
-            };
+            let records = self
+                .control_records(ws, campaign, def, &in_audience)
+                .await?;
             let due_at = Millis(now.0 + i64::from(action.delay_secs) * 1_000);
             // One dispatch per (user, trigger); the receipt keeps a user who triggers twice in
             // one pass to one send (unless re-eligible).
@@ -426,41 +684,21 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
                 if in_audience.binary_search(&h.user).is_err() {
                     continue;
                 }
-                let dispatch = DispatchRecord {
-                    id: plan::new_dispatch_id(),
-                    workspace: ws,
-                    source: DispatchSource::Campaign {
-                        campaign_id: campaign.id.clone(),
-                    },
-                    send_id: None,
-                    per_user_ids: true,
-                    properties: None,
-                    audience: None,
-                    created_at: now,
-                    expanding_after: None,
-                    not_before: None,
+                let recipient = Recipient {
+                    user: h.user,
+                    properties: h.properties(),
+                    due_at: None,
                 };
-                let items = plan::campaign_items(
-                    plan::CampaignDispatch {
-                        campaign,
-                        definition: def,
-                        dispatch: &dispatch,
-                        app_group_id: &app_group_id,
-                    },
-                    &[Recipient {
-                        user: h.user,
-                        properties: h.properties(),
-                        due_at: None,
-                    }],
-                    &records,
+                let planned = TriggeredBy {
+                    ws,
+                    campaign,
+                    def,
+                    app_group_id: &app_group_id,
+                    records: &records,
                     due_at,
                     now,
-                );
-                if items.is_empty() {
-                    continue;
-                }
-                enqueue.dispatches.push(dispatch);
-                enqueue.items.extend(items);
+                };
+                planned.dispatch_to(recipient, &mut enqueue);
             }
         }
         enqueue.conversions = self
@@ -576,5 +814,55 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
             });
         }
         Ok(out)
+    }
+}
+
+/// A triggered campaign's per-user dispatches being planned in one pass.
+struct TriggeredBy<'a> {
+    ws: WorkspaceId,
+    campaign: &'a CampaignRecord,
+    def: &'a CampaignDefinition,
+    app_group_id: &'a str,
+    /// Records of the control-group users among the recipients.
+    records: &'a HashMap<UserSeq, UserRecord>,
+    due_at: Millis,
+    now: Millis,
+}
+
+impl TriggeredBy<'_> {
+    /// Adds a per-user dispatch to `recipient` and its items (receipt, job or control-group
+    /// enrolment) to `enqueue`; nothing if there is nothing to write.
+    fn dispatch_to(&self, recipient: Recipient, enqueue: &mut Enqueue) {
+        let dispatch = DispatchRecord {
+            id: plan::new_dispatch_id(),
+            workspace: self.ws,
+            source: DispatchSource::Campaign {
+                campaign_id: self.campaign.id.clone(),
+            },
+            send_id: None,
+            per_user_ids: true,
+            properties: None,
+            audience: None,
+            created_at: self.now,
+            expanding_after: None,
+            not_before: None,
+        };
+        let items = plan::campaign_items(
+            plan::CampaignDispatch {
+                campaign: self.campaign,
+                definition: self.def,
+                dispatch: &dispatch,
+                app_group_id: self.app_group_id,
+            },
+            &[recipient],
+            self.records,
+            self.due_at,
+            self.now,
+        );
+        if items.is_empty() {
+            return;
+        }
+        enqueue.dispatches.push(dispatch);
+        enqueue.items.extend(items);
     }
 }
