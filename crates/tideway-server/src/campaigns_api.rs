@@ -34,7 +34,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tideway_core::campaigns::{
-    CampaignAction, CampaignDefinition, CampaignStatus, DefinitionError, Delivery,
+    CampaignAction, CampaignDefinition, CampaignStatus, DefinitionError, Delivery, Trigger,
 };
 use tideway_core::keys::{Permission, Secret};
 use tideway_core::segments::segment_lookup;
@@ -165,6 +165,18 @@ async fn checked_definition(
                 format!("audience.segment_ids[{i}]"),
                 format!("no segment '{id}' in this workspace"),
             ));
+        }
+    }
+    if let Delivery::ActionBased(action) = &def.delivery {
+        for (i, t) in action.triggers.iter().enumerate() {
+            if let Trigger::SegmentEntry { segment_id } = t
+                && !segments.iter().any(|s| &s.id == segment_id)
+            {
+                return Err(place_error(
+                    format!("delivery.triggers[{i}].segment_entry.segment_id"),
+                    format!("no segment '{segment_id}' in this workspace"),
+                ));
+            }
         }
     }
     if let Some(raw) = &def.audience.filter {

@@ -739,3 +739,124 @@ async fn a_local_time_schedule_reaches_each_user_at_their_wall_clock_time() {
         .await;
     assert_eq!(a.body["campaign"]["stats"]["pending"], 1, "{a:?}");
 }
+
+/// Waits until the campaign's tracker of `segment` has followed the segment feed to its head
+/// as of now (every write acknowledged so far is seen by the trigger engine).
+async fn wait_tracker_at_head(t: &Setup, campaign: &str, segment: &str) {
+    let head = t.s.store.segment_feed_head(t.ws.id).await.unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let tracker =
+            t.s.store
+                .segment_tracker(t.ws.id, campaign, segment)
+                .await
+                .unwrap();
+        if let Some(p) = tracker.map(|tr| tr.position)
+            && p.event_seq >= head.event_seq
+            && p.cohort_change_seq >= head.cohort_change_seq
+            && p.user_change_seq >= head.user_change_seq
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tracker of {campaign} did not reach {head:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Who got which campaign's webhook: (X-Campaign, first name), sorted.
+fn deliveries(hits: &[Hit]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = hits
+        .iter()
+        .map(|h| {
+            let body: Value = serde_json::from_str(&h.body).unwrap();
+            (
+                h.headers["x-campaign"].to_str().unwrap().to_owned(),
+                body["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entering_a_segment_triggers_a_campaign_once_or_again_when_reeligible() {
+    let t = setup().await;
+    let a = t
+        .s
+        .post(
+            "/api/v1/segments",
+            &t.key,
+            json!({"name": "Pro", "filter": {"attribute": {"name": "plan", "op": "equals", "value": "pro"}}}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let segment = a.body["id"].as_str().unwrap().to_owned();
+    t.track(json!([
+        {"external_id": "a", "first_name": "A", "plan": "pro"},
+        {"external_id": "b", "first_name": "B", "plan": "free"},
+        {"external_id": "c", "first_name": "C", "plan": "free"},
+    ]))
+    .await;
+
+    // A segment that does not exist is refused, naming the place.
+    let mut bad = t.webhook_campaign("Nowhere", json!({}));
+    bad["delivery"] = json!({"type": "action_based",
+        "triggers": [{"segment_entry": {"segment_id": "no-such-segment"}}]});
+    let a = t.s.post("/api/v1/campaigns", &t.key, bad).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("delivery.triggers[0].segment_entry.segment_id"),
+        "{a:?}"
+    );
+
+    let on_entry = json!({"type": "action_based",
+        "triggers": [{"segment_entry": {"segment_id": segment}}]});
+    let mut once = t.webhook_campaign("Once", json!({}));
+    once["delivery"] = on_entry.clone();
+    let once = t.campaign(once).await;
+    let mut again = t.webhook_campaign("Again", json!({"reeligibility": {"after_seconds": 0}}));
+    again["delivery"] = on_entry;
+    let again = t.campaign(again).await;
+    // Both have looked at the segment: a, in it at launch, does not enter.
+    wait_tracker_at_head(&t, &once, &segment).await;
+    wait_tracker_at_head(&t, &again, &segment).await;
+
+    t.track(json!([{"external_id": "b", "plan": "pro"}])).await;
+    let hits = t.wait_hits(2).await;
+    assert_eq!(
+        deliveries(&hits),
+        [("Again".into(), "B".into()), ("Once".into(), "B".into())]
+    );
+
+    // b leaves (seen by both), then enters again: only the re-eligible campaign sends again.
+    t.track(json!([{"external_id": "b", "plan": "free"}])).await;
+    wait_tracker_at_head(&t, &once, &segment).await;
+    wait_tracker_at_head(&t, &again, &segment).await;
+    t.track(json!([{"external_id": "b", "plan": "pro"}])).await;
+    t.wait_hits(3).await;
+    // c enters after b's return: once Once has sent to c, it has acted on b's return too.
+    t.track(json!([{"external_id": "c", "plan": "pro"}])).await;
+    let hits = t.wait_hits(5).await;
+    assert_eq!(
+        deliveries(&hits),
+        [
+            ("Again".into(), "B".into()),
+            ("Again".into(), "B".into()),
+            ("Again".into(), "C".into()),
+            ("Once".into(), "B".into()),
+            ("Once".into(), "C".into()),
+        ]
+    );
+    let sends = t.events("users.messages.webhook.Send").await;
+    assert!(
+        sends.iter().all(|e| e["user"]["external_user_id"] != "a"),
+        "a was in the segment before launch: {sends:?}"
+    );
+}
