@@ -5,8 +5,12 @@
 //! Sends run concurrently up to [`DispatchConfig::concurrency`]; one campaign (or ad-hoc
 //! dispatch) may hold at most [`DispatchConfig::per_source`] of those slots, so a receiver that
 //! hangs for its whole timeout delays its own campaign only: the sends of other campaigns are
-//! claimed and sent beside it. Sends over the cap, of a paused campaign, or beyond a
-//! campaign's rate limit are *deferred* (due again shortly, no attempt counted).
+//! claimed and sent beside it. A claimed send whose campaign is at its cap is *parked* in the
+//! process (up to `per_source` per campaign) and started when a slot of its campaign frees;
+//! claims come in batches as slots free, and at least every 50 ms, so other campaigns' sends
+//! behind a slow one are found. Sends beyond the parking bound, parked for half their lease,
+//! of a paused campaign, or beyond a campaign's rate limit are *deferred* (due again shortly,
+//! no attempt counted).
 //!
 //! Settlement is batched: outcomes are collected as sends finish and written together
 //! ([`MessagingStore::settle_sends`]) every few milliseconds, so a million-user campaign is a
@@ -77,7 +81,7 @@ impl Default for DispatchConfig {
             lease_ms: 120_000,
             claim_batch: 1_000,
             concurrency: 512,
-            per_source: 128,
+            per_source: 256,
             idle: Duration::from_millis(200),
             defer_ms: 1_000,
         }
@@ -195,6 +199,77 @@ type RenderedWebhook = (String, String, Vec<(String, String)>);
 /// How long a workspace's frequency-capping rules are cached.
 const CAPS_TTL_MS: i64 = 5_000;
 
+/// How often the dispatcher claims even when every claimed send is parked behind its
+/// campaign's cap, so other campaigns' sends are found.
+const DISCOVERY: Duration = Duration::from_millis(50);
+
+/// Claimed sends waiting for a slot of their campaign, oldest first per campaign. Parking
+/// (rather than handing them back at once) keeps a campaign that is at its cap from being
+/// claimed and deferred over and over; the per-campaign bound and the discovery claims keep
+/// other campaigns moving.
+struct Parked {
+    by_source: std::collections::BTreeMap<String, std::collections::VecDeque<(Prepared, Millis)>>,
+    total: usize,
+    claimed_at: std::time::Instant,
+}
+
+impl Default for Parked {
+    fn default() -> Self {
+        Parked {
+            by_source: std::collections::BTreeMap::new(),
+            total: 0,
+            claimed_at: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Parked {
+    fn len(&self) -> usize {
+        self.total
+    }
+
+    fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    fn count(&self, source: &str) -> usize {
+        self.by_source.get(source).map_or(0, |q| q.len())
+    }
+
+    fn push(&mut self, p: Prepared, at: Millis) {
+        self.by_source
+            .entry(p.source_key.clone())
+            .or_default()
+            .push_back((p, at));
+        self.total += 1;
+    }
+
+    fn pop(&mut self, source: &str) -> Option<Prepared> {
+        let queue = self.by_source.get_mut(source)?;
+        let (p, _) = queue.pop_front()?;
+        if queue.is_empty() {
+            self.by_source.remove(source);
+        }
+        self.total -= 1;
+        Some(p)
+    }
+
+    /// Removes and returns the sends parked before `before`.
+    fn take_stale(&mut self, before: Millis) -> Vec<Prepared> {
+        let mut out = Vec::new();
+        for queue in self.by_source.values_mut() {
+            while queue.front().is_some_and(|(_, at)| at.0 < before.0) {
+                if let Some((p, _)) = queue.pop_front() {
+                    out.push(p);
+                }
+            }
+        }
+        self.by_source.retain(|_, q| !q.is_empty());
+        self.total -= out.len();
+        out
+    }
+}
+
 /// A frequency-cap check's answer.
 enum CapCheck {
     /// Under every cap: send (the user's slot is now held).
@@ -288,16 +363,40 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Settlement>();
         let settler = tokio::spawn(Arc::clone(&self).settle_loop(done_rx));
         let _settler = AbortOnDrop(settler);
+        let mut parked = Parked::default();
         loop {
-            let room = slots.available_permits().min(self.config.claim_batch);
-            if room == 0 {
+            let now = self.clock.now();
+            // Sends waiting for their campaign's slot go first; those held too long (their
+            // lease) go back to the queue.
+            for late in parked.take_stale(Millis(now.0 - self.lease_ms_i64() / 2)) {
+                let _ = done_tx.send(self.defer_parked(&late, now));
+            }
+            self.start_parked(&mut parked, &slots, &done_tx);
+            let room = slots
+                .available_permits()
+                .min(self.config.claim_batch)
+                .saturating_sub(parked.len());
+            // Claim in batches, not one send per completion; but at least every
+            // `DISCOVERY` look at the queue, so a campaign whose sends are all parked behind
+            // a slow receiver does not hide other campaigns' sends.
+            let discovery_due = parked.claimed_at.elapsed() >= DISCOVERY;
+            if room < (self.config.claim_batch / 4).max(1) && !(discovery_due && room > 0) {
                 tokio::select! {
-                    _ = slots.acquire() => {}
+                    _ = tokio::time::sleep(DISCOVERY) => {}
                     _ = self.wake.notified() => {}
                 }
-                continue;
+                if parked.is_empty() || slots.available_permits() == 0 {
+                    continue;
+                }
+                if parked.claimed_at.elapsed() < DISCOVERY {
+                    continue;
+                }
             }
-            let now = self.clock.now();
+            let room = slots
+                .available_permits()
+                .min(self.config.claim_batch)
+                .max(1);
+            parked.claimed_at = std::time::Instant::now();
             let claimed = match self
                 .store
                 .claim_sends(&self.config.owner, now, self.config.lease_ms, room)
@@ -311,6 +410,9 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                 }
             };
             if claimed.is_empty() {
+                if !parked.is_empty() {
+                    continue;
+                }
                 let wait = match self.store.next_due().await {
                     Ok(Some(due)) => Duration::from_millis((due.0 - now.0).clamp(1, 60_000) as u64)
                         .min(self.config.idle),
@@ -328,10 +430,70 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                 let _ = done_tx.send(s);
             }
             for p in ready {
-                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                // Each campaign parks at most `per_source` sends beyond those in flight; the
+                // rest go back to the queue (deferred, no attempt counted).
+                if parked.count(&p.source_key) >= self.config.per_source {
+                    let _ = done_tx.send(self.defer_parked(&p, now));
+                } else {
+                    parked.push(p, now);
+                }
+            }
+            self.start_parked(&mut parked, &slots, &done_tx);
+        }
+    }
+
+    fn lease_ms_i64(&self) -> i64 {
+        i64::try_from(self.config.lease_ms).unwrap_or(i64::MAX)
+    }
+
+    /// A parked send goes back to the queue: due again after `defer_ms`, its frequency-cap slot
+    /// given back.
+    fn defer_parked(&self, p: &Prepared, now: Millis) -> Settlement {
+        let slot = (p.claim.workspace, p.claim.user);
+        {
+            let mut capped = lock(&self.capped_in_flight);
+            if capped.get(&slot) == Some(&p.claim.id) {
+                capped.remove(&slot);
+            }
+        }
+        metrics::counter!("tideway_messages_deferred_total", "reason" => "campaign_busy")
+            .increment(1);
+        Settlement {
+            send: p.claim.id,
+            workspace: p.claim.workspace,
+            user: p.claim.user,
+            state: SendState::Deferred {
+                at: Millis(now.0 + self.config.defer_ms),
+            },
+            events: Vec::new(),
+        }
+    }
+
+    /// Starts parked sends while there are free slots, campaign by campaign in turn, each up
+    /// to its `per_source` sends in flight.
+    fn start_parked(
+        self: &Arc<Self>,
+        parked: &mut Parked,
+        slots: &Arc<Semaphore>,
+        done_tx: &mpsc::UnboundedSender<Settlement>,
+    ) {
+        loop {
+            let mut started = false;
+            let sources: Vec<String> = parked.by_source.keys().cloned().collect();
+            for source in sources {
+                let busy = lock(&self.in_flight).get(&source).copied().unwrap_or(0);
+                if busy >= self.config.per_source {
+                    continue;
+                }
+                let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
                     return;
                 };
-                let me = Arc::clone(&self);
+                let Some(p) = parked.pop(&source) else {
+                    continue;
+                };
+                *lock(&self.in_flight).entry(source).or_insert(0) += 1;
+                started = true;
+                let me = Arc::clone(self);
                 let done = done_tx.clone();
                 tokio::spawn(async move {
                     let key = p.source_key.clone();
@@ -340,11 +502,19 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                         let mut flight = lock(&me.in_flight);
                         if let Some(n) = flight.get_mut(&key) {
                             *n = n.saturating_sub(1);
+                            if *n == 0 {
+                                flight.remove(&key);
+                            }
                         }
                     }
                     let _ = done.send(settlement);
                     drop(permit);
+                    // A slot is free: start a parked send or claim more.
+                    me.wake.notify_one();
                 });
+            }
+            if !started {
+                return;
             }
         }
     }
@@ -532,17 +702,8 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                 settled.push(fail(&c, Vec::new()));
                 continue;
             };
-            // Per-source cap on sends in flight, then the campaign's rate limit.
-            {
-                let mut flight = lock(&self.in_flight);
-                let n = flight.entry(source_key.clone()).or_insert(0);
-                if *n >= self.config.per_source {
-                    drop(flight);
-                    settled.push(defer(&c, self.config.defer_ms));
-                    continue;
-                }
-                *n += 1;
-            }
+            // The campaign's rate limit (its cap on sends in flight is applied when the send is
+            // started, see `run`).
             if let Some(limit) = comp.definition.rate_limit_per_minute {
                 let allowed = lock(&self.buckets)
                     .entry(source_key.clone())
@@ -553,7 +714,6 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                     })
                     .take(now);
                 if !allowed {
-                    self.release_source(&source_key);
                     metrics::counter!("tideway_messages_rate_limited_total").increment(1);
                     let wait = (60_000 / i64::from(limit.max(1))).max(50);
                     settled.push(defer(&c, wait));
@@ -564,12 +724,10 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                 match self.frequency_check(&c, now).await {
                     Ok(CapCheck::Clear) => {}
                     Ok(CapCheck::Busy) => {
-                        self.release_source(&source_key);
                         settled.push(defer(&c, self.config.defer_ms));
                         continue;
                     }
                     Ok(CapCheck::Capped) => {
-                        self.release_source(&source_key);
                         metrics::counter!("tideway_messages_skipped_total", "reason" => "frequency_capped")
                             .increment(1);
                         settled.push(fail(&c, Vec::new()));
@@ -577,7 +735,6 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                     }
                     Err(e) => {
                         warn!(error = %e, "reading frequency caps failed; deferring the send");
-                        self.release_source(&source_key);
                         settled.push(defer(&c, 5_000));
                         continue;
                     }
@@ -650,7 +807,6 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             if gone {
                 metrics::counter!("tideway_messages_skipped_total", "reason" => "left_audience")
                     .increment(1);
-                self.release_source(&p.source_key);
                 let slot = (p.claim.workspace, p.claim.user);
                 let mut capped = lock(&self.capped_in_flight);
                 if capped.get(&slot) == Some(&p.claim.id) {
@@ -663,13 +819,6 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             }
         }
         (keep, left)
-    }
-
-    /// Gives back a source's in-flight slot taken in [`Self::prepare`].
-    fn release_source(&self, source_key: &str) {
-        if let Some(n) = lock(&self.in_flight).get_mut(source_key) {
-            *n = n.saturating_sub(1);
-        }
     }
 
     /// The workspace's frequency-capping rules, cached for [`CAPS_TTL_MS`].

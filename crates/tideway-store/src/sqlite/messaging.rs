@@ -930,6 +930,8 @@ fn settle_sends(
                  (SELECT campaign_id FROM dispatches WHERE workspace_id = ?1 AND id = ?2)",
         )
         .map_err(sql_err)?;
+    let mut sent_dispatches: std::collections::BTreeSet<(i64, String)> =
+        std::collections::BTreeSet::new();
     for s in settlements {
         let accepted = match &s.state {
             SendState::Sent { address, links } => {
@@ -940,12 +942,13 @@ fn settle_sends(
                     )
                     .optional()
                     .map_err(sql_err)?;
-                if let Some(dispatch) = &dispatch {
-                    campaign_sent
-                        .execute(params![s.workspace.0, dispatch, now.0])
-                        .map_err(sql_err)?;
+                let accepted = dispatch.is_some();
+                if let Some(dispatch) = dispatch {
+                    // A campaign's first/last sent time moves once per dispatch per batch,
+                    // not once per message (a broadcast settles thousands per batch).
+                    sent_dispatches.insert((s.workspace.0, dispatch));
                 }
-                dispatch.is_some()
+                accepted
             }
             SendState::RetryAt { at } => {
                 later
@@ -974,6 +977,11 @@ fn settle_sends(
             let events: Appends = s.events.iter().map(|e| (Some(s.user), e.clone())).collect();
             super::currents::append_events(conn, s.workspace, &events)?;
         }
+    }
+    for (workspace, dispatch) in sent_dispatches {
+        campaign_sent
+            .execute(params![workspace, dispatch, now.0])
+            .map_err(sql_err)?;
     }
     Ok(refused)
 }
