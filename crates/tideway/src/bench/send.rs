@@ -346,6 +346,16 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     )
     .await?;
     let deadline = started + Duration::from_secs(3_600);
+    // Watch the receiver's counter (free) until every webhook arrived, then the store (a
+    // count over the campaign's sends, which would steal CPU from the run if polled
+    // throughout) until every send is settled with its event.
+    while hits.load(Ordering::Relaxed) - before < args.users as u64 {
+        progress.set_position(hits.load(Ordering::Relaxed) - before);
+        if Instant::now() > deadline {
+            bail!("the broadcast did not reach the receiver within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     loop {
         let counts = store.campaign_send_counts(ws.id, &broadcast).await?;
         progress.set_position(counts.sent + counts.failed);
@@ -358,7 +368,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
         if Instant::now() > deadline {
             bail!("the broadcast did not finish within an hour: {counts:?}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
     progress.finish_and_clear();
