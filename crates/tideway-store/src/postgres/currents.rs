@@ -30,7 +30,6 @@
 
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
 
 use crate::codec::{corrupt, i64_of, u64_of};
 use tideway_core::clock::Millis;
@@ -44,7 +43,7 @@ use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::store::{StoreError, StoreFuture};
 
 use super::sequence::{Sequence, allocate};
-use super::{PgStore, pg_err};
+use super::{PgStore, execute, get, pg_err, query, query_one, query_opt};
 use crate::sqlite::currents::{decode_spec, encode_spec};
 
 /// The columns a [`Current`] is read from, in [`current_of`]'s order (a macro so statements
@@ -100,54 +99,6 @@ fn user_of(raw: Option<i64>) -> Result<Option<UserSeq>, StoreError> {
 
 fn status_of(raw: Option<i32>) -> Option<u16> {
     raw.and_then(|s| u16::try_from(s).ok())
-}
-
-// ---- statements ---------------------------------------------------------------------------
-
-// Every statement goes through the connection's statement cache: the exporter runs the same
-// few at high rates, and an unprepared `query` costs a second round trip each time.
-
-async fn query<C: GenericClient>(
-    c: &C,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<Row>, StoreError> {
-    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
-    c.query(&stmt, params).await.map_err(pg_err)
-}
-
-async fn query_opt<C: GenericClient>(
-    c: &C,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Option<Row>, StoreError> {
-    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
-    c.query_opt(&stmt, params).await.map_err(pg_err)
-}
-
-async fn query_one<C: GenericClient>(
-    c: &C,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Row, StoreError> {
-    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
-    c.query_one(&stmt, params).await.map_err(pg_err)
-}
-
-async fn execute<C: GenericClient>(
-    c: &C,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<u64, StoreError> {
-    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
-    c.execute(&stmt, params).await.map_err(pg_err)
-}
-
-fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
-    row: &'a Row,
-    idx: usize,
-) -> Result<T, StoreError> {
-    row.try_get(idx).map_err(pg_err)
 }
 
 // ---- rows ---------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
 
 use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
@@ -59,7 +58,7 @@ use tideway_core::store::{
 
 use super::currents::append_in;
 use super::sequence::Sequence;
-use super::{PgStore, pg_err};
+use super::{PgStore, execute, get, pg_err, query, query_one, query_opt};
 use crate::codec::{corrupt, u64_of};
 use crate::profile_codec;
 use crate::sqlite::messaging::{
@@ -68,51 +67,6 @@ use crate::sqlite::messaging::{
 };
 
 type Appends = Vec<(Option<UserSeq>, CurrentsEvent)>;
-
-// ---- statements ---------------------------------------------------------------------------
-
-async fn query<C: GenericClient>(
-    c: &C,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<Row>, StoreError> {
-    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
-    c.query(&stmt, params).await.map_err(pg_err)
-}
-
-async fn query_opt<C: GenericClient>(
-    c: &C,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Option<Row>, StoreError> {
-    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
-    c.query_opt(&stmt, params).await.map_err(pg_err)
-}
-
-async fn query_one<C: GenericClient>(
-    c: &C,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Row, StoreError> {
-    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
-    c.query_one(&stmt, params).await.map_err(pg_err)
-}
-
-async fn execute<C: GenericClient>(
-    c: &C,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<u64, StoreError> {
-    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
-    c.execute(&stmt, params).await.map_err(pg_err)
-}
-
-fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
-    row: &'a Row,
-    idx: usize,
-) -> Result<T, StoreError> {
-    row.try_get(idx).map_err(pg_err)
-}
 
 fn limit_of(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)

@@ -190,6 +190,55 @@ pub fn pool_err(e: PoolError) -> StoreError {
     }
 }
 
+// ---- statements ---------------------------------------------------------------------------
+// Every statement goes through the connection's statement cache (`prepare_cached`): the
+// exporter and the dispatcher run the same few at high rates, and an unprepared `query` costs
+// a second round trip each time. They run on a pooled client or inside a transaction alike.
+
+/// Column `idx` of `row`, typed.
+pub(super) fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    idx: usize,
+) -> Result<T, StoreError> {
+    row.try_get(idx).map_err(pg_err)
+}
+
+pub(super) async fn query<C: deadpool_postgres::GenericClient>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
+    c.query(&stmt, params).await.map_err(pg_err)
+}
+
+pub(super) async fn query_opt<C: deadpool_postgres::GenericClient>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Option<tokio_postgres::Row>, StoreError> {
+    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
+    c.query_opt(&stmt, params).await.map_err(pg_err)
+}
+
+pub(super) async fn query_one<C: deadpool_postgres::GenericClient>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<tokio_postgres::Row, StoreError> {
+    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
+    c.query_one(&stmt, params).await.map_err(pg_err)
+}
+
+pub(super) async fn execute<C: deadpool_postgres::GenericClient>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<u64, StoreError> {
+    let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
+    c.execute(&stmt, params).await.map_err(pg_err)
+}
+
 /// Maps a PostgreSQL error to what a caller can act on, as `sqlite::sql_err` does for SQLite:
 /// `Unavailable` when retrying later may work (connection and IO failures, resource limits,
 /// shutdown, a cancelled or conflicting transaction), `Conflict` for a broken uniqueness rule,
