@@ -199,6 +199,11 @@ type RenderedWebhook = (String, String, Vec<(String, String)>);
 /// How long a workspace's frequency-capping rules are cached.
 const CAPS_TTL_MS: i64 = 5_000;
 
+/// How long outcomes are gathered into one settlement transaction: long enough that a busy
+/// campaign writes a few hundred at once (the index pages they touch are written once per
+/// commit), short against the time a send takes.
+const SETTLE_WINDOW: Duration = Duration::from_millis(5);
+
 /// How often the dispatcher claims even when every claimed send is parked behind its
 /// campaign's cap, so other campaigns' sends are found.
 const DISCOVERY: Duration = Duration::from_millis(50);
@@ -526,7 +531,7 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             };
             let mut batch = vec![first];
             // Gather what finishes within a few milliseconds into one transaction.
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(5);
+            let deadline = tokio::time::Instant::now() + SETTLE_WINDOW;
             while batch.len() < 2_000 {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(s)) => batch.push(s),
