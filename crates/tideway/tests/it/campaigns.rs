@@ -295,8 +295,10 @@ async fn kill9_mid_send_loses_no_scheduled_or_triggered_send() {
         "one key, one user"
     );
     let duplicates = got.len() - by_key.len();
-    // At most the sends in flight of the two campaigns (128 per campaign per node).
-    assert!(duplicates <= 256, "{duplicates} duplicates");
+    // Only what was sent but not yet settled at the kill: the node's 512 sends in flight plus
+    // those whose settlement was still being written (batched every few ms); twice the
+    // concurrency bounds both. Parked sends were never sent, so they are not duplicated.
+    assert!(duplicates <= 1_024, "{duplicates} duplicates");
     drop(server);
 }
 
