@@ -459,6 +459,13 @@ CREATE TABLE segment_trackers (
     PRIMARY KEY (workspace_id, campaign_id, segment_id)
 ) WITHOUT ROWID;
 "#,
+    // 11: the queue's index holds only pending sends (as on PostgreSQL): settling a send
+    // deletes its entry instead of moving it, and claims and `next_due` read a small index
+    // however many sends were ever made.
+    r#"
+DROP INDEX sends_due;
+CREATE INDEX sends_due ON sends(due_at) WHERE state = 'pending';
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.
