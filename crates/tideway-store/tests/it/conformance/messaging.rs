@@ -1051,6 +1051,45 @@ pub(super) async fn expansion_marks_only_move_forward(store: Arc<dyn Store>) {
 /// Claims take pending sends that are due, of every workspace, oldest due first, at most
 /// `limit`, under a lease of `lease_ms`: another owner cannot claim them until the lease runs
 /// out (at `now + lease_ms`), then anyone can, with the attempt count unchanged.
+/// A starting node takes back the sends its previous incarnation (same owner name) held:
+/// they are claimable at once, another owner's leases stay, settled sends are untouched.
+pub(super) async fn a_node_releases_its_own_leases_when_it_starts(store: Arc<dyn Store>) {
+    let a = store.create_workspace("a", NOW).await.unwrap();
+    queue(&*store, &a, "d", &[1, 2, 3], at(1)).await;
+    let lease = 60_000;
+    let mine = store.claim_sends("node-1", at(2), lease, 2).await.unwrap();
+    let theirs = store.claim_sends("node-2", at(2), lease, 10).await.unwrap();
+    assert_eq!((mine.len(), theirs.len()), (2, 1));
+    // One of node-1's sends was settled before it died.
+    let settled = Settlement {
+        send: mine[0].id,
+        workspace: a.id,
+        user: mine[0].user,
+        state: SendState::Sent {
+            address: None,
+            links: None,
+        },
+        events: vec![],
+    };
+    assert_eq!(
+        store
+            .settle_sends("node-1", at(3), vec![settled])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(store.release_leases("node-1").await.unwrap(), 1);
+    assert_eq!(store.release_leases("node-1").await.unwrap(), 0);
+    assert_eq!(store.release_leases("nobody").await.unwrap(), 0);
+    // Long before any lease ends, only node-1's unsettled send is claimable again.
+    let again = store.claim_sends("node-1", at(4), lease, 10).await.unwrap();
+    assert_eq!(again.iter().map(|c| c.id).collect::<Vec<_>>(), [mine[1].id]);
+    assert_eq!(
+        store.next_due().await.unwrap(),
+        Some(Millis(at(2).0 + lease as i64))
+    );
+}
+
 pub(super) async fn claims_lease_due_sends_oldest_first(store: Arc<dyn Store>) {
     let a = store.create_workspace("a", NOW).await.unwrap();
     let b = store.create_workspace("b", NOW).await.unwrap();

@@ -222,6 +222,7 @@ conformance! {
         cursor_and_next_run_move_by_compare_and_set,
         expansion_marks_only_move_forward,
         claims_lease_due_sends_oldest_first,
+        a_node_releases_its_own_leases_when_it_starts,
         settlements_are_fenced_by_the_lease,
         settled_sends_move_between_states,
         settlement_events_land_in_each_workspaces_log,
