@@ -36,7 +36,8 @@ use tideway_messaging::engine::EngineConfig;
 use tideway_messaging::tracking::{TrackingKey, TrackingUrls};
 use tideway_messaging::webhook::WebhookSender;
 use tideway_server::{CurrentsApi, MessagingOptions, ServerConfig};
-use tideway_store::sqlite::{SqliteOptions, SqliteStore};
+use tideway_store::postgres::PgStore;
+use tideway_store::sqlite::SqliteOptions;
 
 use crate::bench::load::millis;
 use crate::data;
@@ -67,6 +68,10 @@ pub struct SendArgs {
     /// Seconds the receiver-limit measurement runs
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Run on PostgreSQL (a workspace of its own in this database) instead of a temporary
+    /// SQLite file
+    #[arg(long)]
+    pub database_url: Option<String>,
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -147,7 +152,7 @@ async fn receiver_max(url: &str, clients: usize, seconds: u64) -> anyhow::Result
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn seed(store: &Arc<SqliteStore>, ws: &Workspace, users: usize) -> anyhow::Result<()> {
+async fn seed(store: &Arc<dyn Store>, ws: &Workspace, users: usize) -> anyhow::Result<()> {
     let progress = indicatif::ProgressBar::new(users as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("seeding users {bar:40} {pos}/{len} ({eta})")
@@ -260,9 +265,22 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     );
 
     let dir = tempfile::tempdir().context("cannot create a temporary data directory")?;
-    let store = Arc::new(data::open(dir.path(), SqliteOptions::default())?);
+    let store: Arc<dyn Store> = match &args.database_url {
+        None => Arc::new(data::open(dir.path(), SqliteOptions::default())?),
+        Some(url) => Arc::new(PgStore::open(url).await.with_context(|| {
+            format!(
+                "cannot use PostgreSQL at {}; is it running, and may this user create tables?",
+                crate::config::redact_url(url)
+            )
+        })?),
+    };
     let now = data::now();
-    let ws = store.create_workspace("bench", now).await?;
+    let ws = store
+        .create_workspace(
+            &format!("bench-send-{}", uuid::Uuid::new_v4().simple()),
+            now,
+        )
+        .await?;
     let (secret, key) = data::mint_key(
         ws.id,
         "bench",
@@ -309,7 +327,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     let metrics = tideway_server::install_metrics_recorder()
         .context("cannot install the metrics recorder")?;
     let router = tideway_server::app_with_messaging(
-        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::clone(&store),
         ServerConfig::default(),
         metrics,
         Some(currents_api),
