@@ -167,3 +167,18 @@ pub fn adhoc_items(
 pub fn new_dispatch_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
+
+/// The workspace's `app_group_id`, which control-group and conversion events carry (empty for
+/// a workspace deleted meanwhile).
+pub(crate) async fn app_group_id<S: tideway_core::store::AdminStore + ?Sized>(
+    store: &S,
+    ws: tideway_core::ids::WorkspaceId,
+) -> Result<String, tideway_core::store::StoreError> {
+    Ok(store
+        .list_workspaces()
+        .await?
+        .into_iter()
+        .find(|w| w.id == ws)
+        .map(|w| w.app_group_id)
+        .unwrap_or_default())
+}

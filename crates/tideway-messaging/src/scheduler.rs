@@ -313,14 +313,7 @@ impl<S: DispatchStore + ?Sized + 'static> Scheduler<S> {
     }
 
     async fn app_group_id(&self, ws: WorkspaceId) -> Result<String, StoreError> {
-        Ok(self
-            .store
-            .list_workspaces()
-            .await?
-            .into_iter()
-            .find(|w| w.id == ws)
-            .map(|w| w.app_group_id)
-            .unwrap_or_default())
+        crate::plan::app_group_id(self.store.as_ref(), ws).await
     }
 }
 

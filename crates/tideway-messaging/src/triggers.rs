@@ -301,16 +301,8 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
         Ok(busy)
     }
 
-    /// The workspace's `app_group_id` (control-group and conversion events carry it).
     async fn app_group_id(&self, ws: WorkspaceId) -> Result<String, StoreError> {
-        Ok(self
-            .store
-            .list_workspaces()
-            .await?
-            .into_iter()
-            .find(|w| w.id == ws)
-            .map(|w| w.app_group_id)
-            .unwrap_or_default())
+        crate::plan::app_group_id(self.store.as_ref(), ws).await
     }
 
     /// The records of those of `users` the campaign puts in its control group (their
