@@ -8,7 +8,7 @@
 //! without a counter write on the send path. Unique opens and clicks count a user once per
 //! campaign (the store keeps who was counted).
 
-use serde_json::Value;
+use serde::Deserialize;
 use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::UserSeq;
 use tideway_core::store::{CampaignStat, StatIncrement};
@@ -40,14 +40,26 @@ pub fn increments(user: Option<UserSeq>, event: &CurrentsEvent) -> Vec<StatIncre
         "users.campaigns.EnrollInControl" => &[(CampaignStat::ControlGroup, false)],
         _ => return Vec::new(),
     };
-    let body = event.body_value();
-    let Some(campaign_id) = body["properties"]["campaign_id"].as_str() else {
+    // Only the two properties this needs, not the whole body as a `Value`: this runs for
+    // every messaging event in the log.
+    #[derive(Deserialize)]
+    struct Body {
+        #[serde(default)]
+        properties: Properties,
+    }
+    #[derive(Deserialize, Default)]
+    struct Properties {
+        campaign_id: Option<String>,
+        is_terminal: Option<bool>,
+    }
+    let Ok(body) = serde_json::from_str::<Body>(&event.body) else {
+        return Vec::new();
+    };
+    let Some(campaign_id) = body.properties.campaign_id else {
         return Vec::new();
     };
     // A webhook failure counts once, when it is final.
-    if kind == "users.messages.webhook.Failure"
-        && body["properties"]["is_terminal"] != Value::Bool(true)
-    {
+    if kind == "users.messages.webhook.Failure" && body.properties.is_terminal != Some(true) {
         return Vec::new();
     }
     stats
@@ -55,7 +67,7 @@ pub fn increments(user: Option<UserSeq>, event: &CurrentsEvent) -> Vec<StatIncre
         .filter_map(|&(stat, unique)| {
             let unique_user = if unique { Some(user?) } else { None };
             Some(StatIncrement {
-                campaign_id: campaign_id.to_owned(),
+                campaign_id: campaign_id.clone(),
                 stat,
                 unique_user,
             })

@@ -73,11 +73,6 @@ pub(crate) fn receipt_time(item: &NewSend, enqueue: &Enqueue) -> Millis {
         .unwrap_or(Millis(0))
 }
 
-/// Whether a receipt received at `received_at` may be taken again at `now`.
-pub(crate) fn reeligible(received_at: Millis, window_ms: Option<i64>, now: Millis) -> bool {
-    window_ms.is_some_and(|w| received_at.0.saturating_add(w) <= now.0)
-}
-
 /// The conflict of a mark that does not move an expansion forward.
 pub(crate) fn expansion_conflict(dispatch: &str) -> StoreError {
     StoreError::Conflict(format!(
@@ -617,28 +612,21 @@ fn take_receipt(
     window_ms: Option<i64>,
     now: Millis,
 ) -> Result<bool, StoreError> {
-    let received: Option<i64> = conn
+    // One statement: a new receipt, or an old one taken again once it is re-eligible (a
+    // re-eligibility window is set and has passed since the last receipt); a row left
+    // unchanged is a user still ineligible.
+    let changed = conn
         .prepare_cached(
-            "SELECT received_at FROM campaign_receipts
-             WHERE workspace_id = ?1 AND user_seq = ?2 AND campaign_id = ?3",
+            "INSERT INTO campaign_receipts (workspace_id, user_seq, campaign_id, received_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (workspace_id, user_seq, campaign_id) DO UPDATE
+                 SET received_at = excluded.received_at
+                 WHERE ?5 IS NOT NULL AND campaign_receipts.received_at + ?5 <= excluded.received_at",
         )
         .map_err(sql_err)?
-        .query_row(params![workspace.0, user.0, campaign_id], |r| r.get(0))
-        .optional()
+        .execute(params![workspace.0, user.0, campaign_id, now.0, window_ms])
         .map_err(sql_err)?;
-    match received {
-        Some(at) if !reeligible(Millis(at), window_ms, now) => Ok(false),
-        _ => {
-            conn.prepare_cached(
-                "INSERT OR REPLACE INTO campaign_receipts (workspace_id, user_seq, campaign_id, received_at)
-                 VALUES (?1, ?2, ?3, ?4)",
-            )
-            .map_err(sql_err)?
-            .execute(params![workspace.0, user.0, campaign_id, now.0])
-            .map_err(sql_err)?;
-            Ok(true)
-        }
-    }
+    Ok(changed > 0)
 }
 
 fn insert_send(
