@@ -22,6 +22,7 @@ mod admin;
 mod behind;
 mod cohorts;
 pub mod currents;
+mod dashboard;
 #[cfg(feature = "failpoints")]
 mod failpoints;
 pub(crate) mod messaging;
