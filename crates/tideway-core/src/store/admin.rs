@@ -98,6 +98,8 @@ pub trait AdminStore: Send + Sync {
         partner: &str,
         enabled: bool,
     ) -> StoreFuture<'_, ()>;
+    /// Whether the workspace has `partner` enabled (never set: disabled).
+    fn partner_enabled(&self, workspace: WorkspaceId, partner: &str) -> StoreFuture<'_, bool>;
     /// The workspace owning a valid data import key for `partner`.
     fn find_import_key(
         &self,

@@ -481,6 +481,24 @@ impl AdminStore for PgStore {
         })
     }
 
+    fn partner_enabled(&self, workspace: WorkspaceId, partner: &str) -> StoreFuture<'_, bool> {
+        let partner = partner.to_owned();
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT enabled FROM workspace_partners WHERE workspace_id = $1 AND partner = $2",
+                    &[&workspace.0, &partner],
+                )
+                .await
+                .map_err(pg_err)?;
+            match row {
+                Some(row) => row.try_get::<_, bool>(0).map_err(pg_err),
+                None => Ok(false),
+            }
+        })
+    }
+
     fn find_import_key(
         &self,
         partner: &str,

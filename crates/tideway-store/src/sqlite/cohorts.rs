@@ -290,6 +290,22 @@ pub fn set_partner_enabled(
     Ok(())
 }
 
+pub fn partner_enabled(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    partner: &str,
+) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "SELECT enabled FROM workspace_partners WHERE workspace_id = ?1 AND partner = ?2",
+    )
+    .and_then(|mut s| {
+        s.query_row(params![workspace.0, partner], |r| r.get::<_, bool>(0))
+            .optional()
+    })
+    .map(|enabled| enabled.unwrap_or(false))
+    .map_err(sql_err)
+}
+
 pub fn find_import_key(
     conn: &Connection,
     partner: &str,

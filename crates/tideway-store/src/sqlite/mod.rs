@@ -825,6 +825,11 @@ impl AdminStore for SqliteStore {
         })
     }
 
+    fn partner_enabled(&self, workspace: WorkspaceId, partner: &str) -> StoreFuture<'_, bool> {
+        let partner = partner.to_owned();
+        self.read(move |conn| cohorts::partner_enabled(conn, workspace, &partner))
+    }
+
     fn find_import_key(
         &self,
         partner: &str,

@@ -458,10 +458,13 @@ pub(super) async fn import_keys_rotate_and_partner_keys_are_per_partner(store: A
             .is_some(),
         "the other key keeps working"
     );
+    assert!(store.partner_enabled(a.id, "heap").await.unwrap());
+    assert!(!store.partner_enabled(a.id, "amplitude").await.unwrap());
     store
         .set_partner_enabled(a.id, "heap", false)
         .await
         .unwrap();
+    assert!(!store.partner_enabled(a.id, "heap").await.unwrap());
     assert!(
         !store
             .find_import_key("heap", k2.hash())
