@@ -11,6 +11,7 @@ pub enum Section {
     Home,
     Heap,
     Cohorts,
+    Currents,
     ApiKeys,
 }
 
@@ -68,6 +69,9 @@ pub fn page(ctx: &Ctx, section: Section, title: &str, body: Markup) -> Markup {
                         (nav(Section::Cohorts, "/cohorts", "Cohorts"))
                         h2 { "Partner Integrations" }
                         (nav(Section::Heap, "/partners/heap", "Technology Partners › Heap"))
+                        @if ctx.currents {
+                            (nav(Section::Currents, "/currents", "Data Export › Currents"))
+                        }
                         h2 { "Settings" }
                         (nav(Section::ApiKeys, "/developer/api-keys", "Developer Console › REST API keys"))
                     }

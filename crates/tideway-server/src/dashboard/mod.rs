@@ -20,7 +20,7 @@
 //!   `assets.rs`, compiled into the binary.
 //!
 //! Pages: `home.rs` (counts), `heap.rs` (Technology Partners › Heap), `cohorts.rs`,
-//! `api_keys.rs` (Developer Console › REST API keys); `layout.rs` is the frame around them.
+//! `currents.rs` (Data Export: Currents), `api_keys.rs` (Developer Console › REST API keys); `layout.rs` is the frame around them.
 //!
 //! [`DashboardStore`]: tideway_core::store::DashboardStore
 
@@ -28,6 +28,7 @@ mod api_keys;
 mod assets;
 mod auth;
 mod cohorts;
+mod currents;
 mod heap;
 mod home;
 mod layout;
@@ -96,6 +97,23 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route(
             "/dashboard/w/{ws}/cohorts/{partner}/{cohort}",
             get(cohorts::members),
+        )
+        .route(
+            "/dashboard/w/{ws}/currents",
+            get(currents::list).post(currents::create),
+        )
+        .route("/dashboard/w/{ws}/currents/new", get(currents::new_form))
+        .route(
+            "/dashboard/w/{ws}/currents/{id}/dead-letters",
+            get(currents::dead_letters),
+        )
+        .route(
+            "/dashboard/w/{ws}/currents/{id}/replay",
+            post(currents::replay),
+        )
+        .route(
+            "/dashboard/w/{ws}/currents/{id}/{action}",
+            post(currents::action),
         )
         .route(
             "/dashboard/w/{ws}/developer/api-keys",
@@ -396,6 +414,8 @@ pub(crate) struct Ctx {
     pub me: Me,
     pub workspace: Workspace,
     pub workspaces: Vec<Workspace>,
+    /// Whether this server runs the Currents exporter (else the Currents pages are not linked).
+    pub currents: bool,
 }
 
 impl Ctx {
@@ -411,6 +431,7 @@ impl Ctx {
             me,
             workspace,
             workspaces,
+            currents: state.currents().is_some(),
         })
     }
 
