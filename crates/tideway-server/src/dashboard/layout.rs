@@ -11,6 +11,7 @@ pub enum Section {
     Home,
     Heap,
     Cohorts,
+    Segments,
     Currents,
     ApiKeys,
 }
@@ -66,6 +67,7 @@ pub fn page(ctx: &Ctx, section: Section, title: &str, body: Markup) -> Markup {
                     nav class="side" aria-label="Sections" {
                         (nav(Section::Home, "/", "Home"))
                         h2 { "Audience" }
+                        (nav(Section::Segments, "/segments", "Segments"))
                         (nav(Section::Cohorts, "/cohorts", "Cohorts"))
                         h2 { "Partner Integrations" }
                         (nav(Section::Heap, "/partners/heap", "Technology Partners › Heap"))

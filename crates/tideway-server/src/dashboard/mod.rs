@@ -20,7 +20,8 @@
 //!   `assets.rs`, compiled into the binary.
 //!
 //! Pages: `home.rs` (counts), `heap.rs` (Technology Partners › Heap), `cohorts.rs`,
-//! `currents.rs` (Data Export: Currents), `api_keys.rs` (Developer Console › REST API keys); `layout.rs` is the frame around them.
+//! `segments.rs` (list, builder with live size, members, CSV), `currents.rs` (Data Export:
+//! Currents), `api_keys.rs` (Developer Console › REST API keys); `layout.rs` is the frame around them.
 //!
 //! [`DashboardStore`]: tideway_core::store::DashboardStore
 
@@ -32,6 +33,7 @@ mod currents;
 mod heap;
 mod home;
 mod layout;
+mod segments;
 
 use axum::Router;
 use axum::body::Body;
@@ -97,6 +99,35 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route(
             "/dashboard/w/{ws}/cohorts/{partner}/{cohort}",
             get(cohorts::members),
+        )
+        .route(
+            "/dashboard/w/{ws}/segments",
+            get(segments::list).post(segments::create),
+        )
+        .route("/dashboard/w/{ws}/segments/new", get(segments::new_page))
+        .route(
+            "/dashboard/w/{ws}/segments/builder",
+            post(segments::builder),
+        )
+        .route(
+            "/dashboard/w/{ws}/segments/preview",
+            post(segments::preview),
+        )
+        .route(
+            "/dashboard/w/{ws}/segments/{id}",
+            get(segments::edit_page).post(segments::update),
+        )
+        .route(
+            "/dashboard/w/{ws}/segments/{id}/delete",
+            post(segments::delete),
+        )
+        .route(
+            "/dashboard/w/{ws}/segments/{id}/members",
+            get(segments::members),
+        )
+        .route(
+            "/dashboard/w/{ws}/segments/{id}/export.csv",
+            get(segments::export_csv),
         )
         .route(
             "/dashboard/w/{ws}/currents",

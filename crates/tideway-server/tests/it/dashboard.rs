@@ -182,7 +182,37 @@ fn forms(ws: &Workspace) -> Vec<(String, Vec<(&'static str, &'static str)>)> {
             vec![("name", "k"), ("permission", "users.track")],
         ),
         (format!("{w}/developer/api-keys/1/revoke"), vec![]),
+        (format!("{w}/segments"), segment_form("s", "heap:c1")),
+        (
+            format!("{w}/segments/preview"),
+            segment_form("s", "heap:c1"),
+        ),
+        (
+            format!("{w}/segments/builder"),
+            segment_form("s", "heap:c1"),
+        ),
+        (format!("{w}/segments/x"), segment_form("s", "heap:c1")),
+        (format!("{w}/segments/x/delete"), vec![]),
+        (
+            format!("{w}/currents"),
+            vec![("name", "c"), ("kind", "custom_http")],
+        ),
+        (format!("{w}/currents/1/launch"), vec![]),
+        (format!("{w}/currents/1/test"), vec![]),
+        (format!("{w}/currents/1/replay"), vec![]),
         ("/dashboard/logout".to_owned(), vec![]),
+    ]
+}
+
+/// The builder's form for "cohort includes `cohort`" named `name`.
+fn segment_form(name: &'static str, cohort: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("name", name),
+        ("combine", "and"),
+        ("g0_combine", "and"),
+        ("g0r0_kind", "cohort"),
+        ("g0r0_cohort_op", "includes"),
+        ("g0r0_cohort", cohort),
     ]
 }
 
@@ -387,6 +417,7 @@ async fn a_read_only_user_sees_every_page_and_changes_nothing() {
         format!("{w}/partners/heap"),
         format!("{w}/cohorts"),
         format!("{w}/cohorts/heap/c1"),
+        format!("{w}/segments"),
         format!("{w}/developer/api-keys"),
     ] {
         let p = b.get(&page).await;
@@ -439,6 +470,7 @@ async fn no_page_of_one_workspace_shows_another_workspaces_data() {
         format!("{w}/partners/heap"),
         format!("{w}/cohorts"),
         format!("{w}/cohorts/heap/ca"),
+        format!("{w}/segments"),
         format!("{w}/developer/api-keys"),
     ] {
         let p = b.get(&page).await;
@@ -595,4 +627,130 @@ async fn bad_input_gets_a_precise_4xx() {
         .await
         .unwrap();
     assert_eq!(res.status().as_u16(), 415);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_are_built_sized_saved_listed_exported_and_deleted() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "u1", "plan": "pro"}, {"external_id": "u2", "plan": "free"}, {"external_id": "u3", "plan": "pro"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201);
+    heap_cohort(&s, &ws, "c1", "Abandoned checkout").await;
+    let partner_key = s
+        .store
+        .partner_api_key("heap", Secret::new("unused".into()), NOW)
+        .await
+        .unwrap();
+    let secret = format!("import-{}-c1", ws.id.0);
+    let a = s
+        .send(
+            reqwest::Method::POST,
+            "/partners/heap/cohorts/users",
+            crate::harness::Auth::None,
+            Some(
+                json!({"partner_api_key": partner_key.expose(), "client_secret": secret, "cohort_id": "c1",
+                       "cohort_changes": [{"user_ids": ["u1", "u2"]}]})
+                .to_string()
+                .into_bytes(),
+            ),
+            true,
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let new = b.get(&format!("{w}/segments/new")).await;
+    assert_eq!(new.status, 200);
+    assert!(
+        new.body.contains("Heap Cohorts › Abandoned checkout"),
+        "the cohort is picked by name"
+    );
+    // The live size of the unsaved filter, then with an attribute condition added.
+    let mut form = segment_form("Checkout abandoners", "heap:c1");
+    let preview = b.post(&format!("{w}/segments/preview"), &form).await;
+    assert_eq!(preview.status, 200);
+    assert_eq!(preview.body, "2 users");
+    form.extend([
+        ("g0r1_kind", "attribute"),
+        ("g0r1_name", "plan"),
+        ("g0r1_op", "equals"),
+        ("g0r1_value", "pro"),
+        ("g0r1_vtype", "text"),
+    ]);
+    assert_eq!(
+        b.post(&format!("{w}/segments/preview"), &form).await.body,
+        "1 user"
+    );
+    let added = b
+        .client
+        .post(format!("{}{w}/segments/builder", s.base))
+        .header("cookie", &b.cookie)
+        .header("x-csrf-token", &b.csrf)
+        .header("hx-request", "true")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("combine=and&g0_combine=and&g0r0_kind=cohort&add=g0")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        added.contains("g0r1_kind") && !added.contains("<html"),
+        "a fragment with a new row"
+    );
+    // Invalid filters are refused with what to fix; nothing is saved.
+    let bad = b
+        .post(&format!("{w}/segments"), &segment_form("Bad", "heap:nope"))
+        .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("nope"), "{}", bad.body);
+    let saved = b.post(&format!("{w}/segments"), &form).await;
+    assert_eq!(saved.status, 303, "{}", saved.body);
+    let segments = s.store.list_segments(ws.id).await.unwrap();
+    assert_eq!(segments.len(), 1);
+    let id = segments[0].id.clone();
+    let list = b.get(&format!("{w}/segments")).await.body;
+    assert!(
+        list.contains("Checkout abandoners") && list.contains("<td class=\"segment-size\">1</td>"),
+        "{list}"
+    );
+    let members = b.get(&format!("{w}/segments/{id}/members")).await.body;
+    assert!(members.contains("u1") && !members.contains("u2"));
+    let csv = b.get(&format!("{w}/segments/{id}/export.csv")).await;
+    assert_eq!(csv.headers["content-type"], "text/csv; charset=utf-8");
+    let lines: Vec<&str> = csv.body.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", csv.body);
+    assert_eq!(lines[0], "braze_id,external_id");
+    assert!(lines[1].ends_with(",u1"));
+    // Edit: the builder shows the saved conditions; saving changes the filter.
+    let edit = b.get(&format!("{w}/segments/{id}")).await.body;
+    assert!(edit.contains("value=\"plan\"") && edit.contains("1 user"));
+    let renamed = b
+        .post(
+            &format!("{w}/segments/{id}"),
+            &segment_form("Renamed", "heap:c1"),
+        )
+        .await;
+    assert_eq!(renamed.status, 303);
+    assert_eq!(
+        s.store.segment(ws.id, &id).await.unwrap().unwrap().name,
+        "Renamed"
+    );
+    assert_eq!(
+        b.post(&format!("{w}/segments/{id}/delete"), &[])
+            .await
+            .status,
+        303
+    );
+    assert!(s.store.list_segments(ws.id).await.unwrap().is_empty());
+    assert_eq!(b.get(&format!("{w}/segments/{id}")).await.status, 404);
 }
