@@ -555,7 +555,7 @@ async fn builder_page(
             p class="card" aria-live="polite" { "Size: " span class="size" id="size" { (size) } }
             (builder_fields(ctx, b, &cohorts, &segments, editing.map(|s| s.id.as_str())))
             div class="actions" {
-                button type="submit" id="save-segment" hx-post=(action) hx-target="body" hx-push-url="true" { "Save segment" }
+                button type="submit" id="save-segment" { "Save segment" }
             }
         }
         p { a href=(ctx.url("/segments")) { "All segments" } }
