@@ -415,3 +415,100 @@ async fn the_guide_in_a_browser() {
     drop(driver);
     drop(server);
 }
+
+/// Signs in through the sign-in form (its token cookie and field) over plain HTTP; returns
+/// the status.
+async fn sign_in_status(url: &str, username: &str, password: &str) -> u16 {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = client
+        .get(format!("{url}/dashboard/login"))
+        .send()
+        .await
+        .unwrap();
+    let cookie = page.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let body = page.text().await.unwrap();
+    let at = body.find("name=\"csrf\" value=\"").unwrap() + 19;
+    let token = &body[at..at + 64];
+    client
+        .post(format!("{url}/dashboard/login"))
+        .header("cookie", cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "csrf={token}&username={username}&password={}",
+            password.replace(' ', "+")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_managed_from_the_command_line() {
+    use crate::support::{stderr, tideway, tideway_ok};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dir = data.to_str().unwrap();
+    let server = Server::start(&data, &[]).await;
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(data.join("initial-admin-password"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let created = tideway_ok(&[
+        "users",
+        "create",
+        "viewer",
+        "--role",
+        "read_only",
+        "--data-dir",
+        dir,
+    ])
+    .await;
+    let password = created.trim().to_owned();
+    assert_eq!(password.len(), 24, "{created}");
+    let again = tideway(&["users", "create", "viewer", "--data-dir", dir]).await;
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("tideway users reset-password viewer"),
+        "{}",
+        stderr(&again)
+    );
+    let bad = tideway(&["users", "create", "<b>", "--data-dir", dir]).await;
+    assert!(!bad.status.success());
+    let listed = tideway_ok(&["users", "list", "--data-dir", dir]).await;
+    assert!(
+        listed.contains("admin") && listed.contains("viewer") && listed.contains("read_only"),
+        "{listed}"
+    );
+    assert_eq!(sign_in_status(&server.url, "viewer", &password).await, 303);
+    let reset = tideway_ok(&["users", "reset-password", "viewer", "--data-dir", dir]).await;
+    let new_password = reset.trim();
+    assert_ne!(new_password, password);
+    assert_eq!(sign_in_status(&server.url, "viewer", &password).await, 401);
+    assert_eq!(
+        sign_in_status(&server.url, "viewer", new_password).await,
+        303
+    );
+    let missing = tideway(&["users", "reset-password", "nobody", "--data-dir", dir]).await;
+    assert!(!missing.status.success());
+    // A restart does not make a second admin or print a password again.
+    assert!(server.terminate().await);
+    let again = Server::start(&data, &[]).await;
+    assert!(
+        !again.preamble.iter().any(|l| l.contains("Dashboard user")),
+        "{:?}",
+        again.preamble
+    );
+}
