@@ -12,6 +12,7 @@ pub enum Section {
     Heap,
     Cohorts,
     Segments,
+    Users,
     Currents,
     ApiKeys,
 }
@@ -69,6 +70,7 @@ pub fn page(ctx: &Ctx, section: Section, title: &str, body: Markup) -> Markup {
                         h2 { "Audience" }
                         (nav(Section::Segments, "/segments", "Segments"))
                         (nav(Section::Cohorts, "/cohorts", "Cohorts"))
+                        (nav(Section::Users, "/users", "User lookup"))
                         h2 { "Partner Integrations" }
                         (nav(Section::Heap, "/partners/heap", "Technology Partners › Heap"))
                         @if ctx.currents {

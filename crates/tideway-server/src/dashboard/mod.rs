@@ -20,7 +20,7 @@
 //!   `assets.rs`, compiled into the binary.
 //!
 //! Pages: `home.rs` (counts), `heap.rs` (Technology Partners › Heap), `cohorts.rs`,
-//! `segments.rs` (list, builder with live size, members, CSV), `currents.rs` (Data Export:
+//! `lookup.rs` (user lookup), `segments.rs` (list, builder with live size, members, CSV), `currents.rs` (Data Export:
 //! Currents), `api_keys.rs` (Developer Console › REST API keys); `layout.rs` is the frame around them.
 //!
 //! [`DashboardStore`]: tideway_core::store::DashboardStore
@@ -33,6 +33,7 @@ mod currents;
 mod heap;
 mod home;
 mod layout;
+mod lookup;
 mod segments;
 
 use axum::Router;
@@ -100,6 +101,7 @@ pub fn router(state: AppState) -> Router<AppState> {
             "/dashboard/w/{ws}/cohorts/{partner}/{cohort}",
             get(cohorts::members),
         )
+        .route("/dashboard/w/{ws}/users", get(lookup::page))
         .route(
             "/dashboard/w/{ws}/segments",
             get(segments::list).post(segments::create),

@@ -480,7 +480,21 @@ async fn no_page_of_one_workspace_shows_another_workspaces_data() {
         assert!(!p.body.contains(&bravo_import[0].prefix), "{page}");
         assert!(!p.body.contains(&b_ws.app_group_id), "{page}");
     }
-    // B's cohort, key and import key through A's addresses: not found, nothing changed.
+    // B's user, cohort, key and import key through A's addresses: not found, nothing changed.
+    let bravo_key = s.admin_key(&b_ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &bravo_key,
+            json!({"attributes": [{"external_id": "bravo-user", "plan": "bravo-plan"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201);
+    let lookup = b
+        .get(&format!("{w}/users?by=external_id&q=bravo-user"))
+        .await;
+    assert_eq!(lookup.status, 404);
+    assert!(!lookup.body.contains("bravo-plan"));
     assert_eq!(b.get(&format!("{w}/cohorts/heap/cb")).await.status, 404);
     let bravo_key = &s.store.list_api_keys(b_ws.id).await.unwrap()[0];
     let revoke = b
@@ -731,6 +745,35 @@ async fn segments_are_built_sized_saved_listed_exported_and_deleted() {
     assert_eq!(lines.len(), 2, "{}", csv.body);
     assert_eq!(lines[0], "braze_id,external_id");
     assert!(lines[1].ends_with(",u1"));
+    // User lookup: the profile, cohorts and segments of one user.
+    let found = b.get(&format!("{w}/users?by=external_id&q=u1")).await;
+    assert_eq!(found.status, 200);
+    assert!(found.body.contains("id=\"profile\"") && found.body.contains("pro"));
+    assert!(
+        found.body.contains("Abandoned checkout") && found.body.contains("Checkout abandoners")
+    );
+    let other = b.get(&format!("{w}/users?by=external_id&q=u3")).await.body;
+    assert!(other.contains("In no cohort.") && other.contains("In no segment."));
+    assert_eq!(
+        b.get(&format!("{w}/users?by=external_id&q=nobody"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        b.get(&format!("{w}/users?by=braze_id&q=not-hex"))
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        b.get(&format!("{w}/users?by=alias&q=x&label="))
+            .await
+            .status,
+        400
+    );
+    assert_eq!(b.get(&format!("{w}/users?by=phone&q=1")).await.status, 400);
+    assert_eq!(b.get(&format!("{w}/users")).await.status, 200);
     // Edit: the builder shows the saved conditions; saving changes the filter.
     let edit = b.get(&format!("{w}/segments/{id}")).await.body;
     assert!(edit.contains("value=\"plan\"") && edit.contains("1 user"));
