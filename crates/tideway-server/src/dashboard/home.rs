@@ -60,7 +60,7 @@ pub async fn page(
             (card(users.map_or_else(|| "…".to_owned(), |n| n.to_string()), "users", None))
             (card(cohorts.to_string(), "cohorts", Some(ctx.url("/cohorts"))))
             (card(segments.to_string(), "segments", Some(ctx.url("/segments"))))
-            (card(campaigns.to_string(), "campaigns", None))
+            (card(campaigns.to_string(), "campaigns", Some(ctx.url("/campaigns"))))
             (card(currents.len().to_string(), "Currents", ctx.currents.then(|| ctx.url("/currents"))))
             (card(healthy.to_string(), "Currents delivering", None))
             (card(failing.to_string(), "Currents failing or halted", None))

@@ -13,6 +13,7 @@ pub enum Section {
     Cohorts,
     Segments,
     Users,
+    Campaigns,
     Currents,
     ApiKeys,
 }
@@ -71,6 +72,8 @@ pub fn page(ctx: &Ctx, section: Section, title: &str, body: Markup) -> Markup {
                         (nav(Section::Segments, "/segments", "Segments"))
                         (nav(Section::Cohorts, "/cohorts", "Cohorts"))
                         (nav(Section::Users, "/users", "User lookup"))
+                        h2 { "Messaging" }
+                        (nav(Section::Campaigns, "/campaigns", "Campaigns"))
                         h2 { "Partner Integrations" }
                         (nav(Section::Heap, "/partners/heap", "Technology Partners › Heap"))
                         @if ctx.currents {

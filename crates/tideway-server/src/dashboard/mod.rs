@@ -20,7 +20,7 @@
 //!   `assets.rs`, compiled into the binary.
 //!
 //! Pages: `home.rs` (counts), `heap.rs` (Technology Partners › Heap), `cohorts.rs`,
-//! `lookup.rs` (user lookup), `segments.rs` (list, builder with live size, members, CSV), `currents.rs` (Data Export:
+//! `lookup.rs` (user lookup), `campaigns.rs` (list, create, launch / pause / stop), `segments.rs` (list, builder with live size, members, CSV), `currents.rs` (Data Export:
 //! Currents), `api_keys.rs` (Developer Console › REST API keys); `layout.rs` is the frame around them.
 //!
 //! [`DashboardStore`]: tideway_core::store::DashboardStore
@@ -28,6 +28,7 @@
 mod api_keys;
 mod assets;
 mod auth;
+mod campaigns;
 mod cohorts;
 mod currents;
 mod heap;
@@ -130,6 +131,15 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route(
             "/dashboard/w/{ws}/segments/{id}/export.csv",
             get(segments::export_csv),
+        )
+        .route(
+            "/dashboard/w/{ws}/campaigns",
+            get(campaigns::list).post(campaigns::create),
+        )
+        .route("/dashboard/w/{ws}/campaigns/new", get(campaigns::new_form))
+        .route(
+            "/dashboard/w/{ws}/campaigns/{id}/{action}",
+            post(campaigns::action),
         )
         .route(
             "/dashboard/w/{ws}/currents",
@@ -242,6 +252,8 @@ pub(crate) enum PageError {
     Forbidden(&'static str),
     /// 404, naming what is missing.
     NotFound(String),
+    /// 409, with why (a change the thing's state does not allow).
+    Conflict(String),
     /// 413.
     TooLarge,
     /// 415.
@@ -268,6 +280,7 @@ impl IntoResponse for PageError {
             ),
             PageError::Forbidden(m) => (StatusCode::FORBIDDEN, (*m).to_owned()),
             PageError::NotFound(m) => (StatusCode::NOT_FOUND, m.clone()),
+            PageError::Conflict(why) => (StatusCode::CONFLICT, why.clone()),
             PageError::TooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("The form is larger than {MAX_FORM_BYTES} bytes."),

@@ -797,3 +797,80 @@ async fn segments_are_built_sized_saved_listed_exported_and_deleted() {
     assert!(s.store.list_segments(ws.id).await.unwrap().is_empty());
     assert_eq!(b.get(&format!("{w}/segments/{id}")).await.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaigns_are_created_launched_paused_and_stopped() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let page = b.get(&format!("{w}/campaigns/new")).await;
+    assert_eq!(page.status, 200);
+    let good = [
+        ("name", "Welcome <b>"),
+        ("channel", "webhook"),
+        ("url", "http://127.0.0.1:9/hook"),
+        ("body", "Hi {{${first_name}}}"),
+        ("delivery", "api_triggered"),
+    ];
+    for (change, says) in [
+        (("name", ""), "name"),
+        (("body", "{{ broken"), "messages[0].body"),
+        (("delivery", "scheduled"), "ISO 8601"),
+        (("delivery", "cohort_entry"), "Pick the cohort"),
+        (("channel", "sms"), "email or webhook"),
+    ] {
+        let mut fields: Vec<(&str, &str)> = good
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != change.0)
+            .collect();
+        fields.push(change);
+        let answer = b.post(&format!("{w}/campaigns"), &fields).await;
+        assert_eq!(answer.status, 400, "{change:?}");
+        assert!(answer.body.contains(says), "{change:?}: {}", answer.body);
+    }
+    assert!(s.store.list_campaigns(ws.id).await.unwrap().is_empty());
+    assert_eq!(b.post(&format!("{w}/campaigns"), &good).await.status, 303);
+    let campaigns = s.store.list_campaigns(ws.id).await.unwrap();
+    assert_eq!(campaigns.len(), 1);
+    let id = campaigns[0].id.clone();
+    let list = b.get(&format!("{w}/campaigns")).await.body;
+    assert!(
+        list.contains("Welcome &lt;b&gt;") && list.contains("draft") && list.contains("webhook"),
+        "{list}"
+    );
+    for (action, status) in [
+        ("launch", "active"),
+        ("pause", "paused"),
+        ("launch", "active"),
+        ("stop", "stopped"),
+    ] {
+        let answer = b.post(&format!("{w}/campaigns/{id}/{action}"), &[]).await;
+        assert_eq!(answer.status, 303, "{action}: {}", answer.body);
+        assert_eq!(
+            s.store
+                .campaign(ws.id, &id)
+                .await
+                .unwrap()
+                .unwrap()
+                .status
+                .as_str(),
+            status
+        );
+    }
+    let again = b.post(&format!("{w}/campaigns/{id}/launch"), &[]).await;
+    assert_eq!(again.status, 409);
+    assert!(again.body.contains("stopped"));
+    assert_eq!(
+        b.post(&format!("{w}/campaigns/{id}/fly"), &[]).await.status,
+        404
+    );
+    assert_eq!(
+        b.post(&format!("{w}/campaigns/nope/launch"), &[])
+            .await
+            .status,
+        404
+    );
+}
