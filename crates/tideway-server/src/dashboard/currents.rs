@@ -303,7 +303,7 @@ pub async fn action(
     {
         Ok(_) => {}
         Err(tideway_core::store::StoreError::Conflict(_)) => {
-            return Err(PageError::BadRequest(format!(
+            return Err(PageError::Conflict(format!(
                 "The Current is {}; that action does not apply.",
                 c.status.as_str()
             )));

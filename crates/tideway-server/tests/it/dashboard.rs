@@ -63,10 +63,10 @@ fn hidden_csrf(body: &str) -> String {
 }
 
 /// Posts the sign-in form as a browser would (its token cookie and field).
-async fn sign_in_answer(s: &Server, name: &str, password: &str) -> Page {
+async fn sign_in_answer(base: &str, name: &str, password: &str) -> Page {
     let c = client();
     let login = c
-        .get(format!("{}/dashboard/login", s.base))
+        .get(format!("{base}/dashboard/login"))
         .send()
         .await
         .unwrap();
@@ -74,7 +74,7 @@ async fn sign_in_answer(s: &Server, name: &str, password: &str) -> Page {
     let token_cookie = token_cookie.split(';').next().unwrap().to_owned();
     let form = hidden_csrf(&login.text().await.unwrap());
     let res = c
-        .post(format!("{}/dashboard/login", s.base))
+        .post(format!("{base}/dashboard/login"))
         .header("cookie", token_cookie)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(
@@ -94,12 +94,12 @@ async fn sign_in_answer(s: &Server, name: &str, password: &str) -> Page {
     }
 }
 
-async fn sign_in(s: &Server, name: &str) -> Browser {
-    let page = sign_in_answer(s, name, PASSWORD).await;
+async fn sign_in(base: &str, name: &str) -> Browser {
+    let page = sign_in_answer(base, name, PASSWORD).await;
     assert_eq!(page.status, 303, "{}", page.body);
     let cookie = set_cookie(&page.headers, "tideway_session").expect("a session cookie");
     let mut b = Browser {
-        base: s.base.clone(),
+        base: base.to_owned(),
         client: client(),
         cookie: cookie.split(';').next().unwrap().to_owned(),
         csrf: String::new(),
@@ -263,14 +263,14 @@ async fn pages_need_a_session_and_sign_in_sets_a_locked_down_cookie() {
         .await;
     assert_eq!(post.status, 401);
 
-    let wrong = sign_in_answer(&s, "admin", "not the password").await;
+    let wrong = sign_in_answer(&s.base, "admin", "not the password").await;
     assert_eq!(wrong.status, 401);
     assert!(wrong.body.contains("Wrong username or password."));
     assert!(set_cookie(&wrong.headers, "tideway_session").is_none());
-    let unknown = sign_in_answer(&s, "nobody", PASSWORD).await;
+    let unknown = sign_in_answer(&s.base, "nobody", PASSWORD).await;
     assert_eq!(unknown.status, 401);
 
-    let ok = sign_in_answer(&s, "admin", PASSWORD).await;
+    let ok = sign_in_answer(&s.base, "admin", PASSWORD).await;
     assert_eq!(ok.status, 303);
     let cookie = set_cookie(&ok.headers, "tideway_session").unwrap();
     for attribute in ["HttpOnly", "SameSite=Lax", "Path=/dashboard"] {
@@ -284,7 +284,7 @@ async fn pages_need_a_session_and_sign_in_sets_a_locked_down_cookie() {
     );
 
     // Signing out ends the session in the store.
-    let b = sign_in(&s, "admin").await;
+    let b = sign_in(&s.base, "admin").await;
     assert_eq!(b.post("/dashboard/logout", &[]).await.status, 303);
     assert_eq!(
         b.get(&format!("/dashboard/w/{}/", ws.id.0)).await.status,
@@ -299,16 +299,18 @@ async fn failed_sign_ins_are_limited_per_username_and_address() {
     user(&s, "other", Role::Admin).await;
     for _ in 0..5 {
         assert_eq!(
-            sign_in_answer(&s, "admin", "wrong password!").await.status,
+            sign_in_answer(&s.base, "admin", "wrong password!")
+                .await
+                .status,
             401
         );
     }
-    let limited = sign_in_answer(&s, "admin", PASSWORD).await;
+    let limited = sign_in_answer(&s.base, "admin", PASSWORD).await;
     assert_eq!(limited.status, 429, "even the right password waits");
     assert!(limited.headers.contains_key("retry-after"));
     assert!(limited.body.contains("Too many failed sign-ins"));
     // Another username from the same address is not limited.
-    assert_eq!(sign_in_answer(&s, "other", PASSWORD).await.status, 303);
+    assert_eq!(sign_in_answer(&s.base, "other", PASSWORD).await.status, 303);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,7 +318,7 @@ async fn every_form_without_the_csrf_token_is_refused() {
     let s = Server::start().await;
     let ws = s.workspace("w").await;
     user(&s, "admin", Role::Admin).await;
-    let b = sign_in(&s, "admin").await;
+    let b = sign_in(&s.base, "admin").await;
     for (path, fields) in forms(&ws) {
         let page = b.post_as(&path, &fields, false, Some("same-origin")).await;
         assert_eq!(page.status, 403, "{path} without a token: {}", page.body);
@@ -381,7 +383,7 @@ async fn cross_site_posts_are_refused_even_with_the_token() {
     let s = Server::start().await;
     let ws = s.workspace("w").await;
     user(&s, "admin", Role::Admin).await;
-    let b = sign_in(&s, "admin").await;
+    let b = sign_in(&s.base, "admin").await;
     for (path, fields) in forms(&ws) {
         for site in ["cross-site", "same-site"] {
             let page = b.post_as(&path, &fields, true, Some(site)).await;
@@ -410,7 +412,7 @@ async fn a_read_only_user_sees_every_page_and_changes_nothing() {
     let key = s.admin_key(&ws).await;
     let _ = key;
     user(&s, "viewer", Role::ReadOnly).await;
-    let b = sign_in(&s, "viewer").await;
+    let b = sign_in(&s.base, "viewer").await;
     let w = format!("/dashboard/w/{}", ws.id.0);
     for page in [
         format!("{w}/"),
@@ -455,7 +457,7 @@ async fn no_page_of_one_workspace_shows_another_workspaces_data() {
     heap_cohort(&s, &a, "ca", "Alpha cohort").await;
     heap_cohort(&s, &b_ws, "cb", "Bravo secret cohort").await;
     user(&s, "admin", Role::Admin).await;
-    let b = sign_in(&s, "admin").await;
+    let b = sign_in(&s.base, "admin").await;
     let created = b
         .post(
             &format!("/dashboard/w/{}/developer/api-keys", b_ws.id.0),
@@ -530,7 +532,7 @@ async fn html_in_user_supplied_names_is_shown_as_text() {
     let evil = "<script>alert(1)</script><img src=x onerror=alert(2)>";
     heap_cohort(&s, &ws, "\"><script>alert(3)</script>", evil).await;
     user(&s, "admin", Role::Admin).await;
-    let b = sign_in(&s, "admin").await;
+    let b = sign_in(&s.base, "admin").await;
     let created = b
         .post(
             &format!("/dashboard/w/{}/developer/api-keys", ws.id.0),
@@ -572,7 +574,7 @@ async fn bad_input_gets_a_precise_4xx() {
     let s = Server::start().await;
     let ws = s.workspace("w").await;
     user(&s, "admin", Role::Admin).await;
-    let b = sign_in(&s, "admin").await;
+    let b = sign_in(&s.base, "admin").await;
     let w = format!("/dashboard/w/{}", ws.id.0);
     assert_eq!(b.get("/dashboard/w/abc/").await.status, 400);
     assert_eq!(b.get("/dashboard/w/999/cohorts").await.status, 404);
@@ -679,7 +681,7 @@ async fn segments_are_built_sized_saved_listed_exported_and_deleted() {
         .await;
     assert_eq!(a.status, 201, "{a:?}");
     user(&s, "admin", Role::Admin).await;
-    let b = sign_in(&s, "admin").await;
+    let b = sign_in(&s.base, "admin").await;
     let w = format!("/dashboard/w/{}", ws.id.0);
     let new = b.get(&format!("{w}/segments/new")).await;
     assert_eq!(new.status, 200);
@@ -803,7 +805,7 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
     let s = Server::start().await;
     let ws = s.workspace("w").await;
     user(&s, "admin", Role::Admin).await;
-    let b = sign_in(&s, "admin").await;
+    let b = sign_in(&s.base, "admin").await;
     let w = format!("/dashboard/w/{}", ws.id.0);
     let page = b.get(&format!("{w}/campaigns/new")).await;
     assert_eq!(page.status, 200);
@@ -872,5 +874,223 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
             .await
             .status,
         404
+    );
+}
+
+/// A server with a running Currents exporter over its own SQLite store, and a receiver that
+/// answers 400 to everything (every event is dead-lettered).
+struct WithCurrents {
+    base: String,
+    store: std::sync::Arc<tideway_store::sqlite::SqliteStore>,
+    receiver: String,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn with_currents() -> WithCurrents {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use tideway_core::egress::EgressPolicy;
+    use tideway_core::store::Store;
+    use tideway_currents::{Exporter, ExporterConfig};
+    use tideway_server::{CurrentsApi, ServerConfig, app_with_currents, install_metrics_recorder};
+    use tideway_store::sqlite::{SqliteOptions, SqliteStore};
+
+    let refuse = axum::Router::new()
+        .fallback(|| async { (axum::http::StatusCode::BAD_REQUEST, "no thanks") });
+    let rl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = format!("http://{}/in", rl.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(rl, refuse).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteStore::open(&dir.path().join("t.sqlite"), SqliteOptions::default()).unwrap(),
+    );
+    let exporter = Arc::new(Exporter::start(
+        store.clone(),
+        ExporterConfig {
+            owner: "test".into(),
+            egress: EgressPolicy::default(),
+            ..ExporterConfig::default()
+        },
+    ));
+    let router = app_with_currents(
+        store.clone() as Arc<dyn Store>,
+        ServerConfig::default(),
+        install_metrics_recorder().unwrap(),
+        Some(CurrentsApi {
+            store: store.clone(),
+            exporter,
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    WithCurrents {
+        base: format!("http://{addr}"),
+        store,
+        receiver,
+        _dir: dir,
+        _stop: stop,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn currents_are_created_tested_dead_lettered_and_replayed() {
+    use tideway_core::store::prelude::*;
+    let s = with_currents().await;
+    let ws = s.store.create_workspace("w", NOW).await.unwrap();
+    s.store
+        .create_dashboard_user(
+            &Username::parse("admin").unwrap(),
+            Role::Admin,
+            &PasswordHash::new(PASSWORD, [9; 16]).unwrap(),
+            NOW,
+        )
+        .await
+        .unwrap();
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let home = b.get(&format!("{w}/")).await.body;
+    assert!(
+        home.contains("Data Export › Currents"),
+        "linked when the exporter runs"
+    );
+    let form = b.get(&format!("{w}/currents/new")).await;
+    assert_eq!(form.status, 200);
+    assert!(form.body.contains("data-select-all=\"customer_behavior\""));
+    assert!(form.body.contains("value=\"users.behaviors.CustomEvent\""));
+    let good = [
+        ("kind", "custom_http"),
+        ("name", "Refuser"),
+        ("endpoint", s.receiver.as_str()),
+        ("event_type", "users.behaviors.CustomEvent"),
+        ("launch", "true"),
+    ];
+    for (change, says) in [
+        (("endpoint", "ftp://x"), "endpoint"),
+        (("endpoint", "http://169.254.169.254/"), "endpoint"),
+        (("event_type", "users.nope"), "unknown event type"),
+        (("kind", "carrier_pigeon"), "kind"),
+        (("name", ""), "name"),
+    ] {
+        let mut fields: Vec<(&str, &str)> = good
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != change.0)
+            .collect();
+        fields.push(change);
+        let answer = b.post(&format!("{w}/currents"), &fields).await;
+        assert_eq!(answer.status, 400, "{change:?}");
+        assert!(answer.body.contains(says), "{change:?}: {}", answer.body);
+    }
+    let none: Vec<(&str, &str)> = good
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "event_type")
+        .collect();
+    assert_eq!(b.post(&format!("{w}/currents"), &none).await.status, 400);
+    assert!(s.store.list_currents(ws.id).await.unwrap().is_empty());
+
+    assert_eq!(b.post(&format!("{w}/currents"), &good).await.status, 303);
+    let current = s.store.list_currents(ws.id).await.unwrap().remove(0);
+    assert_eq!(current.status.as_str(), "active");
+    let id = current.id.0;
+    // Test events: the receiver's status, never its body.
+    let tested = b.post(&format!("{w}/currents/{id}/test"), &[]).await;
+    assert_eq!(tested.status, 200);
+    assert!(
+        tested.body.contains("id=\"test-report\"") && tested.body.contains("400"),
+        "{}",
+        tested.body
+    );
+    assert!(!tested.body.contains("no thanks"));
+    // An event the receiver refuses is dead-lettered, listed, and can be replayed.
+    s.store
+        .track(
+            &ws,
+            tideway_core::track::parse_track(
+                json!({"events": [{"external_id": "u1", "name": "e", "time": "2025-06-01T10:00:00Z"}]})
+                    .as_object()
+                    .unwrap(),
+            )
+            .unwrap(),
+            NOW,
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let page = b.get(&format!("{w}/currents/{id}/dead-letters")).await;
+        assert_eq!(page.status, 200);
+        if page.body.contains("id=\"dead-letters\"") {
+            assert!(
+                page.body.contains("users.behaviors.CustomEvent") && page.body.contains("rejected")
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter: {}",
+            page.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let list = b.get(&format!("{w}/currents")).await.body;
+    assert!(list.contains("Refuser") && list.contains("Custom Currents Export"));
+    assert_eq!(
+        b.post(&format!("{w}/currents/{id}/replay"), &[])
+            .await
+            .status,
+        303
+    );
+    // Lifecycle, and refusals.
+    assert_eq!(
+        b.post(&format!("{w}/currents/{id}/pause"), &[])
+            .await
+            .status,
+        303
+    );
+    assert_eq!(
+        s.store.list_currents(ws.id).await.unwrap()[0]
+            .status
+            .as_str(),
+        "paused"
+    );
+    assert_eq!(
+        b.post(&format!("{w}/currents/{id}/pause"), &[])
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        b.post(&format!("{w}/currents/{id}/resume"), &[])
+            .await
+            .status,
+        303
+    );
+    assert_eq!(
+        b.post(&format!("{w}/currents/{id}/fly"), &[]).await.status,
+        404
+    );
+    assert_eq!(
+        b.post(&format!("{w}/currents/999/launch"), &[])
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        b.post(&format!("{w}/currents/x/launch"), &[]).await.status,
+        400
     );
 }
