@@ -1071,7 +1071,7 @@ async fn currents_are_created_tested_dead_lettered_and_replayed() {
         b.post(&format!("{w}/currents/{id}/pause"), &[])
             .await
             .status,
-        400
+        409
     );
     assert_eq!(
         b.post(&format!("{w}/currents/{id}/resume"), &[])
