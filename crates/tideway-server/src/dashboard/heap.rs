@@ -145,12 +145,13 @@ async fn render(
                 p class="muted" { "No data import key yet." }
             } @else {
                 table {
-                    thead { tr { th { "Prefix" } th { "Created" } th { "Status" } th { span class="muted" { "Action" } } } }
+                    thead { tr { th { "Prefix" } th { "Created" } th { "Last used" } th { "Status" } th { span class="muted" { "Action" } } } }
                     tbody {
                         @for k in &keys {
                             tr {
                                 td { code { (k.prefix) "…" } }
                                 td { (when(k.created_at)) }
+                                td class="last-used" { @if let Some(at) = k.last_used_at { (when(at)) } @else { span class="muted" { "never" } } }
                                 td {
                                     @if let Some(at) = k.invalidated_at { span class="badge bad" { "invalidated " (when(at)) } }
                                     @else { span class="badge ok" { "active" } }

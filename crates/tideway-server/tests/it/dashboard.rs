@@ -683,6 +683,9 @@ async fn segments_are_built_sized_saved_listed_exported_and_deleted() {
     user(&s, "admin", Role::Admin).await;
     let b = sign_in(&s.base, "admin").await;
     let w = format!("/dashboard/w/{}", ws.id.0);
+    // The Heap page shows when the data import key was last used.
+    let heap = b.get(&format!("{w}/partners/heap")).await.body;
+    assert!(heap.contains("<td class=\"last-used\">20"), "{heap}");
     let new = b.get(&format!("{w}/segments/new")).await;
     assert_eq!(new.status, 200);
     assert!(

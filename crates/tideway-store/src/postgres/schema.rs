@@ -550,7 +550,8 @@ CREATE TABLE segment_trackers (
 "#,
     // 5: the dashboard (`postgres/dashboard.rs`): its users (argon2id hashes), sessions found
     // by the SHA-256 of their cookie token, and failed sign-ins per (username, address) key.
-    // Reference tables: they belong to no workspace.
+    // Reference tables: they belong to no workspace. And when each data import key was last
+    // used (shown on the Heap page).
     r#"
 CREATE TABLE dashboard_users (
     id             bigserial PRIMARY KEY,
@@ -574,6 +575,7 @@ CREATE TABLE dashboard_sign_in_failures (
     at   bigint NOT NULL
 );
 CREATE INDEX dashboard_sign_in_failures_key ON dashboard_sign_in_failures (key, at);
+ALTER TABLE import_keys ADD COLUMN last_used_at bigint;
 "#,
 ];
 

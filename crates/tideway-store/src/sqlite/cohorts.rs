@@ -201,6 +201,7 @@ fn import_key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImportKeyInfo>
         prefix: r.get(3)?,
         created_at: Millis(r.get(4)?),
         invalidated_at: r.get::<_, Option<i64>>(5)?.map(Millis),
+        last_used_at: r.get::<_, Option<i64>>(6)?.map(Millis),
     })
 }
 
@@ -226,6 +227,7 @@ pub fn create_import_key(
         prefix,
         created_at: now,
         invalidated_at: None,
+        last_used_at: None,
     })
 }
 
@@ -236,7 +238,7 @@ pub fn list_import_keys(
 ) -> Result<Vec<ImportKeyInfo>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT id, workspace_id, partner, prefix, created_at, invalidated_at FROM import_keys WHERE workspace_id = ?1 AND partner = ?2 ORDER BY id",
+            "SELECT id, workspace_id, partner, prefix, created_at, invalidated_at, last_used_at FROM import_keys WHERE workspace_id = ?1 AND partner = ?2 ORDER BY id",
         )
         .map_err(sql_err)?;
     let rows = stmt
@@ -288,6 +290,31 @@ pub fn set_partner_enabled(
     )
     .map_err(sql_err)?;
     Ok(())
+}
+
+/// How stale a recorded use may get before a new use is written.
+pub const IMPORT_KEY_USE_GRANULARITY_MS: i64 = 60_000;
+
+pub fn touch_import_key(
+    conn: &Connection,
+    partner: &str,
+    hash: KeyHash,
+    now: Millis,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE import_keys SET last_used_at = ?3 WHERE partner = ?1 AND hash = ?2
+         AND (last_used_at IS NULL OR last_used_at <= ?3 - ?4)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            partner,
+            hash.0.as_slice(),
+            now.0,
+            IMPORT_KEY_USE_GRANULARITY_MS
+        ])
+    })
+    .map(|_| ())
+    .map_err(sql_err)
 }
 
 pub fn partner_enabled(

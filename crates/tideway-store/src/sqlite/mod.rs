@@ -825,6 +825,11 @@ impl AdminStore for SqliteStore {
         })
     }
 
+    fn touch_import_key(&self, partner: &str, hash: KeyHash, now: Millis) -> StoreFuture<'_, ()> {
+        let partner = partner.to_owned();
+        self.write(move |conn, _, _| cohorts::touch_import_key(conn, &partner, hash, now))
+    }
+
     fn partner_enabled(&self, workspace: WorkspaceId, partner: &str) -> StoreFuture<'_, bool> {
         let partner = partner.to_owned();
         self.read(move |conn| cohorts::partner_enabled(conn, workspace, &partner))

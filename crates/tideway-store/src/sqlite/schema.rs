@@ -507,7 +507,8 @@ CREATE INDEX sends_user ON sends(workspace_id, user_seq, sent_at) WHERE state = 
 CREATE INDEX sends_dispatch ON sends(workspace_id, dispatch_id, state);
 "#,
     // 13: the dashboard (`sqlite/dashboard.rs`): its users (argon2id hashes), sessions found by
-    // the SHA-256 of their cookie token, and failed sign-ins per (username, address) key.
+    // the SHA-256 of their cookie token, and failed sign-ins per (username, address) key; and
+    // when each data import key was last used (shown on the Heap page).
     r#"
 CREATE TABLE dashboard_users (
     id             INTEGER PRIMARY KEY,
@@ -531,6 +532,7 @@ CREATE TABLE dashboard_sign_in_failures (
     at   INTEGER NOT NULL
 );
 CREATE INDEX dashboard_sign_in_failures_key ON dashboard_sign_in_failures(key, at);
+ALTER TABLE import_keys ADD COLUMN last_used_at INTEGER;
 "#,
 ];
 

@@ -489,6 +489,36 @@ pub(super) async fn import_keys_rotate_and_partner_keys_are_per_partner(store: A
         store.list_import_keys(a.id, "amplitude").await.unwrap(),
         vec![]
     );
+    // A key's last use is recorded to the minute: a use within a minute of the recorded one
+    // writes nothing.
+    assert_eq!(listed[1].last_used_at, None);
+    store
+        .touch_import_key("heap", k2.hash(), NOW)
+        .await
+        .unwrap();
+    store
+        .touch_import_key("heap", k2.hash(), Millis(NOW.0 + 59_999))
+        .await
+        .unwrap();
+    let used = |at: i64| Some(Millis(at));
+    let listed = store.list_import_keys(a.id, "heap").await.unwrap();
+    assert_eq!(listed[1].last_used_at, used(NOW.0));
+    assert_eq!(listed[0].last_used_at, None, "only the key used");
+    store
+        .touch_import_key("heap", k2.hash(), Millis(NOW.0 + 60_000))
+        .await
+        .unwrap();
+    let listed = store.list_import_keys(a.id, "heap").await.unwrap();
+    assert_eq!(listed[1].last_used_at, used(NOW.0 + 60_000));
+    // The hash of another partner's key, or of no key: nothing recorded, no error.
+    store
+        .touch_import_key("amplitude", k2.hash(), Millis(NOW.0 + 200_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_import_keys(a.id, "heap").await.unwrap()[1].last_used_at,
+        used(NOW.0 + 60_000)
+    );
 }
 
 /// Cohort import inside a unit that then fails: no cohort, no membership.
