@@ -43,7 +43,8 @@ mod users;
 
 pub use admin::{AdminStore, HeapWebhook, ImportKeyInfo, ImportKeyOwner, NewApiKey};
 pub use cohorts::{
-    CohortMember, CohortStore, CohortSummary, SegmentSyncOutcome, SegmentSyncPage, UserCohort,
+    CohortMember, CohortStore, CohortSummary, RecentCohortChanges, SegmentSyncOutcome,
+    SegmentSyncPage, UserCohort,
 };
 pub use dashboard::{DashboardSession, DashboardStore, DashboardUser, NewSession};
 pub use messaging::{

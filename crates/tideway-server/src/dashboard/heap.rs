@@ -1,7 +1,8 @@
 //! Technology Partners › Heap: what a person hands to Heap (the REST endpoint, the partner API
 //! key and the workspace's data import key), the data import keys themselves (generate —
 //! the secret shown once —, rotate, invalidate, listed by prefix), the partner switch, Heap's
-//! segment-sync webhook URL and secret, and the Heap cohorts most recently synced.
+//! segment-sync webhook URL and secret, and the recent cohort syncs (what the newest
+//! membership changes added to and removed from each Heap cohort, and when).
 //!
 //! Secrets (partner API key, webhook secret) are shown to admins only. Data import keys are
 //! stored hashed: only a new key's secret can be shown, once, on the page its POST answers.
@@ -23,6 +24,9 @@ use crate::AppState;
 const PARTNER: &str = "heap";
 /// Heap cohorts listed as recent syncs.
 const RECENT_SYNCS: usize = 10;
+/// How many of the newest membership changes the recent syncs sum up (read backwards through
+/// the change log's index, never the whole history).
+const RECENT_CHANGES: usize = 10_000;
 
 /// A fresh data import key, shaped like Braze's (a hyphenated UUID v4), as `tideway partners`
 /// mints them.
@@ -74,14 +78,20 @@ async fn render(
     let ws = ctx.workspace.id;
     let keys = store.list_import_keys(ws, PARTNER).await?;
     let enabled = store.partner_enabled(ws, PARTNER).await?;
-    let mut cohorts: Vec<_> = store
-        .list_cohorts(ws)
+    let mut recent: Vec<_> = store
+        .recent_cohort_changes(ws, RECENT_CHANGES)
         .await?
         .into_iter()
         .filter(|c| c.partner == PARTNER)
         .collect();
-    cohorts.sort_by_key(|c| std::cmp::Reverse(c.updated_at));
-    cohorts.truncate(RECENT_SYNCS);
+    recent.truncate(RECENT_SYNCS);
+    let members: std::collections::HashMap<_, _> = store
+        .list_cohorts(ws)
+        .await?
+        .into_iter()
+        .filter(|c| c.partner == PARTNER)
+        .map(|c| (c.cohort_id, c.member_count))
+        .collect();
     let admin = ctx.me.may_change();
     // Secrets are read (and the webhook secret created on first use) only for admins.
     let (partner_key, webhook) = if admin {
@@ -202,17 +212,21 @@ async fn render(
         }
         section class="card" aria-labelledby="recent" {
             h2 id="recent" { "Recent cohort syncs" }
-            @if cohorts.is_empty() {
-                p class="muted" { "Heap has not synced a cohort yet." }
+            p class="muted" { "What the newest " (RECENT_CHANGES) " membership changes of this workspace did to Heap cohorts." }
+            @if recent.is_empty() {
+                p class="muted" { "Heap has not changed a cohort's members yet." }
             } @else {
-                table {
-                    thead { tr { th { "Cohort" } th { "Members" } th { "Last change" } } }
+                table id="recent-syncs" {
+                    thead { tr { th { "Cohort" } th { "Added" } th { "Removed" } th { "From" } th { "To" } th { "Members now" } } }
                     tbody {
-                        @for c in &cohorts {
+                        @for c in &recent {
                             tr {
                                 td { a href=(ctx.url(&["/cohorts/heap/", &segment(c.cohort_id.as_str())].concat())) { (c.name) } }
-                                td { (c.member_count) }
-                                td { (when(c.updated_at)) }
+                                td class="added" { (c.entered) }
+                                td class="removed" { (c.left) }
+                                td { (when(c.first_at)) }
+                                td { (when(c.last_at)) }
+                                td { (members.get(&c.cohort_id).copied().unwrap_or(0)) }
                             }
                         }
                     }

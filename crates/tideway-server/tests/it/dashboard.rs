@@ -686,6 +686,10 @@ async fn segments_are_built_sized_saved_listed_exported_and_deleted() {
     // The Heap page shows when the data import key was last used.
     let heap = b.get(&format!("{w}/partners/heap")).await.body;
     assert!(heap.contains("<td class=\"last-used\">20"), "{heap}");
+    assert!(
+        heap.contains("<td class=\"added\">2</td><td class=\"removed\">0</td>"),
+        "{heap}"
+    );
     let new = b.get(&format!("{w}/segments/new")).await;
     assert_eq!(new.status, 200);
     assert!(

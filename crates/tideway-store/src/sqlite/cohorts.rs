@@ -491,6 +491,51 @@ pub fn cohort_members(
         .map_err(sql_err)
 }
 
+pub fn recent_cohort_changes(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    last: usize,
+) -> Result<Vec<tideway_core::store::RecentCohortChanges>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT c.partner, c.cohort_id, c.name, SUM(r.entered), SUM(1 - r.entered), MIN(r.at), MAX(r.at)
+             FROM (SELECT cohort, entered, at FROM cohort_membership_changes
+                   WHERE workspace_id = ?1 ORDER BY change_seq DESC LIMIT ?2) r
+             JOIN cohorts c ON c.id = r.cohort
+             GROUP BY r.cohort ORDER BY MAX(r.at) DESC, c.id",
+        )
+        .map_err(sql_err)?;
+    let last = i64::try_from(last).unwrap_or(i64::MAX);
+    let rows = stmt
+        .query_map(params![workspace.0, last], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })
+        .map_err(sql_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (partner, cohort_id, name, entered, left, first, last) = row.map_err(sql_err)?;
+        out.push(tideway_core::store::RecentCohortChanges {
+            partner,
+            cohort_id: CohortId::parse(&cohort_id)
+                .ok_or_else(|| StoreError::Corrupt("a stored cohort id".into()))?,
+            name,
+            entered: u64::try_from(entered).unwrap_or(0),
+            left: u64::try_from(left).unwrap_or(0),
+            first_at: Millis(first),
+            last_at: Millis(last),
+        });
+    }
+    Ok(out)
+}
+
 pub fn user_cohorts(
     conn: &Connection,
     workspace: WorkspaceId,

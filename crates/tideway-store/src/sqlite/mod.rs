@@ -907,6 +907,14 @@ impl CohortStore for SqliteStore {
     ) -> StoreFuture<'_, Option<Vec<UserCohort>>> {
         self.read(move |conn| cohorts::user_cohorts(conn, workspace, &braze_id))
     }
+
+    fn recent_cohort_changes(
+        &self,
+        workspace: WorkspaceId,
+        last: usize,
+    ) -> StoreFuture<'_, Vec<tideway_core::store::RecentCohortChanges>> {
+        self.read(move |conn| cohorts::recent_cohort_changes(conn, workspace, last))
+    }
 }
 
 impl SegmentStore for SqliteStore {

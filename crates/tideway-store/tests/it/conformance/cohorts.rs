@@ -600,3 +600,80 @@ pub(super) async fn concurrent_imports_count_every_member_once(store: Arc<dyn St
     let expected: Vec<String> = (0..70).map(|i| format!("u{i}")).collect();
     assert_eq!(members, expected);
 }
+
+/// The newest membership changes, summed per cohort, newest cohort first; bounded by `last`.
+pub(super) async fn recent_changes_are_summed_per_cohort(store: Arc<dyn Store>) {
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    let other = store.create_workspace("o", NOW).await.unwrap();
+    track(
+        &*store,
+        &ws,
+        json!({"attributes": [{"external_id": "a"}, {"external_id": "b"}, {"external_id": "c"}]}),
+    )
+    .await;
+    track(
+        &*store,
+        &other,
+        json!({"attributes": [{"external_id": "a"}]}),
+    )
+    .await;
+    assert!(
+        store
+            .recent_cohort_changes(ws.id, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let at = |ms: i64| Millis(NOW.0 + ms);
+    store
+        .apply_cohort_changes(
+            &ws,
+            "heap",
+            cid("c1"),
+            add(vec![by_ext("a"), by_ext("b")]),
+            at(1),
+        )
+        .await
+        .unwrap();
+    store
+        .apply_cohort_changes(&ws, "heap", cid("c2"), add(vec![by_ext("c")]), at(2))
+        .await
+        .unwrap();
+    let remove = vec![CohortChange {
+        identifiers: vec![by_ext("a")],
+        remove: true,
+    }];
+    store
+        .apply_cohort_changes(&ws, "heap", cid("c1"), remove, at(3))
+        .await
+        .unwrap();
+    store
+        .apply_cohort_changes(&other, "heap", cid("c9"), add(vec![by_ext("a")]), at(4))
+        .await
+        .unwrap();
+    let recent = store.recent_cohort_changes(ws.id, 100).await.unwrap();
+    let summary: Vec<_> = recent
+        .iter()
+        .map(|r| {
+            (
+                r.cohort_id.as_str(),
+                r.entered,
+                r.left,
+                r.first_at,
+                r.last_at,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("c1", 2, 1, at(1), at(3)), ("c2", 1, 0, at(2), at(2))]
+    );
+    assert_eq!(recent[0].partner, "heap");
+    // Only the newest `last` changes count.
+    let newest = store.recent_cohort_changes(ws.id, 2).await.unwrap();
+    let summary: Vec<_> = newest
+        .iter()
+        .map(|r| (r.cohort_id.as_str(), r.entered, r.left))
+        .collect();
+    assert_eq!(summary, [("c1", 0, 1), ("c2", 1, 0)]);
+}

@@ -190,6 +190,7 @@ conformance! {
         import_keys_rotate_and_partner_keys_are_per_partner,
         a_failed_import_changes_no_membership,
         concurrent_imports_count_every_member_once,
+        recent_changes_are_summed_per_cohort,
     ],
     admin: [
         workspace_names_are_unique,
