@@ -112,6 +112,11 @@ pub async fn new_form(
     path: PathParams,
 ) -> Result<Markup, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
+    if !ctx.me.may_change() {
+        return Err(PageError::Forbidden(
+            "Your role is read-only: you can look, not change.",
+        ));
+    }
     form_page(&state, &ctx, &FormData::default(), None).await
 }
 

@@ -157,6 +157,11 @@ pub async fn new_form(
 ) -> Result<Markup, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     api(&state)?;
+    if !ctx.me.may_change() {
+        return Err(PageError::Forbidden(
+            "Your role is read-only: you can look, not change.",
+        ));
+    }
     Ok(render_form(&ctx, &FormData::default(), None))
 }
 
