@@ -1,5 +1,6 @@
 //! Campaigns: the list with status, channel, delivery and sent / pending / failed counts;
-//! launch, pause, stop; and a form to create a campaign — one email or webhook message, an
+//! launch, pause, stop; a campaign's page with its figures (queue and Currents-counted
+//! stats), its templates and their Liquid rendering for a chosen user; and a form to create a campaign — one email or webhook message, an
 //! audience of segments, and delivery by API trigger, once at a time, or when a user enters a
 //! partner cohort (picked by name).
 //!
@@ -78,7 +79,7 @@ pub async fn list(
                 tbody {
                     @for (c, counts) in &rows {
                         tr {
-                            td { (c.name) }
+                            td { a href=(ctx.url(&["/campaigns/", &super::segment(&c.id)].concat())) { (c.name) } }
                             td { span class=(status_class(c.status)) { (c.status.as_str()) } }
                             td { (c.definition["messages"][0]["channel"].as_str().unwrap_or("—")) }
                             td { (c.definition["delivery"]["type"].as_str().unwrap_or("—").replace('_', " ")) }
@@ -299,4 +300,166 @@ pub async fn action(
         .await
         .map_err(api_error)?;
     Ok(see_other(&ctx.url("/campaigns")))
+}
+
+/// A rendered template for the preview: `(place, text or why it did not render)`.
+type Rendered = Vec<(String, Result<String, String>)>;
+
+/// Every template of the campaign rendered for the user with this external id, as the
+/// dispatcher would (the user found through the export's lookup and the segment index's seq,
+/// their profile as of every acknowledged write).
+async fn preview(
+    state: &AppState,
+    ctx: &Ctx,
+    c: &CampaignRecord,
+    def: &tideway_core::campaigns::CampaignDefinition,
+    external_id: &str,
+) -> Result<Result<Rendered, String>, PageError> {
+    use tideway_core::services::Services;
+    use tideway_messaging::liquid::Template;
+    use tideway_messaging::personalise::{CampaignVars, vars_for};
+    let Ok(id) = tideway_core::ids::ExternalId::parse(external_id) else {
+        return Ok(Err("That is not an external id.".into()));
+    };
+    let found = state
+        .store()
+        .export_ids(
+            &ctx.workspace,
+            tideway_core::users::ExportRequest {
+                external_ids: vec![id],
+                fields: vec!["braze_id".into()],
+                ..Default::default()
+            },
+        )
+        .await?;
+    let Some(braze_id) = found
+        .users
+        .first()
+        .and_then(|u| u.get("braze_id"))
+        .and_then(Value::as_str)
+        .and_then(|b| tideway_core::ids::BrazeId::parse(b).ok())
+    else {
+        return Ok(Err("No user has that external id.".into()));
+    };
+    let seq = state
+        .segments()
+        .with_fresh(ctx.workspace.id, move |live| live.seq_of(&braze_id))
+        .await?;
+    let Some(seq) = seq else {
+        return Ok(Err(
+            "That user is not indexed yet; try again in a moment.".into()
+        ));
+    };
+    let Some(user) = state
+        .store()
+        .users_by_seq(ctx.workspace.id, vec![seq])
+        .await?
+        .into_iter()
+        .next()
+    else {
+        return Ok(Err("No user has that external id.".into()));
+    };
+    let mut out = Vec::new();
+    for (i, variant) in def.variants.iter().enumerate() {
+        let vars = vars_for(
+            &user,
+            CampaignVars {
+                campaign_id: Some(&c.id),
+                campaign_name: Some(&c.name),
+                dispatch_id: "preview",
+                variant_id: &variant.id,
+                variant_name: &variant.name,
+            },
+            None,
+            None,
+            false,
+            serde_json::Map::new(),
+        );
+        let prefix = ["messages[", &i.to_string(), "]"].concat();
+        for (place, source) in def
+            .templates()
+            .into_iter()
+            .filter(|(p, _)| p.starts_with(&prefix))
+        {
+            let rendered = Template::parse(source)
+                .map_err(|e| e.to_string())
+                .and_then(|t| t.render(&vars).map_err(|e| e.to_string()));
+            out.push((place, rendered));
+        }
+    }
+    Ok(Ok(out))
+}
+
+/// `GET /dashboard/w/{ws}/campaigns/{id}[?preview=EXTERNAL_ID]`: the campaign, its figures,
+/// its templates, and their rendering for one user.
+pub async fn detail(
+    State(state): State<AppState>,
+    Extension(me): Extension<Me>,
+    path: PathParams,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Result<Markup, PageError> {
+    let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
+    let id = path_param(&path.0, "id")?;
+    let store = state.store();
+    let c = store
+        .campaign(ctx.workspace.id, id)
+        .await?
+        .ok_or_else(|| PageError::NotFound(format!("No campaign '{id}' in this workspace.")))?;
+    let def = tideway_core::campaigns::CampaignDefinition::load(&c.definition)
+        .map_err(|e| PageError::Store(tideway_core::store::StoreError::Corrupt(e.to_string())))?;
+    let queue = store.campaign_send_counts(ctx.workspace.id, &c.id).await?;
+    let stats = store.campaign_stats(ctx.workspace.id, &c.id).await?;
+    let wanted = query
+        .get("preview")
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty());
+    let rendered = match wanted {
+        Some(external_id) => Some(preview(&state, &ctx, &c, &def, external_id).await?),
+        None => None,
+    };
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    let body = html! {
+        p { span class=(status_class(c.status)) { (c.status.as_str()) }
+            @if let Some(at) = c.launched_at { " — launched " (when(at)) } }
+        h2 { "Figures" }
+        table id="campaign-stats" {
+            tbody {
+                tr { th scope="row" { "pending" } td { (queue.pending) } }
+                tr { th scope="row" { "sent" } td { (queue.sent) } }
+                tr { th scope="row" { "failed" } td { (queue.failed) } }
+                @for (stat, n) in &stats { tr { th scope="row" { (stat.as_str()) } td { (n) } } }
+            }
+        }
+        h2 { "Delivery and audience" }
+        pre class="card mono" { (pretty(&c.definition["delivery"])) }
+        pre class="card mono" { (pretty(&c.definition["audience"])) }
+        h2 { "Messages" }
+        @for (place, source) in def.templates() {
+            p { code { (place) } }
+            pre class="card mono" { (source) }
+        }
+        h2 { "Preview for a user" }
+        form class="card" method="get" action=(ctx.url(&["/campaigns/", &super::segment(&c.id)].concat())) {
+            label for="preview" { "External id" }
+            input type="text" id="preview" name="preview" value=(wanted.unwrap_or(""));
+            div class="actions" { button type="submit" { "Preview" } }
+        }
+        @match &rendered {
+            Some(Err(why)) => { p class="notice error" role="alert" { (why) } }
+            Some(Ok(parts)) => {
+                div id="preview-result" {
+                    @for (place, text) in parts {
+                        p { code { (place) } }
+                        @match text {
+                            Ok(text) => { pre class="card mono" { (text) } }
+                            Err(why) => { p class="notice error" { (why) } }
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+        p { a href=(ctx.url("/campaigns")) { "All campaigns" } }
+    };
+    Ok(layout::page(&ctx, Section::Campaigns, &c.name, body))
 }

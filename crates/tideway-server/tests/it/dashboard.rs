@@ -856,6 +856,28 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
         list.contains("Welcome &lt;b&gt;") && list.contains("draft") && list.contains("webhook"),
         "{list}"
     );
+    // The campaign's page: figures, templates, and the Liquid rendered for a chosen user.
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "ada", "first_name": "Ada <3"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201);
+    let detail = b.get(&format!("{w}/campaigns/{id}")).await;
+    assert_eq!(detail.status, 200);
+    assert!(detail.body.contains("id=\"campaign-stats\"") && detail.body.contains("unique_opens"));
+    assert!(detail.body.contains("Hi {{${first_name}}}"));
+    let preview = b.get(&format!("{w}/campaigns/{id}?preview=ada")).await.body;
+    assert!(preview.contains("Hi Ada &lt;3"), "{preview}");
+    let unknown = b
+        .get(&format!("{w}/campaigns/{id}?preview=nobody"))
+        .await
+        .body;
+    assert!(unknown.contains("No user has that external id."));
+    assert_eq!(b.get(&format!("{w}/campaigns/nope")).await.status, 404);
     for (action, status) in [
         ("launch", "active"),
         ("pause", "paused"),
