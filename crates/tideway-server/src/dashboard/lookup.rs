@@ -1,6 +1,7 @@
 //! User lookup: one user found by external id, alias (label and name), email or braze id —
 //! through the same indexed lookups as `/users/export/ids` — with their profile, the partner
-//! cohorts they are in, and the segments they are in now (from the live segment index).
+//! cohorts they are in, how many messages they were sent in the last 30 days, and the
+//! segments they are in now (from the live segment index).
 
 use std::collections::HashMap;
 
@@ -18,6 +19,10 @@ use tideway_core::users::ExportRequest;
 use super::layout::{self, Section};
 use super::{Ctx, Me, PageError, PathParams, segment, when, ws_id};
 use crate::AppState;
+
+/// The window of the message count.
+const RECENT_MESSAGES: tideway_core::clock::Millis =
+    tideway_core::clock::Millis(30 * 24 * 60 * 60 * 1000);
 
 const BY: [(&str, &str); 4] = [
     ("external_id", "External id"),
@@ -87,6 +92,7 @@ pub async fn page(
     }
     let mut cohorts = Vec::new();
     let mut segments_in = Vec::new();
+    let mut sent_recently = None;
     if let Some(profile) = &found
         && let Some(braze_id) = profile
             .get("braze_id")
@@ -101,21 +107,32 @@ pub async fn page(
         let segments = state.store().list_segments(ctx.workspace.id).await?;
         let lookup = segment_lookup(&segments);
         let at = state.dashboard_now().secs();
-        segments_in = state
+        let (seq, within) = state
             .segments()
             .with_fresh(ctx.workspace.id, move |live| {
                 let Some(seq) = live.seq_of(&braze_id) else {
-                    return Vec::new();
+                    return (None, Vec::new());
                 };
-                segments
+                let within = segments
                     .into_iter()
                     .filter(|s| {
                         s.parsed_filter()
                             .is_some_and(|f| live.index().evaluate(&f, at, &lookup).contains(seq.0))
                     })
-                    .collect()
+                    .collect();
+                (Some(seq), within)
             })
             .await?;
+        segments_in = within;
+        if let Some(seq) = seq {
+            let since = tideway_core::clock::Millis(state.dashboard_now().0 - RECENT_MESSAGES.0);
+            sent_recently = Some(
+                state
+                    .store()
+                    .sends_since(ctx.workspace.id, seq, since)
+                    .await?,
+            );
+        }
     }
     let body = html! {
         form class="card" method="get" action=(ctx.url("/users")) {
@@ -149,6 +166,11 @@ pub async fn page(
                         }
                     }
                 }
+            }
+            h2 { "Messages" }
+            p id="user-messages" {
+                @if let Some(n) = sent_recently { (n) " messages sent in the last 30 days." }
+                @else { span class="muted" { "Not indexed yet." } }
             }
             h2 { "Segments" }
             @if segments_in.is_empty() { p class="muted" { "In no segment." } } @else {

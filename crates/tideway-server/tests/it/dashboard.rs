@@ -767,6 +767,7 @@ async fn segments_are_built_sized_saved_listed_exported_and_deleted() {
     assert!(
         found.body.contains("Abandoned checkout") && found.body.contains("Checkout abandoners")
     );
+    assert!(found.body.contains("0 messages sent in the last 30 days."));
     let other = b.get(&format!("{w}/users?by=external_id&q=u3")).await.body;
     assert!(other.contains("In no cohort.") && other.contains("In no segment."));
     assert_eq!(
