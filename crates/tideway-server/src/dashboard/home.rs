@@ -1,6 +1,7 @@
 //! The workspace's home page: how many users, cohorts, segments, campaigns and Currents it
 //! has, and how the Currents are doing. Users are counted by the segment index (its size, not
-//! a scan of the users table); everything else is a listing of a few rows.
+//! a scan of the users table), when the workspace has one; everything else is a listing of a
+//! few rows.
 
 use axum::Extension;
 use axum::extract::State;
@@ -21,14 +22,20 @@ pub async fn page(
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     let ws = ctx.workspace.id;
     let store = state.store();
-    let users = match state.segments().with_fresh(ws, |live| live.len()).await {
-        Ok(n) => Some(n),
-        // The index is still loading after a start: say so rather than fail the page.
-        Err(StoreError::Unavailable(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
     let cohorts = store.list_cohorts(ws).await?.len();
     let segments = store.list_segments(ws).await?.len();
+    // The user count is the segment index's size. A workspace without segments has no index,
+    // and the page does not start one (a first load reads every profile).
+    let users = if segments > 0 || state.segments().has_index(ws) {
+        match state.segments().with_fresh(ws, |live| live.len()).await {
+            Ok(n) => Some(n),
+            // Still loading after a start: say so rather than fail the page.
+            Err(StoreError::Unavailable(_)) => None,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
     let campaigns = store.list_campaigns(ws).await?.len();
     let currents = store.list_currents(ws).await?;
     let healthy = currents
@@ -66,7 +73,7 @@ pub async fn page(
             (card(failing.to_string(), "Currents failing or halted", None))
         }
         @if users.is_none() {
-            p class="muted" { "The user count appears once the segment index has loaded." }
+            p class="muted" { "Users are counted by the segment index, which starts with the workspace's first segment (and may still be loading)." }
         }
         h2 { "Currents" }
         @if currents.is_empty() {

@@ -49,7 +49,7 @@ pub fn page(ctx: &Ctx, section: Section, title: &str, body: Markup) -> Markup {
                     a class="brand" href=(ctx.url("/")) { "Tideway" }
                     form method="get" action="/dashboard/switch" {
                         label for="ws-switch" { "Workspace" }
-                        select id="ws-switch" name="ws" data-autosubmit {
+                        select id="ws-switch" name="ws" {
                             @for w in &ctx.workspaces {
                                 option value=(w.id.0) selected[w.id == ctx.workspace.id] { (w.name) }
                             }

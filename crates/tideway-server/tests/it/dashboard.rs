@@ -747,6 +747,11 @@ async fn segments_are_built_sized_saved_listed_exported_and_deleted() {
     let segments = s.store.list_segments(ws.id).await.unwrap();
     assert_eq!(segments.len(), 1);
     let id = segments[0].id.clone();
+    let home = b.get(&format!("{w}/")).await.body;
+    assert!(
+        home.contains("<div class=\"n\">3</div><div class=\"what\">users</div>"),
+        "{home}"
+    );
     let list = b.get(&format!("{w}/segments")).await.body;
     assert!(
         list.contains("Checkout abandoners") && list.contains("<td class=\"segment-size\">1</td>"),
