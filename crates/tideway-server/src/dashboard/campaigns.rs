@@ -1,6 +1,7 @@
 //! Campaigns: the list with status, channel, delivery and sent / pending / failed counts;
 //! launch, pause, stop; a campaign's page with its figures (queue and Currents-counted
-//! stats), its templates and their Liquid rendering for a chosen user; and a form to create a campaign — one email or webhook message, an
+//! stats), its templates and their Liquid rendering for a chosen user; and a form (create and
+//! edit) to create a campaign — one email or webhook message, an
 //! audience of segments, and delivery by API trigger, once at a time, or when a user enters a
 //! partner cohort (picked by name).
 //!
@@ -118,13 +119,58 @@ pub async fn new_form(
             "Your role is read-only: you can look, not change.",
         ));
     }
-    form_page(&state, &ctx, &FormData::default(), None).await
+    form_page(&state, &ctx, &FormData::default(), None, None).await
+}
+
+/// The form's fields for a stored campaign, when the form can show it: one message, and
+/// delivery by API trigger, once at a time, or on one cohort's entry.
+fn form_from(c: &CampaignRecord) -> Option<FormData> {
+    let d = &c.definition;
+    let messages = d["messages"].as_array().filter(|m| m.len() == 1)?;
+    let m = &messages[0];
+    let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
+    let mut f = vec![
+        ("name".to_owned(), c.name.clone()),
+        ("channel".to_owned(), text(&m["channel"])),
+        ("url".to_owned(), text(&m["url"])),
+        ("from".to_owned(), text(&m["from"])),
+        ("subject".to_owned(), text(&m["subject"])),
+        ("body".to_owned(), text(&m["body"])),
+    ];
+    match d["delivery"]["type"].as_str()? {
+        "api_triggered" => f.push(("delivery".into(), "api_triggered".into())),
+        "scheduled" if d["delivery"]["schedule"]["frequency"] == "once" => {
+            f.push(("delivery".into(), "scheduled".into()));
+            f.push(("at".into(), text(&d["delivery"]["schedule"]["at"])));
+        }
+        "action_based" => {
+            let triggers = d["delivery"]["triggers"]
+                .as_array()
+                .filter(|t| t.len() == 1)?;
+            let entry = triggers[0].get("cohort_entry")?;
+            f.push(("delivery".into(), "cohort_entry".into()));
+            f.push((
+                "cohort".into(),
+                [text(&entry["partner"]), text(&entry["cohort_id"])].join(":"),
+            ));
+        }
+        _ => return None,
+    }
+    for id in d["audience"]["segment_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        f.push(("segment".into(), text(id)));
+    }
+    Some(FormData(f))
 }
 
 async fn form_page(
     state: &AppState,
     ctx: &Ctx,
     form: &FormData,
+    editing: Option<&CampaignRecord>,
     error: Option<&str>,
 ) -> Result<Markup, PageError> {
     let store = state.store();
@@ -136,7 +182,10 @@ async fn form_page(
     let picked = form.all("segment");
     let body = html! {
         @if let Some(error) = error { p class="notice error" role="alert" { (error) } }
-        form class="card" method="post" action=(ctx.url("/campaigns")) {
+        form class="card" method="post" action=(match editing {
+            Some(c) => ctx.url(&["/campaigns/", &super::segment(&c.id)].concat()),
+            None => ctx.url("/campaigns"),
+        }) {
             (ctx.csrf_field())
             label for="campaign-name" { "Campaign name" }
             input type="text" id="campaign-name" name="name" required maxlength="255" value=(v("name"));
@@ -178,16 +227,19 @@ async fn form_page(
                     }
                 }
             }
-            div class="actions" { button type="submit" id="create-campaign" { "Save as draft" } }
+            div class="actions" {
+                @if editing.is_some() { button type="submit" id="save-campaign" { "Save changes" } }
+                @else { button type="submit" id="create-campaign" { "Save as draft" } }
+            }
         }
         p { a href=(ctx.url("/campaigns")) { "All campaigns" } }
     };
-    Ok(layout::page(
-        ctx,
-        Section::Campaigns,
-        "Create Campaign",
-        body,
-    ))
+    let title = if editing.is_some() {
+        "Edit campaign"
+    } else {
+        "Create Campaign"
+    };
+    Ok(layout::page(ctx, Section::Campaigns, title, body))
 }
 
 /// The management API's JSON for the form, or what to fix.
@@ -242,14 +294,14 @@ pub async fn create(
     let raw = match definition(&form) {
         Ok(raw) => raw,
         Err(message) => {
-            let page = form_page(&state, &ctx, &form, Some(&message)).await?;
+            let page = form_page(&state, &ctx, &form, None, Some(&message)).await?;
             return Ok((StatusCode::BAD_REQUEST, page).into_response());
         }
     };
     let canonical = match checked_definition(&state, &ctx.workspace, &raw).await {
         Ok((_, canonical)) => canonical,
         Err(ApiError::BadRequest { message, .. }) => {
-            let page = form_page(&state, &ctx, &form, Some(&message)).await?;
+            let page = form_page(&state, &ctx, &form, None, Some(&message)).await?;
             return Ok((StatusCode::BAD_REQUEST, page).into_response());
         }
         Err(e) => return Err(api_error(e)),
@@ -459,7 +511,94 @@ pub async fn detail(
             }
             None => {}
         }
-        p { a href=(ctx.url("/campaigns")) { "All campaigns" } }
+        p {
+            @if ctx.me.may_change() && form_from(&c).is_some() {
+                a href=(ctx.url(&["/campaigns/", &super::segment(&c.id), "/edit"].concat())) id="edit-campaign" { "Edit" } " · "
+            }
+            a href=(ctx.url("/campaigns")) { "All campaigns" }
+        }
     };
     Ok(layout::page(&ctx, Section::Campaigns, &c.name, body))
+}
+
+async fn load(state: &AppState, ctx: &Ctx, path: &PathParams) -> Result<CampaignRecord, PageError> {
+    let id = path_param(&path.0, "id")?;
+    state
+        .store()
+        .campaign(ctx.workspace.id, id)
+        .await?
+        .ok_or_else(|| PageError::NotFound(format!("No campaign '{id}' in this workspace.")))
+}
+
+/// `GET /dashboard/w/{ws}/campaigns/{id}/edit`: the form with the campaign, when the form can
+/// show it (else 409: edit it through the API).
+pub async fn edit_form(
+    State(state): State<AppState>,
+    Extension(me): Extension<Me>,
+    path: PathParams,
+) -> Result<Markup, PageError> {
+    let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
+    if !ctx.me.may_change() {
+        return Err(PageError::Forbidden(
+            "Your role is read-only: you can look, not change.",
+        ));
+    }
+    let c = load(&state, &ctx, &path).await?;
+    let form = form_from(&c).ok_or_else(|| {
+        PageError::Conflict(format!(
+            "This campaign has what the form cannot show (several variants, or other triggers); change it with PUT /api/v1/campaigns/{}.",
+            c.id
+        ))
+    })?;
+    form_page(&state, &ctx, &form, Some(&c), None).await
+}
+
+/// `POST /dashboard/w/{ws}/campaigns/{id}`: saves the form over the campaign's name, message,
+/// audience and delivery (its other settings are kept), through the API's checks.
+pub async fn update(
+    State(state): State<AppState>,
+    Extension(me): Extension<Me>,
+    Extension(form): Extension<FormData>,
+    path: PathParams,
+) -> Result<Response, PageError> {
+    let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
+    let mut c = load(&state, &ctx, &path).await?;
+    let raw = match definition(&form) {
+        Ok(raw) => raw,
+        Err(message) => {
+            let page = form_page(&state, &ctx, &form, Some(&c), Some(&message)).await?;
+            return Ok((StatusCode::BAD_REQUEST, page).into_response());
+        }
+    };
+    let mut merged = match c.definition.clone() {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    for key in ["messages", "delivery"] {
+        merged.insert(key.into(), raw[key].clone());
+    }
+    match raw.get("audience") {
+        Some(audience) => merged.insert("audience".into(), audience.clone()),
+        None => merged.remove("audience"),
+    };
+    let canonical = match checked_definition(&state, &ctx.workspace, &Value::Object(merged)).await {
+        Ok((_, canonical)) => canonical,
+        Err(ApiError::BadRequest { message, .. }) => {
+            let page = form_page(&state, &ctx, &form, Some(&c), Some(&message)).await?;
+            return Ok((StatusCode::BAD_REQUEST, page).into_response());
+        }
+        Err(e) => return Err(api_error(e)),
+    };
+    c.name = raw["name"].as_str().unwrap_or("").to_owned();
+    c.definition = canonical;
+    c.updated_at = state.dashboard_now();
+    let id = c.id.clone();
+    state
+        .store()
+        .save_campaign(ctx.workspace.id, c)
+        .await?
+        .ok_or_else(|| PageError::NotFound("That campaign was deleted meanwhile.".into()))?;
+    Ok(see_other(
+        &ctx.url(&["/campaigns/", &super::segment(&id)].concat()),
+    ))
 }

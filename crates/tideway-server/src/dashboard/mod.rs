@@ -137,7 +137,14 @@ pub fn router(state: AppState) -> Router<AppState> {
             get(campaigns::list).post(campaigns::create),
         )
         .route("/dashboard/w/{ws}/campaigns/new", get(campaigns::new_form))
-        .route("/dashboard/w/{ws}/campaigns/{id}", get(campaigns::detail))
+        .route(
+            "/dashboard/w/{ws}/campaigns/{id}",
+            get(campaigns::detail).post(campaigns::update),
+        )
+        .route(
+            "/dashboard/w/{ws}/campaigns/{id}/edit",
+            get(campaigns::edit_form),
+        )
         .route(
             "/dashboard/w/{ws}/campaigns/{id}/{action}",
             post(campaigns::action),

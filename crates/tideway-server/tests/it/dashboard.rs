@@ -884,6 +884,45 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
         .body;
     assert!(unknown.contains("No user has that external id."));
     assert_eq!(b.get(&format!("{w}/campaigns/nope")).await.status, 404);
+    // Edit: the form shows the campaign; saving changes what it names, through the checks.
+    let edit = b.get(&format!("{w}/campaigns/{id}/edit")).await;
+    assert_eq!(edit.status, 200);
+    assert!(
+        edit.body.contains("value=\"http://127.0.0.1:9/hook\"")
+            && edit.body.contains("Save changes")
+    );
+    let mut changed: Vec<(&str, &str)> = good
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "name" && *k != "delivery")
+        .collect();
+    changed.extend([
+        ("name", "Welcome, scheduled"),
+        ("delivery", "scheduled"),
+        ("at", "2030-01-01T09:00:00Z"),
+    ]);
+    assert_eq!(
+        b.post(&format!("{w}/campaigns/{id}"), &changed)
+            .await
+            .status,
+        303
+    );
+    let saved = s.store.campaign(ws.id, &id).await.unwrap().unwrap();
+    assert_eq!(saved.name, "Welcome, scheduled");
+    assert_eq!(saved.definition["delivery"]["type"], "scheduled");
+    changed.push(("body", "{% if %}"));
+    changed.retain(|(k, v)| *k != "body" || *v == "{% if %}");
+    let bad = b.post(&format!("{w}/campaigns/{id}"), &changed).await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(
+        s.store
+            .campaign(ws.id, &id)
+            .await
+            .unwrap()
+            .unwrap()
+            .definition["messages"][0]["body"],
+        "Hi {{${first_name}}}"
+    );
     for (action, status) in [
         ("launch", "active"),
         ("pause", "paused"),
