@@ -1,9 +1,8 @@
 //! Campaigns: the list with status, channel, delivery and sent / pending / failed counts;
 //! launch, pause, stop; a campaign's page with its figures (queue and Currents-counted
-//! stats), its templates and their Liquid rendering for a chosen user; and a form (create and
-//! edit) to create a campaign — one email or webhook message, an
-//! audience of segments, and delivery by API trigger, once at a time, or when a user enters a
-//! partner cohort (picked by name).
+//! stats), its templates and their Liquid rendering for a chosen user; and a form to create
+//! or edit a campaign — one email or webhook message, an audience of segments, and delivery by
+//! API trigger, once at a time, or when a user enters a partner cohort (picked by name).
 //!
 //! The form becomes the management API's JSON and goes through the same checks
 //! (`campaigns_api::checked_definition`: shape, Liquid templates, segments) and the same
