@@ -602,3 +602,54 @@ pub(crate) fn segment(raw: &str) -> String {
 pub(crate) fn see_other(url: &str) -> Response {
     Redirect::to(url).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_secure_exactly_when_served_over_https() {
+        let with = |url: Option<&str>| DashboardConfig {
+            public_url: url.map(str::to_owned),
+        };
+        assert!(with(Some("https://tideway.example")).secure_cookies());
+        assert!(!with(Some("http://10.0.0.5:4000")).secure_cookies());
+        assert!(!with(None).secure_cookies());
+    }
+
+    #[test]
+    fn only_same_origin_or_direct_requests_may_change_things() {
+        let headers = |site: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(site) = site {
+                h.insert("sec-fetch-site", HeaderValue::from_str(site).unwrap());
+            }
+            h
+        };
+        for ok in [None, Some("same-origin"), Some("none")] {
+            assert!(fetch_site_allowed(&headers(ok)), "{ok:?}");
+        }
+        for refused in ["cross-site", "same-site", "", "Same-Origin"] {
+            assert!(!fetch_site_allowed(&headers(Some(refused))), "{refused}");
+        }
+    }
+
+    #[test]
+    fn tokens_compare_whole_and_never_match_an_empty_expectation() {
+        assert!(tokens_match("abc", "abc"));
+        assert!(!tokens_match("ab", "abc"));
+        assert!(!tokens_match("abcd", "abc"));
+        assert!(!tokens_match("", ""));
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(segment("c-1_a.b~"), "c-1_a.b~");
+        assert_eq!(segment("a/b c?d#é"), "a%2Fb%20c%3Fd%23%C3%A9");
+    }
+
+    #[test]
+    fn times_show_to_the_second_in_utc() {
+        assert_eq!(when(Millis(1_704_164_645_678)), "2024-01-02 03:04:05 UTC");
+    }
+}

@@ -1010,3 +1010,114 @@ pub async fn export_csv(
     )
         .into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(pairs: &[(&str, &str)]) -> FormData {
+        FormData(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_form_becomes_the_filter_language_and_back() {
+        let f = form(&[
+            ("name", "s"),
+            ("combine", "or"),
+            ("g0_combine", "and"),
+            ("g0r0_kind", "cohort"),
+            ("g0r0_cohort", "heap:c:1"),
+            ("g0r0_cohort_op", "excludes"),
+            ("g0r1_kind", "attribute"),
+            ("g0r1_name", "ltv"),
+            ("g0r1_op", "greater_than"),
+            ("g0r1_value", "10.5"),
+            ("g1_combine", "or"),
+            ("g1r0_kind", "event"),
+            ("g1r0_name", "checkout"),
+            ("g1r0_op", "count_at_least"),
+            ("g1r0_value", "2"),
+            ("g1r0_within", "30"),
+            ("g1r1_kind", "purchase"),
+            ("g1r1_op", "made_any"),
+            ("g1r2_kind", "attribute"),
+            ("g1r2_name", "beta"),
+            ("g1r2_op", "equals"),
+            ("g1r2_value", "true"),
+            ("g1r2_vtype", "boolean"),
+        ]);
+        let json = Builder::from_form(&f).to_json().unwrap();
+        assert_eq!(
+            json,
+            json!({"or": [
+                {"and": [
+                    {"cohort": {"partner": "heap", "cohort_id": "c:1", "op": "excludes"}},
+                    {"attribute": {"name": "ltv", "op": "greater_than", "value": 10.5}},
+                ]},
+                {"or": [
+                    {"event": {"name": "checkout", "op": "count_at_least", "value": 2, "within_days": 30}},
+                    {"purchase": {"op": "made_any", "value": true}},
+                    {"attribute": {"name": "beta", "op": "equals", "value": true}},
+                ]},
+            ]})
+        );
+        tideway_segment::Filter::from_json(&json).expect("the filter language accepts it");
+        let back = Builder::from_json("s", &json).expect("the builder can show it");
+        assert_eq!(back.to_json().unwrap(), json);
+    }
+
+    #[test]
+    fn adding_and_removing_conditions_and_groups() {
+        let base = [
+            ("combine", "and"),
+            ("g0_combine", "and"),
+            ("g0r0_kind", "segment"),
+            ("g0r1_kind", "cohort"),
+        ];
+        let mut with = base.to_vec();
+        with.push(("add", "g0"));
+        assert_eq!(Builder::from_form(&form(&with)).groups[0].rows.len(), 3);
+        let mut with = base.to_vec();
+        with.push(("remove", "g0r0"));
+        let b = Builder::from_form(&form(&with));
+        assert_eq!(b.groups[0].rows.len(), 1);
+        assert_eq!(b.groups[0].rows[0].kind, "cohort");
+        let mut with = base.to_vec();
+        with.push(("add", "group"));
+        assert_eq!(Builder::from_form(&form(&with)).groups.len(), 2);
+    }
+
+    #[test]
+    fn incomplete_conditions_say_what_to_fix() {
+        let f = form(&[
+            ("combine", "and"),
+            ("g0_combine", "and"),
+            ("g0r0_kind", "attribute"),
+            ("g0r0_name", "age"),
+            ("g0r0_op", "greater_than"),
+            ("g0r0_value", "old"),
+        ]);
+        assert_eq!(
+            Builder::from_form(&f).to_json().unwrap_err(),
+            "Group 1, condition 1: the value must be a number"
+        );
+        let f = form(&[
+            ("combine", "and"),
+            ("g0_combine", "and"),
+            ("g0r0_kind", "cohort"),
+        ]);
+        assert!(
+            Builder::from_form(&f)
+                .to_json()
+                .unwrap_err()
+                .contains("pick a cohort")
+        );
+        // A filter with `not` is not the builder's shape.
+        assert!(Builder::from_json("s", &json!({"not": {"identified": true}})).is_none());
+    }
+}
