@@ -942,7 +942,7 @@ fn csv_field(out: &mut String, raw: &str) {
 }
 
 /// `GET …/segments/{id}/export.csv`: every member (`braze_id,external_id`), read from the
-/// index in chunks.
+/// index and sent in chunks of [`EXPORT_CHUNK`].
 pub async fn export_csv(
     State(state): State<AppState>,
     Extension(me): Extension<Me>,
@@ -960,30 +960,44 @@ pub async fn export_csv(
     ));
     let filter = std::sync::Arc::new(filter);
     let at = state.dashboard_now().secs();
-    let mut out = String::from("braze_id,external_id\n");
-    let mut after = 0u32;
-    loop {
-        let (f, l) = (
-            std::sync::Arc::clone(&filter),
-            std::sync::Arc::clone(&lookup),
-        );
-        let chunk = state
-            .segments()
-            .with_fresh(ctx.workspace.id, move |live| {
-                live.members(&f, at, l.as_ref(), after, EXPORT_CHUNK)
-            })
-            .await?;
-        for m in &chunk {
-            csv_field(&mut out, m.braze_id.as_str());
-            out.push(',');
-            csv_field(&mut out, m.external_id.as_deref().unwrap_or(""));
-            out.push('\n');
+    let ws = ctx.workspace.id;
+    // One chunk of members per index evaluation, sent as it is read: memory stays flat however
+    // large the segment. A failure part-way ends the body early (the client sees a cut file).
+    let header = futures_util::stream::once(async {
+        Ok::<String, std::io::Error>("braze_id,external_id\n".to_owned())
+    });
+    let rows = futures_util::stream::unfold(Some(0u32), move |after| {
+        let (state, filter, lookup) = (state.clone(), filter.clone(), lookup.clone());
+        async move {
+            let after = after?;
+            let chunk = state
+                .segments()
+                .with_fresh(ws, move |live| {
+                    live.members(&filter, at, lookup.as_ref(), after, EXPORT_CHUNK)
+                })
+                .await;
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => return Some((Err(std::io::Error::other(e.to_string())), None)),
+            };
+            let next = match chunk.last() {
+                Some(last) if chunk.len() == EXPORT_CHUNK => Some(last.seq.0),
+                _ => None,
+            };
+            if chunk.is_empty() {
+                return None;
+            }
+            let mut out = String::new();
+            for m in &chunk {
+                csv_field(&mut out, m.braze_id.as_str());
+                out.push(',');
+                csv_field(&mut out, m.external_id.as_deref().unwrap_or(""));
+                out.push('\n');
+            }
+            Some((Ok(out), next))
         }
-        match chunk.last() {
-            Some(last) if chunk.len() == EXPORT_CHUNK => after = last.seq.0,
-            _ => break,
-        }
-    }
+    });
+    let body = axum::body::Body::from_stream(futures_util::StreamExt::chain(header, rows));
     let filename: String = s
         .name
         .chars()
@@ -1006,7 +1020,7 @@ pub async fn export_csv(
             ),
             (header::CONTENT_DISPOSITION, disposition),
         ],
-        out,
+        body,
     )
         .into_response())
 }
