@@ -10,6 +10,7 @@ pub mod clock;
 pub mod cohorts;
 pub mod currents;
 pub mod currents_store;
+pub mod dashboard;
 pub mod egress;
 pub mod ids;
 pub mod keys;

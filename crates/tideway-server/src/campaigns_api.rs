@@ -150,7 +150,7 @@ fn tags_field(body: &Map<String, Value>) -> Result<Option<Vec<String>>, ApiError
 
 /// Parses and checks a definition: its shape, its templates (Liquid), and its audience
 /// against the workspace (segments exist, the filter's cohorts and segments resolve).
-async fn checked_definition(
+pub(crate) async fn checked_definition(
     state: &AppState,
     workspace: &Workspace,
     raw: &Value,
@@ -463,6 +463,41 @@ fn refusal(action: CampaignAction, from: CampaignStatus) -> ApiError {
     ApiError::Conflict(format!("the campaign is {}: {why}", from.as_str()))
 }
 
+/// Applies a lifecycle action (launch, pause, stop) to a stored campaign: the one path for the
+/// API and the dashboard.
+pub(crate) async fn change_status(
+    state: &AppState,
+    ws: &Workspace,
+    id: &str,
+    action: CampaignAction,
+) -> Result<CampaignRecord, ApiError> {
+    let mut c = load(state, ws, id).await?;
+    let to = action
+        .apply(c.status)
+        .ok_or_else(|| refusal(action, c.status))?;
+    let at = now();
+    if action == CampaignAction::Launch {
+        let def = CampaignDefinition::load(&c.definition).map_err(|e| {
+            tracing::error!(campaign = %c.id, error = %e, "stored campaign does not load");
+            ApiError::Internal
+        })?;
+        if matches!(def.delivery, Delivery::ActionBased(_)) {
+            // Before the campaign is active: the trigger engine must never read the
+            // logs from their start for it.
+            tideway_messaging::triggers::start_cursor(state.store(), ws.id).await?;
+        }
+        c.launched_at = Some(at);
+        c.next_run = None;
+    }
+    c.status = to;
+    c.updated_at = at;
+    state
+        .store()
+        .save_campaign(ws.id, c)
+        .await?
+        .ok_or_else(|| missing(id))
+}
+
 /// `POST /api/v1/campaigns/{id}/{action}`: `launch`, `pause` or `stop`.
 #[utoipa::path(
     post,
@@ -500,32 +535,7 @@ pub async fn action(
                     )));
                 }
             };
-            let ws = &caller.workspace;
-            let mut c = load(&state, ws, &id).await?;
-            let to = action
-                .apply(c.status)
-                .ok_or_else(|| refusal(action, c.status))?;
-            let at = now();
-            if action == CampaignAction::Launch {
-                let def = CampaignDefinition::load(&c.definition).map_err(|e| {
-                    tracing::error!(campaign = %c.id, error = %e, "stored campaign does not load");
-                    ApiError::Internal
-                })?;
-                if matches!(def.delivery, Delivery::ActionBased(_)) {
-                    // Before the campaign is active: the trigger engine must never read the
-                    // logs from their start for it.
-                    tideway_messaging::triggers::start_cursor(state.store(), ws.id).await?;
-                }
-                c.launched_at = Some(at);
-                c.next_run = None;
-            }
-            c.status = to;
-            c.updated_at = at;
-            let saved = state
-                .store()
-                .save_campaign(ws.id, c)
-                .await?
-                .ok_or_else(|| missing(&id))?;
+            let saved = change_status(&state, &caller.workspace, &id, action).await?;
             Ok(axum::Json(campaign_json(&saved, None)).into_response())
         },
     )

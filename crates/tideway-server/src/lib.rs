@@ -10,7 +10,8 @@
 //! Request path: [`observe`] (span, metrics, panic guard) → router → [`pipeline`] (key
 //! extraction, body limit, auth, rate limit, permission, JSON parsing) → [`users`] (one
 //! function per endpoint) → `Store`. [`serve`] (`listener`) is the accept loop around it: the
-//! connection cap and the idle, header and body timeouts.
+//! connection cap and the idle, header and body timeouts. [`dashboard`] is the signed-in HTML
+//! dashboard under `/dashboard`.
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ mod campaigns_api;
 mod cohorts_api;
 mod connected_audience;
 mod currents_api;
+pub mod dashboard;
 mod error;
 mod fields;
 mod listener;
@@ -63,6 +65,8 @@ pub struct ServerConfig {
     /// Longest array custom attribute (Braze's default is 25). Enforced by the store, which
     /// applies the profile rules; kept here so one config struct describes the edge's limits.
     pub max_array_len: usize,
+    /// The dashboard's settings.
+    pub dashboard: dashboard::DashboardConfig,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +75,7 @@ impl Default for ServerConfig {
             max_body_bytes: 4 * 1024 * 1024,
             rate_limits: RateLimits::default(),
             max_array_len: 25,
+            dashboard: dashboard::DashboardConfig::default(),
         }
     }
 }
@@ -90,6 +95,8 @@ struct Inner {
     segments: Arc<segment_service::SegmentService>,
     currents: Option<CurrentsApi>,
     messaging: Option<MessagingApi>,
+    /// The dashboard's clock (sessions, sign-in windows, key times).
+    clock: tideway_currents::Clock,
 }
 
 /// What the messaging engine runs with: its channels, the tracking key and public URLs, its
@@ -130,6 +137,7 @@ impl AppState {
                 segments,
                 currents: None,
                 messaging: None,
+                clock: tideway_currents::Clock::system(),
             }),
         }
     }
@@ -162,6 +170,11 @@ impl AppState {
     /// The messaging engine's handles (absent: the messaging routes answer 503).
     pub(crate) fn messaging(&self) -> Option<&MessagingApi> {
         self.inner.messaging.as_ref()
+    }
+
+    /// Now, for the dashboard.
+    pub(crate) fn dashboard_now(&self) -> tideway_core::clock::Millis {
+        self.inner.clock.now()
     }
 
     pub(crate) fn partner_limiter(&self) -> &partners::PartnerLimiter {
@@ -366,6 +379,7 @@ pub fn app_with_messaging(
         )
         .route("/segments/list", get(segments_api::braze_list))
         .route("/segments/details", get(segments_api::braze_details))
+        .merge(dashboard::router(state.clone()))
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi_json))

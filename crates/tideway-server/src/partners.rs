@@ -132,17 +132,21 @@ async fn authorize(
         }
         .into());
     }
-    let owner = state
-        .store()
-        .find_import_key(
-            partner.slug,
-            Secret::new(creds.client_secret.clone()).hash(),
-        )
-        .await?;
+    let hash = Secret::new(creds.client_secret.clone()).hash();
+    let owner = state.store().find_import_key(partner.slug, hash).await?;
     let Some(owner) = owner else {
         metrics::counter!("tideway_partner_auth_failures_total", "partner" => partner.slug, "reason" => "client_secret").increment(1);
         return Err(CohortApiError::InvalidClientSecret.into());
     };
+    // "Last used" on the dashboard's Heap page; at most one write a minute per key, and a
+    // failure to record it does not fail the import.
+    if let Err(e) = state
+        .store()
+        .touch_import_key(partner.slug, hash, now())
+        .await
+    {
+        tracing::warn!(error = %e, "cannot record a data import key's use");
+    }
     if !owner.partner_enabled {
         return Err(CohortApiError::PartnerNotEnabled(creds.client_secret).into());
     }

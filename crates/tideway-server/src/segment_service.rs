@@ -208,6 +208,12 @@ impl SegmentService {
         });
     }
 
+    /// Whether the workspace's index exists (loaded or loading): a caller that only wants a
+    /// count uses it rather than start a first load of every profile.
+    pub fn has_index(&self, workspace: WorkspaceId) -> bool {
+        lock(&self.slots).contains_key(&workspace)
+    }
+
     /// The workspace's slot; the first call starts its worker.
     fn slot(&self, workspace: WorkspaceId) -> Arc<Slot> {
         let mut slots = lock(&self.slots);

@@ -46,7 +46,7 @@ fn missing(id: &str) -> ApiError {
 
 /// Parses and validates `value` as a filter of `workspace` (for the segment `segment_id` when
 /// saving one).
-async fn parse_filter(
+pub(crate) async fn parse_filter(
     state: &AppState,
     workspace: &Workspace,
     value: &Value,
@@ -232,7 +232,7 @@ pub async fn update(
 }
 
 /// True if `filter` (wire JSON) has `{"in_segment": id}` anywhere.
-fn references(filter: &Value, id: &str) -> bool {
+pub(crate) fn references(filter: &Value, id: &str) -> bool {
     match filter {
         Value::Object(map) => map
             .iter()

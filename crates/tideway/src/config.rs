@@ -365,7 +365,7 @@ impl Settings {
     pub fn resolve(self, file: Option<&Path>) -> anyhow::Result<Resolved> {
         let full = self.layered(file)?;
         let missing = || anyhow::anyhow!("a setting has no default (a bug)");
-        let resolved = Resolved {
+        let mut resolved = Resolved {
             data_dir: full.data_dir.ok_or_else(missing)?,
             database: match full.database_url.filter(|u| !u.trim().is_empty()) {
                 None => Database::Sqlite,
@@ -391,6 +391,7 @@ impl Settings {
                     ..RateLimits::default()
                 },
                 max_array_len: full.max_array_len.ok_or_else(missing)?,
+                dashboard: tideway_server::dashboard::DashboardConfig::default(),
             },
             connections: ConnectionLimits {
                 header_timeout: Duration::from_millis(full.header_timeout_ms.ok_or_else(missing)?),
@@ -427,6 +428,9 @@ impl Settings {
             },
             webhook_timeout: Duration::from_millis(full.webhook_timeout_ms.ok_or_else(missing)?),
         };
+        // The dashboard shows the public URL as the REST endpoint, and marks its cookies
+        // `Secure` when it is https.
+        resolved.server.dashboard.public_url = resolved.public_url.clone();
         if resolved.webhook_timeout.is_zero() {
             anyhow::bail!("--webhook-timeout-ms must be at least 1");
         }
@@ -531,6 +535,11 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
 /// `<data-dir>/initial-admin-key`
 pub fn initial_key_path(data_dir: &Path) -> PathBuf {
     data_dir.join("initial-admin-key")
+}
+
+/// Where the first start saves the dashboard's `admin` password.
+pub fn initial_password_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("initial-admin-password")
 }
 
 #[cfg(test)]

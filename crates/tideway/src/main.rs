@@ -1,5 +1,6 @@
 //! `tideway`: the one binary. Parses the command line and hands each subcommand to its module:
-//! `serve` (the REST API), `workspaces` and `keys` (admin on the data directory), `bench`
+//! `serve` (the REST API and the dashboard), `workspaces`, `keys` and `users` (admin on the
+//! database), `bench`
 //! (measurements against the limits beside them).
 //!
 //! This crate is wiring only: domain rules live in `tideway-core`, SQL in `tideway-store`, HTTP
@@ -17,6 +18,7 @@ mod segments;
 mod serve;
 mod sink_cmd;
 mod telemetry;
+mod users;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +57,9 @@ enum Command {
     /// Create, list and revoke REST API keys.
     #[command(subcommand)]
     Keys(admin::KeysCommand),
+    /// Dashboard users: create, reset a password, list.
+    #[command(subcommand)]
+    Users(users::UsersCommand),
     /// Partner cohort import: partner API keys, data import keys, the Heap webhook secret.
     #[command(subcommand)]
     Partners(partners::PartnersCommand),
@@ -131,6 +136,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             telemetry::init(LogFormat::Text, "warn");
             admin::keys(command).await
         }
+        Command::Users(command) => {
+            telemetry::init(LogFormat::Text, "warn");
+            users::run(command).await
+        }
         Command::Partners(command) => {
             telemetry::init(LogFormat::Text, "warn");
             partners::run(command).await
@@ -180,6 +189,30 @@ mod tests {
         for args in [
             &["tideway", "workspaces", "create", "acme", "--data-dir", "d"][..],
             &["tideway", "workspaces", "list", "--data-dir", "d"],
+            &[
+                "tideway",
+                "users",
+                "create",
+                "ops",
+                "--role",
+                "read_only",
+                "--data-dir",
+                "d",
+            ],
+            &[
+                "tideway",
+                "users",
+                "reset-password",
+                "admin",
+                "--password-stdin",
+            ],
+            &[
+                "tideway",
+                "users",
+                "list",
+                "--database-url",
+                "postgres://x@h/db",
+            ],
             &[
                 "tideway",
                 "keys",

@@ -1,5 +1,5 @@
-//! `tideway serve`: open the data directory, bootstrap a first workspace and admin key, and
-//! run the REST API until SIGINT or SIGTERM.
+//! `tideway serve`: open the data directory, bootstrap a first workspace and admin key (and
+//! the dashboard user `admin`), and run the REST API and the dashboard until SIGINT or SIGTERM.
 //!
 //! Stdout is an interface: scripts and tests read the line
 //! `Tideway is listening on http://ADDR` (the bound address, so `--listen 127.0.0.1:0` shows
@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tideway_core::keys::{IpAllowlist, PermissionSet};
+use tideway_core::keys::{IpAllowlist, PermissionSet, Secret};
 use tideway_core::store::{Store, StoreError};
 use tideway_messaging::dispatcher::{Channels, DispatchConfig, Tracking};
 use tideway_messaging::email::{SmtpSender, SmtpUrl};
@@ -25,7 +25,7 @@ use tideway_server::{ConnectionLimits, MessagingOptions, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::config::{Resolved, Settings, initial_key_path};
+use crate::config::{Resolved, Settings, initial_key_path, initial_password_path};
 use crate::data;
 
 /// The prefix of the stdout line that announces the REST endpoint.
@@ -38,6 +38,7 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
     let _one_server = data::lock_for_serving(&settings.data_dir)?;
     let store = data::open_store(&settings, true).await?;
     bootstrap(store.as_ref(), &settings.data_dir).await?;
+    bootstrap_dashboard(store.as_ref(), &settings.data_dir).await?;
     let metrics = tideway_server::install_metrics_recorder()
         .context("cannot install the metrics recorder")?;
     let currents = crate::currents::start(
@@ -200,6 +201,30 @@ async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
     )?;
     out.flush()?;
     tracing::info!(workspace = DEFAULT_WORKSPACE, key_file = %path.display(), "first start: created the default workspace and an admin key");
+    Ok(())
+}
+
+/// When the database has no dashboard user: creates `admin` with a random password, shown once
+/// on stdout and kept in `<data-dir>/initial-admin-password` (mode 0600), like the admin key.
+async fn bootstrap_dashboard(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
+    let Some(password) = crate::users::bootstrap_admin(store).await? else {
+        return Ok(());
+    };
+    let path = initial_password_path(data_dir);
+    data::write_secret_file(&path, &Secret::new(password.clone())).with_context(|| {
+        format!(
+            "the dashboard user 'admin' was created but its password could not be saved; set              another with `tideway users reset-password admin --data-dir {}`",
+            data_dir.display()
+        )
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "Dashboard user 'admin' (sign in at /dashboard; shown once, saved to {}): {password}",
+        path.display()
+    )?;
+    out.flush()?;
+    tracing::info!(password_file = %path.display(), "first start: created the dashboard user 'admin'");
     Ok(())
 }
 

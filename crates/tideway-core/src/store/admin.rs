@@ -28,6 +28,8 @@ pub struct ImportKeyInfo {
     pub prefix: String,
     pub created_at: Millis,
     pub invalidated_at: Option<Millis>,
+    /// When a partner request last authenticated with it (to the minute; `None`: never).
+    pub last_used_at: Option<Millis>,
 }
 
 /// Who a data import key (a partner request's `client_secret`) belongs to.
@@ -98,6 +100,11 @@ pub trait AdminStore: Send + Sync {
         partner: &str,
         enabled: bool,
     ) -> StoreFuture<'_, ()>;
+    /// Whether the workspace has `partner` enabled (never set: disabled).
+    fn partner_enabled(&self, workspace: WorkspaceId, partner: &str) -> StoreFuture<'_, bool>;
+    /// Records that a partner request authenticated with this key at `now`; writes only when
+    /// the recorded use is a minute older or more, so a burst of imports costs one write.
+    fn touch_import_key(&self, partner: &str, hash: KeyHash, now: Millis) -> StoreFuture<'_, ()>;
     /// The workspace owning a valid data import key for `partner`.
     fn find_import_key(
         &self,

@@ -60,6 +60,19 @@ pub struct UserCohort {
     pub entered_at: Millis,
 }
 
+/// What the newest membership changes did to one cohort (the Heap page's recent syncs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentCohortChanges {
+    pub partner: String,
+    pub cohort_id: CohortId,
+    pub name: String,
+    pub entered: u64,
+    pub left: u64,
+    /// The oldest and newest of these changes.
+    pub first_at: Millis,
+    pub last_at: Millis,
+}
+
 /// Cohort reads. Each method is one read transaction.
 pub trait CohortStore: Send + Sync {
     fn list_cohorts(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<CohortSummary>>;
@@ -72,6 +85,14 @@ pub trait CohortStore: Send + Sync {
         after: u32,
         limit: usize,
     ) -> StoreFuture<'_, Option<Vec<CohortMember>>>;
+    /// The workspace's newest `last` membership changes (by log position, read backwards
+    /// through the workspace's index: never the whole history), summed per cohort, the cohort
+    /// changed most recently first.
+    fn recent_cohort_changes(
+        &self,
+        workspace: WorkspaceId,
+        last: usize,
+    ) -> StoreFuture<'_, Vec<RecentCohortChanges>>;
     /// `None` if no live user has this braze_id.
     fn user_cohorts(
         &self,

@@ -1,6 +1,6 @@
 //! The storage contract: what the services need from a database, split by bounded context.
 //!
-//! A backend implements five small async traits and one transaction type:
+//! A backend implements seven small async traits and one transaction type:
 //!
 //! - [`AdminStore`] (`admin.rs`): workspaces, REST API keys, partner keys, data import keys,
 //!   Heap webhook settings;
@@ -14,9 +14,10 @@
 //! - [`crate::currents_store::CurrentsStore`]: the Currents event log and each Current's
 //!   position, lease, dead letters and replays;
 //! - [`MessagingStore`] (`messaging.rs`): campaigns, dispatches, the send queue, receipts and
-//!   the trigger cursor.
+//!   the trigger cursor;
+//! - [`DashboardStore`] (`dashboard.rs`): dashboard users, their sessions and failed sign-ins.
 //!
-//! [`Store`] is all five, implemented for any type that implements them; the HTTP edge and the
+//! [`Store`] is all seven, implemented for any type that implements them; the HTTP edge and the
 //! CLI hold an `Arc<dyn Store>` and call the services through
 //! [`crate::services::Services`].
 //!
@@ -35,14 +36,17 @@ use crate::ids::WorkspaceId;
 
 mod admin;
 mod cohorts;
+mod dashboard;
 mod messaging;
 mod segments;
 mod users;
 
 pub use admin::{AdminStore, HeapWebhook, ImportKeyInfo, ImportKeyOwner, NewApiKey};
 pub use cohorts::{
-    CohortMember, CohortStore, CohortSummary, SegmentSyncOutcome, SegmentSyncPage, UserCohort,
+    CohortMember, CohortStore, CohortSummary, RecentCohortChanges, SegmentSyncOutcome,
+    SegmentSyncPage, UserCohort,
 };
+pub use dashboard::{DashboardSession, DashboardStore, DashboardUser, NewSession};
 pub use messaging::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
     Enqueue, EnqueueOutcome, MessagingStore, NewConversion, NewSend, Receipt, ReceiptRecord,
@@ -88,21 +92,35 @@ pub struct Workspace {
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// A whole backend: every bounded context's contract. Implemented for every type that
-/// implements the six, so a backend never names it.
+/// implements the seven, so a backend never names it.
 pub trait Store:
-    AdminStore + UserStore + CohortStore + SegmentStore + CurrentsStore + MessagingStore
+    AdminStore
+    + UserStore
+    + CohortStore
+    + SegmentStore
+    + CurrentsStore
+    + MessagingStore
+    + DashboardStore
 {
 }
 
 impl<T> Store for T where
-    T: AdminStore + UserStore + CohortStore + SegmentStore + CurrentsStore + MessagingStore
+    T: AdminStore
+        + UserStore
+        + CohortStore
+        + SegmentStore
+        + CurrentsStore
+        + MessagingStore
+        + DashboardStore
 {
 }
 
 /// Every contract trait and the services, for callers that hold a concrete store (the CLI,
 /// tests, benchmarks): `use tideway_core::store::prelude::*;`.
 pub mod prelude {
-    pub use super::{AdminStore, CohortStore, MessagingStore, SegmentStore, Store, UserStore};
+    pub use super::{
+        AdminStore, CohortStore, DashboardStore, MessagingStore, SegmentStore, Store, UserStore,
+    };
     pub use crate::currents_store::CurrentsStore;
     pub use crate::services::Services;
 }

@@ -10,6 +10,7 @@ mod auth;
 mod batch;
 mod cohorts;
 mod currents_egress;
+mod dashboard;
 mod identity;
 mod messaging;
 mod ops;

@@ -91,6 +91,10 @@ fn import_key_from_row(row: &Row) -> Result<ImportKeyInfo, StoreError> {
             .try_get::<_, Option<i64>>(5)
             .map_err(pg_err)?
             .map(Millis),
+        last_used_at: row
+            .try_get::<_, Option<i64>>(6)
+            .map_err(pg_err)?
+            .map(Millis),
     })
 }
 
@@ -409,6 +413,7 @@ impl AdminStore for PgStore {
                 prefix,
                 created_at: now,
                 invalidated_at: None,
+                last_used_at: None,
             })
         })
     }
@@ -423,8 +428,8 @@ impl AdminStore for PgStore {
             let client = self.pool.client().await?;
             let rows = client
                 .query(
-                    "SELECT id, workspace_id, partner, prefix, created_at, invalidated_at FROM import_keys
-                     WHERE workspace_id = $1 AND partner = $2 ORDER BY id",
+                    "SELECT id, workspace_id, partner, prefix, created_at, invalidated_at, last_used_at
+                     FROM import_keys WHERE workspace_id = $1 AND partner = $2 ORDER BY id",
                     &[&workspace.0, &partner],
                 )
                 .await
@@ -478,6 +483,40 @@ impl AdminStore for PgStore {
         Box::pin(async move {
             let client = self.pool.client().await?;
             enable_partner(&**client, workspace, &partner, enabled).await
+        })
+    }
+
+    fn touch_import_key(&self, partner: &str, hash: KeyHash, now: Millis) -> StoreFuture<'_, ()> {
+        let partner = partner.to_owned();
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            client
+                .execute(
+                    "UPDATE import_keys SET last_used_at = $3::bigint WHERE partner = $1 AND hash = $2
+                     AND (last_used_at IS NULL OR last_used_at <= $3::bigint - 60000)",
+                    &[&partner, &hash.0.as_slice(), &now.0],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(())
+        })
+    }
+
+    fn partner_enabled(&self, workspace: WorkspaceId, partner: &str) -> StoreFuture<'_, bool> {
+        let partner = partner.to_owned();
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT enabled FROM workspace_partners WHERE workspace_id = $1 AND partner = $2",
+                    &[&workspace.0, &partner],
+                )
+                .await
+                .map_err(pg_err)?;
+            match row {
+                Some(row) => row.try_get::<_, bool>(0).map_err(pg_err),
+                None => Ok(false),
+            }
         })
     }
 

@@ -5,7 +5,8 @@
 //! (`sequence.rs`), and one file per bounded context of the store contract: `admin.rs`
 //! (workspaces and credentials), `users.rs` (the unit-of-work transaction, cohort reads),
 //! `segments.rs` (segments and the change feed), `currents.rs` (the event log and Currents),
-//! `messaging.rs` (campaigns, dispatches, the send queue).
+//! `messaging.rs` (campaigns, dispatches, the send queue), `dashboard.rs` (dashboard users,
+//! sessions, failed sign-ins).
 //! Tested against a real PostgreSQL 15 (`tests/it/postgres.rs` and the conformance suite;
 //! `scripts/test` starts a throwaway server).
 //!
@@ -15,6 +16,7 @@
 
 mod admin;
 mod currents;
+mod dashboard;
 mod messaging;
 pub mod schema;
 mod segments;

@@ -92,6 +92,9 @@ pub const DISTRIBUTION: &[(&str, Distribution)] = &[
     ("campaign_stats", BY_WORKSPACE),
     ("campaign_stat_users", BY_WORKSPACE),
     ("segment_trackers", BY_WORKSPACE),
+    ("dashboard_users", Distribution::Reference),
+    ("dashboard_sessions", Distribution::Reference),
+    ("dashboard_sign_in_failures", Distribution::Reference),
 ];
 
 /// Where each table goes, or `None` for a table the schema does not have.
@@ -544,6 +547,35 @@ CREATE TABLE segment_trackers (
     members            bytea NOT NULL,
     PRIMARY KEY (workspace_id, campaign_id, segment_id)
 );
+"#,
+    // 5: the dashboard (`postgres/dashboard.rs`): its users (argon2id hashes), sessions found
+    // by the SHA-256 of their cookie token, and failed sign-ins per (username, address) key.
+    // Reference tables: they belong to no workspace. And when each data import key was last
+    // used (shown on the Heap page).
+    r#"
+CREATE TABLE dashboard_users (
+    id             bigserial PRIMARY KEY,
+    username       text NOT NULL UNIQUE,
+    role           text NOT NULL CHECK (role IN ('admin', 'read_only')),
+    password_hash  text NOT NULL,
+    created_at     bigint NOT NULL
+);
+CREATE TABLE dashboard_sessions (
+    token_hash  bytea PRIMARY KEY,
+    user_id     bigint NOT NULL REFERENCES dashboard_users (id),
+    csrf        text NOT NULL,
+    created_at  bigint NOT NULL,
+    expires_at  bigint NOT NULL
+);
+CREATE INDEX dashboard_sessions_user ON dashboard_sessions (user_id);
+CREATE INDEX dashboard_sessions_expiry ON dashboard_sessions (expires_at);
+CREATE TABLE dashboard_sign_in_failures (
+    id   bigserial PRIMARY KEY,
+    key  text NOT NULL,
+    at   bigint NOT NULL
+);
+CREATE INDEX dashboard_sign_in_failures_key ON dashboard_sign_in_failures (key, at);
+ALTER TABLE import_keys ADD COLUMN last_used_at bigint;
 "#,
 ];
 

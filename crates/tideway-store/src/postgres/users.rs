@@ -2747,4 +2747,45 @@ impl CohortStore for PgStore {
                 .map(Some)
         })
     }
+
+    fn recent_cohort_changes(
+        &self,
+        workspace: WorkspaceId,
+        last: usize,
+    ) -> StoreFuture<'_, Vec<tideway_core::store::RecentCohortChanges>> {
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let last = i64::try_from(last).unwrap_or(i64::MAX);
+            let rows = client
+                .query(
+                    "SELECT c.partner, c.cohort_id, c.name,
+                            SUM(CASE WHEN r.entered THEN 1 ELSE 0 END)::bigint,
+                            SUM(CASE WHEN r.entered THEN 0 ELSE 1 END)::bigint,
+                            MIN(r.at), MAX(r.at)
+                     FROM (SELECT cohort, entered, at FROM cohort_membership_changes
+                           WHERE workspace_id = $1 ORDER BY change_seq DESC LIMIT $2) r
+                     JOIN cohorts c ON c.workspace_id = $1 AND c.id = r.cohort
+                     GROUP BY c.id, c.partner, c.cohort_id, c.name
+                     ORDER BY MAX(r.at) DESC, c.id",
+                    &[&workspace.0, &last],
+                )
+                .await
+                .map_err(pg_err)?;
+            rows.iter()
+                .map(|r| {
+                    let entered: i64 = get(r, 3)?;
+                    let left: i64 = get(r, 4)?;
+                    Ok(tideway_core::store::RecentCohortChanges {
+                        partner: get(r, 0)?,
+                        cohort_id: cohort_id_at(r, 1)?,
+                        name: get(r, 2)?,
+                        entered: u64::try_from(entered).unwrap_or(0),
+                        left: u64::try_from(left).unwrap_or(0),
+                        first_at: Millis(get(r, 5)?),
+                        last_at: Millis(get(r, 6)?),
+                    })
+                })
+                .collect()
+        })
+    }
 }

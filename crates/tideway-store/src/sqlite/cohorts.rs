@@ -201,6 +201,7 @@ fn import_key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImportKeyInfo>
         prefix: r.get(3)?,
         created_at: Millis(r.get(4)?),
         invalidated_at: r.get::<_, Option<i64>>(5)?.map(Millis),
+        last_used_at: r.get::<_, Option<i64>>(6)?.map(Millis),
     })
 }
 
@@ -226,6 +227,7 @@ pub fn create_import_key(
         prefix,
         created_at: now,
         invalidated_at: None,
+        last_used_at: None,
     })
 }
 
@@ -236,7 +238,7 @@ pub fn list_import_keys(
 ) -> Result<Vec<ImportKeyInfo>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT id, workspace_id, partner, prefix, created_at, invalidated_at FROM import_keys WHERE workspace_id = ?1 AND partner = ?2 ORDER BY id",
+            "SELECT id, workspace_id, partner, prefix, created_at, invalidated_at, last_used_at FROM import_keys WHERE workspace_id = ?1 AND partner = ?2 ORDER BY id",
         )
         .map_err(sql_err)?;
     let rows = stmt
@@ -288,6 +290,47 @@ pub fn set_partner_enabled(
     )
     .map_err(sql_err)?;
     Ok(())
+}
+
+/// How stale a recorded use may get before a new use is written.
+pub const IMPORT_KEY_USE_GRANULARITY_MS: i64 = 60_000;
+
+pub fn touch_import_key(
+    conn: &Connection,
+    partner: &str,
+    hash: KeyHash,
+    now: Millis,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE import_keys SET last_used_at = ?3 WHERE partner = ?1 AND hash = ?2
+         AND (last_used_at IS NULL OR last_used_at <= ?3 - ?4)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            partner,
+            hash.0.as_slice(),
+            now.0,
+            IMPORT_KEY_USE_GRANULARITY_MS
+        ])
+    })
+    .map(|_| ())
+    .map_err(sql_err)
+}
+
+pub fn partner_enabled(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    partner: &str,
+) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "SELECT enabled FROM workspace_partners WHERE workspace_id = ?1 AND partner = ?2",
+    )
+    .and_then(|mut s| {
+        s.query_row(params![workspace.0, partner], |r| r.get::<_, bool>(0))
+            .optional()
+    })
+    .map(|enabled| enabled.unwrap_or(false))
+    .map_err(sql_err)
 }
 
 pub fn find_import_key(
@@ -446,6 +489,51 @@ pub fn cohort_members(
     rows.collect::<Result<Vec<_>, _>>()
         .map(Some)
         .map_err(sql_err)
+}
+
+pub fn recent_cohort_changes(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    last: usize,
+) -> Result<Vec<tideway_core::store::RecentCohortChanges>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT c.partner, c.cohort_id, c.name, SUM(r.entered), SUM(1 - r.entered), MIN(r.at), MAX(r.at)
+             FROM (SELECT cohort, entered, at FROM cohort_membership_changes
+                   WHERE workspace_id = ?1 ORDER BY change_seq DESC LIMIT ?2) r
+             JOIN cohorts c ON c.id = r.cohort
+             GROUP BY r.cohort ORDER BY MAX(r.at) DESC, c.id",
+        )
+        .map_err(sql_err)?;
+    let last = i64::try_from(last).unwrap_or(i64::MAX);
+    let rows = stmt
+        .query_map(params![workspace.0, last], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })
+        .map_err(sql_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (partner, cohort_id, name, entered, left, first, last) = row.map_err(sql_err)?;
+        out.push(tideway_core::store::RecentCohortChanges {
+            partner,
+            cohort_id: CohortId::parse(&cohort_id)
+                .ok_or_else(|| StoreError::Corrupt("a stored cohort id".into()))?,
+            name,
+            entered: u64::try_from(entered).unwrap_or(0),
+            left: u64::try_from(left).unwrap_or(0),
+            first_at: Millis(first),
+            last_at: Millis(last),
+        });
+    }
+    Ok(out)
 }
 
 pub fn user_cohorts(

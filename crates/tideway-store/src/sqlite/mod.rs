@@ -22,6 +22,7 @@ mod admin;
 mod behind;
 mod cohorts;
 pub mod currents;
+mod dashboard;
 #[cfg(feature = "failpoints")]
 mod failpoints;
 pub(crate) mod messaging;
@@ -824,6 +825,16 @@ impl AdminStore for SqliteStore {
         })
     }
 
+    fn touch_import_key(&self, partner: &str, hash: KeyHash, now: Millis) -> StoreFuture<'_, ()> {
+        let partner = partner.to_owned();
+        self.write(move |conn, _, _| cohorts::touch_import_key(conn, &partner, hash, now))
+    }
+
+    fn partner_enabled(&self, workspace: WorkspaceId, partner: &str) -> StoreFuture<'_, bool> {
+        let partner = partner.to_owned();
+        self.read(move |conn| cohorts::partner_enabled(conn, workspace, &partner))
+    }
+
     fn find_import_key(
         &self,
         partner: &str,
@@ -895,6 +906,14 @@ impl CohortStore for SqliteStore {
         braze_id: BrazeId,
     ) -> StoreFuture<'_, Option<Vec<UserCohort>>> {
         self.read(move |conn| cohorts::user_cohorts(conn, workspace, &braze_id))
+    }
+
+    fn recent_cohort_changes(
+        &self,
+        workspace: WorkspaceId,
+        last: usize,
+    ) -> StoreFuture<'_, Vec<tideway_core::store::RecentCohortChanges>> {
+        self.read(move |conn| cohorts::recent_cohort_changes(conn, workspace, last))
     }
 }
 

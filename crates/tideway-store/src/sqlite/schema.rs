@@ -506,6 +506,34 @@ CREATE INDEX sends_leased ON sends(lease_until) WHERE state = 'pending' AND leas
 CREATE INDEX sends_user ON sends(workspace_id, user_seq, sent_at) WHERE state = 'sent';
 CREATE INDEX sends_dispatch ON sends(workspace_id, dispatch_id, state);
 "#,
+    // 13: the dashboard (`sqlite/dashboard.rs`): its users (argon2id hashes), sessions found by
+    // the SHA-256 of their cookie token, and failed sign-ins per (username, address) key; and
+    // when each data import key was last used (shown on the Heap page).
+    r#"
+CREATE TABLE dashboard_users (
+    id             INTEGER PRIMARY KEY,
+    username       TEXT NOT NULL UNIQUE,
+    role           TEXT NOT NULL,
+    password_hash  TEXT NOT NULL,
+    created_at     INTEGER NOT NULL
+);
+CREATE TABLE dashboard_sessions (
+    token_hash  BLOB PRIMARY KEY,
+    user_id     INTEGER NOT NULL REFERENCES dashboard_users(id),
+    csrf        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX dashboard_sessions_user ON dashboard_sessions(user_id);
+CREATE INDEX dashboard_sessions_expiry ON dashboard_sessions(expires_at);
+CREATE TABLE dashboard_sign_in_failures (
+    id   INTEGER PRIMARY KEY,
+    key  TEXT NOT NULL,
+    at   INTEGER NOT NULL
+);
+CREATE INDEX dashboard_sign_in_failures_key ON dashboard_sign_in_failures(key, at);
+ALTER TABLE import_keys ADD COLUMN last_used_at INTEGER;
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.

@@ -10,6 +10,7 @@ mod cli;
 mod cohorts_push;
 mod connections;
 mod currents_crash;
+mod dashboard;
 mod durability;
 mod segments_export;
 mod segments_restart;

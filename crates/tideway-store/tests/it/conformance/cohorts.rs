@@ -458,10 +458,13 @@ pub(super) async fn import_keys_rotate_and_partner_keys_are_per_partner(store: A
             .is_some(),
         "the other key keeps working"
     );
+    assert!(store.partner_enabled(a.id, "heap").await.unwrap());
+    assert!(!store.partner_enabled(a.id, "amplitude").await.unwrap());
     store
         .set_partner_enabled(a.id, "heap", false)
         .await
         .unwrap();
+    assert!(!store.partner_enabled(a.id, "heap").await.unwrap());
     assert!(
         !store
             .find_import_key("heap", k2.hash())
@@ -485,6 +488,36 @@ pub(super) async fn import_keys_rotate_and_partner_keys_are_per_partner(store: A
     assert_eq!(
         store.list_import_keys(a.id, "amplitude").await.unwrap(),
         vec![]
+    );
+    // A key's last use is recorded to the minute: a use within a minute of the recorded one
+    // writes nothing.
+    assert_eq!(listed[1].last_used_at, None);
+    store
+        .touch_import_key("heap", k2.hash(), NOW)
+        .await
+        .unwrap();
+    store
+        .touch_import_key("heap", k2.hash(), Millis(NOW.0 + 59_999))
+        .await
+        .unwrap();
+    let used = |at: i64| Some(Millis(at));
+    let listed = store.list_import_keys(a.id, "heap").await.unwrap();
+    assert_eq!(listed[1].last_used_at, used(NOW.0));
+    assert_eq!(listed[0].last_used_at, None, "only the key used");
+    store
+        .touch_import_key("heap", k2.hash(), Millis(NOW.0 + 60_000))
+        .await
+        .unwrap();
+    let listed = store.list_import_keys(a.id, "heap").await.unwrap();
+    assert_eq!(listed[1].last_used_at, used(NOW.0 + 60_000));
+    // The hash of another partner's key, or of no key: nothing recorded, no error.
+    store
+        .touch_import_key("amplitude", k2.hash(), Millis(NOW.0 + 200_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_import_keys(a.id, "heap").await.unwrap()[1].last_used_at,
+        used(NOW.0 + 60_000)
     );
 }
 
@@ -566,4 +599,81 @@ pub(super) async fn concurrent_imports_count_every_member_once(store: Arc<dyn St
     members.sort_by_key(|m| m[1..].parse::<u32>().unwrap());
     let expected: Vec<String> = (0..70).map(|i| format!("u{i}")).collect();
     assert_eq!(members, expected);
+}
+
+/// The newest membership changes, summed per cohort, newest cohort first; bounded by `last`.
+pub(super) async fn recent_changes_are_summed_per_cohort(store: Arc<dyn Store>) {
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    let other = store.create_workspace("o", NOW).await.unwrap();
+    track(
+        &*store,
+        &ws,
+        json!({"attributes": [{"external_id": "a"}, {"external_id": "b"}, {"external_id": "c"}]}),
+    )
+    .await;
+    track(
+        &*store,
+        &other,
+        json!({"attributes": [{"external_id": "a"}]}),
+    )
+    .await;
+    assert!(
+        store
+            .recent_cohort_changes(ws.id, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let at = |ms: i64| Millis(NOW.0 + ms);
+    store
+        .apply_cohort_changes(
+            &ws,
+            "heap",
+            cid("c1"),
+            add(vec![by_ext("a"), by_ext("b")]),
+            at(1),
+        )
+        .await
+        .unwrap();
+    store
+        .apply_cohort_changes(&ws, "heap", cid("c2"), add(vec![by_ext("c")]), at(2))
+        .await
+        .unwrap();
+    let remove = vec![CohortChange {
+        identifiers: vec![by_ext("a")],
+        remove: true,
+    }];
+    store
+        .apply_cohort_changes(&ws, "heap", cid("c1"), remove, at(3))
+        .await
+        .unwrap();
+    store
+        .apply_cohort_changes(&other, "heap", cid("c9"), add(vec![by_ext("a")]), at(4))
+        .await
+        .unwrap();
+    let recent = store.recent_cohort_changes(ws.id, 100).await.unwrap();
+    let summary: Vec<_> = recent
+        .iter()
+        .map(|r| {
+            (
+                r.cohort_id.as_str(),
+                r.entered,
+                r.left,
+                r.first_at,
+                r.last_at,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("c1", 2, 1, at(1), at(3)), ("c2", 1, 0, at(2), at(2))]
+    );
+    assert_eq!(recent[0].partner, "heap");
+    // Only the newest `last` changes count.
+    let newest = store.recent_cohort_changes(ws.id, 2).await.unwrap();
+    let summary: Vec<_> = newest
+        .iter()
+        .map(|r| (r.cohort_id.as_str(), r.entered, r.left))
+        .collect();
+    assert_eq!(summary, [("c1", 0, 1), ("c2", 1, 0)]);
 }

@@ -10,7 +10,7 @@
 //!
 //! **Adding a check.** Write `pub(super) async fn what_it_guarantees(store: Arc<dyn Store>)` in
 //! the file of its bounded context (`users.rs`, `cohorts.rs`, `admin.rs`, `log.rs`, `feed.rs`,
-//! `currents.rs`, `messaging.rs`), starting from an empty store, and add its name to that group
+//! `currents.rs`, `messaging.rs`, `dashboard.rs`), starting from an empty store, and add its name to that group
 //! in the `conformance!` list at the end of this file. The macro makes one `#[tokio::test]` per
 //! backend of it: `conformance::sqlite::<group>::<check>` and
 //! `conformance::postgres::<group>::<check>`. Run them with
@@ -34,6 +34,7 @@ use super::pg::TestDb;
 mod admin;
 mod cohorts;
 mod currents;
+mod dashboard;
 mod feed;
 mod log;
 mod messaging;
@@ -189,11 +190,17 @@ conformance! {
         import_keys_rotate_and_partner_keys_are_per_partner,
         a_failed_import_changes_no_membership,
         concurrent_imports_count_every_member_once,
+        recent_changes_are_summed_per_cohort,
     ],
     admin: [
         workspace_names_are_unique,
         api_keys_are_created_listed_revoked_and_found,
         heap_webhook_settings_are_kept_per_workspace,
+    ],
+    dashboard: [
+        users_are_created_listed_and_their_passwords_reset,
+        sessions_expire_and_end_with_a_password_reset,
+        sign_in_failures_are_counted_per_key_within_the_window,
     ],
     log: [
         read_events_after_a_position_returns_only_later_events,

@@ -1,0 +1,1176 @@
+//! The dashboard's security, over plain HTTP (the guide walk in a real browser is the binary's
+//! `dashboard` test): sign-in and its limit, CSRF on every form, `Sec-Fetch-Site`, the
+//! read-only role, workspace isolation, HTML in user-supplied names, and precise 4xx answers
+//! to bad input.
+
+use reqwest::redirect::Policy;
+use serde_json::json;
+use tideway_core::dashboard::{PasswordHash, Role, Username};
+use tideway_core::keys::Secret;
+use tideway_core::store::Workspace;
+
+use crate::harness::{NOW, Server};
+
+const PASSWORD: &str = "a long test password";
+
+/// A browser-like client of one user: its session cookie and CSRF token.
+struct Browser {
+    base: String,
+    client: reqwest::Client,
+    cookie: String,
+    csrf: String,
+}
+
+/// What a request answered.
+struct Page {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn user(s: &Server, name: &str, role: Role) {
+    s.store
+        .create_dashboard_user(
+            &Username::parse(name).unwrap(),
+            role,
+            &PasswordHash::new(PASSWORD, [9; 16]).unwrap(),
+            NOW,
+        )
+        .await
+        .unwrap();
+}
+
+/// The `name=value` of a `Set-Cookie` header named `name`.
+fn set_cookie(headers: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(str::to_owned)
+}
+
+fn hidden_csrf(body: &str) -> String {
+    let at = body.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
+    body[at..at + 64].to_owned()
+}
+
+/// Posts the sign-in form as a browser would (its token cookie and field).
+async fn sign_in_answer(base: &str, name: &str, password: &str) -> Page {
+    let c = client();
+    let login = c
+        .get(format!("{base}/dashboard/login"))
+        .send()
+        .await
+        .unwrap();
+    let token_cookie = set_cookie(login.headers(), "tideway_login").unwrap();
+    let token_cookie = token_cookie.split(';').next().unwrap().to_owned();
+    let form = hidden_csrf(&login.text().await.unwrap());
+    let res = c
+        .post(format!("{base}/dashboard/login"))
+        .header("cookie", token_cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("csrf", &form)
+                .append_pair("username", name)
+                .append_pair("password", password)
+                .finish(),
+        )
+        .send()
+        .await
+        .unwrap();
+    Page {
+        status: res.status().as_u16(),
+        headers: res.headers().clone(),
+        body: res.text().await.unwrap(),
+    }
+}
+
+async fn sign_in(base: &str, name: &str) -> Browser {
+    let page = sign_in_answer(base, name, PASSWORD).await;
+    assert_eq!(page.status, 303, "{}", page.body);
+    let cookie = set_cookie(&page.headers, "tideway_session").expect("a session cookie");
+    let mut b = Browser {
+        base: base.to_owned(),
+        client: client(),
+        cookie: cookie.split(';').next().unwrap().to_owned(),
+        csrf: String::new(),
+    };
+    let home = b.get("/dashboard/").await;
+    assert_eq!(home.status, 303);
+    let first = home.headers["location"].to_str().unwrap().to_owned();
+    let page = b.get(&first).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    b.csrf = hidden_csrf(&page.body);
+    b
+}
+
+impl Browser {
+    async fn get(&self, path: &str) -> Page {
+        let res = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .unwrap();
+        Page {
+            status: res.status().as_u16(),
+            headers: res.headers().clone(),
+            body: res.text().await.unwrap(),
+        }
+    }
+
+    /// Posts `fields` (the CSRF token added when `with_csrf`), with `Sec-Fetch-Site: site`.
+    async fn post_as(
+        &self,
+        path: &str,
+        fields: &[(&str, &str)],
+        with_csrf: bool,
+        site: Option<&str>,
+    ) -> Page {
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        if with_csrf {
+            form.append_pair("csrf", &self.csrf);
+        }
+        for (k, v) in fields {
+            form.append_pair(k, v);
+        }
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form.finish());
+        if let Some(site) = site {
+            req = req.header("sec-fetch-site", site);
+        }
+        let res = req.send().await.unwrap();
+        Page {
+            status: res.status().as_u16(),
+            headers: res.headers().clone(),
+            body: res.text().await.unwrap(),
+        }
+    }
+
+    async fn post(&self, path: &str, fields: &[(&str, &str)]) -> Page {
+        self.post_as(path, fields, true, Some("same-origin")).await
+    }
+}
+
+/// Every form of a workspace's pages, as (path, fields).
+fn forms(ws: &Workspace) -> Vec<(String, Vec<(&'static str, &'static str)>)> {
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    vec![
+        (format!("{w}/partners/heap/keys"), vec![]),
+        (format!("{w}/partners/heap/rotate"), vec![]),
+        (format!("{w}/partners/heap/keys/1/invalidate"), vec![]),
+        (
+            format!("{w}/partners/heap/enabled"),
+            vec![("enabled", "false")],
+        ),
+        (
+            format!("{w}/developer/api-keys"),
+            vec![("name", "k"), ("permission", "users.track")],
+        ),
+        (format!("{w}/developer/api-keys/1/revoke"), vec![]),
+        (format!("{w}/segments"), segment_form("s", "heap:c1")),
+        (
+            format!("{w}/segments/preview"),
+            segment_form("s", "heap:c1"),
+        ),
+        (
+            format!("{w}/segments/builder"),
+            segment_form("s", "heap:c1"),
+        ),
+        (format!("{w}/segments/x"), segment_form("s", "heap:c1")),
+        (format!("{w}/segments/x/delete"), vec![]),
+        (
+            format!("{w}/currents"),
+            vec![("name", "c"), ("kind", "custom_http")],
+        ),
+        (format!("{w}/currents/1/launch"), vec![]),
+        (format!("{w}/currents/1/test"), vec![]),
+        (format!("{w}/currents/1/replay"), vec![]),
+        ("/dashboard/logout".to_owned(), vec![]),
+    ]
+}
+
+/// The builder's form for "cohort includes `cohort`" named `name`.
+fn segment_form(name: &'static str, cohort: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("name", name),
+        ("combine", "and"),
+        ("g0_combine", "and"),
+        ("g0r0_kind", "cohort"),
+        ("g0r0_cohort_op", "includes"),
+        ("g0r0_cohort", cohort),
+    ]
+}
+
+/// A Heap cohort named `name` in `ws`, imported through the partner API as Heap would.
+async fn heap_cohort(s: &Server, ws: &Workspace, id: &str, name: &str) {
+    let partner_key = s
+        .store
+        .partner_api_key("heap", Secret::new("heap-partner-key".into()), NOW)
+        .await
+        .unwrap();
+    let secret = format!("import-{}-{id}", ws.id.0);
+    s.store
+        .create_import_key(ws.id, "heap", &Secret::new(secret.clone()), NOW)
+        .await
+        .unwrap();
+    let a = s
+        .send(
+            reqwest::Method::POST,
+            "/partners/heap/cohorts",
+            crate::harness::Auth::None,
+            Some(
+                json!({"partner_api_key": partner_key.expose(), "client_secret": secret, "cohort_id": id, "name": name, "created_at": "2025-06-01T10:00:00Z"})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            true,
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_need_a_session_and_sign_in_sets_a_locked_down_cookie() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let anonymous = Browser {
+        base: s.base.clone(),
+        client: client(),
+        cookie: "tideway_session=".to_owned() + &"0".repeat(64),
+        csrf: "x".repeat(64),
+    };
+    let page = anonymous.get(&format!("/dashboard/w/{}/", ws.id.0)).await;
+    assert_eq!(page.status, 303);
+    assert_eq!(page.headers["location"], "/dashboard/login");
+    let post = anonymous
+        .post(&format!("/dashboard/w/{}/partners/heap/keys", ws.id.0), &[])
+        .await;
+    assert_eq!(post.status, 401);
+
+    let wrong = sign_in_answer(&s.base, "admin", "not the password").await;
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.body.contains("Wrong username or password."));
+    assert!(set_cookie(&wrong.headers, "tideway_session").is_none());
+    let unknown = sign_in_answer(&s.base, "nobody", PASSWORD).await;
+    assert_eq!(unknown.status, 401);
+
+    let ok = sign_in_answer(&s.base, "admin", PASSWORD).await;
+    assert_eq!(ok.status, 303);
+    let cookie = set_cookie(&ok.headers, "tideway_session").unwrap();
+    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/dashboard"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "plain http: {cookie}");
+    let csp = ok.headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+
+    // Signing out ends the session in the store.
+    let b = sign_in(&s.base, "admin").await;
+    assert_eq!(b.post("/dashboard/logout", &[]).await.status, 303);
+    assert_eq!(
+        b.get(&format!("/dashboard/w/{}/", ws.id.0)).await.status,
+        303
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_sign_ins_are_limited_per_username_and_address() {
+    let s = Server::start().await;
+    user(&s, "admin", Role::Admin).await;
+    user(&s, "other", Role::Admin).await;
+    for _ in 0..5 {
+        assert_eq!(
+            sign_in_answer(&s.base, "admin", "wrong password!")
+                .await
+                .status,
+            401
+        );
+    }
+    let limited = sign_in_answer(&s.base, "admin", PASSWORD).await;
+    assert_eq!(limited.status, 429, "even the right password waits");
+    assert!(limited.headers.contains_key("retry-after"));
+    assert!(limited.body.contains("Too many failed sign-ins"));
+    // Another username from the same address is not limited.
+    assert_eq!(sign_in_answer(&s.base, "other", PASSWORD).await.status, 303);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_form_without_the_csrf_token_is_refused() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    for (path, fields) in forms(&ws) {
+        let page = b.post_as(&path, &fields, false, Some("same-origin")).await;
+        assert_eq!(page.status, 403, "{path} without a token: {}", page.body);
+        assert!(page.body.contains("security token"), "{path}");
+        let mut wrong = fields.clone();
+        let bad = "0".repeat(64);
+        wrong.push(("csrf", &bad));
+        let page = b.post_as(&path, &wrong, false, Some("same-origin")).await;
+        assert_eq!(page.status, 403, "{path} with a wrong token");
+    }
+    // The sign-in form too: without its token nobody signs in.
+    let c = client();
+    let res = c
+        .post(format!("{}/dashboard/login", s.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "username=admin&password={}",
+            PASSWORD.replace(' ', "+")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 403);
+    // Nothing changed, and the session still works.
+    assert!(
+        s.store
+            .list_import_keys(ws.id, "heap")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(s.store.list_api_keys(ws.id).await.unwrap().is_empty());
+    assert_eq!(
+        b.get(&format!("/dashboard/w/{}/", ws.id.0)).await.status,
+        200
+    );
+    // With the token (and the htmx header form of it), the same forms work.
+    let page = b
+        .post(&format!("/dashboard/w/{}/partners/heap/keys", ws.id.0), &[])
+        .await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let res = b
+        .client
+        .post(format!(
+            "{}/dashboard/w/{}/partners/heap/keys",
+            s.base, ws.id.0
+        ))
+        .header("cookie", &b.cookie)
+        .header("x-csrf-token", &b.csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    assert_eq!(
+        s.store.list_import_keys(ws.id, "heap").await.unwrap().len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_posts_are_refused_even_with_the_token() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    for (path, fields) in forms(&ws) {
+        for site in ["cross-site", "same-site"] {
+            let page = b.post_as(&path, &fields, true, Some(site)).await;
+            assert_eq!(page.status, 403, "{path} from {site}");
+            assert!(page.body.contains("another site"), "{path}");
+        }
+    }
+    assert!(
+        s.store
+            .list_import_keys(ws.id, "heap")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Typed into the address bar (`none`) or from a non-browser client (absent): allowed.
+    let path = format!("/dashboard/w/{}/partners/heap/keys", ws.id.0);
+    assert_eq!(b.post_as(&path, &[], true, Some("none")).await.status, 200);
+    assert_eq!(b.post_as(&path, &[], true, None).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_user_sees_every_page_and_changes_nothing() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    heap_cohort(&s, &ws, "c1", "Trial stuck").await;
+    let key = s.admin_key(&ws).await;
+    let _ = key;
+    user(&s, "viewer", Role::ReadOnly).await;
+    let b = sign_in(&s.base, "viewer").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    for page in [
+        format!("{w}/"),
+        format!("{w}/partners/heap"),
+        format!("{w}/cohorts"),
+        format!("{w}/cohorts/heap/c1"),
+        format!("{w}/segments"),
+        format!("{w}/campaigns"),
+        format!("{w}/users?by=external_id&q=nobody-here"),
+        format!("{w}/developer/api-keys"),
+    ] {
+        let p = b.get(&page).await;
+        assert!(p.status == 200 || page.contains("nobody-here"), "{page}");
+        assert!(p.body.contains("read-only"), "{page} says so");
+    }
+    // The forms that only create are refused outright.
+    for page in [format!("{w}/segments/new"), format!("{w}/campaigns/new")] {
+        assert_eq!(b.get(&page).await.status, 403, "{page}");
+    }
+    // No secret is shown to a read-only user, and no change button.
+    let heap = b.get(&format!("{w}/partners/heap")).await.body;
+    assert!(!heap.contains("heap-partner-key") && !heap.contains("partner-api-key\""));
+    assert!(!heap.contains("generate-key"));
+    let keys_before = s.store.list_import_keys(ws.id, "heap").await.unwrap();
+    for (path, fields) in forms(&ws) {
+        if path == "/dashboard/logout" {
+            continue;
+        }
+        let page = b.post(&path, &fields).await;
+        assert_eq!(page.status, 403, "{path}");
+        assert!(page.body.contains("read-only"), "{path}");
+    }
+    assert_eq!(
+        s.store.list_import_keys(ws.id, "heap").await.unwrap(),
+        keys_before
+    );
+    assert!(s.store.partner_enabled(ws.id, "heap").await.unwrap());
+    assert_eq!(s.store.list_api_keys(ws.id).await.unwrap().len(), 1);
+    // Signing out is allowed.
+    assert_eq!(b.post("/dashboard/logout", &[]).await.status, 303);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_page_of_one_workspace_shows_another_workspaces_data() {
+    let s = Server::start().await;
+    let a = s.workspace("alpha").await;
+    let b_ws = s.workspace("bravo").await;
+    heap_cohort(&s, &a, "ca", "Alpha cohort").await;
+    heap_cohort(&s, &b_ws, "cb", "Bravo secret cohort").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let created = b
+        .post(
+            &format!("/dashboard/w/{}/developer/api-keys", b_ws.id.0),
+            &[("name", "bravo-only-key"), ("permission", "users.track")],
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let bravo_import = s.store.list_import_keys(b_ws.id, "heap").await.unwrap();
+    let w = format!("/dashboard/w/{}", a.id.0);
+    for page in [
+        format!("{w}/"),
+        format!("{w}/partners/heap"),
+        format!("{w}/cohorts"),
+        format!("{w}/cohorts/heap/ca"),
+        format!("{w}/segments"),
+        format!("{w}/developer/api-keys"),
+    ] {
+        let p = b.get(&page).await;
+        assert_eq!(p.status, 200, "{page}");
+        assert!(!p.body.contains("Bravo secret cohort"), "{page}");
+        assert!(!p.body.contains("bravo-only-key"), "{page}");
+        assert!(!p.body.contains(&bravo_import[0].prefix), "{page}");
+        assert!(!p.body.contains(&b_ws.app_group_id), "{page}");
+    }
+    // B's user, cohort, key and import key through A's addresses: not found, nothing changed.
+    let bravo_key = s.admin_key(&b_ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &bravo_key,
+            json!({"attributes": [{"external_id": "bravo-user", "plan": "bravo-plan"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201);
+    let lookup = b
+        .get(&format!("{w}/users?by=external_id&q=bravo-user"))
+        .await;
+    assert_eq!(lookup.status, 404);
+    assert!(!lookup.body.contains("bravo-plan"));
+    assert_eq!(b.get(&format!("{w}/cohorts/heap/cb")).await.status, 404);
+    let bravo_key = &s.store.list_api_keys(b_ws.id).await.unwrap()[0];
+    let revoke = b
+        .post(
+            &format!("{w}/developer/api-keys/{}/revoke", bravo_key.id),
+            &[],
+        )
+        .await;
+    assert_eq!(revoke.status, 404);
+    let invalidate = b
+        .post(
+            &format!("{w}/partners/heap/keys/{}/invalidate", bravo_import[0].id),
+            &[],
+        )
+        .await;
+    assert_eq!(invalidate.status, 404);
+    assert!(
+        s.store.list_api_keys(b_ws.id).await.unwrap()[0]
+            .revoked_at
+            .is_none()
+    );
+    assert!(
+        s.store.list_import_keys(b_ws.id, "heap").await.unwrap()[0]
+            .invalidated_at
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn html_in_user_supplied_names_is_shown_as_text() {
+    let s = Server::start().await;
+    let ws = s.workspace("<i>ws</i>").await;
+    let evil = "<script>alert(1)</script><img src=x onerror=alert(2)>";
+    heap_cohort(&s, &ws, "\"><script>alert(3)</script>", evil).await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let created = b
+        .post(
+            &format!("/dashboard/w/{}/developer/api-keys", ws.id.0),
+            &[("name", evil), ("permission", "users.track")],
+        )
+        .await;
+    assert_eq!(created.status, 201);
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    for page in [
+        format!("{w}/"),
+        format!("{w}/partners/heap"),
+        format!("{w}/cohorts"),
+        format!("{w}/developer/api-keys"),
+    ] {
+        let body = b.get(&page).await.body;
+        assert!(!body.contains("<script>alert"), "{page}");
+        assert!(!body.contains("<img src=x"), "{page}");
+        assert!(!body.contains("<i>ws</i>"), "{page}");
+        assert!(
+            body.contains("&lt;i&gt;ws&lt;/i&gt;"),
+            "{page}: the workspace name as text"
+        );
+    }
+    let cohorts = b.get(&format!("{w}/cohorts")).await.body;
+    assert!(cohorts.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    // The cohort id is escaped in its link too, and the link leads to the cohort.
+    assert!(cohorts.contains("/cohorts/heap/%22%3E%3Cscript%3Ealert%283%29%3C%2Fscript%3E"));
+    let members = b
+        .get(&format!(
+            "{w}/cohorts/heap/%22%3E%3Cscript%3Ealert%283%29%3C%2Fscript%3E"
+        ))
+        .await;
+    assert_eq!(members.status, 200);
+    assert!(!members.body.contains("<script>alert"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_precise_4xx() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    assert_eq!(b.get("/dashboard/w/abc/").await.status, 400);
+    assert_eq!(b.get("/dashboard/w/999/cohorts").await.status, 404);
+    assert_eq!(b.get(&format!("{w}/cohorts/heap/nope")).await.status, 404);
+    assert_eq!(
+        b.get(&format!("{w}/cohorts/heap/x?after=-1")).await.status,
+        400
+    );
+    assert_eq!(b.get("/dashboard/switch?ws=x").await.status, 400);
+    assert_eq!(b.get("/dashboard/switch?ws=999").await.status, 404);
+    assert_eq!(b.get("/dashboard/assets/nope.js").await.status, 404);
+    assert_eq!(
+        b.post(&format!("{w}/partners/heap/keys/abc/invalidate"), &[])
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        b.post(&format!("{w}/partners/heap/keys/12345/invalidate"), &[])
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        b.post(
+            &format!("{w}/partners/heap/enabled"),
+            &[("enabled", "maybe")]
+        )
+        .await
+        .status,
+        400
+    );
+    for (fields, says) in [
+        (vec![("permission", "users.track")], "name"),
+        (vec![("name", "k")], "Tick at least one permission"),
+        (
+            vec![("name", "k"), ("permission", "users.fly")],
+            "unknown permission",
+        ),
+        (
+            vec![
+                ("name", "k"),
+                ("permission", "users.track"),
+                ("allow_ips", "10.0.0.0/99"),
+            ],
+            "Allowed IP addresses",
+        ),
+    ] {
+        let page = b.post(&format!("{w}/developer/api-keys"), &fields).await;
+        assert_eq!(page.status, 400, "{fields:?}");
+        assert!(page.body.contains(says), "{fields:?}: {}", page.body);
+    }
+    assert!(s.store.list_api_keys(ws.id).await.unwrap().is_empty());
+    let big = "x".repeat(70 * 1024);
+    let page = b
+        .post(&format!("{w}/partners/heap/keys"), &[("pad", &big)])
+        .await;
+    assert_eq!(page.status, 413);
+    let res = b
+        .client
+        .post(format!("{}{w}/partners/heap/keys", s.base))
+        .header("cookie", &b.cookie)
+        .header("content-type", "application/json")
+        .body(format!("{{\"csrf\": \"{}\"}}", b.csrf))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 415);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_are_built_sized_saved_listed_exported_and_deleted() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "u1", "plan": "pro"}, {"external_id": "u2", "plan": "free"}, {"external_id": "u3", "plan": "pro"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201);
+    heap_cohort(&s, &ws, "c1", "Abandoned checkout").await;
+    let partner_key = s
+        .store
+        .partner_api_key("heap", Secret::new("unused".into()), NOW)
+        .await
+        .unwrap();
+    let secret = format!("import-{}-c1", ws.id.0);
+    let a = s
+        .send(
+            reqwest::Method::POST,
+            "/partners/heap/cohorts/users",
+            crate::harness::Auth::None,
+            Some(
+                json!({"partner_api_key": partner_key.expose(), "client_secret": secret, "cohort_id": "c1",
+                       "cohort_changes": [{"user_ids": ["u1", "u2"]}]})
+                .to_string()
+                .into_bytes(),
+            ),
+            true,
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    // The Heap page shows when the data import key was last used.
+    let heap = b.get(&format!("{w}/partners/heap")).await.body;
+    assert!(heap.contains("<td class=\"last-used\">20"), "{heap}");
+    assert!(
+        heap.contains("<td class=\"added\">2</td><td class=\"removed\">0</td>"),
+        "{heap}"
+    );
+    let new = b.get(&format!("{w}/segments/new")).await;
+    assert_eq!(new.status, 200);
+    assert!(
+        new.body.contains("Heap Cohorts › Abandoned checkout"),
+        "the cohort is picked by name"
+    );
+    // The live size of the unsaved filter, then with an attribute condition added.
+    let mut form = segment_form("Checkout abandoners", "heap:c1");
+    let preview = b.post(&format!("{w}/segments/preview"), &form).await;
+    assert_eq!(preview.status, 200);
+    assert_eq!(preview.body, "2 users");
+    form.extend([
+        ("g0r1_kind", "attribute"),
+        ("g0r1_name", "plan"),
+        ("g0r1_op", "equals"),
+        ("g0r1_value", "pro"),
+        ("g0r1_vtype", "text"),
+    ]);
+    assert_eq!(
+        b.post(&format!("{w}/segments/preview"), &form).await.body,
+        "1 user"
+    );
+    let added = b
+        .client
+        .post(format!("{}{w}/segments/builder", s.base))
+        .header("cookie", &b.cookie)
+        .header("x-csrf-token", &b.csrf)
+        .header("hx-request", "true")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("combine=and&g0_combine=and&g0r0_kind=cohort&add=g0")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        added.contains("g0r1_kind") && !added.contains("<html"),
+        "a fragment with a new row"
+    );
+    // Invalid filters are refused with what to fix; nothing is saved.
+    let bad = b
+        .post(&format!("{w}/segments"), &segment_form("Bad", "heap:nope"))
+        .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("nope"), "{}", bad.body);
+    let saved = b.post(&format!("{w}/segments"), &form).await;
+    assert_eq!(saved.status, 303, "{}", saved.body);
+    let segments = s.store.list_segments(ws.id).await.unwrap();
+    assert_eq!(segments.len(), 1);
+    let id = segments[0].id.clone();
+    let home = b.get(&format!("{w}/")).await.body;
+    assert!(
+        home.contains("<div class=\"n\">3</div><div class=\"what\">users</div>"),
+        "{home}"
+    );
+    let list = b.get(&format!("{w}/segments")).await.body;
+    assert!(
+        list.contains("Checkout abandoners") && list.contains("<td class=\"segment-size\">1</td>"),
+        "{list}"
+    );
+    let members = b.get(&format!("{w}/segments/{id}/members")).await.body;
+    assert!(members.contains("u1") && !members.contains("u2"));
+    let csv = b.get(&format!("{w}/segments/{id}/export.csv")).await;
+    assert_eq!(csv.headers["content-type"], "text/csv; charset=utf-8");
+    let lines: Vec<&str> = csv.body.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", csv.body);
+    assert_eq!(lines[0], "braze_id,external_id");
+    assert!(lines[1].ends_with(",u1"));
+    // User lookup: the profile, cohorts and segments of one user.
+    let found = b.get(&format!("{w}/users?by=external_id&q=u1")).await;
+    assert_eq!(found.status, 200);
+    assert!(found.body.contains("id=\"profile\"") && found.body.contains("pro"));
+    assert!(
+        found.body.contains("Abandoned checkout") && found.body.contains("Checkout abandoners")
+    );
+    assert!(found.body.contains("0 messages sent in the last 30 days."));
+    let other = b.get(&format!("{w}/users?by=external_id&q=u3")).await.body;
+    assert!(other.contains("In no cohort.") && other.contains("In no segment."));
+    assert_eq!(
+        b.get(&format!("{w}/users?by=external_id&q=nobody"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        b.get(&format!("{w}/users?by=braze_id&q=not-hex"))
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        b.get(&format!("{w}/users?by=alias&q=x&label="))
+            .await
+            .status,
+        400
+    );
+    assert_eq!(b.get(&format!("{w}/users?by=phone&q=1")).await.status, 400);
+    assert_eq!(b.get(&format!("{w}/users")).await.status, 200);
+    // Edit: the builder shows the saved conditions; saving changes the filter.
+    let edit = b.get(&format!("{w}/segments/{id}")).await.body;
+    assert!(edit.contains("value=\"plan\"") && edit.contains("1 user"));
+    let renamed = b
+        .post(
+            &format!("{w}/segments/{id}"),
+            &segment_form("Renamed", "heap:c1"),
+        )
+        .await;
+    assert_eq!(renamed.status, 303);
+    assert_eq!(
+        s.store.segment(ws.id, &id).await.unwrap().unwrap().name,
+        "Renamed"
+    );
+    assert_eq!(
+        b.post(&format!("{w}/segments/{id}/delete"), &[])
+            .await
+            .status,
+        303
+    );
+    assert!(s.store.list_segments(ws.id).await.unwrap().is_empty());
+    assert_eq!(b.get(&format!("{w}/segments/{id}")).await.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaigns_are_created_launched_paused_and_stopped() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let page = b.get(&format!("{w}/campaigns/new")).await;
+    assert_eq!(page.status, 200);
+    let good = [
+        ("name", "Welcome <b>"),
+        ("channel", "webhook"),
+        ("url", "http://127.0.0.1:9/hook"),
+        ("body", "Hi {{${first_name}}}"),
+        ("delivery", "api_triggered"),
+    ];
+    for (change, says) in [
+        (("name", ""), "name"),
+        (("body", "{{ broken"), "messages[0].body"),
+        (("delivery", "scheduled"), "ISO 8601"),
+        (("delivery", "cohort_entry"), "Pick the cohort"),
+        (("channel", "sms"), "email or webhook"),
+    ] {
+        let mut fields: Vec<(&str, &str)> = good
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != change.0)
+            .collect();
+        fields.push(change);
+        let answer = b.post(&format!("{w}/campaigns"), &fields).await;
+        assert_eq!(answer.status, 400, "{change:?}");
+        assert!(answer.body.contains(says), "{change:?}: {}", answer.body);
+    }
+    assert!(s.store.list_campaigns(ws.id).await.unwrap().is_empty());
+    assert_eq!(b.post(&format!("{w}/campaigns"), &good).await.status, 303);
+    let campaigns = s.store.list_campaigns(ws.id).await.unwrap();
+    assert_eq!(campaigns.len(), 1);
+    let id = campaigns[0].id.clone();
+    let list = b.get(&format!("{w}/campaigns")).await.body;
+    assert!(
+        list.contains("Welcome &lt;b&gt;") && list.contains("draft") && list.contains("webhook"),
+        "{list}"
+    );
+    // The campaign's page: figures, templates, and the Liquid rendered for a chosen user.
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "ada", "first_name": "Ada <3"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201);
+    let detail = b.get(&format!("{w}/campaigns/{id}")).await;
+    assert_eq!(detail.status, 200);
+    assert!(detail.body.contains("id=\"campaign-stats\"") && detail.body.contains("unique_opens"));
+    assert!(detail.body.contains("Hi {{${first_name}}}"));
+    let preview = b.get(&format!("{w}/campaigns/{id}?preview=ada")).await.body;
+    assert!(preview.contains("Hi Ada &lt;3"), "{preview}");
+    let unknown = b
+        .get(&format!("{w}/campaigns/{id}?preview=nobody"))
+        .await
+        .body;
+    assert!(unknown.contains("No user has that external id."));
+    assert_eq!(b.get(&format!("{w}/campaigns/nope")).await.status, 404);
+    // Edit: the form shows the campaign; saving changes what it names, through the checks.
+    let edit = b.get(&format!("{w}/campaigns/{id}/edit")).await;
+    assert_eq!(edit.status, 200);
+    assert!(
+        edit.body.contains("value=\"http://127.0.0.1:9/hook\"")
+            && edit.body.contains("Save changes")
+    );
+    let mut changed: Vec<(&str, &str)> = good
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "name" && *k != "delivery")
+        .collect();
+    changed.extend([
+        ("name", "Welcome, scheduled"),
+        ("delivery", "scheduled"),
+        ("at", "2030-01-01T09:00:00Z"),
+    ]);
+    assert_eq!(
+        b.post(&format!("{w}/campaigns/{id}"), &changed)
+            .await
+            .status,
+        303
+    );
+    let saved = s.store.campaign(ws.id, &id).await.unwrap().unwrap();
+    assert_eq!(saved.name, "Welcome, scheduled");
+    assert_eq!(saved.definition["delivery"]["type"], "scheduled");
+    changed.push(("body", "{% if %}"));
+    changed.retain(|(k, v)| *k != "body" || *v == "{% if %}");
+    let bad = b.post(&format!("{w}/campaigns/{id}"), &changed).await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(
+        s.store
+            .campaign(ws.id, &id)
+            .await
+            .unwrap()
+            .unwrap()
+            .definition["messages"][0]["body"],
+        "Hi {{${first_name}}}"
+    );
+    for (action, status) in [
+        ("launch", "active"),
+        ("pause", "paused"),
+        ("launch", "active"),
+        ("stop", "stopped"),
+    ] {
+        let answer = b.post(&format!("{w}/campaigns/{id}/{action}"), &[]).await;
+        assert_eq!(answer.status, 303, "{action}: {}", answer.body);
+        assert_eq!(
+            s.store
+                .campaign(ws.id, &id)
+                .await
+                .unwrap()
+                .unwrap()
+                .status
+                .as_str(),
+            status
+        );
+    }
+    let again = b.post(&format!("{w}/campaigns/{id}/launch"), &[]).await;
+    assert_eq!(again.status, 409);
+    assert!(again.body.contains("stopped"));
+    assert_eq!(
+        b.post(&format!("{w}/campaigns/{id}/fly"), &[]).await.status,
+        404
+    );
+    assert_eq!(
+        b.post(&format!("{w}/campaigns/nope/launch"), &[])
+            .await
+            .status,
+        404
+    );
+}
+
+/// A server with a running Currents exporter over its own SQLite store, and a receiver that
+/// answers 400 to everything (every event is dead-lettered).
+struct WithCurrents {
+    base: String,
+    store: std::sync::Arc<tideway_store::sqlite::SqliteStore>,
+    receiver: String,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn with_currents() -> WithCurrents {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use tideway_core::egress::EgressPolicy;
+    use tideway_core::store::Store;
+    use tideway_currents::{Exporter, ExporterConfig};
+    use tideway_server::{CurrentsApi, ServerConfig, app_with_currents, install_metrics_recorder};
+    use tideway_store::sqlite::{SqliteOptions, SqliteStore};
+
+    let refuse = axum::Router::new()
+        .fallback(|| async { (axum::http::StatusCode::BAD_REQUEST, "no thanks") });
+    let rl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = format!("http://{}/in", rl.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(rl, refuse).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteStore::open(&dir.path().join("t.sqlite"), SqliteOptions::default()).unwrap(),
+    );
+    let exporter = Arc::new(Exporter::start(
+        store.clone(),
+        ExporterConfig {
+            owner: "test".into(),
+            egress: EgressPolicy::default(),
+            ..ExporterConfig::default()
+        },
+    ));
+    let router = app_with_currents(
+        store.clone() as Arc<dyn Store>,
+        ServerConfig::default(),
+        install_metrics_recorder().unwrap(),
+        Some(CurrentsApi {
+            store: store.clone(),
+            exporter,
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    WithCurrents {
+        base: format!("http://{addr}"),
+        store,
+        receiver,
+        _dir: dir,
+        _stop: stop,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn currents_are_created_tested_dead_lettered_and_replayed() {
+    use tideway_core::store::prelude::*;
+    let s = with_currents().await;
+    let ws = s.store.create_workspace("w", NOW).await.unwrap();
+    s.store
+        .create_dashboard_user(
+            &Username::parse("admin").unwrap(),
+            Role::Admin,
+            &PasswordHash::new(PASSWORD, [9; 16]).unwrap(),
+            NOW,
+        )
+        .await
+        .unwrap();
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let home = b.get(&format!("{w}/")).await.body;
+    assert!(
+        home.contains("Data Export › Currents"),
+        "linked when the exporter runs"
+    );
+    let form = b.get(&format!("{w}/currents/new")).await;
+    assert_eq!(form.status, 200);
+    assert!(form.body.contains("data-select-all=\"customer_behavior\""));
+    assert!(form.body.contains("value=\"users.behaviors.CustomEvent\""));
+    let good = [
+        ("kind", "custom_http"),
+        ("name", "Refuser"),
+        ("endpoint", s.receiver.as_str()),
+        ("event_type", "users.behaviors.CustomEvent"),
+        ("launch", "true"),
+    ];
+    for (change, says) in [
+        (("endpoint", "ftp://x"), "endpoint"),
+        (("endpoint", "http://169.254.169.254/"), "endpoint"),
+        (("event_type", "users.nope"), "unknown event type"),
+        (("kind", "carrier_pigeon"), "kind"),
+        (("name", ""), "name"),
+    ] {
+        let mut fields: Vec<(&str, &str)> = good
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != change.0)
+            .collect();
+        fields.push(change);
+        let answer = b.post(&format!("{w}/currents"), &fields).await;
+        assert_eq!(answer.status, 400, "{change:?}");
+        assert!(answer.body.contains(says), "{change:?}: {}", answer.body);
+    }
+    let none: Vec<(&str, &str)> = good
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "event_type")
+        .collect();
+    assert_eq!(b.post(&format!("{w}/currents"), &none).await.status, 400);
+    assert!(s.store.list_currents(ws.id).await.unwrap().is_empty());
+
+    assert_eq!(b.post(&format!("{w}/currents"), &good).await.status, 303);
+    let current = s.store.list_currents(ws.id).await.unwrap().remove(0);
+    assert_eq!(current.status.as_str(), "active");
+    let id = current.id.0;
+    // Test events: the receiver's status, never its body.
+    let tested = b.post(&format!("{w}/currents/{id}/test"), &[]).await;
+    assert_eq!(tested.status, 200);
+    assert!(
+        tested.body.contains("id=\"test-report\"") && tested.body.contains("400"),
+        "{}",
+        tested.body
+    );
+    assert!(!tested.body.contains("no thanks"));
+    // An event the receiver refuses is dead-lettered, listed, and can be replayed.
+    s.store
+        .track(
+            &ws,
+            tideway_core::track::parse_track(
+                json!({"events": [{"external_id": "u1", "name": "e", "time": "2025-06-01T10:00:00Z"}]})
+                    .as_object()
+                    .unwrap(),
+            )
+            .unwrap(),
+            NOW,
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let page = b.get(&format!("{w}/currents/{id}/dead-letters")).await;
+        assert_eq!(page.status, 200);
+        if page.body.contains("id=\"dead-letters\"") {
+            assert!(
+                page.body.contains("users.behaviors.CustomEvent") && page.body.contains("rejected")
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter: {}",
+            page.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let list = b.get(&format!("{w}/currents")).await.body;
+    assert!(list.contains("Refuser") && list.contains("Custom Currents Export"));
+    assert_eq!(
+        b.post(&format!("{w}/currents/{id}/replay"), &[])
+            .await
+            .status,
+        303
+    );
+    // Lifecycle, and refusals.
+    assert_eq!(
+        b.post(&format!("{w}/currents/{id}/pause"), &[])
+            .await
+            .status,
+        303
+    );
+    assert_eq!(
+        s.store.list_currents(ws.id).await.unwrap()[0]
+            .status
+            .as_str(),
+        "paused"
+    );
+    assert_eq!(
+        b.post(&format!("{w}/currents/{id}/pause"), &[])
+            .await
+            .status,
+        409
+    );
+    assert_eq!(
+        b.post(&format!("{w}/currents/{id}/resume"), &[])
+            .await
+            .status,
+        303
+    );
+    assert_eq!(
+        b.post(&format!("{w}/currents/{id}/fly"), &[]).await.status,
+        404
+    );
+    assert_eq!(
+        b.post(&format!("{w}/currents/999/launch"), &[])
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        b.post(&format!("{w}/currents/x/launch"), &[]).await.status,
+        400
+    );
+}
