@@ -14,7 +14,9 @@
 //! - [`crate::currents_store::CurrentsStore`]: the Currents event log and each Current's
 //!   position, lease, dead letters and replays;
 //! - [`MessagingStore`] (`messaging.rs`): campaigns, dispatches, the send queue, receipts and
-//!   the trigger cursor.
+//!   the trigger cursor;
+//! - [`CanvasStore`] (`canvas.rs`): Canvases and their versions, journeys (each user's place
+//!   in a Canvas, which is its timer), their inboxes, entry receipts and per-step counts.
 //!
 //! [`Store`] is all five, implemented for any type that implements them; the HTTP edge and the
 //! CLI hold an `Arc<dyn Store>` and call the services through
@@ -34,12 +36,17 @@ use crate::clock::Millis;
 use crate::ids::WorkspaceId;
 
 mod admin;
+mod canvas;
 mod cohorts;
 mod messaging;
 mod segments;
 mod users;
 
 pub use admin::{AdminStore, HeapWebhook, ImportKeyInfo, ImportKeyOwner, NewApiKey};
+pub use canvas::{
+    CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney, InboxItem,
+    JourneySettlement, NewEntry, ScanOutcome, StepCounts, StepStat,
+};
 pub use cohorts::{
     CohortMember, CohortStore, CohortSummary, SegmentSyncOutcome, SegmentSyncPage, UserCohort,
 };
@@ -88,21 +95,29 @@ pub struct Workspace {
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// A whole backend: every bounded context's contract. Implemented for every type that
-/// implements the six, so a backend never names it.
+/// implements the seven, so a backend never names it.
 pub trait Store:
-    AdminStore + UserStore + CohortStore + SegmentStore + CurrentsStore + MessagingStore
+    AdminStore + UserStore + CohortStore + SegmentStore + CurrentsStore + MessagingStore + CanvasStore
 {
 }
 
 impl<T> Store for T where
-    T: AdminStore + UserStore + CohortStore + SegmentStore + CurrentsStore + MessagingStore
+    T: AdminStore
+        + UserStore
+        + CohortStore
+        + SegmentStore
+        + CurrentsStore
+        + MessagingStore
+        + CanvasStore
 {
 }
 
 /// Every contract trait and the services, for callers that hold a concrete store (the CLI,
 /// tests, benchmarks): `use tideway_core::store::prelude::*;`.
 pub mod prelude {
-    pub use super::{AdminStore, CohortStore, MessagingStore, SegmentStore, Store, UserStore};
+    pub use super::{
+        AdminStore, CanvasStore, CohortStore, MessagingStore, SegmentStore, Store, UserStore,
+    };
     pub use crate::currents_store::CurrentsStore;
     pub use crate::services::Services;
 }

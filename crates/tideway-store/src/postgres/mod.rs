@@ -14,6 +14,7 @@
 //! `libsqlite3-sys` than rusqlite.
 
 mod admin;
+mod canvas;
 mod currents;
 mod messaging;
 pub mod schema;
