@@ -275,6 +275,11 @@ const NEVER_WRITTEN: &[(&str, &[&str])] = &[
     ("users.campaigns.EnrollInControl", &[]),
     ("users.campaigns.Conversion", &[]),
     ("users.canvas.Conversion", &[]),
+    ("users.canvas.Entry", &[]),
+    ("users.canvas.exit.MatchedAudience", &[]),
+    ("users.canvas.exit.PerformedEvent", &[]),
+    ("users.canvas.experimentstep.SplitEntry", &[]),
+    ("users.canvasstep.Progression", &[]),
 ];
 
 #[test]
