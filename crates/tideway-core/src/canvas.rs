@@ -1594,4 +1594,349 @@ mod tests {
             Some(Millis(86_400_000 + 86_400_000 + 9 * 3_600_000))
         );
     }
+
+    // ---- the engine against a reference model ------------------------------------------
+    //
+    // Random step graphs (each step leads only to later ones, so there is no cycle) and
+    // random event sequences: [`advance`], driven the way the store drives it (called at
+    // each event's arrival and at each timer, with the events that arrived since), must
+    // produce the same sends, updates and exit as a direct reading of the rules below.
+    // Events fall on odd seconds and timers on even ones, so no event ties a timer.
+
+    use proptest::prelude::*;
+
+    use crate::campaigns::{ActionDelivery, Message, WebhookContent, WebhookMethod};
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Out {
+        Send(String),
+        Update(String),
+        Exit(String, ExitReason),
+    }
+
+    #[derive(Debug, Clone)]
+    enum Gen {
+        Message,
+        Delay(i64),
+        Split(usize),
+        Audience(usize),
+        Experiment(u8),
+        Action(i64, usize),
+        Update,
+    }
+
+    fn id(i: usize) -> String {
+        format!("s{i}")
+    }
+
+    fn build(kinds: &[(Gen, Vec<Option<usize>>)]) -> CanvasDefinition {
+        let n = kinds.len();
+        let next = |targets: &[Option<usize>], k: usize| -> Option<String> {
+            targets.get(k).copied().flatten().filter(|t| *t < n).map(id)
+        };
+        let steps = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, (g, t))| {
+                let kind = match g {
+                    Gen::Message => StepKind::Message {
+                        message: Variant {
+                            id: id(i),
+                            name: id(i),
+                            percent: 100,
+                            message: Message::Webhook(WebhookContent {
+                                url: "http://h/".into(),
+                                method: WebhookMethod::Post,
+                                headers: Vec::new(),
+                                body: String::new(),
+                                extras: None,
+                            }),
+                        },
+                        next: next(t, 0),
+                    },
+                    Gen::Delay(secs) => StepKind::Delay {
+                        delay: Delay::Duration { secs: *secs },
+                        next: next(t, 0),
+                    },
+                    Gen::Split(f) => StepKind::DecisionSplit {
+                        filter: *f,
+                        yes: next(t, 0),
+                        no: next(t, 1),
+                    },
+                    Gen::Audience(f) => StepKind::AudiencePaths {
+                        paths: vec![AudiencePath {
+                            name: "g".into(),
+                            filter: *f,
+                            next: next(t, 0),
+                        }],
+                        everyone_else: next(t, 1),
+                    },
+                    Gen::Experiment(p) => StepKind::ExperimentPaths {
+                        paths: vec![
+                            ExperimentPath {
+                                id: "x".into(),
+                                name: "x".into(),
+                                percent: *p,
+                                next: next(t, 0),
+                            },
+                            ExperimentPath {
+                                id: "y".into(),
+                                name: "y".into(),
+                                percent: 100 - p,
+                                next: next(t, 1),
+                            },
+                        ],
+                    },
+                    Gen::Action(window, which) => StepKind::ActionPaths {
+                        window_secs: *window,
+                        paths: vec![ActionPath {
+                            name: "p".into(),
+                            triggers: vec![Trigger::CustomEvent {
+                                name: ["a", "b"][*which].into(),
+                                property_filters: Vec::new(),
+                            }],
+                            next: next(t, 0),
+                        }],
+                        everyone_else: next(t, 1),
+                    },
+                    Gen::Update => StepKind::UserUpdate {
+                        set: Map::new(),
+                        increment: vec![("n".into(), 1.0)],
+                        next: next(t, 0),
+                    },
+                };
+                Step {
+                    id: id(i),
+                    name: id(i),
+                    kind,
+                }
+            })
+            .collect();
+        CanvasDefinition {
+            entry: Delivery::ActionBased(ActionDelivery {
+                triggers: Vec::new(),
+                delay_secs: 0,
+                start: None,
+                end: None,
+            }),
+            audience: Audience {
+                segment_ids: Vec::new(),
+                filter: None,
+            },
+            reentry_after_secs: None,
+            entry_limit: None,
+            exception_events: vec![Trigger::CustomEvent {
+                name: "stop".into(),
+                property_filters: Vec::new(),
+            }],
+            exit_filter: None,
+            conversion_events: Vec::new(),
+            variants: vec![CanvasVariant {
+                id: "v".into(),
+                name: "v".into(),
+                percent: 100,
+                first_step: id(0),
+            }],
+            control_percent: 0,
+            steps,
+            filters: vec![json!(null), json!(null)],
+            obey_frequency_caps: true,
+        }
+    }
+
+    /// The rules read directly: walk the graph, letting time pass at Delays and Action Paths.
+    fn reference(def: &CanvasDefinition, events: &[(i64, &str)], facts: &Answers) -> Vec<Out> {
+        let mut out = Vec::new();
+        let mut t = 0i64;
+        let mut pos = def.variants[0].first_step.clone();
+        let exception = |from: i64, to: i64| {
+            events
+                .iter()
+                .any(|(at, n)| *n == "stop" && *at > from && *at <= to)
+        };
+        loop {
+            let step = def.step(&pos).unwrap();
+            let next: Option<String> = match &step.kind {
+                StepKind::Message { next, .. } => {
+                    out.push(Out::Send(pos.clone()));
+                    next.clone()
+                }
+                StepKind::UserUpdate { next, .. } => {
+                    out.push(Out::Update(pos.clone()));
+                    next.clone()
+                }
+                StepKind::Delay {
+                    delay: Delay::Duration { secs },
+                    next,
+                } => {
+                    let due = t + secs;
+                    if let Some((at, _)) = events
+                        .iter()
+                        .find(|(at, n)| *n == "stop" && *at > t && *at <= due)
+                    {
+                        let _ = at;
+                        out.push(Out::Exit(pos.clone(), ExitReason::ExceptionEvent));
+                        return out;
+                    }
+                    t = due;
+                    next.clone()
+                }
+                StepKind::Delay { .. } => unreachable!("only durations are generated"),
+                StepKind::DecisionSplit { filter, yes, no } => {
+                    if facts.matches(*filter) {
+                        yes.clone()
+                    } else {
+                        no.clone()
+                    }
+                }
+                StepKind::AudiencePaths {
+                    paths,
+                    everyone_else,
+                } => {
+                    if facts.matches(paths[0].filter) {
+                        paths[0].next.clone()
+                    } else {
+                        everyone_else.clone()
+                    }
+                }
+                StepKind::ExperimentPaths { paths } => {
+                    if facts.bucket(&pos) < u32::from(paths[0].percent) {
+                        paths[0].next.clone()
+                    } else {
+                        paths[1].next.clone()
+                    }
+                }
+                StepKind::ActionPaths {
+                    window_secs,
+                    paths,
+                    everyone_else,
+                } => {
+                    let end = t + window_secs;
+                    let first = events.iter().find(|(at, n)| {
+                        *at > t
+                            && *at <= end
+                            && (*n == "stop"
+                                || paths[0].triggers.iter().any(|tr| {
+                                    matches!(tr, Trigger::CustomEvent { name, .. } if name == n)
+                                }))
+                    });
+                    match first {
+                        Some((_, "stop")) => {
+                            out.push(Out::Exit(pos.clone(), ExitReason::ExceptionEvent));
+                            return out;
+                        }
+                        Some((at, _)) => {
+                            t = *at;
+                            paths[0].next.clone()
+                        }
+                        None => {
+                            if exception(t, end) {
+                                unreachable!("a stop in the window is found above");
+                            }
+                            t = end;
+                            everyone_else.clone()
+                        }
+                    }
+                }
+            };
+            match next {
+                Some(n) => pos = n,
+                None => {
+                    out.push(Out::Exit(pos.clone(), ExitReason::EndOfPath));
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// The engine, driven as the store drives it.
+    fn engine(def: &CanvasDefinition, events: &[(i64, &str)], facts: &Answers) -> Vec<Out> {
+        let happenings: Vec<Happening> = events
+            .iter()
+            .map(|(at, n)| Happening {
+                at: Millis(at * 1_000),
+                kind: HappeningKind::CustomEvent { name: (*n).into() },
+                properties: Map::new(),
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut collect = |events: Vec<StepEvent>| {
+            for e in events {
+                match e {
+                    StepEvent::Send { step, .. } => out.push(Out::Send(step)),
+                    StepEvent::UserUpdate { step } => out.push(Out::Update(step)),
+                    StepEvent::Exited { step, reason } => out.push(Out::Exit(step, reason)),
+                    _ => {}
+                }
+            }
+        };
+        let mut j = start(&def.variants[0], "e".into(), 1, Millis(0), None);
+        let mut now = Millis(0);
+        let mut delivered = 0;
+        for _ in 0..1_000 {
+            let upto = happenings[delivered..]
+                .iter()
+                .take_while(|h| h.at.0 <= now.0)
+                .count();
+            let inbox = &happenings[delivered..delivered + upto];
+            delivered += upto;
+            let a = advance(def, j, now, inbox, facts);
+            collect(a.events);
+            let Some(next) = a.journey else {
+                return out;
+            };
+            j = next;
+            // The next wake: the step's timer or the next event, whichever comes first.
+            now = match happenings.get(delivered) {
+                Some(h) if h.at.0 < j.due_at.0 => h.at,
+                _ => j.due_at,
+            };
+        }
+        panic!("the journey did not end");
+    }
+
+    fn step_strategy() -> impl Strategy<Value = (Gen, Vec<Option<usize>>)> {
+        let kind = prop_oneof![
+            Just(Gen::Message),
+            (1i64..10).prop_map(|d| Gen::Delay(d * 2)),
+            (0usize..2).prop_map(Gen::Split),
+            (0usize..2).prop_map(Gen::Audience),
+            (0u8..=100).prop_map(Gen::Experiment),
+            ((1i64..10), (0usize..2)).prop_map(|(w, k)| Gen::Action(w * 2, k)),
+            Just(Gen::Update),
+        ];
+        (
+            kind,
+            proptest::collection::vec(proptest::option::of(0usize..12), 2),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn advance_agrees_with_the_reference_model(
+            raw in proptest::collection::vec(step_strategy(), 1..10),
+            events in proptest::collection::btree_map(0i64..60, 0usize..3, 0..8),
+            yes in proptest::collection::vec(any::<bool>(), 2),
+            bucket in 0u32..100,
+        ) {
+            // Each step leads only to a later one: target k of step i is i + 1 + k.
+            let kinds: Vec<(Gen, Vec<Option<usize>>)> = raw
+                .iter()
+                .enumerate()
+                .map(|(i, (g, t))| (g.clone(), t.iter().map(|x| x.map(|k| i + 1 + k)).collect()))
+                .collect();
+            let def = build(&kinds);
+            let events: Vec<(i64, &str)> = events
+                .into_iter()
+                .map(|(t, k)| (t * 2 + 1, ["a", "b", "stop"][k]))
+                .collect();
+            let facts = Answers {
+                yes: yes.iter().enumerate().filter(|(_, y)| **y).map(|(i, _)| i).collect(),
+                bucket,
+            };
+            prop_assert_eq!(engine(&def, &events, &facts), reference(&def, &events, &facts));
+        }
+    }
 }
