@@ -9,7 +9,10 @@
 //!   (the entry audience is checked then); custom events and purchases that a Canvas listens
 //!   to (exception events, Action Paths, conversions) go to the inbox of the user's journey,
 //!   which wakes it. Entries, inbox items and the cursor's move are one transaction (a
-//!   compare-and-set on the cursor), so each stretch of log is acted on once.
+//!   compare-and-set on the cursor), so each stretch of log is acted on once. A scheduled
+//!   Canvas's due occurrence (its `next_run`, set at launch) enters its whole entry audience
+//!   in the same kind of transaction, moving `next_run` on by compare-and-set (one
+//!   occurrence per scan; the audience in one transaction).
 //! - **the timer worker** claims due journeys (leased, oldest first: late timers after a
 //!   restart fire at once, in order), loads the version each journey entered with, answers
 //!   the definition's filters for the batch (one audience question per filter), runs
@@ -451,7 +454,10 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             .store
             .cohort_entries(ws, cursor.cohort_changes, READ_LIMIT)
             .await?;
-        if events.is_empty() && entries.is_empty() {
+        let scheduled_due = canvases
+            .iter()
+            .any(|c| c.next_run.is_some_and(|t| t.0 <= self.clock.now().0));
+        if events.is_empty() && entries.is_empty() && !scheduled_due {
             return Ok(false);
         }
         let full = events.len() == READ_LIMIT || entries.len() == READ_LIMIT;
@@ -520,6 +526,27 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                         happening: h.clone(),
                     });
                 }
+            }
+            if let Delivery::Scheduled(schedule) = &def.entry {
+                if let Some(due) = canvas.next_run
+                    && due.0 <= self.clock.now().0
+                    && scan.next_run.is_none()
+                {
+                    // The occurrence: the whole entry audience enters, and the next
+                    // occurrence is set by compare-and-set in the same transaction.
+                    let filter = audience_filter(&def.audience)?;
+                    let members = self.audiences.members(ws, filter, None).await?;
+                    let entrants = members
+                        .into_iter()
+                        .map(|user| Entrant {
+                            user,
+                            properties: None,
+                        })
+                        .collect();
+                    self.plan_entries(ws, canvas, entrants, &mut scan).await?;
+                    scan.next_run = Some((canvas.id.clone(), Some(due), schedule.next_after(due)));
+                }
+                continue;
             }
             let Delivery::ActionBased(action) = &def.entry else {
                 continue;

@@ -322,8 +322,16 @@ pub async fn action(
                 )));
             };
             let at = now();
-            if action == CampaignAction::Launch && c.launched_at.is_none() {
-                c.launched_at = Some(at);
+            if action == CampaignAction::Launch {
+                if c.launched_at.is_none() {
+                    c.launched_at = Some(at);
+                }
+                // A scheduled entry's first occurrence from now on (the engine moves it on).
+                if let Delivery::Scheduled(schedule) = &loaded(&c)?.entry
+                    && c.next_run.is_none()
+                {
+                    c.next_run = schedule.next_after(tideway_core::clock::Millis(at.0 - 1));
+                }
             }
             c.status = to;
             c.updated_at = at;

@@ -281,3 +281,62 @@ async fn bad_canvases_are_refused_naming_the_place_and_nothing_is_written() {
         "canvas_id must be a string of the Canvas api identifier"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_scheduled_entries_carry_entry_properties_into_liquid() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1", "plan": "pro"}, {"external_id": "u2", "plan": "free"}]))
+        .await;
+    let api = json!({
+        "name": "API",
+        "entry": {"type": "api_triggered"},
+        "steps": [{"id": "hook", "type": "message", "message": {"channel": "webhook", "url": t.hook_url,
+            "body": "{\"p\": \"{{canvas_entry_properties.${product}}}\", \"c\": \"{{context.${size}}}\", \"step\": \"{{campaign.${name}}}\"}"}}]
+    });
+    let a = t.s.post("/api/v1/canvases", &t.key, api).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let id = a.body["canvas"]["id"].as_str().unwrap().to_owned();
+    // Not launched: accepted with Braze's notice, nobody enters.
+    let body = json!({"canvas_id": id, "canvas_entry_properties": {"product": "shoes"},
+        "recipients": [{"external_user_id": "u1", "context": {"size": "42"}}]});
+    let a = t.s.post("/canvas/trigger/send", &t.key, body.clone()).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert!(
+        a.body["notice"].as_str().unwrap().contains("paused"),
+        "{a:?}"
+    );
+    let a =
+        t.s.post(&format!("/api/v1/canvases/{id}/launch"), &t.key, json!({}))
+            .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let a = t.s.post("/canvas/trigger/send", &t.key, body).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let hits = t.wait_hits(1).await;
+    let got: Value = serde_json::from_str(&hits[0].body).unwrap();
+    assert_eq!(got, json!({"p": "shoes", "c": "42", "step": "hook"}));
+
+    // A scheduled Canvas: at its occurrence its whole entry audience (Pro users) enters.
+    let at = Millis(now_ms() + 1_500).to_iso();
+    let scheduled = json!({
+        "name": "Scheduled",
+        "entry": {"type": "scheduled", "schedule": {"frequency": "once", "at": at}},
+        "audience": {"filter": {"attribute": {"name": "plan", "op": "equals", "value": "pro"}}},
+        "steps": [{"id": "s", "type": "message", "message": {"channel": "webhook", "url": t.hook_url, "body": "scheduled {{${user_id}}}"}}]
+    });
+    let a = t.s.post("/api/v1/canvases", &t.key, scheduled).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let sid = a.body["canvas"]["id"].as_str().unwrap().to_owned();
+    let a =
+        t.s.post(&format!("/api/v1/canvases/{sid}/launch"), &t.key, json!({}))
+            .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let hits = t.wait_hits(2).await;
+    assert_eq!(hits[1].body, "scheduled u1");
+    let c = until("the occurrence to be used up", async || {
+        let c = t.s.store.canvas(t.ws.id, &sid).await.unwrap().unwrap();
+        c.next_run.is_none().then_some(c)
+    })
+    .await;
+    assert_eq!(c.entries, 1);
+    assert_eq!(t.hooks.hits().len(), 2);
+}
