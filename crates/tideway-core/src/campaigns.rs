@@ -38,7 +38,7 @@ pub struct DefinitionError {
     pub message: String,
 }
 
-fn bad(path: impl Into<String>, message: impl Into<String>) -> DefinitionError {
+pub(crate) fn bad(path: impl Into<String>, message: impl Into<String>) -> DefinitionError {
     DefinitionError {
         path: path.into(),
         message: message.into(),
@@ -718,33 +718,7 @@ impl CampaignDefinition {
     pub fn templates(&self) -> Vec<(String, &str)> {
         let mut out = Vec::new();
         for (i, v) in self.variants.iter().enumerate() {
-            let p = format!("messages[{i}]");
-            match &v.message {
-                Message::Email(e) => {
-                    out.push((format!("{p}.from"), e.from.as_str()));
-                    out.push((format!("{p}.subject"), e.subject.as_str()));
-                    out.push((format!("{p}.body"), e.body.as_str()));
-                    if let Some(t) = &e.plaintext_body {
-                        out.push((format!("{p}.plaintext_body"), t.as_str()));
-                    }
-                    if let Some(t) = &e.preheader {
-                        out.push((format!("{p}.preheader"), t.as_str()));
-                    }
-                    if let Some(t) = &e.reply_to {
-                        out.push((format!("{p}.reply_to"), t.as_str()));
-                    }
-                    for (name, value) in &e.headers {
-                        out.push((format!("{p}.headers.{name}"), value.as_str()));
-                    }
-                }
-                Message::Webhook(w) => {
-                    out.push((format!("{p}.url"), w.url.as_str()));
-                    out.push((format!("{p}.body"), w.body.as_str()));
-                    for (name, value) in &w.headers {
-                        out.push((format!("{p}.request_headers.{name}"), value.as_str()));
-                    }
-                }
-            }
+            out.extend(templates_of(v, &format!("messages[{i}]")));
         }
         out
     }
@@ -784,6 +758,39 @@ impl CampaignDefinition {
     }
 }
 
+/// Every Liquid template of one variant, with its path under `p` (as the dispatcher names
+/// them: `p.body`, `p.request_headers.X`, …).
+pub fn templates_of<'a>(v: &'a Variant, p: &str) -> Vec<(String, &'a str)> {
+    let mut out = Vec::new();
+    match &v.message {
+        Message::Email(e) => {
+            out.push((format!("{p}.from"), e.from.as_str()));
+            out.push((format!("{p}.subject"), e.subject.as_str()));
+            out.push((format!("{p}.body"), e.body.as_str()));
+            if let Some(t) = &e.plaintext_body {
+                out.push((format!("{p}.plaintext_body"), t.as_str()));
+            }
+            if let Some(t) = &e.preheader {
+                out.push((format!("{p}.preheader"), t.as_str()));
+            }
+            if let Some(t) = &e.reply_to {
+                out.push((format!("{p}.reply_to"), t.as_str()));
+            }
+            for (name, value) in &e.headers {
+                out.push((format!("{p}.headers.{name}"), value.as_str()));
+            }
+        }
+        Message::Webhook(w) => {
+            out.push((format!("{p}.url"), w.url.as_str()));
+            out.push((format!("{p}.body"), w.body.as_str()));
+            for (name, value) in &w.headers {
+                out.push((format!("{p}.request_headers.{name}"), value.as_str()));
+            }
+        }
+    }
+    out
+}
+
 /// A user's bucket 0..100 for a campaign: the first bytes of SHA-256(campaign, user).
 pub fn bucket(campaign_id: &str, user_key: &str) -> u32 {
     let digest = Sha256::new()
@@ -813,7 +820,7 @@ fn percent(v: &Value, path: &str) -> Result<u8, DefinitionError> {
         .ok_or_else(|| bad(path, "must be an integer from 0 to 100"))
 }
 
-fn string_field(
+pub(crate) fn string_field(
     obj: &Map<String, Value>,
     key: &str,
     path: &str,
@@ -883,7 +890,7 @@ fn extras_json(extras: &Option<String>) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn parse_variant(
+pub(crate) fn parse_variant(
     raw: &Value,
     path: &str,
     new_id: &mut impl FnMut() -> String,
@@ -999,7 +1006,7 @@ fn parse_variant(
     ))
 }
 
-fn parse_audience(raw: Option<&Value>) -> Result<Audience, DefinitionError> {
+pub(crate) fn parse_audience(raw: Option<&Value>) -> Result<Audience, DefinitionError> {
     let obj = match raw {
         None | Some(Value::Null) => {
             return Ok(Audience {
@@ -1045,7 +1052,7 @@ fn parse_audience(raw: Option<&Value>) -> Result<Audience, DefinitionError> {
     })
 }
 
-fn time_field(
+pub(crate) fn time_field(
     obj: &Map<String, Value>,
     key: &str,
     path: &str,
@@ -1079,7 +1086,7 @@ const WEEKDAYS: [&str; 7] = [
     "sunday",
 ];
 
-fn minute_of_day(raw: Option<&Value>, path: &str) -> Result<u16, DefinitionError> {
+pub(crate) fn minute_of_day(raw: Option<&Value>, path: &str) -> Result<u16, DefinitionError> {
     let text = raw
         .and_then(Value::as_str)
         .ok_or_else(|| bad(path, "is required: a time of day \"HH:MM\" (UTC)"))?;
@@ -1096,7 +1103,7 @@ fn m_len_ok(_h: u16, _m: u16, text: &str) -> bool {
     text.len() == 5
 }
 
-fn parse_delivery(raw: Option<&Value>) -> Result<(Delivery, Value), DefinitionError> {
+pub(crate) fn parse_delivery(raw: Option<&Value>) -> Result<(Delivery, Value), DefinitionError> {
     let obj = raw.and_then(Value::as_object).ok_or_else(|| {
         bad(
             "delivery",
@@ -1248,7 +1255,7 @@ fn parse_delivery(raw: Option<&Value>) -> Result<(Delivery, Value), DefinitionEr
     }
 }
 
-fn parse_trigger(raw: &Value, path: &str) -> Result<(Trigger, Value), DefinitionError> {
+pub(crate) fn parse_trigger(raw: &Value, path: &str) -> Result<(Trigger, Value), DefinitionError> {
     let obj = raw.as_object().filter(|o| o.len() == 1).ok_or_else(|| {
         bad(
             path,
@@ -1341,7 +1348,10 @@ fn parse_property_filter(raw: &Value, path: &str) -> Result<PropertyFilter, Defi
     })
 }
 
-fn parse_conversion(raw: &Value, path: &str) -> Result<ConversionEvent, DefinitionError> {
+pub(crate) fn parse_conversion(
+    raw: &Value,
+    path: &str,
+) -> Result<ConversionEvent, DefinitionError> {
     let obj = raw
         .as_object()
         .ok_or_else(|| bad(path, "must be an object"))?;
@@ -1376,7 +1386,7 @@ fn parse_conversion(raw: &Value, path: &str) -> Result<ConversionEvent, Definiti
     Ok(ConversionEvent { kind, window_secs })
 }
 
-fn conversion_json(c: &ConversionEvent) -> Value {
+pub(crate) fn conversion_json(c: &ConversionEvent) -> Value {
     let mut out = match &c.kind {
         ConversionKind::CustomEvent { name } => json!({"type": "custom_event", "name": name}),
         ConversionKind::Purchase { product_id } => {

@@ -30,6 +30,11 @@ pub enum EventType {
     CampaignConversion,
     CampaignEnrollInControl,
     CanvasConversion,
+    CanvasEntry,
+    CanvasExitMatchedAudience,
+    CanvasExitPerformedEvent,
+    CanvasExperimentSplitEntry,
+    CanvasStepProgression,
     EmailAbort,
     EmailBounce,
     EmailClick,
@@ -55,7 +60,7 @@ pub enum EventCategory {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 22] = [
+    pub const ALL: [EventType; 27] = [
         EventType::CustomEvent,
         EventType::Purchase,
         EventType::ProfileUpdate,
@@ -64,6 +69,11 @@ impl EventType {
         EventType::CampaignConversion,
         EventType::CampaignEnrollInControl,
         EventType::CanvasConversion,
+        EventType::CanvasEntry,
+        EventType::CanvasExitMatchedAudience,
+        EventType::CanvasExitPerformedEvent,
+        EventType::CanvasExperimentSplitEntry,
+        EventType::CanvasStepProgression,
         EventType::EmailAbort,
         EventType::EmailBounce,
         EventType::EmailClick,
@@ -90,6 +100,11 @@ impl EventType {
             EventType::CampaignConversion => "users.campaigns.Conversion",
             EventType::CampaignEnrollInControl => "users.campaigns.EnrollInControl",
             EventType::CanvasConversion => "users.canvas.Conversion",
+            EventType::CanvasEntry => "users.canvas.Entry",
+            EventType::CanvasExitMatchedAudience => "users.canvas.exit.MatchedAudience",
+            EventType::CanvasExitPerformedEvent => "users.canvas.exit.PerformedEvent",
+            EventType::CanvasExperimentSplitEntry => "users.canvas.experimentstep.SplitEntry",
+            EventType::CanvasStepProgression => "users.canvasstep.Progression",
             EventType::EmailAbort => "users.messages.email.Abort",
             EventType::EmailBounce => "users.messages.email.Bounce",
             EventType::EmailClick => "users.messages.email.Click",
@@ -128,6 +143,11 @@ impl EventType {
             EventType::CampaignConversion
             | EventType::CampaignEnrollInControl
             | EventType::CanvasConversion
+            | EventType::CanvasEntry
+            | EventType::CanvasExitMatchedAudience
+            | EventType::CanvasExitPerformedEvent
+            | EventType::CanvasExperimentSplitEntry
+            | EventType::CanvasStepProgression
             | EventType::EmailAbort
             | EventType::EmailBounce
             | EventType::EmailClick

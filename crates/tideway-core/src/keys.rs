@@ -47,10 +47,15 @@ pub enum Permission {
     MessagesScheduleDelete,
     SendsIdCreate,
     SendsDataSeries,
+    CanvasManage,
+    CanvasRead,
+    CanvasTriggerSend,
+    CanvasList,
+    CanvasDetails,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 29] = [
+    pub const ALL: [Permission; 34] = [
         Permission::UsersTrack,
         Permission::UsersIdentify,
         Permission::UsersAliasNew,
@@ -80,6 +85,11 @@ impl Permission {
         Permission::MessagesScheduleDelete,
         Permission::SendsIdCreate,
         Permission::SendsDataSeries,
+        Permission::CanvasManage,
+        Permission::CanvasRead,
+        Permission::CanvasTriggerSend,
+        Permission::CanvasList,
+        Permission::CanvasDetails,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -113,6 +123,11 @@ impl Permission {
             Permission::MessagesScheduleDelete => "messages.schedule.delete",
             Permission::SendsIdCreate => "sends.id.create",
             Permission::SendsDataSeries => "sends.data_series",
+            Permission::CanvasManage => "canvas.manage",
+            Permission::CanvasRead => "canvas.read",
+            Permission::CanvasTriggerSend => "canvas.trigger.send",
+            Permission::CanvasList => "canvas.list",
+            Permission::CanvasDetails => "canvas.details",
         }
     }
 }

@@ -6,6 +6,7 @@
 //! SQLite and PostgreSQL stores run the very same service code inside their transactions.
 
 pub mod campaigns;
+pub mod canvas;
 pub mod clock;
 pub mod cohorts;
 pub mod currents;

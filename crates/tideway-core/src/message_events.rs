@@ -664,6 +664,130 @@ impl CurrentsEvent {
             },
         )
     }
+
+    /// `users.canvas.Entry`: the user entered the Canvas (`source.origin` is the Canvas, its
+    /// step the first step; `in_control_group` when the user was put in the control group).
+    pub fn canvas_entry(
+        id: EventId,
+        at: Millis,
+        user: &EventUser<'_>,
+        source: &MessageSource<'_>,
+        in_control_group: bool,
+    ) -> Self {
+        Self::build(
+            id,
+            EventType::CanvasEntry,
+            at,
+            capacity(source, 0),
+            |o| user_keys(o, user, true, true, true),
+            |o| {
+                o.str("app_group_id", source.app_group_id);
+                canvas_only(o, &source.origin);
+                o.bool("in_control_group", in_control_group);
+            },
+        )
+    }
+
+    /// `users.canvasstep.Progression`: the user moved on from the step of `source.origin`
+    /// (`progression_type` `"advance"` to `next_step_id`, or `"exit"` with `exit_reason`);
+    /// `is_canvas_entry` on the progression into the first step.
+    pub fn canvas_progression(
+        id: EventId,
+        at: Millis,
+        user: &EventUser<'_>,
+        source: &MessageSource<'_>,
+        progression: &Progression<'_>,
+    ) -> Self {
+        Self::build(
+            id,
+            EventType::CanvasStepProgression,
+            at,
+            capacity(source, progression.canvas_entry_id.len() + 96),
+            |o| user_keys(o, user, true, true, false),
+            |o| {
+                o.str("app_group_id", source.app_group_id);
+                o.str("canvas_entry_id", progression.canvas_entry_id);
+                self::origin(o, &source.origin);
+                o.opt_str("exit_reason", progression.exit_reason);
+                if progression.is_canvas_entry {
+                    o.bool("is_canvas_entry", true);
+                }
+                o.opt_str("next_step_id", progression.next_step_id);
+                o.str("progression_type", progression.progression_type);
+            },
+        )
+    }
+
+    /// `users.canvas.exit.PerformedEvent` (an exception event) or
+    /// `users.canvas.exit.MatchedAudience` (the exit filter), at the step of `source.origin`.
+    pub fn canvas_exit(
+        id: EventId,
+        at: Millis,
+        user: &EventUser<'_>,
+        source: &MessageSource<'_>,
+        matched_audience: bool,
+    ) -> Self {
+        let event_type = if matched_audience {
+            EventType::CanvasExitMatchedAudience
+        } else {
+            EventType::CanvasExitPerformedEvent
+        };
+        Self::build(
+            id,
+            event_type,
+            at,
+            capacity(source, 0),
+            |o| user_keys(o, user, true, false, false),
+            |o| {
+                o.str("app_group_id", source.app_group_id);
+                canvas_only(o, &source.origin);
+            },
+        )
+    }
+
+    /// `users.canvas.experimentstep.SplitEntry`: the user was assigned a path of the
+    /// Experiment Paths step of `source.origin`.
+    pub fn canvas_split_entry(
+        id: EventId,
+        at: Millis,
+        user: &EventUser<'_>,
+        source: &MessageSource<'_>,
+        split_id: &str,
+        split_name: &str,
+        in_control_group: bool,
+    ) -> Self {
+        let step = match source.origin {
+            Origin::Canvas { canvas_step_id, .. } => canvas_step_id,
+            _ => None,
+        };
+        Self::build(
+            id,
+            EventType::CanvasExperimentSplitEntry,
+            at,
+            capacity(source, split_id.len() + split_name.len()),
+            |o| user_keys(o, user, true, false, false),
+            |o| {
+                self::origin(o, &source.origin);
+                o.str("experiment_split_id", split_id);
+                o.str("experiment_split_name", split_name);
+                o.opt_str("experiment_step_id", step);
+                o.bool("in_control_group", in_control_group);
+            },
+        )
+    }
+}
+
+/// What a `users.canvasstep.Progression` says besides its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progression<'a> {
+    /// The journey: one per entry of the user into the Canvas.
+    pub canvas_entry_id: &'a str,
+    /// `"advance"` or `"exit"`.
+    pub progression_type: &'a str,
+    pub next_step_id: Option<&'a str>,
+    /// One of `exception_event`, `matched_audience`, `past_delay`, `end_of_path`, `stopped`.
+    pub exit_reason: Option<&'a str>,
+    pub is_canvas_entry: bool,
 }
 
 /// `app_group_id`, `app_id`: adjacent in every type that lists `app_id`.
@@ -1619,6 +1743,7 @@ mod tests {
             } else if name.starts_with("users.messages.")
                 || name.starts_with("users.campaigns.")
                 || name.starts_with("users.canvas.")
+                || name.starts_with("users.canvasstep.")
             {
                 crate::currents::EventCategory::MessageEngagement
             } else {

@@ -938,14 +938,32 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
         } else {
             p.dispatch.id.clone()
         };
-        let origin = match campaign {
-            Some(c) => Origin::Campaign {
+        // A Canvas message step's dispatch carries the step's Canvas ids in its definition
+        // (`crate::canvas::step_dispatch`).
+        let canvas = match &p.dispatch.source {
+            DispatchSource::AdHoc { definition } => {
+                definition.get("canvas").and_then(Value::as_object)
+            }
+            DispatchSource::Campaign { .. } => None,
+        };
+        let field = |k: &str| canvas.and_then(|c| c.get(k)).and_then(Value::as_str);
+        let origin = match (campaign, canvas) {
+            (Some(c), _) => Origin::Campaign {
                 campaign_id: &c.id,
                 campaign_name: Some(&c.name),
                 message_variation_id: Some(&variant.id),
                 message_variation_name: Some(&variant.name),
             },
-            None => Origin::AdHoc,
+            (None, Some(_)) => Origin::Canvas {
+                canvas_id: field("id").unwrap_or_default(),
+                canvas_name: field("name"),
+                canvas_variation_id: field("variation_id"),
+                canvas_variation_name: field("variation_name"),
+                canvas_step_id: field("step_id"),
+                canvas_step_name: field("step_name"),
+                canvas_step_message_variation_id: None,
+            },
+            (None, None) => Origin::AdHoc,
         };
         let source = MessageSource {
             app_group_id: &p.workspace.app_group_id,
@@ -960,7 +978,7 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             device_id: None,
             time_zone: p.user.time_zone(),
         };
-        let vars = vars_for(
+        let mut vars = vars_for(
             &p.user,
             CampaignVars {
                 campaign_id: campaign.map(|c| c.id.as_str()),
@@ -977,6 +995,9 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             ),
             self.links(&p.compiled, p.claim.workspace, p.claim.id),
         );
+        if canvas.is_some() {
+            crate::canvas::canvas_vars(&mut vars, canvas, p.claim.job.properties.as_deref());
+        }
         let path = format!("messages[{}]", p.variant);
         let now = self.clock.now();
         let ctx = Ctx {

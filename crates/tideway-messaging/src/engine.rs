@@ -1,4 +1,5 @@
-//! The messaging engine of one process: the dispatcher, the trigger engine and the scheduler,
+//! The messaging engine of one process: the dispatcher, the trigger engine, the scheduler and
+//! the Canvas engine,
 //! started together over one store and stopped together when the [`Engine`] is dropped.
 
 use std::sync::Arc;
@@ -7,9 +8,10 @@ use std::time::Duration;
 use tideway_currents::Clock;
 
 use crate::audience::Audiences;
+use crate::canvas::{CanvasConfig, CanvasEngine, CanvasEngineStore};
 use crate::dispatcher::{Channels, DispatchConfig, Dispatcher, Tracking};
 use crate::scheduler::Scheduler;
-use crate::triggers::{TriggerConfig, TriggerEngine, TriggerStore};
+use crate::triggers::{TriggerConfig, TriggerEngine};
 
 /// How the engine runs.
 #[derive(Debug, Clone, Default)]
@@ -18,15 +20,18 @@ pub struct EngineConfig {
     pub triggers: TriggerConfig,
     /// How often the scheduler looks for due occurrences and pending expansions.
     pub schedule_poll: Option<Duration>,
+    /// The Canvas engine (its lease owner is the dispatcher's).
+    pub canvas: CanvasConfig,
 }
 
 /// The running engine; its tasks stop when it is dropped.
 pub struct Engine<S: ?Sized> {
     dispatcher: Arc<Dispatcher<S>>,
+    canvas: Arc<CanvasEngine<S>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl<S: TriggerStore + ?Sized + 'static> Engine<S> {
+impl<S: CanvasEngineStore + ?Sized + 'static> Engine<S> {
     pub fn start(
         store: Arc<S>,
         audiences: Arc<dyn Audiences>,
@@ -35,6 +40,8 @@ impl<S: TriggerStore + ?Sized + 'static> Engine<S> {
         clock: Clock,
         config: EngineConfig,
     ) -> Engine<S> {
+        let mut canvas_config = config.canvas;
+        canvas_config.owner = config.dispatch.owner.clone();
         let dispatcher = Dispatcher::new(
             Arc::clone(&store),
             Arc::clone(&audiences),
@@ -42,6 +49,13 @@ impl<S: TriggerStore + ?Sized + 'static> Engine<S> {
             tracking,
             clock,
             config.dispatch,
+        );
+        let canvas = CanvasEngine::new(
+            Arc::clone(&store),
+            Arc::clone(&audiences),
+            Arc::clone(&dispatcher),
+            clock,
+            canvas_config,
         );
         let triggers = TriggerEngine::new(
             Arc::clone(&store),
@@ -61,8 +75,19 @@ impl<S: TriggerStore + ?Sized + 'static> Engine<S> {
             tokio::spawn(Arc::clone(&dispatcher).run()),
             tokio::spawn(triggers.run()),
             tokio::spawn(scheduler.run()),
+            tokio::spawn(Arc::clone(&canvas).run_scan()),
+            tokio::spawn(Arc::clone(&canvas).run_timers()),
         ];
-        Engine { dispatcher, tasks }
+        Engine {
+            dispatcher,
+            canvas,
+            tasks,
+        }
+    }
+
+    /// The Canvas engine (API-triggered entries).
+    pub fn canvas(&self) -> &Arc<CanvasEngine<S>> {
+        &self.canvas
     }
 
     /// Wakes the dispatcher (something was queued for now).

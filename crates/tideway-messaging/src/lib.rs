@@ -16,10 +16,13 @@
 //! - [`scheduler`]: scheduled campaigns (in UTC or each user's [`local_time`]) and audience
 //!   expansion in chunks;
 //! - [`dispatcher`]: claim → render ([`personalise`]) → send → settle;
+//! - [`canvas`]: Canvas entries, journeys' timers and steps (their messages go through the
+//!   dispatcher's queue);
 //! - [`sends`] and [`plan`]: what the API's sends and the loops enqueue; [`audience`]: who is
 //!   in a campaign's audience (answered by the server's segment indexes).
 
 pub mod audience;
+pub mod canvas;
 pub mod dispatcher;
 pub mod email;
 pub mod engine;

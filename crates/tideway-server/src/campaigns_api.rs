@@ -96,7 +96,7 @@ fn campaign_json(c: &CampaignRecord, stats: Option<Stats>) -> Value {
     json!({"message": "success", "campaign": m})
 }
 
-fn definition_error(e: DefinitionError) -> ApiError {
+pub(crate) fn definition_error(e: DefinitionError) -> ApiError {
     ApiError::bad_request_with(
         e.to_string(),
         "errors",
@@ -104,14 +104,14 @@ fn definition_error(e: DefinitionError) -> ApiError {
     )
 }
 
-fn place_error(path: impl Into<String>, message: impl Into<String>) -> ApiError {
+pub(crate) fn place_error(path: impl Into<String>, message: impl Into<String>) -> ApiError {
     definition_error(DefinitionError {
         path: path.into(),
         message: message.into(),
     })
 }
 
-fn name_field(body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+pub(crate) fn name_field(body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
     match body.get("name") {
         None => Ok(None),
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
@@ -119,7 +119,7 @@ fn name_field(body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
     }
 }
 
-fn description_field(body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+pub(crate) fn description_field(body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
     match body.get("description") {
         None => Ok(None),
         Some(Value::Null) => Ok(Some(String::new())),
@@ -128,7 +128,7 @@ fn description_field(body: &Map<String, Value>) -> Result<Option<String>, ApiErr
     }
 }
 
-fn tags_field(body: &Map<String, Value>) -> Result<Option<Vec<String>>, ApiError> {
+pub(crate) fn tags_field(body: &Map<String, Value>) -> Result<Option<Vec<String>>, ApiError> {
     match body.get("tags") {
         None => Ok(None),
         Some(Value::Null) => Ok(Some(Vec::new())),
@@ -204,7 +204,7 @@ pub(crate) async fn checked_definition(
 
 /// The key a request presents (Bearer header or `api_key` query parameter), read before any
 /// await: a `Request` is not `Sync`, so a borrow of it cannot be held across one.
-fn presented_key(req: &Request) -> Option<String> {
+pub(crate) fn presented_key(req: &Request) -> Option<String> {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)

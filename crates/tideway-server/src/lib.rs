@@ -23,6 +23,7 @@ use tideway_core::store::Store;
 
 mod audiences;
 mod campaigns_api;
+mod canvases_api;
 mod cohorts_api;
 mod connected_audience;
 mod currents_api;
@@ -180,6 +181,15 @@ impl AppState {
     pub(crate) fn partner_limiter(&self) -> &partners::PartnerLimiter {
         &self.inner.partner_limiter
     }
+}
+
+/// Audiences answered by a fresh segment service of its own over `store` (no snapshots): for
+/// a messaging engine started beside a server's, e.g. a second node in a test.
+pub fn standalone_audiences(
+    store: Arc<dyn Store>,
+) -> Arc<dyn tideway_messaging::audience::Audiences> {
+    let segments = segment_service::SegmentService::with_snapshots(Arc::clone(&store), None);
+    Arc::new(audiences::SegmentAudiences::new(store, segments))
 }
 
 /// The whole HTTP application, state applied. Serve it with [`serve`] (which adds the
@@ -342,6 +352,20 @@ pub fn app_with_messaging(
             "/api/v1/messaging/settings",
             get(campaigns_api::settings).put(campaigns_api::save_settings),
         )
+        .route(
+            "/api/v1/canvases",
+            get(canvases_api::list).post(canvases_api::create),
+        )
+        .route(
+            "/api/v1/canvases/{id}",
+            get(canvases_api::get_one)
+                .put(canvases_api::update)
+                .delete(canvases_api::delete),
+        )
+        .route("/api/v1/canvases/{id}/{action}", post(canvases_api::action))
+        .route("/canvas/trigger/send", post(canvases_api::trigger_send))
+        .route("/canvas/list", get(canvases_api::braze_list))
+        .route("/canvas/details", get(canvases_api::braze_details))
         .route("/campaigns/trigger/send", post(messaging_api::trigger_send))
         .route("/messages/send", post(messaging_api::messages_send))
         .route(

@@ -16,8 +16,10 @@
 //! - [`MessagingStore`] (`messaging.rs`): campaigns, dispatches, the send queue, receipts and
 //!   the trigger cursor;
 //! - [`DashboardStore`] (`dashboard.rs`): dashboard users, their sessions and failed sign-ins.
+//! - [`CanvasStore`] (`canvas.rs`): Canvases and their versions, journeys (each user's place
+//!   in a Canvas, which is its timer), their inboxes, entry receipts and per-step counts.
 //!
-//! [`Store`] is all seven, implemented for any type that implements them; the HTTP edge and the
+//! [`Store`] is all eight, implemented for any type that implements them; the HTTP edge and the
 //! CLI hold an `Arc<dyn Store>` and call the services through
 //! [`crate::services::Services`].
 //!
@@ -35,6 +37,7 @@ use crate::clock::Millis;
 use crate::ids::WorkspaceId;
 
 mod admin;
+mod canvas;
 mod cohorts;
 mod dashboard;
 mod messaging;
@@ -42,6 +45,10 @@ mod segments;
 mod users;
 
 pub use admin::{AdminStore, HeapWebhook, ImportKeyInfo, ImportKeyOwner, NewApiKey};
+pub use canvas::{
+    CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney, InboxItem,
+    JourneySettlement, NewEntry, ScanOutcome, StepCounts, StepStat,
+};
 pub use cohorts::{
     CohortMember, CohortStore, CohortSummary, RecentCohortChanges, SegmentSyncOutcome,
     SegmentSyncPage, UserCohort,
@@ -92,7 +99,7 @@ pub struct Workspace {
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// A whole backend: every bounded context's contract. Implemented for every type that
-/// implements the seven, so a backend never names it.
+/// implements the eight, so a backend never names it.
 pub trait Store:
     AdminStore
     + UserStore
@@ -101,6 +108,7 @@ pub trait Store:
     + CurrentsStore
     + MessagingStore
     + DashboardStore
+    + CanvasStore
 {
 }
 
@@ -112,6 +120,7 @@ impl<T> Store for T where
         + CurrentsStore
         + MessagingStore
         + DashboardStore
+        + CanvasStore
 {
 }
 
@@ -119,7 +128,8 @@ impl<T> Store for T where
 /// tests, benchmarks): `use tideway_core::store::prelude::*;`.
 pub mod prelude {
     pub use super::{
-        AdminStore, CohortStore, DashboardStore, MessagingStore, SegmentStore, Store, UserStore,
+        AdminStore, CanvasStore, CohortStore, DashboardStore, MessagingStore, SegmentStore, Store,
+        UserStore,
     };
     pub use crate::currents_store::CurrentsStore;
     pub use crate::services::Services;

@@ -14,7 +14,7 @@ use tideway_core::clock::Millis;
 use tideway_core::currents::{CurrentsEvent, EventType, EventUser};
 use tideway_core::ids::{BrazeId, DeviceId, EventId, ExternalId};
 use tideway_core::message_events::{
-    EmailDeliveryInfo, MessageSource, Origin, UserAgentInfo, WebhookFailure,
+    EmailDeliveryInfo, MessageSource, Origin, Progression, UserAgentInfo, WebhookFailure,
 };
 use tideway_currents::catalogue::{self, Field};
 
@@ -206,6 +206,31 @@ fn messaging_events(
         }
         Origin::Canvas { .. } => {
             out.push(CurrentsEvent::canvas_conversion(id(), at, u, s, 1, "{}"));
+            out.push(CurrentsEvent::canvas_entry(id(), at, u, s, full));
+            for (progression_type, next, reason) in [
+                ("advance", opt("step-2"), None),
+                ("exit", None, opt("end_of_path")),
+            ] {
+                let p = Progression {
+                    canvas_entry_id: "entry",
+                    progression_type,
+                    next_step_id: next,
+                    exit_reason: reason,
+                    is_canvas_entry: full,
+                };
+                out.push(CurrentsEvent::canvas_progression(id(), at, u, s, &p));
+            }
+            out.push(CurrentsEvent::canvas_exit(id(), at, u, s, true));
+            out.push(CurrentsEvent::canvas_exit(id(), at, u, s, false));
+            out.push(CurrentsEvent::canvas_split_entry(
+                id(),
+                at,
+                u,
+                s,
+                "split",
+                "Path A",
+                full,
+            ));
         }
         Origin::AdHoc => {}
     }
@@ -250,6 +275,11 @@ const NEVER_WRITTEN: &[(&str, &[&str])] = &[
     ("users.campaigns.EnrollInControl", &[]),
     ("users.campaigns.Conversion", &[]),
     ("users.canvas.Conversion", &[]),
+    ("users.canvas.Entry", &[]),
+    ("users.canvas.exit.MatchedAudience", &[]),
+    ("users.canvas.exit.PerformedEvent", &[]),
+    ("users.canvas.experimentstep.SplitEntry", &[]),
+    ("users.canvasstep.Progression", &[]),
 ];
 
 #[test]

@@ -8,6 +8,7 @@ mod harness;
 
 mod auth;
 mod batch;
+mod canvas;
 mod cohorts;
 mod currents_egress;
 mod dashboard;

@@ -36,20 +36,20 @@ const DEADLINE: Duration = Duration::from_secs(20);
 
 /// One request the receiver got.
 #[derive(Debug, Clone)]
-struct Hit {
-    headers: HeaderMap,
-    body: String,
+pub(crate) struct Hit {
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: String,
 }
 
 /// A local webhook receiver: answers the queued statuses in order, then 200.
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     hits: Arc<Mutex<Vec<Hit>>>,
     statuses: Arc<Mutex<VecDeque<u16>>>,
 }
 
 impl Receiver {
-    async fn start() -> (Receiver, String) {
+    pub(crate) async fn start() -> (Receiver, String) {
         let receiver = Receiver::default();
         let app = axum::Router::new()
             .route("/hook", any(hook))
@@ -62,7 +62,7 @@ impl Receiver {
         (receiver, format!("http://{addr}/hook"))
     }
 
-    fn hits(&self) -> Vec<Hit> {
+    pub(crate) fn hits(&self) -> Vec<Hit> {
         self.hits.lock().unwrap().clone()
     }
 
@@ -77,16 +77,16 @@ async fn hook(State(r): State<Receiver>, headers: HeaderMap, body: String) -> St
     StatusCode::from_u16(status).unwrap()
 }
 
-struct Setup {
-    s: Server,
-    ws: Workspace,
-    key: String,
-    hooks: Receiver,
-    hook_url: String,
-    smtp: SmtpSink,
+pub(crate) struct Setup {
+    pub(crate) s: Server,
+    pub(crate) ws: Workspace,
+    pub(crate) key: String,
+    pub(crate) hooks: Receiver,
+    pub(crate) hook_url: String,
+    pub(crate) smtp: SmtpSink,
 }
 
-async fn setup() -> Setup {
+pub(crate) async fn setup() -> Setup {
     let smtp = SmtpSink::start("127.0.0.1:0".parse().unwrap())
         .await
         .expect("start the SMTP sink");
@@ -122,7 +122,7 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
-    async fn track(&self, attributes: Value) {
+    pub(crate) async fn track(&self, attributes: Value) {
         let a = self
             .s
             .post(
@@ -184,7 +184,7 @@ impl Setup {
     }
 
     /// Waits until at least `n` events named `name` are logged.
-    async fn wait_events(&self, name: &str, n: usize) -> Vec<Value> {
+    pub(crate) async fn wait_events(&self, name: &str, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let events = self.events(name).await;
@@ -200,7 +200,7 @@ impl Setup {
         }
     }
 
-    async fn wait_hits(&self, n: usize) -> Vec<Hit> {
+    pub(crate) async fn wait_hits(&self, n: usize) -> Vec<Hit> {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let hits = self.hooks.hits();

@@ -386,7 +386,10 @@ async fn campaign_stats(
 
 // ---- enqueue --------------------------------------------------------------------------------
 
-async fn insert_dispatch<C: GenericClient>(c: &C, d: &DispatchRecord) -> Result<(), StoreError> {
+pub(super) async fn insert_dispatch<C: GenericClient>(
+    c: &C,
+    d: &DispatchRecord,
+) -> Result<(), StoreError> {
     let (source, campaign_id, definition) = source_columns(&d.source);
     execute(
         c,

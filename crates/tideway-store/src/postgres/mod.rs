@@ -15,6 +15,7 @@
 //! `libsqlite3-sys` than rusqlite.
 
 mod admin;
+mod canvas;
 mod currents;
 mod dashboard;
 mod messaging;

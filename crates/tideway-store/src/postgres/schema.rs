@@ -577,6 +577,90 @@ CREATE TABLE dashboard_sign_in_failures (
 CREATE INDEX dashboard_sign_in_failures_key ON dashboard_sign_in_failures (key, at);
 ALTER TABLE import_keys ADD COLUMN last_used_at bigint;
 "#,
+    // 6: Canvas (`postgres/canvas.rs`): Canvases and their versions; journeys (each user's place
+    // in a Canvas and its timer, claimed by `wake_at` with `FOR UPDATE SKIP LOCKED`); journey
+    // inboxes; entry receipts; per-step counts; each workspace's Canvas cursor.
+    r#"
+CREATE TABLE canvases (
+    workspace_id  bigint NOT NULL REFERENCES workspaces (id),
+    id            text NOT NULL,
+    name          text NOT NULL,
+    description   text NOT NULL,
+    tags          text NOT NULL,
+    status        text NOT NULL,
+    version       integer NOT NULL,
+    definition    text NOT NULL,
+    created_at    bigint NOT NULL,
+    updated_at    bigint NOT NULL,
+    launched_at   bigint,
+    next_run      bigint,
+    first_entry   bigint,
+    last_entry    bigint,
+    entries       bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (workspace_id, id)
+);
+CREATE INDEX canvases_created ON canvases (workspace_id, created_at, id);
+CREATE TABLE canvas_versions (
+    workspace_id  bigint NOT NULL,
+    canvas_id     text NOT NULL,
+    version       integer NOT NULL,
+    definition    text NOT NULL,
+    PRIMARY KEY (workspace_id, canvas_id, version)
+);
+CREATE TABLE canvas_journeys (
+    workspace_id      bigint NOT NULL,
+    canvas_id         text NOT NULL,
+    user_seq          bigint NOT NULL,
+    entry_id          text NOT NULL,
+    version           integer NOT NULL,
+    variant_id        text NOT NULL,
+    step_id           text NOT NULL,
+    entered_at        bigint NOT NULL,
+    step_at           bigint NOT NULL,
+    due_at            bigint NOT NULL,
+    wake_at           bigint NOT NULL,
+    converted         smallint NOT NULL,
+    entry_properties  text,
+    event_properties  text,
+    lease_owner       text,
+    lease_until       bigint,
+    PRIMARY KEY (workspace_id, canvas_id, user_seq)
+);
+CREATE INDEX canvas_journeys_wake ON canvas_journeys (wake_at);
+CREATE INDEX canvas_journeys_step ON canvas_journeys (workspace_id, canvas_id, step_id);
+CREATE TABLE canvas_inbox (
+    workspace_id  bigint NOT NULL,
+    id            bigserial,
+    canvas_id     text NOT NULL,
+    user_seq      bigint NOT NULL,
+    at            bigint NOT NULL,
+    kind          text NOT NULL,
+    name          text NOT NULL,
+    properties    text NOT NULL,
+    PRIMARY KEY (workspace_id, id)
+);
+CREATE INDEX canvas_inbox_journey ON canvas_inbox (workspace_id, canvas_id, user_seq, id);
+CREATE TABLE canvas_receipts (
+    workspace_id  bigint NOT NULL,
+    canvas_id     text NOT NULL,
+    user_seq      bigint NOT NULL,
+    entered_at    bigint NOT NULL,
+    PRIMARY KEY (workspace_id, canvas_id, user_seq)
+);
+CREATE TABLE canvas_step_stats (
+    workspace_id  bigint NOT NULL,
+    canvas_id     text NOT NULL,
+    step_id       text NOT NULL,
+    stat          text NOT NULL,
+    count         bigint NOT NULL,
+    PRIMARY KEY (workspace_id, canvas_id, step_id, stat)
+);
+CREATE TABLE canvas_cursors (
+    workspace_id           bigint PRIMARY KEY,
+    cursor_events          bigint NOT NULL,
+    cursor_cohort_changes  bigint NOT NULL
+);
+"#,
 ];
 
 /// The schema version this code writes: the number of migrations.

@@ -489,7 +489,7 @@ fn campaign_stats(
 
 // ---- enqueue --------------------------------------------------------------------------------
 
-fn insert_dispatch(conn: &Connection, d: &DispatchRecord) -> Result<(), StoreError> {
+pub(crate) fn insert_dispatch(conn: &Connection, d: &DispatchRecord) -> Result<(), StoreError> {
     let (source, campaign_id, definition) = source_columns(&d.source);
     let sql = format!(
         "INSERT INTO dispatches ({DISPATCH_COLUMNS})
@@ -629,7 +629,7 @@ fn take_receipt(
     Ok(changed > 0)
 }
 
-fn insert_send(
+pub(crate) fn insert_send(
     conn: &Connection,
     workspace: WorkspaceId,
     user: UserSeq,

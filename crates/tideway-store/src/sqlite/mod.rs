@@ -20,6 +20,7 @@
 
 mod admin;
 mod behind;
+pub(crate) mod canvas;
 mod cohorts;
 pub mod currents;
 mod dashboard;

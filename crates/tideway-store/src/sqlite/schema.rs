@@ -534,6 +534,89 @@ CREATE TABLE dashboard_sign_in_failures (
 CREATE INDEX dashboard_sign_in_failures_key ON dashboard_sign_in_failures(key, at);
 ALTER TABLE import_keys ADD COLUMN last_used_at INTEGER;
 "#,
+    // 14: Canvas (`sqlite/canvas.rs`): Canvases and their versions; journeys (each user's place in
+    // a Canvas and its timer, claimed with a lease by `wake_at`); journey inboxes; entry
+    // receipts; per-step counts; each workspace's Canvas cursor.
+    r#"
+CREATE TABLE canvases (
+    workspace_id  INTEGER NOT NULL,
+    id            TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    description   TEXT NOT NULL,
+    tags          TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    definition    TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    launched_at   INTEGER,
+    next_run      INTEGER,
+    first_entry   INTEGER,
+    last_entry    INTEGER,
+    entries       INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (workspace_id, id)
+) WITHOUT ROWID;
+CREATE INDEX canvases_created ON canvases(workspace_id, created_at, id);
+CREATE TABLE canvas_versions (
+    workspace_id  INTEGER NOT NULL,
+    canvas_id     TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    definition    TEXT NOT NULL,
+    PRIMARY KEY (workspace_id, canvas_id, version)
+) WITHOUT ROWID;
+CREATE TABLE canvas_journeys (
+    workspace_id      INTEGER NOT NULL,
+    canvas_id         TEXT NOT NULL,
+    user_seq          INTEGER NOT NULL,
+    entry_id          TEXT NOT NULL,
+    version           INTEGER NOT NULL,
+    variant_id        TEXT NOT NULL,
+    step_id           TEXT NOT NULL,
+    entered_at        INTEGER NOT NULL,
+    step_at           INTEGER NOT NULL,
+    due_at            INTEGER NOT NULL,
+    wake_at           INTEGER NOT NULL,
+    converted         INTEGER NOT NULL,
+    entry_properties  TEXT,
+    event_properties  TEXT,
+    lease_owner       TEXT,
+    lease_until       INTEGER,
+    PRIMARY KEY (workspace_id, canvas_id, user_seq)
+) WITHOUT ROWID;
+CREATE INDEX canvas_journeys_wake ON canvas_journeys(wake_at);
+CREATE INDEX canvas_journeys_step ON canvas_journeys(workspace_id, canvas_id, step_id);
+CREATE TABLE canvas_inbox (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    workspace_id  INTEGER NOT NULL,
+    canvas_id     TEXT NOT NULL,
+    user_seq      INTEGER NOT NULL,
+    at            INTEGER NOT NULL,
+    kind          TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    properties    TEXT NOT NULL
+);
+CREATE INDEX canvas_inbox_journey ON canvas_inbox(workspace_id, canvas_id, user_seq, id);
+CREATE TABLE canvas_receipts (
+    workspace_id  INTEGER NOT NULL,
+    canvas_id     TEXT NOT NULL,
+    user_seq      INTEGER NOT NULL,
+    entered_at    INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, canvas_id, user_seq)
+) WITHOUT ROWID;
+CREATE TABLE canvas_step_stats (
+    workspace_id  INTEGER NOT NULL,
+    canvas_id     TEXT NOT NULL,
+    step_id       TEXT NOT NULL,
+    stat          TEXT NOT NULL,
+    count         INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, canvas_id, step_id, stat)
+) WITHOUT ROWID;
+CREATE TABLE canvas_cursors (
+    workspace_id           INTEGER PRIMARY KEY,
+    cursor_events          INTEGER NOT NULL,
+    cursor_cohort_changes  INTEGER NOT NULL
+);
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.

@@ -483,7 +483,7 @@ pub async fn run(args: CurrentsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rss_of(pid: u32) -> f64 {
+pub(super) fn rss_of(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

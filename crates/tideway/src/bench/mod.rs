@@ -5,6 +5,7 @@
 // Benchmarks drive Tideway and receivers they start on loopback: plain clients are right here.
 #![allow(clippy::disallowed_methods)]
 
+mod canvas;
 mod cohorts;
 mod currents;
 mod ingest;
@@ -33,6 +34,10 @@ pub enum BenchCommand {
     /// Campaign sends through the webhook channel: a 1 M-user broadcast beside the receiver's
     /// own maximum, and cohort entry → webhook → its `webhook.Send` at a Current's receiver
     Send(send::SendArgs),
+    /// Canvas timers: users waiting in a Delay (bytes per waiting user), timers due at once
+    /// (time to settle them all, beside the webhook receiver's own maximum), and lateness p99
+    /// of timers spread over time
+    Canvas(canvas::CanvasArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -42,5 +47,6 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Currents(args) => currents::run(args).await,
         BenchCommand::Segments(args) => segments::run(args).await,
         BenchCommand::Send(args) => send::run(args).await,
+        BenchCommand::Canvas(args) => canvas::run(args).await,
     }
 }

@@ -110,7 +110,7 @@ async fn currents(State(a): State<Arrivals>, body: Bytes) -> &'static str {
     "{}"
 }
 
-async fn serve(router: axum::Router) -> anyhow::Result<SocketAddr> {
+pub(super) async fn serve(router: axum::Router) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -120,7 +120,7 @@ async fn serve(router: axum::Router) -> anyhow::Result<SocketAddr> {
 }
 
 /// The receiver's own maximum: requests/s of `clients` concurrent clients for `seconds`.
-async fn receiver_max(url: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
+pub(super) async fn receiver_max(url: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -152,7 +152,11 @@ async fn receiver_max(url: &str, clients: usize, seconds: u64) -> anyhow::Result
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn seed(store: &Arc<dyn Store>, ws: &Workspace, users: usize) -> anyhow::Result<()> {
+pub(super) async fn seed(
+    store: &Arc<dyn Store>,
+    ws: &Workspace,
+    users: usize,
+) -> anyhow::Result<()> {
     let progress = indicatif::ProgressBar::new(users as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("seeding users {bar:40} {pos}/{len} ({eta})")
@@ -238,7 +242,7 @@ impl Api {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(super) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }

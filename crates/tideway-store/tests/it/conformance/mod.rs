@@ -32,6 +32,7 @@ use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 use super::pg::TestDb;
 
 mod admin;
+mod canvas;
 mod cohorts;
 mod currents;
 mod dashboard;
@@ -248,5 +249,10 @@ conformance! {
         trigger_reads_follow_the_logs,
         concurrent_claims_never_claim_a_send_twice,
         segment_trackers_move_by_compare_and_set,
+    ],
+    canvas: [
+        canvases_are_created_versioned_listed_and_deleted,
+        entries_follow_reentry_limits_and_journeys_under_way,
+        journeys_are_claimed_as_timers_and_settled_under_their_lease,
     ],
 }

@@ -1,0 +1,974 @@
+//! The Canvas engine: entries, journeys' timers and their steps, exits and conversions.
+//!
+//! Two loops over the store ([`CanvasStore`]), started with the rest of the messaging engine:
+//!
+//! - **the scan** follows each workspace's event log and cohort-change log from the Canvas
+//!   cursor (the same log reading as the trigger engine, with a cursor of its own so that
+//!   campaigns and Canvases never hold each other up). Partner cohort entries, custom events
+//!   and purchases that match an active action-based Canvas's entry triggers become entries
+//!   (the entry audience is checked then); custom events and purchases that a Canvas listens
+//!   to (exception events, Action Paths, conversions) go to the inbox of the user's journey,
+//!   which wakes it. Entries, inbox items and the cursor's move are one transaction (a
+//!   compare-and-set on the cursor), so each stretch of log is acted on once. A scheduled
+//!   Canvas's due occurrence (its `next_run`, set at launch) enters its whole entry audience
+//!   in the same kind of transaction, moving `next_run` on by compare-and-set (one
+//!   occurrence per scan; the audience in one transaction).
+//! - **the timer worker** claims due journeys (leased, oldest first: late timers after a
+//!   restart fire at once, in order), loads the version each journey entered with, answers
+//!   the definition's filters for the batch (one audience question per filter), runs
+//!   [`tideway_core::canvas::advance`], and settles each journey with its Currents events,
+//!   its Message steps' sends (into the send queue, under a dispatch per step and version)
+//!   and its per-step counts, in one transaction fenced by the lease.
+//!
+//! API-triggered entries (`/canvas/trigger/send`) go through [`CanvasEngine::enter`]. A User
+//! Update step applies its attributes through the `/users/track` service before the
+//! journey's settlement (a crash between the two applies the update again: setting is
+//! idempotent, an increment may count twice).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use tideway_core::campaigns::{CampaignStatus, Delivery, Occurrence};
+use tideway_core::canvas::{
+    self, CanvasDefinition, ExitReason, Facts, Happening, HappeningKind, StepEvent, StepKind,
+};
+use tideway_core::clock::Millis;
+use tideway_core::currents::{CurrentsEvent, EventType, EventUser};
+use tideway_core::ids::{EventId, UserSeq, WorkspaceId};
+use tideway_core::message_events::{MessageSource, Origin, Progression};
+use tideway_core::profile::UserRecord;
+use tideway_core::services::Services;
+use tideway_core::store::{
+    CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney, DispatchRecord,
+    DispatchSource, InboxItem, JourneySettlement, NewEntry, ScanOutcome, SendJob, StoreError,
+    TriggerCursor, UserStore, Workspace,
+};
+use tideway_core::track::parse_track;
+use tideway_currents::Clock;
+use tideway_segment::Filter;
+use tracing::{debug, warn};
+
+use crate::audience::{Audiences, audience_filter};
+use crate::dispatcher::Dispatcher;
+use crate::liquid::Vars;
+use crate::triggers::{READ_LIMIT, TriggerStore};
+
+/// The store the Canvas engine needs.
+pub trait CanvasEngineStore: TriggerStore + CanvasStore + UserStore {}
+impl<T: TriggerStore + CanvasStore + UserStore + ?Sized> CanvasEngineStore for T {}
+
+/// How the Canvas engine runs.
+#[derive(Debug, Clone)]
+pub struct CanvasConfig {
+    /// The lease owner (the dispatcher's: unique per node, stable across restarts).
+    pub owner: String,
+    pub lease_ms: u64,
+    /// Most journeys claimed at once.
+    pub claim_batch: usize,
+    /// How often the scan reads the logs, and the longest the timer worker sleeps.
+    pub poll: Duration,
+}
+
+impl Default for CanvasConfig {
+    fn default() -> Self {
+        CanvasConfig {
+            owner: format!("node-{}", uuid::Uuid::new_v4().simple()),
+            lease_ms: 60_000,
+            claim_batch: 1_000,
+            poll: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The dispatch id of a Message step of one Canvas version: 32 hex, stable, so every send of
+/// the step shares it (and the step's message stats are its sends).
+pub fn step_dispatch_id(canvas_id: &str, version: u32, step_id: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(canvas_id.as_bytes())
+        .chain_update([0])
+        .chain_update(version.to_be_bytes())
+        .chain_update(step_id.as_bytes())
+        .finalize();
+    hex::encode(&digest[..16])
+}
+
+/// Adds a Canvas message's variables: `canvas_entry_properties` / `context`,
+/// `event_properties` (after Action Paths) and `canvas.*`, from the job's properties
+/// (`{"canvas_entry_properties": {…}, "event_properties": {…}}`) and the dispatch's `canvas`.
+pub fn canvas_vars(vars: &mut Vars, canvas: Option<&Map<String, Value>>, job: Option<&str>) {
+    let props: Map<String, Value> = job
+        .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default();
+    let object = |k: &str| {
+        props
+            .get(k)
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default()
+    };
+    vars.canvas_entry_properties = object("canvas_entry_properties");
+    vars.event_properties = object("event_properties");
+    vars.api_trigger_properties = Map::new();
+    if let Some(c) = canvas {
+        let mut m = Map::new();
+        for (from, to) in [
+            ("id", "api_id"),
+            ("name", "name"),
+            ("variation_name", "variant_name"),
+            ("variation_id", "variant_api_id"),
+        ] {
+            if let Some(v) = c.get(from) {
+                m.insert(to.into(), v.clone());
+            }
+        }
+        vars.canvas = m;
+        if let Some(step) = c.get("step_name") {
+            vars.campaign.insert("name".into(), step.clone());
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn event_id() -> EventId {
+    EventId(uuid::Uuid::new_v4().to_string())
+}
+
+/// A loaded version: the parsed definition and its canonical JSON (for the steps' messages).
+struct Version {
+    def: CanvasDefinition,
+    json: Value,
+}
+
+/// One recipient of an entry: the user and their entry properties (JSON object text).
+#[derive(Debug, Clone)]
+pub struct Entrant {
+    pub user: UserSeq,
+    pub properties: Option<String>,
+}
+
+pub struct CanvasEngine<S: ?Sized> {
+    store: Arc<S>,
+    audiences: Arc<dyn Audiences>,
+    dispatcher: Arc<Dispatcher<S>>,
+    clock: Clock,
+    config: CanvasConfig,
+    versions: Mutex<HashMap<(WorkspaceId, String, u32), Arc<Version>>>,
+    workspaces: Mutex<HashMap<WorkspaceId, Workspace>>,
+    wake: tokio::sync::Notify,
+}
+
+/// The filter answers and experiment buckets of one journey.
+struct Answers<'a> {
+    yes: &'a HashSet<usize>,
+    canvas_id: &'a str,
+    user_key: String,
+}
+
+impl Facts for Answers<'_> {
+    fn matches(&self, filter: usize) -> bool {
+        self.yes.contains(&filter)
+    }
+    fn bucket(&self, step_id: &str) -> u32 {
+        canvas::experiment_bucket(self.canvas_id, step_id, &self.user_key)
+    }
+}
+
+impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
+    pub fn new(
+        store: Arc<S>,
+        audiences: Arc<dyn Audiences>,
+        dispatcher: Arc<Dispatcher<S>>,
+        clock: Clock,
+        config: CanvasConfig,
+    ) -> Arc<Self> {
+        Arc::new(CanvasEngine {
+            store,
+            audiences,
+            dispatcher,
+            clock,
+            config,
+            versions: Mutex::new(HashMap::new()),
+            workspaces: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Wakes the timer worker (journeys were entered for now).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The timer worker's loop; it first takes back this node's old leases.
+    pub async fn run_timers(self: Arc<Self>) {
+        if let Err(e) = self.store.release_journey_leases(&self.config.owner).await {
+            warn!(error = %e, "releasing old journey leases failed");
+        }
+        loop {
+            let busy = match self.timer_pass().await {
+                Ok(n) => n == self.config.claim_batch,
+                Err(e) => {
+                    warn!(error = %e, "Canvas timer pass failed");
+                    false
+                }
+            };
+            if busy {
+                continue;
+            }
+            let wait = match self.store.next_journey_due().await {
+                Ok(Some(at)) => {
+                    let ms = (at.0 - self.clock.now().0).max(0);
+                    Duration::from_millis(u64::try_from(ms).unwrap_or(0)).min(self.config.poll)
+                }
+                _ => self.config.poll,
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// The scan's loop.
+    pub async fn run_scan(self: Arc<Self>) {
+        loop {
+            let full = match self.scan_pass().await {
+                Ok(full) => full,
+                Err(e) => {
+                    warn!(error = %e, "Canvas scan failed");
+                    false
+                }
+            };
+            if !full {
+                tokio::time::sleep(self.config.poll).await;
+            }
+        }
+    }
+
+    async fn workspace(&self, id: WorkspaceId) -> Result<Option<Workspace>, StoreError> {
+        if let Some(w) = lock(&self.workspaces).get(&id) {
+            return Ok(Some(w.clone()));
+        }
+        let all = self.store.list_workspaces().await?;
+        let mut cache = lock(&self.workspaces);
+        for w in all {
+            cache.insert(w.id, w);
+        }
+        Ok(cache.get(&id).cloned())
+    }
+
+    async fn version(
+        &self,
+        ws: WorkspaceId,
+        canvas_id: &str,
+        version: u32,
+    ) -> Result<Option<Arc<Version>>, StoreError> {
+        let key = (ws, canvas_id.to_owned(), version);
+        if let Some(v) = lock(&self.versions).get(&key) {
+            return Ok(Some(Arc::clone(v)));
+        }
+        let Some(json) = self.store.canvas_version(ws, canvas_id, version).await? else {
+            return Ok(None);
+        };
+        let def = CanvasDefinition::load(&json)
+            .map_err(|e| StoreError::Corrupt(format!("canvas {canvas_id} v{version}: {e}")))?;
+        let v = Arc::new(Version { def, json });
+        lock(&self.versions).insert(key, Arc::clone(&v));
+        Ok(Some(v))
+    }
+
+    /// Entries of `entrants` into `canvas` now (audience checked, variants assigned); the
+    /// store decides re-entry and limits. `cursor` is the scan's compare-and-set, if any.
+    pub async fn enter(
+        &self,
+        ws: WorkspaceId,
+        canvas: &CanvasRecord,
+        entrants: Vec<Entrant>,
+    ) -> Result<ScanOutcome, StoreError> {
+        let mut scan = CanvasScan::default();
+        self.plan_entries(ws, canvas, entrants, &mut scan).await?;
+        let now = self.clock.now();
+        let out = self.store.enter_canvas(ws, now, scan).await?;
+        if out.entered > 0 {
+            self.wake();
+        }
+        Ok(out)
+    }
+
+    async fn plan_entries(
+        &self,
+        ws: WorkspaceId,
+        canvas: &CanvasRecord,
+        entrants: Vec<Entrant>,
+        scan: &mut CanvasScan,
+    ) -> Result<(), StoreError> {
+        if entrants.is_empty() || canvas.status != CampaignStatus::Active {
+            return Ok(());
+        }
+        let Some(version) = self.version(ws, &canvas.id, canvas.version).await? else {
+            return Ok(());
+        };
+        let def = &version.def;
+        let Some(workspace) = self.workspace(ws).await? else {
+            return Ok(());
+        };
+        let mut users: Vec<UserSeq> = entrants.iter().map(|e| e.user).collect();
+        users.sort_unstable();
+        users.dedup();
+        let inside: HashSet<UserSeq> = if def.audience.is_everyone() {
+            users.iter().copied().collect()
+        } else {
+            self.audiences
+                .matching(ws, audience_filter(&def.audience)?, users.clone())
+                .await?
+                .into_iter()
+                .collect()
+        };
+        let records: HashMap<UserSeq, UserRecord> = self
+            .store
+            .users_by_seq(ws, users)
+            .await?
+            .into_iter()
+            .map(|u| (u.seq, u))
+            .collect();
+        let now = self.clock.now();
+        for e in entrants {
+            let (Some(record), true) = (records.get(&e.user), inside.contains(&e.user)) else {
+                continue;
+            };
+            let variant = def.assign(&canvas.id, &crate::plan::assignment_key(e.user));
+            let user = event_user(record);
+            let entry_id = uuid::Uuid::new_v4().simple().to_string();
+            let (variant_id, variant_name, first) = match variant {
+                Some(v) => (v.id.as_str(), v.name.as_str(), Some(v.first_step.as_str())),
+                None => (canvas::CONTROL_VARIANT_ID, "Control", None),
+            };
+            let first_name = first.and_then(|f| def.step(f)).map(|s| s.name.as_str());
+            let source = MessageSource {
+                app_group_id: &workspace.app_group_id,
+                app_id: None,
+                origin: Origin::Canvas {
+                    canvas_id: &canvas.id,
+                    canvas_name: Some(&canvas.name),
+                    canvas_variation_id: Some(variant_id),
+                    canvas_variation_name: Some(variant_name),
+                    canvas_step_id: first,
+                    canvas_step_name: first_name,
+                    canvas_step_message_variation_id: None,
+                },
+                dispatch_id: None,
+                send_id: None,
+            };
+            let mut events = vec![CurrentsEvent::canvas_entry(
+                event_id(),
+                now,
+                &user,
+                &source,
+                variant.is_none(),
+            )];
+            let mut stats = Vec::new();
+            let journey = variant.map(|v| {
+                events.push(CurrentsEvent::canvas_progression(
+                    event_id(),
+                    now,
+                    &user,
+                    &source,
+                    &Progression {
+                        canvas_entry_id: &entry_id,
+                        progression_type: "advance",
+                        next_step_id: Some(&v.first_step),
+                        exit_reason: None,
+                        is_canvas_entry: true,
+                    },
+                ));
+                stats.push((v.first_step.clone(), CanvasStat::Entered));
+                canvas::start(
+                    v,
+                    entry_id.clone(),
+                    canvas.version,
+                    now,
+                    e.properties.clone(),
+                )
+            });
+            scan.entries.push(NewEntry {
+                canvas_id: canvas.id.clone(),
+                user: e.user,
+                journey,
+                reentry_after_ms: def.reentry_after_secs.map(|s| s * 1_000),
+                entry_limit: def.entry_limit,
+                events,
+                stats,
+            });
+        }
+        Ok(())
+    }
+
+    /// One scan of every workspace with an active Canvas; whether a read was full.
+    pub async fn scan_pass(&self) -> Result<bool, StoreError> {
+        let canvases = self.store.active_canvases().await?;
+        let mut by_ws: HashMap<WorkspaceId, Vec<CanvasRecord>> = HashMap::new();
+        for (ws, c) in canvases {
+            by_ws.entry(ws).or_default().push(c);
+        }
+        let mut full = false;
+        for (ws, list) in by_ws {
+            match self.scan_workspace(ws, &list).await {
+                Ok(f) => full |= f,
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(full)
+    }
+
+    async fn scan_workspace(
+        &self,
+        ws: WorkspaceId,
+        canvases: &[CanvasRecord],
+    ) -> Result<bool, StoreError> {
+        let cursor = self.store.canvas_cursor(ws).await?;
+        if cursor == TriggerCursor::default() {
+            // Start at the logs' heads: history before the first Canvas enters no one.
+            let heads = TriggerCursor {
+                events: self.store.event_log_head(ws).await?,
+                cohort_changes: self.store.cohort_changes_head(ws).await?,
+            };
+            let scan = CanvasScan {
+                cursor: Some((cursor, heads)),
+                ..CanvasScan::default()
+            };
+            self.store.enter_canvas(ws, self.clock.now(), scan).await?;
+            return Ok(true);
+        }
+        let events = self
+            .store
+            .read_events(ws, cursor.events, READ_LIMIT)
+            .await?;
+        let entries = self
+            .store
+            .cohort_entries(ws, cursor.cohort_changes, READ_LIMIT)
+            .await?;
+        let scheduled_due = canvases
+            .iter()
+            .any(|c| c.next_run.is_some_and(|t| t.0 <= self.clock.now().0));
+        if events.is_empty() && entries.is_empty() && !scheduled_due {
+            return Ok(false);
+        }
+        let full = events.len() == READ_LIMIT || entries.len() == READ_LIMIT;
+        let next = TriggerCursor {
+            events: events.last().map_or(cursor.events, |e| e.seq),
+            cohort_changes: entries.last().map_or(cursor.cohort_changes, |e| e.position),
+        };
+        let mut happened: Vec<(UserSeq, Happening)> = Vec::new();
+        for logged in &events {
+            let Some(user) = logged.user else { continue };
+            let (kind, props) = match logged.event.event_type {
+                EventType::CustomEvent | EventType::Purchase => {
+                    let body = logged.event.body_value();
+                    let p = &body["properties"];
+                    if logged.event.event_type == EventType::CustomEvent {
+                        (
+                            HappeningKind::CustomEvent {
+                                name: p["name"].as_str().unwrap_or_default().to_owned(),
+                            },
+                            p["custom_properties"]
+                                .as_object()
+                                .cloned()
+                                .unwrap_or_default(),
+                        )
+                    } else {
+                        (
+                            HappeningKind::Purchase {
+                                product_id: p["product_id"].as_str().unwrap_or_default().to_owned(),
+                            },
+                            p["purchase_properties"]
+                                .as_object()
+                                .cloned()
+                                .unwrap_or_default(),
+                        )
+                    }
+                }
+                _ => continue,
+            };
+            happened.push((
+                user,
+                Happening {
+                    at: Millis::from_secs(logged.event.time),
+                    kind,
+                    properties: props,
+                },
+            ));
+        }
+        let mut scan = CanvasScan {
+            cursor: Some((cursor, next)),
+            ..CanvasScan::default()
+        };
+        for canvas in canvases {
+            let Some(version) = self.version(ws, &canvas.id, canvas.version).await? else {
+                continue;
+            };
+            let def = &version.def;
+            // Inbox: everything this Canvas listens to (the store keeps it only for users
+            // with a journey in the Canvas). Older versions' listeners are included through
+            // the current one only: a journey on an old version whose Action Paths the new
+            // version dropped still ends at its window.
+            for (user, h) in &happened {
+                if def.listens_to(&h.occurrence()) {
+                    scan.inbox.push(InboxItem {
+                        canvas_id: canvas.id.clone(),
+                        user: *user,
+                        happening: h.clone(),
+                    });
+                }
+            }
+            if let Delivery::Scheduled(schedule) = &def.entry {
+                if let Some(due) = canvas.next_run
+                    && due.0 <= self.clock.now().0
+                    && scan.next_run.is_none()
+                {
+                    // The occurrence: the whole entry audience enters, and the next
+                    // occurrence is set by compare-and-set in the same transaction.
+                    let filter = audience_filter(&def.audience)?;
+                    let members = self.audiences.members(ws, filter, None).await?;
+                    let entrants = members
+                        .into_iter()
+                        .map(|user| Entrant {
+                            user,
+                            properties: None,
+                        })
+                        .collect();
+                    self.plan_entries(ws, canvas, entrants, &mut scan).await?;
+                    scan.next_run = Some((canvas.id.clone(), Some(due), schedule.next_after(due)));
+                }
+                continue;
+            }
+            let Delivery::ActionBased(action) = &def.entry else {
+                continue;
+            };
+            let launched = canvas.launched_at.unwrap_or(canvas.updated_at);
+            let from = action
+                .start
+                .map_or(launched, |s| Millis(s.0.max(launched.0)));
+            let floor = from.0 - from.0.rem_euclid(1_000);
+            let mut entrants = Vec::new();
+            for (user, h) in &happened {
+                if h.at.0 >= floor
+                    && action.end.is_none_or(|end| h.at.0 <= end.0)
+                    && action.triggers.iter().any(|t| t.matches(&h.occurrence()))
+                {
+                    entrants.push(Entrant {
+                        user: *user,
+                        properties: None,
+                    });
+                }
+            }
+            for entry in &entries {
+                let o = Occurrence::CohortEntry {
+                    partner: &entry.partner,
+                    cohort_id: &entry.cohort_id,
+                };
+                if entry.at.0 >= floor && action.triggers.iter().any(|t| t.matches(&o)) {
+                    entrants.push(Entrant {
+                        user: entry.user,
+                        properties: None,
+                    });
+                }
+            }
+            self.plan_entries(ws, canvas, entrants, &mut scan).await?;
+        }
+        let out = self.store.enter_canvas(ws, self.clock.now(), scan).await?;
+        if out.entered > 0 || out.inboxed > 0 {
+            debug!(
+                workspace = ws.0,
+                entered = out.entered,
+                inboxed = out.inboxed,
+                "Canvas scan"
+            );
+            self.wake();
+        }
+        Ok(full)
+    }
+
+    /// Claims and processes one batch of due journeys; how many were claimed.
+    pub async fn timer_pass(&self) -> Result<usize, StoreError> {
+        let now = self.clock.now();
+        let claimed = self
+            .store
+            .claim_journeys(
+                &self.config.owner,
+                now,
+                self.config.lease_ms,
+                self.config.claim_batch,
+            )
+            .await?;
+        let n = claimed.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut by_canvas: HashMap<(WorkspaceId, String, u32), Vec<ClaimedJourney>> =
+            HashMap::new();
+        for c in claimed {
+            by_canvas
+                .entry((c.workspace, c.canvas_id.clone(), c.journey.version))
+                .or_default()
+                .push(c);
+        }
+        let mut settlements = Vec::with_capacity(n);
+        let mut sent = false;
+        for ((ws, canvas_id, version), group) in by_canvas {
+            let (Some(workspace), Some(canvas)) = (
+                self.workspace(ws).await?,
+                self.store.canvas(ws, &canvas_id).await?,
+            ) else {
+                continue;
+            };
+            let Some(v) = self.version(ws, &canvas_id, version).await? else {
+                // A damaged or missing version: the journeys end where they are.
+                for c in group {
+                    settlements.push(JourneySettlement {
+                        workspace: ws,
+                        canvas_id: c.canvas_id.clone(),
+                        user: c.user,
+                        entry_id: c.journey.entry_id.clone(),
+                        journey: None,
+                        inbox_upto: c.inbox.last().map(|(id, _)| *id),
+                        events: Vec::new(),
+                        sends: Vec::new(),
+                        stats: Vec::new(),
+                    });
+                }
+                continue;
+            };
+            let users: Vec<UserSeq> = group.iter().map(|c| c.user).collect();
+            let records: HashMap<UserSeq, UserRecord> = self
+                .store
+                .users_by_seq(ws, users.clone())
+                .await?
+                .into_iter()
+                .map(|u| (u.seq, u))
+                .collect();
+            let mut yes: HashMap<UserSeq, HashSet<usize>> = HashMap::new();
+            for (i, raw) in v.def.filters.iter().enumerate() {
+                let filter = Filter::from_json(raw)
+                    .map_err(|e| StoreError::Corrupt(format!("canvas filter: {e}")))?;
+                for u in self.audiences.matching(ws, filter, users.clone()).await? {
+                    yes.entry(u).or_default().insert(i);
+                }
+            }
+            let empty = HashSet::new();
+            for c in group {
+                let Some(record) = records.get(&c.user) else {
+                    // The user was deleted: the journey ends silently.
+                    settlements.push(ended(&c));
+                    continue;
+                };
+                let facts = Answers {
+                    yes: yes.get(&c.user).unwrap_or(&empty),
+                    canvas_id: &canvas_id,
+                    user_key: crate::plan::assignment_key(c.user),
+                };
+                let inbox: Vec<Happening> = c.inbox.iter().map(|(_, h)| h.clone()).collect();
+                let advanced = canvas::advance(&v.def, c.journey.clone(), now, &inbox, &facts);
+                let s = self
+                    .settlement(&workspace, &canvas, &v, &c, record, advanced, now)
+                    .await?;
+                sent |= !s.sends.is_empty();
+                settlements.push(s);
+            }
+        }
+        let refused = self
+            .store
+            .settle_journeys(&self.config.owner, now, settlements)
+            .await?;
+        if refused > 0 {
+            warn!(refused, "journey settlements refused (lease lost)");
+        }
+        if sent {
+            self.dispatcher.wake();
+        }
+        Ok(n)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn settlement(
+        &self,
+        workspace: &Workspace,
+        canvas: &CanvasRecord,
+        v: &Version,
+        c: &ClaimedJourney,
+        record: &UserRecord,
+        advanced: canvas::Advanced,
+        now: Millis,
+    ) -> Result<JourneySettlement, StoreError> {
+        let def = &v.def;
+        let user = event_user(record);
+        let variant = def.variant(&c.journey.variant_id);
+        let step_name = |id: &str| def.step(id).map(|s| s.name.clone());
+        let mut events = Vec::new();
+        let mut sends = Vec::new();
+        let mut stats = Vec::new();
+        for e in &advanced.events {
+            let step_id = match e {
+                StepEvent::Progressed { from, .. } => from,
+                StepEvent::SplitEntry { step, .. }
+                | StepEvent::Send { step, .. }
+                | StepEvent::UserUpdate { step }
+                | StepEvent::Conversion { step, .. }
+                | StepEvent::Exited { step, .. } => step,
+            };
+            let name = step_name(step_id);
+            let source = MessageSource {
+                app_group_id: &workspace.app_group_id,
+                app_id: None,
+                origin: Origin::Canvas {
+                    canvas_id: &canvas.id,
+                    canvas_name: Some(&canvas.name),
+                    canvas_variation_id: Some(&c.journey.variant_id),
+                    canvas_variation_name: variant.map(|v| v.name.as_str()),
+                    canvas_step_id: Some(step_id),
+                    canvas_step_name: name.as_deref(),
+                    canvas_step_message_variation_id: None,
+                },
+                dispatch_id: None,
+                send_id: None,
+            };
+            match e {
+                StepEvent::Progressed { from, to } => {
+                    events.push(CurrentsEvent::canvas_progression(
+                        event_id(),
+                        now,
+                        &user,
+                        &source,
+                        &Progression {
+                            canvas_entry_id: &c.journey.entry_id,
+                            progression_type: "advance",
+                            next_step_id: Some(to),
+                            exit_reason: None,
+                            is_canvas_entry: false,
+                        },
+                    ));
+                    stats.push((from.clone(), CanvasStat::Progressed));
+                    stats.push((to.clone(), CanvasStat::Entered));
+                }
+                StepEvent::SplitEntry {
+                    path, path_name, ..
+                } => events.push(CurrentsEvent::canvas_split_entry(
+                    event_id(),
+                    now,
+                    &user,
+                    &source,
+                    path,
+                    path_name,
+                    false,
+                )),
+                StepEvent::Send {
+                    step,
+                    event_properties,
+                } => {
+                    if let Some(send) = step_send(
+                        workspace,
+                        canvas,
+                        v,
+                        c,
+                        step,
+                        event_properties.as_deref(),
+                        now,
+                    ) {
+                        sends.push(send);
+                    }
+                }
+                StepEvent::UserUpdate { step } => {
+                    self.user_update(workspace, def, step, record, now).await?;
+                }
+                StepEvent::Conversion { index, at, .. } => {
+                    let behavior = def.conversion_events[usize::from(*index)]
+                        .behavior_json()
+                        .to_string();
+                    events.push(CurrentsEvent::canvas_conversion(
+                        event_id(),
+                        *at,
+                        &user,
+                        &source,
+                        i32::from(*index),
+                        &behavior,
+                    ));
+                    stats.push((step_id.clone(), CanvasStat::Conversions));
+                }
+                StepEvent::Exited { step, reason } => {
+                    match reason {
+                        ExitReason::ExceptionEvent => events.push(CurrentsEvent::canvas_exit(
+                            event_id(),
+                            now,
+                            &user,
+                            &source,
+                            false,
+                        )),
+                        ExitReason::MatchedAudience => events.push(CurrentsEvent::canvas_exit(
+                            event_id(),
+                            now,
+                            &user,
+                            &source,
+                            true,
+                        )),
+                        _ => {}
+                    }
+                    events.push(CurrentsEvent::canvas_progression(
+                        event_id(),
+                        now,
+                        &user,
+                        &source,
+                        &Progression {
+                            canvas_entry_id: &c.journey.entry_id,
+                            progression_type: "exit",
+                            next_step_id: None,
+                            exit_reason: Some(reason.as_str()),
+                            is_canvas_entry: false,
+                        },
+                    ));
+                    stats.push((step.clone(), CanvasStat::Exited));
+                }
+            }
+        }
+        Ok(JourneySettlement {
+            workspace: workspace.id,
+            canvas_id: canvas.id.clone(),
+            user: c.user,
+            entry_id: c.journey.entry_id.clone(),
+            journey: advanced.journey,
+            inbox_upto: c.inbox.last().map(|(id, _)| *id),
+            events,
+            sends,
+            stats,
+        })
+    }
+
+    /// A User Update step: its attributes through the `/users/track` service.
+    async fn user_update(
+        &self,
+        workspace: &Workspace,
+        def: &CanvasDefinition,
+        step: &str,
+        record: &UserRecord,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let Some(StepKind::UserUpdate { set, increment, .. }) = def.step(step).map(|s| &s.kind)
+        else {
+            return Ok(());
+        };
+        let mut object = set.clone();
+        for (k, n) in increment {
+            object.insert(k.clone(), json!({"inc": n}));
+        }
+        object.insert("braze_id".into(), json!(record.braze_id.as_str()));
+        let mut body = Map::new();
+        body.insert(
+            "attributes".into(),
+            Value::Array(vec![Value::Object(object)]),
+        );
+        match parse_track(&body) {
+            Ok(request) if request.valid_objects() > 0 => {
+                self.store.track(workspace, request, now).await?;
+            }
+            Ok(_) => warn!(step, "a User Update step's attributes were refused"),
+            Err(e) => warn!(step, error = %e, "a User Update step's attributes do not parse"),
+        }
+        Ok(())
+    }
+}
+
+fn ended(c: &ClaimedJourney) -> JourneySettlement {
+    JourneySettlement {
+        workspace: c.workspace,
+        canvas_id: c.canvas_id.clone(),
+        user: c.user,
+        entry_id: c.journey.entry_id.clone(),
+        journey: None,
+        inbox_upto: c.inbox.last().map(|(id, _)| *id),
+        events: Vec::new(),
+        sends: Vec::new(),
+        stats: Vec::new(),
+    }
+}
+
+fn event_user(record: &UserRecord) -> EventUser<'_> {
+    EventUser {
+        braze_id: &record.braze_id,
+        external_id: record.external_id.as_ref(),
+        device_id: None,
+        time_zone: record.time_zone(),
+    }
+}
+
+/// The send of a Message step: its dispatch (per Canvas, version and step; the message in
+/// the campaign shape, the Canvas ids under `canvas`) and the job with the journey's entry
+/// properties and event properties.
+fn step_send(
+    workspace: &Workspace,
+    canvas: &CanvasRecord,
+    v: &Version,
+    c: &ClaimedJourney,
+    step: &str,
+    event_properties: Option<&str>,
+    now: Millis,
+) -> Option<CanvasSend> {
+    let message = v.json["steps"]
+        .as_array()?
+        .iter()
+        .find(|s| s["id"] == step)?
+        .get("message")?
+        .clone();
+    let variant = v.def.variant(&c.journey.variant_id);
+    let step_name = v.def.step(step).map(|s| s.name.clone());
+    let id = step_dispatch_id(&canvas.id, c.journey.version, step);
+    let definition = json!({
+        "messages": [message],
+        "control_percent": 0,
+        "delivery": {"type": "api_triggered"},
+        "frequency_capping": v.def.obey_frequency_caps,
+        "canvas": {
+            "id": canvas.id,
+            "name": canvas.name,
+            "variation_id": c.journey.variant_id,
+            "variation_name": variant.map(|v| v.name.clone()),
+            "step_id": step,
+            "step_name": step_name,
+        },
+    });
+    let entry: Value = c
+        .journey
+        .entry_properties
+        .as_deref()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_else(|| json!({}));
+    let event: Value = event_properties
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_else(|| json!({}));
+    Some(CanvasSend {
+        dispatch: DispatchRecord {
+            id: id.clone(),
+            workspace: workspace.id,
+            source: DispatchSource::AdHoc { definition },
+            send_id: None,
+            per_user_ids: true,
+            properties: None,
+            audience: None,
+            created_at: now,
+            expanding_after: None,
+            not_before: None,
+        },
+        job: SendJob {
+            dispatch_id: id,
+            variant: step.to_owned(),
+            due_at: now,
+            properties: Some(
+                json!({"canvas_entry_properties": entry, "event_properties": event}).to_string(),
+            ),
+        },
+    })
+}

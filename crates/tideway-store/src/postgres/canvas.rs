@@ -1,0 +1,848 @@
+//! Canvas over PostgreSQL: the semantics of `sqlite/canvas.rs` (whose helpers it shares), with
+//! what several nodes need: journeys are claimed with `FOR UPDATE SKIP LOCKED` (two nodes never
+//! claim one journey and never wait for each other), settlements are fenced in the writing
+//! statement (`… AND lease_owner = $owner AND entry_id = $entry`), the cursor and next-run
+//! compare-and-sets are in their `UPDATE`'s `WHERE`, an entry locks its Canvas row first
+//! (`FOR UPDATE`: entry limits and receipts are decided one entry at a time), and events are
+//! appended last (`append_in`), so log positions are in commit order.
+
+use std::collections::BTreeMap;
+
+use deadpool_postgres::GenericClient;
+use serde_json::Value;
+use tokio_postgres::Row;
+
+use tideway_core::canvas::Journey;
+use tideway_core::clock::Millis;
+use tideway_core::currents::CurrentsEvent;
+use tideway_core::ids::{UserSeq, WorkspaceId};
+use tideway_core::store::{
+    CanvasRecord, CanvasScan, CanvasStore, ClaimedJourney, JourneySettlement, ScanOutcome,
+    SendCounts, StepCounts, StepStat, StoreError, StoreFuture, TriggerCursor,
+};
+
+use super::currents::append_in;
+use super::messaging::insert_dispatch;
+use super::{PgStore, execute, get, pg_err, query, query_one, query_opt};
+use crate::codec::corrupt;
+use crate::sqlite::canvas::{
+    CANVAS_COLUMNS, JOURNEY_COLUMNS, RawCanvas, RawJourney, happening_columns, happening_of,
+    send_counts, step_counts, tally,
+};
+use crate::sqlite::messaging::{cas_conflict, reeligible, tags_text};
+
+type Appends = Vec<(Option<UserSeq>, CurrentsEvent)>;
+
+fn raw_canvas(r: &Row) -> Result<RawCanvas, StoreError> {
+    Ok(RawCanvas {
+        id: get(r, 0)?,
+        name: get(r, 1)?,
+        description: get(r, 2)?,
+        tags: get(r, 3)?,
+        status: get(r, 4)?,
+        version: i64::from(get::<i32>(r, 5)?),
+        definition: get(r, 6)?,
+        created_at: get(r, 7)?,
+        updated_at: get(r, 8)?,
+        launched_at: get(r, 9)?,
+        next_run: get(r, 10)?,
+        first_entry: get(r, 11)?,
+        last_entry: get(r, 12)?,
+        entries: get(r, 13)?,
+    })
+}
+
+fn raw_journey(r: &Row, at: usize) -> Result<Journey, StoreError> {
+    RawJourney {
+        entry_id: get(r, at)?,
+        version: i64::from(get::<i32>(r, at + 1)?),
+        variant_id: get(r, at + 2)?,
+        step_id: get(r, at + 3)?,
+        entered_at: get(r, at + 4)?,
+        step_at: get(r, at + 5)?,
+        due_at: get(r, at + 6)?,
+        converted: i64::from(get::<i16>(r, at + 7)?),
+        entry_properties: get(r, at + 8)?,
+        event_properties: get(r, at + 9)?,
+    }
+    .parse()
+}
+
+fn version_of(v: u32) -> Result<i32, StoreError> {
+    i32::try_from(v).map_err(|_| corrupt(format!("canvas version {v}")))
+}
+
+async fn canvas<C: GenericClient>(
+    c: &C,
+    workspace: WorkspaceId,
+    id: &str,
+) -> Result<Option<CanvasRecord>, StoreError> {
+    let sql = format!("SELECT {CANVAS_COLUMNS} FROM canvases WHERE workspace_id = $1 AND id = $2");
+    match query_opt(c, &sql, &[&workspace.0, &id]).await? {
+        Some(row) => Ok(Some(raw_canvas(&row)?.parse()?)),
+        None => Ok(None),
+    }
+}
+
+async fn store_version<C: GenericClient>(
+    c: &C,
+    workspace: WorkspaceId,
+    r: &CanvasRecord,
+) -> Result<(), StoreError> {
+    execute(
+        c,
+        "INSERT INTO canvas_versions (workspace_id, canvas_id, version, definition)
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        &[
+            &workspace.0,
+            &r.id,
+            &version_of(r.version)?,
+            &r.definition.to_string(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn create_canvas(
+    store: &PgStore,
+    workspace: WorkspaceId,
+    r: &CanvasRecord,
+) -> Result<CanvasRecord, StoreError> {
+    let mut client = store.pool.client().await?;
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let sql = format!(
+        "INSERT INTO canvases ({CANVAS_COLUMNS}, workspace_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, NULL, 0, $12)"
+    );
+    execute(
+        &tx,
+        &sql,
+        &[
+            &r.id,
+            &r.name,
+            &r.description,
+            &tags_text(&r.tags),
+            &r.status.as_str(),
+            &version_of(r.version)?,
+            &r.definition.to_string(),
+            &r.created_at.0,
+            &r.updated_at.0,
+            &r.launched_at.map(|m| m.0),
+            &r.next_run.map(|m| m.0),
+            &workspace.0,
+        ],
+    )
+    .await?;
+    store_version(&tx, workspace, r).await?;
+    let out = canvas(&tx, workspace, &r.id)
+        .await?
+        .ok_or_else(|| corrupt("a canvas just written is missing"))?;
+    tx.commit().await.map_err(pg_err)?;
+    Ok(out)
+}
+
+async fn save_canvas(
+    store: &PgStore,
+    workspace: WorkspaceId,
+    r: &CanvasRecord,
+) -> Result<Option<CanvasRecord>, StoreError> {
+    let mut client = store.pool.client().await?;
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let changed = execute(
+        &tx,
+        "UPDATE canvases SET name = $3, description = $4, tags = $5, status = $6,
+             version = $7, definition = $8, updated_at = $9, launched_at = $10, next_run = $11
+         WHERE workspace_id = $1 AND id = $2",
+        &[
+            &workspace.0,
+            &r.id,
+            &r.name,
+            &r.description,
+            &tags_text(&r.tags),
+            &r.status.as_str(),
+            &version_of(r.version)?,
+            &r.definition.to_string(),
+            &r.updated_at.0,
+            &r.launched_at.map(|m| m.0),
+            &r.next_run.map(|m| m.0),
+        ],
+    )
+    .await?;
+    if changed == 0 {
+        return Ok(None);
+    }
+    store_version(&tx, workspace, r).await?;
+    let out = canvas(&tx, workspace, &r.id).await?;
+    tx.commit().await.map_err(pg_err)?;
+    Ok(out)
+}
+
+async fn delete_canvas(
+    store: &PgStore,
+    workspace: WorkspaceId,
+    id: &str,
+) -> Result<bool, StoreError> {
+    let mut client = store.pool.client().await?;
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let gone = execute(
+        &tx,
+        "DELETE FROM canvases WHERE workspace_id = $1 AND id = $2",
+        &[&workspace.0, &id],
+    )
+    .await?;
+    for table in [
+        "canvas_versions",
+        "canvas_journeys",
+        "canvas_inbox",
+        "canvas_receipts",
+        "canvas_step_stats",
+    ] {
+        execute(
+            &tx,
+            &format!("DELETE FROM {table} WHERE workspace_id = $1 AND canvas_id = $2"),
+            &[&workspace.0, &id],
+        )
+        .await?;
+    }
+    tx.commit().await.map_err(pg_err)?;
+    Ok(gone > 0)
+}
+
+async fn canvas_cursor<C: GenericClient>(
+    c: &C,
+    workspace: WorkspaceId,
+) -> Result<TriggerCursor, StoreError> {
+    Ok(match query_opt(
+        c,
+        "SELECT cursor_events, cursor_cohort_changes FROM canvas_cursors WHERE workspace_id = $1",
+        &[&workspace.0],
+    )
+    .await?
+    {
+        Some(row) => TriggerCursor {
+            events: get(&row, 0)?,
+            cohort_changes: get(&row, 1)?,
+        },
+        None => TriggerCursor::default(),
+    })
+}
+
+async fn count_stats<C: GenericClient>(
+    c: &C,
+    workspace: WorkspaceId,
+    tallied: &BTreeMap<(&str, &str, &'static str), i64>,
+) -> Result<(), StoreError> {
+    for ((canvas, step, stat), n) in tallied {
+        execute(
+            c,
+            "INSERT INTO canvas_step_stats (workspace_id, canvas_id, step_id, stat, count)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (workspace_id, canvas_id, step_id, stat) DO UPDATE
+                 SET count = canvas_step_stats.count + EXCLUDED.count",
+            &[&workspace.0, canvas, step, stat, n],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn enter_canvas(
+    store: &PgStore,
+    workspace: WorkspaceId,
+    now: Millis,
+    scan: &CanvasScan,
+) -> Result<ScanOutcome, StoreError> {
+    let mut outcome = ScanOutcome::default();
+    let mut client = store.pool.client().await?;
+    let tx = client.transaction().await.map_err(pg_err)?;
+    if let Some((expected, new)) = &scan.cursor {
+        let moved = if *expected == TriggerCursor::default() {
+            execute(
+                &tx,
+                "INSERT INTO canvas_cursors (workspace_id, cursor_events, cursor_cohort_changes)
+                 VALUES ($1, $2, $3)
+                 ON CONFLICT (workspace_id) DO UPDATE
+                     SET cursor_events = EXCLUDED.cursor_events,
+                         cursor_cohort_changes = EXCLUDED.cursor_cohort_changes
+                     WHERE canvas_cursors.cursor_events = 0
+                       AND canvas_cursors.cursor_cohort_changes = 0",
+                &[&workspace.0, &new.events, &new.cohort_changes],
+            )
+            .await?
+        } else {
+            execute(
+                &tx,
+                "UPDATE canvas_cursors SET cursor_events = $4, cursor_cohort_changes = $5
+                 WHERE workspace_id = $1 AND cursor_events = $2 AND cursor_cohort_changes = $3",
+                &[
+                    &workspace.0,
+                    &expected.events,
+                    &expected.cohort_changes,
+                    &new.events,
+                    &new.cohort_changes,
+                ],
+            )
+            .await?
+        };
+        if moved == 0 {
+            return Err(cas_conflict("the Canvas cursor"));
+        }
+    }
+    if let Some((id, expected, new)) = &scan.next_run {
+        let moved = execute(
+            &tx,
+            "UPDATE canvases SET next_run = $4
+             WHERE workspace_id = $1 AND id = $2 AND next_run IS NOT DISTINCT FROM $3",
+            &[&workspace.0, id, &expected.map(|m| m.0), &new.map(|m| m.0)],
+        )
+        .await?;
+        if moved == 0 {
+            return Err(cas_conflict("the Canvas's next run"));
+        }
+    }
+    let mut appends: Appends = Vec::new();
+    let mut stats: Vec<(&str, &StepStat)> = Vec::new();
+    for e in &scan.entries {
+        let Some(row) = query_opt(
+            &tx,
+            "SELECT entries FROM canvases WHERE workspace_id = $1 AND id = $2 FOR UPDATE",
+            &[&workspace.0, &e.canvas_id],
+        )
+        .await?
+        else {
+            outcome.refused += 1;
+            continue;
+        };
+        let entries: i64 = get(&row, 0)?;
+        if e.entry_limit
+            .is_some_and(|limit| u64::try_from(entries).unwrap_or(0) >= limit)
+        {
+            outcome.refused += 1;
+            continue;
+        }
+        let user = i64::from(e.user.0);
+        let busy = query_opt(
+            &tx,
+            "SELECT 1 FROM canvas_journeys
+             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3",
+            &[&workspace.0, &e.canvas_id, &user],
+        )
+        .await?
+        .is_some();
+        if busy {
+            outcome.refused += 1;
+            continue;
+        }
+        let last = query_opt(
+            &tx,
+            "SELECT entered_at FROM canvas_receipts
+             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3",
+            &[&workspace.0, &e.canvas_id, &user],
+        )
+        .await?;
+        if let Some(last) = last
+            && !reeligible(Millis(get(&last, 0)?), e.reentry_after_ms, now)
+        {
+            outcome.refused += 1;
+            continue;
+        }
+        execute(
+            &tx,
+            "INSERT INTO canvas_receipts (workspace_id, canvas_id, user_seq, entered_at)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE
+                 SET entered_at = EXCLUDED.entered_at",
+            &[&workspace.0, &e.canvas_id, &user, &now.0],
+        )
+        .await?;
+        execute(
+            &tx,
+            "UPDATE canvases SET entries = entries + 1,
+                 first_entry = COALESCE(first_entry, $3), last_entry = $3
+             WHERE workspace_id = $1 AND id = $2",
+            &[&workspace.0, &e.canvas_id, &now.0],
+        )
+        .await?;
+        if let Some(j) = &e.journey {
+            let sql = format!(
+                "INSERT INTO canvas_journeys (workspace_id, canvas_id, user_seq, {JOURNEY_COLUMNS}, wake_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $10)"
+            );
+            execute(
+                &tx,
+                &sql,
+                &[
+                    &workspace.0,
+                    &e.canvas_id,
+                    &user,
+                    &j.entry_id,
+                    &version_of(j.version)?,
+                    &j.variant_id,
+                    &j.step_id,
+                    &j.entered_at.0,
+                    &j.step_at.0,
+                    &j.due_at.0,
+                    &i16::from(j.converted),
+                    &j.entry_properties,
+                    &j.event_properties,
+                ],
+            )
+            .await?;
+        }
+        appends.extend(e.events.iter().map(|ev| (Some(e.user), ev.clone())));
+        stats.extend(e.stats.iter().map(|s| (e.canvas_id.as_str(), s)));
+        outcome.entered += 1;
+    }
+    for item in &scan.inbox {
+        let (kind, name, props) = happening_columns(&item.happening);
+        let user = i64::from(item.user.0);
+        let woke = execute(
+            &tx,
+            "UPDATE canvas_journeys SET wake_at = LEAST(wake_at, $4::bigint)
+             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3",
+            &[&workspace.0, &item.canvas_id, &user, &item.happening.at.0],
+        )
+        .await?;
+        if woke > 0 {
+            execute(
+                &tx,
+                "INSERT INTO canvas_inbox (workspace_id, canvas_id, user_seq, at, kind, name, properties)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&workspace.0, &item.canvas_id, &user, &item.happening.at.0, &kind, &name, &props],
+            )
+            .await?;
+            outcome.inboxed += 1;
+        }
+    }
+    count_stats(&tx, workspace, &tally(stats)).await?;
+    append_in(&tx, workspace, &appends).await?;
+    tx.commit().await.map_err(pg_err)?;
+    Ok(outcome)
+}
+
+async fn claim_journeys(
+    store: &PgStore,
+    owner: &str,
+    now: Millis,
+    lease_ms: u64,
+    limit: usize,
+) -> Result<Vec<ClaimedJourney>, StoreError> {
+    let until = now
+        .0
+        .saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX));
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut client = store.pool.client().await?;
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let sql = format!(
+        "WITH free AS (
+             SELECT j.workspace_id, j.canvas_id, j.user_seq FROM canvas_journeys j
+             JOIN canvases c ON c.workspace_id = j.workspace_id AND c.id = j.canvas_id
+             WHERE j.wake_at <= $2 AND (j.lease_until IS NULL OR j.lease_until <= $2)
+               AND c.status = 'active'
+             ORDER BY j.wake_at LIMIT $4
+             FOR UPDATE OF j SKIP LOCKED)
+         UPDATE canvas_journeys s SET lease_owner = $1, lease_until = $3
+         FROM free WHERE s.workspace_id = free.workspace_id AND s.canvas_id = free.canvas_id
+             AND s.user_seq = free.user_seq
+         RETURNING s.workspace_id, s.canvas_id, s.user_seq, s.wake_at, {}",
+        JOURNEY_COLUMNS
+            .split(", ")
+            .map(|c| format!("s.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let rows = query(&tx, &sql, &[&owner, &now.0, &until, &limit]).await?;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let ws: i64 = get(r, 0)?;
+        let canvas_id: String = get(r, 1)?;
+        let user: i64 = get(r, 2)?;
+        let wake: i64 = get(r, 3)?;
+        let journey = raw_journey(r, 4)?;
+        let inbox = query(
+            &tx,
+            "SELECT id, at, kind, name, properties FROM canvas_inbox
+             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3 ORDER BY id",
+            &[&ws, &canvas_id, &user],
+        )
+        .await?
+        .iter()
+        .map(|i| {
+            Ok((
+                get::<i64>(i, 0)?,
+                happening_of(get(i, 1)?, get(i, 2)?, get(i, 3)?, get(i, 4)?)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        claimed.push((
+            wake,
+            ClaimedJourney {
+                workspace: WorkspaceId(ws),
+                canvas_id,
+                user: UserSeq(
+                    u32::try_from(user).map_err(|_| corrupt(format!("user seq {user}")))?,
+                ),
+                journey,
+                inbox,
+            },
+        ));
+    }
+    tx.commit().await.map_err(pg_err)?;
+    claimed.sort_by_key(|(wake, c)| (*wake, c.workspace, c.user));
+    Ok(claimed.into_iter().map(|(_, c)| c).collect())
+}
+
+async fn settle_journeys(
+    store: &PgStore,
+    owner: &str,
+    now: Millis,
+    settlements: &[JourneySettlement],
+) -> Result<u64, StoreError> {
+    let mut refused = 0;
+    let mut client = store.pool.client().await?;
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let mut appends: BTreeMap<WorkspaceId, Appends> = BTreeMap::new();
+    let mut stats: BTreeMap<WorkspaceId, Vec<(&str, &StepStat)>> = BTreeMap::new();
+    // Rows are locked in key order (two calls never deadlock); events are appended in call
+    // order, as on SQLite.
+    let mut order: Vec<usize> = (0..settlements.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&settlements[a], &settlements[b]);
+        (a.workspace, &a.canvas_id, a.user).cmp(&(b.workspace, &b.canvas_id, b.user))
+    });
+    let mut accepted = vec![false; settlements.len()];
+    for k in order {
+        let s = &settlements[k];
+        let ws = s.workspace.0;
+        let user = i64::from(s.user.0);
+        let held = query_opt(
+            &tx,
+            "SELECT 1 FROM canvas_journeys
+             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3
+               AND entry_id = $4 AND lease_owner = $5 FOR UPDATE",
+            &[&ws, &s.canvas_id, &user, &s.entry_id, &owner],
+        )
+        .await?
+        .is_some();
+        if !held {
+            refused += 1;
+            continue;
+        }
+        if let Some(upto) = s.inbox_upto {
+            execute(
+                &tx,
+                "DELETE FROM canvas_inbox
+                 WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3 AND id <= $4",
+                &[&ws, &s.canvas_id, &user, &upto],
+            )
+            .await?;
+        }
+        match &s.journey {
+            Some(j) => {
+                execute(
+                    &tx,
+                    "UPDATE canvas_journeys SET entry_id = $4, version = $5, variant_id = $6,
+                         step_id = $7, entered_at = $8, step_at = $9, due_at = $10, converted = $11,
+                         entry_properties = $12, event_properties = $13,
+                         wake_at = CASE WHEN EXISTS (SELECT 1 FROM canvas_inbox i
+                             WHERE i.workspace_id = $1 AND i.canvas_id = $2 AND i.user_seq = $3)
+                             THEN LEAST($10::bigint, $14::bigint) ELSE $10::bigint END,
+                         lease_owner = NULL, lease_until = NULL
+                     WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3",
+                    &[
+                        &ws,
+                        &s.canvas_id,
+                        &user,
+                        &j.entry_id,
+                        &version_of(j.version)?,
+                        &j.variant_id,
+                        &j.step_id,
+                        &j.entered_at.0,
+                        &j.step_at.0,
+                        &j.due_at.0,
+                        &i16::from(j.converted),
+                        &j.entry_properties,
+                        &j.event_properties,
+                        &now.0,
+                    ],
+                )
+                .await?;
+            }
+            None => {
+                for table in ["canvas_journeys", "canvas_inbox"] {
+                    execute(
+                        &tx,
+                        &format!(
+                            "DELETE FROM {table}
+                             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3"
+                        ),
+                        &[&ws, &s.canvas_id, &user],
+                    )
+                    .await?;
+                }
+            }
+        }
+        for send in &s.sends {
+            if send.dispatch.workspace != s.workspace {
+                return Err(corrupt(format!(
+                    "dispatch {} of another workspace",
+                    send.dispatch.id
+                )));
+            }
+            let exists = query_opt(
+                &tx,
+                "SELECT 1 FROM dispatches WHERE workspace_id = $1 AND id = $2",
+                &[&ws, &send.dispatch.id],
+            )
+            .await?
+            .is_some();
+            if !exists {
+                insert_dispatch(&tx, &send.dispatch).await?;
+            }
+            execute(
+                &tx,
+                "INSERT INTO sends (workspace_id, dispatch_id, user_seq, variant, due_at, properties, state)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'pending')",
+                &[
+                    &ws,
+                    &send.job.dispatch_id,
+                    &user,
+                    &send.job.variant,
+                    &send.job.due_at.0,
+                    &send.job.properties,
+                ],
+            )
+            .await?;
+        }
+        accepted[k] = true;
+    }
+    for (s, _) in settlements.iter().zip(&accepted).filter(|(_, a)| **a) {
+        appends
+            .entry(s.workspace)
+            .or_default()
+            .extend(s.events.iter().map(|e| (Some(s.user), e.clone())));
+        stats
+            .entry(s.workspace)
+            .or_default()
+            .extend(s.stats.iter().map(|st| (s.canvas_id.as_str(), st)));
+    }
+    for (ws, items) in stats {
+        count_stats(&tx, ws, &tally(items)).await?;
+    }
+    for (ws, events) in &appends {
+        append_in(&tx, *ws, events).await?;
+    }
+    tx.commit().await.map_err(pg_err)?;
+    Ok(refused)
+}
+
+impl CanvasStore for PgStore {
+    fn create_canvas(
+        &self,
+        workspace: WorkspaceId,
+        record: CanvasRecord,
+    ) -> StoreFuture<'_, CanvasRecord> {
+        Box::pin(async move { create_canvas(self, workspace, &record).await })
+    }
+
+    fn canvas(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, Option<CanvasRecord>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            canvas(&client, workspace, &id).await
+        })
+    }
+
+    fn list_canvases(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<CanvasRecord>> {
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let sql = format!(
+                "SELECT {CANVAS_COLUMNS} FROM canvases WHERE workspace_id = $1
+                 ORDER BY created_at, id"
+            );
+            query(&client, &sql, &[&workspace.0])
+                .await?
+                .iter()
+                .map(|r| raw_canvas(r)?.parse())
+                .collect()
+        })
+    }
+
+    fn save_canvas(
+        &self,
+        workspace: WorkspaceId,
+        record: CanvasRecord,
+    ) -> StoreFuture<'_, Option<CanvasRecord>> {
+        Box::pin(async move { save_canvas(self, workspace, &record).await })
+    }
+
+    fn delete_canvas(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool> {
+        let id = id.to_owned();
+        Box::pin(async move { delete_canvas(self, workspace, &id).await })
+    }
+
+    fn canvas_version(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+        version: u32,
+    ) -> StoreFuture<'_, Option<Value>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let row = query_opt(
+                &client,
+                "SELECT definition FROM canvas_versions
+                 WHERE workspace_id = $1 AND canvas_id = $2 AND version = $3",
+                &[&workspace.0, &id, &version_of(version)?],
+            )
+            .await?;
+            row.map(|r| {
+                serde_json::from_str(get::<&str>(&r, 0)?)
+                    .map_err(|e| corrupt(format!("canvas version: {e}")))
+            })
+            .transpose()
+        })
+    }
+
+    fn active_canvases(&self) -> StoreFuture<'_, Vec<(WorkspaceId, CanvasRecord)>> {
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let sql = format!(
+                "SELECT {CANVAS_COLUMNS}, workspace_id FROM canvases WHERE status = 'active'
+                 ORDER BY workspace_id, created_at, id"
+            );
+            query(&client, &sql, &[])
+                .await?
+                .iter()
+                .map(|r| Ok((WorkspaceId(get(r, 14)?), raw_canvas(r)?.parse()?)))
+                .collect()
+        })
+    }
+
+    fn canvas_cursor(&self, workspace: WorkspaceId) -> StoreFuture<'_, TriggerCursor> {
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            canvas_cursor(&client, workspace).await
+        })
+    }
+
+    fn enter_canvas(
+        &self,
+        workspace: WorkspaceId,
+        now: Millis,
+        scan: CanvasScan,
+    ) -> StoreFuture<'_, ScanOutcome> {
+        Box::pin(async move { enter_canvas(self, workspace, now, &scan).await })
+    }
+
+    fn claim_journeys(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_ms: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<ClaimedJourney>> {
+        let owner = owner.to_owned();
+        Box::pin(async move { claim_journeys(self, &owner, now, lease_ms, limit).await })
+    }
+
+    fn settle_journeys(
+        &self,
+        owner: &str,
+        now: Millis,
+        settlements: Vec<JourneySettlement>,
+    ) -> StoreFuture<'_, u64> {
+        let owner = owner.to_owned();
+        Box::pin(async move { settle_journeys(self, &owner, now, &settlements).await })
+    }
+
+    fn next_journey_due(&self) -> StoreFuture<'_, Option<Millis>> {
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let row = query_one(
+                &client,
+                "SELECT min(GREATEST(j.wake_at, COALESCE(j.lease_until, 0))) FROM (
+                     SELECT workspace_id, canvas_id, wake_at, lease_until FROM canvas_journeys
+                     ORDER BY wake_at LIMIT 1000) j
+                 JOIN canvases c ON c.workspace_id = j.workspace_id AND c.id = j.canvas_id
+                 WHERE c.status = 'active'",
+                &[],
+            )
+            .await?;
+            Ok(get::<Option<i64>>(&row, 0)?.map(Millis))
+        })
+    }
+
+    fn release_journey_leases(&self, owner: &str) -> StoreFuture<'_, u64> {
+        let owner = owner.to_owned();
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            execute(
+                &client,
+                "UPDATE canvas_journeys SET lease_owner = NULL, lease_until = NULL
+                 WHERE lease_owner = $1",
+                &[&owner],
+            )
+            .await
+        })
+    }
+
+    fn canvas_step_counts(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+    ) -> StoreFuture<'_, Vec<StepCounts>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let stats = query(
+                &client,
+                "SELECT step_id, stat, count FROM canvas_step_stats
+                 WHERE workspace_id = $1 AND canvas_id = $2",
+                &[&workspace.0, &id],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok((get(r, 0)?, get(r, 1)?, get(r, 2)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+            let in_step = query(
+                &client,
+                "SELECT step_id, COUNT(*) FROM canvas_journeys
+                 WHERE workspace_id = $1 AND canvas_id = $2 GROUP BY step_id",
+                &[&workspace.0, &id],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok((get(r, 0)?, get(r, 1)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+            step_counts(stats, in_step)
+        })
+    }
+
+    fn dispatch_send_counts(
+        &self,
+        workspace: WorkspaceId,
+        dispatch_ids: Vec<String>,
+    ) -> StoreFuture<'_, Vec<SendCounts>> {
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let mut out = Vec::with_capacity(dispatch_ids.len());
+            for id in &dispatch_ids {
+                let rows = query(
+                    &client,
+                    "SELECT state, COUNT(*) FROM sends
+                     WHERE workspace_id = $1 AND dispatch_id = $2 GROUP BY state",
+                    &[&workspace.0, id],
+                )
+                .await?
+                .iter()
+                .map(|r| Ok((get(r, 0)?, get(r, 1)?)))
+                .collect::<Result<Vec<(String, i64)>, StoreError>>()?;
+                out.push(send_counts(rows));
+            }
+            Ok(out)
+        })
+    }
+}
