@@ -921,10 +921,7 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             }
             let resubscribe = format!("{url}?state=subscribed");
             links.insert(LINK_NAMES[2].into(), json!(resubscribe));
-            links.insert(
-                LINK_NAMES[3].into(),
-                json!(format!("{url}?state=opted_in")),
-            );
+            links.insert(LINK_NAMES[3].into(), json!(format!("{url}?state=opted_in")));
         }
         links
     }
