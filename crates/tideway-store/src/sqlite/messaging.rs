@@ -73,6 +73,12 @@ pub(crate) fn receipt_time(item: &NewSend, enqueue: &Enqueue) -> Millis {
         .unwrap_or(Millis(0))
 }
 
+/// Whether a receipt received at `received_at` may be taken again at `now` (the rule the
+/// campaign receipts' upsert writes in SQL; Canvas entry receipts use it as is).
+pub(crate) fn reeligible(received_at: Millis, window_ms: Option<i64>, now: Millis) -> bool {
+    window_ms.is_some_and(|w| received_at.0.saturating_add(w) <= now.0)
+}
+
 /// The conflict of a mark that does not move an expansion forward.
 pub(crate) fn expansion_conflict(dispatch: &str) -> StoreError {
     StoreError::Conflict(format!(
