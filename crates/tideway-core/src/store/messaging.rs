@@ -348,6 +348,49 @@ pub struct CohortEntry {
     pub at: Millis,
 }
 
+/// Where a send stands in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueState {
+    /// Queued, claimed or to retry.
+    Pending,
+    Sent,
+    Failed,
+}
+
+impl QueueState {
+    /// Its name, as stored and as pages show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueState::Pending => "pending",
+            QueueState::Sent => "sent",
+            QueueState::Failed => "failed",
+        }
+    }
+
+    /// The state named `name` ([`QueueState::as_str`]), if there is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        [QueueState::Pending, QueueState::Sent, QueueState::Failed]
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
+}
+
+/// One message to a user, as their lookup page lists it ([`MessagingStore::recent_sends`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserSend {
+    pub id: i64,
+    pub dispatch_id: String,
+    /// Its dispatch's source: the campaign, or the ad-hoc definition (a Canvas step's sends
+    /// carry the Canvas under `canvas`); `None` when the dispatch row is gone.
+    pub source: Option<DispatchSource>,
+    pub variant: String,
+    pub state: QueueState,
+    pub due_at: Millis,
+    /// When it was settled [`SendState::Sent`].
+    pub sent_at: Option<Millis>,
+    pub attempts: u32,
+}
+
 /// Counts of a dispatch's or campaign's sends by state, for the management API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SendCounts {
@@ -462,6 +505,15 @@ pub trait MessagingStore: Send + Sync {
         user: UserSeq,
         since: Millis,
     ) -> StoreFuture<'_, u64>;
+
+    /// The newest `limit` sends to `user` in any state, newest (highest id) first, each with
+    /// its dispatch's source — a bounded read served by an index on (workspace, user, id).
+    fn recent_sends(
+        &self,
+        workspace: WorkspaceId,
+        user: UserSeq,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<UserSend>>;
 
     /// Moves a dispatch's pending jobs (and its expansion's `not_before`, while it is still
     /// expanding) to `at`; false if the workspace has no such dispatch.

@@ -56,9 +56,9 @@ pub use cohorts::{
 pub use dashboard::{DashboardSession, DashboardStore, DashboardUser, NewSession};
 pub use messaging::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
-    Enqueue, EnqueueOutcome, MessagingStore, NewConversion, NewSend, Receipt, ReceiptRecord,
-    SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement,
-    TriggerCursor,
+    Enqueue, EnqueueOutcome, MessagingStore, NewConversion, NewSend, QueueState, Receipt,
+    ReceiptRecord, SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement,
+    StatIncrement, TriggerCursor, UserSend,
 };
 pub use segments::SegmentStore;
 pub use users::{

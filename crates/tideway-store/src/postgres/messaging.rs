@@ -53,7 +53,7 @@ use tideway_core::segments::FeedPosition;
 use tideway_core::store::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, Enqueue,
     EnqueueOutcome, MessagingStore, ReceiptRecord, SegmentTracker, SendCounts, SendJob, SendState,
-    SentMessage, Settlement, StatIncrement, StoreError, StoreFuture, TriggerCursor,
+    SentMessage, Settlement, StatIncrement, StoreError, StoreFuture, TriggerCursor, UserSend,
 };
 
 use super::currents::append_in;
@@ -62,8 +62,8 @@ use super::{PgStore, execute, get, pg_err, query, query_one, query_opt};
 use crate::codec::{corrupt, u64_of};
 use crate::profile_codec;
 use crate::sqlite::messaging::{
-    StatTally, cas_conflict, expansion_conflict, json_of, receipt_time, send_id_cap,
-    source_columns, source_of, stats_of, status_of, tags_of, tags_text,
+    StatTally, cas_conflict, expansion_conflict, json_of, queue_state_of, receipt_time,
+    send_id_cap, source_columns, source_of, stats_of, status_of, tags_of, tags_text,
 };
 
 type Appends = Vec<(Option<UserSeq>, CurrentsEvent)>;
@@ -1084,6 +1084,48 @@ async fn sends_since(
     Ok(u64_of(get(&row, 0)?))
 }
 
+async fn recent_sends(
+    store: &PgStore,
+    workspace: WorkspaceId,
+    user: UserSeq,
+    limit: usize,
+) -> Result<Vec<UserSend>, StoreError> {
+    // Served by `sends_user_recent` (workspace_id, user_seq, id) backwards, and the dispatch
+    // by its primary key; both tables are distributed by workspace, so the join is co-located.
+    let client = store.pool.client().await?;
+    query(
+        &client,
+        "SELECT s.id, s.dispatch_id, d.source, d.campaign_id, d.definition, s.variant,
+                s.state, s.due_at, s.sent_at, s.attempts
+         FROM sends s
+         LEFT JOIN dispatches d ON d.workspace_id = s.workspace_id AND d.id = s.dispatch_id
+         WHERE s.workspace_id = $1 AND s.user_seq = $2
+         ORDER BY s.id DESC LIMIT $3",
+        &[
+            &workspace.0,
+            &i64::from(user.0),
+            &i64::try_from(limit).unwrap_or(i64::MAX),
+        ],
+    )
+    .await?
+    .iter()
+    .map(|row| {
+        Ok(UserSend {
+            id: get(row, 0)?,
+            dispatch_id: get(row, 1)?,
+            source: get::<Option<&str>>(row, 2)?
+                .map(|k| source_of(k, get(row, 3)?, get(row, 4)?))
+                .transpose()?,
+            variant: get(row, 5)?,
+            state: queue_state_of(get(row, 6)?)?,
+            due_at: Millis(get(row, 7)?),
+            sent_at: get::<Option<i64>>(row, 8)?.map(Millis),
+            attempts: u32::try_from(get::<i32>(row, 9)?).unwrap_or(0),
+        })
+    })
+    .collect()
+}
+
 async fn reschedule_dispatch(
     store: &PgStore,
     workspace: WorkspaceId,
@@ -1521,6 +1563,15 @@ impl MessagingStore for PgStore {
         since: Millis,
     ) -> StoreFuture<'_, u64> {
         Box::pin(sends_since(self, workspace, user, since))
+    }
+
+    fn recent_sends(
+        &self,
+        workspace: WorkspaceId,
+        user: UserSeq,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<UserSend>> {
+        Box::pin(recent_sends(self, workspace, user, limit))
     }
 
     fn reschedule_dispatch(

@@ -668,6 +668,11 @@ CREATE TABLE canvas_cursors (
     cursor_cohort_changes  bigint NOT NULL
 );
 "#,
+    // 7: a user's recent messages for the dashboard's user lookup (`recent_sends`): their sends
+    // in any state, newest first, read backwards from this index without a sort.
+    r#"
+CREATE INDEX sends_user_recent ON sends (workspace_id, user_seq, id);
+"#,
 ];
 
 /// The schema version this code writes: the number of migrations.

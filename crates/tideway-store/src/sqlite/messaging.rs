@@ -46,9 +46,9 @@ use tideway_core::profile::UserRecord;
 use tideway_core::segments::FeedPosition;
 use tideway_core::store::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
-    Enqueue, EnqueueOutcome, MessagingStore, NewSend, ReceiptRecord, SegmentTracker, SendCounts,
-    SendJob, SendState, SentMessage, Settlement, StatIncrement, StoreError, StoreFuture,
-    TriggerCursor,
+    Enqueue, EnqueueOutcome, MessagingStore, NewSend, QueueState, ReceiptRecord, SegmentTracker,
+    SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement, StoreError,
+    StoreFuture, TriggerCursor, UserSend,
 };
 
 use super::users::SqlUsers;
@@ -1058,6 +1058,71 @@ fn sends_since(
     Ok(u64_of(n))
 }
 
+fn recent_sends(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    user: UserSeq,
+    limit: usize,
+) -> Result<Vec<UserSend>, StoreError> {
+    // Served by `sends_user_recent` (workspace_id, user_seq; the rowid `id` ends the index),
+    // newest first, and the dispatch by its primary key.
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT s.id, s.dispatch_id, d.source, d.campaign_id, d.definition, s.variant,
+                    s.state, s.due_at, s.sent_at, s.attempts
+             FROM sends s
+             LEFT JOIN dispatches d ON d.workspace_id = s.workspace_id AND d.id = s.dispatch_id
+             WHERE s.workspace_id = ?1 AND s.user_seq = ?2
+             ORDER BY s.id DESC LIMIT ?3",
+        )
+        .map_err(sql_err)?;
+    let rows = stmt
+        .query_map(
+            params![
+                workspace.0,
+                user.0,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, Option<i64>>(8)?,
+                    r.get::<_, i64>(9)?,
+                ))
+            },
+        )
+        .map_err(sql_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, dispatch_id, kind, campaign_id, definition, variant, state, due, sent, attempts) =
+            row.map_err(sql_err)?;
+        out.push(UserSend {
+            id,
+            dispatch_id,
+            source: kind
+                .map(|k| source_of(&k, campaign_id, definition.as_deref()))
+                .transpose()?,
+            variant,
+            state: queue_state_of(&state)?,
+            due_at: Millis(due),
+            sent_at: sent.map(Millis),
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) fn queue_state_of(text: &str) -> Result<QueueState, StoreError> {
+    QueueState::parse(text).ok_or_else(|| corrupt(format!("send state {text:?}")))
+}
+
 fn reschedule_dispatch(
     conn: &Connection,
     workspace: WorkspaceId,
@@ -1407,6 +1472,15 @@ impl MessagingStore for SqliteStore {
         since: Millis,
     ) -> StoreFuture<'_, u64> {
         self.read(move |conn| sends_since(conn, workspace, user, since))
+    }
+
+    fn recent_sends(
+        &self,
+        workspace: WorkspaceId,
+        user: UserSeq,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<UserSend>> {
+        self.read(move |conn| recent_sends(conn, workspace, user, limit))
     }
 
     fn reschedule_dispatch(

@@ -617,6 +617,12 @@ CREATE TABLE canvas_cursors (
     cursor_cohort_changes  INTEGER NOT NULL
 );
 "#,
+    // 15: a user's recent messages for the dashboard's user lookup (`recent_sends`): their sends
+    // in any state, newest first. The rowid (`id`) ends every SQLite index, so (workspace_id,
+    // user_seq) serves `ORDER BY id DESC LIMIT n` without a sort.
+    r#"
+CREATE INDEX sends_user_recent ON sends(workspace_id, user_seq);
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.

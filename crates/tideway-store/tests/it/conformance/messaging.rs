@@ -18,9 +18,9 @@ use tideway_core::segments::FeedPosition;
 use tideway_core::store::prelude::*;
 use tideway_core::store::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
-    Enqueue, EnqueueOutcome, LoggedEvent, NewConversion, NewSend, Receipt, ReceiptRecord,
-    SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement,
-    StoreError, TriggerCursor, Workspace,
+    Enqueue, EnqueueOutcome, LoggedEvent, NewConversion, NewSend, QueueState, Receipt,
+    ReceiptRecord, SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement,
+    StatIncrement, StoreError, TriggerCursor, UserSend, Workspace,
 };
 use tideway_core::users::{DeleteRequest, UserKey};
 
@@ -1533,6 +1533,106 @@ pub(super) async fn sends_since_counts_a_users_sent_messages(store: Arc<dyn Stor
     assert_eq!(since(3, NOW).await, 0);
     assert_eq!(store.sends_since(b.id, UserSeq(1), NOW).await.unwrap(), 1);
     assert_eq!(store.sends_since(b.id, UserSeq(2), NOW).await.unwrap(), 0);
+}
+
+/// `recent_sends` lists a user's sends in every state, newest first, at most `limit`, each with
+/// its dispatch's source (none when the dispatch row does not exist), in its workspace only.
+pub(super) async fn recent_sends_list_a_users_messages_newest_first(store: Arc<dyn Store>) {
+    let a = store.create_workspace("a", NOW).await.unwrap();
+    let b = store.create_workspace("b", NOW).await.unwrap();
+    let adhoc = DispatchRecord {
+        source: DispatchSource::AdHoc {
+            definition: json!({"messages": [{"channel": "webhook"}], "canvas": {"id": "cv"}}),
+        },
+        ..dispatch(&a, "d-adhoc", "unused")
+    };
+    store
+        .enqueue(
+            a.id,
+            Enqueue {
+                dispatches: vec![dispatch(&a, "d-camp", "camp"), adhoc.clone()],
+                items: vec![item(1, job("d-camp", at(1))), item(2, job("d-camp", at(1)))],
+                ..Enqueue::default()
+            },
+        )
+        .await
+        .unwrap();
+    let c = store.claim_sends("n", at(1), 1000, 10).await.unwrap();
+    assert_eq!(c.len(), 2);
+    let mine = c.iter().find(|c| c.user == UserSeq(1)).unwrap();
+    let settled = vec![sent(mine, vec![])];
+    assert_eq!(store.settle_sends("n", at(2), settled).await.unwrap(), 0);
+    queue(&*store, &a, "d-adhoc", &[1], at(3)).await;
+    queue(&*store, &a, "d-gone", &[1], at(4)).await;
+    let c = store.claim_sends("n", at(3), 1000, 10).await.unwrap();
+    let failed = c.iter().find(|c| c.job.dispatch_id == "d-adhoc").unwrap();
+    let settled = vec![settle(failed, SendState::Failed, vec![])];
+    assert_eq!(store.settle_sends("n", at(3), settled).await.unwrap(), 0);
+    queue(&*store, &b, "d-camp", &[1], at(1)).await;
+    let shown = |s: &UserSend| {
+        (
+            s.dispatch_id.clone(),
+            s.source.clone(),
+            s.variant.clone(),
+            s.state,
+            s.due_at,
+            s.sent_at,
+        )
+    };
+    let all = store.recent_sends(a.id, UserSeq(1), 10).await.unwrap();
+    assert_eq!(
+        all.iter().map(shown).collect::<Vec<_>>(),
+        vec![
+            (
+                "d-gone".into(),
+                None,
+                "v-email".into(),
+                QueueState::Pending,
+                at(4),
+                None
+            ),
+            (
+                "d-adhoc".into(),
+                Some(adhoc.source.clone()),
+                "v-email".into(),
+                QueueState::Failed,
+                at(3),
+                None
+            ),
+            (
+                "d-camp".into(),
+                Some(DispatchSource::Campaign {
+                    campaign_id: "camp".into()
+                }),
+                "v-email".into(),
+                QueueState::Sent,
+                at(1),
+                Some(at(2))
+            ),
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+    let two = store.recent_sends(a.id, UserSeq(1), 2).await.unwrap();
+    assert_eq!(two, all[..2].to_vec());
+    assert_eq!(
+        store.recent_sends(a.id, UserSeq(1), 0).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        store
+            .recent_sends(a.id, UserSeq(2), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        store.recent_sends(a.id, UserSeq(3), 10).await.unwrap(),
+        vec![]
+    );
+    let other = store.recent_sends(b.id, UserSeq(1), 10).await.unwrap();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].source, None, "b has no dispatch d-camp");
 }
 
 /// Engagement events are appended about their user, in order.

@@ -235,6 +235,7 @@ conformance! {
         settled_sends_move_between_states,
         settlement_events_land_in_each_workspaces_log,
         sends_since_counts_a_users_sent_messages,
+        recent_sends_list_a_users_messages_newest_first,
         engagement_is_appended_to_the_log,
         conversions_count_once,
         campaign_stats_count_increments_and_unique_users_once,
