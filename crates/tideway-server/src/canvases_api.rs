@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use tideway_core::campaigns::{CampaignAction, CampaignStatus, Delivery};
 use tideway_core::canvas::{CanvasDefinition, StepKind};
 use tideway_core::keys::{Permission, Secret};
-use tideway_core::store::{CanvasRecord, Workspace};
+use tideway_core::store::{CanvasRecord, SendCounts, StepCounts, Workspace};
 use tideway_messaging::canvas::{Entrant, step_dispatch_id};
 use tideway_messaging::sends::{ApiRecipient, RecipientId, resolve};
 
@@ -59,7 +59,7 @@ fn canvas_json(c: &CanvasRecord) -> Map<String, Value> {
     m
 }
 
-fn loaded(c: &CanvasRecord) -> Result<CanvasDefinition, ApiError> {
+pub(crate) fn loaded(c: &CanvasRecord) -> Result<CanvasDefinition, ApiError> {
     CanvasDefinition::load(&c.definition).map_err(|e| {
         tracing::error!(canvas = %c.id, error = %e, "stored Canvas does not load");
         ApiError::Internal
@@ -67,7 +67,7 @@ fn loaded(c: &CanvasRecord) -> Result<CanvasDefinition, ApiError> {
 }
 
 /// Parses and checks a definition, templates included.
-fn checked(raw: &Value) -> Result<(CanvasDefinition, Value), ApiError> {
+pub(crate) fn checked(raw: &Value) -> Result<(CanvasDefinition, Value), ApiError> {
     let (def, canonical) = CanvasDefinition::parse(raw, || uuid::Uuid::new_v4().to_string())
         .map_err(definition_error)?;
     tideway_messaging::liquid::check_all(def.templates()).map_err(|e| {
@@ -100,6 +100,171 @@ async fn load(state: &AppState, ws: &Workspace, id: &str) -> Result<CanvasRecord
         .ok_or_else(|| missing(id))
 }
 
+/// Creates a draft Canvas (version 1) from the API's body: `name` (required), `description`,
+/// `tags` and the definition, all checked before anything is written.
+pub(crate) async fn create_canvas(
+    state: &AppState,
+    ws: &Workspace,
+    body: Map<String, Value>,
+) -> Result<CanvasRecord, ApiError> {
+    let name = name_field(&body)?.ok_or_else(|| place_error("name", "is required"))?;
+    let description = description_field(&body)?.unwrap_or_default();
+    let tags = tags_field(&body)?.unwrap_or_default();
+    let (_, canonical) = checked(&Value::Object(body))?;
+    let at = now();
+    let record = CanvasRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        name,
+        description,
+        tags,
+        status: CampaignStatus::Draft,
+        version: 1,
+        definition: canonical,
+        created_at: at,
+        updated_at: at,
+        launched_at: None,
+        next_run: None,
+        first_entry: None,
+        last_entry: None,
+        entries: 0,
+    };
+    Ok(state.store().create_canvas(ws.id, record).await?)
+}
+
+/// Changes a Canvas as `PUT` does: the name, description and tags present in `body`, and the
+/// definition when any other key is present (a new version when it differs). 409 on a stopped
+/// Canvas.
+pub(crate) async fn update_canvas(
+    state: &AppState,
+    ws: &Workspace,
+    id: &str,
+    body: Map<String, Value>,
+) -> Result<CanvasRecord, ApiError> {
+    let mut c = load(state, ws, id).await?;
+    if c.status == CampaignStatus::Stopped {
+        return Err(ApiError::Conflict(
+            "the Canvas is stopped (stopping is final)".into(),
+        ));
+    }
+    if let Some(name) = name_field(&body)? {
+        c.name = name;
+    }
+    if let Some(d) = description_field(&body)? {
+        c.description = d;
+    }
+    if let Some(t) = tags_field(&body)? {
+        c.tags = t;
+    }
+    let mut def_part = body;
+    for k in ["name", "description", "tags"] {
+        def_part.remove(k);
+    }
+    if !def_part.is_empty() {
+        let (_, canonical) = checked(&Value::Object(def_part))?;
+        if canonical != c.definition {
+            c.definition = canonical;
+            c.version += 1;
+        }
+    }
+    c.updated_at = now();
+    state
+        .store()
+        .save_canvas(ws.id, c)
+        .await?
+        .ok_or_else(|| missing(id))
+}
+
+/// One step's figures: its counts over every version, and a Message step's sends.
+pub(crate) struct StepFigures {
+    pub counts: StepCounts,
+    /// A Message step's sends (every version's dispatch of the step); `None` for other steps.
+    pub messages: Option<SendCounts>,
+}
+
+/// The figures of every step of `def` (the Canvas's current definition), in step order.
+pub(crate) async fn step_figures(
+    state: &AppState,
+    ws: &Workspace,
+    c: &CanvasRecord,
+    def: &CanvasDefinition,
+) -> Result<Vec<StepFigures>, ApiError> {
+    let counts = state.store().canvas_step_counts(ws.id, &c.id).await?;
+    let mut out = Vec::with_capacity(def.steps.len());
+    for s in &def.steps {
+        let n = counts
+            .iter()
+            .find(|n| n.step_id == s.id)
+            .cloned()
+            .unwrap_or_else(|| StepCounts {
+                step_id: s.id.clone(),
+                ..StepCounts::default()
+            });
+        let messages = if matches!(s.kind, StepKind::Message { .. }) {
+            let ids = (1..=c.version)
+                .map(|v| step_dispatch_id(&c.id, v, &s.id))
+                .collect();
+            let sends = state.store().dispatch_send_counts(ws.id, ids).await?;
+            Some(sends.iter().fold(SendCounts::default(), |t, c| SendCounts {
+                pending: t.pending + c.pending,
+                sent: t.sent + c.sent,
+                failed: t.failed + c.failed,
+            }))
+        } else {
+            None
+        };
+        out.push(StepFigures {
+            counts: n,
+            messages,
+        });
+    }
+    Ok(out)
+}
+
+/// Launches, pauses or stops a Canvas (the campaign lifecycle; 409 when its status does not
+/// allow it), and wakes the Canvas engine.
+pub(crate) async fn change_status(
+    state: &AppState,
+    ws: &Workspace,
+    id: &str,
+    action: CampaignAction,
+) -> Result<CanvasRecord, ApiError> {
+    let mut c = load(state, ws, id).await?;
+    let Some(to) = action.apply(c.status) else {
+        return Err(ApiError::Conflict(format!(
+            "the Canvas is {}: {}",
+            c.status.as_str(),
+            match action {
+                CampaignAction::Launch => "only a draft or paused Canvas can be launched",
+                CampaignAction::Pause => "only an active Canvas can be paused",
+                CampaignAction::Stop => "it is stopped already (stopping is final)",
+            }
+        )));
+    };
+    let at = now();
+    if action == CampaignAction::Launch {
+        if c.launched_at.is_none() {
+            c.launched_at = Some(at);
+        }
+        // A scheduled entry's first occurrence from now on (the engine moves it on).
+        if let Delivery::Scheduled(schedule) = &loaded(&c)?.entry
+            && c.next_run.is_none()
+        {
+            c.next_run = schedule.next_after(tideway_core::clock::Millis(at.0 - 1));
+        }
+    }
+    c.status = to;
+    c.updated_at = at;
+    let saved = state
+        .store()
+        .save_canvas(ws.id, c)
+        .await?
+        .ok_or_else(|| missing(id))?;
+    if let Some(api) = messaging(state) {
+        api.engine.canvas().wake();
+    }
+    Ok(saved)
+}
+
 /// `POST /api/v1/canvases`: creates a draft (version 1).
 pub async fn create(State(state): State<AppState>, req: Request) -> Response {
     management(
@@ -108,31 +273,7 @@ pub async fn create(State(state): State<AppState>, req: Request) -> Response {
         req,
         |state, caller, req| async move {
             let body = read_json(req).await?;
-            let name = name_field(&body)?.ok_or_else(|| place_error("name", "is required"))?;
-            let description = description_field(&body)?.unwrap_or_default();
-            let tags = tags_field(&body)?.unwrap_or_default();
-            let (_, canonical) = checked(&Value::Object(body))?;
-            let at = now();
-            let record = CanvasRecord {
-                id: uuid::Uuid::new_v4().to_string(),
-                name,
-                description,
-                tags,
-                status: CampaignStatus::Draft,
-                version: 1,
-                definition: canonical,
-                created_at: at,
-                updated_at: at,
-                launched_at: None,
-                next_run: None,
-                first_entry: None,
-                last_entry: None,
-                entries: 0,
-            };
-            let saved = state
-                .store()
-                .create_canvas(caller.workspace.id, record)
-                .await?;
+            let saved = create_canvas(&state, &caller.workspace, body).await?;
             Ok((
                 StatusCode::CREATED,
                 axum::Json(json!({"message": "success", "canvas": canvas_json(&saved)})),
@@ -171,14 +312,10 @@ pub async fn get_one(
         let ws = &caller.workspace;
         let c = load(&state, ws, &id).await?;
         let def = loaded(&c)?;
-        let counts = state.store().canvas_step_counts(ws.id, &c.id).await?;
+        let figures = step_figures(&state, ws, &c, &def).await?;
         let mut steps = Vec::new();
-        for s in &def.steps {
-            let n = counts
-                .iter()
-                .find(|n| n.step_id == s.id)
-                .cloned()
-                .unwrap_or_default();
+        for (s, f) in def.steps.iter().zip(figures) {
+            let n = f.counts;
             let mut m = json!({
                 "id": s.id,
                 "name": s.name,
@@ -189,15 +326,9 @@ pub async fn get_one(
                 "exited": n.exited,
                 "conversions": n.conversions,
             });
-            if matches!(s.kind, StepKind::Message { .. }) {
-                let ids = (1..=c.version)
-                    .map(|v| step_dispatch_id(&c.id, v, &s.id))
-                    .collect();
-                let sends = state.store().dispatch_send_counts(ws.id, ids).await?;
-                let (p, sent, f) = sends.iter().fold((0, 0, 0), |(p, s, f), c| {
-                    (p + c.pending, s + c.sent, f + c.failed)
-                });
-                m["messages"] = json!({"pending": p, "sent": sent, "failed": f});
+            if let Some(sends) = f.messages {
+                m["messages"] =
+                    json!({"pending": sends.pending, "sent": sends.sent, "failed": sends.failed});
             }
             steps.push(m);
         }
@@ -221,39 +352,7 @@ pub async fn update(
         req,
         |state, caller, req| async move {
             let body = read_json(req).await?;
-            let ws = &caller.workspace;
-            let mut c = load(&state, ws, &id).await?;
-            if c.status == CampaignStatus::Stopped {
-                return Err(ApiError::Conflict(
-                    "the Canvas is stopped (stopping is final)".into(),
-                ));
-            }
-            if let Some(name) = name_field(&body)? {
-                c.name = name;
-            }
-            if let Some(d) = description_field(&body)? {
-                c.description = d;
-            }
-            if let Some(t) = tags_field(&body)? {
-                c.tags = t;
-            }
-            let mut def_part = body.clone();
-            for k in ["name", "description", "tags"] {
-                def_part.remove(k);
-            }
-            if !def_part.is_empty() {
-                let (_, canonical) = checked(&Value::Object(def_part))?;
-                if canonical != c.definition {
-                    c.definition = canonical;
-                    c.version += 1;
-                }
-            }
-            c.updated_at = now();
-            let saved = state
-                .store()
-                .save_canvas(ws.id, c)
-                .await?
-                .ok_or_else(|| missing(&id))?;
+            let saved = update_canvas(&state, &caller.workspace, &id, body).await?;
             Ok(
                 axum::Json(json!({"message": "success", "canvas": canvas_json(&saved)}))
                     .into_response(),
@@ -308,41 +407,7 @@ pub async fn action(
                     )));
                 }
             };
-            let ws = &caller.workspace;
-            let mut c = load(&state, ws, &id).await?;
-            let Some(to) = action.apply(c.status) else {
-                return Err(ApiError::Conflict(format!(
-                    "the Canvas is {}: {}",
-                    c.status.as_str(),
-                    match action {
-                        CampaignAction::Launch => "only a draft or paused Canvas can be launched",
-                        CampaignAction::Pause => "only an active Canvas can be paused",
-                        CampaignAction::Stop => "it is stopped already (stopping is final)",
-                    }
-                )));
-            };
-            let at = now();
-            if action == CampaignAction::Launch {
-                if c.launched_at.is_none() {
-                    c.launched_at = Some(at);
-                }
-                // A scheduled entry's first occurrence from now on (the engine moves it on).
-                if let Delivery::Scheduled(schedule) = &loaded(&c)?.entry
-                    && c.next_run.is_none()
-                {
-                    c.next_run = schedule.next_after(tideway_core::clock::Millis(at.0 - 1));
-                }
-            }
-            c.status = to;
-            c.updated_at = at;
-            let saved = state
-                .store()
-                .save_canvas(ws.id, c)
-                .await?
-                .ok_or_else(|| missing(&id))?;
-            if let Some(api) = messaging(&state) {
-                api.engine.canvas().wake();
-            }
+            let saved = change_status(&state, &caller.workspace, &id, action).await?;
             Ok(
                 axum::Json(json!({"message": "success", "canvas": canvas_json(&saved)}))
                     .into_response(),

@@ -1,8 +1,11 @@
 //! Campaigns: the list with status, channel, delivery and sent / pending / failed counts;
 //! launch, pause, stop; a campaign's page with its figures (queue and Currents-counted
 //! stats), its templates and their Liquid rendering for a chosen user; and a form to create
-//! or edit a campaign — one email or webhook message, an audience of segments, and delivery by
-//! API trigger, once at a time, or when a user enters a partner cohort (picked by name).
+//! or edit a campaign — up to eight email or webhook message variants with their percentages
+//! and a control group ("Add a variant" / "Remove" post the form back and show it again, nothing
+//! saved), an audience of segments, and delivery by API trigger, once at a time, or when a
+//! user enters a partner cohort (picked by name). A refusal is shown beside the field the
+//! API's check names (`messages[1].url` beside variant 2's URL).
 //!
 //! The form becomes the management API's JSON and goes through the same checks
 //! (`campaigns_api::checked_definition`: shape, Liquid templates, segments) and the same
@@ -11,30 +14,36 @@
 
 use axum::Extension;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde_json::{Value, json};
-use tideway_core::campaigns::{CampaignAction, CampaignStatus};
+use tideway_core::campaigns::{CampaignStatus, MAX_VARIANTS};
 use tideway_core::clock::parse_datetime;
 use tideway_core::cohorts::partner;
 use tideway_core::store::CampaignRecord;
 
+use super::forms::{
+    FieldError, api_error, described_by, error_beside, lifecycle_action, refused, require_admin,
+};
 use super::layout::{self, Section};
 use super::{Ctx, FormData, Me, PageError, PathParams, path_param, see_other, when, ws_id};
 use crate::AppState;
 use crate::campaigns_api::{change_status, checked_definition};
-use crate::error::ApiError;
 
-/// A failed API call as a page error (4xx kept, the rest as the store's).
-fn api_error(e: ApiError) -> PageError {
-    match e {
-        ApiError::BadRequest { message, .. } => PageError::BadRequest(message),
-        ApiError::Missing(what) => PageError::NotFound(what),
-        ApiError::Conflict(why) => PageError::Conflict(why),
-        other => PageError::Store(tideway_core::store::StoreError::Unavailable(format!(
-            "{other:?}"
-        ))),
+/// The channels of a campaign's variants, as the list shows them ("email", "email, webhook").
+fn channels(definition: &Value) -> String {
+    let mut out: Vec<&str> = definition["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["channel"].as_str())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        "—".to_owned()
+    } else {
+        out.join(", ")
     }
 }
 
@@ -81,7 +90,7 @@ pub async fn list(
                         tr {
                             td { a href=(ctx.url(&["/campaigns/", &super::segment(&c.id)].concat())) { (c.name) } }
                             td { span class=(status_class(c.status)) { (c.status.as_str()) } }
-                            td { (c.definition["messages"][0]["channel"].as_str().unwrap_or("—")) }
+                            td { (channels(&c.definition)) }
                             td { (c.definition["delivery"]["type"].as_str().unwrap_or("—").replace('_', " ")) }
                             td class="sent" { (counts.sent) }
                             td { (counts.pending) }
@@ -113,118 +122,319 @@ pub async fn new_form(
     path: PathParams,
 ) -> Result<Markup, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
-    if !ctx.me.may_change() {
-        return Err(PageError::Forbidden(
-            "Your role is read-only: you can look, not change.",
-        ));
-    }
-    form_page(&state, &ctx, &FormData::default(), None, None).await
+    require_admin(&ctx)?;
+    form_page(&state, &ctx, &CampaignForm::empty(), None, None).await
 }
 
-/// The form's fields for a stored campaign, when the form can show it: one message, and
-/// delivery by API trigger, once at a time, or on one cohort's entry.
-fn form_from(c: &CampaignRecord) -> Option<FormData> {
-    let d = &c.definition;
-    let messages = d["messages"].as_array().filter(|m| m.len() == 1)?;
-    let m = &messages[0];
-    let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
-    let mut f = vec![
-        ("name".to_owned(), c.name.clone()),
-        ("channel".to_owned(), text(&m["channel"])),
-        ("url".to_owned(), text(&m["url"])),
-        ("from".to_owned(), text(&m["from"])),
-        ("subject".to_owned(), text(&m["subject"])),
-        ("body".to_owned(), text(&m["body"])),
-    ];
-    match d["delivery"]["type"].as_str()? {
-        "api_triggered" => f.push(("delivery".into(), "api_triggered".into())),
-        "scheduled" if d["delivery"]["schedule"]["frequency"] == "once" => {
-            f.push(("delivery".into(), "scheduled".into()));
-            f.push(("at".into(), text(&d["delivery"]["schedule"]["at"])));
+/// One message variant as the form shows it.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct VariantForm {
+    /// The stored variant's id (empty for a new one: the API gives it one).
+    id: String,
+    name: String,
+    percent: String,
+    channel: String,
+    url: String,
+    from: String,
+    subject: String,
+    body: String,
+}
+
+impl VariantForm {
+    fn new(percent: &str) -> VariantForm {
+        VariantForm {
+            percent: percent.to_owned(),
+            channel: "webhook".into(),
+            ..VariantForm::default()
         }
-        "action_based" => {
-            let triggers = d["delivery"]["triggers"]
+    }
+}
+
+/// The campaign form: name, the message variants with their percentages and the control
+/// group, the audience's segments and the delivery.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct CampaignForm {
+    name: String,
+    variants: Vec<VariantForm>,
+    control: String,
+    delivery: String,
+    at: String,
+    cohort: String,
+    segments: Vec<String>,
+}
+
+impl CampaignForm {
+    fn empty() -> CampaignForm {
+        CampaignForm {
+            variants: vec![VariantForm::new("100")],
+            control: "0".into(),
+            delivery: "api_triggered".into(),
+            ..CampaignForm::default()
+        }
+    }
+
+    /// From the posted form: variants `v{i}_{field}` (`remove` drops one, `add` = `variant`
+    /// appends one).
+    fn from_form(form: &FormData) -> CampaignForm {
+        let mut variants: Vec<VariantForm> = form
+            .groups("v", "channel")
+            .iter()
+            .map(|g| VariantForm {
+                id: g.get("id").trim().to_owned(),
+                name: g.get("name").trim().to_owned(),
+                percent: g.get("percent").trim().to_owned(),
+                channel: g.get("channel").to_owned(),
+                url: g.get("url").trim().to_owned(),
+                from: g.get("from").trim().to_owned(),
+                subject: g.get("subject").to_owned(),
+                body: g.get("body").to_owned(),
+            })
+            .collect();
+        if form.get("add") == Some("variant") && variants.len() < MAX_VARIANTS {
+            variants.push(VariantForm::new("0"));
+        }
+        CampaignForm {
+            name: form.text("name").to_owned(),
+            variants,
+            control: form.text("control").to_owned(),
+            delivery: form.text("delivery").to_owned(),
+            at: form.text("at").to_owned(),
+            cohort: form.text("cohort").to_owned(),
+            segments: form.all("segment").into_iter().map(str::to_owned).collect(),
+        }
+    }
+
+    /// The form for a stored campaign, when it can show it: email and webhook variants, and
+    /// delivery by API trigger, once at a time, or on one cohort's entry.
+    fn from_record(c: &CampaignRecord) -> Option<CampaignForm> {
+        let d = &c.definition;
+        let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
+        let number = |v: &Value| v.as_u64().map_or_else(String::new, |n| n.to_string());
+        let variants = d["messages"]
+            .as_array()?
+            .iter()
+            .map(|m| VariantForm {
+                id: text(&m["id"]),
+                name: text(&m["name"]),
+                percent: number(&m["percent"]),
+                channel: text(&m["channel"]),
+                url: text(&m["url"]),
+                from: text(&m["from"]),
+                subject: text(&m["subject"]),
+                body: text(&m["body"]),
+            })
+            .collect();
+        let mut f = CampaignForm {
+            name: c.name.clone(),
+            variants,
+            control: number(&d["control_percent"]),
+            segments: d["audience"]["segment_ids"]
                 .as_array()
-                .filter(|t| t.len() == 1)?;
-            let entry = triggers[0].get("cohort_entry")?;
-            f.push(("delivery".into(), "cohort_entry".into()));
-            f.push((
-                "cohort".into(),
-                [text(&entry["partner"]), text(&entry["cohort_id"])].join(":"),
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect(),
+            ..CampaignForm::default()
+        };
+        match d["delivery"]["type"].as_str()? {
+            "api_triggered" => f.delivery = "api_triggered".into(),
+            "scheduled" if d["delivery"]["schedule"]["frequency"] == "once" => {
+                f.delivery = "scheduled".into();
+                f.at = text(&d["delivery"]["schedule"]["at"]);
+            }
+            "action_based" => {
+                let triggers = d["delivery"]["triggers"]
+                    .as_array()
+                    .filter(|t| t.len() == 1)?;
+                let entry = triggers[0].get("cohort_entry")?;
+                f.delivery = "cohort_entry".into();
+                f.cohort = [text(&entry["partner"]), text(&entry["cohort_id"])].join(":");
+            }
+            _ => return None,
+        }
+        Some(f)
+    }
+
+    /// The management API's JSON for the form, or the field to fix. Percentages are passed as
+    /// numbers and checked by the API (each 0–100, all with the control group adding up to 100).
+    fn to_json(&self) -> Result<Value, FieldError> {
+        if self.name.is_empty() {
+            return Err(FieldError::new("name", "Give the campaign a name."));
+        }
+        if self.variants.is_empty() {
+            return Err(FieldError::new(
+                "messages",
+                "Add at least one message variant.",
             ));
         }
-        _ => return None,
+        let whole = |raw: &str, place: String| {
+            raw.parse::<u64>()
+                .map_err(|_| FieldError::new(place, "write a whole number from 0 to 100"))
+        };
+        let mut messages = Vec::with_capacity(self.variants.len());
+        for (i, v) in self.variants.iter().enumerate() {
+            let place = |f: &str| ["messages[", &i.to_string(), "].", f].concat();
+            let mut m = match v.channel.as_str() {
+                "email" => {
+                    json!({"channel": "email", "from": v.from, "subject": v.subject, "body": v.body})
+                }
+                "webhook" => json!({"channel": "webhook", "url": v.url, "body": v.body}),
+                _ => {
+                    return Err(FieldError::new(
+                        place("channel"),
+                        "choose the email or webhook channel",
+                    ));
+                }
+            };
+            m["percent"] = json!(whole(&v.percent, place("percent"))?);
+            if !v.id.is_empty() {
+                m["id"] = json!(v.id);
+            }
+            if !v.name.is_empty() {
+                m["name"] = json!(v.name);
+            }
+            messages.push(m);
+        }
+        let control = if self.control.is_empty() {
+            0
+        } else {
+            whole(&self.control, "control_percent".into())?
+        };
+        let delivery = match self.delivery.as_str() {
+            "api_triggered" => json!({"type": "api_triggered"}),
+            "scheduled" => {
+                let at = parse_datetime(&self.at).ok_or_else(|| {
+                    FieldError::new(
+                        "delivery.schedule.at",
+                        "Send at: write an ISO 8601 time such as 2026-12-24T09:00:00Z.",
+                    )
+                })?;
+                json!({"type": "scheduled", "schedule": {"frequency": "once", "at": at.to_iso()}})
+            }
+            "cohort_entry" => {
+                let (partner, cohort_id) = self.cohort.split_once(':').ok_or_else(|| {
+                    FieldError::new(
+                        "delivery.triggers",
+                        "Pick the cohort whose entry triggers the campaign.",
+                    )
+                })?;
+                json!({"type": "action_based", "triggers": [{"cohort_entry": {"partner": partner, "cohort_id": cohort_id}}]})
+            }
+            _ => {
+                return Err(FieldError::new(
+                    "delivery",
+                    "Choose how the campaign is delivered.",
+                ));
+            }
+        };
+        let mut out = json!({"name": self.name, "messages": messages, "control_percent": control, "delivery": delivery});
+        if !self.segments.is_empty() {
+            out["audience"] = json!({ "segment_ids": self.segments });
+        }
+        Ok(out)
     }
-    for id in d["audience"]["segment_ids"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        f.push(("segment".into(), text(id)));
-    }
-    Some(FormData(f))
 }
 
 async fn form_page(
     state: &AppState,
     ctx: &Ctx,
-    form: &FormData,
+    form: &CampaignForm,
     editing: Option<&CampaignRecord>,
-    error: Option<&str>,
+    error: Option<&FieldError>,
 ) -> Result<Markup, PageError> {
     let store = state.store();
     let segments = store.list_segments(ctx.workspace.id).await?;
     let cohorts = store.list_cohorts(ctx.workspace.id).await?;
-    let v = |name: &str| form.get(name).unwrap_or("").to_owned();
-    let channel = form.get("channel").unwrap_or("webhook");
-    let delivery = form.get("delivery").unwrap_or("api_triggered");
-    let picked = form.all("segment");
+    // The error, when it is about this place (the API's path).
+    let at = |place: &str| error.filter(|e| e.field == place);
+    let input = |id: &str, name: &str, kind: &str, value: &str, place: &str| {
+        html! {
+            input type=(kind) id=(id) name=(name) value=(value)
+                aria-invalid=[at(place).map(|_| "true")] aria-describedby=[described_by(at(place), id)];
+            (error_beside(at(place), id))
+        }
+    };
     let body = html! {
-        @if let Some(error) = error { p class="notice error" role="alert" { (error) } }
+        @if let Some(error) = error { p class="notice error" role="alert" { (error.full()) } }
         form class="card" method="post" action=(match editing {
             Some(c) => ctx.url(&["/campaigns/", &super::segment(&c.id)].concat()),
             None => ctx.url("/campaigns"),
         }) {
             (ctx.csrf_field())
+            // Enter in a field saves (a form's first submit button is its default).
+            button type="submit" class="default-submit" tabindex="-1" aria-hidden="true" { "Save" }
             label for="campaign-name" { "Campaign name" }
-            input type="text" id="campaign-name" name="name" required maxlength="255" value=(v("name"));
-            fieldset {
-                legend { "Message" }
-                label class="check" { input type="radio" name="channel" value="webhook" checked[channel == "webhook"]; "Webhook" }
-                label class="check" { input type="radio" name="channel" value="email" checked[channel == "email"]; "Email" }
-                label for="webhook-url" { "Webhook URL " span class="muted" { "(webhook)" } }
-                input type="url" id="webhook-url" name="url" value=(v("url"));
-                label for="email-from" { "From " span class="muted" { "(email)" } }
-                input type="text" id="email-from" name="from" value=(v("from"));
-                label for="email-subject" { "Subject " span class="muted" { "(email; Liquid)" } }
-                input type="text" id="email-subject" name="subject" value=(v("subject"));
-                label for="message-body" { "Body " span class="muted" { "(Liquid: {{${first_name}}}, {{custom_attribute.${plan}}}, …)" } }
-                textarea id="message-body" name="body" rows="5" { (v("body")) }
+            input type="text" id="campaign-name" name="name" required maxlength="255" value=(form.name)
+                aria-invalid=[at("name").map(|_| "true")] aria-describedby=[described_by(at("name"), "campaign-name")];
+            (error_beside(at("name"), "campaign-name"))
+            fieldset id="variants" {
+                legend { "Messages " span class="muted" { "(variants: each user gets one, by percentage; the control group gets none)" } }
+                (error_beside(at("messages"), "variants"))
+                @for (i, v) in form.variants.iter().enumerate() {
+                    @let n = ["v", &i.to_string()].concat();
+                    @let id = |f: &str| [n.as_str(), "-", f].concat();
+                    @let name = |f: &str| [n.as_str(), "_", f].concat();
+                    @let place = |f: &str| ["messages[", &i.to_string(), "].", f].concat();
+                    fieldset class="variant" id=(id("fields")) {
+                        legend { "Variant " (i + 1) }
+                        input type="hidden" name=(name("id")) value=(v.id);
+                        label for=(id("name")) { "Variant name" }
+                        (input(&id("name"), &name("name"), "text", &v.name, &place("name")))
+                        label for=(id("percent")) { "Percent of users" }
+                        (input(&id("percent"), &name("percent"), "number", &v.percent, &place("percent")))
+                        div role="radiogroup" aria-label=(["Variant ", &(i + 1).to_string(), " channel"].concat()) {
+                            label class="check" { input type="radio" name=(name("channel")) value="webhook" checked[v.channel == "webhook"]; "Webhook" }
+                            label class="check" { input type="radio" name=(name("channel")) value="email" checked[v.channel == "email"]; "Email" }
+                        }
+                        (error_beside(at(&place("channel")), &id("channel")))
+                        label for=(id("url")) { "Webhook URL " span class="muted" { "(webhook)" } }
+                        (input(&id("url"), &name("url"), "url", &v.url, &place("url")))
+                        label for=(id("from")) { "From " span class="muted" { "(email)" } }
+                        (input(&id("from"), &name("from"), "text", &v.from, &place("from")))
+                        label for=(id("subject")) { "Subject " span class="muted" { "(email; Liquid)" } }
+                        (input(&id("subject"), &name("subject"), "text", &v.subject, &place("subject")))
+                        label for=(id("body")) { "Body " span class="muted" { "(Liquid: {{${first_name}}}, {{custom_attribute.${plan}}}, …)" } }
+                        textarea id=(id("body")) name=(name("body")) rows="5"
+                            aria-invalid=[at(&place("body")).map(|_| "true")] aria-describedby=[described_by(at(&place("body")), &id("body"))] { (v.body) }
+                        (error_beside(at(&place("body")), &id("body")))
+                        @if form.variants.len() > 1 {
+                            button type="submit" class="secondary" name="remove" value=(n) formnovalidate { "Remove variant " (i + 1) }
+                        }
+                    }
+                }
+                @if form.variants.len() < MAX_VARIANTS {
+                    button type="submit" class="secondary" name="add" value="variant" id="add-variant" formnovalidate { "Add a variant" }
+                }
+                label for="control-percent" { "Control group " span class="muted" { "(percent of users who get no message)" } }
+                (input("control-percent", "control", "number", &form.control, "control_percent"))
             }
             fieldset {
                 legend { "Audience " span class="muted" { "(users in every ticked segment; none ticked: everyone)" } }
                 @if segments.is_empty() { p class="muted" { "No segments yet." } }
                 @for s in &segments {
-                    label class="check" { input type="checkbox" name="segment" value=(s.id) checked[picked.contains(&s.id.as_str())]; (s.name) }
+                    label class="check" { input type="checkbox" name="segment" value=(s.id) checked[form.segments.contains(&s.id)]; (s.name) }
                 }
+                (error_beside(error.filter(|e| e.field.starts_with("audience")), "audience"))
             }
             fieldset {
                 legend { "Delivery" }
-                label class="check" { input type="radio" name="delivery" value="api_triggered" checked[delivery == "api_triggered"]; "API-triggered" }
-                label class="check" { input type="radio" name="delivery" value="scheduled" checked[delivery == "scheduled"]; "Once, at a time" }
+                (error_beside(at("delivery"), "delivery"))
+                label class="check" { input type="radio" name="delivery" value="api_triggered" checked[form.delivery == "api_triggered"]; "API-triggered" }
+                label class="check" { input type="radio" name="delivery" value="scheduled" checked[form.delivery == "scheduled"]; "Once, at a time" }
                 label for="send-at" { "Send at (UTC, e.g. 2026-12-24T09:00:00Z)" }
-                input type="text" id="send-at" name="at" value=(v("at"));
-                label class="check" { input type="radio" name="delivery" value="cohort_entry" checked[delivery == "cohort_entry"]; "When a user enters a cohort" }
+                (input("send-at", "at", "text", &form.at, "delivery.schedule.at"))
+                label class="check" { input type="radio" name="delivery" value="cohort_entry" checked[form.delivery == "cohort_entry"]; "When a user enters a cohort" }
                 label for="entry-cohort" { "Cohort" }
-                select id="entry-cohort" name="cohort" {
+                select id="entry-cohort" name="cohort" aria-describedby=[described_by(at("delivery.triggers"), "entry-cohort")] {
                     option value="" { "— pick a cohort —" }
                     @for c in &cohorts {
                         @let value = [c.partner.as_str(), ":", c.cohort_id.as_str()].concat();
-                        option value=(value) selected[form.get("cohort") == Some(value.as_str())] {
+                        option value=(value) selected[form.cohort == value] {
                             (partner(&c.partner).map_or(c.partner.as_str(), |p| p.filter_name)) " › " (c.name)
                         }
                     }
                 }
+                (error_beside(at("delivery.triggers"), "entry-cohort"))
             }
             div class="actions" {
                 @if editing.is_some() { button type="submit" id="save-campaign" { "Save changes" } }
@@ -241,48 +451,76 @@ async fn form_page(
     Ok(layout::page(ctx, Section::Campaigns, title, body))
 }
 
-/// The management API's JSON for the form, or what to fix.
-fn definition(form: &FormData) -> Result<Value, String> {
-    let name = form.get("name").unwrap_or("").trim();
-    if name.is_empty() {
-        return Err("Give the campaign a name.".into());
-    }
-    let body = form.get("body").unwrap_or("");
-    let message = match form.get("channel") {
-        Some("email") => json!({"channel": "email", "from": form.get("from").unwrap_or(""),
-                                "subject": form.get("subject").unwrap_or(""), "body": body}),
-        Some("webhook") => {
-            json!({"channel": "webhook", "url": form.get("url").unwrap_or(""), "body": body})
-        }
-        _ => return Err("Choose the email or webhook channel.".into()),
-    };
-    let delivery = match form.get("delivery") {
-        Some("api_triggered") => json!({"type": "api_triggered"}),
-        Some("scheduled") => {
-            let at = form.get("at").unwrap_or("").trim();
-            let at = parse_datetime(at).ok_or_else(|| {
-                "Send at: write an ISO 8601 time such as 2026-12-24T09:00:00Z.".to_owned()
-            })?;
-            json!({"type": "scheduled", "schedule": {"frequency": "once", "at": at.to_iso()}})
-        }
-        Some("cohort_entry") => {
-            let (partner, cohort_id) = form
-                .get("cohort")
-                .and_then(|c| c.split_once(':'))
-                .ok_or_else(|| "Pick the cohort whose entry triggers the campaign.".to_owned())?;
-            json!({"type": "action_based", "triggers": [{"cohort_entry": {"partner": partner, "cohort_id": cohort_id}}]})
-        }
-        _ => return Err("Choose how the campaign is delivered.".into()),
-    };
-    let segments = form.all("segment");
-    let mut out = json!({"name": name, "messages": [message], "delivery": delivery});
-    if !segments.is_empty() {
-        out["audience"] = json!({ "segment_ids": segments });
-    }
-    Ok(out)
+/// Whether the POST only adds or removes a variant (the form is shown again, nothing saved).
+fn reshaping(form: &FormData) -> bool {
+    form.get("add").is_some() || form.get("remove").is_some()
 }
 
-/// `POST /dashboard/w/{ws}/campaigns`: saves a draft.
+/// The form's definition through the API's checks: the canonical JSON, or the form again
+/// (400) with the field to fix.
+async fn checked_form(
+    state: &AppState,
+    ctx: &Ctx,
+    f: &CampaignForm,
+    editing: Option<&CampaignRecord>,
+) -> Result<Result<(String, Value), Response>, PageError> {
+    let refuse = |e: FieldError| async move {
+        Ok::<_, PageError>(refused(form_page(state, ctx, f, editing, Some(&e)).await?))
+    };
+    let raw = match f.to_json() {
+        Ok(raw) => raw,
+        Err(e) => return Ok(Err(refuse(e).await?)),
+    };
+    // An edit keeps what the form does not show: the campaign's other settings, and each
+    // kept variant's other fields (headers, extras, …) while its channel is unchanged.
+    let merged = match editing.map(|c| &c.definition) {
+        Some(Value::Object(stored)) => {
+            let mut merged = stored.clone();
+            let old = stored
+                .get("messages")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let messages: Vec<Value> = raw["messages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| {
+                    match old
+                        .iter()
+                        .find(|o| o.get("id").is_some() && o["id"] == m["id"])
+                    {
+                        Some(Value::Object(o)) if o.get("channel") == m.get("channel") => {
+                            let mut kept = o.clone();
+                            if let Value::Object(new) = m {
+                                kept.extend(new.clone());
+                            }
+                            Value::Object(kept)
+                        }
+                        _ => m.clone(),
+                    }
+                })
+                .collect();
+            merged.insert("messages".into(), Value::Array(messages));
+            for key in ["control_percent", "delivery"] {
+                merged.insert(key.into(), raw[key].clone());
+            }
+            match raw.get("audience") {
+                Some(audience) => merged.insert("audience".into(), audience.clone()),
+                None => merged.remove("audience"),
+            };
+            Value::Object(merged)
+        }
+        _ => raw.clone(),
+    };
+    match checked_definition(state, &ctx.workspace, &merged).await {
+        Ok((_, canonical)) => Ok(Ok((f.name.clone(), canonical))),
+        Err(e) => Ok(Err(refuse(FieldError::from_api(e)?).await?)),
+    }
+}
+
+/// `POST /dashboard/w/{ws}/campaigns`: saves a draft (or, for "Add a variant" / "Remove",
+/// shows the form again).
 pub async fn create(
     State(state): State<AppState>,
     Extension(me): Extension<Me>,
@@ -290,20 +528,15 @@ pub async fn create(
     path: PathParams,
 ) -> Result<Response, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
-    let raw = match definition(&form) {
-        Ok(raw) => raw,
-        Err(message) => {
-            let page = form_page(&state, &ctx, &form, None, Some(&message)).await?;
-            return Ok((StatusCode::BAD_REQUEST, page).into_response());
-        }
-    };
-    let canonical = match checked_definition(&state, &ctx.workspace, &raw).await {
-        Ok((_, canonical)) => canonical,
-        Err(ApiError::BadRequest { message, .. }) => {
-            let page = form_page(&state, &ctx, &form, None, Some(&message)).await?;
-            return Ok((StatusCode::BAD_REQUEST, page).into_response());
-        }
-        Err(e) => return Err(api_error(e)),
+    let f = CampaignForm::from_form(&form);
+    if reshaping(&form) {
+        return Ok(form_page(&state, &ctx, &f, None, None)
+            .await?
+            .into_response());
+    }
+    let (name, canonical) = match checked_form(&state, &ctx, &f, None).await? {
+        Ok(ok) => ok,
+        Err(page) => return Ok(page),
     };
     let at = state.dashboard_now();
     state
@@ -312,7 +545,7 @@ pub async fn create(
             ctx.workspace.id,
             CampaignRecord {
                 id: uuid::Uuid::new_v4().to_string(),
-                name: raw["name"].as_str().unwrap_or("").to_owned(),
+                name,
                 description: String::new(),
                 tags: Vec::new(),
                 status: CampaignStatus::Draft,
@@ -337,16 +570,7 @@ pub async fn action(
 ) -> Result<Response, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     let id = path_param(&path.0, "id")?;
-    let action = match path_param(&path.0, "action")? {
-        "launch" => CampaignAction::Launch,
-        "pause" => CampaignAction::Pause,
-        "stop" => CampaignAction::Stop,
-        other => {
-            return Err(PageError::NotFound(format!(
-                "No campaign action '{other}' (launch, pause or stop)."
-            )));
-        }
-    };
+    let action = lifecycle_action(path_param(&path.0, "action")?, "campaign")?;
     change_status(&state, &ctx.workspace, id, action)
         .await
         .map_err(api_error)?;
@@ -511,7 +735,7 @@ pub async fn detail(
             None => {}
         }
         p {
-            @if ctx.me.may_change() && form_from(&c).is_some() {
+            @if ctx.me.may_change() && c.status != CampaignStatus::Stopped && CampaignForm::from_record(&c).is_some() {
                 a href=(ctx.url(&["/campaigns/", &super::segment(&c.id), "/edit"].concat())) id="edit-campaign" { "Edit" } " · "
             }
             a href=(ctx.url("/campaigns")) { "All campaigns" }
@@ -537,23 +761,20 @@ pub async fn edit_form(
     path: PathParams,
 ) -> Result<Markup, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
-    if !ctx.me.may_change() {
-        return Err(PageError::Forbidden(
-            "Your role is read-only: you can look, not change.",
-        ));
-    }
+    require_admin(&ctx)?;
     let c = load(&state, &ctx, &path).await?;
-    let form = form_from(&c).ok_or_else(|| {
+    let form = CampaignForm::from_record(&c).ok_or_else(|| {
         PageError::Conflict(format!(
-            "This campaign has what the form cannot show (several variants, or other triggers); change it with PUT /api/v1/campaigns/{}.",
+            "This campaign's delivery is one the form cannot show (several triggers, or a recurring schedule); change it with PUT /api/v1/campaigns/{}.",
             c.id
         ))
     })?;
     form_page(&state, &ctx, &form, Some(&c), None).await
 }
 
-/// `POST /dashboard/w/{ws}/campaigns/{id}`: saves the form over the campaign's name, message,
-/// audience and delivery (its other settings are kept), through the API's checks.
+/// `POST /dashboard/w/{ws}/campaigns/{id}`: saves the form over the campaign's name,
+/// variants, control group, audience and delivery (its other settings are kept), through the
+/// API's checks; "Add a variant" / "Remove" show the form again.
 pub async fn update(
     State(state): State<AppState>,
     Extension(me): Extension<Me>,
@@ -562,33 +783,17 @@ pub async fn update(
 ) -> Result<Response, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     let mut c = load(&state, &ctx, &path).await?;
-    let raw = match definition(&form) {
-        Ok(raw) => raw,
-        Err(message) => {
-            let page = form_page(&state, &ctx, &form, Some(&c), Some(&message)).await?;
-            return Ok((StatusCode::BAD_REQUEST, page).into_response());
-        }
-    };
-    let mut merged = match c.definition.clone() {
-        Value::Object(m) => m,
-        _ => serde_json::Map::new(),
-    };
-    for key in ["messages", "delivery"] {
-        merged.insert(key.into(), raw[key].clone());
+    let f = CampaignForm::from_form(&form);
+    if reshaping(&form) {
+        return Ok(form_page(&state, &ctx, &f, Some(&c), None)
+            .await?
+            .into_response());
     }
-    match raw.get("audience") {
-        Some(audience) => merged.insert("audience".into(), audience.clone()),
-        None => merged.remove("audience"),
+    let (name, canonical) = match checked_form(&state, &ctx, &f, Some(&c)).await? {
+        Ok(ok) => ok,
+        Err(page) => return Ok(page),
     };
-    let canonical = match checked_definition(&state, &ctx.workspace, &Value::Object(merged)).await {
-        Ok((_, canonical)) => canonical,
-        Err(ApiError::BadRequest { message, .. }) => {
-            let page = form_page(&state, &ctx, &form, Some(&c), Some(&message)).await?;
-            return Ok((StatusCode::BAD_REQUEST, page).into_response());
-        }
-        Err(e) => return Err(api_error(e)),
-    };
-    c.name = raw["name"].as_str().unwrap_or("").to_owned();
+    c.name = name;
     c.definition = canonical;
     c.updated_at = state.dashboard_now();
     let id = c.id.clone();

@@ -1,7 +1,7 @@
-//! The workspace's home page: how many users, cohorts, segments, campaigns and Currents it
-//! has, and how the Currents are doing. Users are counted by the segment index (its size, not
-//! a scan of the users table), when the workspace has one; everything else is a listing of a
-//! few rows.
+//! The workspace's home page: how many users, cohorts, segments, campaigns, Canvases and
+//! Currents it has, and how the Currents are doing. Users are counted by the segment index
+//! (its size, not a scan of the users table), when the workspace has one; everything else is a
+//! listing of a few rows.
 
 use axum::Extension;
 use axum::extract::State;
@@ -37,6 +37,7 @@ pub async fn page(
         None
     };
     let campaigns = store.list_campaigns(ws).await?.len();
+    let canvases = store.list_canvases(ws).await?.len();
     let currents = store.list_currents(ws).await?;
     let healthy = currents
         .iter()
@@ -68,6 +69,7 @@ pub async fn page(
             (card(cohorts.to_string(), "cohorts", Some(ctx.url("/cohorts"))))
             (card(segments.to_string(), "segments", Some(ctx.url("/segments"))))
             (card(campaigns.to_string(), "campaigns", Some(ctx.url("/campaigns"))))
+            (card(canvases.to_string(), "Canvases", Some(ctx.url("/canvases"))))
             (card(currents.len().to_string(), "Currents", ctx.currents.then(|| ctx.url("/currents"))))
             (card(healthy.to_string(), "Currents delivering", None))
             (card(failing.to_string(), "Currents failing or halted", None))

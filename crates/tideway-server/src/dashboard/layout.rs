@@ -14,6 +14,7 @@ pub enum Section {
     Segments,
     Users,
     Campaigns,
+    Canvases,
     Currents,
     ApiKeys,
 }
@@ -74,6 +75,7 @@ pub fn page(ctx: &Ctx, section: Section, title: &str, body: Markup) -> Markup {
                         (nav(Section::Users, "/users", "User lookup"))
                         h2 { "Messaging" }
                         (nav(Section::Campaigns, "/campaigns", "Campaigns"))
+                        (nav(Section::Canvases, "/canvases", "Canvas"))
                         h2 { "Partner Integrations" }
                         (nav(Section::Heap, "/partners/heap", "Technology Partners › Heap"))
                         @if ctx.currents {

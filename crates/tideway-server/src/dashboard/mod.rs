@@ -20,8 +20,12 @@
 //!   `assets.rs`, compiled into the binary.
 //!
 //! Pages: `home.rs` (counts), `heap.rs` (Technology Partners › Heap), `cohorts.rs`,
-//! `lookup.rs` (user lookup), `campaigns.rs` (list, create, launch / pause / stop), `segments.rs` (list, builder with live size, members, CSV), `currents.rs` (Data Export:
-//! Currents), `api_keys.rs` (Developer Console › REST API keys); `layout.rs` is the frame around them.
+//! `lookup.rs` (user lookup: profile, events and purchases, cohorts, segments, recent
+//! messages), `campaigns.rs` (list, create and edit with several variants, launch / pause /
+//! stop), `canvases.rs` (list, a Canvas as its steps with their figures, create and edit,
+//! launch / pause / stop), `segments.rs` (list, builder with live size, members, CSV),
+//! `currents.rs` (Data Export: Currents), `api_keys.rs` (Developer Console › REST API keys);
+//! `layout.rs` is the frame around them, `forms.rs` what every form shares.
 //!
 //! [`DashboardStore`]: tideway_core::store::DashboardStore
 
@@ -29,8 +33,10 @@ mod api_keys;
 mod assets;
 mod auth;
 mod campaigns;
+mod canvases;
 mod cohorts;
 mod currents;
+mod forms;
 mod heap;
 mod home;
 mod layout;
@@ -55,6 +61,7 @@ use tideway_core::store::{DashboardSession, StoreError, Workspace};
 use crate::AppState;
 
 pub use auth::SESSION_COOKIE;
+pub(crate) use forms::FormData;
 
 /// Settings of the dashboard.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -150,6 +157,23 @@ pub fn router(state: AppState) -> Router<AppState> {
             post(campaigns::action),
         )
         .route(
+            "/dashboard/w/{ws}/canvases",
+            get(canvases::list).post(canvases::create),
+        )
+        .route("/dashboard/w/{ws}/canvases/new", get(canvases::new_form))
+        .route(
+            "/dashboard/w/{ws}/canvases/{id}",
+            get(canvases::detail).post(canvases::update),
+        )
+        .route(
+            "/dashboard/w/{ws}/canvases/{id}/edit",
+            get(canvases::edit_form),
+        )
+        .route(
+            "/dashboard/w/{ws}/canvases/{id}/{action}",
+            post(canvases::action),
+        )
+        .route(
             "/dashboard/w/{ws}/currents",
             get(currents::list).post(currents::create),
         )
@@ -219,33 +243,6 @@ pub(crate) struct Me {
 impl Me {
     pub fn may_change(&self) -> bool {
         self.session.user.role.may_change()
-    }
-}
-
-/// A POST's form fields, in order (repeated names kept: checkbox groups).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct FormData(pub Vec<(String, String)>);
-
-impl FormData {
-    pub fn parse(bytes: &[u8]) -> FormData {
-        FormData(form_urlencoded::parse(bytes).into_owned().collect())
-    }
-
-    /// The first value of `name`.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Every value of `name`.
-    pub fn all(&self, name: &str) -> Vec<&str> {
-        self.0
-            .iter()
-            .filter(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .collect()
     }
 }
 

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use axum::Extension;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde_json::{Map, Value, json};
@@ -23,10 +23,10 @@ use tideway_core::cohorts::partner;
 use tideway_core::segments::{Segment, segment_lookup};
 use tideway_core::store::CohortSummary;
 
+use super::forms::{FieldError, refused, require_admin};
 use super::layout::{self, Section};
 use super::{Ctx, FormData, Me, PageError, PathParams, path_param, see_other, when, ws_id};
 use crate::AppState;
-use crate::error::ApiError;
 use crate::segments_api::{parse_filter, references};
 
 /// Members on one page.
@@ -143,36 +143,25 @@ impl Builder {
     /// key or `group`) and `remove` (a row's key) applied.
     fn from_form(form: &FormData) -> Builder {
         let mut groups = Vec::new();
-        for i in 0..20 {
-            let g = ["g", &i.to_string()].concat();
-            let Some(combine) = form.get(&[g.as_str(), "_combine"].concat()) else {
-                break;
-            };
-            let mut rows = Vec::new();
-            for j in 0..20 {
-                let r = [g.as_str(), "r", &j.to_string(), "_"].concat();
-                let field = |f: &str| form.get(&[r.as_str(), f].concat()).unwrap_or("").to_owned();
-                let kind = field("kind");
-                if kind.is_empty() {
-                    break;
-                }
-                if form.get("remove") == Some(&r[..r.len() - 1]) {
-                    continue;
-                }
-                rows.push(Row {
-                    kind,
-                    cohort: field("cohort"),
-                    cohort_op: field("cohort_op"),
-                    name: field("name"),
-                    op: field("op"),
-                    value: field("value"),
-                    vtype: field("vtype"),
-                    within: field("within"),
-                    product: field("product"),
-                    segment: field("segment"),
-                });
-            }
-            if form.get("add") == Some(g.as_str()) {
+        for g in form.groups("g", "combine") {
+            let mut rows: Vec<Row> = g
+                .groups("r", "kind")
+                .into_iter()
+                .filter(|r| !r.get("kind").is_empty())
+                .map(|r| Row {
+                    kind: r.get("kind").to_owned(),
+                    cohort: r.get("cohort").to_owned(),
+                    cohort_op: r.get("cohort_op").to_owned(),
+                    name: r.get("name").to_owned(),
+                    op: r.get("op").to_owned(),
+                    value: r.get("value").to_owned(),
+                    vtype: r.get("vtype").to_owned(),
+                    within: r.get("within").to_owned(),
+                    product: r.get("product").to_owned(),
+                    segment: r.get("segment").to_owned(),
+                })
+                .collect();
+            if form.get("add") == Some(g.name()) {
                 rows.push(Row {
                     kind: "attribute".into(),
                     ..Row::default()
@@ -180,7 +169,7 @@ impl Builder {
             }
             if !rows.is_empty() {
                 groups.push(Group {
-                    combine: and_or(Some(combine)),
+                    combine: and_or(Some(g.get("combine"))),
                     rows,
                 });
             }
@@ -189,7 +178,7 @@ impl Builder {
             groups.push(Builder::empty().groups.remove(0));
         }
         Builder {
-            name: form.get("name").unwrap_or("").trim().to_owned(),
+            name: form.text("name").to_owned(),
             combine: and_or(form.get("combine")),
             groups,
         }
@@ -591,12 +580,7 @@ async fn size_text(
             ]
             .concat())
         }
-        Err(ApiError::BadRequest { message, .. }) => {
-            Ok(["Not valid yet: ", message.as_str()].concat())
-        }
-        Err(_) => Err(PageError::Store(
-            tideway_core::store::StoreError::Unavailable("segment validation".into()),
-        )),
+        Err(e) => Ok(["Not valid yet: ", &FieldError::from_api(e)?.full()].concat()),
     }
 }
 
@@ -662,11 +646,7 @@ pub async fn new_page(
     path: PathParams,
 ) -> Result<Markup, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
-    if !ctx.me.may_change() {
-        return Err(PageError::Forbidden(
-            "Your role is read-only: you can look, not change.",
-        ));
-    }
+    require_admin(&ctx)?;
     builder_page(&state, &ctx, &Builder::empty(), None, None).await
 }
 
@@ -738,13 +718,9 @@ async fn save(
     let filter =
         match parse_filter(state, &ctx.workspace, &raw, editing.map(|s| s.id.as_str())).await {
             Ok(filter) => filter.to_json(),
-            Err(ApiError::BadRequest { message, .. }) => {
-                return refuse(state, ctx, &b, editing, &message).await;
-            }
-            Err(_) => {
-                return Err(PageError::Store(
-                    tideway_core::store::StoreError::Unavailable("segment validation".into()),
-                ));
+            Err(e) => {
+                let why = FieldError::from_api(e)?;
+                return refuse(state, ctx, &b, editing, &why.full()).await;
             }
         };
     let now = state.dashboard_now();
@@ -782,8 +758,9 @@ async fn refuse(
     editing: Option<&Segment>,
     message: &str,
 ) -> Result<Response, PageError> {
-    let page = builder_page(state, ctx, b, editing, Some(message)).await?;
-    Ok((StatusCode::BAD_REQUEST, page).into_response())
+    Ok(refused(
+        builder_page(state, ctx, b, editing, Some(message)).await?,
+    ))
 }
 
 /// `POST …/segments`: creates a segment.

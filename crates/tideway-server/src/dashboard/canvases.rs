@@ -1,0 +1,558 @@
+//! Canvas: the list with status, entry and figures (entered, in a journey now, converted,
+//! messages sent); a Canvas shown as its steps — each step's type, name, what it does, the
+//! steps its paths lead to, the users in it now and how many entered, progressed and exited,
+//! and a Message step's sends; launch, pause, stop (admins; a read-only user sees the buttons
+//! disabled and the guard refuses the POST); and a form to create or edit a Canvas — name,
+//! description and tags as fields, the graph as the management API's JSON document.
+//!
+//! Nothing here decides what a Canvas may be: the form's document goes through
+//! `canvases_api::{create_canvas, update_canvas}` (the same parse and Liquid checks as
+//! `/api/v1/canvases`; a refusal is shown beside the field it names, nothing saved), the
+//! buttons through `canvases_api::change_status`, and the figures come from
+//! `canvases_api::step_figures`, as `GET /api/v1/canvases/{id}` reports them.
+
+use axum::Extension;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use maud::{Markup, html};
+use serde_json::{Map, Value, json};
+use tideway_core::campaigns::CampaignStatus;
+use tideway_core::canvas::{CanvasDefinition, Delay, Step, StepKind};
+use tideway_core::store::CanvasRecord;
+
+use super::forms::{
+    FieldError, api_error, described_by, error_beside, lifecycle_action, refused, require_admin,
+};
+use super::layout::{self, Section};
+use super::{Ctx, FormData, Me, PageError, PathParams, path_param, see_other, when, ws_id};
+use crate::AppState;
+use crate::canvases_api::{
+    StepFigures, change_status, create_canvas, loaded, step_figures, update_canvas,
+};
+
+fn status_class(status: CampaignStatus) -> &'static str {
+    match status {
+        CampaignStatus::Active => "badge ok",
+        CampaignStatus::Stopped => "badge bad",
+        CampaignStatus::Draft | CampaignStatus::Paused => "badge",
+    }
+}
+
+fn canvas_url(ctx: &Ctx, c: &CanvasRecord, rest: &str) -> String {
+    ctx.url(&["/canvases/", &super::segment(&c.id), rest].concat())
+}
+
+/// Launch / pause / stop as the Canvas's status allows; disabled for a read-only user.
+fn actions(ctx: &Ctx, c: &CanvasRecord) -> Markup {
+    let admin = ctx.me.may_change();
+    let button = |action: &str, label: &str| {
+        html! {
+            form class="inline" method="post" action=(canvas_url(ctx, c, &["/", action].concat())) {
+                (ctx.csrf_field())
+                button type="submit" class="secondary" disabled[!admin]
+                    aria-label=([label, " ", c.name.as_str()].concat()) { (label) }
+            }
+        }
+    };
+    html! {
+        @match c.status {
+            CampaignStatus::Draft | CampaignStatus::Paused => (button("launch", "Launch")),
+            CampaignStatus::Active => (button("pause", "Pause")),
+            CampaignStatus::Stopped => {},
+        }
+        @if c.status != CampaignStatus::Stopped { " " (button("stop", "Stop")) }
+    }
+}
+
+/// A stored Canvas's definition, or 500 (it was checked when saved).
+fn definition(c: &CanvasRecord) -> Result<CanvasDefinition, PageError> {
+    loaded(c).map_err(api_error)
+}
+
+async fn figures(
+    state: &AppState,
+    ctx: &Ctx,
+    c: &CanvasRecord,
+    def: &CanvasDefinition,
+) -> Result<Vec<StepFigures>, PageError> {
+    step_figures(state, &ctx.workspace, c, def)
+        .await
+        .map_err(api_error)
+}
+
+/// `GET /dashboard/w/{ws}/canvases`.
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(me): Extension<Me>,
+    path: PathParams,
+) -> Result<Markup, PageError> {
+    let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
+    let canvases = state.store().list_canvases(ctx.workspace.id).await?;
+    let mut rows = Vec::with_capacity(canvases.len());
+    for c in canvases {
+        let def = definition(&c)?;
+        let f = figures(&state, &ctx, &c, &def).await?;
+        let in_journey: u64 = f.iter().map(|s| s.counts.in_step).sum();
+        let converted: u64 = f.iter().map(|s| s.counts.conversions).sum();
+        let sent: u64 = f.iter().filter_map(|s| s.messages).map(|m| m.sent).sum();
+        let entry = def.entry.schedule_type();
+        rows.push((c, entry, in_journey, converted, sent));
+    }
+    let body = html! {
+        @if ctx.me.may_change() { p { a class="button" href=(ctx.url("/canvases/new")) id="new-canvas" { "Create Canvas" } } }
+        @if rows.is_empty() {
+            p class="muted" { "No Canvases yet." }
+        } @else {
+            table id="canvases" {
+                thead { tr { th { "Name" } th { "Status" } th { "Entry" } th { "Entered" } th { "In a journey" } th { "Converted" } th { "Messages sent" } th { "Last entry" } th { span class="muted" { "Actions" } } } }
+                tbody {
+                    @for (c, entry, in_journey, converted, sent) in &rows {
+                        tr {
+                            td { a href=(canvas_url(&ctx, c, "")) { (c.name) } }
+                            td { span class=(status_class(c.status)) { (c.status.as_str()) } }
+                            td { (entry.replace('_', " ")) }
+                            td class="entered" { (c.entries) }
+                            td class="in-journey" { (in_journey) }
+                            td { (converted) }
+                            td class="sent" { (sent) }
+                            td { @if let Some(at) = c.last_entry { (when(at)) } @else { span class="muted" { "—" } } }
+                            td { (actions(&ctx, c)) }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    Ok(layout::page(&ctx, Section::Canvases, "Canvas", body))
+}
+
+/// A duration in seconds as people say it ("3 days", "90 minutes").
+fn duration(secs: i64) -> String {
+    let (n, unit) = match secs {
+        s if s != 0 && s % 86_400 == 0 => (s / 86_400, "day"),
+        s if s != 0 && s % 3_600 == 0 => (s / 3_600, "hour"),
+        s if s != 0 && s % 60 == 0 => (s / 60, "minute"),
+        s => (s, "second"),
+    };
+    let mut out = n.to_string();
+    out.push(' ');
+    out.push_str(unit);
+    if n != 1 {
+        out.push('s');
+    }
+    out
+}
+
+/// What a step does, in a line.
+fn what(def: &CanvasDefinition, step: &Step) -> String {
+    match &step.kind {
+        StepKind::Message { message, .. } => {
+            ["Sends one ", message.message.channel().as_str(), " message"].concat()
+        }
+        StepKind::Delay { delay, .. } => match delay {
+            Delay::Duration { secs } => ["Waits ", &duration(*secs)].concat(),
+            Delay::Until { at } => ["Waits until ", &when(*at)].concat(),
+            Delay::DaysAt {
+                days,
+                minute_of_day,
+            } => format!(
+                "Waits {}, then until {:02}:{:02} UTC",
+                duration(i64::from(*days) * 86_400),
+                minute_of_day / 60,
+                minute_of_day % 60
+            ),
+        },
+        StepKind::DecisionSplit { filter, .. } => [
+            "Splits on ",
+            &def.filters
+                .get(*filter)
+                .map(Value::to_string)
+                .unwrap_or_default(),
+        ]
+        .concat(),
+        StepKind::AudiencePaths { paths, .. } => {
+            format!(
+                "Sends each user down the first of {} audience paths they match",
+                paths.len()
+            )
+        }
+        StepKind::ActionPaths { window_secs, .. } => [
+            "Waits up to ",
+            &duration(*window_secs),
+            " for the first action that names a path",
+        ]
+        .concat(),
+        StepKind::ExperimentPaths { paths } => [
+            "Splits users at random: ",
+            &paths
+                .iter()
+                .map(|p| [p.name.as_str(), " ", &p.percent.to_string(), "%"].concat())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ]
+        .concat(),
+        StepKind::UserUpdate { set, increment, .. } => {
+            let mut names: Vec<&str> = set.keys().map(String::as_str).collect();
+            names.extend(increment.iter().map(|(n, _)| n.as_str()));
+            ["Updates ", &names.join(", ")].concat()
+        }
+    }
+}
+
+/// `GET /dashboard/w/{ws}/canvases/{id}`: the Canvas as its steps, with their figures.
+pub async fn detail(
+    State(state): State<AppState>,
+    Extension(me): Extension<Me>,
+    path: PathParams,
+) -> Result<Markup, PageError> {
+    let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
+    let c = load(&state, &ctx, &path).await?;
+    let def = definition(&c)?;
+    let figures = figures(&state, &ctx, &c, &def).await?;
+    let step_name = |id: &str| def.step(id).map_or(id, |s| s.name.as_str()).to_owned();
+    let anchor = |id: &str| ["#step-", &super::segment(id)].concat();
+    let body = html! {
+        p {
+            span class=(status_class(c.status)) { (c.status.as_str()) }
+            " version " (c.version)
+            @if let Some(at) = c.launched_at { " — launched " (when(at)) }
+        }
+        @if !c.description.is_empty() { p { (c.description) } }
+        @if !c.tags.is_empty() { p class="muted" { "Tags: " (c.tags.join(", ")) } }
+        table id="canvas-summary" {
+            tbody {
+                tr { th scope="row" { "Entry" } td { (def.entry.schedule_type().replace('_', " ")) } }
+                tr { th scope="row" { "Entered" } td { (c.entries) } }
+                tr { th scope="row" { "First entry" } td { @if let Some(at) = c.first_entry { (when(at)) } @else { "—" } } }
+                tr { th scope="row" { "Last entry" } td { @if let Some(at) = c.last_entry { (when(at)) } @else { "—" } } }
+                @if def.control_percent > 0 { tr { th scope="row" { "Control group" } td { (def.control_percent) "%" } } }
+            }
+        }
+        p { (actions(&ctx, &c)) }
+        h2 { "Variants" }
+        ul id="canvas-variants" {
+            @for v in &def.variants {
+                li { (v.name) " — " (v.percent) "%, starts at " a href=(anchor(&v.first_step)) { (step_name(&v.first_step)) } }
+            }
+        }
+        h2 { "Steps" }
+        div class="steps" id="canvas-steps" {
+            @for (s, f) in def.steps.iter().zip(&figures) {
+                section class="step" id=(["step-", &super::segment(&s.id)].concat()) aria-label=(s.name) {
+                    h3 { (s.name) " " span class="kind muted" { (s.kind.type_name().replace('_', " ")) } }
+                    p class="muted" { "Step id " code { (s.id) } ". " (what(&def, s)) "." }
+                    @let next = s.kind.next_paths();
+                    @if next.is_empty() {
+                        p class="next" { "Then: the journey ends." }
+                    } @else {
+                        ul class="next" {
+                            @for (path, to) in &next {
+                                li {
+                                    @if let Some(path) = path { (path) " → " } @else { "Next → " }
+                                    a href=(anchor(to)) { (step_name(to)) }
+                                }
+                            }
+                        }
+                    }
+                    table class="step-stats" {
+                        thead { tr { th { "In step now" } th { "Entered" } th { "Progressed" } th { "Exited" } th { "Conversions" }
+                            @if f.messages.is_some() { th { "Sent" } th { "Pending" } th { "Failed" } } } }
+                        tbody {
+                            tr {
+                                td class="in-step" { (f.counts.in_step) }
+                                td class="step-entered" { (f.counts.entered) }
+                                td { (f.counts.progressed) }
+                                td { (f.counts.exited) }
+                                td { (f.counts.conversions) }
+                                @if let Some(m) = f.messages {
+                                    td class="step-sent" { (m.sent) } td { (m.pending) } td { (m.failed) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        p {
+            @if ctx.me.may_change() && c.status != CampaignStatus::Stopped {
+                a href=(canvas_url(&ctx, &c, "/edit")) id="edit-canvas" { "Edit" } " · "
+            }
+            a href=(ctx.url("/canvases")) { "All Canvases" }
+        }
+    };
+    Ok(layout::page(&ctx, Section::Canvases, &c.name, body))
+}
+
+/// The Canvas form: name, description and tags as fields, the rest of the definition as the
+/// API's JSON.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct CanvasForm {
+    name: String,
+    description: String,
+    /// Comma-separated.
+    tags: String,
+    definition: String,
+}
+
+/// What a new Canvas's document starts as: one API-triggered webhook message.
+const STARTER: &str = r#"{
+  "entry": {"type": "api_triggered"},
+  "steps": [
+    {"id": "welcome", "name": "Welcome", "type": "message",
+     "message": {"channel": "webhook", "url": "https://example.com/hook", "body": "Hi {{${first_name}}}"}}
+  ]
+}"#;
+
+/// The keys the form has fields for (the document's copies of them are ignored).
+const OWN_FIELDS: [&str; 3] = ["name", "description", "tags"];
+
+impl CanvasForm {
+    fn from_form(form: &FormData) -> CanvasForm {
+        CanvasForm {
+            name: form.text("name").to_owned(),
+            description: form.text("description").to_owned(),
+            tags: form.text("tags").to_owned(),
+            definition: form.get("definition").unwrap_or("").to_owned(),
+        }
+    }
+
+    fn from_record(c: &CanvasRecord) -> CanvasForm {
+        let mut def = c.definition.clone();
+        if let Value::Object(m) = &mut def {
+            for k in OWN_FIELDS {
+                m.remove(k);
+            }
+        }
+        CanvasForm {
+            name: c.name.clone(),
+            description: c.description.clone(),
+            tags: c.tags.join(", "),
+            definition: serde_json::to_string_pretty(&def).unwrap_or_default(),
+        }
+    }
+
+    /// The API's request body: the document with the form's name, description and tags.
+    fn body(&self) -> Result<Map<String, Value>, FieldError> {
+        let mut body = match serde_json::from_str::<Value>(&self.definition) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => {
+                return Err(FieldError::new(
+                    "definition",
+                    "must be a JSON object (the document /api/v1/canvases accepts)",
+                ));
+            }
+            Err(e) => {
+                return Err(FieldError::new("definition", format!("is not JSON: {e}")));
+            }
+        };
+        for k in OWN_FIELDS {
+            body.remove(k);
+        }
+        body.insert("name".into(), json!(self.name));
+        body.insert("description".into(), json!(self.description));
+        let tags: Vec<&str> = self
+            .tags
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
+        body.insert("tags".into(), json!(tags));
+        Ok(body)
+    }
+}
+
+fn form_page(
+    ctx: &Ctx,
+    form: &CanvasForm,
+    editing: Option<&CanvasRecord>,
+    error: Option<&FieldError>,
+) -> Markup {
+    let about = |field: &str| {
+        error.filter(|e| e.field == field || e.field.starts_with(&[field, "["].concat()))
+    };
+    // Anything not about the named fields is about the document.
+    let on_document = error.filter(|_| !OWN_FIELDS.iter().any(|f| about(f).is_some()));
+    let body = html! {
+        @if let Some(error) = error { p class="notice error" role="alert" { (error.full()) } }
+        form class="card" method="post" action=(match editing {
+            Some(c) => canvas_url(ctx, c, ""),
+            None => ctx.url("/canvases"),
+        }) {
+            (ctx.csrf_field())
+            label for="canvas-name" { "Canvas name" }
+            input type="text" id="canvas-name" name="name" required maxlength="255" value=(form.name)
+                aria-invalid=[about("name").map(|_| "true")] aria-describedby=[described_by(about("name"), "canvas-name")];
+            (error_beside(about("name"), "canvas-name"))
+            label for="canvas-description" { "Description" }
+            input type="text" id="canvas-description" name="description" value=(form.description)
+                aria-describedby=[described_by(about("description"), "canvas-description")];
+            (error_beside(about("description"), "canvas-description"))
+            label for="canvas-tags" { "Tags " span class="muted" { "(comma-separated)" } }
+            input type="text" id="canvas-tags" name="tags" value=(form.tags)
+                aria-describedby=[described_by(about("tags"), "canvas-tags")];
+            (error_beside(about("tags"), "canvas-tags"))
+            label for="canvas-definition" {
+                "Definition " span class="muted" { "(JSON, as POST /api/v1/canvases takes it: entry, audience, steps, variants, exit criteria, conversion events)" }
+            }
+            textarea class="json mono" id="canvas-definition" name="definition" spellcheck="false"
+                aria-invalid=[on_document.map(|_| "true")] aria-describedby=[described_by(on_document, "canvas-definition")] { (form.definition) }
+            (error_beside(on_document, "canvas-definition"))
+            div class="actions" {
+                @if editing.is_some() { button type="submit" id="save-canvas" { "Save changes" } }
+                @else { button type="submit" id="create-canvas" { "Save as draft" } }
+            }
+        }
+        p { a href=(ctx.url("/canvases")) { "All Canvases" } }
+    };
+    let title = if editing.is_some() {
+        "Edit Canvas"
+    } else {
+        "Create Canvas"
+    };
+    layout::page(ctx, Section::Canvases, title, body)
+}
+
+/// `GET /dashboard/w/{ws}/canvases/new`.
+pub async fn new_form(
+    State(state): State<AppState>,
+    Extension(me): Extension<Me>,
+    path: PathParams,
+) -> Result<Markup, PageError> {
+    let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
+    require_admin(&ctx)?;
+    let form = CanvasForm {
+        definition: STARTER.to_owned(),
+        ..CanvasForm::default()
+    };
+    Ok(form_page(&ctx, &form, None, None))
+}
+
+/// `POST /dashboard/w/{ws}/canvases`: saves a draft through the API's checks.
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(me): Extension<Me>,
+    Extension(form): Extension<FormData>,
+    path: PathParams,
+) -> Result<Response, PageError> {
+    let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
+    let f = CanvasForm::from_form(&form);
+    let saved = match f.body() {
+        Ok(body) => create_canvas(&state, &ctx.workspace, body).await,
+        Err(e) => return Ok(refused(form_page(&ctx, &f, None, Some(&e)))),
+    };
+    match saved {
+        Ok(c) => Ok(see_other(&canvas_url(&ctx, &c, ""))),
+        Err(e) => {
+            let e = FieldError::from_api(e)?;
+            Ok(refused(form_page(&ctx, &f, None, Some(&e))))
+        }
+    }
+}
+
+async fn load(state: &AppState, ctx: &Ctx, path: &PathParams) -> Result<CanvasRecord, PageError> {
+    let id = path_param(&path.0, "id")?;
+    state
+        .store()
+        .canvas(ctx.workspace.id, id)
+        .await?
+        .ok_or_else(|| PageError::NotFound(format!("No Canvas '{id}' in this workspace.")))
+}
+
+/// `GET /dashboard/w/{ws}/canvases/{id}/edit`.
+pub async fn edit_form(
+    State(state): State<AppState>,
+    Extension(me): Extension<Me>,
+    path: PathParams,
+) -> Result<Markup, PageError> {
+    let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
+    require_admin(&ctx)?;
+    let c = load(&state, &ctx, &path).await?;
+    if c.status == CampaignStatus::Stopped {
+        return Err(PageError::Conflict(
+            "The Canvas is stopped (stopping is final): it cannot be edited.".into(),
+        ));
+    }
+    Ok(form_page(
+        &ctx,
+        &CanvasForm::from_record(&c),
+        Some(&c),
+        None,
+    ))
+}
+
+/// `POST /dashboard/w/{ws}/canvases/{id}`: saves the form (a new version when the definition
+/// changed; journeys under way keep theirs), through the API's checks.
+pub async fn update(
+    State(state): State<AppState>,
+    Extension(me): Extension<Me>,
+    Extension(form): Extension<FormData>,
+    path: PathParams,
+) -> Result<Response, PageError> {
+    let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
+    let c = load(&state, &ctx, &path).await?;
+    let f = CanvasForm::from_form(&form);
+    let saved = match f.body() {
+        Ok(body) => update_canvas(&state, &ctx.workspace, &c.id, body).await,
+        Err(e) => return Ok(refused(form_page(&ctx, &f, Some(&c), Some(&e)))),
+    };
+    match saved {
+        Ok(c) => Ok(see_other(&canvas_url(&ctx, &c, ""))),
+        Err(e) => {
+            let e = FieldError::from_api(e)?;
+            Ok(refused(form_page(&ctx, &f, Some(&c), Some(&e))))
+        }
+    }
+}
+
+/// `POST /dashboard/w/{ws}/canvases/{id}/{action}`: launch, pause or stop.
+pub async fn action(
+    State(state): State<AppState>,
+    Extension(me): Extension<Me>,
+    path: PathParams,
+) -> Result<Response, PageError> {
+    let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
+    let c = load(&state, &ctx, &path).await?;
+    let action = lifecycle_action(path_param(&path.0, "action")?, "Canvas")?;
+    let saved = change_status(&state, &ctx.workspace, &c.id, action)
+        .await
+        .map_err(api_error)?;
+    Ok(see_other(&canvas_url(&ctx, &saved, "")).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        assert_eq!(duration(259_200), "3 days");
+        assert_eq!(duration(3_600), "1 hour");
+        assert_eq!(duration(5_400), "90 minutes");
+        assert_eq!(duration(61), "61 seconds");
+        assert_eq!(duration(0), "0 seconds");
+    }
+
+    #[test]
+    fn the_form_becomes_the_apis_body_with_its_own_fields_winning() {
+        let f = CanvasForm {
+            name: "Trial".into(),
+            description: "d".into(),
+            tags: " a, ,b ".into(),
+            definition: r#"{"name": "ignored", "tags": ["x"], "steps": []}"#.into(),
+        };
+        let body = f.body().unwrap();
+        assert_eq!(body["name"], "Trial");
+        assert_eq!(body["tags"], json!(["a", "b"]));
+        assert_eq!(body["steps"], json!([]));
+        for (doc, says) in [("[1]", "must be a JSON object"), ("{", "is not JSON")] {
+            let e = CanvasForm {
+                definition: doc.into(),
+                ..f.clone()
+            }
+            .body()
+            .unwrap_err();
+            assert_eq!(e.field, "definition");
+            assert!(e.message.contains(says), "{e:?}");
+        }
+    }
+}
