@@ -1,7 +1,11 @@
 //! User lookup: one user found by external id, alias (label and name), email or braze id —
-//! through the same indexed lookups as `/users/export/ids` — with their profile, the partner
-//! cohorts they are in, how many messages they were sent in the last 30 days, and the
-//! segments they are in now (from the live segment index).
+//! through the same indexed lookups as `/users/export/ids` — with their profile, their custom
+//! events and purchases (count, first and last time, from the profile the segment language
+//! reads: no read of the event log), the partner cohorts they are in, the segments they are in
+//! now (from the live segment index), and their recent messages: the newest sends of any
+//! campaign, Canvas step or API send with channel, state and time
+//! (`MessagingStore::recent_sends`, bounded and indexed), and how many were sent in the last 30
+//! days.
 
 use std::collections::HashMap;
 
@@ -12,13 +16,88 @@ use axum::response::{IntoResponse, Response};
 use maud::html;
 use serde_json::Value;
 use tideway_core::ids::{AliasLabel, AliasName, BrazeId, Email, ExternalId, UserAlias};
+use tideway_core::profile::Occurrences;
 use tideway_core::segments::segment_lookup;
 use tideway_core::services::Services;
+use tideway_core::store::{CampaignRecord, DispatchSource, UserSend};
 use tideway_core::users::ExportRequest;
 
 use super::layout::{self, Section};
 use super::{Ctx, Me, PageError, PathParams, segment, when, ws_id};
 use crate::AppState;
+
+/// How many of a user's newest messages the page lists.
+const MESSAGES_SHOWN: usize = 20;
+
+/// One listed message: what sent it (and where that is shown), its channel, state and time.
+struct MessageRow {
+    source: String,
+    link: Option<String>,
+    channel: String,
+    state: &'static str,
+    at: tideway_core::clock::Millis,
+    sent: bool,
+}
+
+/// The rows for a user's sends: campaign sends named by their campaign (its variant's
+/// channel), Canvas step sends by their Canvas and step, other API sends as such.
+fn message_rows(ctx: &Ctx, sends: Vec<UserSend>, campaigns: &[CampaignRecord]) -> Vec<MessageRow> {
+    let channel_of = |messages: &Value, variant: &str| {
+        let list = messages.as_array();
+        list.and_then(|l| l.iter().find(|m| m["id"] == variant).or(l.first()))
+            .and_then(|m| m["channel"].as_str())
+            .unwrap_or("—")
+            .to_owned()
+    };
+    sends
+        .into_iter()
+        .map(|s| {
+            let (source, link, channel) = match &s.source {
+                Some(DispatchSource::Campaign { campaign_id }) => {
+                    match campaigns.iter().find(|c| &c.id == campaign_id) {
+                        Some(c) => (
+                            ["Campaign ", c.name.as_str()].concat(),
+                            Some(ctx.url(&["/campaigns/", &segment(&c.id)].concat())),
+                            channel_of(&c.definition["messages"], &s.variant),
+                        ),
+                        None => ("A deleted campaign".to_owned(), None, "—".to_owned()),
+                    }
+                }
+                Some(DispatchSource::AdHoc { definition }) => {
+                    let channel = channel_of(&definition["messages"], &s.variant);
+                    match definition.get("canvas") {
+                        Some(canvas) => (
+                            [
+                                "Canvas ",
+                                canvas["name"].as_str().unwrap_or(""),
+                                " › ",
+                                canvas["step_name"]
+                                    .as_str()
+                                    .or(canvas["step_id"].as_str())
+                                    .unwrap_or(""),
+                            ]
+                            .concat(),
+                            canvas["id"]
+                                .as_str()
+                                .map(|id| ctx.url(&["/canvases/", &segment(id)].concat())),
+                            channel,
+                        ),
+                        None => ("API send (/messages/send)".to_owned(), None, channel),
+                    }
+                }
+                None => ("—".to_owned(), None, "—".to_owned()),
+            };
+            MessageRow {
+                source,
+                link,
+                channel,
+                state: s.state.as_str(),
+                at: s.sent_at.unwrap_or(s.due_at),
+                sent: s.sent_at.is_some(),
+            }
+        })
+        .collect()
+}
 
 /// The window of the message count.
 const RECENT_MESSAGES: tideway_core::clock::Millis =
@@ -93,6 +172,8 @@ pub async fn page(
     let mut cohorts = Vec::new();
     let mut segments_in = Vec::new();
     let mut sent_recently = None;
+    let mut messages = Vec::new();
+    let mut behaviour: Option<(Vec<(String, Occurrences)>, Vec<(String, Occurrences)>)> = None;
     if let Some(profile) = &found
         && let Some(braze_id) = profile
             .get("braze_id")
@@ -132,6 +213,26 @@ pub async fn page(
                     .sends_since(ctx.workspace.id, seq, since)
                     .await?,
             );
+            let sends = state
+                .store()
+                .recent_sends(ctx.workspace.id, seq, MESSAGES_SHOWN)
+                .await?;
+            if !sends.is_empty() {
+                let campaigns = state.store().list_campaigns(ctx.workspace.id).await?;
+                messages = message_rows(&ctx, sends, &campaigns);
+            }
+            behaviour = state
+                .store()
+                .users_by_seq(ctx.workspace.id, vec![seq])
+                .await?
+                .into_iter()
+                .next()
+                .map(|u| {
+                    let list = |m: &std::collections::BTreeMap<String, Occurrences>| {
+                        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+                    };
+                    (list(&u.profile.events), list(&u.profile.purchases))
+                });
         }
     }
     let body = html! {
@@ -167,10 +268,45 @@ pub async fn page(
                     }
                 }
             }
+            h2 { "Events and purchases" }
+            @match &behaviour {
+                None => { p class="muted" { "Not indexed yet." } }
+                Some((events, purchases)) if events.is_empty() && purchases.is_empty() => {
+                    p class="muted" { "No custom events or purchases." }
+                }
+                Some((events, purchases)) => {
+                    table id="user-events" {
+                        thead { tr { th { "Kind" } th { "Name" } th { "Count" } th { "First" } th { "Last" } } }
+                        tbody {
+                            @for (kind, list) in [("Custom event", events), ("Purchase", purchases)] {
+                                @for (name, o) in list {
+                                    tr { td { (kind) } td { (name) } td { (o.count) } td { (when(o.first)) } td { (when(o.last)) } }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
             h2 { "Messages" }
             p id="user-messages" {
                 @if let Some(n) = sent_recently { (n) " messages sent in the last 30 days." }
                 @else { span class="muted" { "Not indexed yet." } }
+            }
+            @if !messages.is_empty() {
+                table id="user-recent-messages" {
+                    caption { "The newest " (messages.len()) " messages, newest first" }
+                    thead { tr { th { "From" } th { "Channel" } th { "State" } th { "When" } } }
+                    tbody {
+                        @for m in &messages {
+                            tr {
+                                td { @if let Some(href) = &m.link { a href=(href) { (m.source) } } @else { (m.source) } }
+                                td { (m.channel) }
+                                td { span class=(if m.state == "sent" { "badge ok" } else if m.state == "failed" { "badge bad" } else { "badge" }) { (m.state) } }
+                                td { @if !m.sent { span class="muted" { "due " } } (when(m.at)) }
+                            }
+                        }
+                    }
+                }
             }
             h2 { "Segments" }
             @if segments_in.is_empty() { p class="muted" { "In no segment." } } @else {

@@ -200,8 +200,41 @@ fn forms(ws: &Workspace) -> Vec<(String, Vec<(&'static str, &'static str)>)> {
         (format!("{w}/currents/1/launch"), vec![]),
         (format!("{w}/currents/1/test"), vec![]),
         (format!("{w}/currents/1/replay"), vec![]),
+        (format!("{w}/campaigns"), vec![("name", "c")]),
+        (format!("{w}/campaigns/x"), vec![("name", "c")]),
+        (format!("{w}/campaigns/x/launch"), vec![]),
+        (
+            format!("{w}/canvases"),
+            vec![("name", "cv"), ("definition", CANVAS_DOC)],
+        ),
+        (
+            format!("{w}/canvases/x"),
+            vec![("name", "cv"), ("definition", CANVAS_DOC)],
+        ),
+        (format!("{w}/canvases/x/launch"), vec![]),
+        (format!("{w}/canvases/x/stop"), vec![]),
         ("/dashboard/logout".to_owned(), vec![]),
     ]
+}
+
+/// A Canvas document as the dashboard's form takes it: an API-triggered webhook, a delay, and
+/// an email.
+const CANVAS_DOC: &str = r#"{"entry": {"type": "api_triggered"}, "steps": [
+  {"id": "hook", "name": "Ping", "type": "message", "next": "wait",
+   "message": {"channel": "webhook", "url": "http://127.0.0.1:9/hook", "body": "hi {{${user_id}}}"}},
+  {"id": "wait", "name": "Two days", "type": "delay", "delay": {"seconds": 172800}, "next": "mail"},
+  {"id": "mail", "name": "Reminder", "type": "message",
+   "message": {"channel": "email", "from": "T <t@example.com>", "subject": "Hi", "body": "<p>x</p>"}}
+]}"#;
+
+/// A Canvas named `name` in `ws`, made through the management API.
+async fn api_canvas(s: &Server, ws: &Workspace, name: &str) -> String {
+    let key = s.admin_key(ws).await;
+    let mut doc: serde_json::Value = serde_json::from_str(CANVAS_DOC).unwrap();
+    doc["name"] = json!(name);
+    let a = s.post("/api/v1/canvases", &key, doc).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    a.body["canvas"]["id"].as_str().unwrap().to_owned()
 }
 
 /// The builder's form for "cohort includes `cohort`" named `name`.
@@ -409,8 +442,7 @@ async fn a_read_only_user_sees_every_page_and_changes_nothing() {
     let s = Server::start().await;
     let ws = s.workspace("w").await;
     heap_cohort(&s, &ws, "c1", "Trial stuck").await;
-    let key = s.admin_key(&ws).await;
-    let _ = key;
+    let canvas = api_canvas(&s, &ws, "Viewer's Canvas").await;
     user(&s, "viewer", Role::ReadOnly).await;
     let b = sign_in(&s.base, "viewer").await;
     let w = format!("/dashboard/w/{}", ws.id.0);
@@ -421,6 +453,8 @@ async fn a_read_only_user_sees_every_page_and_changes_nothing() {
         format!("{w}/cohorts/heap/c1"),
         format!("{w}/segments"),
         format!("{w}/campaigns"),
+        format!("{w}/canvases"),
+        format!("{w}/canvases/{canvas}"),
         format!("{w}/users?by=external_id&q=nobody-here"),
         format!("{w}/developer/api-keys"),
     ] {
@@ -428,10 +462,34 @@ async fn a_read_only_user_sees_every_page_and_changes_nothing() {
         assert!(p.status == 200 || page.contains("nobody-here"), "{page}");
         assert!(p.body.contains("read-only"), "{page} says so");
     }
-    // The forms that only create are refused outright.
-    for page in [format!("{w}/segments/new"), format!("{w}/campaigns/new")] {
+    // The forms that only create or edit are refused outright.
+    for page in [
+        format!("{w}/segments/new"),
+        format!("{w}/campaigns/new"),
+        format!("{w}/canvases/new"),
+        format!("{w}/canvases/{canvas}/edit"),
+    ] {
         assert_eq!(b.get(&page).await.status, 403, "{page}");
     }
+    // The Canvas's buttons are shown disabled, and pressing one anyway changes nothing.
+    let list = b.get(&format!("{w}/canvases")).await.body;
+    assert!(
+        list.contains("disabled aria-label=\"Launch Viewer&#39;s Canvas\"")
+            || list.contains("disabled aria-label=\"Launch Viewer's Canvas\""),
+        "{list}"
+    );
+    assert!(!list.contains("id=\"new-canvas\""));
+    let launch = b.post(&format!("{w}/canvases/{canvas}/launch"), &[]).await;
+    assert_eq!(launch.status, 403);
+    assert_eq!(
+        s.store
+            .canvas(ws.id, &canvas)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        tideway_core::campaigns::CampaignStatus::Draft
+    );
     // No secret is shown to a read-only user, and no change button.
     let heap = b.get(&format!("{w}/partners/heap")).await.body;
     assert!(!heap.contains("heap-partner-key") && !heap.contains("partner-api-key\""));
@@ -462,6 +520,8 @@ async fn no_page_of_one_workspace_shows_another_workspaces_data() {
     let b_ws = s.workspace("bravo").await;
     heap_cohort(&s, &a, "ca", "Alpha cohort").await;
     heap_cohort(&s, &b_ws, "cb", "Bravo secret cohort").await;
+    let bravo_canvas = api_canvas(&s, &b_ws, "Bravo secret Canvas").await;
+    api_canvas(&s, &a, "Alpha Canvas").await;
     user(&s, "admin", Role::Admin).await;
     let b = sign_in(&s.base, "admin").await;
     let created = b
@@ -479,11 +539,13 @@ async fn no_page_of_one_workspace_shows_another_workspaces_data() {
         format!("{w}/cohorts"),
         format!("{w}/cohorts/heap/ca"),
         format!("{w}/segments"),
+        format!("{w}/canvases"),
         format!("{w}/developer/api-keys"),
     ] {
         let p = b.get(&page).await;
         assert_eq!(p.status, 200, "{page}");
         assert!(!p.body.contains("Bravo secret cohort"), "{page}");
+        assert!(!p.body.contains("Bravo secret Canvas"), "{page}");
         assert!(!p.body.contains("bravo-only-key"), "{page}");
         assert!(!p.body.contains(&bravo_import[0].prefix), "{page}");
         assert!(!p.body.contains(&b_ws.app_group_id), "{page}");
@@ -504,6 +566,36 @@ async fn no_page_of_one_workspace_shows_another_workspaces_data() {
     assert_eq!(lookup.status, 404);
     assert!(!lookup.body.contains("bravo-plan"));
     assert_eq!(b.get(&format!("{w}/cohorts/heap/cb")).await.status, 404);
+    // B's Canvas through A's addresses: not found, not shown, not changed.
+    for page in [
+        format!("{w}/canvases/{bravo_canvas}"),
+        format!("{w}/canvases/{bravo_canvas}/edit"),
+    ] {
+        let p = b.get(&page).await;
+        assert_eq!(p.status, 404, "{page}");
+        assert!(!p.body.contains("Bravo secret Canvas"));
+    }
+    for action in ["launch", "stop"] {
+        let p = b
+            .post(&format!("{w}/canvases/{bravo_canvas}/{action}"), &[])
+            .await;
+        assert_eq!(p.status, 404, "{action}");
+    }
+    let renamed = b
+        .post(
+            &format!("{w}/canvases/{bravo_canvas}"),
+            &[("name", "taken over"), ("definition", CANVAS_DOC)],
+        )
+        .await;
+    assert_eq!(renamed.status, 404);
+    let kept = s
+        .store
+        .canvas(b_ws.id, &bravo_canvas)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.name, "Bravo secret Canvas");
+    assert_eq!(kept.status, tideway_core::campaigns::CampaignStatus::Draft);
     let bravo_key = &s.store.list_api_keys(b_ws.id).await.unwrap()[0];
     let revoke = b
         .post(
@@ -537,6 +629,7 @@ async fn html_in_user_supplied_names_is_shown_as_text() {
     let ws = s.workspace("<i>ws</i>").await;
     let evil = "<script>alert(1)</script><img src=x onerror=alert(2)>";
     heap_cohort(&s, &ws, "\"><script>alert(3)</script>", evil).await;
+    let canvas = api_canvas(&s, &ws, evil).await;
     user(&s, "admin", Role::Admin).await;
     let b = sign_in(&s.base, "admin").await;
     let created = b
@@ -551,6 +644,9 @@ async fn html_in_user_supplied_names_is_shown_as_text() {
         format!("{w}/"),
         format!("{w}/partners/heap"),
         format!("{w}/cohorts"),
+        format!("{w}/canvases"),
+        format!("{w}/canvases/{canvas}"),
+        format!("{w}/canvases/{canvas}/edit"),
         format!("{w}/developer/api-keys"),
     ] {
         let body = b.get(&page).await.body;
@@ -564,6 +660,13 @@ async fn html_in_user_supplied_names_is_shown_as_text() {
     }
     let cohorts = b.get(&format!("{w}/cohorts")).await.body;
     assert!(cohorts.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    for page in [format!("{w}/canvases"), format!("{w}/canvases/{canvas}")] {
+        let body = b.get(&page).await.body;
+        assert!(
+            body.contains("&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x"),
+            "{page}: the Canvas name as text"
+        );
+    }
     // The cohort id is escaped in its link too, and the link leads to the cohort.
     assert!(cohorts.contains("/cohorts/heap/%22%3E%3Cscript%3Ealert%283%29%3C%2Fscript%3E"));
     let members = b
@@ -830,17 +933,18 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
     assert_eq!(page.status, 200);
     let good = [
         ("name", "Welcome <b>"),
-        ("channel", "webhook"),
-        ("url", "http://127.0.0.1:9/hook"),
-        ("body", "Hi {{${first_name}}}"),
+        ("v0_channel", "webhook"),
+        ("v0_percent", "100"),
+        ("v0_url", "http://127.0.0.1:9/hook"),
+        ("v0_body", "Hi {{${first_name}}}"),
         ("delivery", "api_triggered"),
     ];
     for (change, says) in [
         (("name", ""), "name"),
-        (("body", "{{ broken"), "messages[0].body"),
+        (("v0_body", "{{ broken"), "messages[0].body"),
         (("delivery", "scheduled"), "ISO 8601"),
         (("delivery", "cohort_entry"), "Pick the cohort"),
-        (("channel", "sms"), "email or webhook"),
+        (("v0_channel", "sms"), "email or webhook"),
     ] {
         let mut fields: Vec<(&str, &str)> = good
             .iter()
@@ -896,7 +1000,18 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
         .copied()
         .filter(|(k, _)| *k != "name" && *k != "delivery")
         .collect();
+    let variant_id = s
+        .store
+        .campaign(ws.id, &id)
+        .await
+        .unwrap()
+        .unwrap()
+        .definition["messages"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     changed.extend([
+        ("v0_id", variant_id.as_str()),
         ("name", "Welcome, scheduled"),
         ("delivery", "scheduled"),
         ("at", "2030-01-01T09:00:00Z"),
@@ -910,8 +1025,8 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
     let saved = s.store.campaign(ws.id, &id).await.unwrap().unwrap();
     assert_eq!(saved.name, "Welcome, scheduled");
     assert_eq!(saved.definition["delivery"]["type"], "scheduled");
-    changed.push(("body", "{% if %}"));
-    changed.retain(|(k, v)| *k != "body" || *v == "{% if %}");
+    changed.push(("v0_body", "{% if %}"));
+    changed.retain(|(k, v)| *k != "v0_body" || *v == "{% if %}");
     let bad = b.post(&format!("{w}/campaigns/{id}"), &changed).await;
     assert_eq!(bad.status, 400, "{}", bad.body);
     assert_eq!(
@@ -1173,4 +1288,394 @@ async fn currents_are_created_tested_dead_lettered_and_replayed() {
         b.post(&format!("{w}/currents/x/launch"), &[]).await.status,
         400
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canvases_are_created_shown_as_steps_edited_and_launched() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let new = b.get(&format!("{w}/canvases/new")).await;
+    assert_eq!(new.status, 200);
+    assert!(new.body.contains("id=\"canvas-definition\""));
+    // Refusals: shown beside the field they name, nothing saved.
+    let broken_next = CANVAS_DOC.replace("\"next\": \"mail\"", "\"next\": \"nowhere\"");
+    for (fields, field_id, says) in [
+        (
+            vec![("name", ""), ("definition", CANVAS_DOC)],
+            "canvas-name-error",
+            "name",
+        ),
+        (
+            vec![("name", "T"), ("definition", "{\"steps\": ")],
+            "canvas-definition-error",
+            "is not JSON",
+        ),
+        (
+            vec![("name", "T"), ("definition", broken_next.as_str())],
+            "canvas-definition-error",
+            "steps[1]",
+        ),
+    ] {
+        let answer = b.post(&format!("{w}/canvases"), &fields).await;
+        assert_eq!(answer.status, 400, "{fields:?}");
+        let at = answer
+            .body
+            .find(&format!("id=\"{field_id}\""))
+            .unwrap_or_else(|| panic!("{field_id} in {}", answer.body));
+        assert!(answer.body[at..].contains(says), "{says}: {}", answer.body);
+    }
+    assert!(s.store.list_canvases(ws.id).await.unwrap().is_empty());
+    let made = b
+        .post(
+            &format!("{w}/canvases"),
+            &[
+                ("name", "Trial <stuck>"),
+                ("tags", "trial, onboarding"),
+                ("definition", CANVAS_DOC),
+            ],
+        )
+        .await;
+    assert_eq!(made.status, 303, "{}", made.body);
+    let canvases = s.store.list_canvases(ws.id).await.unwrap();
+    assert_eq!(canvases.len(), 1);
+    let c = &canvases[0];
+    assert_eq!(c.tags, ["trial", "onboarding"]);
+    assert_eq!(
+        made.headers["location"].to_str().unwrap(),
+        format!("{w}/canvases/{}", c.id)
+    );
+    let list = b.get(&format!("{w}/canvases")).await.body;
+    assert!(list.contains("Trial &lt;stuck&gt;") && list.contains("draft"));
+    assert!(list.contains("api triggered"));
+    let home = b.get(&format!("{w}/")).await.body;
+    assert!(home.contains("Canvases") && home.contains("href=\"/dashboard/w/"));
+    // The step view: every step with its type, what it does, where it leads, its figures.
+    let steps = b.get(&format!("{w}/canvases/{}", c.id)).await.body;
+    for expected in [
+        "id=\"step-hook\"",
+        "id=\"step-wait\"",
+        "id=\"step-mail\"",
+        "Sends one webhook message",
+        "Waits 2 days",
+        "href=\"#step-wait\">Two days</a>",
+        "href=\"#step-mail\">Reminder</a>",
+        "the journey ends",
+        "class=\"step-sent\"",
+    ] {
+        assert!(steps.contains(expected), "{expected}: {steps}");
+    }
+    // Edit: the form shows the document; a change is a new version; a bad one saves nothing.
+    let edit = b.get(&format!("{w}/canvases/{}/edit", c.id)).await;
+    assert_eq!(edit.status, 200);
+    assert!(edit.body.contains("Two days") && edit.body.contains("value=\"trial, onboarding\""));
+    let longer = CANVAS_DOC.replace("172800", "259200");
+    let saved = b
+        .post(
+            &format!("{w}/canvases/{}", c.id),
+            &[("name", "Trial – stuck"), ("definition", longer.as_str())],
+        )
+        .await;
+    assert_eq!(saved.status, 303, "{}", saved.body);
+    let after = s.store.canvas(ws.id, &c.id).await.unwrap().unwrap();
+    assert_eq!((after.name.as_str(), after.version), ("Trial – stuck", 2));
+    let liquid = CANVAS_DOC.replace("\"subject\": \"Hi\"", "\"subject\": \"{% if %}\"");
+    let bad = b
+        .post(
+            &format!("{w}/canvases/{}", c.id),
+            &[("name", "Renamed"), ("definition", liquid.as_str())],
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.body.contains("steps[2].message.subject"),
+        "{}",
+        bad.body
+    );
+    let kept = s.store.canvas(ws.id, &c.id).await.unwrap().unwrap();
+    assert_eq!((kept.name.as_str(), kept.version), ("Trial – stuck", 2));
+    // Launch, pause, launch, stop — through the API's lifecycle; stopping is final.
+    for (action, status) in [
+        ("launch", "active"),
+        ("pause", "paused"),
+        ("launch", "active"),
+        ("stop", "stopped"),
+    ] {
+        let answer = b
+            .post(&format!("{w}/canvases/{}/{action}", c.id), &[])
+            .await;
+        assert_eq!(answer.status, 303, "{action}: {}", answer.body);
+        let now = s.store.canvas(ws.id, &c.id).await.unwrap().unwrap();
+        assert_eq!(now.status.as_str(), status);
+    }
+    let again = b.post(&format!("{w}/canvases/{}/launch", c.id), &[]).await;
+    assert_eq!(again.status, 409);
+    assert!(again.body.contains("stopped"));
+    assert_eq!(
+        b.get(&format!("{w}/canvases/{}/edit", c.id)).await.status,
+        409
+    );
+    assert_eq!(
+        b.post(&format!("{w}/canvases/{}/fly", c.id), &[])
+            .await
+            .status,
+        404
+    );
+    assert_eq!(b.get(&format!("{w}/canvases/nope")).await.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaigns_have_several_variants_and_a_control_group() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let two = vec![
+        ("name", "A/B"),
+        ("v0_channel", "webhook"),
+        ("v0_name", "Short"),
+        ("v0_percent", "45"),
+        ("v0_url", "http://127.0.0.1:9/a"),
+        ("v0_body", "short"),
+        ("v1_channel", "email"),
+        ("v1_name", "Long"),
+        ("v1_percent", "45"),
+        ("v1_from", "Shop <shop@example.com>"),
+        ("v1_subject", "Hi"),
+        ("v1_body", "<p>long</p>"),
+        ("control", "10"),
+        ("delivery", "api_triggered"),
+    ];
+    // "Add a variant" shows the form again with a third, and saves nothing.
+    let mut adding = two.clone();
+    adding.push(("add", "variant"));
+    let added = b.post(&format!("{w}/campaigns"), &adding).await;
+    assert_eq!(added.status, 200);
+    assert!(added.body.contains("Variant 3") && added.body.contains("name=\"v2_percent\""));
+    assert!(s.store.list_campaigns(ws.id).await.unwrap().is_empty());
+    let mut removing = two.clone();
+    removing.push(("remove", "v0"));
+    let removed = b.post(&format!("{w}/campaigns"), &removing).await;
+    assert!(!removed.body.contains("Variant 2") && removed.body.contains("value=\"Long\""));
+    // Each refusal beside its field: the API's own checks.
+    for (change, field_id, says) in [
+        (("v1_percent", "50"), "variants-error", "add up to 100"),
+        (("v1_from", "nobody"), "v1-from-error", "messages[1].from"),
+        (("v0_percent", "many"), "v0-percent-error", "whole number"),
+        (
+            ("control", "101"),
+            "control-percent-error",
+            "control_percent",
+        ),
+    ] {
+        let mut fields: Vec<(&str, &str)> = two
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != change.0)
+            .collect();
+        fields.push(change);
+        let answer = b.post(&format!("{w}/campaigns"), &fields).await;
+        assert_eq!(answer.status, 400, "{change:?}");
+        let at = answer
+            .body
+            .find(&format!("id=\"{field_id}\""))
+            .unwrap_or_else(|| panic!("{field_id}: {}", answer.body));
+        assert!(
+            answer.body[at..].contains(says),
+            "{change:?}: {}",
+            answer.body
+        );
+    }
+    assert!(s.store.list_campaigns(ws.id).await.unwrap().is_empty());
+    assert_eq!(b.post(&format!("{w}/campaigns"), &two).await.status, 303);
+    let c = s.store.list_campaigns(ws.id).await.unwrap().remove(0);
+    assert_eq!(c.definition["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(c.definition["control_percent"], 10);
+    let list = b.get(&format!("{w}/campaigns")).await.body;
+    assert!(list.contains("email, webhook"), "{list}");
+    // The edit form shows both variants (with their ids) and saves a change to one of them,
+    // keeping the variant's id.
+    let edit = b.get(&format!("{w}/campaigns/{}/edit", c.id)).await;
+    assert_eq!(edit.status, 200, "{}", edit.body);
+    let long_id = c.definition["messages"][1]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(edit.body.contains(&format!("value=\"{long_id}\"")));
+    assert!(edit.body.contains("value=\"Short\"") && edit.body.contains("value=\"Long\""));
+    let short_id = c.definition["messages"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut changed: Vec<(&str, &str)> = two
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "v1_subject")
+        .collect();
+    changed.extend([
+        ("v0_id", short_id.as_str()),
+        ("v1_id", long_id.as_str()),
+        ("v1_subject", "Hello again"),
+    ]);
+    let saved = b.post(&format!("{w}/campaigns/{}", c.id), &changed).await;
+    assert_eq!(saved.status, 303, "{}", saved.body);
+    let after = s.store.campaign(ws.id, &c.id).await.unwrap().unwrap();
+    assert_eq!(after.definition["messages"][1]["subject"], "Hello again");
+    assert_eq!(after.definition["messages"][1]["id"], long_id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_lookup_shows_events_purchases_and_recent_messages() {
+    use tideway_core::ids::UserSeq;
+    use tideway_core::store::{
+        DispatchRecord, DispatchSource, Enqueue, NewSend, SendJob, SendState, Settlement,
+    };
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({
+                "attributes": [{"external_id": "ada"}],
+                "events": [
+                    {"external_id": "ada", "name": "viewed_pricing", "time": "2025-06-01T10:00:00Z"},
+                    {"external_id": "ada", "name": "viewed_pricing", "time": "2025-06-02T10:00:00Z"}
+                ],
+                "purchases": [{"external_id": "ada", "product_id": "pro_plan", "currency": "USD", "price": 10, "time": "2025-06-03T10:00:00Z"}]
+            }),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    // A campaign (through the dashboard) and a Canvas step sent to Ada, as the dispatcher
+    // and the Canvas engine write them.
+    let made = b
+        .post(
+            &format!("{w}/campaigns"),
+            &[
+                ("name", "Pricing follow-up"),
+                ("v0_channel", "webhook"),
+                ("v0_percent", "100"),
+                ("v0_url", "http://127.0.0.1:9/a"),
+                ("v0_body", "hi"),
+                ("delivery", "api_triggered"),
+            ],
+        )
+        .await;
+    assert_eq!(made.status, 303, "{}", made.body);
+    let campaign = s.store.list_campaigns(ws.id).await.unwrap().remove(0);
+    let ada = s
+        .store
+        .users_by_seq(ws.id, vec![UserSeq(1)])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(ada.external_id.as_ref().unwrap().as_str(), "ada");
+    let dispatch = |id: &str, source: DispatchSource| DispatchRecord {
+        id: id.to_owned(),
+        workspace: ws.id,
+        source,
+        send_id: None,
+        per_user_ids: false,
+        properties: None,
+        audience: None,
+        created_at: NOW,
+        expanding_after: None,
+        not_before: None,
+    };
+    let job = |dispatch_id: &str, variant: &str| NewSend {
+        user: ada.seq,
+        receipt: None,
+        job: Some(SendJob {
+            dispatch_id: dispatch_id.to_owned(),
+            variant: variant.to_owned(),
+            due_at: NOW,
+            properties: None,
+        }),
+        events: vec![],
+    };
+    let variant = campaign.definition["messages"][0]["id"].as_str().unwrap();
+    s.store
+        .enqueue(
+            ws.id,
+            Enqueue {
+                dispatches: vec![
+                    dispatch(
+                        "d-campaign",
+                        DispatchSource::Campaign {
+                            campaign_id: campaign.id.clone(),
+                        },
+                    ),
+                    dispatch(
+                        "d-canvas",
+                        DispatchSource::AdHoc {
+                            definition: json!({"messages": [{"channel": "email"}],
+                                "canvas": {"id": "cv-1", "name": "Trial <stuck>", "step_id": "remind", "step_name": "Reminder"}}),
+                        },
+                    ),
+                ],
+                items: vec![job("d-campaign", variant), job("d-canvas", "remind")],
+                ..Enqueue::default()
+            },
+        )
+        .await
+        .unwrap();
+    let claimed = s.store.claim_sends("t", NOW, 60_000, 10).await.unwrap();
+    let sent = claimed
+        .iter()
+        .find(|c| c.job.dispatch_id == "d-campaign")
+        .unwrap();
+    s.store
+        .settle_sends(
+            "t",
+            NOW,
+            vec![Settlement {
+                send: sent.id,
+                workspace: ws.id,
+                user: ada.seq,
+                state: SendState::Sent {
+                    address: None,
+                    links: None,
+                },
+                events: vec![],
+            }],
+        )
+        .await
+        .unwrap();
+    let page = b.get(&format!("{w}/users?by=external_id&q=ada")).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let body = page.body;
+    let events = &body[body.find("id=\"user-events\"").expect("the events table")..];
+    assert!(
+        events.contains("viewed_pricing") && events.contains("<td>2</td>"),
+        "{events}"
+    );
+    assert!(
+        events.contains("2025-06-01 10:00:00 UTC") && events.contains("2025-06-02 10:00:00 UTC")
+    );
+    assert!(events.contains("pro_plan"));
+    let messages = &body[body
+        .find("id=\"user-recent-messages\"")
+        .expect("the messages table")..];
+    assert!(
+        messages.contains("Campaign Pricing follow-up"),
+        "{messages}"
+    );
+    assert!(messages.contains(&format!("/campaigns/{}", campaign.id)));
+    assert!(
+        messages.contains("Canvas Trial &lt;stuck&gt; › Reminder"),
+        "{messages}"
+    );
+    assert!(messages.contains("/canvases/cv-1"));
+    assert!(messages.contains(">sent<") && messages.contains(">pending<"));
+    assert!(messages.contains("webhook") && messages.contains("email"));
+    // Newest first: the Canvas send was enqueued after the campaign's.
+    assert!(messages.find("Canvas Trial").unwrap() < messages.find("Campaign Pricing").unwrap());
 }
