@@ -5,7 +5,10 @@
 //! Technology Partners › Heap → Heap imports a cohort through the partner API with it → the
 //! cohort is listed in Cohorts → a segment "Heap Cohorts includes <that cohort>" shows its size
 //! live and is saved → a Heap Export Current to the local sink is created and launched, and
-//! the events arrive there → a REST API key is created on the Developer Console and used.
+//! the events arrive there → a REST API key is created on the Developer Console and used → a
+//! Canvas is launched from the Canvas list and entered through the API, its step view shows
+//! the user waiting in its delay and its message sent → the user's lookup page lists that
+//! message.
 //!
 //! A screenshot of each page is saved under the test's temporary directory (and copied to
 //! `$TIDEWAY_DASHBOARD_SCREENSHOTS` when set, which is how `docs/` got its pictures).
@@ -401,6 +404,78 @@ async fn the_guide_in_a_browser() {
         )
         .await;
     assert_eq!(status, 403, "and holds only the permission ticked");
+
+    // Canvas: a "Trial – stuck" Canvas (a webhook to the sink, then a delay), launched from the
+    // list, entered through the API; its step view shows the user waiting in the delay and
+    // the message sent, and the user's lookup page lists that message.
+    let (status, answer) = api
+        .post_ok(
+            "/api/v1/canvases",
+            &admin_key,
+            &json!({
+                "name": "Trial – stuck",
+                "entry": {"type": "api_triggered"},
+                "steps": [
+                    {"id": "ping", "name": "Ping", "type": "message", "next": "wait",
+                     "message": {"channel": "webhook", "url": format!("{}/hook", sink.url),
+                                 "request_headers": {"Authorization": "Bearer s3cret"},
+                                 "body": "{\"user\": \"{{${user_id}}}\"}"}},
+                    {"id": "wait", "name": "Three days", "type": "delay", "delay": {"seconds": 259200}, "next": "mail"},
+                    {"id": "mail", "name": "Reminder", "type": "message",
+                     "message": {"channel": "email", "from": "Trial <trial@example.com>", "subject": "Stuck?", "body": "<p>Hi</p>"}}
+                ]
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    let canvas_id = answer["canvas"]["id"].as_str().unwrap().to_owned();
+    link(&c, "Canvas").await;
+    wait_page(&c, "Canvas").await;
+    assert!(text_of(&c, "#canvases").await.contains("draft"));
+    css(&c, "button[aria-label='Launch Trial – stuck']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    wait_page(&c, "Trial – stuck").await;
+    let (status, answer) = api
+        .post_ok(
+            "/canvas/trigger/send",
+            &admin_key,
+            &json!({"canvas_id": canvas_id, "recipients": [{"external_user_id": "u1"}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    link(&c, "All Canvases").await;
+    wait_page(&c, "Canvas").await;
+    wait_text(&c, "#canvases td.sent", true, |t| t == "1").await;
+    assert_eq!(text_of(&c, "#canvases td.in-journey").await, "1");
+    shots.take(&c, "canvases").await;
+    link(&c, "Trial – stuck").await;
+    wait_page(&c, "Trial – stuck").await;
+    assert_eq!(text_of(&c, "#step-ping td.step-sent").await, "1");
+    assert_eq!(text_of(&c, "#step-wait td.in-step").await, "1");
+    let ping = text_of(&c, "#step-ping").await;
+    assert!(ping.contains("Next → Three days"), "{ping}");
+    shots.take(&c, "canvas-steps").await;
+
+    // User lookup: u1's profile with the Canvas message sent to them.
+    link(&c, "User lookup").await;
+    wait_page(&c, "User lookup").await;
+    css(&c, "#q").await.send_keys("u1").await.unwrap();
+    css(&c, "form.card button[type=submit]")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let messages = wait_text(&c, "#user-recent-messages", false, |t| !t.is_empty()).await;
+    assert!(
+        messages.contains("Canvas Trial – stuck › Ping")
+            && messages.contains("webhook")
+            && messages.contains("sent"),
+        "{messages}"
+    );
+    shots.take(&c, "user-lookup").await;
 
     // The browser ran no inline script and loaded nothing refused by the CSP.
     let logs: Value = c
