@@ -26,6 +26,9 @@ use super::layout::{self, Section};
 use super::{Ctx, Me, PageError, PathParams, segment, when, ws_id};
 use crate::AppState;
 
+/// A user's custom events or purchases by name, from their profile.
+type Behaviour = Vec<(String, Occurrences)>;
+
 /// How many of a user's newest messages the page lists.
 const MESSAGES_SHOWN: usize = 20;
 
@@ -173,7 +176,7 @@ pub async fn page(
     let mut segments_in = Vec::new();
     let mut sent_recently = None;
     let mut messages = Vec::new();
-    let mut behaviour: Option<(Vec<(String, Occurrences)>, Vec<(String, Occurrences)>)> = None;
+    let mut behaviour: Option<(Behaviour, Behaviour)> = None;
     if let Some(profile) = &found
         && let Some(braze_id) = profile
             .get("braze_id")
@@ -229,7 +232,7 @@ pub async fn page(
                 .next()
                 .map(|u| {
                     let list = |m: &std::collections::BTreeMap<String, Occurrences>| {
-                        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+                        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
                     };
                     (list(&u.profile.events), list(&u.profile.purchases))
                 });
