@@ -19,9 +19,10 @@ use super::pg_err;
 /// One per-workspace counter (a row of `workspace_sequences`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sequence {
-    /// Users' dense `seq`, the segment index's row number. Taken when a user is created, so the
-    /// lock is held from then to commit: users of one workspace are created one transaction
-    /// at a time (a batch should create its new users together, late in the transaction).
+    /// Users' `seq`, the segment index's row number. Reserved in blocks by a transaction of
+    /// its own (`users.rs`, `SeqSource`), so creating users holds no counter lock: seqs are
+    /// unique and never reused, but not gap-free, and not in commit order (nothing reads users
+    /// by position).
     Users,
     /// `event_log.seq`, the Currents and segment feed position.
     EventLog,
@@ -69,7 +70,29 @@ pub async fn allocate(
             .map_err(pg_err)?;
         return Ok(head.unwrap_or(0) + 1);
     }
-    let head: i64 = tx
+    advance(tx, workspace, sequence, n).await
+}
+
+/// Takes the next `n` (> 0) values of `sequence` in a transaction of their own (autocommit on
+/// `client`): for a counter whose values need not be in commit order (users' seqs, reserved in
+/// blocks), so the row lock lasts one statement. Returns the first.
+pub async fn reserve(
+    client: &tokio_postgres::Client,
+    workspace: WorkspaceId,
+    sequence: Sequence,
+    n: u32,
+) -> Result<i64, StoreError> {
+    advance(client, workspace, sequence, i64::from(n.max(1))).await
+}
+
+/// Moves the counter on by `n` and returns the first value taken.
+async fn advance<C: tokio_postgres::GenericClient + Sync>(
+    client: &C,
+    workspace: WorkspaceId,
+    sequence: Sequence,
+    n: i64,
+) -> Result<i64, StoreError> {
+    let head: i64 = client
         .query_one(
             "INSERT INTO workspace_sequences AS s (workspace_id, name, head) VALUES ($1, $2, $3)
              ON CONFLICT (workspace_id, name) DO UPDATE SET head = s.head + EXCLUDED.head

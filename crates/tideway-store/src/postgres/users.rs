@@ -81,7 +81,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
-use super::sequence::{Sequence, allocate};
+use super::sequence::{Sequence, allocate, reserve};
 use super::{PgPool, PgStore, pg_err};
 use crate::ids::RandomIds;
 use crate::profile_codec;
@@ -133,6 +133,7 @@ impl Default for Units {
             wake: Notify::new(),
             front_free: Condvar::new(),
             room: Arc::new(Semaphore::new(QUEUE_UNITS)),
+            seq_blocks: SeqBlocks::default(),
         });
         Units {
             _open: Arc::new(Open(Arc::clone(&queue))),
@@ -165,6 +166,8 @@ struct Queue {
     /// The same, for a batch waiting on its blocking thread to take its front back.
     front_free: Condvar,
     room: Arc<Semaphore>,
+    /// Users' seqs reserved ahead, per workspace ([`SeqSource`]).
+    seq_blocks: SeqBlocks,
 }
 
 #[derive(Default)]
@@ -394,7 +397,7 @@ impl UserStore for PgStore {
                             .start(),
                     )
                     .map_err(pg_err)?;
-                let mut reader = PgTx::new(&rt, &tx, workspace, Mode::Read);
+                let mut reader = PgTx::new(&rt, &tx, workspace, Mode::Read, None);
                 let out = work(&mut reader)?;
                 drop(reader);
                 rt.block_on(tx.commit()).map_err(pg_err)?;
@@ -415,6 +418,24 @@ struct BatchEnv<'a> {
     ids: &'a mut RandomIds,
     max_array_len: usize,
     front: Front,
+}
+
+impl<'a> BatchEnv<'a> {
+    /// The store's queue (its seq blocks), held apart from `self` so that a transaction can
+    /// take seqs while the batch goes on using `self`.
+    fn queue(&self) -> Arc<Queue> {
+        Arc::clone(&self.front.queue)
+    }
+
+    fn seq_source<'q>(&self, queue: &'q Queue) -> SeqSource<'q>
+    where
+        'a: 'q,
+    {
+        SeqSource {
+            pool: self.pool,
+            blocks: &queue.seq_blocks,
+        }
+    }
 }
 
 /// Why a transaction failed, as far as running it again is concerned.
@@ -669,7 +690,8 @@ fn together_in(env: &mut BatchEnv<'_>, session: &mut Session, jobs: &mut [Job]) 
     let mut failed = None;
     let mut logs = Logs::default();
     {
-        let mut ptx = PgTx::new(env.rt, &tx, ws, Mode::Write);
+        let queue = env.queue();
+        let mut ptx = PgTx::new(env.rt, &tx, ws, Mode::Write, Some(env.seq_source(&queue)));
         for job in jobs.iter_mut() {
             let mut ctx = WriteCtx {
                 workspace: &job.workspace,
@@ -747,7 +769,8 @@ fn isolated_in(env: &mut BatchEnv<'_>, session: &mut Session, jobs: &mut [Job]) 
                 failed = Some((pg_err(e), Failure::Other));
                 break 'jobs;
             }
-            let mut ptx = PgTx::new(env.rt, &tx, ws, Mode::Write);
+            let queue = env.queue();
+            let mut ptx = PgTx::new(env.rt, &tx, ws, Mode::Write, Some(env.seq_source(&queue)));
             let mut ctx = WriteCtx {
                 workspace: &job.workspace,
                 now: job.now,
@@ -1299,6 +1322,85 @@ struct Member {
     touched: bool,
 }
 
+/// Users' seqs are handed out in blocks of this many, reserved from the workspace's `users`
+/// counter in a transaction of their own. A node that stops leaves the rest of its block
+/// unused: holes, which cost the segment index nothing (its bitmaps and columns are indexed by
+/// seq, and a seq is never reused either way).
+const USER_SEQ_BLOCK: u32 = 1000;
+
+/// Most key locks one transaction takes ([`PgTx::lock_missing`]). Advisory locks live in
+/// PostgreSQL's shared lock table (`max_locks_per_transaction` × connections, 6,400 slots by
+/// default), so a few batches per node must stay well inside it.
+const MAX_KEY_LOCKS: usize = 768;
+
+/// Locks a set of keys in one order (sorted), so two transactions never wait for each other
+/// in a cycle over them. The 64-bit key is a hash of the workspace, the kind and the key; a
+/// collision only makes one lookup wait for an unrelated commit.
+const LOCK_KEYS: &str = "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))
+     FROM (SELECT DISTINCT k FROM unnest($1::text[]) AS k ORDER BY k) AS keys";
+
+/// The text a key lock is hashed from: workspace, kind (`e`xternal id, `a`lias, `d`evice),
+/// and the key (an alias's label length-prefixed, so that no label and name pair reads as
+/// another; PostgreSQL text cannot hold a NUL separator).
+fn key_lock_name(ws: i64, kind: char, key: &str, second: &str) -> String {
+    format!("tideway-key:{ws}:{kind}:{}:{key}:{second}", key.len())
+}
+
+/// True if the transaction knows `key` belongs to nobody, as the database said (not changed
+/// here since).
+fn is_free<K: std::hash::Hash + Eq>(slots: &FxHashMap<K, Slot>, key: &K) -> bool {
+    slots.get(key).is_some_and(|s| s.seq.is_none() && !s.dirty)
+}
+
+/// Keys a writing transaction found free and locked until its commit.
+#[derive(Default)]
+struct LockedKeys {
+    externals: FxHashSet<ExternalId>,
+    aliases: FxHashSet<UserAlias>,
+    devices: FxHashSet<DeviceId>,
+    count: usize,
+}
+
+/// Per workspace, the seqs reserved and not handed out yet: `next..end`.
+#[derive(Default)]
+struct SeqBlocks(Mutex<FxHashMap<i64, (u32, u32)>>);
+
+/// Where a writing transaction takes new users' seqs: the store's blocks, refilled from the
+/// workspace's counter on a pooled connection of its own (autocommit), so the counter's row
+/// lock lasts one statement instead of the creating transaction.
+#[derive(Clone, Copy)]
+struct SeqSource<'a> {
+    pool: &'a PgPool,
+    blocks: &'a SeqBlocks,
+}
+
+impl SeqSource<'_> {
+    fn take(&self, ws: i64) -> Option<u32> {
+        let mut blocks = self.blocks.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (next, end) = blocks.get_mut(&ws)?;
+        (*next < *end).then(|| {
+            *next += 1;
+            *next - 1
+        })
+    }
+
+    async fn next(&self, ws: WorkspaceId) -> Result<u32, StoreError> {
+        if let Some(seq) = self.take(ws.0) {
+            return Ok(seq);
+        }
+        let client = self.pool.client().await?;
+        let first = reserve(&client, ws, Sequence::Users, USER_SEQ_BLOCK).await?;
+        let first = seq_from(first, "the users counter")?;
+        let end = first
+            .checked_add(USER_SEQ_BLOCK)
+            .ok_or_else(|| too_many("users"))?;
+        let mut blocks = self.blocks.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Another batch may have refilled meanwhile; its block's rest is given up (holes).
+        blocks.insert(ws.0, (first + 1, end));
+        Ok(first)
+    }
+}
+
 #[derive(Default)]
 struct Cache {
     users: FxHashMap<u32, Cached>,
@@ -1313,10 +1415,6 @@ struct Cache {
     members: FxHashMap<(i64, u32), Member>,
     /// Member count changes per cohort: the sum and the latest time.
     counts: FxHashMap<i64, (i64, Millis)>,
-    /// The seq the next user created gets, once the counter is locked.
-    next_user: Option<u32>,
-    /// Users numbered from `next_user` that the counter does not count yet.
-    unbooked_users: u32,
 }
 
 impl Cache {
@@ -1422,14 +1520,25 @@ struct PgTx<'t, 'c> {
     logs: Logs,
     /// The class of the first database error: it decides whether the work runs again.
     failure: Option<Failure>,
-    /// Did more than change existing users' profiles: created users, changed identifiers,
-    /// aliases, devices, cohorts or memberships. Until then a batch may let the next one of
-    /// its workspace start before it commits ([`PgTx::plain`]).
+    /// Did more than change existing users' profiles and create users under key locks:
+    /// created users whose keys are not locked, changed identifiers, moved aliases or devices,
+    /// changed cohorts or memberships. Until then a batch may let the next one of its
+    /// workspace start before it commits ([`PgTx::plain`]).
     reshaped: bool,
+    /// Where new users' seqs come from (none when reading).
+    seqs: Option<SeqSource<'t>>,
+    /// Keys this transaction looked up, found free and locked ([`PgTx::lock_missing`]).
+    locked: LockedKeys,
 }
 
 impl<'t, 'c> PgTx<'t, 'c> {
-    fn new(rt: &'t Handle, tx: &'t Transaction<'c>, ws: WorkspaceId, mode: Mode) -> Self {
+    fn new(
+        rt: &'t Handle,
+        tx: &'t Transaction<'c>,
+        ws: WorkspaceId,
+        mode: Mode,
+        seqs: Option<SeqSource<'t>>,
+    ) -> Self {
         PgTx {
             rt,
             tx,
@@ -1439,6 +1548,8 @@ impl<'t, 'c> PgTx<'t, 'c> {
             logs: Logs::default(),
             failure: None,
             reshaped: false,
+            seqs,
+            locked: LockedKeys::default(),
         }
     }
 }
@@ -1457,10 +1568,12 @@ impl PgTx<'_, '_> {
         e
     }
 
-    /// True if the transaction only changed the profiles of existing users it holds locked.
-    /// Another batch of the workspace can then look users up before this one commits and see
-    /// what it would see after: every user this one changed, it can reach only by waiting for
-    /// that user's lock; nothing this one created or renamed can hide from its lookups.
+    /// True if the transaction only changed the profiles of existing users it holds locked
+    /// and created users (with fresh aliases and devices) under key locks. Another batch of
+    /// the workspace can then look users up before this one commits and see what it would see
+    /// after: every user this one changed, it can reach only by waiting for that user's lock;
+    /// every key this one created, only by waiting for that key's lock (a lookup that finds
+    /// nothing takes it, then looks again); nothing this one renamed can hide from its lookups.
     fn plain(&self) -> bool {
         !self.reshaped
             && self
@@ -1470,8 +1583,22 @@ impl PgTx<'_, '_> {
                 .filter(|c| c.dirty)
                 .all(|c| match &c.stored {
                     Stored::Row(ids) => ids.match_user(&c.user),
-                    Stored::New | Stored::Unknown => false,
+                    Stored::New => self.created_under_locks(&c.user),
+                    Stored::Unknown => false,
                 })
+    }
+
+    /// True if every key another batch could find `user` by, before this transaction commits,
+    /// is locked by it: the external id (looked up, found free, locked). The braze id is new
+    /// and unknown outside; an email or phone is not locked, so a user created with one keeps
+    /// the front (a lookup by email would not wait for it).
+    fn created_under_locks(&self, user: &UserRecord) -> bool {
+        user.email.is_none()
+            && user.phone.is_none()
+            && user
+                .external_id
+                .as_ref()
+                .is_none_or(|e| self.locked.externals.contains(e))
     }
 
     fn query(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, StoreError> {
@@ -1489,15 +1616,101 @@ impl PgTx<'_, '_> {
         }
     }
 
-    fn allocate(&mut self, sequence: Sequence, n: u32) -> Result<i64, StoreError> {
-        let (rt, tx) = (self.rt, self.tx);
-        rt.block_on(allocate(tx, self.ws, sequence, n))
-            .map_err(|e| self.fail_mapped(e))
+    /// Loads the users these keys name, and what each key points at (nobody included), with
+    /// one statement per kind of key, all sent at once. Keys already known are skipped. Writing,
+    /// the keys found free are then locked and looked up again ([`PgTx::lock_missing`]).
+    fn load(
+        &mut self,
+        externals: &[&ExternalId],
+        aliases: &[&UserAlias],
+        brazes: &[&BrazeId],
+        devices: &[&DeviceId],
+    ) -> Result<(), StoreError> {
+        self.load_once(externals, aliases, brazes, devices)?;
+        if self.mode == Mode::Write {
+            self.lock_missing(externals, aliases, devices)?;
+        }
+        Ok(())
     }
 
-    /// Loads the users these keys name, and what each key points at (nobody included), with
-    /// one statement per kind of key, all sent at once. Keys already known are skipped.
-    fn load(
+    /// Locks the keys among these that no user has (as loaded, not changed here since), and
+    /// loads them again: a batch that created one of them and gave up its front before its
+    /// commit holds its lock, so this waits for that commit and then finds its user. A batch
+    /// that creates a user by a key it locked need not keep its front to its commit
+    /// ([`PgTx::plain`]). Keys are taken in one sorted statement; at most [`MAX_KEY_LOCKS`]
+    /// per transaction (PostgreSQL's lock table is shared and finite), past which keys stay
+    /// unlocked and a user created by one keeps the batch's front.
+    fn lock_missing(
+        &mut self,
+        externals: &[&ExternalId],
+        aliases: &[&UserAlias],
+        devices: &[&DeviceId],
+    ) -> Result<(), StoreError> {
+        if self.reshaped {
+            // The batch keeps its front to its commit whatever it creates: nothing to gain.
+            return Ok(());
+        }
+        let c = &self.cache;
+        let locked = &self.locked;
+        let ext: Vec<&ExternalId> = externals
+            .iter()
+            .copied()
+            .filter(|e| {
+                c.by_external.get(*e) == Some(&None)
+                    && is_free(&c.deprecated, e)
+                    && !locked.externals.contains(*e)
+            })
+            .collect::<FxHashSet<_>>()
+            .into_iter()
+            .collect();
+        let ali: Vec<&UserAlias> = aliases
+            .iter()
+            .copied()
+            .filter(|a| is_free(&c.aliases, a) && !locked.aliases.contains(*a))
+            .collect::<FxHashSet<_>>()
+            .into_iter()
+            .collect();
+        let dev: Vec<&DeviceId> = devices
+            .iter()
+            .copied()
+            .filter(|d| is_free(&c.devices, d) && !locked.devices.contains(*d))
+            .collect::<FxHashSet<_>>()
+            .into_iter()
+            .collect();
+        let n = ext.len() + ali.len() + dev.len();
+        if n == 0 || self.locked.count + n > MAX_KEY_LOCKS {
+            return Ok(());
+        }
+        let ws = self.ws.0;
+        let keys: Vec<String> = ext
+            .iter()
+            .map(|e| key_lock_name(ws, 'e', e.as_str(), ""))
+            .chain(
+                ali.iter()
+                    .map(|a| key_lock_name(ws, 'a', a.label.as_str(), a.name.as_str())),
+            )
+            .chain(dev.iter().map(|d| key_lock_name(ws, 'd', d.as_str(), "")))
+            .collect();
+        self.query(LOCK_KEYS, &[&keys])?;
+        self.locked.count += n;
+        for e in &ext {
+            self.cache.by_external.remove(*e);
+            self.cache.deprecated.remove(*e);
+            self.locked.externals.insert((*e).clone());
+        }
+        for a in &ali {
+            self.cache.aliases.remove(*a);
+            self.locked.aliases.insert((*a).clone());
+        }
+        for d in &dev {
+            self.cache.devices.remove(*d);
+            self.locked.devices.insert((*d).clone());
+        }
+        self.load_once(&ext, &ali, &[], &dev)
+    }
+
+    /// [`PgTx::load`] without the key locks.
+    fn load_once(
         &mut self,
         externals: &[&ExternalId],
         aliases: &[&UserAlias],
@@ -1718,19 +1931,17 @@ impl PgTx<'_, '_> {
 
     // --- writing -----------------------------------------------------------------------------
 
-    /// A fresh dense seq: the first of the transaction locks the workspace's users counter
-    /// (until commit), the rest count on locally and are booked by [`PgTx::book_users`].
+    /// A fresh seq from the workspace's block reserved ahead ([`SeqSource`]): creating a user
+    /// locks no counter, so batches that create users need not commit one at a time.
     fn new_seq(&mut self) -> Result<u32, StoreError> {
-        if let Some(next) = self.cache.next_user {
-            let after = next.checked_add(1).ok_or_else(|| too_many("users"))?;
-            self.cache.next_user = Some(after);
-            self.cache.unbooked_users += 1;
-            return Ok(next);
-        }
-        let first = self.allocate(Sequence::Users, 1)?;
-        let seq = seq_from(first, "the users counter")?;
-        self.cache.next_user = Some(seq.checked_add(1).ok_or_else(|| too_many("users"))?);
-        Ok(seq)
+        let Some(source) = self.seqs else {
+            return Err(StoreError::Corrupt(
+                "a reading transaction cannot create users".into(),
+            ));
+        };
+        let rt = self.rt;
+        rt.block_on(source.next(self.ws))
+            .map_err(|e| self.fail_mapped(e))
     }
 
     fn create(
@@ -1739,7 +1950,6 @@ impl PgTx<'_, '_> {
         external_id: Option<&ExternalId>,
         now: Millis,
     ) -> Result<UserRecord, StoreError> {
-        self.reshaped = true;
         let seq = self.new_seq()?;
         let mut user = UserRecord::new(UserSeq(seq), braze_id, now);
         user.external_id = external_id.cloned();
@@ -1767,7 +1977,6 @@ impl PgTx<'_, '_> {
             return Ok(());
         }
         self.write_users()?;
-        self.book_users()?;
         self.write_slots()?;
         self.write_members()
     }
@@ -1815,7 +2024,14 @@ impl PgTx<'_, '_> {
                 })
             })
             .collect();
-        if !new.is_empty() || !changed.is_empty() {
+        // Once written, a new user looks like a stored one to `plain`: decide for it now.
+        if !changed.is_empty()
+            || new.iter().any(|s| {
+                users
+                    .get(s)
+                    .is_some_and(|c| !self.created_under_locks(&c.user))
+            })
+        {
             self.reshaped = true;
         }
         let (rt, tx, ws) = (self.rt, self.tx, self.ws.0);
@@ -1846,27 +2062,6 @@ impl PgTx<'_, '_> {
                 c.dirty = false;
             }
         }
-        Ok(())
-    }
-
-    /// Advances the users counter past the users numbered locally (it is still locked by this
-    /// transaction, so nobody else moved it).
-    fn book_users(&mut self) -> Result<(), StoreError> {
-        let n = self.cache.unbooked_users;
-        if n == 0 {
-            return Ok(());
-        }
-        let first = self.allocate(Sequence::Users, n)?;
-        let expected = self
-            .cache
-            .next_user
-            .map(|next| i64::from(next) - i64::from(n));
-        if Some(first) != expected {
-            return Err(StoreError::Corrupt(format!(
-                "the users counter moved while this transaction held it (at {first}, expected {expected:?})"
-            )));
-        }
-        self.cache.unbooked_users = 0;
         Ok(())
     }
 
@@ -2412,7 +2607,8 @@ impl UserTx for PgTx<'_, '_> {
     }
 
     fn put_alias(&mut self, user: UserSeq, alias: &UserAlias) -> Result<(), StoreError> {
-        self.reshaped |= set_slot(&mut self.cache.aliases, alias, Some(user.0));
+        let fresh = self.locked.aliases.contains(alias) && is_free(&self.cache.aliases, alias);
+        self.reshaped |= set_slot(&mut self.cache.aliases, alias, Some(user.0)) && !fresh;
         Ok(())
     }
 
@@ -2425,7 +2621,8 @@ impl UserTx for PgTx<'_, '_> {
     }
 
     fn put_device(&mut self, user: UserSeq, device: &DeviceId) -> Result<(), StoreError> {
-        self.reshaped |= set_slot(&mut self.cache.devices, device, Some(user.0));
+        let fresh = self.locked.devices.contains(device) && is_free(&self.cache.devices, device);
+        self.reshaped |= set_slot(&mut self.cache.devices, device, Some(user.0)) && !fresh;
         Ok(())
     }
 
