@@ -377,14 +377,6 @@ impl CanvasDefinition {
                 "segment_entry is not supported as a Canvas entry (use a partner cohort entry, a custom event or a purchase)",
             ));
         }
-        if let Delivery::Scheduled(s) = &entry
-            && s.in_local_time
-        {
-            return Err(bad(
-                "entry.schedule.in_local_time",
-                "is not supported by a Canvas (its occurrences are in UTC)",
-            ));
-        }
         if let Delivery::ActionBased(a) = &entry
             && a.delay_secs > 0
         {

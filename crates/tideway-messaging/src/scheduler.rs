@@ -68,6 +68,10 @@ impl<S: DispatchStore + ?Sized + 'static> Scheduler<S> {
     /// Finishes every expansion a previous run left half done.
     pub async fn resume(&self) -> Result<(), StoreError> {
         for dispatch in self.store.expanding_dispatches(self.clock.now()).await? {
+            if matches!(dispatch.source, DispatchSource::Canvas { .. }) {
+                // The Canvas engine's (its expansion enters users, it queues no sends).
+                continue;
+            }
             let id = dispatch.id.clone();
             if let Err(e) = self.expand(dispatch).await {
                 // One dispatch's trouble does not hold up the others; it is resumed next pass.
@@ -177,6 +181,7 @@ impl<S: DispatchStore + ?Sized + 'static> Scheduler<S> {
                 };
                 (None, def)
             }
+            DispatchSource::Canvas { .. } => return Ok(()),
         };
         let filter =
             crate::audience::narrowed(audience_filter(&def.audience)?, dispatch.audience.as_ref())?;

@@ -1,7 +1,11 @@
 //! Canvas over HTTP: Tideway's management API (`/api/v1/canvases…`: create, read, update —
 //! each definition edit a new version —, delete, `launch` / `pause` / `stop`; permissions
 //! `canvas.manage` / `canvas.read`) and Braze's endpoints (`POST /canvas/trigger/send`,
-//! `GET /canvas/list`, `GET /canvas/details`).
+//! `/canvas/trigger/schedule/{create,update,delete}`, `GET /canvas/list`,
+//! `GET /canvas/details`). A trigger's recipients, `broadcast` and `audience` are read by the
+//! campaigns' parser; a broadcast or a schedule is a Canvas entry dispatch (the campaigns'
+//! scheduled dispatch, whose users the Canvas engine enters), moved and cancelled by the
+//! campaigns' schedule code.
 //!
 //! A definition is checked whole before anything is written (`CanvasDefinition::parse`:
 //! shape, graph, limits; Liquid of every Message step), so a refused request writes nothing
@@ -13,18 +17,25 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tideway_core::campaigns::{CampaignAction, CampaignStatus, Delivery};
 use tideway_core::canvas::{CanvasDefinition, StepKind};
+use tideway_core::clock::Millis;
+use tideway_core::ids::UserSeq;
 use tideway_core::keys::{Permission, Secret};
-use tideway_core::store::{CanvasRecord, Workspace};
+use tideway_core::store::{
+    CanvasRecipient, CanvasRecord, DispatchRecord, DispatchSource, Enqueue, Workspace,
+};
 use tideway_messaging::canvas::{Entrant, step_dispatch_id};
-use tideway_messaging::sends::{ApiRecipient, RecipientId, resolve};
+use tideway_messaging::sends::{Target, resolve};
 
 use crate::AppState;
 use crate::campaigns_api::{
     definition_error, description_field, name_field, place_error, presented_key, tags_field,
 };
 use crate::error::ApiError;
-use crate::messaging_api::{MAX_RECIPIENTS, TOO_MANY_RECIPIENTS, messaging, not_enabled};
+use crate::messaging_api::{apply_updates, messaging, not_enabled, parse_targets};
 use crate::pipeline::{management, now, read_json};
+use crate::schedule_api::{
+    ScheduleOf, cancel, owned_dispatch, parse_schedule, reschedule, schedule_id,
+};
 
 /// Braze's answer for an unknown Canvas (`/canvas/details`, `/canvas/trigger/send`).
 pub const INVALID_CANVAS: &str = "canvas_id must be a string of the Canvas api identifier";
@@ -357,10 +368,11 @@ fn bad(why: impl Into<String>) -> ApiError {
     ApiError::bad_request_with("Bad Request", "errors", json!([why]))
 }
 
-/// A properties object (`context` / `canvas_entry_properties`), merged: `context` wins.
+/// A properties object (`canvas_entry_properties` / `context`, at `prefix`), merged:
+/// `context` wins.
 fn entry_properties(
     o: &Map<String, Value>,
-    path: &str,
+    prefix: &str,
 ) -> Result<Option<Map<String, Value>>, ApiError> {
     let mut out: Option<Map<String, Value>> = None;
     for key in ["canvas_entry_properties", "context"] {
@@ -369,119 +381,268 @@ fn entry_properties(
             Some(Value::Object(m)) => {
                 out.get_or_insert_with(Map::new).extend(m.clone());
             }
-            Some(_) => return Err(bad(format!("{path}{key} must be an object"))),
+            Some(_) => return Err(bad(format!("{prefix}{key} must be an object"))),
         }
     }
     if let Some(m) = &out
         && Value::Object(m.clone()).to_string().len() > 50 * 1024
     {
         return Err(bad(format!(
-            "{path}canvas_entry_properties/context exceed 50 KB"
+            "{prefix}canvas_entry_properties/context exceed 50 KB"
         )));
     }
     Ok(out)
 }
 
-/// `POST /canvas/trigger/send`: enters named recipients into an API-triggered Canvas.
-pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Response {
-    management(state, Permission::CanvasTriggerSend, req, |state, caller, req| async move {
-        let Some(api) = messaging(&state) else {
-            return Ok(not_enabled());
+const PAUSED: &str =
+    "The Canvas is paused. Resume the Canvas to ensure trigger requests will take effect.";
+const ARCHIVED: &str =
+    "The Canvas is archived. Unarchive the Canvas to ensure trigger requests will take effect.";
+
+fn canvas_field(body: &Map<String, Value>) -> Result<String, ApiError> {
+    match body.get("canvas_id") {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        None | Some(Value::Null) => Err(bad("canvas_id is required")),
+        Some(_) => Err(bad("canvas_id must be a string")),
+    }
+}
+
+/// What a Canvas trigger did: the dispatch id, the non-fatal errors and Braze's notice for
+/// a Canvas that is not active (nothing entered).
+struct Triggered {
+    dispatch_id: String,
+    errors: Vec<String>,
+    notice: Option<&'static str>,
+}
+
+/// An API entry into a Canvas, now or at `schedule` (`/canvas/trigger/send`,
+/// `/canvas/trigger/schedule/create`). Named recipients entering now enter in the request;
+/// a broadcast (the Canvas's entry audience, narrowed by `audience`) and any scheduled entry
+/// become a Canvas entry dispatch, which the Canvas engine enters when due, in chunks.
+async fn canvas_trigger(
+    state: &AppState,
+    caller: &crate::pipeline::Caller,
+    body: &Map<String, Value>,
+    schedule: Option<Millis>,
+) -> Result<Triggered, ApiError> {
+    let canvas_id = canvas_field(body)?;
+    let shared = entry_properties(body, "")?;
+    let targets = parse_targets(body, now(), entry_properties)?;
+    let ws = &caller.workspace;
+    // Fatal checks first: nothing (not even attributes) is written for a refused request.
+    let canvas = state
+        .store()
+        .canvas(ws.id, &canvas_id)
+        .await?
+        .ok_or_else(|| ApiError::bad_request(INVALID_CANVAS))?;
+    let def = loaded(&canvas)?;
+    if !matches!(def.entry, Delivery::ApiTriggered) {
+        return Err(ApiError::bad_request_with(
+            INVALID_CANVAS,
+            "errors",
+            json!(["the Canvas's entry is not api_triggered"]),
+        ));
+    }
+    let dispatch_id = tideway_messaging::plan::new_dispatch_id();
+    if canvas.status != CampaignStatus::Active {
+        let notice = match canvas.status {
+            CampaignStatus::Stopped => ARCHIVED,
+            _ => PAUSED,
         };
-        let body = read_json(req).await?;
-        let canvas_id = match body.get("canvas_id") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            _ => return Err(bad("canvas_id is required")),
-        };
-        let shared = entry_properties(&body, "")?;
-        if body.get("broadcast").and_then(Value::as_bool) == Some(true) {
-            return Err(bad("broadcast is not supported for Canvas: name recipients"));
-        }
-        let list = match body.get("recipients") {
-            Some(Value::Array(l)) if !l.is_empty() => l,
-            Some(Value::Array(_)) | None | Some(Value::Null) => {
-                return Err(ApiError::bad_request("No Recipients"));
-            }
-            Some(_) => return Err(bad("recipients must be an array")),
-        };
-        if list.len() > MAX_RECIPIENTS {
-            return Err(ApiError::bad_request(TOO_MANY_RECIPIENTS));
-        }
-        let mut recipients = Vec::with_capacity(list.len());
-        for (i, r) in list.iter().enumerate() {
-            let path = format!("recipients[{i}].");
-            let Value::Object(o) = r else {
-                return Err(bad(format!("recipients[{i}] must be an object")));
-            };
-            let id = match (o.get("external_user_id"), o.get("braze_id")) {
-                (Some(v), None) => {
-                    let text = match v {
-                        Value::String(s) => s.clone(),
-                        Value::Number(n) => n.to_string(),
-                        _ => return Err(bad(format!("{path}external_user_id must be a string"))),
-                    };
-                    RecipientId::External(
-                        tideway_core::ids::ExternalId::parse(&text)
-                            .map_err(|e| bad(format!("{path}external_user_id: {e}")))?,
-                    )
+        return Ok(Triggered {
+            dispatch_id,
+            errors: Vec::new(),
+            notice: Some(notice),
+        });
+    }
+    let errors = apply_updates(state, ws, targets.updates).await?;
+    let recipients = match targets.target {
+        Target::Recipients(list) => {
+            let (users, _missing) = resolve(state.store(), ws, list).await?;
+            let merged = |own: Option<Map<String, Value>>| match (&shared, own) {
+                (None, None) => None,
+                (a, b) => {
+                    let mut m = a.clone().unwrap_or_default();
+                    m.extend(b.unwrap_or_default());
+                    Some(Value::Object(m).to_string())
                 }
-                (None, Some(Value::String(b))) => RecipientId::Braze(
-                    tideway_core::ids::BrazeId::parse(b)
-                        .map_err(|e| bad(format!("{path}braze_id: {e}")))?,
-                ),
-                _ => {
-                    return Err(bad(format!(
-                        "{path} needs exactly one of external_user_id or braze_id"
-                    )));
+            };
+            let list: Vec<CanvasRecipient> = users
+                .into_iter()
+                .map(|(user, own)| CanvasRecipient {
+                    user,
+                    properties: merged(own),
+                })
+                .collect();
+            if schedule.is_none() {
+                let entrants = list
+                    .into_iter()
+                    .map(|r| Entrant {
+                        user: r.user,
+                        properties: r.properties,
+                        due_at: None,
+                    })
+                    .collect();
+                if let Some(api) = messaging(state) {
+                    api.engine
+                        .canvas()
+                        .enter(ws.id, &canvas, entrants, targets.audience.as_ref())
+                        .await?;
                 }
-            };
-            let mut props = shared.clone();
-            if let Some(own) = entry_properties(o, &path)? {
-                props.get_or_insert_with(Map::new).extend(own);
+                return Ok(Triggered {
+                    dispatch_id,
+                    errors,
+                    notice: None,
+                });
             }
-            recipients.push(ApiRecipient { id, properties: props });
+            Some(list)
         }
-        let ws = &caller.workspace;
-        let canvas = state
-            .store()
-            .canvas(ws.id, &canvas_id)
-            .await?
-            .ok_or_else(|| ApiError::bad_request(INVALID_CANVAS))?;
-        let def = loaded(&canvas)?;
-        if !matches!(def.entry, Delivery::ApiTriggered) {
-            return Err(ApiError::bad_request_with(
-                INVALID_CANVAS,
-                "errors",
-                json!(["the Canvas's entry is not api_triggered"]),
-            ));
-        }
-        let dispatch_id = uuid::Uuid::new_v4().simple().to_string();
-        if canvas.status != CampaignStatus::Active {
-            let notice = match canvas.status {
-                CampaignStatus::Stopped => "The Canvas is archived. Unarchive the Canvas to ensure trigger requests will take effect.",
-                _ => "The Canvas is paused. Resume the Canvas to ensure trigger requests will take effect.",
-            };
-            return Ok((
-                StatusCode::CREATED,
-                axum::Json(json!({"dispatch_id": dispatch_id, "message": "success", "notice": notice})),
-            )
-                .into_response());
-        }
-        let (users, _missing) = resolve(state.store(), ws, recipients).await?;
-        let entrants = users
-            .into_iter()
-            .map(|(user, props)| Entrant {
-                user,
-                properties: props.map(|m| Value::Object(m).to_string()),
-            })
-            .collect();
-        api.engine.canvas().enter(ws.id, &canvas, entrants).await?;
-        Ok((
-            StatusCode::CREATED,
-            axum::Json(json!({"dispatch_id": dispatch_id, "message": "success"})),
+        Target::Broadcast => None,
+    };
+    let shared_text = match &recipients {
+        // Named recipients carry their merged properties.
+        Some(_) => None,
+        None => shared.map(|m| Value::Object(m).to_string()),
+    };
+    let dispatch = DispatchRecord {
+        id: dispatch_id.clone(),
+        workspace: ws.id,
+        source: DispatchSource::Canvas {
+            canvas_id: canvas.id.clone(),
+            recipients,
+        },
+        send_id: None,
+        per_user_ids: false,
+        properties: shared_text,
+        audience: targets.audience,
+        created_at: now(),
+        expanding_after: Some(UserSeq(0)),
+        not_before: schedule,
+    };
+    state
+        .store()
+        .enqueue(
+            ws.id,
+            Enqueue {
+                dispatches: vec![dispatch],
+                ..Enqueue::default()
+            },
         )
-            .into_response())
+        .await?;
+    Ok(Triggered {
+        dispatch_id,
+        errors,
+        notice: None,
     })
+}
+
+/// `POST /canvas/trigger/send`: enters named recipients, or (`broadcast: true`, or an
+/// `audience` alone) the Canvas's entry audience narrowed by `audience`, into an
+/// API-triggered Canvas.
+pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::CanvasTriggerSend,
+        req,
+        |state, caller, req| async move {
+            if messaging(&state).is_none() {
+                return Ok(not_enabled());
+            }
+            let body = read_json(req).await?;
+            Ok(canvas_trigger(&state, &caller, &body, None)
+                .await?
+                .answer(false))
+        },
+    )
+    .await
+}
+
+impl Triggered {
+    /// Braze's 201: `dispatch_id` (and `schedule_id`, the same, for a schedule), `errors`
+    /// for refused attributes, `notice` for a Canvas that is not active.
+    fn answer(self, scheduled: bool) -> Response {
+        let mut body = json!({"dispatch_id": self.dispatch_id, "message": "success"});
+        if scheduled {
+            body["schedule_id"] = json!(self.dispatch_id);
+        }
+        if !self.errors.is_empty() {
+            body["errors"] = json!(self.errors);
+        }
+        if let Some(notice) = self.notice {
+            body["notice"] = json!(notice);
+        }
+        (StatusCode::CREATED, axum::Json(body)).into_response()
+    }
+}
+
+/// `POST /canvas/trigger/schedule/create`: the `/canvas/trigger/send` body plus
+/// `schedule: {time}`; the entry happens at that time (a Canvas entry dispatch whose
+/// `schedule_id` is its `dispatch_id`).
+pub async fn trigger_schedule_create(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::CanvasTriggerScheduleCreate,
+        req,
+        |state, caller, req| async move {
+            if messaging(&state).is_none() {
+                return Ok(not_enabled());
+            }
+            let body = read_json(req).await?;
+            let at = parse_schedule(&body, now())?;
+            Ok(canvas_trigger(&state, &caller, &body, Some(at))
+                .await?
+                .answer(true))
+        },
+    )
+    .await
+}
+
+/// `POST /canvas/trigger/schedule/update`: `{canvas_id, schedule_id, schedule}` moves a
+/// scheduled entry that has not started.
+pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::CanvasTriggerScheduleUpdate,
+        req,
+        |state, caller, req| async move {
+            let body = read_json(req).await?;
+            let canvas = canvas_field(&body)?;
+            let id = schedule_id(&body)?;
+            let at = parse_schedule(&body, now())?;
+            owned_dispatch(
+                &state,
+                caller.workspace.id,
+                &id,
+                ScheduleOf::Canvas(&canvas),
+            )
+            .await?;
+            reschedule(&state, caller.workspace.id, &id, at).await
+        },
+    )
+    .await
+}
+
+/// `POST /canvas/trigger/schedule/delete`: `{canvas_id, schedule_id}` cancels a scheduled
+/// entry (what has entered stays).
+pub async fn trigger_schedule_delete(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::CanvasTriggerScheduleDelete,
+        req,
+        |state, caller, req| async move {
+            let body = read_json(req).await?;
+            let canvas = canvas_field(&body)?;
+            let id = schedule_id(&body)?;
+            owned_dispatch(
+                &state,
+                caller.workspace.id,
+                &id,
+                ScheduleOf::Canvas(&canvas),
+            )
+            .await?;
+            cancel(&state, caller.workspace.id, &id).await
+        },
+    )
     .await
 }
 

@@ -188,9 +188,27 @@ const IDENTIFIER_KEYS: [&str; 5] = [
     "_update_existing_only",
 ];
 
+/// Reads the properties of a request or of one recipient (`prefix` is the recipient's path
+/// and a dot, or empty): `trigger_properties` for campaigns, `canvas_entry_properties` /
+/// `context` for a Canvas.
+pub(crate) type PropertiesOf =
+    fn(&Map<String, Value>, &str) -> Result<Option<Map<String, Value>>, ApiError>;
+
+/// A campaign's `trigger_properties`.
+fn trigger_properties(
+    o: &Map<String, Value>,
+    prefix: &str,
+) -> Result<Option<Map<String, Value>>, ApiError> {
+    properties_field(
+        o.get("trigger_properties"),
+        &format!("{prefix}trigger_properties"),
+    )
+}
+
 fn parse_recipient(
     v: &Value,
     index: usize,
+    properties_of: PropertiesOf,
 ) -> Result<(ApiRecipient, Option<RecipientUpdate>), ApiError> {
     let path = format!("recipients[{index}]");
     let Value::Object(r) = v else {
@@ -231,10 +249,7 @@ fn parse_recipient(
             (RecipientId::Email(email), "email", json!(text))
         }
     };
-    let properties = properties_field(
-        r.get("trigger_properties"),
-        &format!("{path}.trigger_properties"),
-    )?;
+    let properties = properties_of(r, &format!("{path}."))?;
     let existing_only = match r.get("send_to_existing_only") {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
@@ -283,7 +298,39 @@ pub fn parse_trigger_send(body: &Map<String, Value>, at: Millis) -> Result<Trigg
             .ok_or_else(|| malformed("campaign_id must be a string"))?,
     };
     let send_id = send_id_field(body)?;
-    let properties = properties_field(body.get("trigger_properties"), "trigger_properties")?;
+    let properties = trigger_properties(body, "")?;
+    let targets = parse_targets(body, at, trigger_properties)?;
+    Ok(TriggerSend {
+        campaign_id,
+        send: ApiSend {
+            send_id,
+            properties,
+            target: targets.target,
+            audience: targets.audience,
+            at: None,
+        },
+        updates: targets.updates,
+    })
+}
+
+/// Whom a trigger send (a campaign's or a Canvas's) is for.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Targets {
+    pub target: Target,
+    /// `audience` / `segment_id`: narrows the recipients, or is the broadcast's audience.
+    pub audience: Option<Value>,
+    /// The recipients' `attributes`, applied before the send.
+    pub updates: Vec<RecipientUpdate>,
+}
+
+/// `recipients`, `broadcast` and `audience` of a trigger send, with Braze's errors: a
+/// recipients list and `broadcast: true` together, attachments with a broadcast, more than
+/// [`MAX_RECIPIENTS`], and none of the three (`No Recipients`).
+pub(crate) fn parse_targets(
+    body: &Map<String, Value>,
+    at: Millis,
+    properties_of: PropertiesOf,
+) -> Result<Targets, ApiError> {
     let broadcast = bool_field(body, "broadcast", false)?;
     let recipients = match body.get("recipients") {
         None | Some(Value::Null) => Vec::new(),
@@ -307,7 +354,7 @@ pub fn parse_trigger_send(body: &Map<String, Value>, at: Millis) -> Result<Trigg
     let mut parsed = Vec::with_capacity(recipients.len());
     let mut updates = Vec::new();
     for (i, r) in recipients.iter().enumerate() {
-        let (recipient, update) = parse_recipient(r, i)?;
+        let (recipient, update) = parse_recipient(r, i, properties_of)?;
         parsed.push(recipient);
         updates.extend(update);
     }
@@ -318,15 +365,9 @@ pub fn parse_trigger_send(body: &Map<String, Value>, at: Millis) -> Result<Trigg
     } else {
         return Err(ApiError::bad_request(NO_RECIPIENTS));
     };
-    Ok(TriggerSend {
-        campaign_id,
-        send: ApiSend {
-            send_id,
-            properties,
-            target,
-            audience,
-            at: None,
-        },
+    Ok(Targets {
+        target,
+        audience,
         updates,
     })
 }
@@ -530,7 +571,7 @@ fn dispatched(dispatch_id: &str, errors: Vec<String>) -> Response {
 
 /// Applies recipients' `attributes` through `/users/track`; attribute objects it refuses are
 /// reported (non-fatal) by recipient.
-async fn apply_updates(
+pub(crate) async fn apply_updates(
     state: &AppState,
     workspace: &Workspace,
     updates: Vec<RecipientUpdate>,

@@ -30,7 +30,7 @@ pub const MAX_SEND_IDS_PER_DAY: u32 = 100;
 /// Longest `send_id`.
 const MAX_SEND_ID_CHARS: usize = 64;
 
-const INVALID_SCHEDULE_ID: &str = "Invalid schedule_id";
+pub(crate) const INVALID_SCHEDULE_ID: &str = "Invalid schedule_id";
 
 /// Reads `schedule` (required): `{"time": ISO 8601, "in_local_time"?: false,
 /// "at_optimal_time"?: false}` → the instant. A time in the past is refused.
@@ -75,7 +75,7 @@ pub fn parse_schedule(body: &Map<String, Value>, now: Millis) -> Result<Millis, 
     Ok(time)
 }
 
-fn schedule_id(body: &Map<String, Value>) -> Result<String, ApiError> {
+pub(crate) fn schedule_id(body: &Map<String, Value>) -> Result<String, ApiError> {
     match body.get("schedule_id") {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         None | Some(Value::Null) => Err(ApiError::malformed("schedule_id is required")),
@@ -100,21 +100,31 @@ fn success() -> Response {
         .into_response()
 }
 
-/// Checks the schedule names a dispatch of `campaign_id` (or an ad-hoc one when `None`).
-async fn owned_dispatch(
+/// Whose scheduled dispatch a request names.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ScheduleOf<'a> {
+    Campaign(&'a str),
+    AdHoc,
+    Canvas(&'a str),
+}
+
+/// Checks the schedule names a scheduled dispatch of `of`.
+pub(crate) async fn owned_dispatch(
     state: &AppState,
     workspace: tideway_core::ids::WorkspaceId,
     id: &str,
-    campaign_id: Option<&str>,
+    of: ScheduleOf<'_>,
 ) -> Result<(), ApiError> {
+    use tideway_core::store::DispatchSource;
     let dispatch = state
         .store()
         .dispatch(workspace, id)
         .await?
         .ok_or_else(|| ApiError::bad_request(INVALID_SCHEDULE_ID))?;
-    let matches = match (&dispatch.source, campaign_id) {
-        (tideway_core::store::DispatchSource::Campaign { campaign_id: of }, Some(c)) => of == c,
-        (tideway_core::store::DispatchSource::AdHoc { .. }, None) => true,
+    let matches = match (&dispatch.source, of) {
+        (DispatchSource::Campaign { campaign_id }, ScheduleOf::Campaign(c)) => campaign_id == c,
+        (DispatchSource::AdHoc { .. }, ScheduleOf::AdHoc) => true,
+        (DispatchSource::Canvas { canvas_id, .. }, ScheduleOf::Canvas(c)) => canvas_id == c,
         _ => false,
     };
     if !matches || dispatch.not_before.is_none() {
@@ -186,7 +196,13 @@ pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request
             let campaign = campaign_field(&body)?;
             let id = schedule_id(&body)?;
             let at = parse_schedule(&body, now())?;
-            owned_dispatch(&state, caller.workspace.id, &id, Some(&campaign)).await?;
+            owned_dispatch(
+                &state,
+                caller.workspace.id,
+                &id,
+                ScheduleOf::Campaign(&campaign),
+            )
+            .await?;
             reschedule(&state, caller.workspace.id, &id, at).await
         },
     )
@@ -215,7 +231,13 @@ pub async fn trigger_schedule_delete(State(state): State<AppState>, req: Request
             let body = read_json(req).await?;
             let campaign = campaign_field(&body)?;
             let id = schedule_id(&body)?;
-            owned_dispatch(&state, caller.workspace.id, &id, Some(&campaign)).await?;
+            owned_dispatch(
+                &state,
+                caller.workspace.id,
+                &id,
+                ScheduleOf::Campaign(&campaign),
+            )
+            .await?;
             cancel(&state, caller.workspace.id, &id).await
         },
     )
@@ -280,7 +302,7 @@ pub async fn messages_schedule_update(State(state): State<AppState>, req: Reques
                 ));
             }
             let at = parse_schedule(&body, now())?;
-            owned_dispatch(&state, caller.workspace.id, &id, None).await?;
+            owned_dispatch(&state, caller.workspace.id, &id, ScheduleOf::AdHoc).await?;
             reschedule(&state, caller.workspace.id, &id, at).await
         },
     )
@@ -308,14 +330,14 @@ pub async fn messages_schedule_delete(State(state): State<AppState>, req: Reques
         |state, caller, req| async move {
             let body = read_json(req).await?;
             let id = schedule_id(&body)?;
-            owned_dispatch(&state, caller.workspace.id, &id, None).await?;
+            owned_dispatch(&state, caller.workspace.id, &id, ScheduleOf::AdHoc).await?;
             cancel(&state, caller.workspace.id, &id).await
         },
     )
     .await
 }
 
-async fn reschedule(
+pub(crate) async fn reschedule(
     state: &AppState,
     workspace: tideway_core::ids::WorkspaceId,
     id: &str,
@@ -330,7 +352,7 @@ async fn reschedule(
     Ok(success())
 }
 
-async fn cancel(
+pub(crate) async fn cancel(
     state: &AppState,
     workspace: tideway_core::ids::WorkspaceId,
     id: &str,

@@ -27,8 +27,10 @@ use crate::canvas::{Happening, Journey};
 use crate::clock::Millis;
 use crate::currents::CurrentsEvent;
 use crate::ids::{UserSeq, WorkspaceId};
+use crate::track::TrackRequest;
 
 use super::StoreFuture;
+use super::Workspace;
 use super::messaging::{DispatchRecord, SendCounts, SendJob, TriggerCursor};
 
 /// A stored Canvas: its current definition and version, and its lifecycle.
@@ -54,6 +56,14 @@ pub struct CanvasRecord {
     pub first_entry: Option<Millis>,
     pub last_entry: Option<Millis>,
     pub entries: u64,
+}
+
+/// A named recipient of a scheduled Canvas entry: the user and their entry properties (JSON
+/// object text, merged over the dispatch's shared ones).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanvasRecipient {
+    pub user: UserSeq,
+    pub properties: Option<String>,
 }
 
 /// A per-step figure.
@@ -135,6 +145,14 @@ pub struct CanvasScan {
     /// Taken in order; each sees the ones before it.
     pub entries: Vec<NewEntry>,
     pub inbox: Vec<InboxItem>,
+    /// Canvas entry dispatches to create first ([`super::DispatchSource::Canvas`]: a
+    /// scheduled occurrence's, created with the `next_run` compare-and-set).
+    pub dispatches: Vec<DispatchRecord>,
+    /// Marks a Canvas entry dispatch's expansion, with the entries of its chunk: the rule of
+    /// [`super::Enqueue::expansion`] (a mark only moves forward; one that does not apply — the
+    /// dispatch cancelled, the chunk entered by another node — is a conflict, nothing
+    /// written), so every chunk enters once.
+    pub expansion: Option<(String, Option<UserSeq>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -164,6 +182,15 @@ pub struct CanvasSend {
     pub job: SendJob,
 }
 
+/// The attributes a journey's User Update steps set or increment, as a `/users/track`
+/// request about the user (by `braze_id`), applied through the users context in the
+/// settlement's transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserUpdate {
+    pub workspace: Workspace,
+    pub request: TrackRequest,
+}
+
 /// What became of a claimed journey.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JourneySettlement {
@@ -179,6 +206,13 @@ pub struct JourneySettlement {
     pub events: Vec<CurrentsEvent>,
     pub sends: Vec<CanvasSend>,
     pub stats: Vec<StepStat>,
+    /// The User Update steps the journey ran. On SQLite it is applied in the settlement's
+    /// transaction, so an update is applied exactly when the journey moves past its step (a
+    /// crash or a refused settlement applies neither). On PostgreSQL it is applied in a unit
+    /// of work of its own just before the settlement's transaction (the users context's
+    /// transactions cannot take Canvas writes yet), so a crash between the two applies it
+    /// again when the journey is processed again: an increment may count twice there.
+    pub user_update: Option<UserUpdate>,
 }
 
 /// Per-step counts of a Canvas.

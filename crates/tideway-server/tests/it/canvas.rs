@@ -340,3 +340,159 @@ async fn api_and_scheduled_entries_carry_entry_properties_into_liquid() {
     assert_eq!(c.entries, 1);
     assert_eq!(t.hooks.hits().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcasts_and_scheduled_entries_enter_in_chunks_and_can_be_moved_or_cancelled() {
+    let mut engine = EngineConfig::default();
+    // Two users per entry transaction, so a three-user broadcast takes two chunks.
+    engine.canvas.entry_chunk = 2;
+    let t = crate::messaging::setup_with(engine).await;
+    t.track(json!([
+        {"external_id": "u1", "plan": "pro", "tier": "gold"},
+        {"external_id": "u2", "plan": "pro", "tier": "gold"},
+        {"external_id": "u3", "plan": "pro", "tier": "gold"},
+        {"external_id": "u4", "plan": "pro", "tier": "silver"},
+        {"external_id": "u5", "plan": "free", "tier": "gold"},
+    ]))
+    .await;
+    let def = json!({
+        "name": "API",
+        "entry": {"type": "api_triggered"},
+        "audience": {"filter": {"attribute": {"name": "plan", "op": "equals", "value": "pro"}}},
+        "steps": [{"id": "hook", "type": "message", "message": {"channel": "webhook", "url": t.hook_url,
+            "body": "{{${user_id}}} {{context.${k}}}"}}]
+    });
+    let a = t.s.post("/api/v1/canvases", &t.key, def).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let id = a.body["canvas"]["id"].as_str().unwrap().to_owned();
+    let a =
+        t.s.post(&format!("/api/v1/canvases/{id}/launch"), &t.key, json!({}))
+            .await;
+    assert_eq!(a.status, 200, "{a:?}");
+
+    // Braze's errors: a recipients list with broadcast, and nobody named at all.
+    for (body, message) in [
+        (
+            json!({"canvas_id": id, "broadcast": true, "recipients": [{"external_user_id": "u1"}]}),
+            "Bad Request",
+        ),
+        (json!({"canvas_id": id}), "No Recipients"),
+        (
+            json!({"canvas_id": id, "broadcast": false}),
+            "No Recipients",
+        ),
+    ] {
+        let a = t.s.post("/canvas/trigger/send", &t.key, body).await;
+        assert_eq!(a.status, 400, "{a:?}");
+        assert_eq!(a.body["message"], message, "{a:?}");
+    }
+
+    // A broadcast narrowed by `audience`: the entry audience (Pro) ∩ gold = u1, u2, u3.
+    let gold = json!({"custom_attribute": {"custom_attribute_name": "tier", "comparison": "equals", "value": "gold"}});
+    let a =
+        t.s.post(
+            "/canvas/trigger/send",
+            &t.key,
+            json!({"canvas_id": id, "broadcast": true, "audience": gold, "context": {"k": "all"}}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let broadcast = a.body["dispatch_id"].as_str().unwrap().to_owned();
+    let hits = t.wait_hits(3).await;
+    let mut bodies: Vec<String> = hits.iter().map(|h| h.body.clone()).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["u1 all", "u2 all", "u3 all"]);
+    let store = std::sync::Arc::clone(&t.s.store);
+    let ws = t.ws.id;
+    until("the broadcast's expansion to end", async || {
+        let d = store.dispatch(ws, &broadcast).await.unwrap().unwrap();
+        d.expanding_after.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(t.s.store.canvas(ws, &id).await.unwrap().unwrap().entries, 3);
+
+    // A scheduled entry of u4, moved later once; a second one (u5 is outside the entry
+    // audience anyway) is cancelled.
+    let soon = Millis(now_ms() + 1_000).to_iso();
+    let a =
+        t.s.post(
+            "/canvas/trigger/schedule/create",
+            &t.key,
+            json!({"canvas_id": id, "schedule": {"time": soon},
+                "recipients": [{"external_user_id": "u4", "context": {"k": "later"}}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let schedule = a.body["schedule_id"].as_str().unwrap().to_owned();
+    assert_eq!(a.body["dispatch_id"], schedule.as_str());
+    let moved = Millis(now_ms() + 1_500).to_iso();
+    for (body, status, message) in [
+        (
+            json!({"canvas_id": id, "schedule_id": "nope", "schedule": {"time": moved}}),
+            400,
+            Some("Invalid schedule_id"),
+        ),
+        (
+            json!({"canvas_id": "other", "schedule_id": schedule, "schedule": {"time": moved}}),
+            400,
+            Some("Invalid schedule_id"),
+        ),
+        (
+            json!({"canvas_id": id, "schedule_id": schedule, "schedule": {"time": "2001-01-01T00:00:00Z"}}),
+            400,
+            None,
+        ),
+        (
+            json!({"canvas_id": id, "schedule_id": schedule, "schedule": {"time": moved}}),
+            201,
+            None,
+        ),
+    ] {
+        let a =
+            t.s.post("/canvas/trigger/schedule/update", &t.key, body)
+                .await;
+        assert_eq!(a.status, status, "{a:?}");
+        if let Some(m) = message {
+            assert_eq!(a.body["message"], m, "{a:?}");
+        }
+    }
+    let d = t.s.store.dispatch(ws, &schedule).await.unwrap().unwrap();
+    assert_eq!(d.not_before.map(Millis::to_iso), Some(moved));
+    let later = Millis(now_ms() + 3_600_000).to_iso();
+    let a =
+        t.s.post(
+            "/canvas/trigger/schedule/create",
+            &t.key,
+            json!({"canvas_id": id, "schedule": {"time": later}, "broadcast": true}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let cancelled = a.body["schedule_id"].as_str().unwrap().to_owned();
+    let a =
+        t.s.post(
+            "/canvas/trigger/schedule/delete",
+            &t.key,
+            json!({"canvas_id": id, "schedule_id": cancelled}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert_eq!(
+        t.s.store
+            .dispatch(ws, &cancelled)
+            .await
+            .unwrap()
+            .unwrap()
+            .expanding_after,
+        None
+    );
+
+    let hits = t.wait_hits(4).await;
+    assert_eq!(hits[3].body, "u4 later");
+    until("the scheduled entry to end", async || {
+        let d = store.dispatch(ws, &schedule).await.unwrap().unwrap();
+        d.expanding_after.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(t.s.store.canvas(ws, &id).await.unwrap().unwrap().entries, 4);
+    assert_eq!(t.hooks.hits().len(), 4);
+}

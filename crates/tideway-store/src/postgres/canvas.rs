@@ -16,13 +16,14 @@ use tideway_core::canvas::Journey;
 use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{UserSeq, WorkspaceId};
+use tideway_core::services::Services;
 use tideway_core::store::{
     CanvasRecord, CanvasScan, CanvasStore, ClaimedJourney, JourneySettlement, ScanOutcome,
     SendCounts, StepCounts, StepStat, StoreError, StoreFuture, TriggerCursor,
 };
 
 use super::currents::append_in;
-use super::messaging::insert_dispatch;
+use super::messaging::{insert_dispatch, move_expansion};
 use super::{PgStore, execute, get, pg_err, query, query_one, query_opt};
 use crate::codec::corrupt;
 use crate::sqlite::canvas::{
@@ -301,6 +302,15 @@ async fn enter_canvas(
             return Err(cas_conflict("the Canvas's next run"));
         }
     }
+    for d in &scan.dispatches {
+        if d.workspace != workspace {
+            return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
+        }
+        insert_dispatch(&tx, d).await?;
+    }
+    if let Some((dispatch, mark)) = &scan.expansion {
+        move_expansion(&tx, workspace, dispatch, *mark).await?;
+    }
     let mut appends: Appends = Vec::new();
     let mut stats: Vec<(&str, &StepStat)> = Vec::new();
     for e in &scan.entries {
@@ -501,6 +511,33 @@ async fn settle_journeys(
 ) -> Result<u64, StoreError> {
     let mut refused = 0;
     let mut client = store.pool.client().await?;
+    // User Update steps: applied through the users context's own unit of work, just before
+    // this transaction, to journeys whose lease is still held (see
+    // `JourneySettlement::user_update`: not in one transaction on PostgreSQL yet).
+    for s in settlements {
+        let Some(update) = &s.user_update else {
+            continue;
+        };
+        let held = query_opt(
+            &client,
+            "SELECT 1 FROM canvas_journeys
+             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3
+               AND entry_id = $4 AND lease_owner = $5",
+            &[
+                &s.workspace.0,
+                &s.canvas_id,
+                &i64::from(s.user.0),
+                &s.entry_id,
+                &owner,
+            ],
+        )
+        .await?;
+        if held.is_some() {
+            store
+                .track(&update.workspace, update.request.clone(), now)
+                .await?;
+        }
+    }
     let tx = client.transaction().await.map_err(pg_err)?;
     let mut appends: BTreeMap<WorkspaceId, Appends> = BTreeMap::new();
     let mut stats: BTreeMap<WorkspaceId, Vec<(&str, &StepStat)>> = BTreeMap::new();

@@ -386,6 +386,29 @@ async fn campaign_stats(
 
 // ---- enqueue --------------------------------------------------------------------------------
 
+/// Moves a dispatch's expansion mark forward (`None`: complete); a mark that does not apply
+/// is a conflict (see `Enqueue::expansion`).
+pub(super) async fn move_expansion<C: GenericClient>(
+    c: &C,
+    workspace: WorkspaceId,
+    dispatch: &str,
+    mark: Option<UserSeq>,
+) -> Result<(), StoreError> {
+    let mark = mark.map(|u| i64::from(u.0));
+    let moved = execute(
+        c,
+        "UPDATE dispatches SET expanding_after = $3::bigint
+         WHERE workspace_id = $1 AND id = $2 AND expanding_after IS NOT NULL
+           AND ($3::bigint IS NULL OR expanding_after < $3::bigint)",
+        &[&workspace.0, &dispatch, &mark],
+    )
+    .await?;
+    if moved == 0 {
+        return Err(expansion_conflict(dispatch));
+    }
+    Ok(())
+}
+
 pub(super) async fn insert_dispatch<C: GenericClient>(
     c: &C,
     d: &DispatchRecord,
@@ -651,18 +674,7 @@ async fn enqueue(
         insert_dispatch(&tx, d).await?;
     }
     if let Some((dispatch, mark)) = &e.expansion {
-        let mark = mark.map(|u| i64::from(u.0));
-        let moved = execute(
-            &tx,
-            "UPDATE dispatches SET expanding_after = $3::bigint
-             WHERE workspace_id = $1 AND id = $2 AND expanding_after IS NOT NULL
-               AND ($3::bigint IS NULL OR expanding_after < $3::bigint)",
-            &[&workspace.0, dispatch, &mark],
-        )
-        .await?;
-        if moved == 0 {
-            return Err(expansion_conflict(dispatch));
-        }
+        move_expansion(&tx, workspace, dispatch, *mark).await?;
     }
     let ahead = take_receipts(&tx, workspace, e).await?;
     let mut appends: Appends = Vec::new();

@@ -668,6 +668,12 @@ CREATE TABLE canvas_cursors (
     cursor_cohort_changes  bigint NOT NULL
 );
 "#,
+    // 7: Canvas entry dispatches (`DispatchSource::Canvas`): `dispatches.source` admits 'canvas'.
+    r#"
+ALTER TABLE dispatches DROP CONSTRAINT dispatches_source_check;
+ALTER TABLE dispatches ADD CONSTRAINT dispatches_source_check
+    CHECK (source IN ('campaign', 'adhoc', 'canvas'));
+"#,
 ];
 
 /// The schema version this code writes: the number of migrations.

@@ -22,8 +22,10 @@ use tideway_core::store::{
 };
 
 use super::messaging::{cas_conflict, insert_dispatch, insert_send, status_of, tags_of, tags_text};
-use super::{SqliteStore, sql_err};
+use super::users::SqlUsers;
+use super::{SqliteStore, WriterEnv, sql_err};
 use crate::codec::{corrupt, u64_of};
+use tideway_core::users::WriteCtx;
 
 // ---- shared with the PostgreSQL store ----------------------------------------------------
 
@@ -468,6 +470,15 @@ fn enter_canvas(
             return Err(cas_conflict("the Canvas's next run"));
         }
     }
+    for d in &scan.dispatches {
+        if d.workspace != workspace {
+            return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
+        }
+        insert_dispatch(conn, d)?;
+    }
+    if let Some((dispatch, mark)) = &scan.expansion {
+        super::messaging::move_expansion(conn, workspace, dispatch, *mark)?;
+    }
     let mut appends: Appends = Vec::new();
     let mut stats: Vec<(&str, &StepStat)> = Vec::new();
     for e in &scan.entries {
@@ -692,6 +703,7 @@ fn write_sends(
 
 fn settle_journeys(
     conn: &Connection,
+    env: &mut WriterEnv,
     owner: &str,
     now: Millis,
     settlements: &[JourneySettlement],
@@ -715,6 +727,21 @@ fn settle_journeys(
         if !held {
             refused += 1;
             continue;
+        }
+        if let Some(update) = &s.user_update {
+            // The User Update steps' attributes, through the users context, in this
+            // transaction: applied exactly when the journey moves past them.
+            let mut users = SqlUsers::writer(conn, s.workspace, &mut env.cache);
+            let mut ctx = WriteCtx {
+                workspace: &update.workspace,
+                now,
+                ids: &mut env.ids,
+                max_array_len: env.options.max_array_len,
+            };
+            tideway_core::users::track(&mut users, &mut ctx, &update.request)?;
+            users.finish()?;
+            #[cfg(feature = "failpoints")]
+            env.options.failpoints.after_user_update()?;
         }
         if let Some(upto) = s.inbox_upto {
             conn.prepare_cached(
@@ -979,7 +1006,7 @@ impl CanvasStore for SqliteStore {
         settlements: Vec<JourneySettlement>,
     ) -> StoreFuture<'_, u64> {
         let owner = owner.to_owned();
-        self.write(move |conn, _, _| settle_journeys(conn, &owner, now, &settlements))
+        self.write_env(move |conn, env| settle_journeys(conn, env, &owner, now, &settlements))
     }
 
     fn next_journey_due(&self) -> StoreFuture<'_, Option<Millis>> {

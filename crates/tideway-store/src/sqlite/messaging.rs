@@ -15,7 +15,7 @@
 //!   item's receipt is taken at its job's `due_at` (when the user receives it), else at its
 //!   first event's time (a control-group enrolment), else at the newest dispatch the enqueue
 //!   creates, else 0; [`reeligible`] compares without overflowing.
-//! - **Expansion marks only move forward** ([`expansion_update`]): a mark `Some(u)` applies
+//! - **Expansion marks only move forward** ([`move_expansion`]): a mark `Some(u)` applies
 //!   only to a dispatch that is still expanding and has not reached `u` yet, and `None` only
 //!   to one still expanding; a mark that does not apply makes the whole enqueue a
 //!   [`StoreError::Conflict`] (nothing written). So a cancelled or deleted campaign's dispatch
@@ -45,10 +45,10 @@ use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::profile::UserRecord;
 use tideway_core::segments::FeedPosition;
 use tideway_core::store::{
-    CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
-    Enqueue, EnqueueOutcome, MessagingStore, NewSend, ReceiptRecord, SegmentTracker, SendCounts,
-    SendJob, SendState, SentMessage, Settlement, StatIncrement, StoreError, StoreFuture,
-    TriggerCursor,
+    CampaignRecord, CampaignStat, CanvasRecipient, ClaimedSend, CohortEntry, DispatchRecord,
+    DispatchSource, Enqueue, EnqueueOutcome, MessagingStore, NewSend, ReceiptRecord,
+    SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement,
+    StoreError, StoreFuture, TriggerCursor,
 };
 
 use super::users::SqlUsers;
@@ -108,13 +108,30 @@ pub(crate) fn status_of(text: &str) -> Result<CampaignStatus, StoreError> {
     CampaignStatus::parse(text).ok_or_else(|| corrupt(format!("campaign status {text:?}")))
 }
 
-/// A dispatch's source as its `(source, campaign_id, definition)` columns.
+/// A dispatch's source as its `(source, campaign_id, definition)` columns. A Canvas entry
+/// dispatch keeps its Canvas id in `campaign_id` and its named recipients (if any) in
+/// `definition`, as `[[user_seq, properties text or null], …]`.
 pub(crate) fn source_columns(
     source: &DispatchSource,
 ) -> (&'static str, Option<&str>, Option<String>) {
     match source {
         DispatchSource::Campaign { campaign_id } => ("campaign", Some(campaign_id.as_str()), None),
         DispatchSource::AdHoc { definition } => ("adhoc", None, Some(definition.to_string())),
+        DispatchSource::Canvas {
+            canvas_id,
+            recipients,
+        } => (
+            "canvas",
+            Some(canvas_id.as_str()),
+            recipients.as_ref().map(|list| {
+                Value::Array(
+                    list.iter()
+                        .map(|r| serde_json::json!([r.user.0, r.properties]))
+                        .collect(),
+                )
+                .to_string()
+            }),
+        ),
     }
 }
 
@@ -128,6 +145,32 @@ pub(crate) fn source_of(
         ("adhoc", _, Some(text)) => Ok(DispatchSource::AdHoc {
             definition: json_of(text, "dispatch definition")?,
         }),
+        ("canvas", Some(canvas_id), text) => {
+            let recipients = text
+                .map(|t| {
+                    let bad = || corrupt(format!("Canvas dispatch recipients {t:?}"));
+                    let Value::Array(list) = json_of(t, "Canvas dispatch recipients")? else {
+                        return Err(bad());
+                    };
+                    list.iter()
+                        .map(|r| {
+                            Ok(CanvasRecipient {
+                                user: UserSeq(
+                                    r[0].as_u64()
+                                        .and_then(|n| u32::try_from(n).ok())
+                                        .ok_or_else(bad)?,
+                                ),
+                                properties: r[1].as_str().map(str::to_owned),
+                            })
+                        })
+                        .collect::<Result<Vec<_>, StoreError>>()
+                })
+                .transpose()?;
+            Ok(DispatchSource::Canvas {
+                canvas_id,
+                recipients,
+            })
+        }
         (kind, ..) => Err(corrupt(format!("dispatch source {kind:?}"))),
     }
 }
@@ -658,13 +701,27 @@ pub(crate) fn insert_send(
     Ok(())
 }
 
-/// The expansion mark's `UPDATE`: `?3` is the new mark (`NULL`: complete). It applies to a
-/// dispatch still expanding whose mark it moves forward, or that it ends; nothing changed is a
-/// conflict.
-pub(crate) fn expansion_update() -> &'static str {
-    "UPDATE dispatches SET expanding_after = ?3
-     WHERE workspace_id = ?1 AND id = ?2 AND expanding_after IS NOT NULL
-       AND (?3 IS NULL OR expanding_after < ?3)"
+/// Moves a dispatch's expansion mark forward (`None`: complete). It applies to a dispatch still
+/// expanding whose mark it moves forward, or that it ends; nothing changed is a conflict.
+pub(crate) fn move_expansion(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    dispatch: &str,
+    mark: Option<UserSeq>,
+) -> Result<(), StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE dispatches SET expanding_after = ?3
+             WHERE workspace_id = ?1 AND id = ?2 AND expanding_after IS NOT NULL
+               AND (?3 IS NULL OR expanding_after < ?3)",
+        )
+        .map_err(sql_err)?
+        .execute(params![workspace.0, dispatch, mark.map(|u| u.0)])
+        .map_err(sql_err)?;
+    if changed == 0 {
+        return Err(expansion_conflict(dispatch));
+    }
+    Ok(())
 }
 
 /// Applies an enqueue's stat increments: each unique one's user recorded (counting only if
@@ -751,14 +808,7 @@ fn enqueue(
         insert_dispatch(conn, d)?;
     }
     if let Some((dispatch, mark)) = &e.expansion {
-        let changed = conn
-            .prepare_cached(expansion_update())
-            .map_err(sql_err)?
-            .execute(params![workspace.0, dispatch, mark.map(|u| u.0)])
-            .map_err(sql_err)?;
-        if changed == 0 {
-            return Err(expansion_conflict(dispatch));
-        }
+        move_expansion(conn, workspace, dispatch, *mark)?;
     }
     let mut appends: Appends = Vec::new();
     for item in &e.items {
