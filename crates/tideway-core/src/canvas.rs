@@ -367,17 +367,6 @@ impl CanvasDefinition {
                 message: e.message.replace("delivery", "entry"),
             })?;
         if let Delivery::ActionBased(a) = &entry
-            && let Some(i) = a
-                .triggers
-                .iter()
-                .position(|t| matches!(t, Trigger::SegmentEntry { .. }))
-        {
-            return Err(bad(
-                format!("entry.triggers[{i}]"),
-                "segment_entry is not supported as a Canvas entry (use a partner cohort entry, a custom event or a purchase)",
-            ));
-        }
-        if let Delivery::ActionBased(a) = &entry
             && a.delay_secs > 0
         {
             return Err(bad(

@@ -13,6 +13,8 @@
 //!   Canvas's due occurrence (its `next_run`, set at launch) becomes a Canvas entry dispatch
 //!   in the same kind of transaction, moving `next_run` on by compare-and-set (one occurrence
 //!   per scan).
+//! - **segment entries** ([`CanvasEngine::segment_pass`]): a tracker per (Canvas, segment)
+//!   along the segment change feed, as campaigns' segment-entry triggers.
 //! - **entry dispatches** ([`CanvasEngine::expand_pass`], after each scan): an occurrence's,
 //!   a broadcast's or a scheduled API entry's users enter when it is due — named recipients
 //!   at once, an audience in chunks of [`CanvasConfig::entry_chunk`], each chunk one
@@ -35,7 +37,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use tideway_core::campaigns::{CampaignStatus, Delivery, LOCAL_TIME_LEAD_MS, Occurrence};
+use tideway_core::campaigns::{CampaignStatus, Delivery, LOCAL_TIME_LEAD_MS, Occurrence, Trigger};
 use tideway_core::canvas::{
     self, CanvasDefinition, ExitReason, Facts, Happening, HappeningKind, StepEvent, StepKind,
 };
@@ -44,6 +46,7 @@ use tideway_core::currents::{CurrentsEvent, EventType, EventUser};
 use tideway_core::ids::{EventId, UserSeq, WorkspaceId};
 use tideway_core::message_events::{MessageSource, Origin, Progression};
 use tideway_core::profile::UserRecord;
+use tideway_core::segments::FeedPosition;
 use tideway_core::store::{
     CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney, DispatchRecord,
     DispatchSource, InboxItem, JourneySettlement, NewEntry, ScanOutcome, SendJob, StoreError,
@@ -57,7 +60,7 @@ use tracing::{debug, warn};
 use crate::audience::{Audiences, audience_filter, narrowed};
 use crate::dispatcher::Dispatcher;
 use crate::liquid::Vars;
-use crate::triggers::{READ_LIMIT, TriggerStore};
+use crate::triggers::{READ_LIMIT, TriggerStore, segment_step};
 
 /// The store the Canvas engine needs.
 pub trait CanvasEngineStore: TriggerStore + CanvasStore + UserStore {}
@@ -272,6 +275,9 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             };
             if let Err(e) = self.expand_pass().await {
                 warn!(error = %e, "Canvas entry dispatches failed");
+            }
+            if let Err(e) = self.segment_pass().await {
+                warn!(error = %e, "Canvas segment entries failed");
             }
             if !full {
                 tokio::time::sleep(self.config.poll).await;
@@ -577,6 +583,69 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             if !self.apply_chunk(ws, scan).await? {
                 // Another node entered this chunk first, or the dispatch was cancelled.
                 return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Segment-entry triggers of active action-based Canvases: each (Canvas, segment) tracker
+    /// followed along the segment change feed as campaigns' are
+    /// ([`crate::triggers::segment_step`]); the users who entered the segment (within the
+    /// entry window) enter the Canvas in the transaction that moves the tracker, so each
+    /// segment entry is acted on once across restarts and nodes.
+    pub async fn segment_pass(&self) -> Result<(), StoreError> {
+        let mut heads: HashMap<WorkspaceId, Option<FeedPosition>> = HashMap::new();
+        for (ws, canvas) in self.store.active_canvases().await? {
+            let Some(version) = self.version(ws, &canvas.id, canvas.version).await? else {
+                continue;
+            };
+            let Delivery::ActionBased(action) = &version.def.entry else {
+                continue;
+            };
+            for trigger in &action.triggers {
+                let Trigger::SegmentEntry { segment_id } = trigger else {
+                    continue;
+                };
+                if self.store.segment(ws, segment_id).await?.is_none() {
+                    continue;
+                }
+                let head = heads.entry(ws).or_default();
+                let Some(step) = segment_step(
+                    self.store.as_ref(),
+                    self.audiences.as_ref(),
+                    ws,
+                    &canvas.id,
+                    segment_id,
+                    head,
+                )
+                .await?
+                else {
+                    continue;
+                };
+                let now = self.clock.now();
+                let launched = canvas.launched_at.unwrap_or(canvas.updated_at);
+                let in_window = now.0 >= launched.0
+                    && action.start.is_none_or(|s| now.0 >= s.0)
+                    && action.end.is_none_or(|e| now.0 <= e.0);
+                let mut scan = CanvasScan {
+                    segment_trackers: step.moves,
+                    ..CanvasScan::default()
+                };
+                if in_window {
+                    let entrants = step
+                        .entered
+                        .into_iter()
+                        .map(|user| Entrant {
+                            user,
+                            properties: None,
+                            due_at: None,
+                        })
+                        .collect();
+                    self.plan_entries(ws, &canvas, entrants, None, &mut scan)
+                        .await?;
+                }
+                // A conflict: another node moved the tracker first (its entries are its).
+                self.apply_chunk(ws, scan).await?;
             }
         }
         Ok(())

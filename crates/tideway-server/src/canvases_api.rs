@@ -15,7 +15,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use tideway_core::campaigns::{CampaignAction, CampaignStatus, Delivery};
+use tideway_core::campaigns::{CampaignAction, CampaignStatus, Delivery, Trigger};
 use tideway_core::canvas::{CanvasDefinition, StepKind};
 use tideway_core::clock::Millis;
 use tideway_core::ids::UserSeq;
@@ -91,6 +91,38 @@ fn checked(raw: &Value) -> Result<(CanvasDefinition, Value), ApiError> {
     Ok((def, canonical))
 }
 
+/// Checks that the segments a definition names (entry audience, segment-entry triggers)
+/// exist in the workspace.
+async fn check_segments(
+    state: &AppState,
+    ws: &Workspace,
+    def: &CanvasDefinition,
+) -> Result<(), ApiError> {
+    let segments = state.store().list_segments(ws.id).await?;
+    let known = |id: &str| segments.iter().any(|s| s.id == id);
+    for (i, id) in def.audience.segment_ids.iter().enumerate() {
+        if !known(id) {
+            return Err(place_error(
+                format!("audience.segment_ids[{i}]"),
+                format!("no segment '{id}' in this workspace"),
+            ));
+        }
+    }
+    if let Delivery::ActionBased(action) = &def.entry {
+        for (i, t) in action.triggers.iter().enumerate() {
+            if let Trigger::SegmentEntry { segment_id } = t
+                && !known(segment_id)
+            {
+                return Err(place_error(
+                    format!("entry.triggers[{i}].segment_entry.segment_id"),
+                    format!("no segment '{segment_id}' in this workspace"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `canvas.read`, or `canvas.manage` for a key that has only that (managing includes reading).
 async fn read_permission(state: &AppState, key: Option<String>) -> Permission {
     if let Some(key) = key
@@ -122,7 +154,8 @@ pub async fn create(State(state): State<AppState>, req: Request) -> Response {
             let name = name_field(&body)?.ok_or_else(|| place_error("name", "is required"))?;
             let description = description_field(&body)?.unwrap_or_default();
             let tags = tags_field(&body)?.unwrap_or_default();
-            let (_, canonical) = checked(&Value::Object(body))?;
+            let (def, canonical) = checked(&Value::Object(body))?;
+            check_segments(&state, &caller.workspace, &def).await?;
             let at = now();
             let record = CanvasRecord {
                 id: uuid::Uuid::new_v4().to_string(),
@@ -253,7 +286,8 @@ pub async fn update(
                 def_part.remove(k);
             }
             if !def_part.is_empty() {
-                let (_, canonical) = checked(&Value::Object(def_part))?;
+                let (def, canonical) = checked(&Value::Object(def_part))?;
+                check_segments(&state, ws, &def).await?;
                 if canonical != c.definition {
                     c.definition = canonical;
                     c.version += 1;

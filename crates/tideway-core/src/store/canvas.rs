@@ -31,7 +31,8 @@ use crate::track::TrackRequest;
 
 use super::StoreFuture;
 use super::Workspace;
-use super::messaging::{DispatchRecord, SendCounts, SendJob, TriggerCursor};
+use super::messaging::{DispatchRecord, SegmentTracker, SendCounts, SendJob, TriggerCursor};
+use crate::segments::FeedPosition;
 
 /// A stored Canvas: its current definition and version, and its lifecycle.
 #[derive(Debug, Clone, PartialEq)]
@@ -153,6 +154,10 @@ pub struct CanvasScan {
     /// dispatch cancelled, the chunk entered by another node — is a conflict, nothing
     /// written), so every chunk enters once.
     pub expansion: Option<(String, Option<UserSeq>)>,
+    /// Segment-entry trackers to move, keyed by the Canvas's id: the rule of
+    /// [`super::Enqueue::segment_trackers`] (a compare-and-set on each position; conflict,
+    /// nothing written, when one moved meanwhile), so each segment entry enters once.
+    pub segment_trackers: Vec<(String, String, Option<FeedPosition>, SegmentTracker)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -496,3 +496,75 @@ async fn broadcasts_and_scheduled_entries_enter_in_chunks_and_can_be_moved_or_ca
     assert_eq!(t.s.store.canvas(ws, &id).await.unwrap().unwrap().entries, 4);
     assert_eq!(t.hooks.hits().len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entering_a_segment_enters_a_canvas_once() {
+    let t = setup().await;
+    let a = t
+        .s
+        .post(
+            "/api/v1/segments",
+            &t.key,
+            json!({"name": "Pro", "filter": {"attribute": {"name": "plan", "op": "equals", "value": "pro"}}}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let segment = a.body["id"].as_str().unwrap().to_owned();
+    t.track(json!([
+        {"external_id": "a", "plan": "pro"},
+        {"external_id": "b", "plan": "free"},
+    ]))
+    .await;
+    let def = |segment: &str| {
+        json!({
+            "name": "On Pro",
+            "entry": {"type": "action_based", "triggers": [{"segment_entry": {"segment_id": segment}}]},
+            "steps": [{"id": "hook", "type": "message", "message": {"channel": "webhook", "url": t.hook_url,
+                "body": "entered {{${user_id}}}"}}]
+        })
+    };
+    let a = t.s.post("/api/v1/canvases", &t.key, def("nope")).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("entry.triggers[0].segment_entry.segment_id"),
+        "{a:?}"
+    );
+    let a = t.s.post("/api/v1/canvases", &t.key, def(&segment)).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let id = a.body["canvas"]["id"].as_str().unwrap().to_owned();
+    let a =
+        t.s.post(&format!("/api/v1/canvases/{id}/launch"), &t.key, json!({}))
+            .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    // The first look records who is in already (a does not enter).
+    let store = std::sync::Arc::clone(&t.s.store);
+    let ws = t.ws.id;
+    until("the Canvas's segment tracker", async || {
+        store
+            .segment_tracker(ws, &id, &segment)
+            .await
+            .unwrap()
+            .map(|_| ())
+    })
+    .await;
+    t.track(json!([{"external_id": "b", "plan": "pro"}])).await;
+    let hits = t.wait_hits(1).await;
+    assert_eq!(hits[0].body, "entered b");
+    // b leaves and comes back: entered once ever (no re-entry), so nothing more; a later
+    // entrant proves the tracker moved past b's return.
+    t.track(json!([{"external_id": "b", "plan": "free"}])).await;
+    t.track(json!([{"external_id": "b", "plan": "pro"}])).await;
+    t.track(json!([{"external_id": "c", "plan": "pro"}])).await;
+    let hits = t.wait_hits(2).await;
+    assert_eq!(hits[1].body, "entered c");
+    let c = until("two entries", async || {
+        let c = store.canvas(ws, &id).await.unwrap().unwrap();
+        (c.entries == 2).then_some(c)
+    })
+    .await;
+    assert_eq!(c.entries, 2);
+    assert_eq!(t.hooks.hits().len(), 2);
+}

@@ -206,6 +206,13 @@ async fn delete_canvas(
         )
         .await?;
     }
+    // Its segment-entry trackers (keyed by the Canvas's id).
+    execute(
+        &tx,
+        "DELETE FROM segment_trackers WHERE workspace_id = $1 AND campaign_id = $2",
+        &[&workspace.0, &id],
+    )
+    .await?;
     tx.commit().await.map_err(pg_err)?;
     Ok(gone > 0)
 }
@@ -311,6 +318,13 @@ async fn enter_canvas(
     if let Some((dispatch, mark)) = &scan.expansion {
         move_expansion(&tx, workspace, dispatch, *mark).await?;
     }
+    super::messaging::move_trackers(
+        &tx,
+        workspace,
+        &scan.segment_trackers,
+        crate::sqlite::messaging::TrackerOwner::Canvas,
+    )
+    .await?;
     let mut appends: Appends = Vec::new();
     let mut stats: Vec<(&str, &StepStat)> = Vec::new();
     for e in &scan.entries {

@@ -62,7 +62,7 @@ use super::{PgStore, execute, get, pg_err, query, query_one, query_opt};
 use crate::codec::{corrupt, u64_of};
 use crate::profile_codec;
 use crate::sqlite::messaging::{
-    StatTally, cas_conflict, expansion_conflict, json_of, receipt_time, send_id_cap,
+    StatTally, TrackerOwner, cas_conflict, expansion_conflict, json_of, receipt_time, send_id_cap,
     source_columns, source_of, stats_of, status_of, tags_of, tags_text,
 };
 
@@ -481,20 +481,16 @@ async fn move_cursor<C: GenericClient>(
 
 /// Applies [`Enqueue::segment_trackers`], each a compare-and-set on the stored position, or
 /// `Conflict`.
-async fn move_trackers<C: GenericClient>(
+pub(super) async fn move_trackers<C: GenericClient>(
     c: &C,
     workspace: WorkspaceId,
     moves: &[(String, String, Option<FeedPosition>, SegmentTracker)],
+    owner: TrackerOwner,
 ) -> Result<(), StoreError> {
     for (campaign_id, segment_id, expected, new) in moves {
-        let campaign = query_opt(
-            c,
-            "SELECT 1 FROM campaigns WHERE workspace_id = $1 AND id = $2 FOR SHARE",
-            &[&workspace.0, campaign_id],
-        )
-        .await?;
+        let campaign = query_opt(c, owner.exists_sql(true), &[&workspace.0, campaign_id]).await?;
         if campaign.is_none() {
-            return Err(cas_conflict("the segment tracker's campaign"));
+            return Err(cas_conflict("the segment tracker's campaign or Canvas"));
         }
         let p = new.position;
         let moved = match expected {
@@ -666,7 +662,7 @@ async fn enqueue(
             return Err(cas_conflict("the campaign's next run"));
         }
     }
-    move_trackers(&tx, workspace, &e.segment_trackers).await?;
+    move_trackers(&tx, workspace, &e.segment_trackers, TrackerOwner::Campaign).await?;
     for d in &e.dispatches {
         if d.workspace != workspace {
             return Err(corrupt(format!("dispatch {} of another workspace", d.id)));

@@ -342,6 +342,13 @@ fn delete_canvas(conn: &Connection, workspace: WorkspaceId, id: &str) -> Result<
         .execute(params![workspace.0, id])
         .map_err(sql_err)?;
     }
+    // Its segment-entry trackers (keyed by the Canvas's id).
+    conn.prepare_cached(
+        "DELETE FROM segment_trackers WHERE workspace_id = ?1 AND campaign_id = ?2",
+    )
+    .map_err(sql_err)?
+    .execute(params![workspace.0, id])
+    .map_err(sql_err)?;
     Ok(gone > 0)
 }
 
@@ -479,6 +486,12 @@ fn enter_canvas(
     if let Some((dispatch, mark)) = &scan.expansion {
         super::messaging::move_expansion(conn, workspace, dispatch, *mark)?;
     }
+    super::messaging::move_segment_trackers(
+        conn,
+        workspace,
+        &scan.segment_trackers,
+        super::messaging::TrackerOwner::Canvas,
+    )?;
     let mut appends: Appends = Vec::new();
     let mut stats: Vec<(&str, &StepStat)> = Vec::new();
     for e in &scan.entries {

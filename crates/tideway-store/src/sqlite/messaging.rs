@@ -607,20 +607,49 @@ fn segment_tracker(
     .map_err(sql_err)
 }
 
-/// Applies [`Enqueue::segment_trackers`]: each a compare-and-set on the stored position.
-fn move_segment_trackers(
+/// Whose segment-entry trackers are moved: their `campaign_id` names a campaign or a Canvas.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TrackerOwner {
+    Campaign,
+    Canvas,
+}
+
+impl TrackerOwner {
+    /// The owner's existence check (`?1` workspace, `?2` / `$1`, `$2` id).
+    pub(crate) fn exists_sql(self, dollar: bool) -> &'static str {
+        match (self, dollar) {
+            (TrackerOwner::Campaign, false) => {
+                "SELECT 1 FROM campaigns WHERE workspace_id = ?1 AND id = ?2"
+            }
+            (TrackerOwner::Canvas, false) => {
+                "SELECT 1 FROM canvases WHERE workspace_id = ?1 AND id = ?2"
+            }
+            (TrackerOwner::Campaign, true) => {
+                "SELECT 1 FROM campaigns WHERE workspace_id = $1 AND id = $2 FOR SHARE"
+            }
+            (TrackerOwner::Canvas, true) => {
+                "SELECT 1 FROM canvases WHERE workspace_id = $1 AND id = $2 FOR SHARE"
+            }
+        }
+    }
+}
+
+/// Applies [`Enqueue::segment_trackers`] (or a Canvas scan's): each a compare-and-set on the
+/// stored position, of a tracker whose owner exists.
+pub(crate) fn move_segment_trackers(
     conn: &Connection,
     workspace: WorkspaceId,
     moves: &[(String, String, Option<FeedPosition>, SegmentTracker)],
+    owner: TrackerOwner,
 ) -> Result<(), StoreError> {
     for (campaign_id, segment_id, expected, new) in moves {
         let exists = conn
-            .prepare_cached("SELECT 1 FROM campaigns WHERE workspace_id = ?1 AND id = ?2")
+            .prepare_cached(owner.exists_sql(false))
             .map_err(sql_err)?
             .exists(params![workspace.0, campaign_id])
             .map_err(sql_err)?;
         if !exists {
-            return Err(cas_conflict("the segment tracker's campaign"));
+            return Err(cas_conflict("the segment tracker's campaign or Canvas"));
         }
         let stored = segment_tracker(conn, workspace, campaign_id, segment_id)?;
         if stored.map(|t| t.position) != *expected {
@@ -800,7 +829,7 @@ fn enqueue(
             return Err(cas_conflict("the campaign's next run"));
         }
     }
-    move_segment_trackers(conn, workspace, &e.segment_trackers)?;
+    move_segment_trackers(conn, workspace, &e.segment_trackers, TrackerOwner::Campaign)?;
     for d in &e.dispatches {
         if d.workspace != workspace {
             return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
