@@ -8,7 +8,8 @@
 //!   and purchases that match an active action-based Canvas's entry triggers become entries
 //!   (the entry audience is checked then); custom events and purchases that a Canvas listens
 //!   to (exception events, Action Paths, conversions) go to the inbox of the user's journey,
-//!   which wakes it. Entries, inbox items and the cursor's move are one transaction (a
+//!   which wakes it; those of users who left the journey with conversion windows open count
+//!   against their conversion watch. Entries, inbox items and the cursor's move are one transaction (a
 //!   compare-and-set on the cursor), so each stretch of log is acted on once. A scheduled
 //!   Canvas's due occurrence (its `next_run`, set at launch) becomes a Canvas entry dispatch
 //!   in the same kind of transaction, moving `next_run` on by compare-and-set (one occurrence
@@ -52,6 +53,7 @@ use tideway_core::store::{
     DispatchSource, InboxItem, JourneySettlement, NewEntry, ScanOutcome, SendJob, StoreError,
     TriggerCursor, UserStore, UserUpdate, Workspace,
 };
+use tideway_core::store::{ConversionWatch, LateConversion};
 use tideway_core::track::parse_track;
 use tideway_currents::Clock;
 use tideway_segment::Filter;
@@ -651,6 +653,91 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
         Ok(())
     }
 
+    /// Conversions of users who left their journey in `canvas`, within the windows of their
+    /// entry (their conversion watches): each conversion event once per entry, by the
+    /// definition of the version they entered with.
+    async fn late_conversions(
+        &self,
+        ws: WorkspaceId,
+        canvas: &CanvasRecord,
+        happened: &[(UserSeq, Happening)],
+        scan: &mut CanvasScan,
+    ) -> Result<(), StoreError> {
+        let mut users: Vec<UserSeq> = happened.iter().map(|(u, _)| *u).collect();
+        users.sort_unstable();
+        users.dedup();
+        if users.is_empty() {
+            return Ok(());
+        }
+        let watches = self
+            .store
+            .conversion_watches(ws, &canvas.id, users, self.clock.now())
+            .await?;
+        if watches.is_empty() {
+            return Ok(());
+        }
+        let Some(workspace) = self.workspace(ws).await? else {
+            return Ok(());
+        };
+        let records: HashMap<UserSeq, UserRecord> = self
+            .store
+            .users_by_seq(ws, watches.iter().map(|(u, _)| *u).collect())
+            .await?
+            .into_iter()
+            .map(|u| (u.seq, u))
+            .collect();
+        for (user, watch) in watches {
+            let (Some(v), Some(record)) = (
+                self.version(ws, &canvas.id, watch.version).await?,
+                records.get(&user),
+            ) else {
+                continue;
+            };
+            let def = &v.def;
+            let step_name = def.step(&watch.step_id).map(|s| s.name.as_str());
+            let source = MessageSource {
+                app_group_id: &workspace.app_group_id,
+                app_id: None,
+                origin: Origin::Canvas {
+                    canvas_id: &canvas.id,
+                    canvas_name: Some(&canvas.name),
+                    canvas_variation_id: Some(&watch.variant_id),
+                    canvas_variation_name: def.variant(&watch.variant_id).map(|v| v.name.as_str()),
+                    canvas_step_id: Some(&watch.step_id),
+                    canvas_step_name: step_name,
+                    canvas_step_message_variation_id: None,
+                },
+                dispatch_id: None,
+                send_id: None,
+            };
+            let mut converted = watch.converted;
+            for (_, h) in happened.iter().filter(|(u, _)| *u == user) {
+                for index in canvas::conversions(def, watch.entered_at, converted, h) {
+                    converted |= 1 << index;
+                    let behavior = def.conversion_events[usize::from(index)]
+                        .behavior_json()
+                        .to_string();
+                    scan.conversions.push(LateConversion {
+                        canvas_id: canvas.id.clone(),
+                        user,
+                        entry_id: watch.entry_id.clone(),
+                        index,
+                        events: vec![CurrentsEvent::canvas_conversion(
+                            event_id(),
+                            h.at,
+                            &event_user(record),
+                            &source,
+                            i32::from(index),
+                            &behavior,
+                        )],
+                        stats: vec![(watch.step_id.clone(), CanvasStat::Conversions)],
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Writes one chunk of a Canvas entry dispatch; `false` when its mark did not apply.
     async fn apply_chunk(&self, ws: WorkspaceId, scan: CanvasScan) -> Result<bool, StoreError> {
         match self.store.enter_canvas(ws, self.clock.now(), scan).await {
@@ -771,6 +858,8 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             let Some(version) = self.version(ws, &canvas.id, canvas.version).await? else {
                 continue;
             };
+            self.late_conversions(ws, canvas, &happened, &mut scan)
+                .await?;
             let def = &version.def;
             // Inbox: everything this Canvas listens to (the store keeps it only for users
             // with a journey in the Canvas). Older versions' listeners are included through
@@ -910,6 +999,7 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                         sends: Vec::new(),
                         stats: Vec::new(),
                         user_update: None,
+                        watch: None,
                     });
                 }
                 continue;
@@ -1105,6 +1195,34 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                 }
             }
         }
+        // A journey that ended keeps its conversion windows open (Braze counts a conversion
+        // within the window after the entry even once the user has left).
+        let watch = match (
+            &advanced.journey,
+            canvas::conversions_close(def, c.journey.entered_at),
+        ) {
+            (None, Some(until)) if until.0 >= now.0 => {
+                let mut converted = c.journey.converted;
+                let mut last = c.journey.step_id.clone();
+                for e in &advanced.events {
+                    match e {
+                        StepEvent::Conversion { index, .. } => converted |= 1 << index,
+                        StepEvent::Exited { step, .. } => last.clone_from(step),
+                        _ => {}
+                    }
+                }
+                Some(ConversionWatch {
+                    entry_id: c.journey.entry_id.clone(),
+                    version: c.journey.version,
+                    variant_id: c.journey.variant_id.clone(),
+                    step_id: last,
+                    entered_at: c.journey.entered_at,
+                    converted,
+                    until,
+                })
+            }
+            _ => None,
+        };
         Ok(JourneySettlement {
             workspace: workspace.id,
             canvas_id: canvas.id.clone(),
@@ -1116,6 +1234,7 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             sends,
             stats,
             user_update: user_update_request(workspace, updates),
+            watch,
         })
     }
 }
@@ -1170,6 +1289,7 @@ fn ended(c: &ClaimedJourney) -> JourneySettlement {
         sends: Vec::new(),
         stats: Vec::new(),
         user_update: None,
+        watch: None,
     }
 }
 

@@ -158,6 +158,8 @@ pub struct CanvasScan {
     /// [`super::Enqueue::segment_trackers`] (a compare-and-set on each position; conflict,
     /// nothing written, when one moved meanwhile), so each segment entry enters once.
     pub segment_trackers: Vec<(String, String, Option<FeedPosition>, SegmentTracker)>,
+    /// Conversions of users who left their journey (see [`LateConversion`]).
+    pub conversions: Vec<LateConversion>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -196,6 +198,36 @@ pub struct UserUpdate {
     pub request: TrackRequest,
 }
 
+/// An ended journey's conversion windows, kept so that a conversion event after the user
+/// left (exited or reached the end) still counts within the windows counted from the entry
+/// (Braze's rule), once per conversion event and entry. A new entry of the user replaces it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConversionWatch {
+    pub entry_id: String,
+    pub version: u32,
+    pub variant_id: String,
+    /// The step the journey ended at (the Conversion event's step).
+    pub step_id: String,
+    pub entered_at: Millis,
+    /// Conversion events counted (bit `i` for event `i`).
+    pub converted: u8,
+    /// When the last window closes; the watch is forgotten after.
+    pub until: Millis,
+}
+
+/// A conversion of a user who left the journey, counted against their [`ConversionWatch`]:
+/// applied only if the watch of `entry_id` is there and has not counted `index`, which it
+/// then marks; the events and counts are written with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LateConversion {
+    pub canvas_id: String,
+    pub user: UserSeq,
+    pub entry_id: String,
+    pub index: u8,
+    pub events: Vec<CurrentsEvent>,
+    pub stats: Vec<StepStat>,
+}
+
 /// What became of a claimed journey.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JourneySettlement {
@@ -218,6 +250,9 @@ pub struct JourneySettlement {
     /// transactions cannot take Canvas writes yet), so a crash between the two applies it
     /// again when the journey is processed again: an increment may count twice there.
     pub user_update: Option<UserUpdate>,
+    /// For a journey that ended with conversion windows still open: its watch (replacing any
+    /// older one of the user in the Canvas).
+    pub watch: Option<ConversionWatch>,
 }
 
 /// Per-step counts of a Canvas.
@@ -269,7 +304,9 @@ pub trait CanvasStore: Send + Sync {
     /// when the Canvas exists, the user has no journey in it, their last entry (if any) is at
     /// least `reentry_after_ms` old (never again when `None`), and the Canvas has fewer than
     /// `entry_limit` entries; accepting it writes the journey (if any), the receipt (`now`),
-    /// the Canvas's entry figures, the events and the counts.
+    /// the Canvas's entry figures, the events and the counts, and forgets the user's
+    /// conversion watch of an earlier entry. Watches whose windows closed before `now` are
+    /// forgotten too.
     fn enter_canvas(
         &self,
         workspace: WorkspaceId,
@@ -301,6 +338,14 @@ pub trait CanvasStore: Send + Sync {
     fn next_journey_due(&self) -> StoreFuture<'_, Option<Millis>>;
     /// Frees every journey lease held by `owner` (a restarting node); how many.
     fn release_journey_leases(&self, owner: &str) -> StoreFuture<'_, u64>;
+    /// The conversion watches of `users` in the Canvas whose windows are open at `now`.
+    fn conversion_watches(
+        &self,
+        workspace: WorkspaceId,
+        canvas_id: &str,
+        users: Vec<UserSeq>,
+        now: Millis,
+    ) -> StoreFuture<'_, Vec<(UserSeq, ConversionWatch)>>;
     /// Per-step counts of the Canvas, for every step that has any (in step id order).
     fn canvas_step_counts(
         &self,

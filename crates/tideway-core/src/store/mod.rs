@@ -47,7 +47,8 @@ mod users;
 pub use admin::{AdminStore, HeapWebhook, ImportKeyInfo, ImportKeyOwner, NewApiKey};
 pub use canvas::{
     CanvasRecipient, CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney,
-    InboxItem, JourneySettlement, NewEntry, ScanOutcome, StepCounts, StepStat, UserUpdate,
+    ConversionWatch, InboxItem, JourneySettlement, LateConversion, NewEntry, ScanOutcome,
+    StepCounts, StepStat, UserUpdate,
 };
 pub use cohorts::{
     CohortMember, CohortStore, CohortSummary, RecentCohortChanges, SegmentSyncOutcome,

@@ -568,3 +568,112 @@ async fn entering_a_segment_enters_a_canvas_once() {
     assert_eq!(c.entries, 2);
     assert_eq!(t.hooks.hits().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversion_after_the_journey_ended_counts_once_within_the_window() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1"}, {"external_id": "u2"}]))
+        .await;
+    // Something in the event log, so the scan's start at its head is visible.
+    let a = t
+        .s
+        .post(
+            "/users/track",
+            &t.key,
+            json!({"events": [{"external_id": "u2", "name": "signed_up", "time": Millis(now_ms()).to_iso()}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let def = json!({
+        "name": "Convert later",
+        "entry": {"type": "api_triggered"},
+        "conversion_events": [{"type": "custom_event", "name": "bought", "window_seconds": 86400}],
+        "steps": [{"id": "hook", "name": "Offer", "type": "message", "message": {"channel": "webhook", "url": t.hook_url,
+            "body": "offer {{${user_id}}}"}}]
+    });
+    let a = t.s.post("/api/v1/canvases", &t.key, def).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let id = a.body["canvas"]["id"].as_str().unwrap().to_owned();
+    let a =
+        t.s.post(&format!("/api/v1/canvases/{id}/launch"), &t.key, json!({}))
+            .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let store = std::sync::Arc::clone(&t.s.store);
+    let ws = t.ws.id;
+    until("the Canvas cursor", async || {
+        (store.canvas_cursor(ws).await.unwrap() != TriggerCursor::default()).then_some(())
+    })
+    .await;
+    let a =
+        t.s.post(
+            "/canvas/trigger/send",
+            &t.key,
+            json!({"canvas_id": id, "recipients": [{"external_user_id": "u1"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    // The journey is one Message step: it ends at once (end of path).
+    until("u1's journey to end", async || {
+        let p =
+            t.s.events_named(&t.ws, "users.canvasstep.Progression")
+                .await;
+        p.iter()
+            .any(|p| p["properties"]["exit_reason"] == "end_of_path")
+            .then_some(())
+    })
+    .await;
+    t.wait_hits(1).await;
+
+    // u1 buys twice after leaving, u2 (never entered) once: one conversion, u1's, at the
+    // step the journey ended at.
+    let at = Millis(now_ms()).to_iso();
+    let a =
+        t.s.post(
+            "/users/track",
+            &t.key,
+            json!({"events": [
+                {"external_id": "u1", "name": "bought", "time": at},
+                {"external_id": "u2", "name": "bought", "time": at},
+                {"external_id": "u1", "name": "bought", "time": at},
+            ]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let conv = t.wait_events("users.canvas.Conversion", 1).await;
+    assert_eq!(conv[0]["user"]["external_user_id"], "u1");
+    assert_eq!(conv[0]["properties"]["canvas_id"], id.as_str());
+    assert_eq!(conv[0]["properties"]["canvas_step_id"], "hook");
+    assert_eq!(conv[0]["properties"]["conversion_behavior_index"], 0);
+    // Later purchases do not count again: once the scan has read past a marker event, still
+    // one conversion.
+    let a = t
+        .s
+        .post(
+            "/users/track",
+            &t.key,
+            json!({"events": [{"external_id": "u1", "name": "bought", "time": Millis(now_ms()).to_iso()}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let head = t.s.store.event_log_head(ws).await.unwrap();
+    until("the scan past the last purchase", async || {
+        (store.canvas_cursor(ws).await.unwrap().events >= head).then_some(())
+    })
+    .await;
+    assert_eq!(
+        t.s.events_named(&t.ws, "users.canvas.Conversion")
+            .await
+            .len(),
+        1
+    );
+    let a =
+        t.s.send(
+            reqwest::Method::GET,
+            &format!("/api/v1/canvases/{id}"),
+            crate::harness::Auth::Bearer(&t.key),
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(a.body["canvas"]["step_stats"][0]["conversions"], 1, "{a:?}");
+}

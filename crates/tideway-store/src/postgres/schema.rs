@@ -94,6 +94,7 @@ pub const DISTRIBUTION: &[(&str, Distribution)] = &[
     ("canvas_receipts", BY_WORKSPACE),
     ("canvas_step_stats", BY_WORKSPACE),
     ("canvas_cursors", BY_WORKSPACE),
+    ("canvas_conversion_watches", BY_WORKSPACE),
     ("campaign_send_ids", BY_WORKSPACE),
     ("messaging_workspaces", BY_WORKSPACE),
     ("campaign_stats", BY_WORKSPACE),
@@ -673,6 +674,23 @@ CREATE TABLE canvas_cursors (
 ALTER TABLE dispatches DROP CONSTRAINT dispatches_source_check;
 ALTER TABLE dispatches ADD CONSTRAINT dispatches_source_check
     CHECK (source IN ('campaign', 'adhoc', 'canvas'));
+"#,
+    // 8: Canvas conversion watches (`postgres/canvas.rs`).
+    r#"
+CREATE TABLE canvas_conversion_watches (
+    workspace_id  bigint NOT NULL,
+    canvas_id     text NOT NULL,
+    user_seq      bigint NOT NULL,
+    entry_id      text NOT NULL,
+    version       integer NOT NULL,
+    variant_id    text NOT NULL,
+    step_id       text NOT NULL,
+    entered_at    bigint NOT NULL,
+    converted     smallint NOT NULL,
+    until         bigint NOT NULL,
+    PRIMARY KEY (workspace_id, canvas_id, user_seq)
+);
+CREATE INDEX canvas_conversion_watches_until ON canvas_conversion_watches (workspace_id, until);
 "#,
 ];
 

@@ -16,7 +16,7 @@ use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::store::{
-    CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney,
+    CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney, ConversionWatch,
     JourneySettlement, ScanOutcome, SendCounts, StepCounts, StepStat, StoreError, StoreFuture,
     TriggerCursor,
 };
@@ -322,6 +322,41 @@ fn save_canvas(
     canvas(conn, workspace, &c.id)
 }
 
+fn conversion_watches(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    canvas_id: &str,
+    users: &[UserSeq],
+    now: Millis,
+) -> Result<Vec<(UserSeq, ConversionWatch)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT entry_id, version, variant_id, step_id, entered_at, converted, until
+             FROM canvas_conversion_watches
+             WHERE workspace_id = ?1 AND canvas_id = ?2 AND user_seq = ?3 AND until >= ?4",
+        )
+        .map_err(sql_err)?;
+    let mut out = Vec::new();
+    for u in users {
+        let found = stmt
+            .query_row(params![workspace.0, canvas_id, u.0, now.0], |r| {
+                Ok(ConversionWatch {
+                    entry_id: r.get(0)?,
+                    version: r.get(1)?,
+                    variant_id: r.get(2)?,
+                    step_id: r.get(3)?,
+                    entered_at: Millis(r.get(4)?),
+                    converted: r.get(5)?,
+                    until: Millis(r.get(6)?),
+                })
+            })
+            .optional()
+            .map_err(sql_err)?;
+        out.extend(found.map(|w| (*u, w)));
+    }
+    Ok(out)
+}
+
 fn delete_canvas(conn: &Connection, workspace: WorkspaceId, id: &str) -> Result<bool, StoreError> {
     let gone = conn
         .prepare_cached("DELETE FROM canvases WHERE workspace_id = ?1 AND id = ?2")
@@ -334,6 +369,7 @@ fn delete_canvas(conn: &Connection, workspace: WorkspaceId, id: &str) -> Result<
         "canvas_inbox",
         "canvas_receipts",
         "canvas_step_stats",
+        "canvas_conversion_watches",
     ] {
         conn.prepare_cached(&format!(
             "DELETE FROM {table} WHERE workspace_id = ?1 AND canvas_id = ?2"
@@ -555,6 +591,13 @@ fn enter_canvas(
         if let Some(j) = &e.journey {
             insert_journey(conn, workspace, &e.canvas_id, e.user, j)?;
         }
+        conn.prepare_cached(
+            "DELETE FROM canvas_conversion_watches
+             WHERE workspace_id = ?1 AND canvas_id = ?2 AND user_seq = ?3",
+        )
+        .map_err(sql_err)?
+        .execute(params![workspace.0, e.canvas_id, e.user.0])
+        .map_err(sql_err)?;
         appends.extend(e.events.iter().map(|ev| (Some(e.user), ev.clone())));
         stats.extend(e.stats.iter().map(|s| (e.canvas_id.as_str(), s)));
         outcome.entered += 1;
@@ -595,6 +638,33 @@ fn enter_canvas(
             outcome.inboxed += 1;
         }
     }
+    for c in &scan.conversions {
+        let marked = conn
+            .prepare_cached(
+                "UPDATE canvas_conversion_watches SET converted = converted | ?5
+                 WHERE workspace_id = ?1 AND canvas_id = ?2 AND user_seq = ?3
+                   AND entry_id = ?4 AND converted & ?5 = 0",
+            )
+            .map_err(sql_err)?
+            .execute(params![
+                workspace.0,
+                c.canvas_id,
+                c.user.0,
+                c.entry_id,
+                1i64 << c.index
+            ])
+            .map_err(sql_err)?;
+        if marked > 0 {
+            appends.extend(c.events.iter().map(|ev| (Some(c.user), ev.clone())));
+            stats.extend(c.stats.iter().map(|s| (c.canvas_id.as_str(), s)));
+        }
+    }
+    conn.prepare_cached(
+        "DELETE FROM canvas_conversion_watches WHERE workspace_id = ?1 AND until < ?2",
+    )
+    .map_err(sql_err)?
+    .execute(params![workspace.0, now.0])
+    .map_err(sql_err)?;
     count_stats(conn, workspace, &tally(stats))?;
     super::currents::append_events(conn, workspace, &appends)?;
     Ok(outcome)
@@ -810,6 +880,32 @@ fn settle_journeys(
                 .map_err(sql_err)?
                 .execute(params![ws, s.canvas_id, s.user.0])
                 .map_err(sql_err)?;
+                if let Some(w) = &s.watch {
+                    conn.prepare_cached(
+                        "INSERT INTO canvas_conversion_watches (workspace_id, canvas_id, user_seq,
+                             entry_id, version, variant_id, step_id, entered_at, converted, until)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                         ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE SET
+                             entry_id = excluded.entry_id, version = excluded.version,
+                             variant_id = excluded.variant_id, step_id = excluded.step_id,
+                             entered_at = excluded.entered_at, converted = excluded.converted,
+                             until = excluded.until",
+                    )
+                    .map_err(sql_err)?
+                    .execute(params![
+                        ws,
+                        s.canvas_id,
+                        s.user.0,
+                        w.entry_id,
+                        w.version,
+                        w.variant_id,
+                        w.step_id,
+                        w.entered_at.0,
+                        w.converted,
+                        w.until.0
+                    ])
+                    .map_err(sql_err)?;
+                }
             }
         }
         write_sends(conn, s.workspace, s.user, &s.sends)?;
@@ -1039,6 +1135,17 @@ impl CanvasStore for SqliteStore {
                 .map_err(sql_err)?;
             Ok(n as u64)
         })
+    }
+
+    fn conversion_watches(
+        &self,
+        workspace: WorkspaceId,
+        canvas_id: &str,
+        users: Vec<UserSeq>,
+        now: Millis,
+    ) -> StoreFuture<'_, Vec<(UserSeq, ConversionWatch)>> {
+        let canvas_id = canvas_id.to_owned();
+        self.read(move |conn| conversion_watches(conn, workspace, &canvas_id, &users, now))
     }
 
     fn canvas_step_counts(

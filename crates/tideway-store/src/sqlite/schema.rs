@@ -642,6 +642,24 @@ ALTER TABLE dispatches_new RENAME TO dispatches;
 CREATE INDEX dispatches_campaign ON dispatches(workspace_id, campaign_id) WHERE campaign_id IS NOT NULL;
 CREATE INDEX dispatches_expanding ON dispatches(not_before) WHERE expanding_after IS NOT NULL;
 "#,
+    // 16: Canvas conversion watches: an ended journey's open conversion windows
+    // (`sqlite/canvas.rs`), so a conversion after the user left still counts.
+    r#"
+CREATE TABLE canvas_conversion_watches (
+    workspace_id  INTEGER NOT NULL,
+    canvas_id     TEXT NOT NULL,
+    user_seq      INTEGER NOT NULL,
+    entry_id      TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    variant_id    TEXT NOT NULL,
+    step_id       TEXT NOT NULL,
+    entered_at    INTEGER NOT NULL,
+    converted     INTEGER NOT NULL,
+    until         INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, canvas_id, user_seq)
+) WITHOUT ROWID;
+CREATE INDEX canvas_conversion_watches_until ON canvas_conversion_watches(workspace_id, until);
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.

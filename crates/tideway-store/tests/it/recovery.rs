@@ -234,6 +234,7 @@ async fn a_user_update_and_its_journeys_move_commit_together() {
             workspace: ws.clone(),
             request: parse_track(body.as_object().unwrap()).unwrap(),
         }),
+        watch: None,
     };
     let visits = async || {
         export_one(&store, &ws, "u1").await.unwrap()["custom_attributes"]["visits"].clone()

@@ -370,6 +370,7 @@ pub(super) async fn journeys_are_claimed_as_timers_and_settled_under_their_lease
                 ("b".into(), CanvasStat::Entered),
             ],
             user_update: None,
+            watch: None,
         }
     };
     // Another owner is refused and writes nothing.
@@ -639,6 +640,7 @@ pub(super) async fn user_updates_are_applied_with_their_settlement_only(store: A
             workspace: ws.clone(),
             request: tideway_core::track::parse_track(inc.as_object().unwrap()).unwrap(),
         }),
+        watch: None,
     };
     let visits = async || {
         store
