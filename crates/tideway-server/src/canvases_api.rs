@@ -19,7 +19,7 @@ use tideway_core::campaigns::{CampaignAction, CampaignStatus, Delivery, Trigger}
 use tideway_core::canvas::{CanvasDefinition, StepKind};
 use tideway_core::clock::Millis;
 use tideway_core::ids::UserSeq;
-use tideway_core::keys::{Permission, Secret};
+use tideway_core::keys::Permission;
 use tideway_core::store::{
     CanvasRecipient, CanvasRecord, DispatchRecord, DispatchSource, Enqueue, Workspace,
 };
@@ -28,14 +28,13 @@ use tideway_messaging::sends::{Target, resolve};
 
 use crate::AppState;
 use crate::campaigns_api::{
-    definition_error, description_field, name_field, place_error, presented_key, tags_field,
+    definition_error, description_field, name_field, parse_action, place_error, presented_key,
+    reading, tags_field, transition,
 };
 use crate::error::ApiError;
-use crate::messaging_api::{apply_updates, messaging, not_enabled, parse_targets};
+use crate::messaging_api::{ListQuery, apply_updates, messaging, not_enabled, parse_targets};
 use crate::pipeline::{management, now, read_json};
-use crate::schedule_api::{
-    ScheduleOf, cancel, owned_dispatch, parse_schedule, reschedule, schedule_id,
-};
+use crate::schedule_api::{ScheduleOf, delete_schedule, parse_schedule, update_schedule};
 
 /// Braze's answer for an unknown Canvas (`/canvas/details`, `/canvas/trigger/send`).
 pub const INVALID_CANVAS: &str = "canvas_id must be a string of the Canvas api identifier";
@@ -125,14 +124,7 @@ async fn check_segments(
 
 /// `canvas.read`, or `canvas.manage` for a key that has only that (managing includes reading).
 async fn read_permission(state: &AppState, key: Option<String>) -> Permission {
-    if let Some(key) = key
-        && let Ok(Some((found, _))) = state.store().find_api_key(Secret::new(key).hash()).await
-        && !found.permissions.contains(Permission::CanvasRead)
-        && found.permissions.contains(Permission::CanvasManage)
-    {
-        return Permission::CanvasManage;
-    }
-    Permission::CanvasRead
+    reading(state, key, Permission::CanvasRead, Permission::CanvasManage).await
 }
 
 async fn load(state: &AppState, ws: &Workspace, id: &str) -> Result<CanvasRecord, ApiError> {
@@ -343,29 +335,10 @@ pub async fn action(
         Permission::CanvasManage,
         req,
         |state, caller, _| async move {
-            let action = match action.as_str() {
-                "launch" => CampaignAction::Launch,
-                "pause" => CampaignAction::Pause,
-                "stop" => CampaignAction::Stop,
-                other => {
-                    return Err(ApiError::Missing(format!(
-                        "no Canvas action '{other}' (launch, pause or stop)"
-                    )));
-                }
-            };
+            let action = parse_action(&action, "Canvas")?;
             let ws = &caller.workspace;
             let mut c = load(&state, ws, &id).await?;
-            let Some(to) = action.apply(c.status) else {
-                return Err(ApiError::Conflict(format!(
-                    "the Canvas is {}: {}",
-                    c.status.as_str(),
-                    match action {
-                        CampaignAction::Launch => "only a draft or paused Canvas can be launched",
-                        CampaignAction::Pause => "only an active Canvas can be paused",
-                        CampaignAction::Stop => "it is stopped already (stopping is final)",
-                    }
-                )));
-            };
+            let to = transition(action, c.status, "Canvas")?;
             let at = now();
             if action == CampaignAction::Launch {
                 if c.launched_at.is_none() {
@@ -432,6 +405,10 @@ const PAUSED: &str =
     "The Canvas is paused. Resume the Canvas to ensure trigger requests will take effect.";
 const ARCHIVED: &str =
     "The Canvas is archived. Unarchive the Canvas to ensure trigger requests will take effect.";
+
+fn of_canvas(body: &Map<String, Value>) -> Result<ScheduleOf, ApiError> {
+    canvas_field(body).map(ScheduleOf::Canvas)
+}
 
 fn canvas_field(body: &Map<String, Value>) -> Result<String, ApiError> {
     match body.get("canvas_id") {
@@ -634,24 +611,11 @@ pub async fn trigger_schedule_create(State(state): State<AppState>, req: Request
 /// `POST /canvas/trigger/schedule/update`: `{canvas_id, schedule_id, schedule}` moves a
 /// scheduled entry that has not started.
 pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request) -> Response {
-    management(
+    update_schedule(
         state,
-        Permission::CanvasTriggerScheduleUpdate,
         req,
-        |state, caller, req| async move {
-            let body = read_json(req).await?;
-            let canvas = canvas_field(&body)?;
-            let id = schedule_id(&body)?;
-            let at = parse_schedule(&body, now())?;
-            owned_dispatch(
-                &state,
-                caller.workspace.id,
-                &id,
-                ScheduleOf::Canvas(&canvas),
-            )
-            .await?;
-            reschedule(&state, caller.workspace.id, &id, at).await
-        },
+        Permission::CanvasTriggerScheduleUpdate,
+        of_canvas,
     )
     .await
 }
@@ -659,23 +623,11 @@ pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request
 /// `POST /canvas/trigger/schedule/delete`: `{canvas_id, schedule_id}` cancels a scheduled
 /// entry (what has entered stays).
 pub async fn trigger_schedule_delete(State(state): State<AppState>, req: Request) -> Response {
-    management(
+    delete_schedule(
         state,
-        Permission::CanvasTriggerScheduleDelete,
         req,
-        |state, caller, req| async move {
-            let body = read_json(req).await?;
-            let canvas = canvas_field(&body)?;
-            let id = schedule_id(&body)?;
-            owned_dispatch(
-                &state,
-                caller.workspace.id,
-                &id,
-                ScheduleOf::Canvas(&canvas),
-            )
-            .await?;
-            cancel(&state, caller.workspace.id, &id).await
-        },
+        Permission::CanvasTriggerScheduleDelete,
+        of_canvas,
     )
     .await
 }
@@ -688,15 +640,11 @@ pub async fn braze_list(
     req: Request,
 ) -> Response {
     management(state, Permission::CanvasList, req, |state, caller, _| async move {
-        let page: usize = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(0);
-        let mut all = state.store().list_canvases(caller.workspace.id).await?;
-        if q.get("sort_direction").map(String::as_str) == Some("desc") {
-            all.reverse();
-        }
-        let items: Vec<Value> = all
+        let list = ListQuery::parse(&q)?;
+        let all = state.store().list_canvases(caller.workspace.id).await?;
+        let items: Vec<Value> = list
+            .page(all, |c| c.updated_at)
             .iter()
-            .skip(page * 100)
-            .take(100)
             .map(|c| json!({"id": c.id, "last_edited": c.updated_at.to_iso(), "name": c.name, "tags": c.tags}))
             .collect();
         Ok(axum::Json(json!({"canvases": items, "message": "success"})).into_response())

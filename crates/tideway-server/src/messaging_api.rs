@@ -608,6 +608,60 @@ pub(crate) async fn apply_updates(
     Ok(errors)
 }
 
+/// The paging of Braze's `/campaigns/list` and `/canvas/list`: `page` (100 a page),
+/// `include_archived`, `sort_direction` (`asc`, oldest first, or `desc`) and
+/// `last_edit.time[gt]`.
+pub(crate) struct ListQuery {
+    page: usize,
+    descending: bool,
+    edited_after: Option<Millis>,
+}
+
+impl ListQuery {
+    pub(crate) fn parse(params: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
+        let page: usize = match params.get("page") {
+            None => 0,
+            Some(p) => p
+                .parse()
+                .map_err(|_| malformed("page must be a non-negative integer"))?,
+        };
+        match params.get("include_archived").map(String::as_str) {
+            None | Some("true" | "false") => {}
+            Some(_) => return Err(malformed("include_archived must be true or false")),
+        }
+        let descending = match params.get("sort_direction").map(String::as_str) {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(_) => return Err(malformed("sort_direction must be asc or desc")),
+        };
+        let edited_after = match params.get("last_edit.time[gt]") {
+            None => None,
+            Some(t) => Some(
+                parse_datetime(t)
+                    .ok_or_else(|| malformed("last_edit.time[gt] must be an ISO 8601 time"))?,
+            ),
+        };
+        Ok(ListQuery {
+            page,
+            descending,
+            edited_after,
+        })
+    }
+
+    /// The requested page of `items` (oldest first as given), by their last edit.
+    pub(crate) fn page<T>(&self, mut items: Vec<T>, edited: impl Fn(&T) -> Millis) -> Vec<T> {
+        if self.descending {
+            items.reverse();
+        }
+        items
+            .into_iter()
+            .filter(|c| self.edited_after.is_none_or(|t| edited(c) > t))
+            .skip(self.page.saturating_mul(LIST_PAGE))
+            .take(LIST_PAGE)
+            .collect()
+    }
+}
+
 /// `POST /campaigns/trigger/send`.
 #[utoipa::path(
     post,
@@ -804,38 +858,12 @@ pub async fn campaigns_list(
         Permission::CampaignsList,
         req,
         |state, caller, _| async move {
-            let page: usize = match params.get("page") {
-                None => 0,
-                Some(p) => p
-                    .parse()
-                    .map_err(|_| malformed("page must be a non-negative integer"))?,
-            };
-            match params.get("include_archived").map(String::as_str) {
-                None | Some("true" | "false") => {}
-                Some(_) => return Err(malformed("include_archived must be true or false")),
-            }
-            let descending = match params.get("sort_direction").map(String::as_str) {
-                None | Some("asc") => false,
-                Some("desc") => true,
-                Some(_) => return Err(malformed("sort_direction must be asc or desc")),
-            };
-            let edited_after = match params.get("last_edit.time[gt]") {
-                None => None,
-                Some(t) => Some(
-                    parse_datetime(t)
-                        .ok_or_else(|| malformed("last_edit.time[gt] must be an ISO 8601 time"))?,
-                ),
-            };
+            let list = ListQuery::parse(&params)?;
             let mut campaigns = state.store().list_campaigns(caller.workspace.id).await?;
             campaigns.sort_by_key(|c| (c.created_at, c.id.clone()));
-            if descending {
-                campaigns.reverse();
-            }
-            let items: Vec<Value> = campaigns
+            let items: Vec<Value> = list
+                .page(campaigns, |c| c.updated_at)
                 .iter()
-                .filter(|c| edited_after.is_none_or(|t| c.updated_at > t))
-                .skip(page.saturating_mul(LIST_PAGE))
-                .take(LIST_PAGE)
                 .map(|c| {
                     let api = CampaignDefinition::load(&c.definition)
                         .is_ok_and(|d| matches!(d.delivery, Delivery::ApiTriggered));

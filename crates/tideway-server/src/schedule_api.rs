@@ -75,7 +75,7 @@ pub fn parse_schedule(body: &Map<String, Value>, now: Millis) -> Result<Millis, 
     Ok(time)
 }
 
-pub(crate) fn schedule_id(body: &Map<String, Value>) -> Result<String, ApiError> {
+fn schedule_id(body: &Map<String, Value>) -> Result<String, ApiError> {
     match body.get("schedule_id") {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         None | Some(Value::Null) => Err(ApiError::malformed("schedule_id is required")),
@@ -101,19 +101,84 @@ fn success() -> Response {
 }
 
 /// Whose scheduled dispatch a request names.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum ScheduleOf<'a> {
-    Campaign(&'a str),
+#[derive(Debug, Clone)]
+pub(crate) enum ScheduleOf {
+    Campaign(String),
     AdHoc,
-    Canvas(&'a str),
+    Canvas(String),
+}
+
+/// Reads from a schedule `update` / `delete` body whose schedule it names (`campaign_id`,
+/// `canvas_id`, or nobody's for `/messages/schedule/*`), refusing what the endpoint refuses.
+pub(crate) type OwnerOf = fn(&Map<String, Value>) -> Result<ScheduleOf, ApiError>;
+
+fn of_campaign(body: &Map<String, Value>) -> Result<ScheduleOf, ApiError> {
+    campaign_field(body).map(ScheduleOf::Campaign)
+}
+
+fn of_messages(body: &Map<String, Value>) -> Result<ScheduleOf, ApiError> {
+    if body.get("messages").is_some_and(|m| !m.is_null()) {
+        return Err(ApiError::malformed(
+            "messages of a scheduled send cannot be replaced; delete the schedule and create it again",
+        ));
+    }
+    Ok(ScheduleOf::AdHoc)
+}
+
+/// A schedule `update` (`/campaigns/trigger/schedule/update`, `/messages/schedule/update`,
+/// `/canvas/trigger/schedule/update`): `{…, schedule_id, schedule}` moves a scheduled
+/// dispatch of the owner the body names.
+pub(crate) async fn update_schedule(
+    state: AppState,
+    req: Request,
+    permission: Permission,
+    owner_of: OwnerOf,
+) -> Response {
+    management(
+        state,
+        permission,
+        req,
+        move |state, caller, req| async move {
+            let body = read_json(req).await?;
+            let of = owner_of(&body)?;
+            let id = schedule_id(&body)?;
+            let at = parse_schedule(&body, now())?;
+            owned_dispatch(&state, caller.workspace.id, &id, &of).await?;
+            reschedule(&state, caller.workspace.id, &id, at).await
+        },
+    )
+    .await
+}
+
+/// A schedule `delete`: `{…, schedule_id}` cancels a scheduled dispatch of the owner the
+/// body names (what has gone out stays).
+pub(crate) async fn delete_schedule(
+    state: AppState,
+    req: Request,
+    permission: Permission,
+    owner_of: OwnerOf,
+) -> Response {
+    management(
+        state,
+        permission,
+        req,
+        move |state, caller, req| async move {
+            let body = read_json(req).await?;
+            let of = owner_of(&body)?;
+            let id = schedule_id(&body)?;
+            owned_dispatch(&state, caller.workspace.id, &id, &of).await?;
+            cancel(&state, caller.workspace.id, &id).await
+        },
+    )
+    .await
 }
 
 /// Checks the schedule names a scheduled dispatch of `of`.
-pub(crate) async fn owned_dispatch(
+async fn owned_dispatch(
     state: &AppState,
     workspace: tideway_core::ids::WorkspaceId,
     id: &str,
-    of: ScheduleOf<'_>,
+    of: &ScheduleOf,
 ) -> Result<(), ApiError> {
     use tideway_core::store::DispatchSource;
     let dispatch = state
@@ -187,24 +252,11 @@ pub async fn trigger_schedule_create(State(state): State<AppState>, req: Request
     security(("bearer_auth" = []))
 )]
 pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request) -> Response {
-    management(
+    update_schedule(
         state,
-        Permission::CampaignsTriggerScheduleUpdate,
         req,
-        |state, caller, req| async move {
-            let body = read_json(req).await?;
-            let campaign = campaign_field(&body)?;
-            let id = schedule_id(&body)?;
-            let at = parse_schedule(&body, now())?;
-            owned_dispatch(
-                &state,
-                caller.workspace.id,
-                &id,
-                ScheduleOf::Campaign(&campaign),
-            )
-            .await?;
-            reschedule(&state, caller.workspace.id, &id, at).await
-        },
+        Permission::CampaignsTriggerScheduleUpdate,
+        of_campaign,
     )
     .await
 }
@@ -223,23 +275,11 @@ pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request
     security(("bearer_auth" = []))
 )]
 pub async fn trigger_schedule_delete(State(state): State<AppState>, req: Request) -> Response {
-    management(
+    delete_schedule(
         state,
-        Permission::CampaignsTriggerScheduleDelete,
         req,
-        |state, caller, req| async move {
-            let body = read_json(req).await?;
-            let campaign = campaign_field(&body)?;
-            let id = schedule_id(&body)?;
-            owned_dispatch(
-                &state,
-                caller.workspace.id,
-                &id,
-                ScheduleOf::Campaign(&campaign),
-            )
-            .await?;
-            cancel(&state, caller.workspace.id, &id).await
-        },
+        Permission::CampaignsTriggerScheduleDelete,
+        of_campaign,
     )
     .await
 }
@@ -289,24 +329,7 @@ pub async fn messages_schedule_create(State(state): State<AppState>, req: Reques
     security(("bearer_auth" = []))
 )]
 pub async fn messages_schedule_update(State(state): State<AppState>, req: Request) -> Response {
-    management(
-        state,
-        Permission::MessagesScheduleUpdate,
-        req,
-        |state, caller, req| async move {
-            let body = read_json(req).await?;
-            let id = schedule_id(&body)?;
-            if body.get("messages").is_some_and(|m| !m.is_null()) {
-                return Err(ApiError::malformed(
-                    "messages of a scheduled send cannot be replaced; delete the schedule and create it again",
-                ));
-            }
-            let at = parse_schedule(&body, now())?;
-            owned_dispatch(&state, caller.workspace.id, &id, ScheduleOf::AdHoc).await?;
-            reschedule(&state, caller.workspace.id, &id, at).await
-        },
-    )
-    .await
+    update_schedule(state, req, Permission::MessagesScheduleUpdate, of_messages).await
 }
 
 /// `POST /messages/schedule/delete`.
@@ -323,21 +346,10 @@ pub async fn messages_schedule_update(State(state): State<AppState>, req: Reques
     security(("bearer_auth" = []))
 )]
 pub async fn messages_schedule_delete(State(state): State<AppState>, req: Request) -> Response {
-    management(
-        state,
-        Permission::MessagesScheduleDelete,
-        req,
-        |state, caller, req| async move {
-            let body = read_json(req).await?;
-            let id = schedule_id(&body)?;
-            owned_dispatch(&state, caller.workspace.id, &id, ScheduleOf::AdHoc).await?;
-            cancel(&state, caller.workspace.id, &id).await
-        },
-    )
-    .await
+    delete_schedule(state, req, Permission::MessagesScheduleDelete, of_messages).await
 }
 
-pub(crate) async fn reschedule(
+async fn reschedule(
     state: &AppState,
     workspace: tideway_core::ids::WorkspaceId,
     id: &str,
@@ -352,7 +364,7 @@ pub(crate) async fn reschedule(
     Ok(success())
 }
 
-pub(crate) async fn cancel(
+async fn cancel(
     state: &AppState,
     workspace: tideway_core::ids::WorkspaceId,
     id: &str,

@@ -23,14 +23,14 @@ use tideway_core::store::{
 };
 
 use super::currents::append_in;
-use super::messaging::{insert_dispatch, move_expansion};
+use super::messaging::insert_dispatch;
 use super::{PgStore, execute, get, pg_err, query, query_one, query_opt};
 use crate::codec::corrupt;
 use crate::sqlite::canvas::{
     CANVAS_COLUMNS, JOURNEY_COLUMNS, RawCanvas, RawJourney, happening_columns, happening_of,
     send_counts, step_counts, tally,
 };
-use crate::sqlite::messaging::{cas_conflict, reeligible, tags_text};
+use crate::sqlite::messaging::{Receipts, cas_conflict, tags_text};
 
 type Appends = Vec<(Option<UserSeq>, CurrentsEvent)>;
 
@@ -310,20 +310,15 @@ async fn enter_canvas(
             return Err(cas_conflict("the Canvas's next run"));
         }
     }
-    for d in &scan.dispatches {
-        if d.workspace != workspace {
-            return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
-        }
-        insert_dispatch(&tx, d).await?;
-    }
-    if let Some((dispatch, mark)) = &scan.expansion {
-        move_expansion(&tx, workspace, dispatch, *mark).await?;
-    }
-    super::messaging::move_trackers(
+    super::messaging::write_marks(
         &tx,
         workspace,
-        &scan.segment_trackers,
-        crate::sqlite::messaging::TrackerOwner::Canvas,
+        (
+            &scan.segment_trackers,
+            crate::sqlite::messaging::TrackerOwner::Canvas,
+        ),
+        &scan.dispatches,
+        scan.expansion.as_ref(),
     )
     .await?;
     let mut appends: Appends = Vec::new();
@@ -359,28 +354,22 @@ async fn enter_canvas(
             outcome.refused += 1;
             continue;
         }
-        let last = query_opt(
+        let taken = super::messaging::take_receipt_rows(
             &tx,
-            "SELECT entered_at FROM canvas_receipts
-             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3",
-            &[&workspace.0, &e.canvas_id, &user],
+            Receipts::Canvas,
+            workspace,
+            (
+                &[user],
+                &[e.canvas_id.as_str()],
+                &[now.0],
+                &[e.reentry_after_ms],
+            ),
         )
         .await?;
-        if let Some(last) = last
-            && !reeligible(Millis(get(&last, 0)?), e.reentry_after_ms, now)
-        {
+        if taken.is_empty() {
             outcome.refused += 1;
             continue;
         }
-        execute(
-            &tx,
-            "INSERT INTO canvas_receipts (workspace_id, canvas_id, user_seq, entered_at)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE
-                 SET entered_at = EXCLUDED.entered_at",
-            &[&workspace.0, &e.canvas_id, &user, &now.0],
-        )
-        .await?;
         execute(
             &tx,
             "UPDATE canvases SET entries = entries + 1,

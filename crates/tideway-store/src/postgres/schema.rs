@@ -675,7 +675,7 @@ ALTER TABLE dispatches DROP CONSTRAINT dispatches_source_check;
 ALTER TABLE dispatches ADD CONSTRAINT dispatches_source_check
     CHECK (source IN ('campaign', 'adhoc', 'canvas'));
 "#,
-    // 8: Canvas conversion watches (`postgres/canvas.rs`).
+    // 8: Canvas conversion watches (`postgres/canvas.rs`); `canvas_receipts.window_ms`.
     r#"
 CREATE TABLE canvas_conversion_watches (
     workspace_id  bigint NOT NULL,
@@ -691,6 +691,9 @@ CREATE TABLE canvas_conversion_watches (
     PRIMARY KEY (workspace_id, canvas_id, user_seq)
 );
 CREATE INDEX canvas_conversion_watches_until ON canvas_conversion_watches (workspace_id, until);
+-- Canvas entry receipts carry their re-entry window as campaign receipts do, so both are
+-- taken by one statement (`messaging::take_receipt_rows`).
+ALTER TABLE canvas_receipts ADD COLUMN window_ms bigint;
 "#,
 ];
 

@@ -513,20 +513,15 @@ fn enter_canvas(
             return Err(cas_conflict("the Canvas's next run"));
         }
     }
-    for d in &scan.dispatches {
-        if d.workspace != workspace {
-            return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
-        }
-        insert_dispatch(conn, d)?;
-    }
-    if let Some((dispatch, mark)) = &scan.expansion {
-        super::messaging::move_expansion(conn, workspace, dispatch, *mark)?;
-    }
-    super::messaging::move_segment_trackers(
+    super::messaging::write_marks(
         conn,
         workspace,
-        &scan.segment_trackers,
-        super::messaging::TrackerOwner::Canvas,
+        (
+            &scan.segment_trackers,
+            super::messaging::TrackerOwner::Canvas,
+        ),
+        &scan.dispatches,
+        scan.expansion.as_ref(),
     )?;
     let mut appends: Appends = Vec::new();
     let mut stats: Vec<(&str, &StepStat)> = Vec::new();
@@ -557,29 +552,19 @@ fn enter_canvas(
             outcome.refused += 1;
             continue;
         }
-        let last: Option<i64> = conn
-            .prepare_cached(
-                "SELECT entered_at FROM canvas_receipts
-                 WHERE workspace_id = ?1 AND canvas_id = ?2 AND user_seq = ?3",
-            )
-            .map_err(sql_err)?
-            .query_row(params![workspace.0, e.canvas_id, e.user.0], |r| r.get(0))
-            .optional()
-            .map_err(sql_err)?;
-        if let Some(last) = last
-            && !super::messaging::reeligible(Millis(last), e.reentry_after_ms, now)
-        {
+        let taken = super::messaging::take_receipt(
+            conn,
+            super::messaging::Receipts::Canvas,
+            workspace,
+            e.user,
+            &e.canvas_id,
+            e.reentry_after_ms,
+            now,
+        )?;
+        if !taken {
             outcome.refused += 1;
             continue;
         }
-        conn.prepare_cached(
-            "INSERT INTO canvas_receipts (workspace_id, canvas_id, user_seq, entered_at)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE SET entered_at = excluded.entered_at",
-        )
-        .map_err(sql_err)?
-        .execute(params![workspace.0, e.canvas_id, e.user.0, now.0])
-        .map_err(sql_err)?;
         conn.prepare_cached(
             "UPDATE canvases SET entries = entries + 1,
                  first_entry = COALESCE(first_entry, ?3), last_entry = ?3

@@ -14,7 +14,8 @@
 //! - **A receipt's time** ([`receipt_time`]): the contract's [`Enqueue`] carries no clock, so an
 //!   item's receipt is taken at its job's `due_at` (when the user receives it), else at its
 //!   first event's time (a control-group enrolment), else at the newest dispatch the enqueue
-//!   creates, else 0; [`reeligible`] compares without overflowing.
+//!   creates, else 0; [`take_receipt`] takes a campaign's or a Canvas's receipt in one
+//!   statement (PostgreSQL: `take_receipt_rows`, the same rule in one statement for many).
 //! - **Expansion marks only move forward** ([`move_expansion`]): a mark `Some(u)` applies
 //!   only to a dispatch that is still expanding and has not reached `u` yet, and `None` only
 //!   to one still expanding; a mark that does not apply makes the whole enqueue a
@@ -71,12 +72,6 @@ pub(crate) fn receipt_time(item: &NewSend, enqueue: &Enqueue) -> Millis {
         .map(|d| d.created_at)
         .max()
         .unwrap_or(Millis(0))
-}
-
-/// Whether a receipt received at `received_at` may be taken again at `now` (the rule the
-/// campaign receipts' upsert writes in SQL; Canvas entry receipts use it as is).
-pub(crate) fn reeligible(received_at: Millis, window_ms: Option<i64>, now: Millis) -> bool {
-    window_ms.is_some_and(|w| received_at.0.saturating_add(w) <= now.0)
 }
 
 /// The conflict of a mark that does not move an expansion forward.
@@ -636,7 +631,7 @@ impl TrackerOwner {
 
 /// Applies [`Enqueue::segment_trackers`] (or a Canvas scan's): each a compare-and-set on the
 /// stored position, of a tracker whose owner exists.
-pub(crate) fn move_segment_trackers(
+fn move_segment_trackers(
     conn: &Connection,
     workspace: WorkspaceId,
     moves: &[(String, String, Option<FeedPosition>, SegmentTracker)],
@@ -682,27 +677,46 @@ pub(crate) fn move_segment_trackers(
 }
 
 /// Takes the receipt: true when the item may go ahead.
-fn take_receipt(
+/// Whose receipts are taken: a campaign's sends, or a Canvas's entries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Receipts {
+    Campaign,
+    Canvas,
+}
+
+/// Takes a receipt of `owner_id` (a campaign or a Canvas) for the user at `now`: a new one, or
+/// an old one taken again once it is re-eligible (a re-eligibility window is set and has
+/// passed since the last receipt). Whether it was taken; one statement, so a row left
+/// unchanged is a user still ineligible.
+pub(crate) fn take_receipt(
     conn: &Connection,
+    receipts: Receipts,
     workspace: WorkspaceId,
     user: UserSeq,
-    campaign_id: &str,
+    owner_id: &str,
     window_ms: Option<i64>,
     now: Millis,
 ) -> Result<bool, StoreError> {
-    // One statement: a new receipt, or an old one taken again once it is re-eligible (a
-    // re-eligibility window is set and has passed since the last receipt); a row left
-    // unchanged is a user still ineligible.
-    let changed = conn
-        .prepare_cached(
+    let sql = match receipts {
+        Receipts::Campaign => {
             "INSERT INTO campaign_receipts (workspace_id, user_seq, campaign_id, received_at)
              VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (workspace_id, user_seq, campaign_id) DO UPDATE
                  SET received_at = excluded.received_at
-                 WHERE ?5 IS NOT NULL AND campaign_receipts.received_at + ?5 <= excluded.received_at",
-        )
+                 WHERE ?5 IS NOT NULL AND campaign_receipts.received_at + ?5 <= excluded.received_at"
+        }
+        Receipts::Canvas => {
+            "INSERT INTO canvas_receipts (workspace_id, user_seq, canvas_id, entered_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE
+                 SET entered_at = excluded.entered_at
+                 WHERE ?5 IS NOT NULL AND canvas_receipts.entered_at + ?5 <= excluded.entered_at"
+        }
+    };
+    let changed = conn
+        .prepare_cached(sql)
         .map_err(sql_err)?
-        .execute(params![workspace.0, user.0, campaign_id, now.0, window_ms])
+        .execute(params![workspace.0, user.0, owner_id, now.0, window_ms])
         .map_err(sql_err)?;
     Ok(changed > 0)
 }
@@ -730,9 +744,35 @@ pub(crate) fn insert_send(
     Ok(())
 }
 
+/// What an enqueue and a Canvas scan write before their items: segment trackers moved (of
+/// campaigns or Canvases), dispatches created, a dispatch's expansion mark moved — each
+/// compare-and-set a conflict when it does not apply.
+pub(crate) fn write_marks(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    (trackers, owner): (&[TrackerMove], TrackerOwner),
+    dispatches: &[DispatchRecord],
+    expansion: Option<&(String, Option<UserSeq>)>,
+) -> Result<(), StoreError> {
+    move_segment_trackers(conn, workspace, trackers, owner)?;
+    for d in dispatches {
+        if d.workspace != workspace {
+            return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
+        }
+        insert_dispatch(conn, d)?;
+    }
+    if let Some((dispatch, mark)) = expansion {
+        move_expansion(conn, workspace, dispatch, *mark)?;
+    }
+    Ok(())
+}
+
+/// A segment tracker's move: `(owner id, segment id, expected position, new tracker)`.
+pub(crate) type TrackerMove = (String, String, Option<FeedPosition>, SegmentTracker);
+
 /// Moves a dispatch's expansion mark forward (`None`: complete). It applies to a dispatch still
 /// expanding whose mark it moves forward, or that it ends; nothing changed is a conflict.
-pub(crate) fn move_expansion(
+fn move_expansion(
     conn: &Connection,
     workspace: WorkspaceId,
     dispatch: &str,
@@ -829,22 +869,20 @@ fn enqueue(
             return Err(cas_conflict("the campaign's next run"));
         }
     }
-    move_segment_trackers(conn, workspace, &e.segment_trackers, TrackerOwner::Campaign)?;
-    for d in &e.dispatches {
-        if d.workspace != workspace {
-            return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
-        }
-        insert_dispatch(conn, d)?;
-    }
-    if let Some((dispatch, mark)) = &e.expansion {
-        move_expansion(conn, workspace, dispatch, *mark)?;
-    }
+    write_marks(
+        conn,
+        workspace,
+        (&e.segment_trackers, TrackerOwner::Campaign),
+        &e.dispatches,
+        e.expansion.as_ref(),
+    )?;
     let mut appends: Appends = Vec::new();
     for item in &e.items {
         if let Some(receipt) = &item.receipt {
             let now = receipt_time(item, e);
             let taken = take_receipt(
                 conn,
+                Receipts::Campaign,
                 workspace,
                 item.user,
                 &receipt.campaign_id,
