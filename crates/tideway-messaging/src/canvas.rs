@@ -559,24 +559,20 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             } else {
                 chunk.last().copied()
             };
-            let zones: HashMap<UserSeq, Option<String>> = match local {
-                None => HashMap::new(),
-                Some(_) => self
-                    .store
-                    .users_by_seq(ws, chunk.to_vec())
-                    .await?
-                    .into_iter()
-                    .map(|u| (u.seq, u.time_zone().map(str::to_owned)))
-                    .collect(),
-            };
+            let dues = crate::local_time::local_dues(
+                self.store.as_ref(),
+                ws,
+                chunk,
+                local,
+                self.clock.now(),
+            )
+            .await?;
             let entrants = chunk
                 .iter()
                 .map(|u| Entrant {
                     user: *u,
                     properties: properties.clone(),
-                    due_at: local.map(|at| {
-                        crate::local_time::local_due(at, zones.get(u).and_then(Option::as_deref))
-                    }),
+                    due_at: dues.get(u).copied(),
                 })
                 .collect();
             let mut scan = marked(mark);

@@ -47,6 +47,18 @@ fn trial(hook_url: &str) -> Value {
     })
 }
 
+/// Creates the Canvas and launches it; its id.
+async fn launched(t: &crate::messaging::Setup, def: Value) -> String {
+    let a = t.s.post("/api/v1/canvases", &t.key, def).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let id = a.body["canvas"]["id"].as_str().unwrap().to_owned();
+    let a =
+        t.s.post(&format!("/api/v1/canvases/{id}/launch"), &t.key, json!({}))
+            .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    id
+}
+
 fn now_ms() -> i64 {
     Clock::system().now().0
 }
@@ -362,13 +374,7 @@ async fn broadcasts_and_scheduled_entries_enter_in_chunks_and_can_be_moved_or_ca
         "steps": [{"id": "hook", "type": "message", "message": {"channel": "webhook", "url": t.hook_url,
             "body": "{{${user_id}}} {{context.${k}}}"}}]
     });
-    let a = t.s.post("/api/v1/canvases", &t.key, def).await;
-    assert_eq!(a.status, 201, "{a:?}");
-    let id = a.body["canvas"]["id"].as_str().unwrap().to_owned();
-    let a =
-        t.s.post(&format!("/api/v1/canvases/{id}/launch"), &t.key, json!({}))
-            .await;
-    assert_eq!(a.status, 200, "{a:?}");
+    let id = launched(&t, def).await;
 
     // Braze's errors: a recipients list with broadcast, and nobody named at all.
     for (body, message) in [
@@ -532,13 +538,7 @@ async fn entering_a_segment_enters_a_canvas_once() {
             .contains("entry.triggers[0].segment_entry.segment_id"),
         "{a:?}"
     );
-    let a = t.s.post("/api/v1/canvases", &t.key, def(&segment)).await;
-    assert_eq!(a.status, 201, "{a:?}");
-    let id = a.body["canvas"]["id"].as_str().unwrap().to_owned();
-    let a =
-        t.s.post(&format!("/api/v1/canvases/{id}/launch"), &t.key, json!({}))
-            .await;
-    assert_eq!(a.status, 200, "{a:?}");
+    let id = launched(&t, def(&segment)).await;
     // The first look records who is in already (a does not enter).
     let store = std::sync::Arc::clone(&t.s.store);
     let ws = t.ws.id;
@@ -591,13 +591,7 @@ async fn a_conversion_after_the_journey_ended_counts_once_within_the_window() {
         "steps": [{"id": "hook", "name": "Offer", "type": "message", "message": {"channel": "webhook", "url": t.hook_url,
             "body": "offer {{${user_id}}}"}}]
     });
-    let a = t.s.post("/api/v1/canvases", &t.key, def).await;
-    assert_eq!(a.status, 201, "{a:?}");
-    let id = a.body["canvas"]["id"].as_str().unwrap().to_owned();
-    let a =
-        t.s.post(&format!("/api/v1/canvases/{id}/launch"), &t.key, json!({}))
-            .await;
-    assert_eq!(a.status, 200, "{a:?}");
+    let id = launched(&t, def).await;
     let store = std::sync::Arc::clone(&t.s.store);
     let ws = t.ws.id;
     until("the Canvas cursor", async || {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::campaigns::Hooks;
-use crate::support::{Api, Server, initial_admin_key, management};
+use crate::support::{Api, Server, initial_admin_key, management, open_db};
 
 const USERS: usize = 40;
 /// Long enough that entering everyone and sending the first step is done before it ends.
@@ -26,15 +26,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// `(user, step)` of every journey in the data directory's database.
 fn journeys(data_dir: &Path) -> Vec<(i64, String)> {
-    let db = std::fs::read_dir(data_dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sqlite" || x == "db"))
-        .expect("the server's SQLite file");
-    let conn =
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
+    let conn = open_db(data_dir);
     let mut stmt = conn
         .prepare("SELECT user_seq, step_id FROM canvas_journeys ORDER BY user_seq")
         .unwrap();
@@ -46,15 +38,7 @@ fn journeys(data_dir: &Path) -> Vec<(i64, String)> {
 
 /// `(user, dispatch)` pairs with more than one send row: a journey step queued twice.
 fn sends_queued_twice(data_dir: &Path) -> Vec<(i64, String)> {
-    let db = std::fs::read_dir(data_dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sqlite" || x == "db"))
-        .expect("the server's SQLite file");
-    let conn =
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
+    let conn = open_db(data_dir);
     let mut stmt = conn
         .prepare(
             "SELECT user_seq, dispatch_id FROM sends
