@@ -671,3 +671,58 @@ async fn a_conversion_after_the_journey_ended_counts_once_within_the_window() {
         .await;
     assert_eq!(a.body["canvas"]["step_stats"][0]["conversions"], 1, "{a:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_time_occurrence_runs_each_users_first_step_at_their_wall_clock_time() {
+    let t = setup().await;
+    t.track(json!([
+        {"external_id": "tokyo", "time_zone": "Asia/Tokyo"},
+        {"external_id": "new_york", "time_zone": "America/New_York"},
+    ]))
+    .await;
+    // The occurrence's wall-clock time, 20 h from now (whole minutes): Tokyo (UTC+9) reaches
+    // it 9 h earlier than UTC, New York (UTC-4/-5) 4 or 5 h later.
+    let wall = (now_ms() + 20 * 3_600_000) / 60_000 * 60_000;
+    let def = json!({
+        "name": "Local",
+        "entry": {"type": "scheduled", "schedule": {"frequency": "once", "at": Millis(wall).to_iso(), "in_local_time": true}},
+        "steps": [{"id": "s", "type": "message", "message": {"channel": "webhook", "url": t.hook_url, "body": "local {{${user_id}}}"}}]
+    });
+    let id = launched(&t, def).await;
+    let c = t.s.store.canvas(t.ws.id, &id).await.unwrap().unwrap();
+    assert_eq!(c.next_run, Some(Millis(wall)));
+
+    // A node whose clock is a minute past Tokyo's time: the occurrence is expanded (14 h
+    // early), both users enter, only Tokyo's first step is due.
+    let clock = Clock::starting_at(Millis(wall - 9 * 3_600_000 + 60_000));
+    let smtp_url = t.smtp.url();
+    let audiences = tideway_server::standalone_audiences(std::sync::Arc::clone(&t.s.store));
+    let _ahead = Engine::start(
+        std::sync::Arc::clone(&t.s.store),
+        audiences,
+        Channels {
+            webhook: WebhookSender::new(EgressPolicy::default(), Duration::from_secs(5)).unwrap(),
+            smtp: Some(SmtpSender::new(&SmtpUrl::parse(&smtp_url).unwrap()).unwrap()),
+        },
+        Some(Tracking {
+            key: TrackingKey::new([7; 32]),
+            urls: TrackingUrls::new(&t.s.base),
+        }),
+        clock,
+        EngineConfig::default(),
+    );
+    let hits = t.wait_hits(1).await;
+    assert_eq!(hits[0].body, "local tokyo");
+    let store = std::sync::Arc::clone(&t.s.store);
+    let ws = t.ws.id;
+    let c = until("both entries", async || {
+        let c = store.canvas(ws, &id).await.unwrap().unwrap();
+        (c.entries == 2).then_some(c)
+    })
+    .await;
+    assert_eq!(c.next_run, None, "the only occurrence is used up");
+    // New York waits at its first step for its own 09:00-equivalent.
+    let counts = t.s.store.canvas_step_counts(ws, &id).await.unwrap();
+    assert_eq!(counts[0].in_step, 1, "{counts:?}");
+    assert_eq!(t.hooks.hits().len(), 1);
+}
