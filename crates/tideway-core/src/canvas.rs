@@ -367,25 +367,6 @@ impl CanvasDefinition {
                 message: e.message.replace("delivery", "entry"),
             })?;
         if let Delivery::ActionBased(a) = &entry
-            && let Some(i) = a
-                .triggers
-                .iter()
-                .position(|t| matches!(t, Trigger::SegmentEntry { .. }))
-        {
-            return Err(bad(
-                format!("entry.triggers[{i}]"),
-                "segment_entry is not supported as a Canvas entry (use a partner cohort entry, a custom event or a purchase)",
-            ));
-        }
-        if let Delivery::Scheduled(s) = &entry
-            && s.in_local_time
-        {
-            return Err(bad(
-                "entry.schedule.in_local_time",
-                "is not supported by a Canvas (its occurrences are in UTC)",
-            ));
-        }
-        if let Delivery::ActionBased(a) = &entry
             && a.delay_secs > 0
         {
             return Err(bad(
@@ -1166,6 +1147,50 @@ pub fn start(
     }
 }
 
+/// The conversion events (their indexes) that `h` counts as for an entry at `entered_at`
+/// that has counted `converted` (bit `i` for event `i`): once per conversion event and
+/// entry, within each event's window counted from the entry — whether the user is still in
+/// the journey or has left it (Braze's rule).
+pub fn conversions(
+    def: &CanvasDefinition,
+    entered_at: Millis,
+    converted: u8,
+    h: &Happening,
+) -> Vec<u8> {
+    let occurrence = h.occurrence();
+    let mut out = Vec::new();
+    for (i, c) in def.conversion_events.iter().enumerate().take(8) {
+        if converted & (1u8 << i) == 0
+            && h.at.0 >= entered_at.0 - entered_at.0.rem_euclid(1_000)
+            && h.at.0 <= entered_at.0 + c.window_secs * 1_000
+            && !matches!(
+                c.kind,
+                ConversionKind::OpensEmail | ConversionKind::ClicksEmail
+            )
+            && c.matches(&occurrence)
+        {
+            out.push(i as u8);
+        }
+    }
+    out
+}
+
+/// When the last conversion window of an entry at `entered_at` closes (`None`: the
+/// definition has no conversion event a log event can count as).
+pub fn conversions_close(def: &CanvasDefinition, entered_at: Millis) -> Option<Millis> {
+    def.conversion_events
+        .iter()
+        .take(8)
+        .filter(|c| {
+            !matches!(
+                c.kind,
+                ConversionKind::OpensEmail | ConversionKind::ClicksEmail
+            )
+        })
+        .map(|c| Millis(entered_at.0 + c.window_secs * 1_000))
+        .max()
+}
+
 /// Runs the journey's step at `now` and walks on through instant steps: a step that waits
 /// (a Delay or an Action Paths window) returns the journey waiting there unless its timer,
 /// counted from the arrival (`step_at`), has run out — then the step ends (a Delay goes to its
@@ -1312,25 +1337,13 @@ pub fn advance(
     let mut taken_by_action = false;
     for h in inbox {
         let occurrence = h.occurrence();
-        // Conversions: once per conversion event, within its window after the entry.
-        for (i, c) in def.conversion_events.iter().enumerate().take(8) {
-            let bit = 1u8 << i;
-            if j.converted & bit == 0
-                && h.at.0 >= j.entered_at.0 - j.entered_at.0.rem_euclid(1_000)
-                && h.at.0 <= j.entered_at.0 + c.window_secs * 1_000
-                && !matches!(
-                    c.kind,
-                    ConversionKind::OpensEmail | ConversionKind::ClicksEmail
-                )
-                && c.matches(&occurrence)
-            {
-                j.converted |= bit;
-                events.push(StepEvent::Conversion {
-                    index: i as u8,
-                    at: h.at,
-                    step: j.step_id.clone(),
-                });
-            }
+        for i in conversions(def, j.entered_at, j.converted, h) {
+            j.converted |= 1u8 << i;
+            events.push(StepEvent::Conversion {
+                index: i,
+                at: h.at,
+                step: j.step_id.clone(),
+            });
         }
         if def.exception_events.iter().any(|t| t.matches(&occurrence)) {
             events.push(StepEvent::Exited {

@@ -52,10 +52,13 @@ pub enum Permission {
     CanvasTriggerSend,
     CanvasList,
     CanvasDetails,
+    CanvasTriggerScheduleCreate,
+    CanvasTriggerScheduleUpdate,
+    CanvasTriggerScheduleDelete,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 34] = [
+    pub const ALL: [Permission; 37] = [
         Permission::UsersTrack,
         Permission::UsersIdentify,
         Permission::UsersAliasNew,
@@ -90,6 +93,9 @@ impl Permission {
         Permission::CanvasTriggerSend,
         Permission::CanvasList,
         Permission::CanvasDetails,
+        Permission::CanvasTriggerScheduleCreate,
+        Permission::CanvasTriggerScheduleUpdate,
+        Permission::CanvasTriggerScheduleDelete,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -128,6 +134,9 @@ impl Permission {
             Permission::CanvasTriggerSend => "canvas.trigger.send",
             Permission::CanvasList => "canvas.list",
             Permission::CanvasDetails => "canvas.details",
+            Permission::CanvasTriggerScheduleCreate => "canvas.trigger.schedule.create",
+            Permission::CanvasTriggerScheduleUpdate => "canvas.trigger.schedule.update",
+            Permission::CanvasTriggerScheduleDelete => "canvas.trigger.schedule.delete",
         }
     }
 }

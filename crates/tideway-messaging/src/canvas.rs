@@ -8,11 +8,18 @@
 //!   and purchases that match an active action-based Canvas's entry triggers become entries
 //!   (the entry audience is checked then); custom events and purchases that a Canvas listens
 //!   to (exception events, Action Paths, conversions) go to the inbox of the user's journey,
-//!   which wakes it. Entries, inbox items and the cursor's move are one transaction (a
+//!   which wakes it; those of users who left the journey with conversion windows open count
+//!   against their conversion watch. Entries, inbox items and the cursor's move are one transaction (a
 //!   compare-and-set on the cursor), so each stretch of log is acted on once. A scheduled
-//!   Canvas's due occurrence (its `next_run`, set at launch) enters its whole entry audience
-//!   in the same kind of transaction, moving `next_run` on by compare-and-set (one
-//!   occurrence per scan; the audience in one transaction).
+//!   Canvas's due occurrence (its `next_run`, set at launch) becomes a Canvas entry dispatch
+//!   in the same kind of transaction, moving `next_run` on by compare-and-set (one occurrence
+//!   per scan).
+//! - **segment entries** ([`CanvasEngine::segment_pass`]): a tracker per (Canvas, segment)
+//!   along the segment change feed, as campaigns' segment-entry triggers.
+//! - **entry dispatches** ([`CanvasEngine::expand_pass`], after each scan): an occurrence's,
+//!   a broadcast's or a scheduled API entry's users enter when it is due — named recipients
+//!   at once, an audience in chunks of [`CanvasConfig::entry_chunk`], each chunk one
+//!   transaction with the dispatch's expansion mark.
 //! - **the timer worker** claims due journeys (leased, oldest first: late timers after a
 //!   restart fire at once, in order), loads the version each journey entered with, answers
 //!   the definition's filters for the batch (one audience question per filter), runs
@@ -20,10 +27,10 @@
 //!   its Message steps' sends (into the send queue, under a dispatch per step and version)
 //!   and its per-step counts, in one transaction fenced by the lease.
 //!
-//! API-triggered entries (`/canvas/trigger/send`) go through [`CanvasEngine::enter`]. A User
-//! Update step applies its attributes through the `/users/track` service before the
-//! journey's settlement (a crash between the two applies the update again: setting is
-//! idempotent, an increment may count twice).
+//! API-triggered entries of named recipients (`/canvas/trigger/send`) go through
+//! [`CanvasEngine::enter`]. A User Update step's attributes travel with the journey's
+//! settlement ([`JourneySettlement::user_update`]) and are applied through the users
+//! context in its transaction (on PostgreSQL just before it: see there).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -31,7 +38,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use tideway_core::campaigns::{CampaignStatus, Delivery, Occurrence};
+use tideway_core::campaigns::{CampaignStatus, Delivery, LOCAL_TIME_LEAD_MS, Occurrence, Trigger};
 use tideway_core::canvas::{
     self, CanvasDefinition, ExitReason, Facts, Happening, HappeningKind, StepEvent, StepKind,
 };
@@ -40,21 +47,22 @@ use tideway_core::currents::{CurrentsEvent, EventType, EventUser};
 use tideway_core::ids::{EventId, UserSeq, WorkspaceId};
 use tideway_core::message_events::{MessageSource, Origin, Progression};
 use tideway_core::profile::UserRecord;
-use tideway_core::services::Services;
+use tideway_core::segments::FeedPosition;
 use tideway_core::store::{
     CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney, DispatchRecord,
     DispatchSource, InboxItem, JourneySettlement, NewEntry, ScanOutcome, SendJob, StoreError,
-    TriggerCursor, UserStore, Workspace,
+    TriggerCursor, UserStore, UserUpdate, Workspace,
 };
+use tideway_core::store::{ConversionWatch, LateConversion};
 use tideway_core::track::parse_track;
 use tideway_currents::Clock;
 use tideway_segment::Filter;
 use tracing::{debug, warn};
 
-use crate::audience::{Audiences, audience_filter};
+use crate::audience::{Audiences, audience_filter, narrowed};
 use crate::dispatcher::Dispatcher;
 use crate::liquid::Vars;
-use crate::triggers::{READ_LIMIT, TriggerStore};
+use crate::triggers::{READ_LIMIT, TriggerStore, segment_step};
 
 /// The store the Canvas engine needs.
 pub trait CanvasEngineStore: TriggerStore + CanvasStore + UserStore {}
@@ -70,6 +78,8 @@ pub struct CanvasConfig {
     pub claim_batch: usize,
     /// How often the scan reads the logs, and the longest the timer worker sleeps.
     pub poll: Duration,
+    /// Users entered per transaction when a Canvas entry dispatch enters an audience.
+    pub entry_chunk: usize,
 }
 
 impl Default for CanvasConfig {
@@ -79,6 +89,7 @@ impl Default for CanvasConfig {
             lease_ms: 60_000,
             claim_batch: 1_000,
             poll: Duration::from_millis(100),
+            entry_chunk: crate::scheduler::CHUNK,
         }
     }
 }
@@ -146,11 +157,30 @@ struct Version {
     json: Value,
 }
 
-/// One recipient of an entry: the user and their entry properties (JSON object text).
+/// One recipient of an entry: the user, their entry properties (JSON object text) and, for a
+/// local-time occurrence, when their first step runs (else at once).
 #[derive(Debug, Clone)]
 pub struct Entrant {
     pub user: UserSeq,
     pub properties: Option<String>,
+    pub due_at: Option<Millis>,
+}
+
+/// `shared` properties with `own` merged over them, as JSON object text (`None` when both are
+/// absent).
+fn merged_properties(shared: Option<&str>, own: Option<&str>) -> Option<String> {
+    let object = |t: Option<&str>| {
+        t.and_then(|t| serde_json::from_str::<Value>(t).ok())
+            .and_then(|v| v.as_object().cloned())
+    };
+    match (object(shared), object(own)) {
+        (None, None) => None,
+        (a, b) => {
+            let mut m = a.unwrap_or_default();
+            m.extend(b.unwrap_or_default());
+            Some(Value::Object(m).to_string())
+        }
+    }
 }
 
 pub struct CanvasEngine<S: ?Sized> {
@@ -235,7 +265,7 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
         }
     }
 
-    /// The scan's loop.
+    /// The scan's loop: the logs and scheduled occurrences, then due Canvas entry dispatches.
     pub async fn run_scan(self: Arc<Self>) {
         loop {
             let full = match self.scan_pass().await {
@@ -245,6 +275,12 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                     false
                 }
             };
+            if let Err(e) = self.expand_pass().await {
+                warn!(error = %e, "Canvas entry dispatches failed");
+            }
+            if let Err(e) = self.segment_pass().await {
+                warn!(error = %e, "Canvas segment entries failed");
+            }
             if !full {
                 tokio::time::sleep(self.config.poll).await;
             }
@@ -283,16 +319,18 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
         Ok(Some(v))
     }
 
-    /// Entries of `entrants` into `canvas` now (audience checked, variants assigned); the
-    /// store decides re-entry and limits. `cursor` is the scan's compare-and-set, if any.
+    /// Entries of `entrants` into `canvas` now (the entry audience, narrowed by `audience` if
+    /// given, checked; variants assigned); the store decides re-entry and limits.
     pub async fn enter(
         &self,
         ws: WorkspaceId,
         canvas: &CanvasRecord,
         entrants: Vec<Entrant>,
+        audience: Option<&Value>,
     ) -> Result<ScanOutcome, StoreError> {
         let mut scan = CanvasScan::default();
-        self.plan_entries(ws, canvas, entrants, &mut scan).await?;
+        self.plan_entries(ws, canvas, entrants, audience, &mut scan)
+            .await?;
         let now = self.clock.now();
         let out = self.store.enter_canvas(ws, now, scan).await?;
         if out.entered > 0 {
@@ -301,11 +339,14 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
         Ok(out)
     }
 
+    /// Plans entries of those `entrants` who are in the Canvas's entry audience (narrowed by
+    /// `audience` if given).
     async fn plan_entries(
         &self,
         ws: WorkspaceId,
         canvas: &CanvasRecord,
-        entrants: Vec<Entrant>,
+        mut entrants: Vec<Entrant>,
+        audience: Option<&Value>,
         scan: &mut CanvasScan,
     ) -> Result<(), StoreError> {
         if entrants.is_empty() || canvas.status != CampaignStatus::Active {
@@ -315,21 +356,39 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             return Ok(());
         };
         let def = &version.def;
+        if !def.audience.is_everyone() || audience.is_some() {
+            let mut users: Vec<UserSeq> = entrants.iter().map(|e| e.user).collect();
+            users.sort_unstable();
+            users.dedup();
+            let filter = narrowed(audience_filter(&def.audience)?, audience)?;
+            let inside: HashSet<UserSeq> = self
+                .audiences
+                .matching(ws, filter, users)
+                .await?
+                .into_iter()
+                .collect();
+            entrants.retain(|e| inside.contains(&e.user));
+        }
+        self.plan_members(ws, canvas, &version, entrants, scan)
+            .await
+    }
+
+    /// Plans entries of `entrants`, known to be in the entry audience.
+    async fn plan_members(
+        &self,
+        ws: WorkspaceId,
+        canvas: &CanvasRecord,
+        version: &Version,
+        entrants: Vec<Entrant>,
+        scan: &mut CanvasScan,
+    ) -> Result<(), StoreError> {
+        let def = &version.def;
         let Some(workspace) = self.workspace(ws).await? else {
             return Ok(());
         };
         let mut users: Vec<UserSeq> = entrants.iter().map(|e| e.user).collect();
         users.sort_unstable();
         users.dedup();
-        let inside: HashSet<UserSeq> = if def.audience.is_everyone() {
-            users.iter().copied().collect()
-        } else {
-            self.audiences
-                .matching(ws, audience_filter(&def.audience)?, users.clone())
-                .await?
-                .into_iter()
-                .collect()
-        };
         let records: HashMap<UserSeq, UserRecord> = self
             .store
             .users_by_seq(ws, users)
@@ -339,7 +398,7 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             .collect();
         let now = self.clock.now();
         for e in entrants {
-            let (Some(record), true) = (records.get(&e.user), inside.contains(&e.user)) else {
+            let Some(record) = records.get(&e.user) else {
                 continue;
             };
             let variant = def.assign(&canvas.id, &crate::plan::assignment_key(e.user));
@@ -388,13 +447,18 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                     },
                 ));
                 stats.push((v.first_step.clone(), CanvasStat::Entered));
-                canvas::start(
+                let mut j = canvas::start(
                     v,
                     entry_id.clone(),
                     canvas.version,
                     now,
                     e.properties.clone(),
-                )
+                );
+                // A local-time occurrence: the first step waits for the user's wall-clock time.
+                if let Some(due) = e.due_at {
+                    j.due_at = Millis(due.0.max(now.0));
+                }
+                j
             });
             scan.entries.push(NewEntry {
                 canvas_id: canvas.id.clone(),
@@ -407,6 +471,281 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             });
         }
         Ok(())
+    }
+
+    /// Enters the users of every due Canvas entry dispatch (scheduled API entries,
+    /// broadcasts, scheduled occurrences), resuming an expansion a crash interrupted.
+    pub async fn expand_pass(&self) -> Result<(), StoreError> {
+        for dispatch in self.store.expanding_dispatches(self.clock.now()).await? {
+            if !matches!(dispatch.source, DispatchSource::Canvas { .. }) {
+                continue;
+            }
+            let id = dispatch.id.clone();
+            if let Err(e) = self.expand(dispatch).await {
+                // One dispatch's trouble does not hold up the others; retried next pass.
+                warn!(dispatch = %id, error = %e, "a Canvas entry dispatch failed; will retry");
+            }
+        }
+        Ok(())
+    }
+
+    /// One Canvas entry dispatch from where it stopped: named recipients in one transaction,
+    /// an audience in chunks of [`CanvasConfig::entry_chunk`] users in seq order, each chunk's
+    /// entries with the move of the expansion mark (so a chunk enters once, and a crash
+    /// resumes after the last chunk entered). A Canvas no longer active, or deleted, ends
+    /// the dispatch with no entries.
+    async fn expand(&self, dispatch: DispatchRecord) -> Result<(), StoreError> {
+        let ws = dispatch.workspace;
+        let DispatchSource::Canvas {
+            canvas_id,
+            recipients,
+        } = &dispatch.source
+        else {
+            return Ok(());
+        };
+        let marked = |mark: Option<UserSeq>| CanvasScan {
+            expansion: Some((dispatch.id.clone(), mark)),
+            ..CanvasScan::default()
+        };
+        let canvas = self
+            .store
+            .canvas(ws, canvas_id)
+            .await?
+            .filter(|c| c.status == CampaignStatus::Active);
+        let version = match &canvas {
+            Some(c) => self.version(ws, &c.id, c.version).await?,
+            None => None,
+        };
+        let (Some(canvas), Some(version)) = (canvas, version) else {
+            return self.apply_chunk(ws, marked(None)).await.map(|_| ());
+        };
+        let shared = dispatch.properties.as_deref();
+        if let Some(list) = recipients {
+            let entrants = list
+                .iter()
+                .map(|r| Entrant {
+                    user: r.user,
+                    properties: merged_properties(shared, r.properties.as_deref()),
+                    due_at: None,
+                })
+                .collect();
+            let mut scan = marked(None);
+            self.plan_entries(ws, &canvas, entrants, dispatch.audience.as_ref(), &mut scan)
+                .await?;
+            return self.apply_chunk(ws, scan).await.map(|_| ());
+        }
+        let filter = narrowed(
+            audience_filter(&version.def.audience)?,
+            dispatch.audience.as_ref(),
+        )?;
+        let members = self
+            .audiences
+            .members(ws, filter, dispatch.expanding_after)
+            .await?;
+        let local = match (&version.def.entry, dispatch.not_before) {
+            (Delivery::Scheduled(s), Some(expanded)) if s.in_local_time => {
+                Some(Millis(expanded.0 + LOCAL_TIME_LEAD_MS))
+            }
+            _ => None,
+        };
+        let properties = merged_properties(shared, None);
+        let mut chunks = members.chunks(self.config.entry_chunk.max(1)).peekable();
+        if chunks.peek().is_none() {
+            return self.apply_chunk(ws, marked(None)).await.map(|_| ());
+        }
+        while let Some(chunk) = chunks.next() {
+            let mark = if chunks.peek().is_none() {
+                None
+            } else {
+                chunk.last().copied()
+            };
+            let dues = crate::local_time::local_dues(
+                self.store.as_ref(),
+                ws,
+                chunk,
+                local,
+                self.clock.now(),
+            )
+            .await?;
+            let entrants = chunk
+                .iter()
+                .map(|u| Entrant {
+                    user: *u,
+                    properties: properties.clone(),
+                    due_at: dues.get(u).copied(),
+                })
+                .collect();
+            let mut scan = marked(mark);
+            self.plan_members(ws, &canvas, &version, entrants, &mut scan)
+                .await?;
+            if !self.apply_chunk(ws, scan).await? {
+                // Another node entered this chunk first, or the dispatch was cancelled.
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Segment-entry triggers of active action-based Canvases: each (Canvas, segment) tracker
+    /// followed along the segment change feed as campaigns' are
+    /// ([`crate::triggers::segment_step`]); the users who entered the segment (within the
+    /// entry window) enter the Canvas in the transaction that moves the tracker, so each
+    /// segment entry is acted on once across restarts and nodes.
+    pub async fn segment_pass(&self) -> Result<(), StoreError> {
+        let mut heads: HashMap<WorkspaceId, Option<FeedPosition>> = HashMap::new();
+        for (ws, canvas) in self.store.active_canvases().await? {
+            let Some(version) = self.version(ws, &canvas.id, canvas.version).await? else {
+                continue;
+            };
+            let Delivery::ActionBased(action) = &version.def.entry else {
+                continue;
+            };
+            for trigger in &action.triggers {
+                let Trigger::SegmentEntry { segment_id } = trigger else {
+                    continue;
+                };
+                if self.store.segment(ws, segment_id).await?.is_none() {
+                    continue;
+                }
+                let head = heads.entry(ws).or_default();
+                let Some(step) = segment_step(
+                    self.store.as_ref(),
+                    self.audiences.as_ref(),
+                    ws,
+                    &canvas.id,
+                    segment_id,
+                    head,
+                )
+                .await?
+                else {
+                    continue;
+                };
+                let now = self.clock.now();
+                let launched = canvas.launched_at.unwrap_or(canvas.updated_at);
+                let in_window = now.0 >= launched.0
+                    && action.start.is_none_or(|s| now.0 >= s.0)
+                    && action.end.is_none_or(|e| now.0 <= e.0);
+                let mut scan = CanvasScan {
+                    segment_trackers: step.moves,
+                    ..CanvasScan::default()
+                };
+                if in_window {
+                    let entrants = step
+                        .entered
+                        .into_iter()
+                        .map(|user| Entrant {
+                            user,
+                            properties: None,
+                            due_at: None,
+                        })
+                        .collect();
+                    self.plan_entries(ws, &canvas, entrants, None, &mut scan)
+                        .await?;
+                }
+                // A conflict: another node moved the tracker first (its entries are its).
+                self.apply_chunk(ws, scan).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Conversions of users who left their journey in `canvas`, within the windows of their
+    /// entry (their conversion watches): each conversion event once per entry, by the
+    /// definition of the version they entered with.
+    async fn late_conversions(
+        &self,
+        ws: WorkspaceId,
+        canvas: &CanvasRecord,
+        happened: &[(UserSeq, Happening)],
+        scan: &mut CanvasScan,
+    ) -> Result<(), StoreError> {
+        let mut users: Vec<UserSeq> = happened.iter().map(|(u, _)| *u).collect();
+        users.sort_unstable();
+        users.dedup();
+        if users.is_empty() {
+            return Ok(());
+        }
+        let watches = self
+            .store
+            .conversion_watches(ws, &canvas.id, users, self.clock.now())
+            .await?;
+        if watches.is_empty() {
+            return Ok(());
+        }
+        let Some(workspace) = self.workspace(ws).await? else {
+            return Ok(());
+        };
+        let records: HashMap<UserSeq, UserRecord> = self
+            .store
+            .users_by_seq(ws, watches.iter().map(|(u, _)| *u).collect())
+            .await?
+            .into_iter()
+            .map(|u| (u.seq, u))
+            .collect();
+        for (user, watch) in watches {
+            let (Some(v), Some(record)) = (
+                self.version(ws, &canvas.id, watch.version).await?,
+                records.get(&user),
+            ) else {
+                continue;
+            };
+            let def = &v.def;
+            let step_name = def.step(&watch.step_id).map(|s| s.name.as_str());
+            let source = MessageSource {
+                app_group_id: &workspace.app_group_id,
+                app_id: None,
+                origin: Origin::Canvas {
+                    canvas_id: &canvas.id,
+                    canvas_name: Some(&canvas.name),
+                    canvas_variation_id: Some(&watch.variant_id),
+                    canvas_variation_name: def.variant(&watch.variant_id).map(|v| v.name.as_str()),
+                    canvas_step_id: Some(&watch.step_id),
+                    canvas_step_name: step_name,
+                    canvas_step_message_variation_id: None,
+                },
+                dispatch_id: None,
+                send_id: None,
+            };
+            let mut converted = watch.converted;
+            for (_, h) in happened.iter().filter(|(u, _)| *u == user) {
+                for index in canvas::conversions(def, watch.entered_at, converted, h) {
+                    converted |= 1 << index;
+                    let behavior = def.conversion_events[usize::from(index)]
+                        .behavior_json()
+                        .to_string();
+                    scan.conversions.push(LateConversion {
+                        canvas_id: canvas.id.clone(),
+                        user,
+                        entry_id: watch.entry_id.clone(),
+                        index,
+                        events: vec![CurrentsEvent::canvas_conversion(
+                            event_id(),
+                            h.at,
+                            &event_user(record),
+                            &source,
+                            i32::from(index),
+                            &behavior,
+                        )],
+                        stats: vec![(watch.step_id.clone(), CanvasStat::Conversions)],
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one chunk of a Canvas entry dispatch; `false` when its mark did not apply.
+    async fn apply_chunk(&self, ws: WorkspaceId, scan: CanvasScan) -> Result<bool, StoreError> {
+        match self.store.enter_canvas(ws, self.clock.now(), scan).await {
+            Ok(out) => {
+                if out.entered > 0 {
+                    self.wake();
+                }
+                Ok(true)
+            }
+            Err(StoreError::Conflict(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// One scan of every workspace with an active Canvas; whether a read was full.
@@ -454,9 +793,11 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             .store
             .cohort_entries(ws, cursor.cohort_changes, READ_LIMIT)
             .await?;
-        let scheduled_due = canvases
-            .iter()
-            .any(|c| c.next_run.is_some_and(|t| t.0 <= self.clock.now().0));
+        // A local-time occurrence is due `LOCAL_TIME_LEAD_MS` early.
+        let scheduled_due = canvases.iter().any(|c| {
+            c.next_run
+                .is_some_and(|t| t.0 - LOCAL_TIME_LEAD_MS <= self.clock.now().0)
+        });
         if events.is_empty() && entries.is_empty() && !scheduled_due {
             return Ok(false);
         }
@@ -513,6 +854,8 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             let Some(version) = self.version(ws, &canvas.id, canvas.version).await? else {
                 continue;
             };
+            self.late_conversions(ws, canvas, &happened, &mut scan)
+                .await?;
             let def = &version.def;
             // Inbox: everything this Canvas listens to (the store keeps it only for users
             // with a journey in the Canvas). Older versions' listeners are included through
@@ -529,21 +872,28 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             }
             if let Delivery::Scheduled(schedule) = &def.entry {
                 if let Some(due) = canvas.next_run
-                    && due.0 <= self.clock.now().0
+                    && schedule.expands_at(due).0 <= self.clock.now().0
                     && scan.next_run.is_none()
                 {
-                    // The occurrence: the whole entry audience enters, and the next
-                    // occurrence is set by compare-and-set in the same transaction.
-                    let filter = audience_filter(&def.audience)?;
-                    let members = self.audiences.members(ws, filter, None).await?;
-                    let entrants = members
-                        .into_iter()
-                        .map(|user| Entrant {
-                            user,
-                            properties: None,
-                        })
-                        .collect();
-                    self.plan_entries(ws, canvas, entrants, &mut scan).await?;
+                    // The occurrence: a Canvas entry dispatch of the whole entry audience
+                    // (entered in chunks by `expand_pass`), created with the next occurrence's
+                    // compare-and-set. A local-time occurrence remembers itself in
+                    // `not_before` (expanded `LOCAL_TIME_LEAD_MS` early, as campaigns do).
+                    scan.dispatches.push(DispatchRecord {
+                        id: crate::plan::new_dispatch_id(),
+                        workspace: ws,
+                        source: DispatchSource::Canvas {
+                            canvas_id: canvas.id.clone(),
+                            recipients: None,
+                        },
+                        send_id: None,
+                        per_user_ids: false,
+                        properties: None,
+                        audience: None,
+                        created_at: self.clock.now(),
+                        expanding_after: Some(UserSeq(0)),
+                        not_before: schedule.in_local_time.then(|| schedule.expands_at(due)),
+                    });
                     scan.next_run = Some((canvas.id.clone(), Some(due), schedule.next_after(due)));
                 }
                 continue;
@@ -565,6 +915,7 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                     entrants.push(Entrant {
                         user: *user,
                         properties: None,
+                        due_at: None,
                     });
                 }
             }
@@ -577,10 +928,12 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                     entrants.push(Entrant {
                         user: entry.user,
                         properties: None,
+                        due_at: None,
                     });
                 }
             }
-            self.plan_entries(ws, canvas, entrants, &mut scan).await?;
+            self.plan_entries(ws, canvas, entrants, None, &mut scan)
+                .await?;
         }
         let out = self.store.enter_canvas(ws, self.clock.now(), scan).await?;
         if out.entered > 0 || out.inboxed > 0 {
@@ -641,6 +994,8 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                         events: Vec::new(),
                         sends: Vec::new(),
                         stats: Vec::new(),
+                        user_update: None,
+                        watch: None,
                     });
                 }
                 continue;
@@ -713,6 +1068,7 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
         let mut events = Vec::new();
         let mut sends = Vec::new();
         let mut stats = Vec::new();
+        let mut updates = Vec::new();
         for e in &advanced.events {
             let step_id = match e {
                 StepEvent::Progressed { from, .. } => from,
@@ -784,7 +1140,7 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                     }
                 }
                 StepEvent::UserUpdate { step } => {
-                    self.user_update(workspace, def, step, record, now).await?;
+                    updates.extend(user_update(def, step, record));
                 }
                 StepEvent::Conversion { index, at, .. } => {
                     let behavior = def.conversion_events[usize::from(*index)]
@@ -835,6 +1191,34 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                 }
             }
         }
+        // A journey that ended keeps its conversion windows open (Braze counts a conversion
+        // within the window after the entry even once the user has left).
+        let watch = match (
+            &advanced.journey,
+            canvas::conversions_close(def, c.journey.entered_at),
+        ) {
+            (None, Some(until)) if until.0 >= now.0 => {
+                let mut converted = c.journey.converted;
+                let mut last = c.journey.step_id.clone();
+                for e in &advanced.events {
+                    match e {
+                        StepEvent::Conversion { index, .. } => converted |= 1 << index,
+                        StepEvent::Exited { step, .. } => last.clone_from(step),
+                        _ => {}
+                    }
+                }
+                Some(ConversionWatch {
+                    entry_id: c.journey.entry_id.clone(),
+                    version: c.journey.version,
+                    variant_id: c.journey.variant_id.clone(),
+                    step_id: last,
+                    entered_at: c.journey.entered_at,
+                    converted,
+                    until,
+                })
+            }
+            _ => None,
+        };
         Ok(JourneySettlement {
             workspace: workspace.id,
             canvas_id: canvas.id.clone(),
@@ -845,40 +1229,47 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             events,
             sends,
             stats,
+            user_update: user_update_request(workspace, updates),
+            watch,
         })
     }
+}
 
-    /// A User Update step: its attributes through the `/users/track` service.
-    async fn user_update(
-        &self,
-        workspace: &Workspace,
-        def: &CanvasDefinition,
-        step: &str,
-        record: &UserRecord,
-        now: Millis,
-    ) -> Result<(), StoreError> {
-        let Some(StepKind::UserUpdate { set, increment, .. }) = def.step(step).map(|s| &s.kind)
-        else {
-            return Ok(());
-        };
-        let mut object = set.clone();
-        for (k, n) in increment {
-            object.insert(k.clone(), json!({"inc": n}));
+/// A User Update step's attributes object about the user: `set` values and `{"inc": n}`
+/// for each increment.
+fn user_update(def: &CanvasDefinition, step: &str, record: &UserRecord) -> Option<Value> {
+    let Some(StepKind::UserUpdate { set, increment, .. }) = def.step(step).map(|s| &s.kind) else {
+        return None;
+    };
+    let mut object = set.clone();
+    for (k, n) in increment {
+        object.insert(k.clone(), json!({"inc": n}));
+    }
+    object.insert("braze_id".into(), json!(record.braze_id.as_str()));
+    Some(Value::Object(object))
+}
+
+/// The `/users/track` request of a journey's User Update steps (in step order), if any is
+/// valid.
+fn user_update_request(workspace: &Workspace, objects: Vec<Value>) -> Option<UserUpdate> {
+    if objects.is_empty() {
+        return None;
+    }
+    let mut body = Map::new();
+    body.insert("attributes".into(), Value::Array(objects));
+    match parse_track(&body) {
+        Ok(request) if request.valid_objects() > 0 => Some(UserUpdate {
+            workspace: workspace.clone(),
+            request,
+        }),
+        Ok(_) => {
+            warn!("a User Update step's attributes were refused");
+            None
         }
-        object.insert("braze_id".into(), json!(record.braze_id.as_str()));
-        let mut body = Map::new();
-        body.insert(
-            "attributes".into(),
-            Value::Array(vec![Value::Object(object)]),
-        );
-        match parse_track(&body) {
-            Ok(request) if request.valid_objects() > 0 => {
-                self.store.track(workspace, request, now).await?;
-            }
-            Ok(_) => warn!(step, "a User Update step's attributes were refused"),
-            Err(e) => warn!(step, error = %e, "a User Update step's attributes do not parse"),
+        Err(e) => {
+            warn!(error = %e, "a User Update step's attributes do not parse");
+            None
         }
-        Ok(())
     }
 }
 
@@ -893,6 +1284,8 @@ fn ended(c: &ClaimedJourney) -> JourneySettlement {
         events: Vec::new(),
         sends: Vec::new(),
         stats: Vec::new(),
+        user_update: None,
+        watch: None,
     }
 }
 

@@ -677,7 +677,9 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             };
             let source_key = match &dispatch.source {
                 DispatchSource::Campaign { campaign_id } => campaign_id.clone(),
-                DispatchSource::AdHoc { .. } => format!("adhoc:{}", dispatch.id),
+                DispatchSource::AdHoc { .. } | DispatchSource::Canvas { .. } => {
+                    format!("adhoc:{}", dispatch.id)
+                }
             };
             let ckey = (c.workspace, source_key.clone());
             if !compiled.contains_key(&ckey) {
@@ -697,6 +699,9 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                     DispatchSource::AdHoc { definition } => CampaignDefinition::load(definition)
                         .ok()
                         .map(|d| Arc::new(Compiled::new(None, d))),
+                    // A Canvas entry dispatch has no messages (its entries' steps send under
+                    // dispatches of their own).
+                    DispatchSource::Canvas { .. } => None,
                 };
                 compiled.insert(ckey.clone(), loaded);
             }
@@ -941,7 +946,7 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             DispatchSource::AdHoc { definition } => {
                 definition.get("canvas").and_then(Value::as_object)
             }
-            DispatchSource::Campaign { .. } => None,
+            DispatchSource::Campaign { .. } | DispatchSource::Canvas { .. } => None,
         };
         let field = |k: &str| canvas.and_then(|c| c.get(k)).and_then(Value::as_str);
         let origin = match (campaign, canvas) {

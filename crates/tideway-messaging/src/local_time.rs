@@ -7,9 +7,34 @@
 //! time that a zone skips (a spring-forward gap) or repeats (fall back) resolves as most
 //! calendars do: to the later offset for a gap, the earlier instant for a fold.
 
+use std::collections::HashMap;
+
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use tideway_core::clock::Millis;
+use tideway_core::ids::{UserSeq, WorkspaceId};
+use tideway_core::store::{MessagingStore, StoreError};
+
+/// When each of `users` gets the local-time occurrence `at` — its wall-clock time in their
+/// zone, never before `now` (a campaign's send, a Canvas's entry) —, or nothing when the
+/// occurrence is not in local time (`at` is `None`: everyone at once).
+pub async fn local_dues<S: MessagingStore + ?Sized>(
+    store: &S,
+    ws: WorkspaceId,
+    users: &[UserSeq],
+    at: Option<Millis>,
+    now: Millis,
+) -> Result<HashMap<UserSeq, Millis>, StoreError> {
+    let Some(at) = at else {
+        return Ok(HashMap::new());
+    };
+    Ok(store
+        .users_by_seq(ws, users.to_vec())
+        .await?
+        .into_iter()
+        .map(|u| (u.seq, Millis(local_due(at, u.time_zone()).0.max(now.0))))
+        .collect())
+}
 
 /// The instant the wall-clock time of `occurrence` (read in UTC) is in `time_zone`.
 pub fn local_due(occurrence: Millis, time_zone: Option<&str>) -> Millis {

@@ -68,6 +68,10 @@ impl<S: DispatchStore + ?Sized + 'static> Scheduler<S> {
     /// Finishes every expansion a previous run left half done.
     pub async fn resume(&self) -> Result<(), StoreError> {
         for dispatch in self.store.expanding_dispatches(self.clock.now()).await? {
+            if matches!(dispatch.source, DispatchSource::Canvas { .. }) {
+                // The Canvas engine's (its expansion enters users, it queues no sends).
+                continue;
+            }
             let id = dispatch.id.clone();
             if let Err(e) = self.expand(dispatch).await {
                 // One dispatch's trouble does not hold up the others; it is resumed next pass.
@@ -177,6 +181,7 @@ impl<S: DispatchStore + ?Sized + 'static> Scheduler<S> {
                 };
                 (None, def)
             }
+            DispatchSource::Canvas { .. } => return Ok(()),
         };
         let filter =
             crate::audience::narrowed(audience_filter(&def.audience)?, dispatch.audience.as_ref())?;
@@ -231,25 +236,14 @@ impl<S: DispatchStore + ?Sized + 'static> Scheduler<S> {
         let ws = dispatch.workspace;
         let now = self.clock.now();
         let local = local_occurrence(def, dispatch);
-        let zones: HashMap<UserSeq, Option<String>> = match local {
-            None => HashMap::new(),
-            Some(_) => self
-                .store
-                .users_by_seq(ws, chunk.to_vec())
-                .await?
-                .into_iter()
-                .map(|u| (u.seq, u.time_zone().map(str::to_owned)))
-                .collect(),
-        };
+        let dues =
+            crate::local_time::local_dues(self.store.as_ref(), ws, chunk, local, now).await?;
         let recipients: Vec<Recipient> = chunk
             .iter()
             .map(|u| Recipient {
                 user: *u,
                 properties: None,
-                due_at: local.map(|at| {
-                    let zone = zones.get(u).and_then(Option::as_deref);
-                    Millis(crate::local_time::local_due(at, zone).0.max(now.0))
-                }),
+                due_at: dues.get(u).copied(),
             })
             .collect();
         let items = match campaign {

@@ -61,6 +61,105 @@ use crate::audience::{Audiences, audience_filter};
 use crate::dispatcher::{DispatchStore, Dispatcher};
 use crate::plan::{self, Recipient};
 
+/// One step of a segment-entry tracker along the segment change feed: the users who entered
+/// the segment since the tracker's position, and the tracker's move (a compare-and-set on its
+/// position) to write in the same transaction as what is done about them.
+pub struct SegmentStep {
+    pub entered: Vec<UserSeq>,
+    pub moves: Vec<(String, String, Option<FeedPosition>, SegmentTracker)>,
+}
+
+/// The next [`SegmentStep`] of the tracker of (`owner_id` — a campaign's or a Canvas's id —,
+/// `segment_id`); `None` when the tracker is at the feed's head. The first look records the
+/// head and the members then, and nobody enters (see the module docs). `head` caches the
+/// feed's head over a pass.
+pub async fn segment_step<S: TriggerStore + ?Sized>(
+    store: &S,
+    audiences: &dyn Audiences,
+    ws: WorkspaceId,
+    owner_id: &str,
+    segment_id: &str,
+    head: &mut Option<FeedPosition>,
+) -> Result<Option<SegmentStep>, StoreError> {
+    let segment_filter = Filter::InSegment(segment_id.to_owned());
+    let tracker_of = |expected: Option<FeedPosition>, position, members: &RoaringBitmap| {
+        let mut bytes = Vec::with_capacity(members.serialized_size());
+        members
+            .serialize_into(&mut bytes)
+            .map_err(|e| StoreError::Corrupt(format!("segment tracker members: {e}")))?;
+        Ok::<_, StoreError>(vec![(
+            owner_id.to_owned(),
+            segment_id.to_owned(),
+            expected,
+            SegmentTracker {
+                position,
+                members: bytes,
+            },
+        )])
+    };
+    let Some(tracker) = store.segment_tracker(ws, owner_id, segment_id).await? else {
+        // The first look: whoever is in the segment now is in already and does not enter.
+        // The head is read first, so the members are as of it or later (the audience's
+        // answer includes every write acknowledged before the question).
+        let position = store.segment_feed_head(ws).await?;
+        let members: RoaringBitmap = audiences
+            .members(ws, segment_filter, None)
+            .await?
+            .into_iter()
+            .map(|u| u.0)
+            .collect();
+        return Ok(Some(SegmentStep {
+            entered: Vec::new(),
+            moves: tracker_of(None, position, &members)?,
+        }));
+    };
+    let feed_head = match *head {
+        Some(h) => h,
+        None => *head.insert(store.segment_feed_head(ws).await?),
+    };
+    if tracker.position.event_seq >= feed_head.event_seq
+        && tracker.position.cohort_change_seq >= feed_head.cohort_change_seq
+        && tracker.position.user_change_seq >= feed_head.user_change_seq
+    {
+        return Ok(None);
+    }
+    let changes = store.segment_profile_changes(ws, tracker.position).await?;
+    if changes.position == tracker.position {
+        return Ok(None);
+    }
+    let mut changed: Vec<UserSeq> = changes
+        .users
+        .iter()
+        .chain(&changes.attributes)
+        .map(|u| UserSeq(u.profile.uid))
+        .chain(changes.occurrences.iter().map(|o| o.user))
+        .chain(changes.removed.iter().copied())
+        .chain(changes.cohort_deltas.iter().map(|d| d.user))
+        .collect();
+    changed.sort_unstable();
+    changed.dedup();
+    let previous = RoaringBitmap::deserialize_from(tracker.members.as_slice())
+        .map_err(|e| StoreError::Corrupt(format!("segment tracker members: {e}")))?;
+    let now_in: RoaringBitmap = if changed.is_empty() {
+        RoaringBitmap::new()
+    } else {
+        audiences
+            .matching(ws, segment_filter, changed.clone())
+            .await?
+            .into_iter()
+            .map(|u| u.0)
+            .collect()
+    };
+    let changed_set: RoaringBitmap = changed.iter().map(|u| u.0).collect();
+    let entered = &now_in - &previous;
+    let left = &changed_set - &now_in;
+    let members = (&previous | &entered) - &left;
+    Ok(Some(SegmentStep {
+        entered: entered.iter().map(UserSeq).collect(),
+        moves: tracker_of(Some(tracker.position), changes.position, &members)?,
+    }))
+}
+
 /// Most log entries read per pass.
 pub const READ_LIMIT: usize = 1_000;
 
@@ -397,101 +496,29 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
             }
             return Ok(());
         }
-        let segment_filter = Filter::InSegment(segment_id.to_owned());
-        let tracker_of = |expected: Option<FeedPosition>, position, members: &RoaringBitmap| {
-            let mut bytes = Vec::with_capacity(members.serialized_size());
-            members
-                .serialize_into(&mut bytes)
-                .map_err(|e| StoreError::Corrupt(format!("segment tracker members: {e}")))?;
-            Ok::<_, StoreError>(vec![(
-                campaign.id.clone(),
-                segment_id.to_owned(),
-                expected,
-                SegmentTracker {
-                    position,
-                    members: bytes,
-                },
-            )])
-        };
-        let Some(tracker) = self
-            .store
-            .segment_tracker(ws, &campaign.id, segment_id)
-            .await?
+        let Some(step) = segment_step(
+            self.store.as_ref(),
+            self.audiences.as_ref(),
+            ws,
+            &campaign.id,
+            segment_id,
+            head,
+        )
+        .await?
         else {
-            // The first look: whoever is in the segment now is in already and does not enter.
-            // The head is read first, so the members are as of it or later (the audience's
-            // answer includes every write acknowledged before the question).
-            let position = self.store.segment_feed_head(ws).await?;
-            let members: RoaringBitmap = self
-                .audiences
-                .members(ws, segment_filter, None)
-                .await?
-                .into_iter()
-                .map(|u| u.0)
-                .collect();
-            let enqueue = Enqueue {
-                segment_trackers: tracker_of(None, position, &members)?,
-                ..Enqueue::default()
-            };
-            self.store.enqueue(ws, enqueue).await?;
             return Ok(());
         };
-        let feed_head = match *head {
-            Some(h) => h,
-            None => *head.insert(self.store.segment_feed_head(ws).await?),
-        };
-        if tracker.position.event_seq >= feed_head.event_seq
-            && tracker.position.cohort_change_seq >= feed_head.cohort_change_seq
-            && tracker.position.user_change_seq >= feed_head.user_change_seq
-        {
-            return Ok(());
-        }
-        let changes = self
-            .store
-            .segment_profile_changes(ws, tracker.position)
-            .await?;
-        if changes.position == tracker.position {
-            return Ok(());
-        }
-        let mut changed: Vec<UserSeq> = changes
-            .users
-            .iter()
-            .chain(&changes.attributes)
-            .map(|u| UserSeq(u.profile.uid))
-            .chain(changes.occurrences.iter().map(|o| o.user))
-            .chain(changes.removed.iter().copied())
-            .chain(changes.cohort_deltas.iter().map(|d| d.user))
-            .collect();
-        changed.sort_unstable();
-        changed.dedup();
-        let previous = RoaringBitmap::deserialize_from(tracker.members.as_slice())
-            .map_err(|e| StoreError::Corrupt(format!("segment tracker members: {e}")))?;
-        let now_in: RoaringBitmap = if changed.is_empty() {
-            RoaringBitmap::new()
-        } else {
-            self.audiences
-                .matching(ws, segment_filter, changed.clone())
-                .await?
-                .into_iter()
-                .map(|u| u.0)
-                .collect()
-        };
-        let changed_set: RoaringBitmap = changed.iter().map(|u| u.0).collect();
-        let entered = &now_in - &previous;
-        let left = &changed_set - &now_in;
-        let members = (&previous | &entered) - &left;
-
+        let entered = step.entered;
         let now = self.clock.now();
         let launched = campaign.launched_at.unwrap_or(campaign.updated_at);
         let in_window = now.0 >= launched.0
             && action.start.is_none_or(|s| now.0 >= s.0)
             && action.end.is_none_or(|e| now.0 <= e.0);
         let mut enqueue = Enqueue {
-            segment_trackers: tracker_of(Some(tracker.position), changes.position, &members)?,
+            segment_trackers: step.moves,
             ..Enqueue::default()
         };
         if in_window && !entered.is_empty() {
-            let entered: Vec<UserSeq> = entered.iter().map(UserSeq).collect();
             let filter = audience_filter(&def.audience)?;
             let in_audience = self.audiences.matching(ws, filter, entered).await?;
             let records = self

@@ -229,14 +229,31 @@ pub(crate) fn presented_key(req: &Request) -> Option<String> {
 /// the permission a read is checked against. The key is authenticated by the pipeline after
 /// this; here it is only looked at.
 async fn read_permission(state: &AppState, key: Option<String>) -> Permission {
+    reading(
+        state,
+        key,
+        Permission::CampaignsRead,
+        Permission::CampaignsManage,
+    )
+    .await
+}
+
+/// The permission a read needs: `read`, or `manage` for a key that has only that (managing
+/// includes reading).
+pub(crate) async fn reading(
+    state: &AppState,
+    key: Option<String>,
+    read: Permission,
+    manage: Permission,
+) -> Permission {
     if let Some(key) = key
         && let Ok(Some((found, _))) = state.store().find_api_key(Secret::new(key).hash()).await
-        && !found.permissions.contains(Permission::CampaignsRead)
-        && found.permissions.contains(Permission::CampaignsManage)
+        && !found.permissions.contains(read)
+        && found.permissions.contains(manage)
     {
-        return Permission::CampaignsManage;
+        return manage;
     }
-    Permission::CampaignsRead
+    read
 }
 
 async fn load(state: &AppState, ws: &Workspace, id: &str) -> Result<CampaignRecord, ApiError> {
@@ -454,13 +471,34 @@ pub async fn delete(
     .await
 }
 
-fn refusal(action: CampaignAction, from: CampaignStatus) -> ApiError {
-    let why = match action {
-        CampaignAction::Launch => "only a draft or paused campaign can be launched",
-        CampaignAction::Pause => "only an active campaign can be paused",
-        CampaignAction::Stop => "it is stopped already (stopping is final)",
-    };
-    ApiError::Conflict(format!("the campaign is {}: {why}", from.as_str()))
+/// The lifecycle action a path names (`launch`, `pause` or `stop`) of a `what` (campaign,
+/// Canvas); another is a 404.
+pub(crate) fn parse_action(raw: &str, what: &str) -> Result<CampaignAction, ApiError> {
+    match raw {
+        "launch" => Ok(CampaignAction::Launch),
+        "pause" => Ok(CampaignAction::Pause),
+        "stop" => Ok(CampaignAction::Stop),
+        other => Err(ApiError::Missing(format!(
+            "no {what} action '{other}' (launch, pause or stop)"
+        ))),
+    }
+}
+
+/// The status `action` takes a `what` (campaign, Canvas) in status `from` to, or the 409
+/// saying why it cannot.
+pub(crate) fn transition(
+    action: CampaignAction,
+    from: CampaignStatus,
+    what: &str,
+) -> Result<CampaignStatus, ApiError> {
+    action.apply(from).ok_or_else(|| {
+        let why = match action {
+            CampaignAction::Launch => format!("only a draft or paused {what} can be launched"),
+            CampaignAction::Pause => format!("only an active {what} can be paused"),
+            CampaignAction::Stop => "it is stopped already (stopping is final)".to_owned(),
+        };
+        ApiError::Conflict(format!("the {what} is {}: {why}", from.as_str()))
+    })
 }
 
 /// Applies a lifecycle action (launch, pause, stop) to a stored campaign: the one path for the
@@ -472,9 +510,7 @@ pub(crate) async fn change_status(
     action: CampaignAction,
 ) -> Result<CampaignRecord, ApiError> {
     let mut c = load(state, ws, id).await?;
-    let to = action
-        .apply(c.status)
-        .ok_or_else(|| refusal(action, c.status))?;
+    let to = transition(action, c.status, "campaign")?;
     let at = now();
     if action == CampaignAction::Launch {
         let def = CampaignDefinition::load(&c.definition).map_err(|e| {
@@ -525,16 +561,7 @@ pub async fn action(
         Permission::CampaignsManage,
         req,
         |state, caller, _| async move {
-            let action = match action.as_str() {
-                "launch" => CampaignAction::Launch,
-                "pause" => CampaignAction::Pause,
-                "stop" => CampaignAction::Stop,
-                other => {
-                    return Err(ApiError::Missing(format!(
-                        "no campaign action '{other}' (launch, pause or stop)"
-                    )));
-                }
-            };
+            let action = parse_action(&action, "campaign")?;
             let saved = change_status(&state, &caller.workspace, &id, action).await?;
             Ok(axum::Json(campaign_json(&saved, None)).into_response())
         },

@@ -1,7 +1,11 @@
 //! Canvas over HTTP: Tideway's management API (`/api/v1/canvases…`: create, read, update —
 //! each definition edit a new version —, delete, `launch` / `pause` / `stop`; permissions
 //! `canvas.manage` / `canvas.read`) and Braze's endpoints (`POST /canvas/trigger/send`,
-//! `GET /canvas/list`, `GET /canvas/details`).
+//! `/canvas/trigger/schedule/{create,update,delete}`, `GET /canvas/list`,
+//! `GET /canvas/details`). A trigger's recipients, `broadcast` and `audience` are read by the
+//! campaigns' parser; a broadcast or a schedule is a Canvas entry dispatch (the campaigns'
+//! scheduled dispatch, whose users the Canvas engine enters), moved and cancelled by the
+//! campaigns' schedule code.
 //!
 //! A definition is checked whole before anything is written (`CanvasDefinition::parse`:
 //! shape, graph, limits; Liquid of every Message step), so a refused request writes nothing
@@ -11,20 +15,27 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use tideway_core::campaigns::{CampaignAction, CampaignStatus, Delivery};
+use tideway_core::campaigns::{CampaignAction, CampaignStatus, Delivery, Trigger};
 use tideway_core::canvas::{CanvasDefinition, StepKind};
-use tideway_core::keys::{Permission, Secret};
-use tideway_core::store::{CanvasRecord, SendCounts, StepCounts, Workspace};
+use tideway_core::clock::Millis;
+use tideway_core::ids::UserSeq;
+use tideway_core::keys::Permission;
+use tideway_core::store::{
+    CanvasRecipient, CanvasRecord, DispatchRecord, DispatchSource, Enqueue, SendCounts, StepCounts,
+    Workspace,
+};
 use tideway_messaging::canvas::{Entrant, step_dispatch_id};
-use tideway_messaging::sends::{ApiRecipient, RecipientId, resolve};
+use tideway_messaging::sends::{Target, resolve};
 
 use crate::AppState;
 use crate::campaigns_api::{
-    definition_error, description_field, name_field, place_error, presented_key, tags_field,
+    definition_error, description_field, name_field, parse_action, place_error, presented_key,
+    reading, tags_field, transition,
 };
 use crate::error::ApiError;
-use crate::messaging_api::{MAX_RECIPIENTS, TOO_MANY_RECIPIENTS, messaging, not_enabled};
+use crate::messaging_api::{ListQuery, apply_updates, messaging, not_enabled, parse_targets};
 use crate::pipeline::{management, now, read_json};
+use crate::schedule_api::{ScheduleOf, delete_schedule, parse_schedule, update_schedule};
 
 /// Braze's answer for an unknown Canvas (`/canvas/details`, `/canvas/trigger/send`).
 pub const INVALID_CANVAS: &str = "canvas_id must be a string of the Canvas api identifier";
@@ -80,16 +91,41 @@ pub(crate) fn checked(raw: &Value) -> Result<(CanvasDefinition, Value), ApiError
     Ok((def, canonical))
 }
 
+/// Checks that the segments a definition names (entry audience, segment-entry triggers)
+/// exist in the workspace.
+async fn check_segments(
+    state: &AppState,
+    ws: &Workspace,
+    def: &CanvasDefinition,
+) -> Result<(), ApiError> {
+    let segments = state.store().list_segments(ws.id).await?;
+    let known = |id: &str| segments.iter().any(|s| s.id == id);
+    for (i, id) in def.audience.segment_ids.iter().enumerate() {
+        if !known(id) {
+            return Err(place_error(
+                format!("audience.segment_ids[{i}]"),
+                format!("no segment '{id}' in this workspace"),
+            ));
+        }
+    }
+    if let Delivery::ActionBased(action) = &def.entry {
+        for (i, t) in action.triggers.iter().enumerate() {
+            if let Trigger::SegmentEntry { segment_id } = t
+                && !known(segment_id)
+            {
+                return Err(place_error(
+                    format!("entry.triggers[{i}].segment_entry.segment_id"),
+                    format!("no segment '{segment_id}' in this workspace"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `canvas.read`, or `canvas.manage` for a key that has only that (managing includes reading).
 async fn read_permission(state: &AppState, key: Option<String>) -> Permission {
-    if let Some(key) = key
-        && let Ok(Some((found, _))) = state.store().find_api_key(Secret::new(key).hash()).await
-        && !found.permissions.contains(Permission::CanvasRead)
-        && found.permissions.contains(Permission::CanvasManage)
-    {
-        return Permission::CanvasManage;
-    }
-    Permission::CanvasRead
+    reading(state, key, Permission::CanvasRead, Permission::CanvasManage).await
 }
 
 async fn load(state: &AppState, ws: &Workspace, id: &str) -> Result<CanvasRecord, ApiError> {
@@ -110,7 +146,8 @@ pub(crate) async fn create_canvas(
     let name = name_field(&body)?.ok_or_else(|| place_error("name", "is required"))?;
     let description = description_field(&body)?.unwrap_or_default();
     let tags = tags_field(&body)?.unwrap_or_default();
-    let (_, canonical) = checked(&Value::Object(body))?;
+    let (def, canonical) = checked(&Value::Object(body))?;
+    check_segments(state, ws, &def).await?;
     let at = now();
     let record = CanvasRecord {
         id: uuid::Uuid::new_v4().to_string(),
@@ -160,7 +197,8 @@ pub(crate) async fn update_canvas(
         def_part.remove(k);
     }
     if !def_part.is_empty() {
-        let (_, canonical) = checked(&Value::Object(def_part))?;
+        let (def, canonical) = checked(&Value::Object(def_part))?;
+        check_segments(state, ws, &def).await?;
         if canonical != c.definition {
             c.definition = canonical;
             c.version += 1;
@@ -229,17 +267,7 @@ pub(crate) async fn change_status(
     action: CampaignAction,
 ) -> Result<CanvasRecord, ApiError> {
     let mut c = load(state, ws, id).await?;
-    let Some(to) = action.apply(c.status) else {
-        return Err(ApiError::Conflict(format!(
-            "the Canvas is {}: {}",
-            c.status.as_str(),
-            match action {
-                CampaignAction::Launch => "only a draft or paused Canvas can be launched",
-                CampaignAction::Pause => "only an active Canvas can be paused",
-                CampaignAction::Stop => "it is stopped already (stopping is final)",
-            }
-        )));
-    };
+    let to = transition(action, c.status, "Canvas")?;
     let at = now();
     if action == CampaignAction::Launch {
         if c.launched_at.is_none() {
@@ -397,16 +425,7 @@ pub async fn action(
         Permission::CanvasManage,
         req,
         |state, caller, _| async move {
-            let action = match action.as_str() {
-                "launch" => CampaignAction::Launch,
-                "pause" => CampaignAction::Pause,
-                "stop" => CampaignAction::Stop,
-                other => {
-                    return Err(ApiError::Missing(format!(
-                        "no Canvas action '{other}' (launch, pause or stop)"
-                    )));
-                }
-            };
+            let action = parse_action(&action, "Canvas")?;
             let saved = change_status(&state, &caller.workspace, &id, action).await?;
             Ok(
                 axum::Json(json!({"message": "success", "canvas": canvas_json(&saved)}))
@@ -422,10 +441,11 @@ fn bad(why: impl Into<String>) -> ApiError {
     ApiError::bad_request_with("Bad Request", "errors", json!([why]))
 }
 
-/// A properties object (`context` / `canvas_entry_properties`), merged: `context` wins.
+/// A properties object (`canvas_entry_properties` / `context`, at `prefix`), merged:
+/// `context` wins.
 fn entry_properties(
     o: &Map<String, Value>,
-    path: &str,
+    prefix: &str,
 ) -> Result<Option<Map<String, Value>>, ApiError> {
     let mut out: Option<Map<String, Value>> = None;
     for key in ["canvas_entry_properties", "context"] {
@@ -434,119 +454,247 @@ fn entry_properties(
             Some(Value::Object(m)) => {
                 out.get_or_insert_with(Map::new).extend(m.clone());
             }
-            Some(_) => return Err(bad(format!("{path}{key} must be an object"))),
+            Some(_) => return Err(bad(format!("{prefix}{key} must be an object"))),
         }
     }
     if let Some(m) = &out
         && Value::Object(m.clone()).to_string().len() > 50 * 1024
     {
         return Err(bad(format!(
-            "{path}canvas_entry_properties/context exceed 50 KB"
+            "{prefix}canvas_entry_properties/context exceed 50 KB"
         )));
     }
     Ok(out)
 }
 
-/// `POST /canvas/trigger/send`: enters named recipients into an API-triggered Canvas.
-pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Response {
-    management(state, Permission::CanvasTriggerSend, req, |state, caller, req| async move {
-        let Some(api) = messaging(&state) else {
-            return Ok(not_enabled());
+const PAUSED: &str =
+    "The Canvas is paused. Resume the Canvas to ensure trigger requests will take effect.";
+const ARCHIVED: &str =
+    "The Canvas is archived. Unarchive the Canvas to ensure trigger requests will take effect.";
+
+fn of_canvas(body: &Map<String, Value>) -> Result<ScheduleOf, ApiError> {
+    canvas_field(body).map(ScheduleOf::Canvas)
+}
+
+fn canvas_field(body: &Map<String, Value>) -> Result<String, ApiError> {
+    match body.get("canvas_id") {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        None | Some(Value::Null) => Err(bad("canvas_id is required")),
+        Some(_) => Err(bad("canvas_id must be a string")),
+    }
+}
+
+/// What a Canvas trigger did: the dispatch id, the non-fatal errors and Braze's notice for
+/// a Canvas that is not active (nothing entered).
+struct Triggered {
+    dispatch_id: String,
+    errors: Vec<String>,
+    notice: Option<&'static str>,
+}
+
+/// An API entry into a Canvas, now or at `schedule` (`/canvas/trigger/send`,
+/// `/canvas/trigger/schedule/create`). Named recipients entering now enter in the request;
+/// a broadcast (the Canvas's entry audience, narrowed by `audience`) and any scheduled entry
+/// become a Canvas entry dispatch, which the Canvas engine enters when due, in chunks.
+async fn canvas_trigger(
+    state: &AppState,
+    caller: &crate::pipeline::Caller,
+    body: &Map<String, Value>,
+    schedule: Option<Millis>,
+) -> Result<Triggered, ApiError> {
+    let canvas_id = canvas_field(body)?;
+    let shared = entry_properties(body, "")?;
+    let targets = parse_targets(body, now(), entry_properties)?;
+    let ws = &caller.workspace;
+    // Fatal checks first: nothing (not even attributes) is written for a refused request.
+    let canvas = state
+        .store()
+        .canvas(ws.id, &canvas_id)
+        .await?
+        .ok_or_else(|| ApiError::bad_request(INVALID_CANVAS))?;
+    let def = loaded(&canvas)?;
+    if !matches!(def.entry, Delivery::ApiTriggered) {
+        return Err(ApiError::bad_request_with(
+            INVALID_CANVAS,
+            "errors",
+            json!(["the Canvas's entry is not api_triggered"]),
+        ));
+    }
+    let dispatch_id = tideway_messaging::plan::new_dispatch_id();
+    if canvas.status != CampaignStatus::Active {
+        let notice = match canvas.status {
+            CampaignStatus::Stopped => ARCHIVED,
+            _ => PAUSED,
         };
-        let body = read_json(req).await?;
-        let canvas_id = match body.get("canvas_id") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            _ => return Err(bad("canvas_id is required")),
-        };
-        let shared = entry_properties(&body, "")?;
-        if body.get("broadcast").and_then(Value::as_bool) == Some(true) {
-            return Err(bad("broadcast is not supported for Canvas: name recipients"));
-        }
-        let list = match body.get("recipients") {
-            Some(Value::Array(l)) if !l.is_empty() => l,
-            Some(Value::Array(_)) | None | Some(Value::Null) => {
-                return Err(ApiError::bad_request("No Recipients"));
-            }
-            Some(_) => return Err(bad("recipients must be an array")),
-        };
-        if list.len() > MAX_RECIPIENTS {
-            return Err(ApiError::bad_request(TOO_MANY_RECIPIENTS));
-        }
-        let mut recipients = Vec::with_capacity(list.len());
-        for (i, r) in list.iter().enumerate() {
-            let path = format!("recipients[{i}].");
-            let Value::Object(o) = r else {
-                return Err(bad(format!("recipients[{i}] must be an object")));
-            };
-            let id = match (o.get("external_user_id"), o.get("braze_id")) {
-                (Some(v), None) => {
-                    let text = match v {
-                        Value::String(s) => s.clone(),
-                        Value::Number(n) => n.to_string(),
-                        _ => return Err(bad(format!("{path}external_user_id must be a string"))),
-                    };
-                    RecipientId::External(
-                        tideway_core::ids::ExternalId::parse(&text)
-                            .map_err(|e| bad(format!("{path}external_user_id: {e}")))?,
-                    )
+        return Ok(Triggered {
+            dispatch_id,
+            errors: Vec::new(),
+            notice: Some(notice),
+        });
+    }
+    let errors = apply_updates(state, ws, targets.updates).await?;
+    let recipients = match targets.target {
+        Target::Recipients(list) => {
+            let (users, _missing) = resolve(state.store(), ws, list).await?;
+            let merged = |own: Option<Map<String, Value>>| match (&shared, own) {
+                (None, None) => None,
+                (a, b) => {
+                    let mut m = a.clone().unwrap_or_default();
+                    m.extend(b.unwrap_or_default());
+                    Some(Value::Object(m).to_string())
                 }
-                (None, Some(Value::String(b))) => RecipientId::Braze(
-                    tideway_core::ids::BrazeId::parse(b)
-                        .map_err(|e| bad(format!("{path}braze_id: {e}")))?,
-                ),
-                _ => {
-                    return Err(bad(format!(
-                        "{path} needs exactly one of external_user_id or braze_id"
-                    )));
+            };
+            let list: Vec<CanvasRecipient> = users
+                .into_iter()
+                .map(|(user, own)| CanvasRecipient {
+                    user,
+                    properties: merged(own),
+                })
+                .collect();
+            if schedule.is_none() {
+                let entrants = list
+                    .into_iter()
+                    .map(|r| Entrant {
+                        user: r.user,
+                        properties: r.properties,
+                        due_at: None,
+                    })
+                    .collect();
+                if let Some(api) = messaging(state) {
+                    api.engine
+                        .canvas()
+                        .enter(ws.id, &canvas, entrants, targets.audience.as_ref())
+                        .await?;
                 }
-            };
-            let mut props = shared.clone();
-            if let Some(own) = entry_properties(o, &path)? {
-                props.get_or_insert_with(Map::new).extend(own);
+                return Ok(Triggered {
+                    dispatch_id,
+                    errors,
+                    notice: None,
+                });
             }
-            recipients.push(ApiRecipient { id, properties: props });
+            Some(list)
         }
-        let ws = &caller.workspace;
-        let canvas = state
-            .store()
-            .canvas(ws.id, &canvas_id)
-            .await?
-            .ok_or_else(|| ApiError::bad_request(INVALID_CANVAS))?;
-        let def = loaded(&canvas)?;
-        if !matches!(def.entry, Delivery::ApiTriggered) {
-            return Err(ApiError::bad_request_with(
-                INVALID_CANVAS,
-                "errors",
-                json!(["the Canvas's entry is not api_triggered"]),
-            ));
-        }
-        let dispatch_id = uuid::Uuid::new_v4().simple().to_string();
-        if canvas.status != CampaignStatus::Active {
-            let notice = match canvas.status {
-                CampaignStatus::Stopped => "The Canvas is archived. Unarchive the Canvas to ensure trigger requests will take effect.",
-                _ => "The Canvas is paused. Resume the Canvas to ensure trigger requests will take effect.",
-            };
-            return Ok((
-                StatusCode::CREATED,
-                axum::Json(json!({"dispatch_id": dispatch_id, "message": "success", "notice": notice})),
-            )
-                .into_response());
-        }
-        let (users, _missing) = resolve(state.store(), ws, recipients).await?;
-        let entrants = users
-            .into_iter()
-            .map(|(user, props)| Entrant {
-                user,
-                properties: props.map(|m| Value::Object(m).to_string()),
-            })
-            .collect();
-        api.engine.canvas().enter(ws.id, &canvas, entrants).await?;
-        Ok((
-            StatusCode::CREATED,
-            axum::Json(json!({"dispatch_id": dispatch_id, "message": "success"})),
+        Target::Broadcast => None,
+    };
+    let shared_text = match &recipients {
+        // Named recipients carry their merged properties.
+        Some(_) => None,
+        None => shared.map(|m| Value::Object(m).to_string()),
+    };
+    let dispatch = DispatchRecord {
+        id: dispatch_id.clone(),
+        workspace: ws.id,
+        source: DispatchSource::Canvas {
+            canvas_id: canvas.id.clone(),
+            recipients,
+        },
+        send_id: None,
+        per_user_ids: false,
+        properties: shared_text,
+        audience: targets.audience,
+        created_at: now(),
+        expanding_after: Some(UserSeq(0)),
+        not_before: schedule,
+    };
+    state
+        .store()
+        .enqueue(
+            ws.id,
+            Enqueue {
+                dispatches: vec![dispatch],
+                ..Enqueue::default()
+            },
         )
-            .into_response())
+        .await?;
+    Ok(Triggered {
+        dispatch_id,
+        errors,
+        notice: None,
     })
+}
+
+/// `POST /canvas/trigger/send`: enters named recipients, or (`broadcast: true`, or an
+/// `audience` alone) the Canvas's entry audience narrowed by `audience`, into an
+/// API-triggered Canvas.
+pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::CanvasTriggerSend,
+        req,
+        |state, caller, req| async move {
+            if messaging(&state).is_none() {
+                return Ok(not_enabled());
+            }
+            let body = read_json(req).await?;
+            Ok(canvas_trigger(&state, &caller, &body, None)
+                .await?
+                .answer(false))
+        },
+    )
+    .await
+}
+
+impl Triggered {
+    /// Braze's 201: `dispatch_id` (and `schedule_id`, the same, for a schedule), `errors`
+    /// for refused attributes, `notice` for a Canvas that is not active.
+    fn answer(self, scheduled: bool) -> Response {
+        let mut body = json!({"dispatch_id": self.dispatch_id, "message": "success"});
+        if scheduled {
+            body["schedule_id"] = json!(self.dispatch_id);
+        }
+        if !self.errors.is_empty() {
+            body["errors"] = json!(self.errors);
+        }
+        if let Some(notice) = self.notice {
+            body["notice"] = json!(notice);
+        }
+        (StatusCode::CREATED, axum::Json(body)).into_response()
+    }
+}
+
+/// `POST /canvas/trigger/schedule/create`: the `/canvas/trigger/send` body plus
+/// `schedule: {time}`; the entry happens at that time (a Canvas entry dispatch whose
+/// `schedule_id` is its `dispatch_id`).
+pub async fn trigger_schedule_create(State(state): State<AppState>, req: Request) -> Response {
+    management(
+        state,
+        Permission::CanvasTriggerScheduleCreate,
+        req,
+        |state, caller, req| async move {
+            if messaging(&state).is_none() {
+                return Ok(not_enabled());
+            }
+            let body = read_json(req).await?;
+            let at = parse_schedule(&body, now())?;
+            Ok(canvas_trigger(&state, &caller, &body, Some(at))
+                .await?
+                .answer(true))
+        },
+    )
+    .await
+}
+
+/// `POST /canvas/trigger/schedule/update`: `{canvas_id, schedule_id, schedule}` moves a
+/// scheduled entry that has not started.
+pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request) -> Response {
+    update_schedule(
+        state,
+        req,
+        Permission::CanvasTriggerScheduleUpdate,
+        of_canvas,
+    )
+    .await
+}
+
+/// `POST /canvas/trigger/schedule/delete`: `{canvas_id, schedule_id}` cancels a scheduled
+/// entry (what has entered stays).
+pub async fn trigger_schedule_delete(State(state): State<AppState>, req: Request) -> Response {
+    delete_schedule(
+        state,
+        req,
+        Permission::CanvasTriggerScheduleDelete,
+        of_canvas,
+    )
     .await
 }
 
@@ -558,15 +706,11 @@ pub async fn braze_list(
     req: Request,
 ) -> Response {
     management(state, Permission::CanvasList, req, |state, caller, _| async move {
-        let page: usize = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(0);
-        let mut all = state.store().list_canvases(caller.workspace.id).await?;
-        if q.get("sort_direction").map(String::as_str) == Some("desc") {
-            all.reverse();
-        }
-        let items: Vec<Value> = all
+        let list = ListQuery::parse(&q)?;
+        let all = state.store().list_canvases(caller.workspace.id).await?;
+        let items: Vec<Value> = list
+            .page(all, |c| c.updated_at)
             .iter()
-            .skip(page * 100)
-            .take(100)
             .map(|c| json!({"id": c.id, "last_edited": c.updated_at.to_iso(), "name": c.name, "tags": c.tags}))
             .collect();
         Ok(axum::Json(json!({"canvases": items, "message": "success"})).into_response())

@@ -364,6 +364,18 @@ pub fn app_with_messaging(
         )
         .route("/api/v1/canvases/{id}/{action}", post(canvases_api::action))
         .route("/canvas/trigger/send", post(canvases_api::trigger_send))
+        .route(
+            "/canvas/trigger/schedule/create",
+            post(canvases_api::trigger_schedule_create),
+        )
+        .route(
+            "/canvas/trigger/schedule/update",
+            post(canvases_api::trigger_schedule_update),
+        )
+        .route(
+            "/canvas/trigger/schedule/delete",
+            post(canvases_api::trigger_schedule_delete),
+        )
         .route("/canvas/list", get(canvases_api::braze_list))
         .route("/canvas/details", get(canvases_api::braze_details))
         .route("/campaigns/trigger/send", post(messaging_api::trigger_send))

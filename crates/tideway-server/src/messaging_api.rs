@@ -188,9 +188,27 @@ const IDENTIFIER_KEYS: [&str; 5] = [
     "_update_existing_only",
 ];
 
+/// Reads the properties of a request or of one recipient (`prefix` is the recipient's path
+/// and a dot, or empty): `trigger_properties` for campaigns, `canvas_entry_properties` /
+/// `context` for a Canvas.
+pub(crate) type PropertiesOf =
+    fn(&Map<String, Value>, &str) -> Result<Option<Map<String, Value>>, ApiError>;
+
+/// A campaign's `trigger_properties`.
+fn trigger_properties(
+    o: &Map<String, Value>,
+    prefix: &str,
+) -> Result<Option<Map<String, Value>>, ApiError> {
+    properties_field(
+        o.get("trigger_properties"),
+        &format!("{prefix}trigger_properties"),
+    )
+}
+
 fn parse_recipient(
     v: &Value,
     index: usize,
+    properties_of: PropertiesOf,
 ) -> Result<(ApiRecipient, Option<RecipientUpdate>), ApiError> {
     let path = format!("recipients[{index}]");
     let Value::Object(r) = v else {
@@ -231,10 +249,7 @@ fn parse_recipient(
             (RecipientId::Email(email), "email", json!(text))
         }
     };
-    let properties = properties_field(
-        r.get("trigger_properties"),
-        &format!("{path}.trigger_properties"),
-    )?;
+    let properties = properties_of(r, &format!("{path}."))?;
     let existing_only = match r.get("send_to_existing_only") {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
@@ -283,7 +298,39 @@ pub fn parse_trigger_send(body: &Map<String, Value>, at: Millis) -> Result<Trigg
             .ok_or_else(|| malformed("campaign_id must be a string"))?,
     };
     let send_id = send_id_field(body)?;
-    let properties = properties_field(body.get("trigger_properties"), "trigger_properties")?;
+    let properties = trigger_properties(body, "")?;
+    let targets = parse_targets(body, at, trigger_properties)?;
+    Ok(TriggerSend {
+        campaign_id,
+        send: ApiSend {
+            send_id,
+            properties,
+            target: targets.target,
+            audience: targets.audience,
+            at: None,
+        },
+        updates: targets.updates,
+    })
+}
+
+/// Whom a trigger send (a campaign's or a Canvas's) is for.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Targets {
+    pub target: Target,
+    /// `audience` / `segment_id`: narrows the recipients, or is the broadcast's audience.
+    pub audience: Option<Value>,
+    /// The recipients' `attributes`, applied before the send.
+    pub updates: Vec<RecipientUpdate>,
+}
+
+/// `recipients`, `broadcast` and `audience` of a trigger send, with Braze's errors: a
+/// recipients list and `broadcast: true` together, attachments with a broadcast, more than
+/// [`MAX_RECIPIENTS`], and none of the three (`No Recipients`).
+pub(crate) fn parse_targets(
+    body: &Map<String, Value>,
+    at: Millis,
+    properties_of: PropertiesOf,
+) -> Result<Targets, ApiError> {
     let broadcast = bool_field(body, "broadcast", false)?;
     let recipients = match body.get("recipients") {
         None | Some(Value::Null) => Vec::new(),
@@ -307,7 +354,7 @@ pub fn parse_trigger_send(body: &Map<String, Value>, at: Millis) -> Result<Trigg
     let mut parsed = Vec::with_capacity(recipients.len());
     let mut updates = Vec::new();
     for (i, r) in recipients.iter().enumerate() {
-        let (recipient, update) = parse_recipient(r, i)?;
+        let (recipient, update) = parse_recipient(r, i, properties_of)?;
         parsed.push(recipient);
         updates.extend(update);
     }
@@ -318,15 +365,9 @@ pub fn parse_trigger_send(body: &Map<String, Value>, at: Millis) -> Result<Trigg
     } else {
         return Err(ApiError::bad_request(NO_RECIPIENTS));
     };
-    Ok(TriggerSend {
-        campaign_id,
-        send: ApiSend {
-            send_id,
-            properties,
-            target,
-            audience,
-            at: None,
-        },
+    Ok(Targets {
+        target,
+        audience,
         updates,
     })
 }
@@ -530,7 +571,7 @@ fn dispatched(dispatch_id: &str, errors: Vec<String>) -> Response {
 
 /// Applies recipients' `attributes` through `/users/track`; attribute objects it refuses are
 /// reported (non-fatal) by recipient.
-async fn apply_updates(
+pub(crate) async fn apply_updates(
     state: &AppState,
     workspace: &Workspace,
     updates: Vec<RecipientUpdate>,
@@ -565,6 +606,60 @@ async fn apply_updates(
         );
     }
     Ok(errors)
+}
+
+/// The paging of Braze's `/campaigns/list` and `/canvas/list`: `page` (100 a page),
+/// `include_archived`, `sort_direction` (`asc`, oldest first, or `desc`) and
+/// `last_edit.time[gt]`.
+pub(crate) struct ListQuery {
+    page: usize,
+    descending: bool,
+    edited_after: Option<Millis>,
+}
+
+impl ListQuery {
+    pub(crate) fn parse(params: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
+        let page: usize = match params.get("page") {
+            None => 0,
+            Some(p) => p
+                .parse()
+                .map_err(|_| malformed("page must be a non-negative integer"))?,
+        };
+        match params.get("include_archived").map(String::as_str) {
+            None | Some("true" | "false") => {}
+            Some(_) => return Err(malformed("include_archived must be true or false")),
+        }
+        let descending = match params.get("sort_direction").map(String::as_str) {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(_) => return Err(malformed("sort_direction must be asc or desc")),
+        };
+        let edited_after = match params.get("last_edit.time[gt]") {
+            None => None,
+            Some(t) => Some(
+                parse_datetime(t)
+                    .ok_or_else(|| malformed("last_edit.time[gt] must be an ISO 8601 time"))?,
+            ),
+        };
+        Ok(ListQuery {
+            page,
+            descending,
+            edited_after,
+        })
+    }
+
+    /// The requested page of `items` (oldest first as given), by their last edit.
+    pub(crate) fn page<T>(&self, mut items: Vec<T>, edited: impl Fn(&T) -> Millis) -> Vec<T> {
+        if self.descending {
+            items.reverse();
+        }
+        items
+            .into_iter()
+            .filter(|c| self.edited_after.is_none_or(|t| edited(c) > t))
+            .skip(self.page.saturating_mul(LIST_PAGE))
+            .take(LIST_PAGE)
+            .collect()
+    }
 }
 
 /// `POST /campaigns/trigger/send`.
@@ -763,38 +858,12 @@ pub async fn campaigns_list(
         Permission::CampaignsList,
         req,
         |state, caller, _| async move {
-            let page: usize = match params.get("page") {
-                None => 0,
-                Some(p) => p
-                    .parse()
-                    .map_err(|_| malformed("page must be a non-negative integer"))?,
-            };
-            match params.get("include_archived").map(String::as_str) {
-                None | Some("true" | "false") => {}
-                Some(_) => return Err(malformed("include_archived must be true or false")),
-            }
-            let descending = match params.get("sort_direction").map(String::as_str) {
-                None | Some("asc") => false,
-                Some("desc") => true,
-                Some(_) => return Err(malformed("sort_direction must be asc or desc")),
-            };
-            let edited_after = match params.get("last_edit.time[gt]") {
-                None => None,
-                Some(t) => Some(
-                    parse_datetime(t)
-                        .ok_or_else(|| malformed("last_edit.time[gt] must be an ISO 8601 time"))?,
-                ),
-            };
+            let list = ListQuery::parse(&params)?;
             let mut campaigns = state.store().list_campaigns(caller.workspace.id).await?;
             campaigns.sort_by_key(|c| (c.created_at, c.id.clone()));
-            if descending {
-                campaigns.reverse();
-            }
-            let items: Vec<Value> = campaigns
+            let items: Vec<Value> = list
+                .page(campaigns, |c| c.updated_at)
                 .iter()
-                .filter(|c| edited_after.is_none_or(|t| c.updated_at > t))
-                .skip(page.saturating_mul(LIST_PAGE))
-                .take(LIST_PAGE)
                 .map(|c| {
                     let api = CampaignDefinition::load(&c.definition)
                         .is_ok_and(|d| matches!(d.delivery, Delivery::ApiTriggered));

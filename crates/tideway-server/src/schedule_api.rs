@@ -30,7 +30,7 @@ pub const MAX_SEND_IDS_PER_DAY: u32 = 100;
 /// Longest `send_id`.
 const MAX_SEND_ID_CHARS: usize = 64;
 
-const INVALID_SCHEDULE_ID: &str = "Invalid schedule_id";
+pub(crate) const INVALID_SCHEDULE_ID: &str = "Invalid schedule_id";
 
 /// Reads `schedule` (required): `{"time": ISO 8601, "in_local_time"?: false,
 /// "at_optimal_time"?: false}` → the instant. A time in the past is refused.
@@ -100,21 +100,96 @@ fn success() -> Response {
         .into_response()
 }
 
-/// Checks the schedule names a dispatch of `campaign_id` (or an ad-hoc one when `None`).
+/// Whose scheduled dispatch a request names.
+#[derive(Debug, Clone)]
+pub(crate) enum ScheduleOf {
+    Campaign(String),
+    AdHoc,
+    Canvas(String),
+}
+
+/// Reads from a schedule `update` / `delete` body whose schedule it names (`campaign_id`,
+/// `canvas_id`, or nobody's for `/messages/schedule/*`), refusing what the endpoint refuses.
+pub(crate) type OwnerOf = fn(&Map<String, Value>) -> Result<ScheduleOf, ApiError>;
+
+fn of_campaign(body: &Map<String, Value>) -> Result<ScheduleOf, ApiError> {
+    campaign_field(body).map(ScheduleOf::Campaign)
+}
+
+fn of_messages(body: &Map<String, Value>) -> Result<ScheduleOf, ApiError> {
+    if body.get("messages").is_some_and(|m| !m.is_null()) {
+        return Err(ApiError::malformed(
+            "messages of a scheduled send cannot be replaced; delete the schedule and create it again",
+        ));
+    }
+    Ok(ScheduleOf::AdHoc)
+}
+
+/// A schedule `update` (`/campaigns/trigger/schedule/update`, `/messages/schedule/update`,
+/// `/canvas/trigger/schedule/update`): `{…, schedule_id, schedule}` moves a scheduled
+/// dispatch of the owner the body names.
+pub(crate) async fn update_schedule(
+    state: AppState,
+    req: Request,
+    permission: Permission,
+    owner_of: OwnerOf,
+) -> Response {
+    management(
+        state,
+        permission,
+        req,
+        move |state, caller, req| async move {
+            let body = read_json(req).await?;
+            let of = owner_of(&body)?;
+            let id = schedule_id(&body)?;
+            let at = parse_schedule(&body, now())?;
+            owned_dispatch(&state, caller.workspace.id, &id, &of).await?;
+            reschedule(&state, caller.workspace.id, &id, at).await
+        },
+    )
+    .await
+}
+
+/// A schedule `delete`: `{…, schedule_id}` cancels a scheduled dispatch of the owner the
+/// body names (what has gone out stays).
+pub(crate) async fn delete_schedule(
+    state: AppState,
+    req: Request,
+    permission: Permission,
+    owner_of: OwnerOf,
+) -> Response {
+    management(
+        state,
+        permission,
+        req,
+        move |state, caller, req| async move {
+            let body = read_json(req).await?;
+            let of = owner_of(&body)?;
+            let id = schedule_id(&body)?;
+            owned_dispatch(&state, caller.workspace.id, &id, &of).await?;
+            cancel(&state, caller.workspace.id, &id).await
+        },
+    )
+    .await
+}
+
+/// Checks the schedule names a scheduled dispatch of `of`.
 async fn owned_dispatch(
     state: &AppState,
     workspace: tideway_core::ids::WorkspaceId,
     id: &str,
-    campaign_id: Option<&str>,
+    of: &ScheduleOf,
 ) -> Result<(), ApiError> {
+    use tideway_core::store::DispatchSource;
     let dispatch = state
         .store()
         .dispatch(workspace, id)
         .await?
         .ok_or_else(|| ApiError::bad_request(INVALID_SCHEDULE_ID))?;
-    let matches = match (&dispatch.source, campaign_id) {
-        (tideway_core::store::DispatchSource::Campaign { campaign_id: of }, Some(c)) => of == c,
-        (tideway_core::store::DispatchSource::AdHoc { .. }, None) => true,
+    let matches = match (&dispatch.source, of) {
+        (DispatchSource::Campaign { campaign_id }, ScheduleOf::Campaign(c)) => campaign_id == c,
+        (DispatchSource::AdHoc { .. }, ScheduleOf::AdHoc) => true,
+        (DispatchSource::Canvas { canvas_id, .. }, ScheduleOf::Canvas(c)) => canvas_id == c,
         _ => false,
     };
     if !matches || dispatch.not_before.is_none() {
@@ -177,18 +252,11 @@ pub async fn trigger_schedule_create(State(state): State<AppState>, req: Request
     security(("bearer_auth" = []))
 )]
 pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request) -> Response {
-    management(
+    update_schedule(
         state,
-        Permission::CampaignsTriggerScheduleUpdate,
         req,
-        |state, caller, req| async move {
-            let body = read_json(req).await?;
-            let campaign = campaign_field(&body)?;
-            let id = schedule_id(&body)?;
-            let at = parse_schedule(&body, now())?;
-            owned_dispatch(&state, caller.workspace.id, &id, Some(&campaign)).await?;
-            reschedule(&state, caller.workspace.id, &id, at).await
-        },
+        Permission::CampaignsTriggerScheduleUpdate,
+        of_campaign,
     )
     .await
 }
@@ -207,17 +275,11 @@ pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request
     security(("bearer_auth" = []))
 )]
 pub async fn trigger_schedule_delete(State(state): State<AppState>, req: Request) -> Response {
-    management(
+    delete_schedule(
         state,
-        Permission::CampaignsTriggerScheduleDelete,
         req,
-        |state, caller, req| async move {
-            let body = read_json(req).await?;
-            let campaign = campaign_field(&body)?;
-            let id = schedule_id(&body)?;
-            owned_dispatch(&state, caller.workspace.id, &id, Some(&campaign)).await?;
-            cancel(&state, caller.workspace.id, &id).await
-        },
+        Permission::CampaignsTriggerScheduleDelete,
+        of_campaign,
     )
     .await
 }
@@ -267,24 +329,7 @@ pub async fn messages_schedule_create(State(state): State<AppState>, req: Reques
     security(("bearer_auth" = []))
 )]
 pub async fn messages_schedule_update(State(state): State<AppState>, req: Request) -> Response {
-    management(
-        state,
-        Permission::MessagesScheduleUpdate,
-        req,
-        |state, caller, req| async move {
-            let body = read_json(req).await?;
-            let id = schedule_id(&body)?;
-            if body.get("messages").is_some_and(|m| !m.is_null()) {
-                return Err(ApiError::malformed(
-                    "messages of a scheduled send cannot be replaced; delete the schedule and create it again",
-                ));
-            }
-            let at = parse_schedule(&body, now())?;
-            owned_dispatch(&state, caller.workspace.id, &id, None).await?;
-            reschedule(&state, caller.workspace.id, &id, at).await
-        },
-    )
-    .await
+    update_schedule(state, req, Permission::MessagesScheduleUpdate, of_messages).await
 }
 
 /// `POST /messages/schedule/delete`.
@@ -301,18 +346,7 @@ pub async fn messages_schedule_update(State(state): State<AppState>, req: Reques
     security(("bearer_auth" = []))
 )]
 pub async fn messages_schedule_delete(State(state): State<AppState>, req: Request) -> Response {
-    management(
-        state,
-        Permission::MessagesScheduleDelete,
-        req,
-        |state, caller, req| async move {
-            let body = read_json(req).await?;
-            let id = schedule_id(&body)?;
-            owned_dispatch(&state, caller.workspace.id, &id, None).await?;
-            cancel(&state, caller.workspace.id, &id).await
-        },
-    )
-    .await
+    delete_schedule(state, req, Permission::MessagesScheduleDelete, of_messages).await
 }
 
 async fn reschedule(

@@ -212,6 +212,7 @@ async fn context(state: &AppState, link: &Link) -> Result<Option<Context>, Store
                     }
                 }
                 DispatchSource::AdHoc { definition } => (None, variant_of(definition)),
+                DispatchSource::Canvas { .. } => (None, None),
             };
             let dispatch_id = if d.per_user_ids {
                 user_dispatch_id(&d.id, user.braze_id.as_str())

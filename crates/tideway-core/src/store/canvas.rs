@@ -27,9 +27,12 @@ use crate::canvas::{Happening, Journey};
 use crate::clock::Millis;
 use crate::currents::CurrentsEvent;
 use crate::ids::{UserSeq, WorkspaceId};
+use crate::track::TrackRequest;
 
 use super::StoreFuture;
-use super::messaging::{DispatchRecord, SendCounts, SendJob, TriggerCursor};
+use super::Workspace;
+use super::messaging::{DispatchRecord, SegmentTracker, SendCounts, SendJob, TriggerCursor};
+use crate::segments::FeedPosition;
 
 /// A stored Canvas: its current definition and version, and its lifecycle.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +57,14 @@ pub struct CanvasRecord {
     pub first_entry: Option<Millis>,
     pub last_entry: Option<Millis>,
     pub entries: u64,
+}
+
+/// A named recipient of a scheduled Canvas entry: the user and their entry properties (JSON
+/// object text, merged over the dispatch's shared ones).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanvasRecipient {
+    pub user: UserSeq,
+    pub properties: Option<String>,
 }
 
 /// A per-step figure.
@@ -135,6 +146,20 @@ pub struct CanvasScan {
     /// Taken in order; each sees the ones before it.
     pub entries: Vec<NewEntry>,
     pub inbox: Vec<InboxItem>,
+    /// Canvas entry dispatches to create first ([`super::DispatchSource::Canvas`]: a
+    /// scheduled occurrence's, created with the `next_run` compare-and-set).
+    pub dispatches: Vec<DispatchRecord>,
+    /// Marks a Canvas entry dispatch's expansion, with the entries of its chunk: the rule of
+    /// [`super::Enqueue::expansion`] (a mark only moves forward; one that does not apply — the
+    /// dispatch cancelled, the chunk entered by another node — is a conflict, nothing
+    /// written), so every chunk enters once.
+    pub expansion: Option<(String, Option<UserSeq>)>,
+    /// Segment-entry trackers to move, keyed by the Canvas's id: the rule of
+    /// [`super::Enqueue::segment_trackers`] (a compare-and-set on each position; conflict,
+    /// nothing written, when one moved meanwhile), so each segment entry enters once.
+    pub segment_trackers: Vec<(String, String, Option<FeedPosition>, SegmentTracker)>,
+    /// Conversions of users who left their journey (see [`LateConversion`]).
+    pub conversions: Vec<LateConversion>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -164,6 +189,45 @@ pub struct CanvasSend {
     pub job: SendJob,
 }
 
+/// The attributes a journey's User Update steps set or increment, as a `/users/track`
+/// request about the user (by `braze_id`), applied through the users context in the
+/// settlement's transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserUpdate {
+    pub workspace: Workspace,
+    pub request: TrackRequest,
+}
+
+/// An ended journey's conversion windows, kept so that a conversion event after the user
+/// left (exited or reached the end) still counts within the windows counted from the entry
+/// (Braze's rule), once per conversion event and entry. A new entry of the user replaces it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConversionWatch {
+    pub entry_id: String,
+    pub version: u32,
+    pub variant_id: String,
+    /// The step the journey ended at (the Conversion event's step).
+    pub step_id: String,
+    pub entered_at: Millis,
+    /// Conversion events counted (bit `i` for event `i`).
+    pub converted: u8,
+    /// When the last window closes; the watch is forgotten after.
+    pub until: Millis,
+}
+
+/// A conversion of a user who left the journey, counted against their [`ConversionWatch`]:
+/// applied only if the watch of `entry_id` is there and has not counted `index`, which it
+/// then marks; the events and counts are written with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LateConversion {
+    pub canvas_id: String,
+    pub user: UserSeq,
+    pub entry_id: String,
+    pub index: u8,
+    pub events: Vec<CurrentsEvent>,
+    pub stats: Vec<StepStat>,
+}
+
 /// What became of a claimed journey.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JourneySettlement {
@@ -179,6 +243,16 @@ pub struct JourneySettlement {
     pub events: Vec<CurrentsEvent>,
     pub sends: Vec<CanvasSend>,
     pub stats: Vec<StepStat>,
+    /// The User Update steps the journey ran. On SQLite it is applied in the settlement's
+    /// transaction, so an update is applied exactly when the journey moves past its step (a
+    /// crash or a refused settlement applies neither). On PostgreSQL it is applied in a unit
+    /// of work of its own just before the settlement's transaction (the users context's
+    /// transactions cannot take Canvas writes yet), so a crash between the two applies it
+    /// again when the journey is processed again: an increment may count twice there.
+    pub user_update: Option<UserUpdate>,
+    /// For a journey that ended with conversion windows still open: its watch (replacing any
+    /// older one of the user in the Canvas).
+    pub watch: Option<ConversionWatch>,
 }
 
 /// Per-step counts of a Canvas.
@@ -230,7 +304,9 @@ pub trait CanvasStore: Send + Sync {
     /// when the Canvas exists, the user has no journey in it, their last entry (if any) is at
     /// least `reentry_after_ms` old (never again when `None`), and the Canvas has fewer than
     /// `entry_limit` entries; accepting it writes the journey (if any), the receipt (`now`),
-    /// the Canvas's entry figures, the events and the counts.
+    /// the Canvas's entry figures, the events and the counts, and forgets the user's
+    /// conversion watch of an earlier entry. Watches whose windows closed before `now` are
+    /// forgotten too.
     fn enter_canvas(
         &self,
         workspace: WorkspaceId,
@@ -262,6 +338,14 @@ pub trait CanvasStore: Send + Sync {
     fn next_journey_due(&self) -> StoreFuture<'_, Option<Millis>>;
     /// Frees every journey lease held by `owner` (a restarting node); how many.
     fn release_journey_leases(&self, owner: &str) -> StoreFuture<'_, u64>;
+    /// The conversion watches of `users` in the Canvas whose windows are open at `now`.
+    fn conversion_watches(
+        &self,
+        workspace: WorkspaceId,
+        canvas_id: &str,
+        users: Vec<UserSeq>,
+        now: Millis,
+    ) -> StoreFuture<'_, Vec<(UserSeq, ConversionWatch)>>;
     /// Per-step counts of the Canvas, for every step that has any (in step id order).
     fn canvas_step_counts(
         &self,

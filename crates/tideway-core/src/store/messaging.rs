@@ -60,6 +60,15 @@ pub enum DispatchSource {
     /// An ad-hoc `/messages/send`: the message definition travels with the dispatch, in the
     /// canonical campaign JSON shape (`messages`, …).
     AdHoc { definition: Value },
+    /// Entries into a Canvas at a time, made by the Canvas engine rather than the scheduler:
+    /// `/canvas/trigger/schedule/create`, a broadcast `/canvas/trigger/send`, a scheduled
+    /// Canvas's occurrence. Named `recipients` enter at once; without them the Canvas's entry
+    /// audience (narrowed by the dispatch's `audience`) enters in chunks, the expansion mark
+    /// recording how far. The dispatch's `properties` are the shared entry properties.
+    Canvas {
+        canvas_id: String,
+        recipients: Option<Vec<super::canvas::CanvasRecipient>>,
+    },
 }
 
 /// One dispatch: a scheduled occurrence, an API request or one trigger; its `id` is Braze's

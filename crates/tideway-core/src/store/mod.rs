@@ -46,8 +46,9 @@ mod users;
 
 pub use admin::{AdminStore, HeapWebhook, ImportKeyInfo, ImportKeyOwner, NewApiKey};
 pub use canvas::{
-    CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney, InboxItem,
-    JourneySettlement, NewEntry, ScanOutcome, StepCounts, StepStat,
+    CanvasRecipient, CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney,
+    ConversionWatch, InboxItem, JourneySettlement, LateConversion, NewEntry, ScanOutcome,
+    StepCounts, StepStat, UserUpdate,
 };
 pub use cohorts::{
     CohortMember, CohortStore, CohortSummary, RecentCohortChanges, SegmentSyncOutcome,

@@ -66,6 +66,13 @@ fn message_rows(ctx: &Ctx, sends: Vec<UserSend>, campaigns: &[CampaignRecord]) -
                         None => ("A deleted campaign".to_owned(), None, "—".to_owned()),
                     }
                 }
+                // An entry dispatch enters users; it sends nothing itself (shown if one ever
+                // names a send, rather than hidden).
+                Some(DispatchSource::Canvas { canvas_id, .. }) => (
+                    "Canvas entry".to_owned(),
+                    Some(ctx.url(&["/canvases/", &segment(canvas_id)].concat())),
+                    "—".to_owned(),
+                ),
                 Some(DispatchSource::AdHoc { definition }) => {
                     let channel = channel_of(&definition["messages"], &s.variant);
                     match definition.get("canvas") {

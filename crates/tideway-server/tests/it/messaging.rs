@@ -87,6 +87,11 @@ pub(crate) struct Setup {
 }
 
 pub(crate) async fn setup() -> Setup {
+    setup_with(EngineConfig::default()).await
+}
+
+/// [`setup`] with the engine configured.
+pub(crate) async fn setup_with(engine: EngineConfig) -> Setup {
     let smtp = SmtpSink::start("127.0.0.1:0".parse().unwrap())
         .await
         .expect("start the SMTP sink");
@@ -105,7 +110,7 @@ pub(crate) async fn setup() -> Setup {
             urls: TrackingUrls::new(base),
         },
         clock: Clock::system(),
-        engine: EngineConfig::default(),
+        engine,
     })
     .await;
     let ws = s.workspace("w").await;

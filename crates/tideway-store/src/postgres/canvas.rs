@@ -16,9 +16,10 @@ use tideway_core::canvas::Journey;
 use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{UserSeq, WorkspaceId};
+use tideway_core::services::Services;
 use tideway_core::store::{
-    CanvasRecord, CanvasScan, CanvasStore, ClaimedJourney, JourneySettlement, ScanOutcome,
-    SendCounts, StepCounts, StepStat, StoreError, StoreFuture, TriggerCursor,
+    CanvasRecord, CanvasScan, CanvasStore, ClaimedJourney, ConversionWatch, JourneySettlement,
+    ScanOutcome, SendCounts, StepCounts, StepStat, StoreError, StoreFuture, TriggerCursor,
 };
 
 use super::currents::append_in;
@@ -29,7 +30,7 @@ use crate::sqlite::canvas::{
     CANVAS_COLUMNS, JOURNEY_COLUMNS, RawCanvas, RawJourney, happening_columns, happening_of,
     send_counts, step_counts, tally,
 };
-use crate::sqlite::messaging::{cas_conflict, reeligible, tags_text};
+use crate::sqlite::messaging::{Receipts, cas_conflict, tags_text};
 
 type Appends = Vec<(Option<UserSeq>, CurrentsEvent)>;
 
@@ -197,6 +198,7 @@ async fn delete_canvas(
         "canvas_inbox",
         "canvas_receipts",
         "canvas_step_stats",
+        "canvas_conversion_watches",
     ] {
         execute(
             &tx,
@@ -205,6 +207,13 @@ async fn delete_canvas(
         )
         .await?;
     }
+    // Its segment-entry trackers (keyed by the Canvas's id).
+    execute(
+        &tx,
+        "DELETE FROM segment_trackers WHERE workspace_id = $1 AND campaign_id = $2",
+        &[&workspace.0, &id],
+    )
+    .await?;
     tx.commit().await.map_err(pg_err)?;
     Ok(gone > 0)
 }
@@ -301,6 +310,17 @@ async fn enter_canvas(
             return Err(cas_conflict("the Canvas's next run"));
         }
     }
+    super::messaging::write_marks(
+        &tx,
+        workspace,
+        (
+            &scan.segment_trackers,
+            crate::sqlite::messaging::TrackerOwner::Canvas,
+        ),
+        &scan.dispatches,
+        scan.expansion.as_ref(),
+    )
+    .await?;
     let mut appends: Appends = Vec::new();
     let mut stats: Vec<(&str, &StepStat)> = Vec::new();
     for e in &scan.entries {
@@ -334,28 +354,22 @@ async fn enter_canvas(
             outcome.refused += 1;
             continue;
         }
-        let last = query_opt(
+        let taken = super::messaging::take_receipt_rows(
             &tx,
-            "SELECT entered_at FROM canvas_receipts
-             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3",
-            &[&workspace.0, &e.canvas_id, &user],
+            Receipts::Canvas,
+            workspace,
+            (
+                &[user],
+                &[e.canvas_id.as_str()],
+                &[now.0],
+                &[e.reentry_after_ms],
+            ),
         )
         .await?;
-        if let Some(last) = last
-            && !reeligible(Millis(get(&last, 0)?), e.reentry_after_ms, now)
-        {
+        if taken.is_empty() {
             outcome.refused += 1;
             continue;
         }
-        execute(
-            &tx,
-            "INSERT INTO canvas_receipts (workspace_id, canvas_id, user_seq, entered_at)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE
-                 SET entered_at = EXCLUDED.entered_at",
-            &[&workspace.0, &e.canvas_id, &user, &now.0],
-        )
-        .await?;
         execute(
             &tx,
             "UPDATE canvases SET entries = entries + 1,
@@ -390,6 +404,13 @@ async fn enter_canvas(
             )
             .await?;
         }
+        execute(
+            &tx,
+            "DELETE FROM canvas_conversion_watches
+             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3",
+            &[&workspace.0, &e.canvas_id, &user],
+        )
+        .await?;
         appends.extend(e.events.iter().map(|ev| (Some(e.user), ev.clone())));
         stats.extend(e.stats.iter().map(|s| (e.canvas_id.as_str(), s)));
         outcome.entered += 1;
@@ -415,6 +436,32 @@ async fn enter_canvas(
             outcome.inboxed += 1;
         }
     }
+    for c in &scan.conversions {
+        let marked = execute(
+            &tx,
+            "UPDATE canvas_conversion_watches SET converted = converted | $5
+             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3
+               AND entry_id = $4 AND converted & $5 = 0",
+            &[
+                &workspace.0,
+                &c.canvas_id,
+                &i64::from(c.user.0),
+                &c.entry_id,
+                &(1i16 << c.index),
+            ],
+        )
+        .await?;
+        if marked > 0 {
+            appends.extend(c.events.iter().map(|ev| (Some(c.user), ev.clone())));
+            stats.extend(c.stats.iter().map(|s| (c.canvas_id.as_str(), s)));
+        }
+    }
+    execute(
+        &tx,
+        "DELETE FROM canvas_conversion_watches WHERE workspace_id = $1 AND until < $2",
+        &[&workspace.0, &now.0],
+    )
+    .await?;
     count_stats(&tx, workspace, &tally(stats)).await?;
     append_in(&tx, workspace, &appends).await?;
     tx.commit().await.map_err(pg_err)?;
@@ -501,6 +548,33 @@ async fn settle_journeys(
 ) -> Result<u64, StoreError> {
     let mut refused = 0;
     let mut client = store.pool.client().await?;
+    // User Update steps: applied through the users context's own unit of work, just before
+    // this transaction, to journeys whose lease is still held (see
+    // `JourneySettlement::user_update`: not in one transaction on PostgreSQL yet).
+    for s in settlements {
+        let Some(update) = &s.user_update else {
+            continue;
+        };
+        let held = query_opt(
+            &client,
+            "SELECT 1 FROM canvas_journeys
+             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3
+               AND entry_id = $4 AND lease_owner = $5",
+            &[
+                &s.workspace.0,
+                &s.canvas_id,
+                &i64::from(s.user.0),
+                &s.entry_id,
+                &owner,
+            ],
+        )
+        .await?;
+        if held.is_some() {
+            store
+                .track(&update.workspace, update.request.clone(), now)
+                .await?;
+        }
+    }
     let tx = client.transaction().await.map_err(pg_err)?;
     let mut appends: BTreeMap<WorkspaceId, Appends> = BTreeMap::new();
     let mut stats: BTreeMap<WorkspaceId, Vec<(&str, &StepStat)>> = BTreeMap::new();
@@ -578,6 +652,32 @@ async fn settle_journeys(
                              WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3"
                         ),
                         &[&ws, &s.canvas_id, &user],
+                    )
+                    .await?;
+                }
+                if let Some(w) = &s.watch {
+                    execute(
+                        &tx,
+                        "INSERT INTO canvas_conversion_watches (workspace_id, canvas_id, user_seq,
+                             entry_id, version, variant_id, step_id, entered_at, converted, until)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                         ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE SET
+                             entry_id = EXCLUDED.entry_id, version = EXCLUDED.version,
+                             variant_id = EXCLUDED.variant_id, step_id = EXCLUDED.step_id,
+                             entered_at = EXCLUDED.entered_at, converted = EXCLUDED.converted,
+                             until = EXCLUDED.until",
+                        &[
+                            &ws,
+                            &s.canvas_id,
+                            &user,
+                            &w.entry_id,
+                            &version_of(w.version)?,
+                            &w.variant_id,
+                            &w.step_id,
+                            &w.entered_at.0,
+                            &i16::from(w.converted),
+                            &w.until.0,
+                        ],
                     )
                     .await?;
                 }
@@ -786,6 +886,54 @@ impl CanvasStore for PgStore {
                 &[&owner],
             )
             .await
+        })
+    }
+
+    fn conversion_watches(
+        &self,
+        workspace: WorkspaceId,
+        canvas_id: &str,
+        users: Vec<UserSeq>,
+        now: Millis,
+    ) -> StoreFuture<'_, Vec<(UserSeq, ConversionWatch)>> {
+        let canvas_id = canvas_id.to_owned();
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let seqs: Vec<i64> = users.iter().map(|u| i64::from(u.0)).collect();
+            let rows = query(
+                &client,
+                "SELECT user_seq, entry_id, version, variant_id, step_id, entered_at, converted,
+                        until
+                 FROM canvas_conversion_watches
+                 WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = ANY($3)
+                   AND until >= $4
+                 ORDER BY user_seq",
+                &[&workspace.0, &canvas_id, &seqs, &now.0],
+            )
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    let seq: i64 = get(r, 0)?;
+                    let version: i32 = get(r, 2)?;
+                    let converted: i16 = get(r, 6)?;
+                    Ok((
+                        UserSeq(
+                            u32::try_from(seq).map_err(|_| corrupt(format!("user seq {seq}")))?,
+                        ),
+                        ConversionWatch {
+                            entry_id: get(r, 1)?,
+                            version: u32::try_from(version)
+                                .map_err(|_| corrupt(format!("version {version}")))?,
+                            variant_id: get(r, 3)?,
+                            step_id: get(r, 4)?,
+                            entered_at: Millis(get(r, 5)?),
+                            converted: u8::try_from(converted)
+                                .map_err(|_| corrupt(format!("converted {converted}")))?,
+                            until: Millis(get(r, 7)?),
+                        },
+                    ))
+                })
+                .collect()
         })
     }
 

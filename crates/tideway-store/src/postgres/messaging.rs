@@ -62,8 +62,9 @@ use super::{PgStore, execute, get, pg_err, query, query_one, query_opt};
 use crate::codec::{corrupt, u64_of};
 use crate::profile_codec;
 use crate::sqlite::messaging::{
-    StatTally, cas_conflict, expansion_conflict, json_of, queue_state_of, receipt_time,
-    send_id_cap, source_columns, source_of, stats_of, status_of, tags_of, tags_text,
+    Receipts, StatTally, TrackerMove, TrackerOwner, cas_conflict, expansion_conflict, json_of,
+    queue_state_of, receipt_time, send_id_cap, source_columns, source_of, stats_of, status_of,
+    tags_of, tags_text,
 };
 
 type Appends = Vec<(Option<UserSeq>, CurrentsEvent)>;
@@ -386,6 +387,51 @@ async fn campaign_stats(
 
 // ---- enqueue --------------------------------------------------------------------------------
 
+/// What an enqueue and a Canvas scan write before their items (as
+/// `sqlite::messaging::write_marks`).
+pub(super) async fn write_marks<C: GenericClient>(
+    c: &C,
+    workspace: WorkspaceId,
+    (trackers, owner): (&[TrackerMove], TrackerOwner),
+    dispatches: &[DispatchRecord],
+    expansion: Option<&(String, Option<UserSeq>)>,
+) -> Result<(), StoreError> {
+    move_trackers(c, workspace, trackers, owner).await?;
+    for d in dispatches {
+        if d.workspace != workspace {
+            return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
+        }
+        insert_dispatch(c, d).await?;
+    }
+    if let Some((dispatch, mark)) = expansion {
+        move_expansion(c, workspace, dispatch, *mark).await?;
+    }
+    Ok(())
+}
+
+/// Moves a dispatch's expansion mark forward (`None`: complete); a mark that does not apply
+/// is a conflict (see `Enqueue::expansion`).
+async fn move_expansion<C: GenericClient>(
+    c: &C,
+    workspace: WorkspaceId,
+    dispatch: &str,
+    mark: Option<UserSeq>,
+) -> Result<(), StoreError> {
+    let mark = mark.map(|u| i64::from(u.0));
+    let moved = execute(
+        c,
+        "UPDATE dispatches SET expanding_after = $3::bigint
+         WHERE workspace_id = $1 AND id = $2 AND expanding_after IS NOT NULL
+           AND ($3::bigint IS NULL OR expanding_after < $3::bigint)",
+        &[&workspace.0, &dispatch, &mark],
+    )
+    .await?;
+    if moved == 0 {
+        return Err(expansion_conflict(dispatch));
+    }
+    Ok(())
+}
+
 pub(super) async fn insert_dispatch<C: GenericClient>(
     c: &C,
     d: &DispatchRecord,
@@ -462,16 +508,12 @@ async fn move_trackers<C: GenericClient>(
     c: &C,
     workspace: WorkspaceId,
     moves: &[(String, String, Option<FeedPosition>, SegmentTracker)],
+    owner: TrackerOwner,
 ) -> Result<(), StoreError> {
     for (campaign_id, segment_id, expected, new) in moves {
-        let campaign = query_opt(
-            c,
-            "SELECT 1 FROM campaigns WHERE workspace_id = $1 AND id = $2 FOR SHARE",
-            &[&workspace.0, campaign_id],
-        )
-        .await?;
+        let campaign = query_opt(c, owner.exists_sql(true), &[&workspace.0, campaign_id]).await?;
         if campaign.is_none() {
-            return Err(cas_conflict("the segment tracker's campaign"));
+            return Err(cas_conflict("the segment tracker's campaign or Canvas"));
         }
         let p = new.position;
         let moved = match expected {
@@ -554,6 +596,47 @@ async fn segment_tracker(
     .transpose()
 }
 
+/// Receipts to take, column by column: users, owner ids, times, re-eligibility windows.
+pub(super) type ReceiptRows<'a> = (&'a [i64], &'a [&'a str], &'a [i64], &'a [Option<i64>]);
+
+/// Takes receipts at once — `(users, owner ids, times, re-eligibility windows)`, each
+/// (user, owner) once — of campaigns or of Canvases (see `sqlite::messaging::take_receipt`);
+/// returns the `(user, owner)` pairs taken. The window travels in the row.
+pub(super) async fn take_receipt_rows<C: GenericClient>(
+    c: &C,
+    receipts: Receipts,
+    workspace: WorkspaceId,
+    (users, owners, times, windows): ReceiptRows<'_>,
+) -> Result<HashSet<(i64, String)>, StoreError> {
+    let sql = match receipts {
+        Receipts::Campaign => {
+            "INSERT INTO campaign_receipts AS r
+                 (workspace_id, user_seq, campaign_id, received_at, window_ms)
+             SELECT $1, x.u, x.c, x.t, x.w
+             FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::bigint[]) AS x(u, c, t, w)
+             ON CONFLICT (workspace_id, user_seq, campaign_id) DO UPDATE
+                 SET received_at = EXCLUDED.received_at, window_ms = EXCLUDED.window_ms
+                 WHERE r.received_at::numeric + EXCLUDED.window_ms <= EXCLUDED.received_at
+             RETURNING user_seq, campaign_id"
+        }
+        Receipts::Canvas => {
+            "INSERT INTO canvas_receipts AS r
+                 (workspace_id, user_seq, canvas_id, entered_at, window_ms)
+             SELECT $1, x.u, x.c, x.t, x.w
+             FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::bigint[]) AS x(u, c, t, w)
+             ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE
+                 SET entered_at = EXCLUDED.entered_at, window_ms = EXCLUDED.window_ms
+                 WHERE r.entered_at::numeric + EXCLUDED.window_ms <= EXCLUDED.entered_at
+             RETURNING user_seq, canvas_id"
+        }
+    };
+    query(c, sql, &[&workspace.0, &users, &owners, &times, &windows])
+        .await?
+        .iter()
+        .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
+        .collect()
+}
+
 /// Takes the receipts of the items that have one; returns which items may go ahead.
 async fn take_receipts<C: GenericClient>(
     c: &C,
@@ -595,22 +678,13 @@ async fn take_receipts<C: GenericClient>(
             times.push(receipt_time(item, e).0);
             windows.push(receipt.reeligible_after_ms);
         }
-        let taken: HashSet<(i64, String)> = query(
+        let taken = take_receipt_rows(
             c,
-            "INSERT INTO campaign_receipts AS r
-                 (workspace_id, user_seq, campaign_id, received_at, window_ms)
-             SELECT $1, x.u, x.c, x.t, x.w
-             FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::bigint[]) AS x(u, c, t, w)
-             ON CONFLICT (workspace_id, user_seq, campaign_id) DO UPDATE
-                 SET received_at = EXCLUDED.received_at, window_ms = EXCLUDED.window_ms
-                 WHERE r.received_at::numeric + EXCLUDED.window_ms <= EXCLUDED.received_at
-             RETURNING user_seq, campaign_id",
-            &[&workspace.0, &users, &campaigns, &times, &windows],
+            Receipts::Campaign,
+            workspace,
+            (&users, &campaigns, &times, &windows),
         )
-        .await?
-        .iter()
-        .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
-        .collect::<Result<_, StoreError>>()?;
+        .await?;
         for (k, &i) in round.iter().enumerate() {
             ahead[i] = taken.contains(&(users[k], campaigns[k].to_owned()));
         }
@@ -643,27 +717,14 @@ async fn enqueue(
             return Err(cas_conflict("the campaign's next run"));
         }
     }
-    move_trackers(&tx, workspace, &e.segment_trackers).await?;
-    for d in &e.dispatches {
-        if d.workspace != workspace {
-            return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
-        }
-        insert_dispatch(&tx, d).await?;
-    }
-    if let Some((dispatch, mark)) = &e.expansion {
-        let mark = mark.map(|u| i64::from(u.0));
-        let moved = execute(
-            &tx,
-            "UPDATE dispatches SET expanding_after = $3::bigint
-             WHERE workspace_id = $1 AND id = $2 AND expanding_after IS NOT NULL
-               AND ($3::bigint IS NULL OR expanding_after < $3::bigint)",
-            &[&workspace.0, dispatch, &mark],
-        )
-        .await?;
-        if moved == 0 {
-            return Err(expansion_conflict(dispatch));
-        }
-    }
+    write_marks(
+        &tx,
+        workspace,
+        (&e.segment_trackers, TrackerOwner::Campaign),
+        &e.dispatches,
+        e.expansion.as_ref(),
+    )
+    .await?;
     let ahead = take_receipts(&tx, workspace, e).await?;
     let mut appends: Appends = Vec::new();
     let (mut dispatches, mut users, mut variants, mut dues, mut props) =

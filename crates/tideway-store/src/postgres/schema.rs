@@ -94,6 +94,7 @@ pub const DISTRIBUTION: &[(&str, Distribution)] = &[
     ("canvas_receipts", BY_WORKSPACE),
     ("canvas_step_stats", BY_WORKSPACE),
     ("canvas_cursors", BY_WORKSPACE),
+    ("canvas_conversion_watches", BY_WORKSPACE),
     ("campaign_send_ids", BY_WORKSPACE),
     ("messaging_workspaces", BY_WORKSPACE),
     ("campaign_stats", BY_WORKSPACE),
@@ -672,6 +673,32 @@ CREATE TABLE canvas_cursors (
     // in any state, newest first, read backwards from this index without a sort.
     r#"
 CREATE INDEX sends_user_recent ON sends (workspace_id, user_seq, id);
+"#,
+    // 8: Canvas entry dispatches (`DispatchSource::Canvas`): `dispatches.source` admits 'canvas'.
+    r#"
+ALTER TABLE dispatches DROP CONSTRAINT dispatches_source_check;
+ALTER TABLE dispatches ADD CONSTRAINT dispatches_source_check
+    CHECK (source IN ('campaign', 'adhoc', 'canvas'));
+"#,
+    // 9: Canvas conversion watches (`postgres/canvas.rs`); `canvas_receipts.window_ms`.
+    r#"
+CREATE TABLE canvas_conversion_watches (
+    workspace_id  bigint NOT NULL,
+    canvas_id     text NOT NULL,
+    user_seq      bigint NOT NULL,
+    entry_id      text NOT NULL,
+    version       integer NOT NULL,
+    variant_id    text NOT NULL,
+    step_id       text NOT NULL,
+    entered_at    bigint NOT NULL,
+    converted     smallint NOT NULL,
+    until         bigint NOT NULL,
+    PRIMARY KEY (workspace_id, canvas_id, user_seq)
+);
+CREATE INDEX canvas_conversion_watches_until ON canvas_conversion_watches (workspace_id, until);
+-- Canvas entry receipts carry their re-entry window as campaign receipts do, so both are
+-- taken by one statement (`messaging::take_receipt_rows`).
+ALTER TABLE canvas_receipts ADD COLUMN window_ms bigint;
 "#,
 ];
 

@@ -16,14 +16,16 @@ use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::store::{
-    CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney,
+    CanvasRecord, CanvasScan, CanvasSend, CanvasStat, CanvasStore, ClaimedJourney, ConversionWatch,
     JourneySettlement, ScanOutcome, SendCounts, StepCounts, StepStat, StoreError, StoreFuture,
     TriggerCursor,
 };
 
 use super::messaging::{cas_conflict, insert_dispatch, insert_send, status_of, tags_of, tags_text};
-use super::{SqliteStore, sql_err};
+use super::users::SqlUsers;
+use super::{SqliteStore, WriterEnv, sql_err};
 use crate::codec::{corrupt, u64_of};
+use tideway_core::users::WriteCtx;
 
 // ---- shared with the PostgreSQL store ----------------------------------------------------
 
@@ -320,6 +322,41 @@ fn save_canvas(
     canvas(conn, workspace, &c.id)
 }
 
+fn conversion_watches(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    canvas_id: &str,
+    users: &[UserSeq],
+    now: Millis,
+) -> Result<Vec<(UserSeq, ConversionWatch)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT entry_id, version, variant_id, step_id, entered_at, converted, until
+             FROM canvas_conversion_watches
+             WHERE workspace_id = ?1 AND canvas_id = ?2 AND user_seq = ?3 AND until >= ?4",
+        )
+        .map_err(sql_err)?;
+    let mut out = Vec::new();
+    for u in users {
+        let found = stmt
+            .query_row(params![workspace.0, canvas_id, u.0, now.0], |r| {
+                Ok(ConversionWatch {
+                    entry_id: r.get(0)?,
+                    version: r.get(1)?,
+                    variant_id: r.get(2)?,
+                    step_id: r.get(3)?,
+                    entered_at: Millis(r.get(4)?),
+                    converted: r.get(5)?,
+                    until: Millis(r.get(6)?),
+                })
+            })
+            .optional()
+            .map_err(sql_err)?;
+        out.extend(found.map(|w| (*u, w)));
+    }
+    Ok(out)
+}
+
 fn delete_canvas(conn: &Connection, workspace: WorkspaceId, id: &str) -> Result<bool, StoreError> {
     let gone = conn
         .prepare_cached("DELETE FROM canvases WHERE workspace_id = ?1 AND id = ?2")
@@ -332,6 +369,7 @@ fn delete_canvas(conn: &Connection, workspace: WorkspaceId, id: &str) -> Result<
         "canvas_inbox",
         "canvas_receipts",
         "canvas_step_stats",
+        "canvas_conversion_watches",
     ] {
         conn.prepare_cached(&format!(
             "DELETE FROM {table} WHERE workspace_id = ?1 AND canvas_id = ?2"
@@ -340,6 +378,13 @@ fn delete_canvas(conn: &Connection, workspace: WorkspaceId, id: &str) -> Result<
         .execute(params![workspace.0, id])
         .map_err(sql_err)?;
     }
+    // Its segment-entry trackers (keyed by the Canvas's id).
+    conn.prepare_cached(
+        "DELETE FROM segment_trackers WHERE workspace_id = ?1 AND campaign_id = ?2",
+    )
+    .map_err(sql_err)?
+    .execute(params![workspace.0, id])
+    .map_err(sql_err)?;
     Ok(gone > 0)
 }
 
@@ -468,6 +513,16 @@ fn enter_canvas(
             return Err(cas_conflict("the Canvas's next run"));
         }
     }
+    super::messaging::write_marks(
+        conn,
+        workspace,
+        (
+            &scan.segment_trackers,
+            super::messaging::TrackerOwner::Canvas,
+        ),
+        &scan.dispatches,
+        scan.expansion.as_ref(),
+    )?;
     let mut appends: Appends = Vec::new();
     let mut stats: Vec<(&str, &StepStat)> = Vec::new();
     for e in &scan.entries {
@@ -497,29 +552,19 @@ fn enter_canvas(
             outcome.refused += 1;
             continue;
         }
-        let last: Option<i64> = conn
-            .prepare_cached(
-                "SELECT entered_at FROM canvas_receipts
-                 WHERE workspace_id = ?1 AND canvas_id = ?2 AND user_seq = ?3",
-            )
-            .map_err(sql_err)?
-            .query_row(params![workspace.0, e.canvas_id, e.user.0], |r| r.get(0))
-            .optional()
-            .map_err(sql_err)?;
-        if let Some(last) = last
-            && !super::messaging::reeligible(Millis(last), e.reentry_after_ms, now)
-        {
+        let taken = super::messaging::take_receipt(
+            conn,
+            super::messaging::Receipts::Canvas,
+            workspace,
+            e.user,
+            &e.canvas_id,
+            e.reentry_after_ms,
+            now,
+        )?;
+        if !taken {
             outcome.refused += 1;
             continue;
         }
-        conn.prepare_cached(
-            "INSERT INTO canvas_receipts (workspace_id, canvas_id, user_seq, entered_at)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE SET entered_at = excluded.entered_at",
-        )
-        .map_err(sql_err)?
-        .execute(params![workspace.0, e.canvas_id, e.user.0, now.0])
-        .map_err(sql_err)?;
         conn.prepare_cached(
             "UPDATE canvases SET entries = entries + 1,
                  first_entry = COALESCE(first_entry, ?3), last_entry = ?3
@@ -531,6 +576,13 @@ fn enter_canvas(
         if let Some(j) = &e.journey {
             insert_journey(conn, workspace, &e.canvas_id, e.user, j)?;
         }
+        conn.prepare_cached(
+            "DELETE FROM canvas_conversion_watches
+             WHERE workspace_id = ?1 AND canvas_id = ?2 AND user_seq = ?3",
+        )
+        .map_err(sql_err)?
+        .execute(params![workspace.0, e.canvas_id, e.user.0])
+        .map_err(sql_err)?;
         appends.extend(e.events.iter().map(|ev| (Some(e.user), ev.clone())));
         stats.extend(e.stats.iter().map(|s| (e.canvas_id.as_str(), s)));
         outcome.entered += 1;
@@ -571,6 +623,33 @@ fn enter_canvas(
             outcome.inboxed += 1;
         }
     }
+    for c in &scan.conversions {
+        let marked = conn
+            .prepare_cached(
+                "UPDATE canvas_conversion_watches SET converted = converted | ?5
+                 WHERE workspace_id = ?1 AND canvas_id = ?2 AND user_seq = ?3
+                   AND entry_id = ?4 AND converted & ?5 = 0",
+            )
+            .map_err(sql_err)?
+            .execute(params![
+                workspace.0,
+                c.canvas_id,
+                c.user.0,
+                c.entry_id,
+                1i64 << c.index
+            ])
+            .map_err(sql_err)?;
+        if marked > 0 {
+            appends.extend(c.events.iter().map(|ev| (Some(c.user), ev.clone())));
+            stats.extend(c.stats.iter().map(|s| (c.canvas_id.as_str(), s)));
+        }
+    }
+    conn.prepare_cached(
+        "DELETE FROM canvas_conversion_watches WHERE workspace_id = ?1 AND until < ?2",
+    )
+    .map_err(sql_err)?
+    .execute(params![workspace.0, now.0])
+    .map_err(sql_err)?;
     count_stats(conn, workspace, &tally(stats))?;
     super::currents::append_events(conn, workspace, &appends)?;
     Ok(outcome)
@@ -692,6 +771,7 @@ fn write_sends(
 
 fn settle_journeys(
     conn: &Connection,
+    env: &mut WriterEnv,
     owner: &str,
     now: Millis,
     settlements: &[JourneySettlement],
@@ -715,6 +795,21 @@ fn settle_journeys(
         if !held {
             refused += 1;
             continue;
+        }
+        if let Some(update) = &s.user_update {
+            // The User Update steps' attributes, through the users context, in this
+            // transaction: applied exactly when the journey moves past them.
+            let mut users = SqlUsers::writer(conn, s.workspace, &mut env.cache);
+            let mut ctx = WriteCtx {
+                workspace: &update.workspace,
+                now,
+                ids: &mut env.ids,
+                max_array_len: env.options.max_array_len,
+            };
+            tideway_core::users::track(&mut users, &mut ctx, &update.request)?;
+            users.finish()?;
+            #[cfg(feature = "failpoints")]
+            env.options.failpoints.after_user_update()?;
         }
         if let Some(upto) = s.inbox_upto {
             conn.prepare_cached(
@@ -770,6 +865,32 @@ fn settle_journeys(
                 .map_err(sql_err)?
                 .execute(params![ws, s.canvas_id, s.user.0])
                 .map_err(sql_err)?;
+                if let Some(w) = &s.watch {
+                    conn.prepare_cached(
+                        "INSERT INTO canvas_conversion_watches (workspace_id, canvas_id, user_seq,
+                             entry_id, version, variant_id, step_id, entered_at, converted, until)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                         ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE SET
+                             entry_id = excluded.entry_id, version = excluded.version,
+                             variant_id = excluded.variant_id, step_id = excluded.step_id,
+                             entered_at = excluded.entered_at, converted = excluded.converted,
+                             until = excluded.until",
+                    )
+                    .map_err(sql_err)?
+                    .execute(params![
+                        ws,
+                        s.canvas_id,
+                        s.user.0,
+                        w.entry_id,
+                        w.version,
+                        w.variant_id,
+                        w.step_id,
+                        w.entered_at.0,
+                        w.converted,
+                        w.until.0
+                    ])
+                    .map_err(sql_err)?;
+                }
             }
         }
         write_sends(conn, s.workspace, s.user, &s.sends)?;
@@ -979,7 +1100,7 @@ impl CanvasStore for SqliteStore {
         settlements: Vec<JourneySettlement>,
     ) -> StoreFuture<'_, u64> {
         let owner = owner.to_owned();
-        self.write(move |conn, _, _| settle_journeys(conn, &owner, now, &settlements))
+        self.write_env(move |conn, env| settle_journeys(conn, env, &owner, now, &settlements))
     }
 
     fn next_journey_due(&self) -> StoreFuture<'_, Option<Millis>> {
@@ -999,6 +1120,17 @@ impl CanvasStore for SqliteStore {
                 .map_err(sql_err)?;
             Ok(n as u64)
         })
+    }
+
+    fn conversion_watches(
+        &self,
+        workspace: WorkspaceId,
+        canvas_id: &str,
+        users: Vec<UserSeq>,
+        now: Millis,
+    ) -> StoreFuture<'_, Vec<(UserSeq, ConversionWatch)>> {
+        let canvas_id = canvas_id.to_owned();
+        self.read(move |conn| conversion_watches(conn, workspace, &canvas_id, &users, now))
     }
 
     fn canvas_step_counts(

@@ -15,6 +15,8 @@ use tideway_core::store::StoreError;
 pub struct Failpoints {
     replay_fails: AtomicBool,
     replays_failed: AtomicU64,
+    settlement_fails: AtomicBool,
+    settlements_failed: AtomicU64,
 }
 
 impl Failpoints {
@@ -26,6 +28,28 @@ impl Failpoints {
     /// How many replays the armed failure point has failed: tests check the path was taken.
     pub fn replays_failed(&self) -> u64 {
         self.replays_failed.load(Ordering::SeqCst)
+    }
+
+    /// While armed, a journey settlement fails after it applied a User Update step's
+    /// attributes and before the journey moves (as a crash between the two would).
+    pub fn fail_settlements_after_user_update(&self, armed: bool) {
+        self.settlement_fails.store(armed, Ordering::SeqCst);
+    }
+
+    /// How many settlements the armed failure point has failed.
+    pub fn settlements_failed(&self) -> u64 {
+        self.settlements_failed.load(Ordering::SeqCst)
+    }
+
+    /// Called by a journey settlement between its user update and the journey's move.
+    pub(super) fn after_user_update(&self) -> Result<(), StoreError> {
+        if self.settlement_fails.load(Ordering::SeqCst) {
+            self.settlements_failed.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable(
+                "disk I/O error (planned failure point: after a User Update)".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Called by the writer just before a replay.

@@ -14,8 +14,9 @@
 //! - **A receipt's time** ([`receipt_time`]): the contract's [`Enqueue`] carries no clock, so an
 //!   item's receipt is taken at its job's `due_at` (when the user receives it), else at its
 //!   first event's time (a control-group enrolment), else at the newest dispatch the enqueue
-//!   creates, else 0; [`reeligible`] compares without overflowing.
-//! - **Expansion marks only move forward** ([`expansion_update`]): a mark `Some(u)` applies
+//!   creates, else 0; [`take_receipt`] takes a campaign's or a Canvas's receipt in one
+//!   statement (PostgreSQL: `take_receipt_rows`, the same rule in one statement for many).
+//! - **Expansion marks only move forward** ([`move_expansion`]): a mark `Some(u)` applies
 //!   only to a dispatch that is still expanding and has not reached `u` yet, and `None` only
 //!   to one still expanding; a mark that does not apply makes the whole enqueue a
 //!   [`StoreError::Conflict`] (nothing written). So a cancelled or deleted campaign's dispatch
@@ -45,10 +46,10 @@ use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::profile::UserRecord;
 use tideway_core::segments::FeedPosition;
 use tideway_core::store::{
-    CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
-    Enqueue, EnqueueOutcome, MessagingStore, NewSend, QueueState, ReceiptRecord, SegmentTracker,
-    SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement, StoreError,
-    StoreFuture, TriggerCursor, UserSend,
+    CampaignRecord, CampaignStat, CanvasRecipient, ClaimedSend, CohortEntry, DispatchRecord,
+    DispatchSource, Enqueue, EnqueueOutcome, MessagingStore, NewSend, QueueState, ReceiptRecord,
+    SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement,
+    StoreError, StoreFuture, TriggerCursor, UserSend,
 };
 
 use super::users::SqlUsers;
@@ -71,12 +72,6 @@ pub(crate) fn receipt_time(item: &NewSend, enqueue: &Enqueue) -> Millis {
         .map(|d| d.created_at)
         .max()
         .unwrap_or(Millis(0))
-}
-
-/// Whether a receipt received at `received_at` may be taken again at `now` (the rule the
-/// campaign receipts' upsert writes in SQL; Canvas entry receipts use it as is).
-pub(crate) fn reeligible(received_at: Millis, window_ms: Option<i64>, now: Millis) -> bool {
-    window_ms.is_some_and(|w| received_at.0.saturating_add(w) <= now.0)
 }
 
 /// The conflict of a mark that does not move an expansion forward.
@@ -108,13 +103,30 @@ pub(crate) fn status_of(text: &str) -> Result<CampaignStatus, StoreError> {
     CampaignStatus::parse(text).ok_or_else(|| corrupt(format!("campaign status {text:?}")))
 }
 
-/// A dispatch's source as its `(source, campaign_id, definition)` columns.
+/// A dispatch's source as its `(source, campaign_id, definition)` columns. A Canvas entry
+/// dispatch keeps its Canvas id in `campaign_id` and its named recipients (if any) in
+/// `definition`, as `[[user_seq, properties text or null], …]`.
 pub(crate) fn source_columns(
     source: &DispatchSource,
 ) -> (&'static str, Option<&str>, Option<String>) {
     match source {
         DispatchSource::Campaign { campaign_id } => ("campaign", Some(campaign_id.as_str()), None),
         DispatchSource::AdHoc { definition } => ("adhoc", None, Some(definition.to_string())),
+        DispatchSource::Canvas {
+            canvas_id,
+            recipients,
+        } => (
+            "canvas",
+            Some(canvas_id.as_str()),
+            recipients.as_ref().map(|list| {
+                Value::Array(
+                    list.iter()
+                        .map(|r| serde_json::json!([r.user.0, r.properties]))
+                        .collect(),
+                )
+                .to_string()
+            }),
+        ),
     }
 }
 
@@ -128,6 +140,32 @@ pub(crate) fn source_of(
         ("adhoc", _, Some(text)) => Ok(DispatchSource::AdHoc {
             definition: json_of(text, "dispatch definition")?,
         }),
+        ("canvas", Some(canvas_id), text) => {
+            let recipients = text
+                .map(|t| {
+                    let bad = || corrupt(format!("Canvas dispatch recipients {t:?}"));
+                    let Value::Array(list) = json_of(t, "Canvas dispatch recipients")? else {
+                        return Err(bad());
+                    };
+                    list.iter()
+                        .map(|r| {
+                            Ok(CanvasRecipient {
+                                user: UserSeq(
+                                    r[0].as_u64()
+                                        .and_then(|n| u32::try_from(n).ok())
+                                        .ok_or_else(bad)?,
+                                ),
+                                properties: r[1].as_str().map(str::to_owned),
+                            })
+                        })
+                        .collect::<Result<Vec<_>, StoreError>>()
+                })
+                .transpose()?;
+            Ok(DispatchSource::Canvas {
+                canvas_id,
+                recipients,
+            })
+        }
         (kind, ..) => Err(corrupt(format!("dispatch source {kind:?}"))),
     }
 }
@@ -564,20 +602,49 @@ fn segment_tracker(
     .map_err(sql_err)
 }
 
-/// Applies [`Enqueue::segment_trackers`]: each a compare-and-set on the stored position.
+/// Whose segment-entry trackers are moved: their `campaign_id` names a campaign or a Canvas.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TrackerOwner {
+    Campaign,
+    Canvas,
+}
+
+impl TrackerOwner {
+    /// The owner's existence check (`?1` workspace, `?2` / `$1`, `$2` id).
+    pub(crate) fn exists_sql(self, dollar: bool) -> &'static str {
+        match (self, dollar) {
+            (TrackerOwner::Campaign, false) => {
+                "SELECT 1 FROM campaigns WHERE workspace_id = ?1 AND id = ?2"
+            }
+            (TrackerOwner::Canvas, false) => {
+                "SELECT 1 FROM canvases WHERE workspace_id = ?1 AND id = ?2"
+            }
+            (TrackerOwner::Campaign, true) => {
+                "SELECT 1 FROM campaigns WHERE workspace_id = $1 AND id = $2 FOR SHARE"
+            }
+            (TrackerOwner::Canvas, true) => {
+                "SELECT 1 FROM canvases WHERE workspace_id = $1 AND id = $2 FOR SHARE"
+            }
+        }
+    }
+}
+
+/// Applies [`Enqueue::segment_trackers`] (or a Canvas scan's): each a compare-and-set on the
+/// stored position, of a tracker whose owner exists.
 fn move_segment_trackers(
     conn: &Connection,
     workspace: WorkspaceId,
     moves: &[(String, String, Option<FeedPosition>, SegmentTracker)],
+    owner: TrackerOwner,
 ) -> Result<(), StoreError> {
     for (campaign_id, segment_id, expected, new) in moves {
         let exists = conn
-            .prepare_cached("SELECT 1 FROM campaigns WHERE workspace_id = ?1 AND id = ?2")
+            .prepare_cached(owner.exists_sql(false))
             .map_err(sql_err)?
             .exists(params![workspace.0, campaign_id])
             .map_err(sql_err)?;
         if !exists {
-            return Err(cas_conflict("the segment tracker's campaign"));
+            return Err(cas_conflict("the segment tracker's campaign or Canvas"));
         }
         let stored = segment_tracker(conn, workspace, campaign_id, segment_id)?;
         if stored.map(|t| t.position) != *expected {
@@ -610,27 +677,46 @@ fn move_segment_trackers(
 }
 
 /// Takes the receipt: true when the item may go ahead.
-fn take_receipt(
+/// Whose receipts are taken: a campaign's sends, or a Canvas's entries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Receipts {
+    Campaign,
+    Canvas,
+}
+
+/// Takes a receipt of `owner_id` (a campaign or a Canvas) for the user at `now`: a new one, or
+/// an old one taken again once it is re-eligible (a re-eligibility window is set and has
+/// passed since the last receipt). Whether it was taken; one statement, so a row left
+/// unchanged is a user still ineligible.
+pub(crate) fn take_receipt(
     conn: &Connection,
+    receipts: Receipts,
     workspace: WorkspaceId,
     user: UserSeq,
-    campaign_id: &str,
+    owner_id: &str,
     window_ms: Option<i64>,
     now: Millis,
 ) -> Result<bool, StoreError> {
-    // One statement: a new receipt, or an old one taken again once it is re-eligible (a
-    // re-eligibility window is set and has passed since the last receipt); a row left
-    // unchanged is a user still ineligible.
-    let changed = conn
-        .prepare_cached(
+    let sql = match receipts {
+        Receipts::Campaign => {
             "INSERT INTO campaign_receipts (workspace_id, user_seq, campaign_id, received_at)
              VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (workspace_id, user_seq, campaign_id) DO UPDATE
                  SET received_at = excluded.received_at
-                 WHERE ?5 IS NOT NULL AND campaign_receipts.received_at + ?5 <= excluded.received_at",
-        )
+                 WHERE ?5 IS NOT NULL AND campaign_receipts.received_at + ?5 <= excluded.received_at"
+        }
+        Receipts::Canvas => {
+            "INSERT INTO canvas_receipts (workspace_id, user_seq, canvas_id, entered_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE
+                 SET entered_at = excluded.entered_at
+                 WHERE ?5 IS NOT NULL AND canvas_receipts.entered_at + ?5 <= excluded.entered_at"
+        }
+    };
+    let changed = conn
+        .prepare_cached(sql)
         .map_err(sql_err)?
-        .execute(params![workspace.0, user.0, campaign_id, now.0, window_ms])
+        .execute(params![workspace.0, user.0, owner_id, now.0, window_ms])
         .map_err(sql_err)?;
     Ok(changed > 0)
 }
@@ -658,13 +744,53 @@ pub(crate) fn insert_send(
     Ok(())
 }
 
-/// The expansion mark's `UPDATE`: `?3` is the new mark (`NULL`: complete). It applies to a
-/// dispatch still expanding whose mark it moves forward, or that it ends; nothing changed is a
-/// conflict.
-pub(crate) fn expansion_update() -> &'static str {
-    "UPDATE dispatches SET expanding_after = ?3
-     WHERE workspace_id = ?1 AND id = ?2 AND expanding_after IS NOT NULL
-       AND (?3 IS NULL OR expanding_after < ?3)"
+/// What an enqueue and a Canvas scan write before their items: segment trackers moved (of
+/// campaigns or Canvases), dispatches created, a dispatch's expansion mark moved — each
+/// compare-and-set a conflict when it does not apply.
+pub(crate) fn write_marks(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    (trackers, owner): (&[TrackerMove], TrackerOwner),
+    dispatches: &[DispatchRecord],
+    expansion: Option<&(String, Option<UserSeq>)>,
+) -> Result<(), StoreError> {
+    move_segment_trackers(conn, workspace, trackers, owner)?;
+    for d in dispatches {
+        if d.workspace != workspace {
+            return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
+        }
+        insert_dispatch(conn, d)?;
+    }
+    if let Some((dispatch, mark)) = expansion {
+        move_expansion(conn, workspace, dispatch, *mark)?;
+    }
+    Ok(())
+}
+
+/// A segment tracker's move: `(owner id, segment id, expected position, new tracker)`.
+pub(crate) type TrackerMove = (String, String, Option<FeedPosition>, SegmentTracker);
+
+/// Moves a dispatch's expansion mark forward (`None`: complete). It applies to a dispatch still
+/// expanding whose mark it moves forward, or that it ends; nothing changed is a conflict.
+fn move_expansion(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    dispatch: &str,
+    mark: Option<UserSeq>,
+) -> Result<(), StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE dispatches SET expanding_after = ?3
+             WHERE workspace_id = ?1 AND id = ?2 AND expanding_after IS NOT NULL
+               AND (?3 IS NULL OR expanding_after < ?3)",
+        )
+        .map_err(sql_err)?
+        .execute(params![workspace.0, dispatch, mark.map(|u| u.0)])
+        .map_err(sql_err)?;
+    if changed == 0 {
+        return Err(expansion_conflict(dispatch));
+    }
+    Ok(())
 }
 
 /// Applies an enqueue's stat increments: each unique one's user recorded (counting only if
@@ -743,29 +869,20 @@ fn enqueue(
             return Err(cas_conflict("the campaign's next run"));
         }
     }
-    move_segment_trackers(conn, workspace, &e.segment_trackers)?;
-    for d in &e.dispatches {
-        if d.workspace != workspace {
-            return Err(corrupt(format!("dispatch {} of another workspace", d.id)));
-        }
-        insert_dispatch(conn, d)?;
-    }
-    if let Some((dispatch, mark)) = &e.expansion {
-        let changed = conn
-            .prepare_cached(expansion_update())
-            .map_err(sql_err)?
-            .execute(params![workspace.0, dispatch, mark.map(|u| u.0)])
-            .map_err(sql_err)?;
-        if changed == 0 {
-            return Err(expansion_conflict(dispatch));
-        }
-    }
+    write_marks(
+        conn,
+        workspace,
+        (&e.segment_trackers, TrackerOwner::Campaign),
+        &e.dispatches,
+        e.expansion.as_ref(),
+    )?;
     let mut appends: Appends = Vec::new();
     for item in &e.items {
         if let Some(receipt) = &item.receipt {
             let now = receipt_time(item, e);
             let taken = take_receipt(
                 conn,
+                Receipts::Campaign,
                 workspace,
                 item.user,
                 &receipt.campaign_id,

@@ -623,6 +623,49 @@ CREATE TABLE canvas_cursors (
     r#"
 CREATE INDEX sends_user_recent ON sends(workspace_id, user_seq);
 "#,
+    // 16: Canvas entry dispatches (`DispatchSource::Canvas`): `dispatches.source` admits
+    // 'canvas' (SQLite cannot alter a CHECK: the table is rebuilt with its indexes).
+    r#"
+CREATE TABLE dispatches_new (
+    workspace_id     INTEGER NOT NULL,
+    id               TEXT NOT NULL,
+    source           TEXT NOT NULL CHECK (source IN ('campaign', 'adhoc', 'canvas')),
+    campaign_id      TEXT,
+    definition       TEXT,
+    send_id          TEXT,
+    per_user_ids     INTEGER NOT NULL,
+    properties       TEXT,
+    audience         TEXT,
+    created_at       INTEGER NOT NULL,
+    expanding_after  INTEGER,
+    not_before       INTEGER,
+    PRIMARY KEY (workspace_id, id)
+) WITHOUT ROWID;
+INSERT INTO dispatches_new SELECT workspace_id, id, source, campaign_id, definition, send_id,
+    per_user_ids, properties, audience, created_at, expanding_after, not_before FROM dispatches;
+DROP TABLE dispatches;
+ALTER TABLE dispatches_new RENAME TO dispatches;
+CREATE INDEX dispatches_campaign ON dispatches(workspace_id, campaign_id) WHERE campaign_id IS NOT NULL;
+CREATE INDEX dispatches_expanding ON dispatches(not_before) WHERE expanding_after IS NOT NULL;
+"#,
+    // 17: Canvas conversion watches: an ended journey's open conversion windows
+    // (`sqlite/canvas.rs`), so a conversion after the user left still counts.
+    r#"
+CREATE TABLE canvas_conversion_watches (
+    workspace_id  INTEGER NOT NULL,
+    canvas_id     TEXT NOT NULL,
+    user_seq      INTEGER NOT NULL,
+    entry_id      TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    variant_id    TEXT NOT NULL,
+    step_id       TEXT NOT NULL,
+    entered_at    INTEGER NOT NULL,
+    converted     INTEGER NOT NULL,
+    until         INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, canvas_id, user_seq)
+) WITHOUT ROWID;
+CREATE INDEX canvas_conversion_watches_until ON canvas_conversion_watches(workspace_id, until);
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.

@@ -134,3 +134,157 @@ async fn while_a_replay_fails_writes_are_refused_and_no_acknowledged_write_is_lo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A Canvas User Update step is applied in its journey's settlement: a failure between the
+/// attribute write and the journey's move (a crash there) undoes both, and the journey
+/// processed again increments once — not twice, as an update committed on its own would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_update_and_its_journeys_move_commit_together() {
+    use tideway_core::campaigns::CampaignStatus;
+    use tideway_core::canvas::Journey;
+    use tideway_core::store::{CanvasRecord, CanvasScan, JourneySettlement, NewEntry, UserUpdate};
+
+    let dir = tempfile::tempdir().unwrap();
+    let failpoints = Arc::new(Failpoints::default());
+    let options = SqliteOptions {
+        failpoints: Arc::clone(&failpoints),
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&dir.path().join("t.sqlite"), options).unwrap();
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    track(
+        &store,
+        &ws,
+        json!({"attributes": [{"external_id": "u1", "visits": 0}]}),
+    )
+    .await;
+    let user = store
+        .users_by_seq(ws.id, vec![tideway_core::ids::UserSeq(1)])
+        .await
+        .unwrap()
+        .remove(0);
+    store
+        .create_canvas(
+            ws.id,
+            CanvasRecord {
+                id: "c".into(),
+                name: "c".into(),
+                description: String::new(),
+                tags: Vec::new(),
+                status: CampaignStatus::Active,
+                version: 1,
+                definition: json!({"steps": []}),
+                created_at: NOW,
+                updated_at: NOW,
+                launched_at: Some(NOW),
+                next_run: None,
+                first_entry: None,
+                last_entry: None,
+                entries: 0,
+            },
+        )
+        .await
+        .unwrap();
+    let journey = |step: &str| Journey {
+        entry_id: "e1".into(),
+        version: 1,
+        variant_id: "v".into(),
+        step_id: step.into(),
+        entered_at: NOW,
+        step_at: NOW,
+        due_at: NOW,
+        converted: 0,
+        entry_properties: None,
+        event_properties: None,
+    };
+    store
+        .enter_canvas(
+            ws.id,
+            NOW,
+            CanvasScan {
+                entries: vec![NewEntry {
+                    canvas_id: "c".into(),
+                    user: user.seq,
+                    journey: Some(journey("update")),
+                    reentry_after_ms: None,
+                    entry_limit: None,
+                    events: Vec::new(),
+                    stats: Vec::new(),
+                }],
+                ..CanvasScan::default()
+            },
+        )
+        .await
+        .unwrap();
+    let body = json!({"attributes": [{"braze_id": user.braze_id.as_str(), "visits": {"inc": 1}}]});
+    let settlement = JourneySettlement {
+        workspace: ws.id,
+        canvas_id: "c".into(),
+        user: user.seq,
+        entry_id: "e1".into(),
+        journey: Some(Journey {
+            due_at: tideway_core::clock::Millis(NOW.0 + 86_400_000),
+            ..journey("wait")
+        }),
+        inbox_upto: None,
+        events: Vec::new(),
+        sends: Vec::new(),
+        stats: Vec::new(),
+        user_update: Some(UserUpdate {
+            workspace: ws.clone(),
+            request: parse_track(body.as_object().unwrap()).unwrap(),
+        }),
+        watch: None,
+    };
+    let visits = async || {
+        export_one(&store, &ws, "u1").await.unwrap()["custom_attributes"]["visits"].clone()
+    };
+
+    // The node crashes between the attribute write and the journey's move.
+    assert_eq!(
+        store
+            .claim_journeys("n", NOW, 60_000, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    failpoints.fail_settlements_after_user_update(true);
+    assert!(matches!(
+        store
+            .settle_journeys("n", NOW, vec![settlement.clone()])
+            .await,
+        Err(StoreError::Unavailable(_))
+    ));
+    // (The writer runs a failed job again in a savepoint of its own: it fails twice.)
+    assert!(failpoints.settlements_failed() >= 1);
+    assert_eq!(
+        visits().await,
+        json!(0),
+        "nothing of the failed settlement stays"
+    );
+
+    // Restarted: the journey is still at the User Update step and is processed again.
+    failpoints.fail_settlements_after_user_update(false);
+    store.release_journey_leases("n").await.unwrap();
+    let claimed = store.claim_journeys("n", NOW, 60_000, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].journey.step_id, "update");
+    assert_eq!(
+        store
+            .settle_journeys("n", NOW, vec![settlement.clone()])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(visits().await, json!(1), "incremented once");
+    // A settlement whose lease is gone applies nothing.
+    assert_eq!(
+        store
+            .settle_journeys("n", NOW, vec![settlement])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(visits().await, json!(1));
+}

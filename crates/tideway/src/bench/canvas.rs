@@ -185,9 +185,10 @@ pub async fn run(args: CanvasArgs) -> anyhow::Result<()> {
             .map(|&user| Entrant {
                 user,
                 properties: None,
+                due_at: None,
             })
             .collect();
-        engine.canvas().enter(ws.id, &burst, entrants).await?;
+        engine.canvas().enter(ws.id, &burst, entrants, None).await?;
     }
     let entering = entered_start.elapsed();
     if Clock::system().now().0 >= due.0 {
@@ -259,9 +260,10 @@ pub async fn run(args: CanvasArgs) -> anyhow::Result<()> {
             .map(|&user| Entrant {
                 user,
                 properties: Some(json!({"due": at.0.to_string()}).to_string()),
+                due_at: None,
             })
             .collect();
-        engine.canvas().enter(ws.id, &c, entrants).await?;
+        engine.canvas().enter(ws.id, &c, entrants, None).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(args.spread_seconds + 120);
     while lateness.lock().map(|l| l.len()).unwrap_or(0) < args.spread_users {

@@ -26,8 +26,8 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Webhooks received: (idempotency key, user) in arrival order.
 #[derive(Clone, Default)]
-struct Hooks {
-    got: Arc<Mutex<Vec<(String, String)>>>,
+pub(crate) struct Hooks {
+    pub(crate) got: Arc<Mutex<Vec<(String, String)>>>,
     delay: Duration,
 }
 
@@ -49,7 +49,7 @@ async fn hook(State(h): State<Hooks>, headers: HeaderMap, body: String) -> &'sta
 }
 
 impl Hooks {
-    async fn start(delay: Duration) -> (Hooks, String) {
+    pub(crate) async fn start(delay: Duration) -> (Hooks, String) {
         let hooks = Hooks {
             got: Arc::default(),
             delay,

@@ -9,21 +9,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Api, Server, Sink, initial_admin_key, management};
+use crate::support::{Api, Server, Sink, initial_admin_key, management, open_db};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
 /// Every event id in the server's log.
 fn logged_ids(data_dir: &Path) -> Vec<String> {
-    let db = std::fs::read_dir(data_dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sqlite" || x == "db"))
-        .expect("the server's SQLite file");
-    let conn =
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
+    let conn = open_db(data_dir);
     let mut stmt = conn
         .prepare("SELECT event_id FROM event_log ORDER BY seq")
         .unwrap();

@@ -6,6 +6,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod campaigns;
+mod canvas_crash;
 mod cli;
 mod cohorts_push;
 mod connections;

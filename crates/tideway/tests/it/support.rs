@@ -19,6 +19,18 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_tideway")
 }
 
+/// The SQLite database file of a server's data directory, opened read-only (a test looks at
+/// what a killed server left).
+pub fn open_db(data_dir: &Path) -> rusqlite::Connection {
+    let db = std::fs::read_dir(data_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sqlite" || x == "db"))
+        .expect("the server's SQLite file");
+    rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap()
+}
+
 /// A `tideway serve` child process.
 pub struct Server {
     child: Child,

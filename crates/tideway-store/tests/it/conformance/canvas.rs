@@ -12,9 +12,9 @@ use tideway_core::currents::{CurrentsEvent, EventUser};
 use tideway_core::ids::{BrazeId, EventId, UserSeq};
 use tideway_core::store::prelude::*;
 use tideway_core::store::{
-    CanvasRecord, CanvasScan, CanvasSend, CanvasStat, DispatchRecord, DispatchSource, InboxItem,
-    JourneySettlement, NewEntry, ScanOutcome, SendCounts, SendJob, StoreError, TriggerCursor,
-    Workspace,
+    CanvasRecipient, CanvasRecord, CanvasScan, CanvasSend, CanvasStat, DispatchRecord,
+    DispatchSource, InboxItem, JourneySettlement, NewEntry, ScanOutcome, SendCounts, SendJob,
+    StoreError, TriggerCursor, Workspace,
 };
 
 use super::{NOW, all_events};
@@ -369,6 +369,8 @@ pub(super) async fn journeys_are_claimed_as_timers_and_settled_under_their_lease
                 ("a".into(), CanvasStat::Progressed),
                 ("b".into(), CanvasStat::Entered),
             ],
+            user_update: None,
+            watch: None,
         }
     };
     // Another owner is refused and writes nothing.
@@ -448,4 +450,245 @@ pub(super) async fn journeys_are_claimed_as_timers_and_settled_under_their_lease
     let b = counts.iter().find(|c| c.step_id == "b").unwrap();
     assert_eq!((b.entered, b.in_step), (3, 1));
     assert!(store.next_journey_due().await.unwrap().is_some());
+}
+
+pub(super) async fn canvas_entry_dispatches_enter_each_chunk_once(store: Arc<dyn Store>) {
+    let ws = store.create_workspace("a", NOW).await.unwrap();
+    store
+        .create_canvas(ws.id, record("c1", CampaignStatus::Active))
+        .await
+        .unwrap();
+    let dispatch =
+        |id: &str, recipients: Option<Vec<CanvasRecipient>>, at: Option<Millis>| DispatchRecord {
+            id: id.into(),
+            workspace: ws.id,
+            source: DispatchSource::Canvas {
+                canvas_id: "c1".into(),
+                recipients,
+            },
+            send_id: None,
+            per_user_ids: false,
+            properties: Some(json!({"shared": 1}).to_string()),
+            audience: Some(json!({"attribute": {"name": "plan", "op": "equals", "value": "pro"}})),
+            created_at: NOW,
+            expanding_after: Some(UserSeq(0)),
+            not_before: at,
+        };
+    let named = dispatch(
+        "named",
+        Some(vec![
+            CanvasRecipient {
+                user: UserSeq(4),
+                properties: Some(json!({"a": "b"}).to_string()),
+            },
+            CanvasRecipient {
+                user: UserSeq(5),
+                properties: None,
+            },
+        ]),
+        Some(at(50)),
+    );
+    let broadcast = dispatch("broadcast", None, None);
+    store
+        .enter_canvas(
+            ws.id,
+            NOW,
+            CanvasScan {
+                dispatches: vec![named.clone(), broadcast.clone()],
+                ..CanvasScan::default()
+            },
+        )
+        .await
+        .unwrap();
+    // They round-trip, and are due by their `not_before`.
+    assert_eq!(store.dispatch(ws.id, "named").await.unwrap(), Some(named));
+    assert_eq!(
+        store.dispatch(ws.id, "broadcast").await.unwrap(),
+        Some(broadcast)
+    );
+    let due: Vec<String> = store
+        .expanding_dispatches(at(10))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(due, vec!["broadcast".to_owned()]);
+    assert_eq!(store.expanding_dispatches(at(50)).await.unwrap().len(), 2);
+
+    // A chunk's entries go in with its mark; the same mark again is a conflict that enters
+    // nobody (another node entered the chunk first).
+    let chunk = |mark: Option<UserSeq>, users: &[u32]| CanvasScan {
+        expansion: Some(("broadcast".into(), mark)),
+        entries: users
+            .iter()
+            .map(|u| entry(&ws, "c1", *u, NOW, None))
+            .collect(),
+        ..CanvasScan::default()
+    };
+    let out = store
+        .enter_canvas(ws.id, NOW, chunk(Some(UserSeq(2)), &[1, 2]))
+        .await
+        .unwrap();
+    assert_eq!(out.entered, 2);
+    assert!(matches!(
+        store
+            .enter_canvas(ws.id, NOW, chunk(Some(UserSeq(2)), &[1, 2, 3]))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.canvas(ws.id, "c1").await.unwrap().unwrap().entries, 2);
+    let out = store
+        .enter_canvas(ws.id, NOW, chunk(None, &[3]))
+        .await
+        .unwrap();
+    assert_eq!(out.entered, 1);
+    assert!(matches!(
+        store.enter_canvas(ws.id, NOW, chunk(None, &[7])).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.canvas(ws.id, "c1").await.unwrap().unwrap().entries, 3);
+    let left: Vec<String> = store
+        .expanding_dispatches(at(50))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(left, vec!["named".to_owned()]);
+
+    // A scheduled entry is moved and cancelled like a campaign's; a cancelled one enters
+    // nobody.
+    assert!(
+        store
+            .reschedule_dispatch(ws.id, "named", at(90))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .dispatch(ws.id, "named")
+            .await
+            .unwrap()
+            .unwrap()
+            .not_before,
+        Some(at(90))
+    );
+    assert!(store.cancel_dispatch(ws.id, "named").await.unwrap());
+    assert!(
+        store
+            .expanding_dispatches(at(100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let refused = CanvasScan {
+        expansion: Some(("named".into(), None)),
+        entries: vec![entry(&ws, "c1", 4, NOW, None)],
+        ..CanvasScan::default()
+    };
+    assert!(matches!(
+        store.enter_canvas(ws.id, NOW, refused).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.canvas(ws.id, "c1").await.unwrap().unwrap().entries, 3);
+}
+
+pub(super) async fn user_updates_are_applied_with_their_settlement_only(store: Arc<dyn Store>) {
+    let ws = store.create_workspace("a", NOW).await.unwrap();
+    let body = json!({"attributes": [{"external_id": "u1", "visits": 5}]});
+    store
+        .track(
+            &ws,
+            tideway_core::track::parse_track(body.as_object().unwrap()).unwrap(),
+            NOW,
+        )
+        .await
+        .unwrap();
+    let user = store
+        .users_by_seq(ws.id, vec![UserSeq(1)])
+        .await
+        .unwrap()
+        .remove(0);
+    store
+        .create_canvas(ws.id, record("c1", CampaignStatus::Active))
+        .await
+        .unwrap();
+    store
+        .enter_canvas(
+            ws.id,
+            NOW,
+            enter(vec![NewEntry {
+                events: Vec::new(),
+                ..entry(&ws, "c1", user.seq.0, NOW, None)
+            }]),
+        )
+        .await
+        .unwrap();
+    let inc = json!({"attributes": [{"braze_id": user.braze_id.as_str(), "visits": {"inc": 2}}]});
+    let settlement = JourneySettlement {
+        workspace: ws.id,
+        canvas_id: "c1".into(),
+        user: user.seq,
+        entry_id: format!("e{}", user.seq.0),
+        journey: None,
+        inbox_upto: None,
+        events: Vec::new(),
+        sends: Vec::new(),
+        stats: Vec::new(),
+        user_update: Some(tideway_core::store::UserUpdate {
+            workspace: ws.clone(),
+            request: tideway_core::track::parse_track(inc.as_object().unwrap()).unwrap(),
+        }),
+        watch: None,
+    };
+    let visits = async || {
+        store
+            .users_by_seq(ws.id, vec![user.seq])
+            .await
+            .unwrap()
+            .remove(0)
+            .profile
+            .custom
+            .get("visits")
+            .cloned()
+    };
+    assert_eq!(
+        store
+            .claim_journeys("n1", NOW, 60_000, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Refused (another owner): nothing applied.
+    assert_eq!(
+        store
+            .settle_journeys("n2", NOW, vec![settlement.clone()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(visits().await, Some(json!(5)));
+    assert_eq!(
+        store
+            .settle_journeys("n1", NOW, vec![settlement.clone()])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        visits().await,
+        Some(json!(7)),
+        "applied with the settlement"
+    );
+    // The journey ended: settling it again is refused and applies nothing.
+    assert_eq!(
+        store
+            .settle_journeys("n1", NOW, vec![settlement])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(visits().await, Some(json!(7)));
 }
