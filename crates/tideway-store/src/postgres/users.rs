@@ -15,12 +15,13 @@
 //! PostgreSQL takes a second to notice). So a batch runs its units holding the workspace's
 //! *front*: in the process (one batch per workspace takes it; batches of other workspaces run
 //! in parallel) and in the database (a session-level advisory lock, so the batches of every
-//! node take turns). A batch that only changed existing users' profiles (the ingest case)
-//! gives the front up as soon as its units are done, before it writes and commits: the next
-//! batch then looks users up while this one writes, and sees what it would see after this
-//! one's commit, since it can reach those users only by waiting for their locks (see
-//! `PgTx::plain`). A batch that created users or changed identifiers, aliases, devices or
-//! cohorts keeps the front until its commit. Batches past their front wait only for batches
+//! node take turns). A batch that only changed existing users' profiles and created users by
+//! locked keys (the ingest case; see "Key locks") gives the front up as soon as its units are
+//! done, before it writes and commits: the next batch then looks users up while this one
+//! writes, and sees what it would see after this one's commit, since it can reach those users
+//! only by waiting for their row or key locks (see `PgTx::plain`). A batch that changed
+//! identifiers, moved aliases or devices, or changed cohorts keeps the front until its commit.
+//! Batches past their front wait only for batches
 //! before them (counter locks), never after them, so nothing deadlocks.
 //!
 //! **Conflicts.** Write lookups lock the users they load (`FOR NO KEY UPDATE`: not the key,
@@ -45,16 +46,21 @@
 //! that each key is one probe of a unique index whatever the planner's statistics say (see
 //! the lookups' comment).
 //!
-//! **Sequences.** A new user's dense `seq` comes from the workspace's `users` counter
-//! (`sequence.rs`), needed at once because the services use it. The first creation of a
-//! transaction takes one value, which locks the counter row until commit; later creations
-//! count on from it locally and the counter is advanced by the rest before commit. So the
-//! users of one workspace are created by one transaction at a time (across nodes too, and such
-//! a batch keeps the front to its commit): the price of dense seqs without holes. The event
-//! log, cohort membership changes and segment user changes take their ranges last, just before
-//! the commit (their rows are buffered until then), so their order is commit order. Counters
-//! are always taken in one order (users, then the three logs), so they never deadlock against
-//! each other.
+//! **Sequences.** A new user's `seq` comes from a block the store reserved from the
+//! workspace's `users` counter in a transaction of its own ([`SeqSource`]), so creating users
+//! locks no counter: seqs are unique and never reused, with holes (a block's rest when a node
+//! stops, creations rolled back). The event log, cohort membership changes and segment user
+//! changes take their ranges last, just before the commit (their rows are buffered until
+//! then), so their order is commit order. They are always taken in one order, so they never
+//! deadlock against each other.
+//!
+//! **Key locks.** A write lookup by external id, alias or device that finds nobody locks the
+//! key (a transaction-level advisory lock on a hash of workspace, kind and key, taken in one
+//! sorted statement while the batch holds its front) and looks again ([`PgTx::lock_missing`]).
+//! A batch that creates a user by such a key may therefore give up its front before it writes
+//! and commits: a later batch looking for that key waits on the lock until the commit, then
+//! finds the user. A user created with an email or phone, or by a key that was not locked,
+//! keeps the front to the commit as before.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
