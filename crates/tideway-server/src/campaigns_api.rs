@@ -148,6 +148,39 @@ pub(crate) fn tags_field(body: &Map<String, Value>) -> Result<Option<Vec<String>
     }
 }
 
+/// Checks that the segments a campaign or Canvas names are among the workspace's `segments`: its audience's
+/// `segment_ids` and its segment-entry triggers (under `delivery_key`: `delivery` for a
+/// campaign, `entry` for a Canvas). 400 naming the place otherwise.
+pub(crate) fn check_segment_refs(
+    segments: &[tideway_core::segments::Segment],
+    segment_ids: &[String],
+    delivery: &Delivery,
+    delivery_key: &str,
+) -> Result<(), ApiError> {
+    let known = |id: &str| segments.iter().any(|s| s.id == id);
+    for (i, id) in segment_ids.iter().enumerate() {
+        if !known(id) {
+            return Err(place_error(
+                format!("audience.segment_ids[{i}]"),
+                format!("no segment '{id}' in this workspace"),
+            ));
+        }
+    }
+    if let Delivery::ActionBased(action) = delivery {
+        for (i, t) in action.triggers.iter().enumerate() {
+            if let Trigger::SegmentEntry { segment_id } = t
+                && !known(segment_id)
+            {
+                return Err(place_error(
+                    format!("{delivery_key}.triggers[{i}].segment_entry.segment_id"),
+                    format!("no segment '{segment_id}' in this workspace"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Parses and checks a definition: its shape, its templates (Liquid), and its audience
 /// against the workspace (segments exist, the filter's cohorts and segments resolve).
 pub(crate) async fn checked_definition(
@@ -159,26 +192,12 @@ pub(crate) async fn checked_definition(
         .map_err(definition_error)?;
     check_templates(&def, str::to_owned)?;
     let segments = state.store().list_segments(workspace.id).await?;
-    for (i, id) in def.audience.segment_ids.iter().enumerate() {
-        if !segments.iter().any(|s| &s.id == id) {
-            return Err(place_error(
-                format!("audience.segment_ids[{i}]"),
-                format!("no segment '{id}' in this workspace"),
-            ));
-        }
-    }
-    if let Delivery::ActionBased(action) = &def.delivery {
-        for (i, t) in action.triggers.iter().enumerate() {
-            if let Trigger::SegmentEntry { segment_id } = t
-                && !segments.iter().any(|s| &s.id == segment_id)
-            {
-                return Err(place_error(
-                    format!("delivery.triggers[{i}].segment_entry.segment_id"),
-                    format!("no segment '{segment_id}' in this workspace"),
-                ));
-            }
-        }
-    }
+    check_segment_refs(
+        &segments,
+        &def.audience.segment_ids,
+        &def.delivery,
+        "delivery",
+    )?;
     if let Some(raw) = &def.audience.filter {
         let filter =
             Filter::from_json(raw).map_err(|e| place_error("audience.filter", e.to_string()))?;

@@ -15,7 +15,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use tideway_core::campaigns::{CampaignAction, CampaignStatus, Delivery, Trigger};
+use tideway_core::campaigns::{CampaignAction, CampaignStatus, Delivery};
 use tideway_core::canvas::{CanvasDefinition, StepKind};
 use tideway_core::clock::Millis;
 use tideway_core::ids::UserSeq;
@@ -29,8 +29,8 @@ use tideway_messaging::sends::{Target, resolve};
 
 use crate::AppState;
 use crate::campaigns_api::{
-    definition_error, description_field, name_field, parse_action, place_error, presented_key,
-    reading, tags_field, transition,
+    check_segment_refs, definition_error, description_field, name_field, parse_action, place_error,
+    presented_key, reading, tags_field, transition,
 };
 use crate::error::ApiError;
 use crate::messaging_api::{ListQuery, apply_updates, messaging, not_enabled, parse_targets};
@@ -99,28 +99,7 @@ async fn check_segments(
     def: &CanvasDefinition,
 ) -> Result<(), ApiError> {
     let segments = state.store().list_segments(ws.id).await?;
-    let known = |id: &str| segments.iter().any(|s| s.id == id);
-    for (i, id) in def.audience.segment_ids.iter().enumerate() {
-        if !known(id) {
-            return Err(place_error(
-                format!("audience.segment_ids[{i}]"),
-                format!("no segment '{id}' in this workspace"),
-            ));
-        }
-    }
-    if let Delivery::ActionBased(action) = &def.entry {
-        for (i, t) in action.triggers.iter().enumerate() {
-            if let Trigger::SegmentEntry { segment_id } = t
-                && !known(segment_id)
-            {
-                return Err(place_error(
-                    format!("entry.triggers[{i}].segment_entry.segment_id"),
-                    format!("no segment '{segment_id}' in this workspace"),
-                ));
-            }
-        }
-    }
-    Ok(())
+    check_segment_refs(&segments, &def.audience.segment_ids, &def.entry, "entry")
 }
 
 /// `canvas.read`, or `canvas.manage` for a key that has only that (managing includes reading).
