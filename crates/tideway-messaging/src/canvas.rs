@@ -772,12 +772,12 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
         canvases: &[CanvasRecord],
     ) -> Result<bool, StoreError> {
         let cursor = self.store.canvas_cursor(ws).await?;
-        if cursor == TriggerCursor::default() {
+        if !cursor.is_started() {
             // Start at the logs' heads: history before the first Canvas enters no one.
-            let heads = TriggerCursor {
-                events: self.store.event_log_head(ws).await?,
-                cohort_changes: self.store.cohort_changes_head(ws).await?,
-            };
+            let heads = TriggerCursor::at_heads(
+                self.store.event_log_head(ws).await?,
+                self.store.cohort_changes_head(ws).await?,
+            );
             let scan = CanvasScan {
                 cursor: Some((cursor, heads)),
                 ..CanvasScan::default()

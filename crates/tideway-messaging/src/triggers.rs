@@ -188,13 +188,13 @@ pub async fn start_cursor<S: TriggerStore + ?Sized>(
     workspace: WorkspaceId,
 ) -> Result<(), StoreError> {
     let cursor = store.trigger_cursor(workspace).await?;
-    if cursor != TriggerCursor::default() {
+    if cursor.is_started() {
         return Ok(());
     }
-    let heads = TriggerCursor {
-        events: store.event_log_head(workspace).await?,
-        cohort_changes: store.cohort_changes_head(workspace).await?,
-    };
+    let heads = TriggerCursor::at_heads(
+        store.event_log_head(workspace).await?,
+        store.cohort_changes_head(workspace).await?,
+    );
     match store
         .enqueue(
             workspace,
@@ -570,7 +570,7 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
         campaigns: &[(CampaignRecord, CampaignDefinition)],
     ) -> Result<bool, StoreError> {
         let cursor = self.store.trigger_cursor(ws).await?;
-        if cursor == TriggerCursor::default() {
+        if !cursor.is_started() {
             start_cursor(self.store.as_ref(), ws).await?;
             return Ok(true);
         }

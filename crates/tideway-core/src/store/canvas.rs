@@ -298,7 +298,8 @@ pub trait CanvasStore: Send + Sync {
     ) -> StoreFuture<'_, Option<Value>>;
     /// Every active Canvas of every workspace, by workspace, then oldest first.
     fn active_canvases(&self) -> StoreFuture<'_, Vec<(WorkspaceId, CanvasRecord)>>;
-    /// The workspace's Canvas cursor (0, 0 until first moved).
+    /// The workspace's Canvas cursor (the default, never-started one until first moved; see
+    /// [`TriggerCursor`]).
     fn canvas_cursor(&self, workspace: WorkspaceId) -> StoreFuture<'_, TriggerCursor>;
     /// Entries and inbox items, all or nothing (see [`CanvasScan`]). An entry is accepted
     /// when the Canvas exists, the user has no journey in it, their last entry (if any) is at

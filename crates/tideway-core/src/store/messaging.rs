@@ -133,13 +133,38 @@ pub struct NewSend {
     pub events: Vec<CurrentsEvent>,
 }
 
-/// Where the trigger engine has read a workspace's logs up to.
+/// Where the trigger engine (or the Canvas engine) has read a workspace's logs up to.
+///
+/// The default cursor, `(0, 0)`, means "never started": the engine's first pass points it at
+/// the logs' heads so that history before the first launch triggers nothing. A started
+/// cursor is therefore never the default one, even when the logs were empty when it started
+/// (see [`TriggerCursor::at_heads`]); otherwise the next pass would take it for unstarted and
+/// jump over whatever arrived in between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TriggerCursor {
     /// Last event-log position read.
     pub events: i64,
     /// Last cohort-membership-change position read.
     pub cohort_changes: i64,
+}
+
+impl TriggerCursor {
+    /// A started cursor at the logs' heads (each the last committed position, or 0 for an
+    /// empty log). An empty log's head is kept as -1: log positions start at 1, so reading
+    /// after -1 reads the same rows as reading after 0, and the cursor stays distinguishable
+    /// from the never-started default.
+    pub fn at_heads(events: i64, cohort_changes: i64) -> Self {
+        let started = |head: i64| if head == 0 { -1 } else { head };
+        Self {
+            events: started(events),
+            cohort_changes: started(cohort_changes),
+        }
+    }
+
+    /// Whether an engine's first pass has set this cursor (see the type's docs).
+    pub fn is_started(self) -> bool {
+        self != Self::default()
+    }
 }
 
 /// One transaction's worth of enqueueing.

@@ -13,7 +13,6 @@ use serde_json::{Value, json};
 use tideway_core::clock::Millis;
 use tideway_core::egress::EgressPolicy;
 use tideway_core::keys::Secret;
-use tideway_core::store::TriggerCursor;
 use tideway_currents::Clock;
 use tideway_messaging::dispatcher::{Channels, Tracking};
 use tideway_messaging::email::{SmtpSender, SmtpUrl};
@@ -97,7 +96,12 @@ async fn trial_stuck_journey_runs_end_to_end_across_a_restart() {
     let store = std::sync::Arc::clone(&t.s.store);
     let ws = t.ws.id;
     until("the Canvas cursor", async || {
-        (store.canvas_cursor(ws).await.unwrap() != TriggerCursor::default()).then_some(())
+        store
+            .canvas_cursor(ws)
+            .await
+            .unwrap()
+            .is_started()
+            .then_some(())
     })
     .await;
 
@@ -569,6 +573,45 @@ async fn entering_a_segment_enters_a_canvas_once() {
     assert_eq!(t.hooks.hits().len(), 2);
 }
 
+/// Regression: a Canvas cursor started on empty logs used to equal the never-started one, so
+/// the next scan "started" it again at the logs' heads and jumped over the first events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canvas_launched_on_empty_logs_enters_on_the_first_event() {
+    let t = setup().await;
+    let def = json!({
+        "name": "First event",
+        "entry": {"type": "action_based", "triggers": [{"custom_event": {"name": "first"}}]},
+        "steps": [{"id": "hook", "name": "Hello", "type": "message", "message": {"channel": "webhook", "url": t.hook_url,
+            "body": "hello {{${user_id}}}"}}]
+    });
+    let id = launched(&t, def).await;
+    let store = std::sync::Arc::clone(&t.s.store);
+    let ws = t.ws.id;
+    assert_eq!(store.event_log_head(ws).await.unwrap(), 0);
+    assert_eq!(store.cohort_changes_head(ws).await.unwrap(), 0);
+    until("the Canvas cursor", async || {
+        store
+            .canvas_cursor(ws)
+            .await
+            .unwrap()
+            .is_started()
+            .then_some(())
+    })
+    .await;
+    let a =
+        t.s.post(
+            "/users/track",
+            &t.key,
+            json!({"events": [{"external_id": "early", "name": "first", "time": Millis(now_ms()).to_iso()}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let hits = t.wait_hits(1).await;
+    assert_eq!(hits[0].body, "hello early");
+    let entries = t.wait_events("users.canvas.Entry", 1).await;
+    assert_eq!(entries[0]["properties"]["canvas_id"], id.as_str());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversion_after_the_journey_ended_counts_once_within_the_window() {
     let t = setup().await;
@@ -595,7 +638,12 @@ async fn a_conversion_after_the_journey_ended_counts_once_within_the_window() {
     let store = std::sync::Arc::clone(&t.s.store);
     let ws = t.ws.id;
     until("the Canvas cursor", async || {
-        (store.canvas_cursor(ws).await.unwrap() != TriggerCursor::default()).then_some(())
+        store
+            .canvas_cursor(ws)
+            .await
+            .unwrap()
+            .is_started()
+            .then_some(())
     })
     .await;
     let a =

@@ -697,6 +697,45 @@ async fn a_delayed_trigger_checks_the_audience_when_the_message_goes_out() {
     assert_eq!(sends[0]["user"]["external_user_id"], "stays");
 }
 
+/// Regression: a trigger cursor started on empty logs used to equal the never-started one, so
+/// the next pass "started" it again at the logs' heads and jumped over the first events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_based_campaign_launched_on_empty_logs_sees_the_first_event() {
+    let t = setup().await;
+    let mut campaign = t.webhook_campaign("First event", json!({}));
+    campaign["delivery"] =
+        json!({"type": "action_based", "triggers": [{"custom_event": {"name": "first"}}]});
+    t.campaign(campaign).await;
+    assert_eq!(t.s.store.event_log_head(t.ws.id).await.unwrap(), 0);
+    assert_eq!(t.s.store.cohort_changes_head(t.ws.id).await.unwrap(), 0);
+    let deadline = Instant::now() + DEADLINE;
+    while !t
+        .s
+        .store
+        .trigger_cursor(t.ws.id)
+        .await
+        .unwrap()
+        .is_started()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the trigger cursor never started"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let a =
+        t.s.post(
+            "/users/track",
+            &t.key,
+            json!({"events": [{"external_id": "early", "name": "first", "time": now_iso()}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    t.wait_hits(1).await;
+    let sends = t.wait_events("users.messages.webhook.Send", 1).await;
+    assert_eq!(sends[0]["user"]["external_user_id"], "early");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_time_schedule_reaches_each_user_at_their_wall_clock_time() {
     let t = setup().await;
