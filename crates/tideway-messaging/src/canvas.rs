@@ -30,7 +30,7 @@
 //! API-triggered entries of named recipients (`/canvas/trigger/send`) go through
 //! [`CanvasEngine::enter`]. A User Update step's attributes travel with the journey's
 //! settlement ([`JourneySettlement::user_update`]) and are applied through the users
-//! context in its transaction (on PostgreSQL just before it: see there).
+//! context in its transaction.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -243,12 +243,10 @@ pub struct JourneySettlement {
     pub events: Vec<CurrentsEvent>,
     pub sends: Vec<CanvasSend>,
     pub stats: Vec<StepStat>,
-    /// The User Update steps the journey ran. On SQLite it is applied in the settlement's
-    /// transaction, so an update is applied exactly when the journey moves past its step (a
-    /// crash or a refused settlement applies neither). On PostgreSQL it is applied in a unit
-    /// of work of its own just before the settlement's transaction (the users context's
-    /// transactions cannot take Canvas writes yet), so a crash between the two applies it
-    /// again when the journey is processed again: an increment may count twice there.
+    /// The User Update steps the journey ran, applied through the users context in the
+    /// settlement's transaction (on PostgreSQL the settlement runs inside the users context's
+    /// unit of work), so an update is applied exactly when the journey moves past its step:
+    /// a crash or a refused or failed settlement applies neither.
     pub user_update: Option<UserUpdate>,
     /// For a journey that ended with conversion windows still open: its watch (replacing any
     /// older one of the user in the Canvas).

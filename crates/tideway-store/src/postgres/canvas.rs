@@ -4,7 +4,9 @@
 //! statement (`… AND lease_owner = $owner AND entry_id = $entry`), the cursor and next-run
 //! compare-and-sets are in their `UPDATE`'s `WHERE`, an entry locks its Canvas row first
 //! (`FOR UPDATE`: entry limits and receipts are decided one entry at a time), and events are
-//! appended last (`append_in`), so log positions are in commit order.
+//! appended last (`append_in`), so log positions are in commit order. A journey that ran User
+//! Update steps settles inside the users context's unit of work that applies them
+//! (`users::AroundUnit`), so the update and the journey's move commit together.
 
 use std::collections::BTreeMap;
 
@@ -16,14 +18,18 @@ use tideway_core::canvas::Journey;
 use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{UserSeq, WorkspaceId};
-use tideway_core::services::Services;
 use tideway_core::store::{
     CanvasRecord, CanvasScan, CanvasStore, ClaimedJourney, ConversionWatch, JourneySettlement,
     ScanOutcome, SendCounts, StepCounts, StepStat, StoreError, StoreFuture, TriggerCursor,
 };
 
+use deadpool_postgres::Transaction;
+use tideway_core::store::{UnitOfWork, WorkOutput};
+use tokio::runtime::Handle;
+
 use super::currents::append_in;
 use super::messaging::insert_dispatch;
+use super::users::{AroundUnit, Skipped};
 use super::{PgStore, execute, get, pg_err, query, query_one, query_opt};
 use crate::codec::corrupt;
 use crate::sqlite::canvas::{
@@ -546,40 +552,112 @@ async fn settle_journeys(
     now: Millis,
     settlements: &[JourneySettlement],
 ) -> Result<u64, StoreError> {
+    let (updating, plain): (Vec<&JourneySettlement>, Vec<&JourneySettlement>) =
+        settlements.iter().partition(|s| s.user_update.is_some());
     let mut refused = 0;
-    let mut client = store.pool.client().await?;
-    // User Update steps: applied through the users context's own unit of work, just before
-    // this transaction, to journeys whose lease is still held (see
-    // `JourneySettlement::user_update`: not in one transaction on PostgreSQL yet).
-    for s in settlements {
-        let Some(update) = &s.user_update else {
-            continue;
-        };
-        let held = query_opt(
-            &client,
-            "SELECT 1 FROM canvas_journeys
-             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3
-               AND entry_id = $4 AND lease_owner = $5",
-            &[
-                &s.workspace.0,
-                &s.canvas_id,
-                &i64::from(s.user.0),
-                &s.entry_id,
-                &owner,
-            ],
-        )
-        .await?;
-        if held.is_some() {
-            store
-                .track(&update.workspace, update.request.clone(), now)
-                .await?;
-        }
+    // A journey that ran User Update steps settles in the transaction of the users context's
+    // unit of work that applies them: both commit, or neither.
+    for s in updating {
+        refused += settle_with_user_update(store, owner, now, s).await?;
     }
+    if plain.is_empty() {
+        return Ok(refused);
+    }
+    let mut client = store.pool.client().await?;
     let tx = client.transaction().await.map_err(pg_err)?;
+    refused += settle_in(&tx, owner, now, &plain).await?;
+    tx.commit().await.map_err(pg_err)?;
+    Ok(refused)
+}
+
+/// Settles one journey that ran User Update steps: its lease is checked (and its row locked)
+/// first, then the update is applied through the users context and the journey settled, in
+/// that unit's transaction ([`AroundUnit`]). 1 if the lease was lost (nothing applied).
+async fn settle_with_user_update(
+    store: &PgStore,
+    owner: &str,
+    now: Millis,
+    s: &JourneySettlement,
+) -> Result<u64, StoreError> {
+    let Some(update) = &s.user_update else {
+        return Ok(0);
+    };
+    let request = update.request.clone();
+    let work: UnitOfWork = Box::new(move |tx, ctx| {
+        tideway_core::users::track(tx, ctx, &request).map(|_| Box::new(()) as WorkOutput)
+    });
+    let around = SettleAround {
+        owner: owner.to_owned(),
+        now,
+        settlement: s.clone(),
+    };
+    let out = store
+        .run_unit_around(&update.workspace, now, work, Box::new(around))
+        .await?;
+    Ok(u64::from(out.is::<Skipped>()))
+}
+
+/// A settlement around the unit of work that applies its User Update steps.
+struct SettleAround {
+    owner: String,
+    now: Millis,
+    settlement: JourneySettlement,
+}
+
+impl AroundUnit for SettleAround {
+    fn before(&mut self, rt: &Handle, tx: &Transaction<'_>) -> Result<bool, StoreError> {
+        let s = &self.settlement;
+        rt.block_on(lease_held(tx, &self.owner, s))
+    }
+
+    fn after(&mut self, rt: &Handle, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        let one = [&self.settlement];
+        let refused = rt.block_on(settle_in(tx, &self.owner, self.now, &one))?;
+        if refused > 0 {
+            // `before` locked the row with the lease held: nothing can have taken it since.
+            return Err(corrupt(
+                "a journey's lease was lost while its row was locked",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `owner` still holds the journey's lease (for its entry), locking its row.
+async fn lease_held<C: GenericClient>(
+    tx: &C,
+    owner: &str,
+    s: &JourneySettlement,
+) -> Result<bool, StoreError> {
+    Ok(query_opt(
+        tx,
+        "SELECT 1 FROM canvas_journeys
+         WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3
+           AND entry_id = $4 AND lease_owner = $5 FOR UPDATE",
+        &[
+            &s.workspace.0,
+            &s.canvas_id,
+            &i64::from(s.user.0),
+            &s.entry_id,
+            &owner,
+        ],
+    )
+    .await?
+    .is_some())
+}
+
+/// Settles `settlements` in `tx`: those whose lease `owner` still holds are applied, the
+/// others refused (counted). Rows are locked in key order (two calls never deadlock); events
+/// are appended in call order, as on SQLite.
+async fn settle_in(
+    tx: &Transaction<'_>,
+    owner: &str,
+    now: Millis,
+    settlements: &[&JourneySettlement],
+) -> Result<u64, StoreError> {
+    let mut refused = 0;
     let mut appends: BTreeMap<WorkspaceId, Appends> = BTreeMap::new();
     let mut stats: BTreeMap<WorkspaceId, Vec<(&str, &StepStat)>> = BTreeMap::new();
-    // Rows are locked in key order (two calls never deadlock); events are appended in call
-    // order, as on SQLite.
     let mut order: Vec<usize> = (0..settlements.len()).collect();
     order.sort_by(|&a, &b| {
         let (a, b) = (&settlements[a], &settlements[b]);
@@ -590,22 +668,13 @@ async fn settle_journeys(
         let s = &settlements[k];
         let ws = s.workspace.0;
         let user = i64::from(s.user.0);
-        let held = query_opt(
-            &tx,
-            "SELECT 1 FROM canvas_journeys
-             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3
-               AND entry_id = $4 AND lease_owner = $5 FOR UPDATE",
-            &[&ws, &s.canvas_id, &user, &s.entry_id, &owner],
-        )
-        .await?
-        .is_some();
-        if !held {
+        if !lease_held(tx, owner, s).await? {
             refused += 1;
             continue;
         }
         if let Some(upto) = s.inbox_upto {
             execute(
-                &tx,
+                tx,
                 "DELETE FROM canvas_inbox
                  WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3 AND id <= $4",
                 &[&ws, &s.canvas_id, &user, &upto],
@@ -615,7 +684,7 @@ async fn settle_journeys(
         match &s.journey {
             Some(j) => {
                 execute(
-                    &tx,
+                    tx,
                     "UPDATE canvas_journeys SET entry_id = $4, version = $5, variant_id = $6,
                          step_id = $7, entered_at = $8, step_at = $9, due_at = $10, converted = $11,
                          entry_properties = $12, event_properties = $13,
@@ -646,7 +715,7 @@ async fn settle_journeys(
             None => {
                 for table in ["canvas_journeys", "canvas_inbox"] {
                     execute(
-                        &tx,
+                        tx,
                         &format!(
                             "DELETE FROM {table}
                              WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3"
@@ -657,7 +726,7 @@ async fn settle_journeys(
                 }
                 if let Some(w) = &s.watch {
                     execute(
-                        &tx,
+                        tx,
                         "INSERT INTO canvas_conversion_watches (workspace_id, canvas_id, user_seq,
                              entry_id, version, variant_id, step_id, entered_at, converted, until)
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
@@ -691,17 +760,17 @@ async fn settle_journeys(
                 )));
             }
             let exists = query_opt(
-                &tx,
+                tx,
                 "SELECT 1 FROM dispatches WHERE workspace_id = $1 AND id = $2",
                 &[&ws, &send.dispatch.id],
             )
             .await?
             .is_some();
             if !exists {
-                insert_dispatch(&tx, &send.dispatch).await?;
+                insert_dispatch(tx, &send.dispatch).await?;
             }
             execute(
-                &tx,
+                tx,
                 "INSERT INTO sends (workspace_id, dispatch_id, user_seq, variant, due_at, properties, state)
                  VALUES ($1, $2, $3, $4, $5, $6, 'pending')",
                 &[
@@ -717,7 +786,12 @@ async fn settle_journeys(
         }
         accepted[k] = true;
     }
-    for (s, _) in settlements.iter().zip(&accepted).filter(|(_, a)| **a) {
+    for (s, _) in settlements
+        .iter()
+        .copied()
+        .zip(&accepted)
+        .filter(|(_, a)| **a)
+    {
         appends
             .entry(s.workspace)
             .or_default()
@@ -728,12 +802,11 @@ async fn settle_journeys(
             .extend(s.stats.iter().map(|st| (s.canvas_id.as_str(), st)));
     }
     for (ws, items) in stats {
-        count_stats(&tx, ws, &tally(items)).await?;
+        count_stats(tx, ws, &tally(items)).await?;
     }
     for (ws, events) in &appends {
-        append_in(&tx, *ws, events).await?;
+        append_in(tx, *ws, events).await?;
     }
-    tx.commit().await.map_err(pg_err)?;
     Ok(refused)
 }
 

@@ -119,9 +119,48 @@ struct Job {
     workspace: Workspace,
     now: Millis,
     work: UnitOfWork,
+    /// Statements of another context run in the unit's transaction around its work.
+    around: Option<Box<dyn AroundUnit>>,
     reply: oneshot::Sender<Result<WorkOutput, StoreError>>,
     /// Its place in the queue's bound, given back when the job is answered (dropped).
     _room: OwnedSemaphorePermit,
+}
+
+/// Another bounded context's writes that must commit with a unit of domain work, run in the
+/// unit's transaction (its savepoint when the batch runs unit by unit): a Canvas settlement
+/// whose journey ran a User Update step (`postgres::canvas`), so the update is applied exactly
+/// when the journey moves past its step. Like the work, both steps may run more than once (a
+/// rerun batch); only the last run commits.
+pub(super) trait AroundUnit: Send {
+    /// Before the work, with the workspace's front held: `false` skips the work and
+    /// [`AroundUnit::after`], and the unit answers [`Skipped`].
+    fn before(&mut self, rt: &Handle, tx: &Transaction<'_>) -> Result<bool, StoreError>;
+    /// After the work, before the commit.
+    fn after(&mut self, rt: &Handle, tx: &Transaction<'_>) -> Result<(), StoreError>;
+}
+
+/// The answer of a unit whose [`AroundUnit::before`] said not to run it.
+pub(super) struct Skipped;
+
+/// Runs `around.before`, then (unless it said no) the work and `around.after`, for one unit.
+fn run_job(
+    rt: &Handle,
+    tx: &Transaction<'_>,
+    ptx: &mut PgTx<'_, '_>,
+    ctx: &mut WriteCtx<'_>,
+    work: &mut UnitOfWork,
+    mut around: Option<&mut (dyn AroundUnit + 'static)>,
+) -> Result<WorkOutput, StoreError> {
+    if let Some(around) = around.as_deref_mut()
+        && !around.before(rt, tx).map_err(|e| ptx.fail_mapped(e))?
+    {
+        return Ok(Box::new(Skipped));
+    }
+    let out = work(ptx, ctx)?;
+    if let Some(around) = around {
+        around.after(rt, tx).map_err(|e| ptx.fail_mapped(e))?;
+    }
+    Ok(out)
 }
 
 /// The group-commit queue of a [`PgStore`]: cheap to clone; the workers stop once the last
@@ -347,6 +386,59 @@ async fn worker(alive: Alive, pool: PgPool, max_array_len: usize) {
     }
 }
 
+impl PgStore {
+    /// [`UserStore::run_unit`] with another context's writes in the same transaction
+    /// ([`AroundUnit`]); the work's output, or [`Skipped`].
+    pub(super) async fn run_unit_around(
+        &self,
+        workspace: &Workspace,
+        now: Millis,
+        work: UnitOfWork,
+        around: Box<dyn AroundUnit>,
+    ) -> Result<WorkOutput, StoreError> {
+        self.queue_unit(workspace.clone(), now, work, Some(around))
+            .await
+    }
+
+    async fn queue_unit(
+        &self,
+        workspace: Workspace,
+        now: Millis,
+        work: UnitOfWork,
+        around: Option<Box<dyn AroundUnit>>,
+    ) -> Result<WorkOutput, StoreError> {
+        let queue = &self.units.queue;
+        let room = Arc::clone(&queue.room)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Unavailable("the PostgreSQL writer has stopped".into()))?;
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut state = queue.lock();
+            while state.workers < WORKERS {
+                state.workers += 1;
+                tokio::spawn(worker(
+                    Alive(Arc::clone(queue)),
+                    self.pool.clone(),
+                    self.options.max_array_len,
+                ));
+            }
+            state.jobs.push_back(Job {
+                workspace,
+                now,
+                work,
+                around,
+                reply,
+                _room: room,
+            });
+        }
+        queue.wake.notify_waiters();
+        answer.await.map_err(|_| {
+            StoreError::Unavailable("the PostgreSQL writer stopped before answering".into())
+        })?
+    }
+}
+
 impl UserStore for PgStore {
     fn run_unit(
         &self,
@@ -354,37 +446,7 @@ impl UserStore for PgStore {
         now: Millis,
         work: UnitOfWork,
     ) -> StoreFuture<'_, WorkOutput> {
-        let workspace = workspace.clone();
-        Box::pin(async move {
-            let queue = &self.units.queue;
-            let room = Arc::clone(&queue.room)
-                .acquire_owned()
-                .await
-                .map_err(|_| StoreError::Unavailable("the PostgreSQL writer has stopped".into()))?;
-            let (reply, answer) = oneshot::channel();
-            {
-                let mut state = queue.lock();
-                while state.workers < WORKERS {
-                    state.workers += 1;
-                    tokio::spawn(worker(
-                        Alive(Arc::clone(queue)),
-                        self.pool.clone(),
-                        self.options.max_array_len,
-                    ));
-                }
-                state.jobs.push_back(Job {
-                    workspace,
-                    now,
-                    work,
-                    reply,
-                    _room: room,
-                });
-            }
-            queue.wake.notify_waiters();
-            answer.await.map_err(|_| {
-                StoreError::Unavailable("the PostgreSQL writer stopped before answering".into())
-            })?
-        })
+        Box::pin(self.queue_unit(workspace.clone(), now, work, None))
     }
 
     fn read_unit(&self, workspace: WorkspaceId, work: ReadWork) -> StoreFuture<'_, WorkOutput> {
@@ -705,7 +767,14 @@ fn together_in(env: &mut BatchEnv<'_>, session: &mut Session, jobs: &mut [Job]) 
                 ids: &mut *env.ids,
                 max_array_len: env.max_array_len,
             };
-            match (job.work)(&mut ptx, &mut ctx) {
+            match run_job(
+                env.rt,
+                &tx,
+                &mut ptx,
+                &mut ctx,
+                &mut job.work,
+                job.around.as_deref_mut(),
+            ) {
                 Ok(out) => outputs.push(Ok(out)),
                 Err(e) => {
                     failed = Some((e, ptx.failure.unwrap_or(Failure::Other)));
@@ -783,7 +852,15 @@ fn isolated_in(env: &mut BatchEnv<'_>, session: &mut Session, jobs: &mut [Job]) 
                 ids: &mut *env.ids,
                 max_array_len: env.max_array_len,
             };
-            let ran = (job.work)(&mut ptx, &mut ctx).and_then(|out| ptx.sync().map(|()| out));
+            let ran = run_job(
+                env.rt,
+                &tx,
+                &mut ptx,
+                &mut ctx,
+                &mut job.work,
+                job.around.as_deref_mut(),
+            )
+            .and_then(|out| ptx.sync().map(|()| out));
             match ran {
                 Ok(out) => {
                     let unit_logs = std::mem::take(&mut ptx.logs);

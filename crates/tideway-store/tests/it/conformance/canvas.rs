@@ -9,7 +9,7 @@ use tideway_core::campaigns::CampaignStatus;
 use tideway_core::canvas::{Happening, HappeningKind, Journey};
 use tideway_core::clock::Millis;
 use tideway_core::currents::{CurrentsEvent, EventUser};
-use tideway_core::ids::{BrazeId, EventId, UserSeq};
+use tideway_core::ids::{BrazeId, EventId, UserSeq, WorkspaceId};
 use tideway_core::store::prelude::*;
 use tideway_core::store::{
     CanvasRecipient, CanvasRecord, CanvasScan, CanvasSend, CanvasStat, DispatchRecord,
@@ -660,6 +660,44 @@ pub(super) async fn user_updates_are_applied_with_their_settlement_only(store: A
             .unwrap()
             .len(),
         1
+    );
+    // A settlement that fails after its update (a send of another workspace's dispatch):
+    // neither the update nor the journey's move commits, and the journey settles later.
+    let failing = JourneySettlement {
+        sends: vec![CanvasSend {
+            dispatch: DispatchRecord {
+                id: "d-elsewhere".into(),
+                workspace: WorkspaceId(ws.id.0 + 1),
+                source: DispatchSource::AdHoc {
+                    definition: json!({"canvas": {"id": "c1"}}),
+                },
+                send_id: None,
+                per_user_ids: true,
+                properties: None,
+                audience: None,
+                created_at: NOW,
+                expanding_after: None,
+                not_before: None,
+            },
+            job: SendJob {
+                dispatch_id: "d-elsewhere".into(),
+                variant: "a".into(),
+                due_at: NOW,
+                properties: None,
+            },
+        }],
+        ..settlement.clone()
+    };
+    assert!(
+        store
+            .settle_journeys("n1", NOW, vec![failing])
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        visits().await,
+        Some(json!(5)),
+        "rolled back with the settlement"
     );
     // Refused (another owner): nothing applied.
     assert_eq!(
