@@ -1,6 +1,7 @@
 //! Campaigns: the list with status, channel, delivery and sent / pending / failed counts;
 //! launch, pause, stop; a campaign's page with its figures (queue and Currents-counted
-//! stats), its templates and their Liquid rendering for a chosen user; and a form to create
+//! stats), its templates and their Liquid rendering for a chosen user (`preview.rs`, shared
+//! with the Canvas page); and a form to create
 //! or edit a campaign — up to eight email or webhook message variants with their percentages
 //! and a control group ("Add a variant" / "Remove" post the form back and show it again, nothing
 //! saved), an audience of segments, and delivery by API trigger, once at a time, or when a
@@ -17,7 +18,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde_json::{Value, json};
-use tideway_core::campaigns::{CampaignStatus, MAX_VARIANTS};
+use tideway_core::campaigns::{CampaignStatus, MAX_VARIANTS, templates_of};
 use tideway_core::clock::parse_datetime;
 use tideway_core::cohorts::partner;
 use tideway_core::store::CampaignRecord;
@@ -26,6 +27,7 @@ use super::forms::{
     FieldError, api_error, described_by, error_beside, lifecycle_action, refused, require_admin,
 };
 use super::layout::{self, Section};
+use super::preview::{self, Preview, RenderedMessage};
 use super::{Ctx, FormData, Me, PageError, PathParams, path_param, see_other, when, ws_id};
 use crate::AppState;
 use crate::campaigns_api::{change_status, checked_definition};
@@ -577,62 +579,19 @@ pub async fn action(
     Ok(see_other(&ctx.url("/campaigns")))
 }
 
-/// A rendered template for the preview: `(place, text or why it did not render)`.
-type Rendered = Vec<(String, Result<String, String>)>;
-
-/// Every template of the campaign rendered for the user with this external id, as the
-/// dispatcher would (the user found through the export's lookup and the segment index's seq,
-/// their profile as of every acknowledged write).
-async fn preview(
+/// Every template of the campaign rendered for the user with this external id, variant by
+/// variant, as the dispatcher would.
+async fn render_preview(
     state: &AppState,
     ctx: &Ctx,
     c: &CampaignRecord,
     def: &tideway_core::campaigns::CampaignDefinition,
     external_id: &str,
-) -> Result<Result<Rendered, String>, PageError> {
-    use tideway_core::services::Services;
-    use tideway_messaging::liquid::Template;
+) -> Result<Preview, PageError> {
     use tideway_messaging::personalise::{CampaignVars, vars_for};
-    let Ok(id) = tideway_core::ids::ExternalId::parse(external_id) else {
-        return Ok(Err("That is not an external id.".into()));
-    };
-    let found = state
-        .store()
-        .export_ids(
-            &ctx.workspace,
-            tideway_core::users::ExportRequest {
-                external_ids: vec![id],
-                fields: vec!["braze_id".into()],
-                ..Default::default()
-            },
-        )
-        .await?;
-    let Some(braze_id) = found
-        .users
-        .first()
-        .and_then(|u| u.get("braze_id"))
-        .and_then(Value::as_str)
-        .and_then(|b| tideway_core::ids::BrazeId::parse(b).ok())
-    else {
-        return Ok(Err("No user has that external id.".into()));
-    };
-    let seq = state
-        .segments()
-        .with_fresh(ctx.workspace.id, move |live| live.seq_of(&braze_id))
-        .await?;
-    let Some(seq) = seq else {
-        return Ok(Err(
-            "That user is not indexed yet; try again in a moment.".into()
-        ));
-    };
-    let Some(user) = state
-        .store()
-        .users_by_seq(ctx.workspace.id, vec![seq])
-        .await?
-        .into_iter()
-        .next()
-    else {
-        return Ok(Err("No user has that external id.".into()));
+    let (_, user) = match preview::user(state, ctx, external_id).await? {
+        Ok(found) => found,
+        Err(refusal) => return Ok(Err(refusal)),
     };
     let mut out = Vec::new();
     for (i, variant) in def.variants.iter().enumerate() {
@@ -651,16 +610,11 @@ async fn preview(
             serde_json::Map::new(),
         );
         let prefix = ["messages[", &i.to_string(), "]"].concat();
-        for (place, source) in def
-            .templates()
-            .into_iter()
-            .filter(|(p, _)| p.starts_with(&prefix))
-        {
-            let rendered = Template::parse(source)
-                .map_err(|e| e.to_string())
-                .and_then(|t| t.render(&vars).map_err(|e| e.to_string()));
-            out.push((place, rendered));
-        }
+        out.push(RenderedMessage {
+            title: ["Variant ", &(i + 1).to_string(), ": ", &variant.name].concat(),
+            note: None,
+            parts: preview::render(templates_of(variant, &prefix), &vars),
+        });
     }
     Ok(Ok(out))
 }
@@ -672,7 +626,7 @@ pub async fn detail(
     Extension(me): Extension<Me>,
     path: PathParams,
     axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
-) -> Result<Markup, PageError> {
+) -> Result<Response, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     let id = path_param(&path.0, "id")?;
     let store = state.store();
@@ -689,7 +643,7 @@ pub async fn detail(
         .map(|p| p.trim())
         .filter(|p| !p.is_empty());
     let rendered = match wanted {
-        Some(external_id) => Some(preview(&state, &ctx, &c, &def, external_id).await?),
+        Some(external_id) => Some(render_preview(&state, &ctx, &c, &def, external_id).await?),
         None => None,
     };
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
@@ -713,27 +667,7 @@ pub async fn detail(
             p { code { (place) } }
             pre class="card mono" { (source) }
         }
-        h2 { "Preview for a user" }
-        form class="card" method="get" action=(ctx.url(&["/campaigns/", &super::segment(&c.id)].concat())) {
-            label for="preview" { "External id" }
-            input type="text" id="preview" name="preview" value=(wanted.unwrap_or(""));
-            div class="actions" { button type="submit" { "Preview" } }
-        }
-        @match &rendered {
-            Some(Err(why)) => { p class="notice error" role="alert" { (why) } }
-            Some(Ok(parts)) => {
-                div id="preview-result" {
-                    @for (place, text) in parts {
-                        p { code { (place) } }
-                        @match text {
-                            Ok(text) => { pre class="card mono" { (text) } }
-                            Err(why) => { p class="notice error" { (why) } }
-                        }
-                    }
-                }
-            }
-            None => {}
-        }
+        (preview::section(&ctx.url(&["/campaigns/", &super::segment(&c.id)].concat()), wanted, html! {}, rendered.as_ref()))
         p {
             @if ctx.me.may_change() && c.status != CampaignStatus::Stopped && CampaignForm::from_record(&c).is_some() {
                 a href=(ctx.url(&["/campaigns/", &super::segment(&c.id), "/edit"].concat())) id="edit-campaign" { "Edit" } " · "
@@ -741,7 +675,11 @@ pub async fn detail(
             a href=(ctx.url("/campaigns")) { "All campaigns" }
         }
     };
-    Ok(layout::page(&ctx, Section::Campaigns, &c.name, body))
+    Ok((
+        preview::status(rendered.as_ref()),
+        layout::page(&ctx, Section::Campaigns, &c.name, body),
+    )
+        .into_response())
 }
 
 async fn load(state: &AppState, ctx: &Ctx, path: &PathParams) -> Result<CampaignRecord, PageError> {

@@ -41,6 +41,7 @@ mod heap;
 mod home;
 mod layout;
 mod lookup;
+mod preview;
 mod segments;
 
 use axum::Router;

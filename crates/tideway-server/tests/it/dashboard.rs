@@ -1679,3 +1679,77 @@ async fn user_lookup_shows_events_purchases_and_recent_messages() {
     // Newest first: the Canvas send was enqueued after the campaign's.
     assert!(messages.find("Canvas Trial").unwrap() < messages.find("Campaign Pricing").unwrap());
 }
+
+#[tokio::test]
+async fn canvas_message_steps_are_previewed_for_a_user_with_entry_properties() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let key = s.admin_key(&ws).await;
+    let doc = json!({"name": "Onboarding <1>", "entry": {"type": "api_triggered"}, "steps": [
+        {"id": "hook", "name": "Ping", "type": "message", "next": "wait",
+         "message": {"channel": "webhook", "url": "http://127.0.0.1:9/{{canvas_entry_properties.${plan}}}",
+            "body": "Hi {{${first_name}}} on {{context.${plan}}} from {{canvas.${name}}}, step {{campaign.${name}}}",
+            "request_headers": {"X-Plan": "{{context.${plan} | default: 'none'}}"}}},
+        {"id": "wait", "name": "Two days", "type": "delay", "delay": {"seconds": 172800}, "next": "mail"},
+        {"id": "mail", "name": "Reminder", "type": "message",
+         "message": {"channel": "email", "from": "T <t@example.com>",
+            "subject": "{% if context.${plan} == 'gold' %}{% abort_message('gold users skip this') %}{% endif %}Hello",
+            "body": "<p>{{${first_name}}}</p>", "plaintext_body": "{{${first_name}}}"}}]});
+    let a = s.post("/api/v1/canvases", &key, doc).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let id = a.body["canvas"]["id"].as_str().unwrap().to_owned();
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "ada", "first_name": "Ada <3"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201);
+    let page = |query: &str| {
+        let b = &b;
+        let url = format!("{w}/canvases/{id}?{query}");
+        async move { b.get(&url).await }
+    };
+    let plain = page("").await;
+    assert_eq!(plain.status, 200);
+    assert!(plain.body.contains("id=\"preview-entry\"") && !plain.body.contains("preview-result"));
+
+    let entry = form_urlencoded::byte_serialize(br#"{"plan": "silver"}"#).collect::<String>();
+    let silver = page(&format!("preview=ada&entry={entry}")).await;
+    assert_eq!(silver.status, 200, "{}", silver.body);
+    for rendered in [
+        "http://127.0.0.1:9/silver",
+        "Hi Ada &lt;3 on silver from Onboarding &lt;1&gt;, step Ping",
+        "steps[0].message.request_headers.X-Plan",
+        "steps[2].message.subject",
+        "<pre class=\"card mono\">Hello</pre>",
+        "steps[2].message.plaintext_body",
+    ] {
+        assert!(silver.body.contains(rendered), "{rendered}: {}", silver.body);
+    }
+    // Without entry properties, and with ones that make a template abort.
+    let none = page("preview=ada").await;
+    assert!(none.body.contains("http://127.0.0.1:9/<") || none.body.contains("http://127.0.0.1:9/</pre>"), "{}", none.body);
+    assert!(none.body.contains("<pre class=\"card mono\">none</pre>"), "{}", none.body);
+    let entry = form_urlencoded::byte_serialize(br#"{"plan": "gold"}"#).collect::<String>();
+    let gold = page(&format!("preview=ada&entry={entry}")).await;
+    assert_eq!(gold.status, 200);
+    assert!(gold.body.contains("gold users skip this"), "{}", gold.body);
+
+    // Bad input: a clear message on the page with a 4xx, never a 500.
+    for (query, status, says) in [
+        ("preview=nobody".to_owned(), 404, "No user has that external id."),
+        (format!("preview=ada&entry={}", form_urlencoded::byte_serialize(b"[1]").collect::<String>()), 400, "must be a JSON object"),
+        (format!("preview=ada&entry={}", form_urlencoded::byte_serialize(b"{\"plan\":").collect::<String>()), 400, "are not JSON"),
+        (format!("preview={}", "x".repeat(1000)), 400, "not an external id"),
+    ] {
+        let answer = page(&query).await;
+        assert_eq!(answer.status, status, "{query}: {}", answer.body);
+        assert!(answer.body.contains(says), "{query}: {}", answer.body);
+        assert!(answer.body.contains("id=\"canvas-steps\""), "the page is still shown");
+    }
+}
