@@ -1,12 +1,12 @@
 //! Campaigns: the list with status, channel, delivery and sent / pending / failed counts;
 //! launch, pause, stop; a campaign's page with its figures (queue and Currents-counted
 //! stats), its templates and their Liquid rendering for a chosen user (`preview.rs`, shared
-//! with the Canvas page); and a form to create
-//! or edit a campaign — up to eight email or webhook message variants with their percentages
-//! and a control group ("Add a variant" / "Remove" post the form back and show it again, nothing
-//! saved), an audience of segments, and delivery by API trigger, once at a time, or when a
-//! user enters a partner cohort (picked by name). A refusal is shown beside the field the
-//! API's check names (`messages[1].url` beside variant 2's URL).
+//! with the Canvas page); and a form to create or edit a campaign — up to eight email or
+//! webhook message variants with their percentages and a control group ("Add a variant" /
+//! "Remove" post the form back and show it again, nothing saved), an audience of segments,
+//! and its delivery (`delivery.rs`: API-triggered, scheduled once or recurring, in UTC or
+//! users' local time, or action-based with several triggers). A refusal is shown beside the
+//! field the API's check names (`messages[1].url` beside variant 2's URL).
 //!
 //! The form becomes the management API's JSON and goes through the same checks
 //! (`campaigns_api::checked_definition`: shape, Liquid templates, segments) and the same
@@ -19,10 +19,9 @@ use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde_json::{Value, json};
 use tideway_core::campaigns::{CampaignStatus, MAX_VARIANTS, templates_of};
-use tideway_core::clock::parse_datetime;
-use tideway_core::cohorts::partner;
 use tideway_core::store::CampaignRecord;
 
+use super::delivery::{self, DeliveryForm};
 use super::forms::{
     FieldError, api_error, described_by, error_beside, lifecycle_action, refused, require_admin,
 };
@@ -159,9 +158,7 @@ struct CampaignForm {
     name: String,
     variants: Vec<VariantForm>,
     control: String,
-    delivery: String,
-    at: String,
-    cohort: String,
+    delivery: DeliveryForm,
     segments: Vec<String>,
 }
 
@@ -170,7 +167,7 @@ impl CampaignForm {
         CampaignForm {
             variants: vec![VariantForm::new("100")],
             control: "0".into(),
-            delivery: "api_triggered".into(),
+            delivery: DeliveryForm::empty(),
             ..CampaignForm::default()
         }
     }
@@ -199,15 +196,13 @@ impl CampaignForm {
             name: form.text("name").to_owned(),
             variants,
             control: form.text("control").to_owned(),
-            delivery: form.text("delivery").to_owned(),
-            at: form.text("at").to_owned(),
-            cohort: form.text("cohort").to_owned(),
+            delivery: DeliveryForm::from_form(form),
             segments: form.all("segment").into_iter().map(str::to_owned).collect(),
         }
     }
 
     /// The form for a stored campaign, when it can show it: email and webhook variants, and
-    /// delivery by API trigger, once at a time, or on one cohort's entry.
+    /// any delivery but one with property filters the form has no field for.
     fn from_record(c: &CampaignRecord) -> Option<CampaignForm> {
         let d = &c.definition;
         let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
@@ -226,7 +221,7 @@ impl CampaignForm {
                 body: text(&m["body"]),
             })
             .collect();
-        let mut f = CampaignForm {
+        Some(CampaignForm {
             name: c.name.clone(),
             variants,
             control: number(&d["control_percent"]),
@@ -236,25 +231,8 @@ impl CampaignForm {
                 .flatten()
                 .map(text)
                 .collect(),
-            ..CampaignForm::default()
-        };
-        match d["delivery"]["type"].as_str()? {
-            "api_triggered" => f.delivery = "api_triggered".into(),
-            "scheduled" if d["delivery"]["schedule"]["frequency"] == "once" => {
-                f.delivery = "scheduled".into();
-                f.at = text(&d["delivery"]["schedule"]["at"]);
-            }
-            "action_based" => {
-                let triggers = d["delivery"]["triggers"]
-                    .as_array()
-                    .filter(|t| t.len() == 1)?;
-                let entry = triggers[0].get("cohort_entry")?;
-                f.delivery = "cohort_entry".into();
-                f.cohort = [text(&entry["partner"]), text(&entry["cohort_id"])].join(":");
-            }
-            _ => return None,
-        }
-        Some(f)
+            delivery: DeliveryForm::from_json(&d["delivery"])?,
+        })
     }
 
     /// The management API's JSON for the form, or the field to fix. Percentages are passed as
@@ -302,33 +280,7 @@ impl CampaignForm {
         } else {
             whole(&self.control, "control_percent".into())?
         };
-        let delivery = match self.delivery.as_str() {
-            "api_triggered" => json!({"type": "api_triggered"}),
-            "scheduled" => {
-                let at = parse_datetime(&self.at).ok_or_else(|| {
-                    FieldError::new(
-                        "delivery.schedule.at",
-                        "Send at: write an ISO 8601 time such as 2026-12-24T09:00:00Z.",
-                    )
-                })?;
-                json!({"type": "scheduled", "schedule": {"frequency": "once", "at": at.to_iso()}})
-            }
-            "cohort_entry" => {
-                let (partner, cohort_id) = self.cohort.split_once(':').ok_or_else(|| {
-                    FieldError::new(
-                        "delivery.triggers",
-                        "Pick the cohort whose entry triggers the campaign.",
-                    )
-                })?;
-                json!({"type": "action_based", "triggers": [{"cohort_entry": {"partner": partner, "cohort_id": cohort_id}}]})
-            }
-            _ => {
-                return Err(FieldError::new(
-                    "delivery",
-                    "Choose how the campaign is delivered.",
-                ));
-            }
-        };
+        let delivery = self.delivery.to_json()?;
         let mut out = json!({"name": self.name, "messages": messages, "control_percent": control, "delivery": delivery});
         if !self.segments.is_empty() {
             out["audience"] = json!({ "segment_ids": self.segments });
@@ -418,26 +370,7 @@ async fn form_page(
                 }
                 (error_beside(error.filter(|e| e.field.starts_with("audience")), "audience"))
             }
-            fieldset {
-                legend { "Delivery" }
-                (error_beside(at("delivery"), "delivery"))
-                label class="check" { input type="radio" name="delivery" value="api_triggered" checked[form.delivery == "api_triggered"]; "API-triggered" }
-                label class="check" { input type="radio" name="delivery" value="scheduled" checked[form.delivery == "scheduled"]; "Once, at a time" }
-                label for="send-at" { "Send at (UTC, e.g. 2026-12-24T09:00:00Z)" }
-                (input("send-at", "at", "text", &form.at, "delivery.schedule.at"))
-                label class="check" { input type="radio" name="delivery" value="cohort_entry" checked[form.delivery == "cohort_entry"]; "When a user enters a cohort" }
-                label for="entry-cohort" { "Cohort" }
-                select id="entry-cohort" name="cohort" aria-describedby=[described_by(at("delivery.triggers"), "entry-cohort")] {
-                    option value="" { "— pick a cohort —" }
-                    @for c in &cohorts {
-                        @let value = [c.partner.as_str(), ":", c.cohort_id.as_str()].concat();
-                        option value=(value) selected[form.cohort == value] {
-                            (partner(&c.partner).map_or(c.partner.as_str(), |p| p.filter_name)) " › " (c.name)
-                        }
-                    }
-                }
-                (error_beside(at("delivery.triggers"), "entry-cohort"))
-            }
+            (delivery::fieldset(&form.delivery, &cohorts, &segments, error))
             div class="actions" {
                 @if editing.is_some() { button type="submit" id="save-campaign" { "Save changes" } }
                 @else { button type="submit" id="create-campaign" { "Save as draft" } }
@@ -703,7 +636,7 @@ pub async fn edit_form(
     let c = load(&state, &ctx, &path).await?;
     let form = CampaignForm::from_record(&c).ok_or_else(|| {
         PageError::Conflict(format!(
-            "This campaign's delivery is one the form cannot show (several triggers, or a recurring schedule); change it with PUT /api/v1/campaigns/{}.",
+            "This campaign's delivery has settings the form cannot show (property filters with keys other than property, comparison and value, or more than 20 triggers or filters); change it with PUT /api/v1/campaigns/{}.",
             c.id
         ))
     })?;

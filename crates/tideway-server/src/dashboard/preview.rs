@@ -61,12 +61,7 @@ pub(super) async fn user(
             "That is not an external id.",
         )));
     };
-    let unknown = || {
-        Refusal::new(
-            StatusCode::NOT_FOUND,
-            "No user has that external id.",
-        )
-    };
+    let unknown = || Refusal::new(StatusCode::NOT_FOUND, "No user has that external id.");
     let found = state
         .store()
         .export_ids(
