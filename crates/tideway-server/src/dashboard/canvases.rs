@@ -1,9 +1,11 @@
 //! Canvas: the list with status, entry and figures (entered, in a journey now, converted,
 //! messages sent); a Canvas shown as its steps — each step's type, name, what it does, the
 //! steps its paths lead to, the users in it now and how many entered, progressed and exited,
-//! and a Message step's sends; launch, pause, stop (admins; a read-only user sees the buttons
-//! disabled and the guard refuses the POST); and a form to create or edit a Canvas — name,
-//! description and tags as fields, the graph as the management API's JSON document.
+//! and a Message step's sends; every Message step's templates rendered for a chosen user and
+//! optional canvas entry properties (`preview.rs`, with the variables a send of the step
+//! builds); launch, pause, stop (admins; a read-only user sees the buttons disabled and the
+//! guard refuses the POST); and a form to create or edit a Canvas — name, description and
+//! tags as fields, the graph as the management API's JSON document.
 //!
 //! Nothing here decides what a Canvas may be: the form's document goes through
 //! `canvases_api::{create_canvas, update_canvas}` (the same parse and Liquid checks as
