@@ -1,11 +1,12 @@
 //! Campaigns: the list with status, channel, delivery and sent / pending / failed counts;
 //! launch, pause, stop; a campaign's page with its figures (queue and Currents-counted
-//! stats), its templates and their Liquid rendering for a chosen user; and a form to create
-//! or edit a campaign — up to eight email or webhook message variants with their percentages
-//! and a control group ("Add a variant" / "Remove" post the form back and show it again, nothing
-//! saved), an audience of segments, and delivery by API trigger, once at a time, or when a
-//! user enters a partner cohort (picked by name). A refusal is shown beside the field the
-//! API's check names (`messages[1].url` beside variant 2's URL).
+//! stats), its templates and their Liquid rendering for a chosen user (`preview.rs`, shared
+//! with the Canvas page); and a form to create or edit a campaign — up to eight email or
+//! webhook message variants with their percentages and a control group ("Add a variant" /
+//! "Remove" post the form back and show it again, nothing saved), an audience of segments,
+//! and its delivery (`delivery.rs`: API-triggered, scheduled once or recurring, in UTC or
+//! users' local time, or action-based with several triggers). A refusal is shown beside the
+//! field the API's check names (`messages[1].url` beside variant 2's URL).
 //!
 //! The form becomes the management API's JSON and goes through the same checks
 //! (`campaigns_api::checked_definition`: shape, Liquid templates, segments) and the same
@@ -17,15 +18,15 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde_json::{Value, json};
-use tideway_core::campaigns::{CampaignStatus, MAX_VARIANTS};
-use tideway_core::clock::parse_datetime;
-use tideway_core::cohorts::partner;
+use tideway_core::campaigns::{CampaignStatus, MAX_VARIANTS, templates_of};
 use tideway_core::store::CampaignRecord;
 
+use super::delivery::{self, DeliveryForm};
 use super::forms::{
     FieldError, api_error, described_by, error_beside, lifecycle_action, refused, require_admin,
 };
 use super::layout::{self, Section};
+use super::preview::{self, Preview, RenderedMessage};
 use super::{Ctx, FormData, Me, PageError, PathParams, path_param, see_other, when, ws_id};
 use crate::AppState;
 use crate::campaigns_api::{change_status, checked_definition};
@@ -157,9 +158,7 @@ struct CampaignForm {
     name: String,
     variants: Vec<VariantForm>,
     control: String,
-    delivery: String,
-    at: String,
-    cohort: String,
+    delivery: DeliveryForm,
     segments: Vec<String>,
 }
 
@@ -168,7 +167,7 @@ impl CampaignForm {
         CampaignForm {
             variants: vec![VariantForm::new("100")],
             control: "0".into(),
-            delivery: "api_triggered".into(),
+            delivery: DeliveryForm::empty(),
             ..CampaignForm::default()
         }
     }
@@ -197,15 +196,13 @@ impl CampaignForm {
             name: form.text("name").to_owned(),
             variants,
             control: form.text("control").to_owned(),
-            delivery: form.text("delivery").to_owned(),
-            at: form.text("at").to_owned(),
-            cohort: form.text("cohort").to_owned(),
+            delivery: DeliveryForm::from_form(form),
             segments: form.all("segment").into_iter().map(str::to_owned).collect(),
         }
     }
 
     /// The form for a stored campaign, when it can show it: email and webhook variants, and
-    /// delivery by API trigger, once at a time, or on one cohort's entry.
+    /// any delivery but one with property filters the form has no field for.
     fn from_record(c: &CampaignRecord) -> Option<CampaignForm> {
         let d = &c.definition;
         let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
@@ -224,7 +221,7 @@ impl CampaignForm {
                 body: text(&m["body"]),
             })
             .collect();
-        let mut f = CampaignForm {
+        Some(CampaignForm {
             name: c.name.clone(),
             variants,
             control: number(&d["control_percent"]),
@@ -234,25 +231,8 @@ impl CampaignForm {
                 .flatten()
                 .map(text)
                 .collect(),
-            ..CampaignForm::default()
-        };
-        match d["delivery"]["type"].as_str()? {
-            "api_triggered" => f.delivery = "api_triggered".into(),
-            "scheduled" if d["delivery"]["schedule"]["frequency"] == "once" => {
-                f.delivery = "scheduled".into();
-                f.at = text(&d["delivery"]["schedule"]["at"]);
-            }
-            "action_based" => {
-                let triggers = d["delivery"]["triggers"]
-                    .as_array()
-                    .filter(|t| t.len() == 1)?;
-                let entry = triggers[0].get("cohort_entry")?;
-                f.delivery = "cohort_entry".into();
-                f.cohort = [text(&entry["partner"]), text(&entry["cohort_id"])].join(":");
-            }
-            _ => return None,
-        }
-        Some(f)
+            delivery: DeliveryForm::from_json(&d["delivery"])?,
+        })
     }
 
     /// The management API's JSON for the form, or the field to fix. Percentages are passed as
@@ -300,33 +280,7 @@ impl CampaignForm {
         } else {
             whole(&self.control, "control_percent".into())?
         };
-        let delivery = match self.delivery.as_str() {
-            "api_triggered" => json!({"type": "api_triggered"}),
-            "scheduled" => {
-                let at = parse_datetime(&self.at).ok_or_else(|| {
-                    FieldError::new(
-                        "delivery.schedule.at",
-                        "Send at: write an ISO 8601 time such as 2026-12-24T09:00:00Z.",
-                    )
-                })?;
-                json!({"type": "scheduled", "schedule": {"frequency": "once", "at": at.to_iso()}})
-            }
-            "cohort_entry" => {
-                let (partner, cohort_id) = self.cohort.split_once(':').ok_or_else(|| {
-                    FieldError::new(
-                        "delivery.triggers",
-                        "Pick the cohort whose entry triggers the campaign.",
-                    )
-                })?;
-                json!({"type": "action_based", "triggers": [{"cohort_entry": {"partner": partner, "cohort_id": cohort_id}}]})
-            }
-            _ => {
-                return Err(FieldError::new(
-                    "delivery",
-                    "Choose how the campaign is delivered.",
-                ));
-            }
-        };
+        let delivery = self.delivery.to_json()?;
         let mut out = json!({"name": self.name, "messages": messages, "control_percent": control, "delivery": delivery});
         if !self.segments.is_empty() {
             out["audience"] = json!({ "segment_ids": self.segments });
@@ -416,26 +370,7 @@ async fn form_page(
                 }
                 (error_beside(error.filter(|e| e.field.starts_with("audience")), "audience"))
             }
-            fieldset {
-                legend { "Delivery" }
-                (error_beside(at("delivery"), "delivery"))
-                label class="check" { input type="radio" name="delivery" value="api_triggered" checked[form.delivery == "api_triggered"]; "API-triggered" }
-                label class="check" { input type="radio" name="delivery" value="scheduled" checked[form.delivery == "scheduled"]; "Once, at a time" }
-                label for="send-at" { "Send at (UTC, e.g. 2026-12-24T09:00:00Z)" }
-                (input("send-at", "at", "text", &form.at, "delivery.schedule.at"))
-                label class="check" { input type="radio" name="delivery" value="cohort_entry" checked[form.delivery == "cohort_entry"]; "When a user enters a cohort" }
-                label for="entry-cohort" { "Cohort" }
-                select id="entry-cohort" name="cohort" aria-describedby=[described_by(at("delivery.triggers"), "entry-cohort")] {
-                    option value="" { "— pick a cohort —" }
-                    @for c in &cohorts {
-                        @let value = [c.partner.as_str(), ":", c.cohort_id.as_str()].concat();
-                        option value=(value) selected[form.cohort == value] {
-                            (partner(&c.partner).map_or(c.partner.as_str(), |p| p.filter_name)) " › " (c.name)
-                        }
-                    }
-                }
-                (error_beside(at("delivery.triggers"), "entry-cohort"))
-            }
+            (delivery::fieldset(&form.delivery, &cohorts, &segments, error))
             div class="actions" {
                 @if editing.is_some() { button type="submit" id="save-campaign" { "Save changes" } }
                 @else { button type="submit" id="create-campaign" { "Save as draft" } }
@@ -577,62 +512,19 @@ pub async fn action(
     Ok(see_other(&ctx.url("/campaigns")))
 }
 
-/// A rendered template for the preview: `(place, text or why it did not render)`.
-type Rendered = Vec<(String, Result<String, String>)>;
-
-/// Every template of the campaign rendered for the user with this external id, as the
-/// dispatcher would (the user found through the export's lookup and the segment index's seq,
-/// their profile as of every acknowledged write).
-async fn preview(
+/// Every template of the campaign rendered for the user with this external id, variant by
+/// variant, as the dispatcher would.
+async fn render_preview(
     state: &AppState,
     ctx: &Ctx,
     c: &CampaignRecord,
     def: &tideway_core::campaigns::CampaignDefinition,
     external_id: &str,
-) -> Result<Result<Rendered, String>, PageError> {
-    use tideway_core::services::Services;
-    use tideway_messaging::liquid::Template;
+) -> Result<Preview, PageError> {
     use tideway_messaging::personalise::{CampaignVars, vars_for};
-    let Ok(id) = tideway_core::ids::ExternalId::parse(external_id) else {
-        return Ok(Err("That is not an external id.".into()));
-    };
-    let found = state
-        .store()
-        .export_ids(
-            &ctx.workspace,
-            tideway_core::users::ExportRequest {
-                external_ids: vec![id],
-                fields: vec!["braze_id".into()],
-                ..Default::default()
-            },
-        )
-        .await?;
-    let Some(braze_id) = found
-        .users
-        .first()
-        .and_then(|u| u.get("braze_id"))
-        .and_then(Value::as_str)
-        .and_then(|b| tideway_core::ids::BrazeId::parse(b).ok())
-    else {
-        return Ok(Err("No user has that external id.".into()));
-    };
-    let seq = state
-        .segments()
-        .with_fresh(ctx.workspace.id, move |live| live.seq_of(&braze_id))
-        .await?;
-    let Some(seq) = seq else {
-        return Ok(Err(
-            "That user is not indexed yet; try again in a moment.".into()
-        ));
-    };
-    let Some(user) = state
-        .store()
-        .users_by_seq(ctx.workspace.id, vec![seq])
-        .await?
-        .into_iter()
-        .next()
-    else {
-        return Ok(Err("No user has that external id.".into()));
+    let (_, user) = match preview::user(state, ctx, external_id).await? {
+        Ok(found) => found,
+        Err(refusal) => return Ok(Err(refusal)),
     };
     let mut out = Vec::new();
     for (i, variant) in def.variants.iter().enumerate() {
@@ -651,16 +543,11 @@ async fn preview(
             serde_json::Map::new(),
         );
         let prefix = ["messages[", &i.to_string(), "]"].concat();
-        for (place, source) in def
-            .templates()
-            .into_iter()
-            .filter(|(p, _)| p.starts_with(&prefix))
-        {
-            let rendered = Template::parse(source)
-                .map_err(|e| e.to_string())
-                .and_then(|t| t.render(&vars).map_err(|e| e.to_string()));
-            out.push((place, rendered));
-        }
+        out.push(RenderedMessage {
+            title: ["Variant ", &(i + 1).to_string(), ": ", &variant.name].concat(),
+            note: None,
+            parts: preview::render(templates_of(variant, &prefix), &vars),
+        });
     }
     Ok(Ok(out))
 }
@@ -672,7 +559,7 @@ pub async fn detail(
     Extension(me): Extension<Me>,
     path: PathParams,
     axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
-) -> Result<Markup, PageError> {
+) -> Result<Response, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     let id = path_param(&path.0, "id")?;
     let store = state.store();
@@ -689,7 +576,7 @@ pub async fn detail(
         .map(|p| p.trim())
         .filter(|p| !p.is_empty());
     let rendered = match wanted {
-        Some(external_id) => Some(preview(&state, &ctx, &c, &def, external_id).await?),
+        Some(external_id) => Some(render_preview(&state, &ctx, &c, &def, external_id).await?),
         None => None,
     };
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
@@ -713,27 +600,7 @@ pub async fn detail(
             p { code { (place) } }
             pre class="card mono" { (source) }
         }
-        h2 { "Preview for a user" }
-        form class="card" method="get" action=(ctx.url(&["/campaigns/", &super::segment(&c.id)].concat())) {
-            label for="preview" { "External id" }
-            input type="text" id="preview" name="preview" value=(wanted.unwrap_or(""));
-            div class="actions" { button type="submit" { "Preview" } }
-        }
-        @match &rendered {
-            Some(Err(why)) => { p class="notice error" role="alert" { (why) } }
-            Some(Ok(parts)) => {
-                div id="preview-result" {
-                    @for (place, text) in parts {
-                        p { code { (place) } }
-                        @match text {
-                            Ok(text) => { pre class="card mono" { (text) } }
-                            Err(why) => { p class="notice error" { (why) } }
-                        }
-                    }
-                }
-            }
-            None => {}
-        }
+        (preview::section(&ctx.url(&["/campaigns/", &super::segment(&c.id)].concat()), wanted, html! {}, rendered.as_ref()))
         p {
             @if ctx.me.may_change() && c.status != CampaignStatus::Stopped && CampaignForm::from_record(&c).is_some() {
                 a href=(ctx.url(&["/campaigns/", &super::segment(&c.id), "/edit"].concat())) id="edit-campaign" { "Edit" } " · "
@@ -741,7 +608,11 @@ pub async fn detail(
             a href=(ctx.url("/campaigns")) { "All campaigns" }
         }
     };
-    Ok(layout::page(&ctx, Section::Campaigns, &c.name, body))
+    Ok((
+        preview::status(rendered.as_ref()),
+        layout::page(&ctx, Section::Campaigns, &c.name, body),
+    )
+        .into_response())
 }
 
 async fn load(state: &AppState, ctx: &Ctx, path: &PathParams) -> Result<CampaignRecord, PageError> {
@@ -765,7 +636,7 @@ pub async fn edit_form(
     let c = load(&state, &ctx, &path).await?;
     let form = CampaignForm::from_record(&c).ok_or_else(|| {
         PageError::Conflict(format!(
-            "This campaign's delivery is one the form cannot show (several triggers, or a recurring schedule); change it with PUT /api/v1/campaigns/{}.",
+            "This campaign's delivery has settings the form cannot show (property filters with keys other than property, comparison and value, or more than 20 triggers or filters); change it with PUT /api/v1/campaigns/{}.",
             c.id
         ))
     })?;

@@ -1,9 +1,11 @@
 //! Canvas: the list with status, entry and figures (entered, in a journey now, converted,
 //! messages sent); a Canvas shown as its steps — each step's type, name, what it does, the
 //! steps its paths lead to, the users in it now and how many entered, progressed and exited,
-//! and a Message step's sends; launch, pause, stop (admins; a read-only user sees the buttons
-//! disabled and the guard refuses the POST); and a form to create or edit a Canvas — name,
-//! description and tags as fields, the graph as the management API's JSON document.
+//! and a Message step's sends; every Message step's templates rendered for a chosen user and
+//! optional canvas entry properties (`preview.rs`, with the variables a send of the step
+//! builds); launch, pause, stop (admins; a read-only user sees the buttons disabled and the
+//! guard refuses the POST); and a form to create or edit a Canvas — name, description and
+//! tags as fields, the graph as the management API's JSON document.
 //!
 //! Nothing here decides what a Canvas may be: the form's document goes through
 //! `canvases_api::{create_canvas, update_canvas}` (the same parse and Liquid checks as
@@ -13,6 +15,7 @@
 
 use axum::Extension;
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde_json::{Map, Value, json};
@@ -24,6 +27,7 @@ use super::forms::{
     FieldError, api_error, described_by, error_beside, lifecycle_action, refused, require_admin,
 };
 use super::layout::{self, Section};
+use super::preview::{self, Preview, Refusal, RenderedMessage};
 use super::{Ctx, FormData, Me, PageError, PathParams, path_param, see_other, when, ws_id};
 use crate::AppState;
 use crate::canvases_api::{
@@ -199,16 +203,125 @@ fn what(def: &CanvasDefinition, step: &Step) -> String {
     }
 }
 
-/// `GET /dashboard/w/{ws}/canvases/{id}`: the Canvas as its steps, with their figures.
+/// The canvas entry properties a preview is given: a JSON object (empty text: none), or why
+/// not.
+fn entry_properties(raw: &str) -> Result<Map<String, Value>, Refusal> {
+    if raw.trim().is_empty() {
+        return Ok(Map::new());
+    }
+    match serde_json::from_str::<Value>(raw) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "Canvas entry properties must be a JSON object, such as {\"plan\": \"gold\"}.",
+        )),
+        Err(e) => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("Canvas entry properties are not JSON: {e}."),
+        )),
+    }
+}
+
+/// Every Message step's templates rendered for the user with this external id and these
+/// canvas entry properties, with the variables a send of the step builds: the step's
+/// message as the variant, the journey's entry properties (`canvas_entry_properties` /
+/// `context`), the Canvas's ids with the user's variant (`canvas.*`) and the step's
+/// per-user dispatch id (`tideway_messaging::canvas::step_send`, `dispatcher::attempt`).
+async fn render_preview(
+    state: &AppState,
+    ctx: &Ctx,
+    c: &CanvasRecord,
+    def: &CanvasDefinition,
+    external_id: &str,
+    entry: &str,
+) -> Result<Preview, PageError> {
+    use tideway_core::campaigns::{templates_of, user_dispatch_id};
+    use tideway_messaging::canvas::{canvas_vars, step_dispatch_id};
+    use tideway_messaging::personalise::{CampaignVars, vars_for};
+    use tideway_messaging::plan::assignment_key;
+    let entry = match entry_properties(entry) {
+        Ok(entry) => entry,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    let (seq, user) = match preview::user(state, ctx, external_id).await? {
+        Ok(found) => found,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    let variant = def.assign(&c.id, &assignment_key(seq));
+    let job = json!({"canvas_entry_properties": entry, "event_properties": {}}).to_string();
+    let mut out = Vec::new();
+    for (i, step) in def.steps.iter().enumerate() {
+        let StepKind::Message { message, .. } = &step.kind else {
+            continue;
+        };
+        let dispatch_id = user_dispatch_id(
+            &step_dispatch_id(&c.id, c.version, &step.id),
+            user.braze_id.as_str(),
+        );
+        let canvas = json!({
+            "id": c.id,
+            "name": c.name,
+            "variation_id": variant.map(|v| v.id.as_str()),
+            "variation_name": variant.map(|v| v.name.as_str()),
+            "step_id": step.id,
+            "step_name": step.name,
+        });
+        let mut vars = vars_for(
+            &user,
+            CampaignVars {
+                campaign_id: None,
+                campaign_name: None,
+                dispatch_id: &dispatch_id,
+                variant_id: &message.id,
+                variant_name: &message.name,
+            },
+            None,
+            Some(&job),
+            false,
+            Map::new(),
+        );
+        canvas_vars(&mut vars, canvas.as_object(), Some(&job));
+        let place = ["steps[", &i.to_string(), "].message"].concat();
+        out.push(RenderedMessage {
+            title: step.name.clone(),
+            note: variant.is_none().then(|| {
+                "This user is in the Canvas's control group: they would enter no journey and get no message.".to_owned()
+            }),
+            parts: preview::render(templates_of(message, &place), &vars),
+        });
+    }
+    Ok(Ok(out))
+}
+
+/// `GET /dashboard/w/{ws}/canvases/{id}[?preview=EXTERNAL_ID&entry=JSON]`: the Canvas as its
+/// steps, with their figures, and its Message steps rendered for one user.
 pub async fn detail(
     State(state): State<AppState>,
     Extension(me): Extension<Me>,
     path: PathParams,
-) -> Result<Markup, PageError> {
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     let c = load(&state, &ctx, &path).await?;
     let def = definition(&c)?;
     let figures = figures(&state, &ctx, &c, &def).await?;
+    let wanted = query
+        .get("preview")
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty());
+    let entry = query.get("entry").map_or("", String::as_str);
+    let rendered = match wanted {
+        Some(external_id) => {
+            Some(render_preview(&state, &ctx, &c, &def, external_id, entry).await?)
+        }
+        None => None,
+    };
+    let entry_field = html! {
+        label for="preview-entry" {
+            "Canvas entry properties " span class="muted" { "(optional, a JSON object: Liquid sees {{canvas_entry_properties.${plan}}} and {{context.${plan}}})" }
+        }
+        textarea class="mono" id="preview-entry" name="entry" rows="3" spellcheck="false" { (entry) }
+    };
     let step_name = |id: &str| def.step(id).map_or(id, |s| s.name.as_str()).to_owned();
     let anchor = |id: &str| ["#step-", &super::segment(id)].concat();
     let body = html! {
@@ -273,6 +386,7 @@ pub async fn detail(
                 }
             }
         }
+        (preview::section(&canvas_url(&ctx, &c, ""), wanted, entry_field, rendered.as_ref()))
         p {
             @if ctx.me.may_change() && c.status != CampaignStatus::Stopped {
                 a href=(canvas_url(&ctx, &c, "/edit")) id="edit-canvas" { "Edit" } " · "
@@ -280,7 +394,11 @@ pub async fn detail(
             a href=(ctx.url("/canvases")) { "All Canvases" }
         }
     };
-    Ok(layout::page(&ctx, Section::Canvases, &c.name, body))
+    Ok((
+        preview::status(rendered.as_ref()),
+        layout::page(&ctx, Section::Canvases, &c.name, body),
+    )
+        .into_response())
 }
 
 /// The Canvas form: name, description and tags as fields, the rest of the definition as the

@@ -22,10 +22,13 @@
 //! Pages: `home.rs` (counts), `heap.rs` (Technology Partners › Heap), `cohorts.rs`,
 //! `lookup.rs` (user lookup: profile, events and purchases, cohorts, segments, recent
 //! messages), `campaigns.rs` (list, create and edit with several variants, launch / pause /
-//! stop), `canvases.rs` (list, a Canvas as its steps with their figures, create and edit,
-//! launch / pause / stop), `segments.rs` (list, builder with live size, members, CSV),
-//! `currents.rs` (Data Export: Currents), `api_keys.rs` (Developer Console › REST API keys);
-//! `layout.rs` is the frame around them, `forms.rs` what every form shares.
+//! stop; its form's Delivery fieldset — scheduled once or recurring, action-based with several
+//! triggers — in `delivery.rs`), `canvases.rs` (list, a Canvas as its steps with their
+//! figures, create and edit, launch / pause / stop), `segments.rs` (list, builder with live
+//! size, members, CSV), `currents.rs` (Data Export: Currents), `api_keys.rs` (Developer
+//! Console › REST API keys); `layout.rs` is the frame around them, `forms.rs` what every form
+//! shares, `preview.rs` the Liquid preview for a chosen user that the campaign and Canvas
+//! pages share.
 //!
 //! [`DashboardStore`]: tideway_core::store::DashboardStore
 
@@ -36,11 +39,13 @@ mod campaigns;
 mod canvases;
 mod cohorts;
 mod currents;
+mod delivery;
 mod forms;
 mod heap;
 mod home;
 mod layout;
 mod lookup;
+mod preview;
 mod segments;
 
 use axum::Router;

@@ -943,7 +943,7 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
         (("name", ""), "name"),
         (("v0_body", "{{ broken"), "messages[0].body"),
         (("delivery", "scheduled"), "ISO 8601"),
-        (("delivery", "cohort_entry"), "Pick the cohort"),
+        (("delivery", "action_based"), "custom_event.name"),
         (("v0_channel", "sms"), "email or webhook"),
     ] {
         let mut fields: Vec<(&str, &str)> = good
@@ -1678,4 +1678,495 @@ async fn user_lookup_shows_events_purchases_and_recent_messages() {
     assert!(messages.contains("webhook") && messages.contains("email"));
     // Newest first: the Canvas send was enqueued after the campaign's.
     assert!(messages.find("Canvas Trial").unwrap() < messages.find("Campaign Pricing").unwrap());
+}
+
+/// HTML's escaped characters back (maud escapes `&`, `<`, `>` and `"`).
+fn unescape(text: &str) -> String {
+    text.replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
+}
+
+/// A tag's attributes (`<input type="text" name="a" checked>`): `(name, value)`, a bare
+/// attribute with an empty value.
+fn attributes(tag: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = tag.split_once(char::is_whitespace).map_or("", |(_, r)| r);
+    loop {
+        rest = rest.trim_start();
+        let end = rest
+            .find(|c: char| c == '=' || c.is_whitespace() || c == '>')
+            .unwrap_or(rest.len());
+        let name = &rest[..end];
+        if name.is_empty() || name == "/" {
+            return out;
+        }
+        rest = &rest[end..];
+        if let Some(after) = rest.strip_prefix("=\"") {
+            let close = after.find('"').expect("a closing quote");
+            out.push((name.to_owned(), unescape(&after[..close])));
+            rest = &after[close + 1..];
+        } else {
+            out.push((name.to_owned(), String::new()));
+        }
+    }
+}
+
+/// What a browser submits for the form posting to `action` on `page`, without pressing any
+/// named button: text, hidden and number inputs, ticked checkboxes and radios, each select's
+/// chosen option (the first without one) and textareas.
+fn submitted(page: &str, action: &str) -> Vec<(String, String)> {
+    let start = page
+        .find(&format!("action=\"{action}\""))
+        .unwrap_or_else(|| panic!("no form posting to {action}"));
+    let form = &page[start..start + page[start..].find("</form>").unwrap()];
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(open) = form[at..].find('<') {
+        let open = at + open;
+        let close = open + form[open..].find('>').unwrap();
+        let tag = &form[open + 1..close];
+        at = close + 1;
+        let attrs = attributes(tag);
+        let get = |k: &str| attrs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let Some(name) = get("name") else { continue };
+        if tag.starts_with("input ") {
+            let kind = get("type").unwrap_or_default();
+            if (kind == "checkbox" || kind == "radio") && get("checked").is_none() {
+                continue;
+            }
+            out.push((name, get("value").unwrap_or_default()));
+        } else if tag.starts_with("textarea ") {
+            let end = at + form[at..].find("</textarea>").unwrap();
+            out.push((name, unescape(&form[at..end])));
+        } else if tag.starts_with("select ") {
+            let end = at + form[at..].find("</select>").unwrap();
+            let options: Vec<Vec<(String, String)>> = form[at..end]
+                .split("<option")
+                .skip(1)
+                .map(|o| attributes(&["option", &o[..o.find('>').unwrap()]].concat()))
+                .collect();
+            let chosen = options
+                .iter()
+                .find(|o| o.iter().any(|(n, _)| n == "selected"))
+                .or(options.first())
+                .expect("a select with options");
+            let value = chosen.iter().find(|(n, _)| n == "value").unwrap().1.clone();
+            out.push((name, value));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn campaign_deliveries_the_api_makes_survive_the_form_unchanged() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let key = s.admin_key(&ws).await;
+    heap_cohort(&s, &ws, "c1", "Trialists").await;
+    let a = s
+        .post(
+            "/api/v1/segments",
+            &key,
+            json!({"name": "Pro", "filter": {"attribute": {"name": "plan", "op": "equals", "value": "pro"}}}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let segment = a.body["id"].as_str().unwrap().to_owned();
+    let deliveries = [
+        json!({"type": "scheduled", "schedule": {"frequency": "daily", "time": "08:15",
+            "in_local_time": true, "end": "2031-01-01T00:00:00Z"}}),
+        json!({"type": "scheduled", "schedule": {"frequency": "weekly", "time": "18:00",
+            "days": ["friday", "monday"], "start": "2030-02-01T00:00:00Z", "end": "2030-12-01T00:00:00Z"}}),
+        json!({"type": "scheduled", "schedule": {"frequency": "once", "at": "2030-05-01T10:00:00Z", "in_local_time": true}}),
+        json!({"type": "action_based", "delay_seconds": 300, "start": "2030-01-01T00:00:00Z", "triggers": [
+            {"custom_event": {"name": "played <game>", "property_filters": [
+                {"property": "level", "comparison": "greater_than", "value": 3},
+                {"property": "mode", "comparison": "equals", "value": "solo & \"co\""},
+                {"property": "code", "comparison": "not_equal", "value": "42"},
+                {"property": "seen", "comparison": "exists"}]}},
+            {"purchase": {}},
+            {"purchase": {"product_id": "gold"}},
+            {"cohort_entry": {"partner": "heap", "cohort_id": "c1"}},
+            {"cohort_entry": {"partner": "heap", "cohort_id": "not-imported"}},
+            {"segment_entry": {"segment_id": segment}}]}),
+        json!({"type": "action_based", "triggers": [{"cohort_entry": {"cohort_id": "c1"}}]}),
+    ];
+    for delivery in deliveries {
+        let a = s
+            .post(
+                "/api/v1/campaigns",
+                &key,
+                json!({"name": "Round trip", "delivery": delivery, "control_percent": 10,
+                    "audience": {"segment_ids": [segment]}, "reeligibility": {"after_seconds": 3600},
+                    "messages": [
+                        {"channel": "webhook", "url": "http://127.0.0.1:9/h", "body": "x", "percent": 50,
+                         "request_headers": {"X-A": "b"}},
+                        {"channel": "email", "from": "T <t@example.com>", "subject": "S", "body": "<p>b</p>",
+                         "percent": 40, "plaintext_body": "b"}]}),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{delivery}: {a:?}");
+        let id = a.body["campaign"]["id"].as_str().unwrap().to_owned();
+        let before = s.store.campaign(ws.id, &id).await.unwrap().unwrap();
+        let edit = b.get(&format!("{w}/campaigns/{id}/edit")).await;
+        assert_eq!(edit.status, 200, "{delivery}: {}", edit.body);
+        let action = format!("{w}/campaigns/{id}");
+        let fields = submitted(&edit.body, &action);
+        let fields: Vec<(&str, &str)> = fields
+            .iter()
+            .filter(|(k, _)| k != "csrf")
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let saved = b.post(&action, &fields).await;
+        assert_eq!(saved.status, 303, "{delivery}: {}", saved.body);
+        let after = s.store.campaign(ws.id, &id).await.unwrap().unwrap();
+        assert_eq!(after.name, before.name);
+        assert_eq!(after.definition, before.definition, "{delivery}");
+    }
+}
+
+#[tokio::test]
+async fn campaign_form_edits_triggers_and_recurring_schedules_and_refuses_bad_ones() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let base = [
+        ("name", "Triggers"),
+        ("v0_channel", "webhook"),
+        ("v0_percent", "100"),
+        ("v0_url", "http://127.0.0.1:9/hook"),
+        ("v0_body", "hi"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut f: Vec<(&str, &str)> = base.to_vec();
+        f.extend_from_slice(extra);
+        f
+    };
+    // "Add a trigger" and "Add a property filter" show the form again, nothing saved.
+    let added = b
+        .post(
+            &format!("{w}/campaigns"),
+            &with(&[
+                ("delivery", "action_based"),
+                ("t0_kind", "custom_event"),
+                ("t0_event", "e"),
+                ("add", "trigger"),
+            ]),
+        )
+        .await;
+    assert_eq!(added.status, 200);
+    assert!(added.body.contains("id=\"t1-kind\"") && added.body.contains("value=\"e\""));
+    let filtered = b
+        .post(
+            &format!("{w}/campaigns"),
+            &with(&[
+                ("delivery", "action_based"),
+                ("t0_kind", "custom_event"),
+                ("t1_kind", "purchase"),
+                ("add", "filter:t1"),
+            ]),
+        )
+        .await;
+    assert!(
+        filtered.body.contains("id=\"t1f0-property\"")
+            && !filtered.body.contains("id=\"t0f0-property\"")
+    );
+    let removed = b
+        .post(
+            &format!("{w}/campaigns"),
+            &with(&[
+                ("delivery", "action_based"),
+                ("t0_kind", "custom_event"),
+                ("t0_event", "first"),
+                ("t1_kind", "custom_event"),
+                ("t1_event", "second"),
+                ("remove", "t0"),
+            ]),
+        )
+        .await;
+    assert!(removed.body.contains("value=\"second\"") && !removed.body.contains("value=\"first\""));
+    assert!(s.store.list_campaigns(ws.id).await.unwrap().is_empty());
+
+    // Bad input: 400 with the message beside its field, nothing saved.
+    for (extra, field_id, says) in [
+        (
+            vec![
+                ("delivery", "scheduled"),
+                ("frequency", "weekly"),
+                ("time", "09:00"),
+            ],
+            "days-error",
+            "weekday",
+        ),
+        (
+            vec![
+                ("delivery", "scheduled"),
+                ("frequency", "daily"),
+                ("time", "9am"),
+            ],
+            "send-time-error",
+            "HH:MM",
+        ),
+        (
+            vec![
+                ("delivery", "scheduled"),
+                ("frequency", "daily"),
+                ("time", "09:00"),
+                ("end", "soon"),
+            ],
+            "delivery-end-error",
+            "ISO-8601",
+        ),
+        (
+            vec![("delivery", "scheduled"), ("frequency", "hourly")],
+            "frequency-error",
+            "once, daily or weekly",
+        ),
+        (
+            vec![
+                ("delivery", "action_based"),
+                ("t0_kind", "custom_event"),
+                ("t0_event", " "),
+            ],
+            "t0-event-error",
+            "must not be empty",
+        ),
+        (
+            vec![
+                ("delivery", "action_based"),
+                ("t0_kind", "custom_event"),
+                ("t0_event", "e"),
+                ("t0f0_property", "level"),
+                ("t0f0_comparison", "greater_than"),
+                ("t0f0_value", "high"),
+            ],
+            "t0f0-value-error",
+            "must be a number",
+        ),
+        (
+            vec![
+                ("delivery", "action_based"),
+                ("t0_kind", "purchase"),
+                ("t1_kind", "segment_entry"),
+            ],
+            "t1-segment-error",
+            "Pick the segment",
+        ),
+        (
+            vec![
+                ("delivery", "action_based"),
+                ("t0_kind", "segment_entry"),
+                ("t0_segment", "nope"),
+            ],
+            "t0-segment-error",
+            "nope",
+        ),
+        (
+            vec![("delivery", "action_based"), ("t0_kind", "cohort_entry")],
+            "t0-cohort-error",
+            "Pick the cohort",
+        ),
+        (
+            vec![("delivery", "action_based"), ("t0_kind", "teleport")],
+            "t0-kind-error",
+            "Choose what triggers",
+        ),
+        (
+            vec![
+                ("delivery", "action_based"),
+                ("t0_kind", "purchase"),
+                ("delay", "soon"),
+            ],
+            "delay-error",
+            "whole number",
+        ),
+    ] {
+        let answer = b.post(&format!("{w}/campaigns"), &with(&extra)).await;
+        assert_eq!(answer.status, 400, "{extra:?}: {}", answer.body);
+        let at = answer
+            .body
+            .find(&format!("id=\"{field_id}\""))
+            .unwrap_or_else(|| panic!("{field_id} for {extra:?} in {}", answer.body));
+        assert!(
+            answer.body[at..].contains(says),
+            "{says}: {}",
+            &answer.body[at..]
+        );
+    }
+    assert!(s.store.list_campaigns(ws.id).await.unwrap().is_empty());
+
+    // Saved: two triggers (one with a filter) and then a weekly schedule in local time.
+    let created = b
+        .post(
+            &format!("{w}/campaigns"),
+            &with(&[
+                ("delivery", "action_based"),
+                ("t0_kind", "custom_event"),
+                ("t0_event", "played"),
+                ("t0f0_property", "level"),
+                ("t0f0_comparison", "greater_than"),
+                ("t0f0_value", "3"),
+                ("t0f1_property", ""),
+                ("t0f1_comparison", "equals"),
+                ("t0f1_value", ""),
+                ("t1_kind", "purchase"),
+                ("t1_product", ""),
+                ("delay", "60"),
+            ]),
+        )
+        .await;
+    assert_eq!(created.status, 303, "{}", created.body);
+    let c = s.store.list_campaigns(ws.id).await.unwrap().remove(0);
+    assert_eq!(
+        c.definition["delivery"],
+        json!({"type": "action_based", "delay_seconds": 60, "start": null, "end": null, "triggers": [
+            {"custom_event": {"name": "played", "property_filters": [{"property": "level", "comparison": "greater_than", "value": 3}]}},
+            {"purchase": {"product_id": null}}]})
+    );
+    let variant_id = c.definition["messages"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut weekly = with(&[
+        ("delivery", "scheduled"),
+        ("frequency", "weekly"),
+        ("time", "07:30"),
+        ("day", "saturday"),
+        ("day", "tuesday"),
+        ("local_time", "true"),
+    ]);
+    weekly.push(("v0_id", &variant_id));
+    let saved = b.post(&format!("{w}/campaigns/{}", c.id), &weekly).await;
+    assert_eq!(saved.status, 303, "{}", saved.body);
+    let c = s.store.campaign(ws.id, &c.id).await.unwrap().unwrap();
+    assert_eq!(
+        c.definition["delivery"],
+        json!({"type": "scheduled", "schedule": {"frequency": "weekly", "time": "07:30",
+            "days": ["tuesday", "saturday"], "start": null, "end": null, "in_local_time": true}})
+    );
+    let page = b.get(&format!("{w}/campaigns/{}/edit", c.id)).await.body;
+    assert!(
+        page.contains("value=\"weekly\" checked") && page.contains("value=\"saturday\" checked"),
+        "{page}"
+    );
+}
+
+#[tokio::test]
+async fn canvas_message_steps_are_previewed_for_a_user_with_entry_properties() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let key = s.admin_key(&ws).await;
+    let doc = json!({"name": "Onboarding <1>", "entry": {"type": "api_triggered"}, "steps": [
+        {"id": "hook", "name": "Ping", "type": "message", "next": "wait",
+         "message": {"channel": "webhook", "url": "http://127.0.0.1:9/{{canvas_entry_properties.${plan}}}",
+            "body": "Hi {{${first_name}}} on {{context.${plan}}} from {{canvas.${name}}}, step {{campaign.${name}}}",
+            "request_headers": {"X-Plan": "{{context.${plan} | default: 'none'}}"}}},
+        {"id": "wait", "name": "Two days", "type": "delay", "delay": {"seconds": 172800}, "next": "mail"},
+        {"id": "mail", "name": "Reminder", "type": "message",
+         "message": {"channel": "email", "from": "T <t@example.com>",
+            "subject": "{% if context.${plan} == 'gold' %}{% abort_message('gold users skip this') %}{% endif %}Hello",
+            "body": "<p>{{${first_name}}}</p>", "plaintext_body": "{{${first_name}}}"}}]});
+    let a = s.post("/api/v1/canvases", &key, doc).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let id = a.body["canvas"]["id"].as_str().unwrap().to_owned();
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "ada", "first_name": "Ada <3"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201);
+    let page = |query: &str| {
+        let b = &b;
+        let url = format!("{w}/canvases/{id}?{query}");
+        async move { b.get(&url).await }
+    };
+    let plain = page("").await;
+    assert_eq!(plain.status, 200);
+    assert!(plain.body.contains("id=\"preview-entry\"") && !plain.body.contains("preview-result"));
+
+    let entry = form_urlencoded::byte_serialize(br#"{"plan": "silver"}"#).collect::<String>();
+    let silver = page(&format!("preview=ada&entry={entry}")).await;
+    assert_eq!(silver.status, 200, "{}", silver.body);
+    for rendered in [
+        "http://127.0.0.1:9/silver",
+        "Hi Ada &lt;3 on silver from Onboarding &lt;1&gt;, step Ping",
+        "steps[0].message.request_headers.X-Plan",
+        "steps[2].message.subject",
+        "<pre class=\"card mono\">Hello</pre>",
+        "steps[2].message.plaintext_body",
+    ] {
+        assert!(
+            silver.body.contains(rendered),
+            "{rendered}: {}",
+            silver.body
+        );
+    }
+    // Without entry properties, and with ones that make a template abort.
+    let none = page("preview=ada").await;
+    assert!(
+        none.body.contains("http://127.0.0.1:9/<")
+            || none.body.contains("http://127.0.0.1:9/</pre>"),
+        "{}",
+        none.body
+    );
+    assert!(
+        none.body.contains("<pre class=\"card mono\">none</pre>"),
+        "{}",
+        none.body
+    );
+    let entry = form_urlencoded::byte_serialize(br#"{"plan": "gold"}"#).collect::<String>();
+    let gold = page(&format!("preview=ada&entry={entry}")).await;
+    assert_eq!(gold.status, 200);
+    assert!(gold.body.contains("gold users skip this"), "{}", gold.body);
+
+    // Bad input: a clear message on the page with a 4xx, never a 500.
+    for (query, status, says) in [
+        (
+            "preview=nobody".to_owned(),
+            404,
+            "No user has that external id.",
+        ),
+        (
+            format!(
+                "preview=ada&entry={}",
+                form_urlencoded::byte_serialize(b"[1]").collect::<String>()
+            ),
+            400,
+            "must be a JSON object",
+        ),
+        (
+            format!(
+                "preview=ada&entry={}",
+                form_urlencoded::byte_serialize(b"{\"plan\":").collect::<String>()
+            ),
+            400,
+            "are not JSON",
+        ),
+        (
+            format!("preview={}", "x".repeat(1000)),
+            400,
+            "not an external id",
+        ),
+    ] {
+        let answer = page(&query).await;
+        assert_eq!(answer.status, status, "{query}: {}", answer.body);
+        assert!(answer.body.contains(says), "{query}: {}", answer.body);
+        assert!(
+            answer.body.contains("id=\"canvas-steps\""),
+            "the page is still shown"
+        );
+    }
 }

@@ -23,6 +23,7 @@ mod pg_admin;
 mod pg_currents;
 mod pg_segments;
 mod pg_users;
+mod plans;
 mod postgres;
 mod recovery;
 mod segment_feed;
