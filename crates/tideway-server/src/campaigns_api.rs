@@ -536,6 +536,19 @@ pub(crate) async fn change_status(
             tracing::error!(campaign = %c.id, error = %e, "stored campaign does not load");
             ApiError::Internal
         })?;
+        if let Delivery::Scheduled(schedule) = &def.delivery
+            && c.status == CampaignStatus::Draft
+            && schedule
+                .next_after(tideway_core::clock::Millis(at.0 - 1))
+                .is_none()
+        {
+            // Launched, it would never send (the scheduler starts after the launch): say so
+            // rather than accept it silently.
+            return Err(place_error(
+                "delivery.schedule",
+                "the schedule has no occurrence after now (its time has passed): move it into the future, or use a trigger send",
+            ));
+        }
         if matches!(def.delivery, Delivery::ActionBased(_)) {
             // Before the campaign is active: the trigger engine must never read the
             // logs from their start for it.

@@ -490,6 +490,39 @@ async fn bad_campaigns_and_sends_are_refused_naming_the_problem() {
         .await;
     assert_eq!(a.status, 403, "{a:?}");
     assert_eq!(a.body["message"], "Access Denied");
+    // A one-off schedule whose time has passed would never send: its launch is refused and
+    // it stays a draft.
+    let mut past = t.webhook_campaign("Past", json!({}));
+    past["delivery"] = json!({"type": "scheduled", "schedule": {"frequency": "once",
+        "at": "2020-01-01T00:00:00.000Z"}});
+    let a = t.s.post("/api/v1/campaigns", &t.key, past).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let past_id = a.body["campaign"]["id"].as_str().unwrap().to_owned();
+    let a =
+        t.s.post(
+            &format!("/api/v1/campaigns/{past_id}/launch"),
+            &t.key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("delivery.schedule"),
+        "{a:?}"
+    );
+    let a =
+        t.s.send(
+            reqwest::Method::GET,
+            &format!("/api/v1/campaigns/{past_id}"),
+            crate::harness::Auth::Bearer(&t.key),
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(a.body["campaign"]["status"], "draft", "{a:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(t.hooks.hits().is_empty(), "nothing was sent");
 }

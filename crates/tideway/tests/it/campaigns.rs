@@ -191,9 +191,14 @@ fn names(prefix: &str, n: usize) -> Vec<String> {
 }
 
 fn iso_in(d: Duration) -> String {
+    // Millisecond precision: a time rounded down to the second may already have passed
+    // when the launch arrives (and a one-off schedule in the past is refused).
     let at = std::time::SystemTime::now() + d;
-    let secs = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    tideway_core::clock::Millis(secs * 1_000).to_iso()
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    tideway_core::clock::Millis(ms).to_iso()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
