@@ -163,3 +163,85 @@ async fn postgres_recent_sends_reads_the_user_recent_index_without_a_sort() {
         expected_ids(first_id)
     );
 }
+
+/// `claim_journeys`'s statement on SQLite (without its `RETURNING`), as `sqlite/canvas.rs`
+/// prepares it.
+const SQLITE_CLAIM_JOURNEYS: &str = "UPDATE canvas_journeys SET lease_owner = ?1, lease_until = ?3
+         WHERE (workspace_id, canvas_id, user_seq) IN (
+             SELECT j.workspace_id, j.canvas_id, j.user_seq FROM canvas_journeys j
+             JOIN canvases c ON c.workspace_id = j.workspace_id AND c.id = j.canvas_id
+             WHERE j.wake_at <= ?2 AND (j.lease_until IS NULL OR j.lease_until <= ?2)
+               AND c.status = 'active'
+             ORDER BY j.wake_at LIMIT ?4)";
+
+/// The Canvas timer claim finds due journeys through `canvas_journeys_wake` and leases each by
+/// its primary key: the journeys not due (here 20,000 waiting a day beside 100 due) are never
+/// read. (SQLite 3.40 drives this row-value `IN (…)` from its leading column alone, reading every
+/// journey of the workspace per claim; the bundled SQLite must not.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_journey_claim_reads_only_due_journeys() {
+    const WAITING: i64 = 20_000;
+    const DUE: i64 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.sqlite");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open store");
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "INSERT INTO canvases (workspace_id, id, name, description, tags, status, version,
+             definition, created_at, updated_at)
+         VALUES (?1, 'c', 'c', '', '[]', 'active', 1, '{}', 0, 0)",
+        rusqlite::params![ws.id.0],
+    )
+    .unwrap();
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?2)
+         INSERT INTO canvas_journeys (workspace_id, canvas_id, user_seq, entry_id, version,
+             variant_id, step_id, entered_at, step_at, due_at, wake_at, converted)
+         SELECT ?1, 'c', i, 'e' || i, 1, 'v', 's', 0, 0, ?3, ?3, 0 FROM n",
+        rusqlite::params![ws.id.0, WAITING + DUE, NOW.0 + 86_400_000],
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE canvas_journeys SET wake_at = ?1 - user_seq, due_at = ?1 - user_seq
+         WHERE user_seq >= ?2",
+        rusqlite::params![NOW.0, WAITING],
+    )
+    .unwrap();
+    // No ANALYZE: the store never runs it, so the planner works without statistics, as here.
+
+    let mut stmt = conn
+        .prepare(&["EXPLAIN QUERY PLAN ", SQLITE_CLAIM_JOURNEYS].concat())
+        .unwrap();
+    let plan: Vec<String> = stmt
+        .query_map(rusqlite::params!["node", NOW.0, NOW.0 + 1, 1_000], |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        plan.iter()
+            .any(|line| line.contains("SEARCH j USING INDEX canvas_journeys_wake")),
+        "due journeys are not found through canvas_journeys_wake: {plan:?}"
+    );
+    assert!(
+        plan.iter().any(|line| line
+            .contains("SEARCH canvas_journeys USING PRIMARY KEY (workspace_id=? AND canvas_id=? AND user_seq=?)")),
+        "claimed journeys are not leased by their primary key: {plan:?}"
+    );
+    assert!(
+        !plan
+            .iter()
+            .any(|line| line.contains("SCAN canvas_journeys") || line.contains("canvas_journeys_step")),
+        "the claim reads journeys that are not due: {plan:?}"
+    );
+
+    let claimed = store.claim_journeys("node", NOW, 60_000, 1_000).await.unwrap();
+    let users: Vec<u32> = claimed.iter().map(|c| c.user.0).collect();
+    let oldest_first: Vec<u32> = (WAITING..WAITING + DUE)
+        .rev()
+        .map(|u| u32::try_from(u).unwrap())
+        .collect();
+    assert_eq!(users, oldest_first, "the due journeys, oldest wake first");
+}
