@@ -14,7 +14,7 @@ use deadpool_postgres::GenericClient;
 use serde_json::Value;
 use tokio_postgres::Row;
 
-use tideway_core::canvas::Journey;
+use tideway_core::canvas::{Happening, Journey};
 use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{UserSeq, WorkspaceId};
@@ -506,6 +506,33 @@ async fn claim_journeys(
             .join(", ")
     );
     let rows = query(&tx, &sql, &[&owner, &now.0, &until, &limit]).await?;
+    let mut keys: (Vec<i64>, Vec<String>, Vec<i64>) = Default::default();
+    for r in &rows {
+        keys.0.push(get(r, 0)?);
+        keys.1.push(get(r, 1)?);
+        keys.2.push(get(r, 2)?);
+    }
+    // Every claimed journey's inbox in one statement (not a round trip per journey).
+    let mut inboxes: BTreeMap<(i64, String, i64), Vec<(i64, Happening)>> = BTreeMap::new();
+    for i in query(
+        &tx,
+        "SELECT i.workspace_id, i.canvas_id, i.user_seq, i.id, i.at, i.kind, i.name, i.properties
+         FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS k(workspace_id, canvas_id, user_seq)
+         JOIN canvas_inbox i ON i.workspace_id = k.workspace_id AND i.canvas_id = k.canvas_id
+             AND i.user_seq = k.user_seq
+         ORDER BY i.id",
+        &[&keys.0, &keys.1, &keys.2],
+    )
+    .await?
+    {
+        inboxes
+            .entry((get(&i, 0)?, get(&i, 1)?, get(&i, 2)?))
+            .or_default()
+            .push((
+                get::<i64>(&i, 3)?,
+                happening_of(get(&i, 4)?, get(&i, 5)?, get(&i, 6)?, get(&i, 7)?)?,
+            ));
+    }
     let mut claimed = Vec::with_capacity(rows.len());
     for r in &rows {
         let ws: i64 = get(r, 0)?;
@@ -513,21 +540,9 @@ async fn claim_journeys(
         let user: i64 = get(r, 2)?;
         let wake: i64 = get(r, 3)?;
         let journey = raw_journey(r, 4)?;
-        let inbox = query(
-            &tx,
-            "SELECT id, at, kind, name, properties FROM canvas_inbox
-             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3 ORDER BY id",
-            &[&ws, &canvas_id, &user],
-        )
-        .await?
-        .iter()
-        .map(|i| {
-            Ok((
-                get::<i64>(i, 0)?,
-                happening_of(get(i, 1)?, get(i, 2)?, get(i, 3)?, get(i, 4)?)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
+        let inbox = inboxes
+            .remove(&(ws, canvas_id.clone(), user))
+            .unwrap_or_default();
         claimed.push((
             wake,
             ClaimedJourney {

@@ -452,6 +452,87 @@ pub(super) async fn journeys_are_claimed_as_timers_and_settled_under_their_lease
     assert!(store.next_journey_due().await.unwrap().is_some());
 }
 
+/// Journeys woken together each get their own inbox (in arrival order) and nobody else's,
+/// across Canvases: the claim reads every inbox at once and hands each to its journey.
+pub(super) async fn each_claimed_journey_gets_its_own_inbox_in_arrival_order(
+    store: Arc<dyn Store>,
+) {
+    let ws = store.create_workspace("a", NOW).await.unwrap();
+    for id in ["c1", "c2"] {
+        store
+            .create_canvas(ws.id, record(id, CampaignStatus::Active))
+            .await
+            .unwrap();
+    }
+    store
+        .enter_canvas(
+            ws.id,
+            NOW,
+            enter(vec![
+                entry(&ws, "c1", 1, at(100), None),
+                entry(&ws, "c1", 2, at(100), None),
+                entry(&ws, "c2", 1, at(100), None),
+                entry(&ws, "c2", 3, at(5), None),
+            ]),
+        )
+        .await
+        .unwrap();
+    let happening = |name: &str, s: i64| Happening {
+        at: at(s),
+        kind: HappeningKind::CustomEvent { name: name.into() },
+        properties: Map::new(),
+    };
+    let item = |canvas: &str, user: u32, h: &Happening| InboxItem {
+        canvas_id: canvas.into(),
+        user: UserSeq(user),
+        happening: h.clone(),
+    };
+    let (first, second, other) = (
+        happening("first", 1),
+        happening("second", 2),
+        happening("other", 3),
+    );
+    let out = store
+        .enter_canvas(
+            ws.id,
+            at(4),
+            CanvasScan {
+                inbox: vec![
+                    item("c1", 1, &first),
+                    item("c2", 1, &other),
+                    item("c1", 1, &second),
+                ],
+                ..CanvasScan::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.inboxed, 3);
+    let mut claimed = store.claim_journeys("n1", at(6), 60_000, 10).await.unwrap();
+    claimed.sort_by(|a, b| (&a.canvas_id, a.user).cmp(&(&b.canvas_id, b.user)));
+    let inboxes: Vec<(&str, u32, Vec<Happening>)> = claimed
+        .iter()
+        .map(|c| {
+            (
+                c.canvas_id.as_str(),
+                c.user.0,
+                c.inbox.iter().map(|(_, h)| h.clone()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        inboxes,
+        vec![
+            ("c1", 1, vec![first, second]),
+            ("c2", 1, vec![other]),
+            ("c2", 3, vec![]),
+        ],
+        "woken early by their events (c1/1, c2/1) or due (c2/3); c1/2 not due and not woken"
+    );
+    let c1 = &claimed[0].inbox;
+    assert!(c1[0].0 < c1[1].0, "inbox ids in arrival order");
+}
+
 pub(super) async fn canvas_entry_dispatches_enter_each_chunk_once(store: Arc<dyn Store>) {
     let ws = store.create_workspace("a", NOW).await.unwrap();
     store

@@ -255,6 +255,7 @@ conformance! {
         canvases_are_created_versioned_listed_and_deleted,
         entries_follow_reentry_limits_and_journeys_under_way,
         journeys_are_claimed_as_timers_and_settled_under_their_lease,
+        each_claimed_journey_gets_its_own_inbox_in_arrival_order,
         canvas_entry_dispatches_enter_each_chunk_once,
         user_updates_are_applied_with_their_settlement_only,
     ],
