@@ -64,6 +64,19 @@ use crate::dispatcher::Dispatcher;
 use crate::liquid::Vars;
 use crate::triggers::{READ_LIMIT, TriggerStore, segment_step};
 
+/// A batch of journeys claimed for this node at `now`.
+struct Claimed {
+    now: Millis,
+    journeys: Vec<ClaimedJourney>,
+}
+
+/// A claimed batch advanced: its settlements, to commit; whether any queued a send.
+struct Computed {
+    now: Millis,
+    settlements: Vec<JourneySettlement>,
+    sent: bool,
+}
+
 /// The store the Canvas engine needs.
 pub trait CanvasEngineStore: TriggerStore + CanvasStore + UserStore {}
 impl<T: TriggerStore + CanvasStore + UserStore + ?Sized> CanvasEngineStore for T {}
@@ -236,19 +249,53 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
     }
 
     /// The timer worker's loop; it first takes back this node's old leases.
+    ///
+    /// Pipelined: while the store settles one batch, the engine computes the next, claimed
+    /// just before (the writer runs claim N+1, then settle N; the engine computes N+1 beside
+    /// that settle). A batch's journeys stay leased until their settlement commits, so the
+    /// next claim never takes them, and settlements still commit one batch after another.
+    /// What the next batch reads of its users (attributes, segments) may therefore be from
+    /// before this batch's User Update steps commit: as if both had been one batch, which
+    /// reads every user once, before any of its own settlements.
     pub async fn run_timers(self: Arc<Self>) {
         if let Err(e) = self.store.release_journey_leases(&self.config.owner).await {
             warn!(error = %e, "releasing old journey leases failed");
         }
+        let mut settling: Option<Computed> = None;
         loop {
-            let busy = match self.timer_pass().await {
-                Ok(n) => n == self.config.claim_batch,
+            let claimed = match self.claim_due().await {
+                Ok(claimed) => Some(claimed),
                 Err(e) => {
-                    warn!(error = %e, "Canvas timer pass failed");
-                    false
+                    warn!(error = %e, "Canvas timer claim failed");
+                    None
                 }
             };
-            if busy {
+            let busy = claimed
+                .as_ref()
+                .is_some_and(|c| c.journeys.len() == self.config.claim_batch);
+            let (settled, computed) = tokio::join!(
+                async {
+                    match settling.take() {
+                        Some(batch) => self.settle(batch).await,
+                        None => Ok(()),
+                    }
+                },
+                async {
+                    match claimed {
+                        Some(c) if !c.journeys.is_empty() => self.compute(c).await.map(Some),
+                        _ => Ok(None),
+                    }
+                }
+            );
+            if let Err(e) = settled {
+                warn!(error = %e, "Canvas timer settlement failed");
+            }
+            match computed {
+                Ok(next) => settling = next,
+                // The batch's journeys stay leased; they are claimed again when it runs out.
+                Err(e) => warn!(error = %e, "Canvas timer pass failed"),
+            }
+            if busy || settling.is_some() {
                 continue;
             }
             let wait = match self.store.next_journey_due().await {
@@ -948,13 +995,25 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
         Ok(full)
     }
 
-    /// Claims and processes one batch of due journeys; how many were claimed.
+    /// Claims and processes one batch of due journeys; how many were claimed. (The timer
+    /// worker runs the same three steps, pipelined.)
     pub async fn timer_pass(&self) -> Result<usize, StoreError> {
+        let claimed = self.claim_due().await?;
+        let n = claimed.journeys.len();
+        if n > 0 {
+            let computed = self.compute(claimed).await?;
+            self.settle(computed).await?;
+        }
+        Ok(n)
+    }
+
+    /// Claims up to a batch of due journeys for this node.
+    async fn claim_due(&self) -> Result<Claimed, StoreError> {
         let now = self.clock.now();
-        // Wall time of each phase, for the debug log and the histograms (not the clock: the
+        // Wall time of each phase, for the histograms and the debug log (not the clock: the
         // injected clock may stand still in tests).
         let started = std::time::Instant::now();
-        let claimed = self
+        let journeys = self
             .store
             .claim_journeys(
                 &self.config.owner,
@@ -963,19 +1022,30 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                 self.config.claim_batch,
             )
             .await?;
-        let n = claimed.len();
-        if n == 0 {
-            return Ok(0);
-        }
+        let took = started.elapsed();
+        metrics::histogram!("tideway_canvas_timer_pass_seconds", "phase" => "claim")
+            .record(took.as_secs_f64());
+        debug!(
+            journeys = journeys.len(),
+            claim_ms = took.as_millis(),
+            "Canvas timers claimed"
+        );
+        Ok(Claimed { now, journeys })
+    }
+
+    /// Advances each claimed journey and builds its settlement (reads only).
+    async fn compute(&self, claimed: Claimed) -> Result<Computed, StoreError> {
+        let Claimed { now, journeys } = claimed;
+        let started = std::time::Instant::now();
+        let n = journeys.len();
         let mut by_canvas: HashMap<(WorkspaceId, String, u32), Vec<ClaimedJourney>> =
             HashMap::new();
-        for c in claimed {
+        for c in journeys {
             by_canvas
                 .entry((c.workspace, c.canvas_id.clone(), c.journey.version))
                 .or_default()
                 .push(c);
         }
-        let claimed_in = started.elapsed();
         let mut settlements = Vec::with_capacity(n);
         let mut sent = false;
         for ((ws, canvas_id, version), group) in by_canvas {
@@ -1041,32 +1111,45 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
                 settlements.push(s);
             }
         }
-        let computed_in = started.elapsed() - claimed_in;
-        let refused = self
-            .store
-            .settle_journeys(&self.config.owner, now, settlements)
-            .await?;
-        let settled_in = started.elapsed() - claimed_in - computed_in;
-        metrics::histogram!("tideway_canvas_timer_pass_seconds", "phase" => "claim")
-            .record(claimed_in.as_secs_f64());
+        let took = started.elapsed();
         metrics::histogram!("tideway_canvas_timer_pass_seconds", "phase" => "compute")
-            .record(computed_in.as_secs_f64());
-        metrics::histogram!("tideway_canvas_timer_pass_seconds", "phase" => "settle")
-            .record(settled_in.as_secs_f64());
+            .record(took.as_secs_f64());
         debug!(
             journeys = n,
-            claim_ms = claimed_in.as_millis(),
-            compute_ms = computed_in.as_millis(),
-            settle_ms = settled_in.as_millis(),
-            "Canvas timer pass"
+            compute_ms = took.as_millis(),
+            "Canvas timers computed"
+        );
+        Ok(Computed {
+            now,
+            settlements,
+            sent,
+        })
+    }
+
+    /// Commits a batch's settlements (a lost lease refuses a journey's, writing nothing for it)
+    /// and wakes the dispatcher for the sends they queued.
+    async fn settle(&self, batch: Computed) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let n = batch.settlements.len();
+        let refused = self
+            .store
+            .settle_journeys(&self.config.owner, batch.now, batch.settlements)
+            .await?;
+        let took = started.elapsed();
+        metrics::histogram!("tideway_canvas_timer_pass_seconds", "phase" => "settle")
+            .record(took.as_secs_f64());
+        debug!(
+            journeys = n,
+            settle_ms = took.as_millis(),
+            "Canvas timers settled"
         );
         if refused > 0 {
             warn!(refused, "journey settlements refused (lease lost)");
         }
-        if sent {
+        if batch.sent {
             self.dispatcher.wake();
         }
-        Ok(n)
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
