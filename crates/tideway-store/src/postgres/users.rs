@@ -372,6 +372,7 @@ async fn worker(alive: Alive, pool: PgPool, max_array_len: usize) {
                 ids: &mut worker_ids,
                 max_array_len,
                 front,
+                front_from: std::time::Instant::now(),
             };
             run_batch(&mut env, batch);
             worker_ids
@@ -486,6 +487,8 @@ struct BatchEnv<'a> {
     ids: &'a mut RandomIds,
     max_array_len: usize,
     front: Front,
+    /// When the pass began taking its front in the database (`tideway_store_front_seconds`).
+    front_from: std::time::Instant,
 }
 
 impl<'a> BatchEnv<'a> {
@@ -736,6 +739,7 @@ fn no_connection() -> Pass {
 /// Every unit in one transaction, no savepoints; the first failure fails the pass.
 fn together(env: &mut BatchEnv<'_>, jobs: &mut [Job]) -> Pass {
     let ws = jobs[0].workspace.id;
+    env.front_from = std::time::Instant::now();
     let mut session = match Session::open(env, ws) {
         Ok(s) => s,
         Err(pass) => return pass,
@@ -782,7 +786,21 @@ fn together_in(env: &mut BatchEnv<'_>, session: &mut Session, jobs: &mut [Job]) 
                 }
             }
         }
-        if failed.is_none() && ptx.plain() {
+        let plain = failed.is_none() && ptx.plain();
+        // How long batches of a workspace wait on each other: the front is the serial part
+        // of ingest into one workspace (BENCHMARKS.md, ingest on PostgreSQL).
+        let front = env.front_from.elapsed().as_secs_f64();
+        metrics::histogram!("tideway_store_front_seconds").record(front);
+        if !plain {
+            metrics::counter!("tideway_store_front_kept_to_commit_total").increment(1);
+        }
+        tracing::debug!(
+            units = jobs.len(),
+            plain,
+            front_ms = front * 1e3,
+            "batch units done"
+        );
+        if plain {
             // Only writes and the commit are left, and they wait for nothing the next batch
             // holds: let it start looking users up.
             let on: &tokio_postgres::Transaction<'_> = &tx;
@@ -806,10 +824,15 @@ fn together_in(env: &mut BatchEnv<'_>, session: &mut Session, jobs: &mut [Job]) 
         rollback(env, tx);
         return Pass::Failed(e, failure);
     }
-    match commit(env, tx) {
+    let r = match commit(env, tx) {
         Ok(()) => Pass::Committed(outputs),
         Err(pass) => pass,
-    }
+    };
+    tracing::debug!(
+        total_ms = env.front_from.elapsed().as_secs_f64() * 1e3,
+        "batch committed"
+    );
+    r
 }
 
 /// Every unit in its own savepoint: a unit that fails is rolled back alone (after running it
