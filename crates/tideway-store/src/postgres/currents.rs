@@ -753,6 +753,8 @@ async fn apply_retention(
 async fn lag(store: &PgStore, id: CurrentId, types: &TypeFilter) -> Result<Lag, StoreError> {
     // Counted up to the cap; the first selected event after the position and the clock's
     // earliest sample that covers it; the workspace's head for the estimate past the cap.
+    // The first event is `ORDER BY seq LIMIT 1` rather than `MIN(seq)`, so it is one index
+    // probe even when the planner's statistics predate the workspace (see `segments::HEADS`).
     const SQL: &str = concat!(
         "SELECT
              (SELECT COUNT(*) FROM (SELECT 1 FROM event_log
@@ -764,10 +766,11 @@ async fn lag(store: &PgStore, id: CurrentId, types: &TypeFilter) -> Result<Lag, 
              c.position, ",
         head_of!("c.workspace_id"),
         "
-         FROM currents c,
-             LATERAL (SELECT MIN(seq) AS first FROM event_log
+         FROM currents c
+             LEFT JOIN LATERAL (SELECT seq AS first FROM event_log
                       WHERE workspace_id = c.workspace_id AND seq > c.position
-                        AND ($2::text[] IS NULL OR event_type = ANY($2::text[]))) f
+                        AND ($2::text[] IS NULL OR event_type = ANY($2::text[]))
+                      ORDER BY seq LIMIT 1) f ON true
          WHERE c.id = $1"
     );
     let client = store.pool.client().await?;

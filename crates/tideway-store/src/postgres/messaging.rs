@@ -1446,6 +1446,14 @@ async fn messaging_secret(store: &PgStore, candidate: [u8; 32]) -> Result<[u8; 3
         .map_err(|_| corrupt("the messaging secret is not 32 bytes"))
 }
 
+/// The live users of the seqs `$2` in workspace `$1` (see `users_by_seq`).
+pub(crate) const USERS_BY_SEQ: &str =
+    "SELECT u.seq, u.braze_id, u.external_id, u.email, u.phone, u.created_at, u.updated_at,
+        u.profile
+     FROM unnest($2::bigint[]) AS k(seq) CROSS JOIN LATERAL (
+         SELECT * FROM users u
+         WHERE u.workspace_id = $1 AND u.seq = k.seq AND u.deleted_at IS NULL LIMIT 1) u";
+
 async fn users_by_seq(
     store: &PgStore,
     workspace: WorkspaceId,
@@ -1456,13 +1464,9 @@ async fn users_by_seq(
     }
     let wanted: Vec<i64> = seqs.iter().map(|s| i64::from(s.0)).collect();
     let client = store.pool.client().await?;
-    let rows = query(
-        &client,
-        "SELECT seq, braze_id, external_id, email, phone, created_at, updated_at, profile
-         FROM users WHERE workspace_id = $1 AND seq = ANY($2::bigint[]) AND deleted_at IS NULL",
-        &[&workspace.0, &wanted],
-    )
-    .await?;
+    // One primary-key probe per seq (`unnest … CROSS JOIN LATERAL`), as the users context's
+    // lookups are written (see PostgreSQL migration 10 for the plan it must get).
+    let rows = query(&client, USERS_BY_SEQ, &[&workspace.0, &wanted]).await?;
     let mut found: HashMap<UserSeq, UserRecord> = rows
         .iter()
         .map(|row| user_of(row).map(|u| (u.seq, u)))

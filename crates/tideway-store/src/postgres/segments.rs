@@ -265,10 +265,16 @@ async fn snapshot_tx(
         .map_err(pg_err)
 }
 
+// `ORDER BY … DESC LIMIT 1`, not `MAX(…)`: the planner turns MAX into that backward probe only
+// when it believes the workspace has rows; for a workspace younger than the last ANALYZE it
+// aggregated over every entry instead (16–31 ms for 50 k events, on every catch-up).
 const HEADS: &str = "SELECT
-    (SELECT COALESCE(MAX(seq), 0) FROM event_log WHERE workspace_id = $1),
-    (SELECT COALESCE(MAX(change_seq), 0) FROM cohort_membership_changes WHERE workspace_id = $1),
-    (SELECT COALESCE(MAX(change_seq), 0) FROM segment_user_changes WHERE workspace_id = $1)";
+    COALESCE((SELECT seq FROM event_log WHERE workspace_id = $1
+              ORDER BY seq DESC LIMIT 1), 0),
+    COALESCE((SELECT change_seq FROM cohort_membership_changes WHERE workspace_id = $1
+              ORDER BY change_seq DESC LIMIT 1), 0),
+    COALESCE((SELECT change_seq FROM segment_user_changes WHERE workspace_id = $1
+              ORDER BY change_seq DESC LIMIT 1), 0)";
 
 /// The workspace's log heads as one statement sees them (each an index's last entry).
 async fn heads(
