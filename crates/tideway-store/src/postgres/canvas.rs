@@ -19,8 +19,9 @@ use tideway_core::clock::Millis;
 use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::store::{
-    CanvasRecord, CanvasScan, CanvasStore, ClaimedJourney, ConversionWatch, JourneySettlement,
-    ScanOutcome, SendCounts, StepCounts, StepStat, StoreError, StoreFuture, TriggerCursor,
+    CanvasRecord, CanvasScan, CanvasSend, CanvasStore, ClaimedJourney, ConversionWatch,
+    DispatchRecord, JourneySettlement, ScanOutcome, SendCounts, StepCounts, StepStat, StoreError,
+    StoreFuture, TriggerCursor,
 };
 
 use deadpool_postgres::Transaction;
@@ -661,145 +662,341 @@ async fn lease_held<C: GenericClient>(
     .is_some())
 }
 
+/// Which settlements' journeys `owner` still leases for the same entry (by index), locking
+/// those rows in key order with one statement (so two calls never deadlock). A journey named twice is held for its first
+/// settlement only, as if they had run one after the other (the first releases the lease).
+async fn held_leases(
+    tx: &Transaction<'_>,
+    owner: &str,
+    settlements: &[&JourneySettlement],
+) -> Result<Vec<bool>, StoreError> {
+    let mut accepted = vec![false; settlements.len()];
+    if settlements.is_empty() {
+        return Ok(accepted);
+    }
+    // Probed in key order, each a primary-key look-up that locks its row (a join let the
+    // planner hash the whole table: 190 ms per 1,000).
+    let mut order: Vec<usize> = (0..settlements.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&settlements[a], &settlements[b]);
+        (a.workspace, &a.canvas_id, a.user).cmp(&(b.workspace, &b.canvas_id, b.user))
+    });
+    let rows = query(
+        tx,
+        "SELECT k.i FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[])
+                 AS k(workspace_id, canvas_id, user_seq, entry_id, i)
+             CROSS JOIN LATERAL (SELECT 1 FROM canvas_journeys j
+                 WHERE j.workspace_id = k.workspace_id AND j.canvas_id = k.canvas_id
+                   AND j.user_seq = k.user_seq AND j.entry_id = k.entry_id
+                   AND j.lease_owner = $6
+                 FOR UPDATE) j",
+        &[
+            &order
+                .iter()
+                .map(|&i| settlements[i].workspace.0)
+                .collect::<Vec<_>>(),
+            &order
+                .iter()
+                .map(|&i| settlements[i].canvas_id.as_str())
+                .collect::<Vec<_>>(),
+            &order
+                .iter()
+                .map(|&i| i64::from(settlements[i].user.0))
+                .collect::<Vec<_>>(),
+            &order
+                .iter()
+                .map(|&i| settlements[i].entry_id.as_str())
+                .collect::<Vec<_>>(),
+            &order
+                .iter()
+                .map(|&i| i64::try_from(i).unwrap_or(i64::MAX))
+                .collect::<Vec<_>>(),
+            &owner,
+        ],
+    )
+    .await?;
+    let mut seen = std::collections::HashSet::new();
+    for r in &rows {
+        let i = usize::try_from(get::<i64>(r, 0)?)
+            .ok()
+            .filter(|&i| i < settlements.len())
+            .ok_or_else(|| corrupt("a settlement's index"))?;
+        let s = settlements[i];
+        if seen.insert((s.workspace, s.canvas_id.as_str(), s.user)) {
+            accepted[i] = true;
+        }
+    }
+    Ok(accepted)
+}
+
 /// Settles `settlements` in `tx`: those whose lease `owner` still holds are applied, the
 /// others refused (counted). Rows are locked in key order (two calls never deadlock); events
-/// are appended in call order, as on SQLite.
+/// are appended in call order, as on SQLite. A batch is a few statements whatever its size
+/// (each over `unnest` arrays), not a round trip per journey: one lease check that locks the
+/// held journeys, then each kind of write for all of them.
 async fn settle_in(
     tx: &Transaction<'_>,
     owner: &str,
     now: Millis,
     settlements: &[&JourneySettlement],
 ) -> Result<u64, StoreError> {
-    let mut refused = 0;
     let mut appends: BTreeMap<WorkspaceId, Appends> = BTreeMap::new();
     let mut stats: BTreeMap<WorkspaceId, Vec<(&str, &StepStat)>> = BTreeMap::new();
-    let mut order: Vec<usize> = (0..settlements.len()).collect();
+    let accepted = held_leases(tx, owner, settlements).await?;
+    for (s, _) in settlements.iter().zip(&accepted).filter(|(_, a)| **a) {
+        if let Some(send) = s.sends.iter().find(|d| d.dispatch.workspace != s.workspace) {
+            return Err(corrupt(format!(
+                "dispatch {} of another workspace",
+                send.dispatch.id
+            )));
+        }
+    }
+    let refused = u64::try_from(accepted.iter().filter(|a| !**a).count()).unwrap_or(u64::MAX);
+    // In key order, as the rows were locked; sends take their ids in that order.
+    let mut order: Vec<usize> = (0..settlements.len()).filter(|&k| accepted[k]).collect();
     order.sort_by(|&a, &b| {
         let (a, b) = (&settlements[a], &settlements[b]);
         (a.workspace, &a.canvas_id, a.user).cmp(&(b.workspace, &b.canvas_id, b.user))
     });
-    let mut accepted = vec![false; settlements.len()];
-    for k in order {
-        let s = &settlements[k];
-        let ws = s.workspace.0;
-        let user = i64::from(s.user.0);
-        if !lease_held(tx, owner, s).await? {
-            refused += 1;
-            continue;
+    let key = |s: &JourneySettlement| (s.workspace.0, s.canvas_id.clone(), i64::from(s.user.0));
+
+    let mut upto: (Vec<i64>, Vec<String>, Vec<i64>, Vec<i64>) = Default::default();
+    for s in order.iter().map(|&k| settlements[k]) {
+        if let Some(id) = s.inbox_upto {
+            let (ws, canvas, user) = key(s);
+            upto.0.push(ws);
+            upto.1.push(canvas);
+            upto.2.push(user);
+            upto.3.push(id);
         }
-        if let Some(upto) = s.inbox_upto {
+    }
+    if !upto.0.is_empty() {
+        execute(
+            tx,
+            "DELETE FROM canvas_inbox i
+             USING unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])
+                 AS k(workspace_id, canvas_id, user_seq, upto)
+             WHERE i.workspace_id = k.workspace_id AND i.canvas_id = k.canvas_id
+               AND i.user_seq = k.user_seq AND i.id <= k.upto",
+            &[&upto.0, &upto.1, &upto.2, &upto.3],
+        )
+        .await?;
+    }
+
+    let moving: Vec<(&JourneySettlement, &Journey)> = order
+        .iter()
+        .map(|&k| settlements[k])
+        .filter_map(|s| s.journey.as_ref().map(|j| (s, j)))
+        .collect();
+    if !moving.is_empty() {
+        let keys: Vec<_> = moving.iter().map(|(s, _)| key(s)).collect();
+        let versions = moving
+            .iter()
+            .map(|(_, j)| version_of(j.version))
+            .collect::<Result<Vec<i32>, _>>()?;
+        execute(
+            tx,
+            "UPDATE canvas_journeys j SET entry_id = k.entry_id, version = k.version,
+                 variant_id = k.variant_id, step_id = k.step_id, entered_at = k.entered_at,
+                 step_at = k.step_at, due_at = k.due_at, converted = k.converted,
+                 entry_properties = k.entry_properties, event_properties = k.event_properties,
+                 wake_at = CASE WHEN EXISTS (SELECT 1 FROM canvas_inbox i
+                     WHERE i.workspace_id = k.workspace_id AND i.canvas_id = k.canvas_id
+                       AND i.user_seq = k.user_seq)
+                     THEN LEAST(k.due_at, $14::bigint) ELSE k.due_at END,
+                 lease_owner = NULL, lease_until = NULL
+             FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::integer[],
+                     $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[],
+                     $11::smallint[], $12::text[], $13::text[])
+                 AS k(workspace_id, canvas_id, user_seq, entry_id, version, variant_id, step_id,
+                      entered_at, step_at, due_at, converted, entry_properties, event_properties)
+             WHERE j.workspace_id = k.workspace_id AND j.canvas_id = k.canvas_id
+               AND j.user_seq = k.user_seq",
+            &[
+                &keys.iter().map(|k| k.0).collect::<Vec<_>>(),
+                &keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>(),
+                &keys.iter().map(|k| k.2).collect::<Vec<_>>(),
+                &moving
+                    .iter()
+                    .map(|(_, j)| j.entry_id.as_str())
+                    .collect::<Vec<_>>(),
+                &versions,
+                &moving
+                    .iter()
+                    .map(|(_, j)| j.variant_id.as_str())
+                    .collect::<Vec<_>>(),
+                &moving
+                    .iter()
+                    .map(|(_, j)| j.step_id.as_str())
+                    .collect::<Vec<_>>(),
+                &moving
+                    .iter()
+                    .map(|(_, j)| j.entered_at.0)
+                    .collect::<Vec<_>>(),
+                &moving.iter().map(|(_, j)| j.step_at.0).collect::<Vec<_>>(),
+                &moving.iter().map(|(_, j)| j.due_at.0).collect::<Vec<_>>(),
+                &moving
+                    .iter()
+                    .map(|(_, j)| i16::from(j.converted))
+                    .collect::<Vec<_>>(),
+                &moving
+                    .iter()
+                    .map(|(_, j)| j.entry_properties.as_deref())
+                    .collect::<Vec<_>>(),
+                &moving
+                    .iter()
+                    .map(|(_, j)| j.event_properties.as_deref())
+                    .collect::<Vec<_>>(),
+                &now.0,
+            ],
+        )
+        .await?;
+    }
+
+    let ended: Vec<&JourneySettlement> = order
+        .iter()
+        .map(|&k| settlements[k])
+        .filter(|s| s.journey.is_none())
+        .collect();
+    if !ended.is_empty() {
+        let keys: Vec<_> = ended.iter().map(|s| key(s)).collect();
+        let (ws, canvas, user): (Vec<i64>, Vec<&str>, Vec<i64>) = (
+            keys.iter().map(|k| k.0).collect(),
+            keys.iter().map(|k| k.1.as_str()).collect(),
+            keys.iter().map(|k| k.2).collect(),
+        );
+        for table in ["canvas_journeys", "canvas_inbox"] {
             execute(
                 tx,
-                "DELETE FROM canvas_inbox
-                 WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3 AND id <= $4",
-                &[&ws, &s.canvas_id, &user, &upto],
+                &format!(
+                    "DELETE FROM {table} t
+                     USING unnest($1::bigint[], $2::text[], $3::bigint[])
+                         AS k(workspace_id, canvas_id, user_seq)
+                     WHERE t.workspace_id = k.workspace_id AND t.canvas_id = k.canvas_id
+                       AND t.user_seq = k.user_seq"
+                ),
+                &[&ws, &canvas, &user],
             )
             .await?;
         }
-        match &s.journey {
-            Some(j) => {
-                execute(
-                    tx,
-                    "UPDATE canvas_journeys SET entry_id = $4, version = $5, variant_id = $6,
-                         step_id = $7, entered_at = $8, step_at = $9, due_at = $10, converted = $11,
-                         entry_properties = $12, event_properties = $13,
-                         wake_at = CASE WHEN EXISTS (SELECT 1 FROM canvas_inbox i
-                             WHERE i.workspace_id = $1 AND i.canvas_id = $2 AND i.user_seq = $3)
-                             THEN LEAST($10::bigint, $14::bigint) ELSE $10::bigint END,
-                         lease_owner = NULL, lease_until = NULL
-                     WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3",
-                    &[
-                        &ws,
-                        &s.canvas_id,
-                        &user,
-                        &j.entry_id,
-                        &version_of(j.version)?,
-                        &j.variant_id,
-                        &j.step_id,
-                        &j.entered_at.0,
-                        &j.step_at.0,
-                        &j.due_at.0,
-                        &i16::from(j.converted),
-                        &j.entry_properties,
-                        &j.event_properties,
-                        &now.0,
-                    ],
-                )
-                .await?;
-            }
-            None => {
-                for table in ["canvas_journeys", "canvas_inbox"] {
-                    execute(
-                        tx,
-                        &format!(
-                            "DELETE FROM {table}
-                             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3"
-                        ),
-                        &[&ws, &s.canvas_id, &user],
-                    )
-                    .await?;
-                }
-                if let Some(w) = &s.watch {
-                    execute(
-                        tx,
-                        "INSERT INTO canvas_conversion_watches (workspace_id, canvas_id, user_seq,
-                             entry_id, version, variant_id, step_id, entered_at, converted, until)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                         ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE SET
-                             entry_id = EXCLUDED.entry_id, version = EXCLUDED.version,
-                             variant_id = EXCLUDED.variant_id, step_id = EXCLUDED.step_id,
-                             entered_at = EXCLUDED.entered_at, converted = EXCLUDED.converted,
-                             until = EXCLUDED.until",
-                        &[
-                            &ws,
-                            &s.canvas_id,
-                            &user,
-                            &w.entry_id,
-                            &version_of(w.version)?,
-                            &w.variant_id,
-                            &w.step_id,
-                            &w.entered_at.0,
-                            &i16::from(w.converted),
-                            &w.until.0,
-                        ],
-                    )
-                    .await?;
-                }
-            }
-        }
-        for send in &s.sends {
-            if send.dispatch.workspace != s.workspace {
-                return Err(corrupt(format!(
-                    "dispatch {} of another workspace",
-                    send.dispatch.id
-                )));
-            }
-            let exists = query_opt(
-                tx,
-                "SELECT 1 FROM dispatches WHERE workspace_id = $1 AND id = $2",
-                &[&ws, &send.dispatch.id],
-            )
-            .await?
-            .is_some();
-            if !exists {
-                insert_dispatch(tx, &send.dispatch).await?;
-            }
+        let watched: Vec<(&JourneySettlement, &ConversionWatch)> = ended
+            .iter()
+            .filter_map(|s| s.watch.as_ref().map(|w| (*s, w)))
+            .collect();
+        if !watched.is_empty() {
+            let keys: Vec<_> = watched.iter().map(|(s, _)| key(s)).collect();
+            let versions = watched
+                .iter()
+                .map(|(_, w)| version_of(w.version))
+                .collect::<Result<Vec<i32>, _>>()?;
             execute(
                 tx,
-                "INSERT INTO sends (workspace_id, dispatch_id, user_seq, variant, due_at, properties, state)
-                 VALUES ($1, $2, $3, $4, $5, $6, 'pending')",
+                "INSERT INTO canvas_conversion_watches (workspace_id, canvas_id, user_seq,
+                     entry_id, version, variant_id, step_id, entered_at, converted, until)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[],
+                     $5::integer[], $6::text[], $7::text[], $8::bigint[], $9::smallint[],
+                     $10::bigint[])
+                 ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE SET
+                     entry_id = EXCLUDED.entry_id, version = EXCLUDED.version,
+                     variant_id = EXCLUDED.variant_id, step_id = EXCLUDED.step_id,
+                     entered_at = EXCLUDED.entered_at, converted = EXCLUDED.converted,
+                     until = EXCLUDED.until",
                 &[
-                    &ws,
-                    &send.job.dispatch_id,
-                    &user,
-                    &send.job.variant,
-                    &send.job.due_at.0,
-                    &send.job.properties,
+                    &keys.iter().map(|k| k.0).collect::<Vec<_>>(),
+                    &keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>(),
+                    &keys.iter().map(|k| k.2).collect::<Vec<_>>(),
+                    &watched
+                        .iter()
+                        .map(|(_, w)| w.entry_id.as_str())
+                        .collect::<Vec<_>>(),
+                    &versions,
+                    &watched
+                        .iter()
+                        .map(|(_, w)| w.variant_id.as_str())
+                        .collect::<Vec<_>>(),
+                    &watched
+                        .iter()
+                        .map(|(_, w)| w.step_id.as_str())
+                        .collect::<Vec<_>>(),
+                    &watched
+                        .iter()
+                        .map(|(_, w)| w.entered_at.0)
+                        .collect::<Vec<_>>(),
+                    &watched
+                        .iter()
+                        .map(|(_, w)| i16::from(w.converted))
+                        .collect::<Vec<_>>(),
+                    &watched.iter().map(|(_, w)| w.until.0).collect::<Vec<_>>(),
                 ],
             )
             .await?;
         }
-        accepted[k] = true;
+    }
+
+    let sends: Vec<(&JourneySettlement, &CanvasSend)> = order
+        .iter()
+        .map(|&k| settlements[k])
+        .flat_map(|s| s.sends.iter().map(move |d| (s, d)))
+        .collect();
+    if !sends.is_empty() {
+        // A Message step's dispatch is shared by all its sends: created once, by the first.
+        let mut dispatches: Vec<&DispatchRecord> = Vec::new();
+        for (_, send) in &sends {
+            if !dispatches
+                .iter()
+                .any(|d| d.workspace == send.dispatch.workspace && d.id == send.dispatch.id)
+            {
+                dispatches.push(&send.dispatch);
+            }
+        }
+        for d in dispatches {
+            let exists = query_opt(
+                tx,
+                "SELECT 1 FROM dispatches WHERE workspace_id = $1 AND id = $2",
+                &[&d.workspace.0, &d.id],
+            )
+            .await?
+            .is_some();
+            if !exists {
+                insert_dispatch(tx, d).await?;
+            }
+        }
+        execute(
+            tx,
+            "INSERT INTO sends (workspace_id, dispatch_id, user_seq, variant, due_at, properties,
+                 state)
+             SELECT k.workspace_id, k.dispatch_id, k.user_seq, k.variant, k.due_at, k.properties,
+                 'pending'
+             FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[],
+                     $6::text[])
+                 WITH ORDINALITY AS k(workspace_id, dispatch_id, user_seq, variant, due_at,
+                                      properties, ord)
+             ORDER BY k.ord",
+            &[
+                &sends.iter().map(|(s, _)| s.workspace.0).collect::<Vec<_>>(),
+                &sends
+                    .iter()
+                    .map(|(_, d)| d.job.dispatch_id.as_str())
+                    .collect::<Vec<_>>(),
+                &sends
+                    .iter()
+                    .map(|(s, _)| i64::from(s.user.0))
+                    .collect::<Vec<_>>(),
+                &sends
+                    .iter()
+                    .map(|(_, d)| d.job.variant.as_str())
+                    .collect::<Vec<_>>(),
+                &sends
+                    .iter()
+                    .map(|(_, d)| d.job.due_at.0)
+                    .collect::<Vec<_>>(),
+                &sends
+                    .iter()
+                    .map(|(_, d)| d.job.properties.as_deref())
+                    .collect::<Vec<_>>(),
+            ],
+        )
+        .await?;
     }
     for (s, _) in settlements
         .iter()

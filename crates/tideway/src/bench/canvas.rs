@@ -45,7 +45,6 @@ use tideway_messaging::canvas::Entrant;
 use tideway_messaging::dispatcher::Channels;
 use tideway_messaging::engine::{Engine, EngineConfig};
 use tideway_messaging::webhook::WebhookSender;
-use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
 use super::send::{percentile, receiver_max, seed, serve};
 
@@ -68,6 +67,10 @@ pub struct CanvasArgs {
     /// Seconds the receiver-limit measurement runs
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Run on PostgreSQL (a workspace of its own in this database) instead of a temporary
+    /// SQLite file (the memory figure then leaves out the database, which is another process)
+    #[arg(long)]
+    pub database_url: Option<String>,
 }
 
 /// Bytes per waiting user the issue allows beyond the store.
@@ -246,12 +249,12 @@ pub async fn run(args: CanvasArgs) -> anyhow::Result<()> {
     println!("webhook receiver's own maximum: {limit:.0} requests/s");
 
     let dir = tempfile::tempdir()?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dir.path().join("bench.sqlite"), SqliteOptions::default())
-            .context("open the SQLite store")?,
-    );
+    let store = super::open_store(dir.path(), args.database_url.as_deref()).await?;
     let ws = store
-        .create_workspace("bench", Clock::system().now())
+        .create_workspace(
+            &format!("bench-canvas-{}", uuid::Uuid::new_v4().simple()),
+            Clock::system().now(),
+        )
         .await?;
     let total = args.users.max(args.burst + args.spread_users);
     seed(&store, &ws, total).await?;

@@ -50,3 +50,28 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Canvas(args) => canvas::run(args).await,
     }
 }
+
+/// The store a bench runs on: a SQLite file in `dir`, or the PostgreSQL database at
+/// `database_url` (a workspace of the bench's own in it).
+async fn open_store(
+    dir: &std::path::Path,
+    database_url: Option<&str>,
+) -> anyhow::Result<std::sync::Arc<dyn tideway_core::store::Store>> {
+    use anyhow::Context;
+    Ok(match database_url {
+        None => std::sync::Arc::new(crate::data::open(
+            dir,
+            tideway_store::sqlite::SqliteOptions::default(),
+        )?),
+        Some(url) => std::sync::Arc::new(
+            tideway_store::postgres::PgStore::open(url)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot use PostgreSQL at {}; is it running, and may this user create tables?",
+                        crate::config::redact_url(url)
+                    )
+                })?,
+        ),
+    })
+}

@@ -36,8 +36,6 @@ use tideway_messaging::engine::EngineConfig;
 use tideway_messaging::tracking::{TrackingKey, TrackingUrls};
 use tideway_messaging::webhook::WebhookSender;
 use tideway_server::{CurrentsApi, MessagingOptions, ServerConfig};
-use tideway_store::postgres::PgStore;
-use tideway_store::sqlite::SqliteOptions;
 
 use crate::bench::load::millis;
 use crate::data;
@@ -269,15 +267,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     );
 
     let dir = tempfile::tempdir().context("cannot create a temporary data directory")?;
-    let store: Arc<dyn Store> = match &args.database_url {
-        None => Arc::new(data::open(dir.path(), SqliteOptions::default())?),
-        Some(url) => Arc::new(PgStore::open(url).await.with_context(|| {
-            format!(
-                "cannot use PostgreSQL at {}; is it running, and may this user create tables?",
-                crate::config::redact_url(url)
-            )
-        })?),
-    };
+    let store = super::open_store(dir.path(), args.database_url.as_deref()).await?;
     let now = data::now();
     let ws = store
         .create_workspace(
