@@ -8,7 +8,7 @@
 //! Update steps settles inside the users context's unit of work that applies them
 //! (`users::AroundUnit`), so the update and the journey's move commit together.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
@@ -20,8 +20,8 @@ use tideway_core::currents::CurrentsEvent;
 use tideway_core::ids::{UserSeq, WorkspaceId};
 use tideway_core::store::{
     CanvasRecord, CanvasScan, CanvasSend, CanvasStore, ClaimedJourney, ConversionWatch,
-    DispatchRecord, JourneySettlement, ScanOutcome, SendCounts, StepCounts, StepStat, StoreError,
-    StoreFuture, TriggerCursor,
+    DispatchRecord, JourneySettlement, NewEntry, ScanOutcome, SendCounts, StepCounts, StepStat,
+    StoreError, StoreFuture, TriggerCursor,
 };
 
 use deadpool_postgres::Transaction;
@@ -37,7 +37,7 @@ use crate::sqlite::canvas::{
     CANVAS_COLUMNS, JOURNEY_COLUMNS, RawCanvas, RawJourney, happening_columns, happening_of,
     send_counts, step_counts, tally,
 };
-use crate::sqlite::messaging::{Receipts, cas_conflict, tags_text};
+use crate::sqlite::messaging::{cas_conflict, tags_text};
 
 type Appends = Vec<(Option<UserSeq>, CurrentsEvent)>;
 
@@ -263,6 +263,230 @@ async fn count_stats<C: GenericClient>(
     Ok(())
 }
 
+/// Decides and writes a scan's entries in a few statements (not five round trips each): the
+/// Canvases' rows are locked (in id order), which serialises every entry into them, so what is
+/// read next — journeys under way, entry receipts — cannot change before this commits. Then
+/// each entry is decided in order, as one at a time would be: the Canvas exists, its entry
+/// limit counts the entries accepted before this one, no journey is under way (nor started by
+/// an earlier entry here), and the receipt rule of `take_receipt_rows` holds against the
+/// receipt as earlier entries here left it. Returns which entries were accepted.
+async fn admit_entries(
+    tx: &Transaction<'_>,
+    workspace: WorkspaceId,
+    now: Millis,
+    entries: &[NewEntry],
+) -> Result<Vec<bool>, StoreError> {
+    let mut accepted = vec![false; entries.len()];
+    if entries.is_empty() {
+        return Ok(accepted);
+    }
+    let mut canvas_ids: Vec<&str> = entries.iter().map(|e| e.canvas_id.as_str()).collect();
+    canvas_ids.sort_unstable();
+    canvas_ids.dedup();
+    let mut counts: HashMap<String, i64> = HashMap::new();
+    for r in query(
+        tx,
+        "SELECT id, entries FROM canvases WHERE workspace_id = $1 AND id = ANY($2::text[])
+         ORDER BY id FOR UPDATE",
+        &[&workspace.0, &canvas_ids],
+    )
+    .await?
+    {
+        counts.insert(get(&r, 0)?, get(&r, 1)?);
+    }
+    let keys: (Vec<&str>, Vec<i64>) = (
+        entries.iter().map(|e| e.canvas_id.as_str()).collect(),
+        entries.iter().map(|e| i64::from(e.user.0)).collect(),
+    );
+    let mut busy: HashSet<(String, i64)> = HashSet::new();
+    for r in query(
+        tx,
+        "SELECT k.canvas_id, k.user_seq
+         FROM unnest($2::text[], $3::bigint[]) AS k(canvas_id, user_seq)
+         CROSS JOIN LATERAL (SELECT 1 FROM canvas_journeys j
+             WHERE j.workspace_id = $1 AND j.canvas_id = k.canvas_id AND j.user_seq = k.user_seq
+             LIMIT 1) j",
+        &[&workspace.0, &keys.0, &keys.1],
+    )
+    .await?
+    {
+        busy.insert((get(&r, 0)?, get(&r, 1)?));
+    }
+    // The receipts as they stand: (entered_at) per (canvas, user).
+    let mut receipts: HashMap<(String, i64), i64> = HashMap::new();
+    for r in query(
+        tx,
+        "SELECT k.canvas_id, k.user_seq, r.entered_at
+         FROM unnest($2::text[], $3::bigint[]) AS k(canvas_id, user_seq)
+         CROSS JOIN LATERAL (SELECT r.entered_at FROM canvas_receipts r
+             WHERE r.workspace_id = $1 AND r.canvas_id = k.canvas_id AND r.user_seq = k.user_seq
+             LIMIT 1) r",
+        &[&workspace.0, &keys.0, &keys.1],
+    )
+    .await?
+    {
+        receipts.insert((get(&r, 0)?, get(&r, 1)?), get(&r, 2)?);
+    }
+    // Decided in order; `taken` are the receipts to write (the last per key).
+    let mut taken: BTreeMap<(String, i64), (i64, Option<i64>)> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        let Some(count) = counts.get_mut(&e.canvas_id) else {
+            continue;
+        };
+        if e.entry_limit
+            .is_some_and(|limit| u64::try_from(*count).unwrap_or(0) >= limit)
+        {
+            continue;
+        }
+        let key = (e.canvas_id.clone(), i64::from(e.user.0));
+        if busy.contains(&key) {
+            continue;
+        }
+        // As `take_receipt_rows`: a first receipt, or the last one's entry plus this entry's
+        // window at or before now (no window: never again).
+        let free = match receipts.get(&key) {
+            None => true,
+            Some(&at) => e
+                .reentry_after_ms
+                .is_some_and(|w| i128::from(at) + i128::from(w) <= i128::from(now.0)),
+        };
+        if !free {
+            continue;
+        }
+        accepted[i] = true;
+        *count += 1;
+        receipts.insert(key.clone(), now.0);
+        taken.insert(key.clone(), (now.0, e.reentry_after_ms));
+        if e.journey.is_some() {
+            busy.insert(key);
+        }
+    }
+    if taken.is_empty() {
+        return Ok(accepted);
+    }
+    execute(
+        tx,
+        "INSERT INTO canvas_receipts AS r (workspace_id, user_seq, canvas_id, entered_at, window_ms)
+         SELECT $1, x.u, x.c, x.t, x.w
+         FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::bigint[]) AS x(u, c, t, w)
+         ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE
+             SET entered_at = EXCLUDED.entered_at, window_ms = EXCLUDED.window_ms",
+        &[
+            &workspace.0,
+            &taken.keys().map(|k| k.1).collect::<Vec<_>>(),
+            &taken.keys().map(|k| k.0.as_str()).collect::<Vec<_>>(),
+            &taken.values().map(|v| v.0).collect::<Vec<_>>(),
+            &taken.values().map(|v| v.1).collect::<Vec<_>>(),
+        ],
+    )
+    .await?;
+    let mut per_canvas: BTreeMap<&str, i64> = BTreeMap::new();
+    for (e, _) in entries.iter().zip(&accepted).filter(|(_, a)| **a) {
+        *per_canvas.entry(e.canvas_id.as_str()).or_default() += 1;
+    }
+    execute(
+        tx,
+        "UPDATE canvases c SET entries = c.entries + k.n,
+             first_entry = COALESCE(c.first_entry, $2), last_entry = $2
+         FROM unnest($3::text[], $4::bigint[]) AS k(id, n)
+         WHERE c.workspace_id = $1 AND c.id = k.id",
+        &[
+            &workspace.0,
+            &now.0,
+            &per_canvas.keys().copied().collect::<Vec<_>>(),
+            &per_canvas.values().copied().collect::<Vec<_>>(),
+        ],
+    )
+    .await?;
+    let starting: Vec<(&NewEntry, &Journey)> = entries
+        .iter()
+        .zip(&accepted)
+        .filter(|(_, a)| **a)
+        .filter_map(|(e, _)| e.journey.as_ref().map(|j| (e, j)))
+        .collect();
+    if !starting.is_empty() {
+        let versions = starting
+            .iter()
+            .map(|(_, j)| version_of(j.version))
+            .collect::<Result<Vec<i32>, _>>()?;
+        let sql = format!(
+            "INSERT INTO canvas_journeys (workspace_id, canvas_id, user_seq, {JOURNEY_COLUMNS}, wake_at)
+             SELECT $1, k.canvas_id, k.user_seq, k.entry_id, k.version, k.variant_id, k.step_id,
+                 k.entered_at, k.step_at, k.due_at, k.converted, k.entry_properties,
+                 k.event_properties, k.due_at
+             FROM unnest($2::text[], $3::bigint[], $4::text[], $5::integer[], $6::text[],
+                     $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::smallint[],
+                     $12::text[], $13::text[])
+                 AS k(canvas_id, user_seq, entry_id, version, variant_id, step_id, entered_at,
+                      step_at, due_at, converted, entry_properties, event_properties)"
+        );
+        execute(
+            tx,
+            &sql,
+            &[
+                &workspace.0,
+                &starting
+                    .iter()
+                    .map(|(e, _)| e.canvas_id.as_str())
+                    .collect::<Vec<_>>(),
+                &starting
+                    .iter()
+                    .map(|(e, _)| i64::from(e.user.0))
+                    .collect::<Vec<_>>(),
+                &starting
+                    .iter()
+                    .map(|(_, j)| j.entry_id.as_str())
+                    .collect::<Vec<_>>(),
+                &versions,
+                &starting
+                    .iter()
+                    .map(|(_, j)| j.variant_id.as_str())
+                    .collect::<Vec<_>>(),
+                &starting
+                    .iter()
+                    .map(|(_, j)| j.step_id.as_str())
+                    .collect::<Vec<_>>(),
+                &starting
+                    .iter()
+                    .map(|(_, j)| j.entered_at.0)
+                    .collect::<Vec<_>>(),
+                &starting
+                    .iter()
+                    .map(|(_, j)| j.step_at.0)
+                    .collect::<Vec<_>>(),
+                &starting.iter().map(|(_, j)| j.due_at.0).collect::<Vec<_>>(),
+                &starting
+                    .iter()
+                    .map(|(_, j)| i16::from(j.converted))
+                    .collect::<Vec<_>>(),
+                &starting
+                    .iter()
+                    .map(|(_, j)| j.entry_properties.as_deref())
+                    .collect::<Vec<_>>(),
+                &starting
+                    .iter()
+                    .map(|(_, j)| j.event_properties.as_deref())
+                    .collect::<Vec<_>>(),
+            ],
+        )
+        .await?;
+    }
+    // A new entry's conversions are counted afresh: the last journey's watch goes.
+    execute(
+        tx,
+        "DELETE FROM canvas_conversion_watches w
+         USING unnest($2::text[], $3::bigint[]) AS k(canvas_id, user_seq)
+         WHERE w.workspace_id = $1 AND w.canvas_id = k.canvas_id AND w.user_seq = k.user_seq",
+        &[
+            &workspace.0,
+            &taken.keys().map(|k| k.0.as_str()).collect::<Vec<_>>(),
+            &taken.keys().map(|k| k.1).collect::<Vec<_>>(),
+        ],
+    )
+    .await?;
+    Ok(accepted)
+}
+
 async fn enter_canvas(
     store: &PgStore,
     workspace: WorkspaceId,
@@ -330,98 +554,13 @@ async fn enter_canvas(
     .await?;
     let mut appends: Appends = Vec::new();
     let mut stats: Vec<(&str, &StepStat)> = Vec::new();
-    for e in &scan.entries {
-        let Some(row) = query_opt(
-            &tx,
-            "SELECT entries FROM canvases WHERE workspace_id = $1 AND id = $2 FOR UPDATE",
-            &[&workspace.0, &e.canvas_id],
-        )
-        .await?
-        else {
-            outcome.refused += 1;
-            continue;
-        };
-        let entries: i64 = get(&row, 0)?;
-        if e.entry_limit
-            .is_some_and(|limit| u64::try_from(entries).unwrap_or(0) >= limit)
-        {
-            outcome.refused += 1;
-            continue;
-        }
-        let user = i64::from(e.user.0);
-        let busy = query_opt(
-            &tx,
-            "SELECT 1 FROM canvas_journeys
-             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3",
-            &[&workspace.0, &e.canvas_id, &user],
-        )
-        .await?
-        .is_some();
-        if busy {
-            outcome.refused += 1;
-            continue;
-        }
-        let taken = super::messaging::take_receipt_rows(
-            &tx,
-            Receipts::Canvas,
-            workspace,
-            (
-                &[user],
-                &[e.canvas_id.as_str()],
-                &[now.0],
-                &[e.reentry_after_ms],
-            ),
-        )
-        .await?;
-        if taken.is_empty() {
-            outcome.refused += 1;
-            continue;
-        }
-        execute(
-            &tx,
-            "UPDATE canvases SET entries = entries + 1,
-                 first_entry = COALESCE(first_entry, $3), last_entry = $3
-             WHERE workspace_id = $1 AND id = $2",
-            &[&workspace.0, &e.canvas_id, &now.0],
-        )
-        .await?;
-        if let Some(j) = &e.journey {
-            let sql = format!(
-                "INSERT INTO canvas_journeys (workspace_id, canvas_id, user_seq, {JOURNEY_COLUMNS}, wake_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $10)"
-            );
-            execute(
-                &tx,
-                &sql,
-                &[
-                    &workspace.0,
-                    &e.canvas_id,
-                    &user,
-                    &j.entry_id,
-                    &version_of(j.version)?,
-                    &j.variant_id,
-                    &j.step_id,
-                    &j.entered_at.0,
-                    &j.step_at.0,
-                    &j.due_at.0,
-                    &i16::from(j.converted),
-                    &j.entry_properties,
-                    &j.event_properties,
-                ],
-            )
-            .await?;
-        }
-        execute(
-            &tx,
-            "DELETE FROM canvas_conversion_watches
-             WHERE workspace_id = $1 AND canvas_id = $2 AND user_seq = $3",
-            &[&workspace.0, &e.canvas_id, &user],
-        )
-        .await?;
+    let accepted = admit_entries(&tx, workspace, now, &scan.entries).await?;
+    for (e, _) in scan.entries.iter().zip(&accepted).filter(|(_, a)| **a) {
         appends.extend(e.events.iter().map(|ev| (Some(e.user), ev.clone())));
         stats.extend(e.stats.iter().map(|s| (e.canvas_id.as_str(), s)));
         outcome.entered += 1;
     }
+    outcome.refused += u64::try_from(accepted.iter().filter(|a| !**a).count()).unwrap_or(0);
     for item in &scan.inbox {
         let (kind, name, props) = happening_columns(&item.happening);
         let user = i64::from(item.user.0);
