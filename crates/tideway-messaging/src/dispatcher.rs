@@ -116,6 +116,16 @@ const LINK_NAMES: [&str; 4] = [
     "set_user_to_opted_in_url",
 ];
 
+/// The subscription links for a preview, which has no send to sign them for: inert
+/// same-page anchors named after each link (`#preview-unsubscribe_url`), so a template that
+/// names one renders a visible link that changes nobody's subscription when clicked.
+pub fn preview_links() -> Map<String, Value> {
+    LINK_NAMES
+        .iter()
+        .map(|name| ((*name).to_owned(), json!(format!("#preview-{name}"))))
+        .collect()
+}
+
 /// A campaign or ad-hoc definition with its templates parsed once.
 struct Compiled {
     campaign: Option<CampaignRecord>,
@@ -1448,6 +1458,15 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preview_links_name_every_link_and_sign_nothing() {
+        let links = preview_links();
+        assert_eq!(links.len(), LINK_NAMES.len());
+        for name in LINK_NAMES {
+            assert_eq!(links[name], json!(format!("#preview-{name}")));
+        }
+    }
 
     #[test]
     fn jitter_is_in_range_and_reproducible() {
