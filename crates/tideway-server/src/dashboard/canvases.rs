@@ -1,5 +1,6 @@
 //! Canvas: the list with status, entry and figures (entered, in a journey now, converted,
-//! messages sent); a Canvas shown as its steps — each step's type, name, what it does, the
+//! messages sent); a Canvas drawn as a graph (`canvas_graph.rs`: an SVG of its steps with
+//! the users in each now) and shown as its steps — each step's type, name, what it does, the
 //! steps its paths lead to, the users in it now and how many entered, progressed and exited,
 //! and a Message step's sends; every Message step's templates rendered for a chosen user and
 //! optional canvas entry properties (`preview.rs`, with the variables a send of the step
@@ -23,6 +24,7 @@ use tideway_core::campaigns::CampaignStatus;
 use tideway_core::canvas::{CanvasDefinition, Delay, Step, StepKind};
 use tideway_core::store::CanvasRecord;
 
+use super::canvas_graph;
 use super::forms::{
     FieldError, api_error, described_by, error_beside, lifecycle_action, refused, require_admin,
 };
@@ -347,6 +349,11 @@ pub async fn detail(
             @for v in &def.variants {
                 li { (v.name) " — " (v.percent) "%, starts at " a href=(anchor(&v.first_step)) { (step_name(&v.first_step)) } }
             }
+        }
+        h2 { "Journey" }
+        figure class="canvas-graph" {
+            (canvas_graph::svg(&def, &figures, anchor))
+            figcaption class="muted" { "The steps, in order below the entry; the list under it says the same in text." }
         }
         h2 { "Steps" }
         div class="steps" id="canvas-steps" {

@@ -1364,6 +1364,9 @@ async fn canvases_are_created_shown_as_steps_edited_and_launched() {
         "href=\"#step-mail\">Reminder</a>",
         "the journey ends",
         "class=\"step-sent\"",
+        // The graph above the list.
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"canvas-graph\"",
+        "<title id=\"canvas-graph-title\">",
     ] {
         assert!(steps.contains(expected), "{expected}: {steps}");
     }
