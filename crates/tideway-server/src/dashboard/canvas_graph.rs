@@ -3,7 +3,9 @@
 //! the path it stands for ("Yes", an Audience Paths group, a variant's name).
 //!
 //! The drawing is markup built by maud (names are escaped like any other text; no script,
-//! no external asset, so the page's CSP needs nothing new). It is an image for people who
+//! no external asset, so the page's CSP needs nothing new). Its shapes are written with
+//! closing tags (`<rect …></rect>`): in an HTML page an SVG element is not self-closing
+//! unless written `<rect/>`, so a bare `<rect …>` would swallow the text after it. It is an image for people who
 //! see it: the Canvas page's step list beside it is the textual equivalent, and the SVG says
 //! so in its `<desc>`. A step sits one layer below the lowest step leading to it (the
 //! longest distance from the entry, which the graph check's "no cycles" makes finite), so
@@ -139,7 +141,7 @@ pub(super) fn svg(
             desc id="canvas-graph-desc" { (summary) }
             defs {
                 marker id="canvas-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse" {
-                    path d="M 0 0 L 10 5 L 0 10 z" fill="#5b6470";
+                    path d="M 0 0 L 10 5 L 0 10 z" fill="#5b6470" {}
                 }
             }
             g class="edges" {
@@ -148,7 +150,7 @@ pub(super) fn svg(
                     @let (x2, y2) = (to.x + NODE_W / 2, to.y);
                     @let bend = (y2 - y1) / 2;
                     path class="edge" fill="none" stroke="#5b6470" stroke-width="1.5" marker-end="url(#canvas-arrow)"
-                        d=(["M ", &x1.to_string(), " ", &y1.to_string(), " C ", &x1.to_string(), " ", &(y1 + bend).to_string(), " ", &x2.to_string(), " ", &(y2 - bend).to_string(), " ", &x2.to_string(), " ", &y2.to_string()].concat());
+                        d=(["M ", &x1.to_string(), " ", &y1.to_string(), " C ", &x1.to_string(), " ", &(y1 + bend).to_string(), " ", &x2.to_string(), " ", &(y2 - bend).to_string(), " ", &x2.to_string(), " ", &y2.to_string()].concat()) {}
                     @if let Some(label) = label {
                         // Near the edge's start, where edges of one step are still apart.
                         text class="edge-label" x=((x1 * 3 + x2) / 4 + 4) y=(y1 + GAP_Y / 3) fill="#1f2933" { (short(label)) }
@@ -156,7 +158,7 @@ pub(super) fn svg(
                 }
             }
             g class="entry-node" {
-                rect x=(entry.x) y=(entry.y) width=(NODE_W) height=(NODE_H) rx="31" fill="#e8f0fe" stroke="#3b6fd8";
+                rect x=(entry.x) y=(entry.y) width=(NODE_W) height=(NODE_H) rx="31" fill="#e8f0fe" stroke="#3b6fd8" {}
                 text x=(entry.x + NODE_W / 2) y=(entry.y + 26) text-anchor="middle" font-weight="bold" { "Entry" }
                 text x=(entry.x + NODE_W / 2) y=(entry.y + 44) text-anchor="middle" fill="#5b6470" { (def.entry.schedule_type().replace('_', " ")) }
             }
@@ -165,7 +167,7 @@ pub(super) fn svg(
                     @let n = &nodes[i];
                     a class="node" href=(step_href(&s.id)) {
                         title { (s.name) " (" (s.kind.type_name().replace('_', " ")) "): " (in_step(i)) " in step now" }
-                        rect x=(n.x) y=(n.y) width=(NODE_W) height=(NODE_H) rx="6" fill="#ffffff" stroke="#5b6470";
+                        rect x=(n.x) y=(n.y) width=(NODE_W) height=(NODE_H) rx="6" fill="#ffffff" stroke="#5b6470" {}
                         text x=(n.x + 10) y=(n.y + 17) fill="#5b6470" font-size="11" { (s.kind.type_name().replace('_', " ")) }
                         text class="node-name" x=(n.x + 10) y=(n.y + 35) font-weight="bold" fill="#1f2933" { (short(&s.name)) }
                         text class="node-in-step" x=(n.x + 10) y=(n.y + 53) fill="#1f2933" { (in_step(i)) " in step now" }
@@ -210,6 +212,15 @@ mod tests {
         let out = svg(&d, &[], |id| ["#step-", id].concat()).into_string();
         assert!(out.contains("&lt;b&gt;&amp;&lt;/b&gt;"), "{out}");
         assert!(!out.contains("<b>"));
+        // Every shape is closed, so the texts are not parsed as its (hidden) children.
+        assert_eq!(
+            out.matches("<rect ").count(),
+            out.matches("</rect>").count()
+        );
+        assert_eq!(
+            out.matches("<path ").count(),
+            out.matches("</path>").count()
+        );
         assert_eq!(
             short("abcdefghijklmnopqrstuvwxyz"),
             "abcdefghijklmnopqrstuvw…"
