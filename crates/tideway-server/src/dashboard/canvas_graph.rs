@@ -76,6 +76,35 @@ struct Node {
     y: i64,
 }
 
+/// An edge from the bottom of one node to the top of another, with its path's name.
+struct Edge<'a> {
+    from: (i64, i64),
+    to: (i64, i64),
+    label: Option<&'a str>,
+}
+
+impl<'a> Edge<'a> {
+    /// The `k`th of `of` edges leaving `from`: they leave from points spread along its
+    /// bottom, so edges of one step (and their labels) start apart.
+    fn new(from: &Node, (k, of): (usize, usize), to: &Node, label: Option<&'a str>) -> Edge<'a> {
+        let spread = NODE_W * (k as i64 + 1) / (of as i64 + 1);
+        Edge {
+            from: (from.x + spread, from.y + NODE_H),
+            to: (to.x + NODE_W / 2, to.y),
+            label,
+        }
+    }
+
+    /// Where the label goes: a third of the way along, where edges of one step have
+    /// parted but have not yet met other steps' edges.
+    fn label_at(&self) -> (i64, i64) {
+        let (x1, y1) = self.from;
+        let (x2, y2) = self.to;
+        let dy = (y2 - y1).min(GAP_Y);
+        (x1 + (x2 - x1) / 3, y1 + dy / 3 + 4)
+    }
+}
+
 /// The SVG of `def`'s steps with their figures (in step order, as `step_figures` gives them).
 pub(super) fn svg(
     def: &CanvasDefinition,
@@ -111,18 +140,29 @@ pub(super) fn svg(
     let index = |id: &str| def.steps.iter().position(|s| s.id == id);
     // Edges: from the entry to each variant's first step (named when there are several), then
     // every step's paths.
-    let mut edges: Vec<(&Node, &Node, Option<&str>)> = Vec::new();
-    for v in &def.variants {
-        if let Some(j) = index(&v.first_step) {
-            let label = (def.variants.len() > 1).then_some(v.name.as_str());
-            edges.push((&entry, &nodes[j], label));
-        }
+    let mut edges: Vec<Edge<'_>> = Vec::new();
+    let named = def.variants.len() > 1;
+    let mut from_entry: Vec<(Option<&str>, usize)> = def
+        .variants
+        .iter()
+        .filter_map(|v| Some((named.then_some(v.name.as_str()), index(&v.first_step)?)))
+        .collect();
+    // Edges leave a node in the order of where they go, left to right, so those of one
+    // node do not cross each other.
+    from_entry.sort_by_key(|&(_, j)| nodes[j].x);
+    for (k, &(label, j)) in from_entry.iter().enumerate() {
+        edges.push(Edge::new(&entry, (k, from_entry.len()), &nodes[j], label));
     }
     for (i, s) in def.steps.iter().enumerate() {
-        for (path, to) in s.kind.next_paths() {
-            if let Some(j) = index(to) {
-                edges.push((&nodes[i], &nodes[j], path));
-            }
+        let mut next: Vec<(Option<&str>, usize)> = s
+            .kind
+            .next_paths()
+            .into_iter()
+            .filter_map(|(path, to)| Some((path, index(to)?)))
+            .collect();
+        next.sort_by_key(|&(_, j)| nodes[j].x);
+        for (k, &(path, j)) in next.iter().enumerate() {
+            edges.push(Edge::new(&nodes[i], (k, next.len()), &nodes[j], path));
         }
     }
     let in_step = |i: usize| figures.get(i).map_or(0, |f| f.counts.in_step);
@@ -145,15 +185,19 @@ pub(super) fn svg(
                 }
             }
             g class="edges" {
-                @for (from, to, label) in &edges {
-                    @let (x1, y1) = (from.x + NODE_W / 2, from.y + NODE_H);
-                    @let (x2, y2) = (to.x + NODE_W / 2, to.y);
-                    @let bend = (y2 - y1) / 2;
+                @for e in &edges {
+                    @let bend = (e.to.1 - e.from.1) / 2;
                     path class="edge" fill="none" stroke="#5b6470" stroke-width="1.5" marker-end="url(#canvas-arrow)"
-                        d=(["M ", &x1.to_string(), " ", &y1.to_string(), " C ", &x1.to_string(), " ", &(y1 + bend).to_string(), " ", &x2.to_string(), " ", &(y2 - bend).to_string(), " ", &x2.to_string(), " ", &y2.to_string()].concat()) {}
-                    @if let Some(label) = label {
-                        // Near the edge's start, where edges of one step are still apart.
-                        text class="edge-label" x=((x1 * 3 + x2) / 4 + 4) y=(y1 + GAP_Y / 3) fill="#1f2933" { (short(label)) }
+                        d=(["M ", &e.from.0.to_string(), " ", &e.from.1.to_string(), " C ", &e.from.0.to_string(), " ", &(e.from.1 + bend).to_string(), " ", &e.to.0.to_string(), " ", &(e.to.1 - bend).to_string(), " ", &e.to.0.to_string(), " ", &e.to.1.to_string()].concat()) {}
+                }
+            }
+            // Labels after every edge, so no edge is drawn over one; a halo of the page's
+            // colour keeps them legible where edges cross.
+            g class="edge-labels" text-anchor="middle" fill="#1f2933" stroke="#f6f8fa" stroke-width="4" paint-order="stroke" {
+                @for e in &edges {
+                    @if let Some(label) = e.label {
+                        @let (x, y) = e.label_at();
+                        text class="edge-label" x=(x) y=(y) { (short(label)) }
                     }
                 }
             }
