@@ -707,6 +707,13 @@ impl CanvasEditor {
                 first_step: g.get("first_step").to_owned(),
             })
             .collect();
+        // As for paths: a variant that started at a removed step starts nowhere until one is
+        // picked.
+        for v in &mut variants {
+            if !ids.contains(&v.first_step) {
+                v.first_step.clear();
+            }
+        }
         if add == "variant" && variants.len() < MAX_VARIANTS {
             variants.push(VariantForm {
                 name: ["Variant ", &(variants.len() + 1).to_string()].concat(),
@@ -861,10 +868,20 @@ impl Context<'_> {
     }
 }
 
-/// A select of the step a path leads to: any step but `own`, or the journey's end.
+/// Where a select of steps is: a variant's start, or a path of a step.
+#[derive(Clone, Copy)]
+enum Lead<'a> {
+    /// A variant's first step: a journey cannot end before it begins.
+    Start,
+    /// A path of the step with this id, which cannot lead to itself.
+    From(&'a str),
+}
+
+/// A select of the step a variant starts at or a path leads to (or, for a path, the
+/// journey's end).
 fn leads_to(
     steps: &[StepForm],
-    own: &str,
+    lead: Lead<'_>,
     id: &str,
     name: &str,
     value: &str,
@@ -872,10 +889,15 @@ fn leads_to(
     place: &str,
 ) -> Markup {
     let at = ctx.at(place);
+    let known = steps.iter().any(|s| s.id == value);
     html! {
         select id=(id) name=(name) aria-invalid=[at.map(|_| "true")] aria-describedby=[described_by(at, id)] {
-            option value="" selected[value.is_empty()] { "— the journey ends —" }
-            @for s in steps.iter().filter(|s| s.id != own) {
+            @match lead {
+                Lead::From(_) => option value="" selected[value.is_empty()] { "— the journey ends —" },
+                // No step chosen (its step was removed): the API's check asks for one.
+                Lead::Start => @if !known { option value="" selected { "— pick the first step —" } },
+            }
+            @for s in steps.iter().filter(|s| !matches!(lead, Lead::From(own) if own == s.id)) {
                 option value=(s.id) selected[s.id == value] { (s.name) " (" (s.id) ")" }
             }
         }
@@ -970,7 +992,7 @@ pub(super) fn fieldsets(f: &CanvasEditor, ctx: &Context<'_>) -> Markup {
                     label for=(id("percent")) { "Percent of users" }
                     (input(error, &id("percent"), &name("percent"), &v.percent, &[&place("percent")]))
                     label for=(id("first_step")) { "Starts at" }
-                    (leads_to(&f.steps, "", &id("first_step"), &name("first_step"), &v.first_step, ctx, &place("first_step")))
+                    (leads_to(&f.steps, Lead::Start, &id("first_step"), &name("first_step"), &v.first_step, ctx, &place("first_step")))
                     @if f.variants.len() > 1 {
                         button type="submit" class="secondary" name="remove" value=(n) formnovalidate { "Remove variant " (i + 1) }
                     }
@@ -1020,7 +1042,7 @@ fn step(f: &CanvasEditor, i: usize, s: &StepForm, ctx: &Context<'_>) -> Markup {
     let lead = |field: &str, label: &str, value: &str| {
         html! {
             label for=(id(field)) { (label) }
-            (leads_to(&f.steps, &s.id, &id(field), &name(field), value, ctx, &place(field)))
+            (leads_to(&f.steps, Lead::From(&s.id), &id(field), &name(field), value, ctx, &place(field)))
         }
     };
     html! {
@@ -1170,7 +1192,7 @@ fn path(
                 }
             }
             label for=(id("next")) { "Goes to" }
-            (leads_to(&f.steps, &s.id, &id("next"), &name("next"), &p.next, ctx, &place("next")))
+            (leads_to(&f.steps, Lead::From(&s.id), &id("next"), &name("next"), &p.next, ctx, &place("next")))
             @if s.paths.len() > 1 {
                 button type="submit" class="secondary" name="remove" value=(n) formnovalidate { "Remove path " (j + 1) " of step " (i + 1) }
             }
