@@ -233,11 +233,15 @@ async fn sqlite_journey_claim_reads_only_due_journeys() {
     assert!(
         !plan
             .iter()
-            .any(|line| line.contains("SCAN canvas_journeys") || line.contains("canvas_journeys_step")),
+            .any(|line| line.contains("SCAN canvas_journeys")
+                || line.contains("canvas_journeys_step")),
         "the claim reads journeys that are not due: {plan:?}"
     );
 
-    let claimed = store.claim_journeys("node", NOW, 60_000, 1_000).await.unwrap();
+    let claimed = store
+        .claim_journeys("node", NOW, 60_000, 1_000)
+        .await
+        .unwrap();
     let users: Vec<u32> = claimed.iter().map(|c| c.user.0).collect();
     let oldest_first: Vec<u32> = (WAITING..WAITING + DUE)
         .rev()
