@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tideway_core::campaigns::{CampaignStatus, MAX_VARIANTS, templates_of};
 use tideway_core::store::CampaignRecord;
 
-use super::delivery::{self, DeliveryForm};
+use super::delivery::{self, DeliveryForm, Part};
 use super::forms::{
     FieldError, api_error, described_by, error_beside, lifecycle_action, refused, require_admin,
 };
@@ -280,7 +280,7 @@ impl CampaignForm {
         } else {
             whole(&self.control, "control_percent".into())?
         };
-        let delivery = self.delivery.to_json()?;
+        let delivery = self.delivery.to_json(Part::Campaign)?;
         let mut out = json!({"name": self.name, "messages": messages, "control_percent": control, "delivery": delivery});
         if !self.segments.is_empty() {
             out["audience"] = json!({ "segment_ids": self.segments });
@@ -370,7 +370,7 @@ async fn form_page(
                 }
                 (error_beside(error.filter(|e| e.field.starts_with("audience")), "audience"))
             }
-            (delivery::fieldset(&form.delivery, &cohorts, &segments, error))
+            (delivery::fieldset(&form.delivery, Part::Campaign, &cohorts, &segments, error))
             div class="actions" {
                 @if editing.is_some() { button type="submit" id="save-campaign" { "Save changes" } }
                 @else { button type="submit" id="create-campaign" { "Save as draft" } }

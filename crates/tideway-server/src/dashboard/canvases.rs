@@ -1,11 +1,16 @@
 //! Canvas: the list with status, entry and figures (entered, in a journey now, converted,
-//! messages sent); a Canvas shown as its steps — each step's type, name, what it does, the
+//! messages sent); a Canvas drawn as a graph (`canvas_graph.rs`: an SVG of its steps with
+//! the users in each now) and shown as its steps — each step's type, name, what it does, the
 //! steps its paths lead to, the users in it now and how many entered, progressed and exited,
 //! and a Message step's sends; every Message step's templates rendered for a chosen user and
 //! optional canvas entry properties (`preview.rs`, with the variables a send of the step
 //! builds); launch, pause, stop (admins; a read-only user sees the buttons disabled and the
 //! guard refuses the POST); and a form to create or edit a Canvas — name, description and
-//! tags as fields, the graph as the management API's JSON document.
+//! tags, and the definition with the editor's fields (`canvas_form.rs`) or, as "Advanced:
+//! edit as JSON" (`?as=json`, and for a definition the editor has no field for), as the
+//! management API's JSON document. One POST handler takes both: the JSON form posts
+//! `definition`, the editor its fields (and its "Add" / "Remove" buttons only show the form
+//! again).
 //!
 //! Nothing here decides what a Canvas may be: the form's document goes through
 //! `canvases_api::{create_canvas, update_canvas}` (the same parse and Liquid checks as
@@ -23,6 +28,8 @@ use tideway_core::campaigns::CampaignStatus;
 use tideway_core::canvas::{CanvasDefinition, Delay, Step, StepKind};
 use tideway_core::store::CanvasRecord;
 
+use super::canvas_form::{self, CanvasEditor};
+use super::canvas_graph;
 use super::forms::{
     FieldError, api_error, described_by, error_beside, lifecycle_action, refused, require_admin,
 };
@@ -348,6 +355,11 @@ pub async fn detail(
                 li { (v.name) " — " (v.percent) "%, starts at " a href=(anchor(&v.first_step)) { (step_name(&v.first_step)) } }
             }
         }
+        h2 { "Journey" }
+        figure class="canvas-graph" {
+            (canvas_graph::svg(&def, &figures, anchor))
+            figcaption class="muted" { "The steps, in order below the entry; the list under it says the same in text." }
+        }
         h2 { "Steps" }
         div class="steps" id="canvas-steps" {
             @for (s, f) in def.steps.iter().zip(&figures) {
@@ -401,18 +413,26 @@ pub async fn detail(
         .into_response())
 }
 
-/// The Canvas form: name, description and tags as fields, the rest of the definition as the
-/// API's JSON.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// How the form edits the definition: with the editor's fields (`canvas_form.rs`), or as the
+/// management API's JSON document ("Advanced: edit as JSON"), which can hold anything the
+/// API stores.
+#[derive(Debug, Clone, PartialEq)]
+enum Graph {
+    Fields(Box<CanvasEditor>),
+    Json(String),
+}
+
+/// The Canvas form: name, description and tags, and the definition either way.
+#[derive(Debug, Clone, PartialEq)]
 struct CanvasForm {
     name: String,
     description: String,
     /// Comma-separated.
     tags: String,
-    definition: String,
+    graph: Graph,
 }
 
-/// What a new Canvas's document starts as: one API-triggered webhook message.
+/// What a new Canvas's JSON document starts as: one API-triggered webhook message.
 const STARTER: &str = r#"{
   "entry": {"type": "api_triggered"},
   "steps": [
@@ -424,44 +444,80 @@ const STARTER: &str = r#"{
 /// The keys the form has fields for (the document's copies of them are ignored).
 const OWN_FIELDS: [&str; 3] = ["name", "description", "tags"];
 
+/// Which way a GET of the form edits the definition (`?as=json`: as JSON).
+fn wants_json(query: &std::collections::HashMap<String, String>) -> bool {
+    query.get("as").is_some_and(|a| a == "json")
+}
+
 impl CanvasForm {
+    /// The posted form: the JSON form posts `definition`, the editor its fields.
     fn from_form(form: &FormData) -> CanvasForm {
         CanvasForm {
             name: form.text("name").to_owned(),
             description: form.text("description").to_owned(),
             tags: form.text("tags").to_owned(),
-            definition: form.get("definition").unwrap_or("").to_owned(),
+            graph: match form.get("definition") {
+                Some(doc) => Graph::Json(doc.to_owned()),
+                None => Graph::Fields(Box::new(CanvasEditor::from_form(form))),
+            },
         }
     }
 
-    fn from_record(c: &CanvasRecord) -> CanvasForm {
-        let mut def = c.definition.clone();
-        if let Value::Object(m) = &mut def {
-            for k in OWN_FIELDS {
-                m.remove(k);
-            }
+    fn new(as_json: bool) -> CanvasForm {
+        CanvasForm {
+            name: String::new(),
+            description: String::new(),
+            tags: String::new(),
+            graph: if as_json {
+                Graph::Json(STARTER.to_owned())
+            } else {
+                Graph::Fields(Box::new(CanvasEditor::starter()))
+            },
         }
+    }
+
+    /// A stored Canvas in the form: with the editor's fields unless JSON is asked for or the
+    /// definition holds something the editor has no field for.
+    fn from_record(c: &CanvasRecord, as_json: bool) -> CanvasForm {
+        let editor = (!as_json)
+            .then(|| CanvasEditor::from_json(&c.definition))
+            .flatten();
+        let graph = match editor {
+            Some(e) => Graph::Fields(Box::new(e)),
+            None => {
+                let mut def = c.definition.clone();
+                if let Value::Object(m) = &mut def {
+                    for k in OWN_FIELDS {
+                        m.remove(k);
+                    }
+                }
+                Graph::Json(serde_json::to_string_pretty(&def).unwrap_or_default())
+            }
+        };
         CanvasForm {
             name: c.name.clone(),
             description: c.description.clone(),
             tags: c.tags.join(", "),
-            definition: serde_json::to_string_pretty(&def).unwrap_or_default(),
+            graph,
         }
     }
 
-    /// The API's request body: the document with the form's name, description and tags.
+    /// The API's request body: the definition with the form's name, description and tags.
     fn body(&self) -> Result<Map<String, Value>, FieldError> {
-        let mut body = match serde_json::from_str::<Value>(&self.definition) {
-            Ok(Value::Object(m)) => m,
-            Ok(_) => {
-                return Err(FieldError::new(
-                    "definition",
-                    "must be a JSON object (the document /api/v1/canvases accepts)",
-                ));
-            }
-            Err(e) => {
-                return Err(FieldError::new("definition", format!("is not JSON: {e}")));
-            }
+        let mut body = match &self.graph {
+            Graph::Fields(editor) => editor.to_json()?,
+            Graph::Json(doc) => match serde_json::from_str::<Value>(doc) {
+                Ok(Value::Object(m)) => m,
+                Ok(_) => {
+                    return Err(FieldError::new(
+                        "definition",
+                        "must be a JSON object (the document /api/v1/canvases accepts)",
+                    ));
+                }
+                Err(e) => {
+                    return Err(FieldError::new("definition", format!("is not JSON: {e}")));
+                }
+            },
         };
         for k in OWN_FIELDS {
             body.remove(k);
@@ -479,24 +535,51 @@ impl CanvasForm {
     }
 }
 
-fn form_page(
+/// Whether the POST only adds or removes a part of the editor (the form is shown again,
+/// nothing saved).
+fn reshaping(form: &FormData) -> bool {
+    form.get("add").is_some() || form.get("remove").is_some()
+}
+
+async fn form_page(
+    state: &AppState,
     ctx: &Ctx,
     form: &CanvasForm,
     editing: Option<&CanvasRecord>,
     error: Option<&FieldError>,
-) -> Markup {
+) -> Result<Markup, PageError> {
+    let store = state.store();
+    let segments = store.list_segments(ctx.workspace.id).await?;
+    let cohorts = store.list_cohorts(ctx.workspace.id).await?;
     let about = |field: &str| {
         error.filter(|e| e.field == field || e.field.starts_with(&[field, "["].concat()))
     };
-    // Anything not about the named fields is about the document.
+    // In the JSON form, anything not about the named fields is about the document.
     let on_document = error.filter(|_| !OWN_FIELDS.iter().any(|f| about(f).is_some()));
+    let here = match editing {
+        Some(c) => canvas_url(ctx, c, "/edit"),
+        None => ctx.url("/canvases/new"),
+    };
     let body = html! {
         @if let Some(error) = error { p class="notice error" role="alert" { (error.full()) } }
+        @match &form.graph {
+            Graph::Fields(_) => p { a href=([here.as_str(), "?as=json"].concat()) id="edit-as-json" { "Advanced: edit as JSON" } " (unsaved changes here are not carried over)" },
+            Graph::Json(_) => p {
+                @if editing.is_some_and(|c| CanvasEditor::from_json(&c.definition).is_none()) {
+                    "This Canvas holds settings the editor has no field for (message headers or extras): it is edited as JSON. "
+                } @else {
+                    a href=(here) id="edit-with-fields" { "Edit with fields" } " (unsaved changes here are not carried over)"
+                }
+            },
+        }
         form class="card" method="post" action=(match editing {
             Some(c) => canvas_url(ctx, c, ""),
             None => ctx.url("/canvases"),
         }) {
             (ctx.csrf_field())
+            // Enter in a field saves (a form's first submit button is its default), not the
+            // first "Add" button.
+            button type="submit" class="default-submit" tabindex="-1" aria-hidden="true" { "Save" }
             label for="canvas-name" { "Canvas name" }
             input type="text" id="canvas-name" name="name" required maxlength="255" value=(form.name)
                 aria-invalid=[about("name").map(|_| "true")] aria-describedby=[described_by(about("name"), "canvas-name")];
@@ -509,12 +592,19 @@ fn form_page(
             input type="text" id="canvas-tags" name="tags" value=(form.tags)
                 aria-describedby=[described_by(about("tags"), "canvas-tags")];
             (error_beside(about("tags"), "canvas-tags"))
-            label for="canvas-definition" {
-                "Definition " span class="muted" { "(JSON, as POST /api/v1/canvases takes it: entry, audience, steps, variants, exit criteria, conversion events)" }
+            @match &form.graph {
+                Graph::Fields(editor) => {
+                    (canvas_form::fieldsets(editor, &canvas_form::Context { cohorts: &cohorts, segments: &segments, error }))
+                }
+                Graph::Json(doc) => {
+                    label for="canvas-definition" {
+                        "Definition " span class="muted" { "(JSON, as POST /api/v1/canvases takes it: entry, audience, steps, variants, exit criteria, conversion events)" }
+                    }
+                    textarea class="json mono" id="canvas-definition" name="definition" spellcheck="false"
+                        aria-invalid=[on_document.map(|_| "true")] aria-describedby=[described_by(on_document, "canvas-definition")] { (doc) }
+                    (error_beside(on_document, "canvas-definition"))
+                }
             }
-            textarea class="json mono" id="canvas-definition" name="definition" spellcheck="false"
-                aria-invalid=[on_document.map(|_| "true")] aria-describedby=[described_by(on_document, "canvas-definition")] { (form.definition) }
-            (error_beside(on_document, "canvas-definition"))
             div class="actions" {
                 @if editing.is_some() { button type="submit" id="save-canvas" { "Save changes" } }
                 @else { button type="submit" id="create-canvas" { "Save as draft" } }
@@ -527,25 +617,30 @@ fn form_page(
     } else {
         "Create Canvas"
     };
-    layout::page(ctx, Section::Canvases, title, body)
+    Ok(layout::page(ctx, Section::Canvases, title, body))
 }
 
-/// `GET /dashboard/w/{ws}/canvases/new`.
+/// `GET /dashboard/w/{ws}/canvases/new[?as=json]`.
 pub async fn new_form(
     State(state): State<AppState>,
     Extension(me): Extension<Me>,
     path: PathParams,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Result<Markup, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     require_admin(&ctx)?;
-    let form = CanvasForm {
-        definition: STARTER.to_owned(),
-        ..CanvasForm::default()
-    };
-    Ok(form_page(&ctx, &form, None, None))
+    form_page(
+        &state,
+        &ctx,
+        &CanvasForm::new(wants_json(&query)),
+        None,
+        None,
+    )
+    .await
 }
 
-/// `POST /dashboard/w/{ws}/canvases`: saves a draft through the API's checks.
+/// `POST /dashboard/w/{ws}/canvases`: saves a draft through the API's checks (or, for an
+/// editor's "Add" / "Remove", shows the form again).
 pub async fn create(
     State(state): State<AppState>,
     Extension(me): Extension<Me>,
@@ -554,15 +649,20 @@ pub async fn create(
 ) -> Result<Response, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     let f = CanvasForm::from_form(&form);
+    if reshaping(&form) {
+        return Ok(form_page(&state, &ctx, &f, None, None)
+            .await?
+            .into_response());
+    }
     let saved = match f.body() {
         Ok(body) => create_canvas(&state, &ctx.workspace, body).await,
-        Err(e) => return Ok(refused(form_page(&ctx, &f, None, Some(&e)))),
+        Err(e) => return Ok(refused(form_page(&state, &ctx, &f, None, Some(&e)).await?)),
     };
     match saved {
         Ok(c) => Ok(see_other(&canvas_url(&ctx, &c, ""))),
         Err(e) => {
             let e = FieldError::from_api(e)?;
-            Ok(refused(form_page(&ctx, &f, None, Some(&e))))
+            Ok(refused(form_page(&state, &ctx, &f, None, Some(&e)).await?))
         }
     }
 }
@@ -576,11 +676,12 @@ async fn load(state: &AppState, ctx: &Ctx, path: &PathParams) -> Result<CanvasRe
         .ok_or_else(|| PageError::NotFound(format!("No Canvas '{id}' in this workspace.")))
 }
 
-/// `GET /dashboard/w/{ws}/canvases/{id}/edit`.
+/// `GET /dashboard/w/{ws}/canvases/{id}/edit[?as=json]`.
 pub async fn edit_form(
     State(state): State<AppState>,
     Extension(me): Extension<Me>,
     path: PathParams,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Result<Markup, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     require_admin(&ctx)?;
@@ -590,16 +691,13 @@ pub async fn edit_form(
             "The Canvas is stopped (stopping is final): it cannot be edited.".into(),
         ));
     }
-    Ok(form_page(
-        &ctx,
-        &CanvasForm::from_record(&c),
-        Some(&c),
-        None,
-    ))
+    let form = CanvasForm::from_record(&c, wants_json(&query));
+    form_page(&state, &ctx, &form, Some(&c), None).await
 }
 
 /// `POST /dashboard/w/{ws}/canvases/{id}`: saves the form (a new version when the definition
-/// changed; journeys under way keep theirs), through the API's checks.
+/// changed; journeys under way keep theirs), through the API's checks; or, for an editor's
+/// "Add" / "Remove", shows the form again.
 pub async fn update(
     State(state): State<AppState>,
     Extension(me): Extension<Me>,
@@ -609,15 +707,26 @@ pub async fn update(
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     let c = load(&state, &ctx, &path).await?;
     let f = CanvasForm::from_form(&form);
+    if reshaping(&form) {
+        return Ok(form_page(&state, &ctx, &f, Some(&c), None)
+            .await?
+            .into_response());
+    }
     let saved = match f.body() {
         Ok(body) => update_canvas(&state, &ctx.workspace, &c.id, body).await,
-        Err(e) => return Ok(refused(form_page(&ctx, &f, Some(&c), Some(&e)))),
+        Err(e) => {
+            return Ok(refused(
+                form_page(&state, &ctx, &f, Some(&c), Some(&e)).await?,
+            ));
+        }
     };
     match saved {
         Ok(c) => Ok(see_other(&canvas_url(&ctx, &c, ""))),
         Err(e) => {
             let e = FieldError::from_api(e)?;
-            Ok(refused(form_page(&ctx, &f, Some(&c), Some(&e))))
+            Ok(refused(
+                form_page(&state, &ctx, &f, Some(&c), Some(&e)).await?,
+            ))
         }
     }
 }
@@ -656,7 +765,7 @@ mod tests {
             name: "Trial".into(),
             description: "d".into(),
             tags: " a, ,b ".into(),
-            definition: r#"{"name": "ignored", "tags": ["x"], "steps": []}"#.into(),
+            graph: Graph::Json(r#"{"name": "ignored", "tags": ["x"], "steps": []}"#.into()),
         };
         let body = f.body().unwrap();
         assert_eq!(body["name"], "Trial");
@@ -664,7 +773,7 @@ mod tests {
         assert_eq!(body["steps"], json!([]));
         for (doc, says) in [("[1]", "must be a JSON object"), ("{", "is not JSON")] {
             let e = CanvasForm {
-                definition: doc.into(),
+                graph: Graph::Json(doc.into()),
                 ..f.clone()
             }
             .body()

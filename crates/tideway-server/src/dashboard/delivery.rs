@@ -1,15 +1,19 @@
-//! The campaign form's Delivery fieldset: API-triggered; scheduled — once at a time, or
-//! recurring daily or weekly (on ticked days) at a time of day, optionally from a start and
-//! until an end, optionally in each user's local time; or action-based — one or more triggers
-//! (a custom event with optional property filters, a purchase, entering a partner cohort,
-//! entering a segment; "Add a trigger" / "Add a property filter" / "Remove" post the form back
-//! and show it again), a delay, a start and an end.
+//! The campaign form's Delivery fieldset, which is also the Canvas editor's Entry fieldset
+//! ([`Part`]): API-triggered; scheduled — once at a time, or recurring daily or weekly (on
+//! ticked days) at a time of day, optionally from a start and until an end, optionally in
+//! each user's local time; or action-based — one or more triggers (a custom event with
+//! optional property filters, a purchase, entering a partner cohort, entering a segment;
+//! "Add a trigger" / "Add a property filter" / "Remove" post the form back and show it
+//! again), a delay (campaigns only: a Canvas has Delay steps), a start and an end. A trigger
+//! row ([`trigger`]) is also what the Canvas editor's Action Paths and exception events use,
+//! with the kinds the API allows there.
 //!
 //! [`DeliveryForm::from_json`] shows any delivery the management API stores (its canonical
 //! JSON) and [`DeliveryForm::to_json`] gives it back unchanged, so a campaign opened in the
 //! form and saved is the same campaign. The form only shapes the JSON: what a delivery may
-//! be is decided by the API's check (`campaigns_api::checked_definition`), whose refusals are
-//! shown beside the field they name (`delivery.triggers[1].custom_event.name`).
+//! be is decided by the API's check (`campaigns_api::checked_definition`, or the Canvas's),
+//! whose refusals are shown beside the field they name
+//! (`delivery.triggers[1].custom_event.name`, `entry.schedule.at`).
 
 use maud::{Markup, html};
 use serde_json::{Value, json};
@@ -47,6 +51,38 @@ const TRIGGERS: [(&str, &str); 4] = [
     ("cohort_entry", "Enters a partner cohort"),
     ("segment_entry", "Enters a segment"),
 ];
+
+/// The triggers an Action Paths path or a Canvas's exception events may use (the API allows
+/// no cohort or segment entry there).
+pub(super) const EVENT_TRIGGERS: [(&str, &str); 2] = [
+    ("custom_event", "Performs a custom event"),
+    ("purchase", "Makes a purchase"),
+];
+
+/// What the fieldset is part of, which decides the place the API names its fields by
+/// (`delivery.…` for a campaign, `entry.…` for a Canvas) and whether it has a delay (a
+/// Canvas refuses one: it has Delay steps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Part {
+    Campaign,
+    CanvasEntry,
+}
+
+impl Part {
+    fn root(self) -> &'static str {
+        match self {
+            Part::Campaign => "delivery",
+            Part::CanvasEntry => "entry",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Part::Campaign => "the campaign",
+            Part::CanvasEntry => "entry into the Canvas",
+        }
+    }
+}
 
 /// One property filter of a custom-event trigger.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -96,7 +132,7 @@ fn value_json(text: &str) -> Option<Value> {
 
 /// One trigger row; the fields of the other kinds are kept while the form is reshaped.
 #[derive(Debug, Clone, Default, PartialEq)]
-struct TriggerForm {
+pub(super) struct TriggerForm {
     kind: String,
     event: String,
     filters: Vec<FilterForm>,
@@ -107,14 +143,14 @@ struct TriggerForm {
 }
 
 impl TriggerForm {
-    fn empty() -> TriggerForm {
+    pub fn empty() -> TriggerForm {
         TriggerForm {
             kind: "custom_event".into(),
             ..TriggerForm::default()
         }
     }
 
-    fn from_json(t: &Value) -> Option<TriggerForm> {
+    pub fn from_json(t: &Value) -> Option<TriggerForm> {
         let (kind, body) = t.as_object().filter(|o| o.len() == 1)?.iter().next()?;
         let text = |k: &str| body[k].as_str().unwrap_or("").to_owned();
         let mut out = TriggerForm {
@@ -155,7 +191,10 @@ impl TriggerForm {
         Some(out)
     }
 
-    fn from_group(g: &Group<'_>, add_filter: bool) -> TriggerForm {
+    /// Trigger group `g` of the posted form; `add` = `filter:{group}` gives it one more
+    /// property filter.
+    pub fn from_group(form: &FormData, g: &Group<'_>) -> TriggerForm {
+        let add_filter = form.get("add").and_then(|a| a.strip_prefix("filter:")) == Some(g.name());
         let mut filters: Vec<FilterForm> = g
             .groups("f", "property")
             .iter()
@@ -178,9 +217,9 @@ impl TriggerForm {
         }
     }
 
-    /// The API's JSON for trigger `i`, or the field to fix.
-    fn to_json(&self, i: usize) -> Result<Value, FieldError> {
-        let place = |rest: &str| ["delivery.triggers[", &i.to_string(), "].", rest].concat();
+    /// The API's JSON for the trigger at `at` (`delivery.triggers[1]`), or the field to fix.
+    pub fn to_json(&self, at: &str, part: Part) -> Result<Value, FieldError> {
+        let place = |rest: &str| [at, ".", rest].concat();
         match self.kind.as_str() {
             "custom_event" => {
                 let filters: Vec<Value> = self
@@ -205,7 +244,7 @@ impl TriggerForm {
                 let (partner, cohort_id) = self.cohort.split_once(':').ok_or_else(|| {
                     FieldError::new(
                         place("cohort_entry.cohort_id"),
-                        "Pick the cohort whose entry triggers the campaign.",
+                        ["Pick the cohort whose entry triggers ", part.what(), "."].concat(),
                     )
                 })?;
                 Ok(json!({"cohort_entry": {"partner": partner, "cohort_id": cohort_id}}))
@@ -214,14 +253,14 @@ impl TriggerForm {
                 if self.segment.is_empty() {
                     return Err(FieldError::new(
                         place("segment_entry.segment_id"),
-                        "Pick the segment whose entry triggers the campaign.",
+                        ["Pick the segment whose entry triggers ", part.what(), "."].concat(),
                     ));
                 }
                 Ok(json!({"segment_entry": {"segment_id": self.segment}}))
             }
             _ => Err(FieldError::new(
-                ["delivery.triggers[", &i.to_string(), "]"].concat(),
-                "Choose what triggers the campaign.",
+                at,
+                ["Choose what triggers ", part.what(), "."].concat(),
             )),
         }
     }
@@ -306,10 +345,7 @@ impl DeliveryForm {
         let mut triggers: Vec<TriggerForm> = form
             .groups("t", "kind")
             .iter()
-            .map(|g| {
-                let add = form.get("add").and_then(|a| a.strip_prefix("filter:"));
-                TriggerForm::from_group(g, add == Some(g.name()))
-            })
+            .map(|g| TriggerForm::from_group(form, g))
             .collect();
         if form.get("add") == Some("trigger") && triggers.len() < MAX_GROUPS {
             triggers.push(TriggerForm::empty());
@@ -336,7 +372,9 @@ impl DeliveryForm {
 
     /// The management API's `delivery` JSON, or the field to fix. Times other than a once
     /// schedule's are passed as written and checked by the API.
-    pub fn to_json(&self) -> Result<Value, FieldError> {
+    pub fn to_json(&self, part: Part) -> Result<Value, FieldError> {
+        let root = part.root();
+        let place = |rest: &str| [root, ".", rest].concat();
         let optional = |t: &str| if t.is_empty() { Value::Null } else { json!(t) };
         match self.kind.as_str() {
             "api_triggered" => Ok(json!({"type": "api_triggered"})),
@@ -345,7 +383,7 @@ impl DeliveryForm {
                     "once" => {
                         let at = parse_datetime(&self.at).ok_or_else(|| {
                             FieldError::new(
-                                "delivery.schedule.at",
+                                place("schedule.at"),
                                 "Send at: write an ISO 8601 time such as 2026-12-24T09:00:00Z.",
                             )
                         })?;
@@ -357,7 +395,7 @@ impl DeliveryForm {
                     }
                     _ => {
                         return Err(FieldError::new(
-                            "delivery.schedule.frequency",
+                            place("schedule.frequency"),
                             "Choose once, daily or weekly.",
                         ));
                     }
@@ -372,14 +410,16 @@ impl DeliveryForm {
                     .triggers
                     .iter()
                     .enumerate()
-                    .map(|(i, t)| t.to_json(i))
+                    .map(|(i, t)| {
+                        t.to_json(&place(&["triggers[", &i.to_string(), "]"].concat()), part)
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 let delay = if self.delay.is_empty() {
                     0
                 } else {
                     self.delay.parse::<u64>().map_err(|_| {
                         FieldError::new(
-                            "delivery.delay_seconds",
+                            place("delay_seconds"),
                             "write a whole number of seconds (0 sends at once)",
                         )
                     })?
@@ -393,8 +433,11 @@ impl DeliveryForm {
                 }))
             }
             _ => Err(FieldError::new(
-                "delivery",
-                "Choose how the campaign is delivered.",
+                root,
+                match part {
+                    Part::Campaign => "Choose how the campaign is delivered.",
+                    Part::CanvasEntry => "Choose how users enter the Canvas.",
+                },
             )),
         }
     }
@@ -402,7 +445,13 @@ impl DeliveryForm {
 
 /// A text input with its label's `id`, the error beside it when the API's check names
 /// `place`.
-fn input(error: Option<&FieldError>, id: &str, name: &str, value: &str, places: &[&str]) -> Markup {
+pub(super) fn input(
+    error: Option<&FieldError>,
+    id: &str,
+    name: &str,
+    value: &str,
+    places: &[&str],
+) -> Markup {
     let at = error.filter(|e| places.contains(&e.field.as_str()));
     html! {
         input type="text" id=(id) name=(name) value=(value)
@@ -411,24 +460,31 @@ fn input(error: Option<&FieldError>, id: &str, name: &str, value: &str, places: 
     }
 }
 
-/// The Delivery fieldset.
+/// The Delivery fieldset (a Canvas's Entry fieldset).
 pub(super) fn fieldset(
     f: &DeliveryForm,
+    part: Part,
     cohorts: &[CohortSummary],
     segments: &[Segment],
     error: Option<&FieldError>,
 ) -> Markup {
+    let root = part.root();
     let at = |place: &str| error.filter(|e| e.field == place);
-    let scheduled = |rest: &str| ["delivery.schedule.", rest].concat();
+    let place = |rest: &str| [root, ".", rest].concat();
+    let scheduled = |rest: &str| [root, ".schedule.", rest].concat();
+    let (legend, sends) = match part {
+        Part::Campaign => ("Delivery", "sends"),
+        Part::CanvasEntry => ("Entry", "lets the user enter"),
+    };
     html! {
         fieldset id="delivery" {
-            legend { "Delivery" }
-            (error_beside(at("delivery"), "delivery"))
+            legend { (legend) }
+            (error_beside(at(root), "delivery"))
             label class="check" { input type="radio" name="delivery" value="api_triggered" checked[f.kind == "api_triggered"]; "API-triggered" }
             label class="check" { input type="radio" name="delivery" value="scheduled" checked[f.kind == "scheduled"]; "Scheduled" }
             label class="check" { input type="radio" name="delivery" value="action_based" checked[f.kind == "action_based"]; "Action-based (when a user does something)" }
             fieldset id="schedule" {
-                legend { "Schedule " span class="muted" { "(scheduled delivery)" } }
+                legend { "Schedule " span class="muted" { "(scheduled)" } }
                 fieldset {
                     legend { "How often" }
                     label class="check" { input type="radio" name="frequency" value="once" checked[f.frequency == "once"]; "Once" }
@@ -436,7 +492,7 @@ pub(super) fn fieldset(
                     label class="check" { input type="radio" name="frequency" value="weekly" checked[f.frequency == "weekly"]; "Weekly" }
                     (error_beside(at(&scheduled("frequency")), "frequency"))
                 }
-                label for="send-at" { "Send at " span class="muted" { "(once; e.g. 2026-12-24T09:00:00Z)" } }
+                label for="send-at" { "At " span class="muted" { "(once; e.g. 2026-12-24T09:00:00Z)" } }
                 (input(error, "send-at", "at", &f.at, &[&scheduled("at")]))
                 label for="send-time" { "Time of day " span class="muted" { "(daily and weekly; HH:MM, UTC unless in local time)" } }
                 (input(error, "send-time", "time", &f.time, &[&scheduled("time")]))
@@ -450,57 +506,80 @@ pub(super) fn fieldset(
                 label class="check" { input type="checkbox" name="local_time" value="true" id="local-time" checked[f.local_time]; "In each user's local time" }
             }
             fieldset id="triggers" {
-                legend { "Triggers " span class="muted" { "(action-based delivery: any one of them sends)" } }
-                (error_beside(at("delivery.triggers"), "triggers"))
+                legend { "Triggers " span class="muted" { "(action-based: any one of them " (sends) ")" } }
+                (error_beside(at(&place("triggers")), "triggers"))
                 @for (i, t) in f.triggers.iter().enumerate() {
-                    (trigger(i, t, f.triggers.len(), cohorts, segments, error))
+                    @let row = TriggerRow {
+                        name: ["t", &i.to_string()].concat(),
+                        place: place(&["triggers[", &i.to_string(), "]"].concat()),
+                        legend: ["Trigger ", &(i + 1).to_string()].concat(),
+                        kinds: &TRIGGERS,
+                        removable: f.triggers.len() > 1,
+                    };
+                    (trigger(&row, t, cohorts, segments, error))
                 }
                 @if f.triggers.len() < MAX_GROUPS {
                     button type="submit" class="secondary" name="add" value="trigger" id="add-trigger" formnovalidate { "Add a trigger" }
                 }
-                label for="delay" { "Delay " span class="muted" { "(seconds between the trigger and the send)" } }
-                (input(error, "delay", "delay", &f.delay, &["delivery.delay_seconds"]))
+                @if part == Part::Campaign {
+                    label for="delay" { "Delay " span class="muted" { "(seconds between the trigger and the send)" } }
+                    (input(error, "delay", "delay", &f.delay, &[&place("delay_seconds")]))
+                } @else {
+                    input type="hidden" name="delay" value=(f.delay);
+                }
             }
             label for="delivery-start" { "Starts " span class="muted" { "(optional; scheduled and action-based, e.g. 2026-12-01T00:00:00Z)" } }
-            (input(error, "delivery-start", "start", &f.start, &[&scheduled("start"), "delivery.start"]))
+            (input(error, "delivery-start", "start", &f.start, &[&scheduled("start"), &place("start")]))
             label for="delivery-end" { "Ends " span class="muted" { "(optional)" } }
-            (input(error, "delivery-end", "end", &f.end, &[&scheduled("end"), "delivery.end"]))
+            (input(error, "delivery-end", "end", &f.end, &[&scheduled("end"), &place("end")]))
         }
     }
 }
 
-/// Trigger row `i`: its kind and the fields of every kind (the chosen one is used).
-fn trigger(
-    i: usize,
+/// Where a trigger row sits in the form: its group name (`t0`, `s2p1t0`: fields
+/// `{name}_kind`, …), the place the API names it by (`delivery.triggers[0]`), its legend, the
+/// kinds it may be, and whether it has a Remove button (a list that needs one row has none
+/// on its last).
+pub(super) struct TriggerRow<'a> {
+    pub name: String,
+    pub place: String,
+    pub legend: String,
+    pub kinds: &'a [(&'a str, &'a str)],
+    pub removable: bool,
+}
+
+/// A trigger row: its kind and the fields of every kind it may be (the chosen one is used).
+pub(super) fn trigger(
+    row: &TriggerRow<'_>,
     t: &TriggerForm,
-    rows: usize,
     cohorts: &[CohortSummary],
     segments: &[Segment],
     error: Option<&FieldError>,
 ) -> Markup {
-    let n = ["t", &i.to_string()].concat();
-    let id = |f: &str| [n.as_str(), "-", f].concat();
-    let name = |f: &str| [n.as_str(), "_", f].concat();
-    let place = |rest: &str| ["delivery.triggers[", &i.to_string(), "]", rest].concat();
+    let n = row.name.as_str();
+    let id = |f: &str| [n, "-", f].concat();
+    let name = |f: &str| [n, "_", f].concat();
+    let place = |rest: &str| [row.place.as_str(), rest].concat();
     let at = |p: &str| error.filter(|e| e.field == p);
+    let has = |kind: &str| row.kinds.iter().any(|(k, _)| *k == kind);
     let known_cohort = cohorts
         .iter()
         .any(|c| [c.partner.as_str(), ":", c.cohort_id.as_str()].concat() == t.cohort);
     let known_segment = segments.iter().any(|s| s.id == t.segment);
     html! {
         fieldset class="trigger" id=(id("fields")) {
-            legend { "Trigger " (i + 1) }
+            legend { (row.legend) }
             label for=(id("kind")) { "The user" }
             select id=(id("kind")) name=(name("kind")) aria-describedby=[described_by(at(&place("")), &id("kind"))] {
-                @for (kind, label) in TRIGGERS {
-                    option value=(kind) selected[t.kind == kind] { (label) }
+                @for (kind, label) in row.kinds {
+                    option value=(kind) selected[t.kind == *kind] { (label) }
                 }
             }
             (error_beside(at(&place("")), &id("kind")))
             label for=(id("event")) { "Custom event name " span class="muted" { "(custom event)" } }
             (input(error, &id("event"), &name("event"), &t.event, &[&place(".custom_event.name")]))
             @for (j, fl) in t.filters.iter().enumerate() {
-                @let fname = [n.as_str(), "f", &j.to_string()].concat();
+                @let fname = [n, "f", &j.to_string()].concat();
                 @let fid = |f: &str| [fname.as_str(), "-", f].concat();
                 @let fplace = |f: &str| place(&[".custom_event.property_filters[", &j.to_string(), "].", f].concat());
                 fieldset class="filter" id=(fid("fields")) {
@@ -516,43 +595,47 @@ fn trigger(
                     (error_beside(at(&fplace("comparison")), &fid("comparison")))
                     label for=(fid("value")) { "Value " span class="muted" { "(text, or JSON: 5, true, \"5\")" } }
                     (input(error, &fid("value"), &[fname.as_str(), "_value"].concat(), &fl.value, &[&fplace("value")]))
-                    button type="submit" class="secondary" name="remove" value=(fname) formnovalidate { "Remove property filter " (j + 1) " of trigger " (i + 1) }
+                    button type="submit" class="secondary" name="remove" value=(fname) formnovalidate { "Remove property filter " (j + 1) " of " (row.legend.to_lowercase()) }
                 }
             }
             @if t.filters.len() < MAX_GROUPS {
-                button type="submit" class="secondary" name="add" value=(["filter:", n.as_str()].concat()) formnovalidate { "Add a property filter to trigger " (i + 1) }
+                button type="submit" class="secondary" name="add" value=(["filter:", n].concat()) formnovalidate { "Add a property filter to " (row.legend.to_lowercase()) }
             }
             label for=(id("product")) { "Product id " span class="muted" { "(purchase; empty: any product)" } }
             (input(error, &id("product"), &name("product"), &t.product, &[&place(".purchase.product_id")]))
-            label for=(id("cohort")) { "Cohort " span class="muted" { "(partner cohort)" } }
-            @let cohort_error = error.filter(|e| e.field.starts_with(&place(".cohort_entry")));
-            select id=(id("cohort")) name=(name("cohort")) aria-describedby=[described_by(cohort_error, &id("cohort"))] {
-                option value="" { "— pick a cohort —" }
-                @if !t.cohort.is_empty() && !known_cohort {
-                    option value=(t.cohort) selected { (t.cohort) " (not imported)" }
-                }
-                @for c in cohorts {
-                    @let value = [c.partner.as_str(), ":", c.cohort_id.as_str()].concat();
-                    option value=(value) selected[t.cohort == value] {
-                        (partner(&c.partner).map_or(c.partner.as_str(), |p| p.filter_name)) " › " (c.name)
+            @if has("cohort_entry") {
+                label for=(id("cohort")) { "Cohort " span class="muted" { "(partner cohort)" } }
+                @let cohort_error = error.filter(|e| e.field.starts_with(&place(".cohort_entry")));
+                select id=(id("cohort")) name=(name("cohort")) aria-describedby=[described_by(cohort_error, &id("cohort"))] {
+                    option value="" { "— pick a cohort —" }
+                    @if !t.cohort.is_empty() && !known_cohort {
+                        option value=(t.cohort) selected { (t.cohort) " (not imported)" }
+                    }
+                    @for c in cohorts {
+                        @let value = [c.partner.as_str(), ":", c.cohort_id.as_str()].concat();
+                        option value=(value) selected[t.cohort == value] {
+                            (partner(&c.partner).map_or(c.partner.as_str(), |p| p.filter_name)) " › " (c.name)
+                        }
                     }
                 }
+                (error_beside(cohort_error, &id("cohort")))
             }
-            (error_beside(cohort_error, &id("cohort")))
-            label for=(id("segment")) { "Segment " span class="muted" { "(segment entry)" } }
-            @let segment_error = at(&place(".segment_entry.segment_id"));
-            select id=(id("segment")) name=(name("segment")) aria-describedby=[described_by(segment_error, &id("segment"))] {
-                option value="" { "— pick a segment —" }
-                @if !t.segment.is_empty() && !known_segment {
-                    option value=(t.segment) selected { (t.segment) " (no such segment)" }
+            @if has("segment_entry") {
+                label for=(id("segment")) { "Segment " span class="muted" { "(segment entry)" } }
+                @let segment_error = at(&place(".segment_entry.segment_id"));
+                select id=(id("segment")) name=(name("segment")) aria-describedby=[described_by(segment_error, &id("segment"))] {
+                    option value="" { "— pick a segment —" }
+                    @if !t.segment.is_empty() && !known_segment {
+                        option value=(t.segment) selected { (t.segment) " (no such segment)" }
+                    }
+                    @for s in segments {
+                        option value=(s.id) selected[t.segment == s.id] { (s.name) }
+                    }
                 }
-                @for s in segments {
-                    option value=(s.id) selected[t.segment == s.id] { (s.name) }
-                }
+                (error_beside(segment_error, &id("segment")))
             }
-            (error_beside(segment_error, &id("segment")))
-            @if rows > 1 {
-                button type="submit" class="secondary" name="remove" value=(n) formnovalidate { "Remove trigger " (i + 1) }
+            @if row.removable {
+                button type="submit" class="secondary" name="remove" value=(n) formnovalidate { "Remove " (row.legend.to_lowercase()) }
             }
         }
     }
@@ -564,7 +647,7 @@ mod tests {
 
     fn round_trip(delivery: Value) {
         let f = DeliveryForm::from_json(&delivery).expect("the form shows it");
-        assert_eq!(f.to_json().unwrap(), delivery, "{f:?}");
+        assert_eq!(f.to_json(Part::Campaign).unwrap(), delivery, "{f:?}");
     }
 
     #[test]

@@ -24,7 +24,8 @@
 //! messages), `campaigns.rs` (list, create and edit with several variants, launch / pause /
 //! stop; its form's Delivery fieldset — scheduled once or recurring, action-based with several
 //! triggers — in `delivery.rs`), `canvases.rs` (list, a Canvas as its steps with their
-//! figures, create and edit, launch / pause / stop), `segments.rs` (list, builder with live
+//! figures and as a graph — `canvas_graph.rs`, an SVG — create and edit with the editor's
+//! fields — `canvas_form.rs` — or as JSON, launch / pause / stop), `segments.rs` (list, builder with live
 //! size, members, CSV), `currents.rs` (Data Export: Currents), `api_keys.rs` (Developer
 //! Console › REST API keys); `layout.rs` is the frame around them, `forms.rs` what every form
 //! shares, `preview.rs` the Liquid preview for a chosen user that the campaign and Canvas
@@ -36,6 +37,8 @@ mod api_keys;
 mod assets;
 mod auth;
 mod campaigns;
+mod canvas_form;
+mod canvas_graph;
 mod canvases;
 mod cohorts;
 mod currents;

@@ -211,6 +211,12 @@ fn forms(ws: &Workspace) -> Vec<(String, Vec<(&'static str, &'static str)>)> {
             format!("{w}/canvases/x"),
             vec![("name", "cv"), ("definition", CANVAS_DOC)],
         ),
+        // The Canvas editor's fields (here adding a step: a post-back saves nothing, but is
+        // a POST all the same).
+        (
+            format!("{w}/canvases"),
+            vec![("name", "cv"), ("s0_kind", "delay"), ("add", "step")],
+        ),
         (format!("{w}/canvases/x/launch"), vec![]),
         (format!("{w}/canvases/x/stop"), vec![]),
         ("/dashboard/logout".to_owned(), vec![]),
@@ -1297,9 +1303,11 @@ async fn canvases_are_created_shown_as_steps_edited_and_launched() {
     user(&s, "admin", Role::Admin).await;
     let b = sign_in(&s.base, "admin").await;
     let w = format!("/dashboard/w/{}", ws.id.0);
-    let new = b.get(&format!("{w}/canvases/new")).await;
+    // The JSON form ("Advanced: edit as JSON"); the editor's fields have their own test.
+    let new = b.get(&format!("{w}/canvases/new?as=json")).await;
     assert_eq!(new.status, 200);
     assert!(new.body.contains("id=\"canvas-definition\""));
+    assert!(new.body.contains("id=\"edit-with-fields\""));
     // Refusals: shown beside the field they name, nothing saved.
     let broken_next = CANVAS_DOC.replace("\"next\": \"mail\"", "\"next\": \"nowhere\"");
     for (fields, field_id, says) in [
@@ -1364,11 +1372,14 @@ async fn canvases_are_created_shown_as_steps_edited_and_launched() {
         "href=\"#step-mail\">Reminder</a>",
         "the journey ends",
         "class=\"step-sent\"",
+        // The graph above the list.
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"canvas-graph\"",
+        "<title id=\"canvas-graph-title\">",
     ] {
         assert!(steps.contains(expected), "{expected}: {steps}");
     }
     // Edit: the form shows the document; a change is a new version; a bad one saves nothing.
-    let edit = b.get(&format!("{w}/canvases/{}/edit", c.id)).await;
+    let edit = b.get(&format!("{w}/canvases/{}/edit?as=json", c.id)).await;
     assert_eq!(edit.status, 200);
     assert!(edit.body.contains("Two days") && edit.body.contains("value=\"trial, onboarding\""));
     let longer = CANVAS_DOC.replace("172800", "259200");
@@ -2169,4 +2180,241 @@ async fn canvas_message_steps_are_previewed_for_a_user_with_entry_properties() {
             "the page is still shown"
         );
     }
+}
+
+/// `fields` with `name` set to `value` (it must be one of the form's fields: a test that
+/// names a field the page does not have fails here).
+fn set(fields: &mut [(String, String)], name: &str, value: &str) {
+    let Some(at) = fields.iter().position(|(k, _)| k == name) else {
+        panic!("no field {name} in {fields:?}");
+    };
+    fields[at].1 = value.to_owned();
+}
+
+/// `fields` as [`Browser::post`] takes them (its own CSRF token, not the page's).
+fn pairs(fields: &[(String, String)]) -> Vec<(&str, &str)> {
+    fields
+        .iter()
+        .filter(|(k, _)| k != "csrf")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canvases_are_built_with_fields_and_drawn_as_a_graph() {
+    let t = crate::messaging::setup().await;
+    let (s, ws) = (&t.s, &t.ws);
+    user(s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let create = format!("{w}/canvases");
+    let new = b.get(&format!("{w}/canvases/new")).await;
+    assert_eq!(new.status, 200);
+    for expected in ["id=\"add-step\"", "id=\"edit-as-json\"", "id=\"s0-fields\""] {
+        assert!(new.body.contains(expected), "{expected}: {}", new.body);
+    }
+    assert!(!new.body.contains("id=\"canvas-definition\""));
+
+    // Steps are added by posting the form back with the "Add a step" button, of the kind
+    // chosen beside it, and removed by a step's "Remove" button; nothing is saved meanwhile.
+    let mut page = new.body;
+    for kind in [
+        "delay",
+        "decision_split",
+        "message",
+        "message",
+        "user_update",
+    ] {
+        let mut fields = submitted(&page, &create);
+        set(&mut fields, "new_step_kind", kind);
+        fields.push(("add".into(), "step".into()));
+        let answer = b.post(&create, &pairs(&fields)).await;
+        assert_eq!(answer.status, 200, "{kind}: {}", answer.body);
+        page = answer.body;
+    }
+    assert!(page.contains("id=\"s5-fields\"") && page.contains("User Update"));
+    let mut fields = submitted(&page, &create);
+    fields.push(("remove".into(), "s5".into()));
+    let answer = b.post(&create, &pairs(&fields)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    page = answer.body;
+    assert!(page.contains("id=\"s4-fields\"") && !page.contains("id=\"s5-fields\""));
+    assert!(s.store.list_canvases(ws.id).await.unwrap().is_empty());
+
+    // The journey: a webhook, two days, on Pro? yes: an email, no: another webhook.
+    let mut fields = submitted(&page, &create);
+    for (name, value) in [
+        ("name", "Trial <form>"),
+        ("s0_name", "Ping <one>"),
+        ("s0_url", t.hook_url.as_str()),
+        ("s0_body", "hi {{${user_id}}}"),
+        ("s0_next", "step-1"),
+        ("s1_name", "Wait & see"),
+        ("s1_wait", "2"),
+        ("s1_wait_unit", "days"),
+        ("s1_next", "step-2"),
+        ("s2_name", "On Pro?"),
+        (
+            "s2_filter",
+            r#"{"attribute": {"name": "plan", "op": "equals", "value": "pro"}}"#,
+        ),
+        ("s2_yes", "step-3"),
+        ("s2_no", "step-4"),
+        ("s3_name", "Pro mail"),
+        ("s3_channel", "email"),
+        ("s3_from", "T <t@example.com>"),
+        ("s3_subject", "Hi {{${first_name}}}"),
+        ("s3_body", "<p>pro</p>"),
+        ("s4_name", "Free hook"),
+        ("s4_url", t.hook_url.as_str()),
+        ("s4_body", "free"),
+    ] {
+        set(&mut fields, name, value);
+    }
+    // A refusal of the API's check is shown beside the field it names; nothing is saved.
+    let mut too_long = fields.clone();
+    set(&mut too_long, "s1_wait", "99");
+    let refused = b.post(&create, &pairs(&too_long)).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    let at = refused
+        .body
+        .find("id=\"s1-wait-error\"")
+        .unwrap_or_else(|| panic!("the error beside the delay: {}", refused.body));
+    assert!(refused.body[at..].contains("steps[1].delay.seconds"));
+    assert!(
+        refused.body.contains("value=\"99\""),
+        "the form keeps what was written"
+    );
+    assert!(s.store.list_canvases(ws.id).await.unwrap().is_empty());
+    let mut not_json = fields.clone();
+    set(&mut not_json, "s2_filter", "{plan: pro");
+    let refused = b.post(&create, &pairs(&not_json)).await;
+    assert_eq!(refused.status, 400);
+    let at = refused.body.find("id=\"s2-filter-error\"").unwrap();
+    assert!(refused.body[at..].contains("is not JSON"));
+    assert!(s.store.list_canvases(ws.id).await.unwrap().is_empty());
+
+    let made = b.post(&create, &pairs(&fields)).await;
+    assert_eq!(made.status, 303, "{}", made.body);
+    let canvases = s.store.list_canvases(ws.id).await.unwrap();
+    assert_eq!(canvases.len(), 1);
+    let c = canvases[0].clone();
+    assert_eq!(c.name, "Trial <form>");
+    let steps = c.definition["steps"].as_array().unwrap();
+    let shape: Vec<(&str, &str)> = steps
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap(), s["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("welcome", "message"),
+            ("step-1", "delay"),
+            ("step-2", "decision_split"),
+            ("step-3", "message"),
+            ("step-4", "message")
+        ]
+    );
+    assert_eq!(steps[1]["delay"], json!({"seconds": 172_800}));
+    assert_eq!(
+        (&steps[2]["yes"], &steps[2]["no"]),
+        (&json!("step-3"), &json!("step-4"))
+    );
+    assert_eq!(steps[3]["message"]["subject"], "Hi {{${first_name}}}");
+
+    // Opened in the editor and saved unchanged, it is the same Canvas (no new version).
+    let edit_url = format!("{w}/canvases/{}/edit", c.id);
+    let edit = b.get(&edit_url).await;
+    assert_eq!(edit.status, 200);
+    assert!(
+        edit.body.contains("id=\"s4-fields\"") && edit.body.contains("value=\"Wait &amp; see\"")
+    );
+    let action = format!("{w}/canvases/{}", c.id);
+    let saved = b
+        .post(&action, &pairs(&submitted(&edit.body, &action)))
+        .await;
+    assert_eq!(saved.status, 303, "{}", saved.body);
+    let after = s.store.canvas(ws.id, &c.id).await.unwrap().unwrap();
+    assert_eq!((&after.definition, after.version), (&c.definition, 1));
+
+    // The JSON alternative still edits it: three days instead of two is version 2.
+    let json_form = b.get(&format!("{edit_url}?as=json")).await;
+    assert_eq!(json_form.status, 200);
+    let mut fields = submitted(&json_form.body, &action);
+    let doc = fields
+        .iter()
+        .find(|(k, _)| k == "definition")
+        .unwrap()
+        .1
+        .clone();
+    assert!(doc.contains("172800"));
+    set(&mut fields, "definition", &doc.replace("172800", "259200"));
+    let saved = b.post(&action, &pairs(&fields)).await;
+    assert_eq!(saved.status, 303, "{}", saved.body);
+    let after = s.store.canvas(ws.id, &c.id).await.unwrap().unwrap();
+    assert_eq!(after.version, 2);
+    assert_eq!(after.definition["steps"][1]["delay"]["seconds"], 259_200);
+
+    // Without the CSRF token the editor's form is refused, and nothing changes.
+    let fields = submitted(&edit.body, &action);
+    let refused = b
+        .post_as(&action, &pairs(&fields), false, Some("same-origin"))
+        .await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(
+        s.store.canvas(ws.id, &c.id).await.unwrap().unwrap().version,
+        2
+    );
+
+    // Launched, a user enters and waits in the delay: the graph shows them there.
+    t.track(json!([{"external_id": "u1", "plan": "free"}]))
+        .await;
+    let launched = b.post(&format!("{w}/canvases/{}/launch", c.id), &[]).await;
+    assert_eq!(launched.status, 303, "{}", launched.body);
+    let a = s
+        .post(
+            "/canvas/trigger/send",
+            &t.key,
+            json!({"canvas_id": c.id, "recipients": [{"external_user_id": "u1"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    crate::canvas::until("u1 in the delay", async || {
+        let counts = s.store.canvas_step_counts(ws.id, &c.id).await.unwrap();
+        counts
+            .iter()
+            .any(|n| n.step_id == "step-1" && n.in_step == 1)
+            .then_some(())
+    })
+    .await;
+    let shown = b.get(&action).await.body;
+    let start = shown.find("<svg").expect("the graph");
+    let svg = &shown[start..start + shown[start..].find("</svg>").unwrap()];
+    for expected in [
+        "role=\"img\"",
+        "<title id=\"canvas-graph-title\">",
+        "<desc id=\"canvas-graph-desc\">",
+        "Ping &lt;one&gt;",
+        "Wait &amp; see",
+        "On Pro?",
+        "Pro mail",
+        "Free hook",
+        ">Yes<",
+        ">No<",
+    ] {
+        assert!(svg.contains(expected), "{expected}: {svg}");
+    }
+    assert!(!svg.contains("<one>") && !svg.contains("<script"));
+    let node = |id: &str| {
+        let at = svg.find(&format!("href=\"#step-{id}\"")).unwrap();
+        &svg[at..at + svg[at..].find("</a>").unwrap()]
+    };
+    assert!(
+        node("step-1").contains(">1 in step now<"),
+        "{}",
+        node("step-1")
+    );
+    assert!(node("welcome").contains(">0 in step now<"));
+    // The step list stays, as the text beside the picture.
+    assert!(shown.contains("id=\"canvas-steps\""));
 }

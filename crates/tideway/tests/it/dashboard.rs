@@ -7,8 +7,9 @@
 //! live and is saved → a Heap Export Current to the local sink is created and launched, and
 //! the events arrive there → a REST API key is created on the Developer Console and used → a
 //! Canvas is launched from the Canvas list and entered through the API, its step view shows
-//! the user waiting in its delay and its message sent → the user's lookup page lists that
-//! message.
+//! the user waiting in its delay and its message sent → a new Canvas is built in the Canvas
+//! editor's fields (a step added by posting the form back and wired after the first), saved
+//! and drawn as a graph → the user's lookup page lists the first Canvas's message.
 //!
 //! A screenshot of each page is saved under the test's temporary directory (and copied to
 //! `$TIDEWAY_DASHBOARD_SCREENSHOTS` when set, which is how `docs/` got its pictures).
@@ -458,6 +459,44 @@ async fn the_guide_in_a_browser() {
     let ping = text_of(&c, "#step-ping").await;
     assert!(ping.contains("Next → Three days"), "{ping}");
     shots.take(&c, "canvas-steps").await;
+
+    // The Canvas editor: a new Canvas built with fields — the starter's webhook step, then a
+    // Delay added by posting the form back and wired after it — saved as a draft and drawn
+    // as a graph.
+    link(&c, "All Canvases").await;
+    wait_page(&c, "Canvas").await;
+    css(&c, "#new-canvas").await.click().await.unwrap();
+    wait_page(&c, "Create Canvas").await;
+    css(&c, "#canvas-name")
+        .await
+        .send_keys("Welcome series")
+        .await
+        .unwrap();
+    css(&c, "#new-step-kind option[value='delay']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    css(&c, "#add-step").await.click().await.unwrap();
+    css(&c, "#s1-fields").await;
+    css(&c, "#s0-next option[value='step-1']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let name = css(&c, "#s1-name").await;
+    name.clear().await.unwrap();
+    name.send_keys("Wait a day").await.unwrap();
+    shots.take(&c, "canvas-editor").await;
+    css(&c, "#create-canvas").await.click().await.unwrap();
+    wait_page(&c, "Welcome series").await;
+    css(&c, "#canvas-graph a.node[href='#step-step-1']").await;
+    let page = c.source().await.unwrap();
+    assert!(
+        page.contains("Wait a day") && page.contains("0 in step now"),
+        "{page}"
+    );
+    shots.take(&c, "canvas-graph").await;
 
     // User lookup: u1's profile with the Canvas message sent to them.
     link(&c, "User lookup").await;
