@@ -540,7 +540,7 @@ async fn render_preview(
             None,
             None,
             false,
-            serde_json::Map::new(),
+            tideway_messaging::dispatcher::preview_links(),
         );
         let prefix = ["messages[", &i.to_string(), "]"].concat();
         out.push(RenderedMessage {

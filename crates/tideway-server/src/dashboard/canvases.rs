@@ -285,7 +285,7 @@ async fn render_preview(
             None,
             Some(&job),
             false,
-            Map::new(),
+            tideway_messaging::dispatcher::preview_links(),
         );
         canvas_vars(&mut vars, canvas.as_object(), Some(&job));
         let place = ["steps[", &i.to_string(), "].message"].concat();

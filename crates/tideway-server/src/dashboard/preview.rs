@@ -6,7 +6,9 @@
 //!
 //! The variables are built by the callers with `tideway-messaging`'s own functions
 //! (`personalise::vars_for`, and `canvas::canvas_vars` for a Canvas step), so a preview shows
-//! what a send would.
+//! what a send would — except the subscription links, which a send signs for itself: a preview
+//! shows inert `#preview-unsubscribe_url`-style anchors (`dispatcher::preview_links`), so
+//! clicking one in a preview unsubscribes nobody.
 
 use axum::http::StatusCode;
 use maud::{Markup, html};

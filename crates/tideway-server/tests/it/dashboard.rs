@@ -942,7 +942,10 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
         ("v0_channel", "webhook"),
         ("v0_percent", "100"),
         ("v0_url", "http://127.0.0.1:9/hook"),
-        ("v0_body", "Hi {{${first_name}}}"),
+        (
+            "v0_body",
+            "Hi {{${first_name}}}, leave: {{${unsubscribe_url}}}",
+        ),
         ("delivery", "api_triggered"),
     ];
     for (change, says) in [
@@ -988,6 +991,11 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
     assert!(detail.body.contains("Hi {{${first_name}}}"));
     let preview = b.get(&format!("{w}/campaigns/{id}?preview=ada")).await.body;
     assert!(preview.contains("Hi Ada &lt;3"), "{preview}");
+    // A preview has no send to sign a subscription link for: an inert anchor stands in.
+    assert!(
+        preview.contains("leave: #preview-unsubscribe_url"),
+        "{preview}"
+    );
     let unknown = b
         .get(&format!("{w}/campaigns/{id}?preview=nobody"))
         .await
@@ -1042,7 +1050,7 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
             .unwrap()
             .unwrap()
             .definition["messages"][0]["body"],
-        "Hi {{${first_name}}}"
+        "Hi {{${first_name}}}, leave: {{${unsubscribe_url}}}"
     );
     for (action, status) in [
         ("launch", "active"),
