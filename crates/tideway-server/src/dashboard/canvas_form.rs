@@ -1205,6 +1205,19 @@ mod tests {
     use super::*;
     use tideway_core::canvas::CanvasDefinition;
 
+    /// The editor's fields as the page renders them (no cohorts or segments to pick).
+    fn page_of(f: &CanvasEditor) -> String {
+        fieldsets(
+            f,
+            &Context {
+                cohorts: &[],
+                segments: &[],
+                error: None,
+            },
+        )
+        .into_string()
+    }
+
     fn ids() -> impl FnMut() -> String {
         let mut n = 0;
         move || {
@@ -1312,15 +1325,7 @@ mod tests {
             {"id": "b", "type": "audience_paths", "paths": [{"name": "P", "filter": plan(), "next": null}]}]}));
         let f = CanvasEditor::from_json(&canonical).unwrap();
         // The form as a browser posts it: the same fields the page renders.
-        let page = fieldsets(
-            &f,
-            &Context {
-                cohorts: &[],
-                segments: &[],
-                error: None,
-            },
-        )
-        .into_string();
+        let page = page_of(&f);
         let mut posted = fields_of(&page);
         posted.push(("add".into(), "step".into()));
         for (k, v) in &mut posted {
@@ -1420,15 +1425,7 @@ mod tests {
             {"id": "acts", "type": "action_paths", "window_seconds": 3600,
              "paths": [{"name": "Bought", "triggers": [{"purchase": {"product_id": "gold"}}], "next": null}]}]}));
         let f = CanvasEditor::from_json(&canonical).unwrap();
-        let page = fieldsets(
-            &f,
-            &Context {
-                cohorts: &[],
-                segments: &[],
-                error: None,
-            },
-        )
-        .into_string();
+        let page = page_of(&f);
         let posted = CanvasEditor::from_form(&FormData(fields_of(&page)));
         assert_eq!(posted, f);
     }
