@@ -2,8 +2,9 @@
 //! messages sent); a Canvas drawn as a graph (`canvas_graph.rs`: an SVG of its steps with
 //! the users in each now) and shown as its steps — each step's type, name, what it does, the
 //! steps its paths lead to, the users in it now and how many entered, progressed and exited,
-//! and a Message step's sends; every Message step's templates rendered for a chosen user and
-//! optional canvas entry properties (`preview.rs`, with the variables a send of the step
+//! and a Message step's sends; every Message step's templates rendered for a chosen user,
+//! optional canvas entry properties and optional event properties (what a step after Action
+//! Paths sees of the matched action) (`preview.rs`, with the variables a send of the step
 //! builds); launch, pause, stop (admins; a read-only user sees the buttons disabled and the
 //! guard refuses the POST); and a form to create or edit a Canvas — name, description and
 //! tags, and the definition with the editor's fields (`canvas_form.rs`) or, as "Advanced:
@@ -210,9 +211,9 @@ fn what(def: &CanvasDefinition, step: &Step) -> String {
     }
 }
 
-/// The canvas entry properties a preview is given: a JSON object (empty text: none), or why
-/// not.
-fn entry_properties(raw: &str) -> Result<Map<String, Value>, Refusal> {
+/// Properties a preview is given (`what` names them in a refusal: "Canvas entry properties",
+/// "Event properties"): a JSON object (empty text: none), or why not.
+fn preview_properties(what: &str, raw: &str) -> Result<Map<String, Value>, Refusal> {
     if raw.trim().is_empty() {
         return Ok(Map::new());
     }
@@ -220,11 +221,15 @@ fn entry_properties(raw: &str) -> Result<Map<String, Value>, Refusal> {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(Refusal::new(
             StatusCode::BAD_REQUEST,
-            "Canvas entry properties must be a JSON object, such as {\"plan\": \"gold\"}.",
+            [
+                what,
+                " must be a JSON object, such as {\"plan\": \"gold\"}.",
+            ]
+            .concat(),
         )),
         Err(e) => Err(Refusal::new(
             StatusCode::BAD_REQUEST,
-            format!("Canvas entry properties are not JSON: {e}."),
+            format!("{what} are not JSON: {e}."),
         )),
     }
 }
@@ -241,13 +246,18 @@ async fn render_preview(
     def: &CanvasDefinition,
     external_id: &str,
     entry: &str,
+    event: &str,
 ) -> Result<Preview, PageError> {
     use tideway_core::campaigns::{templates_of, user_dispatch_id};
     use tideway_messaging::canvas::{canvas_vars, step_dispatch_id};
     use tideway_messaging::personalise::{CampaignVars, vars_for};
     use tideway_messaging::plan::assignment_key;
-    let entry = match entry_properties(entry) {
+    let entry = match preview_properties("Canvas entry properties", entry) {
         Ok(entry) => entry,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    let event = match preview_properties("Event properties", event) {
+        Ok(event) => event,
         Err(refusal) => return Ok(Err(refusal)),
     };
     let (seq, user) = match preview::user(state, ctx, external_id).await? {
@@ -255,7 +265,9 @@ async fn render_preview(
         Err(refusal) => return Ok(Err(refusal)),
     };
     let variant = def.assign(&c.id, &assignment_key(seq));
-    let job = json!({"canvas_entry_properties": entry, "event_properties": {}}).to_string();
+    // What a step after Action Paths sees as `event_properties`: the matched action's
+    // properties, given here by hand.
+    let job = json!({"canvas_entry_properties": entry, "event_properties": event}).to_string();
     let mut out = Vec::new();
     for (i, step) in def.steps.iter().enumerate() {
         let StepKind::Message { message, .. } = &step.kind else {
@@ -300,7 +312,7 @@ async fn render_preview(
     Ok(Ok(out))
 }
 
-/// `GET /dashboard/w/{ws}/canvases/{id}[?preview=EXTERNAL_ID&entry=JSON]`: the Canvas as its
+/// `GET /dashboard/w/{ws}/canvases/{id}[?preview=EXTERNAL_ID&entry=JSON&event=JSON]`: the Canvas as its
 /// steps, with their figures, and its Message steps rendered for one user.
 pub async fn detail(
     State(state): State<AppState>,
@@ -317,9 +329,10 @@ pub async fn detail(
         .map(|p| p.trim())
         .filter(|p| !p.is_empty());
     let entry = query.get("entry").map_or("", String::as_str);
+    let event = query.get("event").map_or("", String::as_str);
     let rendered = match wanted {
         Some(external_id) => {
-            Some(render_preview(&state, &ctx, &c, &def, external_id, entry).await?)
+            Some(render_preview(&state, &ctx, &c, &def, external_id, entry, event).await?)
         }
         None => None,
     };
@@ -328,6 +341,10 @@ pub async fn detail(
             "Canvas entry properties " span class="muted" { "(optional, a JSON object: Liquid sees {{canvas_entry_properties.${plan}}} and {{context.${plan}}})" }
         }
         textarea class="mono" id="preview-entry" name="entry" rows="3" spellcheck="false" { (entry) }
+        label for="preview-event" {
+            "Event properties " span class="muted" { "(optional, a JSON object: what a step after Action Paths sees as {{event_properties.${sku}}}, the matched action's properties)" }
+        }
+        textarea class="mono" id="preview-event" name="event" rows="2" spellcheck="false" { (event) }
     };
     let step_name = |id: &str| def.step(id).map_or(id, |s| s.name.as_str()).to_owned();
     let anchor = |id: &str| ["#step-", &super::segment(id)].concat();

@@ -2095,7 +2095,8 @@ async fn canvas_message_steps_are_previewed_for_a_user_with_entry_properties() {
         {"id": "mail", "name": "Reminder", "type": "message",
          "message": {"channel": "email", "from": "T <t@example.com>",
             "subject": "{% if context.${plan} == 'gold' %}{% abort_message('gold users skip this') %}{% endif %}Hello",
-            "body": "<p>{{${first_name}}}</p>", "plaintext_body": "{{${first_name}}}"}}]});
+            "body": "<p>{{${first_name}}}</p>",
+            "plaintext_body": "{{${first_name}}} saw {{event_properties.${sku} | default: 'nothing'}}"}}]});
     let a = s.post("/api/v1/canvases", &key, doc).await;
     assert_eq!(a.status, 201, "{a:?}");
     let id = a.body["canvas"]["id"].as_str().unwrap().to_owned();
@@ -2133,6 +2134,17 @@ async fn canvas_message_steps_are_previewed_for_a_user_with_entry_properties() {
             silver.body
         );
     }
+    assert!(silver.body.contains("saw nothing"), "{}", silver.body);
+    // Event properties: what a step after Action Paths sees of the matched action.
+    let event = form_urlencoded::byte_serialize(br#"{"sku": "tea <1>"}"#).collect::<String>();
+    let with_event = page(&format!("preview=ada&entry={entry}&event={event}")).await;
+    assert_eq!(with_event.status, 200, "{}", with_event.body);
+    assert!(
+        with_event.body.contains("saw tea &lt;1&gt;")
+            && with_event.body.contains("id=\"preview-event\""),
+        "{}",
+        with_event.body
+    );
     // Without entry properties, and with ones that make a template abort.
     let none = page("preview=ada").await;
     assert!(
@@ -2178,6 +2190,14 @@ async fn canvas_message_steps_are_previewed_for_a_user_with_entry_properties() {
             format!("preview={}", "x".repeat(1000)),
             400,
             "not an external id",
+        ),
+        (
+            format!(
+                "preview=ada&event={}",
+                form_urlencoded::byte_serialize(b"\"tea\"").collect::<String>()
+            ),
+            400,
+            "Event properties must be a JSON object",
         ),
     ] {
         let answer = page(&query).await;
