@@ -19,7 +19,9 @@
 //! and saved is the same Canvas; it declines (`None`) what it has no field for (message
 //! headers, extras, property filters it cannot show), which the JSON form then edits.
 //! Segment filters (a Decision Split's, an audience path's, the audience's and the exit
-//! filter) are the segment language's JSON in a text area. Nothing here decides what a
+//! filter) are the segment language's JSON in a text area, with a picker of saved segments
+//! beside it (a segment made in the segment builder — Heap Cohorts includes and the rest —
+//! becomes `{"in_segment": id}`, ANDed with any JSON; see `with_segment`). Nothing here decides what a
 //! Canvas may be: the document goes through `canvases_api`'s checks, whose refusals name the
 //! place (`steps[2].delay.seconds`) shown beside its field.
 
@@ -387,7 +389,7 @@ impl StepForm {
                     id: p.get("id").trim().to_owned(),
                     name: p.get("name").trim().to_owned(),
                     next: p.get("next").to_owned(),
-                    filter: p.get("filter").to_owned(),
+                    filter: with_segment(p.get("filter"), p.get("filter_segment")),
                     percent: p.get("percent").trim().to_owned(),
                     triggers,
                 }
@@ -420,7 +422,7 @@ impl StepForm {
             until: trimmed("until"),
             days: trimmed("days"),
             at: trimmed("at"),
-            filter: get("filter"),
+            filter: with_segment(&get("filter"), &get("filter_segment")),
             yes: get("yes"),
             no: get("no"),
             paths,
@@ -725,12 +727,18 @@ impl CanvasEditor {
         CanvasEditor {
             entry: DeliveryForm::from_form(form),
             segments: form.all("segment").into_iter().map(str::to_owned).collect(),
-            audience_filter: form.get("audience_filter").unwrap_or("").to_owned(),
+            audience_filter: with_segment(
+                form.get("audience_filter").unwrap_or(""),
+                form.get("audience_filter_segment").unwrap_or(""),
+            ),
             may_reenter: form.get("may_reenter") == Some("true"),
             reentry: DurationForm::from_form(form, "reentry"),
             entry_limit: form.text("entry_limit").to_owned(),
             exceptions,
-            exit_filter: form.get("exit_filter").unwrap_or("").to_owned(),
+            exit_filter: with_segment(
+                form.get("exit_filter").unwrap_or(""),
+                form.get("exit_filter_segment").unwrap_or(""),
+            ),
             conversions,
             frequency_capping: form.get("frequency_capping") == Some("true"),
             control: form.text("control").to_owned(),
@@ -829,6 +837,26 @@ impl CanvasEditor {
     }
 }
 
+/// A filter's JSON text with the saved segment picked beside it (`<name>_segment`): that
+/// segment's membership (`in_segment`) alone when the text is empty, and with the text (AND)
+/// when both are given; the text as it is when none is picked. The picker is an input aid:
+/// a stored filter always comes back as JSON text.
+fn with_segment(text: &str, segment: &str) -> String {
+    let segment = segment.trim();
+    if segment.is_empty() {
+        return text.to_owned();
+    }
+    let member = json!({ "in_segment": segment });
+    if text.trim().is_empty() {
+        return member.to_string();
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(filter) => json!({ "and": [member, filter] }).to_string(),
+        // Not JSON: left as written, so the refusal names the text the user wrote.
+        Err(_) => text.to_owned(),
+    }
+}
+
 /// What the editor's fieldsets need besides the form: the workspace's cohorts and segments
 /// (entry triggers, audience) and the refusal to show beside its field.
 pub(super) struct Context<'a> {
@@ -849,6 +877,23 @@ impl Context<'_> {
             textarea class="json mono" id=(id) name=(name) rows="4" spellcheck="false"
                 aria-invalid=[at.map(|_| "true")] aria-describedby=[described_by(at, id)] { (value) }
             (error_beside(at, id))
+        }
+    }
+
+    /// A segment filter: its JSON text area, and beside it a picker of the workspace's saved
+    /// segments (`<name>_segment`, see [`with_segment`]), so a filter built in the segment
+    /// builder — Heap Cohorts includes, attributes, events — is used without writing JSON.
+    fn filter_area(&self, id: &str, name: &str, value: &str, place: &str) -> Markup {
+        let picker = [id, "-segment"].concat();
+        html! {
+            (self.json_area(id, name, value, place))
+            label for=(picker) { "…or users in a saved segment " span class="muted" { "(with the JSON above, if any: both must match)" } }
+            select id=(picker) name=([name, "_segment"].concat()) {
+                option value="" { "— none —" }
+                @for seg in self.segments {
+                    option value=(seg.id) { (seg.name) }
+                }
+            }
         }
     }
 
@@ -918,7 +963,7 @@ pub(super) fn fieldsets(f: &CanvasEditor, ctx: &Context<'_>) -> Markup {
             }
             (error_beside(error.filter(|e| e.field.starts_with("audience.segment_ids")), "canvas-audience"))
             label for="audience-filter" { "Filter " span class="muted" { "(optional; the segment language's JSON)" } }
-            (ctx.json_area("audience-filter", "audience_filter", &f.audience_filter, "audience.filter"))
+            (ctx.filter_area("audience-filter", "audience_filter", &f.audience_filter, "audience.filter"))
         }
         fieldset id="canvas-entry-rules" {
             legend { "Entry limits and re-eligibility" }
@@ -946,7 +991,7 @@ pub(super) fn fieldsets(f: &CanvasEditor, ctx: &Context<'_>) -> Markup {
                 button type="submit" class="secondary" name="add" value="exception" id="add-exception" formnovalidate { "Add an exception event" }
             }
             label for="exit-filter" { "Exit when the user matches " span class="muted" { "(optional; checked as each step ends; the segment language's JSON)" } }
-            (ctx.json_area("exit-filter", "exit_filter", &f.exit_filter, "exit_criteria.filter"))
+            (ctx.filter_area("exit-filter", "exit_filter", &f.exit_filter, "exit_criteria.filter"))
         }
         fieldset id="canvas-conversions" {
             legend { "Conversion events" }
@@ -1106,7 +1151,7 @@ fn step(f: &CanvasEditor, i: usize, s: &StepForm, ctx: &Context<'_>) -> Markup {
                 }
                 "decision_split" => {
                     label for=(id("filter")) { "Users matching " span class="muted" { "(the segment language's JSON)" } }
-                    (ctx.json_area(&id("filter"), &name("filter"), &s.filter, &place("filter")))
+                    (ctx.filter_area(&id("filter"), &name("filter"), &s.filter, &place("filter")))
                     (lead("yes", "Yes: they go to", &s.yes))
                     (lead("no", "No: they go to", &s.no))
                 }
@@ -1168,7 +1213,7 @@ fn path(
             @match s.kind.as_str() {
                 "audience_paths" => {
                     label for=(id("filter")) { "Users matching " span class="muted" { "(the segment language's JSON)" } }
-                    (ctx.json_area(&id("filter"), &name("filter"), &p.filter, &place("filter")))
+                    (ctx.filter_area(&id("filter"), &name("filter"), &p.filter, &place("filter")))
                 }
                 "action_paths" => {
                     (error_beside(ctx.at(&place("triggers")), &id("triggers")))
@@ -1428,5 +1473,61 @@ mod tests {
         let page = page_of(&f);
         let posted = CanvasEditor::from_form(&FormData(fields_of(&page)));
         assert_eq!(posted, f);
+    }
+
+    #[test]
+    fn a_saved_segment_picked_beside_a_filter_becomes_its_membership() {
+        let (_, canonical) = accepted(&json!({"entry": {"type": "api_triggered"}, "steps": [
+            {"id": "split", "type": "decision_split", "filter": plan(), "yes": null, "no": null}]}));
+        let f = CanvasEditor::from_json(&canonical).unwrap();
+        let trials = Segment {
+            id: "seg-trial".into(),
+            name: "Trial <stuck>".into(),
+            filter: json!({}),
+            created_at: tideway_core::clock::Millis(0),
+            updated_at: tideway_core::clock::Millis(0),
+        };
+        let page = fieldsets(
+            &f,
+            &Context {
+                cohorts: &[],
+                segments: std::slice::from_ref(&trials),
+                error: None,
+            },
+        )
+        .into_string();
+        assert!(page.contains("Trial &lt;stuck&gt;"), "{page}");
+        let fields = fields_of(&page);
+        let filter_name = fields
+            .iter()
+            .map(|(k, _)| k.clone())
+            .find(|k| k.ends_with("_filter") && k.starts_with('s'))
+            .expect("the split's filter field");
+        let picker = [filter_name.as_str(), "_segment"].concat();
+        assert!(fields.iter().any(|(k, _)| *k == picker), "{fields:?}");
+        let posted = |filter: &str| {
+            let mut fields = fields.clone();
+            for (k, v) in &mut fields {
+                if *k == filter_name {
+                    *v = filter.to_owned();
+                }
+                if *k == picker {
+                    *v = "seg-trial".to_owned();
+                }
+            }
+            let doc = CanvasEditor::from_form(&FormData(fields))
+                .to_json()
+                .unwrap();
+            doc["steps"][0]["filter"].clone()
+        };
+        // The segment alone; with JSON beside it, both.
+        assert_eq!(posted(""), json!({"in_segment": "seg-trial"}));
+        assert_eq!(
+            posted(PLAN),
+            json!({"and": [{"in_segment": "seg-trial"}, plan()]})
+        );
+        // JSON that does not parse stays as written, for the refusal to name it.
+        assert_eq!(with_segment("{oops", "seg-trial"), "{oops");
+        assert_eq!(with_segment(PLAN, " "), PLAN);
     }
 }
