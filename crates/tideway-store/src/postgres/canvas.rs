@@ -263,6 +263,67 @@ async fn count_stats<C: GenericClient>(
     Ok(())
 }
 
+/// The journey columns of many journeys as one array each, in `JOURNEY_COLUMNS`' order, for
+/// statements over `unnest` (the entry's insert and the settlement's update).
+struct JourneyArrays<'a> {
+    entry_id: Vec<&'a str>,
+    version: Vec<i32>,
+    variant_id: Vec<&'a str>,
+    step_id: Vec<&'a str>,
+    entered_at: Vec<i64>,
+    step_at: Vec<i64>,
+    due_at: Vec<i64>,
+    converted: Vec<i16>,
+    entry_properties: Vec<Option<&'a str>>,
+    event_properties: Vec<Option<&'a str>>,
+}
+
+impl<'a> JourneyArrays<'a> {
+    fn of(journeys: impl Iterator<Item = &'a Journey>) -> Result<Self, StoreError> {
+        let mut a = JourneyArrays {
+            entry_id: Vec::new(),
+            version: Vec::new(),
+            variant_id: Vec::new(),
+            step_id: Vec::new(),
+            entered_at: Vec::new(),
+            step_at: Vec::new(),
+            due_at: Vec::new(),
+            converted: Vec::new(),
+            entry_properties: Vec::new(),
+            event_properties: Vec::new(),
+        };
+        for j in journeys {
+            a.entry_id.push(&j.entry_id);
+            a.version.push(version_of(j.version)?);
+            a.variant_id.push(&j.variant_id);
+            a.step_id.push(&j.step_id);
+            a.entered_at.push(j.entered_at.0);
+            a.step_at.push(j.step_at.0);
+            a.due_at.push(j.due_at.0);
+            a.converted.push(i16::from(j.converted));
+            a.entry_properties.push(j.entry_properties.as_deref());
+            a.event_properties.push(j.event_properties.as_deref());
+        }
+        Ok(a)
+    }
+
+    /// The ten arrays as statement parameters, in column order.
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 10] {
+        [
+            &self.entry_id,
+            &self.version,
+            &self.variant_id,
+            &self.step_id,
+            &self.entered_at,
+            &self.step_at,
+            &self.due_at,
+            &self.converted,
+            &self.entry_properties,
+            &self.event_properties,
+        ]
+    }
+}
+
 /// Decides and writes a scan's entries in a few statements (not five round trips each): the
 /// Canvases' rows are locked (in id order), which serialises every entry into them, so what is
 /// read next — journeys under way, entry receipts — cannot change before this commits. Then
@@ -405,10 +466,7 @@ async fn admit_entries(
         .filter_map(|(e, _)| e.journey.as_ref().map(|j| (e, j)))
         .collect();
     if !starting.is_empty() {
-        let versions = starting
-            .iter()
-            .map(|(_, j)| version_of(j.version))
-            .collect::<Result<Vec<i32>, _>>()?;
+        let columns = JourneyArrays::of(starting.iter().map(|(_, j)| *j))?;
         let sql = format!(
             "INSERT INTO canvas_journeys (workspace_id, canvas_id, user_seq, {JOURNEY_COLUMNS}, wake_at)
              SELECT $1, k.canvas_id, k.user_seq, k.entry_id, k.version, k.variant_id, k.step_id,
@@ -420,56 +478,12 @@ async fn admit_entries(
                  AS k(canvas_id, user_seq, entry_id, version, variant_id, step_id, entered_at,
                       step_at, due_at, converted, entry_properties, event_properties)"
         );
-        execute(
-            tx,
-            &sql,
-            &[
-                &workspace.0,
-                &starting
-                    .iter()
-                    .map(|(e, _)| e.canvas_id.as_str())
-                    .collect::<Vec<_>>(),
-                &starting
-                    .iter()
-                    .map(|(e, _)| i64::from(e.user.0))
-                    .collect::<Vec<_>>(),
-                &starting
-                    .iter()
-                    .map(|(_, j)| j.entry_id.as_str())
-                    .collect::<Vec<_>>(),
-                &versions,
-                &starting
-                    .iter()
-                    .map(|(_, j)| j.variant_id.as_str())
-                    .collect::<Vec<_>>(),
-                &starting
-                    .iter()
-                    .map(|(_, j)| j.step_id.as_str())
-                    .collect::<Vec<_>>(),
-                &starting
-                    .iter()
-                    .map(|(_, j)| j.entered_at.0)
-                    .collect::<Vec<_>>(),
-                &starting
-                    .iter()
-                    .map(|(_, j)| j.step_at.0)
-                    .collect::<Vec<_>>(),
-                &starting.iter().map(|(_, j)| j.due_at.0).collect::<Vec<_>>(),
-                &starting
-                    .iter()
-                    .map(|(_, j)| i16::from(j.converted))
-                    .collect::<Vec<_>>(),
-                &starting
-                    .iter()
-                    .map(|(_, j)| j.entry_properties.as_deref())
-                    .collect::<Vec<_>>(),
-                &starting
-                    .iter()
-                    .map(|(_, j)| j.event_properties.as_deref())
-                    .collect::<Vec<_>>(),
-            ],
-        )
-        .await?;
+        let canvases: Vec<&str> = starting.iter().map(|(e, _)| e.canvas_id.as_str()).collect();
+        let users: Vec<i64> = starting.iter().map(|(e, _)| i64::from(e.user.0)).collect();
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&workspace.0, &canvases, &users];
+        params.extend(columns.params());
+        execute(tx, &sql, &params).await?;
     }
     // A new entry's conversions are counted afresh: the last journey's watch goes.
     execute(
@@ -929,10 +943,16 @@ async fn settle_in(
         .collect();
     if !moving.is_empty() {
         let keys: Vec<_> = moving.iter().map(|(s, _)| key(s)).collect();
-        let versions = moving
-            .iter()
-            .map(|(_, j)| version_of(j.version))
-            .collect::<Result<Vec<i32>, _>>()?;
+        let (ws, canvases, users): (Vec<i64>, Vec<&str>, Vec<i64>) = (
+            keys.iter().map(|k| k.0).collect(),
+            keys.iter().map(|k| k.1.as_str()).collect(),
+            keys.iter().map(|k| k.2).collect(),
+        );
+        let columns = JourneyArrays::of(moving.iter().map(|(_, j)| *j))?;
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&ws, &canvases, &users];
+        params.extend(columns.params());
+        params.push(&now.0);
         execute(
             tx,
             "UPDATE canvas_journeys j SET entry_id = k.entry_id, version = k.version,
@@ -951,43 +971,7 @@ async fn settle_in(
                       entered_at, step_at, due_at, converted, entry_properties, event_properties)
              WHERE j.workspace_id = k.workspace_id AND j.canvas_id = k.canvas_id
                AND j.user_seq = k.user_seq",
-            &[
-                &keys.iter().map(|k| k.0).collect::<Vec<_>>(),
-                &keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>(),
-                &keys.iter().map(|k| k.2).collect::<Vec<_>>(),
-                &moving
-                    .iter()
-                    .map(|(_, j)| j.entry_id.as_str())
-                    .collect::<Vec<_>>(),
-                &versions,
-                &moving
-                    .iter()
-                    .map(|(_, j)| j.variant_id.as_str())
-                    .collect::<Vec<_>>(),
-                &moving
-                    .iter()
-                    .map(|(_, j)| j.step_id.as_str())
-                    .collect::<Vec<_>>(),
-                &moving
-                    .iter()
-                    .map(|(_, j)| j.entered_at.0)
-                    .collect::<Vec<_>>(),
-                &moving.iter().map(|(_, j)| j.step_at.0).collect::<Vec<_>>(),
-                &moving.iter().map(|(_, j)| j.due_at.0).collect::<Vec<_>>(),
-                &moving
-                    .iter()
-                    .map(|(_, j)| i16::from(j.converted))
-                    .collect::<Vec<_>>(),
-                &moving
-                    .iter()
-                    .map(|(_, j)| j.entry_properties.as_deref())
-                    .collect::<Vec<_>>(),
-                &moving
-                    .iter()
-                    .map(|(_, j)| j.event_properties.as_deref())
-                    .collect::<Vec<_>>(),
-                &now.0,
-            ],
+            &params,
         )
         .await?;
     }
