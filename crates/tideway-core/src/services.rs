@@ -10,7 +10,8 @@ use crate::clock::Millis;
 use crate::cohorts::{self, CohortChange, CohortId, CohortUpsert, MembershipOutcome};
 use crate::ids::ExternalId;
 use crate::store::{
-    SegmentSyncOutcome, SegmentSyncPage, StoreFuture, UserStore, Workspace, read_unit, run_unit,
+    SegmentSyncOutcome, SegmentSyncPage, StoreFuture, UserStore, Workspace, read_unit,
+    run_keyed_unit, run_unit,
 };
 use crate::track::TrackRequest;
 use crate::users::{
@@ -28,9 +29,16 @@ pub trait Services: UserStore {
         request: TrackRequest,
         now: Millis,
     ) -> StoreFuture<'_, TrackOutcome> {
-        run_unit(self, workspace, now, move |tx, ctx| {
-            users::track(tx, ctx, &request)
-        })
+        // Named up front when it can be: PostgreSQL then locks them all at once and runs
+        // track requests of one workspace side by side.
+        match users::track_keys(&request) {
+            Some(keys) => run_keyed_unit(self, workspace, now, keys, move |tx, ctx| {
+                users::track(tx, ctx, &request)
+            }),
+            None => run_unit(self, workspace, now, move |tx, ctx| {
+                users::track(tx, ctx, &request)
+            }),
+        }
     }
 
     /// `/users/identify`.

@@ -11,7 +11,7 @@ use crate::clock::Millis;
 use crate::currents::{CurrentsEvent, EventUser};
 use crate::ids::{BrazeId, DeviceId, Email, ExternalId, IdSource, Phone, UserAlias};
 use crate::profile::{Occurrences, UserRecord, apply_custom};
-use crate::store::{Lookup, StoreError, UserLookup, UserTx, Workspace};
+use crate::store::{LockKey, Lookup, StoreError, UserLookup, UserTx, Workspace};
 use crate::track::{
     AttributeObject, ContactChange, EventObject, InputArray, ObjectError, PurchaseObject, Target,
     TrackRequest, UserRef,
@@ -118,6 +118,28 @@ fn prefetch_keys(req: &TrackRequest) -> Vec<Lookup<'_>> {
         }
     }
     keys
+}
+
+/// Every user a track request names, as keys a store can lock before the request runs
+/// ([`crate::store::UserStore::run_keyed_unit`]), each once; `None` if one is named by email
+/// or phone (many users may share those, so no key stands for the user).
+pub fn track_keys(req: &TrackRequest) -> Option<Vec<LockKey>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut keys = Vec::new();
+    for lookup in prefetch_keys(req) {
+        let key = match lookup {
+            Lookup::External(e) => LockKey::External(e.clone()),
+            Lookup::Alias(a) => LockKey::Alias(a.clone()),
+            Lookup::Braze(b) => LockKey::Braze(b.clone()),
+            Lookup::Device(d) => LockKey::Device(d.clone()),
+            Lookup::Email(_) | Lookup::Phone(_) => return None,
+        };
+        if !seen.contains(&key) {
+            seen.insert(key.clone());
+            keys.push(key);
+        }
+    }
+    Some(keys)
 }
 
 /// Applies a parsed `/users/track` request: attributes, then events, then purchases (Braze's

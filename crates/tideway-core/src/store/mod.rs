@@ -63,8 +63,8 @@ pub use messaging::{
 };
 pub use segments::SegmentStore;
 pub use users::{
-    DomainTx, Lookup, ReadWork, UnitOfWork, UserLookup, UserStore, UserTx, WorkOutput, read_unit,
-    run_unit,
+    DomainTx, LockKey, Lookup, ReadWork, UnitOfWork, UserLookup, UserStore, UserTx, WorkOutput,
+    read_unit, run_keyed_unit, run_unit,
 };
 
 pub use crate::currents_store::{CurrentsStore, LoggedEvent};

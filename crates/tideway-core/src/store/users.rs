@@ -23,6 +23,29 @@ pub enum Lookup<'a> {
     Phone(&'a Phone),
 }
 
+/// A user named, before a unit of work runs, by a key a store can lock
+/// ([`UserStore::run_keyed_unit`]): every key but an email or a phone, which many users may
+/// share.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LockKey {
+    External(ExternalId),
+    Alias(UserAlias),
+    Braze(BrazeId),
+    Device(DeviceId),
+}
+
+impl LockKey {
+    /// The same key as a [`Lookup`].
+    pub fn as_lookup(&self) -> Lookup<'_> {
+        match self {
+            LockKey::External(e) => Lookup::External(e),
+            LockKey::Alias(a) => Lookup::Alias(a),
+            LockKey::Braze(b) => Lookup::Braze(b),
+            LockKey::Device(d) => Lookup::Device(d),
+        }
+    }
+}
+
 /// Primitive reads inside a workspace.
 pub trait UserLookup {
     /// By current `external_id`, or by a deprecated one kept after a rename.
@@ -158,6 +181,24 @@ pub trait UserStore: Send + Sync {
         work: UnitOfWork,
     ) -> StoreFuture<'_, WorkOutput>;
 
+    /// [`UserStore::run_unit`] for work that looks users up only by `keys` (it may use fewer;
+    /// it must not depend on any other user's row). A store whose transactions lock users may
+    /// lock all of them at once, in one order, before the work runs, so that units of one
+    /// workspace naming different users run side by side and never wait for each other in a
+    /// cycle (PostgreSQL; `postgres::users`, "Keyed batches"). A store that writes one unit at
+    /// a time ignores them. The answer is the same either way; a unit that looks further
+    /// is still correct, only no longer sure to run side by side.
+    fn run_keyed_unit(
+        &self,
+        workspace: &Workspace,
+        now: Millis,
+        keys: Vec<LockKey>,
+        work: UnitOfWork,
+    ) -> StoreFuture<'_, WorkOutput> {
+        let _ = keys;
+        self.run_unit(workspace, now, work)
+    }
+
     /// Runs `work` over a consistent read view of the workspace's users that includes every
     /// write acknowledged before the call.
     fn read_unit(&self, workspace: WorkspaceId, work: ReadWork) -> StoreFuture<'_, WorkOutput>;
@@ -184,6 +225,25 @@ where
     let erased: UnitOfWork =
         Box::new(move |tx, ctx| work(tx, ctx).map(|t| Box::new(t) as WorkOutput));
     let running = store.run_unit(workspace, now, erased);
+    Box::pin(async move { downcast(running.await?) })
+}
+
+/// [`UserStore::run_keyed_unit`] with a typed result.
+pub fn run_keyed_unit<'s, S, T, F>(
+    store: &'s S,
+    workspace: &Workspace,
+    now: Millis,
+    keys: Vec<LockKey>,
+    mut work: F,
+) -> StoreFuture<'s, T>
+where
+    S: UserStore + ?Sized,
+    T: Send + 'static,
+    F: FnMut(&mut dyn DomainTx, &mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+{
+    let erased: UnitOfWork =
+        Box::new(move |tx, ctx| work(tx, ctx).map(|t| Box::new(t) as WorkOutput));
+    let running = store.run_keyed_unit(workspace, now, keys, erased);
     Box::pin(async move { downcast(running.await?) })
 }
 

@@ -44,6 +44,24 @@ impl Sequence {
     }
 }
 
+/// [`allocate`] as the `WITH` clause of a statement that then inserts the rows numbered from
+/// it (one statement, one round trip): the counter `$name` (a [`Sequence::name`]) of
+/// workspace `$1` moves on by `$2` (bigint, > 0) and `range.before` is the value before the
+/// first taken, so the range is `range.before + 1 ..= range.before + $2`. The same row lock
+/// as [`allocate`], held to the commit.
+macro_rules! range_then {
+    ($name:literal) => {
+        concat!(
+            "WITH range AS (INSERT INTO workspace_sequences AS s (workspace_id, name, head) ",
+            "VALUES ($1, '",
+            $name,
+            "', $2::bigint) ON CONFLICT (workspace_id, name) DO UPDATE SET head = s.head + EXCLUDED.head ",
+            "RETURNING s.head - $2::bigint AS before) "
+        )
+    };
+}
+pub(super) use range_then;
+
 /// Takes the next `n` values of `sequence` in `workspace`: returns the first; the range is
 /// `first..first + n`. Call it inside the writing transaction, after everything else it does
 /// and right before inserting the rows and committing, since the counter row stays locked
