@@ -948,16 +948,11 @@ fn together_in(env: &mut BatchEnv<'_>, session: &mut Session, jobs: &mut Vec<Job
             }
         }
     }
-    if failed.is_none()
-        && let Err(e) = logs.write(env.rt, &tx, ws)
-    {
-        failed = Some(e);
-    }
     if let Some((e, failure)) = failed {
         rollback(env, tx);
         return Pass::Failed(e, failure);
     }
-    let r = match commit(env, tx) {
+    let r = match logs.commit(env, tx, ws) {
         Ok(()) => Pass::Committed(outputs),
         Err(pass) => pass,
     };
@@ -986,6 +981,8 @@ fn lock_named(ptx: &mut PgTx<'_, '_>, jobs: &mut Vec<Job>) -> Result<Vec<Job>, S
     let (waited, tried) = (keys(true), keys(false));
     let busy = ptx.lock_named(&waited, &tried)?;
     if busy.is_empty() {
+        let all: Vec<&LockKey> = jobs.iter().flat_map(|j| j.keys.iter().flatten()).collect();
+        ptx.load_named(&all)?;
         return Ok(Vec::new());
     }
     let ws = ptx.ws.0;
@@ -1019,6 +1016,8 @@ fn lock_named(ptx: &mut PgTx<'_, '_>, jobs: &mut Vec<Job>) -> Result<Vec<Job>, S
         }
     }
     *jobs = kept;
+    let kept: Vec<&LockKey> = jobs.iter().flat_map(|j| j.keys.iter().flatten()).collect();
+    ptx.load_named(&kept)?;
     Ok(deferred)
 }
 
@@ -1115,16 +1114,11 @@ fn isolated_in(env: &mut BatchEnv<'_>, session: &mut Session, jobs: &mut [Job]) 
             }
         }
     }
-    if failed.is_none()
-        && let Err(e) = logs.write(env.rt, &tx, ws)
-    {
-        failed = Some(e);
-    }
     if let Some((e, failure)) = failed {
         rollback(env, tx);
         return Pass::Failed(e, failure);
     }
-    match commit(env, tx) {
+    match logs.commit(env, tx, ws) {
         Ok(()) => Pass::Committed(results),
         Err(pass) => pass,
     }
@@ -1152,22 +1146,26 @@ impl Logs {
     }
 
     /// Takes each log's range (in the fixed order event log, membership changes, user
-    /// changes) and inserts its rows: one statement per log that does both
-    /// ([`sequence::range_then`]), all sent at once. Each takes its counter's row lock, held
-    /// to the commit; so the time from the first of these to the commit is the part of a
-    /// batch that no other batch of the workspace can overlap, and it is one round trip
-    /// here, then the commit.
-    fn write(
-        self,
-        rt: &Handle,
-        tx: &Transaction<'_>,
-        ws: WorkspaceId,
-    ) -> Result<(), (StoreError, Failure)> {
+    /// changes), inserts its rows and commits. Each log is one statement that takes its range
+    /// and inserts ([`sequence::range_then`]), and the commit follows in the same round trip:
+    /// each range's counter row stays locked until the commit, so from the first of these
+    /// statements to the commit is the part of a batch no other batch of the workspace can
+    /// overlap, and sent at once it runs in the database without waiting for this thread.
+    ///
+    /// tokio-postgres's `Transaction` ends only by its own `commit` or `rollback`, so the
+    /// real commit is sent as `COMMIT; BEGIN` and the `Transaction` then commits that second,
+    /// empty transaction. A statement that failed aborted the transaction, and its `COMMIT`
+    /// then rolled back (PostgreSQL answers it without an error): the statement's error is
+    /// the answer.
+    fn commit(self, env: &BatchEnv<'_>, tx: Transaction<'_>, ws: WorkspaceId) -> Result<(), Pass> {
+        if self.is_empty() {
+            return commit(env, tx);
+        }
         let count = |n: usize| {
             i64::try_from(n)
                 .ok()
                 .filter(|n| *n <= i64::from(u32::MAX))
-                .ok_or_else(|| (too_many("log rows"), Failure::Other))
+                .ok_or_else(|| Pass::Failed(too_many("log rows"), Failure::Other))
         };
         let events = count(self.events.len())?;
         // One INSERT over arrays: measured faster here than a binary COPY of the same rows
@@ -1200,11 +1198,7 @@ impl Logs {
         let membership_params: &Params<'_> =
             &[&ws.0, &memberships, &cohorts, &members, &entered, &at];
         let user_params: &Params<'_> = &[&ws.0, &user_changes, &changed];
-        let raw = |e: tokio_postgres::Error| {
-            let failure = Failure::of(&e);
-            (pg_err(e), failure)
-        };
-        rt.block_on(async {
+        let sent = env.rt.block_on(async {
             // Prepared first, all of them: a statement still to prepare would send its
             // execution after one already prepared, and the counters must be taken in their
             // order (two transactions taking two of them in opposite orders deadlock).
@@ -1213,18 +1207,54 @@ impl Logs {
                 tx.prepare_cached(INSERT_MEMBERSHIP_CHANGES),
                 tx.prepare_cached(INSERT_USER_CHANGES),
             );
-            let (a, b, c) = (a.map_err(raw)?, b.map_err(raw)?, c.map_err(raw)?);
-            // Each execution is sent when first polled, in this order.
-            let (a, b, c) = tokio::join!(
-                execute_unless(tx, events == 0, &a, event_params),
-                execute_unless(tx, memberships == 0, &b, membership_params),
-                execute_unless(tx, user_changes == 0, &c, user_params),
+            let (a, b, c) = (a?, b?, c?);
+            // Each is sent when first polled, in this order, the commit last.
+            let (a, b, c, end) = tokio::join!(
+                execute_unless(&tx, events == 0, &a, event_params),
+                execute_unless(&tx, memberships == 0, &b, membership_params),
+                execute_unless(&tx, user_changes == 0, &c, user_params),
+                tx.batch_execute("COMMIT; BEGIN"),
             );
-            a.map_err(raw)?;
-            b.map_err(raw)?;
-            c.map_err(raw)?;
-            Ok(())
-        })
+            a?;
+            b?;
+            c?;
+            Ok::<_, tokio_postgres::Error>(end)
+        });
+        match sent {
+            Err(e) => {
+                // Refused by the server: rolled back, and the empty transaction after it ends
+                // with the `Transaction`. Lost on the way: the commit after it may have run.
+                let failure = if e.as_db_error().is_some() {
+                    Failure::of(&e)
+                } else {
+                    Failure::Ambiguous
+                };
+                rollback(env, tx);
+                Err(Pass::Failed(pg_err(e), failure))
+            }
+            Ok(Err(e)) => {
+                // A refusal from the server: nothing committed; no answer: ambiguous. The
+                // `Transaction` is dropped (a ROLLBACK, answered or not).
+                let failure = if e.as_db_error().is_some() {
+                    Failure::of(&e)
+                } else {
+                    Failure::Ambiguous
+                };
+                Err(Pass::Failed(pg_err(e), failure))
+            }
+            Ok(Ok(())) => {
+                // Committed. Ending the empty transaction can fail only with the connection,
+                // which the pool then replaces.
+                if let Err(e) = env.rt.block_on(tx.commit()) {
+                    tracing::debug!(error = %e, "ending the empty transaction after a commit failed");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.membership_changes.is_empty() && self.user_changes.is_empty()
     }
 }
 
@@ -2042,8 +2072,9 @@ impl PgTx<'_, '_> {
     }
 
     /// The front of a keyed batch: locks the keys its units named (external ids, aliases,
-    /// braze ids, devices; found or not), each set in one sorted statement, and loads the
-    /// users they name (the lookups lock the users found). `first`'s keys (the oldest unit's)
+    /// braze ids, devices; found or not), each set in one sorted statement (the caller then
+    /// loads the users they name, [`PgTx::load_named`]; the lookups lock the users found).
+    /// `first`'s keys (the oldest unit's)
     /// are waited for; each of `rest` is only tried (`pg_try_advisory_xact_lock`), and the
     /// names of those another transaction holds are returned: the caller sends their units
     /// back to the queue rather than wait for the batch that holds them. So a keyed batch
@@ -2101,35 +2132,37 @@ impl PgTx<'_, '_> {
             }
             self.locked.count += n;
         }
-        let mut externals = FxHashSet::default();
-        let mut aliases = FxHashSet::default();
-        let mut brazes = FxHashSet::default();
-        let mut devices = FxHashSet::default();
-        for key in first.iter().chain(rest).copied() {
-            if !busy.is_empty() && busy.contains(&lock_name(ws, key)) {
-                continue;
-            }
-            match key {
-                LockKey::External(e) => externals.insert(e),
-                LockKey::Alias(a) => aliases.insert(a),
-                LockKey::Braze(b) => brazes.insert(b),
-                LockKey::Device(d) => devices.insert(d),
-            };
-        }
         if locking {
-            let locked = &mut self.locked;
-            locked
-                .externals
-                .extend(externals.iter().map(|e| (*e).clone()));
-            locked.aliases.extend(aliases.iter().map(|a| (*a).clone()));
-            locked.devices.extend(devices.iter().map(|d| (*d).clone()));
+            for key in first.iter().chain(rest).copied() {
+                if !busy.is_empty() && busy.contains(&lock_name(ws, key)) {
+                    continue;
+                }
+                match key {
+                    LockKey::External(e) => self.locked.externals.insert(e.clone()),
+                    LockKey::Alias(a) => self.locked.aliases.insert(a.clone()),
+                    LockKey::Device(d) => self.locked.devices.insert(d.clone()),
+                    LockKey::Braze(_) => false,
+                };
+            }
         }
-        let externals: Vec<&ExternalId> = externals.into_iter().collect();
-        let aliases: Vec<&UserAlias> = aliases.into_iter().collect();
-        let brazes: Vec<&BrazeId> = brazes.into_iter().collect();
-        let devices: Vec<&DeviceId> = devices.into_iter().collect();
-        self.load_once(&externals, &aliases, &brazes, &devices)?;
         Ok(busy)
+    }
+
+    /// Loads what these keys name, each kind in one statement, all sent at once.
+    fn load_named(&mut self, keys: &[&LockKey]) -> Result<(), StoreError> {
+        let mut externals = Vec::new();
+        let mut aliases = Vec::new();
+        let mut brazes = Vec::new();
+        let mut devices = Vec::new();
+        for key in keys {
+            match key {
+                LockKey::External(e) => externals.push(e),
+                LockKey::Alias(a) => aliases.push(a),
+                LockKey::Braze(b) => brazes.push(b),
+                LockKey::Device(d) => devices.push(d),
+            }
+        }
+        self.load_once(&externals, &aliases, &brazes, &devices)
     }
 
     /// [`PgTx::load`] without the key locks.
