@@ -24,6 +24,18 @@
 //! Batches past their front wait only for batches
 //! before them (counter locks), never after them, so nothing deadlocks.
 //!
+//! **Keyed batches.** A unit that named its users up front ([`UserStore::run_keyed_unit`]:
+//! track requests) may run in a *keyed* batch, which holds the front shared with the other
+//! keyed batches of its workspace (in the process and with `pg_advisory_lock_shared`), so
+//! several of them look users up at once. It first locks every key its units named, found or
+//! not, sorted, in one statement ([`PgTx::lock_named`]), then loads them: it waits only for
+//! the keys of units already sent back [`MAX_DEFERRALS`] times, before it holds any lock, and
+//! only tries the others; a unit whose key another transaction holds goes back to the queue
+//! ([`lock_named`]). So keyed batches never wait for each other in a cycle over keys. One
+//! user named by two different keys in two batches can make them wait for each other's rows;
+//! PostgreSQL detects it (class 40) and the batch runs again alone, as does any keyed batch
+//! that fails. A batch with any other unit takes the front alone, after the keyed ones leave.
+//!
 //! **Conflicts.** Write lookups lock the users they load (`FOR NO KEY UPDATE`: not the key,
 //! so foreign-key checks of other writers do not wait), so no update is lost: the second
 //! writer waits, then reads the first one's commit. A writer that does not take the front
