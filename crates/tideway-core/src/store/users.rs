@@ -210,22 +210,33 @@ fn downcast<T: 'static>(out: WorkOutput) -> Result<T, StoreError> {
         .map_err(|_| StoreError::Corrupt("a unit of work returned another type".into()))
 }
 
+/// `work` with its result type-erased, as a [`UnitOfWork`].
+fn erase<T, F>(mut work: F) -> UnitOfWork
+where
+    T: Send + 'static,
+    F: FnMut(&mut dyn DomainTx, &mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+{
+    Box::new(move |tx, ctx| work(tx, ctx).map(|t| Box::new(t) as WorkOutput))
+}
+
+/// A running unit's answer with its type put back.
+fn typed<'s, T: 'static>(running: StoreFuture<'s, WorkOutput>) -> StoreFuture<'s, T> {
+    Box::pin(async move { downcast(running.await?) })
+}
+
 /// [`UserStore::run_unit`] with a typed result.
 pub fn run_unit<'s, S, T, F>(
     store: &'s S,
     workspace: &Workspace,
     now: Millis,
-    mut work: F,
+    work: F,
 ) -> StoreFuture<'s, T>
 where
     S: UserStore + ?Sized,
     T: Send + 'static,
     F: FnMut(&mut dyn DomainTx, &mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
 {
-    let erased: UnitOfWork =
-        Box::new(move |tx, ctx| work(tx, ctx).map(|t| Box::new(t) as WorkOutput));
-    let running = store.run_unit(workspace, now, erased);
-    Box::pin(async move { downcast(running.await?) })
+    typed(store.run_unit(workspace, now, erase(work)))
 }
 
 /// [`UserStore::run_keyed_unit`] with a typed result.
@@ -234,17 +245,14 @@ pub fn run_keyed_unit<'s, S, T, F>(
     workspace: &Workspace,
     now: Millis,
     keys: Vec<LockKey>,
-    mut work: F,
+    work: F,
 ) -> StoreFuture<'s, T>
 where
     S: UserStore + ?Sized,
     T: Send + 'static,
     F: FnMut(&mut dyn DomainTx, &mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
 {
-    let erased: UnitOfWork =
-        Box::new(move |tx, ctx| work(tx, ctx).map(|t| Box::new(t) as WorkOutput));
-    let running = store.run_keyed_unit(workspace, now, keys, erased);
-    Box::pin(async move { downcast(running.await?) })
+    typed(store.run_keyed_unit(workspace, now, keys, erase(work)))
 }
 
 /// [`UserStore::read_unit`] with a typed result.

@@ -2160,21 +2160,11 @@ impl PgTx<'_, '_> {
         Ok(busy)
     }
 
-    /// Loads what these keys name, each kind in one statement, all sent at once.
+    /// Loads what these keys name, as [`UserLookup::prefetch`] does (each kind in one
+    /// statement, all sent at once; keys already locked are not locked again).
     fn load_named(&mut self, keys: &[&LockKey]) -> Result<(), StoreError> {
-        let mut externals = Vec::new();
-        let mut aliases = Vec::new();
-        let mut brazes = Vec::new();
-        let mut devices = Vec::new();
-        for key in keys {
-            match key {
-                LockKey::External(e) => externals.push(e),
-                LockKey::Alias(a) => aliases.push(a),
-                LockKey::Braze(b) => brazes.push(b),
-                LockKey::Device(d) => devices.push(d),
-            }
-        }
-        self.load_once(&externals, &aliases, &brazes, &devices)
+        let lookups: Vec<Lookup<'_>> = keys.iter().map(|k| k.as_lookup()).collect();
+        self.prefetch(&lookups)
     }
 
     /// [`PgTx::load`] without the key locks.

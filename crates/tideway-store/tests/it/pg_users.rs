@@ -810,6 +810,24 @@ async fn two_nodes_creating_the_same_users_at_once_end_with_one_each() {
     }
 }
 
+/// The sum of the `visits` attribute over users `hot-0` … `hot-{users - 1}`.
+async fn total_visits(store: &PgStore, ws: &Workspace, users: usize) -> i64 {
+    let out = store
+        .export_ids(
+            ws,
+            ExportRequest {
+                external_ids: (0..users).map(|u| ext(&format!("hot-{u}"))).collect(),
+                ..ExportRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    out.users
+        .iter()
+        .map(|u| u["custom_attributes"]["visits"].as_i64().unwrap())
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_increments_through_two_nodes_lose_no_update() {
     let db = TestDb::create().await;
@@ -846,21 +864,7 @@ async fn concurrent_increments_through_two_nodes_lose_no_update() {
     for t in tasks {
         t.await.unwrap();
     }
-    let out = a
-        .export_ids(
-            &ws,
-            ExportRequest {
-                external_ids: (0..users).map(|u| ext(&format!("hot-{u}"))).collect(),
-                ..ExportRequest::default()
-            },
-        )
-        .await
-        .unwrap();
-    let total: i64 = out
-        .users
-        .iter()
-        .map(|u| u["custom_attributes"]["visits"].as_i64().unwrap())
-        .sum();
+    let total = total_visits(&a, &ws, users).await;
     assert_eq!(total, (2 * tasks_per_node * requests * 3) as i64);
     let seqs = pg_column(&a, ws.id, "event_log", "seq").await;
     assert_eq!(seqs.len(), users + 2 * tasks_per_node * requests * 3);
@@ -927,21 +931,7 @@ async fn keyed_batches_naming_one_user_by_different_keys_lose_no_update() {
     for t in tasks {
         t.await.unwrap();
     }
-    let out = a
-        .export_ids(
-            &ws,
-            ExportRequest {
-                external_ids: (0..users).map(|u| ext(&format!("hot-{u}"))).collect(),
-                ..ExportRequest::default()
-            },
-        )
-        .await
-        .unwrap();
-    let total: i64 = out
-        .users
-        .iter()
-        .map(|u| u["custom_attributes"]["visits"].as_i64().unwrap())
-        .sum();
+    let total = total_visits(&a, &ws, users).await;
     let named: i64 = (0..2)
         .flat_map(|n| (0..tasks_per_node).map(move |t| (n, t)))
         .flat_map(|(n, t)| (0..requests).map(move |r| (n, t, r)))
