@@ -8,7 +8,11 @@
 //!    balancer would. On one machine the "nodes" share its cores with PostgreSQL, so this
 //!    measures that a second node adds no contention of its own (the per-workspace log
 //!    counter, row locks), not that it adds hardware;
-//! 3. **raw PostgreSQL**: the limit — the same objects as rows, inserted by `--clients`
+//! 3. **one node again**: as 1, on a fresh workspace. Each phase runs on the database the
+//!    phases before grew, and every phase slows down as it grows, so a ×2 phase run only
+//!    after the ×1 one would be judged against an easier ×1. The ×1 figure is the mean of
+//!    phases 1 and 3 (A-B-A), which cancels a steady drift;
+//! 4. **raw PostgreSQL**: the limit — the same objects as rows, inserted by `--clients`
 //!    connections with one multi-row `INSERT` of a request's 75 objects per transaction into
 //!    one plain table, nothing else.
 //!
@@ -59,26 +63,8 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     );
     let suffix = uuid::Uuid::new_v4().simple().to_string();
 
-    // One node.
-    let (one, key) = start_node(bench.url, &format!("bench-{}", &suffix[..12]), None).await?;
-    let target = Target {
-        client: client.clone(),
-        url: format!("http://{}/users/track", one.addr),
-        api_key: Some(key.clone()),
-        spread: Vec::new(),
-    };
-    let mut single = load::closed_loop(
-        &target,
-        "tideway ×1",
-        bench.clients as usize,
-        bench.users,
-        bench.duration,
-    )
-    .await;
-    one.stop().await?;
-    report("tideway ×1", &mut single);
-    ensure_clean(&single)?;
-
+    // One node, before and after the two.
+    let mut single = one_node(&bench, &client, &format!("bench-{}", &suffix[..12])).await?;
     // Two nodes on the same database, a fresh workspace so both start from the same state.
     let workspace = format!("bench-{}-2", &suffix[..12]);
     let (a, key) = start_node(bench.url, &workspace, None).await?;
@@ -101,6 +87,9 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     b.stop().await?;
     report("tideway ×2", &mut double);
     ensure_clean(&double)?;
+    let again = one_node(&bench, &client, &format!("bench-{}-3", &suffix[..12])).await?;
+    let (before_rate, after_rate) = (single.objects_per_sec(), again.objects_per_sec());
+    single.then(again);
 
     let raw = if bench.skip_limits {
         None
@@ -125,8 +114,10 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     let (one_rate, two_rate) = (single.objects_per_sec(), double.objects_per_sec());
     let mut parts = vec![
         format!(
-            "tideway ×1 on PostgreSQL: {} objects/s (p50 {}, p99 {})",
+            "tideway ×1 on PostgreSQL: {} objects/s (mean of {} before and {} after ×2; p50 {}, p99 {})",
             thousands(one_rate),
+            thousands(before_rate),
+            thousands(after_rate),
             millis(single.percentile(50.0)),
             millis(single.percentile(99.0))
         ),
@@ -158,6 +149,33 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     ));
     println!("{}", parts.join(" | "));
     Ok(())
+}
+
+/// One closed-loop phase against one in-process node on a workspace of its own.
+async fn one_node(
+    bench: &PgBench<'_>,
+    client: &reqwest::Client,
+    workspace: &str,
+) -> anyhow::Result<Stats> {
+    let (node, key) = start_node(bench.url, workspace, None).await?;
+    let target = Target {
+        client: client.clone(),
+        url: format!("http://{}/users/track", node.addr),
+        api_key: Some(key),
+        spread: Vec::new(),
+    };
+    let mut stats = load::closed_loop(
+        &target,
+        "tideway ×1",
+        bench.clients as usize,
+        bench.users,
+        bench.duration,
+    )
+    .await;
+    node.stop().await?;
+    report("tideway ×1", &mut stats);
+    ensure_clean(&stats)?;
+    Ok(stats)
 }
 
 /// An in-process node on the database: a `PgStore` of its own and the real app. Creates the

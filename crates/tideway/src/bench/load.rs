@@ -196,6 +196,12 @@ impl Stats {
         self.latencies_us.extend(other.latencies_us);
     }
 
+    /// Adds a later phase of the same shape: its requests, latencies and time.
+    pub fn then(&mut self, later: Stats) {
+        self.elapsed += later.elapsed;
+        self.merge(later);
+    }
+
     fn record(&mut self, result: Result<(), String>, latency: Duration) {
         match result {
             Ok(()) => {
