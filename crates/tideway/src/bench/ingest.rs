@@ -54,7 +54,8 @@ pub struct IngestArgs {
     #[arg(long)]
     target: Option<u64>,
     /// Run on this PostgreSQL database instead of SQLite: one in-process node, then two on the
-    /// same database, then raw multi-row inserts as the limit (closed loop only)
+    /// same database, then one again (×2 is judged against both), then raw multi-row inserts
+    /// as the limit (closed loop only)
     #[arg(long, value_name = "URL", conflicts_with_all = ["url", "rate"])]
     database_url: Option<String>,
     /// Drive an external Tideway at this base URL (e.g. http://127.0.0.1:4000) instead of an
