@@ -31,7 +31,12 @@ pub trait Services: UserStore {
     ) -> StoreFuture<'_, TrackOutcome> {
         // Named up front when it can be: PostgreSQL then locks them all at once and runs
         // track requests of one workspace side by side.
-        match users::track_keys(&request) {
+        let keys = if self.uses_keys() {
+            users::track_keys(&request)
+        } else {
+            None
+        };
+        match keys {
             Some(keys) => run_keyed_unit(self, workspace, now, keys, move |tx, ctx| {
                 users::track(tx, ctx, &request)
             }),

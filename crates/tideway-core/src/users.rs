@@ -1119,3 +1119,37 @@ fn export_user(
     put("random_bucket", Some(user.random_bucket().into()));
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::track::parse_track;
+
+    fn request(body: Value) -> TrackRequest {
+        parse_track(body.as_object().expect("an object")).expect("a valid request")
+    }
+
+    #[test]
+    fn track_keys_name_each_user_once_in_order() {
+        let req = request(json!({
+            "attributes": [{"external_id": "a", "x": 1}, {"external_id": "b", "x": 1}],
+            "events": [{"external_id": "a", "name": "e", "time": "2025-01-01T00:00:00Z"},
+                       {"user_alias": {"alias_label": "crm", "alias_name": "c"}, "name": "e", "time": "2025-01-01T00:00:00Z"}],
+        }));
+        let ext = |s: &str| LockKey::External(ExternalId::parse(s).expect("an id"));
+        let keys = track_keys(&req).expect("every target has a lockable key");
+        assert_eq!(keys.len(), 3);
+        assert_eq!(&keys[..2], &[ext("a"), ext("b")]);
+        assert!(matches!(&keys[2], LockKey::Alias(a) if a.name.as_str() == "c"));
+    }
+
+    #[test]
+    fn a_target_by_email_names_no_keys() {
+        let req = request(json!({
+            "attributes": [{"external_id": "a", "x": 1}, {"email": "x@example.com", "x": 1}],
+        }));
+        assert_eq!(track_keys(&req), None);
+    }
+}

@@ -181,6 +181,12 @@ pub trait UserStore: Send + Sync {
         work: UnitOfWork,
     ) -> StoreFuture<'_, WorkOutput>;
 
+    /// True if [`UserStore::run_keyed_unit`] uses its keys: a caller that would build them
+    /// only for it skips that work otherwise.
+    fn uses_keys(&self) -> bool {
+        false
+    }
+
     /// [`UserStore::run_unit`] for work that looks users up only by `keys` (it may use fewer;
     /// it must not depend on any other user's row). A store whose transactions lock users may
     /// lock all of them at once, in one order, before the work runs, so that units of one

@@ -559,6 +559,10 @@ impl UserStore for PgStore {
         Box::pin(self.queue_unit(workspace.clone(), now, work, None, None))
     }
 
+    fn uses_keys(&self) -> bool {
+        true
+    }
+
     fn run_keyed_unit(
         &self,
         workspace: &Workspace,
