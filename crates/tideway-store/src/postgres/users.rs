@@ -3457,3 +3457,24 @@ impl CohortStore for PgStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The log statements name their counters as literals (`range_then!` builds SQL text at
+    /// compile time); they must be the counters' names.
+    #[test]
+    fn log_statements_take_their_own_counters() {
+        for (statement, sequence) in [
+            (INSERT_EVENTS, Sequence::EventLog),
+            (INSERT_MEMBERSHIP_CHANGES, Sequence::CohortMembershipChanges),
+            (INSERT_USER_CHANGES, Sequence::SegmentUserChanges),
+        ] {
+            assert!(
+                statement.contains(&format!("VALUES ($1, '{}',", sequence.name())),
+                "{statement}"
+            );
+        }
+    }
+}
