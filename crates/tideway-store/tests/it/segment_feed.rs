@@ -115,14 +115,26 @@ async fn a_position_older_than_user_log_falls_back_to_the_rows() {
     let mut live = LiveIndex::from_snapshot(store.segment_profiles(ws.id).await.unwrap());
     // not seen by the index: everyone goes trial, then the store restarts
     track(&store, &ws, users("trial", 0, 60)).await;
-    drop(store);
-    let store = open_with(&dir, long);
-    let ws = store.workspace_by_name("w").await.unwrap().unwrap();
     let file = rusqlite::Connection::open(dir.path().join("t.sqlite")).unwrap();
     let logged = |file: &rusqlite::Connection| -> i64 {
         file.query_row("SELECT COUNT(*) FROM user_log", [], |r| r.get(0))
             .unwrap()
     };
+    assert!(logged(&file) > 0);
+    drop(store);
+    // The writer thread stops on its own after the drop, replaying `user_log` as its last
+    // act: wait for it, or on a loaded machine that replay can run after the reopened store
+    // has logged again, and take those rows with it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while logged(&file) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old writer never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = open_with(&dir, long);
+    let ws = store.workspace_by_name("w").await.unwrap().unwrap();
     assert_eq!(logged(&file), 0, "the reopen replayed and emptied user_log");
     // the second half goes pro after the reopen: logged, and (mostly) not in the rows yet
     track(&store, &ws, users("pro", 30, 60)).await;
