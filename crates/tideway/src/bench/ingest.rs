@@ -54,8 +54,9 @@ pub struct IngestArgs {
     #[arg(long)]
     target: Option<u64>,
     /// Run on this PostgreSQL database instead of SQLite: one in-process node, then two on the
-    /// same database, then one again (×2 is judged against both), then raw multi-row inserts
-    /// as the limit (closed loop only)
+    /// same database, then one again (×2 is judged against both), then two limits: raw
+    /// multi-row inserts, and the SQL floor (the least SQL any store must run per object:
+    /// rewrite the user's profile row, append a log row) (closed loop only)
     #[arg(long, value_name = "URL", conflicts_with_all = ["url", "rate"])]
     database_url: Option<String>,
     /// Drive an external Tideway at this base URL (e.g. http://127.0.0.1:4000) instead of an
@@ -73,7 +74,8 @@ pub struct IngestArgs {
     /// SQLite durability of the in-process server
     #[arg(long, value_enum, default_value = "normal")]
     synchronous: SyncMode,
-    /// Measure Tideway only, not the no-op handler and raw SQLite limits
+    /// Measure Tideway only, not the limits (no-op handler and raw SQLite; on PostgreSQL raw
+    /// inserts and the SQL floor)
     #[arg(long)]
     skip_limits: bool,
 }

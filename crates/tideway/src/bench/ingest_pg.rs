@@ -12,12 +12,18 @@
 //!    phases before grew, and every phase slows down as it grows, so a ×2 phase run only
 //!    after the ×1 one would be judged against an easier ×1. The ×1 figure is the mean of
 //!    phases 1 and 3 (A-B-A), which cancels a steady drift;
-//! 4. **raw PostgreSQL**: the limit — the same objects as rows, inserted by `--clients`
+//! 4. **raw PostgreSQL**: a limit — the same objects as rows, inserted by `--clients`
 //!    connections with one multi-row `INSERT` of a request's 75 objects per transaction into
-//!    one plain table, nothing else.
+//!    one plain table, nothing else;
+//! 5. **SQL floor**: the other limit — the least SQL any store must run per object while it
+//!    keeps profiles and the event log in PostgreSQL (rewrite the user's profile row, append a
+//!    log row), multi-row, one request per transaction, with every contention and all of
+//!    Tideway's own work taken away (`floor_postgres`). It bounds what Tideway can reach on
+//!    the machine: a target above it cannot be met by any change to Tideway.
 //!
 //! Each run uses a workspace of its own (`bench-<random>`), so the database may be reused.
 
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -91,24 +97,18 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     let (before_rate, after_rate) = (single.objects_per_sec(), again.objects_per_sec());
     single.then(again);
 
-    let raw = if bench.skip_limits {
-        None
+    let (raw, floor) = if bench.skip_limits {
+        (None, None)
     } else {
-        let bar = indicatif::ProgressBar::new_spinner().with_message("raw PostgreSQL inserts…");
-        bar.enable_steady_tick(Duration::from_millis(200));
-        let (rows, took) =
-            raw_postgres(bench.url, bench.clients, bench.users, bench.duration).await?;
-        bar.finish_and_clear();
-        let per_sec = rows as f64 / took.as_secs_f64();
-        eprintln!(
-            "{:>16}: {} rows in {:.1} s, {} rows/s ({OBJECTS} rows per transaction, {} connections)",
-            "raw PostgreSQL",
-            thousands(rows as f64),
-            took.as_secs_f64(),
-            thousands(per_sec),
-            bench.clients
-        );
-        Some(per_sec)
+        let raw = limit_phase("raw PostgreSQL", "rows", bench.clients, async {
+            raw_postgres(bench.url, bench.clients, bench.users, bench.duration).await
+        })
+        .await?;
+        let floor = limit_phase("SQL floor", "objects", bench.clients, async {
+            floor_postgres(bench.url, bench.clients, bench.users, bench.duration).await
+        })
+        .await?;
+        (Some(raw), Some(floor))
     };
 
     let (one_rate, two_rate) = (single.objects_per_sec(), double.objects_per_sec());
@@ -136,9 +136,22 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
             one_rate / raw
         ));
     }
+    if let Some(floor) = floor {
+        parts.push(format!(
+            "SQL floor: {} objects/s (ratio {:.2})",
+            thousands(floor),
+            one_rate / floor
+        ));
+    }
     let verdict = |pass: bool| if pass { "PASS" } else { "FAIL" };
+    let beyond = match floor {
+        // Tideway does the floor's work and more, so a target above the floor cannot be met
+        // on this machine by any change to Tideway.
+        Some(floor) if floor < bench.target as f64 => " (above this machine's SQL floor)",
+        _ => "",
+    };
     parts.push(format!(
-        "target {} objects/s: {}",
+        "target {} objects/s: {}{beyond}",
         thousands(bench.target as f64),
         verdict(one_rate >= bench.target as f64)
     ));
@@ -149,6 +162,27 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     ));
     println!("{}", parts.join(" | "));
     Ok(())
+}
+
+/// Runs a limit phase under a spinner and prints its figure. Returns its rate per second.
+async fn limit_phase(
+    label: &str,
+    unit: &str,
+    clients: u64,
+    phase: impl Future<Output = anyhow::Result<(u64, Duration)>>,
+) -> anyhow::Result<f64> {
+    let bar = indicatif::ProgressBar::new_spinner().with_message(format!("{label}…"));
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let (count, took) = phase.await?;
+    bar.finish_and_clear();
+    let per_sec = count as f64 / took.as_secs_f64();
+    eprintln!(
+        "{label:>16}: {} {unit} in {:.1} s, {} {unit}/s ({OBJECTS} per transaction, {clients} connections)",
+        thousands(count as f64),
+        took.as_secs_f64(),
+        thousands(per_sec),
+    );
+    Ok(per_sec)
 }
 
 /// One closed-loop phase against one in-process node on a workspace of its own.
@@ -240,6 +274,26 @@ fn ensure_clean(stats: &Stats) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One connection's work in a limit phase: the batches it sends (a batch is one request's
+/// objects as arrays of external ids, kinds and JSON bodies), round robin, one transaction each.
+type Batches = Vec<(Vec<String>, Vec<&'static str>, Vec<String>)>;
+
+/// The workload's objects cut into batches of one request's size (`OBJECTS`).
+fn batches(objects: &[(String, &'static str, String)]) -> Batches {
+    objects
+        .chunks(OBJECTS)
+        .map(|chunk| {
+            let mut batch = (Vec::new(), Vec::new(), Vec::new());
+            for (id, kind, body) in chunk {
+                batch.0.push(id.clone());
+                batch.1.push(*kind);
+                batch.2.push(body.clone());
+            }
+            batch
+        })
+        .collect()
+}
+
 /// The database's own limit: `clients` connections inserting the workload's objects as rows
 /// (external id, kind, JSON body) into a fresh plain table, one multi-row `INSERT` of one
 /// request's objects per transaction. Returns (rows inserted, time taken).
@@ -249,62 +303,233 @@ async fn raw_postgres(
     users: u64,
     duration: Duration,
 ) -> anyhow::Result<(u64, Duration)> {
-    let pool = Arc::new(rows(200, users)?);
+    let pool = rows(200, users)?;
     let table = format!("bench_raw_{}", uuid::Uuid::new_v4().simple());
-    let (setup, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("cannot connect for the raw PostgreSQL phase")?;
-    tokio::spawn(connection);
+    let setup = connect(url).await?;
     setup
         .batch_execute(&format!(
             "CREATE TABLE {table} (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, external_id text NOT NULL, kind text NOT NULL, body text NOT NULL)"
         ))
         .await
         .context("cannot create the raw table")?;
-    let inserted = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for client in 0..clients {
-        let (url, table, pool, inserted) = (
-            url.to_owned(),
-            table.clone(),
-            Arc::clone(&pool),
-            Arc::clone(&inserted),
-        );
-        tasks.spawn(async move {
-            let (mut conn, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-            tokio::spawn(connection);
-            let insert = conn
-                .prepare(&format!(
-                    "INSERT INTO {table} (external_id, kind, body) SELECT * FROM unnest($1::text[], $2::text[], $3::text[])"
-                ))
-                .await?;
-            let mut next = client as usize * OBJECTS;
-            while start.elapsed() < duration {
-                let (mut ids, mut kinds, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
-                for _ in 0..OBJECTS {
-                    let (id, kind, body) = &pool[next % pool.len()];
-                    ids.push(id.as_str());
-                    kinds.push(*kind);
-                    bodies.push(body.as_str());
-                    next += 1;
-                }
-                let tx = conn.transaction().await?;
-                tx.execute(&insert, &[&ids, &kinds, &bodies]).await?;
-                tx.commit().await?;
-                inserted.fetch_add(OBJECTS as u64, Ordering::Relaxed);
-            }
-            Ok::<_, tokio_postgres::Error>(())
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.context("a raw insert task panicked")?
-            .context("a raw insert failed")?;
-    }
-    let took = start.elapsed();
+    // Each connection starts at a different request of the same pool.
+    let work = (0..clients as usize)
+        .map(|client| {
+            let mut pool = batches(&pool);
+            let start = client % pool.len().max(1);
+            pool.rotate_left(start);
+            pool
+        })
+        .collect();
+    let insert = format!(
+        "INSERT INTO {table} (external_id, kind, body) SELECT * FROM unnest($1::text[], $2::text[], $3::text[])"
+    );
+    let done = connections(url, work, &insert, duration).await;
     setup
         .batch_execute(&format!("DROP TABLE {table}"))
         .await
         .context("cannot drop the raw table")?;
-    Ok((inserted.load(Ordering::Relaxed), took))
+    done
+}
+
+/// The least work any store must do for an object of `/users/track` while it keeps profiles
+/// and the event log in PostgreSQL, with no Tideway in the way: per object, rewrite its user's
+/// profile row (found through the unique external-id index, so locked) and append one row to
+/// an ordered log; one request's objects per transaction, in one multi-row statement, each
+/// commit durable. It is an upper bound on what Tideway can reach here: the users exist
+/// already (no creation), each connection owns a disjoint set of them (no row-lock waits), the
+/// log takes its order from a plain sequence (no per-workspace counter), and nothing parses
+/// HTTP or JSON. Returns (objects written, time taken).
+async fn floor_postgres(
+    url: &str,
+    clients: u64,
+    users: u64,
+    duration: Duration,
+) -> anyhow::Result<(u64, Duration)> {
+    let floor = Floor::create(url, users).await?;
+    let done = floor.run(clients, duration).await;
+    floor.drop_tables().await?;
+    done
+}
+
+/// The floor's two tables (fresh, named after a random id) and the objects it writes.
+struct Floor {
+    url: String,
+    setup: tokio_postgres::Client,
+    users_table: String,
+    log_table: String,
+    objects: Vec<(String, &'static str, String)>,
+}
+
+impl Floor {
+    /// Creates the tables and one user per external id of the workload's objects.
+    async fn create(url: &str, users: u64) -> anyhow::Result<Floor> {
+        let objects = rows(1000, users)?;
+        let prefix = format!("bench_floor_{}", uuid::Uuid::new_v4().simple());
+        let (users_table, log_table) = (format!("{prefix}_users"), format!("{prefix}_log"));
+        let setup = connect(url).await?;
+        setup
+            .batch_execute(&format!(
+                "CREATE TABLE {users_table} (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, external_id text NOT NULL UNIQUE, profile text NOT NULL) WITH (fillfactor = 80);
+                 CREATE TABLE {log_table} (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, user_seq bigint NOT NULL, kind text NOT NULL, body text NOT NULL);"
+            ))
+            .await
+            .context("cannot create the floor tables")?;
+        let ids: Vec<&str> = objects.iter().map(|(id, _, _)| id.as_str()).collect();
+        setup
+            .execute(
+                &format!(
+                    "INSERT INTO {users_table} (external_id, profile) SELECT DISTINCT id, '{{}}' FROM unnest($1::text[]) AS id"
+                ),
+                &[&ids],
+            )
+            .await
+            .context("cannot seed the floor's users")?;
+        setup
+            .batch_execute(&format!("ANALYZE {users_table}"))
+            .await
+            .context("cannot analyse the floor's users")?;
+        Ok(Floor {
+            url: url.to_owned(),
+            setup,
+            users_table,
+            log_table,
+            objects,
+        })
+    }
+
+    /// `clients` connections write the objects for `duration`, connection c those whose user
+    /// hashes to c, so no two transactions in flight share a user.
+    async fn run(&self, clients: u64, duration: Duration) -> anyhow::Result<(u64, Duration)> {
+        let clients = clients.max(1);
+        let mut owned = vec![Vec::new(); clients as usize];
+        for object in &self.objects {
+            let owner =
+                BuildHasherDefault::<DefaultHasher>::default().hash_one(&object.0) % clients;
+            owned[owner as usize].push(object.clone());
+        }
+        let work = owned.iter().map(|objects| batches(objects)).collect();
+        let (users, log) = (&self.users_table, &self.log_table);
+        let write = format!(
+            "WITH objects AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS o(external_id, kind, body, n)),
+             latest AS (
+                 SELECT DISTINCT ON (external_id) external_id, body FROM objects ORDER BY external_id, n DESC),
+             rewritten AS (
+                 UPDATE {users} u SET profile = left(l.body, 140) FROM latest l
+                 WHERE u.external_id = l.external_id RETURNING u.seq, u.external_id)
+             INSERT INTO {log} (user_seq, kind, body)
+             SELECT r.seq, o.kind, o.body FROM objects o JOIN rewritten r USING (external_id) ORDER BY o.n"
+        );
+        connections(&self.url, work, &write, duration).await
+    }
+
+    async fn drop_tables(&self) -> anyhow::Result<()> {
+        self.setup
+            .batch_execute(&format!(
+                "DROP TABLE {}, {}",
+                self.users_table, self.log_table
+            ))
+            .await
+            .context("cannot drop the floor tables")
+    }
+}
+
+/// A connection to `url` whose driver runs in the background.
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("cannot connect for a limit phase")?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// One connection per entry of `work`, each running `statement` once per transaction over its
+/// batches in turn for `duration`. Returns (objects sent, time taken).
+async fn connections(
+    url: &str,
+    work: Vec<Batches>,
+    statement: &str,
+    duration: Duration,
+) -> anyhow::Result<(u64, Duration)> {
+    let sent = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for batches in work.into_iter().filter(|batches| !batches.is_empty()) {
+        let (url, statement, sent) = (url.to_owned(), statement.to_owned(), Arc::clone(&sent));
+        tasks.spawn(async move {
+            let mut conn = connect(&url).await?;
+            let statement = conn.prepare(&statement).await?;
+            for (ids, kinds, bodies) in batches.iter().cycle() {
+                if start.elapsed() >= duration {
+                    break;
+                }
+                let tx = conn.transaction().await?;
+                tx.execute(&statement, &[ids, kinds, bodies]).await?;
+                tx.commit().await?;
+                sent.fetch_add(ids.len() as u64, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("a limit connection panicked")?
+            .context("a limit connection failed")?;
+    }
+    Ok((sent.load(Ordering::Relaxed), start.elapsed()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tideway_store::testing::TestDb;
+
+    #[test]
+    fn batches_are_requests_of_objects_in_order() {
+        let objects: Vec<(String, &'static str, String)> = (0..OBJECTS + 5)
+            .map(|i| (format!("u{i}"), "event", format!("{{\"n\":{i}}}")))
+            .collect();
+        let batches = batches(&objects);
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batches[0].0.len(), OBJECTS);
+        assert_eq!(batches[1].0, ["u75", "u76", "u77", "u78", "u79"]);
+        assert_eq!(batches[1].2[4], "{\"n\":79}");
+    }
+
+    /// The floor does the work it stands for: a log row per object sent, each naming the user
+    /// of its object's external id, whose profile was rewritten from the object.
+    #[tokio::test]
+    async fn the_floor_logs_every_object_against_its_user() {
+        let db = TestDb::create().await;
+        let floor = Floor::create(&db.url, 500).await.unwrap();
+        let (sent, took) = floor.run(3, Duration::from_millis(300)).await.unwrap();
+        assert!(sent > 0 && took >= Duration::from_millis(300));
+        let check = db.client().await;
+        let (users, log) = (&floor.users_table, &floor.log_table);
+        let row = check
+            .query_one(
+                &format!(
+                    "SELECT count(*), count(*) FILTER (WHERE l.body LIKE '%\"' || u.external_id || '\"%'),
+                            (SELECT count(*) FROM {users} WHERE profile <> '{{}}')
+                     FROM {log} l JOIN {users} u ON u.seq = l.user_seq"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let (logged, matching, rewritten): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(logged as u64, sent, "one log row per object sent");
+        assert_eq!(matching, logged, "each row names its object's user");
+        assert!(rewritten > 0);
+        floor.drop_tables().await.unwrap();
+        let left: i64 = check
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'bench_floor_%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0);
+    }
 }
