@@ -4,7 +4,7 @@
 //! (measurements against the limits beside them).
 //!
 //! This crate is wiring only: domain rules live in `tideway-core`, SQL in `tideway-store`, HTTP
-//! in `tideway-server`. Errors are `anyhow` with context, printed once on stderr with a non-zero
+//! in `tideway-server` (the bench's limits alone run SQL here, on scratch tables of their own). Errors are `anyhow` with context, printed once on stderr with a non-zero
 //! exit code.
 
 mod admin;

@@ -127,7 +127,7 @@ struct Job {
 
 type JobRun = Box<dyn FnMut(&Connection, &mut WriterEnv) -> Result<(), StoreError> + Send>;
 
-/// The SQLite-backed [`Store`].
+/// The SQLite-backed [`Store`](tideway_core::store::Store).
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
     /// Dropped with the store, which ends the checkpoint thread.
@@ -240,7 +240,7 @@ fn restrict_files(path: &Path) -> Result<(), StoreError> {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, migrates it, and starts the writer.
-    /// The database files are made readable by their owner only (see [`restrict_files`]).
+    /// The database files are made readable by their owner only (see `restrict_files`).
     pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         restrict_files(path)?;
         let mut conn = open_connection(path, options.synchronous)?;
