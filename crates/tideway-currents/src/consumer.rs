@@ -9,7 +9,7 @@
 //! }
 //! ```
 //!
-//! Each claimed batch is delivered by its own task ([`deliver`]): send → classify → ack,
+//! Each claimed batch is delivered by its own task (`deliver`): send → classify → ack,
 //! split to singles (400), halve (413), dead-letter (a single 400/413, or an event over the size
 //! limit), retry with backoff (5xx, 429, timeouts, …) or halt (401/403/404). Batches are
 //! acknowledged strictly in claim order, so the committed position only ever covers resolved

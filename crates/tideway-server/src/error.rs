@@ -22,7 +22,7 @@ pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 1;
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
     /// 401: no key, or a key that is unknown or revoked. Carries the key as sent (empty if
-    /// none); the body echoes at most [`KEY_ECHO_CHARS`] characters of it.
+    /// none); the body echoes at most `KEY_ECHO_CHARS` characters of it.
     InvalidKey(String),
     /// 403: the key lacks the endpoint's permission.
     AccessDenied,

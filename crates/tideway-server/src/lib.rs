@@ -7,8 +7,8 @@
 //! outcome in Braze's response shapes. Wire types are not domain types: the structs in
 //! [`wire`] exist for the OpenAPI document and for rendering responses, never below this crate.
 //!
-//! Request path: [`observe`] (span, metrics, panic guard) → router → [`pipeline`] (key
-//! extraction, body limit, auth, rate limit, permission, JSON parsing) → [`users`] (one
+//! Request path: `observe` (span, metrics, panic guard) → router → `pipeline` (key
+//! extraction, body limit, auth, rate limit, permission, JSON parsing) → `users` (one
 //! function per endpoint) → `Store`. [`serve`] (`listener`) is the accept loop around it: the
 //! connection cap and the idle, header and body timeouts. [`dashboard`] is the signed-in HTML
 //! dashboard under `/dashboard`.

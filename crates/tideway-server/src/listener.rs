@@ -155,7 +155,7 @@ pub fn default_max_connections() -> usize {
 }
 
 /// The default connection cap for an open-file limit: the limit less [`FD_HEADROOM`], at least
-/// [`MIN_DEFAULT_CONNECTIONS`]; [`UNLIMITED_DEFAULT_CONNECTIONS`] when unlimited; a limit that
+/// `MIN_DEFAULT_CONNECTIONS`; `UNLIMITED_DEFAULT_CONNECTIONS` when unlimited; a limit that
 /// cannot be read counts as 1024.
 pub fn max_connections_for(open_file_limit: Option<u64>) -> usize {
     match open_file_limit.unwrap_or(ASSUMED_OPEN_FILE_LIMIT) {

@@ -1,11 +1,14 @@
 //! `tideway`: the one binary. Parses the command line and hands each subcommand to its module:
 //! `serve` (the REST API and the dashboard), `workspaces`, `keys` and `users` (admin on the
-//! database), `bench`
-//! (measurements against the limits beside them).
+//! database), `bench` (measurements against the limits beside them).
 //!
 //! This crate is wiring only: domain rules live in `tideway-core`, SQL in `tideway-store`, HTTP
-//! in `tideway-server` (the bench's limits alone run SQL here, on scratch tables of their own). Errors are `anyhow` with context, printed once on stderr with a non-zero
-//! exit code.
+//! in `tideway-server` (the bench's limits alone run SQL here, on scratch tables of their own).
+//! Errors are `anyhow` with context, printed once on stderr with a non-zero exit code.
+
+// The doc comments on clap's arguments are `--help` text, written for a terminal: a bare URL or
+// `<data-dir>` there is meant literally, not as a link or HTML.
+#![allow(rustdoc::bare_urls, rustdoc::invalid_html_tags)]
 
 mod admin;
 mod bench;

@@ -9,7 +9,7 @@
 //!   stored with its user, expiry and CSRF token in the store ([`DashboardStore`]), so sessions
 //!   hold across nodes. The cookie is `HttpOnly; SameSite=Lax; Path=/dashboard`, and `Secure`
 //!   when the public URL is https.
-//! - **Every change is a POST behind [`guard`]**: the `Sec-Fetch-Site` header must be
+//! - **Every change is a POST behind `guard`**: the `Sec-Fetch-Site` header must be
 //!   `same-origin` or `none` (or absent), the session's CSRF token must come back in the form
 //!   (`csrf`) or the `X-CSRF-Token` header (htmx), and the user must be an admin — a read-only
 //!   user sees every page and is refused every change with 403.
