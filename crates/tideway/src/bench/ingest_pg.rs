@@ -375,8 +375,28 @@ impl Floor {
             ))
             .await
             .context("cannot create the floor tables")?;
-        let ids: Vec<&str> = objects.iter().map(|(id, _, _)| id.as_str()).collect();
-        setup
+        let floor = Floor {
+            url: url.to_owned(),
+            setup,
+            users_table,
+            log_table,
+            objects,
+        };
+        // The tables exist from here on: a failure drops them again before it is reported.
+        if let Err(e) = floor.seed().await {
+            if let Err(drop) = floor.drop_tables().await {
+                tracing::warn!(error = %drop, "the floor tables could not be dropped after a failed setup");
+            }
+            return Err(e);
+        }
+        Ok(floor)
+    }
+
+    /// One user per distinct external id of the objects, then fresh statistics.
+    async fn seed(&self) -> anyhow::Result<()> {
+        let ids: Vec<&str> = self.objects.iter().map(|(id, _, _)| id.as_str()).collect();
+        let users_table = &self.users_table;
+        self.setup
             .execute(
                 &format!(
                     "INSERT INTO {users_table} (external_id, profile) SELECT DISTINCT id, '{{}}' FROM unnest($1::text[]) AS id"
@@ -385,17 +405,11 @@ impl Floor {
             )
             .await
             .context("cannot seed the floor's users")?;
-        setup
+        self.setup
             .batch_execute(&format!("ANALYZE {users_table}"))
             .await
             .context("cannot analyse the floor's users")?;
-        Ok(Floor {
-            url: url.to_owned(),
-            setup,
-            users_table,
-            log_table,
-            objects,
-        })
+        Ok(())
     }
 
     /// `clients` connections write the objects for `duration`, connection c those whose user
