@@ -18,6 +18,7 @@ use tideway_core::store::Store;
 use tideway_server::{RateLimits, ServerConfig};
 use tideway_store::sqlite::SqliteOptions;
 
+use crate::bench::cpu::{self, ThreadCpu};
 use crate::bench::limits::{NoopServer, raw_sqlite};
 use crate::bench::load::{self, OBJECTS, Stats, Target, millis, thousands};
 use crate::config::SyncMode;
@@ -169,8 +170,8 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(cpu) = cpu {
-        let objects = (tideway.requests * OBJECTS as u64).max(1) as f64;
-        let per_object = |d: Duration| d.as_secs_f64() * 1e6 / objects;
+        let objects = tideway.requests * OBJECTS as u64;
+        let per_object = |d: Duration| cpu::per_object(d, objects);
         eprintln!(
             "{:>16}: CPU per object {:.1} µs in all (SQLite writer thread {:.1} µs, the rest {:.1} µs, load generator included)",
             "tideway",
@@ -460,53 +461,6 @@ impl WalSampler {
         self.thread.join().unwrap_or(WalSamples {
             largest: u64::MAX,
             samples: 0,
-        })
-    }
-}
-
-/// CPU time this process's threads used, from `/proc/self/task/*/stat` (Linux): in all, and
-/// by the store's writer thread. Measured per object it says where a limit is, however busy
-/// the machine is with other work (wall-clock throughput does not).
-#[derive(Debug, Clone, Copy, Default)]
-struct ThreadCpu {
-    total: Duration,
-    writer: Duration,
-}
-
-impl ThreadCpu {
-    fn read() -> Option<ThreadCpu> {
-        // Clock ticks are 100 Hz on Linux (USER_HZ).
-        const TICK: Duration = Duration::from_millis(10);
-        let mut cpu = ThreadCpu::default();
-        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-                continue;
-            };
-            // "pid (comm) state ppid ... utime stime ...": fields 14 and 15, counted after
-            // the closing parenthesis since `comm` may hold spaces.
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                continue;
-            };
-            let comm = &stat[open + 1..close];
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u32>().ok());
-            let (Some(user), Some(system)) = (ticks(11), ticks(12)) else {
-                continue;
-            };
-            let used = TICK * (user + system);
-            cpu.total += used;
-            if comm == "tideway-writer" {
-                cpu.writer += used;
-            }
-        }
-        Some(cpu)
-    }
-
-    fn since(after: Option<Self>, before: Option<Self>) -> Option<ThreadCpu> {
-        let (after, before) = (after?, before?);
-        Some(ThreadCpu {
-            total: after.total.saturating_sub(before.total),
-            writer: after.writer.saturating_sub(before.writer),
         })
     }
 }

@@ -21,6 +21,12 @@
 //!    Tideway's own work taken away (`floor_postgres`). It bounds what Tideway can reach on
 //!    the machine: a target above it cannot be met by any change to Tideway.
 //!
+//! Each node phase also prints the CPU it took per object (`bench/cpu.rs`): this process's (the
+//! nodes and the load generator) and the whole machine's, so with the database on the same
+//! machine the difference is PostgreSQL's. The summary sets ×1's figure beside the CPU the
+//! target leaves an object (cores / target): a throughput target is within reach only if an
+//! object fits in it.
+//!
 //! Each run uses a workspace of its own (`bench-<random>`), so the database may be reused.
 
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
@@ -34,6 +40,7 @@ use tideway_core::store::Store;
 use tideway_server::{RateLimits, ServerConfig};
 use tideway_store::postgres::PgStore;
 
+use crate::bench::cpu::{self, ThreadCpu};
 use crate::bench::limits::rows;
 use crate::bench::load::{self, OBJECTS, Stats, Target, millis, thousands};
 use crate::config::redact_url;
@@ -70,7 +77,8 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     let suffix = uuid::Uuid::new_v4().simple().to_string();
 
     // One node, before and after the two.
-    let mut single = one_node(&bench, &client, &format!("bench-{}", &suffix[..12])).await?;
+    let (mut single, single_cpu) =
+        one_node(&bench, &client, &format!("bench-{}", &suffix[..12])).await?;
     // Two nodes on the same database, a fresh workspace so both start from the same state.
     let workspace = format!("bench-{}-2", &suffix[..12]);
     let (a, key) = start_node(bench.url, &workspace, None).await?;
@@ -81,6 +89,7 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
         api_key: Some(key),
         spread: vec![format!("http://{}/users/track", b.addr)],
     };
+    let before = Cpu::read();
     let mut double = load::closed_loop(
         &target,
         "tideway ×2",
@@ -89,12 +98,15 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
         bench.duration,
     )
     .await;
+    let double_cpu = Cpu::since(Cpu::read(), before);
     a.stop().await?;
     b.stop().await?;
-    report("tideway ×2", &mut double);
+    report("tideway ×2", &mut double, double_cpu);
     ensure_clean(&double)?;
-    let again = one_node(&bench, &client, &format!("bench-{}-3", &suffix[..12])).await?;
+    let (again, again_cpu) =
+        one_node(&bench, &client, &format!("bench-{}-3", &suffix[..12])).await?;
     let (before_rate, after_rate) = (single.objects_per_sec(), again.objects_per_sec());
+    let single_cpu = single_cpu.zip(again_cpu).map(|(a, b)| a.plus(b));
     single.then(again);
 
     let (raw, floor) = if bench.skip_limits {
@@ -141,6 +153,15 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
             "SQL floor: {} objects/s (ratio {:.2})",
             thousands(floor),
             one_rate / floor
+        ));
+    }
+    if let Some(spent) = single_cpu {
+        // What the target leaves an object on this machine's cores, beside what ×1 took.
+        let cores = cpu::cores();
+        parts.push(format!(
+            "×1 {}; the target leaves {:.1} µs an object on {cores} cores",
+            spent.per_object(single.objects()),
+            cpu::budget_per_object(cores, bench.target)
         ));
     }
     let verdict = |pass: bool| if pass { "PASS" } else { "FAIL" };
@@ -190,7 +211,7 @@ async fn one_node(
     bench: &PgBench<'_>,
     client: &reqwest::Client,
     workspace: &str,
-) -> anyhow::Result<Stats> {
+) -> anyhow::Result<(Stats, Option<Cpu>)> {
     let (node, key) = start_node(bench.url, workspace, None).await?;
     let target = Target {
         client: client.clone(),
@@ -198,6 +219,7 @@ async fn one_node(
         api_key: Some(key),
         spread: Vec::new(),
     };
+    let before = Cpu::read();
     let mut stats = load::closed_loop(
         &target,
         "tideway ×1",
@@ -206,10 +228,53 @@ async fn one_node(
         bench.duration,
     )
     .await;
+    let cpu = Cpu::since(Cpu::read(), before);
     node.stop().await?;
-    report("tideway ×1", &mut stats);
+    report("tideway ×1", &mut stats, cpu);
     ensure_clean(&stats)?;
-    Ok(stats)
+    Ok((stats, cpu))
+}
+
+/// CPU spent in a phase: by this process (the in-process nodes and the load generator) and
+/// by the whole machine (PostgreSQL included when it runs here).
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    process: Duration,
+    machine: Duration,
+}
+
+impl Cpu {
+    fn read() -> Option<Cpu> {
+        Some(Cpu {
+            process: ThreadCpu::read()?.total,
+            machine: cpu::machine_busy()?,
+        })
+    }
+
+    fn since(after: Option<Cpu>, before: Option<Cpu>) -> Option<Cpu> {
+        let (after, before) = (after?, before?);
+        Some(Cpu {
+            process: after.process.saturating_sub(before.process),
+            machine: after.machine.saturating_sub(before.machine),
+        })
+    }
+
+    fn plus(self, other: Cpu) -> Cpu {
+        Cpu {
+            process: self.process + other.process,
+            machine: self.machine + other.machine,
+        }
+    }
+
+    /// "X µs on the machine (Tideway Y µs, …)" per object of `objects`.
+    fn per_object(self, objects: u64) -> String {
+        let machine = cpu::per_object(self.machine, objects);
+        let process = cpu::per_object(self.process, objects);
+        format!(
+            "CPU per object {machine:.1} µs on the machine (Tideway {process:.1} µs with the load generator, the rest {:.1} µs: PostgreSQL and anything else running here)",
+            (machine - process).max(0.0)
+        )
+    }
 }
 
 /// An in-process node on the database: a `PgStore` of its own and the real app. Creates the
@@ -250,7 +315,7 @@ async fn start_node(
     Ok((InProcess::start(store, config).await?, secret))
 }
 
-fn report(label: &str, stats: &mut Stats) {
+fn report(label: &str, stats: &mut Stats, spent: Option<Cpu>) {
     let (p50, p99) = (stats.percentile(50.0), stats.percentile(99.0));
     eprintln!(
         "{label:>16}: {} requests, {} objects/s, p50 {}, p99 {}, {} errors",
@@ -260,6 +325,9 @@ fn report(label: &str, stats: &mut Stats) {
         millis(p99),
         stats.errors
     );
+    if let Some(spent) = spent {
+        eprintln!("{label:>16}: {}", spent.per_object(stats.objects()));
+    }
 }
 
 fn ensure_clean(stats: &Stats) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@
 
 mod canvas;
 mod cohorts;
+mod cpu;
 mod currents;
 mod ingest;
 mod ingest_pg;
