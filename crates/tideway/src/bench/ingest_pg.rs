@@ -112,11 +112,11 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     let (raw, floor) = if bench.skip_limits {
         (None, None)
     } else {
-        let raw = limit_phase("raw PostgreSQL", "rows", bench.clients, async {
+        let raw = limit_phase("raw PostgreSQL", "row", bench.clients, async {
             raw_postgres(bench.url, bench.clients, bench.users, bench.duration).await
         })
         .await?;
-        let floor = limit_phase("SQL floor", "objects", bench.clients, async {
+        let floor = limit_phase("SQL floor", "object", bench.clients, async {
             floor_postgres(bench.url, bench.clients, bench.users, bench.duration).await
         })
         .await?;
@@ -190,20 +190,34 @@ async fn limit_phase(
     label: &str,
     unit: &str,
     clients: u64,
-    phase: impl Future<Output = anyhow::Result<(u64, Duration)>>,
+    phase: impl Future<Output = anyhow::Result<LimitRun>>,
 ) -> anyhow::Result<f64> {
     let bar = indicatif::ProgressBar::new_spinner().with_message(format!("{label}…"));
     bar.enable_steady_tick(Duration::from_millis(200));
-    let (count, took) = phase.await?;
+    let run = phase.await?;
     bar.finish_and_clear();
-    let per_sec = count as f64 / took.as_secs_f64();
+    let per_sec = run.count as f64 / run.took.as_secs_f64();
+    let spent = run.machine_cpu.map_or(String::new(), |spent| {
+        format!(
+            "; CPU per {unit} {:.1} µs on the machine",
+            cpu::per_object(spent, run.count)
+        )
+    });
     eprintln!(
-        "{label:>16}: {} {unit} in {:.1} s, {} {unit}/s ({OBJECTS} per transaction, {clients} connections)",
-        thousands(count as f64),
-        took.as_secs_f64(),
+        "{label:>16}: {} {unit}s in {:.1} s, {} {unit}s/s ({OBJECTS} per transaction, {clients} connections{spent})",
+        thousands(run.count as f64),
+        run.took.as_secs_f64(),
         thousands(per_sec),
     );
     Ok(per_sec)
+}
+
+/// What a limit phase's connections did: rows or objects written, in how long, and the
+/// machine's busy CPU meanwhile (`None` off Linux).
+struct LimitRun {
+    count: u64,
+    took: Duration,
+    machine_cpu: Option<Duration>,
 }
 
 /// One closed-loop phase against one in-process node on a workspace of its own.
@@ -364,13 +378,13 @@ fn batches(objects: &[(String, &'static str, String)]) -> Batches {
 
 /// The database's own limit: `clients` connections inserting the workload's objects as rows
 /// (external id, kind, JSON body) into a fresh plain table, one multi-row `INSERT` of one
-/// request's objects per transaction. Returns (rows inserted, time taken).
+/// request's objects per transaction. Returns the rows inserted.
 async fn raw_postgres(
     url: &str,
     clients: u64,
     users: u64,
     duration: Duration,
-) -> anyhow::Result<(u64, Duration)> {
+) -> anyhow::Result<LimitRun> {
     let pool = rows(200, users)?;
     let table = format!("bench_raw_{}", uuid::Uuid::new_v4().simple());
     let setup = connect(url).await?;
@@ -407,13 +421,13 @@ async fn raw_postgres(
 /// commit durable. It is an upper bound on what Tideway can reach here: the users exist
 /// already (no creation), each connection owns a disjoint set of them (no row-lock waits), the
 /// log takes its order from a plain sequence (no per-workspace counter), and nothing parses
-/// HTTP or JSON. Returns (objects written, time taken).
+/// HTTP or JSON. Returns the objects written.
 async fn floor_postgres(
     url: &str,
     clients: u64,
     users: u64,
     duration: Duration,
-) -> anyhow::Result<(u64, Duration)> {
+) -> anyhow::Result<LimitRun> {
     let floor = Floor::create(url, users).await?;
     let done = floor.run(clients, duration).await;
     floor.drop_tables().await?;
@@ -482,7 +496,7 @@ impl Floor {
 
     /// `clients` connections write the objects for `duration`, connection c those whose user
     /// hashes to c, so no two transactions in flight share a user.
-    async fn run(&self, clients: u64, duration: Duration) -> anyhow::Result<(u64, Duration)> {
+    async fn run(&self, clients: u64, duration: Duration) -> anyhow::Result<LimitRun> {
         let clients = clients.max(1);
         let mut owned = vec![Vec::new(); clients as usize];
         for object in &self.objects {
@@ -527,14 +541,15 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 }
 
 /// One connection per entry of `work`, each running `statement` once per transaction over its
-/// batches in turn for `duration`. Returns (objects sent, time taken).
+/// batches in turn for `duration`, and what they did.
 async fn connections(
     url: &str,
     work: Vec<Batches>,
     statement: &str,
     duration: Duration,
-) -> anyhow::Result<(u64, Duration)> {
+) -> anyhow::Result<LimitRun> {
     let sent = Arc::new(AtomicU64::new(0));
+    let busy_before = cpu::machine_busy();
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for batches in work.into_iter().filter(|batches| !batches.is_empty()) {
@@ -558,7 +573,14 @@ async fn connections(
         done.context("a limit connection panicked")?
             .context("a limit connection failed")?;
     }
-    Ok((sent.load(Ordering::Relaxed), start.elapsed()))
+    let took = start.elapsed();
+    Ok(LimitRun {
+        count: sent.load(Ordering::Relaxed),
+        took,
+        machine_cpu: busy_before
+            .zip(cpu::machine_busy())
+            .map(|(before, after)| after.saturating_sub(before)),
+    })
 }
 
 #[cfg(test)]
@@ -584,7 +606,9 @@ mod tests {
     async fn the_floor_logs_every_object_against_its_user() {
         let db = TestDb::create().await;
         let floor = Floor::create(&db.url, 500).await.unwrap();
-        let (sent, took) = floor.run(3, Duration::from_millis(300)).await.unwrap();
+        let LimitRun {
+            count: sent, took, ..
+        } = floor.run(3, Duration::from_millis(300)).await.unwrap();
         assert!(sent > 0 && took >= Duration::from_millis(300));
         let check = db.client().await;
         let (users, log) = (&floor.users_table, &floor.log_table);
