@@ -89,16 +89,7 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
         api_key: Some(key),
         spread: vec![format!("http://{}/users/track", b.addr)],
     };
-    let before = Cpu::read();
-    let mut double = load::closed_loop(
-        &target,
-        "tideway ×2",
-        bench.clients as usize,
-        bench.users,
-        bench.duration,
-    )
-    .await;
-    let double_cpu = Cpu::since(Cpu::read(), before);
+    let (mut double, double_cpu) = measured_loop(&bench, &target, "tideway ×2").await;
     a.stop().await?;
     b.stop().await?;
     report("tideway ×2", &mut double, double_cpu);
@@ -233,20 +224,25 @@ async fn one_node(
         api_key: Some(key),
         spread: Vec::new(),
     };
+    let (mut stats, cpu) = measured_loop(bench, &target, "tideway ×1").await;
+    node.stop().await?;
+    report("tideway ×1", &mut stats, cpu);
+    ensure_clean(&stats)?;
+    Ok((stats, cpu))
+}
+
+/// A node phase's closed loop against `target`, and the CPU it took.
+async fn measured_loop(bench: &PgBench<'_>, target: &Target, label: &str) -> (Stats, Option<Cpu>) {
     let before = Cpu::read();
-    let mut stats = load::closed_loop(
-        &target,
-        "tideway ×1",
+    let stats = load::closed_loop(
+        target,
+        label,
         bench.clients as usize,
         bench.users,
         bench.duration,
     )
     .await;
-    let cpu = Cpu::since(Cpu::read(), before);
-    node.stop().await?;
-    report("tideway ×1", &mut stats, cpu);
-    ensure_clean(&stats)?;
-    Ok((stats, cpu))
+    (stats, Cpu::since(Cpu::read(), before))
 }
 
 /// CPU spent in a phase: by this process (the in-process nodes and the load generator) and
