@@ -276,7 +276,7 @@ impl Cpu {
         }
     }
 
-    /// "X µs on the machine (Tideway Y µs, …)" per object of `objects`.
+    /// "CPU per object X µs on the machine (Tideway Y µs …)", over `objects` objects.
     fn per_object(self, objects: u64) -> String {
         let machine = cpu::per_object(self.machine, objects);
         let process = cpu::per_object(self.process, objects);
