@@ -7,8 +7,14 @@
 
 use std::time::Duration;
 
-/// One clock tick of `/proc`'s counters: `USER_HZ` is 100 on Linux.
-const TICK: Duration = Duration::from_millis(10);
+/// Milliseconds in one clock tick of `/proc`'s counters: `USER_HZ` is 100 on Linux.
+const TICK_MS: u64 = 10;
+
+/// `ticks` of `/proc` as a duration. A machine's counters are summed over its cores since
+/// boot, so they outgrow 32 bits within days on a big machine: all arithmetic is 64-bit.
+fn ticks(ticks: u64) -> Option<Duration> {
+    Some(Duration::from_millis(ticks.checked_mul(TICK_MS)?))
+}
 
 /// The name the SQLite store gives its writer thread.
 const WRITER_THREAD: &str = "tideway-writer";
@@ -54,9 +60,9 @@ fn task_cpu(stat: &str) -> Option<(&str, Duration)> {
     let (open, close) = (stat.find('(')?, stat.rfind(')')?);
     let comm = stat.get(open + 1..close)?;
     let mut fields = stat.get(close + 1..)?.split_whitespace().skip(11);
-    let mut ticks = || fields.next()?.parse::<u32>().ok();
-    let (user, system) = (ticks()?, ticks()?);
-    Some((comm, TICK * user.checked_add(system)?))
+    let mut next = || fields.next()?.parse::<u64>().ok();
+    let (user, system) = (next()?, next()?);
+    Some((comm, ticks(user.checked_add(system)?)?))
 }
 
 /// Busy CPU time of the whole machine, all cores together: every process on it, PostgreSQL
@@ -74,15 +80,17 @@ fn busy_time(proc_stat: &str) -> Option<Duration> {
     if fields.next()? != "cpu" {
         return None;
     }
-    let ticks: Vec<u64> = fields
+    let counters: Vec<u64> = fields
         .take(8)
         .map(|f| f.parse().ok())
         .collect::<Option<_>>()?;
-    let [user, nice, system, _idle, _iowait, irq, softirq, steal] = ticks[..] else {
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal] = counters[..] else {
         return None;
     };
-    let busy = user + nice + system + irq + softirq + steal;
-    Some(TICK * u32::try_from(busy).ok()?)
+    let busy = [nice, system, irq, softirq, steal]
+        .into_iter()
+        .try_fold(user, u64::checked_add)?;
+    ticks(busy)
 }
 
 /// The cores this process may run on (what the machine budget is counted in).
@@ -126,6 +134,12 @@ mod tests {
         assert_eq!(busy_time(stat), Some(Duration::from_millis(1570)));
         assert_eq!(busy_time("intr 1 2 3\n"), None);
         assert_eq!(busy_time("cpu  1 2 3\n"), None);
+        // A month of 64 busy cores: past what 32 bits of ticks hold.
+        let month = 64 * 30 * 24 * 3600 * 100_u64;
+        assert_eq!(
+            busy_time(&format!("cpu  {month} 0 0 0 0 0 0 0 0 0\n")),
+            Some(Duration::from_secs(64 * 30 * 24 * 3600))
+        );
     }
 
     #[test]
