@@ -174,6 +174,9 @@ pub(crate) fn sql_err(e: rusqlite::Error) -> StoreError {
 }
 
 /// How long a connection waits for a lock another one holds (the admin CLI beside the server).
+/// The name of the store's writer thread (benches read its CPU time by this name).
+pub const WRITER_THREAD_NAME: &str = "tideway-writer";
+
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Each connection's page cache is 8 MiB. More does not help here and costs: SQLite scans a
@@ -281,7 +284,7 @@ impl SqliteStore {
             checkpointing: Arc::clone(&checkpointing),
         };
         std::thread::Builder::new()
-            .name("tideway-writer".into())
+            .name(WRITER_THREAD_NAME.into())
             .spawn(move || writer_loop(conn, rx, writer_options, wal))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
         // An idle writer still finishes the work it keeps behind: a tick is an empty job,

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use tideway_store::sqlite::WRITER_THREAD_NAME;
+
 /// Milliseconds in one clock tick of `/proc`'s counters: `USER_HZ` is 100 on Linux.
 const TICK_MS: u64 = 10;
 
@@ -15,9 +17,6 @@ const TICK_MS: u64 = 10;
 fn ticks(ticks: u64) -> Option<Duration> {
     Some(Duration::from_millis(ticks.checked_mul(TICK_MS)?))
 }
-
-/// The name the SQLite store gives its writer thread.
-const WRITER_THREAD: &str = "tideway-writer";
 
 /// CPU time this process's threads used: in all, and by the store's writer thread.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,7 +36,7 @@ impl ThreadCpu {
                 continue;
             };
             cpu.total += used;
-            if comm == WRITER_THREAD {
+            if comm == WRITER_THREAD_NAME {
                 cpu.writer += used;
             }
         }
