@@ -19,7 +19,12 @@
 //!    keeps profiles and the event log in PostgreSQL (rewrite the user's profile row, append a
 //!    log row), multi-row, one request per transaction, with every contention and all of
 //!    Tideway's own work taken away (`floor_postgres`). It bounds what Tideway can reach on
-//!    the machine: a target above it cannot be met by any change to Tideway.
+//!    the machine: a target above it cannot be met by any change to Tideway;
+//! 6. **schema floor**: the same work on copies of Tideway's own `users` and `event_log`
+//!    (every index, partial ones included), users created on first sight as the node phases
+//!    create theirs, rows shaped as Tideway writes them ([`FloorShape::Schema`]). Its CPU per
+//!    object is what PostgreSQL needs on this schema before any Tideway code runs, so the
+//!    summary prints what the target's budget leaves for Tideway's own work.
 //!
 //! Each node phase also prints the CPU it took per object (`bench/cpu.rs`): this process's (the
 //! nodes and the load generator) and the whole machine's, so with the database on the same
@@ -100,18 +105,24 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     let single_cpu = single_cpu.zip(again_cpu).map(|(a, b)| a.plus(b));
     single.then(again);
 
-    let (raw, floor) = if bench.skip_limits {
-        (None, None)
+    let (raw, floor, schema_floor) = if bench.skip_limits {
+        (None, None, None)
     } else {
         let raw = limit_phase("raw PostgreSQL", "row", bench.clients, async {
             raw_postgres(bench.url, bench.clients, bench.users, bench.duration).await
         })
         .await?;
-        let floor = limit_phase("SQL floor", "object", bench.clients, async {
-            floor_postgres(bench.url, bench.clients, bench.users, bench.duration).await
-        })
-        .await?;
-        (Some(raw), Some(floor))
+        let mut floors = Vec::new();
+        for shape in [FloorShape::Any, FloorShape::Schema] {
+            floors.push(
+                limit_phase(shape.label(), "object", bench.clients, async {
+                    floor_postgres(bench.url, bench.clients, bench.users, bench.duration, shape)
+                        .await
+                })
+                .await?,
+            );
+        }
+        (Some(raw), Some(floors[0]), Some(floors[1]))
     };
 
     let (one_rate, two_rate) = (single.objects_per_sec(), double.objects_per_sec());
@@ -135,31 +146,48 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     if let Some(raw) = raw {
         parts.push(format!(
             "raw PostgreSQL inserts: {} rows/s (ratio {:.2})",
-            thousands(raw),
-            one_rate / raw
+            thousands(raw.per_sec),
+            one_rate / raw.per_sec
         ));
     }
-    if let Some(floor) = floor {
-        parts.push(format!(
-            "SQL floor: {} objects/s (ratio {:.2})",
-            thousands(floor),
-            one_rate / floor
-        ));
+    for (floor, shape) in [(floor, FloorShape::Any), (schema_floor, FloorShape::Schema)] {
+        if let Some(floor) = floor {
+            parts.push(format!(
+                "{}: {} objects/s (ratio {:.2})",
+                shape.label(),
+                thousands(floor.per_sec),
+                one_rate / floor.per_sec
+            ));
+        }
     }
+    let budget = cpu::budget_per_object(cpu::cores(), bench.target);
     if let Some(spent) = single_cpu {
         // What the target leaves an object on this machine's cores, beside what ×1 took.
-        let cores = cpu::cores();
         parts.push(format!(
-            "×1 {}; the target leaves {:.1} µs an object on {cores} cores",
+            "×1 {}; the target leaves {budget:.1} µs an object on {} cores",
             spent.per_object(single.objects()),
-            cpu::budget_per_object(cores, bench.target)
+            cpu::cores()
+        ));
+    }
+    if let Some(floor_cpu) = schema_floor.and_then(|floor| floor.cpu_per_unit) {
+        // The database's share of an object on Tideway's tables, with nothing of Tideway's
+        // running: what is left of the budget is all Tideway's own work may take.
+        parts.push(format!(
+            "the schema floor takes {floor_cpu:.1} µs an object with no Tideway running, leaving {:.1} µs of the budget for Tideway's own work",
+            budget - floor_cpu
         ));
     }
     let verdict = |pass: bool| if pass { "PASS" } else { "FAIL" };
-    let beyond = match floor {
-        // Tideway does the floor's work and more, so a target above the floor cannot be met
-        // on this machine by any change to Tideway.
-        Some(floor) if floor < bench.target as f64 => " (above this machine's SQL floor)",
+    let beyond = match (floor, schema_floor) {
+        // Tideway does a floor's work and more, so a target above either floor cannot be met
+        // on this machine: above the SQL floor by any store, above the schema floor by any
+        // change to Tideway that keeps its tables.
+        (Some(floor), _) if floor.per_sec < bench.target as f64 => {
+            " (above this machine's SQL floor)"
+        }
+        (_, Some(floor)) if floor.per_sec < bench.target as f64 => {
+            " (above this machine's floor for Tideway's schema)"
+        }
         _ => "",
     };
     parts.push(format!(
@@ -176,31 +204,41 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a limit phase under a spinner and prints its figure. Returns its rate per second.
+/// Runs a limit phase under a spinner and prints its figure.
 async fn limit_phase(
     label: &str,
     unit: &str,
     clients: u64,
     phase: impl Future<Output = anyhow::Result<LimitRun>>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<LimitFigure> {
     let bar = indicatif::ProgressBar::new_spinner().with_message(format!("{label}…"));
     bar.enable_steady_tick(Duration::from_millis(200));
     let run = phase.await?;
     bar.finish_and_clear();
-    let per_sec = run.count as f64 / run.took.as_secs_f64();
-    let spent = run.machine_cpu.map_or(String::new(), |spent| {
-        format!(
-            "; CPU per {unit} {:.1} µs on the machine",
-            cpu::per_object(spent, run.count)
-        )
+    let figure = LimitFigure {
+        per_sec: run.count as f64 / run.took.as_secs_f64(),
+        cpu_per_unit: run
+            .machine_cpu
+            .map(|spent| cpu::per_object(spent, run.count)),
+    };
+    let spent = figure.cpu_per_unit.map_or(String::new(), |cpu| {
+        format!("; CPU per {unit} {cpu:.1} µs on the machine")
     });
     eprintln!(
         "{label:>16}: {} {unit}s in {:.1} s, {} {unit}s/s ({OBJECTS} per transaction, {clients} connections{spent})",
         thousands(run.count as f64),
         run.took.as_secs_f64(),
-        thousands(per_sec),
+        thousands(figure.per_sec),
     );
-    Ok(per_sec)
+    Ok(figure)
+}
+
+/// A limit phase's figures: its rate, and the machine's CPU per row or object (`None` off
+/// Linux).
+#[derive(Debug, Clone, Copy)]
+struct LimitFigure {
+    per_sec: f64,
+    cpu_per_unit: Option<f64>,
 }
 
 /// What a limit phase's connections did: rows or objects written, in how long, and the
@@ -410,58 +448,117 @@ async fn raw_postgres(
     done
 }
 
-/// The least work any store must do for an object of `/users/track` while it keeps profiles
-/// and the event log in PostgreSQL, with no Tideway in the way: per object, rewrite its user's
-/// profile row (found through the unique external-id index, so locked) and append one row to
-/// an ordered log; one request's objects per transaction, in one multi-row statement, each
-/// commit durable. It is an upper bound on what Tideway can reach here: the users exist
-/// already (no creation), each connection owns a disjoint set of them (no row-lock waits), the
-/// log takes its order from a plain sequence (no per-workspace counter), and nothing parses
-/// HTTP or JSON. Returns the objects written.
+/// A floor: the least work a store must do for an object of `/users/track` while it keeps
+/// profiles and the event log in PostgreSQL, with no Tideway in the way. Per object, rewrite
+/// its user's profile row (found through the unique external-id index, so locked) and append
+/// one row to an ordered log; one request's objects per transaction, in one multi-row
+/// statement, each commit durable. Either shape is an upper bound on what Tideway can reach
+/// here: each connection owns a disjoint set of users (no row-lock waits), the log takes its
+/// order from a plain sequence (no per-workspace counter), and nothing parses HTTP or JSON.
+/// [`FloorShape`] says which tables. Returns the objects written.
 async fn floor_postgres(
     url: &str,
     clients: u64,
     users: u64,
     duration: Duration,
+    shape: FloorShape,
 ) -> anyhow::Result<LimitRun> {
-    let floor = Floor::create(url, users).await?;
+    let floor = Floor::create(url, users, shape).await?;
     let done = floor.run(clients, duration).await;
     floor.drop_tables().await?;
     done
 }
 
-/// The floor's two tables (fresh, named after a random id) and the objects it writes.
+/// Which tables a floor writes, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FloorShape {
+    /// The least SQL any store must run: a two-column profile table the objects' users are
+    /// seeded into, a log of (user, kind, body) rows; each profile replaced by its object.
+    Any,
+    /// The same work on Tideway's own table shapes: scratch copies of `users` and `event_log`
+    /// with every index and constraint they have (`LIKE … INCLUDING ALL`, so the unique
+    /// external-id and braze-id indexes, the email and phone indexes, the log's partial index of
+    /// behaviours), rows as Tideway writes them (a braze id, an event id, the Currents event
+    /// type), each user created on first sight as the node phases create theirs, and each
+    /// profile rewritten from the one it replaces (`INSERT … ON CONFLICT DO UPDATE`, the read
+    /// and the write in one statement). Still an upper bound for Tideway: no separate locking
+    /// read, no per-workspace log counter, no foreign key to `workspaces`, no segment change
+    /// rows, log bodies the size of the objects rather than of Currents events.
+    Schema,
+}
+
+impl FloorShape {
+    fn label(self) -> &'static str {
+        match self {
+            FloorShape::Any => "SQL floor",
+            FloorShape::Schema => "schema floor",
+        }
+    }
+
+    /// The `event_log.event_type` an object of the workload's `kind` logs.
+    fn event_type(kind: &'static str) -> &'static str {
+        match kind {
+            "event" => "users.behaviors.CustomEvent",
+            "purchase" => "users.behaviors.Purchase",
+            _ => "users.profile.Update",
+        }
+    }
+}
+
+/// A floor's two tables (fresh, named after a random id) and the objects it writes.
 struct Floor {
     url: String,
     setup: tokio_postgres::Client,
+    shape: FloorShape,
     users_table: String,
     log_table: String,
     objects: Vec<(String, &'static str, String)>,
 }
 
 impl Floor {
-    /// Creates the tables and one user per external id of the workload's objects.
-    async fn create(url: &str, users: u64) -> anyhow::Result<Floor> {
-        let objects = rows(1000, users)?;
+    /// Creates the tables; the `Any` floor also gets one user per external id of the workload's
+    /// objects. The `Schema` floor copies Tideway's tables, so their schema must be there
+    /// (a node has migrated the database).
+    async fn create(url: &str, users: u64, shape: FloorShape) -> anyhow::Result<Floor> {
+        let mut objects = rows(1000, users)?;
+        if shape == FloorShape::Schema {
+            for object in &mut objects {
+                object.1 = FloorShape::event_type(object.1);
+            }
+        }
         let prefix = format!("bench_floor_{}", uuid::Uuid::new_v4().simple());
         let (users_table, log_table) = (format!("{prefix}_users"), format!("{prefix}_log"));
         let setup = connect(url).await?;
-        setup
-            .batch_execute(&format!(
+        let create = match shape {
+            FloorShape::Any => format!(
                 "CREATE TABLE {users_table} (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, external_id text NOT NULL UNIQUE, profile text NOT NULL) WITH (fillfactor = 80);
                  CREATE TABLE {log_table} (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, user_seq bigint NOT NULL, kind text NOT NULL, body text NOT NULL);"
-            ))
+            ),
+            // `users` has fillfactor 80 (migration 11); `LIKE` copies columns, not storage
+            // parameters. Sequences owned by their tables go when the tables are dropped.
+            FloorShape::Schema => format!(
+                "CREATE TABLE {users_table} (LIKE users INCLUDING ALL) WITH (fillfactor = 80);
+                 CREATE SEQUENCE {users_table}_seq OWNED BY {users_table}.seq;
+                 CREATE TABLE {log_table} (LIKE event_log INCLUDING ALL);
+                 CREATE SEQUENCE {log_table}_seq OWNED BY {log_table}.seq;"
+            ),
+        };
+        setup
+            .batch_execute(&create)
             .await
-            .context("cannot create the floor tables")?;
+            .context("cannot create the floor tables (the schema floor needs Tideway's schema)")?;
         let floor = Floor {
             url: url.to_owned(),
             setup,
+            shape,
             users_table,
             log_table,
             objects,
         };
         // The tables exist from here on: a failure drops them again before it is reported.
-        if let Err(e) = floor.seed().await {
+        if shape == FloorShape::Any
+            && let Err(e) = floor.seed().await
+        {
             if let Err(drop) = floor.drop_tables().await {
                 tracing::warn!(error = %drop, "the floor tables could not be dropped after a failed setup");
             }
@@ -490,6 +587,42 @@ impl Floor {
         Ok(())
     }
 
+    /// The one statement a transaction runs: `$1` external ids, `$2` kinds (event types for
+    /// the schema floor), `$3` JSON bodies.
+    fn statement(&self) -> String {
+        let (users, log) = (&self.users_table, &self.log_table);
+        let objects = "objects AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS o(external_id, kind, body, n)),
+             latest AS (
+                 SELECT DISTINCT ON (external_id) external_id, body FROM objects ORDER BY external_id, n DESC)";
+        match self.shape {
+            FloorShape::Any => format!(
+                "WITH {objects},
+                 rewritten AS (
+                     UPDATE {users} u SET profile = left(l.body, 140) FROM latest l
+                     WHERE u.external_id = l.external_id RETURNING u.seq, u.external_id)
+                 INSERT INTO {log} (user_seq, kind, body)
+                 SELECT r.seq, o.kind, o.body FROM objects o JOIN rewritten r USING (external_id) ORDER BY o.n"
+            ),
+            // One workspace (1), times in milliseconds as Tideway stores them, profiles kept
+            // to about the size of the node phases' (≈ 210 bytes).
+            FloorShape::Schema => format!(
+                "WITH {objects},
+                 clock AS (SELECT (extract(epoch FROM statement_timestamp()) * 1000)::bigint AS now),
+                 written AS (
+                     INSERT INTO {users} AS u (workspace_id, seq, braze_id, external_id, created_at, updated_at, profile)
+                     SELECT 1, nextval('{users}_seq'), left(md5(l.external_id), 24), l.external_id, c.now, c.now, left(l.body, 210)
+                     FROM latest l CROSS JOIN clock c
+                     ON CONFLICT (workspace_id, external_id) WHERE external_id IS NOT NULL
+                     DO UPDATE SET profile = left(EXCLUDED.profile || u.profile, 210), updated_at = EXCLUDED.updated_at
+                     RETURNING u.seq, u.external_id)
+                 INSERT INTO {log} (workspace_id, seq, user_seq, event_id, event_type, time, body)
+                 SELECT 1, nextval('{log}_seq'), w.seq, gen_random_uuid()::text, o.kind, c.now, o.body
+                 FROM objects o JOIN written w USING (external_id) CROSS JOIN clock c ORDER BY o.n"
+            ),
+        }
+    }
+
     /// `clients` connections write the objects for `duration`, connection c those whose user
     /// hashes to c, so no two transactions in flight share a user.
     async fn run(&self, clients: u64, duration: Duration) -> anyhow::Result<LimitRun> {
@@ -501,19 +634,7 @@ impl Floor {
             owned[owner as usize].push(object.clone());
         }
         let work = owned.iter().map(|objects| batches(objects)).collect();
-        let (users, log) = (&self.users_table, &self.log_table);
-        let write = format!(
-            "WITH objects AS (
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS o(external_id, kind, body, n)),
-             latest AS (
-                 SELECT DISTINCT ON (external_id) external_id, body FROM objects ORDER BY external_id, n DESC),
-             rewritten AS (
-                 UPDATE {users} u SET profile = left(l.body, 140) FROM latest l
-                 WHERE u.external_id = l.external_id RETURNING u.seq, u.external_id)
-             INSERT INTO {log} (user_seq, kind, body)
-             SELECT r.seq, o.kind, o.body FROM objects o JOIN rewritten r USING (external_id) ORDER BY o.n"
-        );
-        connections(&self.url, work, &write, duration).await
+        connections(&self.url, work, &self.statement(), duration).await
     }
 
     async fn drop_tables(&self) -> anyhow::Result<()> {
@@ -601,7 +722,7 @@ mod tests {
     #[tokio::test]
     async fn the_floor_logs_every_object_against_its_user() {
         let db = TestDb::create().await;
-        let floor = Floor::create(&db.url, 500).await.unwrap();
+        let floor = Floor::create(&db.url, 500, FloorShape::Any).await.unwrap();
         let LimitRun {
             count: sent, took, ..
         } = floor.run(3, Duration::from_millis(300)).await.unwrap();
@@ -633,5 +754,93 @@ mod tests {
             .unwrap()
             .get(0);
         assert_eq!(left, 0);
+    }
+
+    /// The schema floor writes Tideway's table shapes as Tideway would: a user created once per
+    /// external id (then rewritten), a log row per object sent with its Currents event type and
+    /// its user, and copies that carry the real tables' indexes, partial ones included.
+    #[tokio::test]
+    async fn the_schema_floor_writes_tideway_shaped_rows_into_copies_of_its_tables() {
+        let db = TestDb::create().await;
+        // A node migrates the database before the limits run; here the store does it.
+        PgStore::open(&db.url).await.unwrap();
+        let floor = Floor::create(&db.url, 500, FloorShape::Schema)
+            .await
+            .unwrap();
+        let LimitRun { count: sent, .. } = floor.run(3, Duration::from_millis(300)).await.unwrap();
+        assert!(sent > 0);
+        let check = db.client().await;
+        let (users, log) = (&floor.users_table, &floor.log_table);
+        let row = check
+            .query_one(
+                &format!(
+                    "SELECT count(*),
+                            count(*) FILTER (WHERE l.body LIKE '%\"' || u.external_id || '\"%'),
+                            count(DISTINCT l.event_id),
+                            count(*) FILTER (WHERE l.event_type NOT IN ('users.profile.Update', 'users.behaviors.CustomEvent', 'users.behaviors.Purchase')),
+                            (SELECT count(*) FROM {users}),
+                            (SELECT count(DISTINCT external_id) FROM {users})
+                     FROM {log} l JOIN {users} u ON u.workspace_id = l.workspace_id AND u.seq = l.user_seq"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let (logged, matching, event_ids, foreign_types, created, distinct): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = (
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+            row.get(5),
+        );
+        assert_eq!(logged as u64, sent, "one log row per object sent");
+        assert_eq!(matching, logged, "each row names its object's user");
+        assert_eq!(event_ids, logged, "each row has an event id of its own");
+        assert_eq!(foreign_types, 0, "rows carry the Currents event types");
+        assert!(created > 0);
+        assert_eq!(created, distinct, "a user is created once, then rewritten");
+        let indexes = |table: String| {
+            let check = &check;
+            async move {
+                check
+                    .query(
+                        "SELECT indexdef FROM pg_indexes WHERE tablename = $1 ORDER BY indexname",
+                        &[&table],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let (real, copied) = (
+            indexes("event_log".into()).await,
+            indexes(log.clone()).await,
+        );
+        assert_eq!(copied.len(), real.len(), "{copied:?} against {real:?}");
+        assert!(copied.iter().any(|def| def.contains("WHERE")), "{copied:?}");
+        assert_eq!(
+            indexes(users.clone()).await.len(),
+            indexes("users".into()).await.len()
+        );
+        floor.drop_tables().await.unwrap();
+        let left: i64 = check
+            .query_one(
+                "SELECT count(*) FROM pg_class WHERE relname LIKE 'bench_floor_%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "tables, indexes and sequences are all dropped");
     }
 }
