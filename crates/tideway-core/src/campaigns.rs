@@ -25,6 +25,11 @@ pub const MAX_VARIANTS: usize = 8;
 pub const MAX_CONVERSION_EVENTS: usize = 4;
 /// Longest conversion window: 30 days.
 pub const MAX_CONVERSION_WINDOW_SECS: i64 = 30 * 86_400;
+
+/// The longest re-eligibility (campaigns) or re-entry (Canvas) wait, ten years. A bound, not
+/// only a sanity check: the wait is kept in milliseconds and added to "now", so an unbounded
+/// number of seconds would wrap negative and make every user eligible again at once.
+pub const MAX_REELIGIBILITY_SECS: i64 = 10 * 365 * 86_400;
 /// Default conversion window: 3 days.
 pub const DEFAULT_CONVERSION_WINDOW_SECS: i64 = 3 * 86_400;
 /// Per-campaign rate limit bounds, messages per minute (Braze: 10 … 500,000).
@@ -36,6 +41,30 @@ pub const RATE_LIMIT_RANGE: std::ops::RangeInclusive<u32> = 10..=500_000;
 pub struct DefinitionError {
     pub path: String,
     pub message: String,
+}
+
+/// Parses `null` or `{"after_seconds": n}` at `path` (a campaign's `reeligibility`, a Canvas's
+/// `reentry`), with `n` from 0 to [`MAX_REELIGIBILITY_SECS`].
+pub(crate) fn wait_after(
+    v: Option<&Value>,
+    path: &str,
+    shape: &str,
+) -> Result<Option<i64>, DefinitionError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(r)) => r
+            .get("after_seconds")
+            .and_then(Value::as_i64)
+            .filter(|s| (0..=MAX_REELIGIBILITY_SECS).contains(s))
+            .map(Some)
+            .ok_or_else(|| {
+                bad(
+                    format!("{path}.after_seconds"),
+                    "must be an integer from 0 to 315360000 (ten years)",
+                )
+            }),
+        Some(_) => Err(bad(path, shape)),
+    }
 }
 
 pub(crate) fn bad(path: impl Into<String>, message: impl Into<String>) -> DefinitionError {
@@ -602,28 +631,11 @@ impl CampaignDefinition {
         let (delivery, delivery_json) = parse_delivery(obj.get("delivery"))?;
         canonical.insert("delivery".into(), delivery_json);
 
-        let reeligible_after_secs = match obj.get("reeligibility") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(r)) => {
-                let secs = r
-                    .get("after_seconds")
-                    .and_then(Value::as_i64)
-                    .filter(|s| *s >= 0)
-                    .ok_or_else(|| {
-                        bad(
-                            "reeligibility.after_seconds",
-                            "must be a non-negative integer",
-                        )
-                    })?;
-                Some(secs)
-            }
-            Some(_) => {
-                return Err(bad(
-                    "reeligibility",
-                    "must be null (receive once) or {\"after_seconds\": n}",
-                ));
-            }
-        };
+        let reeligible_after_secs = wait_after(
+            obj.get("reeligibility"),
+            "reeligibility",
+            "must be null (receive once) or {\"after_seconds\": n}",
+        )?;
         canonical.insert(
             "reeligibility".into(),
             match reeligible_after_secs {
@@ -890,6 +902,24 @@ fn extras_json(extras: &Option<String>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// A variant's or step's `id` at `path`: given, or a new one when absent.
+pub(crate) fn id_field(
+    obj: &Map<String, Value>,
+    path: &str,
+    new_id: &mut impl FnMut() -> String,
+) -> Result<String, DefinitionError> {
+    match obj.get("id") {
+        None | Some(Value::Null) => Ok(new_id()),
+        // Blank ids (spaces, tabs, no-break spaces) are refused here rather than when the
+        // saved definition is loaded again, where the variant naming such a step would fail.
+        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 64 => Ok(s.clone()),
+        Some(_) => Err(bad(
+            format!("{path}.id"),
+            "must be a string of 1 to 64 characters, not only spaces",
+        )),
+    }
+}
+
 pub(crate) fn parse_variant(
     raw: &Value,
     path: &str,
@@ -898,16 +928,7 @@ pub(crate) fn parse_variant(
     let obj = raw
         .as_object()
         .ok_or_else(|| bad(path, "must be an object"))?;
-    let id = match obj.get("id") {
-        None | Some(Value::Null) => new_id(),
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => s.clone(),
-        Some(_) => {
-            return Err(bad(
-                format!("{path}.id"),
-                "must be a string of 1 to 64 characters",
-            ));
-        }
-    };
+    let id = id_field(obj, path, new_id)?;
     let name = string_field(obj, "name", path, false)?.unwrap_or_else(|| id.clone());
     let percent = match obj.get("percent") {
         None | Some(Value::Null) => 100,
@@ -1120,11 +1141,17 @@ pub(crate) fn parse_delivery(raw: Option<&Value>) -> Result<(Delivery, Value), D
             let p = "delivery.schedule";
             let start = time_field(s, "start", p)?;
             let end = time_field(s, "end", p)?;
-            let (frequency, json) = match s
-                .get("frequency")
-                .and_then(Value::as_str)
-                .unwrap_or("once")
-            {
+            let frequency = match s.get("frequency") {
+                None | Some(Value::Null) => "once",
+                Some(Value::String(f)) => f.as_str(),
+                Some(_) => {
+                    return Err(bad(
+                        "delivery.schedule.frequency",
+                        "must be \"once\", \"daily\" or \"weekly\"",
+                    ));
+                }
+            };
+            let (frequency, json) = match frequency {
                 "once" => {
                     let at = time_field(s, "at", p)?.ok_or_else(|| {
                         bad("delivery.schedule.at", "is required for a once schedule")
@@ -1465,6 +1492,30 @@ mod tests {
             json!({"type": "scheduled", "schedule": {"frequency": "daily", "time": "25:00"}});
         let e = CampaignDefinition::parse(&c, ids()).unwrap_err();
         assert_eq!(e.path, "delivery.schedule.time");
+
+        for frequency in [json!(123), json!({}), json!([]), json!(true)] {
+            let mut c = email_campaign();
+            c["delivery"] = json!({"type": "scheduled", "schedule": {"frequency": frequency, "at": "2030-01-01T00:00:00Z"}});
+            let e = CampaignDefinition::parse(&c, ids()).unwrap_err();
+            assert_eq!(e.path, "delivery.schedule.frequency", "{frequency}");
+        }
+
+        for bad_wait in [
+            json!(-1),
+            json!(MAX_REELIGIBILITY_SECS + 1),
+            json!(u64::MAX),
+            json!("60"),
+        ] {
+            let mut c = email_campaign();
+            c["reeligibility"] = json!({"after_seconds": bad_wait});
+            let e = CampaignDefinition::parse(&c, ids()).unwrap_err();
+            assert_eq!(e.path, "reeligibility.after_seconds", "{bad_wait}");
+        }
+
+        let mut c = email_campaign();
+        c["messages"][0]["id"] = json!("\u{a0}\t");
+        let e = CampaignDefinition::parse(&c, ids()).unwrap_err();
+        assert_eq!(e.path, "messages[0].id");
 
         let mut c = email_campaign();
         c["audience"] = json!({"filter": {"nonsense": 1}});

@@ -291,21 +291,6 @@ fn percent_field(v: Option<&Value>, path: &str) -> Result<u8, DefinitionError> {
         .ok_or_else(|| bad(path, "must be an integer from 0 to 100"))
 }
 
-fn id_field(
-    obj: &Map<String, Value>,
-    path: &str,
-    new_id: &mut impl FnMut() -> String,
-) -> Result<String, DefinitionError> {
-    match obj.get("id") {
-        None | Some(Value::Null) => Ok(new_id()),
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => Ok(s.clone()),
-        Some(_) => Err(bad(
-            format!("{path}.id"),
-            "must be a string of 1 to 64 characters",
-        )),
-    }
-}
-
 fn filter_field(
     raw: Option<&Value>,
     path: &str,
@@ -382,23 +367,11 @@ impl CanvasDefinition {
             json!({"segment_ids": audience.segment_ids, "filter": audience.filter}),
         );
 
-        let reentry_after_secs = match obj.get("reentry") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(r)) => Some(
-                r.get("after_seconds")
-                    .and_then(Value::as_i64)
-                    .filter(|s| *s >= 0)
-                    .ok_or_else(|| {
-                        bad("reentry.after_seconds", "must be a non-negative integer")
-                    })?,
-            ),
-            Some(_) => {
-                return Err(bad(
-                    "reentry",
-                    "must be null (enter once) or {\"after_seconds\": n}",
-                ));
-            }
-        };
+        let reentry_after_secs = crate::campaigns::wait_after(
+            obj.get("reentry"),
+            "reentry",
+            "must be null (enter once) or {\"after_seconds\": n}",
+        )?;
         canonical.insert(
             "reentry".into(),
             reentry_after_secs.map_or(Value::Null, |s| json!({"after_seconds": s})),
@@ -515,7 +488,7 @@ impl CanvasDefinition {
                 for (i, v) in list.iter().enumerate() {
                     let p = format!("variants[{i}]");
                     let o = v.as_object().ok_or_else(|| bad(&p, "must be an object"))?;
-                    let id = id_field(o, &p, &mut new_id)?;
+                    let id = crate::campaigns::id_field(o, &p, &mut new_id)?;
                     if id == CONTROL_VARIANT_ID
                         || variants.iter().any(|x: &CanvasVariant| x.id == id)
                     {
@@ -731,7 +704,7 @@ fn parse_step(
     let obj = raw
         .as_object()
         .ok_or_else(|| bad(path, "must be an object"))?;
-    let id = id_field(obj, path, new_id)?;
+    let id = crate::campaigns::id_field(obj, path, new_id)?;
     let name = string_field(obj, "name", path, false)?.unwrap_or_else(|| id.clone());
     let ty = string_field(obj, "type", path, true)?.unwrap_or_default();
     let mut json = json!({"id": id, "name": name, "type": ty});
@@ -910,7 +883,7 @@ fn parse_step(
             for (i, p) in list.iter().enumerate() {
                 let pp = format!("{path}.paths[{i}]");
                 let o = p.as_object().ok_or_else(|| bad(&pp, "must be an object"))?;
-                let pid = id_field(o, &pp, new_id)?;
+                let pid = crate::campaigns::id_field(o, &pp, new_id)?;
                 if paths.iter().any(|x| x.id == pid) {
                     return Err(bad(format!("{pp}.id"), "duplicate path id"));
                 }
@@ -1404,6 +1377,7 @@ pub fn advance(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::campaigns::MAX_REELIGIBILITY_SECS;
 
     struct Answers {
         yes: Vec<usize>,
@@ -1563,6 +1537,37 @@ mod tests {
             CanvasDefinition::parse(&ty, ids()).unwrap_err().path,
             "steps[1].type"
         );
+    }
+
+    #[test]
+    fn blank_step_ids_and_endless_reentry_are_refused_so_what_is_saved_always_loads() {
+        for blank in [" ", "   ", "\t", "\u{a0}", "\u{3000}"] {
+            let mut first = trial();
+            first["steps"][0]["id"] = json!(blank);
+            let e = CanvasDefinition::parse(&first, ids()).unwrap_err();
+            assert_eq!(e.path, "steps[0].id", "{blank:?}");
+        }
+        let mut padded = trial();
+        padded["steps"][0]["id"] = json!(" remind ");
+        let (def, canonical) = CanvasDefinition::parse(&padded, ids()).unwrap();
+        assert_eq!(CanvasDefinition::load(&canonical).unwrap(), def);
+
+        for bad_wait in [
+            json!(-1),
+            json!(MAX_REELIGIBILITY_SECS + 1),
+            json!(i64::MAX),
+            json!(1.5),
+        ] {
+            let mut r = trial();
+            r["reentry"] = json!({"after_seconds": bad_wait});
+            let e = CanvasDefinition::parse(&r, ids()).unwrap_err();
+            assert_eq!(e.path, "reentry.after_seconds", "{bad_wait}");
+        }
+        let mut longest = trial();
+        longest["reentry"] = json!({"after_seconds": MAX_REELIGIBILITY_SECS});
+        let (def, canonical) = CanvasDefinition::parse(&longest, ids()).unwrap();
+        assert_eq!(def.reentry_after_secs, Some(MAX_REELIGIBILITY_SECS));
+        assert_eq!(CanvasDefinition::load(&canonical).unwrap(), def);
     }
 
     #[test]

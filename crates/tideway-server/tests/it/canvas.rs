@@ -283,6 +283,17 @@ async fn bad_canvases_are_refused_naming_the_place_and_nothing_is_written() {
         t.s.post("/api/v1/canvases", &t.key, json!({"name": "x"}))
             .await;
     assert_eq!(a.status, 400, "{a:?}");
+    // A blank first step id would be saved and then fail to load (a 500 on every read).
+    let mut blank = trial(&t.hook_url);
+    blank["steps"][0]["id"] = json!("\u{3000} ");
+    let a = t.s.post("/api/v1/canvases", &t.key, blank).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert_eq!(a.body["errors"][0]["field"], "steps[0].id");
+    let mut endless = trial(&t.hook_url);
+    endless["reentry"] = json!({"after_seconds": i64::MAX});
+    let a = t.s.post("/api/v1/canvases", &t.key, endless).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert_eq!(a.body["errors"][0]["field"], "reentry.after_seconds");
     assert_eq!(t.s.store.list_canvases(t.ws.id).await.unwrap().len(), 0);
     let a =
         t.s.post(
