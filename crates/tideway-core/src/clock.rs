@@ -141,7 +141,9 @@ fn parse_offset(s: &str) -> Option<UtcOffset> {
     let (h, s) = digits(s, 2)?;
     let s = s.strip_prefix(':').unwrap_or(s);
     let (m, s) = if s.is_empty() { (0, s) } else { digits(s, 2)? };
-    if !s.is_empty() {
+    // Real zones lie within ±14:00; ±18:00 is the widest any datetime library (java.time)
+    // produces. `time` alone would take up to ±25:59, which no client means.
+    if !s.is_empty() || m > 59 || h * 60 + m > 18 * 60 {
         return None;
     }
     UtcOffset::from_hms(
@@ -187,6 +189,10 @@ mod tests {
             Some(Millis(base))
         );
         assert_eq!(
+            parse_datetime("2024-01-01T09:04:05-18:00"),
+            Some(Millis(base))
+        );
+        assert_eq!(
             parse_datetime("2024-01-02"),
             Some(Millis(1_704_153_600_000))
         );
@@ -205,6 +211,9 @@ mod tests {
             "2024-01-02T25:00:00Z",
             "3001-01-01",
             "2024-01-02Tfoo",
+            "2024-01-02T03:04:05+25:00",
+            "2024-01-02T03:04:05-18:01",
+            "2024-01-02T03:04:05+01:60",
         ] {
             assert_eq!(parse_datetime(bad), None, "{bad}");
         }
