@@ -164,14 +164,15 @@ pub async fn trigger_campaign<S: DispatchStore + UserStore + ?Sized>(
         audience: send.audience.clone(),
         created_at: now,
         expanding_after: None,
-        not_before: None,
+        // Marks a scheduled send as one (so its schedule can be moved or deleted) whether it
+        // expands an audience then or names its recipients now.
+        not_before: send.at,
     };
     let due_at = send.at.unwrap_or(now);
     match send.target {
         Target::Broadcast => {
             let dispatch = DispatchRecord {
                 expanding_after: Some(UserSeq(0)),
-                not_before: send.at,
                 ..dispatch
             };
             store
@@ -279,7 +280,7 @@ pub async fn send_messages<S: DispatchStore + UserStore + ?Sized>(
         audience: send.audience.clone(),
         created_at: now,
         expanding_after: broadcast.then_some(UserSeq(0)),
-        not_before: if broadcast { send.at } else { None },
+        not_before: send.at,
     };
     let due_at = send.at.unwrap_or(now);
     let Target::Recipients(recipients) = send.target else {

@@ -92,7 +92,8 @@ pub struct DispatchRecord {
     /// and including `u` are enqueued and the rest are not yet (a new expansion starts at
     /// `Some(UserSeq(0))`: seqs start at 1), `None` that it is complete.
     pub expanding_after: Option<UserSeq>,
-    /// A scheduled API send: its expansion waits until this time (its jobs are due then).
+    /// A scheduled API send's time: an expanding dispatch's expansion waits until then; a
+    /// dispatch of named recipients has its jobs due then. `None`: not a scheduled send.
     pub not_before: Option<Millis>,
 }
 

@@ -937,3 +937,112 @@ async fn entering_a_segment_triggers_a_campaign_once_or_again_when_reeligible() 
         "a was in the segment before launch: {sends:?}"
     );
 }
+
+fn iso_in(ms: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    tideway_core::clock::Millis(now + ms).to_iso()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_schedules_to_named_users_can_be_moved_and_deleted() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1", "first_name": "Ada"}, {"external_id": "u2"}]))
+        .await;
+    let moved = t.campaign(t.webhook_campaign("Moved", json!({}))).await;
+    let deleted = t.campaign(t.webhook_campaign("Deleted", json!({}))).await;
+    let schedule = async |campaign: &str, user: &str| {
+        let a =
+            t.s.post(
+                "/campaigns/trigger/schedule/create",
+                &t.key,
+                json!({"campaign_id": campaign, "schedule": {"time": iso_in(3_600_000)},
+                    "recipients": [{"external_user_id": user}]}),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{a:?}");
+        assert_eq!(a.body["dispatch_id"], a.body["schedule_id"]);
+        a.body["schedule_id"].as_str().unwrap().to_owned()
+    };
+    let to_move = schedule(&moved, "u1").await;
+    let to_delete = schedule(&deleted, "u2").await;
+
+    // Another campaign's schedule id, or an unknown one, is refused and changes nothing.
+    for (campaign, id) in [(&deleted, &to_move), (&moved, &"nope".to_owned())] {
+        let a =
+            t.s.post(
+                "/campaigns/trigger/schedule/update",
+                &t.key,
+                json!({"campaign_id": campaign, "schedule_id": id, "schedule": {"time": iso_in(1_000)}}),
+            )
+            .await;
+        assert_eq!(a.status, 400, "{a:?}");
+        assert_eq!(a.body["message"], "Invalid schedule_id", "{a:?}");
+    }
+    let a =
+        t.s.post(
+            "/campaigns/trigger/schedule/delete",
+            &t.key,
+            json!({"campaign_id": deleted, "schedule_id": to_delete}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let counts = t.s.store.campaign_send_counts(t.ws.id, &deleted).await;
+    assert_eq!(
+        counts.unwrap().pending,
+        0,
+        "the deleted schedule's send is gone"
+    );
+    let a =
+        t.s.post(
+            "/campaigns/trigger/schedule/update",
+            &t.key,
+            json!({"campaign_id": moved, "schedule_id": to_move, "schedule": {"time": iso_in(1_000)}}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let hits = t.wait_hits(1).await;
+    assert_eq!(hits[0].headers["x-campaign"], "Moved");
+    let counts =
+        t.s.store
+            .campaign_send_counts(t.ws.id, &moved)
+            .await
+            .unwrap();
+    assert_eq!((counts.pending, counts.sent), (0, 1));
+
+    // `/messages/schedule/*` to named users: moved, then deleted.
+    let a =
+        t.s.post(
+            "/messages/schedule/create",
+            &t.key,
+            json!({"external_user_ids": ["u2"], "schedule": {"time": iso_in(3_600_000)},
+                "messages": {"webhook": {"url": t.hook_url, "body": "ad hoc"}}}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let id = a.body["schedule_id"].as_str().unwrap().to_owned();
+    for (path, body) in [
+        (
+            "/messages/schedule/update",
+            json!({"schedule_id": id, "schedule": {"time": iso_in(7_200_000)}}),
+        ),
+        ("/messages/schedule/delete", json!({"schedule_id": id})),
+    ] {
+        let a = t.s.post(path, &t.key, body).await;
+        assert_eq!(a.status, 201, "{path}: {a:?}");
+    }
+    // A send to named users now is not a schedule: it cannot be moved.
+    let a = t.trigger(&moved, json!([{"external_user_id": "u2"}])).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let a =
+        t.s.post(
+            "/campaigns/trigger/schedule/update",
+            &t.key,
+            json!({"campaign_id": moved, "schedule_id": a.body["dispatch_id"], "schedule": {"time": iso_in(60_000)}}),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert_eq!(a.body["message"], "Invalid schedule_id", "{a:?}");
+}
