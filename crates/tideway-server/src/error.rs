@@ -4,6 +4,8 @@
 //! documented extra field where Braze has one (`errors`, `rename_errors`, …). A 5xx never
 //! carries internal detail; the detail is logged here instead.
 
+use std::borrow::Cow;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +16,11 @@ use tideway_core::store::StoreError;
 /// a 64 KiB "key" must not get a 64 KiB answer (an amplification), and a short prefix is enough
 /// for a person to see which key they sent. Longer keys end in `…`.
 pub const KEY_ECHO_CHARS: usize = 12;
+
+/// Most characters of any one string an error body carries. Messages name what the client
+/// sent (an unknown id, a bad value); one that sends 100 KiB of it gets the start back, `…`
+/// marking the cut, rather than its whole input again (and logs of answers stay readable).
+pub const ECHO_MAX_CHARS: usize = 1024;
 
 /// Seconds a 503 asks the client to wait before retrying (`Retry-After`).
 pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 1;
@@ -98,7 +105,9 @@ impl ApiError {
     /// The JSON body.
     pub fn body(&self) -> Value {
         let message = match self {
-            ApiError::InvalidKey(key) => format!("Invalid API key: {}", echo_prefix(key)),
+            ApiError::InvalidKey(key) => {
+                format!("Invalid API key: {}", clipped(key, KEY_ECHO_CHARS))
+            }
             ApiError::AccessDenied => "Access Denied".to_owned(),
             ApiError::IpNotAllowlisted => {
                 "Access Denied: IP address not allowlisted for this API key".to_owned()
@@ -114,23 +123,51 @@ impl ApiError {
             ApiError::Internal => "Internal Server Error".to_owned(),
         };
         let mut body = Map::new();
-        body.insert("message".into(), Value::String(message));
+        body.insert(
+            "message".into(),
+            Value::String(clipped(&message, ECHO_MAX_CHARS).into_owned()),
+        );
         if let ApiError::BadRequest {
             detail: Some((field, detail)),
             ..
         } = self
         {
-            body.insert((*field).to_owned(), detail.clone());
+            let mut detail = detail.clone();
+            clip_strings(&mut detail);
+            body.insert((*field).to_owned(), detail);
         }
         Value::Object(body)
     }
 }
 
-/// The first [`KEY_ECHO_CHARS`] characters of `key`, with `…` when it was longer.
-fn echo_prefix(key: &str) -> String {
-    match key.char_indices().nth(KEY_ECHO_CHARS) {
-        None => key.to_owned(),
-        Some((cut, _)) => format!("{}…", &key[..cut]),
+/// The first `max` characters of `text`, with `…` when it was longer.
+pub(crate) fn clipped(text: &str, max: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => Cow::Borrowed(text),
+        Some((cut, _)) => Cow::Owned(format!("{}…", &text[..cut])),
+    }
+}
+
+/// Clips every string in `value` (keys too) to [`ECHO_MAX_CHARS`].
+fn clip_strings(value: &mut Value) {
+    match value {
+        Value::String(s) => {
+            if let Cow::Owned(c) = clipped(s, ECHO_MAX_CHARS) {
+                *s = c;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(clip_strings),
+        Value::Object(map) => {
+            let long_key = map.keys().any(|k| k.chars().nth(ECHO_MAX_CHARS).is_some());
+            if long_key {
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, v)| (clipped(&k, ECHO_MAX_CHARS).into_owned(), v))
+                    .collect();
+            }
+            map.values_mut().for_each(clip_strings);
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
 }
 
@@ -251,10 +288,31 @@ mod tests {
 
     #[test]
     fn invalid_key_echo_is_short() {
-        assert_eq!(echo_prefix(""), "");
-        assert_eq!(echo_prefix("non-existent"), "non-existent");
-        assert_eq!(echo_prefix("non-existent!"), "non-existent…");
-        assert_eq!(echo_prefix(&"ü".repeat(13)), format!("{}…", "ü".repeat(12)));
+        let echo = |key: &str| clipped(key, KEY_ECHO_CHARS).into_owned();
+        assert_eq!(echo(""), "");
+        assert_eq!(echo("non-existent"), "non-existent");
+        assert_eq!(echo("non-existent!"), "non-existent…");
+        assert_eq!(echo(&"ü".repeat(13)), format!("{}…", "ü".repeat(12)));
+    }
+
+    #[test]
+    fn no_string_in_an_error_body_is_longer_than_the_echo_limit() {
+        let long = "x".repeat(100_000);
+        let clip = format!("{}…", "x".repeat(ECHO_MAX_CHARS));
+        assert_eq!(
+            ApiError::Missing(long.clone()).body(),
+            json!({"message": clip})
+        );
+        let body = ApiError::bad_request_with(
+            long.clone(),
+            "errors",
+            json!([{"id": long.clone(), "n": 1, long.clone(): [long.clone()]}, "short"]),
+        )
+        .body();
+        assert_eq!(
+            body,
+            json!({"message": clip, "errors": [{"id": clip, "n": 1, clip.clone(): [clip]}, "short"]})
+        );
     }
 
     #[test]

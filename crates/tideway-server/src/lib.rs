@@ -46,7 +46,7 @@ mod users;
 pub mod wire;
 
 pub use currents_api::CurrentsApi;
-pub use error::ApiError;
+pub use error::{ApiError, ECHO_MAX_CHARS};
 pub use listener::{
     ConnectionLimits, FD_HEADROOM, HTTP_CONNECTIONS_OPEN, HTTP_CONNECTIONS_REFUSED_TOTAL,
     HTTP_CONNECTIONS_TIMED_OUT_TOTAL, default_max_connections, max_connections_for,
@@ -421,6 +421,7 @@ pub fn app_with_messaging(
         .route("/openapi.json", get(ops::openapi_json))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(axum::middleware::from_fn(ops::json_rejections))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(listener::enforce_body_deadline))
         .layer(axum::middleware::from_fn_with_state(

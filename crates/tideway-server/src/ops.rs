@@ -1,12 +1,14 @@
 //! Operational routes without authentication: health, Prometheus metrics, the OpenAPI
-//! document; and the JSON answers for unknown routes and wrong methods.
+//! document; and the JSON answers for unknown routes, wrong methods and requests axum's own
+//! extractors refuse.
 //!
 //! `/health` asks the store for something cheap so a load balancer takes a node whose database
 //! is gone out of rotation, rather than trusting that the process merely runs.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::AppState;
@@ -85,4 +87,29 @@ pub async fn not_found() -> ApiError {
 
 pub async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+/// Largest plain-text rejection body [`json_rejections`] reads (axum's are one line).
+const REJECTION_READ_LIMIT: usize = 64 * 1024;
+
+/// Renders the plain-text 4xx answers of axum's extractors (a path segment that is not UTF-8,
+/// a query string that does not parse) as `{"message": …}`, so every API error is JSON. The
+/// dashboard keeps its own answers; everything else already answers JSON and passes untouched.
+pub async fn json_rejections(req: Request, next: Next) -> Response {
+    let dashboard = req.uri().path().starts_with("/dashboard");
+    let response = next.run(req).await;
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if dashboard || !response.status().is_client_error() || !plain {
+        return response;
+    }
+    let status = response.status();
+    let text = axum::body::to_bytes(response.into_body(), REJECTION_READ_LIMIT)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = crate::error::clipped(text.trim(), crate::error::ECHO_MAX_CHARS);
+    (status, Json(serde_json::json!({"message": message}))).into_response()
 }

@@ -91,7 +91,9 @@ impl IntoResponse for PartnerError {
         match self {
             PartnerError::Api(e) => {
                 let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-                (status, axum::Json(json!({"message": e.to_string()}))).into_response()
+                let message = e.to_string();
+                let message = crate::error::clipped(&message, crate::error::ECHO_MAX_CHARS);
+                (status, axum::Json(json!({"message": message}))).into_response()
             }
             PartnerError::Edge(e) => e.into_response(),
         }
@@ -231,6 +233,7 @@ pub async fn cohort_users(
 /// A webhook error in Heap's reference receiver's shape: `{"error": …}`.
 fn webhook_error(status: u16, message: &str) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    let message = crate::error::clipped(message, crate::error::ECHO_MAX_CHARS);
     (status, axum::Json(json!({"error": message}))).into_response()
 }
 

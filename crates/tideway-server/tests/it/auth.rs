@@ -496,6 +496,42 @@ async fn unknown_routes_and_wrong_methods_answer_json() {
         .send(reqwest::Method::POST, "/health", Auth::None, None, false)
         .await;
     assert_eq!(a.status, 405);
+    // A path segment that is not UTF-8 is refused by axum's extractor, in JSON like the rest.
+    let a = s
+        .send(
+            reqwest::Method::GET,
+            "/api/v1/segments/%FF%FE/size",
+            Auth::None,
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("UTF-8")),
+        "{a:?}"
+    );
+    // An error echoes at most ECHO_MAX_CHARS of what the client sent.
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let long = "x".repeat(20_000);
+    let a = s
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/campaigns/{long}"),
+            Auth::Bearer(&key),
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(a.status, 404, "{a:?}");
+    let message = a.body["message"].as_str().unwrap();
+    assert!(
+        message.chars().count() <= tideway_server::ECHO_MAX_CHARS + 1 && message.ends_with('…'),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
