@@ -625,11 +625,7 @@ async fn the_rate_limit_holds_for_concurrent_sends() {
 /// The wall-clock time now, as an ISO 8601 string (events trigger campaigns launched before
 /// their time).
 fn now_iso() -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    tideway_core::clock::Millis(ms).to_iso()
+    iso_in(0)
 }
 
 /// A receiver that never answers in time.
@@ -938,6 +934,7 @@ async fn entering_a_segment_triggers_a_campaign_once_or_again_when_reeligible() 
     );
 }
 
+/// The wall-clock time `ms` from now, ISO 8601.
 fn iso_in(ms: i64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
