@@ -233,3 +233,49 @@ fn appended_purchases_keep_the_order_of_the_total() {
         }
     }
 }
+
+/// Segments `L0 … L9`, each (but `L0`) an `and` of ten `in_segment`s of the one before, and a
+/// lookup that counts how often a filter is looked up (once per nested evaluation).
+struct Chain {
+    lookups: std::cell::Cell<u64>,
+}
+
+impl tideway_segment::SegmentLookup for Chain {
+    fn filter(&self, id: &str) -> Option<Filter> {
+        self.lookups.set(self.lookups.get() + 1);
+        let level: usize = id.strip_prefix('L')?.parse().ok()?;
+        let json = match level {
+            0 => serde_json::json!({"attribute": {"name": "plan", "op": "equals", "value": "pro"}}),
+            1..=9 => {
+                let below = format!("L{}", level - 1);
+                serde_json::json!({"and": vec![serde_json::json!({"in_segment": below}); 10]})
+            }
+            _ => return None,
+        };
+        Filter::from_json(&json).ok()
+    }
+}
+
+#[test]
+fn a_segment_named_many_times_over_is_evaluated_once_per_user() {
+    let mut index = SegmentIndex::new();
+    for uid in 1..=100u32 {
+        let plan = if uid % 3 == 0 { "pro" } else { "free" };
+        index.upsert(&SegmentProfile {
+            uid,
+            attributes: [("plan".to_owned(), serde_json::json!(plan))].into(),
+            ..SegmentProfile::default()
+        });
+    }
+    let chain = Chain {
+        lookups: std::cell::Cell::new(0),
+    };
+    let top = Filter::from_json(&serde_json::json!({"in_segment": "L9"})).unwrap();
+    let members: Vec<u32> = index.evaluate(&top, 0, &chain).iter().collect();
+    assert_eq!(
+        members,
+        (1..=100).filter(|u| u % 3 == 0).collect::<Vec<_>>()
+    );
+    // Ten levels, each looked up once: without memoising, 10⁹ nested evaluations.
+    assert_eq!(chain.lookups.get(), 10);
+}
