@@ -329,7 +329,9 @@ pub fn apply_custom(
                 }
             }
             items.extend(add.iter().cloned());
-            Some(Value::Array(cap(items, max_array_len)))
+            // Not capped by count: a set of an array of objects is not either (it is bounded
+            // by size when parsed), and a cap here would drop objects the edit never named.
+            Some(Value::Array(items))
         }
     };
     if new == old {
@@ -353,7 +355,10 @@ fn increment(old: Option<&Value>, by: &serde_json::Number) -> Value {
         _ => {
             let a = base.and_then(serde_json::Number::as_f64).unwrap_or(0.0);
             let b = by.as_f64().unwrap_or(0.0);
-            serde_json::Number::from_f64(a + b).map_or(Value::Null, Value::Number)
+            // Saturates like the integer sum: never an infinity, which JSON cannot hold.
+            let sum = (a + b).clamp(-f64::MAX, f64::MAX);
+            serde_json::Number::from_f64(sum)
+                .map_or_else(|| old.cloned().unwrap_or(Value::Null), Value::Number)
         }
     }
 }
@@ -456,6 +461,42 @@ mod tests {
             },
         );
         assert_eq!(c["a"], json!([{"id": 4, "breed": "goldfish"}, {"id": 5}]));
+
+        // Editing one object of a long array keeps every other object (the cap of 25 is for
+        // arrays of scalars).
+        let long: Vec<Value> = (0..30).map(|i| json!({"id": i})).collect();
+        apply(&mut c, CustomChange::Set(Value::Array(long)));
+        apply(
+            &mut c,
+            CustomChange::ObjectArrayEdit {
+                add: vec![json!({"id": 30})],
+                remove: vec![],
+                update: vec![ObjectUpdate {
+                    key: "id".into(),
+                    value: json!(29),
+                    new_object: json!({"name": "rex"}).as_object().unwrap().clone(),
+                }],
+            },
+        );
+        let items = c["a"].as_array().unwrap();
+        assert_eq!(items.len(), 31);
+        assert_eq!(
+            (&items[0], &items[29]),
+            (&json!({"id": 0}), &json!({"id": 29, "name": "rex"}))
+        );
+    }
+
+    #[test]
+    fn float_increments_saturate_rather_than_becoming_null() {
+        let mut c = Map::new();
+        apply(&mut c, CustomChange::Set(json!(1.7e308)));
+        let by = serde_json::Number::from_f64(1.7e308).unwrap();
+        apply(&mut c, CustomChange::Increment(by.clone()));
+        assert_eq!(c["a"], json!(f64::MAX));
+        let down = serde_json::Number::from_f64(-1.7e308).unwrap();
+        apply(&mut c, CustomChange::Set(json!(-1.7e308)));
+        apply(&mut c, CustomChange::Increment(down));
+        assert_eq!(c["a"], json!(-f64::MAX));
     }
 
     #[test]

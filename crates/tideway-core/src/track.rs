@@ -414,15 +414,17 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Value>, Stri
         F::EmailOpenTrackingDisabled | F::EmailClickTrackingDisabled => {
             Value::Bool(v.as_bool().ok_or_else(bad)?)
         }
+        // Bounded like nested custom attributes: the profile is rewritten whole on every change,
+        // so one unbounded field would make every later write to the user cost megabytes.
         F::PushTokens | F::SubscriptionGroups => {
             let items = v.as_array().ok_or_else(bad)?;
-            if !items.iter().all(Value::is_object) {
+            if !items.iter().all(Value::is_object) || json_len(v) > MAX_NESTED_BYTES {
                 return Err(bad());
             }
             v.clone()
         }
         F::Facebook | F::Twitter => {
-            if !v.is_object() {
+            if !v.is_object() || json_len(v) > MAX_NESTED_BYTES {
                 return Err(bad());
             }
             v.clone()
@@ -636,6 +638,10 @@ fn parse_purchase_object(value: &Value) -> Result<PurchaseObject, String> {
             .and_then(|q| u32::try_from(q).ok())
             .ok_or_else(|| not_valid("quantity"))?,
     };
+    // price × quantity is added to the user's total revenue: it must stay a number.
+    if !(price * f64::from(quantity)).is_finite() {
+        return Err(not_valid("price"));
+    }
     Ok(PurchaseObject {
         app_id: opt_str(obj, "app_id")?.map(str::to_owned),
         product_id: required_name(obj, "product_id")?.to_owned(),
@@ -770,6 +776,34 @@ mod tests {
                 "'dob' is not valid",
                 "'$bad' is not a valid attribute name",
                 "'properties' must not use the reserved key 'time'"
+            ]
+        );
+    }
+
+    #[test]
+    fn unbounded_standard_objects_and_infinite_revenue_are_refused() {
+        let big: serde_json::Map<String, Value> = (0..600)
+            .map(|i| (format!("k{i}"), json!("v".repeat(200))))
+            .collect();
+        let req = parse(json!({
+            "attributes": [
+                {"external_id": "e", "facebook": big.clone()},
+                {"external_id": "e", "push_tokens": [big]},
+                {"external_id": "e", "twitter": {"id": 1}}
+            ],
+            "purchases": [
+                {"external_id": "e", "product_id": "p", "currency": "USD", "price": 1e308, "quantity": 2, "time": "2024-01-01"},
+                {"external_id": "e", "product_id": "p", "currency": "USD", "price": 1e308, "time": "2024-01-01"}
+            ]
+        }))
+        .unwrap();
+        let messages: Vec<&str> = req.errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "'facebook' is not valid",
+                "'push_tokens' is not valid",
+                "'price' is not valid"
             ]
         );
     }

@@ -495,7 +495,10 @@ fn apply_purchase(
             last: obj.time,
             count: quantity,
         });
-    user.profile.total_revenue += obj.price * f64::from(obj.quantity);
+    // Saturates like integer increments: a sum past f64::MAX would be infinite, which JSON
+    // cannot hold (it would be stored as null and read back as 0).
+    user.profile.total_revenue = (user.profile.total_revenue + obj.price * f64::from(obj.quantity))
+        .clamp(-f64::MAX, f64::MAX);
     user.updated_at = ctx.now;
     // Braze: quantity N is treated as N purchases of quantity 1.
     for _ in 0..obj.quantity {
