@@ -228,14 +228,17 @@ fn apply_each<T>(
 }
 
 /// [`resolve`], after saving this request's pending changes when the target may identify or
-/// merge users (those paths read and write users directly in the store).
+/// merge users (those paths read and write users directly in the store) or is found by email
+/// or phone (a search of the stored columns, which must see an address set earlier in the
+/// request, and not one changed away).
 fn resolve_for_track(
     tx: &mut dyn UserTx,
     ctx: &mut WriteCtx<'_>,
     target: &Target,
     touched: &mut Touched,
 ) -> Result<Resolved, StoreError> {
-    if target.device.is_some() || target.alias.is_some() {
+    let by_contact = matches!(target.primary, UserRef::Email(_) | UserRef::Phone(_));
+    if target.device.is_some() || target.alias.is_some() || by_contact {
         touched.flush(tx)?;
     } else if let UserRef::External(ext) = &target.primary
         && let Some(user) = touched.take_by_external(ext)

@@ -508,3 +508,38 @@ async fn each_accepted_change_logs_exactly_one_currents_event() {
         json!({"message": "success", "users": [], "invalid_user_ids": ["u1"]})
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_or_phone_target_sees_addresses_set_earlier_in_the_same_request() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({
+                "attributes": [
+                    {"external_id": "r2", "email": "r2@example.com", "phone": "+15550001"},
+                    {"email": "r2@example.com", "plan": "pro"},
+                    {"phone": "+15550001", "tier": 2}
+                ],
+                "events": [{"email": "r2@example.com", "_update_existing_only": true, "name": "ev", "time": "2024-01-01T00:00:00Z"}]
+            }),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert_eq!(a.body["events_processed"], 1, "{a:?}");
+    let user = s.export_external(&key, "r2").await.expect("r2");
+    assert_eq!(user["custom_attributes"], json!({"plan": "pro", "tier": 2}));
+    assert_eq!(user["custom_events"][0]["name"], "ev", "{user}");
+    // Nobody else was made: the email and the phone each name r2 alone.
+    let a = s
+        .post(
+            "/users/export/ids",
+            &key,
+            json!({"email_address": "r2@example.com", "fields_to_export": ["external_id"]}),
+        )
+        .await;
+    assert_eq!(a.body["users"].as_array().map(Vec::len), Some(1), "{a:?}");
+}
