@@ -734,3 +734,49 @@ async fn merged_users_events_count_for_the_survivor() {
         .await;
     assert_eq!(a.body["size"], 1, "{a:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_never_save_a_cycle_or_a_reference_to_a_deleted_segment() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    let create = async |name: &str, filter: Value| {
+        let a = s
+            .post(
+                "/api/v1/segments",
+                &key,
+                json!({"name": name, "filter": filter}),
+            )
+            .await;
+        (
+            a.status,
+            a.body["id"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    for round in 0..10 {
+        let (_, a) = create(&format!("a{round}"), json!({"identified": true})).await;
+        let (_, b) = create(&format!("b{round}"), json!({"identified": true})).await;
+        let (path_a, path_b) = (
+            format!("/api/v1/segments/{a}"),
+            format!("/api/v1/segments/{b}"),
+        );
+        let (to_b, to_a) = tokio::join!(
+            put(&s, &path_a, &key, json!({"filter": {"in_segment": b}})),
+            put(&s, &path_b, &key, json!({"filter": {"in_segment": a}})),
+        );
+        assert!(
+            !(to_b.status == 200 && to_a.status == 200),
+            "both halves of a cycle were saved: {to_b:?} {to_a:?}"
+        );
+        let (_, c) = create(&format!("c{round}"), json!({"identified": true})).await;
+        let (name_d, path_c) = (format!("d{round}"), format!("/api/v1/segments/{c}"));
+        let ((made, _), gone) = tokio::join!(
+            create(&name_d, json!({"in_segment": c})),
+            delete(&s, &path_c, &key),
+        );
+        assert!(
+            !(made == 201 && gone.status == 204),
+            "a segment was saved naming one deleted at the same time"
+        );
+    }
+}
