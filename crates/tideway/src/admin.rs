@@ -107,6 +107,30 @@ pub enum KeysCommand {
     },
 }
 
+/// A workspace name is shown in tables and put in URLs (`/partners/heap/segment-sync/{name or
+/// app_group_id}`), so it has no control characters and is not shaped like an app_group_id,
+/// which would make such a URL name two workspaces.
+fn check_workspace_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a workspace name must not be empty".to_owned());
+    }
+    if name.chars().count() > 255 {
+        return Err("a workspace name must be at most 255 characters".to_owned());
+    }
+    if name.chars().any(char::is_control) {
+        return Err(
+            "a workspace name must not contain control characters (newlines, tabs); pick a plain name such as 'acme'"
+                .to_owned(),
+        );
+    }
+    if uuid::Uuid::parse_str(name).is_ok() {
+        return Err(format!(
+            "'{name}' is shaped like an app_group_id (a UUID), which Heap's webhook URL accepts in place of a name; pick another name"
+        ));
+    }
+    Ok(())
+}
+
 /// clap value parser for `--permissions`.
 fn parse_permissions(raw: &str) -> Result<PermissionSet, String> {
     if raw.trim() == "all" {
@@ -123,9 +147,7 @@ pub async fn workspaces(command: WorkspacesCommand) -> anyhow::Result<()> {
         WorkspacesCommand::Create { name, location } => {
             let settings = location.settings()?;
             let name = name.trim().to_owned();
-            if name.is_empty() {
-                anyhow::bail!("a workspace name must not be empty");
-            }
+            check_workspace_name(&name).map_err(anyhow::Error::msg)?;
             let store = data::open_store(&settings, true).await?;
             let workspace = match store.create_workspace(&name, data::now()).await {
                 Ok(w) => w,
@@ -349,6 +371,21 @@ mod tests {
                 .unwrap_err()
                 .contains("at least one")
         );
+    }
+
+    #[test]
+    fn workspace_names_are_plain_and_never_look_like_an_app_group_id() {
+        assert_eq!(check_workspace_name("acme"), Ok(()));
+        assert_eq!(check_workspace_name("Acme EU (prod)"), Ok(()));
+        for bad in [
+            "",
+            "line1\nline2",
+            "a\tb",
+            "3f859532-667d-433f-8463-c37c39d4a1b8",
+            &"x".repeat(256),
+        ] {
+            assert!(check_workspace_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
