@@ -122,6 +122,11 @@ pub fn parse_spec(body: &Value) -> Result<CurrentSpec, CurrentsError> {
         .as_object()
         .ok_or_else(|| err("body", "must be a JSON object"))?;
     check_known(m, KNOWN, "")?;
+    if m.get("launch")
+        .is_some_and(|l| !l.is_boolean() && !l.is_null())
+    {
+        return Err(err("launch", "must be true or false"));
+    }
     let name = m
         .get("name")
         .and_then(Value::as_str)
@@ -447,6 +452,13 @@ mod tests {
         assert_eq!(s.windows.retention_ms, 7 * 86_400_000);
         assert_eq!(s.ordering, Ordering::Unordered);
         assert!(!wants_launch(&base()));
+        // "launch": "true" would silently make a draft: refused instead.
+        let mut quoted = base();
+        quoted["launch"] = json!("true");
+        let e = parse_spec(&quoted).unwrap_err();
+        assert!(e.to_string().contains("launch"), "{e}");
+        quoted["launch"] = json!(true);
+        assert!(parse_spec(&quoted).is_ok() && wants_launch(&quoted));
     }
 
     #[test]
