@@ -449,7 +449,7 @@ fn custom_change(name: &str, v: &Value, merge_objects: bool) -> Result<CustomCha
             if !(scalars || objects) || json_len(v) > MAX_NESTED_BYTES {
                 return Err(bad());
             }
-            Ok(CustomChange::Set(v.clone()))
+            Ok(CustomChange::Set(nested_times(v).ok_or_else(bad)?))
         }
         Value::Object(o) => {
             if json_len(v) > MAX_NESTED_BYTES {
@@ -484,10 +484,10 @@ fn custom_change(name: &str, v: &Value, merge_objects: bool) -> Result<CustomCha
             if keys.iter().any(|k| k.starts_with('$')) {
                 return Err(bad());
             }
-            Ok(if merge_objects {
-                CustomChange::MergeObject(o.clone())
-            } else {
-                CustomChange::Set(v.clone())
+            let v = nested_times(v).ok_or_else(bad)?;
+            Ok(match v {
+                Value::Object(o) if merge_objects => CustomChange::MergeObject(o),
+                v => CustomChange::Set(v),
             })
         }
     }
@@ -509,16 +509,51 @@ fn object_list(v: Option<&Value>) -> Option<Vec<Value>> {
     }
 }
 
+/// Rewrites the inner timestamps of a nested value (`{"$time": "2020-05-28"}` anywhere below
+/// the top) as ISO strings, as the top level's are; `None` for a bad time or any other `$` key,
+/// which the top level refuses too.
+fn nested_times(v: &Value) -> Option<Value> {
+    match v {
+        Value::Object(o) => {
+            if o.len() == 1
+                && let Some(t) = o.get("$time")
+            {
+                return Some(Value::from(parse_datetime(t.as_str()?)?.to_iso()));
+            }
+            let mut out = Map::with_capacity(o.len());
+            for (k, inner) in o {
+                if k.starts_with('$') {
+                    return None;
+                }
+                out.insert(k.clone(), nested_times(inner)?);
+            }
+            Some(Value::Object(out))
+        }
+        Value::Array(items) => items
+            .iter()
+            .map(nested_times)
+            .collect::<Option<_>>()
+            .map(Value::Array),
+        other => Some(other.clone()),
+    }
+}
+
 fn object_array_edit(o: &Map<String, Value>) -> Option<CustomChange> {
-    let add = object_list(o.get("$add"))?;
+    let add = object_list(o.get("$add"))?
+        .iter()
+        .map(nested_times)
+        .collect::<Option<Vec<_>>>()?;
     let remove = object_list(o.get("$remove"))?;
     let mut update = Vec::new();
     for u in object_list(o.get("$update"))? {
         let u = u.as_object()?;
+        let Value::Object(new_object) = nested_times(u.get("$new_object")?)? else {
+            return None;
+        };
         update.push(ObjectUpdate {
             key: u.get("$identifier_key")?.as_str()?.to_owned(),
             value: u.get("$identifier_value")?.clone(),
-            new_object: u.get("$new_object")?.as_object()?.clone(),
+            new_object,
         });
     }
     Some(CustomChange::ObjectArrayEdit {
@@ -759,6 +794,36 @@ mod tests {
             ("pets", CustomChange::ObjectArrayEdit { .. })
         ));
         assert_eq!(kinds[4], ("gone", &CustomChange::Remove));
+    }
+
+    #[test]
+    fn inner_timestamps_are_times_and_inner_dollar_keys_are_refused() {
+        let req = parse(json!({"attributes": [
+            {"external_id": "e", "sub": {"renews": {"$time": "2020-05-28"}, "plan": "pro"},
+             "visits": [{"at": {"$time": "2021-01-02T03:04:05Z"}}],
+             "pets": {"$update": [{"$identifier_key": "id", "$identifier_value": 1, "$new_object": {"born": {"$time": "2019-01-01"}}}]}},
+            {"external_id": "e", "x": {"y": {"$bad": 1}}},
+            {"external_id": "e", "x": {"y": {"$time": "yesterday"}}}
+        ]}))
+        .unwrap();
+        let (_, a) = &req.attributes[0];
+        assert_eq!(
+            a.custom[0].1,
+            CustomChange::Set(json!({"renews": "2020-05-28T00:00:00.000Z", "plan": "pro"}))
+        );
+        assert_eq!(
+            a.custom[1].1,
+            CustomChange::Set(json!([{"at": "2021-01-02T03:04:05.000Z"}]))
+        );
+        let CustomChange::ObjectArrayEdit { update, .. } = &a.custom[2].1 else {
+            panic!("{:?}", a.custom[2])
+        };
+        assert_eq!(
+            update[0].new_object["born"],
+            json!("2019-01-01T00:00:00.000Z")
+        );
+        let messages: Vec<&str> = req.errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages, ["'x' is not valid", "'x' is not valid"]);
     }
 
     #[test]
