@@ -288,9 +288,12 @@ pub fn apply_custom(
         CustomChange::Remove => None,
         CustomChange::Increment(by) => Some(increment(old.as_ref(), by)),
         CustomChange::ArrayEdit { add, remove } => {
+            // An array of scalars results, whatever was there: a scalar is kept as its first
+            // element; an object, or an array of objects, is replaced (a mixed array is a
+            // shape `/users/track` refuses on input).
             let mut items: Vec<Value> = match &old {
-                Some(Value::Array(a)) => a.clone(),
-                Some(Value::Null) | None => Vec::new(),
+                Some(Value::Array(a)) if a.iter().all(|v| !v.is_object()) => a.clone(),
+                Some(Value::Null | Value::Object(_) | Value::Array(_)) | None => Vec::new(),
                 Some(scalar) => vec![scalar.clone()],
             };
             for v in add {
@@ -314,8 +317,9 @@ pub fn apply_custom(
             remove,
             update,
         } => {
+            // An array of objects results: anything else that was there is replaced.
             let mut items: Vec<Value> = match &old {
-                Some(Value::Array(a)) => a.clone(),
+                Some(Value::Array(a)) if a.iter().all(Value::is_object) => a.clone(),
                 _ => Vec::new(),
             };
             items.retain(|x| !remove.contains(x));
@@ -484,6 +488,47 @@ mod tests {
             (&items[0], &items[29]),
             (&json!({"id": 0}), &json!({"id": 29, "name": "rex"}))
         );
+    }
+
+    #[test]
+    fn array_edits_never_mix_objects_and_scalars() {
+        let mut c = Map::new();
+        apply(&mut c, CustomChange::Set(json!({"k": 1})));
+        apply(
+            &mut c,
+            CustomChange::ArrayEdit {
+                add: vec![json!("y")],
+                remove: vec![],
+            },
+        );
+        assert_eq!(c["a"], json!(["y"]));
+        apply(
+            &mut c,
+            CustomChange::ObjectArrayEdit {
+                add: vec![json!({"x": 1})],
+                remove: vec![],
+                update: vec![],
+            },
+        );
+        assert_eq!(c["a"], json!([{"x": 1}]));
+        apply(
+            &mut c,
+            CustomChange::ArrayEdit {
+                add: vec![json!("z")],
+                remove: vec![],
+            },
+        );
+        assert_eq!(c["a"], json!(["z"]));
+        // A scalar still becomes the array's first element.
+        apply(&mut c, CustomChange::Set(json!("s")));
+        apply(
+            &mut c,
+            CustomChange::ArrayEdit {
+                add: vec![json!("t")],
+                remove: vec![],
+            },
+        );
+        assert_eq!(c["a"], json!(["s", "t"]));
     }
 
     #[test]
