@@ -38,7 +38,7 @@ use tideway_currents::{CurrentsError, Exporter};
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::pipeline::{management, now, read_json};
+use crate::pipeline::{management, now, read_json, read_optional_json};
 
 /// What the Currents API needs: their storage and the running exporter.
 #[derive(Clone)]
@@ -358,7 +358,7 @@ fn time_field(body: &Map<String, Value>, key: &'static str) -> Result<Millis, Ap
 
 #[utoipa::path(post, path = "/api/v1/currents/{id}/{action}", tag = "currents", summary = "launch, pause, resume, enable, test (send test events) or replay (dead letters, or a time window with `from`/`to`)",
     params(("id" = String, Path, description = "Current id"), ("action" = String, Path, description = "launch | pause | resume | enable | test | replay")),
-    responses((status = 200, description = "Done", body = Object), (status = 202, description = "Replay scheduled", body = Object), (status = 400, description = "Unknown action or bad window", body = crate::wire::ErrorBody), (status = 404, description = "No such Current", body = crate::wire::ErrorBody)), security(("bearer_auth" = [])))]
+    responses((status = 200, description = "Done", body = Object), (status = 202, description = "Replay scheduled", body = Object), (status = 400, description = "A body that is not a JSON object, or a bad window", body = crate::wire::ErrorBody), (status = 404, description = "No such Current, or no such action", body = crate::wire::ErrorBody)), security(("bearer_auth" = [])))]
 /// `POST /api/v1/currents/{id}/{action}`
 pub async fn action(
     State(state): State<AppState>,
@@ -389,7 +389,7 @@ pub async fn action(
             }))
             .into_response());
         }
-        let body = read_json(req).await.unwrap_or_default();
+        let body = read_optional_json(req).await?;
         let replayed = match body.get("dead_letters") {
             Some(Value::String(all)) if all == "all" => {
                 let n = api.store.replay_dead_letters(c.id, DeadLetterPick::All).await.map_err(store_error)?;

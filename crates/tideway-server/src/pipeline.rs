@@ -275,14 +275,27 @@ where
 /// Reads the body (within the router's `DefaultBodyLimit`) and parses it as a JSON object.
 /// The `Content-Type` is not checked: Braze clients sometimes omit it.
 pub(crate) async fn read_json(req: Request) -> Result<Map<String, Value>, ApiError> {
-    let bytes = match Bytes::from_request(req, &()).await {
-        Ok(bytes) => bytes,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Err(ApiError::PayloadTooLarge);
-        }
-        Err(rejection) => return Err(ApiError::malformed(rejection.body_text())),
-    };
+    parse_object(&read_body(req).await?)
+}
+
+/// [`read_json`] for an endpoint whose body is optional: an empty body (or only whitespace)
+/// is `{}`; anything else must be a JSON object.
+pub(crate) async fn read_optional_json(req: Request) -> Result<Map<String, Value>, ApiError> {
+    let bytes = read_body(req).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
     parse_object(&bytes)
+}
+
+async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+    match Bytes::from_request(req, &()).await {
+        Ok(bytes) => Ok(bytes),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(ApiError::PayloadTooLarge)
+        }
+        Err(rejection) => Err(ApiError::malformed(rejection.body_text())),
+    }
 }
 
 /// Parses a JSON object body; anything else is a 400 with serde's explanation.

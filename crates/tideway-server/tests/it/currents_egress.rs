@@ -459,3 +459,32 @@ async fn path_ids_are_canonical_decimal() {
     assert_eq!(after.body["endpoint"], "http://127.0.0.1:9/");
     assert_eq!(after.body["status"], "draft");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_body_is_optional_but_must_be_json_when_given() {
+    let api = Api::start(EgressPolicy::default()).await;
+    let c = api.create(current("http://127.0.0.1:9/")).await;
+    let id = c.body["id"].as_i64().unwrap();
+    let replay = async |body: &'static str| {
+        let res = api
+            .client
+            .post(format!("{}/api/v1/currents/{id}/replay", api.base))
+            .bearer_auth(&api.key)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.json::<Value>().await.unwrap())
+    };
+    let (status, body) = replay("not json").await;
+    assert_eq!(
+        (status, &body["message"]),
+        (400, &json!("Bad Request")),
+        "{body}"
+    );
+    // No body reads as {}: the answer names what a replay needs.
+    let (status, body) = replay("").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("from"), "{body}");
+}
