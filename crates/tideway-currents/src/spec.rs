@@ -172,7 +172,9 @@ pub fn parse_spec(body: &Value) -> Result<CurrentSpec, CurrentsError> {
         Some(_) => return Err(err("bearer_token", "must be a string")),
     };
 
-    let selection = match (m.get("event_types"), m.get("categories")) {
+    // `null` counts as absent, as for every other optional field.
+    let given = |key: &str| m.get(key).filter(|v| !v.is_null());
+    let selection = match (given("event_types"), given("categories")) {
         (Some(types), None) => {
             let mut names = Vec::new();
             for t in str_list(types, "event_types")? {
@@ -459,6 +461,10 @@ mod tests {
         assert!(e.to_string().contains("launch"), "{e}");
         quoted["launch"] = json!(true);
         assert!(parse_spec(&quoted).is_ok() && wants_launch(&quoted));
+        let mut both = base();
+        both["event_types"] = json!(["users.behaviors.CustomEvent"]);
+        both["categories"] = Value::Null;
+        assert!(parse_spec(&both).is_ok());
     }
 
     #[test]
