@@ -1002,12 +1002,20 @@ async fn api_schedules_to_named_users_can_be_moved_and_deleted() {
     assert_eq!(a.status, 201, "{a:?}");
     let hits = t.wait_hits(1).await;
     assert_eq!(hits[0].headers["x-campaign"], "Moved");
-    let counts =
-        t.s.store
-            .campaign_send_counts(t.ws.id, &moved)
-            .await
-            .unwrap();
-    assert_eq!((counts.pending, counts.sent), (0, 1));
+    // The receiver answers before the send is settled: wait for the settlement.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let counts =
+            t.s.store
+                .campaign_send_counts(t.ws.id, &moved)
+                .await
+                .unwrap();
+        if (counts.pending, counts.sent) == (0, 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not settled: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 
     // `/messages/schedule/*` to named users: moved, then deleted.
     let a =
