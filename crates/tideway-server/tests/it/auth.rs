@@ -117,9 +117,7 @@ async fn missing_and_unknown_keys_get_401_with_the_key_echoed_and_no_rate_header
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_keys_in_query_and_body_are_accepted_and_revoked_keys_are_not() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
 
     let by_query = s
         .send(
@@ -391,9 +389,7 @@ async fn bodies_over_the_limit_get_413_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_bodies_get_400_and_content_type_is_optional() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     for raw in [&b"{not json"[..], b"[1, 2]", b"\"text\"", b""] {
         let a = s
             .send(

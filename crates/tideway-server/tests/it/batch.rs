@@ -19,9 +19,7 @@ async fn export(s: &Server, key: &str, body: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aliases_are_created_bare_or_wrapped_and_renamed() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     s.post(
         "/users/track",
         &key,
@@ -122,9 +120,7 @@ async fn aliases_are_created_bare_or_wrapped_and_renamed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_folds_one_user_into_another() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     s.post(
         "/users/track",
         &key,
@@ -180,9 +176,7 @@ async fn merge_folds_one_user_into_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_accepts_mixed_identifiers_and_export_then_finds_nothing() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     s.post(
         "/users/track",
         &key,
@@ -294,9 +288,7 @@ async fn delete_accepts_mixed_identifiers_and_export_then_finds_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_ids_are_renamed_and_deprecated_ones_removed() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     s.post(
         "/users/track",
         &key,
@@ -388,9 +380,7 @@ async fn external_ids_are_renamed_and_deprecated_ones_removed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_validates_its_request_and_limits_fields() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     s.post("/users/track", &key, json!({"attributes": [{"external_id": "u1", "first_name": "Ann", "email": "a@example.com", "x": 1}]})).await;
 
     let a = export(

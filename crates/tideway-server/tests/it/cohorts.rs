@@ -81,9 +81,7 @@ fn users_body(p: &Partners, secret: &str, cohort: &str, changes: Value) -> Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partner_shapes_apply_with_set_semantics_and_the_device_rule() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     seed_users(&s, &key).await;
     let p = partner_keys(&s).await;
     let secret = import_key(&s, &ws, "heap", "import-secret-1").await;

@@ -762,9 +762,7 @@ async fn bad_input_gets_a_precise_4xx() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segments_are_built_sized_saved_listed_exported_and_deleted() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     let a = s
         .post(
             "/users/track",

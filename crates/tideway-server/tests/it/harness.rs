@@ -74,6 +74,14 @@ impl Server {
         Server::with_config(ServerConfig::default()).await
     }
 
+    /// A server with one workspace, "w", and an admin key of it: what most tests start from.
+    pub async fn with_admin() -> (Server, Workspace, String) {
+        let s = Server::start().await;
+        let ws = s.workspace("w").await;
+        let key = s.admin_key(&ws).await;
+        (s, ws, key)
+    }
+
     pub async fn with_config(config: ServerConfig) -> Server {
         let backend = TestStore::from_env().await;
         let store = Arc::clone(&backend.store);

@@ -26,9 +26,7 @@ async fn alias_user(s: &Server, key: &str, name: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alias_only_user_merges_into_the_identified_one() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     s.post(
         "/users/track",
         &key,
@@ -103,9 +101,7 @@ async fn an_alias_only_user_merges_into_the_identified_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_external_id_identifies_the_alias_user_in_place() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     s.post("/users/track", &key, json!({"attributes": [{"user_alias": alias("anon-2"), "_update_existing_only": false, "x": 1}]})).await;
     let before = alias_user(&s, &key, "anon-2").await;
     let a = s.post("/users/identify", &key, json!({"aliases_to_identify": [{"external_id": "fresh", "user_alias": alias("anon-2")}]})).await;
@@ -126,9 +122,7 @@ async fn an_unknown_external_id_identifies_the_alias_user_in_place() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_with_the_same_alias_label_is_not_merged() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     s.post(
         "/users/track",
         &key,
@@ -172,9 +166,7 @@ async fn a_target_with_the_same_alias_label_is_not_merged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_emails_and_phones_can_be_identified() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     s.post(
         "/users/track",
         &key,
@@ -226,9 +218,7 @@ async fn devices_emails_and_phones_can_be_identified() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identify_validation() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     let a = s.post("/users/identify", &key, json!({})).await;
     assert_eq!(
         (a.status, &a.body),

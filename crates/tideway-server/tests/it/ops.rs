@@ -17,9 +17,7 @@ async fn health_answers_ok_when_the_store_does() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_exposed_in_prometheus_text() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     let body = json!({"attributes": [{"external_id": "u1", "x": 1}, {"x": 2}]});
     assert_eq!(s.post("/users/track", &key, body).await.status, 201);
     assert_eq!(

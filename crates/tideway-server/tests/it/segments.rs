@@ -131,9 +131,7 @@ async fn seed(s: &Server, key: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guide_flow_cohort_attribute_and_exclusion_stay_fresh() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     seed(&s, &key).await;
     let secret = heap_import_key(&s, &ws, "import-secret").await;
     cohort(&s, &secret, "active", &["u1", "u2", "u3", "u5"], false).await;
@@ -260,9 +258,7 @@ async fn guide_flow_cohort_attribute_and_exclusion_stay_fresh() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crud_list_update_delete_and_braze_read_endpoints() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     seed(&s, &key).await;
     let a_id = create(
         &s,
@@ -369,9 +365,7 @@ async fn crud_list_update_delete_and_braze_read_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_filters_are_400_with_the_json_path() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     let secret = heap_import_key(&s, &ws, "import-secret").await;
     seed(&s, &key).await;
     cohort(&s, &secret, "active", &["u1"], false).await;
@@ -564,9 +558,7 @@ async fn workspaces_are_isolated() {
 /// naive evaluator over the store's profiles.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_index_equals_fresh_build_and_naive() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     let secret = heap_import_key(&s, &ws, "import-secret").await;
     let mut live = LiveIndex::from_snapshot(s.store.segment_profiles(ws.id).await.unwrap());
     assert!(live.is_empty());
@@ -690,9 +682,7 @@ async fn incremental_index_equals_fresh_build_and_naive() {
 /// did count for the survivor (Braze merges event data), in a fresh index and after catch-up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_users_events_count_for_the_survivor() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     let opened = |who: Value| {
         let mut event = json!({"name": "opened", "time": "2025-06-15T09:00:00Z"});
         event
@@ -737,9 +727,7 @@ async fn merged_users_events_count_for_the_survivor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_changes_never_save_a_cycle_or_a_reference_to_a_deleted_segment() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     let create = async |name: &str, filter: Value| {
         let a = s
             .post(

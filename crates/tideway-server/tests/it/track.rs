@@ -13,9 +13,7 @@ const T: &str = "2025-01-01T00:00:00Z";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attributes_events_and_purchases_are_applied_and_counted() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     let a = s
         .post(
             "/users/track",
@@ -73,9 +71,7 @@ async fn attributes_events_and_purchases_are_applied_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_objects_are_reported_by_array_and_index_while_valid_ones_apply() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     let a = s
         .post(
             "/users/track",
@@ -116,9 +112,7 @@ async fn invalid_objects_are_reported_by_array_and_index_while_valid_ones_apply(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_nothing_valid_is_a_400_and_writes_nothing() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     let a = s
         .post(
             "/users/track",
@@ -202,9 +196,7 @@ async fn a_request_with_nothing_valid_is_a_400_and_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_existing_only_never_creates() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     let a = s
         .post(
             "/users/track",
@@ -277,9 +269,7 @@ async fn update_existing_only_never_creates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn array_and_increment_operations() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     let attrs = |a: Value| json!({"attributes": [a]});
     s.post(
         "/users/track",
@@ -300,9 +290,7 @@ async fn array_and_increment_operations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_id_makes_an_anonymous_user_that_external_id_later_identifies() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     let a = s
         .post(
             "/users/track",
@@ -374,9 +362,7 @@ async fn a_device_id_makes_an_anonymous_user_that_external_id_later_identifies()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_accepted_change_logs_exactly_one_currents_event() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, ws, key) = Server::with_admin().await;
     let a = s
         .post(
             "/users/track",
@@ -511,9 +497,7 @@ async fn each_accepted_change_logs_exactly_one_currents_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_email_or_phone_target_sees_addresses_set_earlier_in_the_same_request() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
+    let (s, _, key) = Server::with_admin().await;
     let a = s
         .post(
             "/users/track",
