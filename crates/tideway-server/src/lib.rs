@@ -98,12 +98,6 @@ struct Inner {
     messaging: Option<MessagingApi>,
     /// The dashboard's clock (sessions, sign-in windows, key times).
     clock: tideway_currents::Clock,
-    /// Held by every segment create, update and delete from its `in_segment` checks to its
-    /// write, so two concurrent changes cannot each pass the checks and together save a cycle
-    /// or a reference to a deleted segment. Per process: on several nodes, a change on each at
-    /// the same instant is not covered (evaluation stays safe: a cycle matches nobody and a
-    /// missing segment no one).
-    segment_definitions: tokio::sync::Mutex<()>,
 }
 
 /// What the messaging engine runs with: its channels, the tracking key and public URLs, its
@@ -145,14 +139,19 @@ impl AppState {
                 currents: None,
                 messaging: None,
                 clock: tideway_currents::Clock::system(),
-                segment_definitions: tokio::sync::Mutex::new(()),
             }),
         }
     }
 
-    /// Taken while a segment's definition is checked and written (see `Inner`).
-    pub(crate) async fn segment_definitions(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.inner.segment_definitions.lock().await
+    /// Held by every segment create, update and delete from its `in_segment` checks to its
+    /// write, so two concurrent changes cannot each pass the checks and together save a cycle
+    /// or a reference to a deleted segment: the store's lock, shared by every node on its
+    /// database ([`tideway_core::store::SegmentStore::lock_segment_definitions`]).
+    pub(crate) async fn segment_definitions(
+        &self,
+        workspace: tideway_core::ids::WorkspaceId,
+    ) -> Result<tideway_core::store::DefinitionsLock, tideway_core::store::StoreError> {
+        self.inner.store.lock_segment_definitions(workspace).await
     }
 
     pub fn store(&self) -> &dyn Store {

@@ -105,7 +105,7 @@ pub async fn create(State(state): State<AppState>, req: Request) -> Response {
             let raw = body
                 .get("filter")
                 .ok_or_else(|| ApiError::bad_request("'filter' is required"))?;
-            let _definitions = state.segment_definitions().await;
+            let _definitions = state.segment_definitions(caller.workspace.id).await?;
             let filter = parse_filter(&state, &caller.workspace, raw, None).await?;
             let at = now();
             let segment = Segment {
@@ -209,7 +209,7 @@ pub async fn update(
         |state, caller, req| async move {
             let ws = caller.workspace.id;
             let body = read_json(req).await?;
-            let _definitions = state.segment_definitions().await;
+            let _definitions = state.segment_definitions(ws).await?;
             let old = state
                 .store()
                 .segment(ws, &id)
@@ -269,7 +269,7 @@ pub async fn delete(
         req,
         |state, caller, _| async move {
             let ws = caller.workspace.id;
-            let _definitions = state.segment_definitions().await;
+            let _definitions = state.segment_definitions(ws).await?;
             let segments = state.store().list_segments(ws).await?;
             if let Some(user) = segments
                 .iter()

@@ -61,7 +61,7 @@ pub use messaging::{
     ReceiptRecord, SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement,
     StatIncrement, TriggerCursor, UserSend,
 };
-pub use segments::SegmentStore;
+pub use segments::{DefinitionsLock, SegmentStore};
 pub use users::{
     DomainTx, LockKey, Lookup, ReadWork, UnitOfWork, UserLookup, UserStore, UserTx, WorkOutput,
     read_unit, run_keyed_unit, run_unit,

@@ -6,6 +6,27 @@ use crate::segments::{FeedPosition, ProfileChanges, ProfileSnapshot, Segment};
 
 use super::StoreFuture;
 
+/// A held [`SegmentStore::lock_segment_definitions`]: whatever the backend needs kept alive
+/// (a mutex guard, a database session); dropping it releases the lock.
+pub struct DefinitionsLock {
+    /// Never read: it is kept only to be dropped.
+    _held: Box<dyn Send + Sync>,
+}
+
+impl DefinitionsLock {
+    pub fn new(held: impl Send + Sync + 'static) -> Self {
+        DefinitionsLock {
+            _held: Box::new(held),
+        }
+    }
+}
+
+impl std::fmt::Debug for DefinitionsLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DefinitionsLock")
+    }
+}
+
 /// Segments and the feed. Each method is one transaction.
 ///
 /// The feed is defined by [`crate::segments::LiveIndex::apply`]: applying
@@ -29,6 +50,12 @@ pub trait SegmentStore: Send + Sync {
     ) -> StoreFuture<'_, Option<Segment>>;
     /// Returns whether a segment was deleted.
     fn delete_segment(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool>;
+    /// Waits for, and takes, the workspace's segment definitions lock: held by a segment
+    /// change from the checks it makes against the other segments (`in_segment` references
+    /// exist, no cycle) to its write, so two changes cannot each pass their checks and together
+    /// save a cycle or a reference to a deleted segment. Exclusive between every process on
+    /// the same database, not only within one. Dropping the guard releases it.
+    fn lock_segment_definitions(&self, workspace: WorkspaceId) -> StoreFuture<'_, DefinitionsLock>;
     /// Every live user of the workspace as segment evaluation sees them, at one consistent
     /// point that includes every write acknowledged before the call.
     fn segment_profiles(&self, workspace: WorkspaceId) -> StoreFuture<'_, ProfileSnapshot>;

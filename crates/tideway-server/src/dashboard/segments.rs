@@ -715,7 +715,7 @@ async fn save(
         Ok(raw) => raw,
         Err(message) => return refuse(state, ctx, &b, editing, &message).await,
     };
-    let _definitions = state.segment_definitions().await;
+    let _definitions = state.segment_definitions(ctx.workspace.id).await?;
     let filter =
         match parse_filter(state, &ctx.workspace, &raw, editing.map(|s| s.id.as_str())).await {
             Ok(filter) => filter.to_json(),
@@ -830,7 +830,7 @@ pub async fn delete(
 ) -> Result<Response, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     let s = load(&state, &ctx, &path).await?;
-    let _definitions = state.segment_definitions().await;
+    let _definitions = state.segment_definitions(ctx.workspace.id).await?;
     let segments = state.store().list_segments(ctx.workspace.id).await?;
     if let Some(user) = segments
         .iter()

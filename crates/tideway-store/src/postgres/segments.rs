@@ -49,7 +49,7 @@ use tideway_core::segments::{
     Behavior, CohortDelta, FeedPosition, Occurrence, ProfileChanges, ProfileSnapshot, Segment,
     SegmentUser, base_profile,
 };
-use tideway_core::store::{SegmentStore, StoreError, StoreFuture};
+use tideway_core::store::{DefinitionsLock, SegmentStore, StoreError, StoreFuture};
 use tideway_segment::{PurchaseRecord, SegmentProfile};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
@@ -798,6 +798,50 @@ async fn changes(
     Ok(out)
 }
 
+/// Key class of the session-level advisory lock that is a workspace's segment definitions
+/// lock ("tdsg" in ASCII); the second key is the workspace.
+const DEFINITIONS_LOCK_CLASS: i32 = 0x7464_7367;
+
+/// The advisory lock's second key. Workspaces beyond 2^31 share keys with others: their
+/// segment changes only wait for each other more.
+fn definitions_lock_key(workspace: WorkspaceId) -> i32 {
+    i32::try_from(workspace.0.rem_euclid(i64::from(i32::MAX))).unwrap_or_default()
+}
+
+/// The pooled connection whose session holds a workspace's segment definitions lock. Dropped,
+/// it unlocks and goes back to the pool; if it cannot (no runtime, or the unlock fails), the
+/// connection is closed instead, which releases the lock just as well.
+struct HeldDefinitions {
+    client: Option<super::PgClient>,
+    workspace: WorkspaceId,
+}
+
+impl Drop for HeldDefinitions {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let key = definitions_lock_key(self.workspace);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let unlocked = client
+                        .query_one(
+                            "SELECT pg_advisory_unlock($1, $2)",
+                            &[&DEFINITIONS_LOCK_CLASS, &key],
+                        )
+                        .await
+                        .is_ok_and(|row| row.try_get::<_, bool>(0).unwrap_or(false));
+                    if !unlocked {
+                        drop(deadpool_postgres::Client::take(client));
+                    }
+                });
+            }
+            Err(_) => drop(deadpool_postgres::Client::take(client)),
+        }
+    }
+}
+
 impl SegmentStore for PgStore {
     fn create_segment(&self, workspace: WorkspaceId, segment: Segment) -> StoreFuture<'_, Segment> {
         Box::pin(async move {
@@ -894,6 +938,23 @@ impl SegmentStore for PgStore {
                 .await
                 .map_err(pg_err)?;
             Ok(n > 0)
+        })
+    }
+
+    fn lock_segment_definitions(&self, workspace: WorkspaceId) -> StoreFuture<'_, DefinitionsLock> {
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            client
+                .execute(
+                    "SELECT pg_advisory_lock($1, $2)",
+                    &[&DEFINITIONS_LOCK_CLASS, &definitions_lock_key(workspace)],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(DefinitionsLock::new(HeldDefinitions {
+                client: Some(client),
+                workspace,
+            }))
         })
     }
 

@@ -135,6 +135,10 @@ pub struct SqliteStore {
     readers: Arc<Mutex<Vec<Connection>>>,
     path: PathBuf,
     options: SqliteOptions,
+    /// [`SegmentStore::lock_segment_definitions`]: one process owns the file (it holds the
+    /// writer), so a lock of the process serialises every segment change. One for every
+    /// workspace: changes are rare and short.
+    segment_definitions: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What a SQLite failure means to a caller, decided once and exhaustively: a database that
@@ -320,6 +324,7 @@ impl SqliteStore {
             readers: Arc::new(Mutex::new(Vec::new())),
             path: path.to_owned(),
             options,
+            segment_definitions: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -963,6 +968,18 @@ impl SegmentStore for SqliteStore {
     fn delete_segment(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool> {
         let id = id.to_owned();
         self.write(move |conn, _, _| segments::delete_segment(conn, workspace, &id))
+    }
+
+    fn lock_segment_definitions(
+        &self,
+        _workspace: WorkspaceId,
+    ) -> StoreFuture<'_, tideway_core::store::DefinitionsLock> {
+        let lock = Arc::clone(&self.segment_definitions);
+        Box::pin(async move {
+            Ok(tideway_core::store::DefinitionsLock::new(
+                lock.lock_owned().await,
+            ))
+        })
     }
 
     fn segment_profiles(

@@ -244,6 +244,42 @@ fn an_index_caught_up_incrementally_answers_as_a_full_load() {
     }
 }
 
+/// Two nodes on one database: a workspace's segment definitions lock held by one is waited
+/// for by the other, and released (unlocked, its connection back in the pool) on drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_definitions_lock_excludes_the_other_node_and_not_other_workspaces() {
+    use std::time::Duration;
+    let db = TestDb::create().await;
+    let (one, two) = (db.store().await, db.store().await);
+    let a = one.create_workspace("a", NOW).await.unwrap().id;
+    let b = one.create_workspace("b", NOW).await.unwrap().id;
+    let held = one.lock_segment_definitions(a).await.unwrap();
+    let other_ws = tokio::time::timeout(Duration::from_secs(10), two.lock_segment_definitions(b))
+        .await
+        .expect("another workspace's lock is free")
+        .unwrap();
+    let waiter = {
+        let two = two.clone();
+        tokio::spawn(async move { two.lock_segment_definitions(a).await.map(|_| ()) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the other node took a held lock");
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("released on the first node, the lock passes to the second")
+        .unwrap()
+        .unwrap();
+    drop(other_ws);
+    // The connections went back to the pool unlocked: the first node takes both again.
+    for ws in [a, b] {
+        let again = tokio::time::timeout(Duration::from_secs(10), one.lock_segment_definitions(ws))
+            .await
+            .expect("free again");
+        drop(again.unwrap());
+    }
+}
+
 /// Two writers, one per node, run random operations while a reader catches up in a loop: a
 /// catch-up lands between and during their commits, and must still miss nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,36 @@ fn segment(id: &str, name: &str, filter_json: Value, at: Millis) -> Segment {
     }
 }
 
+/// The segment definitions lock: exclusive per workspace, free in another workspace, and
+/// released when its guard is dropped (the next waiter then gets it).
+pub(super) async fn segment_definitions_are_locked_one_change_at_a_time(store: Arc<dyn Store>) {
+    use std::time::Duration;
+    let a = store.create_workspace("a", NOW).await.unwrap();
+    let held = store.lock_segment_definitions(a.id).await.unwrap();
+    let waiter = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.lock_segment_definitions(a.id).await.map(|_| ()) })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "a second holder got the lock");
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the lock is released when its guard is dropped")
+        .unwrap()
+        .unwrap();
+    // Each waiter's guard was dropped too: it can be taken again, in turn.
+    for _ in 0..3 {
+        let again = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.lock_segment_definitions(a.id),
+        )
+        .await
+        .expect("the lock is free again");
+        drop(again.unwrap());
+    }
+}
+
 /// Segments: created, read and listed (oldest first) in their workspace only, updated (name
 /// and filter, keeping `created_at`) and deleted once.
 pub(super) async fn segments_are_created_listed_updated_and_deleted(store: Arc<dyn Store>) {

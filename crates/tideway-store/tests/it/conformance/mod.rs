@@ -211,6 +211,7 @@ conformance! {
     ],
     feed: [
         segments_are_created_listed_updated_and_deleted,
+        segment_definitions_are_locked_one_change_at_a_time,
         an_index_caught_up_from_the_feed_answers_as_a_fresh_load,
         the_feed_head_moves_past_every_acknowledged_write,
         an_index_following_concurrent_writers_ends_as_a_fresh_load,
