@@ -188,7 +188,7 @@ pub fn parse_track(body: &Map<String, Value>) -> Result<TrackRequest, TrackRejec
     Ok(req)
 }
 
-fn not_valid(field: &str) -> String {
+pub(crate) fn not_valid(field: &str) -> String {
     format!("'{field}' is not valid")
 }
 
@@ -597,7 +597,7 @@ fn parse_properties(
 }
 
 /// The length of `value` written as JSON, counted without building the text.
-fn json_len(value: &(impl serde::Serialize + ?Sized)) -> usize {
+pub(crate) fn json_len(value: &(impl serde::Serialize + ?Sized)) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

@@ -10,11 +10,12 @@ use serde_json::{Map, Value, json};
 use crate::clock::Millis;
 use crate::currents::{CurrentsEvent, EventUser};
 use crate::ids::{BrazeId, DeviceId, Email, ExternalId, IdSource, Phone, UserAlias};
+use crate::profile::CustomChange;
 use crate::profile::{Occurrences, UserRecord, apply_custom};
 use crate::store::{LockKey, Lookup, StoreError, UserLookup, UserTx, Workspace};
 use crate::track::{
-    AttributeObject, ContactChange, EventObject, InputArray, ObjectError, PurchaseObject, Target,
-    TrackRequest, UserRef,
+    AttributeObject, ContactChange, EventObject, InputArray, MAX_NESTED_BYTES, ObjectError,
+    PurchaseObject, Target, TrackRequest, UserRef, json_len, not_valid,
 };
 
 /// `update_source` of profile updates made through the REST API.
@@ -190,9 +191,14 @@ pub fn track(
     Ok(out)
 }
 
-/// The applier of one kind of track object.
-type Apply<T> =
-    fn(&mut dyn UserTx, &mut WriteCtx<'_>, &mut UserRecord, &T) -> Result<(), StoreError>;
+/// The applier of one kind of track object: `Some(message)` if it refused the object as a
+/// whole (nothing of it applied; reported in the response's `errors`).
+type Apply<T> = fn(
+    &mut dyn UserTx,
+    &mut WriteCtx<'_>,
+    &mut UserRecord,
+    &T,
+) -> Result<Option<String>, StoreError>;
 
 /// Resolves and applies each object of one array; returns how many were processed and records
 /// the ones whose user could not be resolved.
@@ -212,9 +218,16 @@ fn apply_each<T>(
         match resolve_for_track(tx, ctx, target_of(obj), touched)? {
             Resolved::User(user) => {
                 let mut user = touched.freshest(*user);
-                apply(tx, ctx, &mut user, obj)?;
+                let refused = apply(tx, ctx, &mut user, obj)?;
                 touched.keep(user);
-                processed += 1;
+                match refused {
+                    None => processed += 1,
+                    Some(message) => errors.push(ObjectError {
+                        input_array,
+                        index: *index,
+                        message,
+                    }),
+                }
             }
             Resolved::Skip => {}
             Resolved::Error(message) => errors.push(ObjectError {
@@ -395,7 +408,14 @@ fn apply_attributes(
     ctx: &mut WriteCtx<'_>,
     user: &mut UserRecord,
     obj: &AttributeObject,
-) -> Result<(), StoreError> {
+) -> Result<Option<String>, StoreError> {
+    if let Some(name) = outgrown_nested(user, obj, ctx.max_array_len) {
+        return Ok(Some(format!(
+            "{}: it would grow past {} KiB",
+            not_valid(name),
+            MAX_NESTED_BYTES / 1024
+        )));
+    }
     let mut standard = Map::new();
     let mut custom = Map::new();
     match &obj.email {
@@ -443,7 +463,7 @@ fn apply_attributes(
         }
     }
     if standard.is_empty() && custom.is_empty() && !changed_other_standard {
-        return Ok(());
+        return Ok(None);
     }
     user.updated_at = ctx.now;
     let event = CurrentsEvent::profile_update(
@@ -455,7 +475,36 @@ fn apply_attributes(
         standard,
         &custom,
     );
-    tx.append_event(Some(user.seq), event)
+    tx.append_event(Some(user.seq), event)?;
+    Ok(None)
+}
+
+/// The first nested attribute (an object merged into, an array of objects edited) that the
+/// object's change would make larger than [`MAX_NESTED_BYTES`]. Each request's values are
+/// bounded when parsed, but the stored result of a merge or `$add` grows with every request,
+/// and the whole profile is rewritten on every change to the user: so the result is bounded
+/// too, and an object that would pass the bound is refused whole.
+fn outgrown_nested<'o>(
+    user: &UserRecord,
+    obj: &'o AttributeObject,
+    max_array_len: usize,
+) -> Option<&'o str> {
+    obj.custom.iter().find_map(|(name, change)| {
+        if !matches!(
+            change,
+            CustomChange::MergeObject(_) | CustomChange::ObjectArrayEdit { .. }
+        ) {
+            return None;
+        }
+        let mut probe = Map::new();
+        if let Some(old) = user.profile.custom.get(name) {
+            probe.insert(name.clone(), old.clone());
+        }
+        match apply_custom(&mut probe, name, change, max_array_len) {
+            Some(Some(new)) if json_len(&new) > MAX_NESTED_BYTES => Some(name.as_str()),
+            _ => None,
+        }
+    })
 }
 
 fn apply_event(
@@ -463,7 +512,7 @@ fn apply_event(
     ctx: &mut WriteCtx<'_>,
     user: &mut UserRecord,
     obj: &EventObject,
-) -> Result<(), StoreError> {
+) -> Result<Option<String>, StoreError> {
     user.profile
         .events
         .entry(obj.name.clone())
@@ -479,7 +528,8 @@ fn apply_event(
         &obj.name,
         &obj.properties,
     );
-    tx.append_event(Some(user.seq), event)
+    tx.append_event(Some(user.seq), event)?;
+    Ok(None)
 }
 
 fn apply_purchase(
@@ -487,7 +537,7 @@ fn apply_purchase(
     ctx: &mut WriteCtx<'_>,
     user: &mut UserRecord,
     obj: &PurchaseObject,
-) -> Result<(), StoreError> {
+) -> Result<Option<String>, StoreError> {
     let quantity = u64::from(obj.quantity);
     user.profile
         .purchases
@@ -518,7 +568,7 @@ fn apply_purchase(
         );
         tx.append_event(Some(user.seq), event)?;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Merges `source` into `target`: target absorbs the fields only source has, takes source's

@@ -288,6 +288,88 @@ async fn array_and_increment_operations() {
     assert_eq!(user["custom_attributes"], json!({"tags": ["a"], "n": 3}));
 }
 
+/// Each request's nested values are bounded when parsed, and so is what they add up to: an
+/// object whose `$add` (or merge) would take a stored nested attribute past 100 KiB is refused
+/// whole, reported by index, and the rest of the request applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_attributes_cannot_grow_past_the_bound_one_request_at_a_time() {
+    let (s, ws, key) = Server::with_admin().await;
+    let big = "x".repeat(40 * 1024);
+    let add = |id: u32| json!({"$add": [{"id": id, "blob": big}]});
+    for id in [1, 2] {
+        let ok = s
+            .post(
+                "/users/track",
+                &key,
+                json!({"attributes": [{"external_id": "u1", "pets": add(id)}]}),
+            )
+            .await;
+        assert_eq!(
+            (ok.status, &ok.body["attributes_processed"]),
+            (201, &json!(1))
+        );
+    }
+    let before = s.events(&ws).await.len();
+    let third = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [
+                {"external_id": "u1", "pets": add(3), "plan": "pro"},
+                {"external_id": "u2", "plan": "free"},
+            ]}),
+        )
+        .await;
+    assert_eq!(
+        (third.status, &third.body),
+        (
+            201,
+            &json!({
+                "message": "success",
+                "attributes_processed": 1,
+                "errors": [{"type": "'pets' is not valid: it would grow past 100 KiB", "input_array": "attributes", "index": 0}],
+            })
+        )
+    );
+    let u1 = s.export_external(&key, "u1").await.expect("u1");
+    let ids: Vec<&Value> = u1["custom_attributes"]["pets"]
+        .as_array()
+        .expect("pets")
+        .iter()
+        .map(|p| &p["id"])
+        .collect();
+    assert_eq!(ids, [&json!(1), &json!(2)]);
+    assert_eq!(
+        u1["custom_attributes"].get("plan"),
+        None,
+        "nothing of the refused object applies"
+    );
+    let u2 = s.export_external(&key, "u2").await.expect("u2");
+    assert_eq!(u2["custom_attributes"]["plan"], json!("free"));
+    assert_eq!(
+        s.events(&ws).await.len(),
+        before + 1,
+        "one event: u2's update"
+    );
+    // Taking some away makes room again.
+    let removed = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "u1", "pets": {"$remove": [{"id": 1, "blob": big}]}}]}),
+        )
+        .await;
+    assert_eq!(removed.body["attributes_processed"], json!(1));
+    let again = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": "u1", "pets": add(3)}]}),
+        )
+        .await;
+    assert_eq!(again.body["attributes_processed"], json!(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_id_makes_an_anonymous_user_that_external_id_later_identifies() {
     let (s, ws, key) = Server::with_admin().await;
