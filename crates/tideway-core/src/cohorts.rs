@@ -77,6 +77,9 @@ pub enum CohortApiError {
     TooManyIdentifiers,
     #[error("name must be a non-empty string")]
     InvalidName,
+    /// Our choice (Braze documents no bound): the names other APIs take, at most 255 characters.
+    #[error("name must be at most 255 characters")]
+    NameTooLong,
     #[error("created_at must be a valid time as an ISO-8601 string")]
     InvalidCreatedAt,
     #[error("Invalid Partner API key")]
@@ -99,6 +102,7 @@ impl CohortApiError {
             | CohortApiError::InvalidChanges
             | CohortApiError::TooManyIdentifiers
             | CohortApiError::InvalidName
+            | CohortApiError::NameTooLong
             | CohortApiError::InvalidCreatedAt => 400,
             CohortApiError::InvalidPartnerKey
             | CohortApiError::InvalidClientSecret
@@ -168,6 +172,9 @@ pub fn parse_cohort_id(body: &Map<String, Value>) -> Result<CohortId, CohortApiE
 pub fn parse_upsert(body: &Map<String, Value>) -> Result<CohortUpsert, CohortApiError> {
     let cohort_id = parse_cohort_id(body)?;
     let name = match body.get("name").and_then(Value::as_str) {
+        Some(n) if n.chars().count() > crate::MAX_DISPLAY_NAME_CHARS => {
+            return Err(CohortApiError::NameTooLong);
+        }
         Some(n) if !n.trim().is_empty() => n.to_owned(),
         _ => return Err(CohortApiError::InvalidName),
     };
@@ -535,6 +542,18 @@ mod tests {
                 json!({"cohort_id": "c", "name": " ", "created_at": "2021-01-21"})
             )),
             Err(CohortApiError::InvalidName)
+        );
+        assert_eq!(
+            parse_upsert(&body(
+                json!({"cohort_id": "c", "name": "n".repeat(256), "created_at": "2021-01-21"})
+            )),
+            Err(CohortApiError::NameTooLong)
+        );
+        assert!(
+            parse_upsert(&body(
+                json!({"cohort_id": "c", "name": "é".repeat(255), "created_at": "2021-01-21"})
+            ))
+            .is_ok()
         );
         assert_eq!(
             parse_upsert(&body(

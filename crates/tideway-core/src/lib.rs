@@ -22,3 +22,8 @@ pub mod services;
 pub mod store;
 pub mod track;
 pub mod users;
+
+/// Most characters in the name of something a person names and reads in lists: segments,
+/// campaigns, Canvases, cohorts. The API refuses longer names; the dashboard's forms say so
+/// first.
+pub const MAX_DISPLAY_NAME_CHARS: usize = 255;

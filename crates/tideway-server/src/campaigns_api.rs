@@ -33,6 +33,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
+use tideway_core::MAX_DISPLAY_NAME_CHARS;
 use tideway_core::campaigns::{
     CampaignAction, CampaignDefinition, CampaignStatus, DefinitionError, Delivery, Trigger,
 };
@@ -114,6 +115,10 @@ pub(crate) fn place_error(path: impl Into<String>, message: impl Into<String>) -
 pub(crate) fn name_field(body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
     match body.get("name") {
         None => Ok(None),
+        Some(Value::String(s)) if s.chars().count() > MAX_DISPLAY_NAME_CHARS => Err(place_error(
+            "name",
+            format!("must be at most {MAX_DISPLAY_NAME_CHARS} characters"),
+        )),
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
         Some(_) => Err(place_error("name", "must be a non-empty string")),
     }

@@ -15,6 +15,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
+use tideway_core::MAX_DISPLAY_NAME_CHARS;
 use tideway_core::ids::BrazeId;
 use tideway_core::keys::Permission;
 use tideway_core::segments::{Segment, segment_lookup};
@@ -75,6 +76,11 @@ pub(crate) async fn parse_filter(
 fn name_field(body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
     match body.get("name") {
         None => Ok(None),
+        Some(Value::String(s)) if s.chars().count() > MAX_DISPLAY_NAME_CHARS => {
+            Err(ApiError::bad_request(format!(
+                "'name' must be at most {MAX_DISPLAY_NAME_CHARS} characters"
+            )))
+        }
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
         Some(_) => Err(ApiError::bad_request("'name' must be a non-empty string")),
     }

@@ -19,6 +19,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde_json::{Map, Value, json};
+use tideway_core::MAX_DISPLAY_NAME_CHARS;
 use tideway_core::cohorts::partner;
 use tideway_core::segments::{Segment, segment_lookup};
 use tideway_core::store::CohortSummary;
@@ -706,8 +707,10 @@ async fn save(
     editing: Option<&Segment>,
 ) -> Result<Response, PageError> {
     let b = Builder::from_form(form);
-    let checked = if b.name.is_empty() || b.name.chars().count() > 255 {
-        Err("Give the segment a name of 1 to 255 characters.".to_owned())
+    let checked = if b.name.is_empty() || b.name.chars().count() > MAX_DISPLAY_NAME_CHARS {
+        Err(format!(
+            "Give the segment a name of 1 to {MAX_DISPLAY_NAME_CHARS} characters."
+        ))
     } else {
         b.to_json()
     };

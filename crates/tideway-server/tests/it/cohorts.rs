@@ -222,6 +222,7 @@ async fn every_documented_400_and_401_text() {
         ("/partners/heap/cohorts/users", users_body(&p, &secret, "c", json!([{"user_ids": [1, 2]}])), 400, "cohort_changes must be an array of objects each with key user_ids and/or device_ids mapping to an array of strings, or an aliases object".into()),
         ("/partners/heap/cohorts/users", users_body(&p, &secret, "c", json!([{"user_ids": (0..600).map(|i| i.to_string()).collect::<Vec<_>>()}, {"device_ids": (0..401).map(|i| i.to_string()).collect::<Vec<_>>()}])), 400, "Only 1,000 user_ids, device_ids, and aliases are allowed per request".into()),
         ("/partners/heap/cohorts", json!({"partner_api_key": p.heap_key, "client_secret": secret, "cohort_id": "c", "name": "", "created_at": "2021-01-21"}), 400, "name must be a non-empty string".into()),
+        ("/partners/heap/cohorts", json!({"partner_api_key": p.heap_key, "client_secret": secret, "cohort_id": "c", "name": "n".repeat(256), "created_at": "2021-01-21"}), 400, "name must be at most 255 characters".into()),
         ("/partners/heap/cohorts", json!({"partner_api_key": p.heap_key, "client_secret": secret, "cohort_id": "c", "name": "n", "created_at": "yesterday"}), 400, "created_at must be a valid time as an ISO-8601 string".into()),
         ("/partners/heap/cohorts", json!({"partner_api_key": p.heap_key, "client_secret": secret, "cohort_id": ["c"], "name": "n", "created_at": "2021-01-21"}), 400, "cohort_id must be a valid string".into()),
     ];

@@ -449,6 +449,13 @@ async fn bad_campaigns_and_sends_are_refused_naming_the_problem() {
             .contains("messages[0].body"),
         "{a:?}"
     );
+    let long = t.webhook_campaign(&"n".repeat(256), json!({}));
+    let a = t.s.post("/api/v1/campaigns", &t.key, long).await;
+    assert_eq!(
+        (a.status, a.body["message"].as_str()),
+        (400, Some("name: must be at most 255 characters")),
+        "{a:?}"
+    );
     let a = t
         .trigger("no-such-campaign", json!([{"external_user_id": "u1"}]))
         .await;

@@ -425,6 +425,17 @@ async fn invalid_filters_are_400_with_the_json_path() {
         (a.status, a.body["message"].as_str()),
         (400, Some("'filter' is required"))
     );
+    let a = s
+        .post(
+            "/api/v1/segments",
+            &key,
+            json!({"name": "n".repeat(256), "filter": {"identified": true}}),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.body["message"].as_str()),
+        (400, Some("'name' must be at most 255 characters"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
