@@ -217,9 +217,11 @@ pub fn parse_changes(body: &Map<String, Value>) -> Result<Vec<CohortChange>, Coh
     let mut total = 0usize;
     for item in items {
         let obj = item.as_object().ok_or(CohortApiError::InvalidChanges)?;
+        // A key set to null counts as absent (as everywhere in the change), so a change of
+        // nulls is refused as an empty one is.
         if !["user_ids", "device_ids", "aliases"]
             .iter()
-            .any(|k| obj.contains_key(*k))
+            .any(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
         {
             return Err(CohortApiError::InvalidChanges);
         }
@@ -504,6 +506,8 @@ mod tests {
             json!({}),
             json!([1]),
             json!([{"should_remove": true}]),
+            json!([{"user_ids": null}]),
+            json!([{"user_ids": null, "device_ids": null, "aliases": null}]),
             json!([{"user_ids": "a"}]),
             json!([{"user_ids": [1]}]),
             json!([{"user_ids": [], "should_remove": "yes"}]),

@@ -14,6 +14,7 @@ use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
+use tideway_core::MAX_DISPLAY_NAME_CHARS;
 use tideway_core::cohorts::{
     self, CohortApiError, CohortChange, CohortId, CohortIdentifier, MembershipOutcome, partner,
 };
@@ -237,6 +238,15 @@ fn webhook_error(status: u16, message: &str) -> Response {
     (status, axum::Json(json!({"error": message}))).into_response()
 }
 
+/// The cohort name a Heap segment's name gives: none if it is blank (the cohort keeps its name,
+/// or a new one is named by its id, as when Heap sends no name), cut to
+/// [`MAX_DISPLAY_NAME_CHARS`] if longer. Heap's page is applied either way: refusing it over a
+/// display name would lose its members.
+fn heap_cohort_name(name: Option<&str>) -> Option<String> {
+    let name = name.filter(|n| !n.trim().is_empty())?;
+    Some(crate::error::clipped(name, MAX_DISPLAY_NAME_CHARS - 1).into_owned())
+}
+
 /// Verifies, parses and applies one Heap segment-sync call for the webhooks in `candidates`
 /// (the workspace whose secret signed it wins). `expected` is the action an alias route
 /// (`…/users_sync`, `…/users_drain`) admits.
@@ -305,6 +315,19 @@ async fn segment_sync(
         Ok(r) => r,
         Err(e) => return webhook_error(e.http_status(), &e.to_string()),
     };
+    // Checked after the signature, so a disabled workspace answers a stranger exactly as an
+    // enabled one does. A 403 makes Heap retry the page: enabled again soon, nothing is lost.
+    match state
+        .store()
+        .partner_enabled(hook.workspace.id, "heap")
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            return webhook_error(403, "Heap is disabled for this workspace");
+        }
+        Err(e) => return ApiError::from(e).into_response(),
+    }
     if expected.is_some_and(|a| a != request.action) {
         return webhook_error(
             405,
@@ -332,7 +355,7 @@ async fn segment_sync(
     };
     let page = SegmentSyncPage {
         cohort_id,
-        name: request.segment.name.clone(),
+        name: heap_cohort_name(request.segment.name.as_deref()),
         page_key: request
             .page
             .as_ref()

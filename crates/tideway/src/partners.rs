@@ -60,7 +60,8 @@ pub enum PartnersCommand {
         #[arg(long, default_value = "heap")]
         partner: String,
     },
-    /// Refuse cohort import from a partner for a workspace (keys stay; imports get 401)
+    /// Refuse cohort import from a partner for a workspace (keys stay; imports get 401, Heap's
+    /// segment sync 403)
     Disable {
         #[command(flatten)]
         location: Location,

@@ -111,8 +111,10 @@ pub trait AdminStore: Send + Sync {
         partner: &str,
         hash: KeyHash,
     ) -> StoreFuture<'_, Option<ImportKeyOwner>>;
-    /// The workspace's Heap webhook settings, creating the secret from `fresh` if absent;
-    /// `alias_label` (when `Some`) replaces the id mapping.
+    /// The workspace's Heap webhook settings, creating the secret from `fresh` if absent, and
+    /// enabling Heap for the workspace unless it was ever enabled or disabled before (a webhook
+    /// secret enables Heap as a data import key does); `alias_label` (when `Some`) replaces the
+    /// id mapping.
     fn heap_webhook(
         &self,
         workspace: WorkspaceId,

@@ -433,6 +433,108 @@ fn sync_body(task: &str, page: u32, add: &[&str], remove: &[&str]) -> Value {
             "remove": remove.iter().map(|id| json!({"id": id})).collect::<Vec<_>>()}})
 }
 
+/// Disabling Heap for a workspace refuses its segment sync too (403, so Heap retries the page
+/// until it is enabled again), and a segment name that is blank or too long never becomes an
+/// unusable cohort name: blank keeps the cohort's name (a new cohort is named by its id), long
+/// is cut to 255 characters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heap_segment_sync_follows_disable_and_keeps_names_usable() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    seed_users(&s, &key).await;
+    let hook = s
+        .store
+        .heap_webhook(ws.id, Secret::new("whsec-w".into()), None)
+        .await
+        .unwrap();
+    let secret = hook.secret.expose().to_owned();
+    let path = format!("/partners/heap/segment-sync/{}", ws.app_group_id);
+    let page = |task: &str, id: u64, name: Value, add: &[&str]| {
+        let mut body = sync_body(task, 1, add, &[]);
+        body["data"]["segment"] = json!({"id": id, "name": name});
+        body
+    };
+    let named = |id: &str| {
+        let store = s.store.clone();
+        let (ws, id) = (ws.id, id.to_owned());
+        async move {
+            store
+                .list_cohorts(ws)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|c| c.cohort_id.as_str() == id)
+                .map(|c| (c.name, c.member_count))
+        }
+    };
+
+    s.store
+        .set_partner_enabled(ws.id, "heap", false)
+        .await
+        .unwrap();
+    let refused = webhook(
+        &s,
+        &path,
+        &secret,
+        now_ms(),
+        &page("t1", 7, json!("Seven"), &["u1"]),
+    )
+    .await;
+    assert_eq!(
+        (refused.status, refused.body["error"].as_str()),
+        (403, Some("Heap is disabled for this workspace")),
+    );
+    assert_eq!(
+        named("7").await,
+        None,
+        "nothing of a refused page is applied"
+    );
+    s.store
+        .set_partner_enabled(ws.id, "heap", true)
+        .await
+        .unwrap();
+    // Heap retries the page: it applies now.
+    let a = webhook(
+        &s,
+        &path,
+        &secret,
+        now_ms(),
+        &page("t1", 7, json!("Seven"), &["u1"]),
+    )
+    .await;
+    assert_eq!((a.status, &a.body["added"]), (200, &json!(1)), "{a:?}");
+
+    for (task, name) in [("t2", json!("")), ("t3", json!("   ")), ("t4", Value::Null)] {
+        let a = webhook(&s, &path, &secret, now_ms(), &page(task, 7, name, &["u2"])).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(named("7").await, Some(("Seven".to_owned(), 2)), "{task}");
+    }
+    let a = webhook(
+        &s,
+        &path,
+        &secret,
+        now_ms(),
+        &page("t5", 8, json!(" "), &["u1"]),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(named("8").await, Some(("8".to_owned(), 1)));
+    let long = "é".repeat(300);
+    let a = webhook(
+        &s,
+        &path,
+        &secret,
+        now_ms(),
+        &page("t6", 8, json!(long), &[]),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let (name, _) = named("8").await.unwrap();
+    assert_eq!(name.chars().count(), 255);
+    assert!(name.ends_with('…') && name.starts_with("éé"), "{name}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heap_segment_sync_is_verified_paged_idempotent_and_drains() {
     let s = Server::start().await;

@@ -573,6 +573,14 @@ impl AdminStore for PgStore {
             )
             .await
             .map_err(|e| workspace_write_err(workspace, e))?;
+            // A webhook secret enables Heap, as a data import key does; a disable stays.
+            tx.execute(
+                "INSERT INTO workspace_partners (workspace_id, partner, enabled)
+                 VALUES ($1, 'heap', true) ON CONFLICT (workspace_id, partner) DO NOTHING",
+                &[&workspace.0],
+            )
+            .await
+            .map_err(pg_err)?;
             if let Some(label) = &alias_label {
                 tx.execute(
                     "UPDATE heap_webhooks SET alias_label = $2 WHERE workspace_id = $1",

@@ -724,6 +724,14 @@ ALTER TABLE cohort_members ALTER COLUMN workspace_id SET STATISTICS 0;
     r#"
 ALTER TABLE users SET (fillfactor = 80);
 "#,
+    // 12: Heap is enabled for a workspace once it has a webhook secret (as once it has a data
+    // import key), until disabled; the segment-sync webhook now refuses a disabled workspace.
+    // Workspaces whose secret was made before this get the row they would have got.
+    r#"
+INSERT INTO workspace_partners (workspace_id, partner, enabled)
+SELECT workspace_id, 'heap', true FROM heap_webhooks
+ON CONFLICT (workspace_id, partner) DO NOTHING;
+"#,
 ];
 
 /// The schema version this code writes: the number of migrations.

@@ -387,6 +387,12 @@ pub fn heap_webhook(
         params![workspace.0, fresh.expose()],
     )
     .map_err(sql_err)?;
+    // A webhook secret enables Heap, as a data import key does; a disable stays.
+    conn.execute(
+        "INSERT OR IGNORE INTO workspace_partners (workspace_id, partner, enabled) VALUES (?1, 'heap', 1)",
+        params![workspace.0],
+    )
+    .map_err(sql_err)?;
     if let Some(label) = alias_label {
         conn.execute(
             "UPDATE heap_webhooks SET alias_label = ?2 WHERE workspace_id = ?1",

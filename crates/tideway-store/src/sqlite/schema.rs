@@ -666,6 +666,13 @@ CREATE TABLE canvas_conversion_watches (
 ) WITHOUT ROWID;
 CREATE INDEX canvas_conversion_watches_until ON canvas_conversion_watches(workspace_id, until);
 "#,
+    // Heap is enabled for a workspace once it has a webhook secret (as once it has a data import
+    // key), until disabled; the segment-sync webhook now refuses a disabled workspace. Workspaces
+    // whose secret was made before this get the row they would have got.
+    r#"
+INSERT OR IGNORE INTO workspace_partners (workspace_id, partner, enabled)
+SELECT workspace_id, 'heap', 1 FROM heap_webhooks;
+"#,
 ];
 
 /// Brings the schema up to date inside one transaction.
@@ -677,4 +684,37 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
     }
     tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The last migration gives a workspace whose Heap webhook secret was made before it the
+    /// `workspace_partners` row a secret now makes (Heap enabled), and keeps an explicit
+    /// disable.
+    #[test]
+    fn heap_webhook_secrets_made_before_enable_heap_unless_disabled() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for (i, sql) in MIGRATIONS[..MIGRATIONS.len() - 1].iter().enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+                .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO workspaces (id, name, app_group_id, created_at) VALUES (1, 'a', 'g1', 0), (2, 'b', 'g2', 0);
+             INSERT INTO heap_webhooks (workspace_id, secret) VALUES (1, 's1'), (2, 's2');
+             INSERT INTO workspace_partners (workspace_id, partner, enabled) VALUES (2, 'heap', 0);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let rows: Vec<(i64, bool)> = conn
+            .prepare("SELECT workspace_id, enabled FROM workspace_partners WHERE partner = 'heap' ORDER BY 1")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [(1, true), (2, false)]);
+    }
 }

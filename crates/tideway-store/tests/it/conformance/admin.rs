@@ -242,11 +242,24 @@ pub(super) async fn heap_webhook_settings_are_kept_per_workspace(store: Arc<dyn 
         .await
         .unwrap();
     assert_eq!(kept, labelled, "None leaves the label as it is");
+    assert!(
+        store.partner_enabled(a.id, "heap").await.unwrap(),
+        "a webhook secret enables Heap"
+    );
+    assert!(!store.partner_enabled(b.id, "heap").await.unwrap());
+    store
+        .set_partner_enabled(b.id, "heap", false)
+        .await
+        .unwrap();
     let b_hook = store
         .heap_webhook(b.id, Secret::new("whsec-b".into()), None)
         .await
         .unwrap();
     assert_eq!(b_hook.workspace, b);
+    assert!(
+        !store.partner_enabled(b.id, "heap").await.unwrap(),
+        "a disable made before the secret stays"
+    );
     assert_eq!(
         store.heap_webhooks().await.unwrap(),
         vec![labelled.clone(), b_hook]
