@@ -455,6 +455,10 @@ async fn heap_segment_sync_follows_disable_and_keeps_names_usable() {
         body["data"]["segment"] = json!({"id": id, "name": name});
         body
     };
+    let sync = |body: Value| {
+        let (s, path, secret) = (&s, path.clone(), secret.clone());
+        async move { webhook(s, &path, &secret, now_ms(), &body).await }
+    };
     let named = |id: &str| {
         let store = s.store.clone();
         let (ws, id) = (ws.id, id.to_owned());
@@ -473,14 +477,7 @@ async fn heap_segment_sync_follows_disable_and_keeps_names_usable() {
         .set_partner_enabled(ws.id, "heap", false)
         .await
         .unwrap();
-    let refused = webhook(
-        &s,
-        &path,
-        &secret,
-        now_ms(),
-        &page("t1", 7, json!("Seven"), &["u1"]),
-    )
-    .await;
+    let refused = sync(page("t1", 7, json!("Seven"), &["u1"])).await;
     assert_eq!(
         (refused.status, refused.body["error"].as_str()),
         (403, Some("Heap is disabled for this workspace")),
@@ -495,40 +492,19 @@ async fn heap_segment_sync_follows_disable_and_keeps_names_usable() {
         .await
         .unwrap();
     // Heap retries the page: it applies now.
-    let a = webhook(
-        &s,
-        &path,
-        &secret,
-        now_ms(),
-        &page("t1", 7, json!("Seven"), &["u1"]),
-    )
-    .await;
+    let a = sync(page("t1", 7, json!("Seven"), &["u1"])).await;
     assert_eq!((a.status, &a.body["added"]), (200, &json!(1)), "{a:?}");
 
     for (task, name) in [("t2", json!("")), ("t3", json!("   ")), ("t4", Value::Null)] {
-        let a = webhook(&s, &path, &secret, now_ms(), &page(task, 7, name, &["u2"])).await;
+        let a = sync(page(task, 7, name, &["u2"])).await;
         assert_eq!(a.status, 200, "{a:?}");
         assert_eq!(named("7").await, Some(("Seven".to_owned(), 2)), "{task}");
     }
-    let a = webhook(
-        &s,
-        &path,
-        &secret,
-        now_ms(),
-        &page("t5", 8, json!(" "), &["u1"]),
-    )
-    .await;
+    let a = sync(page("t5", 8, json!(" "), &["u1"])).await;
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(named("8").await, Some(("8".to_owned(), 1)));
     let long = "é".repeat(300);
-    let a = webhook(
-        &s,
-        &path,
-        &secret,
-        now_ms(),
-        &page("t6", 8, json!(long), &[]),
-    )
-    .await;
+    let a = sync(page("t6", 8, json!(long), &[])).await;
     assert_eq!(a.status, 200, "{a:?}");
     let (name, _) = named("8").await.unwrap();
     assert_eq!(name.chars().count(), 255);
