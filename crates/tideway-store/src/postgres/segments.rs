@@ -822,9 +822,15 @@ impl Drop for HeldDefinitions {
             return;
         };
         let key = definitions_lock_key(self.workspace);
+        // Until the unlock is confirmed the connection is closed rather than pooled, also if
+        // the task never runs to its end (the runtime shutting down).
+        let mut unlocking = Unpooled(Some(client));
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
+                    let Some(client) = unlocking.0.as_ref() else {
+                        return;
+                    };
                     let unlocked = client
                         .query_one(
                             "SELECT pg_advisory_unlock($1, $2)",
@@ -832,12 +838,25 @@ impl Drop for HeldDefinitions {
                         )
                         .await
                         .is_ok_and(|row| row.try_get::<_, bool>(0).unwrap_or(false));
-                    if !unlocked {
-                        drop(deadpool_postgres::Client::take(client));
+                    if unlocked {
+                        // Back to the pool, unlocked.
+                        drop(unlocking.0.take());
                     }
                 });
             }
-            Err(_) => drop(deadpool_postgres::Client::take(client)),
+            Err(_) => drop(unlocking),
+        }
+    }
+}
+
+/// A pooled connection that is closed, not given back to the pool, if dropped while it holds
+/// it: closing the session releases its advisory locks.
+struct Unpooled(Option<super::PgClient>);
+
+impl Drop for Unpooled {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Client::take(client));
         }
     }
 }
