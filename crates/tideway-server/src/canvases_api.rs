@@ -499,6 +499,7 @@ async fn canvas_trigger(
             json!(["the Canvas's entry is not api_triggered"]),
         ));
     }
+    crate::messaging_api::check_segment_id(state, ws.id, body).await?;
     let dispatch_id = tideway_messaging::plan::new_dispatch_id();
     if canvas.status != CampaignStatus::Active {
         let notice = match canvas.status {

@@ -60,6 +60,9 @@ pub const TOO_MANY_RECIPIENTS: &str =
     "The max number of external_ids and aliases per request was exceeded";
 pub const NO_RECIPIENTS: &str = "No Recipients";
 pub const INVALID_CAMPAIGN: &str = "Invalid Campaign ID";
+/// A `segment_id` that names no segment of the workspace (Braze's style for an unknown id in a
+/// send; our choice of text): refused, since it would silently match nobody.
+pub const INVALID_SEGMENT: &str = "Invalid segment_id";
 pub const NO_MESSAGE: &str = "No message to send";
 pub const VARIANT_UNSPECIFIED: &str = "Message Variant Unspecified";
 pub const INVALID_VARIANT: &str = "Invalid Message Variant";
@@ -695,6 +698,21 @@ pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Respon
 
 /// An API-triggered campaign send, now or at `schedule`: the dispatch id and the non-fatal
 /// errors. Shared by `/campaigns/trigger/send` and `/campaigns/trigger/schedule/create`.
+/// Refuses a `segment_id` that names no segment of the workspace ([`INVALID_SEGMENT`]).
+pub(crate) async fn check_segment_id(
+    state: &AppState,
+    workspace: tideway_core::ids::WorkspaceId,
+    body: &Map<String, Value>,
+) -> Result<(), ApiError> {
+    if let Some(Value::String(id)) = body.get("segment_id")
+        && !id.is_empty()
+        && state.store().segment(workspace, id).await?.is_none()
+    {
+        return Err(ApiError::bad_request(INVALID_SEGMENT));
+    }
+    Ok(())
+}
+
 pub(crate) async fn trigger(
     state: &AppState,
     api: &MessagingApi,
@@ -725,6 +743,7 @@ pub(crate) async fn trigger(
     if campaign.status != CampaignStatus::Active {
         return Err(send_error(SendError::NotActive(campaign.status.as_str())));
     }
+    check_segment_id(state, ws.id, body).await?;
     let errors = apply_updates(state, ws, parsed.updates).await?;
     let outcome = trigger_campaign(
         state.store(),
@@ -791,6 +810,7 @@ pub(crate) async fn send_adhoc(
             .ok_or_else(|| ApiError::bad_request(INVALID_CAMPAIGN))?;
         check_campaign_variants(&campaign, &parsed.messages)?;
     }
+    check_segment_id(state, ws.id, body).await?;
     let channels: Vec<&str> = parsed
         .messages
         .keys()

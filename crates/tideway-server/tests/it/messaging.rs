@@ -471,6 +471,24 @@ async fn bad_campaigns_and_sends_are_refused_naming_the_problem() {
         .await;
     assert_eq!(a.status, 400);
     assert_eq!(a.body["message"], "No Recipients");
+    // A segment_id naming no segment would match nobody: refused, nothing queued.
+    for (path, body) in [
+        (
+            "/campaigns/trigger/send",
+            json!({"campaign_id": id, "broadcast": true, "segment_id": "nope"}),
+        ),
+        (
+            "/messages/send",
+            json!({"segment_id": "nope", "broadcast": true, "messages": {"webhook": {"url": t.hook_url, "body": "x"}}}),
+        ),
+    ] {
+        let a = t.s.post(path, &t.key, body).await;
+        assert_eq!(
+            (a.status, a.body["message"].as_str()),
+            (400, Some("Invalid segment_id")),
+            "{path}: {a:?}"
+        );
+    }
     let many: Vec<Value> = (0..51)
         .map(|i| json!({"external_user_id": format!("x{i}")}))
         .collect();
@@ -999,6 +1017,24 @@ async fn api_schedules_to_named_users_can_be_moved_and_deleted() {
         0,
         "the deleted schedule's send is gone"
     );
+    // A deleted schedule is no longer one: moving or deleting it again is refused.
+    for (path, body) in [
+        (
+            "/campaigns/trigger/schedule/update",
+            json!({"campaign_id": deleted, "schedule_id": to_delete, "schedule": {"time": iso_in(1_000)}}),
+        ),
+        (
+            "/campaigns/trigger/schedule/delete",
+            json!({"campaign_id": deleted, "schedule_id": to_delete}),
+        ),
+    ] {
+        let a = t.s.post(path, &t.key, body).await;
+        assert_eq!(
+            (a.status, a.body["message"].as_str()),
+            (400, Some("Invalid schedule_id")),
+            "{path}"
+        );
+    }
     let a =
         t.s.post(
             "/campaigns/trigger/schedule/update",
@@ -1057,4 +1093,23 @@ async fn api_schedules_to_named_users_can_be_moved_and_deleted() {
         .await;
     assert_eq!(a.status, 400, "{a:?}");
     assert_eq!(a.body["message"], "Invalid schedule_id", "{a:?}");
+    // The deleted schedule took u2's receipt of a once-only campaign and gave it back: u2 may
+    // receive that campaign now.
+    let a = t
+        .trigger(&deleted, json!([{"external_user_id": "u2"}]))
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let deadline = Instant::now() + DEADLINE;
+    while !t
+        .hooks
+        .hits()
+        .iter()
+        .any(|h| h.headers["x-campaign"] == "Deleted")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted schedule's user never got the campaign"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }

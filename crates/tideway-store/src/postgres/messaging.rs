@@ -615,8 +615,10 @@ pub(super) async fn take_receipt_rows<C: GenericClient>(
              SELECT $1, x.u, x.c, x.t, x.w
              FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::bigint[]) AS x(u, c, t, w)
              ON CONFLICT (workspace_id, user_seq, campaign_id) DO UPDATE
-                 SET received_at = EXCLUDED.received_at, window_ms = EXCLUDED.window_ms
+                 SET received_at = GREATEST(r.received_at, EXCLUDED.received_at),
+                     window_ms = EXCLUDED.window_ms
                  WHERE r.received_at::numeric + EXCLUDED.window_ms <= EXCLUDED.received_at
+                    OR EXCLUDED.received_at::numeric + EXCLUDED.window_ms <= r.received_at
              RETURNING user_seq, campaign_id"
         }
         Receipts::Canvas => {
@@ -625,8 +627,10 @@ pub(super) async fn take_receipt_rows<C: GenericClient>(
              SELECT $1, x.u, x.c, x.t, x.w
              FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::bigint[]) AS x(u, c, t, w)
              ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE
-                 SET entered_at = EXCLUDED.entered_at, window_ms = EXCLUDED.window_ms
+                 SET entered_at = GREATEST(r.entered_at, EXCLUDED.entered_at),
+                     window_ms = EXCLUDED.window_ms
                  WHERE r.entered_at::numeric + EXCLUDED.window_ms <= EXCLUDED.entered_at
+                    OR EXCLUDED.entered_at::numeric + EXCLUDED.window_ms <= r.entered_at
              RETURNING user_seq, canvas_id"
         }
     };
@@ -1187,6 +1191,16 @@ async fn recent_sends(
     .collect()
 }
 
+/// The campaign receipts the pending sends of dispatch `$2` (of a campaign) took: a receipt
+/// is taken at its send's due time, so one that still has that time is that send's. Moved with
+/// a rescheduled dispatch, released with a cancelled one (a scheduled send that will not go out
+/// must not keep the user from the campaign).
+const PENDING_RECEIPTS: &str = "workspace_id = $1
+    AND campaign_id = (SELECT campaign_id FROM dispatches
+                       WHERE workspace_id = $1 AND id = $2 AND source = 'campaign')
+    AND (user_seq, received_at) IN (SELECT user_seq, due_at FROM sends
+                                    WHERE workspace_id = $1 AND dispatch_id = $2 AND state = 'pending')";
+
 async fn reschedule_dispatch(
     store: &PgStore,
     workspace: WorkspaceId,
@@ -1208,6 +1222,12 @@ async fn reschedule_dispatch(
     }
     execute(
         &tx,
+        &format!("UPDATE campaign_receipts SET received_at = $3 WHERE {PENDING_RECEIPTS}"),
+        &[&workspace.0, &id, &at.0],
+    )
+    .await?;
+    execute(
+        &tx,
         "UPDATE sends SET due_at = $3
          WHERE workspace_id = $1 AND dispatch_id = $2 AND state = 'pending'",
         &[&workspace.0, &id, &at.0],
@@ -1226,13 +1246,26 @@ async fn cancel_dispatch(
     let tx = client.transaction().await.map_err(pg_err)?;
     let exists = execute(
         &tx,
-        "UPDATE dispatches SET expanding_after = NULL WHERE workspace_id = $1 AND id = $2",
+        "SELECT 1 FROM dispatches WHERE workspace_id = $1 AND id = $2 FOR UPDATE",
         &[&workspace.0, &id],
     )
     .await?;
     if exists == 0 {
         return Ok(false);
     }
+    execute(
+        &tx,
+        &format!("DELETE FROM campaign_receipts WHERE {PENDING_RECEIPTS}"),
+        &[&workspace.0, &id],
+    )
+    .await?;
+    execute(
+        &tx,
+        "UPDATE dispatches SET expanding_after = NULL, not_before = NULL
+         WHERE workspace_id = $1 AND id = $2",
+        &[&workspace.0, &id],
+    )
+    .await?;
     execute(
         &tx,
         "DELETE FROM sends WHERE workspace_id = $1 AND dispatch_id = $2 AND state = 'pending'",

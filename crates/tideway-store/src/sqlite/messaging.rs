@@ -685,9 +685,10 @@ pub(crate) enum Receipts {
 }
 
 /// Takes a receipt of `owner_id` (a campaign or a Canvas) for the user at `now`: a new one, or
-/// an old one taken again once it is re-eligible (a re-eligibility window is set and has
-/// passed since the last receipt). Whether it was taken; one statement, so a row left
-/// unchanged is a user still ineligible.
+/// an old one taken again when the two are a re-eligibility window apart (a window is set; the
+/// new one may be the earlier of the two: a send scheduled ahead took its receipt at its own
+/// time, and concurrent sends take theirs in any order). The row keeps the later time. Whether
+/// it was taken; one statement, so a row left unchanged is a user still ineligible.
 pub(crate) fn take_receipt(
     conn: &Connection,
     receipts: Receipts,
@@ -702,15 +703,17 @@ pub(crate) fn take_receipt(
             "INSERT INTO campaign_receipts (workspace_id, user_seq, campaign_id, received_at)
              VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (workspace_id, user_seq, campaign_id) DO UPDATE
-                 SET received_at = excluded.received_at
-                 WHERE ?5 IS NOT NULL AND campaign_receipts.received_at + ?5 <= excluded.received_at"
+                 SET received_at = max(campaign_receipts.received_at, excluded.received_at)
+                 WHERE ?5 IS NOT NULL AND (campaign_receipts.received_at + ?5 <= excluded.received_at
+                     OR excluded.received_at + ?5 <= campaign_receipts.received_at)"
         }
         Receipts::Canvas => {
             "INSERT INTO canvas_receipts (workspace_id, user_seq, canvas_id, entered_at)
              VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (workspace_id, canvas_id, user_seq) DO UPDATE
-                 SET entered_at = excluded.entered_at
-                 WHERE ?5 IS NOT NULL AND canvas_receipts.entered_at + ?5 <= excluded.entered_at"
+                 SET entered_at = max(canvas_receipts.entered_at, excluded.entered_at)
+                 WHERE ?5 IS NOT NULL AND (canvas_receipts.entered_at + ?5 <= excluded.entered_at
+                     OR excluded.entered_at + ?5 <= canvas_receipts.entered_at)"
         }
     };
     let changed = conn
@@ -1240,6 +1243,16 @@ pub(crate) fn queue_state_of(text: &str) -> Result<QueueState, StoreError> {
     QueueState::parse(text).ok_or_else(|| corrupt(format!("send state {text:?}")))
 }
 
+/// The campaign receipts the pending sends of dispatch `?2` (of a campaign) took: a receipt
+/// is taken at its send's due time, so one that still has that time is that send's. Moved with
+/// a rescheduled dispatch, released with a cancelled one (a scheduled send that will not go out
+/// must not keep the user from the campaign).
+const PENDING_RECEIPTS: &str = "workspace_id = ?1
+    AND campaign_id = (SELECT campaign_id FROM dispatches
+                       WHERE workspace_id = ?1 AND id = ?2 AND source = 'campaign')
+    AND (user_seq, received_at) IN (SELECT user_seq, due_at FROM sends
+                                    WHERE workspace_id = ?1 AND dispatch_id = ?2 AND state = 'pending')";
+
 fn reschedule_dispatch(
     conn: &Connection,
     workspace: WorkspaceId,
@@ -1258,6 +1271,12 @@ fn reschedule_dispatch(
     if exists == 0 {
         return Ok(false);
     }
+    conn.prepare_cached(&format!(
+        "UPDATE campaign_receipts SET received_at = ?3 WHERE {PENDING_RECEIPTS}"
+    ))
+    .map_err(sql_err)?
+    .execute(params![workspace.0, id, at.0])
+    .map_err(sql_err)?;
     conn.prepare_cached(
         "UPDATE sends SET due_at = ?3
          WHERE workspace_id = ?1 AND dispatch_id = ?2 AND state = 'pending'",
@@ -1274,15 +1293,26 @@ fn cancel_dispatch(
     id: &str,
 ) -> Result<bool, StoreError> {
     let exists = conn
-        .prepare_cached(
-            "UPDATE dispatches SET expanding_after = NULL WHERE workspace_id = ?1 AND id = ?2",
-        )
+        .prepare_cached("SELECT 1 FROM dispatches WHERE workspace_id = ?1 AND id = ?2")
         .map_err(sql_err)?
-        .execute(params![workspace.0, id])
+        .exists(params![workspace.0, id])
         .map_err(sql_err)?;
-    if exists == 0 {
+    if !exists {
         return Ok(false);
     }
+    conn.prepare_cached(&format!(
+        "DELETE FROM campaign_receipts WHERE {PENDING_RECEIPTS}"
+    ))
+    .map_err(sql_err)?
+    .execute(params![workspace.0, id])
+    .map_err(sql_err)?;
+    conn.prepare_cached(
+        "UPDATE dispatches SET expanding_after = NULL, not_before = NULL
+         WHERE workspace_id = ?1 AND id = ?2",
+    )
+    .map_err(sql_err)?
+    .execute(params![workspace.0, id])
+    .map_err(sql_err)?;
     conn.prepare_cached(
         "DELETE FROM sends WHERE workspace_id = ?1 AND dispatch_id = ?2 AND state = 'pending'",
     )

@@ -522,6 +522,120 @@ pub(super) async fn enqueue_writes_dispatches_jobs_and_events_all_or_nothing(
 /// passed since the last receipt; the receipt's time is the job's due time, else its first
 /// event's, else the newest dispatch's creation. A refused item is skipped whole (no job, no
 /// events) and counted ineligible; repeats within one enqueue see the ones before them.
+/// A receipt taken ahead (a send scheduled for later) does not keep an earlier send out when a
+/// window separates them, and the row keeps the later time; a rescheduled dispatch moves the
+/// receipts its pending sends took, a cancelled one releases them (its user may receive the
+/// campaign again), while a receipt another send moved on is left alone.
+pub(super) async fn scheduled_receipts_follow_their_dispatch(store: Arc<dyn Store>) {
+    let a = store.create_workspace("a", NOW).await.unwrap();
+    let later = Millis(NOW.0 + 365 * DAY);
+    let send =
+        |user: u32, dispatch_id: &str, campaign: &str, window: Option<i64>, due: Millis| NewSend {
+            user: UserSeq(user),
+            receipt: receipt(campaign, window),
+            job: Some(job(dispatch_id, due)),
+            events: vec![],
+        };
+    let enqueue = |dispatch_id: &str, campaign: &str, sends: Vec<NewSend>| Enqueue {
+        dispatches: vec![dispatch(&a, dispatch_id, campaign)],
+        items: sends,
+        ..Enqueue::default()
+    };
+    let received = |user: u32| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .receipts_of(a.id, UserSeq(user))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.campaign_id, r.received_at))
+                .collect::<Vec<_>>()
+        }
+    };
+    // Window 0: a send scheduled a year ahead, then one now; both go, the row keeps the later.
+    let ahead = enqueue(
+        "ahead",
+        "zero",
+        vec![send(1, "ahead", "zero", Some(0), later)],
+    );
+    assert_eq!(store.enqueue(a.id, ahead).await.unwrap().queued, 1);
+    let now = enqueue("now", "zero", vec![send(1, "now", "zero", Some(0), NOW)]);
+    assert_eq!(store.enqueue(a.id, now).await.unwrap().queued, 1);
+    assert_eq!(received(1).await, [("zero".to_owned(), later)]);
+    // A window wider than the gap keeps the earlier one out, as it would the later one.
+    let wide = enqueue(
+        "wide",
+        "zero",
+        vec![send(1, "wide", "zero", Some(DAY), Millis(later.0 - 1))],
+    );
+    assert_eq!(store.enqueue(a.id, wide).await.unwrap().ineligible, 1);
+
+    // Once only: scheduled ahead for users 2 and 3, then moved, then cancelled.
+    let once = enqueue(
+        "sched",
+        "once",
+        vec![
+            send(2, "sched", "once", None, later),
+            send(3, "sched", "once", None, later),
+        ],
+    );
+    assert_eq!(store.enqueue(a.id, once).await.unwrap().queued, 2);
+    let moved = Millis(later.0 + DAY);
+    assert!(
+        store
+            .reschedule_dispatch(a.id, "sched", moved)
+            .await
+            .unwrap()
+    );
+    assert_eq!(received(2).await, [("once".to_owned(), moved)]);
+    // User 3 also has a receipt of another campaign; user 4's receipt of the scheduled
+    // dispatch's campaign was moved on by a later send (window 0).
+    let other = enqueue(
+        "other",
+        "zero",
+        vec![send(3, "other", "zero", Some(0), NOW)],
+    );
+    store.enqueue(a.id, other).await.unwrap();
+    let four = items(vec![send(4, "sched", "once", Some(0), moved)]);
+    store.enqueue(a.id, four).await.unwrap();
+    let past = Millis(moved.0 + 5);
+    let on = enqueue("on", "once", vec![send(4, "on", "once", Some(0), past)]);
+    assert_eq!(store.enqueue(a.id, on).await.unwrap().queued, 1);
+    assert!(store.cancel_dispatch(a.id, "sched").await.unwrap());
+    assert_eq!(
+        received(2).await,
+        [],
+        "the cancelled send's receipt is released"
+    );
+    assert_eq!(
+        received(3).await,
+        [("zero".to_owned(), NOW)],
+        "only the cancelled dispatch's campaign is touched"
+    );
+    assert_eq!(
+        received(4).await,
+        [("once".to_owned(), past)],
+        "a receipt a later send moved on is not the cancelled send's"
+    );
+    let again = enqueue("again", "once", vec![send(2, "again", "once", None, NOW)]);
+    assert_eq!(
+        store.enqueue(a.id, again).await.unwrap().queued,
+        1,
+        "user 2 may receive it now"
+    );
+    assert_eq!(
+        store
+            .dispatch(a.id, "sched")
+            .await
+            .unwrap()
+            .unwrap()
+            .not_before,
+        None,
+        "a cancelled dispatch is no longer a schedule"
+    );
+}
+
 pub(super) async fn receipts_allow_a_campaign_once_per_window(store: Arc<dyn Store>) {
     let a = store.create_workspace("a", NOW).await.unwrap();
     let b = store.create_workspace("b", NOW).await.unwrap();
