@@ -338,7 +338,15 @@ impl CanvasDefinition {
     /// that have none (the canonical JSON keeps them, so ids are stable across versions).
     pub fn parse(
         raw: &Value,
+        new_id: impl FnMut() -> String,
+    ) -> Result<(CanvasDefinition, Value), DefinitionError> {
+        Self::parse_checked(raw, new_id, Saving::New)
+    }
+
+    fn parse_checked(
+        raw: &Value,
         mut new_id: impl FnMut() -> String,
+        saving: Saving,
     ) -> Result<(CanvasDefinition, Value), DefinitionError> {
         let obj = raw
             .as_object()
@@ -453,7 +461,7 @@ impl CanvasDefinition {
         let mut steps_json = Vec::with_capacity(steps_raw.len());
         for (i, s) in steps_raw.iter().enumerate() {
             let path = format!("steps[{i}]");
-            let (step, json) = parse_step(s, &path, &mut new_id, &mut filters)?;
+            let (step, json) = parse_step(s, &path, &mut new_id, &mut filters, saving)?;
             if steps.iter().any(|x: &Step| x.id == step.id) {
                 return Err(bad(
                     format!("{path}.id"),
@@ -555,7 +563,7 @@ impl CanvasDefinition {
 
     /// Parses a stored (canonical) definition.
     pub fn load(stored: &Value) -> Result<CanvasDefinition, DefinitionError> {
-        Self::parse(stored, || String::from("missing-id")).map(|(d, _)| d)
+        Self::parse_checked(stored, || String::from("missing-id"), Saving::Stored).map(|(d, _)| d)
     }
 
     /// Every `next` names a step, every step is reachable from a variant's first step, and
@@ -695,11 +703,41 @@ impl CanvasDefinition {
     }
 }
 
+/// Whether a definition is being saved (every check) or read back from the store (the checks a
+/// saved definition passed when it was saved, less those added since: a Canvas saved before a
+/// check existed must still load).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Saving {
+    New,
+    Stored,
+}
+
+/// Checks a User Update step's `set` as `/users/track` will when the step runs (about the
+/// journey's user, by braze id): a value it would refuse is refused now, on save, rather than
+/// dropping the whole update when a journey reaches the step. Keys that name a user are
+/// refused: the step changes the user on the journey.
+fn check_user_update_set(set: &Map<String, Value>, path: &str) -> Result<(), DefinitionError> {
+    for key in ["external_id", "braze_id", "user_alias", "device_id"] {
+        if set.contains_key(key) {
+            return Err(bad(
+                format!("{path}.{key}"),
+                "names a user; a user_update step changes the user on the journey",
+            ));
+        }
+    }
+    let mut probe = set.clone();
+    probe.insert("braze_id".into(), json!("000000000000000000000000"));
+    crate::track::parse_attribute_object(&Value::Object(probe))
+        .map(|_| ())
+        .map_err(|message| bad(path, message))
+}
+
 fn parse_step(
     raw: &Value,
     path: &str,
     new_id: &mut impl FnMut() -> String,
     filters: &mut Vec<Value>,
+    saving: Saving,
 ) -> Result<(Step, Value), DefinitionError> {
     let obj = raw
         .as_object()
@@ -939,6 +977,9 @@ fn parse_step(
             };
             if set.is_empty() && increment.is_empty() {
                 return Err(bad(path, "a user_update step needs set or increment"));
+            }
+            if saving == Saving::New {
+                check_user_update_set(&set, &format!("{path}.set"))?;
             }
             let next = next_field(obj, "next", path)?;
             json["set"] = Value::Object(set.clone());
@@ -1568,6 +1609,50 @@ mod tests {
         let (def, canonical) = CanvasDefinition::parse(&longest, ids()).unwrap();
         assert_eq!(def.reentry_after_secs, Some(MAX_REELIGIBILITY_SECS));
         assert_eq!(CanvasDefinition::load(&canonical).unwrap(), def);
+    }
+
+    /// A User Update step's `set` is checked on save as `/users/track` checks it when the step
+    /// runs: a value it would refuse (and so the whole update dropped then) is refused now.
+    #[test]
+    fn user_update_values_are_checked_on_save() {
+        let with_set = |set: Value| {
+            json!({
+                "entry": {"type": "api_triggered"},
+                "steps": [
+                    {"id": "u", "type": "user_update", "set": set, "next": "m"},
+                    {"id": "m", "type": "message", "message": {"channel": "webhook", "url": "http://127.0.0.1:1/h", "body": "{}"}}
+                ]
+            })
+        };
+        for (set, path, message) in [
+            (json!({"email": 5}), "steps[0].set", "'email' is not valid"),
+            (
+                json!({"email_subscribe": "bogus"}),
+                "steps[0].set",
+                "'email_subscribe' is not valid",
+            ),
+            (
+                json!({"first_name": {"x": 1}}),
+                "steps[0].set",
+                "'first_name' is not valid",
+            ),
+            (
+                json!({"external_id": "x"}),
+                "steps[0].set.external_id",
+                "names a user; a user_update step changes the user on the journey",
+            ),
+        ] {
+            let e = CanvasDefinition::parse(&with_set(set.clone()), ids()).unwrap_err();
+            assert_eq!(
+                (e.path.as_str(), e.message.as_str()),
+                (path, message),
+                "{set}"
+            );
+        }
+        let ok = with_set(json!({"plan": "pro", "email": "a@example.com", "pets": [{"id": 1}]}));
+        assert!(CanvasDefinition::parse(&ok, ids()).is_ok());
+        // A Canvas saved before the check still loads (its step is dropped at run time, as then).
+        assert!(CanvasDefinition::load(&with_set(json!({"email": 5}))).is_ok());
     }
 
     #[test]

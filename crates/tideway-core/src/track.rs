@@ -285,7 +285,7 @@ const NON_ATTRIBUTE_KEYS: [&str; 10] = [
     "alias_label",
 ];
 
-fn parse_attribute_object(value: &Value) -> Result<AttributeObject, String> {
+pub(crate) fn parse_attribute_object(value: &Value) -> Result<AttributeObject, String> {
     let obj = value
         .as_object()
         .ok_or("'attributes' elements must be objects")?;

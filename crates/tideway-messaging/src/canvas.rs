@@ -1364,8 +1364,10 @@ fn user_update_request(workspace: &Workspace, objects: Vec<Value>) -> Option<Use
             workspace: workspace.clone(),
             request,
         }),
-        Ok(_) => {
-            warn!("a User Update step's attributes were refused");
+        Ok(refused) => {
+            // Saving checks the values since, so only a Canvas saved before that gets here.
+            let reasons: Vec<&str> = refused.errors.iter().map(|e| e.message.as_str()).collect();
+            warn!(?reasons, "a User Update step's attributes were refused");
             None
         }
         Err(e) => {
