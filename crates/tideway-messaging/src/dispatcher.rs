@@ -323,6 +323,9 @@ struct Prepared {
     compiled: Arc<Compiled>,
     variant: usize,
     source_key: String,
+    /// At a frequency cap: not sent, settled at once with the channel's `Abort` event
+    /// (`abort_type: frequency_capped`).
+    capped: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -468,6 +471,11 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                 let _ = done_tx.send(s);
             }
             for p in ready {
+                if p.capped {
+                    // Nothing to send: its Abort is settled now, outside the campaign's slots.
+                    let _ = done_tx.send(self.attempt(p).await);
+                    continue;
+                }
                 // Each campaign parks at most twice `per_source` sends beyond those in flight
                 // (a slot's worth and the claim ahead); the rest go back to the queue
                 // (deferred, no attempt counted).
@@ -767,6 +775,7 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                     continue;
                 }
             }
+            let mut capped = false;
             if comp.definition.obey_frequency_caps {
                 match self.frequency_check(&c, now).await {
                     Ok(CapCheck::Clear) => {}
@@ -777,8 +786,7 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                     Ok(CapCheck::Capped) => {
                         metrics::counter!("tideway_messages_skipped_total", "reason" => "frequency_capped")
                             .increment(1);
-                        settled.push(fail(&c, Vec::new()));
-                        continue;
+                        capped = true;
                     }
                     Err(e) => {
                         warn!(error = %e, "reading frequency caps failed; deferring the send");
@@ -795,6 +803,7 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                 compiled: comp,
                 variant,
                 source_key,
+                capped,
             });
         }
         let (ready, left) = self.still_in_audience(ready).await;
@@ -1021,6 +1030,9 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             vars: &vars,
             path: &path,
         };
+        if p.capped {
+            return capped_abort(&ctx, &variant.message, now);
+        }
         match &variant.message {
             Message::Webhook(w) => self.send_webhook(&ctx, w, now).await,
             Message::Email(e) => self.send_email(&ctx, e, now).await,
@@ -1398,6 +1410,28 @@ struct Ctx<'a> {
     compiled: &'a Compiled,
     vars: &'a Vars,
     path: &'a str,
+}
+
+/// A message held back by a frequency cap: failed, with the channel's `Abort` event
+/// (`abort_type: frequency_capped`, braze-messaging.md §8), so the cap is visible downstream.
+fn capped_abort(ctx: &Ctx<'_>, message: &Message, now: Millis) -> Settlement {
+    const TYPE: &str = "frequency_capped";
+    const LOG: Option<&str> = Some("the user is at a frequency cap");
+    let event = match message {
+        Message::Webhook(_) => {
+            CurrentsEvent::webhook_abort(event_id(), now, ctx.user, ctx.source, TYPE, LOG)
+        }
+        Message::Email(_) => CurrentsEvent::email_abort(
+            event_id(),
+            now,
+            ctx.user,
+            ctx.source,
+            ctx.record.email.as_ref().map_or("", |e| e.as_str()),
+            TYPE,
+            LOG,
+        ),
+    };
+    fail(ctx.claim, vec![event])
 }
 
 fn fail(c: &ClaimedSend, events: Vec<CurrentsEvent>) -> Settlement {

@@ -620,6 +620,15 @@ async fn frequency_caps_hold_across_campaigns_sent_at_once() {
         20,
         "each user gets one message of the two campaigns"
     );
+    // The other message of each user is not lost silently: an Abort says why.
+    let aborts = t.wait_events("users.messages.webhook.Abort", 20).await;
+    assert_eq!(aborts.len(), 20, "{aborts:?}");
+    for abort in &aborts {
+        assert_eq!(
+            abort["properties"]["abort_type"], "frequency_capped",
+            "{abort}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
