@@ -565,7 +565,15 @@ impl CampaignDefinition {
     /// the canonical JSON to store.
     pub fn parse(
         raw: &Value,
+        new_id: impl FnMut() -> String,
+    ) -> Result<(CampaignDefinition, Value), DefinitionError> {
+        Self::parse_checked(raw, new_id, Saving::New)
+    }
+
+    fn parse_checked(
+        raw: &Value,
         mut new_id: impl FnMut() -> String,
+        saving: Saving,
     ) -> Result<(CampaignDefinition, Value), DefinitionError> {
         let obj = raw
             .as_object()
@@ -588,7 +596,7 @@ impl CampaignDefinition {
         let mut variants = Vec::with_capacity(messages.len());
         let mut canonical_messages = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
-            let (variant, json) = parse_variant(m, &format!("messages[{i}]"), &mut new_id)?;
+            let (variant, json) = parse_variant(m, &format!("messages[{i}]"), &mut new_id, saving)?;
             if variants.iter().any(|v: &Variant| v.id == variant.id) {
                 return Err(bad(format!("messages[{i}].id"), "duplicate variant id"));
             }
@@ -707,7 +715,7 @@ impl CampaignDefinition {
 
     /// Parses a stored (canonical) definition.
     pub fn load(stored: &Value) -> Result<CampaignDefinition, DefinitionError> {
-        Self::parse(stored, || String::from("missing-id")).map(|(d, _)| d)
+        Self::parse_checked(stored, || String::from("missing-id"), Saving::Stored).map(|(d, _)| d)
     }
 
     /// The segments whose entry triggers this campaign, each once, in trigger order (empty
@@ -920,10 +928,20 @@ pub(crate) fn id_field(
     }
 }
 
+/// Whether a definition is being saved (every check) or read back from the store (the checks a
+/// saved definition passed when it was saved, less those added since: a campaign, Canvas or
+/// scheduled ad-hoc send saved before a check existed must still load).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Saving {
+    New,
+    Stored,
+}
+
 pub(crate) fn parse_variant(
     raw: &Value,
     path: &str,
     new_id: &mut impl FnMut() -> String,
+    saving: Saving,
 ) -> Result<(Variant, Value), DefinitionError> {
     let obj = raw
         .as_object()
@@ -944,10 +962,21 @@ pub(crate) fn parse_variant(
                     "must be an address such as \"Shop <shop@example.com>\"",
                 ));
             }
+            let reply_to =
+                string_field(obj, "reply_to", path, false)?.filter(|r| r != "NO_REPLY_TO");
+            // A line break in an address header is refused on save: sending would abort
+            // (`invalid_email_address`) for every recipient.
+            for (key, value) in [("from", Some(&from)), ("reply_to", reply_to.as_ref())] {
+                if saving == Saving::New && value.is_some_and(|v| v.chars().any(char::is_control)) {
+                    return Err(bad(
+                        format!("{path}.{key}"),
+                        "must not contain line breaks or other control characters",
+                    ));
+                }
+            }
             let content = EmailContent {
                 from,
-                reply_to: string_field(obj, "reply_to", path, false)?
-                    .filter(|r| r != "NO_REPLY_TO"),
+                reply_to,
                 subject: string_field(obj, "subject", path, true)?.unwrap_or_default(),
                 body: string_field(obj, "body", path, true)?.unwrap_or_default(),
                 plaintext_body: string_field(obj, "plaintext_body", path, false)?,
@@ -1083,7 +1112,7 @@ pub(crate) fn time_field(
         Some(Value::String(s)) => parse_datetime(s).map(Some).ok_or_else(|| {
             bad(
                 format!("{path}.{key}"),
-                "must be an ISO-8601 time such as 2026-05-24T20:30:00Z",
+                "must be an ISO-8601 time in the years 0 to 3000, such as 2026-05-24T20:30:00Z",
             )
         }),
         Some(_) => Err(bad(
@@ -1472,6 +1501,23 @@ mod tests {
         // Parsing the canonical form again does not mint new ids.
         let (_, again) = CampaignDefinition::parse(&canonical, || unreachable!()).unwrap();
         assert_eq!(again, canonical);
+    }
+
+    /// A line break in `from` or `reply_to` is refused on save (every send would abort), and a
+    /// campaign saved before that check still loads.
+    #[test]
+    fn address_headers_with_line_breaks_are_refused_on_save_only() {
+        for (key, value) in [
+            ("from", "a@b.c\r\nBcc: evil@x.com"),
+            ("reply_to", "r@b.c\nBcc: evil@x.com"),
+            ("from", "Shop\u{0} <a@b.c>"),
+        ] {
+            let mut c = email_campaign();
+            c["messages"][0][key] = json!(value);
+            let e = CampaignDefinition::parse(&c, ids()).unwrap_err();
+            assert_eq!(e.path, format!("messages[0].{key}"), "{value:?}");
+            assert!(CampaignDefinition::load(&c).is_ok(), "{value:?}");
+        }
     }
 
     #[test]

@@ -31,9 +31,9 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::campaigns::{
-    Audience, ConversionEvent, ConversionKind, DefinitionError, Delivery, Occurrence, Trigger,
-    Variant, bad, conversion_json, parse_audience, parse_conversion, parse_delivery, parse_trigger,
-    parse_variant, string_field, time_field,
+    Audience, ConversionEvent, ConversionKind, DefinitionError, Delivery, Occurrence, Saving,
+    Trigger, Variant, bad, conversion_json, parse_audience, parse_conversion, parse_delivery,
+    parse_trigger, parse_variant, string_field, time_field,
 };
 use crate::clock::Millis;
 
@@ -703,15 +703,6 @@ impl CanvasDefinition {
     }
 }
 
-/// Whether a definition is being saved (every check) or read back from the store (the checks a
-/// saved definition passed when it was saved, less those added since: a Canvas saved before a
-/// check existed must still load).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Saving {
-    New,
-    Stored,
-}
-
 /// Checks a User Update step's `set` as `/users/track` will when the step runs (about the
 /// journey's user, by braze id): a value it would refuse is refused now, on save, rather than
 /// dropping the whole update when a journey reaches the step. Keys that name a user are
@@ -757,7 +748,7 @@ fn parse_step(
                 o.insert("name".into(), json!(name));
                 o.insert("percent".into(), json!(100));
             }
-            let (variant, vj) = parse_variant(&m, &format!("{path}.message"), new_id)?;
+            let (variant, vj) = parse_variant(&m, &format!("{path}.message"), new_id, saving)?;
             let next = next_field(obj, "next", path)?;
             json["message"] = vj;
             json["next"] = json!(next);

@@ -61,7 +61,7 @@ pub fn parse_schedule(body: &Map<String, Value>, now: Millis) -> Result<Millis, 
     let time = match schedule.get("time") {
         Some(Value::String(t)) => parse_datetime(t).ok_or_else(|| {
             ApiError::malformed(format!(
-                "schedule.time {t:?} is not an ISO 8601 time (e.g. 2026-05-24T20:30:36Z)"
+                "schedule.time {t:?} is not an ISO 8601 time in the years 0 to 3000 (e.g. 2026-05-24T20:30:36Z)"
             ))
         })?,
         None | Some(Value::Null) => return Err(ApiError::malformed("schedule.time is required")),
