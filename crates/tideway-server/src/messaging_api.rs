@@ -698,6 +698,37 @@ pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Respon
 
 /// An API-triggered campaign send, now or at `schedule`: the dispatch id and the non-fatal
 /// errors. Shared by `/campaigns/trigger/send` and `/campaigns/trigger/schedule/create`.
+/// The ad-hoc definition of a `messages` object ([`adhoc_definition`]), checked as a campaign's
+/// is (shape, Liquid), with errors naming `messages.<channel>…`; and the channels Tideway does
+/// not send (the answer's `errors`).
+pub(crate) fn checked_adhoc_definition(
+    messages: &Map<String, Value>,
+) -> Result<(Value, Vec<String>), ApiError> {
+    let channels: Vec<&str> = messages
+        .keys()
+        .map(String::as_str)
+        .filter(|c| matches!(*c, "email" | "webhook"))
+        .collect();
+    let (definition, unsupported) = adhoc_definition(messages).map_err(|e: DefinitionError| {
+        if e.path == "messages" {
+            let errors: Vec<String> = messages
+                .keys()
+                .filter(|c| !matches!(c.as_str(), "email" | "webhook"))
+                .map(|c| format!("unsupported channel: {c}"))
+                .collect();
+            fatal(NO_MESSAGE, errors)
+        } else {
+            malformed(format!("{}: {}", adhoc_path(&e.path, &channels), e.message))
+        }
+    })?;
+    let def = CampaignDefinition::load(&definition).map_err(|e| {
+        tracing::error!(error = %e, "an ad-hoc definition does not load back");
+        ApiError::Internal
+    })?;
+    check_templates(&def, |p| adhoc_path(p, &channels))?;
+    Ok((definition, unsupported))
+}
+
 /// Refuses a `segment_id` that names no segment of the workspace ([`INVALID_SEGMENT`]).
 pub(crate) async fn check_segment_id(
     state: &AppState,
@@ -811,31 +842,7 @@ pub(crate) async fn send_adhoc(
         check_campaign_variants(&campaign, &parsed.messages)?;
     }
     check_segment_id(state, ws.id, body).await?;
-    let channels: Vec<&str> = parsed
-        .messages
-        .keys()
-        .map(String::as_str)
-        .filter(|c| matches!(*c, "email" | "webhook"))
-        .collect();
-    let (definition, unsupported) =
-        adhoc_definition(&parsed.messages).map_err(|e: DefinitionError| {
-            if e.path == "messages" {
-                let errors: Vec<String> = parsed
-                    .messages
-                    .keys()
-                    .filter(|c| !matches!(c.as_str(), "email" | "webhook"))
-                    .map(|c| format!("unsupported channel: {c}"))
-                    .collect();
-                fatal(NO_MESSAGE, errors)
-            } else {
-                malformed(format!("{}: {}", adhoc_path(&e.path, &channels), e.message))
-            }
-        })?;
-    let def = CampaignDefinition::load(&definition).map_err(|e| {
-        tracing::error!(error = %e, "an ad-hoc definition does not load back");
-        ApiError::Internal
-    })?;
-    check_templates(&def, |p| adhoc_path(p, &channels))?;
+    let (definition, unsupported) = checked_adhoc_definition(&parsed.messages)?;
     let outcome = send_messages(
         state.store(),
         api.audiences.as_ref(),

@@ -116,18 +116,14 @@ fn of_campaign(body: &Map<String, Value>) -> Result<ScheduleOf, ApiError> {
     campaign_field(body).map(ScheduleOf::Campaign)
 }
 
-fn of_messages(body: &Map<String, Value>) -> Result<ScheduleOf, ApiError> {
-    if body.get("messages").is_some_and(|m| !m.is_null()) {
-        return Err(ApiError::malformed(
-            "messages of a scheduled send cannot be replaced; delete the schedule and create it again",
-        ));
-    }
+fn of_messages(_body: &Map<String, Value>) -> Result<ScheduleOf, ApiError> {
     Ok(ScheduleOf::AdHoc)
 }
 
 /// A schedule `update` (`/campaigns/trigger/schedule/update`, `/messages/schedule/update`,
 /// `/canvas/trigger/schedule/update`): `{…, schedule_id, schedule}` moves a scheduled
-/// dispatch of the owner the body names.
+/// dispatch of the owner the body names; `/messages/schedule/update` may instead, or as well,
+/// replace its `messages` (Braze: at least one of the two).
 pub(crate) async fn update_schedule(
     state: AppState,
     req: Request,
@@ -142,9 +138,23 @@ pub(crate) async fn update_schedule(
             let body = read_json(req).await?;
             let of = owner_of(&body)?;
             let id = schedule_id(&body)?;
-            let at = parse_schedule(&body, now())?;
+            let messages = match of {
+                ScheduleOf::AdHoc => body.get("messages").filter(|m| !m.is_null()),
+                ScheduleOf::Campaign(_) | ScheduleOf::Canvas(_) => None,
+            };
+            let at = if messages.is_some() && body.get("schedule").is_none_or(Value::is_null) {
+                None
+            } else {
+                Some(parse_schedule(&body, now())?)
+            };
             owned_dispatch(&state, caller.workspace.id, &id, &of).await?;
-            reschedule(&state, caller.workspace.id, &id, at).await
+            if let Some(messages) = messages {
+                replace_messages(&state, caller.workspace.id, &id, messages).await?;
+            }
+            match at {
+                Some(at) => reschedule(&state, caller.workspace.id, &id, at).await,
+                None => Ok(success()),
+            }
         },
     )
     .await
@@ -324,7 +334,7 @@ pub async fn messages_schedule_create(State(state): State<AppState>, req: Reques
     request_body(content = Object, description = "`{schedule_id, schedule: {time}}`; replacing `messages` of a scheduled send is refused (delete and create it again)"),
     responses(
         (status = 201, description = "`{\"message\": \"success\"}`", body = Object),
-        (status = 400, description = "`Invalid schedule_id`, a missing, malformed or past `schedule`, or `messages`", body = crate::wire::ErrorBody),
+        (status = 400, description = "`Invalid schedule_id`, a malformed or past `schedule` (required unless `messages` is given), or `messages` that do not check or change the channels", body = crate::wire::ErrorBody),
     ),
     security(("bearer_auth" = []))
 )]
@@ -362,6 +372,67 @@ async fn reschedule(
         api.engine.wake();
     }
     Ok(success())
+}
+
+/// Replaces a scheduled ad-hoc send's `messages`, checked as `/messages/send` checks them. Its
+/// pending messages name their variant by id, so each channel keeps the id it had, and the
+/// channels must be the ones it was scheduled with.
+async fn replace_messages(
+    state: &AppState,
+    workspace: tideway_core::ids::WorkspaceId,
+    id: &str,
+    messages: &Value,
+) -> Result<(), ApiError> {
+    use tideway_core::campaigns::{CampaignDefinition, Message};
+    use tideway_core::store::DispatchSource;
+    let Value::Object(messages) = messages else {
+        return Err(ApiError::malformed("messages must be an object"));
+    };
+    let dispatch = state
+        .store()
+        .dispatch(workspace, id)
+        .await?
+        .ok_or_else(|| ApiError::bad_request(INVALID_SCHEDULE_ID))?;
+    let DispatchSource::AdHoc { definition } = &dispatch.source else {
+        return Err(ApiError::bad_request(INVALID_SCHEDULE_ID));
+    };
+    let old = CampaignDefinition::load(definition).map_err(|e| {
+        tracing::error!(error = %e, dispatch = id, "a stored ad-hoc definition does not load");
+        ApiError::Internal
+    })?;
+    let kept: std::collections::BTreeMap<&str, &str> = old
+        .variants
+        .iter()
+        .map(|v| {
+            let channel = match v.message {
+                Message::Email(_) => "email",
+                Message::Webhook(_) => "webhook",
+            };
+            (channel, v.id.as_str())
+        })
+        .collect();
+    let asked: Vec<&str> = messages.keys().map(String::as_str).collect();
+    if asked.iter().any(|c| !kept.contains_key(c)) || kept.len() != asked.len() {
+        return Err(ApiError::malformed(format!(
+            "messages must have the channels the send was scheduled with ({}); to change channels delete the schedule and create it again",
+            kept.keys().copied().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let mut with_ids = messages.clone();
+    for (channel, body) in with_ids.iter_mut() {
+        if let (Value::Object(body), Some(variant)) = (body, kept.get(channel.as_str())) {
+            body.insert("message_variation_id".into(), json!(variant));
+        }
+    }
+    let (definition, _) = crate::messaging_api::checked_adhoc_definition(&with_ids)?;
+    if !state
+        .store()
+        .replace_adhoc_definition(workspace, id, definition)
+        .await?
+    {
+        return Err(ApiError::bad_request(INVALID_SCHEDULE_ID));
+    }
+    Ok(())
 }
 
 async fn cancel(

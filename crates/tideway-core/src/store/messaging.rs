@@ -561,6 +561,15 @@ pub trait MessagingStore: Send + Sync {
     /// Cancels a dispatch: deletes its pending jobs (claimed ones too) and ends its expansion;
     /// false if the workspace has no such dispatch. Sent messages are kept.
     fn cancel_dispatch(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool>;
+    /// Replaces the definition of an ad-hoc dispatch that is still a schedule (`not_before`
+    /// set: not cancelled); its pending sends go out with it (the caller keeps the variant ids
+    /// they name). False if the workspace has no such dispatch.
+    fn replace_adhoc_definition(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+        definition: serde_json::Value,
+    ) -> StoreFuture<'_, bool>;
     /// The campaigns `user` received, most recent receipt each (conversion tracking), the most
     /// recently received first (then by campaign id).
     fn receipts_of(

@@ -977,6 +977,56 @@ fn iso_in(ms: i64) -> String {
     tideway_core::clock::Millis(now + ms).to_iso()
 }
 
+/// `/messages/schedule/update` replaces a scheduled send's `messages` (with or without a new
+/// time), checked as `/messages/send` checks them, keeping its channels; the send then goes out
+/// with the new content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_ad_hoc_send_gets_new_messages() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1"}])).await;
+    let a =
+        t.s.post(
+            "/messages/schedule/create",
+            &t.key,
+            json!({"external_user_ids": ["u1"], "schedule": {"time": iso_in(3_600_000)},
+                "messages": {"webhook": {"url": t.hook_url, "body": "old"}}}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let id = a.body["schedule_id"].as_str().unwrap().to_owned();
+    let update = |body: Value| t.s.post("/messages/schedule/update", &t.key, body);
+    for (body, message) in [
+        (
+            json!({"schedule_id": id, "messages": {"email": {"from": "a@example.com", "subject": "s", "body": "b"}}}),
+            "messages must have the channels the send was scheduled with (webhook); to change channels delete the schedule and create it again",
+        ),
+        (
+            json!({"schedule_id": id, "messages": {"webhook": {"url": t.hook_url, "body": "{% if %}"}}}),
+            "",
+        ),
+        (json!({"schedule_id": id}), "schedule is required"),
+    ] {
+        let a = update(body.clone()).await;
+        assert_eq!(a.status, 400, "{body}: {a:?}");
+        if !message.is_empty() {
+            assert_eq!(
+                (&a.body["message"], &a.body["errors"][0]),
+                (&json!("Bad Request"), &json!(message)),
+                "{a:?}"
+            );
+        }
+    }
+    let a = update(
+        json!({"schedule_id": id, "messages": {"webhook": {"url": t.hook_url, "body": "new"}}}),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let a = update(json!({"schedule_id": id, "schedule": {"time": iso_in(500)}})).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let hits = t.wait_hits(1).await;
+    assert_eq!(hits[0].body, "new");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_schedules_to_named_users_can_be_moved_and_deleted() {
     let t = setup().await;

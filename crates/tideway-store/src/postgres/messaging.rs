@@ -1687,6 +1687,26 @@ impl MessagingStore for PgStore {
         Box::pin(async move { cancel_dispatch(self, workspace, &id).await })
     }
 
+    fn replace_adhoc_definition(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+        definition: Value,
+    ) -> StoreFuture<'_, bool> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let client = self.pool.client().await?;
+            let n = execute(
+                &client,
+                "UPDATE dispatches SET definition = $3
+                 WHERE workspace_id = $1 AND id = $2 AND source = 'adhoc' AND not_before IS NOT NULL",
+                &[&workspace.0, &id, &definition.to_string()],
+            )
+            .await?;
+            Ok(n > 0)
+        })
+    }
+
     fn receipts_of(
         &self,
         workspace: WorkspaceId,

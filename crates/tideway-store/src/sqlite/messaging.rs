@@ -1645,6 +1645,26 @@ impl MessagingStore for SqliteStore {
         self.write(move |conn, _, _| cancel_dispatch(conn, workspace, &id))
     }
 
+    fn replace_adhoc_definition(
+        &self,
+        workspace: WorkspaceId,
+        id: &str,
+        definition: Value,
+    ) -> StoreFuture<'_, bool> {
+        let id = id.to_owned();
+        let text = definition.to_string();
+        self.write(move |conn, _, _| {
+            conn.prepare_cached(
+                "UPDATE dispatches SET definition = ?3
+                 WHERE workspace_id = ?1 AND id = ?2 AND source = 'adhoc' AND not_before IS NOT NULL",
+            )
+            .map_err(sql_err)?
+            .execute(params![workspace.0, id, text])
+            .map(|n| n > 0)
+            .map_err(sql_err)
+        })
+    }
+
     fn receipts_of(
         &self,
         workspace: WorkspaceId,

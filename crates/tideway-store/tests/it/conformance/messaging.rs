@@ -636,6 +636,67 @@ pub(super) async fn scheduled_receipts_follow_their_dispatch(store: Arc<dyn Stor
     );
 }
 
+/// A scheduled ad-hoc dispatch's definition can be replaced until it is cancelled; nothing else
+/// can be (a campaign's dispatch, a dispatch sent now, another workspace's).
+pub(super) async fn a_scheduled_adhoc_definition_is_replaced_until_cancelled(
+    store: Arc<dyn Store>,
+) {
+    let a = store.create_workspace("a", NOW).await.unwrap();
+    let b = store.create_workspace("b", NOW).await.unwrap();
+    let adhoc = |id: &str, not_before: Option<Millis>, body: &str| DispatchRecord {
+        source: DispatchSource::AdHoc {
+            definition: json!({"messages": [{"id": "v", "body": body}]}),
+        },
+        not_before,
+        ..dispatch(&a, id, "unused")
+    };
+    let later = Millis(NOW.0 + DAY);
+    let e = Enqueue {
+        dispatches: vec![
+            adhoc("sched", Some(later), "old"),
+            adhoc("now", None, "old"),
+            dispatch(&a, "camp", "c"),
+        ],
+        ..Enqueue::default()
+    };
+    store.enqueue(a.id, e).await.unwrap();
+    let new = json!({"messages": [{"id": "v", "body": "new"}]});
+    assert!(
+        store
+            .replace_adhoc_definition(a.id, "sched", new.clone())
+            .await
+            .unwrap()
+    );
+    let DispatchSource::AdHoc { definition } =
+        store.dispatch(a.id, "sched").await.unwrap().unwrap().source
+    else {
+        panic!("an ad-hoc dispatch")
+    };
+    assert_eq!(definition, new);
+    for (ws, id) in [
+        (a.id, "now"),
+        (a.id, "camp"),
+        (a.id, "nope"),
+        (b.id, "sched"),
+    ] {
+        assert!(
+            !store
+                .replace_adhoc_definition(ws, id, new.clone())
+                .await
+                .unwrap(),
+            "{id}"
+        );
+    }
+    assert!(store.cancel_dispatch(a.id, "sched").await.unwrap());
+    assert!(
+        !store
+            .replace_adhoc_definition(a.id, "sched", new)
+            .await
+            .unwrap(),
+        "a cancelled schedule is no longer one"
+    );
+}
+
 pub(super) async fn receipts_allow_a_campaign_once_per_window(store: Arc<dyn Store>) {
     let a = store.create_workspace("a", NOW).await.unwrap();
     let b = store.create_workspace("b", NOW).await.unwrap();

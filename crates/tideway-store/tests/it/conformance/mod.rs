@@ -229,6 +229,7 @@ conformance! {
         enqueue_writes_dispatches_jobs_and_events_all_or_nothing,
         receipts_allow_a_campaign_once_per_window,
         scheduled_receipts_follow_their_dispatch,
+        a_scheduled_adhoc_definition_is_replaced_until_cancelled,
         cursor_and_next_run_move_by_compare_and_set,
         expansion_marks_only_move_forward,
         claims_lease_due_sends_oldest_first,
