@@ -72,7 +72,8 @@ pub trait DashboardStore: Send + Sync {
     fn delete_dashboard_session(&self, token_hash: KeyHash) -> StoreFuture<'_, ()>;
 
     /// Records a failed sign-in for `key` at `now`, forgets the key's failures before
-    /// `since`, and returns how many remain (this one included).
+    /// `since`, and returns how many remain (this one included). Records of one key are
+    /// serialised: concurrent calls return distinct counts, as if made one after another.
     fn record_sign_in_failure(&self, key: &str, now: Millis, since: Millis)
     -> StoreFuture<'_, u32>;
     /// How many failed sign-ins `key` has at or after `since`.

@@ -178,7 +178,12 @@ pub async fn login(State(state): State<AppState>, req: Request) -> Result<Respon
     let now = state.dashboard_now();
     let since = Millis(now.0 - FAILURE_WINDOW.0);
     let store = state.store();
-    if store.sign_in_failures(&key, since).await? >= MAX_FAILURES {
+    // Every attempt counts as a failure before the password is checked, recorded and counted in
+    // one step that the store serialises per key, so attempts sent at once cannot all pass the
+    // count before any is recorded (a check first, a record after the slow hash, let dozens
+    // through); a right password then forgets the key's failures, this one included.
+    let attempts = store.record_sign_in_failure(&key, now, since).await?;
+    if attempts > MAX_FAILURES {
         return Err(PageError::TooManyAttempts {
             retry_after_secs: u64::try_from(FAILURE_WINDOW.secs()).unwrap_or(900),
         });
@@ -196,8 +201,7 @@ pub async fn login(State(state): State<AppState>, req: Request) -> Result<Respon
         }
     };
     let Some(user) = user.filter(|_| verified) else {
-        let failures = store.record_sign_in_failure(&key, now, since).await?;
-        tracing::info!(failures, "dashboard: failed sign-in");
+        tracing::info!(failures = attempts, "dashboard: failed sign-in");
         let fresh = random_token()?;
         return Ok(login_form(
             &state,

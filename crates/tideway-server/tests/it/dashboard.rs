@@ -352,6 +352,27 @@ async fn failed_sign_ins_are_limited_per_username_and_address() {
     assert_eq!(sign_in_answer(&s.base, "other", PASSWORD).await.status, 303);
 }
 
+/// Wrong passwords sent all at once get no more tries than sent one by one: at most
+/// `MAX_FAILURES` are checked, the rest are refused before their password is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_failed_sign_ins_are_limited_too() {
+    let s = Server::start().await;
+    user(&s, "admin", Role::Admin).await;
+    // Sent together on one task: the requests are in flight at once.
+    let statuses: Vec<u16> = futures_util::future::join_all((0..20).map(|i| {
+        let base = &s.base;
+        async move {
+            sign_in_answer(base, "admin", &format!("wrong password {i}"))
+                .await
+                .status
+        }
+    }))
+    .await;
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((checked, refused), (5, 15), "{statuses:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_form_without_the_csrf_token_is_refused() {
     let s = Server::start().await;

@@ -196,6 +196,15 @@ impl DashboardStore for PgStore {
         Box::pin(async move {
             let mut client = self.pool.client().await?;
             let tx = client.transaction().await.map_err(pg_err)?;
+            // One key's records are counted one at a time (on every node), so each attempt
+            // sees those before it: READ COMMITTED alone would let concurrent ones miss each
+            // other's uncommitted rows.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('tideway-sign-in:' || $1, 0))",
+                &[&key],
+            )
+            .await
+            .map_err(pg_err)?;
             tx.execute(
                 "DELETE FROM dashboard_sign_in_failures WHERE key = $1 AND at < $2",
                 &[&key, &since.0],

@@ -152,6 +152,30 @@ pub(super) async fn sessions_expire_and_end_with_a_password_reset(store: Arc<dyn
     );
 }
 
+/// Failures recorded for one key at once are counted one after another: the counts returned
+/// are 1, 2, … n in some order, so a lockout that counts before it checks a password holds
+/// under concurrent attempts.
+pub(super) async fn concurrent_sign_in_failures_are_each_counted_once(store: Arc<dyn Store>) {
+    let key = "admin|127.0.0.2";
+    let attempts: Vec<_> = (0..16)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .record_sign_in_failure(key, Millis(NOW.0 + i), Millis(0))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut counts = Vec::new();
+    for attempt in attempts {
+        counts.push(attempt.await.unwrap());
+    }
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=16).collect::<Vec<u32>>());
+}
+
 pub(super) async fn sign_in_failures_are_counted_per_key_within_the_window(store: Arc<dyn Store>) {
     let key = "admin|127.0.0.1";
     assert_eq!(store.sign_in_failures(key, Millis(0)).await.unwrap(), 0);

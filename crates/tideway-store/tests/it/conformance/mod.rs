@@ -202,6 +202,7 @@ conformance! {
         users_are_created_listed_and_their_passwords_reset,
         sessions_expire_and_end_with_a_password_reset,
         sign_in_failures_are_counted_per_key_within_the_window,
+        concurrent_sign_in_failures_are_each_counted_once,
     ],
     log: [
         read_events_after_a_position_returns_only_later_events,
