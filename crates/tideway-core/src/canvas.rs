@@ -426,10 +426,28 @@ impl CanvasDefinition {
                         "at most 4 conversion events are allowed",
                     ));
                 }
-                list.iter()
+                let parsed = list
+                    .iter()
                     .enumerate()
                     .map(|(i, c)| parse_conversion(c, &format!("conversion_events[{i}]")))
-                    .collect::<Result<Vec<_>, _>>()?
+                    .collect::<Result<Vec<_>, _>>()?;
+                // A Canvas counts conversions from the log's custom events and purchases; email
+                // opens and clicks are counted for campaigns only, so saying them here would
+                // save a conversion that never counts.
+                if saving == Saving::New
+                    && let Some(i) = parsed.iter().position(|c| {
+                        matches!(
+                            c.kind,
+                            ConversionKind::OpensEmail | ConversionKind::ClicksEmail
+                        )
+                    })
+                {
+                    return Err(bad(
+                        format!("conversion_events[{i}].type"),
+                        "a Canvas counts custom_event and purchase conversions; opens_email and clicks_email are counted for campaigns only",
+                    ));
+                }
+                parsed
             }
             Some(_) => return Err(bad("conversion_events", "must be an array")),
         };
@@ -1605,7 +1623,7 @@ mod tests {
     /// A User Update step's `set` is checked on save as `/users/track` checks it when the step
     /// runs: a value it would refuse (and so the whole update dropped then) is refused now.
     #[test]
-    fn user_update_values_are_checked_on_save() {
+    fn save_only_checks_refuse_what_never_works_while_saved_canvases_load() {
         let with_set = |set: Value| {
             json!({
                 "entry": {"type": "api_triggered"},
@@ -1644,6 +1662,16 @@ mod tests {
         assert!(CanvasDefinition::parse(&ok, ids()).is_ok());
         // A Canvas saved before the check still loads (its step is dropped at run time, as then).
         assert!(CanvasDefinition::load(&with_set(json!({"email": 5}))).is_ok());
+
+        // Email opens and clicks are not conversions a Canvas counts: refused on save, so none
+        // is saved that never counts; one saved before still loads.
+        for kind in ["opens_email", "clicks_email"] {
+            let mut raw = with_set(json!({"plan": "pro"}));
+            raw["conversion_events"] = json!([{"type": "purchase"}, {"type": kind}]);
+            let e = CanvasDefinition::parse(&raw, ids()).unwrap_err();
+            assert_eq!(e.path, "conversion_events[1].type", "{kind}");
+            assert!(CanvasDefinition::load(&raw).is_ok(), "{kind}");
+        }
     }
 
     #[test]

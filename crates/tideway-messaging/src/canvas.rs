@@ -119,6 +119,22 @@ pub fn step_dispatch_id(canvas_id: &str, version: u32, step_id: &str) -> String 
     hex::encode(&digest[..16])
 }
 
+/// The Canvas fields of a Message step's events, from the `canvas` object its ad-hoc dispatch
+/// definition carries ([`step_dispatch_id`]'s dispatch): the dispatcher's Send and Delivery and
+/// the tracking endpoints' Open, Click and Unsubscribe say the same.
+pub fn step_origin(canvas: &Map<String, Value>) -> Origin<'_> {
+    let field = |k: &str| canvas.get(k).and_then(Value::as_str);
+    Origin::Canvas {
+        canvas_id: field("id").unwrap_or_default(),
+        canvas_name: field("name"),
+        canvas_variation_id: field("variation_id"),
+        canvas_variation_name: field("variation_name"),
+        canvas_step_id: field("step_id"),
+        canvas_step_name: field("step_name"),
+        canvas_step_message_variation_id: None,
+    }
+}
+
 /// Adds a Canvas message's variables: `canvas_entry_properties` / `context`,
 /// `event_properties` (after Action Paths) and `canvas.*`, from the job's properties
 /// (`{"canvas_entry_properties": {…}, "event_properties": {…}}`) and the dispatch's `canvas`.

@@ -967,7 +967,6 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             }
             DispatchSource::Campaign { .. } | DispatchSource::Canvas { .. } => None,
         };
-        let field = |k: &str| canvas.and_then(|c| c.get(k)).and_then(Value::as_str);
         let origin = match (campaign, canvas) {
             (Some(c), _) => Origin::Campaign {
                 campaign_id: &c.id,
@@ -975,15 +974,7 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                 message_variation_id: Some(&variant.id),
                 message_variation_name: Some(&variant.name),
             },
-            (None, Some(_)) => Origin::Canvas {
-                canvas_id: field("id").unwrap_or_default(),
-                canvas_name: field("name"),
-                canvas_variation_id: field("variation_id"),
-                canvas_variation_name: field("variation_name"),
-                canvas_step_id: field("step_id"),
-                canvas_step_name: field("step_name"),
-                canvas_step_message_variation_id: None,
-            },
+            (None, Some(canvas)) => crate::canvas::step_origin(canvas),
             (None, None) => Origin::AdHoc,
         };
         let source = MessageSource {

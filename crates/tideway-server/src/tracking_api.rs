@@ -147,6 +147,8 @@ async fn resolve(state: &AppState, raw: &str) -> Option<Link> {
 struct Context {
     user: UserRecord,
     campaign: Option<(String, String)>,
+    /// A Canvas Message step's `canvas` object (its ad-hoc dispatch carries it).
+    canvas: Option<serde_json::Map<String, Value>>,
     variant: Option<(String, String)>,
     dispatch_id: String,
     send_id: Option<String>,
@@ -157,14 +159,15 @@ impl Context {
         MessageSource {
             app_group_id: &workspace.app_group_id,
             app_id: None,
-            origin: match &self.campaign {
-                Some((id, name)) => Origin::Campaign {
+            origin: match (&self.campaign, &self.canvas) {
+                (Some((id, name)), _) => Origin::Campaign {
                     campaign_id: id,
                     campaign_name: Some(name),
                     message_variation_id: self.variant.as_ref().map(|(id, _)| id.as_str()),
                     message_variation_name: self.variant.as_ref().map(|(_, n)| n.as_str()),
                 },
-                None => Origin::AdHoc,
+                (None, Some(canvas)) => tideway_messaging::canvas::step_origin(canvas),
+                (None, None) => Origin::AdHoc,
             },
             dispatch_id: Some(&self.dispatch_id),
             send_id: self.send_id.as_deref(),
@@ -199,6 +202,12 @@ async fn context(state: &AppState, link: &Link) -> Result<Option<Context>, Store
                 .map(|v| (v.id.clone(), v.name.clone()))
         })
     };
+    let canvas = dispatch.as_ref().and_then(|d| match &d.source {
+        DispatchSource::AdHoc { definition } => {
+            definition.get("canvas").and_then(Value::as_object).cloned()
+        }
+        DispatchSource::Campaign { .. } | DispatchSource::Canvas { .. } => None,
+    });
     let (campaign, variant, dispatch_id, send_id) = match &dispatch {
         Some(d) => {
             let (campaign, variant) = match &d.source {
@@ -226,6 +235,7 @@ async fn context(state: &AppState, link: &Link) -> Result<Option<Context>, Store
     Ok(Some(Context {
         user,
         campaign,
+        canvas,
         variant,
         dispatch_id,
         send_id,

@@ -53,12 +53,11 @@ const UNITS: [(&str, &str, i64); 4] = [
     ("seconds", "seconds", 1),
 ];
 
-/// The kinds of conversion event, as the API names them, with their labels.
-const CONVERSIONS: [(&str, &str); 4] = [
+/// The kinds of conversion event a Canvas counts, as the API names them, with their labels
+/// (email opens and clicks count for campaigns only).
+const CONVERSIONS: [(&str, &str); 2] = [
     ("custom_event", "Performs a custom event"),
     ("purchase", "Makes a purchase"),
-    ("opens_email", "Opens an email"),
-    ("clicks_email", "Clicks an email"),
 ];
 
 /// Most conversion events (the API's limit).
@@ -1305,7 +1304,7 @@ mod tests {
             "conversion_events": [
                 {"type": "custom_event", "name": "upgraded", "window_seconds": 259200},
                 {"type": "purchase", "window_seconds": 3600},
-                {"type": "opens_email", "window_seconds": 90}],
+                {"type": "purchase", "product_id": "pro", "window_seconds": 90}],
             "frequency_capping": false,
             "control_percent": 10,
             "variants": [

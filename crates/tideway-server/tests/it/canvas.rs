@@ -145,6 +145,19 @@ async fn trial_stuck_journey_runs_end_to_end_across_a_restart() {
         assert_eq!(s["properties"]["canvas_step_id"], "remind");
         assert_eq!(s["properties"]["canvas_step_name"], "Reminder");
     }
+    // Opening the step's email logs an Open with the same Canvas fields as its Send.
+    let mails = t.smtp.wait_for(1, DEADLINE).await;
+    let html = mails[0].html().expect("an HTML part");
+    let pixel = html
+        .split('"')
+        .find(|p| p.starts_with(&t.s.base) && p.contains("/t/o/"))
+        .expect("an open pixel")
+        .to_owned();
+    assert_eq!(t.s.client.get(pixel).send().await.unwrap().status(), 200);
+    let opens = t.wait_events("users.messages.email.Open", 1).await;
+    assert_eq!(opens[0]["properties"]["canvas_id"], id.as_str());
+    assert_eq!(opens[0]["properties"]["canvas_step_id"], "remind");
+    assert_eq!(opens[0]["properties"]["canvas_step_name"], "Reminder");
     let first =
         t.s.events_named(&t.ws, "users.canvasstep.Progression")
             .await;
