@@ -10,8 +10,8 @@ use serde_json::{Map, Value, json};
 use crate::clock::Millis;
 use crate::currents::{CurrentsEvent, EventUser};
 use crate::ids::{BrazeId, DeviceId, Email, ExternalId, IdSource, Phone, UserAlias};
-use crate::profile::CustomChange;
-use crate::profile::{Occurrences, UserRecord, apply_custom};
+use crate::message_events::{MessageSource, Origin};
+use crate::profile::{CustomChange, Occurrences, StandardField, UserRecord, apply_custom};
 use crate::store::{LockKey, Lookup, StoreError, UserLookup, UserTx, Workspace};
 use crate::track::{
     AttributeObject, ContactChange, EventObject, InputArray, MAX_NESTED_BYTES, ObjectError,
@@ -441,6 +441,7 @@ fn apply_attributes(
         _ => {}
     }
     let mut changed_other_standard = false;
+    let mut email_subscription = None;
     for (field, value) in &obj.standard {
         let old = user.profile.standard.get(field);
         if old == value.as_ref() {
@@ -454,6 +455,10 @@ fn apply_attributes(
             Some(name) => {
                 standard.insert(name.into(), value.clone().unwrap_or(Value::Null));
             }
+            // Its own event says it (below), not an empty profile update.
+            None if *field == StandardField::EmailSubscribe => {
+                email_subscription = value.as_ref().and_then(Value::as_str).map(str::to_owned);
+            }
             None => changed_other_standard = true,
         }
     }
@@ -461,6 +466,26 @@ fn apply_attributes(
         if let Some(new) = apply_custom(&mut user.profile.custom, name, change, ctx.max_array_len) {
             custom.insert(name.clone(), new.unwrap_or(Value::Null));
         }
+    }
+    if let Some(status) = &email_subscription {
+        user.updated_at = ctx.now;
+        let source = MessageSource {
+            app_group_id: &ctx.workspace.app_group_id,
+            app_id: None,
+            origin: Origin::AdHoc,
+            dispatch_id: None,
+            send_id: None,
+        };
+        let email = user.email.as_ref().map_or("", Email::as_str).to_owned();
+        let event = CurrentsEvent::subscription_global_state_change(
+            ctx.ids.event_id(),
+            ctx.now,
+            &ctx.event_user(user, None),
+            &source,
+            &email,
+            status,
+        );
+        tx.append_event(Some(user.seq), event)?;
     }
     if standard.is_empty() && custom.is_empty() && !changed_other_standard {
         return Ok(None);

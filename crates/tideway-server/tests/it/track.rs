@@ -288,6 +288,53 @@ async fn array_and_increment_operations() {
     assert_eq!(user["custom_attributes"], json!({"tags": ["a"], "n": 3}));
 }
 
+/// A change of `email_subscribe` through `/users/track` logs its `GlobalStateChange` (as the
+/// unsubscribe link does), not an empty profile update; other changes beside it still log one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_subscription_change_logs_its_state_change() {
+    let (s, ws, key) = Server::with_admin().await;
+    let track =
+        |attributes: Value| s.post("/users/track", &key, json!({"attributes": [attributes]}));
+    let a = track(json!({"external_id": "u1", "email": "u1@example.com"})).await;
+    assert_eq!(a.status, 201);
+    let before = s.events(&ws).await.len();
+    let a = track(json!({"external_id": "u1", "email_subscribe": "unsubscribed"})).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let events = s.events(&ws).await;
+    let new: Vec<&str> = events[before..]
+        .iter()
+        .map(|e| e.event.event_type.as_str())
+        .collect();
+    assert_eq!(new, ["users.behaviors.subscription.GlobalStateChange"]);
+    let changes = s
+        .events_named(&ws, "users.behaviors.subscription.GlobalStateChange")
+        .await;
+    let p = &changes[0]["properties"];
+    assert_eq!(
+        (
+            &p["subscription_status"],
+            &p["channel"],
+            &p["email_address"]
+        ),
+        (
+            &json!("unsubscribed"),
+            &json!("email"),
+            &json!("u1@example.com")
+        )
+    );
+    // The same value again changes nothing and logs nothing; with a name beside it, the
+    // name's update only.
+    let before = s.events(&ws).await.len();
+    track(json!({"external_id": "u1", "email_subscribe": "unsubscribed", "first_name": "Ada"}))
+        .await;
+    let events = s.events(&ws).await;
+    let new: Vec<&str> = events[before..]
+        .iter()
+        .map(|e| e.event.event_type.as_str())
+        .collect();
+    assert_eq!(new, ["users.profile.Update"]);
+}
+
 /// Each request's nested values are bounded when parsed, and so is what they add up to: an
 /// object whose `$add` (or merge) would take a stored nested attribute past 100 KiB is refused
 /// whole, reported by index, and the rest of the request applies.
