@@ -49,6 +49,7 @@ pub enum EventType {
     WebhookRetry,
     WebhookSend,
     SubscriptionGlobalStateChange,
+    SubscriptionGroupStateChange,
 }
 
 /// The three categories a Current can subscribe to.
@@ -60,7 +61,7 @@ pub enum EventCategory {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 27] = [
+    pub const ALL: [EventType; 28] = [
         EventType::CustomEvent,
         EventType::Purchase,
         EventType::ProfileUpdate,
@@ -88,6 +89,7 @@ impl EventType {
         EventType::WebhookRetry,
         EventType::WebhookSend,
         EventType::SubscriptionGlobalStateChange,
+        EventType::SubscriptionGroupStateChange,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -121,6 +123,9 @@ impl EventType {
             EventType::SubscriptionGlobalStateChange => {
                 "users.behaviors.subscription.GlobalStateChange"
             }
+            EventType::SubscriptionGroupStateChange => {
+                "users.behaviors.subscriptiongroup.StateChange"
+            }
         }
     }
 
@@ -136,7 +141,8 @@ impl EventType {
         match self {
             EventType::CustomEvent
             | EventType::Purchase
-            | EventType::SubscriptionGlobalStateChange => EventCategory::CustomerBehavior,
+            | EventType::SubscriptionGlobalStateChange
+            | EventType::SubscriptionGroupStateChange => EventCategory::CustomerBehavior,
             EventType::ProfileUpdate | EventType::UserDeleteRequest | EventType::UserOrphan => {
                 EventCategory::User
             }

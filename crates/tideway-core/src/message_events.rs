@@ -24,8 +24,12 @@
 //! - `esp`, `from_domain`, `sending_ip` on `Bounce`, `SoftBounce` and `Deferral`, and on
 //!   `Open`/`Click`: only the delivery path knows them ([`EmailDeliveryInfo`]);
 //! - `link_alias` on `Click`: Tideway has no link aliases;
-//! - `state_change_source` on `GlobalStateChange`: Braze's values for it are not documented
-//!   (unverified), and an invented value would mislead receivers that switch on Braze's;
+//! - `state_change_source` on `GlobalStateChange` and `subscriptiongroup.StateChange`: Braze's
+//!   values for it are not documented (unverified), and an invented value would mislead
+//!   receivers that switch on Braze's;
+//! - `channel`, `channel_identifier`, `email_address`, `phone_number` and `dispatch_id` on
+//!   `subscriptiongroup.StateChange`: a change made through `/users/track` has no message, and
+//!   a group's channel is not part of Tideway's profile;
 //! - `canvas_step_message_variation_id` ([`Origin::Canvas`]): none of these types lists it.
 
 use crate::clock::Millis;
@@ -534,6 +538,34 @@ impl CurrentsEvent {
                 o.str("email_address", email_address);
                 variation(o, &source.origin);
                 o.opt_str("send_id", source.send_id);
+                o.str("subscription_status", subscription_status);
+            },
+        )
+    }
+
+    /// `users.behaviors.subscriptiongroup.StateChange`: the user's state in subscription group
+    /// `group_id` became `subscription_status` (as `subscription_groups` gave it). The group's
+    /// channel is not known here, so `channel` is not written.
+    pub fn subscription_group_state_change(
+        id: EventId,
+        at: Millis,
+        user: &EventUser<'_>,
+        source: &MessageSource<'_>,
+        group_id: &str,
+        subscription_status: &str,
+    ) -> Self {
+        Self::build(
+            id,
+            EventType::SubscriptionGroupStateChange,
+            at,
+            capacity(source, group_id.len() + subscription_status.len()),
+            |o| user_keys(o, user, true, true, true),
+            |o| {
+                app_ids(o, source);
+                origin(o, &source.origin);
+                variation(o, &source.origin);
+                o.opt_str("send_id", source.send_id);
+                o.str("subscription_group_id", group_id);
                 o.str("subscription_status", subscription_status);
             },
         )

@@ -442,10 +442,14 @@ fn apply_attributes(
     }
     let mut changed_other_standard = false;
     let mut email_subscription = None;
+    let mut group_states = Vec::new();
     for (field, value) in &obj.standard {
         let old = user.profile.standard.get(field);
         if old == value.as_ref() {
             continue;
+        }
+        if *field == StandardField::SubscriptionGroups {
+            group_states = changed_group_states(old, value.as_ref());
         }
         match value {
             Some(v) => user.profile.standard.insert(*field, v.clone()),
@@ -459,6 +463,7 @@ fn apply_attributes(
             None if *field == StandardField::EmailSubscribe => {
                 email_subscription = value.as_ref().and_then(Value::as_str).map(str::to_owned);
             }
+            None if *field == StandardField::SubscriptionGroups => {}
             None => changed_other_standard = true,
         }
     }
@@ -467,15 +472,15 @@ fn apply_attributes(
             custom.insert(name.clone(), new.unwrap_or(Value::Null));
         }
     }
+    let source = MessageSource {
+        app_group_id: &ctx.workspace.app_group_id,
+        app_id: None,
+        origin: Origin::AdHoc,
+        dispatch_id: None,
+        send_id: None,
+    };
     if let Some(status) = &email_subscription {
         user.updated_at = ctx.now;
-        let source = MessageSource {
-            app_group_id: &ctx.workspace.app_group_id,
-            app_id: None,
-            origin: Origin::AdHoc,
-            dispatch_id: None,
-            send_id: None,
-        };
         let email = user.email.as_ref().map_or("", Email::as_str).to_owned();
         let event = CurrentsEvent::subscription_global_state_change(
             ctx.ids.event_id(),
@@ -483,6 +488,18 @@ fn apply_attributes(
             &ctx.event_user(user, None),
             &source,
             &email,
+            status,
+        );
+        tx.append_event(Some(user.seq), event)?;
+    }
+    for (group, status) in &group_states {
+        user.updated_at = ctx.now;
+        let event = CurrentsEvent::subscription_group_state_change(
+            ctx.ids.event_id(),
+            ctx.now,
+            &ctx.event_user(user, None),
+            &source,
+            group,
             status,
         );
         tx.append_event(Some(user.seq), event)?;
@@ -502,6 +519,29 @@ fn apply_attributes(
     );
     tx.append_event(Some(user.seq), event)?;
     Ok(None)
+}
+
+/// The `(subscription_group_id, subscription_state)` pairs of `new` (a `subscription_groups`
+/// array) whose state differs from the group's in `old`: each is one
+/// `users.behaviors.subscriptiongroup.StateChange`.
+fn changed_group_states(old: Option<&Value>, new: Option<&Value>) -> Vec<(String, String)> {
+    let states = |v: Option<&Value>| -> Vec<(String, String)> {
+        v.and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|g| {
+                Some((
+                    g.get("subscription_group_id")?.as_str()?.to_owned(),
+                    g.get("subscription_state")?.as_str()?.to_owned(),
+                ))
+            })
+            .collect()
+    };
+    let before = states(old);
+    states(new)
+        .into_iter()
+        .filter(|(id, state)| !before.iter().any(|(i, s)| i == id && s == state))
+        .collect()
 }
 
 /// The first nested attribute (an object merged into, an array of objects edited) that the

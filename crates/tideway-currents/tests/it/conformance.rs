@@ -194,6 +194,7 @@ fn messaging_events(
         ),
         CurrentsEvent::email_unsubscribe(id(), at, u, s, a),
         CurrentsEvent::subscription_global_state_change(id(), at, u, s, a, "unsubscribed"),
+        CurrentsEvent::subscription_group_state_change(id(), at, u, s, "sg-1", "subscribed"),
         CurrentsEvent::webhook_send(id(), at, u, s, opt("{}")),
         CurrentsEvent::webhook_failure(id(), at, u, s, &failure),
         CurrentsEvent::webhook_retry(id(), at, u, s, "http_status", "500"),
@@ -267,6 +268,17 @@ const NEVER_WRITTEN: &[(&str, &[&str])] = &[
     (
         "users.behaviors.subscription.GlobalStateChange",
         &["state_change_source"],
+    ),
+    (
+        "users.behaviors.subscriptiongroup.StateChange",
+        &[
+            "channel",
+            "channel_identifier",
+            "dispatch_id",
+            "email_address",
+            "phone_number",
+            "state_change_source",
+        ],
     ),
     ("users.messages.webhook.Send", &[]),
     ("users.messages.webhook.Failure", &[]),

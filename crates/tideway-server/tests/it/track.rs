@@ -289,7 +289,8 @@ async fn array_and_increment_operations() {
 }
 
 /// A change of `email_subscribe` through `/users/track` logs its `GlobalStateChange` (as the
-/// unsubscribe link does), not an empty profile update; other changes beside it still log one.
+/// unsubscribe link does), and one of a subscription group its `StateChange`, not an empty
+/// profile update; other changes beside them still log one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_email_subscription_change_logs_its_state_change() {
     let (s, ws, key) = Server::with_admin().await;
@@ -333,6 +334,30 @@ async fn an_email_subscription_change_logs_its_state_change() {
         .map(|e| e.event.event_type.as_str())
         .collect();
     assert_eq!(new, ["users.profile.Update"]);
+
+    // A subscription group's state change logs its StateChange, one per group that changed.
+    let groups = |a: &str, b: &str| {
+        json!({"external_id": "u1", "subscription_groups": [
+            {"subscription_group_id": "sg-1", "subscription_state": a},
+            {"subscription_group_id": "sg-2", "subscription_state": b}]})
+    };
+    track(groups("subscribed", "subscribed")).await;
+    let before = s.events(&ws).await.len();
+    track(groups("subscribed", "unsubscribed")).await;
+    let events = s.events(&ws).await;
+    let new: Vec<&str> = events[before..]
+        .iter()
+        .map(|e| e.event.event_type.as_str())
+        .collect();
+    assert_eq!(new, ["users.behaviors.subscriptiongroup.StateChange"]);
+    let changes = s
+        .events_named(&ws, "users.behaviors.subscriptiongroup.StateChange")
+        .await;
+    let p = &changes.last().expect("a state change")["properties"];
+    assert_eq!(
+        (&p["subscription_group_id"], &p["subscription_status"]),
+        (&json!("sg-2"), &json!("unsubscribed"))
+    );
 }
 
 /// Each request's nested values are bounded when parsed, and so is what they add up to: an
