@@ -990,6 +990,11 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             device_id: None,
             time_zone: p.user.time_zone(),
         };
+        if p.capped {
+            // Nothing is rendered for a message that will not go out.
+            let now = self.clock.now();
+            return capped_abort(&p, &event_user, &source, &variant.message, now);
+        }
         let mut vars = vars_for(
             &p.user,
             CampaignVars {
@@ -1021,9 +1026,6 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             vars: &vars,
             path: &path,
         };
-        if p.capped {
-            return capped_abort(&ctx, &variant.message, now);
-        }
         match &variant.message {
             Message::Webhook(w) => self.send_webhook(&ctx, w, now).await,
             Message::Email(e) => self.send_email(&ctx, e, now).await,
@@ -1405,24 +1407,30 @@ struct Ctx<'a> {
 
 /// A message held back by a frequency cap: failed, with the channel's `Abort` event
 /// (`abort_type: frequency_capped`, braze-messaging.md §8), so the cap is visible downstream.
-fn capped_abort(ctx: &Ctx<'_>, message: &Message, now: Millis) -> Settlement {
+fn capped_abort(
+    p: &Prepared,
+    user: &EventUser<'_>,
+    source: &MessageSource<'_>,
+    message: &Message,
+    now: Millis,
+) -> Settlement {
     const TYPE: &str = "frequency_capped";
     const LOG: Option<&str> = Some("the user is at a frequency cap");
     let event = match message {
         Message::Webhook(_) => {
-            CurrentsEvent::webhook_abort(event_id(), now, ctx.user, ctx.source, TYPE, LOG)
+            CurrentsEvent::webhook_abort(event_id(), now, user, source, TYPE, LOG)
         }
         Message::Email(_) => CurrentsEvent::email_abort(
             event_id(),
             now,
-            ctx.user,
-            ctx.source,
-            ctx.record.email.as_ref().map_or("", |e| e.as_str()),
+            user,
+            source,
+            p.user.email.as_ref().map_or("", |e| e.as_str()),
             TYPE,
             LOG,
         ),
     };
-    fail(ctx.claim, vec![event])
+    fail(&p.claim, vec![event])
 }
 
 fn fail(c: &ClaimedSend, events: Vec<CurrentsEvent>) -> Settlement {

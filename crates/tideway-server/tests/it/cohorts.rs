@@ -424,6 +424,23 @@ fn now_ms() -> i64 {
     .0
 }
 
+/// A server with workspace `w`, its seeded users and a Heap webhook secret: the server, the
+/// workspace, the secret and the segment-sync path naming the workspace.
+async fn heap_synced_workspace() -> (Server, Workspace, String, String) {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    seed_users(&s, &key).await;
+    let hook = s
+        .store
+        .heap_webhook(ws.id, Secret::new("whsec-w".into()), None)
+        .await
+        .unwrap();
+    let secret = hook.secret.expose().to_owned();
+    let path = format!("/partners/heap/segment-sync/{}", ws.app_group_id);
+    (s, ws, secret, path)
+}
+
 fn sync_body(task: &str, page: u32, add: &[&str], remove: &[&str]) -> Value {
     json!({"id_token": "7a36ae58-c4b9-11eb-8529-0242ac130003", "action_type": "segment.users.sync",
         "customer_config": {"fields": [{"field_id": "workspace", "field_display_name": "Workspace", "field_type": "identity_mapping", "value": {"id": "workspace_1", "display_name": "Workspace 1"}}]},
@@ -439,17 +456,7 @@ fn sync_body(task: &str, page: u32, add: &[&str], remove: &[&str]) -> Value {
 /// is cut to 255 characters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heap_segment_sync_follows_disable_and_keeps_names_usable() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
-    let key = s.admin_key(&ws).await;
-    seed_users(&s, &key).await;
-    let hook = s
-        .store
-        .heap_webhook(ws.id, Secret::new("whsec-w".into()), None)
-        .await
-        .unwrap();
-    let secret = hook.secret.expose().to_owned();
-    let path = format!("/partners/heap/segment-sync/{}", ws.app_group_id);
+    let (s, ws, secret, path) = heap_synced_workspace().await;
     let page = |task: &str, id: u64, name: Value, add: &[&str]| {
         let mut body = sync_body(task, 1, add, &[]);
         body["data"]["segment"] = json!({"id": id, "name": name});
@@ -513,22 +520,12 @@ async fn heap_segment_sync_follows_disable_and_keeps_names_usable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heap_segment_sync_is_verified_paged_idempotent_and_drains() {
-    let s = Server::start().await;
-    let ws = s.workspace("w").await;
+    let (s, ws, secret, path) = heap_synced_workspace().await;
     let other = s.workspace("other").await;
-    let key = s.admin_key(&ws).await;
-    seed_users(&s, &key).await;
-    let hook = s
-        .store
-        .heap_webhook(ws.id, Secret::new("whsec-w".into()), None)
-        .await
-        .unwrap();
     s.store
         .heap_webhook(other.id, Secret::new("whsec-other".into()), None)
         .await
         .unwrap();
-    let secret = hook.secret.expose().to_owned();
-    let path = format!("/partners/heap/segment-sync/{}", ws.app_group_id);
 
     let page1 = sync_body("task-1", 1, &["u1", "nobody"], &[]);
     let a = webhook(&s, &path, &secret, now_ms(), &page1).await;

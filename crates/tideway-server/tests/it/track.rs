@@ -296,17 +296,22 @@ async fn an_email_subscription_change_logs_its_state_change() {
     let (s, ws, key) = Server::with_admin().await;
     let track =
         |attributes: Value| s.post("/users/track", &key, json!({"attributes": [attributes]}));
+    // The types of the events one attributes object logs.
+    let logged_by = async |attributes: Value| -> Vec<String> {
+        let before = s.events(&ws).await.len();
+        let a = track(attributes).await;
+        assert_eq!(a.status, 201, "{a:?}");
+        s.events(&ws).await[before..]
+            .iter()
+            .map(|e| e.event.event_type.as_str().to_owned())
+            .collect()
+    };
     let a = track(json!({"external_id": "u1", "email": "u1@example.com"})).await;
     assert_eq!(a.status, 201);
-    let before = s.events(&ws).await.len();
-    let a = track(json!({"external_id": "u1", "email_subscribe": "unsubscribed"})).await;
-    assert_eq!(a.status, 201, "{a:?}");
-    let events = s.events(&ws).await;
-    let new: Vec<&str> = events[before..]
-        .iter()
-        .map(|e| e.event.event_type.as_str())
-        .collect();
-    assert_eq!(new, ["users.behaviors.subscription.GlobalStateChange"]);
+    assert_eq!(
+        logged_by(json!({"external_id": "u1", "email_subscribe": "unsubscribed"})).await,
+        ["users.behaviors.subscription.GlobalStateChange"]
+    );
     let changes = s
         .events_named(&ws, "users.behaviors.subscription.GlobalStateChange")
         .await;
@@ -325,15 +330,13 @@ async fn an_email_subscription_change_logs_its_state_change() {
     );
     // The same value again changes nothing and logs nothing; with a name beside it, the
     // name's update only.
-    let before = s.events(&ws).await.len();
-    track(json!({"external_id": "u1", "email_subscribe": "unsubscribed", "first_name": "Ada"}))
-        .await;
-    let events = s.events(&ws).await;
-    let new: Vec<&str> = events[before..]
-        .iter()
-        .map(|e| e.event.event_type.as_str())
-        .collect();
-    assert_eq!(new, ["users.profile.Update"]);
+    assert_eq!(
+        logged_by(
+            json!({"external_id": "u1", "email_subscribe": "unsubscribed", "first_name": "Ada"})
+        )
+        .await,
+        ["users.profile.Update"]
+    );
 
     // A subscription group's state change logs its StateChange, one per group that changed.
     let groups = |a: &str, b: &str| {
@@ -342,14 +345,10 @@ async fn an_email_subscription_change_logs_its_state_change() {
             {"subscription_group_id": "sg-2", "subscription_state": b}]})
     };
     track(groups("subscribed", "subscribed")).await;
-    let before = s.events(&ws).await.len();
-    track(groups("subscribed", "unsubscribed")).await;
-    let events = s.events(&ws).await;
-    let new: Vec<&str> = events[before..]
-        .iter()
-        .map(|e| e.event.event_type.as_str())
-        .collect();
-    assert_eq!(new, ["users.behaviors.subscriptiongroup.StateChange"]);
+    assert_eq!(
+        logged_by(groups("subscribed", "unsubscribed")).await,
+        ["users.behaviors.subscriptiongroup.StateChange"]
+    );
     let changes = s
         .events_named(&ws, "users.behaviors.subscriptiongroup.StateChange")
         .await;
