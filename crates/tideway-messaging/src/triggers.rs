@@ -590,10 +590,12 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
             events: events.last().map_or(cursor.events, |e| e.seq),
             cohort_changes: entries.last().map_or(cursor.cohort_changes, |e| e.position),
         };
-        let stats: Vec<_> = events
-            .iter()
-            .flat_map(|logged| crate::stats::increments(logged.user, &logged.event))
-            .collect();
+        let (mut stats, mut send_stats) = (Vec::new(), Vec::new());
+        for logged in &events {
+            let counted = crate::stats::increments(logged.user, &logged.event);
+            stats.extend(counted.stats);
+            send_stats.extend(counted.send_stats);
+        }
         let mut happened = Vec::new();
         for logged in &events {
             let Some(user) = logged.user else { continue };
@@ -662,6 +664,7 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
         let mut enqueue = Enqueue {
             cursor: Some((cursor, next)),
             stats,
+            send_stats,
             ..Enqueue::default()
         };
         for (campaign, def) in campaigns {

@@ -554,11 +554,10 @@ pub(crate) async fn change_status(
                 "the schedule has no occurrence after now (its time has passed): move it into the future, or use a trigger send",
             ));
         }
-        if matches!(def.delivery, Delivery::ActionBased(_)) {
-            // Before the campaign is active: the trigger engine must never read the
-            // logs from their start for it.
-            tideway_messaging::triggers::start_cursor(state.store(), ws.id).await?;
-        }
+        // Before the campaign is active, whatever its delivery: the trigger engine must
+        // never read the logs from their start for it, and must count the stats of its first
+        // messages (a cursor the engine starts itself begins at the heads, past them).
+        tideway_messaging::triggers::start_cursor(state.store(), ws.id).await?;
         c.launched_at = Some(at);
         c.next_run = None;
     }

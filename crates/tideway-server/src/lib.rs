@@ -416,6 +416,7 @@ pub fn app_with_messaging(
             post(schedule_api::messages_schedule_delete),
         )
         .route("/sends/id/create", post(schedule_api::send_id_create))
+        .route("/sends/data_series", get(schedule_api::sends_data_series))
         .route("/campaigns/list", get(messaging_api::campaigns_list))
         .route("/campaigns/details", get(messaging_api::campaigns_details))
         .route("/t/o/{token}", get(tracking_api::open))

@@ -71,6 +71,7 @@ use crate::wire;
         crate::schedule_api::messages_schedule_update,
         crate::schedule_api::messages_schedule_delete,
         crate::schedule_api::send_id_create,
+        crate::schedule_api::sends_data_series,
         crate::tracking_api::open,
         crate::tracking_api::click,
         crate::tracking_api::unsubscribe_page,
@@ -123,7 +124,7 @@ use crate::wire;
         (name = "segments", description = "Segments: Tideway's management API (permissions segments.manage / segments.read) and Braze's /segments/list (segments.list) and /segments/details (segments.details)"),
         (name = "currents", description = "Currents: export of engagement events to Heap or any HTTP receiver (permission currents.manage)"),
         (name = "campaigns", description = "Campaigns: Tideway's management API (permissions campaigns.manage / campaigns.read)"),
-        (name = "messaging", description = "Braze's messaging endpoints: /campaigns/trigger/send (campaigns.trigger.send), /messages/send (messages.send), their /schedule/{create,update,delete} (campaigns.trigger.schedule.*, messages.schedule.*), /sends/id/create (sends.id.create), /campaigns/list (campaigns.list), /campaigns/details (campaigns.details)"),
+        (name = "messaging", description = "Braze's messaging endpoints: /campaigns/trigger/send (campaigns.trigger.send), /messages/send (messages.send), their /schedule/{create,update,delete} (campaigns.trigger.schedule.*, messages.schedule.*), /sends/id/create (sends.id.create), /sends/data_series (sends.data_series), /campaigns/list (campaigns.list), /campaigns/details (campaigns.details)"),
         (name = "tracking", description = "Email open, click and subscription links (no key: the signed token is the credential)"),
         (name = "ops", description = "Health, metrics and this document (no authentication)"),
     )

@@ -1,6 +1,6 @@
 //! Braze's scheduled API sends (`braze-messaging.md` §3.4) and send ids (§3.5):
 //! `/campaigns/trigger/schedule/{create,update,delete}`, `/messages/schedule/{create,update,
-//! delete}` and `POST /sends/id/create`.
+//! delete}`, `POST /sends/id/create` and `GET /sends/data_series`.
 //!
 //! A scheduled send is a dispatch whose jobs (or, for a broadcast, whose expansion) wait until
 //! the schedule's time; Tideway's `schedule_id` is the dispatch's id (Our choice: one name for
@@ -11,14 +11,22 @@
 //! `schedule.in_local_time` and `schedule.at_optimal_time` are refused with a 400 naming them:
 //! Tideway sends a scheduled API dispatch at one instant for everyone (a recurring campaign's
 //! `scheduled` delivery is where per-user time lives).
+//!
+//! A send id's daily series counts the Currents events of the messages sent with it
+//! (`tideway_messaging::stats`), per UTC day. **Our choice:** days are UTC days (`ending_at`
+//! picks the UTC day it falls in); figures are kept as long as the campaign (Braze keeps them 14
+//! days); purchase revenue is not attributed, so no `revenue` field; a conversion names no
+//! channel, so conversions are the day's only (not per variation).
 
-use axum::extract::{Request, State};
+use std::collections::{BTreeMap, HashMap};
+
+use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tideway_core::clock::{Millis, parse_datetime};
 use tideway_core::keys::Permission;
-use tideway_core::store::StoreError;
+use tideway_core::store::{SendSeriesFigure, SendStat, StoreError};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -29,6 +37,9 @@ use crate::pipeline::{management, now, read_json};
 pub const MAX_SEND_IDS_PER_DAY: u32 = 100;
 /// Longest `send_id`.
 const MAX_SEND_ID_CHARS: usize = 64;
+/// Most days one `/sends/data_series` answer covers (Braze: `length` 1 to 100).
+const MAX_SERIES_DAYS: i64 = 100;
+const DAY_MS: i64 = 86_400_000;
 
 pub(crate) const INVALID_SCHEDULE_ID: &str = "Invalid schedule_id";
 
@@ -509,6 +520,173 @@ pub async fn send_id_create(State(state): State<AppState>, req: Request) -> Resp
     .await
 }
 
+/// What `/sends/data_series` asks for: one campaign's send id, over the UTC days from
+/// `first_day` to `last_day`.
+#[derive(Debug, PartialEq)]
+struct SeriesQuery {
+    campaign_id: String,
+    send_id: String,
+    first_day: Millis,
+    last_day: Millis,
+}
+
+impl SeriesQuery {
+    fn parse(params: &HashMap<String, String>, now: Millis) -> Result<SeriesQuery, ApiError> {
+        let campaign_id = params
+            .get("campaign_id")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| ApiError::bad_request(INVALID_CAMPAIGN))?
+            .clone();
+        let send_id = match params.get("send_id") {
+            None => return Err(ApiError::malformed("send_id is required")),
+            Some(s) if !s.is_empty() && s.is_ascii() && s.len() <= MAX_SEND_ID_CHARS => s.clone(),
+            Some(_) => {
+                return Err(ApiError::malformed(format!(
+                    "send_id must be an ASCII string of 1 to {MAX_SEND_ID_CHARS} characters"
+                )));
+            }
+        };
+        let length = params
+            .get("length")
+            .and_then(|l| l.parse::<i64>().ok())
+            .filter(|l| (1..=MAX_SERIES_DAYS).contains(l))
+            .ok_or_else(|| {
+                ApiError::malformed(format!(
+                    "length is required: the number of days, from 1 to {MAX_SERIES_DAYS}"
+                ))
+            })?;
+        let ending_at = match params.get("ending_at") {
+            None => now,
+            Some(t) => parse_datetime(t).ok_or_else(|| {
+                ApiError::malformed(
+                    "ending_at must be an ISO 8601 time like 2026-12-10T23:59:59-05:00",
+                )
+            })?,
+        };
+        let last_day = Millis(ending_at.0.div_euclid(DAY_MS) * DAY_MS);
+        Ok(SeriesQuery {
+            campaign_id,
+            send_id,
+            first_day: Millis(last_day.0 - (length - 1) * DAY_MS),
+            last_day,
+        })
+    }
+}
+
+/// The figures each channel's entries list (zero when nothing was counted).
+fn channel_figures(channel: &str) -> &'static [SendStat] {
+    match channel {
+        "webhook" => &[SendStat::Sent, SendStat::Errors, SendStat::UniqueRecipients],
+        _ => &[
+            SendStat::Sent,
+            SendStat::Delivered,
+            SendStat::Bounces,
+            SendStat::Opens,
+            SendStat::UniqueOpens,
+            SendStat::Clicks,
+            SendStat::UniqueClicks,
+            SendStat::Unsubscribes,
+            SendStat::UniqueRecipients,
+        ],
+    }
+}
+
+/// `data` of a `/sends/data_series` answer: one entry per day from `first_day` to `last_day`,
+/// oldest first, each with its channels' entries per variation and the day's totals.
+fn series_json(first_day: Millis, last_day: Millis, figures: &[SendSeriesFigure]) -> Vec<Value> {
+    let mut days: BTreeMap<i64, Vec<&SendSeriesFigure>> = BTreeMap::new();
+    for f in figures {
+        days.entry(f.day.0).or_default().push(f);
+    }
+    let mut data = Vec::new();
+    let mut day = first_day.0;
+    while day <= last_day.0 {
+        let of_day = days.remove(&day).unwrap_or_default();
+        let total = |stat: SendStat| -> u64 {
+            of_day
+                .iter()
+                .filter(|f| f.channel.is_empty() && f.stat == stat)
+                .map(|f| f.count)
+                .sum()
+        };
+        let mut variations: BTreeMap<(&str, &str), Map<String, Value>> = BTreeMap::new();
+        for f in of_day.iter().filter(|f| !f.channel.is_empty()) {
+            let entry = variations
+                .entry((f.channel.as_str(), f.variation.as_str()))
+                .or_insert_with(|| {
+                    let mut entry = Map::new();
+                    entry.insert("variation_name".into(), json!(f.variation));
+                    for stat in channel_figures(&f.channel) {
+                        entry.insert(stat.as_str().into(), json!(0));
+                    }
+                    entry
+                });
+            entry.insert(f.stat.as_str().into(), json!(f.count));
+        }
+        let mut messages: Map<String, Value> = Map::new();
+        for ((channel, _), entry) in variations {
+            if let Value::Array(list) = messages
+                .entry(channel.to_owned())
+                .or_insert_with(|| Value::Array(Vec::new()))
+            {
+                list.push(Value::Object(entry));
+            }
+        }
+        data.push(json!({
+            "time": Millis(day).to_iso()[..10],
+            "messages": messages,
+            "conversions": total(SendStat::Conversions),
+            "unique_recipients": total(SendStat::UniqueRecipients),
+        }));
+        day += DAY_MS;
+    }
+    data
+}
+
+/// `GET /sends/data_series?campaign_id=…&send_id=…&length=…&ending_at=…`.
+#[utoipa::path(
+    get,
+    path = "/sends/data_series",
+    tag = "messaging",
+    summary = "Braze: a send id's daily stats (sends.data_series)",
+    params(
+        ("campaign_id" = String, Query, description = "The campaign's id"),
+        ("send_id" = String, Query, description = "The send id its API sends named"),
+        ("length" = i64, Query, description = "Days to report, 1 to 100, ending with ending_at's UTC day"),
+        ("ending_at" = Option<String>, Query, description = "ISO 8601 time whose UTC day is the last reported (default: now)"),
+    ),
+    responses(
+        (status = 200, description = "`{\"message\": \"success\", \"data\": [{time: \"YYYY-MM-DD\", messages: {email: [{variation_name, sent, delivered, bounces, opens, unique_opens, clicks, unique_clicks, unsubscribes, unique_recipients}], webhook: [{variation_name, sent, errors, unique_recipients}]}, conversions, unique_recipients}]}`, oldest day first", body = Object),
+        (status = 400, description = "`Invalid Campaign ID` (missing or unknown), or a missing or malformed `send_id`, `length` or `ending_at`", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
+pub async fn sends_data_series(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+    req: Request,
+) -> Response {
+    management(
+        state,
+        Permission::SendsDataSeries,
+        req,
+        |state, caller, _| async move {
+            let q = SeriesQuery::parse(&params, now())?;
+            let ws = caller.workspace.id;
+            if state.store().campaign(ws, &q.campaign_id).await?.is_none() {
+                return Err(ApiError::bad_request(INVALID_CAMPAIGN));
+            }
+            let figures = state
+                .store()
+                .send_series(ws, &q.campaign_id, &q.send_id, q.first_day, q.last_day)
+                .await?;
+            let data = series_json(q.first_day, q.last_day, &figures);
+            Ok(axum::Json(json!({"message": "success", "data": data})).into_response())
+        },
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,5 +716,128 @@ mod tests {
             let err = parse_schedule(&body(bad.clone()), now).expect_err("refused");
             assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{bad}");
         }
+    }
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    /// `length` days end with `ending_at`'s UTC day (now's by default); a missing or malformed
+    /// parameter is a 400 that names it.
+    #[test]
+    fn series_queries_cover_length_days_ending_on_the_utc_day_of_ending_at() {
+        let now = Millis(1_796_601_599_000); // 2026-12-06T23:59:59Z
+        let day = |d: i64| Millis(1_796_515_200_000 + d * DAY_MS);
+        let q = SeriesQuery::parse(
+            &params(&[("campaign_id", "c"), ("send_id", "s"), ("length", "3")]),
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            q,
+            SeriesQuery {
+                campaign_id: "c".into(),
+                send_id: "s".into(),
+                first_day: day(-2),
+                last_day: day(0),
+            }
+        );
+        // 23:59:59 at UTC-5 is the next UTC day.
+        let q = SeriesQuery::parse(
+            &params(&[
+                ("campaign_id", "c"),
+                ("send_id", "s"),
+                ("length", "1"),
+                ("ending_at", "2026-12-06T23:59:59-05:00"),
+            ]),
+            now,
+        )
+        .unwrap();
+        assert_eq!((q.first_day, q.last_day), (day(1), day(1)));
+        let cases: [(&[(&str, &str)], &str); 8] = [
+            (&[("send_id", "s"), ("length", "1")], "Invalid Campaign ID"),
+            (
+                &[("campaign_id", ""), ("send_id", "s"), ("length", "1")],
+                "Invalid Campaign ID",
+            ),
+            (
+                &[("campaign_id", "c"), ("length", "1")],
+                "send_id is required",
+            ),
+            (
+                &[("campaign_id", "c"), ("send_id", "é"), ("length", "1")],
+                "send_id must be",
+            ),
+            (
+                &[("campaign_id", "c"), ("send_id", "s")],
+                "length is required",
+            ),
+            (
+                &[("campaign_id", "c"), ("send_id", "s"), ("length", "0")],
+                "length is required",
+            ),
+            (
+                &[("campaign_id", "c"), ("send_id", "s"), ("length", "101")],
+                "length is required",
+            ),
+            (
+                &[
+                    ("campaign_id", "c"),
+                    ("send_id", "s"),
+                    ("length", "1"),
+                    ("ending_at", "yesterday"),
+                ],
+                "ending_at must be",
+            ),
+        ];
+        for (pairs, why) in cases {
+            let err = SeriesQuery::parse(&params(pairs), now).expect_err("refused");
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{pairs:?}");
+            let body = format!("{err:?}");
+            assert!(body.contains(why), "{pairs:?}: {body}");
+        }
+    }
+
+    /// Every day of the range is listed, oldest first; a channel's entry per variation lists
+    /// all its figures (zero where nothing was counted); the day's totals stand beside.
+    #[test]
+    fn a_series_lists_every_day_with_its_variations_and_totals() {
+        let day = |d: i64| Millis(1_796_515_200_000 + d * DAY_MS);
+        let figure = |d, channel: &str, variation: &str, stat, count| SendSeriesFigure {
+            day: day(d),
+            channel: channel.into(),
+            variation: variation.into(),
+            stat,
+            count,
+        };
+        let figures = [
+            figure(0, "", "", SendStat::Conversions, 2),
+            figure(0, "", "", SendStat::UniqueRecipients, 5),
+            figure(0, "email", "A", SendStat::Sent, 3),
+            figure(0, "email", "B", SendStat::Sent, 2),
+            figure(0, "email", "B", SendStat::Opens, 4),
+            figure(2, "webhook", "W", SendStat::Errors, 1),
+        ];
+        let data = series_json(day(0), day(2), &figures);
+        let email_b = json!({"variation_name": "B", "sent": 2, "delivered": 0, "bounces": 0,
+            "opens": 4, "unique_opens": 0, "clicks": 0, "unique_clicks": 0, "unsubscribes": 0,
+            "unique_recipients": 0});
+        assert_eq!(data[0]["time"], "2026-12-06");
+        assert_eq!(data[0]["messages"]["email"][0]["sent"], 3);
+        assert_eq!(data[0]["messages"]["email"][1], email_b);
+        assert_eq!(data[0]["conversions"], 2);
+        assert_eq!(data[0]["unique_recipients"], 5);
+        assert_eq!(
+            data[1],
+            json!({"time": "2026-12-07", "messages": {}, "conversions": 0, "unique_recipients": 0})
+        );
+        assert_eq!(
+            data[2]["messages"],
+            json!({"webhook": [{"variation_name": "W", "sent": 0, "errors": 1, "unique_recipients": 0}]})
+        );
+        assert_eq!(data.len(), 3);
     }
 }

@@ -208,6 +208,10 @@ pub struct Enqueue {
     /// another node acted on that stretch of the segment's feed first — and so does a tracker
     /// of a campaign the workspace does not have (deleted meanwhile).
     pub segment_trackers: Vec<(String, String, Option<FeedPosition>, SegmentTracker)>,
+    /// Send-id series figures to count (`GET /sends/data_series`), as `stats` are counted: one
+    /// without `unique_user` adds one to its (series key, stat); one with it adds one only the
+    /// first time that user is recorded for that (series key, stat).
+    pub send_stats: Vec<SendStatIncrement>,
 }
 
 /// How far the trigger engine has followed one segment for one segment-entry campaign, and who
@@ -289,6 +293,98 @@ pub struct StatIncrement {
     pub campaign_id: String,
     pub stat: CampaignStat,
     pub unique_user: Option<UserSeq>,
+}
+
+/// One daily figure of a `send_id`'s messages (`GET /sends/data_series`); its name is the
+/// field Braze's response gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SendStat {
+    Sent,
+    Delivered,
+    Bounces,
+    Opens,
+    UniqueOpens,
+    Clicks,
+    UniqueClicks,
+    Unsubscribes,
+    /// Webhooks that failed for good (their last attempt).
+    Errors,
+    /// Users sent a message (per variation, and for the day's totals).
+    UniqueRecipients,
+    Conversions,
+}
+
+impl SendStat {
+    pub const ALL: [SendStat; 11] = [
+        SendStat::Sent,
+        SendStat::Delivered,
+        SendStat::Bounces,
+        SendStat::Opens,
+        SendStat::UniqueOpens,
+        SendStat::Clicks,
+        SendStat::UniqueClicks,
+        SendStat::Unsubscribes,
+        SendStat::Errors,
+        SendStat::UniqueRecipients,
+        SendStat::Conversions,
+    ];
+
+    /// Its name, as stored and as the response names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendStat::Sent => "sent",
+            SendStat::Delivered => "delivered",
+            SendStat::Bounces => "bounces",
+            SendStat::Opens => "opens",
+            SendStat::UniqueOpens => "unique_opens",
+            SendStat::Clicks => "clicks",
+            SendStat::UniqueClicks => "unique_clicks",
+            SendStat::Unsubscribes => "unsubscribes",
+            SendStat::Errors => "errors",
+            SendStat::UniqueRecipients => "unique_recipients",
+            SendStat::Conversions => "conversions",
+        }
+    }
+
+    /// The stat named `name` ([`SendStat::as_str`]), if there is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// Where a send-id figure is counted: one campaign's `send_id`, one UTC day, one channel and
+/// variation — or, with `channel` and `variation` empty, the day's totals.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SendSeriesKey {
+    pub campaign_id: String,
+    pub send_id: String,
+    /// The day's first millisecond (UTC midnight).
+    pub day: Millis,
+    /// `email` or `webhook`; empty for the day's totals.
+    pub channel: String,
+    /// The variation's name (its id when it has none); empty for the day's totals.
+    pub variation: String,
+}
+
+/// One event's contribution to a send id's daily series. With `unique_user`, it counts only the
+/// first time for that (key, stat, user).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendStatIncrement {
+    pub key: SendSeriesKey,
+    pub stat: SendStat,
+    pub unique_user: Option<UserSeq>,
+}
+
+/// One stored figure of a send id's series ([`MessagingStore::send_series`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendSeriesFigure {
+    pub day: Millis,
+    /// Empty for the day's totals.
+    pub channel: String,
+    /// Empty for the day's totals.
+    pub variation: String,
+    pub stat: SendStat,
+    pub count: u64,
 }
 
 /// A user converting on a campaign's conversion event `index`.
@@ -471,6 +567,18 @@ pub trait MessagingStore: Send + Sync {
         workspace: WorkspaceId,
         campaign_id: &str,
     ) -> StoreFuture<'_, Vec<(CampaignStat, u64)>>;
+
+    /// The figures counted for the campaign's `send_id` on the days from `first_day` to
+    /// `last_day` (both UTC midnights, inclusive), by day, channel, variation and stat; none
+    /// for a campaign or send id the workspace does not have.
+    fn send_series(
+        &self,
+        workspace: WorkspaceId,
+        campaign_id: &str,
+        send_id: &str,
+        first_day: Millis,
+        last_day: Millis,
+    ) -> StoreFuture<'_, Vec<SendSeriesFigure>>;
 
     // -- dispatches and the queue -----------------------------------------------------------
     /// Creates dispatches, takes receipts, writes jobs and events, moves cursors — all or

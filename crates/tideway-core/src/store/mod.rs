@@ -58,8 +58,8 @@ pub use dashboard::{DashboardSession, DashboardStore, DashboardUser, NewSession}
 pub use messaging::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
     Enqueue, EnqueueOutcome, MessagingStore, NewConversion, NewSend, QueueState, Receipt,
-    ReceiptRecord, SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement,
-    StatIncrement, TriggerCursor, UserSend,
+    ReceiptRecord, SegmentTracker, SendCounts, SendJob, SendSeriesFigure, SendSeriesKey, SendStat,
+    SendStatIncrement, SendState, SentMessage, Settlement, StatIncrement, TriggerCursor, UserSend,
 };
 pub use segments::{DefinitionsLock, SegmentStore};
 pub use users::{

@@ -434,6 +434,166 @@ async fn email_is_rendered_tracked_and_unsubscribes() {
     assert_eq!(t.smtp.messages().len(), 1);
 }
 
+/// GETs `path` with the setup's key (or `key`).
+async fn get_with(t: &Setup, path: &str, key: &str) -> crate::harness::Answer {
+    t.s.send(
+        reqwest::Method::GET,
+        path,
+        crate::harness::Auth::Bearer(key),
+        None,
+        false,
+    )
+    .await
+}
+
+/// `GET /sends/data_series` counts the messages sent with a send id, per UTC day and
+/// variation: sends, deliveries, opens (unique too), unique recipients; messages of the same
+/// campaign without the send id are not in it; bad parameters and keys are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_ids_daily_series_counts_its_messages() {
+    let t = setup().await;
+    t.track(json!([
+        {"external_id": "u1", "email": "one@example.com"},
+        {"external_id": "u2", "email": "two@example.com"},
+        {"external_id": "u3", "email": "three@example.com"},
+    ]))
+    .await;
+    let id = t
+        .campaign(json!({
+            "name": "Launch",
+            "messages": [{
+                "channel": "email",
+                "from": "Team <team@tideway.example>",
+                "subject": "News",
+                "body": "<html><body><p>Hello</p></body></html>",
+            }],
+            "delivery": {"type": "api_triggered"},
+        }))
+        .await;
+    let a =
+        t.s.post(
+            "/sends/id/create",
+            &t.key,
+            json!({"campaign_id": id, "send_id": "launch-1"}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let a =
+        t.s.post(
+            "/campaigns/trigger/send",
+            &t.key,
+            json!({"campaign_id": id, "send_id": "launch-1",
+                   "recipients": [{"external_user_id": "u1"}, {"external_user_id": "u2"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    // The same campaign without the send id: not in the series.
+    let a = t.trigger(&id, json!([{"external_user_id": "u3"}])).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let mails = t.smtp.wait_for(3, DEADLINE).await;
+    let to_u2 = mails
+        .iter()
+        .find(|m| m.to == ["two@example.com".to_owned()])
+        .expect("a mail to u2");
+    let pixel = to_u2
+        .html()
+        .expect("an HTML part")
+        .split('"')
+        .find(|p| p.starts_with(&t.s.base) && p.contains("/t/o/"))
+        .expect("an open pixel")
+        .to_owned();
+    for _ in 0..2 {
+        let r = reqwest::get(pixel.as_str()).await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    t.wait_events("users.messages.email.Open", 2).await;
+    let sends = t.wait_events("users.messages.email.Send", 3).await;
+    let variation = sends[0]["properties"]["message_variation_name"]
+        .as_str()
+        .or(sends[0]["properties"]["message_variation_id"].as_str())
+        .expect("a variation")
+        .to_owned();
+
+    let path = format!("/sends/data_series?campaign_id={id}&send_id=launch-1&length=2");
+    let deadline = Instant::now() + DEADLINE;
+    let a = loop {
+        let a = get_with(&t, &path, &t.key).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        let email = &a.body["data"][1]["messages"]["email"][0];
+        if email["unique_opens"] == 1 && email["delivered"] == 2 {
+            break a;
+        }
+        if Instant::now() >= deadline {
+            let c = get_with(&t, &format!("/api/v1/campaigns/{id}"), &t.key).await;
+            panic!("not counted: {a:?}\n{sends:?}\n{c:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let today = now_iso()[..10].to_owned();
+    let data = a.body["data"].as_array().expect("data");
+    assert_eq!(data.len(), 2, "{a:?}");
+    assert_eq!(data[0]["messages"], json!({}), "yesterday: {a:?}");
+    assert_eq!(data[1]["time"], today.as_str());
+    assert_eq!(
+        data[1]["messages"]["email"],
+        json!([{"variation_name": variation, "sent": 2, "delivered": 2, "bounces": 0,
+                "opens": 2, "unique_opens": 1, "clicks": 0, "unique_clicks": 0,
+                "unsubscribes": 0, "unique_recipients": 2}]),
+        "{a:?}"
+    );
+    assert_eq!(data[1]["unique_recipients"], 2);
+    assert_eq!(data[1]["conversions"], 0);
+    // The campaign's own stats count all three messages, sent as soon as it was launched
+    // (the trigger engine's cursor starts at the launch, not at its first look).
+    let c = get_with(&t, &format!("/api/v1/campaigns/{id}"), &t.key).await;
+    let stats = &c.body["campaign"]["stats"];
+    assert_eq!(
+        (
+            &stats["sends"],
+            &stats["deliveries"],
+            &stats["opens"],
+            &stats["unique_opens"]
+        ),
+        (&json!(3), &json!(3), &json!(2), &json!(1)),
+        "{c:?}"
+    );
+    // A send id nothing was sent with: every day, empty.
+    let a = get_with(
+        &t,
+        &format!("/sends/data_series?campaign_id={id}&send_id=other&length=1"),
+        &t.key,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["data"][0]["messages"], json!({}));
+
+    // Refused: an unknown campaign, bad parameters, a key without sends.data_series.
+    for (query, why) in [
+        (
+            "campaign_id=nope&send_id=launch-1&length=1".to_owned(),
+            "Invalid Campaign ID",
+        ),
+        (format!("campaign_id={id}&length=1"), "send_id is required"),
+        (
+            format!("campaign_id={id}&send_id=launch-1&length=0"),
+            "length",
+        ),
+        (
+            format!("campaign_id={id}&send_id=launch-1&length=1&ending_at=soon"),
+            "ending_at",
+        ),
+    ] {
+        let a = get_with(&t, &format!("/sends/data_series?{query}"), &t.key).await;
+        assert_eq!(a.status, 400, "{query}: {a:?}");
+        assert!(a.body.to_string().contains(why), "{query}: {a:?}");
+    }
+    let limited =
+        t.s.key_for(&t.ws, &[tideway_core::keys::Permission::CampaignsDetails])
+            .await;
+    let a = get_with(&t, &path, &limited).await;
+    assert_eq!(a.status, 403, "{a:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_campaigns_and_sends_are_refused_naming_the_problem() {
     let t = setup().await;

@@ -28,7 +28,7 @@
 //!   only in the transaction that writes the rows, so the head read is never ahead of what a
 //!   reader can see.
 //! - `users_by_seq` reads the `users` rows, always current here, in one statement.
-//! - **Campaign stats** are tallied as on SQLite (`StatTally`), then written in at most two
+//! - **Campaign stats** and **send-id series** are tallied as on SQLite (`Tally`), then written in at most two
 //!   statements whatever the number of increments: the unique ones' users recorded with one
 //!   `INSERT … FROM unnest … ON CONFLICT DO NOTHING RETURNING` (a returned row is a new user,
 //!   and counts), then one upsert adding each distinct (campaign, stat)'s total. Both write in
@@ -52,8 +52,9 @@ use tideway_core::profile::UserRecord;
 use tideway_core::segments::FeedPosition;
 use tideway_core::store::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, Enqueue,
-    EnqueueOutcome, MessagingStore, ReceiptRecord, SegmentTracker, SendCounts, SendJob, SendState,
-    SentMessage, Settlement, StatIncrement, StoreError, StoreFuture, TriggerCursor, UserSend,
+    EnqueueOutcome, MessagingStore, ReceiptRecord, SegmentTracker, SendCounts, SendJob,
+    SendSeriesFigure, SendSeriesKey, SendStat, SendStatIncrement, SendState, SentMessage,
+    Settlement, StatIncrement, StoreError, StoreFuture, TriggerCursor, UserSend,
 };
 
 use super::currents::append_in;
@@ -62,9 +63,9 @@ use super::{PgStore, execute, get, pg_err, query, query_one, query_opt};
 use crate::codec::{corrupt, u64_of};
 use crate::profile_codec;
 use crate::sqlite::messaging::{
-    Receipts, StatTally, TrackerMove, TrackerOwner, cas_conflict, expansion_conflict, json_of,
-    queue_state_of, receipt_time, send_id_cap, source_columns, source_of, stats_of, status_of,
-    tags_of, tags_text,
+    Receipts, TrackerMove, TrackerOwner, cas_conflict, expansion_conflict, json_of, queue_state_of,
+    receipt_time, send_figure, send_id_cap, send_tally, source_columns, source_of, stat_tally,
+    stats_of, status_of, tags_of, tags_text,
 };
 
 type Appends = Vec<(Option<UserSeq>, CurrentsEvent)>;
@@ -299,6 +300,8 @@ async fn delete_campaign(
     for sql in [
         "DELETE FROM campaign_stats WHERE workspace_id = $1 AND campaign_id = $2",
         "DELETE FROM campaign_stat_users WHERE workspace_id = $1 AND campaign_id = $2",
+        "DELETE FROM send_stats WHERE workspace_id = $1 AND campaign_id = $2",
+        "DELETE FROM send_stat_users WHERE workspace_id = $1 AND campaign_id = $2",
     ] {
         execute(&tx, sql, &[&workspace.0, &id]).await?;
     }
@@ -383,6 +386,43 @@ async fn campaign_stats(
             .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
             .collect::<Result<Vec<(String, i64)>, StoreError>>()?,
     )
+}
+
+async fn send_series(
+    store: &PgStore,
+    workspace: WorkspaceId,
+    campaign_id: &str,
+    send_id: &str,
+    (first_day, last_day): (Millis, Millis),
+) -> Result<Vec<SendSeriesFigure>, StoreError> {
+    let client = store.pool.client().await?;
+    let rows = query(
+        &client,
+        "SELECT day, channel, variation, stat, count FROM send_stats
+         WHERE workspace_id = $1 AND campaign_id = $2 AND send_id = $3
+             AND day >= $4 AND day <= $5
+         ORDER BY day, channel, variation, stat",
+        &[
+            &workspace.0,
+            &campaign_id,
+            &send_id,
+            &first_day.0,
+            &last_day.0,
+        ],
+    )
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let stat: String = get(row, 3)?;
+            send_figure(
+                get(row, 0)?,
+                get(row, 1)?,
+                get(row, 2)?,
+                &stat,
+                get(row, 4)?,
+            )
+        })
+        .collect()
 }
 
 // ---- enqueue --------------------------------------------------------------------------------
@@ -795,6 +835,7 @@ async fn enqueue(
         }
     }
     count_stats(&tx, workspace, &e.stats).await?;
+    count_send_stats(&tx, workspace, &e.send_stats).await?;
     append_in(&tx, workspace, &appends).await?;
     tx.commit().await.map_err(pg_err)?;
     Ok(outcome)
@@ -807,7 +848,7 @@ async fn count_stats<C: GenericClient>(
     workspace: WorkspaceId,
     stats: &[StatIncrement],
 ) -> Result<(), StoreError> {
-    let mut tally = StatTally::of(stats);
+    let mut tally = stat_tally(stats);
     let unique = std::mem::take(&mut tally.unique);
     if !unique.is_empty() {
         let (mut campaigns, mut names, mut users) = (
@@ -862,6 +903,126 @@ async fn count_stats<C: GenericClient>(
          ON CONFLICT (workspace_id, campaign_id, stat) DO UPDATE
              SET count = s.count + EXCLUDED.count",
         &[&workspace.0, &campaigns, &names, &adds],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Applies an enqueue's send-series increments as [`count_stats`] applies campaign stats: the
+/// unique ones' users recorded in one statement, then one upsert of every distinct
+/// (key, stat)'s total.
+async fn count_send_stats<C: GenericClient>(
+    c: &C,
+    workspace: WorkspaceId,
+    stats: &[SendStatIncrement],
+) -> Result<(), StoreError> {
+    /// The statements' arrays, one element per (key, stat[, user]).
+    #[derive(Default)]
+    struct Columns<'a> {
+        campaigns: Vec<&'a str>,
+        sends: Vec<&'a str>,
+        days: Vec<i64>,
+        channels: Vec<&'a str>,
+        variations: Vec<&'a str>,
+        stats: Vec<&'static str>,
+        numbers: Vec<i64>,
+    }
+    impl<'a> Columns<'a> {
+        fn push(&mut self, key: &'a SendSeriesKey, stat: SendStat, number: i64) {
+            self.campaigns.push(&key.campaign_id);
+            self.sends.push(&key.send_id);
+            self.days.push(key.day.0);
+            self.channels.push(&key.channel);
+            self.variations.push(&key.variation);
+            self.stats.push(stat.as_str());
+            self.numbers.push(number);
+        }
+    }
+    let mut tally = send_tally(stats);
+    let unique = std::mem::take(&mut tally.unique);
+    if !unique.is_empty() {
+        let mut cols = Columns::default();
+        for &(key, stat, user) in &unique {
+            cols.push(key, stat, i64::from(user.0));
+        }
+        type Recorded = (String, String, i64, String, String, String, i64);
+        let added: HashSet<Recorded> = query(
+            c,
+            "INSERT INTO send_stat_users (workspace_id, campaign_id, send_id, day, channel,
+                 variation, stat, user_seq)
+             SELECT $1, x.c, x.s, x.d, x.ch, x.v, x.st, x.u
+             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                 $7::text[], $8::bigint[]) WITH ORDINALITY AS x(c, s, d, ch, v, st, u, ord)
+             ORDER BY x.ord
+             ON CONFLICT DO NOTHING
+             RETURNING campaign_id, send_id, day, channel, variation, stat, user_seq",
+            &[
+                &workspace.0,
+                &cols.campaigns,
+                &cols.sends,
+                &cols.days,
+                &cols.channels,
+                &cols.variations,
+                &cols.stats,
+                &cols.numbers,
+            ],
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            Ok((
+                get(row, 0)?,
+                get(row, 1)?,
+                get(row, 2)?,
+                get(row, 3)?,
+                get(row, 4)?,
+                get(row, 5)?,
+                get(row, 6)?,
+            ))
+        })
+        .collect::<Result<_, StoreError>>()?;
+        for &(key, stat, user) in &unique {
+            let recorded: Recorded = (
+                key.campaign_id.clone(),
+                key.send_id.clone(),
+                key.day.0,
+                key.channel.clone(),
+                key.variation.clone(),
+                stat.as_str().to_owned(),
+                i64::from(user.0),
+            );
+            if added.contains(&recorded) {
+                tally.count_new(key, stat);
+            }
+        }
+    }
+    if tally.counts.is_empty() {
+        return Ok(());
+    }
+    let mut cols = Columns::default();
+    for (&(key, stat), &n) in &tally.counts {
+        cols.push(key, stat, n);
+    }
+    execute(
+        c,
+        "INSERT INTO send_stats AS s (workspace_id, campaign_id, send_id, day, channel, variation,
+             stat, count)
+         SELECT $1, x.c, x.s, x.d, x.ch, x.v, x.st, x.n
+         FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[],
+             $8::bigint[]) WITH ORDINALITY AS x(c, s, d, ch, v, st, n, ord)
+         ORDER BY x.ord
+         ON CONFLICT (workspace_id, campaign_id, send_id, day, channel, variation, stat)
+             DO UPDATE SET count = s.count + EXCLUDED.count",
+        &[
+            &workspace.0,
+            &cols.campaigns,
+            &cols.sends,
+            &cols.days,
+            &cols.channels,
+            &cols.variations,
+            &cols.stats,
+            &cols.numbers,
+        ],
     )
     .await?;
     Ok(())
@@ -1578,6 +1739,27 @@ impl MessagingStore for PgStore {
     ) -> StoreFuture<'_, Vec<(CampaignStat, u64)>> {
         let campaign_id = campaign_id.to_owned();
         Box::pin(async move { campaign_stats(self, workspace, &campaign_id).await })
+    }
+
+    fn send_series(
+        &self,
+        workspace: WorkspaceId,
+        campaign_id: &str,
+        send_id: &str,
+        first_day: Millis,
+        last_day: Millis,
+    ) -> StoreFuture<'_, Vec<SendSeriesFigure>> {
+        let (campaign_id, send_id) = (campaign_id.to_owned(), send_id.to_owned());
+        Box::pin(async move {
+            send_series(
+                self,
+                workspace,
+                &campaign_id,
+                &send_id,
+                (first_day, last_day),
+            )
+            .await
+        })
     }
 
     fn enqueue(&self, workspace: WorkspaceId, enqueue: Enqueue) -> StoreFuture<'_, EnqueueOutcome> {

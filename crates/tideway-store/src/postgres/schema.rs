@@ -100,6 +100,8 @@ pub const DISTRIBUTION: &[(&str, Distribution)] = &[
     ("campaign_stats", BY_WORKSPACE),
     ("campaign_stat_users", BY_WORKSPACE),
     ("segment_trackers", BY_WORKSPACE),
+    ("send_stats", BY_WORKSPACE),
+    ("send_stat_users", BY_WORKSPACE),
     ("dashboard_users", Distribution::Reference),
     ("dashboard_sessions", Distribution::Reference),
     ("dashboard_sign_in_failures", Distribution::Reference),
@@ -731,6 +733,34 @@ ALTER TABLE users SET (fillfactor = 80);
 INSERT INTO workspace_partners (workspace_id, partner, enabled)
 SELECT workspace_id, 'heap', true FROM heap_webhooks
 ON CONFLICT (workspace_id, partner) DO NOTHING;
+"#,
+    // 13: send-id series (`GET /sends/data_series`, `postgres/messaging.rs`), counted like the
+    // campaign stats in the trigger engine's enqueues: a count per (campaign, send id, UTC day,
+    // channel, variation, stat) — channel and variation '' for the day's totals — and the
+    // users already counted by the unique figures.
+    r#"
+CREATE TABLE send_stats (
+    workspace_id  bigint NOT NULL,
+    campaign_id   text NOT NULL,
+    send_id       text NOT NULL,
+    day           bigint NOT NULL,
+    channel       text NOT NULL,
+    variation     text NOT NULL,
+    stat          text NOT NULL,
+    count         bigint NOT NULL CHECK (count >= 0),
+    PRIMARY KEY (workspace_id, campaign_id, send_id, day, channel, variation, stat)
+);
+CREATE TABLE send_stat_users (
+    workspace_id  bigint NOT NULL,
+    campaign_id   text NOT NULL,
+    send_id       text NOT NULL,
+    day           bigint NOT NULL,
+    channel       text NOT NULL,
+    variation     text NOT NULL,
+    stat          text NOT NULL,
+    user_seq      bigint NOT NULL,
+    PRIMARY KEY (workspace_id, campaign_id, send_id, day, channel, variation, stat, user_seq)
+);
 "#,
 ];
 

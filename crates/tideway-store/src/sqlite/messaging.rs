@@ -30,10 +30,12 @@
 //!   no longer be dispatched).
 //! - Send ids are never reused (`AUTOINCREMENT`, schema version 8): a send's id is its
 //!   idempotency key.
-//! - **Campaign stats** ([`StatTally`], schema version 9) are tallied before they are written:
+//! - **Campaign stats** ([`Tally`], schema version 9) are tallied before they are written:
 //!   a unique increment's (campaign, stat, user) is recorded once (`INSERT OR IGNORE` into
 //!   `campaign_stat_users`) and counts only if that row is new; then each distinct
 //!   (campaign, stat) gets one upsert adding its total, whatever the number of events.
+//!   **Send-id series** (`send_stats`, schema version 19) are counted the same way, keyed by
+//!   (campaign, send id, day, channel, variation).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -48,8 +50,9 @@ use tideway_core::segments::FeedPosition;
 use tideway_core::store::{
     CampaignRecord, CampaignStat, CanvasRecipient, ClaimedSend, CohortEntry, DispatchRecord,
     DispatchSource, Enqueue, EnqueueOutcome, MessagingStore, NewSend, QueueState, ReceiptRecord,
-    SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement, StatIncrement,
-    StoreError, StoreFuture, TriggerCursor, UserSend,
+    SegmentTracker, SendCounts, SendJob, SendSeriesFigure, SendSeriesKey, SendStat,
+    SendStatIncrement, SendState, SentMessage, Settlement, StatIncrement, StoreError, StoreFuture,
+    TriggerCursor, UserSend,
 };
 
 use super::users::SqlUsers;
@@ -170,33 +173,69 @@ pub(crate) fn source_of(
     }
 }
 
-/// An enqueue's stat increments, tallied: what to add per (campaign, stat) without a user,
-/// and the distinct (campaign, stat, user) of the unique ones, which add one each only where
-/// the user is not recorded yet. Both in key order (the order rows are written and locked in).
-#[derive(Debug, Default)]
-pub(crate) struct StatTally<'a> {
-    pub(crate) counts: BTreeMap<(&'a str, CampaignStat), i64>,
-    pub(crate) unique: BTreeSet<(&'a str, CampaignStat, UserSeq)>,
+/// An enqueue's stat increments, tallied: what to add per (key, stat) without a user, and the
+/// distinct (key, stat, user) of the unique ones, which add one each only where the user is
+/// not recorded yet. Both in key order (the order rows are written and locked in). The key is
+/// a campaign id for campaign stats, a [`SendSeriesKey`] for send-id series.
+#[derive(Debug)]
+pub(crate) struct Tally<K, S> {
+    pub(crate) counts: BTreeMap<(K, S), i64>,
+    pub(crate) unique: BTreeSet<(K, S, UserSeq)>,
 }
 
-impl<'a> StatTally<'a> {
-    pub(crate) fn of(stats: &'a [StatIncrement]) -> Self {
-        let mut tally = StatTally::default();
-        for s in stats {
-            match s.unique_user {
-                None => *tally.counts.entry((&s.campaign_id, s.stat)).or_default() += 1,
+impl<K: Ord + Copy, S: Ord + Copy> Tally<K, S> {
+    pub(crate) fn of(increments: impl IntoIterator<Item = (K, S, Option<UserSeq>)>) -> Self {
+        let mut tally = Tally {
+            counts: BTreeMap::new(),
+            unique: BTreeSet::new(),
+        };
+        for (key, stat, unique_user) in increments {
+            match unique_user {
+                None => tally.count_new(key, stat),
                 Some(user) => {
-                    tally.unique.insert((&s.campaign_id, s.stat, user));
+                    tally.unique.insert((key, stat, user));
                 }
             }
         }
         tally
     }
 
-    /// Adds a unique increment whose user was newly recorded.
-    pub(crate) fn count_new(&mut self, campaign_id: &'a str, stat: CampaignStat) {
-        *self.counts.entry((campaign_id, stat)).or_default() += 1;
+    /// Adds one to (key, stat): a plain increment, or a unique one whose user was newly
+    /// recorded.
+    pub(crate) fn count_new(&mut self, key: K, stat: S) {
+        *self.counts.entry((key, stat)).or_default() += 1;
     }
+}
+
+/// A campaign's stat increments, tallied.
+pub(crate) fn stat_tally(stats: &[StatIncrement]) -> Tally<&str, CampaignStat> {
+    Tally::of(
+        stats
+            .iter()
+            .map(|s| (s.campaign_id.as_str(), s.stat, s.unique_user)),
+    )
+}
+
+/// Send-id series increments, tallied.
+pub(crate) fn send_tally(stats: &[SendStatIncrement]) -> Tally<&SendSeriesKey, SendStat> {
+    Tally::of(stats.iter().map(|s| (&s.key, s.stat, s.unique_user)))
+}
+
+/// A send id's series from its stored rows, in the order read.
+pub(crate) fn send_figure(
+    day: i64,
+    channel: String,
+    variation: String,
+    stat: &str,
+    count: i64,
+) -> Result<SendSeriesFigure, StoreError> {
+    Ok(SendSeriesFigure {
+        day: Millis(day),
+        channel,
+        variation,
+        stat: SendStat::parse(stat).ok_or_else(|| corrupt(format!("send stat {stat:?}")))?,
+        count: u64_of(count),
+    })
 }
 
 /// A campaign's stats from its stored `(stat, count)` rows: every stat, in
@@ -447,6 +486,8 @@ fn delete_campaign(
     for sql in [
         "DELETE FROM campaign_stats WHERE workspace_id = ?1 AND campaign_id = ?2",
         "DELETE FROM campaign_stat_users WHERE workspace_id = ?1 AND campaign_id = ?2",
+        "DELETE FROM send_stats WHERE workspace_id = ?1 AND campaign_id = ?2",
+        "DELETE FROM send_stat_users WHERE workspace_id = ?1 AND campaign_id = ?2",
         "DELETE FROM segment_trackers WHERE workspace_id = ?1 AND campaign_id = ?2",
     ] {
         conn.prepare_cached(sql)
@@ -803,7 +844,7 @@ fn count_stats(
     workspace: WorkspaceId,
     stats: &[StatIncrement],
 ) -> Result<(), StoreError> {
-    let mut tally = StatTally::of(stats);
+    let mut tally = stat_tally(stats);
     let unique = std::mem::take(&mut tally.unique);
     for (campaign_id, stat, user) in unique {
         let added = conn
@@ -830,6 +871,99 @@ fn count_stats(
         .map_err(sql_err)?;
     }
     Ok(())
+}
+
+/// Applies an enqueue's send-series increments as [`count_stats`] applies campaign stats.
+fn count_send_stats(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    stats: &[SendStatIncrement],
+) -> Result<(), StoreError> {
+    let mut tally = send_tally(stats);
+    let unique = std::mem::take(&mut tally.unique);
+    for (key, stat, user) in unique {
+        let added = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO send_stat_users (workspace_id, campaign_id, send_id, day,
+                     channel, variation, stat, user_seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(sql_err)?
+            .execute(params![
+                workspace.0,
+                key.campaign_id,
+                key.send_id,
+                key.day.0,
+                key.channel,
+                key.variation,
+                stat.as_str(),
+                user.0
+            ])
+            .map_err(sql_err)?;
+        if added > 0 {
+            tally.count_new(key, stat);
+        }
+    }
+    for ((key, stat), n) in tally.counts {
+        conn.prepare_cached(
+            "INSERT INTO send_stats (workspace_id, campaign_id, send_id, day, channel, variation,
+                 stat, count)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (workspace_id, campaign_id, send_id, day, channel, variation, stat)
+                 DO UPDATE SET count = count + excluded.count",
+        )
+        .map_err(sql_err)?
+        .execute(params![
+            workspace.0,
+            key.campaign_id,
+            key.send_id,
+            key.day.0,
+            key.channel,
+            key.variation,
+            stat.as_str(),
+            n
+        ])
+        .map_err(sql_err)?;
+    }
+    Ok(())
+}
+
+fn send_series(
+    conn: &Connection,
+    workspace: WorkspaceId,
+    campaign_id: &str,
+    send_id: &str,
+    (first_day, last_day): (Millis, Millis),
+) -> Result<Vec<SendSeriesFigure>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT day, channel, variation, stat, count FROM send_stats
+             WHERE workspace_id = ?1 AND campaign_id = ?2 AND send_id = ?3
+                 AND day >= ?4 AND day <= ?5
+             ORDER BY day, channel, variation, stat",
+        )
+        .map_err(sql_err)?;
+    let rows = stmt
+        .query_map(
+            params![workspace.0, campaign_id, send_id, first_day.0, last_day.0],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get(4)?,
+                ))
+            },
+        )
+        .map_err(sql_err)?
+        .collect::<rusqlite::Result<Vec<(i64, String, String, String, i64)>>>()
+        .map_err(sql_err)?;
+    rows.into_iter()
+        .map(|(day, channel, variation, stat, count)| {
+            send_figure(day, channel, variation, &stat, count)
+        })
+        .collect()
 }
 
 fn enqueue(
@@ -925,6 +1059,7 @@ fn enqueue(
         }
     }
     count_stats(conn, workspace, &e.stats)?;
+    count_send_stats(conn, workspace, &e.send_stats)?;
     super::currents::append_events(conn, workspace, &appends)?;
     Ok(outcome)
 }
@@ -1533,6 +1668,26 @@ impl MessagingStore for SqliteStore {
     ) -> StoreFuture<'_, Vec<(CampaignStat, u64)>> {
         let campaign_id = campaign_id.to_owned();
         self.read(move |conn| campaign_stats(conn, workspace, &campaign_id))
+    }
+
+    fn send_series(
+        &self,
+        workspace: WorkspaceId,
+        campaign_id: &str,
+        send_id: &str,
+        first_day: Millis,
+        last_day: Millis,
+    ) -> StoreFuture<'_, Vec<SendSeriesFigure>> {
+        let (campaign_id, send_id) = (campaign_id.to_owned(), send_id.to_owned());
+        self.read(move |conn| {
+            send_series(
+                conn,
+                workspace,
+                &campaign_id,
+                &send_id,
+                (first_day, last_day),
+            )
+        })
     }
 
     fn enqueue(&self, workspace: WorkspaceId, enqueue: Enqueue) -> StoreFuture<'_, EnqueueOutcome> {

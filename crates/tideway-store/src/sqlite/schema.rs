@@ -673,7 +673,39 @@ CREATE INDEX canvas_conversion_watches_until ON canvas_conversion_watches(worksp
 INSERT OR IGNORE INTO workspace_partners (workspace_id, partner, enabled)
 SELECT workspace_id, 'heap', 1 FROM heap_webhooks;
 "#,
+    // 19: send-id series (`GET /sends/data_series`, `sqlite/messaging.rs`), counted like the
+    // campaign stats in the trigger engine's enqueues: a count per (campaign, send id, UTC day,
+    // channel, variation, stat) — channel and variation '' for the day's totals — and the
+    // users already counted by the unique figures.
+    r#"
+CREATE TABLE send_stats (
+    workspace_id  INTEGER NOT NULL,
+    campaign_id   TEXT NOT NULL,
+    send_id       TEXT NOT NULL,
+    day           INTEGER NOT NULL,
+    channel       TEXT NOT NULL,
+    variation     TEXT NOT NULL,
+    stat          TEXT NOT NULL,
+    count         INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, campaign_id, send_id, day, channel, variation, stat)
+) WITHOUT ROWID;
+CREATE TABLE send_stat_users (
+    workspace_id  INTEGER NOT NULL,
+    campaign_id   TEXT NOT NULL,
+    send_id       TEXT NOT NULL,
+    day           INTEGER NOT NULL,
+    channel       TEXT NOT NULL,
+    variation     TEXT NOT NULL,
+    stat          TEXT NOT NULL,
+    user_seq      INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, campaign_id, send_id, day, channel, variation, stat, user_seq)
+) WITHOUT ROWID;
+"#,
 ];
+
+/// The migration that enables Heap for workspaces with a webhook secret (see its comment).
+#[cfg(test)]
+const HEAP_ENABLED_BY_SECRET: usize = 17;
 
 /// Brings the schema up to date inside one transaction.
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
@@ -690,13 +722,13 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 mod tests {
     use super::*;
 
-    /// The last migration gives a workspace whose Heap webhook secret was made before it the
+    /// The Heap migration gives a workspace whose Heap webhook secret was made before it the
     /// `workspace_partners` row a secret now makes (Heap enabled), and keeps an explicit
     /// disable.
     #[test]
     fn heap_webhook_secrets_made_before_enable_heap_unless_disabled() {
         let mut conn = Connection::open_in_memory().unwrap();
-        for (i, sql) in MIGRATIONS[..MIGRATIONS.len() - 1].iter().enumerate() {
+        for (i, sql) in MIGRATIONS[..HEAP_ENABLED_BY_SECRET].iter().enumerate() {
             conn.execute_batch(sql).unwrap();
             conn.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
                 .unwrap();

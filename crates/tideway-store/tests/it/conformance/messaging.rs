@@ -19,8 +19,9 @@ use tideway_core::store::prelude::*;
 use tideway_core::store::{
     CampaignRecord, CampaignStat, ClaimedSend, CohortEntry, DispatchRecord, DispatchSource,
     Enqueue, EnqueueOutcome, LoggedEvent, NewConversion, NewSend, QueueState, Receipt,
-    ReceiptRecord, SegmentTracker, SendCounts, SendJob, SendState, SentMessage, Settlement,
-    StatIncrement, StoreError, TriggerCursor, UserSend, Workspace,
+    ReceiptRecord, SegmentTracker, SendCounts, SendJob, SendSeriesKey, SendStat, SendStatIncrement,
+    SendState, SentMessage, Settlement, StatIncrement, StoreError, TriggerCursor, UserSend,
+    Workspace,
 };
 use tideway_core::users::{DeleteRequest, UserKey};
 
@@ -2032,6 +2033,185 @@ pub(super) async fn campaign_stats_count_increments_and_unique_users_once(store:
     assert_eq!(
         stats_of(&*store, &ws, "other").await,
         stat_counts(&[(UniqueOpens, 1)])
+    );
+}
+
+// --- send-id series --------------------------------------------------------------------------
+fn series_key(campaign_id: &str, send_id: &str, day: i64, channel: &str) -> SendSeriesKey {
+    SendSeriesKey {
+        campaign_id: campaign_id.to_owned(),
+        send_id: send_id.to_owned(),
+        day: Millis(day * DAY),
+        channel: channel.to_owned(),
+        variation: if channel.is_empty() { "" } else { "A" }.to_owned(),
+    }
+}
+
+fn send_inc(key: &SendSeriesKey, stat: SendStat, user: Option<u32>) -> SendStatIncrement {
+    SendStatIncrement {
+        key: key.clone(),
+        stat,
+        unique_user: user.map(UserSeq),
+    }
+}
+
+/// `(day, channel, stat, count)` of a send id's series over days `first..=last`.
+async fn series_of(
+    store: &dyn Store,
+    ws: &Workspace,
+    (campaign_id, send_id): (&str, &str),
+    first: i64,
+    last: i64,
+) -> Vec<(i64, String, &'static str, u64)> {
+    store
+        .send_series(
+            ws.id,
+            campaign_id,
+            send_id,
+            Millis(first * DAY),
+            Millis(last * DAY),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.day.0 / DAY, f.channel, f.stat.as_str(), f.count))
+        .collect()
+}
+
+/// A send id's series counts per (day, channel, variation, stat): plain increments add one
+/// each; a unique one counts a user once per key and stat, within an enqueue and across
+/// enqueues; a refused enqueue counts nothing; reads take the days asked for, in (day,
+/// channel, variation, stat) order, and see only their campaign, send id and workspace; the
+/// campaign's deletion deletes its series and the users counted.
+pub(super) async fn send_series_count_per_day_and_unique_users_once(store: Arc<dyn Store>) {
+    use SendStat::*;
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    let other_ws = store.create_workspace("x", NOW).await.unwrap();
+    store
+        .create_campaign(ws.id, campaign("camp", NOW, CampaignStatus::Active))
+        .await
+        .unwrap();
+    let (email, totals, webhook) = (
+        series_key("camp", "s1", 20_000, "email"),
+        series_key("camp", "s1", 20_000, ""),
+        series_key("camp", "s1", 20_001, "webhook"),
+    );
+    let first = Enqueue {
+        send_stats: vec![
+            send_inc(&email, Sent, None),
+            send_inc(&email, Sent, None),
+            send_inc(&email, UniqueRecipients, Some(1)),
+            send_inc(&email, UniqueRecipients, Some(1)),
+            send_inc(&email, UniqueRecipients, Some(2)),
+            send_inc(&totals, UniqueRecipients, Some(1)),
+            send_inc(&totals, Conversions, None),
+            send_inc(&webhook, Errors, None),
+            send_inc(&series_key("camp", "s2", 20_000, "email"), Sent, None),
+            send_inc(&series_key("other", "s1", 20_000, "email"), Sent, None),
+        ],
+        ..Enqueue::default()
+    };
+    store.enqueue(ws.id, first).await.unwrap();
+    let second = Enqueue {
+        send_stats: vec![
+            send_inc(&email, UniqueRecipients, Some(2)),
+            send_inc(&email, UniqueRecipients, Some(3)),
+            send_inc(&email, Opens, None),
+            send_inc(&email, UniqueOpens, Some(1)),
+            send_inc(&totals, UniqueRecipients, Some(1)),
+            send_inc(&totals, UniqueRecipients, Some(2)),
+        ],
+        ..Enqueue::default()
+    };
+    store.enqueue(ws.id, second).await.unwrap();
+    // Refused (a stale cursor): nothing counted, no user recorded.
+    let stale = Enqueue {
+        cursor: Some((
+            TriggerCursor {
+                events: 7,
+                cohort_changes: 0,
+            },
+            TriggerCursor {
+                events: 9,
+                cohort_changes: 0,
+            },
+        )),
+        send_stats: vec![
+            send_inc(&email, Sent, None),
+            send_inc(&email, UniqueOpens, Some(2)),
+        ],
+        ..Enqueue::default()
+    };
+    assert!(is_conflict(&store.enqueue(ws.id, stale).await));
+    let s = |day, channel: &str, stat: SendStat, n| (day, channel.to_owned(), stat.as_str(), n);
+    let both_days = vec![
+        s(20_000, "", Conversions, 1),
+        s(20_000, "", UniqueRecipients, 2),
+        s(20_000, "email", Opens, 1),
+        s(20_000, "email", Sent, 2),
+        s(20_000, "email", UniqueOpens, 1),
+        s(20_000, "email", UniqueRecipients, 3),
+        s(20_001, "webhook", Errors, 1),
+    ];
+    assert_eq!(
+        series_of(&*store, &ws, ("camp", "s1"), 19_990, 20_010).await,
+        both_days
+    );
+    assert_eq!(
+        series_of(&*store, &ws, ("camp", "s1"), 20_001, 20_001).await,
+        [s(20_001, "webhook", Errors, 1)]
+    );
+    assert_eq!(
+        series_of(&*store, &ws, ("camp", "s2"), 20_000, 20_000).await,
+        [s(20_000, "email", Sent, 1)]
+    );
+    assert!(
+        series_of(&*store, &ws, ("camp", "s1"), 20_002, 20_100)
+            .await
+            .is_empty()
+    );
+    assert!(
+        series_of(&*store, &ws, ("camp", "none"), 0, 30_000)
+            .await
+            .is_empty()
+    );
+    assert!(
+        series_of(&*store, &other_ws, ("camp", "s1"), 0, 30_000)
+            .await
+            .is_empty(),
+        "another workspace's series"
+    );
+    // The unique users counted stay counted after a refused enqueue: user 2 opens now.
+    let third = Enqueue {
+        send_stats: vec![send_inc(&email, UniqueOpens, Some(2))],
+        ..Enqueue::default()
+    };
+    store.enqueue(ws.id, third).await.unwrap();
+    assert!(
+        series_of(&*store, &ws, ("camp", "s1"), 20_000, 20_000)
+            .await
+            .contains(&s(20_000, "email", UniqueOpens, 2))
+    );
+    // Deleted with its campaign, users counted too; another campaign's stay.
+    assert!(store.delete_campaign(ws.id, "camp").await.unwrap());
+    assert!(
+        series_of(&*store, &ws, ("camp", "s1"), 0, 30_000)
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        series_of(&*store, &ws, ("other", "s1"), 0, 30_000).await,
+        [s(20_000, "email", Sent, 1)]
+    );
+    let again = Enqueue {
+        send_stats: vec![send_inc(&email, UniqueRecipients, Some(1))],
+        ..Enqueue::default()
+    };
+    store.enqueue(ws.id, again).await.unwrap();
+    assert_eq!(
+        series_of(&*store, &ws, ("camp", "s1"), 0, 30_000).await,
+        [s(20_000, "email", UniqueRecipients, 1)],
+        "counted afresh"
     );
 }
 

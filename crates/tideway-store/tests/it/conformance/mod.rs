@@ -244,6 +244,7 @@ conformance! {
         conversions_count_once,
         campaign_stats_count_increments_and_unique_users_once,
         a_refused_enqueue_counts_no_stats,
+        send_series_count_per_day_and_unique_users_once,
         campaign_stats_are_per_campaign_and_workspace_and_deleted_with_it,
         concurrent_enqueues_count_each_unique_user_once,
         send_ids_are_capped_per_workspace_and_day,
