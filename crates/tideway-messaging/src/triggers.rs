@@ -12,8 +12,10 @@
 //! The same pass records conversions: a custom event or purchase (or an email open or click)
 //! of a user who received a campaign with a matching conversion event, within its window,
 //! becomes a `users.campaigns.Conversion` in that transaction (once per campaign, user and
-//! conversion event; the store keeps the first), and counts every messaging event it reads
-//! into its campaign's stats ([`crate::stats`]), in the same transaction.
+//! conversion event; the store keeps the first), credited to the campaign's latest message
+//! sent to the user by then (its dispatch, variation and `send_id`, as Braze credits the most
+//! recent send id), and counts every messaging event it reads into its campaign's stats and
+//! send-id series ([`crate::stats`]), in the same transaction.
 //!
 //! **Segment entry** (a Tideway extension: `{"segment_entry": {"segment_id"}}`) is detected
 //! here rather than read from a log. Each (campaign, segment) has a tracker in the store
@@ -809,17 +811,23 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
                 device_id: None,
                 time_zone: record.time_zone(),
             };
+            let credited = self.credited_message(ws, record, &campaign.id, at).await?;
+            let variant = credited.as_ref().and_then(|c| {
+                converting
+                    .get(campaign.id.as_str())
+                    .and_then(|(_, def)| def.variants.iter().find(|v| v.id == c.variant))
+            });
             let source = MessageSource {
                 app_group_id,
                 app_id: None,
                 origin: Origin::Campaign {
                     campaign_id: &campaign.id,
                     campaign_name: Some(&campaign.name),
-                    message_variation_id: None,
-                    message_variation_name: None,
+                    message_variation_id: credited.as_ref().map(|c| c.variant.as_str()),
+                    message_variation_name: variant.map(|v| v.name.as_str()),
                 },
-                dispatch_id: None,
-                send_id: None,
+                dispatch_id: credited.as_ref().map(|c| c.dispatch_id.as_str()),
+                send_id: credited.as_ref().and_then(|c| c.send_id.as_deref()),
             };
             out.push(NewConversion {
                 campaign_id: campaign.id.clone(),
@@ -836,6 +844,62 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
             });
         }
         Ok(out)
+    }
+}
+
+/// The message of a campaign a conversion is credited to.
+struct Credited {
+    /// As the message's own events name it (per user when its dispatch's ids are).
+    dispatch_id: String,
+    variant: String,
+    send_id: Option<String>,
+}
+
+/// Sends read back to find the message a conversion is credited to: a user converting within
+/// a window after a campaign's message has rarely had more messages since.
+const CREDIT_LOOKBACK: usize = 100;
+
+impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
+    /// The campaign's message a conversion of `user` at `at` is credited to — the latest one
+    /// sent to the user by then, as Braze credits the most recent `send_id` — with its
+    /// dispatch's `send_id`; `None` when none is among the user's recent sends (the
+    /// conversion event then names the campaign only).
+    async fn credited_message(
+        &self,
+        ws: WorkspaceId,
+        user: &UserRecord,
+        campaign_id: &str,
+        at: Millis,
+    ) -> Result<Option<Credited>, StoreError> {
+        let sends = self
+            .store
+            .recent_sends(ws, user.seq, CREDIT_LOOKBACK)
+            .await?;
+        let latest = sends
+            .into_iter()
+            .filter(|s| {
+                matches!(&s.source, Some(DispatchSource::Campaign { campaign_id: c }) if c == campaign_id)
+                    // Whole seconds, as the receipt window is read: an event logged in
+                    // the second of the send counts.
+                    && s.sent_at.is_some_and(|t| t.0 - t.0.rem_euclid(1_000) <= at.0)
+            })
+            .max_by_key(|s| (s.sent_at, s.id));
+        let Some(send) = latest else {
+            return Ok(None);
+        };
+        let Some(dispatch) = self.store.dispatch(ws, &send.dispatch_id).await? else {
+            return Ok(None);
+        };
+        let dispatch_id = if dispatch.per_user_ids {
+            tideway_core::campaigns::user_dispatch_id(&dispatch.id, user.braze_id.as_str())
+        } else {
+            dispatch.id
+        };
+        Ok(Some(Credited {
+            dispatch_id,
+            variant: send.variant,
+            send_id: dispatch.send_id,
+        }))
     }
 }
 

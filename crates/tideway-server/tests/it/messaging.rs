@@ -594,6 +594,80 @@ async fn a_send_ids_daily_series_counts_its_messages() {
     assert_eq!(a.status, 403, "{a:?}");
 }
 
+/// A conversion after a campaign's message is credited to that message: its
+/// `users.campaigns.Conversion` carries the message's dispatch, variation and `send_id`, and
+/// counts in the campaign's stats and in the send id's series, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversion_is_credited_to_the_message_and_send_id_before_it() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1", "first_name": "Ada"}]))
+        .await;
+    let id = t
+        .campaign(t.webhook_campaign(
+            "Upgrade",
+            json!({"conversion_events": [{"type": "custom_event", "name": "upgraded", "window_seconds": 86400}]}),
+        ))
+        .await;
+    let a = t
+        .s
+        .post(
+            "/campaigns/trigger/send",
+            &t.key,
+            json!({"campaign_id": id, "send_id": "promo-7", "recipients": [{"external_user_id": "u1"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let sends = t.wait_events("users.messages.webhook.Send", 1).await;
+    let sent = &sends[0]["properties"];
+    let a =
+        t.s.post(
+            "/users/track",
+            &t.key,
+            json!({"events": [{"external_id": "u1", "name": "upgraded", "time": now_iso()}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let conversions = t.wait_events("users.campaigns.Conversion", 1).await;
+    let p = &conversions[0]["properties"];
+    assert_eq!(p["campaign_id"], id.as_str(), "{p}");
+    assert_eq!(p["dispatch_id"], sent["dispatch_id"], "{p}");
+    assert_eq!(p["send_id"], "promo-7", "{p}");
+    assert_eq!(
+        p["message_variation_id"], sent["message_variation_id"],
+        "{p}"
+    );
+    assert_eq!(p["conversion_behavior_index"], 0, "{p}");
+
+    let path = format!("/sends/data_series?campaign_id={id}&send_id=promo-7&length=1");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let a = get_with(&t, &path, &t.key).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        if a.body["data"][0]["conversions"] == 1 {
+            assert_eq!(
+                a.body["data"][0]["messages"]["webhook"][0]["sent"], 1,
+                "{a:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "not counted: {a:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = get_with(&t, &format!("/api/v1/campaigns/{id}"), &t.key).await;
+    assert_eq!(c.body["campaign"]["stats"]["conversions"], 1, "{c:?}");
+    // The same event again converts nothing more: a conversion counts once.
+    let a =
+        t.s.post(
+            "/users/track",
+            &t.key,
+            json!({"events": [{"external_id": "u1", "name": "upgraded", "time": now_iso()}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.events("users.campaigns.Conversion").await.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_campaigns_and_sends_are_refused_naming_the_problem() {
     let t = setup().await;
