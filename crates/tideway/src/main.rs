@@ -46,7 +46,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the REST API on an embedded SQLite database.
+    /// Run the REST API, on an embedded SQLite database or on PostgreSQL (--database-url).
     ///
     /// Settings come from flags, then TIDEWAY_* environment variables, then the --config TOML
     /// file (keys are the flag names without `--`), then the defaults shown below. On first
@@ -89,8 +89,8 @@ enum CohortsCommand {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
-    /// TOML configuration file (keys: data-dir, listen, log-format, synchronous,
-    /// max-body-bytes, track-rate-limit, batch-rate-limit, export-rate-limit, max-array-len)
+    /// TOML configuration file: its keys are the setting flags' names without `--` (e.g.
+    /// `database-url = "postgres://…"`, `listen = "0.0.0.0:4000"`); --print-config writes one
     #[arg(long, env = "TIDEWAY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit
