@@ -857,10 +857,14 @@ pub(crate) fn string_field(
     }
 }
 
+/// A message's headers (email `headers`, webhook `request_headers`). A value with a line break
+/// or another control character (a NUL) is refused on save, as it would fail every send;
+/// definitions stored before the check still load.
 fn headers_field(
     obj: &Map<String, Value>,
     key: &str,
     path: &str,
+    saving: Saving,
 ) -> Result<Vec<(String, String)>, DefinitionError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(Vec::new()),
@@ -877,6 +881,15 @@ fn headers_field(
                     ));
                 }
                 match v {
+                    Value::String(s)
+                        if saving == Saving::New
+                            && s.chars().any(|c| c.is_control() && c != '\t') =>
+                    {
+                        Err(bad(
+                            format!("{path}.{key}.{k}"),
+                            "must not contain line breaks or other control characters",
+                        ))
+                    }
                     Value::String(s) => Ok((k.clone(), s.clone())),
                     _ => Err(bad(format!("{path}.{key}.{k}"), "must be a string")),
                 }
@@ -981,7 +994,7 @@ pub(crate) fn parse_variant(
                 body: string_field(obj, "body", path, true)?.unwrap_or_default(),
                 plaintext_body: string_field(obj, "plaintext_body", path, false)?,
                 preheader: string_field(obj, "preheader", path, false)?,
-                headers: headers_field(obj, "headers", path)?,
+                headers: headers_field(obj, "headers", path, saving)?,
                 extras: extras_field(obj, path)?,
             };
             let json = json!({
@@ -1021,7 +1034,7 @@ pub(crate) fn parse_variant(
             let content = WebhookContent {
                 url,
                 method,
-                headers: headers_field(obj, "request_headers", path)?,
+                headers: headers_field(obj, "request_headers", path, saving)?,
                 body: string_field(obj, "body", path, false)?.unwrap_or_default(),
                 extras: extras_field(obj, path)?,
             };
@@ -1518,6 +1531,18 @@ mod tests {
             assert_eq!(e.path, format!("messages[0].{key}"), "{value:?}");
             assert!(CampaignDefinition::load(&c).is_ok(), "{value:?}");
         }
+        // Message headers too (a webhook with one would fail for good on every send); a tab
+        // is a header value's own whitespace.
+        for value in ["a\u{0}b", "x\r\nEvil: 1"] {
+            let mut c = email_campaign();
+            c["messages"][0]["headers"] = json!({"X-Tag": value});
+            let e = CampaignDefinition::parse(&c, ids()).unwrap_err();
+            assert_eq!(e.path, "messages[0].headers.X-Tag", "{value:?}");
+            assert!(CampaignDefinition::load(&c).is_ok(), "{value:?}");
+        }
+        let mut c = email_campaign();
+        c["messages"][0]["headers"] = json!({"X-Tag": "a\tb"});
+        assert!(CampaignDefinition::parse(&c, ids()).is_ok());
     }
 
     #[test]

@@ -175,7 +175,7 @@ pub fn parse_upsert(body: &Map<String, Value>) -> Result<CohortUpsert, CohortApi
         Some(n) if n.chars().count() > crate::MAX_DISPLAY_NAME_CHARS => {
             return Err(CohortApiError::NameTooLong);
         }
-        Some(n) if !n.trim().is_empty() => n.to_owned(),
+        Some(n) if !n.trim().is_empty() && !n.contains('\0') => n.to_owned(),
         _ => return Err(CohortApiError::InvalidName),
     };
     let created_at = body

@@ -19,6 +19,8 @@ pub enum IdError {
     TooLong,
     #[error("must be 24 lowercase hexadecimal characters")]
     NotBrazeId,
+    #[error("must not contain a NUL character (\\u0000)")]
+    Nul,
 }
 
 fn check_free_form(raw: &str) -> Result<(), IdError> {
@@ -26,6 +28,9 @@ fn check_free_form(raw: &str) -> Result<(), IdError> {
         Err(IdError::Empty)
     } else if raw.len() > MAX_IDENTIFIER_BYTES {
         Err(IdError::TooLong)
+    } else if raw.contains('\0') {
+        // No identifier is meant to hold one, and PostgreSQL's text cannot store it.
+        Err(IdError::Nul)
     } else {
         Ok(())
     }

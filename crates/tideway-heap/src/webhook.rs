@@ -27,6 +27,9 @@ pub const SIGNATURE_HEADER: &str = "heap-hash";
 pub const MAX_AGE_MS: i64 = 60_000;
 /// A timestamp this far (or further) in the future is refused.
 pub const MAX_AHEAD_MS: i64 = 1_000;
+/// Longest `sync_task_id`, in bytes: Braze's identifier bound (987 bytes).
+pub const MAX_SYNC_TASK_ID_BYTES: usize = 987;
+const SYNC_TASK_ID_RULE: &str = "must be a non-empty string of at most 987 bytes, without NUL";
 
 /// `action_type` of a webhook call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,14 +288,17 @@ fn sync_page(data: &Map<String, Value>) -> Result<Option<SyncPage>, HeapError> {
             .and_then(|n| u32::try_from(n).ok())
             .ok_or(invalid(field, "must be a non-negative integer"))
     };
+    // A key of the pages already applied: bounded as identifiers are, so it always fits the
+    // key's index (on PostgreSQL, B-tree entries stop near 2.7 kB).
     let sync_task_id = match info.get("sync_task_id") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(s))
+            if !s.is_empty() && s.len() <= MAX_SYNC_TASK_ID_BYTES && !s.contains('\0') =>
+        {
+            s.clone()
+        }
         Some(Value::Number(n)) => n.to_string(),
         _ => {
-            return Err(invalid(
-                "data.sync_info.sync_task_id",
-                "must be a non-empty string",
-            ));
+            return Err(invalid("data.sync_info.sync_task_id", SYNC_TASK_ID_RULE));
         }
     };
     Ok(Some(SyncPage {
@@ -555,7 +561,19 @@ mod tests {
         );
         assert_eq!(
             parse_sync(br#"{"action_type":"segment.users.sync","data":{"segment":{"id":1},"sync_info":{"page_number":1,"total_pages":2}}}"#),
-            Err(invalid("data.sync_info.sync_task_id", "must be a non-empty string"))
+            Err(invalid("data.sync_info.sync_task_id", SYNC_TASK_ID_RULE))
         );
+        for bad in [
+            "x".repeat(MAX_SYNC_TASK_ID_BYTES + 1),
+            "a\\u0000b".to_owned(),
+        ] {
+            let page = format!(
+                r#"{{"action_type":"segment.users.sync","data":{{"segment":{{"id":1}},"sync_info":{{"page_number":1,"total_pages":2,"sync_task_id":"{bad}"}}}}}}"#
+            );
+            assert_eq!(
+                parse_sync(page.as_bytes()),
+                Err(invalid("data.sync_info.sync_task_id", SYNC_TASK_ID_RULE))
+            );
+        }
     }
 }

@@ -112,6 +112,10 @@ pub(crate) fn place_error(path: impl Into<String>, message: impl Into<String>) -
     })
 }
 
+/// Names and descriptions are plain text: a NUL character is refused (PostgreSQL's text
+/// cannot hold one, and no name needs it).
+const NO_NUL: &str = "must not contain a NUL character (\\u0000)";
+
 pub(crate) fn name_field(body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
     match body.get("name") {
         None => Ok(None),
@@ -119,6 +123,7 @@ pub(crate) fn name_field(body: &Map<String, Value>) -> Result<Option<String>, Ap
             "name",
             format!("must be at most {MAX_DISPLAY_NAME_CHARS} characters"),
         )),
+        Some(Value::String(s)) if s.contains('\0') => Err(place_error("name", NO_NUL)),
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
         Some(_) => Err(place_error("name", "must be a non-empty string")),
     }
@@ -128,6 +133,7 @@ pub(crate) fn description_field(body: &Map<String, Value>) -> Result<Option<Stri
     match body.get("description") {
         None => Ok(None),
         Some(Value::Null) => Ok(Some(String::new())),
+        Some(Value::String(s)) if s.contains('\0') => Err(place_error("description", NO_NUL)),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(_) => Err(place_error("description", "must be a string")),
     }

@@ -189,6 +189,7 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %detail, "corrupt data in storage; answering 500");
                 ApiError::Internal
             }
+            StoreError::Invalid(why) => ApiError::bad_request(why),
         }
     }
 }

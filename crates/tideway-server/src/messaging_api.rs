@@ -117,16 +117,23 @@ fn bool_field(body: &Map<String, Value>, key: &str, default: bool) -> Result<boo
     }
 }
 
+/// Whether `s` may be a `send_id`: 1 to [`MAX_SEND_ID_CHARS`] printable ASCII characters.
+pub(crate) fn is_send_id(s: &str) -> bool {
+    (1..=MAX_SEND_ID_CHARS).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+}
+
+/// The message a malformed `send_id` gets.
+pub(crate) fn send_id_rule() -> String {
+    format!("send_id must be a string of 1 to {MAX_SEND_ID_CHARS} printable ASCII characters")
+}
+
 fn send_id_field(body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
     match body.get("send_id") {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match id_text(v) {
-            Some(s) if !s.is_empty() && s.is_ascii() && s.chars().count() <= MAX_SEND_ID_CHARS => {
-                Ok(Some(s))
-            }
-            _ => Err(malformed(format!(
-                "send_id must be an ASCII string of 1 to {MAX_SEND_ID_CHARS} characters"
-            ))),
+            Some(s) if is_send_id(&s) => Ok(Some(s)),
+            _ => Err(malformed(send_id_rule())),
         },
     }
 }

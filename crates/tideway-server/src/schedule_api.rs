@@ -30,13 +30,13 @@ use tideway_core::store::{SendSeriesFigure, SendStat, StoreError};
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::messaging_api::{INVALID_CAMPAIGN, messaging, not_enabled, send_adhoc, trigger};
+use crate::messaging_api::{
+    INVALID_CAMPAIGN, is_send_id, messaging, not_enabled, send_adhoc, send_id_rule, trigger,
+};
 use crate::pipeline::{management, now, read_json};
 
 /// Most new `(send_id, campaign_id)` pairs per workspace per UTC day (Braze: 100).
 pub const MAX_SEND_IDS_PER_DAY: u32 = 100;
-/// Longest `send_id`.
-const MAX_SEND_ID_CHARS: usize = 64;
 /// Most days one `/sends/data_series` answer covers (Braze: `length` 1 to 100).
 const MAX_SERIES_DAYS: i64 = 100;
 const DAY_MS: i64 = 86_400_000;
@@ -480,16 +480,8 @@ pub async fn send_id_create(State(state): State<AppState>, req: Request) -> Resp
             let campaign = campaign_field(&body)?;
             let send_id = match body.get("send_id") {
                 None | Some(Value::Null) => uuid::Uuid::new_v4().simple().to_string(),
-                Some(Value::String(s))
-                    if !s.is_empty() && s.is_ascii() && s.len() <= MAX_SEND_ID_CHARS =>
-                {
-                    s.clone()
-                }
-                Some(_) => {
-                    return Err(ApiError::malformed(format!(
-                        "send_id must be an ASCII string of 1 to {MAX_SEND_ID_CHARS} characters"
-                    )));
-                }
+                Some(Value::String(s)) if is_send_id(s) => s.clone(),
+                Some(_) => return Err(ApiError::malformed(send_id_rule())),
             };
             let ws = caller.workspace.id;
             if state.store().campaign(ws, &campaign).await?.is_none() {
@@ -539,12 +531,8 @@ impl SeriesQuery {
             .clone();
         let send_id = match params.get("send_id") {
             None => return Err(ApiError::malformed("send_id is required")),
-            Some(s) if !s.is_empty() && s.is_ascii() && s.len() <= MAX_SEND_ID_CHARS => s.clone(),
-            Some(_) => {
-                return Err(ApiError::malformed(format!(
-                    "send_id must be an ASCII string of 1 to {MAX_SEND_ID_CHARS} characters"
-                )));
-            }
+            Some(s) if is_send_id(s) => s.clone(),
+            Some(_) => return Err(ApiError::malformed(send_id_rule())),
         };
         let length = params
             .get("length")
@@ -757,7 +745,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((q.first_day, q.last_day), (day(1), day(1)));
-        let cases: [(&[(&str, &str)], &str); 8] = [
+        let cases: [(&[(&str, &str)], &str); 9] = [
             (&[("send_id", "s"), ("length", "1")], "Invalid Campaign ID"),
             (
                 &[("campaign_id", ""), ("send_id", "s"), ("length", "1")],
@@ -769,6 +757,14 @@ mod tests {
             ),
             (
                 &[("campaign_id", "c"), ("send_id", "é"), ("length", "1")],
+                "send_id must be",
+            ),
+            (
+                &[
+                    ("campaign_id", "c"),
+                    ("send_id", "a\u{0}b"),
+                    ("length", "1"),
+                ],
                 "send_id must be",
             ),
             (

@@ -81,6 +81,9 @@ fn name_field(body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
                 "'name' must be at most {MAX_DISPLAY_NAME_CHARS} characters"
             )))
         }
+        Some(Value::String(s)) if s.contains('\0') => Err(ApiError::bad_request(
+            "'name' must not contain a NUL character (\\u0000)",
+        )),
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
         Some(_) => Err(ApiError::bad_request("'name' must be a non-empty string")),
     }

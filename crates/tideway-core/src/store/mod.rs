@@ -85,6 +85,11 @@ pub enum StoreError {
     /// Stored data could not be read back (a bug or a damaged file).
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
+    /// The caller's data is something the database cannot store (a NUL character in text on
+    /// PostgreSQL, a key too long for an index); nothing was written. The text says what, for
+    /// the caller.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A workspace (Braze's "app group").

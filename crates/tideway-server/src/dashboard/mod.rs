@@ -322,6 +322,10 @@ impl IntoResponse for PageError {
                     "Storage is unavailable right now; try again in a moment.".to_owned(),
                 )
             }
+            PageError::Store(StoreError::Invalid(why)) => (
+                StatusCode::BAD_REQUEST,
+                format!("This cannot be saved: {why}."),
+            ),
             PageError::Store(StoreError::Corrupt(why)) => {
                 tracing::error!(error = %why, "dashboard: stored data could not be read");
                 (

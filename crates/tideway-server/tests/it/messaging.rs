@@ -587,6 +587,32 @@ async fn a_send_ids_daily_series_counts_its_messages() {
         assert_eq!(a.status, 400, "{query}: {a:?}");
         assert!(a.body.to_string().contains(why), "{query}: {a:?}");
     }
+    // A NUL character in an id is a 400 on every backend, never a 500.
+    for (path, body) in [
+        ("/sends/id/create", json!({"campaign_id": "a\u{0}b"})),
+        (
+            "/campaigns/trigger/send",
+            json!({"campaign_id": "a\u{0}b", "broadcast": true}),
+        ),
+        (
+            "/campaigns/trigger/send",
+            json!({"campaign_id": id, "send_id": "a\u{0}b", "broadcast": true}),
+        ),
+        (
+            "/messages/send",
+            json!({"external_user_ids": ["a\u{0}b"], "messages": {"webhook": {"url": t.hook_url, "request_method": "POST", "body": "x"}}}),
+        ),
+    ] {
+        let a = t.s.post(path, &t.key, body.clone()).await;
+        assert_eq!(a.status, 400, "{path} {body}: {a:?}");
+    }
+    let a = get_with(
+        &t,
+        "/sends/data_series?campaign_id=a%00b&send_id=s&length=1",
+        &t.key,
+    )
+    .await;
+    assert_eq!(a.status, 400, "{a:?}");
     let limited =
         t.s.key_for(&t.ws, &[tideway_core::keys::Permission::CampaignsDetails])
             .await;

@@ -680,3 +680,91 @@ async fn an_email_or_phone_target_sees_addresses_set_earlier_in_the_same_request
         .await;
     assert_eq!(a.body["users"].as_array().map(Vec::len), Some(1), "{a:?}");
 }
+
+/// A NUL character (`\u0000`) where a client sends an identifier, a name or a lookup key is a
+/// clear 4xx on every backend (PostgreSQL's text cannot hold one): in `/users/track` the
+/// object alone is refused, by index, and the rest applies; elsewhere the request is refused
+/// and writes nothing. In values kept as JSON (attributes, event properties) it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_in_identifiers_and_names_are_4xx_never_500() {
+    let (s, ws, key) = Server::with_admin().await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [
+                {"external_id": "ok1", "note": "a\u{0}b"},
+                {"external_id": "a\u{0}b", "x": 1},
+                {"user_alias": {"alias_label": "l", "alias_name": "a\u{0}b"}, "x": 1},
+                {"external_id": "ok2", "email": "a\u{0}b@example.com"},
+            ]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert_eq!(a.body["attributes_processed"], 1, "{a:?}");
+    let errors: Vec<u64> = a.body["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(errors, [1, 2, 3], "{a:?}");
+    let ok1 = s.export_external(&key, "ok1").await.expect("ok1 written");
+    assert_eq!(ok1["custom_attributes"]["note"], "a\u{0}b", "{ok1}");
+    assert!(s.export_external(&key, "ok2").await.is_none());
+
+    let nul = "a\u{0}b";
+    let posts = [
+        ("/users/export/ids", json!({"external_ids": [nul]})),
+        (
+            "/users/alias/new",
+            json!({"user_aliases": [{"external_id": "ok1", "alias_label": "l", "alias_name": nul}]}),
+        ),
+        (
+            "/users/identify",
+            json!({"aliases_to_identify": [{"external_id": nul, "user_alias": {"alias_label": "l", "alias_name": "n"}}]}),
+        ),
+        ("/users/delete", json!({"external_ids": [nul]})),
+        (
+            "/users/merge",
+            json!({"merge_updates": [{"identifier_to_merge": {"external_id": nul}, "identifier_to_keep": {"external_id": "ok1"}}]}),
+        ),
+        (
+            "/users/external_ids/rename",
+            json!({"external_id_renames": [{"current_external_id": "ok1", "new_external_id": nul}]}),
+        ),
+        (
+            "/api/v1/segments",
+            json!({"name": nul, "filter": {"custom_attribute": {"name": "x", "op": "exists"}}}),
+        ),
+    ];
+    for (path, body) in posts {
+        let a = s.post(path, &key, body.clone()).await;
+        assert!(
+            (400..500).contains(&a.status) || a.body.to_string().contains("must not contain"),
+            "{path} {body}: {a:?}"
+        );
+        assert!(a.status < 500, "{path} {body}: {a:?}");
+    }
+    for path in [
+        "/api/v1/segments/a%00b",
+        "/api/v1/segments/a%00b/size",
+        "/api/v1/cohorts/heap/a%00b/members",
+        "/segments/details?segment_id=a%00b",
+    ] {
+        let a = s
+            .send(
+                reqwest::Method::GET,
+                path,
+                crate::harness::Auth::Bearer(&key),
+                None,
+                false,
+            )
+            .await;
+        assert!((400..500).contains(&a.status), "{path}: {a:?}");
+    }
+    // Nothing of the refused requests was written.
+    let ok1 = s.export_external(&key, "ok1").await.expect("ok1 kept");
+    assert_eq!(ok1["user_aliases"], json!([]), "{ok1}");
+    let _ = ws;
+}

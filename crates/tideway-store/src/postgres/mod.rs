@@ -262,6 +262,16 @@ pub fn pg_err(e: tokio_postgres::Error) -> StoreError {
         tracing::info!(error = %e, "uniqueness rule broken");
         return StoreError::Conflict("a record with the same key".to_owned());
     }
+    // The caller's text, which PostgreSQL cannot store: a NUL character (a JSON `\u0000` in a
+    // value that is stored as it is rather than as JSON), or a key past a B-tree entry's limit.
+    if *code == SqlState::CHARACTER_NOT_IN_REPERTOIRE {
+        tracing::info!(error = %e, "text with a NUL character refused");
+        return StoreError::Invalid("text must not contain a NUL character (\\u0000)".to_owned());
+    }
+    if *code == SqlState::PROGRAM_LIMIT_EXCEEDED {
+        tracing::info!(error = %e, "a value too long for an index refused");
+        return StoreError::Invalid("a value is too long to be stored as a key".to_owned());
+    }
     // A lock another session holds (`NOWAIT`, `lock_timeout`), or a read-only server (a
     // standby after a failover): both pass.
     if *code == SqlState::LOCK_NOT_AVAILABLE || *code == SqlState::READ_ONLY_SQL_TRANSACTION {
