@@ -5,9 +5,13 @@
 //!     settle finished batches, oldest first  → ack (position, counters, dead letters) | halt | disable
 //!     maintenance when due                   → renew lease, retention drops, lag gauges, "stuck" alert
 //!     claim batches while the window has room → dead-letter replays, window replays, then the live log
-//!     wait for: the oldest batch, a control change, the next poll / flush / maintenance deadline
+//!     wait for: the oldest batch, a control change, the next poll / flush / maintenance / replay look
 //! }
 //! ```
+//!
+//! Replays are rows in the store: a control change from this node's API says to look for them
+//! at once, and the consumer also looks every rescan interval, so a replay asked of another
+//! node (which cannot signal this one) starts within that interval.
 //!
 //! Each claimed batch is delivered by its own task (`deliver`): send → classify → ack,
 //! split to singles (400), halve (413), dead-letter (a single 400/413, or an event over the size
@@ -356,6 +360,7 @@ async fn active(
     };
     let mut stuck_alerted = false;
     let mut next_maintenance = Instant::now();
+    let mut next_replay_look = Instant::now() + shared.config.rescan();
     let mut retention_pending = true;
     let flush = Duration::from_millis(a.current.spec.flush_interval_ms);
     loop {
@@ -390,6 +395,10 @@ async fn active(
             if let Err(e) = observe(shared, &a.current, &a.types, &mut stuck_alerted).await {
                 tracing::warn!(current = %id, error = %e, "cannot measure the Current's lag");
             }
+        }
+        if now >= next_replay_look {
+            a.check_replays = true;
+            next_replay_look = now + shared.config.rescan();
         }
         if retention_pending && a.window.is_empty() {
             retention_pending = false;
@@ -428,7 +437,7 @@ async fn active(
         metrics::gauge!("tideway_currents_in_flight_batches", "current" => label(id))
             .set(a.window.len() as f64);
         // 4. Wait.
-        let mut wake = next_maintenance;
+        let mut wake = next_maintenance.min(next_replay_look);
         if a.window.len() < a.max_in_flight {
             if a.buffer.len() < a.batch {
                 wake = wake.min(a.next_poll);

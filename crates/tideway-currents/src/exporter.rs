@@ -37,7 +37,8 @@ pub struct ExporterConfig {
     pub lease_ttl_ms: u64,
     /// How often a consumer at the head of the log looks for new events.
     pub poll_interval_ms: u64,
-    /// How often the supervisor rescans the Currents without being asked.
+    /// How often the supervisor rescans the Currents, and each consumer looks for replays,
+    /// without being asked (what another node changed is seen within it).
     pub rescan_interval_ms: u64,
     /// How often the log clock is sampled.
     pub clock_tick_ms: u64,
@@ -75,6 +76,10 @@ impl Default for ExporterConfig {
 impl ExporterConfig {
     pub(crate) fn poll(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms.max(1))
+    }
+
+    pub(crate) fn rescan(&self) -> Duration {
+        Duration::from_millis(self.rescan_interval_ms.max(1))
     }
 
     pub(crate) fn maintenance(&self) -> Duration {
@@ -354,7 +359,7 @@ impl Drop for Exporter {
 }
 
 async fn supervise(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
-    let rescan = Duration::from_millis(shared.config.rescan_interval_ms.max(1));
+    let rescan = shared.config.rescan();
     let tick = Duration::from_millis(shared.config.clock_tick_ms.max(1));
     let mut next_tick = tokio::time::Instant::now();
     let mut next_rescan = tokio::time::Instant::now();

@@ -562,6 +562,36 @@ async fn replay_of_a_time_window_re_sends_delivered_events() {
     );
 }
 
+/// A replay asked of another node — a row in the shared store, with no signal to this node's
+/// consumer — still runs: the consumer looks for replays every rescan interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_asked_of_another_node_runs_without_a_signal() {
+    let h = Harness::new().await;
+    let (sink, _d) = sink_with(Faults::default(), None).await;
+    let c = h.current(spec(&url(sink.addr))).await;
+    let ids = h.append(10).await;
+    let c = h
+        .wait(&c, "delivered", |c| c.counters.delivered >= 10)
+        .await;
+    let clock = h.exporter().clock();
+    h.store
+        .tick_log_clock(clock.now(), 86_400_000)
+        .await
+        .unwrap();
+    h.store
+        .replay_window(c.id, Millis(0), clock.now())
+        .await
+        .unwrap()
+        .expect("a window");
+    // No poke: the node that stored the window is not this one.
+    h.wait(&c, "replayed", |c| c.counters.delivered >= 20).await;
+    let totals = sink.state.store().totals().await.unwrap();
+    assert_eq!(
+        (totals.unique, totals.duplicates),
+        (ids.len() as u64, ids.len() as u64)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_ordering_keeps_each_users_events_in_log_order() {
     let h = Harness::new().await;
