@@ -155,8 +155,9 @@ pub enum StepKind {
         /// Attributes to set (custom attribute names, or standard ones as `/users/track`
         /// names them).
         set: Map<String, Value>,
-        /// Numeric attributes to increment by the amount.
-        increment: Vec<(String, f64)>,
+        /// Numeric attributes to increment by the amount, as given (an integer stays one, as
+        /// `/users/track`'s `inc` keeps it).
+        increment: Vec<(String, serde_json::Number)>,
         next: Option<String>,
     },
 }
@@ -971,10 +972,9 @@ fn parse_step(
                 None | Some(Value::Null) => Vec::new(),
                 Some(Value::Object(m)) => m
                     .iter()
-                    .map(|(k, v)| {
-                        v.as_f64()
-                            .map(|n| (k.clone(), n))
-                            .ok_or_else(|| bad(format!("{path}.increment.{k}"), "must be a number"))
+                    .map(|(k, v)| match v {
+                        Value::Number(n) => Ok((k.clone(), n.clone())),
+                        _ => Err(bad(format!("{path}.increment.{k}"), "must be a number")),
                     })
                     .collect::<Result<_, _>>()?,
                 Some(_) => {
@@ -1660,6 +1660,16 @@ mod tests {
         }
         let ok = with_set(json!({"plan": "pro", "email": "a@example.com", "pets": [{"id": 1}]}));
         assert!(CanvasDefinition::parse(&ok, ids()).is_ok());
+        // Increments keep their numbers as given: an integer stays an integer (it was stored,
+        // and so applied, as 1.0, where `/users/track`'s `inc` of 1 keeps integers).
+        let mut inc = with_set(json!({"plan": "pro"}));
+        inc["steps"][0]["increment"] = json!({"visits": 1, "score": 1.5});
+        let (_, canonical) = CanvasDefinition::parse(&inc, ids()).unwrap();
+        assert_eq!(
+            canonical["steps"][0]["increment"],
+            json!({"visits": 1, "score": 1.5})
+        );
+        assert!(canonical["steps"][0]["increment"]["visits"].is_i64());
         // A Canvas saved before the check still loads (its step is dropped at run time, as then).
         assert!(CanvasDefinition::load(&with_set(json!({"email": 5}))).is_ok());
 
@@ -1842,7 +1852,7 @@ mod tests {
                     },
                     Gen::Update => StepKind::UserUpdate {
                         set: Map::new(),
-                        increment: vec![("n".into(), 1.0)],
+                        increment: vec![("n".into(), 1.into())],
                         next: next(t, 0),
                     },
                 };
