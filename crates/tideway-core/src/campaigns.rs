@@ -987,6 +987,21 @@ pub(crate) fn parse_variant(
                     ));
                 }
             }
+            // SMTP forbids a NUL in a message (a personalised value's is dropped when sent).
+            if saving == Saving::New {
+                for key in ["subject", "body", "plaintext_body", "preheader"] {
+                    if obj
+                        .get(key)
+                        .and_then(Value::as_str)
+                        .is_some_and(|v| v.contains('\0'))
+                    {
+                        return Err(bad(
+                            format!("{path}.{key}"),
+                            "must not contain a NUL character (\\u0000)",
+                        ));
+                    }
+                }
+            }
             let content = EmailContent {
                 from,
                 reply_to,
@@ -1021,6 +1036,13 @@ pub(crate) fn parse_variant(
                 return Err(bad(
                     format!("{path}.url"),
                     "must be an http:// or https:// URL",
+                ));
+            }
+            // Every send of such a URL would abort (`invalid_webhook_url`).
+            if saving == Saving::New && url.chars().any(char::is_control) {
+                return Err(bad(
+                    format!("{path}.url"),
+                    "must not contain control characters",
                 ));
             }
             let method_raw =
@@ -1543,6 +1565,21 @@ mod tests {
         let mut c = email_campaign();
         c["messages"][0]["headers"] = json!({"X-Tag": "a\tb"});
         assert!(CampaignDefinition::parse(&c, ids()).is_ok());
+        // A NUL in the subject or a body, which SMTP forbids.
+        for key in ["subject", "body", "plaintext_body", "preheader"] {
+            let mut c = email_campaign();
+            c["messages"][0][key] = json!("a\u{0}b");
+            let e = CampaignDefinition::parse(&c, ids()).unwrap_err();
+            assert_eq!(e.path, format!("messages[0].{key}"));
+            assert!(CampaignDefinition::load(&c).is_ok());
+        }
+        // A webhook URL with one: every send would abort.
+        let mut c = email_campaign();
+        c["messages"][0] =
+            json!({"channel": "webhook", "url": "http://h.example/a\u{0}b", "percent": 90});
+        let e = CampaignDefinition::parse(&c, ids()).unwrap_err();
+        assert_eq!(e.path, "messages[0].url");
+        assert!(CampaignDefinition::load(&c).is_ok());
     }
 
     #[test]

@@ -119,7 +119,10 @@ pub struct CohortId(String);
 
 impl CohortId {
     pub fn parse(raw: &str) -> Option<Self> {
-        if raw.trim().is_empty() || raw.len() > crate::ids::MAX_IDENTIFIER_BYTES {
+        if raw.trim().is_empty()
+            || raw.len() > crate::ids::MAX_IDENTIFIER_BYTES
+            || raw.contains('\0')
+        {
             None
         } else {
             Some(CohortId(raw.to_owned()))

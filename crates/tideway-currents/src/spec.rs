@@ -132,10 +132,10 @@ pub fn parse_spec(body: &Value) -> Result<CurrentSpec, CurrentsError> {
         .and_then(Value::as_str)
         .map(str::trim)
         .unwrap_or("");
-    if name.is_empty() || name.chars().count() > 255 {
+    if name.is_empty() || name.chars().count() > 255 || name.contains('\0') {
         return Err(err(
             "name",
-            "must be a non-empty string of at most 255 characters",
+            "must be a non-empty string of at most 255 characters, without NUL",
         ));
     }
     let kind_raw = m

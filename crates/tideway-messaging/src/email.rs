@@ -395,8 +395,19 @@ fn one_line(value: &str) -> String {
         .filter(|part| !part.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+        .chars()
+        // Other control characters (a NUL a personalised value brought in) have no place in a
+        // header either; a tab is a header's own whitespace.
+        .filter(|c| !c.is_control() || *c == '\t')
+        .collect::<String>()
         .trim()
         .to_owned()
+}
+
+/// A body part without NUL characters, which SMTP forbids in a message (RFC 5321 §4.5.2); a
+/// personalised value may bring one in.
+fn without_nul(part: &str) -> String {
+    part.replace('\0', "")
 }
 
 /// Whether `name` is an RFC 5322 field name (printable ASCII but `:`) lettre can write.
@@ -457,11 +468,11 @@ fn build_message(email: &OutgoingEmail) -> Result<Message, String> {
     }
     let built = match (&email.text, &email.html) {
         (Some(text), Some(html)) => builder.multipart(MultiPart::alternative_plain_html(
-            text.clone(),
-            html.clone(),
+            without_nul(text),
+            without_nul(html),
         )),
-        (None, Some(html)) => builder.singlepart(SinglePart::html(html.clone())),
-        (Some(text), None) => builder.singlepart(SinglePart::plain(text.clone())),
+        (None, Some(html)) => builder.singlepart(SinglePart::html(without_nul(html))),
+        (Some(text), None) => builder.singlepart(SinglePart::plain(without_nul(text))),
         (None, None) => builder.singlepart(SinglePart::plain(String::new())),
     };
     built.map_err(|e| format!("the message cannot be built ({e})"))
@@ -898,6 +909,23 @@ mod tests {
         assert!(!head.to_ascii_lowercase().contains("bad name"), "{head}");
         assert_eq!(m.envelope().to().len(), 1);
         assert!(head.contains("multipart/alternative"), "{head}");
+    }
+
+    /// A NUL (which a personalised value can bring in) never reaches the wire: SMTP forbids it
+    /// in a message.
+    #[test]
+    fn nul_characters_are_left_out_of_headers_and_bodies() {
+        let mut e = email();
+        e.subject = "Hi\u{0} there".into();
+        e.html = Some("<p>a\u{0}b</p>".into());
+        e.text = Some("a\u{0}b".into());
+        e.headers = vec![("X-Tag".into(), "x\u{0}y".into())];
+        let raw = build_message(&e).unwrap().formatted();
+        assert!(!raw.contains(&0), "{}", String::from_utf8_lossy(&raw));
+        let raw = String::from_utf8(raw).unwrap();
+        assert!(raw.contains("Subject: Hi there"), "{raw}");
+        assert!(raw.contains("X-Tag: xy"), "{raw}");
+        assert!(raw.contains("<p>ab</p>"), "{raw}");
     }
 
     #[test]

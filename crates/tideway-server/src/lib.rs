@@ -434,6 +434,7 @@ pub fn app_with_messaging(
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(axum::middleware::from_fn(ops::json_rejections))
+        .layer(axum::middleware::from_fn(ops::refuse_nul_in_url))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(listener::enforce_body_deadline))
         .layer(axum::middleware::from_fn_with_state(

@@ -92,6 +92,22 @@ pub async fn method_not_allowed() -> ApiError {
 /// Largest plain-text rejection body [`json_rejections`] reads (axum's are one line).
 const REJECTION_READ_LIMIT: usize = 64 * 1024;
 
+/// Refuses a URL whose path or query holds an encoded NUL (`%00`) with a 400, before any
+/// handler reads it: no id or parameter means one, and PostgreSQL's text cannot hold one, so
+/// every backend answers alike (SQLite would look the id up and find nothing).
+pub async fn refuse_nul_in_url(req: Request, next: Next) -> Response {
+    let uri = req.uri();
+    let nul = |s: &str| s.contains("%00");
+    if nul(uri.path()) || uri.query().is_some_and(nul) {
+        return (
+            axum::http::StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"message": "the URL must not contain a NUL character (%00)"})),
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
 /// Renders the plain-text 4xx answers of axum's extractors (a path segment that is not UTF-8,
 /// a query string that does not parse) as `{"message": …}`, so every API error is JSON. The
 /// dashboard keeps its own answers; everything else already answers JSON and passes untouched.

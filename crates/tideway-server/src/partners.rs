@@ -243,8 +243,13 @@ fn webhook_error(status: u16, message: &str) -> Response {
 /// [`MAX_DISPLAY_NAME_CHARS`] if longer. Heap's page is applied either way: refusing it over a
 /// display name would lose its members.
 fn heap_cohort_name(name: Option<&str>) -> Option<String> {
-    let name = name.filter(|n| !n.trim().is_empty())?;
-    Some(crate::error::clipped(name, MAX_DISPLAY_NAME_CHARS - 1).into_owned())
+    // A NUL character means nothing in a name and PostgreSQL's text cannot hold one: it is
+    // dropped rather than the page refused (Heap would send it again for ever).
+    let name: String = name?.chars().filter(|c| *c != '\0').collect();
+    if name.trim().is_empty() {
+        return None;
+    }
+    Some(crate::error::clipped(&name, MAX_DISPLAY_NAME_CHARS - 1).into_owned())
 }
 
 /// Verifies, parses and applies one Heap segment-sync call for the webhooks in `candidates`

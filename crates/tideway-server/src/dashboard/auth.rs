@@ -167,6 +167,7 @@ pub async fn login(State(state): State<AppState>, req: Request) -> Result<Respon
             "Refused: the sign-in form's security token is missing or out of date. Reload the page and try again.",
         ));
     }
+    form.refuse_nul()?;
     let typed = form.get("username").unwrap_or("").trim();
     let password = form.get("password").unwrap_or("");
     let key: String = [

@@ -25,6 +25,22 @@ impl FormData {
         FormData(form_urlencoded::parse(bytes).into_owned().collect())
     }
 
+    /// Refuses a form with a NUL character (`%00`) in any name or value: no field means one,
+    /// and PostgreSQL's text cannot store it, so both backends refuse the form the same way,
+    /// before anything reads it.
+    pub fn refuse_nul(&self) -> Result<(), PageError> {
+        if self
+            .0
+            .iter()
+            .any(|(k, v)| k.contains('\0') || v.contains('\0'))
+        {
+            return Err(PageError::BadRequest(
+                "A field holds a NUL character (%00); remove it and send the form again.".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The first value of `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0

@@ -466,6 +466,7 @@ async fn authorize(state: &AppState, req: Request) -> Result<Request, Response> 
                 .into_response(),
         );
     }
+    form.refuse_nul().map_err(IntoResponse::into_response)?;
     parts.extensions.insert(me);
     parts.extensions.insert(form);
     Ok(Request::from_parts(parts, Body::from(bytes)))

@@ -225,6 +225,10 @@ async fn every_documented_400_and_401_text() {
         ("/partners/heap/cohorts", json!({"partner_api_key": p.heap_key, "client_secret": secret, "cohort_id": "c", "name": "n".repeat(256), "created_at": "2021-01-21"}), 400, "name must be at most 255 characters".into()),
         ("/partners/heap/cohorts", json!({"partner_api_key": p.heap_key, "client_secret": secret, "cohort_id": "c", "name": "n", "created_at": "yesterday"}), 400, "created_at must be a valid time as an ISO-8601 string".into()),
         ("/partners/heap/cohorts", json!({"partner_api_key": p.heap_key, "client_secret": secret, "cohort_id": ["c"], "name": "n", "created_at": "2021-01-21"}), 400, "cohort_id must be a valid string".into()),
+        // A NUL character, on every backend alike.
+        ("/partners/heap/cohorts", json!({"partner_api_key": p.heap_key, "client_secret": secret, "cohort_id": "c\u{0}d", "name": "n", "created_at": "2021-01-21"}), 400, "cohort_id must be a valid string".into()),
+        ("/partners/heap/cohorts", json!({"partner_api_key": p.heap_key, "client_secret": secret, "cohort_id": "c", "name": "n\u{0}", "created_at": "2021-01-21"}), 400, "name must be a non-empty string".into()),
+        ("/partners/heap/cohorts/users", users_body(&p, &secret, "c\u{0}d", json!([])), 400, "cohort_id must be a valid string".into()),
     ];
     for (path, body, status, message) in cases {
         let a = post_raw(&s, path, body.clone()).await;
@@ -516,6 +520,15 @@ async fn heap_segment_sync_follows_disable_and_keeps_names_usable() {
     let (name, _) = named("8").await.unwrap();
     assert_eq!(name.chars().count(), 255);
     assert!(name.ends_with('…') && name.starts_with("éé"), "{name}");
+    // A NUL in the name is dropped, not the page (on every backend alike); a NUL id is an
+    // unknown user, ignored.
+    let a = sync(page("t7", 9, json!("Ni\u{0}ne"), &["u1", "u\u{0}2"])).await;
+    assert_eq!(
+        (a.status, &a.body["added"], &a.body["ignored"]),
+        (200, &json!(1), &json!(1)),
+        "{a:?}"
+    );
+    assert_eq!(named("9").await, Some(("Nine".to_owned(), 1)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

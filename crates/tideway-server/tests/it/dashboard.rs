@@ -438,6 +438,40 @@ async fn every_form_without_the_csrf_token_is_refused() {
     );
 }
 
+/// A form with a NUL character (`%00`) in any field is a 400 that says so, on every backend
+/// alike, and changes nothing; the sign-in form too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_form_with_a_nul_character_is_refused() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    for (path, mut fields) in forms(&ws) {
+        if path == "/dashboard/logout" {
+            continue;
+        }
+        fields.push(("note", "a\u{0}b"));
+        let page = b.post(&path, &fields).await;
+        assert_eq!(page.status, 400, "{path}: {}", page.body);
+        assert!(page.body.contains("NUL character"), "{path}: {}", page.body);
+    }
+    assert!(s.store.list_api_keys(ws.id).await.unwrap().is_empty());
+    assert!(
+        s.store
+            .list_import_keys(ws.id, "heap")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let page = sign_in_answer(&s.base, "ad\u{0}min", PASSWORD).await;
+    assert_eq!(page.status, 400, "{}", page.body);
+    // The session still works.
+    assert_eq!(
+        b.get(&format!("/dashboard/w/{}/", ws.id.0)).await.status,
+        200
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_site_posts_are_refused_even_with_the_token() {
     let s = Server::start().await;
