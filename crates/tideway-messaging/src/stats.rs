@@ -10,8 +10,8 @@
 //!
 //! Events that name a `send_id` (sends through the API with one) are counted a second time into
 //! that send id's **daily series** (`GET /sends/data_series`): per UTC day of the event, per
-//! channel and variation, and the day's totals. There the unique figures (opens, clicks,
-//! recipients) count a user once per day.
+//! channel and variation (its id), and the day's totals. There the unique figures (opens,
+//! clicks, recipients) count a user once per day.
 
 use serde::Deserialize;
 use tideway_core::clock::Millis;
@@ -95,7 +95,8 @@ pub fn increments(user: Option<UserSeq>, event: &CurrentsEvent) -> Increments {
     }
     let send_stats = match send_id {
         Some(send_id) => {
-            let variation = message_variation_name.or(message_variation_id);
+            // Keyed by the variation's id: names may repeat and change; the answer names it.
+            let variation = message_variation_id.or(message_variation_name);
             send_increments(kind, user, event.time, &campaign_id, send_id, variation)
         }
         None => Vec::new(),
@@ -222,7 +223,7 @@ mod tests {
     }
 
     /// Events naming a send id count into its series on their UTC day, under their channel
-    /// and variation name (its id when unnamed); a send also counts its user once among the
+    /// and variation id (not its name, which may repeat or change); a send also counts its user once among the
     /// variation's and the day's unique recipients; a conversion counts in the day's totals;
     /// an event without a send id counts in the campaign's stats only.
     #[test]
@@ -231,16 +232,16 @@ mod tests {
         assert_eq!(
             series("users.messages.email.Send", named.clone()),
             [
-                (keyed("email", "Blue"), SendStat::Sent, false),
-                (keyed("email", "Blue"), SendStat::UniqueRecipients, true),
+                (keyed("email", "v1"), SendStat::Sent, false),
+                (keyed("email", "v1"), SendStat::UniqueRecipients, true),
                 (keyed("", ""), SendStat::UniqueRecipients, true),
             ]
         );
         assert_eq!(
             series("users.messages.email.Click", named.clone()),
             [
-                (keyed("email", "Blue"), SendStat::Clicks, false),
-                (keyed("email", "Blue"), SendStat::UniqueClicks, true),
+                (keyed("email", "v1"), SendStat::Clicks, false),
+                (keyed("email", "v1"), SendStat::UniqueClicks, true),
             ]
         );
         let unnamed = json!({"campaign_id": "c", "send_id": "s", "message_variation_id": "v1"});

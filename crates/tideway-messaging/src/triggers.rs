@@ -42,8 +42,8 @@ use std::time::Duration;
 use roaring::RoaringBitmap;
 use serde_json::{Map, Value};
 use tideway_core::campaigns::{
-    ActionDelivery, CampaignDefinition, CampaignStatus, ConversionEvent, ConversionKind, Delivery,
-    Occurrence,
+    ActionDelivery, Assignment, CampaignDefinition, CampaignStatus, ConversionEvent,
+    ConversionKind, Delivery, Occurrence,
 };
 use tideway_core::clock::Millis;
 use tideway_core::currents::{CurrentsEvent, EventType, EventUser};
@@ -811,20 +811,30 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
                 device_id: None,
                 time_zone: record.time_zone(),
             };
+            let def = converting.get(campaign.id.as_str()).map(|(_, d)| *d);
             let credited = self.credited_message(ws, record, &campaign.id, at).await?;
-            let variant = credited.as_ref().and_then(|c| {
-                converting
-                    .get(campaign.id.as_str())
-                    .and_then(|(_, def)| def.variants.iter().find(|v| v.id == c.variant))
-            });
+            // No message: a control-group user (enrolled, never sent one) converts under the
+            // control variation, as its enrolment event names it.
+            let (variation_id, variation_name) = match (&credited, def) {
+                (Some(c), _) => (
+                    Some(c.variant.as_str()),
+                    def.and_then(|d| d.variants.iter().find(|v| v.id == c.variant))
+                        .map(|v| v.name.as_str()),
+                ),
+                (None, Some(d)) => match d.assign(&campaign.id, &plan::assignment_key(user)) {
+                    Assignment::Control(id) => (Some(id), Some("Control")),
+                    Assignment::Variant(_) => (None, None),
+                },
+                (None, None) => (None, None),
+            };
             let source = MessageSource {
                 app_group_id,
                 app_id: None,
                 origin: Origin::Campaign {
                     campaign_id: &campaign.id,
                     campaign_name: Some(&campaign.name),
-                    message_variation_id: credited.as_ref().map(|c| c.variant.as_str()),
-                    message_variation_name: variant.map(|v| v.name.as_str()),
+                    message_variation_id: variation_id,
+                    message_variation_name: variation_name,
                 },
                 dispatch_id: credited.as_ref().map(|c| c.dispatch_id.as_str()),
                 send_id: credited.as_ref().and_then(|c| c.send_id.as_deref()),
@@ -861,9 +871,9 @@ const CREDIT_LOOKBACK: usize = 100;
 
 impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
     /// The campaign's message a conversion of `user` at `at` is credited to — the latest one
-    /// sent to the user by then, as Braze credits the most recent `send_id` — with its
-    /// dispatch's `send_id`; `None` when none is among the user's recent sends (the
-    /// conversion event then names the campaign only).
+    /// sent (or, when it failed or is still being tried, due) to the user by then, as Braze
+    /// credits the most recent `send_id` — with its dispatch's `send_id`; `None` when none is
+    /// among the user's recent sends.
     async fn credited_message(
         &self,
         ws: WorkspaceId,
@@ -881,9 +891,12 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
                 matches!(&s.source, Some(DispatchSource::Campaign { campaign_id: c }) if c == campaign_id)
                     // Whole seconds, as the receipt window is read: an event logged in
                     // the second of the send counts.
-                    && s.sent_at.is_some_and(|t| t.0 - t.0.rem_euclid(1_000) <= at.0)
+                    && {
+                        let t = s.sent_at.unwrap_or(s.due_at);
+                        t.0 - t.0.rem_euclid(1_000) <= at.0
+                    }
             })
-            .max_by_key(|s| (s.sent_at, s.id));
+            .max_by_key(|s| (s.sent_at.unwrap_or(s.due_at), s.id));
         let Some(send) = latest else {
             return Ok(None);
         };

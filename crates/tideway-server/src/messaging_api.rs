@@ -680,7 +680,7 @@ impl ListQuery {
     summary = "Braze: send an API-triggered campaign (campaigns.trigger.send)",
     request_body(content = Object, description = "`{campaign_id, send_id?, trigger_properties?, broadcast?, audience?, recipients?: [{external_user_id | user_alias | braze_id | email, trigger_properties?, send_to_existing_only?, attributes?}]}` (≤ 50 recipients, trigger_properties ≤ 50 KB)"),
     responses(
-        (status = 201, description = "`{\"dispatch_id\": \"<32 hex>\", \"message\": \"success\"}` (+ `errors` for recipients whose attributes were refused)", body = Object),
+        (status = 201, description = "`{\"dispatch_id\": \"<32 hex>\", \"message\": \"success\"}` (+ `send_id` when the send has one: a broadcast without one gets one; + `errors` for recipients whose attributes were refused)", body = Object),
         (status = 400, description = "`Bad Request` (with `errors`), `No Recipients`, `Invalid Campaign ID` (unknown, not API-triggered, or not active), `The max number of external_ids and aliases per request was exceeded`; nothing is sent", body = crate::wire::ErrorBody),
         (status = 503, description = "Messaging is not enabled on this server", body = crate::wire::ErrorBody),
     ),
@@ -696,15 +696,25 @@ pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Respon
                 return Ok(not_enabled());
             };
             let body = read_json(req).await?;
-            let (dispatch_id, errors) = trigger(&state, &api, &caller, &body, None).await?;
-            Ok(dispatched(&dispatch_id, errors))
+            let (dispatch_id, send_id, errors) =
+                trigger(&state, &api, &caller, &body, None).await?;
+            let mut answer = json!({"dispatch_id": dispatch_id, "message": "success"});
+            if let Some(send_id) = send_id {
+                answer["send_id"] = json!(send_id);
+            }
+            if !errors.is_empty() {
+                answer["errors"] = json!(errors);
+            }
+            Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
         },
     )
     .await
 }
 
-/// An API-triggered campaign send, now or at `schedule`: the dispatch id and the non-fatal
-/// errors. Shared by `/campaigns/trigger/send` and `/campaigns/trigger/schedule/create`.
+/// An API-triggered campaign send, now or at `schedule`: the dispatch id, its `send_id` (a
+/// broadcast without one gets one, as Braze gives it, so its daily series can be read) and the
+/// non-fatal errors. Shared by `/campaigns/trigger/send` and
+/// `/campaigns/trigger/schedule/create`.
 /// The ad-hoc definition of a `messages` object ([`adhoc_definition`]), checked as a campaign's
 /// is (shape, Liquid), with errors naming `messages.<channel>…`; and the channels Tideway does
 /// not send (the answer's `errors`).
@@ -757,10 +767,14 @@ pub(crate) async fn trigger(
     caller: &Caller,
     body: &Map<String, Value>,
     schedule: Option<Millis>,
-) -> Result<(String, Vec<String>), ApiError> {
+) -> Result<(String, Option<String>, Vec<String>), ApiError> {
     let at = now();
     let mut parsed = parse_trigger_send(body, at)?;
     parsed.send.at = schedule;
+    if matches!(parsed.send.target, Target::Broadcast) && parsed.send.send_id.is_none() {
+        parsed.send.send_id = Some(uuid::Uuid::new_v4().simple().to_string());
+    }
+    let send_id = parsed.send.send_id.clone();
     let ws = &caller.workspace;
     // Fatal checks first: nothing (not even attributes) is written for a refused send.
     let campaign = state
@@ -794,7 +808,7 @@ pub(crate) async fn trigger(
     .await
     .map_err(send_error)?;
     api.engine.wake();
-    Ok((outcome.dispatch_id, errors))
+    Ok((outcome.dispatch_id, send_id, errors))
 }
 
 /// `POST /messages/send`.

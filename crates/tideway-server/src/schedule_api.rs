@@ -24,6 +24,7 @@ use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
+use tideway_core::campaigns::CampaignDefinition;
 use tideway_core::clock::{Millis, parse_datetime};
 use tideway_core::keys::Permission;
 use tideway_core::store::{SendSeriesFigure, SendStat, StoreError};
@@ -94,13 +95,14 @@ fn schedule_id(body: &Map<String, Value>) -> Result<String, ApiError> {
     }
 }
 
-fn created(dispatch_id: &str, errors: Vec<String>) -> Response {
+/// A schedule's 201 body.
+fn created(dispatch_id: &str, errors: Vec<String>) -> Value {
     let mut body =
         json!({"dispatch_id": dispatch_id, "schedule_id": dispatch_id, "message": "success"});
     if !errors.is_empty() {
         body["errors"] = json!(errors);
     }
-    (StatusCode::CREATED, axum::Json(body)).into_response()
+    body
 }
 
 fn success() -> Response {
@@ -252,8 +254,12 @@ pub async fn trigger_schedule_create(State(state): State<AppState>, req: Request
             };
             let body = read_json(req).await?;
             let at = parse_schedule(&body, now())?;
-            let (id, errors) = trigger(&state, &api, &caller, &body, Some(at)).await?;
-            Ok(created(&id, errors))
+            let (id, send_id, errors) = trigger(&state, &api, &caller, &body, Some(at)).await?;
+            let mut answer = created(&id, errors);
+            if let Some(send_id) = send_id {
+                answer["send_id"] = json!(send_id);
+            }
+            Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
         },
     )
     .await
@@ -330,7 +336,7 @@ pub async fn messages_schedule_create(State(state): State<AppState>, req: Reques
             let body = read_json(req).await?;
             let at = parse_schedule(&body, now())?;
             let (id, errors) = send_adhoc(&state, &api, &caller, &body, Some(at)).await?;
-            Ok(created(&id, errors))
+            Ok((StatusCode::CREATED, axum::Json(created(&id, errors))).into_response())
         },
     )
     .await
@@ -394,7 +400,7 @@ async fn replace_messages(
     id: &str,
     messages: &Value,
 ) -> Result<(), ApiError> {
-    use tideway_core::campaigns::{CampaignDefinition, Message};
+    use tideway_core::campaigns::Message;
     use tideway_core::store::DispatchSource;
     let Value::Object(messages) = messages else {
         return Err(ApiError::malformed("messages must be an object"));
@@ -580,8 +586,14 @@ fn channel_figures(channel: &str) -> &'static [SendStat] {
 }
 
 /// `data` of a `/sends/data_series` answer: one entry per day from `first_day` to `last_day`,
-/// oldest first, each with its channels' entries per variation and the day's totals.
-fn series_json(first_day: Millis, last_day: Millis, figures: &[SendSeriesFigure]) -> Vec<Value> {
+/// oldest first, each with its channels' entries per variation (counted by id, named by
+/// `names`: a variation the campaign no longer has is named by its id) and the day's totals.
+fn series_json(
+    first_day: Millis,
+    last_day: Millis,
+    figures: &[SendSeriesFigure],
+    names: &HashMap<String, String>,
+) -> Vec<Value> {
     let mut days: BTreeMap<i64, Vec<&SendSeriesFigure>> = BTreeMap::new();
     for f in figures {
         days.entry(f.day.0).or_default().push(f);
@@ -603,7 +615,9 @@ fn series_json(first_day: Millis, last_day: Millis, figures: &[SendSeriesFigure]
                 .entry((f.channel.as_str(), f.variation.as_str()))
                 .or_insert_with(|| {
                     let mut entry = Map::new();
-                    entry.insert("variation_name".into(), json!(f.variation));
+                    let name = names.get(&f.variation).unwrap_or(&f.variation);
+                    entry.insert("variation_name".into(), json!(name));
+                    entry.insert("variation_api_id".into(), json!(f.variation));
                     for stat in channel_figures(&f.channel) {
                         entry.insert(stat.as_str().into(), json!(0));
                     }
@@ -644,7 +658,7 @@ fn series_json(first_day: Millis, last_day: Millis, figures: &[SendSeriesFigure]
         ("ending_at" = Option<String>, Query, description = "ISO 8601 time whose UTC day is the last reported (default: now)"),
     ),
     responses(
-        (status = 200, description = "`{\"message\": \"success\", \"data\": [{time: \"YYYY-MM-DD\", messages: {email: [{variation_name, sent, delivered, bounces, opens, unique_opens, clicks, unique_clicks, unsubscribes, unique_recipients}], webhook: [{variation_name, sent, errors, unique_recipients}]}, conversions, unique_recipients}]}`, oldest day first", body = Object),
+        (status = 200, description = "`{\"message\": \"success\", \"data\": [{time: \"YYYY-MM-DD\", messages: {email: [{variation_name, variation_api_id, sent, delivered, bounces, opens, unique_opens, clicks, unique_clicks, unsubscribes, unique_recipients}], webhook: [{variation_name, variation_api_id, sent, errors, unique_recipients}]}, conversions, unique_recipients}]}`, oldest day first", body = Object),
         (status = 400, description = "`Invalid Campaign ID` (missing or unknown), or a missing or malformed `send_id`, `length` or `ending_at`", body = crate::wire::ErrorBody),
     ),
     security(("bearer_auth" = []))
@@ -661,14 +675,23 @@ pub async fn sends_data_series(
         |state, caller, _| async move {
             let q = SeriesQuery::parse(&params, now())?;
             let ws = caller.workspace.id;
-            if state.store().campaign(ws, &q.campaign_id).await?.is_none() {
-                return Err(ApiError::bad_request(INVALID_CAMPAIGN));
+            let campaign = state
+                .store()
+                .campaign(ws, &q.campaign_id)
+                .await?
+                .ok_or_else(|| ApiError::bad_request(INVALID_CAMPAIGN))?;
+            let mut names: HashMap<String, String> = HashMap::new();
+            if let Ok(def) = CampaignDefinition::load(&campaign.definition) {
+                names.extend(def.variants.iter().map(|v| (v.id.clone(), v.name.clone())));
+                if let Some((control, _)) = def.control {
+                    names.insert(control, "Control Group".to_owned());
+                }
             }
             let figures = state
                 .store()
                 .send_series(ws, &q.campaign_id, &q.send_id, q.first_day, q.last_day)
                 .await?;
-            let data = series_json(q.first_day, q.last_day, &figures);
+            let data = series_json(q.first_day, q.last_day, &figures, &names);
             Ok(axum::Json(json!({"message": "success", "data": data})).into_response())
         },
     )
@@ -798,7 +821,8 @@ mod tests {
     }
 
     /// Every day of the range is listed, oldest first; a channel's entry per variation lists
-    /// all its figures (zero where nothing was counted); the day's totals stand beside.
+    /// all its figures (zero where nothing was counted), named by the campaign (by its id when
+    /// the campaign no longer has it); the day's totals stand beside.
     #[test]
     fn a_series_lists_every_day_with_its_variations_and_totals() {
         let day = |d: i64| Millis(1_796_515_200_000 + d * DAY_MS);
@@ -817,8 +841,9 @@ mod tests {
             figure(0, "email", "B", SendStat::Opens, 4),
             figure(2, "webhook", "W", SendStat::Errors, 1),
         ];
-        let data = series_json(day(0), day(2), &figures);
-        let email_b = json!({"variation_name": "B", "sent": 2, "delivered": 0, "bounces": 0,
+        let names = HashMap::from([("B".to_owned(), "Blue".to_owned())]);
+        let data = series_json(day(0), day(2), &figures, &names);
+        let email_b = json!({"variation_name": "Blue", "variation_api_id": "B", "sent": 2, "delivered": 0, "bounces": 0,
             "opens": 4, "unique_opens": 0, "clicks": 0, "unique_clicks": 0, "unsubscribes": 0,
             "unique_recipients": 0});
         assert_eq!(data[0]["time"], "2026-12-06");
@@ -832,7 +857,7 @@ mod tests {
         );
         assert_eq!(
             data[2]["messages"],
-            json!({"webhook": [{"variation_name": "W", "sent": 0, "errors": 1, "unique_recipients": 0}]})
+            json!({"webhook": [{"variation_name": "W", "variation_api_id": "W", "sent": 0, "errors": 1, "unique_recipients": 0}]})
         );
         assert_eq!(data.len(), 3);
     }

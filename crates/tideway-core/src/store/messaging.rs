@@ -362,7 +362,7 @@ pub struct SendSeriesKey {
     pub day: Millis,
     /// `email` or `webhook`; empty for the day's totals.
     pub channel: String,
-    /// The variation's name (its id when it has none); empty for the day's totals.
+    /// The variation's id (`message_variation_id`); empty for the day's totals.
     pub variation: String,
 }
 

@@ -508,11 +508,11 @@ async fn a_send_ids_daily_series_counts_its_messages() {
     }
     t.wait_events("users.messages.email.Open", 2).await;
     let sends = t.wait_events("users.messages.email.Send", 3).await;
-    let variation = sends[0]["properties"]["message_variation_name"]
-        .as_str()
-        .or(sends[0]["properties"]["message_variation_id"].as_str())
-        .expect("a variation")
-        .to_owned();
+    let (variation_id, variation_name) = (
+        &sends[0]["properties"]["message_variation_id"],
+        &sends[0]["properties"]["message_variation_name"],
+    );
+    assert!(variation_id.is_string(), "{sends:?}");
 
     let path = format!("/sends/data_series?campaign_id={id}&send_id=launch-1&length=2");
     let deadline = Instant::now() + DEADLINE;
@@ -536,7 +536,7 @@ async fn a_send_ids_daily_series_counts_its_messages() {
     assert_eq!(data[1]["time"], today.as_str());
     assert_eq!(
         data[1]["messages"]["email"],
-        json!([{"variation_name": variation, "sent": 2, "delivered": 2, "bounces": 0,
+        json!([{"variation_name": variation_name, "variation_api_id": variation_id, "sent": 2, "delivered": 2, "bounces": 0,
                 "opens": 2, "unique_opens": 1, "clicks": 0, "unique_clicks": 0,
                 "unsubscribes": 0, "unique_recipients": 2}]),
         "{a:?}"
@@ -620,6 +620,30 @@ async fn a_send_ids_daily_series_counts_its_messages() {
     assert_eq!(a.status, 403, "{a:?}");
 }
 
+/// A broadcast of an API-triggered campaign without a `send_id` gets one (Braze's rule), named
+/// in the answer and carried by its messages' events; a send to named recipients does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_without_a_send_id_gets_one() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1"}])).await;
+    let id = t.campaign(t.webhook_campaign("News", json!({}))).await;
+    let a =
+        t.s.post(
+            "/campaigns/trigger/send",
+            &t.key,
+            json!({"campaign_id": id, "broadcast": true}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let send_id = a.body["send_id"].as_str().expect("a send_id").to_owned();
+    assert_eq!(send_id.len(), 32, "{a:?}");
+    let sends = t.wait_events("users.messages.webhook.Send", 1).await;
+    assert_eq!(sends[0]["properties"]["send_id"], send_id.as_str());
+    let a = t.trigger(&id, json!([{"external_user_id": "u1"}])).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert!(a.body.get("send_id").is_none(), "{a:?}");
+}
+
 /// A conversion after a campaign's message is credited to that message: its
 /// `users.campaigns.Conversion` carries the message's dispatch, variation and `send_id`, and
 /// counts in the campaign's stats and in the send id's series, once.
@@ -692,6 +716,66 @@ async fn a_conversion_is_credited_to_the_message_and_send_id_before_it() {
     assert_eq!(a.status, 201, "{a:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(t.events("users.campaigns.Conversion").await.len(), 1);
+
+    // A user whose message failed for good still got the campaign: the conversion is credited
+    // to that message.
+    t.track(json!([{"external_id": "u2"}])).await;
+    t.hooks.answer(&[404]);
+    let a = t
+        .s
+        .post(
+            "/campaigns/trigger/send",
+            &t.key,
+            json!({"campaign_id": id, "send_id": "promo-8", "recipients": [{"external_user_id": "u2"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    t.wait_events("users.messages.webhook.Failure", 1).await;
+    let a =
+        t.s.post(
+            "/users/track",
+            &t.key,
+            json!({"events": [{"external_id": "u2", "name": "upgraded", "time": now_iso()}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let conversions = t.wait_events("users.campaigns.Conversion", 2).await;
+    let p = &conversions[1]["properties"];
+    assert_eq!(p["send_id"], "promo-8", "{p}");
+    assert!(p["dispatch_id"].is_string(), "{p}");
+    assert_eq!(
+        p["message_variation_id"], sent["message_variation_id"],
+        "{p}"
+    );
+
+    // A control-group user (never sent a message) converts under the control variation.
+    let mut holdout = t.webhook_campaign(
+        "Holdout",
+        json!({"control_percent": 100, "conversion_events": [{"type": "custom_event", "name": "upgraded", "window_seconds": 86400}]}),
+    );
+    holdout["messages"][0]["percent"] = json!(0);
+    let holdout = t.campaign(holdout).await;
+    t.track(json!([{"external_id": "u3"}])).await;
+    let a = t
+        .trigger(&holdout, json!([{"external_user_id": "u3"}]))
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let enrolled = t.wait_events("users.campaigns.EnrollInControl", 1).await;
+    let a =
+        t.s.post(
+            "/users/track",
+            &t.key,
+            json!({"events": [{"external_id": "u3", "name": "upgraded", "time": now_iso()}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let conversions = t.wait_events("users.campaigns.Conversion", 3).await;
+    let p = &conversions[2]["properties"];
+    assert_eq!(p["campaign_id"], holdout.as_str(), "{p}");
+    assert_eq!(
+        p["message_variation_id"], enrolled[0]["properties"]["message_variation_id"],
+        "{p}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
