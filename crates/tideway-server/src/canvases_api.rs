@@ -273,6 +273,18 @@ pub(crate) async fn change_status(
 }
 
 /// `POST /api/v1/canvases`: creates a draft (version 1).
+#[utoipa::path(
+    post,
+    path = "/api/v1/canvases",
+    tag = "canvas",
+    summary = "Create a Canvas (a draft)",
+    request_body(content = Object, description = "`{\"name\": string, \"description\"?, \"tags\"?, \"entry\": {type: \"api_triggered\" | \"scheduled\" | \"action_based\", …}, \"audience\"?, \"reentry\"?, \"entry_limit\"?, \"exception_events\"?, \"conversion_events\"?, \"variants\"?, \"steps\": [{id, name?, type: \"message\" | \"delay\" | \"audience_paths\" | \"decision_split\" | \"action_paths\" | \"experiment_paths\" | \"user_update\", …, next?}]}` (see README, Canvas)"),
+    responses(
+        (status = 201, description = "`{\"message\": \"success\", \"canvas\": {id, name, description, tags, status, created_at, updated_at, …canonical definition}}`", body = Object),
+        (status = 400, description = "A field that does not parse, a step graph with a cycle or an unreachable step, an unknown segment: `{\"message\": \"<place>: <problem>\"}`", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
 pub async fn create(State(state): State<AppState>, req: Request) -> Response {
     management(
         state,
@@ -292,6 +304,14 @@ pub async fn create(State(state): State<AppState>, req: Request) -> Response {
 }
 
 /// `GET /api/v1/canvases`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/canvases",
+    tag = "canvas",
+    summary = "List the workspace's Canvases (oldest first)",
+    responses((status = 200, description = "`{\"message\": \"success\", \"canvases\": [<canvas>]}`", body = Object)),
+    security(("bearer_auth" = []))
+)]
 pub async fn list(State(state): State<AppState>, req: Request) -> Response {
     let permission = read_permission(&state, presented_key(&req)).await;
     management(state, permission, req, |state, caller, _| async move {
@@ -309,6 +329,18 @@ pub async fn list(State(state): State<AppState>, req: Request) -> Response {
 
 /// `GET /api/v1/canvases/{id}`: the Canvas with, per step, users in it, entered,
 /// progressed, exited, conversions, and a Message step's send counts (all versions).
+#[utoipa::path(
+    get,
+    path = "/api/v1/canvases/{id}",
+    tag = "canvas",
+    summary = "Read one Canvas with its step figures",
+    params(("id" = String, Path, description = "Canvas id")),
+    responses(
+        (status = 200, description = "`{\"message\": \"success\", \"canvas\": {…, \"step_stats\": {<step id>: {in_step, entered, progressed, exited, conversions, messages?: {pending, sent, failed}}}}}`", body = Object),
+        (status = 404, description = "No such Canvas", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
 pub async fn get_one(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -348,6 +380,20 @@ pub async fn get_one(
 
 /// `PUT /api/v1/canvases/{id}`: renames, re-tags, or replaces the definition (a new version;
 /// journeys under way keep the version they entered with).
+#[utoipa::path(
+    put,
+    path = "/api/v1/canvases/{id}",
+    tag = "canvas",
+    summary = "Change a Canvas (a definition change is a new version; journeys under way keep theirs)",
+    params(("id" = String, Path, description = "Canvas id")),
+    request_body(content = Object, description = "Any of `name`, `description`, `tags` and the definition keys"),
+    responses(
+        (status = 200, description = "The updated Canvas", body = Object),
+        (status = 400, description = "As for create", body = crate::wire::ErrorBody),
+        (status = 404, description = "No such Canvas", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
 pub async fn update(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -370,6 +416,18 @@ pub async fn update(
 }
 
 /// `DELETE /api/v1/canvases/{id}`.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/canvases/{id}",
+    tag = "canvas",
+    summary = "Delete a Canvas with its journeys",
+    params(("id" = String, Path, description = "Canvas id")),
+    responses(
+        (status = 200, description = "`{\"message\": \"success\"}`", body = Object),
+        (status = 404, description = "No such Canvas", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -394,6 +452,22 @@ pub async fn delete(
 }
 
 /// `POST /api/v1/canvases/{id}/{action}`: `launch`, `pause` or `stop`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/canvases/{id}/{action}",
+    tag = "canvas",
+    summary = "Launch, pause or stop a Canvas",
+    params(
+        ("id" = String, Path, description = "Canvas id"),
+        ("action" = String, Path, description = "`launch` (draft or paused → active), `pause` (active → paused: journeys wait) or `stop` (→ stopped, final)"),
+    ),
+    responses(
+        (status = 200, description = "The Canvas in its new status", body = Object),
+        (status = 404, description = "No such Canvas or action", body = crate::wire::ErrorBody),
+        (status = 409, description = "The transition is not allowed from the Canvas's status", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
 pub async fn action(
     State(state): State<AppState>,
     Path((id, action)): Path<(String, String)>,
@@ -596,6 +670,18 @@ async fn canvas_trigger(
 /// `POST /canvas/trigger/send`: enters named recipients, or (`broadcast: true`, or an
 /// `audience` alone) the Canvas's entry audience narrowed by `audience`, into an
 /// API-triggered Canvas.
+#[utoipa::path(
+    post,
+    path = "/canvas/trigger/send",
+    tag = "canvas",
+    summary = "Braze: enter users into an API-triggered Canvas (canvas.trigger.send)",
+    request_body(content = Object, description = "`{canvas_id, canvas_entry_properties?, context?, broadcast?, audience?, segment_id?, recipients?: [{external_user_id | user_alias | braze_id | email, canvas_entry_properties?, context?, attributes?, send_to_existing_only?}]}` (≤ 50 recipients, properties ≤ 50 KB)"),
+    responses(
+        (status = 201, description = "`{\"dispatch_id\", \"message\": \"success\"}` (+ Braze's `notice` when the Canvas is not active)", body = Object),
+        (status = 400, description = "Braze's labels: `Bad Request`, `No Recipients`, an unknown Canvas", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
 pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Response {
     management(
         state,
@@ -635,6 +721,18 @@ impl Triggered {
 /// `POST /canvas/trigger/schedule/create`: the `/canvas/trigger/send` body plus
 /// `schedule: {time}`; the entry happens at that time (a Canvas entry dispatch whose
 /// `schedule_id` is its `dispatch_id`).
+#[utoipa::path(
+    post,
+    path = "/canvas/trigger/schedule/create",
+    tag = "canvas",
+    summary = "Braze: schedule a Canvas entry (canvas.trigger.schedule.create)",
+    request_body(content = Object, description = "The `/canvas/trigger/send` body plus `schedule: {time}` (UTC)"),
+    responses(
+        (status = 201, description = "`{\"dispatch_id\", \"schedule_id\", \"message\": \"success\"}`", body = Object),
+        (status = 400, description = "As for send, or a bad or past `schedule.time`", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
 pub async fn trigger_schedule_create(State(state): State<AppState>, req: Request) -> Response {
     management(
         state,
@@ -656,6 +754,18 @@ pub async fn trigger_schedule_create(State(state): State<AppState>, req: Request
 
 /// `POST /canvas/trigger/schedule/update`: `{canvas_id, schedule_id, schedule}` moves a
 /// scheduled entry that has not started.
+#[utoipa::path(
+    post,
+    path = "/canvas/trigger/schedule/update",
+    tag = "canvas",
+    summary = "Braze: move a scheduled Canvas entry (canvas.trigger.schedule.update)",
+    request_body(content = Object, description = "`{canvas_id, schedule_id, schedule: {time}}`"),
+    responses(
+        (status = 201, description = "`{\"message\": \"success\"}`", body = Object),
+        (status = 400, description = "`Invalid schedule_id` (unknown, or of another Canvas), or a bad time", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
 pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request) -> Response {
     update_schedule(
         state,
@@ -668,6 +778,18 @@ pub async fn trigger_schedule_update(State(state): State<AppState>, req: Request
 
 /// `POST /canvas/trigger/schedule/delete`: `{canvas_id, schedule_id}` cancels a scheduled
 /// entry (what has entered stays).
+#[utoipa::path(
+    post,
+    path = "/canvas/trigger/schedule/delete",
+    tag = "canvas",
+    summary = "Braze: cancel a scheduled Canvas entry (canvas.trigger.schedule.delete)",
+    request_body(content = Object, description = "`{canvas_id, schedule_id}`"),
+    responses(
+        (status = 201, description = "`{\"message\": \"success\"}`", body = Object),
+        (status = 400, description = "`Invalid schedule_id` (unknown, or of another Canvas)", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
 pub async fn trigger_schedule_delete(State(state): State<AppState>, req: Request) -> Response {
     delete_schedule(
         state,
@@ -680,6 +802,23 @@ pub async fn trigger_schedule_delete(State(state): State<AppState>, req: Request
 
 /// `GET /canvas/list`: `{"canvases": [{id, last_edited, name, tags}], "message"}`, 100 per
 /// page, oldest first.
+#[utoipa::path(
+    get,
+    path = "/canvas/list",
+    tag = "canvas",
+    summary = "Braze: list Canvases (canvas.list)",
+    params(
+        ("page" = Option<usize>, Query, description = "Page number from 0 (100 Canvases per page)"),
+        ("include_archived" = Option<bool>, Query, description = "Accepted; Tideway has no archived Canvases"),
+        ("sort_direction" = Option<String>, Query, description = "`asc` (oldest first, the default) or `desc`"),
+        ("last_edit.time[gt]" = Option<String>, Query, description = "Only Canvases edited after this ISO 8601 time"),
+    ),
+    responses(
+        (status = 200, description = "`{\"canvases\": [{id, last_edited, name, tags}], \"message\": \"success\"}`", body = Object),
+        (status = 400, description = "A parameter that does not parse", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
 pub async fn braze_list(
     State(state): State<AppState>,
     Query(q): Query<std::collections::HashMap<String, String>>,
@@ -699,6 +838,18 @@ pub async fn braze_list(
 }
 
 /// `GET /canvas/details?canvas_id=`.
+#[utoipa::path(
+    get,
+    path = "/canvas/details",
+    tag = "canvas",
+    summary = "Braze: Canvas details (canvas.details)",
+    params(("canvas_id" = String, Query, description = "The Canvas's id")),
+    responses(
+        (status = 200, description = "`{message, created_at, updated_at, name, description, archived, draft, enabled, schedule_type, first_entry, last_entry, channels, variants: [{name, id, first_step_ids}], tags, teams, steps: [{name, type, id, next_step_ids, next_paths, channels, messages}]}`", body = Object),
+        (status = 400, description = "`canvas_id must be a string of the Canvas api identifier` (missing or unknown)", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
 pub async fn braze_details(
     State(state): State<AppState>,
     Query(q): Query<std::collections::HashMap<String, String>>,
