@@ -571,8 +571,12 @@ fn send_error(e: SendError) -> ApiError {
     }
 }
 
-fn dispatched(dispatch_id: &str, errors: Vec<String>) -> Response {
+/// A send's 201, with its `send_id` when it has one.
+fn dispatched(dispatch_id: &str, send_id: Option<&str>, errors: Vec<String>) -> Response {
     let mut body = json!({"dispatch_id": dispatch_id, "message": "success"});
+    if let Some(send_id) = send_id {
+        body["send_id"] = json!(send_id);
+    }
     if !errors.is_empty() {
         body["errors"] = json!(errors);
     }
@@ -698,14 +702,7 @@ pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Respon
             let body = read_json(req).await?;
             let (dispatch_id, send_id, errors) =
                 trigger(&state, &api, &caller, &body, None).await?;
-            let mut answer = json!({"dispatch_id": dispatch_id, "message": "success"});
-            if let Some(send_id) = send_id {
-                answer["send_id"] = json!(send_id);
-            }
-            if !errors.is_empty() {
-                answer["errors"] = json!(errors);
-            }
-            Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
+            Ok(dispatched(&dispatch_id, send_id.as_deref(), errors))
         },
     )
     .await
@@ -836,7 +833,7 @@ pub async fn messages_send(State(state): State<AppState>, req: Request) -> Respo
             };
             let body = read_json(req).await?;
             let (dispatch_id, errors) = send_adhoc(&state, &api, &caller, &body, None).await?;
-            Ok(dispatched(&dispatch_id, errors))
+            Ok(dispatched(&dispatch_id, None, errors))
         },
     )
     .await

@@ -95,14 +95,17 @@ fn schedule_id(body: &Map<String, Value>) -> Result<String, ApiError> {
     }
 }
 
-/// A schedule's 201 body.
-fn created(dispatch_id: &str, errors: Vec<String>) -> Value {
+/// A new schedule's 201, with its `send_id` when it has one.
+fn created(dispatch_id: &str, send_id: Option<&str>, errors: Vec<String>) -> Response {
     let mut body =
         json!({"dispatch_id": dispatch_id, "schedule_id": dispatch_id, "message": "success"});
+    if let Some(send_id) = send_id {
+        body["send_id"] = json!(send_id);
+    }
     if !errors.is_empty() {
         body["errors"] = json!(errors);
     }
-    body
+    (StatusCode::CREATED, axum::Json(body)).into_response()
 }
 
 fn success() -> Response {
@@ -255,11 +258,7 @@ pub async fn trigger_schedule_create(State(state): State<AppState>, req: Request
             let body = read_json(req).await?;
             let at = parse_schedule(&body, now())?;
             let (id, send_id, errors) = trigger(&state, &api, &caller, &body, Some(at)).await?;
-            let mut answer = created(&id, errors);
-            if let Some(send_id) = send_id {
-                answer["send_id"] = json!(send_id);
-            }
-            Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
+            Ok(created(&id, send_id.as_deref(), errors))
         },
     )
     .await
@@ -336,7 +335,7 @@ pub async fn messages_schedule_create(State(state): State<AppState>, req: Reques
             let body = read_json(req).await?;
             let at = parse_schedule(&body, now())?;
             let (id, errors) = send_adhoc(&state, &api, &caller, &body, Some(at)).await?;
-            Ok((StatusCode::CREATED, axum::Json(created(&id, errors))).into_response())
+            Ok(created(&id, None, errors))
         },
     )
     .await
