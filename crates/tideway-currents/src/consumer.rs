@@ -361,6 +361,9 @@ async fn active(
     let mut stuck_alerted = false;
     let mut next_maintenance = Instant::now();
     let mut next_replay_look = Instant::now() + shared.config.rescan();
+    // After a failed read of the log (the database away), no claim before this: the flush
+    // deadline of a partial batch may be past, and waking for it would spin.
+    let mut reads_resume_at: Option<Instant> = None;
     let mut retention_pending = true;
     let flush = Duration::from_millis(a.current.spec.flush_interval_ms);
     loop {
@@ -423,13 +426,18 @@ async fn active(
             }
         }
         // 3. Claim while the window has room.
-        while a.window.len() < a.max_in_flight && !retention_pending {
+        if reads_resume_at.is_some_and(|t| Instant::now() >= t) {
+            reads_resume_at = None;
+        }
+        while a.window.len() < a.max_in_flight && !retention_pending && reads_resume_at.is_none() {
             match a.claim_next(jitter, flush).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
-                    tracing::warn!(current = %id, error = %e, "cannot read the event log");
-                    a.next_poll = Instant::now() + shared.config.lease_retry();
+                    tracing::warn!(current = %id, error = %e, "cannot read the event log; retrying shortly");
+                    let resume = Instant::now() + shared.config.lease_retry();
+                    a.next_poll = resume;
+                    reads_resume_at = Some(resume);
                     break;
                 }
             }
@@ -438,7 +446,9 @@ async fn active(
             .set(a.window.len() as f64);
         // 4. Wait.
         let mut wake = next_maintenance.min(next_replay_look);
-        if a.window.len() < a.max_in_flight {
+        if let Some(resume) = reads_resume_at {
+            wake = wake.min(resume);
+        } else if a.window.len() < a.max_in_flight {
             if a.buffer.len() < a.batch {
                 wake = wake.min(a.next_poll);
             }

@@ -246,46 +246,64 @@ pub(super) async fn execute<C: deadpool_postgres::GenericClient>(
 /// `Unavailable` when retrying later may work (connection and IO failures, resource limits,
 /// shutdown, a cancelled or conflicting transaction), `Conflict` for a broken uniqueness rule,
 /// `Corrupt` for everything else (a statement or data that does not match the schema: a bug).
+/// What an error says, for logs and `StoreError`s: the server's SQLSTATE and message (the
+/// client's own text for a server error is only "db error"), or the client's text with its
+/// cause (e.g. why a connection was refused).
+fn described(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
+}
+
 pub fn pg_err(e: tokio_postgres::Error) -> StoreError {
     let Some(db) = e.as_db_error() else {
         // Not a server answer: the socket (closed, IO error, timeout) or the client decoding
         // rows that do not have the types the code expects.
         if e.is_closed() || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
         {
-            return StoreError::Unavailable(e.to_string());
+            return StoreError::Unavailable(described(&e));
         }
-        tracing::error!(error = %e, "unexpected PostgreSQL client error");
-        return StoreError::Corrupt(e.to_string());
+        tracing::error!(error = %described(&e), "unexpected PostgreSQL client error");
+        return StoreError::Corrupt(described(&e));
     };
     let code = db.code();
     if *code == SqlState::UNIQUE_VIOLATION {
-        tracing::info!(error = %e, "uniqueness rule broken");
+        tracing::info!(error = %described(&e), "uniqueness rule broken");
         return StoreError::Conflict("a record with the same key".to_owned());
     }
     // The caller's text, which PostgreSQL cannot store: a NUL character (a JSON `\u0000` in a
     // value that is stored as it is rather than as JSON), or a key past a B-tree entry's limit.
     if *code == SqlState::CHARACTER_NOT_IN_REPERTOIRE {
-        tracing::info!(error = %e, "text with a NUL character refused");
+        tracing::info!(error = %described(&e), "text with a NUL character refused");
         return StoreError::Invalid("text must not contain a NUL character (\\u0000)".to_owned());
     }
     if *code == SqlState::PROGRAM_LIMIT_EXCEEDED {
-        tracing::info!(error = %e, "a value too long for an index refused");
+        tracing::info!(error = %described(&e), "a value too long for an index refused");
         return StoreError::Invalid("a value is too long to be stored as a key".to_owned());
     }
-    // A lock another session holds (`NOWAIT`, `lock_timeout`), or a read-only server (a
-    // standby after a failover): both pass.
-    if *code == SqlState::LOCK_NOT_AVAILABLE || *code == SqlState::READ_ONLY_SQL_TRANSACTION {
-        return StoreError::Unavailable(e.to_string());
+    // A lock another session holds (`NOWAIT`, `lock_timeout`) or a read-only server (a standby
+    // after a failover) pass; so does a statement refused because one before it in the same
+    // transaction failed (statements are pipelined, so the error answered may be the
+    // follower's, e.g. after a read-only refusal): the transaction did nothing.
+    if *code == SqlState::LOCK_NOT_AVAILABLE
+        || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+        || *code == SqlState::IN_FAILED_SQL_TRANSACTION
+    {
+        return StoreError::Unavailable(described(&e));
     }
     match &code.code()[..2] {
         // 08 connection exception, 53 insufficient resources (disk full, out of memory, too many
         // connections), 57 operator intervention (shutdown, cancel, cannot connect now), 58
         // system error (IO), 40 transaction rollback (serialization failure, deadlock: the
         // transaction did nothing and can be run again).
-        "08" | "53" | "57" | "58" | "40" => StoreError::Unavailable(e.to_string()),
+        "08" | "53" | "57" | "58" | "40" => StoreError::Unavailable(described(&e)),
         _ => {
-            tracing::error!(error = %e, "PostgreSQL failure that retrying cannot fix");
-            StoreError::Corrupt(e.to_string())
+            tracing::error!(error = %described(&e), "PostgreSQL failure that retrying cannot fix");
+            StoreError::Corrupt(described(&e))
         }
     }
 }

@@ -663,3 +663,34 @@ async fn a_writer_waits_for_an_earlier_allocation_to_commit_where_a_sequence_wou
     let tx_a = a.transaction().await.unwrap();
     assert_eq!(allocate(&tx_a, ws, Sequence::EventLog, 1).await.unwrap(), 4);
 }
+
+/// A read-only refusal, and the refusal of the statement after it in the same transaction
+/// (pipelined statements may answer with the follower's), are `Unavailable` (503: retry), not
+/// `Corrupt` (500); the text names PostgreSQL's SQLSTATE and message rather than "db error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_a_read_only_or_failed_transaction_are_unavailable_and_say_why() {
+    use tideway_core::store::StoreError;
+    use tideway_store::postgres::pg_err;
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let first = client
+        .execute("CREATE TABLE refused (a int)", &[])
+        .await
+        .unwrap_err();
+    match pg_err(first) {
+        StoreError::Unavailable(why) => assert!(why.contains("25006"), "{why}"),
+        other => panic!("read-only: {other:?}"),
+    }
+    let after = client.query("SELECT 1", &[]).await.unwrap_err();
+    match pg_err(after) {
+        StoreError::Unavailable(why) => assert!(why.contains("25P02"), "{why}"),
+        other => panic!("after a failed statement: {other:?}"),
+    }
+    client.batch_execute("ROLLBACK").await.unwrap();
+    let nul = client
+        .query("SELECT $1::text", &[&"a\u{0}b"])
+        .await
+        .unwrap_err();
+    assert!(matches!(pg_err(nul), StoreError::Invalid(_)));
+}
