@@ -246,6 +246,40 @@ pub(super) async fn execute<C: deadpool_postgres::GenericClient>(
 /// `Unavailable` when retrying later may work (connection and IO failures, resource limits,
 /// shutdown, a cancelled or conflicting transaction), `Conflict` for a broken uniqueness rule,
 /// `Corrupt` for everything else (a statement or data that does not match the schema: a bug).
+/// Whether the transaction `xid` (its `txid_current()`) committed, asked on another
+/// connection when its own was lost with the answer to its `COMMIT`: `Some(true)` committed,
+/// `Some(false)` rolled back, `None` not known (still running after `wait`, forgotten, or the
+/// database unreachable), which leaves the outcome ambiguous.
+pub async fn transaction_committed(
+    pool: &PgPool,
+    xid: i64,
+    wait: std::time::Duration,
+) -> Option<bool> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Ok(client) = pool.client().await
+            && let Ok(row) = client.query_one("SELECT txid_status($1)", &[&xid]).await
+        {
+            match row
+                .try_get::<_, Option<String>>(0)
+                .ok()
+                .flatten()
+                .as_deref()
+            {
+                Some("committed") => return Some(true),
+                Some("aborted") => return Some(false),
+                // In progress: its backend has not seen the connection go yet.
+                Some(_) => {}
+                None => return None,
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// What an error says, for logs and `StoreError`s: the server's SQLSTATE and message (the
 /// client's own text for a server error is only "db error"), or the client's text with its
 /// cause (e.g. why a connection was refused).

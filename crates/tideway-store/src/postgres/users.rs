@@ -123,6 +123,9 @@ pub const MAX_ATTEMPTS: u32 = 5;
 
 /// The first retry waits about this long; each further one twice as long, with jitter.
 const BACKOFF: Duration = Duration::from_millis(2);
+/// How long a batch whose connection was lost with its commit in flight waits to learn from
+/// another connection whether it committed (the old backend may still be finishing).
+const AMBIGUOUS_COMMIT_WAIT: Duration = Duration::from_secs(2);
 
 // --- The queue and its workers ---------------------------------------------------------------
 
@@ -1218,23 +1221,28 @@ impl Logs {
             // Prepared first, all of them: a statement still to prepare would send its
             // execution after one already prepared, and the counters must be taken in their
             // order (two transactions taking two of them in opposite orders deadlock).
-            let (a, b, c) = tokio::join!(
+            let (a, b, c, x) = tokio::join!(
                 tx.prepare_cached(INSERT_EVENTS),
                 tx.prepare_cached(INSERT_MEMBERSHIP_CHANGES),
                 tx.prepare_cached(INSERT_USER_CHANGES),
+                tx.prepare_cached("SELECT txid_current()"),
             );
-            let (a, b, c) = (a?, b?, c?);
-            // Each is sent when first polled, in this order, the commit last.
-            let (a, b, c, end) = tokio::join!(
+            let (a, b, c, x) = (a?, b?, c?, x?);
+            // Each is sent when first polled, in this order, the commit last. The
+            // transaction's id comes back before the commit is even read, so a commit whose
+            // answer is lost can be looked up (`transaction_committed`).
+            let (a, b, c, xid, end) = tokio::join!(
                 execute_unless(&tx, events == 0, &a, event_params),
                 execute_unless(&tx, memberships == 0, &b, membership_params),
                 execute_unless(&tx, user_changes == 0, &c, user_params),
+                tx.query_one(&x, &[]),
                 tx.batch_execute("COMMIT; BEGIN"),
             );
             a?;
             b?;
             c?;
-            Ok::<_, tokio_postgres::Error>(end)
+            let xid = xid.ok().and_then(|row| row.try_get::<_, i64>(0).ok());
+            Ok::<_, tokio_postgres::Error>((xid, end))
         });
         match sent {
             Err(e) => {
@@ -1248,17 +1256,37 @@ impl Logs {
                 rollback(env, tx);
                 Err(Pass::Failed(pg_err(e), failure))
             }
-            Ok(Err(e)) => {
-                // A refusal from the server: nothing committed; no answer: ambiguous. The
-                // `Transaction` is dropped (a ROLLBACK, answered or not).
-                let failure = if e.as_db_error().is_some() {
-                    Failure::of(&e)
-                } else {
-                    Failure::Ambiguous
-                };
-                Err(Pass::Failed(pg_err(e), failure))
+            Ok((xid, Err(e))) => {
+                // A refusal from the server: nothing committed. No answer: the connection was
+                // lost with the commit in flight, so ask another connection how the
+                // transaction ended; committed is a success (answering 503 would have the
+                // client write it twice), rolled back runs the batch again, not known stays
+                // ambiguous (503). The `Transaction` is dropped (a ROLLBACK, answered or not).
+                if e.as_db_error().is_some() {
+                    let failure = Failure::of(&e);
+                    return Err(Pass::Failed(pg_err(e), failure));
+                }
+                let outcome = xid.and_then(|xid| {
+                    env.rt.block_on(super::transaction_committed(
+                        env.pool,
+                        xid,
+                        AMBIGUOUS_COMMIT_WAIT,
+                    ))
+                });
+                metrics::counter!("tideway_store_lost_commit_answers_total", "outcome" => match outcome {
+                    Some(true) => "committed",
+                    Some(false) => "rolled_back",
+                    None => "unknown",
+                })
+                .increment(1);
+                tracing::warn!(error = %e, committed = ?outcome, "the connection was lost with a commit in flight");
+                match outcome {
+                    Some(true) => Ok(()),
+                    Some(false) => Err(Pass::Failed(pg_err(e), Failure::Transient)),
+                    None => Err(Pass::Failed(pg_err(e), Failure::Ambiguous)),
+                }
             }
-            Ok(Ok(())) => {
+            Ok((_, Ok(()))) => {
                 // Committed. Ending the empty transaction can fail only with the connection,
                 // which the pool then replaces.
                 if let Err(e) = env.rt.block_on(tx.commit()) {
