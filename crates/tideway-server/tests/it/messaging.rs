@@ -277,15 +277,7 @@ async fn api_triggered_webhook_renders_trigger_properties_and_logs_its_send() {
         assert!(e["user"]["user_id"].is_string(), "{e}");
     }
     // The campaign's stats count them.
-    let a =
-        t.s.send(
-            reqwest::Method::GET,
-            &format!("/api/v1/campaigns/{id}"),
-            crate::harness::Auth::Bearer(&t.key),
-            None,
-            false,
-        )
-        .await;
+    let a = get_with(&t, &format!("/api/v1/campaigns/{id}"), &t.key).await;
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.body["campaign"]["stats"]["sent"], 2, "{a:?}");
     let _ = dispatch;
@@ -882,15 +874,7 @@ async fn bad_campaigns_and_sends_are_refused_naming_the_problem() {
             .contains("delivery.schedule"),
         "{a:?}"
     );
-    let a =
-        t.s.send(
-            reqwest::Method::GET,
-            &format!("/api/v1/campaigns/{past_id}"),
-            crate::harness::Auth::Bearer(&t.key),
-            None,
-            false,
-        )
-        .await;
+    let a = get_with(&t, &format!("/api/v1/campaigns/{past_id}"), &t.key).await;
     assert_eq!(a.body["campaign"]["status"], "draft", "{a:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(t.hooks.hits().is_empty(), "nothing was sent");
@@ -1179,15 +1163,7 @@ async fn a_local_time_schedule_reaches_each_user_at_their_wall_clock_time() {
         .collect();
     users.sort();
     assert_eq!(users, vec!["kiritimati", "utc"], "{hits:?}");
-    let a =
-        t.s.send(
-            reqwest::Method::GET,
-            &format!("/api/v1/campaigns/{id}"),
-            crate::harness::Auth::Bearer(&t.key),
-            None,
-            false,
-        )
-        .await;
+    let a = get_with(&t, &format!("/api/v1/campaigns/{id}"), &t.key).await;
     assert_eq!(a.body["campaign"]["stats"]["pending"], 1, "{a:?}");
 }
 
