@@ -278,11 +278,16 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             warn!(error = %e, "releasing old journey leases failed");
         }
         let mut settling: Option<Computed> = None;
+        let mut failures = 0;
         loop {
             let claimed = match self.claim_due().await {
-                Ok(claimed) => Some(claimed),
+                Ok(claimed) => {
+                    failures = 0;
+                    Some(claimed)
+                }
                 Err(e) => {
-                    warn!(error = %e, "Canvas timer claim failed");
+                    failures += 1;
+                    warn!(error = %e, failures, "Canvas timer claim failed");
                     None
                 }
             };
@@ -314,12 +319,16 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
             if busy || settling.is_some() {
                 continue;
             }
-            let wait = match self.store.next_journey_due().await {
-                Ok(Some(at)) => {
-                    let ms = (at.0 - self.clock.now().0).max(0);
-                    Duration::from_millis(u64::try_from(ms).unwrap_or(0)).min(self.config.poll)
+            let wait = if failures > 0 {
+                crate::engine::retry_wait(self.config.poll, failures)
+            } else {
+                match self.store.next_journey_due().await {
+                    Ok(Some(at)) => {
+                        let ms = (at.0 - self.clock.now().0).max(0);
+                        Duration::from_millis(u64::try_from(ms).unwrap_or(0)).min(self.config.poll)
+                    }
+                    _ => self.config.poll,
                 }
-                _ => self.config.poll,
             };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
@@ -330,22 +339,28 @@ impl<S: CanvasEngineStore + ?Sized + 'static> CanvasEngine<S> {
 
     /// The scan's loop: the logs and scheduled occurrences, then due Canvas entry dispatches.
     pub async fn run_scan(self: Arc<Self>) {
+        let mut failures = 0;
         loop {
+            let mut failed = false;
             let full = match self.scan_pass().await {
                 Ok(full) => full,
                 Err(e) => {
-                    warn!(error = %e, "Canvas scan failed");
+                    warn!(error = %e, failures, "Canvas scan failed");
+                    failed = true;
                     false
                 }
             };
             if let Err(e) = self.expand_pass().await {
-                warn!(error = %e, "Canvas entry dispatches failed");
+                warn!(error = %e, failures, "Canvas entry dispatches failed");
+                failed = true;
             }
             if let Err(e) = self.segment_pass().await {
-                warn!(error = %e, "Canvas segment entries failed");
+                warn!(error = %e, failures, "Canvas segment entries failed");
+                failed = true;
             }
+            failures = if failed { failures + 1 } else { 0 };
             if !full {
-                tokio::time::sleep(self.config.poll).await;
+                tokio::time::sleep(crate::engine::retry_wait(self.config.poll, failures)).await;
             }
         }
     }

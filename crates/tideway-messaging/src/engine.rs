@@ -103,3 +103,35 @@ impl<S: ?Sized> Drop for Engine<S> {
         }
     }
 }
+
+/// Longest wait between passes of a loop whose store calls keep failing.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a loop that polls every `poll` waits after `failures` passes in a row that failed
+/// (the database away): `poll` after none, then doubling up to [`MAX_RETRY_WAIT`], so an
+/// outage costs a warning every few seconds a loop rather than ten a second.
+pub(crate) fn retry_wait(poll: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return poll;
+    }
+    poll.saturating_mul(1 << failures.min(10))
+        .min(MAX_RETRY_WAIT)
+        .max(poll)
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_loop_waits_longer_up_to_a_bound_and_polls_again_after_a_success() {
+        let poll = Duration::from_millis(100);
+        let waits: Vec<u128> = (0..8).map(|f| retry_wait(poll, f).as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1_600, 3_200, 5_000, 5_000]);
+        assert_eq!(
+            retry_wait(Duration::from_secs(10), 3),
+            Duration::from_secs(10)
+        );
+        assert_eq!(retry_wait(poll, u32::MAX), MAX_RETRY_WAIT);
+    }
+}

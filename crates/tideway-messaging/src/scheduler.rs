@@ -53,15 +53,23 @@ impl<S: DispatchStore + ?Sized + 'static> Scheduler<S> {
     }
 
     pub async fn run(self) {
+        let mut failures = 0;
         loop {
             // Expansions left by a crash, and broadcasts the API queued.
-            if let Err(e) = self.resume().await {
-                warn!(error = %e, "resuming dispatch expansions failed");
+            let resumed = self.resume().await;
+            if let Err(e) = &resumed {
+                warn!(error = %e, failures, "resuming dispatch expansions failed");
             }
-            if let Err(e) = self.pass().await {
-                warn!(error = %e, "scheduler pass failed; retrying");
+            let passed = self.pass().await;
+            if let Err(e) = &passed {
+                warn!(error = %e, failures, "scheduler pass failed; retrying");
             }
-            tokio::time::sleep(self.poll).await;
+            failures = if resumed.is_ok() && passed.is_ok() {
+                0
+            } else {
+                failures + 1
+            };
+            tokio::time::sleep(crate::engine::retry_wait(self.poll, failures)).await;
         }
     }
 

@@ -354,16 +354,21 @@ impl<S: TriggerStore + ?Sized + 'static> TriggerEngine<S> {
     }
 
     pub async fn run(self) {
+        let mut failures = 0;
         loop {
             let busy = match self.pass().await {
-                Ok(busy) => busy,
+                Ok(busy) => {
+                    failures = 0;
+                    busy
+                }
                 Err(e) => {
-                    warn!(error = %e, "trigger pass failed; retrying");
+                    failures += 1;
+                    warn!(error = %e, failures, "trigger pass failed; retrying");
                     false
                 }
             };
             if !busy {
-                tokio::time::sleep(self.config.poll).await;
+                tokio::time::sleep(crate::engine::retry_wait(self.config.poll, failures)).await;
             }
         }
     }
