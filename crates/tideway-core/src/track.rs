@@ -310,7 +310,11 @@ pub(crate) fn parse_attribute_object(value: &Value) -> Result<AttributeObject, S
             "email" => out.email = contact(v, key, Email::parse)?,
             "phone" => out.phone = contact(v, key, Phone::parse)?,
             _ => match StandardField::parse(key) {
-                Some(field) => out.standard.push((field, standard_value(field, v)?)),
+                Some(field) => {
+                    if let Some(change) = standard_value(field, v)? {
+                        out.standard.push((field, change));
+                    }
+                }
                 None => out.custom.push((
                     check_name(key)?.to_owned(),
                     custom_change(key, v, merge_objects)?,
@@ -341,35 +345,38 @@ fn check_name(name: &str) -> Result<&str, String> {
     }
 }
 
-/// Normalises a standard attribute value; `Ok(None)` means "remove".
-fn standard_value(field: StandardField, v: &Value) -> Result<Option<Value>, String> {
+/// Normalises a standard attribute value: `Ok(Some(Some(v)))` sets it, `Ok(Some(None))` removes
+/// it, `Ok(None)` leaves the field as it was.
+fn standard_value(field: StandardField, v: &Value) -> Result<Option<Option<Value>>, String> {
     use StandardField as F;
     if v.is_null() {
-        return Ok(None);
+        return Ok(Some(None));
     }
     let bad = || not_valid(field.as_str());
     let s = v.as_str();
     let normalised = match field {
-        F::FirstName | F::LastName | F::HomeCity | F::TimeZone => {
+        F::TimeZone => return time_zone(v),
+        F::FirstName | F::LastName | F::HomeCity => {
             let s = s.ok_or_else(bad)?;
             if s.chars().count() > MAX_NAME_CHARS {
                 return Err(bad());
             }
             Value::from(s)
         }
-        // Braze: an invalid country code is stored as NULL rather than rejected.
+        // Braze: a value that is not an ISO-3166-1 alpha-2 code is stored as NULL rather than
+        // rejected.
         F::Country => match s {
-            Some(c) if c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()) => {
+            Some(c) if is_country_code(&c.to_ascii_uppercase()) => {
                 Value::from(c.to_ascii_uppercase())
             }
-            Some(_) => return Ok(None),
+            Some(_) => return Ok(Some(None)),
             None => return Err(bad()),
         },
         F::Language => match s {
             Some(l) if (2..=3).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphabetic()) => {
                 Value::from(l.to_ascii_lowercase())
             }
-            Some(_) => return Ok(None),
+            Some(_) => return Ok(Some(None)),
             None => return Err(bad()),
         },
         F::Gender => {
@@ -430,7 +437,50 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Value>, Stri
             v.clone()
         }
     };
-    Ok(Some(normalised))
+    Ok(Some(Some(normalised)))
+}
+
+/// A `time_zone` value (not `null`), as [`standard_value`] answers: the zone's canonical IANA
+/// name (`america/new_york` → `America/New_York`), or nothing (the field is left as it was) for
+/// a string that names no zone of the IANA database (Braze: "only valid time zone values will be
+/// set"); a value that is not a string is an error like any other standard field's.
+fn time_zone(v: &Value) -> Result<Option<Option<Value>>, String> {
+    match v {
+        Value::String(name) if name.len() <= MAX_NAME_CHARS => {
+            Ok(jiff::tz::TimeZone::get(name).ok().map(|zone| {
+                Some(Value::from(
+                    zone.iana_name().unwrap_or(name.as_str()).to_owned(),
+                ))
+            }))
+        }
+        Value::String(_) => Ok(None),
+        _ => Err(not_valid("time_zone")),
+    }
+}
+
+/// The officially assigned ISO-3166-1 alpha-2 codes (249), sorted for a binary search.
+const COUNTRY_CODES: [&str; 249] = [
+    "AD", "AE", "AF", "AG", "AI", "AL", "AM", "AO", "AQ", "AR", "AS", "AT", "AU", "AW", "AX", "AZ",
+    "BA", "BB", "BD", "BE", "BF", "BG", "BH", "BI", "BJ", "BL", "BM", "BN", "BO", "BQ", "BR", "BS",
+    "BT", "BV", "BW", "BY", "BZ", "CA", "CC", "CD", "CF", "CG", "CH", "CI", "CK", "CL", "CM", "CN",
+    "CO", "CR", "CU", "CV", "CW", "CX", "CY", "CZ", "DE", "DJ", "DK", "DM", "DO", "DZ", "EC", "EE",
+    "EG", "EH", "ER", "ES", "ET", "FI", "FJ", "FK", "FM", "FO", "FR", "GA", "GB", "GD", "GE", "GF",
+    "GG", "GH", "GI", "GL", "GM", "GN", "GP", "GQ", "GR", "GS", "GT", "GU", "GW", "GY", "HK", "HM",
+    "HN", "HR", "HT", "HU", "ID", "IE", "IL", "IM", "IN", "IO", "IQ", "IR", "IS", "IT", "JE", "JM",
+    "JO", "JP", "KE", "KG", "KH", "KI", "KM", "KN", "KP", "KR", "KW", "KY", "KZ", "LA", "LB", "LC",
+    "LI", "LK", "LR", "LS", "LT", "LU", "LV", "LY", "MA", "MC", "MD", "ME", "MF", "MG", "MH", "MK",
+    "ML", "MM", "MN", "MO", "MP", "MQ", "MR", "MS", "MT", "MU", "MV", "MW", "MX", "MY", "MZ", "NA",
+    "NC", "NE", "NF", "NG", "NI", "NL", "NO", "NP", "NR", "NU", "NZ", "OM", "PA", "PE", "PF", "PG",
+    "PH", "PK", "PL", "PM", "PN", "PR", "PS", "PT", "PW", "PY", "QA", "RE", "RO", "RS", "RU", "RW",
+    "SA", "SB", "SC", "SD", "SE", "SG", "SH", "SI", "SJ", "SK", "SL", "SM", "SN", "SO", "SR", "SS",
+    "ST", "SV", "SX", "SY", "SZ", "TC", "TD", "TF", "TG", "TH", "TJ", "TK", "TL", "TM", "TN", "TO",
+    "TR", "TT", "TV", "TW", "TZ", "UA", "UG", "UM", "US", "UY", "UZ", "VA", "VC", "VE", "VG", "VI",
+    "VN", "VU", "WF", "WS", "YE", "YT", "ZA", "ZM", "ZW",
+];
+
+/// Whether `code` (upper case) is an assigned ISO-3166-1 alpha-2 country code.
+fn is_country_code(code: &str) -> bool {
+    COUNTRY_CODES.binary_search(&code).is_ok()
 }
 
 fn is_scalar(v: &Value) -> bool {
@@ -824,6 +874,52 @@ mod tests {
         );
         let messages: Vec<&str> = req.errors.iter().map(|e| e.message.as_str()).collect();
         assert_eq!(messages, ["'x' is not valid", "'x' is not valid"]);
+    }
+
+    #[test]
+    fn country_and_time_zone_keep_only_values_braze_sets() {
+        let standard = |attributes: Value| {
+            let req = parse(json!({ "attributes": [attributes] })).unwrap();
+            assert!(req.errors.is_empty(), "{:?}", req.errors);
+            req.attributes[0].1.standard.clone()
+        };
+        let tz = StandardField::TimeZone;
+        let country = StandardField::Country;
+        assert_eq!(
+            standard(json!({"external_id": "e", "time_zone": "america/new_york", "country": "fr"})),
+            [
+                (tz, Some(json!("America/New_York"))),
+                (country, Some(json!("FR")))
+            ]
+        );
+        // A string naming no zone is ignored (the user's zone stays); `null` removes it. A
+        // two-letter string that is no country is stored as NULL, as a longer one always was.
+        assert_eq!(
+            standard(json!({"external_id": "e", "time_zone": "Mars/Olympus", "country": "XX"})),
+            [(country, None)]
+        );
+        assert_eq!(
+            standard(json!({"external_id": "e", "time_zone": null, "country": "ZW"})),
+            [(tz, None), (country, Some(json!("ZW")))]
+        );
+        let req = parse(json!({"attributes": [{"external_id": "e", "time_zone": 3}]})).unwrap();
+        assert_eq!(req.errors[0].message, "'time_zone' is not valid");
+    }
+
+    #[test]
+    fn the_country_list_is_sorted_and_complete() {
+        assert!(COUNTRY_CODES.windows(2).all(|w| w[0] < w[1]));
+        assert!(
+            COUNTRY_CODES
+                .iter()
+                .all(|c| c.len() == 2 && c.bytes().all(|b| b.is_ascii_uppercase()))
+        );
+        for code in ["US", "GB", "DE", "BR", "SS", "AX", "BQ", "CW", "SX"] {
+            assert!(is_country_code(code), "{code}");
+        }
+        for code in ["UK", "EU", "XK", "ZZ", "us"] {
+            assert!(!is_country_code(code), "{code}");
+        }
     }
 
     #[test]
