@@ -2,8 +2,10 @@
 //! document; and the JSON answers for unknown routes, wrong methods and requests axum's own
 //! extractors refuse.
 //!
-//! `/health` asks the store for something cheap so a load balancer takes a node whose database
-//! is gone out of rotation, rather than trusting that the process merely runs.
+//! `/health` is readiness: it asks the store whether it takes writes (a cheap query on
+//! PostgreSQL, an empty job through SQLite's writer), so a load balancer takes a node whose
+//! database is gone out of rotation, and a monitor sees a database that answers reads but
+//! refuses every write (read-only, a standby after a failover), which a read would not show.
 
 use axum::Json;
 use axum::extract::{Request, State};
@@ -15,36 +17,45 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::wire::HealthResponse;
 
-/// Liveness and storage health.
+/// Readiness: the server runs and its database takes writes.
 #[utoipa::path(
     get,
     path = "/health",
     tag = "ops",
     responses(
-        (status = 200, description = "The server and its store answer", body = HealthResponse),
-        (status = 503, description = "The store does not answer", body = HealthResponse),
+        (status = 200, description = "The server runs and its database takes writes", body = HealthResponse),
+        (status = 503, description = "The database does not answer (`unavailable`) or refuses writes (`read_only`)", body = HealthResponse),
     )
 )]
 pub async fn health(State(state): State<AppState>) -> Response {
-    match state.store().list_workspaces().await {
-        Ok(_) => (
-            StatusCode::OK,
-            Json(HealthResponse {
-                status: "ok".to_owned(),
-            }),
-        )
-            .into_response(),
-        Err(error) => {
-            tracing::warn!(%error, "health check: the store does not answer");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
+    let (status, reason) = match state.store().accepts_writes().await {
+        Ok(true) => {
+            return (
+                StatusCode::OK,
                 Json(HealthResponse {
-                    status: "unavailable".to_owned(),
+                    status: "ok".to_owned(),
+                    reason: None,
                 }),
             )
-                .into_response()
+                .into_response();
         }
-    }
+        Ok(false) => {
+            tracing::warn!("health check: the database refuses writes");
+            ("read_only", "the database answers but refuses writes")
+        }
+        Err(error) => {
+            tracing::warn!(%error, "health check: the database does not answer");
+            ("unavailable", "the database does not answer")
+        }
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(HealthResponse {
+            status: status.to_owned(),
+            reason: Some(reason.to_owned()),
+        }),
+    )
+        .into_response()
 }
 
 /// Prometheus text exposition of every metric of the process.

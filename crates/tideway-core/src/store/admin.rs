@@ -55,6 +55,10 @@ pub trait AdminStore: Send + Sync {
     fn create_workspace(&self, name: &str, now: Millis) -> StoreFuture<'_, Workspace>;
     fn workspace_by_name(&self, name: &str) -> StoreFuture<'_, Option<Workspace>>;
     fn list_workspaces(&self) -> StoreFuture<'_, Vec<Workspace>>;
+    /// Whether the database takes writes now (`/health`): `false` when it answers but refuses
+    /// them (a read-only or standby PostgreSQL, a SQLite store recovering from a failed write),
+    /// an error when it does not answer.
+    fn accepts_writes(&self) -> StoreFuture<'_, bool>;
 
     fn create_api_key(&self, key: NewApiKey) -> StoreFuture<'_, ApiKey>;
     fn list_api_keys(&self, workspace: WorkspaceId) -> StoreFuture<'_, Vec<ApiKey>>;

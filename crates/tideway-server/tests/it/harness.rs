@@ -70,6 +70,11 @@ pub enum Auth<'a> {
 }
 
 impl Server {
+    /// The PostgreSQL database this server runs on (`None` on SQLite).
+    pub fn database(&self) -> Option<&tideway_store::testing::TestDb> {
+        self._backend.database()
+    }
+
     pub async fn start() -> Server {
         Server::with_config(ServerConfig::default()).await
     }

@@ -15,6 +15,85 @@ async fn health_answers_ok_when_the_store_does() {
     );
 }
 
+/// On PostgreSQL, a database that answers reads but refuses writes (what an operator's
+/// `default_transaction_read_only`, or a standby after a failover, does) is not healthy: every
+/// write would be a 503, so `/health` says so and why, and says `ok` again once it takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_read_only_while_postgresql_refuses_writes() {
+    let (s, _, key) = Server::with_admin().await;
+    let Some(db) = s.database() else {
+        return; // SQLite: its writer's refusal is not something a test can arrange from outside.
+    };
+    let admin = db.client().await;
+    let name: String = admin
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Settings of a database apply to sessions opened after the change: end the pool's.
+    let flip = |setting: &'static str| {
+        let (admin, name) = (&admin, &name);
+        async move {
+            admin
+                .batch_execute(&format!(
+                    "ALTER DATABASE {name} {setting};
+                     SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                      WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ))
+                .await
+                .unwrap();
+        }
+    };
+    let health_becomes = |want: &'static str| {
+        let s = &s;
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                let a = s.get("/health").await;
+                if a.body["status"] == want {
+                    return a;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "health never {want}: {a:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    flip("SET default_transaction_read_only = on").await;
+    let a = health_becomes("read_only").await;
+    assert_eq!(
+        (a.status, &a.body),
+        (
+            503,
+            &json!({"status": "read_only", "reason": "the database answers but refuses writes"})
+        )
+    );
+    let track = json!({"attributes": [{"external_id": "u1", "x": 1}]});
+    assert_eq!(
+        s.post("/users/track", &key, track.clone()).await.status,
+        503
+    );
+    let metrics = s.get("/metrics").await.body.as_str().unwrap().to_owned();
+    for needle in [
+        "tideway_store_pool_connections{state=\"idle\"}",
+        "tideway_store_pool_connections{state=\"in_use\"}",
+        "tideway_store_errors_total{kind=\"unavailable\"}",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from {metrics}");
+    }
+
+    admin
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .unwrap();
+    flip("RESET default_transaction_read_only").await;
+    let a = health_becomes("ok").await;
+    assert_eq!((a.status, &a.body), (200, &json!({"status": "ok"})));
+    assert_eq!(s.post("/users/track", &key, track).await.status, 201);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_exposed_in_prometheus_text() {
     let (s, _, key) = Server::with_admin().await;

@@ -183,6 +183,10 @@ impl AdminStore for PgStore {
         })
     }
 
+    fn accepts_writes(&self) -> StoreFuture<'_, bool> {
+        Box::pin(self.pool.accepts_writes())
+    }
+
     fn workspace_by_name(&self, name: &str) -> StoreFuture<'_, Option<Workspace>> {
         let name = name.to_owned();
         Box::pin(async move {

@@ -81,6 +81,62 @@ impl PgPool {
     pub async fn client(&self) -> Result<PgClient, StoreError> {
         self.pool.get().await.map_err(pool_err)
     }
+
+    /// Whether a pooled connection's transactions may write: the server is not a standby
+    /// (`pg_is_in_recovery()`) and transactions are not read-only by default (what an operator
+    /// sets, `default_transaction_read_only`, to stop writes without stopping the server).
+    /// Sets the `tideway_store_refusing_writes` gauge, as the SQLite store does, and the pool's.
+    pub async fn accepts_writes(&self) -> Result<bool, StoreError> {
+        self.record_gauges();
+        let row = query_one(
+            &self.client().await?,
+            "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'",
+            &[],
+        )
+        .await?;
+        let writable: bool = get(&row, 0)?;
+        metrics::gauge!(REFUSING_WRITES).set(if writable { 0.0 } else { 1.0 });
+        Ok(writable)
+    }
+
+    /// The pool's connections as gauges: open, idle, in use, and callers waiting for one.
+    fn record_gauges(&self) {
+        let status = self.pool.status();
+        let idle = status.available;
+        metrics::gauge!(POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
+        metrics::gauge!(POOL_CONNECTIONS, "state" => "in_use")
+            .set(status.size.saturating_sub(idle) as f64);
+        metrics::gauge!(POOL_WAITING).set(status.waiting as f64);
+    }
+}
+
+/// 1 while the database refuses writes (read-only, a standby), 0 when it takes them; the SQLite
+/// store sets the same gauge while it recovers from a failed write.
+const REFUSING_WRITES: &str = "tideway_store_refusing_writes";
+/// Connections of this node's pool by `state` (`idle`, `in_use`).
+const POOL_CONNECTIONS: &str = "tideway_store_pool_connections";
+/// Callers waiting for a pooled connection (at [`POOL_SIZE`] in use, requests queue here).
+const POOL_WAITING: &str = "tideway_store_pool_waiting";
+
+/// How often the pool's gauges and the database's writability are sampled.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// Samples the pool's gauges and whether the database takes writes every [`SAMPLE_EVERY`],
+/// until the pool is dropped (the task holds it weakly).
+fn spawn_sampler(pool: &PgPool) {
+    let weak = pool.pool.weak();
+    tokio::spawn(async move {
+        loop {
+            let Some(pool) = weak.upgrade().map(|pool| PgPool { pool }) else {
+                return;
+            };
+            if let Err(error) = pool.accepts_writes().await {
+                tracing::debug!(%error, "sampling whether PostgreSQL takes writes failed");
+            }
+            drop(pool);
+            tokio::time::sleep(SAMPLE_EVERY).await;
+        }
+    });
 }
 
 /// Opens a pool on `url` (`postgres://USER[:PASSWORD]@HOST:PORT/DB`) and checks that the server
@@ -150,6 +206,7 @@ impl PgStore {
     pub async fn open_with(url: &str, options: PgOptions) -> Result<PgStore, ConnectError> {
         let pool = connect(url).await?;
         migrate(&pool).await?;
+        spawn_sampler(&pool);
         Ok(PgStore {
             pool,
             options,
@@ -242,10 +299,6 @@ pub(super) async fn execute<C: deadpool_postgres::GenericClient>(
     c.execute(&stmt, params).await.map_err(pg_err)
 }
 
-/// Maps a PostgreSQL error to what a caller can act on, as `sqlite::sql_err` does for SQLite:
-/// `Unavailable` when retrying later may work (connection and IO failures, resource limits,
-/// shutdown, a cancelled or conflicting transaction), `Conflict` for a broken uniqueness rule,
-/// `Corrupt` for everything else (a statement or data that does not match the schema: a bug).
 /// Whether the transaction `xid` (its `txid_current()`) committed, asked on another
 /// connection when its own was lost with the answer to its `COMMIT`: `Some(true)` committed,
 /// `Some(false)` rolled back, `None` not known (still running after `wait`, forgotten, or the
@@ -293,7 +346,17 @@ fn described(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Maps a PostgreSQL error to what a caller can act on, as `sqlite::sql_err` does for SQLite:
+/// `Unavailable` when retrying later may work (connection and IO failures, resource limits,
+/// shutdown, a cancelled or conflicting transaction), `Conflict` for a broken uniqueness rule,
+/// `Invalid` for text PostgreSQL cannot store, `Corrupt` for everything else (a statement or
+/// data that does not match the schema: a bug). Each is counted in
+/// `tideway_store_errors_total{kind}`.
 pub fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    crate::counted(mapped(e))
+}
+
+fn mapped(e: tokio_postgres::Error) -> StoreError {
     let Some(db) = e.as_db_error() else {
         // Not a server answer: the socket (closed, IO error, timeout) or the client decoding
         // rows that do not have the types the code expects.

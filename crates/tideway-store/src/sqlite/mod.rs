@@ -146,6 +146,10 @@ pub struct SqliteStore {
 /// disk); a broken uniqueness rule is a `Conflict` (409); a damaged file, or SQL this crate
 /// should never have sent, is `Corrupt` (500, the detail logged here, never sent).
 pub(crate) fn sql_err(e: rusqlite::Error) -> StoreError {
+    crate::counted(mapped(e))
+}
+
+fn mapped(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode as C;
     let rusqlite::Error::SqliteFailure(failure, _) = &e else {
         // Column types, conversions, missing rows: the data is not what the schema promises.
@@ -748,6 +752,19 @@ impl AdminStore for SqliteStore {
 
     fn list_workspaces(&self) -> StoreFuture<'_, Vec<Workspace>> {
         self.read(admin::list_workspaces)
+    }
+
+    fn accepts_writes(&self) -> StoreFuture<'_, bool> {
+        // An empty job through the writer: it commits with the batch it joins (an empty
+        // transaction writes nothing to the WAL), or is refused while the writer recovers.
+        let empty = self.write(|_, _, _| Ok(()));
+        Box::pin(async move {
+            match empty.await {
+                Ok(()) => Ok(true),
+                Err(StoreError::Unavailable(_)) => Ok(false),
+                Err(other) => Err(other),
+            }
+        })
     }
 
     fn create_api_key(&self, key: NewApiKey) -> StoreFuture<'_, ApiKey> {

@@ -12,7 +12,8 @@ use tideway_core::store::{HeapWebhook, NewApiKey, StoreError};
 use super::NOW;
 
 /// Workspace names are unique (surrounding blanks do not make a new one): a second one is a
-/// `Conflict` and changes nothing; workspaces are found by name and listed oldest first.
+/// `Conflict` and changes nothing; workspaces are found by name and listed oldest first; a fresh
+/// store takes writes.
 pub(super) async fn workspace_names_are_unique(store: Arc<dyn Store>) {
     let a = store.create_workspace("a", NOW).await.unwrap();
     assert_eq!((a.name.as_str(), a.created_at), ("a", NOW));
@@ -32,6 +33,10 @@ pub(super) async fn workspace_names_are_unique(store: Arc<dyn Store>) {
     assert_eq!(store.workspace_by_name("b").await.unwrap(), Some(b.clone()));
     assert_eq!(store.workspace_by_name("nope").await.unwrap(), None);
     assert_eq!(store.list_workspaces().await.unwrap(), vec![a, b]);
+    assert!(
+        store.accepts_writes().await.unwrap(),
+        "a fresh store takes writes"
+    );
 }
 
 fn new_key(workspace: WorkspaceId, name: &str, secret: &Secret) -> NewApiKey {
