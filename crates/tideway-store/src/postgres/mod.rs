@@ -139,14 +139,43 @@ fn spawn_sampler(pool: &PgPool) {
     });
 }
 
-/// Opens a pool on `url` (`postgres://USER[:PASSWORD]@HOST:PORT/DB`) and checks that the server
-/// answers, so a wrong URL or a server that is down fails at start, not at the first request.
-pub async fn connect(url: &str) -> Result<PgPool, ConnectError> {
+/// How long data sent to the server may stay unacknowledged before the connection counts as
+/// dead (`TCP_USER_TIMEOUT`). Without it a connection to a server that vanished from the
+/// network (a partition, a host powered off) keeps retransmitting for about 15 minutes, and
+/// every request on it hangs that long; with it the statement fails as `Unavailable` (a commit
+/// in flight is looked up) and the pool makes a new connection.
+const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Keepalive probes find a dead server behind an *idle* pooled connection (nothing sent, so
+/// nothing unacknowledged): the first after 15 s of silence, then every 5 s, dead after 3
+/// unanswered, so a pool does not hand out a connection that died in the night.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// The client settings for `url`: its own (user, host, database, password, options) plus
+/// Tideway's timeouts and keepalives, and `application_name` "tideway" unless the URL names one.
+fn client_config(url: &str) -> Result<tokio_postgres::Config, ConnectError> {
     let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| ConnectError::InvalidUrl(e.to_string()))?;
-    config.connect_timeout(POOL_TIMEOUT);
-    config.application_name("tideway");
+    if config.get_application_name().is_none() {
+        config.application_name("tideway");
+    }
+    config
+        .connect_timeout(POOL_TIMEOUT)
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(KEEPALIVE_RETRIES)
+        .tcp_user_timeout(DEAD_PEER_TIMEOUT);
+    Ok(config)
+}
+
+/// Opens a pool on `url` (`postgres://USER[:PASSWORD]@HOST:PORT/DB`) and checks that the server
+/// answers, so a wrong URL or a server that is down fails at start, not at the first request.
+pub async fn connect(url: &str) -> Result<PgPool, ConnectError> {
+    let config = client_config(url)?;
     let manager = Manager::from_config(
         config,
         NoTls,
@@ -408,6 +437,21 @@ fn mapped(e: tokio_postgres::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_notice_a_server_gone_from_the_network() {
+        let config = client_config("postgres://u@127.0.0.1:5432/db?application_name=x").unwrap();
+        assert!(config.get_keepalives());
+        assert_eq!(config.get_keepalives_idle(), KEEPALIVE_IDLE);
+        assert_eq!(config.get_keepalives_interval(), Some(KEEPALIVE_INTERVAL));
+        assert_eq!(config.get_keepalives_retries(), Some(KEEPALIVE_RETRIES));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&DEAD_PEER_TIMEOUT));
+        assert_eq!(config.get_connect_timeout(), Some(&POOL_TIMEOUT));
+        assert_eq!(config.get_application_name(), Some("x"));
+        assert_eq!(config.get_dbname(), Some("db"));
+        let plain = client_config("postgres://u@127.0.0.1:5432/db").unwrap();
+        assert_eq!(plain.get_application_name(), Some("tideway"));
+    }
 
     #[tokio::test]
     async fn a_malformed_url_is_invalid_and_an_unreachable_server_unavailable() {
