@@ -24,7 +24,11 @@
 //!    (every index, partial ones included), users created on first sight as the node phases
 //!    create theirs, rows shaped as Tideway writes them ([`FloorShape::Schema`]). Its CPU per
 //!    object is what PostgreSQL needs on this schema before any Tideway code runs, so the
-//!    summary prints what the target's budget leaves for Tideway's own work.
+//!    summary prints what the target's budget leaves for Tideway's own work;
+//! 7. **summaries floor**: the schema floor's work with event and purchase summaries kept out
+//!    of the profile row ([`FloorShape::Summaries`]): only attribute objects rewrite a profile,
+//!    an event or purchase only finds (or creates) its user. It prices the data-model change
+//!    that keeps summaries out of the profile (derived from the log) before anyone makes it.
 //!
 //! Each node phase also prints the CPU it took per object (`bench/cpu.rs`): this process's (the
 //! nodes and the load generator) and the whole machine's, so with the database on the same
@@ -105,25 +109,30 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
     let single_cpu = single_cpu.zip(again_cpu).map(|(a, b)| a.plus(b));
     single.then(again);
 
-    let (raw, floor, schema_floor) = if bench.skip_limits {
-        (None, None, None)
+    let (raw, floors) = if bench.skip_limits {
+        (None, Vec::new())
     } else {
         let raw = limit_phase("raw PostgreSQL", "row", bench.clients, async {
             raw_postgres(bench.url, bench.clients, bench.users, bench.duration).await
         })
         .await?;
         let mut floors = Vec::new();
-        for shape in [FloorShape::Any, FloorShape::Schema] {
-            floors.push(
-                limit_phase(shape.label(), "object", bench.clients, async {
-                    floor_postgres(bench.url, bench.clients, bench.users, bench.duration, shape)
-                        .await
-                })
-                .await?,
-            );
+        for shape in [FloorShape::Any, FloorShape::Schema, FloorShape::Summaries] {
+            let figure = limit_phase(shape.label(), "object", bench.clients, async {
+                floor_postgres(bench.url, bench.clients, bench.users, bench.duration, shape).await
+            })
+            .await?;
+            floors.push((shape, figure));
         }
-        (Some(raw), Some(floors[0]), Some(floors[1]))
+        (Some(raw), floors)
     };
+    let floor_of = |wanted: FloorShape| {
+        floors
+            .iter()
+            .find(|(shape, _)| *shape == wanted)
+            .map(|(_, figure)| *figure)
+    };
+    let (floor, schema_floor) = (floor_of(FloorShape::Any), floor_of(FloorShape::Schema));
 
     let (one_rate, two_rate) = (single.objects_per_sec(), double.objects_per_sec());
     let mut parts = vec![
@@ -150,15 +159,13 @@ pub async fn run(bench: PgBench<'_>) -> anyhow::Result<()> {
             one_rate / raw.per_sec
         ));
     }
-    for (floor, shape) in [(floor, FloorShape::Any), (schema_floor, FloorShape::Schema)] {
-        if let Some(floor) = floor {
-            parts.push(format!(
-                "{}: {} objects/s (ratio {:.2})",
-                shape.label(),
-                thousands(floor.per_sec),
-                one_rate / floor.per_sec
-            ));
-        }
+    for (shape, floor) in &floors {
+        parts.push(format!(
+            "{}: {} objects/s (ratio {:.2})",
+            shape.label(),
+            thousands(floor.per_sec),
+            one_rate / floor.per_sec
+        ));
     }
     let budget = cpu::budget_per_object(cpu::cores(), bench.target);
     if let Some(spent) = single_cpu {
@@ -485,6 +492,11 @@ enum FloorShape {
     /// read, no per-workspace log counter, no foreign key to `workspaces`, no segment change
     /// rows, log bodies the size of the objects rather than of Currents events.
     Schema,
+    /// The schema floor's work with event and purchase summaries kept out of the profile row
+    /// (derived from the log instead): only attribute objects rewrite their user's profile;
+    /// an event or purchase creates its user if new and otherwise only reads its seq by the
+    /// external-id index. Everything else as the schema floor.
+    Summaries,
 }
 
 impl FloorShape {
@@ -492,6 +504,7 @@ impl FloorShape {
         match self {
             FloorShape::Any => "SQL floor",
             FloorShape::Schema => "schema floor",
+            FloorShape::Summaries => "summaries floor",
         }
     }
 
@@ -521,7 +534,7 @@ impl Floor {
     /// (a node has migrated the database).
     async fn create(url: &str, users: u64, shape: FloorShape) -> anyhow::Result<Floor> {
         let mut objects = rows(1000, users)?;
-        if shape == FloorShape::Schema {
+        if shape != FloorShape::Any {
             for object in &mut objects {
                 object.1 = FloorShape::event_type(object.1);
             }
@@ -536,7 +549,7 @@ impl Floor {
             ),
             // `users` has fillfactor 80 (migration 11); `LIKE` copies columns, not storage
             // parameters. Sequences owned by their tables go when the tables are dropped.
-            FloorShape::Schema => format!(
+            FloorShape::Schema | FloorShape::Summaries => format!(
                 "CREATE TABLE {users_table} (LIKE users INCLUDING ALL) WITH (fillfactor = 80);
                  CREATE SEQUENCE {users_table}_seq OWNED BY {users_table}.seq;
                  CREATE TABLE {log_table} (LIKE event_log INCLUDING ALL);
@@ -620,6 +633,41 @@ impl Floor {
                  SELECT 1, nextval('{log}_seq'), w.seq, gen_random_uuid()::text, o.kind, c.now, o.body
                  FROM objects o JOIN written w USING (external_id) CROSS JOIN clock c ORDER BY o.n"
             ),
+            FloorShape::Summaries => format!(
+                "WITH objects AS (
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS o(external_id, kind, body, n)),
+                 clock AS (SELECT (extract(epoch FROM statement_timestamp()) * 1000)::bigint AS now),
+                 attrs AS (
+                     SELECT DISTINCT ON (external_id) external_id, body FROM objects
+                     WHERE kind = 'users.profile.Update' ORDER BY external_id, n DESC),
+                 written AS (
+                     INSERT INTO {users} AS u (workspace_id, seq, braze_id, external_id, created_at, updated_at, profile)
+                     SELECT 1, nextval('{users}_seq'), left(md5(l.external_id), 24), l.external_id, c.now, c.now, left(l.body, 210)
+                     FROM attrs l CROSS JOIN clock c
+                     ON CONFLICT (workspace_id, external_id) WHERE external_id IS NOT NULL
+                     DO UPDATE SET profile = left(EXCLUDED.profile || u.profile, 210), updated_at = EXCLUDED.updated_at
+                     RETURNING u.seq, u.external_id),
+                 others AS (
+                     SELECT DISTINCT external_id FROM objects WHERE kind <> 'users.profile.Update'
+                     EXCEPT SELECT external_id FROM attrs),
+                 created AS (
+                     INSERT INTO {users} AS u (workspace_id, seq, braze_id, external_id, created_at, updated_at, profile)
+                     SELECT 1, nextval('{users}_seq'), left(md5(o.external_id), 24), o.external_id, c.now, c.now, '{{}}'
+                     FROM others o CROSS JOIN clock c
+                     ON CONFLICT (workspace_id, external_id) WHERE external_id IS NOT NULL DO NOTHING
+                     RETURNING u.seq, u.external_id),
+                 -- One index probe a user (`OFFSET 0` keeps the planner from turning the
+                 -- probes into a join over the whole table).
+                 found AS (
+                     SELECT x.seq, o.external_id FROM others o CROSS JOIN LATERAL (
+                         SELECT u.seq FROM {users} u
+                         WHERE u.workspace_id = 1 AND u.external_id = o.external_id OFFSET 0) x),
+                 everyone AS (
+                     SELECT * FROM written UNION ALL SELECT * FROM created UNION ALL SELECT * FROM found)
+                 INSERT INTO {log} (workspace_id, seq, user_seq, event_id, event_type, time, body)
+                 SELECT 1, nextval('{log}_seq'), w.seq, gen_random_uuid()::text, o.kind, c.now, o.body
+                 FROM objects o JOIN everyone w USING (external_id) CROSS JOIN clock c ORDER BY o.n"
+            ),
         }
     }
 
@@ -673,6 +721,11 @@ async fn connections(
         let (url, statement, sent) = (url.to_owned(), statement.to_owned(), Arc::clone(&sent));
         tasks.spawn(async move {
             let mut conn = connect(&url).await?;
+            // The statement is prepared while the floor's tables are empty, and its generic
+            // plan would then read a user by scanning them all (the summaries floor's lookup,
+            // tens of ms a batch once they have grown); Tideway's statements run on tables
+            // the planner has statistics for.
+            conn.batch_execute("SET enable_seqscan = off").await?;
             let statement = conn.prepare(&statement).await?;
             for (ids, kinds, bodies) in batches.iter().cycle() {
                 if start.elapsed() >= duration {
@@ -825,6 +878,56 @@ mod tests {
         assert_eq!(
             indexes(users.clone()).await.len(),
             indexes("users".into()).await.len()
+        );
+        drop_and_check_nothing_is_left(&floor, &check).await;
+    }
+
+    /// The summaries floor logs every object against its user as the schema floor does, but
+    /// rewrites only the profiles of users an attribute object named: a user only events or
+    /// purchases named keeps the empty profile it was created with.
+    #[tokio::test]
+    async fn the_summaries_floor_rewrites_profiles_only_for_attribute_objects() {
+        let db = TestDb::create().await;
+        PgStore::open(&db.url).await.unwrap();
+        // Users enough that some are named by events only in the first batches.
+        let floor = Floor::create(&db.url, 100_000, FloorShape::Summaries)
+            .await
+            .unwrap();
+        let LimitRun { count: sent, .. } = floor.run(3, Duration::from_millis(300)).await.unwrap();
+        assert!(sent > 0);
+        let check = db.client().await;
+        let (users, log) = (&floor.users_table, &floor.log_table);
+        let row = check
+            .query_one(
+                &format!(
+                    "SELECT count(*),
+                            count(*) FILTER (WHERE l.body LIKE '%\"' || u.external_id || '\"%'),
+                            (SELECT count(*) FROM {users}),
+                            (SELECT count(DISTINCT external_id) FROM {users}),
+                            (SELECT count(*) FROM {users} x WHERE x.profile <> '{{}}' AND NOT EXISTS (
+                                SELECT 1 FROM {log} a WHERE a.user_seq = x.seq AND a.event_type = 'users.profile.Update')),
+                            (SELECT count(*) FROM {users} x WHERE x.profile = '{{}}' AND EXISTS (
+                                SELECT 1 FROM {log} a WHERE a.user_seq = x.seq AND a.event_type = 'users.profile.Update')),
+                            (SELECT count(*) FROM {users} x WHERE x.profile = '{{}}')
+                     FROM {log} l JOIN {users} u ON u.workspace_id = l.workspace_id AND u.seq = l.user_seq"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let count = |i: usize| row.get::<_, i64>(i);
+        assert_eq!(count(0) as u64, sent, "one log row per object sent");
+        assert_eq!(count(1), count(0), "each row names its object's user");
+        assert_eq!(count(2), count(3), "a user is created once");
+        assert_eq!(count(4), 0, "no profile rewritten for events or purchases");
+        assert_eq!(
+            count(5),
+            0,
+            "every attribute object rewrote its user's profile"
+        );
+        assert!(
+            count(6) > 0,
+            "users named only by events keep an empty profile"
         );
         drop_and_check_nothing_is_left(&floor, &check).await;
     }
