@@ -93,7 +93,8 @@ pub trait CohortStore: Send + Sync {
         workspace: WorkspaceId,
         last: usize,
     ) -> StoreFuture<'_, Vec<RecentCohortChanges>>;
-    /// `None` if no live user has this braze_id.
+    /// The cohorts of the live user with this braze_id, by partner, name, then cohort id
+    /// (byte order); `None` if there is no such user.
     fn user_cohorts(
         &self,
         workspace: WorkspaceId,

@@ -612,6 +612,83 @@ async fn a_send_ids_daily_series_counts_its_messages() {
     assert_eq!(a.status, 403, "{a:?}");
 }
 
+/// A NUL character in the id of a campaign, segment, schedule or Canvas names nothing, so the
+/// answer is that field's documented not-found message on both backends (PostgreSQL cannot
+/// hold the character, and once answered with its own wording for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_in_a_messaging_id_is_the_fields_not_found_answer() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1"}])).await;
+    let id = t.campaign(t.webhook_campaign("News", json!({}))).await;
+    let webhook = json!({"webhook": {"url": t.hook_url, "request_method": "POST", "body": "x"}});
+    let later = json!({"time": "2999-01-01T00:00:00Z"});
+    let nul = "a\u{0}b";
+    for (path, body, message) in [
+        (
+            "/campaigns/trigger/send",
+            json!({"campaign_id": nul, "broadcast": true}),
+            "Invalid Campaign ID",
+        ),
+        (
+            "/campaigns/trigger/send",
+            json!({"campaign_id": id, "segment_id": nul}),
+            "Invalid segment_id",
+        ),
+        (
+            "/campaigns/trigger/schedule/create",
+            json!({"campaign_id": nul, "broadcast": true, "schedule": later}),
+            "Invalid Campaign ID",
+        ),
+        (
+            "/campaigns/trigger/schedule/update",
+            json!({"campaign_id": id, "schedule_id": nul, "schedule": later}),
+            "Invalid schedule_id",
+        ),
+        (
+            "/campaigns/trigger/schedule/delete",
+            json!({"campaign_id": id, "schedule_id": nul}),
+            "Invalid schedule_id",
+        ),
+        (
+            "/messages/send",
+            json!({"campaign_id": nul, "external_user_ids": ["u1"], "messages": webhook}),
+            "Invalid Campaign ID",
+        ),
+        (
+            "/messages/send",
+            json!({"segment_id": nul, "messages": webhook}),
+            "Invalid segment_id",
+        ),
+        (
+            "/messages/schedule/update",
+            json!({"schedule_id": nul, "schedule": later}),
+            "Invalid schedule_id",
+        ),
+        (
+            "/messages/schedule/delete",
+            json!({"schedule_id": nul}),
+            "Invalid schedule_id",
+        ),
+        (
+            "/sends/id/create",
+            json!({"campaign_id": nul}),
+            "Invalid Campaign ID",
+        ),
+        (
+            "/canvas/trigger/send",
+            json!({"canvas_id": nul, "broadcast": true}),
+            "canvas_id must be a string of the Canvas api identifier",
+        ),
+    ] {
+        let a = t.s.post(path, &t.key, body.clone()).await;
+        assert_eq!(
+            (a.status, a.body["message"].as_str()),
+            (400, Some(message)),
+            "{path} {body}: {a:?}"
+        );
+    }
+}
+
 /// A broadcast of an API-triggered campaign without a `send_id` gets one (Braze's rule), named
 /// in the answer and carried by its messages' events; a send to named recipients does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1156,6 +1156,9 @@ impl CanvasStore for PgStore {
 
     fn canvas(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, Option<CanvasRecord>> {
         let id = id.to_owned();
+        if super::names_nothing(&id) {
+            return Box::pin(async { Ok(None) });
+        }
         Box::pin(async move {
             let client = self.pool.client().await?;
             canvas(&client, workspace, &id).await
@@ -1187,6 +1190,9 @@ impl CanvasStore for PgStore {
 
     fn delete_canvas(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool> {
         let id = id.to_owned();
+        if super::names_nothing(&id) {
+            return Box::pin(async { Ok(false) });
+        }
         Box::pin(async move { delete_canvas(self, workspace, &id).await })
     }
 

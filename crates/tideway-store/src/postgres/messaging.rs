@@ -1696,6 +1696,9 @@ impl MessagingStore for PgStore {
         id: &str,
     ) -> StoreFuture<'_, Option<CampaignRecord>> {
         let id = id.to_owned();
+        if super::names_nothing(&id) {
+            return Box::pin(async { Ok(None) });
+        }
         Box::pin(async move {
             let client = self.pool.client().await?;
             campaign(&client, workspace, &id).await
@@ -1716,6 +1719,9 @@ impl MessagingStore for PgStore {
 
     fn delete_campaign(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool> {
         let id = id.to_owned();
+        if super::names_nothing(&id) {
+            return Box::pin(async { Ok(false) });
+        }
         Box::pin(async move { delete_campaign(self, workspace, &id).await })
     }
 
@@ -1772,6 +1778,9 @@ impl MessagingStore for PgStore {
         id: &str,
     ) -> StoreFuture<'_, Option<DispatchRecord>> {
         let id = id.to_owned();
+        if super::names_nothing(&id) {
+            return Box::pin(async { Ok(None) });
+        }
         Box::pin(async move { dispatch(self, workspace, &id).await })
     }
 
@@ -1861,11 +1870,17 @@ impl MessagingStore for PgStore {
         at: Millis,
     ) -> StoreFuture<'_, bool> {
         let id = id.to_owned();
+        if super::names_nothing(&id) {
+            return Box::pin(async { Ok(false) });
+        }
         Box::pin(async move { reschedule_dispatch(self, workspace, &id, at).await })
     }
 
     fn cancel_dispatch(&self, workspace: WorkspaceId, id: &str) -> StoreFuture<'_, bool> {
         let id = id.to_owned();
+        if super::names_nothing(&id) {
+            return Box::pin(async { Ok(false) });
+        }
         Box::pin(async move { cancel_dispatch(self, workspace, &id).await })
     }
 

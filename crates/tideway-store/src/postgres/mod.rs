@@ -328,6 +328,15 @@ pub(super) async fn execute<C: deadpool_postgres::GenericClient>(
     c.execute(&stmt, params).await.map_err(pg_err)
 }
 
+/// Whether `id`, a caller's name for a stored thing (a campaign, dispatch, Canvas or segment
+/// id), cannot name anything stored: PostgreSQL's text cannot hold a NUL character, so no row
+/// has such an id. Lookups by it answer "none" without asking the database (which would refuse
+/// the parameter), as SQLite, which can store a NUL, finds nothing: the caller's own not-found
+/// answer (`Invalid Campaign ID`, `Invalid schedule_id`, …) is the same on both backends.
+pub(super) fn names_nothing(id: &str) -> bool {
+    id.contains('\0')
+}
+
 /// Whether the transaction `xid` (its `txid_current()`) committed, asked on another
 /// connection when its own was lost with the answer to its `COMMIT`: `Some(true)` committed,
 /// `Some(false)` rolled back, `None` not known (still running after `wait`, forgotten, or the

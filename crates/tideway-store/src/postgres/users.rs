@@ -3425,7 +3425,7 @@ impl CohortStore for PgStore {
                 .query(
                     "SELECT c.partner, c.cohort_id, c.name, m.entered_at FROM cohort_members m
                      JOIN cohorts c ON c.workspace_id = m.workspace_id AND c.id = m.cohort
-                     WHERE m.workspace_id = $1 AND m.seq = $2 ORDER BY c.partner COLLATE \"C\", c.name COLLATE \"C\"",
+                     WHERE m.workspace_id = $1 AND m.seq = $2 ORDER BY c.partner COLLATE \"C\", c.name COLLATE \"C\", c.cohort_id COLLATE \"C\"",
                     &[&workspace.0, &seq],
                 )
                 .await

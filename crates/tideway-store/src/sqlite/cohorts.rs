@@ -555,7 +555,7 @@ pub fn user_cohorts(
     let mut stmt = conn
         .prepare_cached(
             "SELECT c.partner, c.cohort_id, c.name, m.entered_at FROM cohort_members m JOIN cohorts c ON c.id = m.cohort
-             WHERE c.workspace_id = ?1 AND m.seq = ?2 ORDER BY c.partner, c.name",
+             WHERE c.workspace_id = ?1 AND m.seq = ?2 ORDER BY c.partner, c.name, c.cohort_id",
         )
         .map_err(sql_err)?;
     let rows = stmt

@@ -217,7 +217,7 @@ pub(super) async fn membership_follows_the_matching_rules_and_set_semantics(stor
 }
 
 /// A merge moves the merged user's memberships to the survivor (the union); a delete leaves
-/// every cohort.
+/// every cohort. A user's cohorts are listed by partner, name, then cohort id.
 pub(super) async fn merges_keep_the_union_and_deletes_leave(store: Arc<dyn Store>) {
     let ws = store.create_workspace("w", NOW).await.unwrap();
     track(&*store, &ws, json!({"attributes": [{"external_id": "alice", "x": 1}, {"device_id": "d", "x": 1}, {"external_id": "bob", "x": 1}]})).await;
@@ -259,6 +259,43 @@ pub(super) async fn merges_keep_the_union_and_deletes_leave(store: Arc<dyn Store
         mine,
         [("heap".into(), "a".into()), ("heap".into(), "b".into())]
     );
+    // Cohorts of one name are listed by cohort id, whatever order they were made in.
+    for id in ["c3", "c2"] {
+        store
+            .upsert_cohort(
+                &ws,
+                "heap",
+                CohortUpsert {
+                    cohort_id: cid(id),
+                    name: "Same".into(),
+                    created_at: NOW,
+                },
+                NOW,
+            )
+            .await
+            .unwrap();
+        store
+            .apply_cohort_changes(&ws, "heap", cid(id), add(vec![by_ext("alice")]), NOW)
+            .await
+            .unwrap();
+    }
+    let named: Vec<(String, String)> = store
+        .user_cohorts(ws.id, members[0].braze_id.clone())
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.name, c.cohort_id.as_str().to_owned()))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("Same".into(), "c2".into()),
+            ("Same".into(), "c3".into()),
+            ("a".into(), "a".into()),
+            ("b".into(), "b".into())
+        ]
+    );
     let counts = |listed: Vec<CohortSummary>| -> Vec<(String, u64)> {
         listed
             .into_iter()
@@ -267,7 +304,12 @@ pub(super) async fn merges_keep_the_union_and_deletes_leave(store: Arc<dyn Store
     };
     assert_eq!(
         counts(store.list_cohorts(ws.id).await.unwrap()),
-        [("a".into(), 1), ("b".into(), 2)]
+        [
+            ("c2".into(), 1),
+            ("c3".into(), 1),
+            ("a".into(), 1),
+            ("b".into(), 2)
+        ]
     );
     let del = DeleteRequest {
         users: vec![UserKey::External(ext("bob"))],
@@ -275,7 +317,12 @@ pub(super) async fn merges_keep_the_union_and_deletes_leave(store: Arc<dyn Store
     store.delete_users(&ws, del, NOW).await.unwrap();
     assert_eq!(
         counts(store.list_cohorts(ws.id).await.unwrap()),
-        [("a".into(), 1), ("b".into(), 1)]
+        [
+            ("c2".into(), 1),
+            ("c3".into(), 1),
+            ("a".into(), 1),
+            ("b".into(), 1)
+        ]
     );
     assert_eq!(member_ids(&*store, &ws, "b").await, ["alice"]);
 }
