@@ -24,7 +24,7 @@ use crate::wire::HealthResponse;
     tag = "ops",
     responses(
         (status = 200, description = "The server runs and its database takes writes", body = HealthResponse),
-        (status = 503, description = "The database does not answer (`unavailable`) or refuses writes (`read_only`)", body = HealthResponse),
+        (status = 503, description = "The database does not answer or refuses the connection (`unavailable`), or refuses writes (`read_only`)", body = HealthResponse),
     )
 )]
 pub async fn health(State(state): State<AppState>) -> Response {
@@ -44,8 +44,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
             ("read_only", "the database answers but refuses writes")
         }
         Err(error) => {
-            tracing::warn!(%error, "health check: the database does not answer");
-            ("unavailable", "the database does not answer")
+            tracing::warn!(%error, "health check: the database cannot be used");
+            (
+                "unavailable",
+                "the database does not answer or refuses the connection",
+            )
         }
     };
     (

@@ -125,8 +125,8 @@ pub struct ExportResponse {
 /// `GET /health`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HealthResponse {
-    /// `ok`; `unavailable` when the database does not answer; `read_only` when it answers but
-    /// refuses writes.
+    /// `ok`; `unavailable` when the database does not answer or refuses the connection (a
+    /// login or privilege refused); `read_only` when it answers but refuses writes.
     pub status: String,
     /// Why the node is not healthy, in words (absent when `ok`).
     #[serde(skip_serializing_if = "Option::is_none")]

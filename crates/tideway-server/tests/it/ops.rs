@@ -84,14 +84,35 @@ async fn health_is_503_read_only_while_postgresql_refuses_writes() {
         assert!(metrics.contains(needle), "{needle} missing from {metrics}");
     }
 
+    // The operator resets the setting, and nothing ends the sessions opened meanwhile (which
+    // keep the read-only default they started with): the node retires them on its own.
     admin
-        .batch_execute("SET default_transaction_read_only = off")
+        .batch_execute(&format!(
+            "SET default_transaction_read_only = off;
+             ALTER DATABASE {name} RESET default_transaction_read_only"
+        ))
         .await
         .unwrap();
-    flip("RESET default_transaction_read_only").await;
     let a = health_becomes("ok").await;
     assert_eq!((a.status, &a.body), (200, &json!({"status": "ok"})));
-    assert_eq!(s.post("/users/track", &key, track).await.status, 201);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let a = s.post("/users/track", &key, track.clone()).await;
+        if a.status == 201 {
+            break;
+        }
+        assert_eq!(a.status, 503, "{a:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writes never came back: {a:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Every pooled session takes writes again, not only the one that answered.
+    for i in 0..20 {
+        let track = json!({"attributes": [{"external_id": format!("u{i}"), "x": i}]});
+        assert_eq!(s.post("/users/track", &key, track).await.status, 201);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,9 @@ mod segments;
 pub mod sequence;
 mod users;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
@@ -63,7 +65,37 @@ pub enum ConnectError {
 #[derive(Clone)]
 pub struct PgPool {
     pool: Pool,
+    sessions: Arc<Sessions>,
 }
+
+/// What the pool knows about its sessions' settings going stale.
+///
+/// A PostgreSQL session keeps the defaults it started with: after an operator's `ALTER
+/// DATABASE … SET default_transaction_read_only = on` is reset, connections opened while it
+/// was on still refuse every write, and a pool that never closes its connections would refuse
+/// writes for ever. So a refusal for being read-only (SQLSTATE 25006, counted process-wide in
+/// [`READ_ONLY_REFUSALS`] where errors are mapped) makes the pool retire its idle
+/// connections, at most once a [`RETIRE_AT_MOST_EVERY`], and connections are retired after
+/// [`MAX_CONNECTION_AGE`] anyway.
+#[derive(Debug)]
+struct Sessions {
+    /// The [`READ_ONLY_REFUSALS`] count when this pool last retired its idle connections.
+    refusals_seen: AtomicU64,
+    /// When it did.
+    retired_at: Mutex<Option<Instant>>,
+}
+
+/// Read-only refusals (SQLSTATE 25006) mapped in this process, by any pool.
+static READ_ONLY_REFUSALS: AtomicU64 = AtomicU64::new(0);
+
+/// The least time between two retirements of a pool's idle connections after read-only
+/// refusals: while the database really is read-only, every write is refused, and the pool
+/// should not reconnect for each.
+const RETIRE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+
+/// Idle connections older than this are closed by the sampler, so settings changed for new
+/// sessions (per database or per role) reach every connection within this time.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(600);
 
 impl std::fmt::Debug for PgPool {
     // The config holds the password; show only the pool's shape.
@@ -77,24 +109,74 @@ impl std::fmt::Debug for PgPool {
 }
 
 impl PgPool {
+    fn new(pool: Pool) -> PgPool {
+        let sessions = Sessions {
+            // Refusals before this pool existed are no reason to close its connections.
+            refusals_seen: AtomicU64::new(READ_ONLY_REFUSALS.load(Ordering::Relaxed)),
+            retired_at: Mutex::new(None),
+        };
+        PgPool {
+            pool,
+            sessions: Arc::new(sessions),
+        }
+    }
+
     /// A connection from the pool (made if none is idle), or `Unavailable`.
     pub async fn client(&self) -> Result<PgClient, StoreError> {
+        self.retire_after_read_only_refusals();
         self.pool.get().await.map_err(pool_err)
+    }
+
+    /// Closes the idle connections if a write was refused as read-only since this pool last
+    /// did (see [`Sessions`]). One atomic load when nothing was refused.
+    fn retire_after_read_only_refusals(&self) {
+        let refusals = READ_ONLY_REFUSALS.load(Ordering::Relaxed);
+        if refusals == self.sessions.refusals_seen.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut retired_at = self
+            .sessions
+            .retired_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if retired_at.is_some_and(|at| at.elapsed() < RETIRE_AT_MOST_EVERY) {
+            return;
+        }
+        *retired_at = Some(Instant::now());
+        self.sessions
+            .refusals_seen
+            .store(refusals, Ordering::Relaxed);
+        let closed = self.pool.retain(|_, _| false).removed.len();
+        tracing::info!(
+            closed,
+            "writes were refused as read-only; idle PostgreSQL connections closed so new sessions take the database's current settings"
+        );
     }
 
     /// Whether a pooled connection's transactions may write: the server is not a standby
     /// (`pg_is_in_recovery()`) and transactions are not read-only by default (what an operator
     /// sets, `default_transaction_read_only`, to stop writes without stopping the server).
-    /// Sets the `tideway_store_refusing_writes` gauge, as the SQLite store does, and the pool's.
+    /// A connection that says no may only remember an old default (see [`Sessions`]): it is
+    /// closed with the idle ones, and a new connection answers. Sets the
+    /// `tideway_store_refusing_writes` gauge, as the SQLite store does, and the pool's.
     pub async fn accepts_writes(&self) -> Result<bool, StoreError> {
         self.record_gauges();
-        let row = query_one(
-            &self.client().await?,
-            "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'",
-            &[],
-        )
-        .await?;
-        let writable: bool = get(&row, 0)?;
+        let mut writable = false;
+        for _ in 0..2 {
+            let client = self.client().await?;
+            let row = query_one(
+                &client,
+                "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'",
+                &[],
+            )
+            .await?;
+            writable = get(&row, 0)?;
+            if writable {
+                break;
+            }
+            drop(deadpool_postgres::Client::take(client));
+            self.pool.retain(|_, _| false);
+        }
         metrics::gauge!(REFUSING_WRITES).set(if writable { 0.0 } else { 1.0 });
         Ok(writable)
     }
@@ -122,14 +204,21 @@ const POOL_WAITING: &str = "tideway_store_pool_waiting";
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 /// Samples the pool's gauges and whether the database takes writes every [`SAMPLE_EVERY`],
-/// until the pool is dropped (the task holds it weakly).
+/// and closes idle connections past [`MAX_CONNECTION_AGE`], until the pool is dropped (the
+/// task holds it weakly).
 fn spawn_sampler(pool: &PgPool) {
     let weak = pool.pool.weak();
+    let sessions = Arc::clone(&pool.sessions);
     tokio::spawn(async move {
         loop {
-            let Some(pool) = weak.upgrade().map(|pool| PgPool { pool }) else {
+            let Some(pool) = weak.upgrade().map(|pool| PgPool {
+                pool,
+                sessions: Arc::clone(&sessions),
+            }) else {
                 return;
             };
+            pool.pool
+                .retain(|_, metrics| metrics.created.elapsed() < MAX_CONNECTION_AGE);
             if let Err(error) = pool.accepts_writes().await {
                 tracing::debug!(%error, "sampling whether PostgreSQL takes writes failed");
             }
@@ -193,7 +282,7 @@ pub async fn connect(url: &str) -> Result<PgPool, ConnectError> {
         .recycle_timeout(Some(POOL_TIMEOUT))
         .build()
         .map_err(|e| ConnectError::InvalidUrl(e.to_string()))?;
-    let pool = PgPool { pool };
+    let pool = PgPool::new(pool);
     pool.client()
         .await?
         .simple_query("SELECT 1")
@@ -424,6 +513,9 @@ fn mapped(e: tokio_postgres::Error) -> StoreError {
     // after a failover) pass; so does a statement refused because one before it in the same
     // transaction failed (statements are pipelined, so the error answered may be the
     // follower's, e.g. after a read-only refusal): the transaction did nothing.
+    if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+        READ_ONLY_REFUSALS.fetch_add(1, Ordering::Relaxed);
+    }
     if *code == SqlState::LOCK_NOT_AVAILABLE
         || *code == SqlState::READ_ONLY_SQL_TRANSACTION
         || *code == SqlState::IN_FAILED_SQL_TRANSACTION
@@ -436,11 +528,26 @@ fn mapped(e: tokio_postgres::Error) -> StoreError {
         // system error (IO), 40 transaction rollback (serialization failure, deadlock: the
         // transaction did nothing and can be run again).
         "08" | "53" | "57" | "58" | "40" => StoreError::Unavailable(described(&e)),
+        // 28 the login refused (a wrong or rotated password, a role that is gone), 3D the
+        // database does not exist, 42501 a privilege missing: the server's configuration,
+        // not damaged data. Nothing was done, and the operator's fix makes a retry work.
+        "28" | "3D" => refused_by_configuration(&e),
+        _ if *code == SqlState::INSUFFICIENT_PRIVILEGE => refused_by_configuration(&e),
         _ => {
             tracing::error!(error = %described(&e), "PostgreSQL failure that retrying cannot fix");
             StoreError::Corrupt(described(&e))
         }
     }
+}
+
+/// A refusal the database's configuration makes (login, database, privilege): `Unavailable`,
+/// logged as what the operator must fix.
+fn refused_by_configuration(e: &tokio_postgres::Error) -> StoreError {
+    tracing::warn!(
+        error = %described(e),
+        "PostgreSQL refuses Tideway: check the user, password and database of the database URL and the user's privileges"
+    );
+    StoreError::Unavailable(described(e))
 }
 
 #[cfg(test)]

@@ -754,3 +754,124 @@ async fn a_lost_commit_answer_is_looked_up_by_transaction_id() {
     assert_eq!(transaction_committed(&pool, running, wait).await, None);
     client.batch_execute("ROLLBACK").await.unwrap();
 }
+
+/// A session keeps the `default_transaction_read_only` it started with. After an operator
+/// resets the database's, a pool whose idle sessions were opened while it was on closes them
+/// once a write is refused as read-only, so writes come back without anyone ending them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_closes_sessions_left_read_only_once_a_write_is_refused() {
+    use tideway_core::store::StoreError;
+    use tideway_store::postgres::pg_err;
+    let db = TestDb::create().await;
+    let admin = db.client().await;
+    let name: String = admin
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE written (a int);
+             ALTER DATABASE {name} SET default_transaction_read_only = on"
+        ))
+        .await
+        .unwrap();
+    let pool = db.pool().await;
+    // Three sessions opened while the database was read-only, back in the pool idle.
+    let held = [
+        pool.client().await.unwrap(),
+        pool.client().await.unwrap(),
+        pool.client().await.unwrap(),
+    ];
+    drop(held);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} RESET default_transaction_read_only"
+        ))
+        .await
+        .unwrap();
+    let insert = "INSERT INTO written VALUES (1)";
+    let mut refused = 0;
+    loop {
+        match pool.client().await.unwrap().execute(insert, &[]).await {
+            Ok(_) => break,
+            Err(e) => {
+                let mapped = pg_err(e);
+                assert!(
+                    matches!(&mapped, StoreError::Unavailable(why) if why.contains("25006")),
+                    "{mapped:?}"
+                );
+                refused += 1;
+                // Retirements are at most one a second (another test's refusal may have
+                // just caused one); a stale pool would be refused for ever.
+                assert!(refused < 40, "the stale sessions were never closed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert!(refused >= 1, "the first write met a stale session");
+    for _ in 0..5 {
+        pool.client()
+            .await
+            .unwrap()
+            .execute(insert, &[])
+            .await
+            .expect("every pooled session takes writes again");
+    }
+}
+
+/// What the server's configuration refuses — a database that does not exist, a login refused,
+/// a privilege missing — is `Unavailable` naming the SQLSTATE (a 503 at the edge; at start, a
+/// message to fix the URL or the grants), not "damaged data".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_by_the_servers_configuration_are_unavailable() {
+    use tideway_core::store::StoreError;
+    use tideway_store::postgres::{ConnectError, connect, pg_err};
+    let db = TestDb::create().await;
+    // `postgres://USER@HOST:PORT/DB`, as `scripts/test` and `TestDb` make it.
+    let (base, dbname) = db.url.rsplit_once('/').unwrap();
+    let (scheme, rest) = base.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let expect_unavailable = |outcome: Result<_, ConnectError>, code: &str| match outcome {
+        Err(ConnectError::Store(StoreError::Unavailable(why))) => {
+            assert!(why.contains(code), "{code}: {why}")
+        }
+        Err(other) => panic!("{code}: {other:?}"),
+        Ok(_) => panic!("{code}: connected"),
+    };
+    expect_unavailable(
+        connect(&format!("{base}/tideway_no_such_database")).await,
+        "3D000",
+    );
+    let admin = db.client().await;
+    let role = format!("tideway_role_{}", uuid::Uuid::new_v4().simple());
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} NOLOGIN; CREATE TABLE private (a int);"
+        ))
+        .await
+        .unwrap();
+    let as_role = format!("{scheme}://{role}@{host}/{dbname}");
+    expect_unavailable(connect(&as_role).await, "28000");
+    admin
+        .batch_execute(&format!("ALTER ROLE {role} LOGIN"))
+        .await
+        .unwrap();
+    let pool = connect(&as_role).await.unwrap();
+    let refused = pool
+        .client()
+        .await
+        .unwrap()
+        .query("SELECT a FROM private", &[])
+        .await
+        .unwrap_err();
+    match pg_err(refused) {
+        StoreError::Unavailable(why) => assert!(why.contains("42501"), "{why}"),
+        other => panic!("42501: {other:?}"),
+    }
+    drop(pool);
+    admin
+        .batch_execute(&format!("DROP TABLE private; DROP ROLE {role}"))
+        .await
+        .unwrap();
+}
