@@ -110,7 +110,7 @@ const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
 /// How long a loop that polls every `poll` waits after `failures` passes in a row that failed
 /// (the database away): `poll` after none, then doubling up to [`MAX_RETRY_WAIT`], so an
 /// outage costs a warning every few seconds a loop rather than ten a second.
-pub(crate) fn retry_wait(poll: Duration, failures: u32) -> Duration {
+pub fn retry_wait(poll: Duration, failures: u32) -> Duration {
     if failures == 0 {
         return poll;
     }

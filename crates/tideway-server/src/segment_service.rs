@@ -506,23 +506,49 @@ impl Drop for SegmentService {
 /// A workspace's worker: steps, then waits for a request's bell or the refresh period. It holds
 /// the service only while it steps, so dropping the service ends it.
 async fn worker(service: Weak<SegmentService>, slot: Arc<Slot>) {
+    // Steps that failed in a row (the database away): the worker then waits longer each
+    // time, up to a few seconds, deaf to requests' bells, and warns once per outage.
+    let mut failures: u32 = 0;
     loop {
         let ok = {
             let Some(service) = service.upgrade() else {
                 return;
             };
             match service.step(&slot).await {
-                Ok(()) => true,
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            failures,
+                            workspace = slot.workspace.0,
+                            "segment index catch-up works again"
+                        );
+                    }
+                    failures = 0;
+                    true
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, workspace = slot.workspace.0, "segment index catch-up failed; will retry");
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        tracing::warn!(error = %e, workspace = slot.workspace.0, "segment index catch-up failed; retrying, less often while it fails");
+                    } else {
+                        tracing::debug!(error = %e, failures, workspace = slot.workspace.0, "segment index catch-up failed again");
+                    }
                     false
                 }
             }
         };
+        if !ok {
+            tokio::time::sleep(tideway_messaging::engine::retry_wait(
+                REFRESH_EVERY,
+                failures,
+            ))
+            .await;
+            continue;
+        }
         let behind = !slot
             .position()
             .is_some_and(|p| covers(p, *lock(&slot.wanted)));
-        if ok && behind {
+        if behind {
             continue;
         }
         tokio::select! {

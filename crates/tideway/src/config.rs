@@ -241,19 +241,64 @@ impl std::fmt::Debug for Database {
     }
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`; a URL without a password
-/// (or not a URL) is returned as it is.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+/// `text` with every password it carries masked as `***`, for logs, messages and
+/// `--print-config`: the password of each URL's user (`postgres://user:secret@host/db` →
+/// `postgres://user:***@host/db`, also inside a longer text such as an error quoting a line of
+/// the configuration file) and every `password=` parameter, of a URL's query
+/// (`?password=secret&…`) or of a `key=value` connection string (`password='s e c'`). Text
+/// without a password is returned as it is. Where a URL is ambiguous (an `@` in its path) more
+/// is masked, never less.
+pub fn redact_url(text: &str) -> String {
+    mask_password_parameters(&mask_user_passwords(text))
+}
+
+/// Masks the password of `scheme://user:password@host…` wherever it appears in `text`.
+fn mask_user_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        // The URL runs to the next blank or quote; its user part to its last `@`.
+        let end = after
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(after.len());
+        let url = &after[..end];
+        match url.rsplit_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                out.push_str(user);
+                out.push_str(":***@");
+                out.push_str(host);
+            }
+            _ => out.push_str(url),
+        }
+        rest = &after[end..];
     }
+    out.push_str(rest);
+    out
+}
+
+/// Masks the value of every `password=` (any case): up to the next `&`, blank or quote, or
+/// the whole of a single-quoted value.
+fn mask_password_parameters(text: &str) -> String {
+    const KEY: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.to_ascii_lowercase().find(KEY) {
+        let (before, after) = rest.split_at(at + KEY.len());
+        out.push_str(before);
+        out.push_str("***");
+        let end = match after.strip_prefix('\'') {
+            Some(quoted) => quoted.find('\'').map_or(after.len(), |close| close + 2),
+            None => after
+                .find(|c: char| c == '&' || c.is_whitespace() || c == '"')
+                .unwrap_or(after.len()),
+        };
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// [`Settings`] with every value decided.
@@ -343,7 +388,10 @@ impl Settings {
     pub fn from_file(path: &Path) -> anyhow::Result<Settings> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| {
+        // The parser's message quotes the offending line, which may hold a password.
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!(redact_url(&e.to_string())))
+            .with_context(|| {
             format!(
                 "{} is not a valid Tideway configuration (keys are the `tideway serve` flag names \
                  without `--`, see `tideway serve --help`)",
@@ -367,8 +415,16 @@ impl Settings {
         let missing = || anyhow::anyhow!("a setting has no default (a bug)");
         let mut resolved = Resolved {
             data_dir: full.data_dir.ok_or_else(missing)?,
-            database: match full.database_url.filter(|u| !u.trim().is_empty()) {
+            database: match full.database_url {
                 None => Database::Sqlite,
+                // Set, but to nothing (an environment variable whose secret did not arrive):
+                // falling back to SQLite would have this node acknowledge writes into a store
+                // of its own while its peers share PostgreSQL.
+                Some(url) if url.trim().is_empty() => anyhow::bail!(
+                    "--database-url (or TIDEWAY_DATABASE_URL, or `database-url` in the \
+                     configuration file) is set but empty; give postgres://USER[:PASSWORD]@HOST:PORT/DATABASE, \
+                     or unset it to use SQLite in the data directory"
+                ),
                 Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                     Database::Postgres(url)
                 }
@@ -545,6 +601,75 @@ pub fn initial_password_path(data_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_masked_wherever_a_text_carries_them() {
+        for (given, shown) in [
+            (
+                "postgres://u:secret@h:5432/db",
+                "postgres://u:***@h:5432/db",
+            ),
+            ("postgres://u:pa/ss@h/db", "postgres://u:***@h/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("postgres://h/db", "postgres://h/db"),
+            (
+                "postgres://u@h/db?password=secret&sslmode=disable",
+                "postgres://u@h/db?password=***&sslmode=disable",
+            ),
+            (
+                "postgres://u@h/db?PASSWORD=secret",
+                "postgres://u@h/db?PASSWORD=***",
+            ),
+            (
+                "host=h password=secret dbname=x",
+                "host=h password=*** dbname=x",
+            ),
+            (
+                "host=h password='s e c' dbname=x",
+                "host=h password=*** dbname=x",
+            ),
+            (
+                "line 2: database_url = \"postgres://postgres:secret@127.0.0.1:5/tw\" unknown",
+                "line 2: database_url = \"postgres://postgres:***@127.0.0.1:5/tw\" unknown",
+            ),
+            (
+                "smtp://user:pw@mail:587 and postgres://a:b@c/d",
+                "smtp://user:***@mail:587 and postgres://a:***@c/d",
+            ),
+            ("no secrets here", "no secrets here"),
+        ] {
+            assert_eq!(redact_url(given), shown, "{given}");
+        }
+    }
+
+    #[test]
+    fn an_empty_database_url_is_refused_rather_than_sqlite() {
+        let settings = Settings {
+            database_url: Some("  ".into()),
+            ..Settings::default()
+        };
+        let error = settings.resolve(None).unwrap_err().to_string();
+        assert!(error.contains("set but empty"), "{error}");
+        let unset = Settings::default().resolve(None).unwrap();
+        assert_eq!(unset.database, Database::Sqlite);
+    }
+
+    #[test]
+    fn a_configuration_file_error_does_not_quote_a_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tideway.toml");
+        std::fs::write(
+            &path,
+            "database_url = \"postgres://postgres:hunter2@127.0.0.1:5432/tw\"\n",
+        )
+        .unwrap();
+        let error = format!("{:#}", Settings::from_file(&path).unwrap_err());
+        assert!(!error.contains("hunter2"), "{error}");
+        assert!(
+            error.contains("not a valid Tideway configuration"),
+            "{error}"
+        );
+    }
     use clap::Parser;
 
     #[derive(Parser)]

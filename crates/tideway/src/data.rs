@@ -20,7 +20,7 @@ use tideway_core::clock::Millis;
 use tideway_core::ids::WorkspaceId;
 use tideway_core::keys::{ApiKey, IpAllowlist, PermissionSet, Secret};
 use tideway_core::store::{NewApiKey, Store};
-use tideway_store::postgres::PgStore;
+use tideway_store::postgres::{ConnectError, PgStore};
 use tideway_store::sqlite::{SqliteOptions, SqliteStore};
 
 use crate::config::{Database, Resolved, database_path, redact_url};
@@ -69,7 +69,8 @@ pub fn open(data_dir: &Path, options: SqliteOptions) -> anyhow::Result<SqliteSto
 
 /// Opens the database the settings name as the whole store contract: the data directory's
 /// SQLite file (created with its directory when `create`, else it must exist), or the
-/// PostgreSQL database of `--database-url` (migrated on open; several nodes may do so at once).
+/// PostgreSQL database of `--database-url` (migrated on open, several nodes may do so at once;
+/// when not `create`, it must have Tideway's tables already).
 pub async fn open_store(settings: &Resolved, create: bool) -> anyhow::Result<Arc<dyn Store>> {
     match &settings.database {
         Database::Sqlite => {
@@ -81,15 +82,26 @@ pub async fn open_store(settings: &Resolved, create: bool) -> anyhow::Result<Arc
             Ok(Arc::new(store))
         }
         Database::Postgres(url) => {
-            let store = PgStore::open_with(url, settings.pg_options())
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot use the PostgreSQL database {}; check that the server is running \
+            let opened = if create {
+                PgStore::open_with(url, settings.pg_options()).await
+            } else {
+                PgStore::open_existing(url, settings.pg_options()).await
+            };
+            if let Err(ConnectError::NoSchema) = opened {
+                anyhow::bail!(
+                    "no Tideway database at {db}: it has no Tideway tables; start a node once with \
+                     `tideway serve --database-url {db}` (or create a workspace with `tideway \
+                     workspaces create NAME --database-url {db}`), or pass the right --database-url",
+                    db = redact_url(url)
+                );
+            }
+            let store = opened.with_context(|| {
+                format!(
+                    "cannot use the PostgreSQL database {}; check that the server is running \
                          and that the user may create tables there, or fix --database-url",
-                        redact_url(url)
-                    )
-                })?;
+                    redact_url(url)
+                )
+            })?;
             Ok(Arc::new(store))
         }
     }
@@ -142,7 +154,7 @@ pub fn open_existing(data_dir: &Path, options: SqliteOptions) -> anyhow::Result<
         anyhow::bail!(
             "no Tideway database at {db}; start the server once with `tideway serve --data-dir {dir}` \
              (or create a workspace with `tideway workspaces create NAME --data-dir {dir}`), or pass the \
-             right --data-dir",
+             right --data-dir (a node on PostgreSQL is named by --database-url, not its data directory)",
             db = database_path(data_dir).display(),
             dir = data_dir.display(),
         );

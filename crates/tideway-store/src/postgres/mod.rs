@@ -54,11 +54,16 @@ const POOL_SIZE: usize = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// The URL is not a PostgreSQL connection string; retrying will not help.
-    #[error("invalid database URL: {0}")]
+    #[error(
+        "invalid database URL: {0} (percent-encode any of @ : / ? # in the user name or password)"
+    )]
     InvalidUrl(String),
     /// The URL parsed but the server could not be used.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The database answers but holds no Tideway schema ([`PgStore::open_existing`]).
+    #[error("the database has no Tideway schema")]
+    NoSchema,
 }
 
 /// A pool of connections to one PostgreSQL database.
@@ -322,7 +327,27 @@ impl PgStore {
 
     /// [`PgStore::open`] with options.
     pub async fn open_with(url: &str, options: PgOptions) -> Result<PgStore, ConnectError> {
+        PgStore::opened(connect(url).await?, options).await
+    }
+
+    /// [`PgStore::open_with`] on a database a node has already set up: one without Tideway's
+    /// schema is refused ([`ConnectError::NoSchema`]) rather than given one, so an admin
+    /// command pointed at the wrong database says so instead of creating tables there.
+    pub async fn open_existing(url: &str, options: PgOptions) -> Result<PgStore, ConnectError> {
         let pool = connect(url).await?;
+        let row = query_one(
+            &pool.client().await?,
+            "SELECT to_regclass('schema_migrations') IS NOT NULL",
+            &[],
+        )
+        .await?;
+        if !get::<bool>(&row, 0)? {
+            return Err(ConnectError::NoSchema);
+        }
+        PgStore::opened(pool, options).await
+    }
+
+    async fn opened(pool: PgPool, options: PgOptions) -> Result<PgStore, ConnectError> {
         migrate(&pool).await?;
         spawn_sampler(&pool);
         Ok(PgStore {

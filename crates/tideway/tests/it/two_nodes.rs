@@ -601,4 +601,45 @@ async fn the_admin_cli_works_on_postgres_and_says_what_is_wrong_with_a_database_
         said.contains("postgres://tideway:***@127.0.0.1:1/tideway") && !said.contains("hunter2"),
         "the password never shows: {said}"
     );
+    let down = tideway(&[
+        "workspaces",
+        "list",
+        "--database-url",
+        "postgres://tideway@127.0.0.1:1/tideway?password=hunter2",
+    ])
+    .await;
+    let said = stderr(&down);
+    assert!(
+        said.contains("?password=***") && !said.contains("hunter2"),
+        "nor as a parameter: {said}"
+    );
+    // An empty setting is refused, not taken for "SQLite in the data directory".
+    let empty = tideway(&["workspaces", "list", "--database-url", ""]).await;
+    assert!(!empty.status.success());
+    assert!(
+        stderr(&empty).contains("set but empty"),
+        "{}",
+        stderr(&empty)
+    );
+
+    // An admin command pointed at a database no node has set up says so, and leaves it empty.
+    let other = TestDb::create().await;
+    let blank = tideway(&["workspaces", "list", "--database-url", &other.url]).await;
+    assert!(!blank.status.success());
+    assert!(
+        stderr(&blank).contains("has no Tideway tables"),
+        "{}",
+        stderr(&blank)
+    );
+    let tables: i64 = other
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "no table was created");
 }
