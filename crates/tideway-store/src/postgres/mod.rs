@@ -521,7 +521,8 @@ fn mapped(e: tokio_postgres::Error) -> StoreError {
     };
     let code = db.code();
     if *code == SqlState::UNIQUE_VIOLATION {
-        tracing::info!(error = %described(&e), "uniqueness rule broken");
+        // Often expected (a name taken, nodes racing to create the first admin): debug.
+        tracing::debug!(error = %described(&e), "uniqueness rule broken");
         return StoreError::Conflict("a record with the same key".to_owned());
     }
     // The caller's text, which PostgreSQL cannot store: a NUL character (a JSON `\u0000` in a

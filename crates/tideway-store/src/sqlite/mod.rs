@@ -171,7 +171,7 @@ fn mapped(e: rusqlite::Error) -> StoreError {
         | C::SchemaChanged
         | C::NoLargeFileSupport => StoreError::Unavailable(e.to_string()),
         C::ConstraintViolation => {
-            tracing::info!(error = %e, "uniqueness rule broken");
+            tracing::debug!(error = %e, "uniqueness rule broken");
             StoreError::Conflict("a record with the same key".to_owned())
         }
         _ => {
