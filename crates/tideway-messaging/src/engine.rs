@@ -108,7 +108,7 @@ impl<S: ?Sized> Drop for Engine<S> {
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a loop that polls every `poll` waits after `failures` passes in a row that failed
-/// (the database away): `poll` after none, then doubling up to [`MAX_RETRY_WAIT`], so an
+/// (the database away): `poll` after none, then doubling up to `MAX_RETRY_WAIT` (5 s), so an
 /// outage costs a warning every few seconds a loop rather than ten a second.
 pub fn retry_wait(poll: Duration, failures: u32) -> Duration {
     if failures == 0 {

@@ -161,7 +161,7 @@ impl PgPool {
     /// Whether a pooled connection's transactions may write: the server is not a standby
     /// (`pg_is_in_recovery()`) and transactions are not read-only by default (what an operator
     /// sets, `default_transaction_read_only`, to stop writes without stopping the server).
-    /// A connection that says no may only remember an old default (see [`Sessions`]): it is
+    /// A connection that says no may only remember an old default (see `Sessions`): it is
     /// closed with the idle ones, and a new connection answers. Sets the
     /// `tideway_store_refusing_writes` gauge, as the SQLite store does, and the pool's.
     pub async fn accepts_writes(&self) -> Result<bool, StoreError> {
