@@ -168,6 +168,11 @@ impl TestDb {
         connect(&self.url).await.unwrap()
     }
 
+    /// The database's name (for `ALTER DATABASE`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// A plain connection outside any pool, for holding locks and reading the catalog.
     pub async fn client(&self) -> Client {
         admin(&self.url).await

@@ -25,11 +25,7 @@ async fn health_is_503_read_only_while_postgresql_refuses_writes() {
         return; // SQLite: its writer's refusal is not something a test can arrange from outside.
     };
     let admin = db.client().await;
-    let name: String = admin
-        .query_one("SELECT current_database()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let name = db.name();
     // Settings of a database apply to sessions opened after the change: end the pool's.
     let flip = |setting: &'static str| {
         let (admin, name) = (&admin, &name);

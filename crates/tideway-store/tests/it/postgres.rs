@@ -764,11 +764,7 @@ async fn a_pool_closes_sessions_left_read_only_once_a_write_is_refused() {
     use tideway_store::postgres::pg_err;
     let db = TestDb::create().await;
     let admin = db.client().await;
-    let name: String = admin
-        .query_one("SELECT current_database()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let name = db.name();
     admin
         .batch_execute(&format!(
             "CREATE TABLE written (a int);

@@ -815,20 +815,28 @@ mod tests {
         assert_eq!(left, 0, "tables, indexes and sequences are all dropped");
     }
 
+    /// A floor of `shape` over `users` users, run by 3 connections for 300 ms on a migrated
+    /// database (a node migrates it before the limits run; here the store does): the database,
+    /// the floor, the objects it sent (some), and a connection to check its tables with.
+    async fn ran_floor(
+        shape: FloorShape,
+        users: u64,
+    ) -> (TestDb, Floor, u64, tokio_postgres::Client) {
+        let db = TestDb::create().await;
+        PgStore::open(&db.url).await.unwrap();
+        let floor = Floor::create(&db.url, users, shape).await.unwrap();
+        let LimitRun { count: sent, .. } = floor.run(3, Duration::from_millis(300)).await.unwrap();
+        assert!(sent > 0);
+        let check = db.client().await;
+        (db, floor, sent, check)
+    }
+
     /// The schema floor writes Tideway's table shapes as Tideway would: a user created once per
     /// external id (then rewritten), a log row per object sent with its Currents event type and
     /// its user, and copies that carry the real tables' indexes, partial ones included.
     #[tokio::test]
     async fn the_schema_floor_writes_tideway_shaped_rows_into_copies_of_its_tables() {
-        let db = TestDb::create().await;
-        // A node migrates the database before the limits run; here the store does it.
-        PgStore::open(&db.url).await.unwrap();
-        let floor = Floor::create(&db.url, 500, FloorShape::Schema)
-            .await
-            .unwrap();
-        let LimitRun { count: sent, .. } = floor.run(3, Duration::from_millis(300)).await.unwrap();
-        assert!(sent > 0);
-        let check = db.client().await;
+        let (_db, floor, sent, check) = ran_floor(FloorShape::Schema, 500).await;
         let (users, log) = (&floor.users_table, &floor.log_table);
         let row = check
             .query_one(
@@ -887,15 +895,8 @@ mod tests {
     /// purchases named keeps the empty profile it was created with.
     #[tokio::test]
     async fn the_summaries_floor_rewrites_profiles_only_for_attribute_objects() {
-        let db = TestDb::create().await;
-        PgStore::open(&db.url).await.unwrap();
         // Users enough that some are named by events only in the first batches.
-        let floor = Floor::create(&db.url, 100_000, FloorShape::Summaries)
-            .await
-            .unwrap();
-        let LimitRun { count: sent, .. } = floor.run(3, Duration::from_millis(300)).await.unwrap();
-        assert!(sent > 0);
-        let check = db.client().await;
+        let (_db, floor, sent, check) = ran_floor(FloorShape::Summaries, 100_000).await;
         let (users, log) = (&floor.users_table, &floor.log_table);
         let row = check
             .query_one(
