@@ -575,6 +575,9 @@ impl CampaignDefinition {
         mut new_id: impl FnMut() -> String,
         saving: Saving,
     ) -> Result<(CampaignDefinition, Value), DefinitionError> {
+        if saving == Saving::New {
+            refuse_nul(raw, "")?;
+        }
         let obj = raw
             .as_object()
             .ok_or_else(|| bad("$", "must be a JSON object"))?;
@@ -948,6 +951,41 @@ pub(crate) fn id_field(
 pub(crate) enum Saving {
     New,
     Stored,
+}
+
+/// Refuses a definition (campaign or Canvas) with a NUL character in any of its strings or
+/// keys, naming where: every id, name and text in it reaches the database as text or a query
+/// parameter (variation ids on each message's events, event names a Canvas scans the log for),
+/// which PostgreSQL cannot hold, so one would fail later, on one backend only, and
+/// in the middle of a send or a scan rather than on save.
+pub(crate) fn refuse_nul(value: &Value, path: &str) -> Result<(), DefinitionError> {
+    let here = |path: &str| {
+        if path.is_empty() {
+            "$".to_owned()
+        } else {
+            path.to_owned()
+        }
+    };
+    let nul = |path: &str| bad(here(path), "must not contain a NUL character (\\u0000)");
+    match value {
+        Value::String(s) if s.contains('\0') => Err(nul(path)),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| refuse_nul(item, &format!("{path}[{i}]"))),
+        Value::Object(fields) => fields.iter().try_for_each(|(key, item)| {
+            let at = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            if key.contains('\0') {
+                return Err(nul(&at));
+            }
+            refuse_nul(item, &at)
+        }),
+        _ => Ok(()),
+    }
 }
 
 pub(crate) fn parse_variant(
@@ -1536,6 +1574,18 @@ mod tests {
         // Parsing the canonical form again does not mint new ids.
         let (_, again) = CampaignDefinition::parse(&canonical, || unreachable!()).unwrap();
         assert_eq!(again, canonical);
+    }
+
+    /// A NUL in a variation's id (which every event of its messages carries) is refused on
+    /// save, as anywhere in a campaign; one saved before the check still loads.
+    #[test]
+    fn a_nul_in_a_variation_id_is_refused_on_save_only() {
+        let mut c = email_campaign();
+        c["messages"][0]["id"] = json!("v\u{0}");
+        let e = CampaignDefinition::parse(&c, ids()).unwrap_err();
+        assert_eq!(e.path, "messages[0].id");
+        assert!(e.message.contains("NUL"), "{e:?}");
+        assert!(CampaignDefinition::load(&c).is_ok());
     }
 
     /// A line break in `from` or `reply_to` is refused on save (every send would abort), and a

@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use crate::campaigns::{
     Audience, ConversionEvent, ConversionKind, DefinitionError, Delivery, Occurrence, Saving,
     Trigger, Variant, bad, conversion_json, parse_audience, parse_conversion, parse_delivery,
-    parse_trigger, parse_variant, string_field, time_field,
+    parse_trigger, parse_variant, refuse_nul, string_field, time_field,
 };
 use crate::clock::Millis;
 
@@ -349,6 +349,9 @@ impl CanvasDefinition {
         mut new_id: impl FnMut() -> String,
         saving: Saving,
     ) -> Result<(CanvasDefinition, Value), DefinitionError> {
+        if saving == Saving::New {
+            refuse_nul(raw, "")?;
+        }
         let obj = raw
             .as_object()
             .ok_or_else(|| bad("$", "must be a JSON object"))?;
@@ -1464,6 +1467,35 @@ mod tests {
                 {"id": "mail", "type": "message", "message": {"channel": "email", "from": "T <t@example.com>", "subject": "Again", "body": "y"}}
             ]
         })
+    }
+
+    /// A NUL anywhere in a Canvas (an event it scans the log for, an id, a key) is refused
+    /// on save with where it is; one saved before the check still loads.
+    #[test]
+    fn a_nul_anywhere_in_a_canvas_is_refused_on_save_only() {
+        let mut c = trial();
+        c["exit_criteria"]["exception_events"][0]["custom_event"]["name"] = json!("q\u{0}");
+        let e = CanvasDefinition::parse(&c, ids()).unwrap_err();
+        assert_eq!(
+            (e.path.as_str(), e.message.as_str()),
+            (
+                "exit_criteria.exception_events[0].custom_event.name",
+                "must not contain a NUL character (\\u0000)"
+            )
+        );
+        assert!(CanvasDefinition::load(&c).is_ok());
+        let mut c = trial();
+        c["steps"][1]["id"] = json!("w\u{0}");
+        assert_eq!(
+            CanvasDefinition::parse(&c, ids()).unwrap_err().path,
+            "steps[1].id"
+        );
+        let mut c = trial();
+        c["steps"][0]["message"]["x\u{0}"] = json!(1);
+        assert_eq!(
+            CanvasDefinition::parse(&c, ids()).unwrap_err().path,
+            "steps[0].message.x\u{0}"
+        );
     }
 
     #[test]

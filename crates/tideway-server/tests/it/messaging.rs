@@ -689,6 +689,45 @@ async fn a_nul_in_a_messaging_id_is_the_fields_not_found_answer() {
     }
 }
 
+/// A NUL in a campaign's, an ad-hoc message's or a Canvas's definition is a 400 on save naming
+/// where, on both backends: PostgreSQL would refuse it later, in the middle of a send (a
+/// variation id every event carries) or of a Canvas scan (an event name it looks for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_in_a_definition_is_refused_on_save() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1"}])).await;
+    let mut campaign = t.webhook_campaign("News", json!({}));
+    campaign["messages"][0]["id"] = json!("v\u{0}");
+    let webhook = json!({"url": t.hook_url, "request_method": "POST", "body": "x", "message_variation_id": "m\u{0}"});
+    let canvas = json!({
+        "name": "Exit",
+        "entry": {"type": "api_triggered"},
+        "exit_criteria": {"exception_events": [{"custom_event": {"name": "q\u{0}"}}]},
+        "steps": [{"id": "w", "type": "delay", "delay": {"seconds": 5}}]
+    });
+    for (path, body, field) in [
+        ("/api/v1/campaigns", campaign, "messages[0].id"),
+        (
+            "/messages/send",
+            json!({"external_user_ids": ["u1"], "messages": {"webhook": webhook}}),
+            "message_variation_id",
+        ),
+        (
+            "/api/v1/canvases",
+            canvas,
+            "exit_criteria.exception_events[0].custom_event.name",
+        ),
+    ] {
+        let a = t.s.post(path, &t.key, body).await;
+        assert_eq!(a.status, 400, "{path}: {a:?}");
+        let said = a.body.to_string();
+        assert!(
+            said.contains(field) && said.contains("NUL"),
+            "{path}: {said}"
+        );
+    }
+}
+
 /// A broadcast of an API-triggered campaign without a `send_id` gets one (Braze's rule), named
 /// in the answer and carried by its messages' events; a send to named recipients does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
