@@ -550,6 +550,50 @@ pub struct CampaignDefinition {
     pub obey_frequency_caps: bool,
     pub rate_limit_per_minute: Option<u32>,
     pub conversion_events: Vec<ConversionEvent>,
+    /// Who its emails may go to, by `email_subscribe`.
+    pub recipient_subscription_state: SubscriptionState,
+}
+
+/// Which users a campaign's emails go to, by their `email_subscribe` (Braze's
+/// `recipient_subscription_state`; a definition's key of that name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SubscriptionState {
+    /// Everyone but those who unsubscribed (Braze's default).
+    #[default]
+    Subscribed,
+    /// Only users who opted in.
+    OptedIn,
+    /// Everyone, those who unsubscribed included (transactional email: receipts, resets).
+    All,
+}
+
+impl SubscriptionState {
+    pub fn parse(s: &str) -> Option<SubscriptionState> {
+        match s {
+            "subscribed" => Some(SubscriptionState::Subscribed),
+            "opted_in" => Some(SubscriptionState::OptedIn),
+            "all" => Some(SubscriptionState::All),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionState::Subscribed => "subscribed",
+            SubscriptionState::OptedIn => "opted_in",
+            SubscriptionState::All => "all",
+        }
+    }
+
+    /// Whether an email may go to a user whose `email_subscribe` is `state` (`None`: never
+    /// set, which Braze counts as subscribed).
+    pub fn admits(self, state: Option<&str>) -> bool {
+        match self {
+            SubscriptionState::Subscribed => state != Some("unsubscribed"),
+            SubscriptionState::OptedIn => state == Some("opted_in"),
+            SubscriptionState::All => true,
+        }
+    }
 }
 
 /// The outcome of assigning a user to a variant.
@@ -701,6 +745,26 @@ impl CampaignDefinition {
             Value::Array(conversion_events.iter().map(conversion_json).collect()),
         );
 
+        let recipient_subscription_state = match obj.get("recipient_subscription_state") {
+            None | Some(Value::Null) => SubscriptionState::default(),
+            Some(v) => v
+                .as_str()
+                .and_then(SubscriptionState::parse)
+                .ok_or_else(|| {
+                    bad(
+                        "recipient_subscription_state",
+                        "must be subscribed, opted_in or all",
+                    )
+                })?,
+        };
+        // Kept only when not the default, so definitions saved before it read back the same.
+        if recipient_subscription_state != SubscriptionState::default() {
+            canonical.insert(
+                "recipient_subscription_state".into(),
+                json!(recipient_subscription_state.as_str()),
+            );
+        }
+
         Ok((
             CampaignDefinition {
                 variants,
@@ -711,6 +775,7 @@ impl CampaignDefinition {
                 obey_frequency_caps,
                 rate_limit_per_minute,
                 conversion_events,
+                recipient_subscription_state,
             },
             Value::Object(canonical),
         ))
@@ -1574,6 +1639,43 @@ mod tests {
         // Parsing the canonical form again does not mint new ids.
         let (_, again) = CampaignDefinition::parse(&canonical, || unreachable!()).unwrap();
         assert_eq!(again, canonical);
+    }
+
+    /// `recipient_subscription_state` says whose `email_subscribe` admits an email; the
+    /// canonical form keeps it only when it is not the default, so older definitions read back
+    /// unchanged.
+    #[test]
+    fn the_recipient_subscription_state_is_parsed_kept_and_applied() {
+        use SubscriptionState as S;
+        for (state, never, subscribed, opted_in, unsubscribed) in [
+            (S::Subscribed, true, true, true, false),
+            (S::OptedIn, false, false, true, false),
+            (S::All, true, true, true, true),
+        ] {
+            let admitted = [
+                None,
+                Some("subscribed"),
+                Some("opted_in"),
+                Some("unsubscribed"),
+            ]
+            .map(|s| state.admits(s));
+            assert_eq!(
+                admitted,
+                [never, subscribed, opted_in, unsubscribed],
+                "{state:?}"
+            );
+        }
+        let (def, canonical) = CampaignDefinition::parse(&email_campaign(), ids()).unwrap();
+        assert_eq!(def.recipient_subscription_state, S::Subscribed);
+        assert!(canonical.get("recipient_subscription_state").is_none());
+        let mut c = email_campaign();
+        c["recipient_subscription_state"] = json!("all");
+        let (def, canonical) = CampaignDefinition::parse(&c, ids()).unwrap();
+        assert_eq!(def.recipient_subscription_state, S::All);
+        assert_eq!(CampaignDefinition::load(&canonical).unwrap(), def);
+        c["recipient_subscription_state"] = json!("everyone");
+        let e = CampaignDefinition::parse(&c, ids()).unwrap_err();
+        assert_eq!(e.path, "recipient_subscription_state");
     }
 
     /// A NUL in a variation's id (which every event of its messages carries) is refused on

@@ -29,8 +29,8 @@ use rustc_hash::FxHashMap;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tideway_core::campaigns::{
-    CampaignDefinition, CampaignStatus, Delivery, EmailContent, FrequencyCap, Message, Variant,
-    WebhookContent, user_dispatch_id,
+    CampaignDefinition, CampaignStatus, Delivery, EmailContent, FrequencyCap, Message,
+    SubscriptionState, Variant, WebhookContent, user_dispatch_id,
 };
 use tideway_core::clock::Millis;
 use tideway_core::currents::{CurrentsEvent, EventUser};
@@ -1199,9 +1199,13 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             .standard
             .get(&StandardField::EmailSubscribe)
             .and_then(Value::as_str);
-        if subscription == Some("unsubscribed") {
-            metrics::counter!("tideway_messages_skipped_total", "reason" => "unsubscribed")
-                .increment(1);
+        let wanted = ctx.compiled.definition.recipient_subscription_state;
+        if !wanted.admits(subscription) {
+            let reason = match wanted {
+                SubscriptionState::OptedIn => "not_opted_in",
+                _ => "unsubscribed",
+            };
+            metrics::counter!("tideway_messages_skipped_total", "reason" => reason).increment(1);
             return fail(c, Vec::new());
         }
         let Some(smtp) = &self.channels.smtp else {

@@ -26,7 +26,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tideway_core::campaigns::{
-    CampaignDefinition, CampaignStatus, DefinitionError, Delivery, Message,
+    CampaignDefinition, CampaignStatus, DefinitionError, Delivery, Message, SubscriptionState,
 };
 use tideway_core::clock::{Millis, parse_datetime};
 use tideway_core::ids::{BrazeId, Email, ExternalId};
@@ -390,6 +390,8 @@ pub struct MessagesSend {
     pub campaign_id: Option<String>,
     pub messages: Map<String, Value>,
     pub send: ApiSend,
+    /// Who the emails may go to (`recipient_subscription_state`).
+    pub subscription: SubscriptionState,
 }
 
 /// Parses a `/messages/send` body (`braze-messaging.md` §3.3).
@@ -430,21 +432,24 @@ pub fn parse_messages_send(
     };
     let send_id = send_id_field(body)?;
     let mut audience = audience_field(body, at)?;
-    match body.get("recipient_subscription_state") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s == "subscribed" || s == "all" => {}
-        Some(Value::String(s)) if s == "opted_in" => {
-            let opted_in = json!({"attribute": {"name": "email_subscribe", "op": "equals", "value": "opted_in"}});
-            audience = Some(match audience {
-                None => opted_in,
-                Some(a) => json!({"and": [a, opted_in]}),
-            });
-        }
-        Some(_) => {
-            return Err(malformed(
-                "recipient_subscription_state must be opted_in, subscribed or all",
-            ));
-        }
+    let subscription = match body.get("recipient_subscription_state") {
+        None | Some(Value::Null) => SubscriptionState::default(),
+        Some(v) => v
+            .as_str()
+            .and_then(SubscriptionState::parse)
+            .ok_or_else(|| {
+                malformed("recipient_subscription_state must be opted_in, subscribed or all")
+            })?,
+    };
+    // Opted-in only: the others are not even targeted (the dispatcher checks again at send
+    // time, as the state may change before then).
+    if subscription == SubscriptionState::OptedIn {
+        let opted_in =
+            json!({"attribute": {"name": "email_subscribe", "op": "equals", "value": "opted_in"}});
+        audience = Some(match audience {
+            None => opted_in,
+            Some(a) => json!({"and": [a, opted_in]}),
+        });
     }
     let mut recipients = Vec::with_capacity(named);
     for (i, v) in external_ids.iter().enumerate() {
@@ -490,6 +495,7 @@ pub fn parse_messages_send(
     Ok(MessagesSend {
         campaign_id,
         messages,
+        subscription,
         send: ApiSend {
             send_id,
             properties: None,
@@ -717,6 +723,7 @@ pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Respon
 /// not send (the answer's `errors`).
 pub(crate) fn checked_adhoc_definition(
     messages: &Map<String, Value>,
+    subscription: SubscriptionState,
 ) -> Result<(Value, Vec<String>), ApiError> {
     let channels: Vec<&str> = messages
         .keys()
@@ -735,6 +742,15 @@ pub(crate) fn checked_adhoc_definition(
             malformed(format!("{}: {}", adhoc_path(&e.path, &channels), e.message))
         }
     })?;
+    let mut definition = definition;
+    if subscription != SubscriptionState::default()
+        && let Value::Object(fields) = &mut definition
+    {
+        fields.insert(
+            "recipient_subscription_state".into(),
+            json!(subscription.as_str()),
+        );
+    }
     let def = CampaignDefinition::load(&definition).map_err(|e| {
         tracing::error!(error = %e, "an ad-hoc definition does not load back");
         ApiError::Internal
@@ -860,7 +876,8 @@ pub(crate) async fn send_adhoc(
         check_campaign_variants(&campaign, &parsed.messages)?;
     }
     check_segment_id(state, ws.id, body).await?;
-    let (definition, unsupported) = checked_adhoc_definition(&parsed.messages)?;
+    let (definition, unsupported) =
+        checked_adhoc_definition(&parsed.messages, parsed.subscription)?;
     let outcome = send_messages(
         state.store(),
         api.audiences.as_ref(),

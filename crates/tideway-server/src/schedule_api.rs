@@ -440,7 +440,10 @@ async fn replace_messages(
             body.insert("message_variation_id".into(), json!(variant));
         }
     }
-    let (definition, _) = crate::messaging_api::checked_adhoc_definition(&with_ids)?;
+    let (definition, _) = crate::messaging_api::checked_adhoc_definition(
+        &with_ids,
+        old.recipient_subscription_state,
+    )?;
     if !state
         .store()
         .replace_adhoc_definition(workspace, id, definition)

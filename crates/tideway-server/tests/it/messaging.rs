@@ -419,11 +419,37 @@ async fn email_is_rendered_tracked_and_unsubscribes() {
         .await;
     let user = t.s.export_external(&t.key, "u1").await.unwrap();
     assert_eq!(user["email_subscribe"], "unsubscribed", "{user}");
-    // An unsubscribed user is not sent to.
+    // An unsubscribed user is not sent to...
     let a = t.trigger(&id, json!([{"external_user_id": "u1"}])).await;
     assert_eq!(a.status, 201, "{a:?}");
+    // ...unless a send asks for everyone (`recipient_subscription_state: all`, Braze's
+    // transactional email); `subscribed` (the default) and `opted_in` still skip them.
+    let email = |subject: &str| json!({"email": {"from": "Team <team@tideway.example>", "subject": subject, "body": "<p>x</p>"}});
+    for (state, subject) in [
+        (Value::Null, "default"),
+        (json!("subscribed"), "subscribed"),
+        (json!("opted_in"), "opted_in"),
+        (json!("all"), "all"),
+    ] {
+        let a =
+            t.s.post(
+                "/messages/send",
+                &t.key,
+                json!({"external_user_ids": ["u1"], "recipient_subscription_state": state, "messages": email(subject)}),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{state}: {a:?}");
+    }
+    let mails = t.smtp.wait_for(2, DEADLINE).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(t.smtp.messages().len(), 1);
+    let subjects: Vec<Option<String>> = t
+        .smtp
+        .messages()
+        .iter()
+        .map(|m| m.header("Subject"))
+        .collect();
+    assert_eq!(mails[1].header("Subject").as_deref(), Some("all"));
+    assert_eq!(subjects.len(), 2, "{subjects:?}");
 }
 
 /// GETs `path` with the setup's key (or `key`).
