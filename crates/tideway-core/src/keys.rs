@@ -45,6 +45,7 @@ pub enum Permission {
     MessagesScheduleCreate,
     MessagesScheduleUpdate,
     MessagesScheduleDelete,
+    MessagesScheduleBroadcasts,
     SendsIdCreate,
     SendsDataSeries,
     CanvasManage,
@@ -58,7 +59,7 @@ pub enum Permission {
 }
 
 impl Permission {
-    pub const ALL: [Permission; 37] = [
+    pub const ALL: [Permission; 38] = [
         Permission::UsersTrack,
         Permission::UsersIdentify,
         Permission::UsersAliasNew,
@@ -86,6 +87,7 @@ impl Permission {
         Permission::MessagesScheduleCreate,
         Permission::MessagesScheduleUpdate,
         Permission::MessagesScheduleDelete,
+        Permission::MessagesScheduleBroadcasts,
         Permission::SendsIdCreate,
         Permission::SendsDataSeries,
         Permission::CanvasManage,
@@ -127,6 +129,7 @@ impl Permission {
             Permission::MessagesScheduleCreate => "messages.schedule.create",
             Permission::MessagesScheduleUpdate => "messages.schedule.update",
             Permission::MessagesScheduleDelete => "messages.schedule.delete",
+            Permission::MessagesScheduleBroadcasts => "messages.schedule_broadcasts",
             Permission::SendsIdCreate => "sends.id.create",
             Permission::SendsDataSeries => "sends.data_series",
             Permission::CanvasManage => "canvas.manage",

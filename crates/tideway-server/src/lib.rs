@@ -417,6 +417,10 @@ pub fn app_with_messaging(
         )
         .route("/sends/id/create", post(schedule_api::send_id_create))
         .route("/sends/data_series", get(schedule_api::sends_data_series))
+        .route(
+            "/messages/scheduled_broadcasts",
+            get(schedule_api::scheduled_broadcasts),
+        )
         .route("/campaigns/list", get(messaging_api::campaigns_list))
         .route("/campaigns/details", get(messaging_api::campaigns_details))
         .route("/t/o/{token}", get(tracking_api::open))

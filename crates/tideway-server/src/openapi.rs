@@ -72,6 +72,7 @@ use crate::wire;
         crate::schedule_api::messages_schedule_delete,
         crate::schedule_api::send_id_create,
         crate::schedule_api::sends_data_series,
+        crate::schedule_api::scheduled_broadcasts,
         crate::canvases_api::create,
         crate::canvases_api::list,
         crate::canvases_api::get_one,

@@ -24,7 +24,8 @@ use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use tideway_core::campaigns::CampaignDefinition;
+use tideway_core::campaigns::{CampaignDefinition, CampaignStatus, Delivery};
+use tideway_core::canvas::CanvasDefinition;
 use tideway_core::clock::{Millis, parse_datetime};
 use tideway_core::keys::Permission;
 use tideway_core::store::{SendSeriesFigure, SendStat, StoreError};
@@ -700,9 +701,212 @@ pub async fn sends_data_series(
     .await
 }
 
+/// A launched campaign's or Canvas's next scheduled occurrence (`/messages/scheduled_broadcasts`).
+#[derive(Debug, PartialEq)]
+struct Broadcast {
+    next: Millis,
+    in_local_time: bool,
+    kind: &'static str,
+    id: String,
+    name: String,
+}
+
+/// The next occurrence after `now`, if any before `end`, of a launched (active) campaign or
+/// Canvas delivered by `delivery`, when that is a time-based schedule.
+fn next_broadcast(
+    delivery: &Delivery,
+    status: CampaignStatus,
+    now: Millis,
+    end: Millis,
+) -> Option<(Millis, bool)> {
+    let Delivery::Scheduled(schedule) = delivery else {
+        return None;
+    };
+    if status != CampaignStatus::Active {
+        return None;
+    }
+    let next = schedule.next_after(now)?;
+    let ended = schedule.end.is_some_and(|last| next.0 > last.0);
+    (next.0 <= end.0 && !ended).then_some((next, schedule.in_local_time))
+}
+
+/// Braze's entry for one broadcast: `next_send_time` an ISO 8601 UTC time, or the wall-clock
+/// time without a zone when each user gets it in their own (`schedule_type`
+/// `local_time_zones`; otherwise the company's zone, which is UTC in Tideway).
+fn broadcast_json(b: &Broadcast) -> Value {
+    let iso = b.next.to_iso();
+    let (next_send_time, schedule_type) = if b.in_local_time {
+        (iso[..19].replacen('T', " ", 1), "local_time_zones")
+    } else {
+        (iso, "UTC")
+    };
+    json!({
+        "name": b.name,
+        "id": b.id,
+        "type": b.kind,
+        "tags": [],
+        "next_send_time": next_send_time,
+        "schedule_type": schedule_type,
+    })
+}
+
+/// `GET /messages/scheduled_broadcasts?end_time=…`: the launched campaigns and Canvases
+/// scheduled by time whose next occurrence is between now and `end_time`, each once (a
+/// recurring one at its next occurrence), soonest first. As in Braze, sends scheduled through
+/// the API (`/…/schedule/create`) are not listed.
+#[utoipa::path(
+    get,
+    path = "/messages/scheduled_broadcasts",
+    tag = "messaging",
+    summary = "Braze: upcoming scheduled campaigns and Canvases (messages.schedule_broadcasts)",
+    params(("end_time" = String, Query, description = "ISO 8601 time: list what is scheduled from now until then")),
+    responses(
+        (status = 200, description = "`{\"message\": \"success\", \"scheduled_broadcasts\": [{name, id, type: \"Campaign\"|\"Canvas\", tags, next_send_time, schedule_type}]}`", body = Object),
+        (status = 400, description = "`end_time` missing or not an ISO 8601 time", body = crate::wire::ErrorBody),
+    ),
+    security(("bearer_auth" = []))
+)]
+pub async fn scheduled_broadcasts(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+    req: Request,
+) -> Response {
+    management(
+        state,
+        Permission::MessagesScheduleBroadcasts,
+        req,
+        |state, caller, _| async move {
+            let end = match params.get("end_time") {
+                None => return Err(ApiError::malformed("end_time is required")),
+                Some(t) => parse_datetime(t)
+                    .ok_or_else(|| ApiError::malformed("end_time must be an ISO 8601 time"))?,
+            };
+            let now = now();
+            let ws = caller.workspace.id;
+            let mut found = Vec::new();
+            for c in state.store().list_campaigns(ws).await? {
+                let Ok(def) = CampaignDefinition::load(&c.definition) else {
+                    continue;
+                };
+                if let Some((next, in_local_time)) =
+                    next_broadcast(&def.delivery, c.status, now, end)
+                {
+                    found.push(Broadcast {
+                        next,
+                        in_local_time,
+                        kind: "Campaign",
+                        id: c.id,
+                        name: c.name,
+                    });
+                }
+            }
+            for c in state.store().list_canvases(ws).await? {
+                let Ok(def) = CanvasDefinition::load(&c.definition) else {
+                    continue;
+                };
+                if let Some((next, in_local_time)) = next_broadcast(&def.entry, c.status, now, end)
+                {
+                    found.push(Broadcast {
+                        next,
+                        in_local_time,
+                        kind: "Canvas",
+                        id: c.id,
+                        name: c.name,
+                    });
+                }
+            }
+            found.sort_by(|a, b| (a.next, &a.id).cmp(&(b.next, &b.id)));
+            let listed: Vec<Value> = found.iter().map(broadcast_json).collect();
+            Ok(
+                axum::Json(json!({"message": "success", "scheduled_broadcasts": listed}))
+                    .into_response(),
+            )
+        },
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broadcast_is_its_next_occurrence_in_the_window_of_a_launched_schedule() {
+        use tideway_core::campaigns::{Frequency, Schedule};
+        let day = 86_400_000;
+        let now = Millis(1_700_000_000_000);
+        let daily = |in_local_time| {
+            Delivery::Scheduled(Schedule {
+                frequency: Frequency::Daily { minute_of_day: 570 },
+                start: None,
+                end: None,
+                in_local_time,
+            })
+        };
+        let (next, local) = next_broadcast(
+            &daily(false),
+            CampaignStatus::Active,
+            now,
+            Millis(now.0 + day),
+        )
+        .expect("a daily schedule sends within a day");
+        assert!(next.0 > now.0 && next.0 <= now.0 + day && !local);
+        assert_eq!(next.0.rem_euclid(day), 570 * 60_000);
+        // Not yet within the window, not launched, or not scheduled by time: not listed.
+        assert!(
+            next_broadcast(
+                &daily(false),
+                CampaignStatus::Active,
+                now,
+                Millis(next.0 - 1)
+            )
+            .is_none()
+        );
+        for status in [
+            CampaignStatus::Draft,
+            CampaignStatus::Paused,
+            CampaignStatus::Stopped,
+        ] {
+            assert!(next_broadcast(&daily(false), status, now, Millis(now.0 + day)).is_none());
+        }
+        assert!(
+            next_broadcast(
+                &Delivery::ApiTriggered,
+                CampaignStatus::Active,
+                now,
+                Millis(now.0 + day)
+            )
+            .is_none()
+        );
+        let once_past = Delivery::Scheduled(Schedule {
+            frequency: Frequency::Once {
+                at: Millis(now.0 - 1),
+            },
+            start: None,
+            end: None,
+            in_local_time: false,
+        });
+        assert!(
+            next_broadcast(&once_past, CampaignStatus::Active, now, Millis(now.0 + day)).is_none()
+        );
+
+        let at = Millis(1_535_794_200_000); // 2018-09-01T09:30:00Z
+        let b = |in_local_time| Broadcast {
+            next: at,
+            in_local_time,
+            kind: "Campaign",
+            id: "c".into(),
+            name: "Weekly".into(),
+        };
+        assert_eq!(
+            broadcast_json(&b(true)),
+            json!({"name": "Weekly", "id": "c", "type": "Campaign", "tags": [], "next_send_time": "2018-09-01 09:30:00", "schedule_type": "local_time_zones"})
+        );
+        assert_eq!(
+            broadcast_json(&b(false))["next_send_time"],
+            "2018-09-01T09:30:00.000Z"
+        );
+    }
 
     fn body(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()

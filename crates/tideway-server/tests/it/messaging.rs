@@ -754,6 +754,98 @@ async fn a_nul_in_a_definition_is_refused_on_save() {
     }
 }
 
+/// `GET /messages/scheduled_broadcasts` lists the launched campaigns scheduled by time whose
+/// next occurrence falls before `end_time`, soonest first, each once: not API-triggered ones,
+/// not paused ones, not those due later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_broadcasts_are_the_launched_schedules_due_before_end_time() {
+    let t = setup().await;
+    let now = tideway_core::clock::Millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+    );
+    let hour = 3_600_000;
+    // Daily, six hours from now (local time); once, in three days; both launched.
+    let time = tideway_core::clock::Millis(now.0 + 6 * hour).to_iso()[11..16].to_owned();
+    let mut daily = t.webhook_campaign("Daily", json!({}));
+    daily["delivery"] = json!({"type": "scheduled", "schedule": {"frequency": "daily", "time": time, "in_local_time": true}});
+    let daily = t.campaign(daily).await;
+    let mut once = t.webhook_campaign("Once", json!({}));
+    let at = tideway_core::clock::Millis(now.0 + 72 * hour).to_iso();
+    once["delivery"] = json!({"type": "scheduled", "schedule": {"frequency": "once", "at": at}});
+    let once = t.campaign(once).await;
+    t.campaign(t.webhook_campaign("Api", json!({}))).await;
+    let mut paused = t.webhook_campaign("Paused", json!({}));
+    paused["delivery"] =
+        json!({"type": "scheduled", "schedule": {"frequency": "daily", "time": time}});
+    let paused = t.campaign(paused).await;
+    let a =
+        t.s.post(
+            &format!("/api/v1/campaigns/{paused}/pause"),
+            &t.key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+
+    let listed = |days: i64| {
+        let end = tideway_core::clock::Millis(now.0 + days * 24 * hour).to_iso();
+        let t = &t;
+        async move {
+            let a = get_with(
+                t,
+                &format!("/messages/scheduled_broadcasts?end_time={end}"),
+                &t.key,
+            )
+            .await;
+            assert_eq!(a.status, 200, "{a:?}");
+            a.body["scheduled_broadcasts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    (
+                        b["id"].as_str().unwrap().to_owned(),
+                        b["schedule_type"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        listed(1).await,
+        [(daily.clone(), "local_time_zones".to_owned())]
+    );
+    assert_eq!(
+        listed(4).await,
+        [
+            (daily, "local_time_zones".to_owned()),
+            (once, "UTC".to_owned())
+        ]
+    );
+    for query in ["", "?end_time=soon"] {
+        let a = get_with(
+            &t,
+            &format!("/messages/scheduled_broadcasts{query}"),
+            &t.key,
+        )
+        .await;
+        assert_eq!(a.status, 400, "{query}: {a:?}");
+    }
+    let weak =
+        t.s.key_for(&t.ws, &[tideway_core::keys::Permission::CampaignsDetails])
+            .await;
+    let a = get_with(
+        &t,
+        "/messages/scheduled_broadcasts?end_time=2999-01-01T00:00:00Z",
+        &weak,
+    )
+    .await;
+    assert_eq!(a.status, 403, "{a:?}");
+}
+
 /// A broadcast of an API-triggered campaign without a `send_id` gets one (Braze's rule), named
 /// in the answer and carried by its messages' events; a send to named recipients does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
