@@ -159,8 +159,12 @@ pub(crate) async fn update_schedule(
                 ScheduleOf::AdHoc => body.get("messages").filter(|m| !m.is_null()),
                 ScheduleOf::Campaign(_) | ScheduleOf::Canvas(_) => None,
             };
-            let at = if messages.is_some() && body.get("schedule").is_none_or(Value::is_null) {
+            let no_schedule = body.get("schedule").is_none_or(Value::is_null);
+            let at = if messages.is_some() && no_schedule {
                 None
+            } else if no_schedule && matches!(of, ScheduleOf::AdHoc) {
+                // Either changes an ad-hoc send: say so, not only that `schedule` is missing.
+                return Err(ApiError::malformed("schedule or messages is required"));
             } else {
                 Some(parse_schedule(&body, now())?)
             };

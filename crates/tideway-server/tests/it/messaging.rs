@@ -1558,7 +1558,10 @@ async fn a_scheduled_ad_hoc_send_gets_new_messages() {
             json!({"schedule_id": id, "messages": {"webhook": {"url": t.hook_url, "body": "{% if %}"}}}),
             "",
         ),
-        (json!({"schedule_id": id}), "schedule is required"),
+        (
+            json!({"schedule_id": id}),
+            "schedule or messages is required",
+        ),
     ] {
         let a = update(body.clone()).await;
         assert_eq!(a.status, 400, "{body}: {a:?}");
