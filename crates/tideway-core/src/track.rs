@@ -372,8 +372,9 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Option<Value
             Some(_) => return Ok(Some(None)),
             None => return Err(bad()),
         },
+        // Braze: ISO 639-1; anything else is stored as NULL, as for `country`.
         F::Language => match s {
-            Some(l) if (2..=3).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphabetic()) => {
+            Some(l) if is_language_code(&l.to_ascii_lowercase()) => {
                 Value::from(l.to_ascii_lowercase())
             }
             Some(_) => return Ok(Some(None)),
@@ -423,7 +424,34 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Option<Value
         }
         // Bounded like nested custom attributes: the profile is rewritten whole on every change,
         // so one unbounded field would make every later write to the user cost megabytes.
-        F::PushTokens | F::SubscriptionGroups => {
+        // Each entry names a group and one of Braze's two states; the same group twice keeps
+        // the later entry. What is stored is the two fields, so the profile merges by group.
+        F::SubscriptionGroups => {
+            let items = v.as_array().ok_or_else(bad)?;
+            let mut groups: Vec<(String, &str)> = Vec::with_capacity(items.len());
+            for item in items {
+                let id = item
+                    .get("subscription_group_id")
+                    .and_then(Value::as_str)
+                    .filter(|id| !id.is_empty() && id.chars().count() <= MAX_NAME_CHARS)
+                    .ok_or_else(bad)?;
+                let state = match item.get("subscription_state").and_then(Value::as_str) {
+                    Some(state @ ("subscribed" | "unsubscribed")) => state,
+                    _ => return Err(bad()),
+                };
+                groups.retain(|(g, _)| g != id);
+                groups.push((id.to_owned(), state));
+            }
+            Value::Array(
+                groups
+                    .into_iter()
+                    .map(|(id, state)| {
+                        serde_json::json!({"subscription_group_id": id, "subscription_state": state})
+                    })
+                    .collect(),
+            )
+        }
+        F::PushTokens => {
             let items = v.as_array().ok_or_else(bad)?;
             if !items.iter().all(Value::is_object) || json_len(v) > MAX_NESTED_BYTES {
                 return Err(bad());
@@ -440,19 +468,22 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Option<Value
     Ok(Some(Some(normalised)))
 }
 
-/// A `time_zone` value (not `null`), as [`standard_value`] answers: the zone's canonical IANA
-/// name (`america/new_york` → `America/New_York`), or nothing (the field is left as it was) for
+/// A `time_zone` value (not `null`), as [`standard_value`] answers: the zone's IANA name as the
+/// database spells it (`america/new_york` → `America/New_York`; a link such as `US/Eastern`
+/// stays a link), or nothing (the field is left as it was) for
 /// a string that names no zone of the IANA database (Braze: "only valid time zone values will be
 /// set"); a value that is not a string is an error like any other standard field's.
 fn time_zone(v: &Value) -> Result<Option<Option<Value>>, String> {
     match v {
-        Value::String(name) if name.len() <= MAX_NAME_CHARS => {
-            Ok(jiff::tz::TimeZone::get(name).ok().map(|zone| {
+        Value::String(name) if name.len() <= MAX_NAME_CHARS => Ok(jiff::tz::TimeZone::get(name)
+            .ok()
+            // jiff's stand-in for "no zone known" answers to this name; it is no IANA zone.
+            .filter(|zone| zone.iana_name().is_some_and(|n| n != "Etc/Unknown"))
+            .map(|zone| {
                 Some(Value::from(
                     zone.iana_name().unwrap_or(name.as_str()).to_owned(),
                 ))
-            }))
-        }
+            })),
         Value::String(_) => Ok(None),
         _ => Err(not_valid("time_zone")),
     }
@@ -481,6 +512,27 @@ const COUNTRY_CODES: [&str; 249] = [
 /// Whether `code` (upper case) is an assigned ISO-3166-1 alpha-2 country code.
 fn is_country_code(code: &str) -> bool {
     COUNTRY_CODES.binary_search(&code).is_ok()
+}
+
+/// The ISO 639-1 language codes (184), sorted for a binary search.
+const LANGUAGE_CODES: [&str; 184] = [
+    "aa", "ab", "ae", "af", "ak", "am", "an", "ar", "as", "av", "ay", "az", "ba", "be", "bg", "bi",
+    "bm", "bn", "bo", "br", "bs", "ca", "ce", "ch", "co", "cr", "cs", "cu", "cv", "cy", "da", "de",
+    "dv", "dz", "ee", "el", "en", "eo", "es", "et", "eu", "fa", "ff", "fi", "fj", "fo", "fr", "fy",
+    "ga", "gd", "gl", "gn", "gu", "gv", "ha", "he", "hi", "ho", "hr", "ht", "hu", "hy", "hz", "ia",
+    "id", "ie", "ig", "ii", "ik", "io", "is", "it", "iu", "ja", "jv", "ka", "kg", "ki", "kj", "kk",
+    "kl", "km", "kn", "ko", "kr", "ks", "ku", "kv", "kw", "ky", "la", "lb", "lg", "li", "ln", "lo",
+    "lt", "lu", "lv", "mg", "mh", "mi", "mk", "ml", "mn", "mr", "ms", "mt", "my", "na", "nb", "nd",
+    "ne", "ng", "nl", "nn", "no", "nr", "nv", "ny", "oc", "oj", "om", "or", "os", "pa", "pi", "pl",
+    "ps", "pt", "qu", "rm", "rn", "ro", "ru", "rw", "sa", "sc", "sd", "se", "sg", "sh", "si", "sk",
+    "sl", "sm", "sn", "so", "sq", "sr", "ss", "st", "su", "sv", "sw", "ta", "te", "tg", "th", "ti",
+    "tk", "tl", "tn", "to", "tr", "ts", "tt", "tw", "ty", "ug", "uk", "ur", "uz", "ve", "vi", "vo",
+    "wa", "wo", "xh", "yi", "yo", "za", "zh", "zu",
+];
+
+/// Whether `code` (lower case) is an ISO 639-1 language code.
+fn is_language_code(code: &str) -> bool {
+    LANGUAGE_CODES.binary_search(&code).is_ok()
 }
 
 fn is_scalar(v: &Value) -> bool {
@@ -899,11 +951,35 @@ mod tests {
             [(country, None)]
         );
         assert_eq!(
+            standard(json!({"external_id": "e", "time_zone": "Etc/Unknown"})),
+            []
+        );
+        assert_eq!(
             standard(json!({"external_id": "e", "time_zone": null, "country": "ZW"})),
             [(tz, None), (country, Some(json!("ZW")))]
         );
         let req = parse(json!({"attributes": [{"external_id": "e", "time_zone": 3}]})).unwrap();
         assert_eq!(req.errors[0].message, "'time_zone' is not valid");
+    }
+
+    #[test]
+    fn languages_are_iso_639_1_codes_or_null() {
+        assert!(LANGUAGE_CODES.windows(2).all(|w| w[0] < w[1]));
+        for (given, stored) in [
+            ("en", Some(json!("en"))),
+            ("FR", Some(json!("fr"))),
+            ("zz", None),
+            ("eng", None),
+            ("e", None),
+        ] {
+            let req =
+                parse(json!({"attributes": [{"external_id": "e", "language": given}]})).unwrap();
+            assert_eq!(
+                req.attributes[0].1.standard,
+                [(StandardField::Language, stored)],
+                "{given}"
+            );
+        }
     }
 
     #[test]

@@ -445,6 +445,16 @@ fn apply_attributes(
     let mut group_states = Vec::new();
     for (field, value) in &obj.standard {
         let old = user.profile.standard.get(field);
+        // Groups a request does not name keep their state: the new list is the old one with
+        // the named groups set (Braze updates the groups it is sent, it does not replace).
+        let merged;
+        let value = match (field, value) {
+            (StandardField::SubscriptionGroups, Some(new)) => {
+                merged = Some(merged_groups(old, new));
+                &merged
+            }
+            _ => value,
+        };
         if old == value.as_ref() {
             continue;
         }
@@ -519,6 +529,20 @@ fn apply_attributes(
     );
     tx.append_event(Some(user.seq), event)?;
     Ok(None)
+}
+
+/// `old` subscription groups (stored entries `{subscription_group_id, subscription_state}`) with
+/// each group of `new` set to its state, appended when it is new, in order.
+fn merged_groups(old: Option<&Value>, new: &Value) -> Value {
+    let id = |g: &Value| g.get("subscription_group_id").cloned();
+    let mut groups: Vec<Value> = old.and_then(Value::as_array).cloned().unwrap_or_default();
+    for group in new.as_array().into_iter().flatten() {
+        match groups.iter_mut().find(|g| id(g) == id(group)) {
+            Some(kept) => *kept = group.clone(),
+            None => groups.push(group.clone()),
+        }
+    }
+    Value::Array(groups)
 }
 
 /// The `(subscription_group_id, subscription_state)` pairs of `new` (a `subscription_groups`

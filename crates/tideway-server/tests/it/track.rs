@@ -357,6 +357,46 @@ async fn an_email_subscription_change_logs_its_state_change() {
         (&p["subscription_group_id"], &p["subscription_status"]),
         (&json!("sg-2"), &json!("unsubscribed"))
     );
+    // A request names the groups it changes: the others keep their state, a new one is added.
+    let one = json!({"external_id": "u1", "subscription_groups": [
+        {"subscription_group_id": "sg-3", "subscription_state": "subscribed"}]});
+    assert_eq!(
+        logged_by(one).await,
+        ["users.behaviors.subscriptiongroup.StateChange"]
+    );
+    let user = s.export_external(&key, "u1").await.unwrap();
+    let states: Vec<(&str, &str)> = user["subscription_groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| {
+            (
+                g["subscription_group_id"].as_str().unwrap(),
+                g["subscription_state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("sg-1", "subscribed"),
+            ("sg-2", "unsubscribed"),
+            ("sg-3", "subscribed")
+        ]
+    );
+    // Only Braze's two states, and a group id, are valid.
+    for bad in [
+        json!([{"subscription_group_id": "sg-1", "subscription_state": "bogus"}]),
+        json!([{}]),
+        json!([{"subscription_group_id": 7, "subscription_state": "subscribed"}]),
+    ] {
+        let a = track(json!({"external_id": "u1", "subscription_groups": bad})).await;
+        assert_eq!(a.status, 400, "{bad}: {a:?}");
+        assert_eq!(
+            a.body["errors"][0]["type"], "'subscription_groups' is not valid",
+            "{a:?}"
+        );
+    }
 }
 
 /// Each request's nested values are bounded when parsed, and so is what they add up to: an
