@@ -422,12 +422,14 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Option<Value
         F::EmailOpenTrackingDisabled | F::EmailClickTrackingDisabled => {
             Value::Bool(v.as_bool().ok_or_else(bad)?)
         }
-        // Bounded like nested custom attributes: the profile is rewritten whole on every change,
-        // so one unbounded field would make every later write to the user cost megabytes.
         // Each entry names a group and one of Braze's two states; the same group twice keeps
         // the later entry. What is stored is the two fields, so the profile merges by group.
+        // Bounded like nested custom attributes (below).
         F::SubscriptionGroups => {
             let items = v.as_array().ok_or_else(bad)?;
+            if json_len(v) > MAX_NESTED_BYTES {
+                return Err(bad());
+            }
             let mut groups: Vec<(String, &str)> = Vec::with_capacity(items.len());
             for item in items {
                 let id = item
@@ -451,9 +453,26 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Option<Value
                     .collect(),
             )
         }
+        // Bounded like nested custom attributes: the profile is rewritten whole on every change,
+        // so one unbounded field would make every later write to the user cost megabytes.
+        // A token names its app and its token (strings); `device_id` is optional (the
+        // profile gives one, see `users::with_device_ids`).
         F::PushTokens => {
             let items = v.as_array().ok_or_else(bad)?;
-            if !items.iter().all(Value::is_object) || json_len(v) > MAX_NESTED_BYTES {
+            let text = |item: &Value, key: &str| {
+                item.get(key)
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !s.is_empty())
+            };
+            let valid = |item: &Value| {
+                item.is_object()
+                    && text(item, "app_id")
+                    && text(item, "token")
+                    && item
+                        .get("device_id")
+                        .is_none_or(|d| text(item, "device_id") || d.is_null())
+            };
+            if !items.iter().all(valid) || json_len(v) > MAX_NESTED_BYTES {
                 return Err(bad());
             }
             v.clone()

@@ -453,6 +453,10 @@ fn apply_attributes(
                 merged = Some(merged_groups(old, new));
                 &merged
             }
+            (StandardField::PushTokens, Some(new)) => {
+                merged = Some(with_device_ids(old, new, || ctx.ids.event_id().0));
+                &merged
+            }
             _ => value,
         };
         if old == value.as_ref() {
@@ -529,6 +533,33 @@ fn apply_attributes(
     );
     tx.append_event(Some(user.seq), event)?;
     Ok(None)
+}
+
+/// `new` push tokens with a `device_id` in each (Braze: a random one when absent): the one the
+/// same app's same token has in `old`, else a fresh one, so sending a token again changes
+/// nothing.
+fn with_device_ids(old: Option<&Value>, new: &Value, mut fresh: impl FnMut() -> String) -> Value {
+    let key = |t: &Value| (t.get("app_id").cloned(), t.get("token").cloned());
+    let known = |t: &Value| {
+        old.and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|o| key(o) == key(t))
+            .and_then(|o| o.get("device_id"))
+            .filter(|d| d.is_string())
+            .cloned()
+    };
+    let tokens = new.as_array().into_iter().flatten().map(|token| {
+        let mut token = token.clone();
+        if let Value::Object(fields) = &mut token
+            && !fields.get("device_id").is_some_and(Value::is_string)
+        {
+            let id = known(&Value::Object(fields.clone())).unwrap_or_else(|| Value::from(fresh()));
+            fields.insert("device_id".into(), id);
+        }
+        token
+    });
+    Value::Array(tokens.collect())
 }
 
 /// `old` subscription groups (stored entries `{subscription_group_id, subscription_state}`) with

@@ -399,6 +399,48 @@ async fn an_email_subscription_change_logs_its_state_change() {
     }
 }
 
+/// A push token gets a `device_id` when it comes without one (Braze: a random one), the same
+/// one when the same app's token is sent again; a token without an app or a token is invalid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_tokens_get_a_device_id_and_keep_it() {
+    let (s, _ws, key) = Server::with_admin().await;
+    let track = |tokens: Value| {
+        let s = &s;
+        let key = &key;
+        async move {
+            s.post(
+                "/users/track",
+                key,
+                json!({"attributes": [{"external_id": "u1", "push_tokens": tokens}]}),
+            )
+            .await
+        }
+    };
+    let device = async || {
+        let user = s.export_external(&key, "u1").await.unwrap();
+        user["push_tokens"][0]["device_id"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let token = json!([{"app_id": "a", "token": "t"}]);
+    assert_eq!(track(token.clone()).await.status, 201);
+    let first = device().await.expect("a device id is given");
+    assert_eq!(first.len(), 36, "{first}");
+    assert_eq!(track(token).await.status, 201);
+    assert_eq!(device().await, Some(first));
+    let own = json!([{"app_id": "a", "token": "t", "device_id": "mine"}]);
+    assert_eq!(track(own).await.status, 201);
+    assert_eq!(device().await.as_deref(), Some("mine"));
+    for bad in [
+        json!([{}]),
+        json!([{"app_id": 1, "token": 2}]),
+        json!([{"app_id": "a"}]),
+    ] {
+        let a = track(bad.clone()).await;
+        assert_eq!(a.status, 400, "{bad}: {a:?}");
+    }
+}
+
 /// Each request's nested values are bounded when parsed, and so is what they add up to: an
 /// object whose `$add` (or merge) would take a stored nested attribute past 100 KiB is refused
 /// whole, reported by index, and the rest of the request applies.
