@@ -42,6 +42,27 @@ impl Millis {
 /// No zone means UTC; a date alone means midnight UTC. Years outside 0..=3000 are rejected
 /// (Braze stores those as plain strings).
 pub fn parse_datetime(raw: &str) -> Option<Millis> {
+    parse_datetime_any_year(raw).filter(|at| (YEAR_0..YEAR_3001).contains(&at.0))
+}
+
+/// Braze's attribute dates: a date in a documented format is stored as a time when its year is
+/// 0 to 3000, and as the string it was otherwise (braze-api.md §3.2): the value to store, or
+/// `None` for text that is no date at all.
+pub fn attribute_date(raw: &str) -> Option<serde_json::Value> {
+    let at = parse_datetime_any_year(raw)?;
+    Some(if (YEAR_0..YEAR_3001).contains(&at.0) {
+        serde_json::Value::from(at.to_iso())
+    } else {
+        serde_json::Value::from(raw)
+    })
+}
+
+/// 0000-01-01T00:00:00Z and 3001-01-01T00:00:00Z in milliseconds: Braze's range of dates.
+const YEAR_0: i64 = -62_167_219_200_000;
+const YEAR_3001: i64 = 32_535_216_000_000;
+
+/// [`parse_datetime`] without the year range.
+fn parse_datetime_any_year(raw: &str) -> Option<Millis> {
     let raw = raw.trim();
     if let Some(ms) = parse_us_date(raw) {
         return Some(ms);
@@ -57,9 +78,6 @@ pub fn parse_datetime(raw: &str) -> Option<Millis> {
 }
 
 fn to_millis(date: Date, time: Time, millis: u16, offset: UtcOffset) -> Option<Millis> {
-    if !(0..=3000).contains(&date.year()) {
-        return None;
-    }
     let dt = PrimitiveDateTime::new(date, time).assume_offset(offset);
     Some(Millis(dt.unix_timestamp() * 1000 + i64::from(millis)))
 }
@@ -164,6 +182,28 @@ pub fn parse_dob(raw: &str) -> Option<Date> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn attribute_dates_past_year_3000_are_kept_as_strings() {
+        use serde_json::json;
+        assert_eq!(
+            attribute_date("2024-01-02"),
+            Some(json!("2024-01-02T00:00:00.000Z"))
+        );
+        assert_eq!(
+            attribute_date("3000-12-31T23:59:59Z"),
+            Some(json!("3000-12-31T23:59:59.000Z"))
+        );
+        for later in ["3001-01-01", "9999-12-31T00:00:00Z", "12/31/3001"] {
+            assert_eq!(attribute_date(later), Some(json!(later)), "{later}");
+            assert_eq!(parse_datetime(later), None, "{later}");
+        }
+        assert_eq!(
+            attribute_date("0000-01-01"),
+            Some(json!("0000-01-01T00:00:00.000Z"))
+        );
+        assert_eq!(attribute_date("soon"), None);
+    }
     use super::*;
 
     #[test]

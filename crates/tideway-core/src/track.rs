@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::clock::{Millis, parse_datetime, parse_dob};
+use crate::clock::{Millis, attribute_date, parse_datetime, parse_dob};
 use crate::ids::{AliasLabel, AliasName, BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias};
 use crate::profile::{CustomChange, ObjectUpdate, StandardField};
 
@@ -416,8 +416,7 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Option<Value
             }
         }
         F::DateOfFirstSession | F::DateOfLastSession | F::MarkedEmailAsSpamAt => {
-            let at = s.and_then(parse_datetime).ok_or_else(bad)?;
-            Value::from(at.to_iso())
+            s.and_then(attribute_date).ok_or_else(bad)?
         }
         F::EmailOpenTrackingDisabled | F::EmailClickTrackingDisabled => {
             Value::Bool(v.as_bool().ok_or_else(bad)?)
@@ -586,9 +585,9 @@ fn custom_change(name: &str, v: &Value, merge_objects: bool) -> Result<CustomCha
             if keys == ["$time"] {
                 let at = o["$time"]
                     .as_str()
-                    .and_then(parse_datetime)
+                    .and_then(attribute_date)
                     .ok_or_else(bad)?;
-                return Ok(CustomChange::Set(Value::from(at.to_iso())));
+                return Ok(CustomChange::Set(at));
             }
             if !keys.is_empty() && keys.iter().all(|k| matches!(*k, "add" | "remove")) {
                 let add = scalar_list(o.get("add")).ok_or_else(bad)?;
@@ -639,7 +638,7 @@ fn nested_times(v: &Value) -> Option<Value> {
             if o.len() == 1
                 && let Some(t) = o.get("$time")
             {
-                return Some(Value::from(parse_datetime(t.as_str()?)?.to_iso()));
+                return attribute_date(t.as_str()?);
             }
             let mut out = Map::with_capacity(o.len());
             for (k, inner) in o {
