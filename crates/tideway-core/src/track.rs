@@ -349,6 +349,10 @@ fn check_name(name: &str) -> Result<&str, String> {
 /// it, `Ok(None)` leaves the field as it was.
 fn standard_value(field: StandardField, v: &Value) -> Result<Option<Option<Value>>, String> {
     use StandardField as F;
+    // Groups are set one by one (the profile merges them): `null` names none, so changes none.
+    if v.is_null() && field == F::SubscriptionGroups {
+        return Ok(None);
+    }
     if v.is_null() {
         return Ok(Some(None));
     }
@@ -463,18 +467,26 @@ fn standard_value(field: StandardField, v: &Value) -> Result<Option<Option<Value
                     .and_then(Value::as_str)
                     .is_some_and(|s| !s.is_empty())
             };
+            // A device id is an identifier (1 to 987 bytes, no NUL) like any other.
+            let device = |item: &Value| match item.get("device_id") {
+                None | Some(Value::Null) => true,
+                Some(Value::String(d)) => DeviceId::parse(d).is_ok(),
+                Some(_) => false,
+            };
             let valid = |item: &Value| {
-                item.is_object()
-                    && text(item, "app_id")
-                    && text(item, "token")
-                    && item
-                        .get("device_id")
-                        .is_none_or(|d| text(item, "device_id") || d.is_null())
+                item.is_object() && text(item, "app_id") && text(item, "token") && device(item)
             };
             if !items.iter().all(valid) || json_len(v) > MAX_NESTED_BYTES {
                 return Err(bad());
             }
-            v.clone()
+            // One entry per app and token: the later one wins, as for subscription groups.
+            let key = |t: &Value| (t.get("app_id").cloned(), t.get("token").cloned());
+            let mut tokens: Vec<Value> = Vec::with_capacity(items.len());
+            for item in items {
+                tokens.retain(|t| key(t) != key(item));
+                tokens.push(item.clone());
+            }
+            Value::Array(tokens)
         }
         F::Facebook | F::Twitter => {
             if !v.is_object() || json_len(v) > MAX_NESTED_BYTES {

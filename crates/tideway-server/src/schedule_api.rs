@@ -713,6 +713,7 @@ struct Broadcast {
     kind: &'static str,
     id: String,
     name: String,
+    tags: Vec<String>,
 }
 
 /// The next occurrence after `now`, if any before `end`, of a launched (active) campaign or
@@ -748,7 +749,7 @@ fn broadcast_json(b: &Broadcast) -> Value {
         "name": b.name,
         "id": b.id,
         "type": b.kind,
-        "tags": [],
+        "tags": b.tags,
         "next_send_time": next_send_time,
         "schedule_type": schedule_type,
     })
@@ -801,6 +802,7 @@ pub async fn scheduled_broadcasts(
                         kind: "Campaign",
                         id: c.id,
                         name: c.name,
+                        tags: c.tags,
                     });
                 }
             }
@@ -816,6 +818,7 @@ pub async fn scheduled_broadcasts(
                         kind: "Canvas",
                         id: c.id,
                         name: c.name,
+                        tags: c.tags,
                     });
                 }
             }
@@ -901,10 +904,11 @@ mod tests {
             kind: "Campaign",
             id: "c".into(),
             name: "Weekly".into(),
+            tags: vec!["news".into()],
         };
         assert_eq!(
             broadcast_json(&b(true)),
-            json!({"name": "Weekly", "id": "c", "type": "Campaign", "tags": [], "next_send_time": "2018-09-01 09:30:00", "schedule_type": "local_time_zones"})
+            json!({"name": "Weekly", "id": "c", "type": "Campaign", "tags": ["news"], "next_send_time": "2018-09-01 09:30:00", "schedule_type": "local_time_zones"})
         );
         assert_eq!(
             broadcast_json(&b(false))["next_send_time"],

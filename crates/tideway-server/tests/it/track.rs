@@ -384,6 +384,18 @@ async fn an_email_subscription_change_logs_its_state_change() {
             ("sg-3", "subscribed")
         ]
     );
+    // `null` names no group, so it changes none.
+    assert!(
+        logged_by(json!({"external_id": "u1", "subscription_groups": null}))
+            .await
+            .is_empty()
+    );
+    let user = s.export_external(&key, "u1").await.unwrap();
+    assert_eq!(
+        user["subscription_groups"].as_array().map(Vec::len),
+        Some(3),
+        "{user}"
+    );
     // Only Braze's two states, and a group id, are valid.
     for bad in [
         json!([{"subscription_group_id": "sg-1", "subscription_state": "bogus"}]),
@@ -431,10 +443,21 @@ async fn push_tokens_get_a_device_id_and_keep_it() {
     let own = json!([{"app_id": "a", "token": "t", "device_id": "mine"}]);
     assert_eq!(track(own).await.status, 201);
     assert_eq!(device().await.as_deref(), Some("mine"));
+    // The same app's token twice is one entry.
+    let twice = json!([{"app_id": "a", "token": "t"}, {"app_id": "a", "token": "t"}]);
+    assert_eq!(track(twice).await.status, 201);
+    let user = s.export_external(&key, "u1").await.unwrap();
+    assert_eq!(
+        user["push_tokens"].as_array().map(Vec::len),
+        Some(1),
+        "{user}"
+    );
     for bad in [
         json!([{}]),
         json!([{"app_id": 1, "token": 2}]),
         json!([{"app_id": "a"}]),
+        json!([{"app_id": "a", "token": "t", "device_id": "a\u{0}b"}]),
+        json!([{"app_id": "a", "token": "t", "device_id": "d".repeat(988)}]),
     ] {
         let a = track(bad.clone()).await;
         assert_eq!(a.status, 400, "{bad}: {a:?}");
