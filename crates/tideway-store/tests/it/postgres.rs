@@ -695,6 +695,21 @@ async fn refusals_of_a_read_only_or_failed_transaction_are_unavailable_and_say_w
     assert!(matches!(pg_err(nul), StoreError::Invalid(_)));
 }
 
+/// Begins a transaction on `client` that inserts `n` into `outcome`, and returns its id
+/// (`txid_current()`), leaving it open.
+async fn insert_in_open_transaction(client: &Client, n: i32) -> i64 {
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .execute("INSERT INTO outcome VALUES ($1)", &[&n])
+        .await
+        .unwrap();
+    client
+        .query_one("SELECT txid_current()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A batch that lost its connection with its commit in flight asks another connection how its
 /// transaction ended: committed, rolled back, or (still running past the wait) not known.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -709,48 +724,21 @@ async fn a_lost_commit_answer_is_looked_up_by_transaction_id() {
         .unwrap();
     let wait = Duration::from_millis(300);
     // Committed.
-    client.batch_execute("BEGIN").await.unwrap();
-    client
-        .execute("INSERT INTO outcome VALUES (1)", &[])
-        .await
-        .unwrap();
-    let committed: i64 = client
-        .query_one("SELECT txid_current()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let committed = insert_in_open_transaction(&client, 1).await;
     client.batch_execute("COMMIT").await.unwrap();
     assert_eq!(
         transaction_committed(&pool, committed, wait).await,
         Some(true)
     );
     // Rolled back.
-    client.batch_execute("BEGIN").await.unwrap();
-    client
-        .execute("INSERT INTO outcome VALUES (2)", &[])
-        .await
-        .unwrap();
-    let aborted: i64 = client
-        .query_one("SELECT txid_current()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let aborted = insert_in_open_transaction(&client, 2).await;
     client.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(
         transaction_committed(&pool, aborted, wait).await,
         Some(false)
     );
     // Still running: not known once the wait is over.
-    client.batch_execute("BEGIN").await.unwrap();
-    client
-        .execute("INSERT INTO outcome VALUES (3)", &[])
-        .await
-        .unwrap();
-    let running: i64 = client
-        .query_one("SELECT txid_current()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let running = insert_in_open_transaction(&client, 3).await;
     assert_eq!(transaction_committed(&pool, running, wait).await, None);
     client.batch_execute("ROLLBACK").await.unwrap();
 }
