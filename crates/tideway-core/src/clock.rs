@@ -38,7 +38,8 @@ impl Millis {
 
 /// Parses a Braze datetime string. Accepted (as Braze documents):
 /// ISO 8601 with or without zone and fraction (`2024-01-02T03:04:05.678+02:00`, `…Z`),
-/// `yyyy-MM-ddTHH:mm:ss:SSSZ`, `yyyy-MM-dd HH:mm:ss`, `yyyy-MM-dd`, `MM/dd/yyyy`.
+/// `yyyy-MM-ddTHH:mm:ss:SSSZ`, `yyyy-MM-dd HH:mm:ss`, `yyyy-MM-dd`, `MM/dd/yyyy`,
+/// `ddd MM dd HH:mm:ss.TZD YYYY`.
 /// No zone means UTC; a date alone means midnight UTC. Years outside 0..=3000 are rejected
 /// (Braze stores those as plain strings).
 pub fn parse_datetime(raw: &str) -> Option<Millis> {
@@ -61,10 +62,20 @@ pub fn attribute_date(raw: &str) -> Option<serde_json::Value> {
 const YEAR_0: i64 = -62_167_219_200_000;
 const YEAR_3001: i64 = 32_535_216_000_000;
 
+/// A standard profile timestamp (`date_of_first_session`, `date_of_last_session`,
+/// `marked_email_as_spam_at`) as [`attribute_date`] stored it, moved back to `now` when it lies
+/// in the future (braze-api.md §3.2: "future timestamps default to now"); `None` when it needs
+/// no change. A session cannot have happened, nor a mail been marked as spam, after now. Custom
+/// times keep future values: the connected-audience filters compare them "in the future".
+pub fn no_later_than(stored: &serde_json::Value, now: Millis) -> Option<serde_json::Value> {
+    let at = parse_datetime_any_year(stored.as_str()?)?;
+    (at > now).then(|| serde_json::Value::from(now.to_iso()))
+}
+
 /// [`parse_datetime`] without the year range.
 fn parse_datetime_any_year(raw: &str) -> Option<Millis> {
     let raw = raw.trim();
-    if let Some(ms) = parse_us_date(raw) {
+    if let Some(ms) = parse_us_date(raw).or_else(|| parse_day_name_date(raw)) {
         return Some(ms);
     }
     let (date, rest) = parse_date_prefix(raw)?;
@@ -114,6 +125,65 @@ fn parse_us_date(s: &str) -> Option<Millis> {
     let date =
         Date::from_calendar_date(i32::try_from(y).ok()?, month, u8::try_from(d).ok()?).ok()?;
     to_millis(date, Time::MIDNIGHT, 0, UtcOffset::UTC)
+}
+
+/// Braze's `ddd MM dd HH:mm:ss.TZD YYYY`: a day's name, the month (its number or its English
+/// abbreviation), the day, the time with an optional fraction, the zone, the year, separated by
+/// spaces: `Thu 01 02 03:04:05.+02:00 2024`, `Tue Jan 02 03:04:05.678Z 2024`, and the C library's
+/// `Tue Jan 02 03:04:05 +0000 2024`. The zone may follow the seconds' `.` directly or stand
+/// apart; `Z`, `UTC`, `GMT`, `±hh:mm` and `±hhmm` are zones. The day's name is not checked
+/// against the date, as no client can be relied on to compute it.
+fn parse_day_name_date(s: &str) -> Option<Millis> {
+    let mut parts = s.split_ascii_whitespace();
+    let day_name = parts.next()?;
+    if !(day_name.len() == 3 && day_name.bytes().all(|b| b.is_ascii_alphabetic())) {
+        return None;
+    }
+    let month = parts.next()?;
+    let month = match digits(month, 2) {
+        Some((m, "")) => Month::try_from(u8::try_from(m).ok()?).ok()?,
+        _ => month_by_name(month)?,
+    };
+    let (day, "") = digits(parts.next()?, 2)? else {
+        return None;
+    };
+    // The zone starts at the first byte after `HH:mm:ss` that is no digit, `.` or `:`.
+    let time_and_zone = parts.next().filter(|t| t.is_ascii())?;
+    let zone_at = time_and_zone
+        .bytes()
+        .enumerate()
+        .skip(8)
+        .find(|(_, b)| !(b.is_ascii_digit() || *b == b'.' || *b == b':'))
+        .map_or(time_and_zone.len(), |(at, _)| at);
+    let (clock, mut zone) = time_and_zone.split_at(zone_at);
+    let clock = clock.strip_suffix('.').unwrap_or(clock);
+    let (time, millis, "") = parse_time(clock)? else {
+        return None;
+    };
+    if zone.is_empty() {
+        zone = parts.next()?;
+    }
+    let offset = match zone {
+        "UTC" | "GMT" => UtcOffset::UTC,
+        _ => parse_offset(zone).filter(|_| !zone.is_empty())?,
+    };
+    let (year, "") = digits(parts.next()?, 4)? else {
+        return None;
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    let date =
+        Date::from_calendar_date(i32::try_from(year).ok()?, month, u8::try_from(day).ok()?).ok()?;
+    to_millis(date, time, millis, offset)
+}
+
+fn month_by_name(name: &str) -> Option<Month> {
+    const NAMES: [&str; 12] = [
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ];
+    let at = NAMES.iter().position(|n| n.eq_ignore_ascii_case(name))?;
+    Month::try_from(u8::try_from(at + 1).ok()?).ok()
 }
 
 /// `HH:mm:ss` with an optional fraction introduced by `.` or (Braze's variant) `:`.
@@ -240,6 +310,96 @@ mod tests {
             parse_datetime("01/02/2024"),
             Some(Millis(1_704_153_600_000))
         );
+        // `ddd MM dd HH:mm:ss.TZD YYYY`, with the month as a number or a name.
+        for day_name in [
+            "Tue 01 02 03:04:05.Z 2024",
+            "Tue 01 02 05:04:05.+02:00 2024",
+            "Tue 01 02 05:04:05.+0200 2024",
+            "Tue Jan 02 03:04:05 +0000 2024",
+            "Tue JAN 02 03:04:05 UTC 2024",
+            "Mon 01 01 22:04:05.-05:00 2024",
+        ] {
+            assert_eq!(parse_datetime(day_name), Some(Millis(base)), "{day_name}");
+        }
+        assert_eq!(
+            parse_datetime("Tue 01 02 03:04:05.678Z 2024"),
+            Some(Millis(base + 678))
+        );
+    }
+
+    #[test]
+    fn day_name_dates_refuse_what_is_not_one() {
+        for bad in [
+            "Tue 13 02 03:04:05.Z 2024",
+            "Tue Foo 02 03:04:05.Z 2024",
+            "Tue 01 32 03:04:05.Z 2024",
+            "Tue 01 02 03:04:05 2024",
+            "Tue 01 02 03:04:05.Z 2024 extra",
+            "Tue 01 02 03:04:05.Z 24",
+            "Tuesday 01 02 03:04:05.Z 2024",
+            "Tue 01 02 03:04:05.+25:00 2024",
+            "Tue 01 02 0é:04:05Z 2024",
+            "Tue 01 02 03:04:0é 2024",
+            "Tue 01 02 03:04 2024",
+        ] {
+            assert_eq!(parse_datetime(bad), None, "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any text parses or not without a panic, and a time written in the day-name form
+        /// reads back as itself (the oracle is `time`'s own calendar).
+        #[test]
+        fn day_name_dates_read_back(
+            secs in 0i64..32_503_680_000,
+            millis in 0i64..1000,
+            zone_minutes in -18i64 * 60..=18 * 60,
+            numeric_month in proptest::bool::ANY,
+            junk in ".{0,40}",
+        ) {
+            let _ = parse_datetime(&junk);
+            let _ = parse_datetime(&format!("Tue 01 02 {junk}"));
+            let at = OffsetDateTime::from_unix_timestamp(secs).unwrap();
+            let offset = UtcOffset::from_whole_seconds(i32::try_from(zone_minutes * 60).unwrap()).unwrap();
+            let local = at.to_offset(offset);
+            let month = if numeric_month {
+                format!("{:02}", u8::from(local.month()))
+            } else {
+                local.month().to_string()[..3].to_owned()
+            };
+            let text = format!(
+                "Sun {month} {:02} {:02}:{:02}:{:02}.{millis:03}{}{:02}:{:02} {:04}",
+                local.day(),
+                local.hour(),
+                local.minute(),
+                local.second(),
+                if zone_minutes < 0 { '-' } else { '+' },
+                zone_minutes.abs() / 60,
+                zone_minutes.abs() % 60,
+                local.year(),
+            );
+            proptest::prop_assert_eq!(
+                parse_datetime_any_year(&text),
+                Some(Millis(secs * 1000 + millis)),
+                "{}", text
+            );
+        }
+    }
+
+    #[test]
+    fn standard_timestamps_in_the_future_are_now() {
+        use serde_json::json;
+        let now = Millis(1_704_164_645_000); // 2024-01-02T03:04:05Z
+        assert_eq!(
+            no_later_than(&json!("2030-01-01T00:00:00.000Z"), now),
+            Some(json!("2024-01-02T03:04:05.000Z"))
+        );
+        assert_eq!(
+            no_later_than(&json!("9999-12-31"), now),
+            Some(json!("2024-01-02T03:04:05.000Z"))
+        );
+        assert_eq!(no_later_than(&json!("2024-01-02T03:04:05.000Z"), now), None);
+        assert_eq!(no_later_than(&json!("2020-01-01T00:00:00.000Z"), now), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::clock::Millis;
+use crate::clock::{Millis, no_later_than};
 use crate::currents::{CurrentsEvent, EventUser};
 use crate::ids::{BrazeId, DeviceId, Email, ExternalId, IdSource, Phone, UserAlias};
 use crate::message_events::{MessageSource, Origin};
@@ -457,6 +457,18 @@ fn apply_attributes(
                 merged = Some(with_device_ids(old, new, || ctx.ids.event_id().0));
                 &merged
             }
+            (
+                StandardField::DateOfFirstSession
+                | StandardField::DateOfLastSession
+                | StandardField::MarkedEmailAsSpamAt,
+                Some(at),
+            ) => match no_later_than(at, ctx.now) {
+                Some(now) => {
+                    merged = Some(now);
+                    &merged
+                }
+                None => value,
+            },
             _ => value,
         };
         if old == value.as_ref() {

@@ -464,6 +464,79 @@ async fn push_tokens_get_a_device_id_and_keep_it() {
     }
 }
 
+/// Braze's date formats reach the profile as times, `ddd MM dd HH:mm:ss.TZD YYYY` among them;
+/// a session date in the future is stored as now (braze-api.md §3.2), while a custom time keeps
+/// its future value, which "in the future" filters compare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attribute_dates_in_every_documented_format_and_none_in_the_future() {
+    let (s, _ws, key) = Server::with_admin().await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{
+                "external_id": "u1",
+                "date_of_last_session": "2999-01-01T00:00:00Z",
+                "date_of_first_session": "Tue Jan 02 03:04:05 +0000 2024",
+                "renewal": {"$time": "Thu 12 31 23:00:00.-01:00 2099"},
+                "signed_up": {"$time": "Tue 01 02 05:04:05.+02:00 2024"},
+            }]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let user = s.export_external(&key, "u1").await.unwrap();
+    assert_eq!(
+        user["custom_attributes"],
+        json!({"renewal": "2100-01-01T00:00:00.000Z", "signed_up": "2024-01-02T03:04:05.000Z"}),
+        "{user}"
+    );
+    let size = async |filter: Value| {
+        let a = s
+            .post("/api/v1/segments/preview", &key, json!({"filter": filter}))
+            .await;
+        assert_eq!(a.status, 200, "{a:?}");
+        a.body["size"].as_u64().unwrap()
+    };
+    let attribute = |name: &str, op: &str, value: &str| json!({"attribute": {"name": name, "op": op, "value": value}});
+    assert_eq!(
+        size(attribute(
+            "date_of_last_session",
+            "after",
+            "2100-01-01T00:00:00Z"
+        ))
+        .await,
+        0,
+        "a session in 2999 is stored as now"
+    );
+    assert_eq!(
+        size(attribute(
+            "date_of_last_session",
+            "after",
+            "2024-01-01T00:00:00Z"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        size(attribute(
+            "date_of_first_session",
+            "after",
+            "2024-01-02T03:04:04Z"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        size(attribute(
+            "date_of_first_session",
+            "after",
+            "2024-01-02T03:04:05Z"
+        ))
+        .await,
+        0
+    );
+}
+
 /// Each request's nested values are bounded when parsed, and so is what they add up to: an
 /// object whose `$add` (or merge) would take a stored nested attribute past 100 KiB is refused
 /// whole, reported by index, and the rest of the request applies.
