@@ -54,6 +54,7 @@ pub use listener::{
 };
 pub use messaging_api::MessagingApi;
 pub use observe::{MetricsError, install_metrics_recorder};
+pub use ops::{Draining, with_draining};
 pub use rate_limit::RateLimits;
 
 /// Settings of the HTTP edge. `Default` gives Braze's documented limits.

@@ -6,12 +6,22 @@
 //! PostgreSQL, an empty job through SQLite's writer), so a load balancer takes a node whose
 //! database is gone out of rotation, and a monitor sees a database that answers reads but
 //! refuses every write (read-only, a standby after a failover), which a read would not show.
+//!
+//! [`with_draining`] is the node's last seconds: once [`Draining::start`] is called (on
+//! SIGTERM), `/health` answers 503 `draining`, so a load balancer takes the node out of
+//! rotation, while every other request is still served, each answer with `Connection: close`
+//! so that keep-alive clients open their next connection elsewhere rather than find this one
+//! closed under them when the node stops.
 
-use axum::Json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use axum::extract::{Request, State};
+use axum::http::HeaderValue;
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -24,7 +34,7 @@ use crate::wire::HealthResponse;
     tag = "ops",
     responses(
         (status = 200, description = "The server runs and its database takes writes", body = HealthResponse),
-        (status = 503, description = "The database does not answer or refuses the connection (`unavailable`), or refuses writes (`read_only`)", body = HealthResponse),
+        (status = 503, description = "The database does not answer or refuses the connection (`unavailable`), or refuses writes (`read_only`), or the node is shutting down (`draining`)", body = HealthResponse),
     )
 )]
 pub async fn health(State(state): State<AppState>) -> Response {
@@ -59,6 +69,52 @@ pub async fn health(State(state): State<AppState>) -> Response {
         }),
     )
         .into_response()
+}
+
+/// Whether the node is draining before it stops; clones share the one flag.
+#[derive(Debug, Clone, Default)]
+pub struct Draining(Arc<AtomicBool>);
+
+impl Draining {
+    /// From now on `/health` answers 503 `draining` and every answer closes its connection.
+    pub fn start(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// `router` with the draining behaviour of the module documentation, outermost so that every
+/// answer (a 404, an authentication failure) closes its connection while draining.
+pub fn with_draining(router: Router, draining: Draining) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |request: Request, next: Next| {
+            let draining = draining.clone();
+            async move {
+                if !draining.is_on() {
+                    return next.run(request).await;
+                }
+                let mut response = if request.uri().path() == "/health" {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(HealthResponse {
+                            status: "draining".to_owned(),
+                            reason: Some("the node is shutting down".to_owned()),
+                        }),
+                    )
+                        .into_response()
+                } else {
+                    next.run(request).await
+                };
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                response
+            }
+        },
+    ))
 }
 
 /// Prometheus text exposition of every metric of the process.

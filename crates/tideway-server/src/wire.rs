@@ -126,7 +126,8 @@ pub struct ExportResponse {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HealthResponse {
     /// `ok`; `unavailable` when the database does not answer or refuses the connection (a
-    /// login or privilege refused); `read_only` when it answers but refuses writes.
+    /// login or privilege refused); `read_only` when it answers but refuses writes;
+    /// `draining` when the node is shutting down.
     pub status: String,
     /// Why the node is not healthy, in words (absent when `ok`).
     #[serde(skip_serializing_if = "Option::is_none")]

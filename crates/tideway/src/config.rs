@@ -185,6 +185,14 @@ pub struct Settings {
     #[arg(long, env = "TIDEWAY_WEBHOOK_TIMEOUT_MS", value_name = "MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_timeout_ms: Option<u64>,
+
+    /// Milliseconds a node keeps serving after SIGTERM, with /health answering 503 `draining`
+    /// and every answer closing its connection, so that a load balancer and keep-alive clients
+    /// move to other nodes before it stops; 0 stops at once. SIGINT (Ctrl-C), or a second
+    /// signal, stops at once [default: 1000]
+    #[arg(long, env = "TIDEWAY_SHUTDOWN_DRAIN_MS", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_drain_ms: Option<u64>,
 }
 
 /// The `smtp-url` setting, checked; `Debug` hides its password.
@@ -322,6 +330,8 @@ pub struct Resolved {
     pub public_url: Option<String>,
     /// How long one webhook message request may take.
     pub webhook_timeout: Duration,
+    /// How long the node serves on, draining, after SIGTERM.
+    pub shutdown_drain: Duration,
 }
 
 impl Settings {
@@ -351,6 +361,7 @@ impl Settings {
             smtp_url: self.smtp_url.or(fallback.smtp_url),
             public_url: self.public_url.or(fallback.public_url),
             webhook_timeout_ms: self.webhook_timeout_ms.or(fallback.webhook_timeout_ms),
+            shutdown_drain_ms: self.shutdown_drain_ms.or(fallback.shutdown_drain_ms),
         }
     }
 
@@ -381,6 +392,7 @@ impl Settings {
             smtp_url: None,
             public_url: None,
             webhook_timeout_ms: Some(DEFAULT_WEBHOOK_TIMEOUT_MS),
+            shutdown_drain_ms: Some(DEFAULT_SHUTDOWN_DRAIN_MS),
         }
     }
 
@@ -483,6 +495,7 @@ impl Settings {
                 Some(url) => Some(public_url(&url)?),
             },
             webhook_timeout: Duration::from_millis(full.webhook_timeout_ms.ok_or_else(missing)?),
+            shutdown_drain: Duration::from_millis(full.shutdown_drain_ms.ok_or_else(missing)?),
         };
         // The dashboard shows the public URL as the REST endpoint, and marks its cookies
         // `Secure` when it is https.
@@ -557,6 +570,10 @@ impl Resolved {
 
 /// The default `webhook-timeout-ms`: Braze's 90 seconds per attempt.
 pub const DEFAULT_WEBHOOK_TIMEOUT_MS: u64 = 90_000;
+
+/// One second: enough for keep-alive clients mid-conversation to be told to reconnect; a load
+/// balancer that polls `/health` less often wants more (`--shutdown-drain-ms`).
+pub const DEFAULT_SHUTDOWN_DRAIN_MS: u64 = 1_000;
 
 /// Checks a `public-url`: an absolute http(s) URL without query or fragment; returned without
 /// its trailing slash (links are appended to it).

@@ -65,13 +65,15 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
         Some(settings.segment_index_dir()),
         Some(messaging),
     );
+    let draining = tideway_server::Draining::default();
+    let router = tideway_server::with_draining(router, draining.clone());
     announce(addr)?;
     tracing::info!(%addr, data_dir = %settings.data_dir.display(), database = %settings.database.describe(&settings.data_dir), synchronous = ?settings.synchronous, "serving the REST API");
     tideway_server::serve(
         listener,
         router,
         settings.connections.clone(),
-        shutdown_signal(),
+        drain_then_stop(draining, settings.shutdown_drain),
     )
     .await;
     tracing::info!("stopped: every in-flight request has been answered");
@@ -228,8 +230,33 @@ async fn bootstrap_dashboard(store: &dyn Store, data_dir: &Path) -> anyhow::Resu
     Ok(())
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
+/// Resolves when the server should stop accepting: at once on SIGINT (someone at a terminal),
+/// after `drain` on SIGTERM (a supervisor or orchestrator), during which the node answers as
+/// [`tideway_server::with_draining`] describes; a second signal cuts the drain short.
+async fn drain_then_stop(draining: tideway_server::Draining, drain: std::time::Duration) {
+    if shutdown_signal().await == Signal::Interrupt || drain.is_zero() {
+        return;
+    }
+    draining.start();
+    tracing::info!(
+        drain_ms = drain.as_millis(),
+        "draining: /health answers 503 and every answer closes its connection; \
+         a second SIGTERM or SIGINT stops at once"
+    );
+    tokio::select! {
+        () = tokio::time::sleep(drain) => tracing::info!("drained: shutting down"),
+        _ = shutdown_signal() => tracing::info!("second signal: shutting down now"),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Interrupt,
+    Terminate,
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM, saying which.
+async fn shutdown_signal() -> Signal {
     let interrupt = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for SIGINT");
@@ -248,8 +275,14 @@ async fn shutdown_signal() {
         }
     };
     tokio::select! {
-        () = interrupt => tracing::info!("SIGINT: shutting down"),
-        () = terminate => tracing::info!("SIGTERM: shutting down"),
+        () = interrupt => {
+            tracing::info!("SIGINT: shutting down");
+            Signal::Interrupt
+        }
+        () = terminate => {
+            tracing::info!("SIGTERM: shutting down");
+            Signal::Terminate
+        }
     }
 }
 

@@ -90,6 +90,44 @@ async fn get_keep_alive(stream: &mut TcpStream, path: &str) -> (u16, String) {
     }
 }
 
+/// SIGTERM drains before the node stops: `/health` answers 503 `draining` for the load
+/// balancer, other requests are still served, and a keep-alive connection's next answer says
+/// `Connection: close` and closes it, so its client reconnects rather than write into a
+/// connection the stopping node closes under it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_keep_alive_connections_before_stopping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (server, addr) = start(&tmp.path().join("data"), &["--shutdown-drain-ms", "4000"]).await;
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(get_keep_alive(&mut kept, "/health").await.0, 200);
+
+    server.signal("TERM").await;
+    let deadline = Instant::now() + DEADLINE;
+    let draining = loop {
+        let mut stream = TcpStream::connect(addr).await.expect("still accepting");
+        let request = "GET /health HTTP/1.1\r\nHost: tideway\r\nConnection: close\r\n\r\n";
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let response = read_until_closed(&mut stream, DEADLINE).await.unwrap();
+        if status_of(&response) == Some(503) {
+            break String::from_utf8_lossy(&response).into_owned();
+        }
+        assert!(Instant::now() < deadline, "health never said draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(draining.contains(r#""status":"draining""#), "{draining}");
+
+    // The kept connection is served once more, told to close, and closed.
+    let request = "GET /metrics HTTP/1.1\r\nHost: tideway\r\n\r\n";
+    kept.write_all(request.as_bytes()).await.unwrap();
+    let response = read_until_closed(&mut kept, DEADLINE)
+        .await
+        .expect("the server closes the connection after its answer");
+    let head = String::from_utf8_lossy(&response).to_lowercase();
+    assert_eq!(status_of(&response), Some(200), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(server.wait_exit().await, "exit 0 after the drain");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_and_slowloris_connections_are_closed_while_health_keeps_answering() {
     let tmp = tempfile::tempdir().unwrap();

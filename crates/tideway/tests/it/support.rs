@@ -118,14 +118,24 @@ impl Server {
     }
 
     /// SIGTERM, then waits for the process to exit on its own; returns whether it exited 0.
-    pub async fn terminate(mut self) -> bool {
+    pub async fn terminate(self) -> bool {
+        self.signal("TERM").await;
+        self.wait_exit().await
+    }
+
+    /// Sends the signal `name` (`TERM`, `INT`) and returns at once.
+    pub async fn signal(&self, name: &str) {
         let pid = self.child.id().expect("the server is running");
         let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .await
             .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit on its own; returns whether it exited 0.
+    pub async fn wait_exit(mut self) -> bool {
         let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
             .expect("the server did not stop within 30 s of SIGTERM")
