@@ -225,8 +225,9 @@ fn check_access(
     Ok(())
 }
 
-/// Runs a handler of Tideway's own management API (`/api/v1/*`): the key comes from
-/// `Authorization: Bearer` (or the `api_key` query parameter) only, requests count against the
+/// Runs a handler of Tideway's own management API (`/api/v1/*`) and of Braze's messaging and
+/// export endpoints: the key comes from `Authorization: Bearer`, the `api_key` query parameter
+/// or the body's legacy `api_key` field, requests count against the
 /// key's management budget, the permission is checked, and the answer carries the
 /// `X-RateLimit-*` headers like every REST response.
 pub async fn management<F, Fut>(
@@ -243,7 +244,17 @@ where
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
-    let key = header_key(req.headers(), req.uri()).unwrap_or_default();
+    let (key, req) = match header_key(req.headers(), req.uri()) {
+        Some(key) => (key, req),
+        None => match body_key(req).await {
+            Ok(found) => found,
+            Err(error) => {
+                let mut response = error.into_response();
+                put_rate_headers(response.headers_mut(), None);
+                return response;
+            }
+        },
+    };
     let caller = match authenticate(&state, key).await {
         Ok(caller) => caller,
         Err(error) => {
@@ -270,6 +281,30 @@ where
     let mut response = outcome.unwrap_or_else(IntoResponse::into_response);
     put_rate_headers(response.headers_mut(), Some(&decision));
     response
+}
+
+/// The legacy `api_key` field of a JSON body, which Braze's messaging endpoints accept as the
+/// `/users/*` ones do (older clients send it there); the request is rebuilt around the body it
+/// read, for the handler. No such field (or no JSON body) is an empty key.
+async fn body_key(req: Request) -> Result<(String, Request), ApiError> {
+    let (parts, body) = req.into_parts();
+    // The body limit travels in the extensions, so the probe carries them.
+    let mut probe = Request::new(body);
+    *probe.headers_mut() = parts.headers.clone();
+    *probe.extensions_mut() = parts.extensions.clone();
+    let bytes = read_body(probe).await?;
+    let key = parse_object(&bytes)
+        .ok()
+        .and_then(|map| {
+            map.get("api_key")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    Ok((
+        key,
+        Request::from_parts(parts, axum::body::Body::from(bytes)),
+    ))
 }
 
 /// Reads the body (within the router's `DefaultBodyLimit`) and parses it as a JSON object.

@@ -34,6 +34,44 @@ fn real_rate(a: &crate::harness::Answer) {
     );
 }
 
+/// Braze's messaging endpoints take the legacy `api_key` body field as `/users/*` do: a
+/// request with it is authenticated (here it reaches the endpoint or its own refusal), one with
+/// a wrong key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messaging_endpoints_take_the_key_from_the_body() {
+    let (s, _ws, key) = Server::with_admin().await;
+    for path in [
+        "/messages/send",
+        "/campaigns/trigger/send",
+        "/canvas/trigger/send",
+        "/messages/schedule/create",
+        "/campaigns/trigger/schedule/create",
+        "/sends/id/create",
+    ] {
+        let send = |api_key: &str| {
+            let body = json!({"api_key": api_key, "campaign_id": "nope"}).to_string();
+            s.send(
+                reqwest::Method::POST,
+                path,
+                Auth::None,
+                Some(body.into()),
+                true,
+            )
+        };
+        let answer = send(&key).await;
+        assert_ne!(answer.status, 401, "{path}: {answer:?}");
+        assert!(
+            !answer.body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("Invalid API key"),
+            "{path}: {answer:?}"
+        );
+        let refused = send("wrong").await;
+        assert_eq!(refused.status, 401, "{path}: {refused:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_and_unknown_keys_get_401_with_the_key_echoed_and_no_rate_headers() {
     let s = Server::start().await;
