@@ -961,21 +961,30 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
         };
         // A Canvas message step's dispatch carries the step's Canvas ids in its definition
         // (`crate::canvas::step_dispatch`).
-        let canvas = match &p.dispatch.source {
-            DispatchSource::AdHoc { definition } => {
-                definition.get("canvas").and_then(Value::as_object)
-            }
-            DispatchSource::Campaign { .. } | DispatchSource::Canvas { .. } => None,
+        // and a `/messages/send` credited to a campaign carries that campaign's
+        // (`crate::sends::credit_to_campaign`).
+        let (canvas, credited) = match &p.dispatch.source {
+            DispatchSource::AdHoc { definition } => (
+                definition.get("canvas").and_then(Value::as_object),
+                crate::sends::credited_campaign(definition),
+            ),
+            DispatchSource::Campaign { .. } | DispatchSource::Canvas { .. } => (None, None),
         };
-        let origin = match (campaign, canvas) {
-            (Some(c), _) => Origin::Campaign {
+        let origin = match (campaign, canvas, credited) {
+            (Some(c), _, _) => Origin::Campaign {
                 campaign_id: &c.id,
                 campaign_name: Some(&c.name),
                 message_variation_id: Some(&variant.id),
                 message_variation_name: Some(&variant.name),
             },
-            (None, Some(canvas)) => crate::canvas::step_origin(canvas),
-            (None, None) => Origin::AdHoc,
+            (None, Some(canvas), _) => crate::canvas::step_origin(canvas),
+            (None, None, Some((campaign_id, campaign_name))) => Origin::Campaign {
+                campaign_id,
+                campaign_name: Some(campaign_name),
+                message_variation_id: Some(&variant.id),
+                message_variation_name: Some(&variant.name),
+            },
+            (None, None, None) => Origin::AdHoc,
         };
         let source = MessageSource {
             app_group_id: &p.workspace.app_group_id,

@@ -346,6 +346,48 @@ pub async fn send_messages<S: DispatchStore + UserStore + ?Sized>(
     })
 }
 
+/// Credits an ad-hoc definition to the API campaign a `/messages/send` named with
+/// `campaign_id` (braze-api.md: "needed for stats"): its messages' events carry the campaign's
+/// id and name and the variation's id and name, so they count in the campaign's stats and its
+/// send id's series like the campaign's own sends. `variation_name` names each variation id.
+pub fn credit_to_campaign(
+    definition: &mut Value,
+    campaign_id: &str,
+    campaign_name: &str,
+    variation_name: impl Fn(&str) -> Option<String>,
+) {
+    let Value::Object(fields) = definition else {
+        return;
+    };
+    if let Some(Value::Array(variants)) = fields.get_mut("messages") {
+        for variant in variants.iter_mut().filter_map(Value::as_object_mut) {
+            let name = variant
+                .get("id")
+                .and_then(Value::as_str)
+                .and_then(&variation_name);
+            if let Some(name) = name {
+                variant.insert("name".into(), Value::String(name));
+            }
+        }
+    }
+    fields.insert(
+        "campaign".into(),
+        serde_json::json!({"id": campaign_id, "name": campaign_name}),
+    );
+}
+
+/// The campaign an ad-hoc definition is credited to ([`credit_to_campaign`]): its id and name.
+pub fn credited_campaign(definition: &Value) -> Option<(&str, &str)> {
+    let campaign = definition.get("campaign")?;
+    Some((
+        campaign.get("id")?.as_str()?,
+        campaign
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+    ))
+}
+
 /// The canonical ad-hoc definition for `/messages/send`'s `messages` object: one variant per
 /// channel given (`email`, `webhook`), in the campaign JSON shape, audience and delivery
 /// left to the request. Returns the JSON and the channels Tideway does not support (named in

@@ -867,17 +867,30 @@ pub(crate) async fn send_adhoc(
     let mut parsed = parse_messages_send(body, now())?;
     parsed.send.at = schedule;
     let ws = &caller.workspace;
-    if let Some(id) = &parsed.campaign_id {
-        let campaign = state
-            .store()
-            .campaign(ws.id, id)
-            .await?
-            .ok_or_else(|| ApiError::bad_request(INVALID_CAMPAIGN))?;
-        check_campaign_variants(&campaign, &parsed.messages)?;
-    }
+    let campaign = match &parsed.campaign_id {
+        Some(id) => {
+            let campaign = state
+                .store()
+                .campaign(ws.id, id)
+                .await?
+                .ok_or_else(|| ApiError::bad_request(INVALID_CAMPAIGN))?;
+            check_campaign_variants(&campaign, &parsed.messages)?;
+            Some(campaign)
+        }
+        None => None,
+    };
     check_segment_id(state, ws.id, body).await?;
-    let (definition, unsupported) =
+    let (mut definition, unsupported) =
         checked_adhoc_definition(&parsed.messages, parsed.subscription)?;
+    if let Some(campaign) = &campaign {
+        let stored = CampaignDefinition::load(&campaign.definition).ok();
+        tideway_messaging::sends::credit_to_campaign(
+            &mut definition,
+            &campaign.id,
+            &campaign.name,
+            |variation| Some(stored.as_ref()?.variant(variation)?.name.clone()),
+        );
+    }
     let outcome = send_messages(
         state.store(),
         api.audiences.as_ref(),

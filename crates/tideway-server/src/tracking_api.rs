@@ -220,7 +220,11 @@ async fn context(state: &AppState, link: &Link) -> Result<Option<Context>, Store
                         None => (Some((campaign_id.clone(), String::new())), None),
                     }
                 }
-                DispatchSource::AdHoc { definition } => (None, variant_of(definition)),
+                DispatchSource::AdHoc { definition } => (
+                    tideway_messaging::sends::credited_campaign(definition)
+                        .map(|(id, name)| (id.to_owned(), name.to_owned())),
+                    variant_of(definition),
+                ),
                 DispatchSource::Canvas { .. } => (None, None),
             };
             let dispatch_id = if d.per_user_ids {

@@ -283,6 +283,65 @@ async fn api_triggered_webhook_renders_trigger_properties_and_logs_its_send() {
     let _ = dispatch;
 }
 
+/// `/messages/send` with an API campaign's `campaign_id` and one of its variations is that
+/// campaign's send (braze-api.md: "needed for stats"): its events name the campaign and the
+/// variation, and the campaign's stats count it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_with_a_campaign_id_counts_for_that_campaign() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1"}, {"external_id": "u2"}]))
+        .await;
+    let id = t.campaign(t.webhook_campaign("Receipts", json!({}))).await;
+    let a = t.trigger(&id, json!([{"external_user_id": "u1"}])).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let triggered = t.wait_events("users.messages.webhook.Send", 1).await;
+    let variation = triggered[0]["properties"]["message_variation_id"].clone();
+    let a =
+        t.s.post(
+            "/messages/send",
+            &t.key,
+            json!({
+                "campaign_id": id,
+                "send_id": "receipt-1",
+                "external_user_ids": ["u2"],
+                "messages": {"webhook": {
+                    "url": t.hook_url,
+                    "request_method": "POST",
+                    "body": "ad hoc",
+                    "message_variation_id": variation,
+                }},
+            }),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let sends = t.wait_events("users.messages.webhook.Send", 2).await;
+    let properties = |e: &Value| {
+        let p = &e["properties"];
+        (
+            p["campaign_id"].clone(),
+            p["campaign_name"].clone(),
+            p["message_variation_id"].clone(),
+            p["message_variation_name"].clone(),
+        )
+    };
+    assert_eq!(
+        properties(&sends[1]),
+        properties(&triggered[0]),
+        "{sends:?}"
+    );
+    assert_eq!(sends[1]["properties"]["send_id"], "receipt-1", "{sends:?}");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let a = get_with(&t, &format!("/api/v1/campaigns/{id}"), &t.key).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        if a.body["campaign"]["stats"]["sends"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not counted: {a:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_retries_on_503_and_fails_for_good_on_404() {
     let t = setup().await;
