@@ -253,7 +253,71 @@ pub(crate) fn references(filter: &Value, id: &str) -> bool {
     }
 }
 
-/// `DELETE /api/v1/segments/{id}`: refused (409) while another segment refers to it.
+/// What keeps segment `id` from being deleted, in words for the 409, or `None`: another segment
+/// that uses it through `in_segment`, or a campaign or Canvas that is not stopped and names it
+/// (its audience, a segment-entry trigger, an `in_segment` in a filter or an Audience Path).
+/// Deleting it under them would turn "this segment" into "nobody", or after an unchanged edit
+/// into "everyone". The caller holds [`AppState::segment_definitions`] from this check to its
+/// delete.
+pub(crate) async fn segment_in_use(
+    state: &AppState,
+    workspace: tideway_core::ids::WorkspaceId,
+    id: &str,
+) -> Result<Option<String>, tideway_core::store::StoreError> {
+    use tideway_core::campaigns::CampaignStatus;
+    let segments = state.store().list_segments(workspace).await?;
+    if let Some(user) = segments
+        .iter()
+        .find(|s| s.id != id && references(&s.filter, id))
+    {
+        return Ok(Some(format!(
+            "segment '{}' ({}) uses this segment through in_segment",
+            user.name, user.id
+        )));
+    }
+    let campaigns = state.store().list_campaigns(workspace).await?;
+    if let Some(user) = campaigns
+        .iter()
+        .find(|c| c.status != CampaignStatus::Stopped && names_segment(&c.definition, id))
+    {
+        return Ok(Some(format!(
+            "campaign '{}' ({}) targets this segment; take it out of the campaign or stop the campaign first",
+            user.name, user.id
+        )));
+    }
+    let canvases = state.store().list_canvases(workspace).await?;
+    if let Some(user) = canvases
+        .iter()
+        .find(|c| c.status != CampaignStatus::Stopped && names_segment(&c.definition, id))
+    {
+        return Ok(Some(format!(
+            "Canvas '{}' ({}) targets this segment; take it out of the Canvas or stop the Canvas first",
+            user.name, user.id
+        )));
+    }
+    Ok(None)
+}
+
+/// True if a campaign or Canvas definition names segment `id` anywhere: a `segment_id`, an
+/// element of `segment_ids`, or an `in_segment`.
+fn names_segment(definition: &Value, id: &str) -> bool {
+    match definition {
+        Value::Object(fields) => fields
+            .iter()
+            .any(|(key, value)| match (key.as_str(), value) {
+                ("segment_id" | "in_segment", Value::String(named)) => named == id,
+                ("segment_ids", Value::Array(ids)) => {
+                    ids.iter().any(|named| named.as_str() == Some(id))
+                }
+                _ => names_segment(value, id),
+            }),
+        Value::Array(items) => items.iter().any(|item| names_segment(item, id)),
+        _ => false,
+    }
+}
+
+/// `DELETE /api/v1/segments/{id}`: refused (409) while another segment, or a campaign or
+/// Canvas that is not stopped, uses it.
 #[utoipa::path(
     delete,
     path = "/api/v1/segments/{id}",
@@ -263,7 +327,7 @@ pub(crate) fn references(filter: &Value, id: &str) -> bool {
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such segment", body = crate::wire::ErrorBody),
-        (status = 409, description = "Another segment uses it through `in_segment`", body = crate::wire::ErrorBody),
+        (status = 409, description = "Another segment uses it through `in_segment`, or a campaign or Canvas that is not stopped names it", body = crate::wire::ErrorBody),
     ),
     security(("bearer_auth" = []))
 )]
@@ -279,15 +343,8 @@ pub async fn delete(
         |state, caller, _| async move {
             let ws = caller.workspace.id;
             let _definitions = state.segment_definitions(ws).await?;
-            let segments = state.store().list_segments(ws).await?;
-            if let Some(user) = segments
-                .iter()
-                .find(|s| s.id != id && references(&s.filter, &id))
-            {
-                return Err(ApiError::Conflict(format!(
-                    "segment '{}' ({}) uses this segment through in_segment",
-                    user.name, user.id
-                )));
+            if let Some(why) = segment_in_use(&state, ws, &id).await? {
+                return Err(ApiError::Conflict(why));
             }
             if !state.store().delete_segment(ws, &id).await? {
                 return Err(missing(&id));

@@ -28,7 +28,7 @@ use super::forms::{FieldError, refused, require_admin};
 use super::layout::{self, Section};
 use super::{Ctx, FormData, Me, PageError, PathParams, path_param, see_other, when, ws_id};
 use crate::AppState;
-use crate::segments_api::{parse_filter, references};
+use crate::segments_api::{parse_filter, segment_in_use};
 
 /// Members on one page.
 const PAGE: usize = 100;
@@ -825,7 +825,8 @@ pub async fn update(
     save(&state, &ctx, &form, Some(&s)).await
 }
 
-/// `POST …/segments/{id}/delete`: refused (409) while another segment uses it.
+/// `POST …/segments/{id}/delete`: refused (409) while another segment, or a campaign or Canvas
+/// that is not stopped, uses it.
 pub async fn delete(
     State(state): State<AppState>,
     Extension(me): Extension<Me>,
@@ -834,13 +835,9 @@ pub async fn delete(
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
     let s = load(&state, &ctx, &path).await?;
     let _definitions = state.segment_definitions(ctx.workspace.id).await?;
-    let segments = state.store().list_segments(ctx.workspace.id).await?;
-    if let Some(user) = segments
-        .iter()
-        .find(|o| o.id != s.id && references(&o.filter, &s.id))
-    {
+    if let Some(why) = segment_in_use(&state, ctx.workspace.id, &s.id).await? {
         return Err(PageError::Store(tideway_core::store::StoreError::Conflict(
-            format!("Segment '{}' uses this one; a reference to it", user.name),
+            why,
         )));
     }
     state

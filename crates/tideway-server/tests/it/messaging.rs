@@ -342,6 +342,79 @@ async fn a_message_sent_with_a_campaign_id_counts_for_that_campaign() {
     }
 }
 
+/// A segment a campaign or Canvas targets cannot be deleted under it (that turned its audience
+/// into nobody, and an unchanged edit of the campaign into everyone); once they are stopped,
+/// it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_in_use_by_a_campaign_or_canvas_is_not_deleted() {
+    let t = setup().await;
+    let segment = |name: &str| {
+        let t = &t;
+        let body = json!({"name": name, "filter": {"identified": true}});
+        async move {
+            let a = t.s.post("/api/v1/segments", &t.key, body).await;
+            assert_eq!(a.status, 201, "{a:?}");
+            a.body["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (targeted, filtered) = (segment("Targeted").await, segment("Filtered").await);
+    let campaign = t
+        .campaign(t.webhook_campaign("Uses it", json!({"audience": {"segment_ids": [targeted]}})))
+        .await;
+    let a =
+        t.s.post(
+            "/api/v1/canvases",
+            &t.key,
+            json!({
+                "name": "Splits on it",
+                "entry": {"type": "api_triggered"},
+                "steps": [{"id": "split", "name": "In it?", "type": "decision_split",
+                           "filter": {"in_segment": filtered}}],
+            }),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let canvas = a.body["canvas"]["id"].as_str().unwrap().to_owned();
+    let delete = |id: &str| {
+        let t = &t;
+        let path = format!("/api/v1/segments/{id}");
+        async move {
+            t.s.send(
+                reqwest::Method::DELETE,
+                &path,
+                crate::harness::Auth::Bearer(&t.key),
+                None,
+                false,
+            )
+            .await
+        }
+    };
+    let a = delete(&targeted).await;
+    assert_eq!(a.status, 409, "{a:?}");
+    let why = a.body["message"].as_str().unwrap();
+    assert!(
+        why.contains("campaign 'Uses it'") && why.contains(&campaign),
+        "{why}"
+    );
+    let a = delete(&filtered).await;
+    assert_eq!(a.status, 409, "{a:?}");
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("Canvas 'Splits on it'"),
+        "{a:?}"
+    );
+    for (path, id) in [("campaigns", &campaign), ("canvases", &canvas)] {
+        let a =
+            t.s.post(&format!("/api/v1/{path}/{id}/stop"), &t.key, json!({}))
+                .await;
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    assert_eq!(delete(&targeted).await.status, 204);
+    assert_eq!(delete(&filtered).await.status, 204);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_retries_on_503_and_fails_for_good_on_404() {
     let t = setup().await;
