@@ -541,6 +541,9 @@ async fn builder_page(
         @if let Some(error) = error { p class="notice error" role="alert" { (error) } }
         form method="post" action=(action) hx-post=(ctx.url("/segments/preview")) hx-trigger="change, input delay:500ms" hx-target="#size" hx-swap="innerHTML" {
             (ctx.csrf_field())
+            // Enter in a field saves: a form's first submit button is its default, and the
+            // builder's own buttons (remove a condition) come before Save.
+            button type="submit" class="default-submit" tabindex="-1" aria-hidden="true" { "Save segment" }
             @if let Some(s) = editing { input type="hidden" name="editing" value=(s.id); }
             p class="card" aria-live="polite" { "Size: " span class="size" id="size" { (size) } }
             (builder_fields(ctx, b, &cohorts, &segments, editing.map(|s| s.id.as_str())))
