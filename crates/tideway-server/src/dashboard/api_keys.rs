@@ -41,12 +41,18 @@ pub async fn page(
     render(&state, &ctx, None, None).await
 }
 
+/// The page; `refused` is a create form sent back with what to fix, shown again as typed.
 async fn render(
     state: &AppState,
     ctx: &Ctx,
     created: Option<(&Secret, &ApiKey)>,
-    error: Option<&str>,
+    refused: Option<(&str, &FormData)>,
 ) -> Result<Markup, PageError> {
+    let error = refused.map(|(message, _)| message);
+    let typed = refused.map(|(_, form)| form);
+    let typed_name = typed.and_then(|f| f.get("name")).unwrap_or("");
+    let ticked = typed.map(|f| f.all("permission")).unwrap_or_default();
+    let typed_ips = typed.and_then(|f| f.get("allow_ips")).unwrap_or("");
     let keys = state.store().list_api_keys(ctx.workspace.id).await?;
     let admin = ctx.me.may_change();
     let body = html! {
@@ -99,7 +105,7 @@ async fn render(
             form class="card" method="post" action=(ctx.url("/developer/api-keys")) {
                 (ctx.csrf_field())
                 label for="key-name" { "API key name" }
-                input type="text" id="key-name" name="name" maxlength=(MAX_NAME_CHARS) required;
+                input type="text" id="key-name" name="name" maxlength=(MAX_NAME_CHARS) required value=(typed_name);
                 fieldset {
                     legend { "Permissions" }
                     @for (group, permissions) in permission_groups() {
@@ -111,7 +117,7 @@ async fn render(
                             div class="checks" {
                                 @for p in permissions {
                                     label class="check" {
-                                        input type="checkbox" name="permission" value=(p.as_str()) data-group=(group);
+                                        input type="checkbox" name="permission" value=(p.as_str()) data-group=(group) checked[ticked.contains(&p.as_str())];
                                         code { (p.as_str()) }
                                     }
                                 }
@@ -120,7 +126,7 @@ async fn render(
                     }
                 }
                 label for="allow-ips" { "Allowed IP addresses " span class="muted" { "(optional; one address or CIDR network per line; empty: anywhere)" } }
-                textarea id="allow-ips" name="allow_ips" rows="3" {}
+                textarea id="allow-ips" name="allow_ips" rows="3" { (typed_ips) }
                 div class="actions" { button type="submit" id="create-key" { "Create API key" } }
             }
         }
@@ -146,7 +152,7 @@ pub async fn create(
     let (name, permissions, allow) = match parse_form(&form) {
         Ok(parsed) => parsed,
         Err(message) => {
-            let page = render(&state, &ctx, None, Some(&message)).await?;
+            let page = render(&state, &ctx, None, Some((&message, &form))).await?;
             return Ok((axum::http::StatusCode::BAD_REQUEST, page).into_response());
         }
     };

@@ -797,6 +797,25 @@ async fn bad_input_gets_a_precise_4xx() {
         assert_eq!(page.status, 400, "{fields:?}");
         assert!(page.body.contains(says), "{fields:?}: {}", page.body);
     }
+    // What was typed comes back with the refusal, to be mended rather than typed again.
+    let page = b
+        .post(
+            &format!("{w}/developer/api-keys"),
+            &[
+                ("name", "Heap <ingest>"),
+                ("permission", "users.track"),
+                ("allow_ips", "not-an-ip"),
+            ],
+        )
+        .await;
+    assert_eq!(page.status, 400);
+    for kept in [
+        r#"value="Heap &lt;ingest&gt;""#,
+        r#"value="users.track" data-group="users" checked"#,
+        ">not-an-ip</textarea>",
+    ] {
+        assert!(page.body.contains(kept), "{kept}: {}", page.body);
+    }
     assert!(s.store.list_api_keys(ws.id).await.unwrap().is_empty());
     let big = "x".repeat(70 * 1024);
     let page = b
