@@ -217,14 +217,21 @@ fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>
     }
 }
 
+/// An identifier key: a string, or an integer read as its decimal text (clients that key users
+/// by a database id send `"external_id": 5555`; the messaging endpoints read numbers so too).
 fn parse_id<T, E>(
     obj: &Map<String, Value>,
     key: &str,
     parse: impl Fn(&str) -> Result<T, E>,
 ) -> Result<Option<T>, String> {
-    opt_str(obj, key)?
-        .map(|s| parse(s).map_err(|_| not_valid(key)))
-        .transpose()
+    let text = match obj.get(key) {
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+        _ => match opt_str(obj, key)? {
+            Some(s) => s.to_owned(),
+            None => return Ok(None),
+        },
+    };
+    parse(&text).map(Some).map_err(|_| not_valid(key))
 }
 
 /// Resolves the identifier keys of a track object: which one names the user (precedence

@@ -7,7 +7,7 @@
 //! field) and element readers that fail one item (`Result<_, String>`, reported by index).
 
 use serde_json::{Map, Value};
-use tideway_core::ids::{AliasLabel, AliasName, IdError, UserAlias};
+use tideway_core::ids::{AliasLabel, AliasName, ExternalId, IdError, UserAlias};
 use tideway_core::users::Prioritization;
 
 use crate::error::ApiError;
@@ -60,6 +60,37 @@ pub fn id_value<T>(
     match value {
         Value::String(raw) => parse(raw).map_err(|e| format!("'{what}' {e}")),
         _ => Err(format!("'{what}' must be a string")),
+    }
+}
+
+/// An external id from a JSON value ([`id_value`]): a string, or an integer read as its decimal
+/// text, as `/users/track` and the messaging endpoints read it (clients that key users by a
+/// database id send `"external_id": 5555`).
+pub fn external_id_value(value: &Value, what: &str) -> Result<ExternalId, String> {
+    match value {
+        Value::Number(n) if n.is_i64() || n.is_u64() => {
+            ExternalId::parse(&n.to_string()).map_err(|e| format!("'{what}' {e}"))
+        }
+        _ => id_value(value, what, ExternalId::parse),
+    }
+}
+
+/// A required external id key of an element object ([`external_id_value`]).
+pub fn required_external_id(obj: &Map<String, Value>, key: &str) -> Result<ExternalId, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Err(format!("'{key}' is required")),
+        Some(v) => external_id_value(v, key),
+    }
+}
+
+/// An optional external id key of an element object ([`external_id_value`]).
+pub fn optional_external_id(
+    obj: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<ExternalId>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => external_id_value(v, key).map(Some),
     }
 }
 

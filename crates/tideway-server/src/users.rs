@@ -9,7 +9,7 @@
 use axum::extract::{Request, State};
 use axum::response::Response;
 use serde_json::{Map, Value, json};
-use tideway_core::ids::{AliasName, BrazeId, DeviceId, Email, ExternalId, Phone, UserAlias};
+use tideway_core::ids::{AliasName, BrazeId, DeviceId, Email, Phone, UserAlias};
 use tideway_core::services::Services;
 use tideway_core::track::{InputArray, ObjectError, TrackRejected, parse_track};
 use tideway_core::users::{
@@ -20,8 +20,9 @@ use tideway_core::users::{
 use crate::AppState;
 use crate::error::ApiError;
 use crate::fields::{
-    MAX_BATCH, alias_value, id_value, opt_array, opt_id, opt_string, optional_id, prioritization,
-    required_batch, required_id,
+    MAX_BATCH, alias_value, external_id_value, id_value, opt_array, opt_id, opt_string,
+    optional_external_id, optional_id, prioritization, required_batch, required_external_id,
+    required_id,
 };
 use crate::observe::TRACK_OBJECTS_TOTAL;
 use crate::pipeline::{Caller, Endpoint, created, now, rest};
@@ -316,7 +317,7 @@ fn parse_identify_alias(value: &Value) -> Result<IdentifyItem, String> {
     let obj = value
         .as_object()
         .ok_or("'aliases_to_identify' elements must be objects")?;
-    let external_id = required_id(obj, "external_id", ExternalId::parse)?;
+    let external_id = required_external_id(obj, "external_id")?;
     let alias = obj.get("user_alias").filter(|v| !v.is_null());
     let device = optional_id(obj, "device_id", DeviceId::parse)?;
     let source = match (alias, device) {
@@ -337,7 +338,7 @@ fn parse_identify_email(value: &Value) -> Result<IdentifyItem, String> {
     let obj = value
         .as_object()
         .ok_or("'emails_to_identify' elements must be objects")?;
-    let external_id = required_id(obj, "external_id", ExternalId::parse)?;
+    let external_id = required_external_id(obj, "external_id")?;
     let email = required_id(obj, "email", Email::parse)?;
     Ok(IdentifyItem {
         external_id,
@@ -349,7 +350,7 @@ fn parse_identify_phone(value: &Value) -> Result<IdentifyItem, String> {
     let obj = value
         .as_object()
         .ok_or("'phone_numbers_to_identify' elements must be objects")?;
-    let external_id = required_id(obj, "external_id", ExternalId::parse)?;
+    let external_id = required_external_id(obj, "external_id")?;
     let phone = required_id(obj, "phone", Phone::parse)?;
     Ok(IdentifyItem {
         external_id,
@@ -442,7 +443,7 @@ fn parse_new_alias(value: &Value) -> Result<AliasNewItem, String> {
             name: required_id(obj, "alias_name", AliasName::parse)?,
         },
     };
-    let external_id = optional_id(obj, "external_id", ExternalId::parse)?;
+    let external_id = optional_external_id(obj, "external_id")?;
     Ok(AliasNewItem { external_id, alias })
 }
 
@@ -537,7 +538,7 @@ fn parse_user_key(value: Option<&Value>, what: &str) -> Result<UserKey, String> 
     };
     let field = |name: &str| format!("{what}.{name}");
     Ok(match key {
-        "external_id" => UserKey::External(id_value(raw, &field(key), ExternalId::parse)?),
+        "external_id" => UserKey::External(external_id_value(raw, &field(key))?),
         "user_alias" => UserKey::Alias(alias_value(raw, &field(key))?),
         "braze_id" => UserKey::Braze(id_value(raw, &field(key), BrazeId::parse)?),
         "email" => UserKey::Email(
@@ -588,7 +589,7 @@ const DELETE_FIELDS: [&str; 5] = [
 
 fn parse_delete_key(field: &str, value: &Value, what: &str) -> Result<UserKey, String> {
     Ok(match field {
-        "external_ids" => UserKey::External(id_value(value, what, ExternalId::parse)?),
+        "external_ids" => UserKey::External(external_id_value(value, what)?),
         "user_aliases" => UserKey::Alias(alias_value(value, what)?),
         "braze_ids" => UserKey::Braze(id_value(value, what, BrazeId::parse)?),
         "email_addresses" => match value {
@@ -662,8 +663,8 @@ fn parse_rename(value: &Value) -> Result<RenameItem, [String; 2]> {
         ]);
     };
     let fail = |reason: String| [raw_text(obj.get("current_external_id")), reason];
-    let current = required_id(obj, "current_external_id", ExternalId::parse).map_err(fail)?;
-    let new = required_id(obj, "new_external_id", ExternalId::parse).map_err(fail)?;
+    let current = required_external_id(obj, "current_external_id").map_err(fail)?;
+    let new = required_external_id(obj, "new_external_id").map_err(fail)?;
     Ok(RenameItem { current, new })
 }
 
@@ -718,7 +719,7 @@ async fn remove(
     let mut ids = Vec::with_capacity(list.len());
     let mut removal_errors: Vec<[String; 2]> = Vec::new();
     for (i, value) in list.iter().enumerate() {
-        match id_value(value, &format!("external_ids[{i}]"), ExternalId::parse) {
+        match external_id_value(value, &format!("external_ids[{i}]")) {
             Ok(id) => ids.push(id),
             Err(reason) => removal_errors.push([raw_text(Some(value)), reason]),
         }
@@ -769,7 +770,7 @@ async fn export(
         external_ids: external_ids
             .iter()
             .enumerate()
-            .map(|(i, v)| id_value(v, &format!("external_ids[{i}]"), ExternalId::parse))
+            .map(|(i, v)| external_id_value(v, &format!("external_ids[{i}]")))
             .collect::<Result<_, _>>()
             .map_err(ApiError::bad_request)?,
         aliases: user_aliases
@@ -829,7 +830,7 @@ mod tests {
         assert_eq!(
             ok,
             Ok(UserKey::External(
-                ExternalId::parse("u1").unwrap_or_else(|_| unreachable!())
+                tideway_core::ids::ExternalId::parse("u1").unwrap_or_else(|_| unreachable!())
             ))
         );
         assert_eq!(

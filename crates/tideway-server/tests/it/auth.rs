@@ -470,7 +470,7 @@ async fn malformed_bodies_get_400_and_content_type_is_optional() {
         (400, &json!({"message": "'external_ids' must be an array"}))
     );
     let a = s
-        .post("/users/delete", &key, json!({"external_ids": ["ok", 5]}))
+        .post("/users/delete", &key, json!({"external_ids": ["ok", 5.5]}))
         .await;
     assert_eq!(
         (a.status, &a.body),

@@ -280,3 +280,55 @@ async fn identify_validation() {
     );
     assert!(s.events(&ws).await.is_empty());
 }
+
+/// An integer `external_id` (clients keyed by a database id send `5555`) is its decimal text on
+/// every `/users/*` endpoint, as on the messaging ones; a fraction or a boolean is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integer_external_ids_are_their_decimal_text() {
+    let (s, _ws, key) = Server::with_admin().await;
+    let a = s
+        .post(
+            "/users/track",
+            &key,
+            json!({"attributes": [{"external_id": 5555, "first_name": "Ada"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let user = s.export_external(&key, "5555").await.expect("stored as \"5555\"");
+    assert_eq!(user["first_name"], "Ada");
+    let a = s
+        .post(
+            "/users/alias/new",
+            &key,
+            json!({"user_aliases": [{"external_id": 5555, "alias_name": "a@x.com", "alias_label": "email"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let a = s
+        .post(
+            "/users/export/ids",
+            &key,
+            json!({"external_ids": [5555], "fields_to_export": ["external_id", "user_aliases"]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert_eq!(
+        a.body["users"],
+        json!([{"external_id": "5555", "user_aliases": [{"alias_name": "a@x.com", "alias_label": "email"}]}])
+    );
+    for bad in [json!(55.5), json!(true)] {
+        let a = s
+            .post(
+                "/users/track",
+                &key,
+                json!({"attributes": [{"external_id": bad, "first_name": "Bo"}]}),
+            )
+            .await;
+        assert_eq!(a.status, 400, "{bad}: {a:?}");
+    }
+    let a = s
+        .post("/users/delete", &key, json!({"external_ids": [5555]}))
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert_eq!(a.body["deleted"], 1, "{a:?}");
+}
