@@ -28,8 +28,6 @@ use crate::pipeline::{management, now, read_json};
 
 const MAX_PAGE: usize = 10_000;
 const DEFAULT_PAGE: usize = 1_000;
-/// Braze's `/segments/list` page size.
-const BRAZE_LIST_PAGE: usize = 100;
 
 fn segment_json(s: &Segment) -> Value {
     json!({
@@ -578,14 +576,21 @@ pub async fn user_segments(
     .await
 }
 
-/// `GET /segments/list?page=N`: Braze's segment list, 100 per page, oldest first.
+/// `GET /segments/list?page=N&sort_direction=asc|desc`: Braze's segment list, 100 per page,
+/// oldest first unless `desc`.
 #[utoipa::path(
     get,
     path = "/segments/list",
     tag = "segments",
     summary = "Braze: list segments",
-    params(("page" = Option<usize>, Query, description = "Page number, from 0 (100 segments per page)")),
-    responses((status = 200, description = "`{\"segments\": [{id, name, analytics_tracking_enabled, tags}], \"message\": \"success\"}`", body = Object)),
+    params(
+        ("page" = Option<usize>, Query, description = "Page number, from 0 (100 segments per page)"),
+        ("sort_direction" = Option<String>, Query, description = "`asc` (oldest first, the default) or `desc`"),
+    ),
+    responses(
+        (status = 200, description = "`{\"segments\": [{id, name, analytics_tracking_enabled, tags}], \"message\": \"success\"}`", body = Object),
+        (status = 400, description = "A parameter that does not parse", body = crate::wire::ErrorBody),
+    ),
     security(("bearer_auth" = []))
 )]
 pub async fn braze_list(
@@ -594,15 +599,12 @@ pub async fn braze_list(
     req: Request,
 ) -> Response {
     management(state, Permission::SegmentsList, req, |state, caller, _| async move {
-        let page: usize = match params.get("page") {
-            None => 0,
-            Some(p) => p.parse().map_err(|_| ApiError::bad_request("'page' must be a non-negative integer"))?,
-        };
+        // The same parameters and answers as `/campaigns/list` and `/canvas/list`.
+        let list = crate::messaging_api::ListQuery::parse(&params)?;
         let segments = state.store().list_segments(caller.workspace.id).await?;
-        let items: Vec<Value> = segments
+        let items: Vec<Value> = list
+            .page(segments, |s| s.updated_at)
             .iter()
-            .skip(page.saturating_mul(BRAZE_LIST_PAGE))
-            .take(BRAZE_LIST_PAGE)
             .map(|s| json!({"id": s.id, "name": s.name, "analytics_tracking_enabled": false, "tags": []}))
             .collect();
         Ok(axum::Json(json!({"segments": items, "message": "success"})).into_response())

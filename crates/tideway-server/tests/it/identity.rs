@@ -294,7 +294,10 @@ async fn integer_external_ids_are_their_decimal_text() {
         )
         .await;
     assert_eq!(a.status, 201, "{a:?}");
-    let user = s.export_external(&key, "5555").await.expect("stored as \"5555\"");
+    let user = s
+        .export_external(&key, "5555")
+        .await
+        .expect("stored as \"5555\"");
     assert_eq!(user["first_name"], "Ada");
     let a = s
         .post(

@@ -316,6 +316,11 @@ async fn crud_list_update_delete_and_braze_read_endpoints() {
         json!({"id": a_id, "name": "A2", "analytics_tracking_enabled": false, "tags": []})
     );
     assert!(a.header("x-ratelimit-limit").is_some());
+    let a = get(&s, "/segments/list?sort_direction=desc", &key).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["segments"][0]["id"], b_id.as_str(), "{a:?}");
+    let a = get(&s, "/segments/list?sort_direction=bogus", &key).await;
+    assert_eq!(a.status, 400, "{a:?}");
     let a = get(&s, &format!("/segments/details?segment_id={b_id}"), &key).await;
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(
