@@ -1172,6 +1172,28 @@ pub const EXPORT_FIELDS: [&str; 28] = [
     "subscription_groups",
 ];
 
+/// Fields of Braze's export that `fields_to_export` may name but Tideway does not export: it
+/// records no app sessions, devices' details, attribution, Content Cards or opt-in times, and
+/// keeps the messages a user received in the Currents log and the campaign stats rather than
+/// on the profile. A request naming them is answered without them, as Braze leaves out a
+/// field a user has no value for; a name in neither list is refused.
+pub const EXPORT_FIELDS_NOT_KEPT: [&str; 14] = [
+    "apps",
+    "attributed_ad",
+    "attributed_adgroup",
+    "attributed_campaign",
+    "attributed_source",
+    "campaigns_received",
+    "canvases_received",
+    "cards_clicked",
+    "devices",
+    "email_opted_in_at",
+    "email_unsubscribed_at",
+    "push_opted_in_at",
+    "push_unsubscribed_at",
+    "uninstalled_at",
+];
+
 /// `/users/export/ids`, in Braze's profile export shape. Read-only.
 pub fn export_ids(
     tx: &mut dyn UserLookup,

@@ -13,8 +13,8 @@ use tideway_core::ids::{AliasName, BrazeId, DeviceId, Email, Phone, UserAlias};
 use tideway_core::services::Services;
 use tideway_core::track::{InputArray, ObjectError, TrackRejected, parse_track};
 use tideway_core::users::{
-    AliasNewItem, AliasUpdateItem, DeleteRequest, EXPORT_FIELDS, ExportRequest, IdentifyItem,
-    IdentifySource, MergeItem, RenameItem, UserKey,
+    AliasNewItem, AliasUpdateItem, DeleteRequest, EXPORT_FIELDS, EXPORT_FIELDS_NOT_KEPT,
+    ExportRequest, IdentifyItem, IdentifySource, MergeItem, RenameItem, UserKey,
 };
 
 use crate::AppState;
@@ -793,7 +793,7 @@ async fn export(
         let name = field.as_str().ok_or_else(|| {
             ApiError::bad_request(format!("'fields_to_export[{i}]' must be a string"))
         })?;
-        if !EXPORT_FIELDS.contains(&name) {
+        if !EXPORT_FIELDS.contains(&name) && !EXPORT_FIELDS_NOT_KEPT.contains(&name) {
             return Err(ApiError::bad_request(format!(
                 "'fields_to_export' has an unknown field '{name}' (known: {})",
                 EXPORT_FIELDS.join(", ")

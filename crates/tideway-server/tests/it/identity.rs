@@ -319,6 +319,24 @@ async fn integer_external_ids_are_their_decimal_text() {
         a.body["users"],
         json!([{"external_id": "5555", "user_aliases": [{"alias_name": "a@x.com", "alias_label": "email"}]}])
     );
+    // Braze's fields Tideway keeps no data for are left out, not refused; unknown ones are.
+    let a = s
+        .post(
+            "/users/export/ids",
+            &key,
+            json!({"external_ids": ["5555"], "fields_to_export": ["external_id", "campaigns_received", "devices", "apps"]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert_eq!(a.body["users"], json!([{"external_id": "5555"}]));
+    let a = s
+        .post(
+            "/users/export/ids",
+            &key,
+            json!({"external_ids": ["5555"], "fields_to_export": ["shoe_size"]}),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{a:?}");
     for bad in [json!(55.5), json!(true)] {
         let a = s
             .post(
