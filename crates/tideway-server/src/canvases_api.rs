@@ -34,7 +34,7 @@ use crate::campaigns_api::{
 };
 use crate::error::ApiError;
 use crate::messaging_api::{ListQuery, apply_updates, messaging, not_enabled, parse_targets};
-use crate::pipeline::{management, now, read_json};
+use crate::pipeline::{counted_as_broadcast, management, now, read_json};
 use crate::schedule_api::{ScheduleOf, delete_schedule, parse_schedule, update_schedule};
 
 /// Braze's answer for an unknown Canvas (`/canvas/details`, `/canvas/trigger/send`).
@@ -688,13 +688,15 @@ pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Respon
         Permission::CanvasTriggerSend,
         req,
         |state, caller, req| async move {
-            if messaging(&state).is_none() {
-                return Ok(not_enabled());
-            }
             let body = read_json(req).await?;
-            Ok(canvas_trigger(&state, &caller, &body, None)
-                .await?
-                .answer(false))
+            counted_as_broadcast(&state, &caller, &body, async {
+                if messaging(&state).is_none() {
+                    return Ok(not_enabled());
+                }
+                let triggered = canvas_trigger(&state, &caller, &body, None).await?;
+                Ok(triggered.answer(false))
+            })
+            .await
         },
     )
     .await

@@ -45,7 +45,7 @@ use tideway_messaging::sends::{
 use crate::AppState;
 use crate::connected_audience::{segment_reference, to_segment_filter};
 use crate::error::ApiError;
-use crate::pipeline::{Caller, management, now, read_json};
+use crate::pipeline::{Caller, counted_as_broadcast, management, now, read_json};
 
 /// Most recipients (or `external_user_ids` plus `user_aliases`) in one request.
 pub const MAX_RECIPIENTS: usize = 50;
@@ -702,13 +702,16 @@ pub async fn trigger_send(State(state): State<AppState>, req: Request) -> Respon
         Permission::CampaignsTriggerSend,
         req,
         |state, caller, req| async move {
-            let Some(api) = messaging(&state) else {
-                return Ok(not_enabled());
-            };
             let body = read_json(req).await?;
-            let (dispatch_id, send_id, errors) =
-                trigger(&state, &api, &caller, &body, None).await?;
-            Ok(dispatched(&dispatch_id, send_id.as_deref(), errors))
+            counted_as_broadcast(&state, &caller, &body, async {
+                let Some(api) = messaging(&state) else {
+                    return Ok(not_enabled());
+                };
+                let (dispatch_id, send_id, errors) =
+                    trigger(&state, &api, &caller, &body, None).await?;
+                Ok(dispatched(&dispatch_id, send_id.as_deref(), errors))
+            })
+            .await
         },
     )
     .await
@@ -844,12 +847,15 @@ pub async fn messages_send(State(state): State<AppState>, req: Request) -> Respo
         Permission::MessagesSend,
         req,
         |state, caller, req| async move {
-            let Some(api) = messaging(&state) else {
-                return Ok(not_enabled());
-            };
             let body = read_json(req).await?;
-            let (dispatch_id, errors) = send_adhoc(&state, &api, &caller, &body, None).await?;
-            Ok(dispatched(&dispatch_id, None, errors))
+            counted_as_broadcast(&state, &caller, &body, async {
+                let Some(api) = messaging(&state) else {
+                    return Ok(not_enabled());
+                };
+                let (dispatch_id, errors) = send_adhoc(&state, &api, &caller, &body, None).await?;
+                Ok(dispatched(&dispatch_id, None, errors))
+            })
+            .await
         },
     )
     .await

@@ -279,8 +279,43 @@ where
         }
     };
     let mut response = outcome.unwrap_or_else(IntoResponse::into_response);
-    put_rate_headers(response.headers_mut(), Some(&decision));
+    // A handler that counted the request against a narrower budget has said so already.
+    if !response.headers().contains_key(LIMIT) {
+        put_rate_headers(response.headers_mut(), Some(&decision));
+    }
     response
+}
+
+/// Runs `send`, counted first, when it is aimed at a segment, an audience or everyone
+/// (`segment_id`, `audience` or `broadcast: true` in `body`), against the key's broadcast
+/// budget (braze-messaging.md §2: 250 a minute): over it, the answer is 429 and `send` does
+/// not run; under it, every answer (an error too) carries that budget's `X-RateLimit-*`
+/// headers. Other sends run as they are, under the management budget alone.
+pub(crate) async fn counted_as_broadcast(
+    state: &AppState,
+    caller: &Caller,
+    body: &Map<String, Value>,
+    send: impl std::future::Future<Output = Result<Response, ApiError>>,
+) -> Result<Response, ApiError> {
+    let aimed_wide = matches!(body.get("segment_id"), Some(Value::String(id)) if !id.is_empty())
+        || body.get("audience").is_some_and(|a| !a.is_null())
+        || body.get("broadcast") == Some(&Value::Bool(true));
+    if !aimed_wide {
+        return send.await;
+    }
+    let group = Group::BroadcastSends;
+    let decision = state.limiter().check(caller.key.id, group, now().secs());
+    let mut response = if decision.allowed {
+        send.await.unwrap_or_else(IntoResponse::into_response)
+    } else {
+        metrics::counter!(RATE_LIMITED_TOTAL, "group" => group.as_str()).increment(1);
+        ApiError::RateLimited {
+            retry_after_secs: decision.retry_after,
+        }
+        .into_response()
+    };
+    put_rate_headers(response.headers_mut(), Some(&decision));
+    Ok(response)
 }
 
 /// The legacy `api_key` field of a JSON body, which Braze's messaging endpoints accept as the

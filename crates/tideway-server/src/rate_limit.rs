@@ -25,6 +25,10 @@ pub struct RateLimits {
     /// Partner cohort import, per partner key and hour (braze-api.md §2.5: 250,000/hour). Not
     /// counted against REST keys.
     pub partner_per_hour: u32,
+    /// `/messages/send`, `/campaigns/trigger/send` and `/canvas/trigger/send` aimed at a segment
+    /// or an audience, or broadcast (braze-messaging.md §2: 250/min), counted on top of the
+    /// management budget those endpoints draw from otherwise.
+    pub broadcast_sends_per_minute: u32,
 }
 
 impl RateLimits {
@@ -38,6 +42,7 @@ impl RateLimits {
             users_export_per_minute: unlimited,
             management_per_minute: unlimited,
             partner_per_hour: unlimited,
+            broadcast_sends_per_minute: unlimited,
         }
     }
 }
@@ -50,6 +55,7 @@ impl Default for RateLimits {
             users_export_per_minute: 250,
             management_per_minute: 4_166,
             partner_per_hour: 250_000,
+            broadcast_sends_per_minute: 250,
         }
     }
 }
@@ -61,6 +67,7 @@ pub enum Group {
     Batch,
     Export,
     Management,
+    BroadcastSends,
 }
 
 impl Group {
@@ -70,6 +77,7 @@ impl Group {
             Group::Batch => "batch",
             Group::Export => "export",
             Group::Management => "management",
+            Group::BroadcastSends => "broadcast_sends",
         }
     }
 }
@@ -114,6 +122,7 @@ impl RateLimiter {
             Group::Batch => self.limits.users_batch_per_minute,
             Group::Export => self.limits.users_export_per_minute,
             Group::Management => self.limits.management_per_minute,
+            Group::BroadcastSends => self.limits.broadcast_sends_per_minute,
         }
     }
 
@@ -161,6 +170,7 @@ mod tests {
             users_export_per_minute: n,
             management_per_minute: n,
             partner_per_hour: n,
+            broadcast_sends_per_minute: n,
         })
     }
 
