@@ -9,8 +9,9 @@
 //! segment attribute operator; the negative ones Braze has and the segment language does not
 //! (`does_not_match_regex`, `does_not_equal` for booleans) become `not`, and
 //! `greater_than_x_days_in_the_future` becomes `after` the instant `now + x days` (the
-//! audience of an API send is evaluated when the request arrives). What has no translation
-//! (`last_used_app`: Tideway records no sessions) is refused, naming the place.
+//! audience of an API send is evaluated when the request arrives). `last_used_app` compares
+//! the profile's `date_of_last_session` (Tideway records no app sessions of its own). What
+//! has no translation is refused, naming the place.
 //!
 //! Pure: JSON in, JSON out, `now` a parameter. The result is checked with
 //! [`Filter::from_json`], so a bad regular expression or date is refused here too.
@@ -93,11 +94,38 @@ fn node(v: &Value, path: &str, depth: usize, now: Millis) -> Result<Value, Audie
         "custom_attribute" => custom_attribute(inner, &here, now),
         "email_subscription_status" => subscription(inner, &here, "email_subscribe"),
         "push_subscription_status" => subscription(inner, &here, "push_subscribe"),
-        "last_used_app" => Err(bad(
-            &here,
-            "unsupported filter: Tideway records no app sessions",
-        )),
+        "last_used_app" => last_used_app(inner, &here),
         other => Err(bad(&here, format!("unsupported filter '{other}'"))),
+    }
+}
+
+/// `last_used_app` (`after` | `before` an ISO-8601 time): Tideway records no app sessions of
+/// its own, so this compares the profile's `date_of_last_session`, which clients set through
+/// `/users/track`; a user without one matches neither.
+fn last_used_app(v: &Value, path: &str) -> Result<Value, AudienceError> {
+    let Value::Object(m) = v else {
+        return Err(bad(path, "must be an object {\"comparison\", \"value\"}"));
+    };
+    let op = match m.get("comparison").and_then(Value::as_str) {
+        Some(op @ ("after" | "before")) => op,
+        Some(other) => {
+            return Err(bad(
+                &format!("{path}.comparison"),
+                format!("unsupported comparison '{other}' (expected \"after\" or \"before\")"),
+            ));
+        }
+        None => {
+            return Err(bad(
+                &format!("{path}.comparison"),
+                "is required (\"after\" or \"before\")",
+            ));
+        }
+    };
+    match m.get("value") {
+        Some(Value::String(at)) if tideway_core::clock::parse_datetime(at).is_some() => {
+            Ok(attribute("date_of_last_session", op, Some(json!(at))))
+        }
+        _ => Err(bad(&format!("{path}.value"), "must be an ISO-8601 time")),
     }
 }
 
@@ -360,6 +388,24 @@ mod tests {
     }
 
     #[test]
+    fn last_used_app_compares_the_last_session_date() {
+        assert_eq!(
+            convert(
+                json!({"last_used_app": {"comparison": "after", "value": "2025-01-01T00:00:00Z"}})
+            ),
+            attr(
+                "date_of_last_session",
+                "after",
+                json!("2025-01-01T00:00:00Z")
+            )
+        );
+        assert_eq!(
+            convert(json!({"last_used_app": {"comparison": "before", "value": "2025-01-01"}})),
+            attr("date_of_last_session", "before", json!("2025-01-01"))
+        );
+    }
+
+    #[test]
     fn what_cannot_be_translated_is_named() {
         let cases = [
             (
@@ -368,9 +414,14 @@ mod tests {
                 "sounds_like",
             ),
             (
-                json!({"AND": [ca("plan", "equals", json!("x")), {"last_used_app": {"comparison": "after", "value": "2025-01-01T00:00:00Z"}}]}),
-                "audience.AND[1].last_used_app",
-                "sessions",
+                json!({"AND": [ca("plan", "equals", json!("x")), {"last_used_app": {"comparison": "on", "value": "2025-01-01T00:00:00Z"}}]}),
+                "audience.AND[1].last_used_app.comparison",
+                "after",
+            ),
+            (
+                json!({"last_used_app": {"comparison": "after", "value": "yesterday"}}),
+                "audience.last_used_app.value",
+                "ISO-8601",
             ),
             (
                 json!({"email_subscription_status": {"comparison": "is", "value": "maybe"}}),
