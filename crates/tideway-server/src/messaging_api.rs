@@ -733,6 +733,16 @@ pub(crate) fn checked_adhoc_definition(
         .map(String::as_str)
         .filter(|c| matches!(*c, "email" | "webhook"))
         .collect();
+    // Braze lets `email_template_id` stand in for the body; Tideway keeps no templates, and
+    // "subject is required" would not say why.
+    if let Some(email) = messages.get("email").and_then(Value::as_object)
+        && email.get("email_template_id").is_some_and(|t| !t.is_null())
+        && email.get("body").is_none_or(Value::is_null)
+    {
+        return Err(malformed(
+            "messages.email.email_template_id: Tideway keeps no email templates; send `subject` and `body` instead",
+        ));
+    }
     let (definition, unsupported) = adhoc_definition(messages).map_err(|e: DefinitionError| {
         if e.path == "messages" {
             let errors: Vec<String> = messages

@@ -1191,6 +1191,22 @@ async fn bad_campaigns_and_sends_are_refused_naming_the_problem() {
             "{path}: {a:?}"
         );
     }
+    // An email template stands in for a body on Braze; Tideway says it keeps none.
+    let a =
+        t.s.post(
+            "/messages/send",
+            &t.key,
+            json!({"external_user_ids": ["u1"], "messages": {"email": {"from": "a@example.com", "email_template_id": "tpl-1"}}}),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.body["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("keeps no email templates"),
+        "{a:?}"
+    );
     let many: Vec<Value> = (0..51)
         .map(|i| json!({"external_user_id": format!("x{i}")}))
         .collect();
