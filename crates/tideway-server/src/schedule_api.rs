@@ -556,11 +556,12 @@ impl SeriesQuery {
                     "length is required: the number of days, from 1 to {MAX_SERIES_DAYS}"
                 ))
             })?;
+        // No message was sent before 1970, and days before year 1 have no ISO name.
         let ending_at = match params.get("ending_at") {
             None => now,
-            Some(t) => parse_datetime(t).ok_or_else(|| {
+            Some(t) => parse_datetime(t).filter(|at| at.0 >= 0).ok_or_else(|| {
                 ApiError::malformed(
-                    "ending_at must be an ISO 8601 time like 2026-12-10T23:59:59-05:00",
+                    "ending_at must be an ISO 8601 time from 1970 on, like 2026-12-10T23:59:59-05:00",
                 )
             })?,
         };
@@ -982,7 +983,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((q.first_day, q.last_day), (day(1), day(1)));
-        let cases: [(&[(&str, &str)], &str); 9] = [
+        let cases: [(&[(&str, &str)], &str); 10] = [
             (&[("send_id", "s"), ("length", "1")], "Invalid Campaign ID"),
             (
                 &[("campaign_id", ""), ("send_id", "s"), ("length", "1")],
@@ -1024,6 +1025,15 @@ mod tests {
                     ("ending_at", "yesterday"),
                 ],
                 "ending_at must be",
+            ),
+            (
+                &[
+                    ("campaign_id", "c"),
+                    ("send_id", "s"),
+                    ("length", "100"),
+                    ("ending_at", "0000-01-02T00:00:00Z"),
+                ],
+                "from 1970 on",
             ),
         ];
         for (pairs, why) in cases {
