@@ -141,6 +141,15 @@ fn publish_status(current: &Current) {
     }
 }
 
+/// A deleted Current is in no status: its gauges all read 0 (a scrape would otherwise see it
+/// `active` for as long as the process runs).
+pub(crate) fn clear_status(id: CurrentId) {
+    for s in CurrentStatus::ALL {
+        metrics::gauge!("tideway_currents_status", "current" => label(id), "status" => s.as_str())
+            .set(0.0);
+    }
+}
+
 /// Retention: drops what passed the retention period (counted, recorded, loud); returns the
 /// last dropped position.
 async fn retention(

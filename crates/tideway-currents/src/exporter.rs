@@ -404,6 +404,9 @@ async fn reconcile(shared: &Arc<Shared>) {
         if !keep {
             h.task.abort();
         }
+        if !live.contains(id) {
+            consumer::clear_status(*id);
+        }
         keep
     });
     for current in currents {

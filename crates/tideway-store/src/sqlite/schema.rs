@@ -701,11 +701,63 @@ CREATE TABLE send_stat_users (
     PRIMARY KEY (workspace_id, campaign_id, send_id, day, channel, variation, stat, user_seq)
 ) WITHOUT ROWID;
 "#,
+    // A Current's id is never reused. A plain `INTEGER PRIMARY KEY` hands a deleted Current's
+    // id to the next one, and consumers, leases and metrics keyed by id then took the new
+    // Current for the old: its events went to the deleted one's endpoint, counted delivered.
+    // `AUTOINCREMENT` never reuses an id; the sequence starts above every id any table still
+    // names, so not even a Current deleted before this migration is reused.
+    r#"
+CREATE TABLE currents_never_reused (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    workspace_id     INTEGER NOT NULL,
+    name             TEXT NOT NULL,
+    kind             TEXT NOT NULL,
+    spec             TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    revision         INTEGER NOT NULL,
+    position         INTEGER NOT NULL,
+    delivered        INTEGER NOT NULL DEFAULT 0,
+    retried          INTEGER NOT NULL DEFAULT 0,
+    dead_lettered    INTEGER NOT NULL DEFAULT 0,
+    dropped          INTEGER NOT NULL DEFAULT 0,
+    skipped          INTEGER NOT NULL DEFAULT 0,
+    failing_since    INTEGER,
+    last_error_at    INTEGER,
+    last_error_status INTEGER,
+    last_error       TEXT,
+    last_success_at  INTEGER,
+    lease_owner      TEXT,
+    lease_until      INTEGER,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL
+);
+INSERT INTO currents_never_reused (id, workspace_id, name, kind, spec, status, revision, position, delivered, retried,
+    dead_lettered, dropped, skipped, failing_since, last_error_at, last_error_status,
+    last_error, last_success_at, lease_owner, lease_until, created_at, updated_at)
+    SELECT id, workspace_id, name, kind, spec, status, revision, position, delivered, retried,
+    dead_lettered, dropped, skipped, failing_since, last_error_at, last_error_status,
+    last_error, last_success_at, lease_owner, lease_until, created_at, updated_at FROM currents;
+DROP TABLE currents;
+ALTER TABLE currents_never_reused RENAME TO currents;
+CREATE INDEX currents_workspace ON currents(workspace_id, id);
+DELETE FROM sqlite_sequence WHERE name = 'currents';
+INSERT INTO sqlite_sequence (name, seq) SELECT 'currents', COALESCE(MAX(id), 0) FROM (
+    SELECT MAX(id) AS id FROM currents
+    UNION ALL SELECT MAX(current_id) FROM currents_dead_letters
+    UNION ALL SELECT MAX(current_id) FROM currents_replays
+    UNION ALL SELECT MAX(current_id) FROM currents_drops
+    UNION ALL SELECT MAX(current_id) FROM currents_test_sends
+);
+"#,
 ];
 
 /// The migration that enables Heap for workspaces with a webhook secret (see its comment).
 #[cfg(test)]
 const HEAP_ENABLED_BY_SECRET: usize = 17;
+
+/// The migration after which Current ids are never reused (see its comment).
+#[cfg(test)]
+const CURRENT_IDS_NEVER_REUSED: usize = 19;
 
 /// Brings the schema up to date inside one transaction.
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
@@ -748,5 +800,38 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(rows, [(1, true), (2, false)]);
+    }
+
+    /// Migrated Currents keep their rows and ids, and the next Current's id is above every id
+    /// any table still names, a deleted Current's included.
+    #[test]
+    fn current_ids_continue_above_every_id_ever_named() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for (i, sql) in MIGRATIONS[..CURRENT_IDS_NEVER_REUSED].iter().enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+                .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO currents (id, workspace_id, name, kind, spec, status, revision, position, delivered, created_at, updated_at)
+                 VALUES (1, 1, 'kept', 'custom_http', '{}', 'active', 3, 10, 7, 0, 0);
+             INSERT INTO currents_test_sends (current_id, at, count) VALUES (5, 0, 1);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let kept: (i64, String, i64, i64) = conn
+            .query_row(
+                "SELECT id, name, revision, delivered FROM currents",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(kept, (1, "kept".to_owned(), 3, 7));
+        conn.execute_batch(
+            "INSERT INTO currents (workspace_id, name, kind, spec, status, revision, position, created_at, updated_at)
+                 VALUES (1, 'new', 'custom_http', '{}', 'active', 1, 10, 0, 0);",
+        )
+        .unwrap();
+        assert_eq!(conn.last_insert_rowid(), 6);
     }
 }

@@ -57,6 +57,32 @@ fn claimed(c: &Claimed) -> Vec<(i64, String)> {
         .collect()
 }
 
+/// A Current's id is never given to another, even after it is deleted: consumers, leases and
+/// metrics keyed by id would take the new Current for the old one.
+pub(super) async fn current_ids_are_never_reused(store: Arc<dyn Store>) {
+    let store = &*store;
+    let ws = store.create_workspace("w", NOW).await.unwrap();
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        let current = store
+            .create_current(
+                ws.id,
+                spec(&format!("c{round}")),
+                CurrentStatus::Active,
+                NOW,
+            )
+            .await
+            .unwrap();
+        assert!(
+            !seen.contains(&current.id),
+            "{:?} reused: {seen:?}",
+            current.id
+        );
+        seen.push(current.id);
+        assert!(store.delete_current(ws.id, current.id).await.unwrap());
+    }
+}
+
 /// A new Current sits at the end of the log: a claim after its position sees only what comes
 /// later, in order, filtered by type; it is visible in its own workspace only; launching it
 /// later moves it to the head again.

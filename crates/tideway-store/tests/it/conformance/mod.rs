@@ -219,6 +219,7 @@ conformance! {
     ],
     currents: [
         a_current_starts_at_the_end_of_the_log,
+        current_ids_are_never_reused,
         an_ack_moves_the_position,
         leases_fence_a_second_owner,
         failures_and_dead_letters_are_recorded_and_replayed,
