@@ -320,28 +320,12 @@ impl Sender {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, self.clock.now().secs()));
-        let text = match response.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                let answer = if e.is_timeout() {
-                    Answer::Timeout
-                } else {
-                    Answer::Connection
-                };
-                return Sent {
-                    answer,
-                    body: None,
-                    sent,
-                    skipped,
-                    elapsed: started.elapsed(),
-                    error: Some(egress::reason(&e)),
-                };
-            }
-        };
-        let body = (!(200..300).contains(&code)).then(|| {
-            let cut = text.len().min(MAX_RESPONSE_BODY);
-            String::from_utf8_lossy(&text[..cut]).into_owned()
-        });
+        // The status decides (currents-connector.md: "2xx → done"); the body is only kept, cut
+        // short, to show with a failure. So at most `MAX_RESPONSE_BODY` bytes are read, however
+        // much the receiver sends, and a body that breaks off does not undo its status.
+        let text = read_at_most(response, MAX_RESPONSE_BODY).await;
+        let body =
+            (!(200..300).contains(&code)).then(|| String::from_utf8_lossy(&text).into_owned());
         Sent {
             answer: Answer::Status { code, retry_after },
             body,
@@ -351,4 +335,20 @@ impl Sender {
             error: None,
         }
     }
+}
+
+/// The first `limit` bytes of `response`'s body (fewer if it ends or breaks off sooner); the
+/// rest is never read, so a receiver cannot make Tideway hold more than `limit` of its answer.
+async fn read_at_most(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut kept = Vec::new();
+    while kept.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit - kept.len();
+                kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    kept
 }

@@ -329,6 +329,97 @@ async fn status_429_honours_retry_after_and_other_codes_are_retried() {
     );
 }
 
+/// A receiver on loopback that answers every request with `head` followed by `body`, then
+/// keeps the connection open without another byte (`hang`) or closes it.
+async fn raw_receiver(head: &'static str, body: Vec<u8>, hang: bool) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                // The request is small: read until its head and body have arrived.
+                let mut request = Vec::new();
+                let mut buf = [0u8; 65536];
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length: usize = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(&body).await;
+                if hang {
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The status decides, and only the start of an answer's body is read: a 2xx whose body
+/// breaks off is delivered (not re-sent without end), and an error whose body never ends is
+/// that error at once, with a bounded body to show, not a timeout after the whole body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_start_of_an_answers_body_is_read() {
+    let h = Harness::new().await;
+    let cut_short = raw_receiver(
+        "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+        b"hello".to_vec(),
+        false,
+    )
+    .await;
+    let c = h.current(spec(&url(cut_short))).await;
+    h.append(30).await;
+    let c = h
+        .wait(&c, "30 delivered", |c| c.counters.delivered >= 30)
+        .await;
+    assert_eq!(
+        (c.counters.delivered, c.counters.retried),
+        (30, 0),
+        "{c:#?}"
+    );
+
+    let endless = raw_receiver(
+        "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 3000000000\r\n\r\n",
+        vec![b'x'; 65536],
+        true,
+    )
+    .await;
+    let mut s = spec(&url(endless));
+    // A timeout the test never reaches: the old reading of the whole body ended only there.
+    s["retry"]["request_timeout_ms"] = json!(600_000);
+    let c = h.current(s).await;
+    h.append(1).await;
+    let c = h
+        .wait(&c, "the 500 seen", |c| {
+            c.last_error.as_ref().is_some_and(|e| e.status == Some(500))
+        })
+        .await;
+    let message = &c.last_error.as_ref().unwrap().message;
+    assert!(message.len() < 8192, "{} bytes", message.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_and_refused_connections_are_retried() {
     let h = Harness::new().await;
