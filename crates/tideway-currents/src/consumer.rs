@@ -23,7 +23,7 @@
 //! A Current that is not active (draft, paused, halted, disabled) parks: it keeps applying
 //! retention (counted, recorded drops) and publishing its lag until its status changes.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -769,7 +769,7 @@ pub(crate) async fn deliver(
                 failures = 0;
                 result.delivered += sent.sent as u64;
                 result.skipped += sent.skipped.len() as u64;
-                for reason in &sent.skipped {
+                for (_, reason) in &sent.skipped {
                     tracing::debug!(current = %id, reason = reason.as_str(), "event skipped");
                 }
             }
@@ -785,7 +785,15 @@ pub(crate) async fn deliver(
                 work.push_front(first);
             }
             Verdict::DeadLetter(reason) => {
-                for event in part {
+                // What was not in the request (the kind cannot carry it) was not refused: it
+                // is skipped and counted as such, as on a 2xx.
+                result.skipped += sent.skipped.len() as u64;
+                let unsent: HashSet<usize> = sent.skipped.iter().map(|(at, _)| *at).collect();
+                for (_, event) in part
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(at, _)| !unsent.contains(at))
+                {
                     result.dead_letters.push(NewDeadLetter {
                         detail: sent.describe(),
                         event,

@@ -45,8 +45,9 @@ pub struct Sent {
     pub body: Option<String>,
     /// Events in the request.
     pub sent: usize,
-    /// Events the kind cannot carry (`heap_track`), with why; not in the request.
-    pub skipped: Vec<SkipReason>,
+    /// Events the kind cannot carry (`heap_track`): their places among the events given, with
+    /// why; not in the request.
+    pub skipped: Vec<(usize, SkipReason)>,
     pub elapsed: Duration,
     /// Transport error text (no URL), for timeouts and connection errors.
     pub error: Option<String>,
@@ -242,13 +243,13 @@ impl Sender {
         let mut mapped = Vec::with_capacity(events.len());
         let mut skipped = Vec::new();
         let mut per_identity: HashMap<String, u32> = HashMap::new();
-        for e in &events {
+        for (at, e) in events.iter().enumerate() {
             match forward::map_event(e, &heap.mapping) {
                 Ok(m) => {
                     *per_identity.entry(m.identity).or_default() += 1;
                     mapped.push(m.event);
                 }
-                Err(reason) => skipped.push(reason),
+                Err(reason) => skipped.push((at, reason)),
             }
         }
         if mapped.is_empty() {
@@ -287,7 +288,7 @@ impl Sender {
         Some(self.post("{\"events\":[]}".to_owned(), 0, Vec::new()).await)
     }
 
-    async fn post(&self, body: String, sent: usize, skipped: Vec<SkipReason>) -> Sent {
+    async fn post(&self, body: String, sent: usize, skipped: Vec<(usize, SkipReason)>) -> Sent {
         let started = Instant::now();
         let result = self
             .client

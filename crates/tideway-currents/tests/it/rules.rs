@@ -618,6 +618,44 @@ async fn heap_track_forwards_mapped_events_and_counts_skips() {
     assert_eq!(events[0]["timestamp"], "2023-11-14T22:13:20+00:00");
 }
 
+/// An event `heap_track` cannot carry (no identity) was never in the request, so a 413 or 400
+/// for the request does not dead-letter it: it is skipped, as on a 2xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heap_track_skips_rather_than_dead_letters_what_it_did_not_send() {
+    let h = Harness::new().await;
+    let cap = Capture::start().await;
+    cap.push([Reply::Status(413)]);
+    let c = h
+        .current(json!({"name": "heap", "kind": "heap_track", "endpoint": format!("http://{}", cap.addr),
+            "event_types": ["users.behaviors.CustomEvent", "users.UserDeleteRequest"], "flush_interval_ms": 20,
+            "heap": {"app_id": "11", "prefix": true}}))
+        .await;
+    let anon = tideway_core::currents::CurrentsEvent::delete_request(
+        tideway_core::ids::EventId("no-identity".into()),
+        Millis(1_700_000_000_000),
+        &tideway_core::ids::BrazeId::from_bytes([3; 12]),
+        "ag",
+    );
+    h.store
+        .append_events(h.ws.id, vec![(None, anon)])
+        .await
+        .unwrap();
+    let ids = h.append(1).await;
+    let c = h
+        .wait(&c, "settled", |c| {
+            c.counters.dead_lettered + c.counters.skipped >= 2
+        })
+        .await;
+    assert_eq!(
+        (c.counters.dead_lettered, c.counters.skipped),
+        (1, 1),
+        "{c:#?}"
+    );
+    let dead = h.store.list_dead_letters(c.id, 0, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].event.event_id.as_str(), ids[0].as_str());
+}
+
 /// Delivers 25 events, stores a replay of a window holding them all, signals the consumer or
 /// not (`poke`), and checks each event went out again once and the window is gone.
 async fn replay_a_window_of_delivered_events(poke: bool) {
