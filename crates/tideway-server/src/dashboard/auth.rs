@@ -115,6 +115,8 @@ fn login_form(
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
+                // No icon: without this the browser asks for /favicon.ico, a 404 on every page.
+                link rel="icon" href="data:,";
                 title { "Sign in — Tideway" }
                 link rel="stylesheet" href=(assets::url("app.css"));
             }

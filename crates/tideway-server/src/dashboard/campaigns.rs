@@ -73,7 +73,8 @@ pub async fn list(
     let admin = ctx.me.may_change();
     let action = |c: &CampaignRecord, action: &str, label: &str| {
         html! {
-            form class="inline" method="post" action=(ctx.url(&["/campaigns/", &super::segment(&c.id), "/", action].concat())) {
+            form class="inline" method="post" action=(ctx.url(&["/campaigns/", &super::segment(&c.id), "/", action].concat()))
+                data-confirm=[(action == "stop").then(|| format!("Stop the campaign '{}'? A stopped campaign never sends again.", c.name))] {
                 (ctx.csrf_field())
                 button type="submit" class="secondary" aria-label=([label, " ", c.name.as_str()].concat()) { (label) }
             }

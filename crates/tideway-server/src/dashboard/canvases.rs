@@ -59,7 +59,8 @@ fn actions(ctx: &Ctx, c: &CanvasRecord) -> Markup {
     let admin = ctx.me.may_change();
     let button = |action: &str, label: &str| {
         html! {
-            form class="inline" method="post" action=(canvas_url(ctx, c, &["/", action].concat())) {
+            form class="inline" method="post" action=(canvas_url(ctx, c, &["/", action].concat()))
+                data-confirm=[(action == "stop").then(|| format!("Stop the Canvas '{}'? A stopped Canvas never enters anyone again.", c.name))] {
                 (ctx.csrf_field())
                 button type="submit" class="secondary" disabled[!admin]
                     aria-label=([label, " ", c.name.as_str()].concat()) { (label) }

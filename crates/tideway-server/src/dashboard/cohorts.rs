@@ -89,7 +89,7 @@ pub async fn members(
     let body = html! {
         p {
             (partner(slug).map_or(slug, |p| p.display_name)) " cohort "
-            code { (raw_id) } " — " (summary.member_count) " members, updated " (when(summary.updated_at))
+            code { (raw_id) } " — " (summary.member_count) (if summary.member_count == 1 { " member, updated " } else { " members, updated " }) (when(summary.updated_at))
         }
         @if page.is_empty() {
             p class="muted" { "No members on this page." }

@@ -37,6 +37,8 @@ pub fn page(ctx: &Ctx, section: Section, title: &str, body: Markup) -> Markup {
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
+                // No icon: without this the browser asks for /favicon.ico, a 404 on every page.
+                link rel="icon" href="data:,";
                 // No inline styles from htmx (the CSP forbids them) and no eval.
                 meta name="htmx-config" content=r#"{"includeIndicatorStyles":false,"allowEval":false,"allowScriptTags":false}"#;
                 title { (title) " — " (ctx.workspace.name) " — Tideway" }

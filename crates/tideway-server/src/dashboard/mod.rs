@@ -102,8 +102,14 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/dashboard/w/{ws}", get(home::page))
         .route("/dashboard/w/{ws}/", get(home::page))
         .route("/dashboard/w/{ws}/partners/heap", get(heap::page))
-        .route("/dashboard/w/{ws}/partners/heap/keys", post(heap::generate))
-        .route("/dashboard/w/{ws}/partners/heap/rotate", post(heap::rotate))
+        .route(
+            "/dashboard/w/{ws}/partners/heap/keys",
+            get(up_one).post(heap::generate),
+        )
+        .route(
+            "/dashboard/w/{ws}/partners/heap/rotate",
+            get(up_one).post(heap::rotate),
+        )
         .route(
             "/dashboard/w/{ws}/partners/heap/keys/{id}/invalidate",
             post(heap::invalidate),
@@ -137,7 +143,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         )
         .route(
             "/dashboard/w/{ws}/segments/{id}/delete",
-            post(segments::delete),
+            get(up_one).post(segments::delete),
         )
         .route(
             "/dashboard/w/{ws}/segments/{id}/members",
@@ -162,7 +168,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         )
         .route(
             "/dashboard/w/{ws}/campaigns/{id}/{action}",
-            post(campaigns::action),
+            get(up_one).post(campaigns::action),
         )
         .route(
             "/dashboard/w/{ws}/canvases",
@@ -179,7 +185,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         )
         .route(
             "/dashboard/w/{ws}/canvases/{id}/{action}",
-            post(canvases::action),
+            get(up_one).post(canvases::action),
         )
         .route(
             "/dashboard/w/{ws}/currents",
@@ -192,11 +198,11 @@ pub fn router(state: AppState) -> Router<AppState> {
         )
         .route(
             "/dashboard/w/{ws}/currents/{id}/replay",
-            post(currents::replay),
+            get(up_two).post(currents::replay),
         )
         .route(
             "/dashboard/w/{ws}/currents/{id}/{action}",
-            post(currents::action),
+            get(up_two).post(currents::action),
         )
         .route(
             "/dashboard/w/{ws}/developer/api-keys",
@@ -204,7 +210,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         )
         .route(
             "/dashboard/w/{ws}/developer/api-keys/{id}/revoke",
-            post(api_keys::revoke),
+            get(up_two).post(api_keys::revoke),
         )
         .route_layer(axum::middleware::from_fn_with_state(state, guard));
     Router::new()
@@ -212,6 +218,26 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/dashboard/assets/{file}", get(assets::serve))
         .merge(signed_in)
         .layer(axum::middleware::map_response(security_headers))
+}
+
+/// A `GET` of an action's address (reloading the page an action answered, a bookmark of it):
+/// the page the action belongs to, one path segment up, rather than a 405. The action itself
+/// runs only on `POST`.
+async fn up_one(uri: axum::http::Uri) -> Response {
+    up(&uri, 1)
+}
+
+/// [`up_one`] for actions two segments below their page (`currents/{id}/test` → `currents`).
+async fn up_two(uri: axum::http::Uri) -> Response {
+    up(&uri, 2)
+}
+
+fn up(uri: &axum::http::Uri, segments: usize) -> Response {
+    let mut path = uri.path();
+    for _ in 0..segments {
+        path = path.rsplit_once('/').map_or(path, |(parent, _)| parent);
+    }
+    axum::response::Redirect::to(path).into_response()
 }
 
 /// Headers on every dashboard response: the Content-Security-Policy (no inline scripts or

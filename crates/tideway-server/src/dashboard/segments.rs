@@ -628,7 +628,8 @@ pub async fn list(
                                 a href=([base.as_str(), "/export.csv"].concat()) { "Export CSV" }
                                 @if admin {
                                     " "
-                                    form class="inline" method="post" action=([base.as_str(), "/delete"].concat()) {
+                                    form class="inline" method="post" action=([base.as_str(), "/delete"].concat())
+                                        data-confirm=(format!("Delete the segment '{}'? This cannot be undone.", s.name)) {
                                         (ctx.csrf_field())
                                         button type="submit" class="danger" aria-label=(["Delete segment ", s.name.as_str()].concat()) { "Delete" }
                                     }

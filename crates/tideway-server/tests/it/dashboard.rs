@@ -797,6 +797,18 @@ async fn bad_input_gets_a_precise_4xx() {
         assert_eq!(page.status, 400, "{fields:?}");
         assert!(page.body.contains(says), "{fields:?}: {}", page.body);
     }
+    // An action's address opened with GET (a reload, a bookmark) leads to its page, not a 405.
+    for (action, page) in [
+        ("/partners/heap/keys", "/partners/heap"),
+        ("/partners/heap/rotate", "/partners/heap"),
+        ("/currents/1/test", "/currents"),
+        ("/campaigns/abc/stop", "/campaigns/abc"),
+        ("/developer/api-keys/3/revoke", "/developer/api-keys"),
+    ] {
+        let answer = b.get(&format!("{w}{action}")).await;
+        assert_eq!(answer.status, 303, "{action}");
+        assert_eq!(answer.headers["location"], format!("{w}{page}").as_str());
+    }
     // What was typed comes back with the refusal, to be mended rather than typed again.
     let page = b
         .post(
@@ -938,6 +950,12 @@ async fn segments_are_built_sized_saved_listed_exported_and_deleted() {
         list.contains("Checkout abandoners") && list.contains("<td class=\"segment-size\">1</td>"),
         "{list}"
     );
+    // Deleting asks first (app.js reads `data-confirm`).
+    assert!(
+        list.contains("data-confirm=\"Delete the segment &#39;Checkout abandoners&#39;?")
+            || list.contains("data-confirm=\"Delete the segment 'Checkout abandoners'?"),
+        "{list}"
+    );
     let members = b.get(&format!("{w}/segments/{id}/members")).await.body;
     assert!(members.contains("u1") && !members.contains("u2"));
     let csv = b.get(&format!("{w}/segments/{id}/export.csv")).await;
@@ -1047,6 +1065,7 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
         list.contains("Welcome &lt;b&gt;") && list.contains("draft") && list.contains("webhook"),
         "{list}"
     );
+    assert!(list.contains("data-confirm=\"Stop the campaign"), "{list}");
     // The campaign's page: figures, templates, and the Liquid rendered for a chosen user.
     let key = s.admin_key(&ws).await;
     let a = s

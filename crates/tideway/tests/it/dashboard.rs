@@ -530,6 +530,18 @@ async fn the_guide_in_a_browser() {
         .await
         .unwrap();
     assert_eq!(logs, json!(0));
+
+    // On a phone's width the page fits: no sideways scrolling of the whole page (wide tables
+    // scroll inside themselves).
+    c.set_window_size(375, 800).await.unwrap();
+    link(&c, "Segments").await;
+    wait_page(&c, "Segments").await;
+    let width: Value = c
+        .execute("return document.documentElement.scrollWidth;", vec![])
+        .await
+        .unwrap();
+    assert!(width.as_u64().is_some_and(|w| w <= 375), "{width}");
+    shots.take(&c, "segments-narrow").await;
     c.close().await.unwrap();
     drop(driver);
     drop(server);
