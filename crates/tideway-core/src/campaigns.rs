@@ -141,7 +141,23 @@ pub struct EmailContent {
     pub headers: Vec<(String, String)>,
     /// Carried into Send events as `message_extras` (JSON text).
     pub extras: Option<String>,
+    /// Files fetched when the message is sent and attached to it (Braze's `attachments`).
+    pub attachments: Vec<EmailAttachment>,
 }
+
+/// A file to attach to an email: fetched from `url` when the message is sent (at most
+/// [`MAX_ATTACHMENT_BYTES`]) and attached under `file_name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailAttachment {
+    pub file_name: String,
+    pub url: String,
+}
+
+/// Braze's limit on one attachment (braze-messaging.md: "≤ 2 MB each").
+pub const MAX_ATTACHMENT_BYTES: usize = 2 * 1024 * 1024;
+
+/// Attachments one email may carry; more are refused on save.
+pub const MAX_ATTACHMENTS: usize = 10;
 
 /// The HTTP method of a webhook message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -967,6 +983,63 @@ fn headers_field(
     }
 }
 
+/// `attachments`: up to [`MAX_ATTACHMENTS`] `{"file_name", "url"}`, the name a plain file name
+/// (no path, no control characters, at most 255 characters), the URL http(s).
+fn attachments_field(
+    obj: &Map<String, Value>,
+    path: &str,
+) -> Result<Vec<EmailAttachment>, DefinitionError> {
+    let items = match obj.get("attachments") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) if items.len() <= MAX_ATTACHMENTS => items,
+        Some(Value::Array(_)) => {
+            return Err(bad(
+                format!("{path}.attachments"),
+                format!("at most {MAX_ATTACHMENTS} attachments"),
+            ));
+        }
+        Some(_) => return Err(bad(format!("{path}.attachments"), "must be an array")),
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = format!("{path}.attachments[{i}]");
+            let Some(item) = item.as_object() else {
+                return Err(bad(at, "must be an object {\"file_name\", \"url\"}"));
+            };
+            let file_name = match item.get("file_name").and_then(Value::as_str).map(str::trim) {
+                Some(name)
+                    if !name.is_empty()
+                        && name.chars().count() <= 255
+                        && !name
+                            .chars()
+                            .any(|c| c.is_control() || c == '/' || c == '\\') =>
+                {
+                    name.to_owned()
+                }
+                _ => {
+                    return Err(bad(
+                        format!("{at}.file_name"),
+                        "must be a file name of 1 to 255 characters, without a path",
+                    ));
+                }
+            };
+            let url = match item.get("url").and_then(Value::as_str).map(str::trim) {
+                Some(url)
+                    if (url.to_ascii_lowercase().starts_with("http://")
+                        || url.to_ascii_lowercase().starts_with("https://"))
+                        && !url.chars().any(char::is_control) =>
+                {
+                    url.to_owned()
+                }
+                _ => return Err(bad(format!("{at}.url"), "must be an http or https URL")),
+            };
+            Ok(EmailAttachment { file_name, url })
+        })
+        .collect()
+}
+
 fn extras_field(obj: &Map<String, Value>, path: &str) -> Result<Option<String>, DefinitionError> {
     match obj.get("extras") {
         None | Some(Value::Null) => Ok(None),
@@ -1114,8 +1187,9 @@ pub(crate) fn parse_variant(
                 preheader: string_field(obj, "preheader", path, false)?,
                 headers: headers_field(obj, "headers", path, saving)?,
                 extras: extras_field(obj, path)?,
+                attachments: attachments_field(obj, path)?,
             };
-            let json = json!({
+            let mut json = json!({
                 "channel": "email",
                 "from": content.from,
                 "reply_to": content.reply_to,
@@ -1126,6 +1200,14 @@ pub(crate) fn parse_variant(
                 "headers": headers_json(&content.headers),
                 "extras": extras_json(&content.extras),
             });
+            // Only when there are some: definitions saved before attachments read back the same.
+            if !content.attachments.is_empty() {
+                json["attachments"] = content
+                    .attachments
+                    .iter()
+                    .map(|a| json!({"file_name": a.file_name, "url": a.url}))
+                    .collect();
+            }
             (Message::Email(content), json)
         }
         "webhook" => {

@@ -29,8 +29,8 @@ use rustc_hash::FxHashMap;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tideway_core::campaigns::{
-    CampaignDefinition, CampaignStatus, Delivery, EmailContent, FrequencyCap, Message,
-    SubscriptionState, Variant, WebhookContent, user_dispatch_id,
+    CampaignDefinition, CampaignStatus, Delivery, EmailContent, FrequencyCap, MAX_ATTACHMENT_BYTES,
+    Message, SubscriptionState, Variant, WebhookContent, user_dispatch_id,
 };
 use tideway_core::clock::Millis;
 use tideway_core::currents::{CurrentsEvent, EventUser};
@@ -46,11 +46,13 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::audience::Audiences;
-use crate::email::{self, EmailOutcome, OutgoingEmail, SmtpSender};
+use crate::email::{self, AttachedFile, EmailAttempt, EmailOutcome, OutgoingEmail, SmtpSender};
 use crate::liquid::{RenderError, Template, Vars};
 use crate::personalise::{CampaignVars, vars_for};
 use crate::tracking::{TrackingKey, TrackingUrls, add_open_pixel, rewrite_links};
-use crate::webhook::{self, Method, WebhookOutcome, WebhookRequest, WebhookSender};
+use crate::webhook::{
+    self, AttachmentError, Method, WebhookOutcome, WebhookRequest, WebhookSender,
+};
 
 /// Most email attempts (the first and its retries) before a soft bounce becomes final.
 pub const EMAIL_MAX_ATTEMPTS: u32 = 5;
@@ -1277,6 +1279,33 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             list_unsubscribe = Some(t.urls.unsubscribe(&t.key, c.workspace.0, c.id));
         }
         let text = text.unwrap_or_else(|| email::html_to_text(&html));
+        // Attachments are fetched for each email (a triggered send names at most 50 users, and
+        // a broadcast may not have any): a file that cannot be had now is a soft bounce and a
+        // retry, one that can never be had (refused, too big) an abort.
+        let mut attachments = Vec::with_capacity(e.attachments.len());
+        let mut unreachable = None;
+        for file in &e.attachments {
+            match self
+                .channels
+                .webhook
+                .fetch_attachment(&file.url, MAX_ATTACHMENT_BYTES)
+                .await
+            {
+                Ok((bytes, content_type)) => attachments.push(AttachedFile {
+                    file_name: file.file_name.clone(),
+                    content_type,
+                    bytes,
+                }),
+                Err(AttachmentError::Refused(why)) => {
+                    let log = format!("attachment '{}': {why}", file.file_name);
+                    return abort("attachment_unavailable", Some(&log));
+                }
+                Err(AttachmentError::Unreachable(why)) => {
+                    unreachable = Some(format!("attachment '{}': {why}", file.file_name));
+                    break;
+                }
+            }
+        }
         let key = idempotency_key(c.workspace, c.id);
         let outgoing = OutgoingEmail {
             from,
@@ -1288,8 +1317,16 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             headers,
             message_id: format!("{key}@tideway"),
             list_unsubscribe,
+            attachments,
         };
-        let result = smtp.send(&outgoing).await;
+        let result = match unreachable {
+            Some(reply) => EmailAttempt {
+                outcome: EmailOutcome::Temporary,
+                code: None,
+                reply,
+            },
+            None => smtp.send(&outgoing).await,
+        };
         let now = self.clock.now();
         let first = c.attempts == 0;
         let send_event = || {

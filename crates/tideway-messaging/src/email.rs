@@ -1,6 +1,7 @@
 //! The email channel: one SMTP hand-off of one email message, classified.
 //!
-//! [`SmtpSender::send`] builds a `multipart/alternative` message (text and HTML) from an
+//! [`SmtpSender::send`] builds a `multipart/alternative` message (text and HTML; inside a
+//! `multipart/mixed` after which the attachments come, when there are some) from an
 //! [`OutgoingEmail`], hands it to the configured SMTP server ([`SmtpUrl`]) and answers an
 //! [`EmailAttempt`]; the dispatcher settles it, retries it after [`email_retry_delay`] or gives
 //! up. The classification follows the SMTP reply (`reference/braze-messaging.md` §8):
@@ -34,8 +35,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use lettre::message::header::{HeaderName, HeaderValue};
-use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
+use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -258,6 +259,17 @@ pub struct OutgoingEmail {
     pub message_id: String,
     /// The one-click unsubscribe URL, written as `List-Unsubscribe: <url>`.
     pub list_unsubscribe: Option<String>,
+    /// Files attached after the text and HTML (`multipart/mixed`).
+    pub attachments: Vec<AttachedFile>,
+}
+
+/// A file attached to an email: its name, its MIME type and its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedFile {
+    pub file_name: String,
+    /// As the server that gave the file said it (`application/pdf`); `None`: octet stream.
+    pub content_type: Option<String>,
+    pub bytes: Vec<u8>,
 }
 
 /// What one hand-off came to.
@@ -466,14 +478,37 @@ fn build_message(email: &OutgoingEmail) -> Result<Message, String> {
             builder = builder.raw_header(h);
         }
     }
-    let built = match (&email.text, &email.html) {
-        (Some(text), Some(html)) => builder.multipart(MultiPart::alternative_plain_html(
-            without_nul(text),
-            without_nul(html),
-        )),
-        (None, Some(html)) => builder.singlepart(SinglePart::html(without_nul(html))),
-        (Some(text), None) => builder.singlepart(SinglePart::plain(without_nul(text))),
-        (None, None) => builder.singlepart(SinglePart::plain(String::new())),
+    let built = if email.attachments.is_empty() {
+        match (&email.text, &email.html) {
+            (Some(text), Some(html)) => builder.multipart(MultiPart::alternative_plain_html(
+                without_nul(text),
+                without_nul(html),
+            )),
+            (None, Some(html)) => builder.singlepart(SinglePart::html(without_nul(html))),
+            (Some(text), None) => builder.singlepart(SinglePart::plain(without_nul(text))),
+            (None, None) => builder.singlepart(SinglePart::plain(String::new())),
+        }
+    } else {
+        // The readable part first, then each file: what mail clients show as attachments.
+        let readable = MultiPart::alternative_plain_html(
+            without_nul(email.text.as_deref().unwrap_or_default()),
+            without_nul(email.html.as_deref().unwrap_or_default()),
+        );
+        let mut mixed = MultiPart::mixed().multipart(readable);
+        for file in &email.attachments {
+            let content_type = file
+                .content_type
+                .as_deref()
+                .and_then(|t| ContentType::parse(t).ok())
+                .unwrap_or_else(|| {
+                    ContentType::parse("application/octet-stream")
+                        .unwrap_or(ContentType::TEXT_PLAIN)
+                });
+            mixed = mixed.singlepart(
+                Attachment::new(one_line(&file.file_name)).body(file.bytes.clone(), content_type),
+            );
+        }
+        builder.multipart(mixed)
     };
     built.map_err(|e| format!("the message cannot be built ({e})"))
 }
@@ -883,6 +918,7 @@ mod tests {
             ],
             message_id: "<tw-1-2@tideway>".into(),
             list_unsubscribe: Some("https://t.example/u/abc".into()),
+            attachments: Vec::new(),
         }
     }
 

@@ -195,6 +195,60 @@ impl WebhookSender {
         attempt
     }
 
+    /// Fetches an email attachment with this sender's client and outgoing-request policy (the
+    /// same reach as webhooks): its bytes and `Content-Type`, at most `limit` bytes (a longer
+    /// file is refused without reading the rest).
+    pub async fn fetch_attachment(
+        &self,
+        raw_url: &str,
+        limit: usize,
+    ) -> Result<(Vec<u8>, Option<String>), AttachmentError> {
+        let url = self
+            .judge_url(raw_url)
+            .map_err(|(_, why)| AttachmentError::Refused(why))?;
+        let mut response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| AttachmentError::Unreachable(egress::reason(&e)))?;
+        let status = response.status();
+        if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+            return Err(AttachmentError::Unreachable(format!(
+                "the server answered {status}"
+            )));
+        }
+        if !status.is_success() {
+            return Err(AttachmentError::Refused(format!(
+                "the server answered {status}"
+            )));
+        }
+        let too_big = || AttachmentError::Refused(format!("the file is over {limit} bytes"));
+        if response
+            .content_length()
+            .is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX))
+        {
+            return Err(too_big());
+        }
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| AttachmentError::Unreachable(egress::reason(&e)))?
+        {
+            if bytes.len() + chunk.len() > limit {
+                return Err(too_big());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok((bytes, content_type))
+    }
+
     /// The URL to request, or the abort code and reason why it cannot be.
     fn judge_url(&self, raw: &str) -> Result<Url, (&'static str, String)> {
         let url = Url::parse(raw).map_err(|e| {
@@ -217,6 +271,17 @@ impl WebhookSender {
             Err(e) => Err(("invalid_webhook_url", format!("the URL {e}"))),
         }
     }
+}
+
+/// Why an email attachment could not be fetched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachmentError {
+    /// Not now (a timeout, no connection, a 5xx, 408 or 429): the email is retried later.
+    #[error("{0}")]
+    Unreachable(String),
+    /// Never (a refused address, a 4xx, a file over the limit): the email is aborted.
+    #[error("{0}")]
+    Refused(String),
 }
 
 fn sends_body(request: &WebhookRequest) -> bool {

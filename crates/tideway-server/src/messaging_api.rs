@@ -357,6 +357,13 @@ pub(crate) fn parse_targets(
             "attachments are not allowed with broadcast: true",
         ));
     }
+    // Dropping them would send the message without them, as if they were attached.
+    if matches!(body.get("attachments"), Some(Value::Array(a)) if !a.is_empty()) {
+        return Err(malformed(
+            "attachments: per-send attachments are not supported here; list them in the \
+             campaign's email message (`attachments`), or send with /messages/send",
+        ));
+    }
     if recipients.len() > MAX_RECIPIENTS {
         return Err(ApiError::bad_request(TOO_MANY_RECIPIENTS));
     }
@@ -733,15 +740,23 @@ pub(crate) fn checked_adhoc_definition(
         .map(String::as_str)
         .filter(|c| matches!(*c, "email" | "webhook"))
         .collect();
-    // Braze lets `email_template_id` stand in for the body; Tideway keeps no templates, and
-    // "subject is required" would not say why.
-    if let Some(email) = messages.get("email").and_then(Value::as_object)
-        && email.get("email_template_id").is_some_and(|t| !t.is_null())
-        && email.get("body").is_none_or(Value::is_null)
-    {
-        return Err(malformed(
-            "messages.email.email_template_id: Tideway keeps no email templates; send `subject` and `body` instead",
-        ));
+    if let Some(email) = messages.get("email").and_then(Value::as_object) {
+        // Braze lets `email_template_id` stand in for the body; Tideway keeps no templates,
+        // and "subject is required" would not say why.
+        if email.get("email_template_id").is_some_and(|t| !t.is_null())
+            && email.get("body").is_none_or(Value::is_null)
+        {
+            return Err(malformed(
+                "messages.email.email_template_id: Tideway keeps no email templates; send `subject` and `body` instead",
+            ));
+        }
+        // Braze takes only a BCC address configured for the workspace; Tideway configures
+        // none, so any is refused rather than dropped.
+        if email.get("bcc").is_some_and(|b| !b.is_null()) {
+            return Err(malformed(
+                "messages.email.bcc: no BCC address is configured on this server",
+            ));
+        }
     }
     let (definition, unsupported) = adhoc_definition(messages).map_err(|e: DefinitionError| {
         if e.path == "messages" {

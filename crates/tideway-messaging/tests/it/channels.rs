@@ -15,8 +15,8 @@ use tideway_messaging::email::{
 };
 use tideway_messaging::smtp_sink::{SinkMode, SinkOptions, SmtpSink};
 use tideway_messaging::webhook::{
-    MAX_ATTEMPTS, Method, RESPONSE_EXCERPT_BYTES, WebhookOutcome, WebhookRequest, WebhookSender,
-    retry_delay,
+    AttachmentError, MAX_ATTEMPTS, Method, RESPONSE_EXCERPT_BYTES, WebhookOutcome, WebhookRequest,
+    WebhookSender, retry_delay,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -250,6 +250,52 @@ async fn urls_the_egress_policy_refuses_are_blocked_before_any_request() {
     assert!(r.hits().is_empty());
 }
 
+/// An attachment is the file's bytes and type; a 5xx or an unreachable server is worth a
+/// retry; a 4xx, a refused address or a file over the limit never will be.
+#[tokio::test]
+async fn attachments_are_fetched_within_the_limit_and_the_policy() {
+    let (_r, base) = receiver().await;
+    let s = sender(EgressPolicy::default());
+    let (bytes, content_type) = s
+        .fetch_attachment(&format!("{base}/status/200"), 1024)
+        .await
+        .expect("fetched");
+    assert_eq!(bytes, b"answer 200");
+    assert_eq!(content_type.as_deref(), Some("text/plain; charset=utf-8"));
+    for (path, retry) in [
+        ("/status/503", true),
+        ("/status/404", false),
+        ("/big", true),
+    ] {
+        let err = s
+            .fetch_attachment(&format!("{base}{path}"), 1024)
+            .await
+            .expect_err(path);
+        assert_eq!(
+            matches!(err, AttachmentError::Unreachable(_)),
+            retry,
+            "{path}: {err:?}"
+        );
+    }
+    // /status/200 is 10 bytes: over a limit of 5, refused.
+    let err = s
+        .fetch_attachment(&format!("{base}/status/200"), 5)
+        .await
+        .expect_err("over the limit");
+    assert!(
+        matches!(err, AttachmentError::Refused(ref why) if why.contains("over 5 bytes")),
+        "{err:?}"
+    );
+    let strict = sender(EgressPolicy {
+        private: tideway_core::egress::PrivateEndpoints::Deny,
+    });
+    let err = strict
+        .fetch_attachment(&format!("{base}/status/200"), 1024)
+        .await
+        .expect_err("loopback refused");
+    assert!(matches!(err, AttachmentError::Refused(_)), "{err:?}");
+}
+
 #[test]
 fn five_webhook_attempts_fit_in_thirty_minutes_whatever_the_jitter() {
     let timeout = Duration::from_secs(90);
@@ -289,6 +335,7 @@ fn email(to: &str) -> OutgoingEmail {
         headers: vec![("X-Campaign".into(), "spring".into())],
         message_id: "tw-1-42@tideway".into(),
         list_unsubscribe: Some("https://t.example/t/u/abc.def".into()),
+        attachments: Vec::new(),
     }
 }
 

@@ -342,6 +342,89 @@ async fn a_message_sent_with_a_campaign_id_counts_for_that_campaign() {
     }
 }
 
+/// Files an email message names in `attachments` are fetched when it is sent and attached
+/// after its text and HTML; one that cannot be had (404) aborts that email, naming it. Per-send
+/// attachments on a trigger and a BCC are refused, never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_attachments_are_fetched_and_attached() {
+    let t = setup().await;
+    t.track(json!([{"external_id": "u1", "email": "ada@example.com"}]))
+        .await;
+    let files = axum::Router::new().route(
+        "/receipt.pdf",
+        axum::routing::get(|| async {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/pdf")],
+                "PDF-1.4 tideway receipt 42",
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, files).await });
+    let send = |attachments: Value| {
+        json!({"external_user_ids": ["u1"], "messages": {"email": {
+            "from": "Shop <shop@example.com>", "subject": "Receipt", "body": "<p>Thanks</p>",
+            "attachments": attachments,
+        }}})
+    };
+    let a =
+        t.s.post(
+            "/messages/send",
+            &t.key,
+            send(json!([{"file_name": "receipt.pdf", "url": format!("http://{at}/receipt.pdf")}])),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let mails = t.smtp.wait_for(1, DEADLINE).await;
+    let data = &mails[0].data;
+    assert!(data.contains("multipart/mixed"), "{data}");
+    assert!(data.contains("filename=\"receipt.pdf\""), "{data}");
+    assert!(data.contains("PDF-1.4 tideway receipt 42"), "{data}");
+    assert!(
+        mails[0].html().is_some_and(|h| h.contains("Thanks")),
+        "{data}"
+    );
+
+    let a =
+        t.s.post(
+            "/messages/send",
+            &t.key,
+            send(json!([{"file_name": "gone.pdf", "url": format!("http://{at}/gone.pdf")}])),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let aborts = t.wait_events("users.messages.email.Abort", 1).await;
+    assert_eq!(
+        aborts[0]["properties"]["abort_type"], "attachment_unavailable",
+        "{aborts:?}"
+    );
+
+    for bad in [
+        json!([{"file_name": "x.pdf"}]),
+        json!([{"file_name": "../x.pdf", "url": "http://h/x"}]),
+        json!([{"file_name": "x.pdf", "url": "ftp://h/x"}]),
+        json!("x.pdf"),
+    ] {
+        let a = t.s.post("/messages/send", &t.key, send(bad.clone())).await;
+        assert_eq!(a.status, 400, "{bad}: {a:?}");
+    }
+    let mut with_bcc = send(json!([]));
+    with_bcc["messages"]["email"]["bcc"] = json!("audit@example.com");
+    let a = t.s.post("/messages/send", &t.key, with_bcc).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    let id = t.campaign(t.webhook_campaign("Hooks", json!({}))).await;
+    let a =
+        t.s.post(
+            "/campaigns/trigger/send",
+            &t.key,
+            json!({"campaign_id": id, "recipients": [{"external_user_id": "u1"}],
+                   "attachments": [{"file_name": "r.pdf", "url": format!("http://{at}/receipt.pdf")}]}),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{a:?}");
+}
+
 /// A segment a campaign or Canvas targets cannot be deleted under it (that turned its audience
 /// into nobody, and an unchanged edit of the campaign into everyone); once they are stopped,
 /// it can.
