@@ -369,6 +369,11 @@ async fn form_page(
                 @for s in &segments {
                     label class="check" { input type="checkbox" name="segment" value=(s.id) checked[form.segments.contains(&s.id)]; (s.name) }
                 }
+                // A segment the definition names that no longer exists stays ticked and says so:
+                // dropping it silently would widen the audience on the next save.
+                @for id in form.segments.iter().filter(|id| !segments.iter().any(|s| &s.id == *id)) {
+                    label class="check" { input type="checkbox" name="segment" value=(id) checked; "Deleted segment " code { (id) } " (untick it to save)" }
+                }
                 (error_beside(error.filter(|e| e.field.starts_with("audience")), "audience"))
             }
             (delivery::fieldset(&form.delivery, Part::Campaign, &cohorts, &segments, error))

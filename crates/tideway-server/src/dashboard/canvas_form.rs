@@ -960,6 +960,11 @@ pub(super) fn fieldsets(f: &CanvasEditor, ctx: &Context<'_>) -> Markup {
             @for s in ctx.segments {
                 label class="check" { input type="checkbox" name="segment" value=(s.id) checked[f.segments.contains(&s.id)]; (s.name) }
             }
+            // A segment the definition names that no longer exists stays ticked and says so:
+            // dropping it silently would widen the audience on the next save.
+            @for id in f.segments.iter().filter(|id| !ctx.segments.iter().any(|s| &s.id == *id)) {
+                label class="check" { input type="checkbox" name="segment" value=(id) checked; "Deleted segment " code { (id) } " (untick it to save)" }
+            }
             (error_beside(error.filter(|e| e.field.starts_with("audience.segment_ids")), "canvas-audience"))
             label for="audience-filter" { "Filter " span class="muted" { "(optional; the segment language's JSON)" } }
             (ctx.filter_area("audience-filter", "audience_filter", &f.audience_filter, "audience.filter"))

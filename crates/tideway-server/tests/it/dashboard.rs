@@ -1177,6 +1177,64 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
     );
 }
 
+/// A campaign whose segment is gone (it was stopped, then the segment deleted) opens for
+/// editing with that segment still ticked and named as deleted, so an unchanged save does not
+/// quietly widen its audience to everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_segment_stays_in_a_campaigns_edit_form() {
+    let s = Server::start().await;
+    let ws = s.workspace("w").await;
+    let key = s.admin_key(&ws).await;
+    user(&s, "admin", Role::Admin).await;
+    let b = sign_in(&s.base, "admin").await;
+    let w = format!("/dashboard/w/{}", ws.id.0);
+    let a = s
+        .post(
+            "/api/v1/segments",
+            &key,
+            json!({"name": "Gone soon", "filter": {"identified": true}}),
+        )
+        .await;
+    let segment = a.body["id"].as_str().unwrap().to_owned();
+    let a = s
+        .post(
+            "/api/v1/campaigns",
+            &key,
+            json!({"name": "Narrow", "messages": [{"channel": "webhook", "url": "http://127.0.0.1:9/h", "body": "x"}],
+                   "audience": {"segment_ids": [segment]}, "delivery": {"type": "api_triggered"}}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let campaign = a.body["campaign"]["id"].as_str().unwrap().to_owned();
+    let a = s
+        .post(
+            &format!("/api/v1/campaigns/{campaign}/stop"),
+            &key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let a = s
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/segments/{segment}"),
+            crate::harness::Auth::Bearer(&key),
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(a.status, 204, "{a:?}");
+    let form = b.get(&format!("{w}/campaigns/{campaign}/edit")).await;
+    assert_eq!(form.status, 200);
+    assert!(
+        form.body.contains(&format!(
+            "value=\"{segment}\" checked>Deleted segment <code>{segment}</code>"
+        )),
+        "{}",
+        form.body
+    );
+}
+
 /// A server with a running Currents exporter over its own SQLite store, and a receiver that
 /// answers 400 to everything (every event is dead-lettered).
 struct WithCurrents {
