@@ -71,15 +71,6 @@ pub async fn list(
         rows.push((c, counts));
     }
     let admin = ctx.me.may_change();
-    let action = |c: &CampaignRecord, action: &str, label: &str| {
-        html! {
-            form class="inline" method="post" action=(ctx.url(&["/campaigns/", &super::segment(&c.id), "/", action].concat()))
-                data-confirm=[(action == "stop").then(|| format!("Stop the campaign '{}'? A stopped campaign never sends again.", c.name))] {
-                (ctx.csrf_field())
-                button type="submit" class="secondary" aria-label=([label, " ", c.name.as_str()].concat()) { (label) }
-            }
-        }
-    };
     let body = html! {
         @if admin { p { a class="button" href=(ctx.url("/campaigns/new")) id="new-campaign" { "Create Campaign" } } }
         @if rows.is_empty() {
@@ -99,14 +90,7 @@ pub async fn list(
                             td { (counts.failed) }
                             td { @if let Some(at) = c.launched_at { (when(at)) } @else { span class="muted" { "—" } } }
                             td {
-                                @if admin {
-                                    @match c.status {
-                                        CampaignStatus::Draft | CampaignStatus::Paused => (action(c, "launch", "Launch")),
-                                        CampaignStatus::Active => (action(c, "pause", "Pause")),
-                                        CampaignStatus::Stopped => {},
-                                    }
-                                    @if c.status != CampaignStatus::Stopped { " " (action(c, "stop", "Stop")) }
-                                }
+                                @if admin { (lifecycle_buttons(&ctx, c)) }
                             }
                         }
                     }
@@ -560,6 +544,27 @@ async fn render_preview(
 
 /// `GET /dashboard/w/{ws}/campaigns/{id}[?preview=EXTERNAL_ID]`: the campaign, its figures,
 /// its templates, and their rendering for one user.
+/// Launch or Pause, and Stop (which asks first), for a campaign that is not stopped.
+fn lifecycle_buttons(ctx: &Ctx, c: &CampaignRecord) -> Markup {
+    let action = |action: &str, label: &str| {
+        html! {
+            form class="inline" method="post" action=(ctx.url(&["/campaigns/", &super::segment(&c.id), "/", action].concat()))
+                data-confirm=[(action == "stop").then(|| format!("Stop the campaign '{}'? A stopped campaign never sends again.", c.name))] {
+                (ctx.csrf_field())
+                button type="submit" class="secondary" aria-label=([label, " ", c.name.as_str()].concat()) { (label) }
+            }
+        }
+    };
+    html! {
+        @match c.status {
+            CampaignStatus::Draft | CampaignStatus::Paused => (action("launch", "Launch")),
+            CampaignStatus::Active => (action("pause", "Pause")),
+            CampaignStatus::Stopped => {},
+        }
+        @if c.status != CampaignStatus::Stopped { " " (action("stop", "Stop")) }
+    }
+}
+
 pub async fn detail(
     State(state): State<AppState>,
     Extension(me): Extension<Me>,
@@ -586,9 +591,17 @@ pub async fn detail(
         None => None,
     };
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    let segments = store.list_segments(ctx.workspace.id).await?;
+    let segment_name = |id: &str| {
+        segments
+            .iter()
+            .find(|s| s.id == id)
+            .map_or_else(|| format!("deleted segment {id}"), |s| s.name.clone())
+    };
     let body = html! {
         p { span class=(status_class(c.status)) { (c.status.as_str()) }
-            @if let Some(at) = c.launched_at { " — launched " (when(at)) } }
+            @if let Some(at) = c.launched_at { " — launched " (when(at)) }
+            @if ctx.me.may_change() { " " (lifecycle_buttons(&ctx, &c)) } }
         h2 { "Figures" }
         table id="campaign-stats" {
             tbody {
@@ -600,7 +613,13 @@ pub async fn detail(
         }
         h2 { "Delivery and audience" }
         pre class="card mono" { (pretty(&c.definition["delivery"])) }
-        pre class="card mono" { (pretty(&c.definition["audience"])) }
+        p id="campaign-audience" {
+            @if def.audience.segment_ids.is_empty() { "Segments: none (everyone)" }
+            @else { "Segments: " (def.audience.segment_ids.iter().map(|id| segment_name(id)).collect::<Vec<_>>().join(", ")) }
+        }
+        @if let Some(filter) = c.definition["audience"].get("filter").filter(|f| !f.is_null()) {
+            pre class="card mono" { (pretty(filter)) }
+        }
         h2 { "Messages" }
         @for (place, source) in def.templates() {
             p { code { (place) } }

@@ -1078,6 +1078,15 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
     assert_eq!(a.status, 201);
     let detail = b.get(&format!("{w}/campaigns/{id}")).await;
     assert_eq!(detail.status, 200);
+    // Its own lifecycle buttons and its audience in words.
+    assert!(
+        detail
+            .body
+            .contains("aria-label=\"Launch Welcome &lt;b&gt;\"")
+            && detail.body.contains("Segments: none (everyone)"),
+        "{}",
+        detail.body
+    );
     assert!(detail.body.contains("id=\"campaign-stats\"") && detail.body.contains("unique_opens"));
     assert!(detail.body.contains("Hi {{${first_name}}}"));
     let preview = b.get(&format!("{w}/campaigns/{id}?preview=ada")).await.body;
@@ -1232,6 +1241,14 @@ async fn a_deleted_segment_stays_in_a_campaigns_edit_form() {
         )),
         "{}",
         form.body
+    );
+    // Its page names the audience by segment names, and says which is gone.
+    let page = b.get(&format!("{w}/campaigns/{campaign}")).await;
+    assert!(
+        page.body
+            .contains(&format!("Segments: deleted segment {segment}")),
+        "{}",
+        page.body
     );
 }
 
