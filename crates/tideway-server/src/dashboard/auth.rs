@@ -100,7 +100,28 @@ pub async fn login_page(
         Some(t) if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) => t.to_owned(),
         _ => random_token()?.expose().to_owned(),
     };
-    Ok(login_form(&state, &token, None, axum::http::StatusCode::OK))
+    let next = req.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "next")
+            .map(|(_, v)| v.into_owned())
+    });
+    Ok(login_form(
+        &state,
+        &token,
+        None,
+        axum::http::StatusCode::OK,
+        next.as_deref().and_then(return_to),
+    ))
+}
+
+/// Where to go after signing in: a dashboard page the user was sent away from (`next`), when it
+/// is one; never another site (`//host`, `/\host`), never the sign-in page itself.
+pub(super) fn return_to(next: &str) -> Option<&str> {
+    let page = next.starts_with("/dashboard/")
+        && !next.starts_with("/dashboard/login")
+        && !next.contains(['\\', '\r', '\n'])
+        && !next.chars().any(char::is_control);
+    page.then_some(next)
 }
 
 fn login_form(
@@ -108,6 +129,7 @@ fn login_form(
     token: &str,
     error: Option<&str>,
     status: axum::http::StatusCode,
+    next: Option<&str>,
 ) -> Response {
     let page = html! {
         (DOCTYPE)
@@ -128,6 +150,7 @@ fn login_form(
                     }
                     form class="card" method="post" action="/dashboard/login" {
                         input type="hidden" name="csrf" value=(token);
+                        @if let Some(next) = next { input type="hidden" name="next" value=(next); }
                         label for="username" { "Username" }
                         input type="text" id="username" name="username" autocomplete="username" required autofocus;
                         label for="password" { "Password" }
@@ -211,6 +234,7 @@ pub async fn login(State(state): State<AppState>, req: Request) -> Result<Respon
             fresh.expose(),
             Some("Wrong username or password."),
             axum::http::StatusCode::UNAUTHORIZED,
+            form.get("next").and_then(return_to),
         ));
     };
     store.clear_sign_in_failures(&key).await?;
@@ -226,7 +250,11 @@ pub async fn login(State(state): State<AppState>, req: Request) -> Result<Respon
         })
         .await?;
     tracing::info!(user = %user.username, "dashboard: signed in");
-    let mut response = Redirect::to("/dashboard/").into_response();
+    let back = form
+        .get("next")
+        .and_then(return_to)
+        .unwrap_or("/dashboard/");
+    let mut response = Redirect::to(back).into_response();
     let headers = response.headers_mut();
     headers.append(
         header::SET_COOKIE,

@@ -434,7 +434,19 @@ async fn authorize(state: &AppState, req: Request) -> Result<Request, Response> 
     let safe = matches!(*req.method(), Method::GET | Method::HEAD);
     let (Some(session), Some(token)) = (found, token) else {
         if safe {
-            return Err(Redirect::to("/dashboard/login").into_response());
+            // Back to this page once signed in.
+            let here = req
+                .uri()
+                .path_and_query()
+                .map_or("/dashboard/", |p| p.as_str());
+            let login = match auth::return_to(here) {
+                Some(here) => {
+                    let next: String = form_urlencoded::byte_serialize(here.as_bytes()).collect();
+                    ["/dashboard/login?next=", &next].concat()
+                }
+                None => "/dashboard/login".to_owned(),
+            };
+            return Err(Redirect::to(&login).into_response());
         }
         return Err(PageError::Unauthorized.into_response());
     };

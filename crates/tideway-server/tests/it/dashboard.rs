@@ -296,7 +296,59 @@ async fn pages_need_a_session_and_sign_in_sets_a_locked_down_cookie() {
     };
     let page = anonymous.get(&format!("/dashboard/w/{}/", ws.id.0)).await;
     assert_eq!(page.status, 303);
-    assert_eq!(page.headers["location"], "/dashboard/login");
+    let login = page.headers["location"].to_str().unwrap().to_owned();
+    assert_eq!(
+        login,
+        format!("/dashboard/login?next=%2Fdashboard%2Fw%2F{}%2F", ws.id.0)
+    );
+    // Signing in from there goes back to the page; a `next` that is not a dashboard page
+    // (another site, the sign-in page) is ignored.
+    for (from, back) in [
+        (login.clone(), format!("/dashboard/w/{}/", ws.id.0)),
+        (
+            "/dashboard/login?next=%2F%2Fevil.example%2F".to_owned(),
+            "/dashboard/".to_owned(),
+        ),
+        (
+            "/dashboard/login?next=%2Fdashboard%2Flogin".to_owned(),
+            "/dashboard/".to_owned(),
+        ),
+    ] {
+        let c = client();
+        let form = c.get(format!("{}{from}", s.base)).send().await.unwrap();
+        let token_cookie = set_cookie(form.headers(), "tideway_login").unwrap();
+        let token_cookie = token_cookie.split(';').next().unwrap().to_owned();
+        let body = form.text().await.unwrap();
+        // The form carries `next` only when it is a dashboard page; the sign-in judges it
+        // again, so it is sent here whatever the form says.
+        let asked: String = form_urlencoded::parse(from.split_once('?').unwrap().1.as_bytes())
+            .find(|(k, _)| k == "next")
+            .map(|(_, v)| v.into_owned())
+            .unwrap();
+        assert_eq!(
+            body.contains("name=\"next\""),
+            back != "/dashboard/",
+            "{from}: {body}"
+        );
+        let mut fields = form_urlencoded::Serializer::new(String::new());
+        fields
+            .append_pair("csrf", &hidden_csrf(&body))
+            .append_pair("username", "admin")
+            .append_pair("password", PASSWORD)
+            .append_pair("next", &asked);
+        let res = c
+            .post(format!("{}/dashboard/login", s.base))
+            .header("cookie", token_cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(fields.finish())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 303, "{from}");
+        assert_eq!(res.headers()["location"], back.as_str(), "{from}");
+    }
+    let ok = sign_in_answer(&s.base, "admin", PASSWORD).await;
+    assert_eq!(ok.headers["location"], "/dashboard/");
     let post = anonymous
         .post(&format!("/dashboard/w/{}/partners/heap/keys", ws.id.0), &[])
         .await;
