@@ -72,8 +72,9 @@ pub fn no_later_than(stored: &serde_json::Value, now: Millis) -> Option<serde_js
     (at > now).then(|| serde_json::Value::from(now.to_iso()))
 }
 
-/// [`parse_datetime`] without the year range.
-fn parse_datetime_any_year(raw: &str) -> Option<Millis> {
+/// [`parse_datetime`] without the year range: for bounds a client may set far off
+/// (`end_time=9999-12-31T23:59:59Z` meaning "everything"), and the dates Braze keeps as text.
+pub fn parse_datetime_any_year(raw: &str) -> Option<Millis> {
     let raw = raw.trim();
     if let Some(ms) = parse_us_date(raw).or_else(|| parse_day_name_date(raw)) {
         return Some(ms);

@@ -784,7 +784,8 @@ pub async fn scheduled_broadcasts(
         |state, caller, _| async move {
             let end = match params.get("end_time") {
                 None => return Err(ApiError::malformed("end_time is required")),
-                Some(t) => parse_datetime(t)
+                // Any year: a far bound (9999-12-31) is "everything", as clients use it.
+                Some(t) => tideway_core::clock::parse_datetime_any_year(t)
                     .ok_or_else(|| ApiError::malformed("end_time must be an ISO 8601 time"))?,
             };
             let now = now();

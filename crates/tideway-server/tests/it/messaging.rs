@@ -1036,9 +1036,22 @@ async fn scheduled_broadcasts_are_the_launched_schedules_due_before_end_time() {
     assert_eq!(
         listed(4).await,
         [
-            (daily, "local_time_zones".to_owned()),
-            (once, "UTC".to_owned())
+            (daily.clone(), "local_time_zones".to_owned()),
+            (once.clone(), "UTC".to_owned())
         ]
+    );
+    // A far bound is "everything", as clients write it.
+    let a = get_with(
+        &t,
+        "/messages/scheduled_broadcasts?end_time=9999-12-31T23:59:59Z",
+        &t.key,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.body["scheduled_broadcasts"].as_array().map(Vec::len),
+        Some(2),
+        "{a:?}"
     );
     for query in ["", "?end_time=soon"] {
         let a = get_with(
