@@ -141,13 +141,15 @@ fn publish_status(current: &Current) {
     }
 }
 
-/// A deleted Current is in no status: its gauges all read 0 (a scrape would otherwise see it
-/// `active` for as long as the process runs).
+/// A deleted Current is in no status and has no lag: its gauges all read 0 (a scrape would
+/// otherwise see it `active`, and lagging, for as long as the process runs).
 pub(crate) fn clear_status(id: CurrentId) {
     for s in CurrentStatus::ALL {
         metrics::gauge!("tideway_currents_status", "current" => label(id), "status" => s.as_str())
             .set(0.0);
     }
+    metrics::gauge!("tideway_currents_lag_events", "current" => label(id)).set(0.0);
+    metrics::gauge!("tideway_currents_lag_seconds", "current" => label(id)).set(0.0);
 }
 
 /// Retention: drops what passed the retention period (counted, recorded, loud); returns the

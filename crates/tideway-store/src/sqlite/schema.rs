@@ -704,8 +704,10 @@ CREATE TABLE send_stat_users (
     // A Current's id is never reused. A plain `INTEGER PRIMARY KEY` hands a deleted Current's
     // id to the next one, and consumers, leases and metrics keyed by id then took the new
     // Current for the old: its events went to the deleted one's endpoint, counted delivered.
-    // `AUTOINCREMENT` never reuses an id; the sequence starts above every id any table still
-    // names, so not even a Current deleted before this migration is reused.
+    // `AUTOINCREMENT` never reuses an id from now on. Ids deleted before this migration left no
+    // trace (deleting a Current removes every row that names it), so the sequence starts 1,000
+    // above every id any table still names: the ids of up to 1,000 Currents deleted at the top
+    // of the range before the upgrade are not reused either.
     r#"
 CREATE TABLE currents_never_reused (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -741,7 +743,7 @@ DROP TABLE currents;
 ALTER TABLE currents_never_reused RENAME TO currents;
 CREATE INDEX currents_workspace ON currents(workspace_id, id);
 DELETE FROM sqlite_sequence WHERE name = 'currents';
-INSERT INTO sqlite_sequence (name, seq) SELECT 'currents', COALESCE(MAX(id), 0) FROM (
+INSERT INTO sqlite_sequence (name, seq) SELECT 'currents', COALESCE(MAX(id), 0) + 1000 FROM (
     SELECT MAX(id) AS id FROM currents
     UNION ALL SELECT MAX(current_id) FROM currents_dead_letters
     UNION ALL SELECT MAX(current_id) FROM currents_replays
@@ -802,8 +804,9 @@ mod tests {
         assert_eq!(rows, [(1, true), (2, false)]);
     }
 
-    /// Migrated Currents keep their rows and ids, and the next Current's id is above every id
-    /// any table still names, a deleted Current's included.
+    /// Migrated Currents keep their rows and ids, and the next Current's id is 1,000 above
+    /// every id any table still names (a deleted Current's included), so ids deleted before the
+    /// upgrade, which no table names any more, are not reused either.
     #[test]
     fn current_ids_continue_above_every_id_ever_named() {
         let mut conn = Connection::open_in_memory().unwrap();
@@ -832,6 +835,6 @@ mod tests {
                  VALUES (1, 'new', 'custom_http', '{}', 'active', 1, 10, 0, 0);",
         )
         .unwrap();
-        assert_eq!(conn.last_insert_rowid(), 6);
+        assert_eq!(conn.last_insert_rowid(), 1006);
     }
 }
