@@ -804,8 +804,9 @@ pub async fn migrate(pool: &PgPool) -> Result<MigrateOutcome, StoreError> {
         .try_get(0)
         .map_err(pg_err)?;
     if from > SCHEMA_VERSION {
-        return Err(StoreError::Corrupt(format!(
-            "the database schema is version {from}, newer than this build's {SCHEMA_VERSION}"
+        return Err(StoreError::Invalid(format!(
+            "the database schema is version {from}, newer than this build's {SCHEMA_VERSION}: \
+             run the Tideway release that wrote it (or a later one)"
         )));
     }
     for (version, sql) in (1..).zip(MIGRATIONS).skip(from as usize) {

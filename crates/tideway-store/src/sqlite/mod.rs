@@ -255,6 +255,16 @@ impl SqliteStore {
     pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         restrict_files(path)?;
         let mut conn = open_connection(path, options.synchronous)?;
+        // A newer build's database: its tables may mean what this build does not know, so it
+        // is not touched (as PostgreSQL's `schema_migrations` check does).
+        let found = schema::version(&conn).map_err(sql_err)?;
+        if found > schema::SCHEMA_VERSION {
+            return Err(StoreError::Invalid(format!(
+                "the database schema is version {found}, newer than this build's {}: run the \
+                 Tideway release that wrote it (or a later one)",
+                schema::SCHEMA_VERSION
+            )));
+        }
         schema::migrate(&mut conn).map_err(sql_err)?;
         // Profiles logged but not yet written to their rows (a crash, or another process
         // stopped) are written now, before anything reads the rows.

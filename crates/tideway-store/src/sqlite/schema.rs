@@ -761,6 +761,14 @@ const HEAP_ENABLED_BY_SECRET: usize = 17;
 #[cfg(test)]
 const CURRENT_IDS_NEVER_REUSED: usize = 19;
 
+/// The schema version this build writes (`PRAGMA user_version` after [`migrate`]).
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+/// The schema version of the database behind `conn` (0 for a new file).
+pub fn version(conn: &Connection) -> rusqlite::Result<usize> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+}
+
 /// Brings the schema up to date inside one transaction.
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;

@@ -331,6 +331,30 @@ async fn mistakes_fail_with_a_message_that_says_what_to_do() {
 
     tideway_ok(&["workspaces", "create", "default", "--data-dir", dir]).await;
 
+    // A database a newer build wrote is refused, untouched, saying which release to run.
+    {
+        let db =
+            rusqlite::Connection::open(std::path::Path::new(dir).join("tideway.sqlite")).unwrap();
+        let known: i64 = db
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        db.execute_batch(&format!("PRAGMA user_version = {}", known + 1))
+            .unwrap();
+        let out = tideway(&["workspaces", "list", "--data-dir", dir]).await;
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("newer than this build's"),
+            "{}",
+            stderr(&out)
+        );
+        let after: i64 = db
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(after, known + 1);
+        db.execute_batch(&format!("PRAGMA user_version = {known}"))
+            .unwrap();
+    }
+
     // A misspelt permission.
     let out = tideway(&[
         "keys",
