@@ -273,25 +273,23 @@ pub(crate) async fn segment_in_use(
             user.name, user.id
         )));
     }
+    // (kind, name, id, status, definition) of every campaign, then every Canvas.
     let campaigns = state.store().list_campaigns(workspace).await?;
-    if let Some(user) = campaigns
-        .iter()
-        .find(|c| c.status != CampaignStatus::Stopped && names_segment(&c.definition, id))
-    {
-        return Ok(Some(format!(
-            "campaign '{}' ({}) targets this segment; take it out of the campaign or stop the campaign first",
-            user.name, user.id
-        )));
-    }
     let canvases = state.store().list_canvases(workspace).await?;
-    if let Some(user) = canvases
+    let users = campaigns
         .iter()
-        .find(|c| c.status != CampaignStatus::Stopped && names_segment(&c.definition, id))
-    {
-        return Ok(Some(format!(
-            "Canvas '{}' ({}) targets this segment; take it out of the Canvas or stop the Canvas first",
-            user.name, user.id
-        )));
+        .map(|c| ("campaign", &c.name, &c.id, c.status, &c.definition))
+        .chain(
+            canvases
+                .iter()
+                .map(|c| ("Canvas", &c.name, &c.id, c.status, &c.definition)),
+        );
+    for (kind, name, user_id, status, definition) in users {
+        if status != CampaignStatus::Stopped && names_segment(definition, id) {
+            return Ok(Some(format!(
+                "{kind} '{name}' ({user_id}) targets this segment; take it out of the {kind} or stop the {kind} first"
+            )));
+        }
     }
     Ok(None)
 }

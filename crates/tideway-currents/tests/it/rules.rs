@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use serde_json::{Map, json};
+use serde_json::{Map, Value, json};
 use tideway_core::clock::Millis;
 use tideway_core::currents_store::{
     CurrentStatus, CurrentsStore, DeadLetterPick, DeadLetterReason, StatusChange,
@@ -572,15 +572,19 @@ async fn send_test_events_sends_one_placeholder_per_selected_type_within_the_cap
     );
 }
 
+/// A `heap_track` Current to `cap` for custom events and delete requests (the latter carry no
+/// identity, so `heap_track` cannot send them).
+fn heap_track_spec(cap: &Capture) -> Value {
+    json!({"name": "heap", "kind": "heap_track", "endpoint": format!("http://{}", cap.addr),
+        "event_types": ["users.behaviors.CustomEvent", "users.UserDeleteRequest"], "flush_interval_ms": 20,
+        "heap": {"app_id": "11", "prefix": true}})
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heap_track_forwards_mapped_events_and_counts_skips() {
     let h = Harness::new().await;
     let cap = Capture::start().await;
-    let c = h
-        .current(json!({"name": "heap", "kind": "heap_track", "endpoint": format!("http://{}", cap.addr),
-            "event_types": ["users.behaviors.CustomEvent", "users.UserDeleteRequest"], "flush_interval_ms": 20,
-            "heap": {"app_id": "11", "prefix": true}}))
-        .await;
+    let c = h.current(heap_track_spec(&cap)).await;
     let ids = h.append(4).await;
     let anon = tideway_core::currents::CurrentsEvent::delete_request(
         tideway_core::ids::EventId("no-identity".into()),
@@ -625,11 +629,7 @@ async fn heap_track_skips_rather_than_dead_letters_what_it_did_not_send() {
     let h = Harness::new().await;
     let cap = Capture::start().await;
     cap.push([Reply::Status(413)]);
-    let c = h
-        .current(json!({"name": "heap", "kind": "heap_track", "endpoint": format!("http://{}", cap.addr),
-            "event_types": ["users.behaviors.CustomEvent", "users.UserDeleteRequest"], "flush_interval_ms": 20,
-            "heap": {"app_id": "11", "prefix": true}}))
-        .await;
+    let c = h.current(heap_track_spec(&cap)).await;
     let anon = tideway_core::currents::CurrentsEvent::delete_request(
         tideway_core::ids::EventId("no-identity".into()),
         Millis(1_700_000_000_000),
