@@ -35,8 +35,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use lettre::message::header::{ContentType, HeaderName, HeaderValue};
-use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use lettre::message::header::{ContentTransferEncoding, ContentType, HeaderName, HeaderValue};
+use lettre::message::{Attachment, Body, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -435,6 +435,33 @@ fn header(name: &str, value: String) -> Option<HeaderValue> {
         .map(|name| HeaderValue::new(name, value))
 }
 
+/// The MIME type to write for an attachment, from what its server said: the bare
+/// `type/subtype` (no parameters) when it is a plain token pair, else
+/// `application/octet-stream`. A container type (`multipart/*`, `message/*`) is octet-stream
+/// too: a fetched file must not add parts of its own to the message.
+fn attachment_type(given: Option<&str>) -> &str {
+    const FALLBACK: &str = "application/octet-stream";
+    let Some(essence) = given.and_then(|t| t.split(';').next()).map(str::trim) else {
+        return FALLBACK;
+    };
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    match essence.split_once('/') {
+        Some((top, sub))
+            if token(top)
+                && token(sub)
+                && !top.eq_ignore_ascii_case("multipart")
+                && !top.eq_ignore_ascii_case("message") =>
+        {
+            essence
+        }
+        _ => FALLBACK,
+    }
+}
+
 /// The message, or why its addresses cannot be used.
 fn build_message(email: &OutgoingEmail) -> Result<Message, String> {
     let mut builder = Message::builder()
@@ -496,17 +523,14 @@ fn build_message(email: &OutgoingEmail) -> Result<Message, String> {
         );
         let mut mixed = MultiPart::mixed().multipart(readable);
         for file in &email.attachments {
-            let content_type = file
-                .content_type
-                .as_deref()
-                .and_then(|t| ContentType::parse(t).ok())
-                .unwrap_or_else(|| {
-                    ContentType::parse("application/octet-stream")
-                        .unwrap_or(ContentType::TEXT_PLAIN)
-                });
-            mixed = mixed.singlepart(
-                Attachment::new(one_line(&file.file_name)).body(file.bytes.clone(), content_type),
-            );
+            let content_type = ContentType::parse(attachment_type(file.content_type.as_deref()))
+                .map_err(|e| format!("an attachment's type cannot be written ({e})"))?;
+            // Base64 always: the file's bytes as they are, which no line of them (a bare LF, a
+            // lone ".") can turn into the end of the message or the start of another.
+            let body = Body::new_with_encoding(file.bytes.clone(), ContentTransferEncoding::Base64)
+                .map_err(|_| "an attachment cannot be encoded".to_owned())?;
+            mixed = mixed
+                .singlepart(Attachment::new(one_line(&file.file_name)).body(body, content_type));
         }
         builder.multipart(mixed)
     };
@@ -866,6 +890,39 @@ mod tests {
         let u = SmtpUrl::parse("smtp://[::1]:25?tls=none").unwrap();
         assert_eq!((u.host(), u.security()), ("::1", SmtpSecurity::None));
         assert_eq!(u.to_string(), "smtp://[::1]:25?tls=none");
+    }
+
+    #[test]
+    fn attachment_types_are_bare_and_never_containers() {
+        for (given, written) in [
+            (Some("application/pdf"), "application/pdf"),
+            (Some("text/plain; charset=utf-8"), "text/plain"),
+            (
+                Some("multipart/mixed; boundary=ZZ"),
+                "application/octet-stream",
+            ),
+            (Some("message/rfc822"), "application/octet-stream"),
+            (Some("text/html\r\nX-Evil: 1"), "application/octet-stream"),
+            (Some("garbage"), "application/octet-stream"),
+            (None, "application/octet-stream"),
+        ] {
+            assert_eq!(attachment_type(given), written, "{given:?}");
+        }
+    }
+
+    /// A text file whose lines could end the SMTP data (a bare LF, a lone ".") is written in
+    /// base64, so its bytes cannot be read as anything but the file.
+    #[test]
+    fn attachments_are_base64_whatever_their_bytes() {
+        let mut e = email();
+        e.attachments = vec![AttachedFile {
+            file_name: "invoice.txt".into(),
+            content_type: Some("text/plain".into()),
+            bytes: b"x\n.\r\nMAIL FROM:<evil@attacker.example>\r\n".to_vec(),
+        }];
+        let raw = String::from_utf8(build_message(&e).unwrap().formatted()).unwrap();
+        assert!(raw.contains("Content-Transfer-Encoding: base64"), "{raw}");
+        assert!(!raw.contains("MAIL FROM"), "{raw}");
     }
 
     #[test]

@@ -380,7 +380,11 @@ async fn email_attachments_are_fetched_and_attached() {
     let data = &mails[0].data;
     assert!(data.contains("multipart/mixed"), "{data}");
     assert!(data.contains("filename=\"receipt.pdf\""), "{data}");
-    assert!(data.contains("PDF-1.4 tideway receipt 42"), "{data}");
+    // The file's bytes, base64 (`PDF-1.4 tideway receipt 42`).
+    assert!(
+        data.contains("UERGLTEuNCB0aWRld2F5IHJlY2VpcHQgNDI="),
+        "{data}"
+    );
     assert!(
         mails[0].html().is_some_and(|h| h.contains("Thanks")),
         "{data}"
