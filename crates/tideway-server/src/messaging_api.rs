@@ -526,14 +526,20 @@ fn adhoc_path(path: &str, channels: &[&str]) -> String {
 }
 
 /// Checks `/messages/send`'s `campaign_id` against its `messages` (§2's variant errors).
-fn check_campaign_variants(
-    campaign: &CampaignRecord,
+/// Credits an ad-hoc definition to `campaign` (`def` its definition), naming each variation.
+pub(crate) fn credit(definition: &mut Value, campaign: &CampaignRecord, def: &CampaignDefinition) {
+    tideway_messaging::sends::credit_to_campaign(
+        definition,
+        &campaign.id,
+        &campaign.name,
+        |variation| Some(def.variant(variation)?.name.clone()),
+    );
+}
+
+pub(crate) fn check_campaign_variants(
+    def: &CampaignDefinition,
     messages: &Map<String, Value>,
 ) -> Result<(), ApiError> {
-    let def = CampaignDefinition::load(&campaign.definition).map_err(|e| {
-        tracing::error!(campaign = %campaign.id, error = %e, "stored campaign does not load");
-        ApiError::Internal
-    })?;
     for (channel, message) in messages {
         if !matches!(channel.as_str(), "email" | "webhook") {
             continue;
@@ -818,24 +824,7 @@ pub(crate) async fn trigger(
     let send_id = parsed.send.send_id.clone();
     let ws = &caller.workspace;
     // Fatal checks first: nothing (not even attributes) is written for a refused send.
-    let campaign = state
-        .store()
-        .campaign(ws.id, &parsed.campaign_id)
-        .await?
-        .ok_or_else(|| ApiError::bad_request(INVALID_CAMPAIGN))?;
-    let def = CampaignDefinition::load(&campaign.definition).map_err(|e| {
-        tracing::error!(campaign = %campaign.id, error = %e, "stored campaign does not load");
-        ApiError::Internal
-    })?;
-    if !matches!(def.delivery, Delivery::ApiTriggered) {
-        return Err(fatal(
-            INVALID_CAMPAIGN,
-            vec!["the campaign's delivery is not api_triggered".into()],
-        ));
-    }
-    if campaign.status != CampaignStatus::Active {
-        return Err(send_error(SendError::NotActive(campaign.status.as_str())));
-    }
+    active_api_campaign(state, ws.id, &parsed.campaign_id).await?;
     check_segment_id(state, ws.id, body).await?;
     let errors = apply_updates(state, ws, parsed.updates).await?;
     let outcome = trigger_campaign(
@@ -886,6 +875,34 @@ pub async fn messages_send(State(state): State<AppState>, req: Request) -> Respo
     .await
 }
 
+/// The campaign `id` names, when it is an active API-triggered campaign of the workspace;
+/// otherwise Braze's `Invalid Campaign ID` (with why, when the campaign exists).
+pub(crate) async fn active_api_campaign(
+    state: &AppState,
+    workspace: tideway_core::ids::WorkspaceId,
+    id: &str,
+) -> Result<(CampaignRecord, CampaignDefinition), ApiError> {
+    let campaign = state
+        .store()
+        .campaign(workspace, id)
+        .await?
+        .ok_or_else(|| ApiError::bad_request(INVALID_CAMPAIGN))?;
+    let def = CampaignDefinition::load(&campaign.definition).map_err(|e| {
+        tracing::error!(campaign = %campaign.id, error = %e, "stored campaign does not load");
+        ApiError::Internal
+    })?;
+    if !matches!(def.delivery, Delivery::ApiTriggered) {
+        return Err(fatal(
+            INVALID_CAMPAIGN,
+            vec!["the campaign's delivery is not api_triggered".into()],
+        ));
+    }
+    if campaign.status != CampaignStatus::Active {
+        return Err(send_error(SendError::NotActive(campaign.status.as_str())));
+    }
+    Ok((campaign, def))
+}
+
 /// An ad-hoc send, now or at `schedule`: the dispatch id and the non-fatal errors. Shared
 /// by `/messages/send` and `/messages/schedule/create`.
 pub(crate) async fn send_adhoc(
@@ -898,29 +915,20 @@ pub(crate) async fn send_adhoc(
     let mut parsed = parse_messages_send(body, now())?;
     parsed.send.at = schedule;
     let ws = &caller.workspace;
+    // Credited to a campaign only when it is one `/campaigns/trigger/send` would send.
     let campaign = match &parsed.campaign_id {
         Some(id) => {
-            let campaign = state
-                .store()
-                .campaign(ws.id, id)
-                .await?
-                .ok_or_else(|| ApiError::bad_request(INVALID_CAMPAIGN))?;
-            check_campaign_variants(&campaign, &parsed.messages)?;
-            Some(campaign)
+            let (campaign, def) = active_api_campaign(state, ws.id, id).await?;
+            check_campaign_variants(&def, &parsed.messages)?;
+            Some((campaign, def))
         }
         None => None,
     };
     check_segment_id(state, ws.id, body).await?;
     let (mut definition, unsupported) =
         checked_adhoc_definition(&parsed.messages, parsed.subscription)?;
-    if let Some(campaign) = &campaign {
-        let stored = CampaignDefinition::load(&campaign.definition).ok();
-        tideway_messaging::sends::credit_to_campaign(
-            &mut definition,
-            &campaign.id,
-            &campaign.name,
-            |variation| Some(stored.as_ref()?.variant(variation)?.name.clone()),
-        );
+    if let Some((campaign, def)) = &campaign {
+        credit(&mut definition, campaign, def);
     }
     let outcome = send_messages(
         state.store(),

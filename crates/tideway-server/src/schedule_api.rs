@@ -445,10 +445,22 @@ async fn replace_messages(
             body.insert("message_variation_id".into(), json!(variant));
         }
     }
-    let (definition, _) = crate::messaging_api::checked_adhoc_definition(
+    let (mut new_definition, _) = crate::messaging_api::checked_adhoc_definition(
         &with_ids,
         old.recipient_subscription_state,
     )?;
+    // A send credited to a campaign stays credited, its variations keeping their names.
+    if let Some((campaign_id, campaign_name)) =
+        tideway_messaging::sends::credited_campaign(definition)
+    {
+        tideway_messaging::sends::credit_to_campaign(
+            &mut new_definition,
+            campaign_id,
+            campaign_name,
+            |variation| Some(old.variant(variation)?.name.clone()),
+        );
+    }
+    let definition = new_definition;
     if !state
         .store()
         .replace_adhoc_definition(workspace, id, definition)

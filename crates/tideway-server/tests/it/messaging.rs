@@ -340,6 +340,59 @@ async fn a_message_sent_with_a_campaign_id_counts_for_that_campaign() {
         assert!(Instant::now() < deadline, "not counted: {a:?}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+
+    // A scheduled send credited to the campaign stays credited when its messages change.
+    let hook = |body: &str| {
+        json!({"webhook": {"url": t.hook_url, "request_method": "POST", "body": body,
+                           "message_variation_id": variation}})
+    };
+    let a =
+        t.s.post(
+            "/messages/schedule/create",
+            &t.key,
+            json!({"campaign_id": id, "send_id": "later-1", "external_user_ids": ["u1"],
+                   "schedule": {"time": iso_in(1_500)}, "messages": hook("first")}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let schedule = a.body["schedule_id"].as_str().unwrap().to_owned();
+    let a =
+        t.s.post(
+            "/messages/schedule/update",
+            &t.key,
+            json!({"schedule_id": schedule, "messages": hook("second")}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let sends = t.wait_events("users.messages.webhook.Send", 3).await;
+    let later = sends
+        .iter()
+        .find(|e| e["properties"]["send_id"] == "later-1")
+        .expect("the scheduled send");
+    assert_eq!(properties(later), properties(&triggered[0]), "{later}");
+
+    // Only a campaign /campaigns/trigger/send would send is credited.
+    let stopped = t.campaign(t.webhook_campaign("Gone", json!({}))).await;
+    let a =
+        t.s.post(
+            &format!("/api/v1/campaigns/{stopped}/stop"),
+            &t.key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let a =
+        t.s.post(
+            "/messages/send",
+            &t.key,
+            json!({"campaign_id": stopped, "external_user_ids": ["u2"], "messages": hook("x")}),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.body["message"].as_str()),
+        (400, Some("Invalid Campaign ID")),
+        "{a:?}"
+    );
 }
 
 /// Files an email message names in `attachments` are fetched when it is sent and attached
