@@ -317,6 +317,8 @@ pub async fn create(State(state): State<AppState>, req: Request) -> Response {
             let name = name_field(&body)?.ok_or_else(|| place_error("name", "is required"))?;
             let description = description_field(&body)?.unwrap_or_default();
             let tags = tags_field(&body)?.unwrap_or_default();
+            // Held to the save: a segment cannot be deleted between its check and the save.
+            let _definitions = state.segment_definitions(caller.workspace.id).await?;
             let (_, canonical) =
                 checked_definition(&state, &caller.workspace, &Value::Object(body)).await?;
             let at = now();
@@ -448,11 +450,16 @@ pub async fn update(
                     changed = true;
                 }
             }
-            if changed {
+            // Held to the save: a segment cannot be deleted between its check and the save.
+            let _definitions = if changed {
+                let lock = state.segment_definitions(ws.id).await?;
                 let (_, canonical) =
                     checked_definition(&state, ws, &Value::Object(definition)).await?;
                 c.definition = canonical;
-            }
+                Some(lock)
+            } else {
+                None
+            };
             c.updated_at = now();
             let saved = state
                 .store()

@@ -126,6 +126,8 @@ pub(crate) async fn create_canvas(
     let description = description_field(&body)?.unwrap_or_default();
     let tags = tags_field(&body)?.unwrap_or_default();
     let (def, canonical) = checked(&Value::Object(body))?;
+    // Held to the save: a segment cannot be deleted between its check and the save.
+    let _definitions = state.segment_definitions(ws.id).await?;
     check_segments(state, ws, &def).await?;
     let at = now();
     let record = CanvasRecord {
@@ -175,8 +177,11 @@ pub(crate) async fn update_canvas(
     for k in ["name", "description", "tags"] {
         def_part.remove(k);
     }
+    // Held to the save: a segment cannot be deleted between its check and the save.
+    let mut _definitions = None;
     if !def_part.is_empty() {
         let (def, canonical) = checked(&Value::Object(def_part))?;
+        _definitions = Some(state.segment_definitions(ws.id).await?);
         check_segments(state, ws, &def).await?;
         if canonical != c.definition {
             c.definition = canonical;

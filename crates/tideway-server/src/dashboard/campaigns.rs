@@ -459,6 +459,8 @@ pub async fn create(
             .await?
             .into_response());
     }
+    // Held to the save: a segment cannot be deleted between its check and the save.
+    let _definitions = state.segment_definitions(ctx.workspace.id).await?;
     let (name, canonical) = match checked_form(&state, &ctx, &f, None).await? {
         Ok(ok) => ok,
         Err(page) => return Ok(page),
@@ -685,6 +687,8 @@ pub async fn update(
             .await?
             .into_response());
     }
+    // Held to the save: a segment cannot be deleted between its check and the save.
+    let _definitions = state.segment_definitions(ctx.workspace.id).await?;
     let (name, canonical) = match checked_form(&state, &ctx, &f, Some(&c)).await? {
         Ok(ok) => ok,
         Err(page) => return Ok(page),

@@ -553,6 +553,26 @@ async fn a_segment_in_use_by_a_campaign_or_canvas_is_not_deleted() {
     }
     assert_eq!(delete(&targeted).await.status, 204);
     assert_eq!(delete(&filtered).await.status, 204);
+
+    // A campaign saved while its segment is deleted: one of the two wins, never both.
+    for round in 0..10 {
+        let id = segment(&format!("Raced {round}")).await;
+        let (created, deleted) = tokio::join!(
+            t.s.post(
+                "/api/v1/campaigns",
+                &t.key,
+                t.webhook_campaign(
+                    &format!("Racer {round}"),
+                    json!({"audience": {"segment_ids": [id]}})
+                ),
+            ),
+            delete(&id),
+        );
+        assert!(
+            !(created.status == 201 && deleted.status == 204),
+            "round {round}: both won: {created:?} {deleted:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
