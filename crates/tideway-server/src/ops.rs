@@ -93,10 +93,7 @@ pub fn with_draining(router: Router, draining: Draining) -> Router {
         move |request: Request, next: Next| {
             let draining = draining.clone();
             async move {
-                if !draining.is_on() {
-                    return next.run(request).await;
-                }
-                let mut response = if request.uri().path() == "/health" {
+                let mut response = if draining.is_on() && request.uri().path() == "/health" {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
                         Json(HealthResponse {
@@ -108,9 +105,13 @@ pub fn with_draining(router: Router, draining: Draining) -> Router {
                 } else {
                     next.run(request).await
                 };
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                // Judged when the answer is ready: a request that was in progress when the
+                // drain began closes its connection too.
+                if draining.is_on() {
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 response
             }
         },

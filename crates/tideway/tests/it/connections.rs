@@ -97,9 +97,20 @@ async fn get_keep_alive(stream: &mut TcpStream, path: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_keep_alive_connections_before_stopping() {
     let tmp = tempfile::tempdir().unwrap();
-    let (server, addr) = start(&tmp.path().join("data"), &["--shutdown-drain-ms", "4000"]).await;
+    let data_dir = tmp.path().join("data");
+    let (server, addr) = start(&data_dir, &["--shutdown-drain-ms", "4000"]).await;
     let mut kept = TcpStream::connect(addr).await.unwrap();
     assert_eq!(get_keep_alive(&mut kept, "/health").await.0, 200);
+    // A request in progress when the drain begins: its head and half its body now.
+    let body = r#"{"attributes": [{"external_id": "u1", "first_name": "Ada"}]}"#;
+    let (first_half, second_half) = body.split_at(10);
+    let mut in_progress = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /users/track HTTP/1.1\r\nHost: tideway\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{first_half}",
+        initial_admin_key(&data_dir),
+        body.len()
+    );
+    in_progress.write_all(head.as_bytes()).await.unwrap();
 
     server.signal("TERM").await;
     let deadline = Instant::now() + DEADLINE;
@@ -115,6 +126,15 @@ async fn sigterm_drains_keep_alive_connections_before_stopping() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(draining.contains(r#""status":"draining""#), "{draining}");
+
+    // The request that was in progress is answered, and told to close its connection too.
+    in_progress.write_all(second_half.as_bytes()).await.unwrap();
+    let response = read_until_closed(&mut in_progress, DEADLINE)
+        .await
+        .expect("closed after its answer");
+    let text = String::from_utf8_lossy(&response).to_lowercase();
+    assert_eq!(status_of(&response), Some(201), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
 
     // The kept connection is served once more, told to close, and closed.
     let request = "GET /metrics HTTP/1.1\r\nHost: tideway\r\n\r\n";
