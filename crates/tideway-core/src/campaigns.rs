@@ -1011,6 +1011,8 @@ fn attachments_field(
             let file_name = match item.get("file_name").and_then(Value::as_str).map(str::trim) {
                 Some(name)
                     if !name.is_empty()
+                        && name != "."
+                        && name != ".."
                         && name.chars().count() <= 255
                         && !name
                             .chars()
@@ -1025,19 +1027,31 @@ fn attachments_field(
                     ));
                 }
             };
+            // http(s), a host, and nothing a URL cannot hold (spaces, controls); the rest (the
+            // outgoing-request policy) is judged when the file is fetched.
             let url = match item.get("url").and_then(Value::as_str).map(str::trim) {
-                Some(url)
-                    if (url.to_ascii_lowercase().starts_with("http://")
-                        || url.to_ascii_lowercase().starts_with("https://"))
-                        && !url.chars().any(char::is_control) =>
-                {
-                    url.to_owned()
-                }
+                Some(url) if http_url_with_host(url) => url.to_owned(),
                 _ => return Err(bad(format!("{at}.url"), "must be an http or https URL")),
             };
             Ok(EmailAttachment { file_name, url })
         })
         .collect()
+}
+
+/// `http://host…` or `https://host…` with a host, and no whitespace or control character.
+fn http_url_with_host(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    let Some(rest) = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    !host.is_empty()
+        && !host.starts_with(':')
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 fn extras_field(obj: &Map<String, Value>, path: &str) -> Result<Option<String>, DefinitionError> {
@@ -1162,6 +1176,14 @@ pub(crate) fn parse_variant(
                         "must not contain line breaks or other control characters",
                     ));
                 }
+            }
+            // Braze takes only a BCC address configured for the workspace; Tideway configures
+            // none, so one is refused rather than dropped.
+            if saving == Saving::New && obj.get("bcc").is_some_and(|b| !b.is_null()) {
+                return Err(bad(
+                    format!("{path}.bcc"),
+                    "no BCC address is configured on this server",
+                ));
             }
             // SMTP forbids a NUL in a message (a personalised value's is dropped when sent).
             if saving == Saving::New {

@@ -1297,7 +1297,11 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                     bytes,
                 }),
                 Err(AttachmentError::Refused(why)) => {
-                    let log = format!("attachment '{}': {why}", file.file_name);
+                    // Braze's `abort_log` is at most 128 characters.
+                    let log: String = format!("attachment '{}': {why}", file.file_name)
+                        .chars()
+                        .take(crate::liquid::MAX_ABORT_LOG_CHARS)
+                        .collect();
                     return abort("attachment_unavailable", Some(&log));
                 }
                 Err(AttachmentError::Unreachable(why)) => {

@@ -71,7 +71,8 @@ pub fn external_id_value(value: &Value, what: &str) -> Result<ExternalId, String
         Value::Number(n) if n.is_i64() || n.is_u64() => {
             ExternalId::parse(&n.to_string()).map_err(|e| format!("'{what}' {e}"))
         }
-        _ => id_value(value, what, ExternalId::parse),
+        Value::String(_) => id_value(value, what, ExternalId::parse),
+        _ => Err(format!("'{what}' must be a string or a whole number")),
     }
 }
 

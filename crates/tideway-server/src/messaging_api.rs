@@ -358,7 +358,10 @@ pub(crate) fn parse_targets(
         ));
     }
     // Dropping them would send the message without them, as if they were attached.
-    if matches!(body.get("attachments"), Some(Value::Array(a)) if !a.is_empty()) {
+    if body
+        .get("attachments")
+        .is_some_and(|a| !a.is_null() && a.as_array().is_none_or(|a| !a.is_empty()))
+    {
         return Err(malformed(
             "attachments: per-send attachments are not supported here; list them in the \
              campaign's email message (`attachments`), or send with /messages/send",
@@ -912,6 +915,13 @@ pub(crate) async fn send_adhoc(
     body: &Map<String, Value>,
     schedule: Option<Millis>,
 ) -> Result<(String, Vec<String>), ApiError> {
+    // Braze's /messages/send takes attachments inside `messages.email`; a top-level list
+    // would otherwise be dropped as an unknown key.
+    if body.get("attachments").is_some_and(|a| !a.is_null()) {
+        return Err(malformed(
+            "attachments: list them in messages.email.attachments",
+        ));
+    }
     let mut parsed = parse_messages_send(body, now())?;
     parsed.send.at = schedule;
     let ws = &caller.workspace;

@@ -578,10 +578,16 @@ impl SeriesQuery {
             })?,
         };
         let last_day = Millis(ending_at.0.div_euclid(DAY_MS) * DAY_MS);
+        let first_day = Millis(last_day.0 - (length - 1) * DAY_MS);
+        if first_day.0 < 0 {
+            return Err(ApiError::malformed(
+                "length reaches before 1970 from ending_at; ask for fewer days",
+            ));
+        }
         Ok(SeriesQuery {
             campaign_id,
             send_id,
-            first_day: Millis(last_day.0 - (length - 1) * DAY_MS),
+            first_day,
             last_day,
         })
     }
@@ -996,7 +1002,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((q.first_day, q.last_day), (day(1), day(1)));
-        let cases: [(&[(&str, &str)], &str); 10] = [
+        let cases: [(&[(&str, &str)], &str); 11] = [
             (&[("send_id", "s"), ("length", "1")], "Invalid Campaign ID"),
             (
                 &[("campaign_id", ""), ("send_id", "s"), ("length", "1")],
@@ -1047,6 +1053,15 @@ mod tests {
                     ("ending_at", "0000-01-02T00:00:00Z"),
                 ],
                 "from 1970 on",
+            ),
+            (
+                &[
+                    ("campaign_id", "c"),
+                    ("send_id", "s"),
+                    ("length", "2"),
+                    ("ending_at", "1970-01-01T00:00:00Z"),
+                ],
+                "before 1970",
             ),
         ];
         for (pairs, why) in cases {

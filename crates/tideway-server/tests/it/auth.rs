@@ -544,7 +544,7 @@ async fn malformed_bodies_get_400_and_content_type_is_optional() {
         (a.status, &a.body),
         (
             400,
-            &json!({"message": "'external_ids[1]' must be a string"})
+            &json!({"message": "'external_ids[1]' must be a string or a whole number"})
         )
     );
     let a = s

@@ -344,7 +344,7 @@ async fn external_ids_are_renamed_and_deprecated_ones_removed() {
             &json!({
                 "message": "success",
                 "removed_ids": ["old"],
-                "removal_errors": [["7.5", "'external_ids[2]' must be a string"], ["taken", "not a deprecated external_id"]]
+                "removal_errors": [["7.5", "'external_ids[2]' must be a string or a whole number"], ["taken", "not a deprecated external_id"]]
             })
         )
     );

@@ -460,7 +460,10 @@ async fn email_attachments_are_fetched_and_attached() {
     for bad in [
         json!([{"file_name": "x.pdf"}]),
         json!([{"file_name": "../x.pdf", "url": "http://h/x"}]),
+        json!([{"file_name": "..", "url": "http://h/x"}]),
         json!([{"file_name": "x.pdf", "url": "ftp://h/x"}]),
+        json!([{"file_name": "x.pdf", "url": "http://"}]),
+        json!([{"file_name": "x.pdf", "url": "http:// bad"}]),
         json!("x.pdf"),
     ] {
         let a = t.s.post("/messages/send", &t.key, send(bad.clone())).await;
@@ -471,12 +474,34 @@ async fn email_attachments_are_fetched_and_attached() {
     let a = t.s.post("/messages/send", &t.key, with_bcc).await;
     assert_eq!(a.status, 400, "{a:?}");
     let id = t.campaign(t.webhook_campaign("Hooks", json!({}))).await;
+    for attachments in [
+        json!([{"file_name": "r.pdf", "url": format!("http://{at}/receipt.pdf")}]),
+        json!({"file_name": "r.pdf", "url": format!("http://{at}/receipt.pdf")}),
+        json!("r.pdf"),
+    ] {
+        let a =
+            t.s.post(
+                "/campaigns/trigger/send",
+                &t.key,
+                json!({"campaign_id": id, "recipients": [{"external_user_id": "u1"}],
+                       "attachments": attachments}),
+            )
+            .await;
+        assert_eq!(a.status, 400, "{attachments}: {a:?}");
+    }
+    // On /messages/send they belong in messages.email, not at the top.
+    let mut top_level = send(json!([]));
+    top_level["attachments"] = json!([{"file_name": "r.pdf", "url": "http://h/r.pdf"}]);
+    let a = t.s.post("/messages/send", &t.key, top_level).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    // A campaign's email message cannot name a BCC either.
     let a =
         t.s.post(
-            "/campaigns/trigger/send",
+            "/api/v1/campaigns",
             &t.key,
-            json!({"campaign_id": id, "recipients": [{"external_user_id": "u1"}],
-                   "attachments": [{"file_name": "r.pdf", "url": format!("http://{at}/receipt.pdf")}]}),
+            json!({"name": "With bcc", "delivery": {"type": "api_triggered"},
+                   "messages": [{"channel": "email", "from": "a@example.com", "subject": "s",
+                                 "body": "b", "bcc": "audit@example.com"}]}),
         )
         .await;
     assert_eq!(a.status, 400, "{a:?}");
