@@ -572,6 +572,20 @@ async fn send_test_events_sends_one_placeholder_per_selected_type_within_the_cap
     );
 }
 
+/// Logs a delete request of a user with no external id: an event `heap_track` cannot carry.
+async fn append_without_identity(h: &Harness) {
+    let anon = tideway_core::currents::CurrentsEvent::delete_request(
+        tideway_core::ids::EventId("no-identity".into()),
+        Millis(1_700_000_000_000),
+        &tideway_core::ids::BrazeId::from_bytes([3; 12]),
+        "ag",
+    );
+    h.store
+        .append_events(h.ws.id, vec![(None, anon)])
+        .await
+        .unwrap();
+}
+
 /// A `heap_track` Current to `cap` for custom events and delete requests (the latter carry no
 /// identity, so `heap_track` cannot send them).
 fn heap_track_spec(cap: &Capture) -> Value {
@@ -586,16 +600,7 @@ async fn heap_track_forwards_mapped_events_and_counts_skips() {
     let cap = Capture::start().await;
     let c = h.current(heap_track_spec(&cap)).await;
     let ids = h.append(4).await;
-    let anon = tideway_core::currents::CurrentsEvent::delete_request(
-        tideway_core::ids::EventId("no-identity".into()),
-        Millis(1_700_000_000_000),
-        &tideway_core::ids::BrazeId::from_bytes([3; 12]),
-        "ag",
-    );
-    h.store
-        .append_events(h.ws.id, vec![(None, anon)])
-        .await
-        .unwrap();
+    append_without_identity(&h).await;
     let c = h
         .wait(&c, "forwarded", |c| {
             c.counters.delivered + c.counters.skipped >= 5
@@ -630,16 +635,7 @@ async fn heap_track_skips_rather_than_dead_letters_what_it_did_not_send() {
     let cap = Capture::start().await;
     cap.push([Reply::Status(413)]);
     let c = h.current(heap_track_spec(&cap)).await;
-    let anon = tideway_core::currents::CurrentsEvent::delete_request(
-        tideway_core::ids::EventId("no-identity".into()),
-        Millis(1_700_000_000_000),
-        &tideway_core::ids::BrazeId::from_bytes([3; 12]),
-        "ag",
-    );
-    h.store
-        .append_events(h.ws.id, vec![(None, anon)])
-        .await
-        .unwrap();
+    append_without_identity(&h).await;
     let ids = h.append(1).await;
     let c = h
         .wait(&c, "settled", |c| {
