@@ -1,6 +1,7 @@
 // Tideway dashboard behaviours that need a script (served from the binary; no inline scripts,
 // so the Content-Security-Policy can forbid them):
-// - "select all" boxes tick or clear every checkbox of their group;
+// - "select all" boxes tick or clear every checkbox of their group, and show ticked when the
+//   page comes back with their whole group ticked (a form sent back to be mended);
 // - a form with `data-confirm` asks before it is sent (stopping, deleting: what cannot be undone);
 // - a live preview refused because the session ended says so, instead of keeping a stale figure.
 document.addEventListener("change", function (event) {
@@ -39,4 +40,15 @@ document.addEventListener("htmx:responseError", function (event) {
   notice.setAttribute("role", "alert");
   notice.textContent = why;
   target.parentNode.insertBefore(notice, target);
+});
+
+document.addEventListener("DOMContentLoaded", function () {
+  document.querySelectorAll("input[data-select-all]").forEach(function (all) {
+    var group = document.querySelectorAll(
+      'input[type=checkbox][data-group="' + all.getAttribute("data-select-all") + '"]'
+    );
+    all.checked = group.length > 0 && Array.prototype.every.call(group, function (box) {
+      return box.checked;
+    });
+  });
 });
