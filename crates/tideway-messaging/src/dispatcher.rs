@@ -716,9 +716,26 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
                             }
                         }
                     }
-                    DispatchSource::AdHoc { definition } => CampaignDefinition::load(definition)
-                        .ok()
-                        .map(|d| Arc::new(Compiled::new(None, d))),
+                    // A send credited to a campaign (`crate::sends::credit_to_campaign`) goes
+                    // out only while that campaign would send: its status is checked below as
+                    // the campaign's own sends' is (paused: later; stopped: never).
+                    DispatchSource::AdHoc { definition } => {
+                        let credited = match crate::sends::credited_campaign(definition) {
+                            None => None,
+                            Some((campaign_id, _)) => {
+                                match self.store.campaign(c.workspace, campaign_id).await {
+                                    Ok(record) => record,
+                                    Err(_) => {
+                                        settled.push(defer(&c, 5_000));
+                                        continue;
+                                    }
+                                }
+                            }
+                        };
+                        CampaignDefinition::load(definition)
+                            .ok()
+                            .map(|d| Arc::new(Compiled::new(credited, d)))
+                    }
                     // A Canvas entry dispatch has no messages (its entries' steps send under
                     // dispatches of their own).
                     DispatchSource::Canvas { .. } => None,

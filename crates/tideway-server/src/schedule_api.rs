@@ -442,6 +442,16 @@ async fn replace_messages(
     let mut with_ids = messages.clone();
     for (channel, body) in with_ids.iter_mut() {
         if let (Value::Object(body), Some(variant)) = (body, kept.get(channel.as_str())) {
+            // Each channel keeps its variation; naming another is a mistake, not a change.
+            let named = match body.get("message_variation_id") {
+                Some(Value::String(id)) => Some(id.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                Some(Value::Null) | None => None,
+                Some(other) => Some(other.to_string()),
+            };
+            if named.is_some_and(|id| id != *variant) {
+                return Err(ApiError::bad_request(crate::messaging_api::INVALID_VARIANT));
+            }
             body.insert("message_variation_id".into(), json!(variant));
         }
     }

@@ -356,6 +356,20 @@ async fn a_message_sent_with_a_campaign_id_counts_for_that_campaign() {
         .await;
     assert_eq!(a.status, 201, "{a:?}");
     let schedule = a.body["schedule_id"].as_str().unwrap().to_owned();
+    let mut other_variation = hook("second");
+    other_variation["webhook"]["message_variation_id"] = json!("bogus");
+    let a =
+        t.s.post(
+            "/messages/schedule/update",
+            &t.key,
+            json!({"schedule_id": schedule, "messages": other_variation}),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.body["message"].as_str()),
+        (400, Some("Invalid Message Variant")),
+        "{a:?}"
+    );
     let a =
         t.s.post(
             "/messages/schedule/update",
@@ -370,6 +384,30 @@ async fn a_message_sent_with_a_campaign_id_counts_for_that_campaign() {
         .find(|e| e["properties"]["send_id"] == "later-1")
         .expect("the scheduled send");
     assert_eq!(properties(later), properties(&triggered[0]), "{later}");
+
+    // A scheduled send credited to a campaign stopped before its time does not go out, as the
+    // campaign's own scheduled sends do not.
+    let a =
+        t.s.post(
+            "/messages/schedule/create",
+            &t.key,
+            json!({"campaign_id": id, "send_id": "later-2", "external_user_ids": ["u1"],
+                   "schedule": {"time": iso_in(1_000)}, "messages": hook("never")}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let a =
+        t.s.post(&format!("/api/v1/campaigns/{id}/stop"), &t.key, json!({}))
+            .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let sends = t.events("users.messages.webhook.Send").await;
+    assert!(
+        !sends
+            .iter()
+            .any(|e| e["properties"]["send_id"] == "later-2"),
+        "{sends:?}"
+    );
 
     // Only a campaign /campaigns/trigger/send would send is credited.
     let stopped = t.campaign(t.webhook_campaign("Gone", json!({}))).await;
