@@ -67,13 +67,14 @@ pub async fn run(settings: Resolved) -> anyhow::Result<()> {
     );
     let draining = tideway_server::Draining::default();
     let router = tideway_server::with_draining(router, draining.clone());
+    let signals = StopSignals::listen()?;
     announce(addr)?;
     tracing::info!(%addr, data_dir = %settings.data_dir.display(), database = %settings.database.describe(&settings.data_dir), synchronous = ?settings.synchronous, "serving the REST API");
     tideway_server::serve(
         listener,
         router,
         settings.connections.clone(),
-        drain_then_stop(draining, settings.shutdown_drain),
+        drain_then_stop(signals, draining, settings.shutdown_drain),
     )
     .await;
     tracing::info!("stopped: every in-flight request has been answered");
@@ -230,11 +231,53 @@ async fn bootstrap_dashboard(store: &dyn Store, data_dir: &Path) -> anyhow::Resu
     Ok(())
 }
 
+/// SIGINT and SIGTERM, listened for from the moment this is made: made before the readiness
+/// line is printed, so a signal sent as soon as the line appears is caught (the default for a
+/// signal nobody listens for is to kill the process, with no drain and no clean stop).
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        })
+    }
+
+    /// The next SIGINT (Ctrl-C) or SIGTERM, saying which.
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.interrupt.recv() => {
+                tracing::info!("SIGINT: shutting down");
+                Signal::Interrupt
+            }
+            _ = self.terminate.recv() => {
+                tracing::info!("SIGTERM: shutting down");
+                Signal::Terminate
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Interrupt,
+    Terminate,
+}
+
 /// Resolves when the server should stop accepting: at once on SIGINT (someone at a terminal),
 /// after `drain` on SIGTERM (a supervisor or orchestrator), during which the node answers as
 /// [`tideway_server::with_draining`] describes; a second signal cuts the drain short.
-async fn drain_then_stop(draining: tideway_server::Draining, drain: std::time::Duration) {
-    if shutdown_signal().await == Signal::Interrupt || drain.is_zero() {
+async fn drain_then_stop(
+    mut signals: StopSignals,
+    draining: tideway_server::Draining,
+    drain: std::time::Duration,
+) {
+    if signals.next().await == Signal::Interrupt || drain.is_zero() {
         return;
     }
     draining.start();
@@ -245,44 +288,7 @@ async fn drain_then_stop(draining: tideway_server::Draining, drain: std::time::D
     );
     tokio::select! {
         () = tokio::time::sleep(drain) => tracing::info!("drained: shutting down"),
-        _ = shutdown_signal() => tracing::info!("second signal: shutting down now"),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Signal {
-    Interrupt,
-    Terminate,
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM, saying which.
-async fn shutdown_signal() -> Signal {
-    let interrupt = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = interrupt => {
-            tracing::info!("SIGINT: shutting down");
-            Signal::Interrupt
-        }
-        () = terminate => {
-            tracing::info!("SIGTERM: shutting down");
-            Signal::Terminate
-        }
+        _ = signals.next() => tracing::info!("second signal: shutting down now"),
     }
 }
 
