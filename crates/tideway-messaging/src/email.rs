@@ -436,29 +436,39 @@ fn header(name: &str, value: String) -> Option<HeaderValue> {
 }
 
 /// The MIME type to write for an attachment, from what its server said: the bare
-/// `type/subtype` (no parameters) when it is a plain token pair, else
-/// `application/octet-stream`. A container type (`multipart/*`, `message/*`) is octet-stream
-/// too: a fetched file must not add parts of its own to the message.
-fn attachment_type(given: Option<&str>) -> &str {
+/// `type/subtype` when it is a plain token pair (with its `charset` for `text/*`, so a UTF-8
+/// file reads as UTF-8), else `application/octet-stream`. A container type (`multipart/*`,
+/// `message/*`) is octet-stream too: a fetched file must not add parts of its own to the
+/// message.
+fn attachment_type(given: Option<&str>) -> String {
     const FALLBACK: &str = "application/octet-stream";
-    let Some(essence) = given.and_then(|t| t.split(';').next()).map(str::trim) else {
-        return FALLBACK;
-    };
     let token = |s: &str| {
         !s.is_empty()
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
     };
-    match essence.split_once('/') {
-        Some((top, sub))
-            if token(top)
-                && token(sub)
-                && !top.eq_ignore_ascii_case("multipart")
-                && !top.eq_ignore_ascii_case("message") =>
-        {
-            essence
+    let mut parts = given.unwrap_or_default().split(';').map(str::trim);
+    let essence = parts.next().unwrap_or_default();
+    let Some((top, sub)) = essence.split_once('/') else {
+        return FALLBACK.to_owned();
+    };
+    if !token(top)
+        || !token(sub)
+        || top.eq_ignore_ascii_case("multipart")
+        || top.eq_ignore_ascii_case("message")
+    {
+        return FALLBACK.to_owned();
+    }
+    let charset = parts
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("charset"))
+        .map(|(_, v)| v.trim().trim_matches('"'))
+        .filter(|v| token(v));
+    match charset {
+        Some(charset) if top.eq_ignore_ascii_case("text") => {
+            format!("{essence}; charset={charset}")
         }
-        _ => FALLBACK,
+        _ => essence.to_owned(),
     }
 }
 
@@ -523,8 +533,9 @@ fn build_message(email: &OutgoingEmail) -> Result<Message, String> {
         );
         let mut mixed = MultiPart::mixed().multipart(readable);
         for file in &email.attachments {
-            let content_type = ContentType::parse(attachment_type(file.content_type.as_deref()))
-                .map_err(|e| format!("an attachment's type cannot be written ({e})"))?;
+            let content_type =
+                ContentType::parse(&attachment_type(file.content_type.as_deref()))
+                    .map_err(|e| format!("an attachment's type cannot be written ({e})"))?;
             // Base64 always: the file's bytes as they are, which no line of them (a bare LF, a
             // lone ".") can turn into the end of the message or the start of another.
             let body = Body::new_with_encoding(file.bytes.clone(), ContentTransferEncoding::Base64)
@@ -896,7 +907,16 @@ mod tests {
     fn attachment_types_are_bare_and_never_containers() {
         for (given, written) in [
             (Some("application/pdf"), "application/pdf"),
-            (Some("text/plain; charset=utf-8"), "text/plain"),
+            (
+                Some("text/plain; charset=utf-8"),
+                "text/plain; charset=utf-8",
+            ),
+            (
+                Some("text/csv; header=present; charset=\"UTF-8\""),
+                "text/csv; charset=UTF-8",
+            ),
+            (Some("application/pdf; charset=utf-8"), "application/pdf"),
+            (Some("text/plain; charset=\"a b\""), "text/plain"),
             (
                 Some("multipart/mixed; boundary=ZZ"),
                 "application/octet-stream",

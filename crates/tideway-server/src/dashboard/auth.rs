@@ -115,12 +115,27 @@ pub async fn login_page(
 }
 
 /// Where to go after signing in: a dashboard page the user was sent away from (`next`), when it
-/// is one; never another site (`//host`, `/\host`), never the sign-in page itself.
+/// is one; never another site (`//host`, `/\host`), never the sign-in or sign-out page.
 pub(super) fn return_to(next: &str) -> Option<&str> {
-    let page = next.starts_with("/dashboard/")
-        && !next.starts_with("/dashboard/login")
-        && !next.contains(['\\', '\r', '\n'])
-        && !next.chars().any(char::is_control);
+    let path = next.split(['?', '#']).next().unwrap_or_default();
+    // Plain segments only: no empty, "." or ".." one (a browser would make `/dashboard/./login`
+    // the sign-in page again), and printable ASCII (the request path it came from is).
+    let plain = path.strip_prefix("/dashboard/").is_some_and(|rest| {
+        let segments: Vec<&str> = rest.split('/').collect();
+        let (last, before) = segments.split_last().unwrap_or((&"", &[]));
+        before
+            .iter()
+            .all(|s| !s.is_empty() && *s != "." && *s != "..")
+            && *last != "."
+            && *last != ".."
+    });
+    let page = plain
+        && !path.to_ascii_lowercase().contains("%2e")
+        && next.is_ascii()
+        && !next.contains('\\')
+        && !next.chars().any(|c| c.is_ascii_control())
+        && !path.starts_with("/dashboard/login")
+        && !path.starts_with("/dashboard/logout");
     page.then_some(next)
 }
 
@@ -297,4 +312,37 @@ fn dummy_hash() -> &'static PasswordHash {
         PasswordHash::new("no user has this password", [0x5a; 16])
             .unwrap_or_else(|_| PasswordHash::from_stored(String::new()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::return_to;
+
+    #[test]
+    fn only_plain_dashboard_pages_are_returned_to() {
+        for page in [
+            "/dashboard/w/1/",
+            "/dashboard/w/1/segments/new",
+            "/dashboard/w/1/users?q=ada",
+        ] {
+            assert_eq!(return_to(page), Some(page));
+        }
+        for not_one in [
+            "//evil.example/",
+            "/\\evil.example",
+            "https://evil.example/",
+            "/dashboard/login",
+            "/dashboard/login?next=/dashboard/",
+            "/dashboard/logout",
+            "/dashboard//login",
+            "/dashboard/./login",
+            "/dashboard/w/../login",
+            "/dashboard/%2e/login",
+            "/dashboard/é",
+            "/dashboard/w/1/\r\nX: y",
+            "/elsewhere",
+        ] {
+            assert_eq!(return_to(not_one), None, "{not_one}");
+        }
+    }
 }

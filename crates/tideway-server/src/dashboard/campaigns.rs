@@ -90,7 +90,7 @@ pub async fn list(
                             td { (counts.failed) }
                             td { @if let Some(at) = c.launched_at { (when(at)) } @else { span class="muted" { "—" } } }
                             td {
-                                @if admin { (lifecycle_buttons(&ctx, c)) }
+                                @if admin { (lifecycle_buttons(&ctx, c, false)) }
                             }
                         }
                     }
@@ -493,6 +493,7 @@ pub async fn create(
 pub async fn action(
     State(state): State<AppState>,
     Extension(me): Extension<Me>,
+    Extension(form): Extension<FormData>,
     path: PathParams,
 ) -> Result<Response, PageError> {
     let ctx = Ctx::load(&state, me, ws_id(&path.0)?).await?;
@@ -501,6 +502,11 @@ pub async fn action(
     change_status(&state, &ctx.workspace, id, action)
         .await
         .map_err(api_error)?;
+    if form.get("back") == Some("campaign") {
+        return Ok(see_other(
+            &ctx.url(&["/campaigns/", &super::segment(id)].concat()),
+        ));
+    }
     Ok(see_other(&ctx.url("/campaigns")))
 }
 
@@ -546,13 +552,15 @@ async fn render_preview(
 
 /// `GET /dashboard/w/{ws}/campaigns/{id}[?preview=EXTERNAL_ID]`: the campaign, its figures,
 /// its templates, and their rendering for one user.
-/// Launch or Pause, and Stop (which asks first), for a campaign that is not stopped.
-fn lifecycle_buttons(ctx: &Ctx, c: &CampaignRecord) -> Markup {
+/// Launch or Pause, and Stop (which asks first), for a campaign that is not stopped; on the
+/// campaign's own page (`on_its_page`) they lead back to it, on the list to the list.
+fn lifecycle_buttons(ctx: &Ctx, c: &CampaignRecord, on_its_page: bool) -> Markup {
     let action = |action: &str, label: &str| {
         html! {
             form class="inline" method="post" action=(ctx.url(&["/campaigns/", &super::segment(&c.id), "/", action].concat()))
                 data-confirm=[(action == "stop").then(|| format!("Stop the campaign '{}'? A stopped campaign never sends again.", c.name))] {
                 (ctx.csrf_field())
+                @if on_its_page { input type="hidden" name="back" value="campaign"; }
                 button type="submit" class="secondary" aria-label=([label, " ", c.name.as_str()].concat()) { (label) }
             }
         }
@@ -603,7 +611,7 @@ pub async fn detail(
     let body = html! {
         p { span class=(status_class(c.status)) { (c.status.as_str()) }
             @if let Some(at) = c.launched_at { " — launched " (when(at)) }
-            @if ctx.me.may_change() { " " (lifecycle_buttons(&ctx, &c)) } }
+            @if ctx.me.may_change() { " " (lifecycle_buttons(&ctx, &c, true)) } }
         h2 { "Figures" }
         table id="campaign-stats" {
             tbody {

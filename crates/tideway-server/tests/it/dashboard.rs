@@ -1204,14 +1204,28 @@ async fn campaigns_are_created_launched_paused_and_stopped() {
             .definition["messages"][0]["body"],
         "Hi {{${first_name}}}, leave: {{${unsubscribe_url}}}"
     );
-    for (action, status) in [
-        ("launch", "active"),
-        ("pause", "paused"),
-        ("launch", "active"),
-        ("stop", "stopped"),
+    for (action, status, from_its_page) in [
+        ("launch", "active", false),
+        ("pause", "paused", true),
+        ("launch", "active", false),
+        ("stop", "stopped", true),
     ] {
-        let answer = b.post(&format!("{w}/campaigns/{id}/{action}"), &[]).await;
+        // The buttons on the campaign's own page lead back to it; the list's to the list.
+        let fields: &[(&str, &str)] = if from_its_page {
+            &[("back", "campaign")]
+        } else {
+            &[]
+        };
+        let answer = b
+            .post(&format!("{w}/campaigns/{id}/{action}"), fields)
+            .await;
         assert_eq!(answer.status, 303, "{action}: {}", answer.body);
+        let back = if from_its_page {
+            format!("{w}/campaigns/{id}")
+        } else {
+            format!("{w}/campaigns")
+        };
+        assert_eq!(answer.headers["location"], back.as_str(), "{action}");
         assert_eq!(
             s.store
                 .campaign(ws.id, &id)
