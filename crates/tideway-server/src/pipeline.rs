@@ -123,14 +123,7 @@ async fn authorize_and_run(
             if matches!(parsed, Err(ApiError::PayloadTooLarge)) {
                 return (Err(ApiError::PayloadTooLarge), None);
             }
-            let key = match &parsed {
-                Ok(map) => map
-                    .get("api_key")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                    .unwrap_or_default(),
-                Err(_) => String::new(),
-            };
+            let key = parsed.as_ref().map(body_api_key).unwrap_or_default();
             (key, BodyState::Parsed(parsed))
         }
     };
@@ -329,17 +322,21 @@ async fn body_key(req: Request) -> Result<(String, Request), ApiError> {
     *probe.extensions_mut() = parts.extensions.clone();
     let bytes = read_body(probe).await?;
     let key = parse_object(&bytes)
-        .ok()
-        .and_then(|map| {
-            map.get("api_key")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
+        .as_ref()
+        .map(body_api_key)
         .unwrap_or_default();
     Ok((
         key,
         Request::from_parts(parts, axum::body::Body::from(bytes)),
     ))
+}
+
+/// The legacy `api_key` field of a parsed body; empty when there is none.
+fn body_api_key(body: &Map<String, Value>) -> String {
+    body.get("api_key")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 /// Reads the body (within the router's `DefaultBodyLimit`) and parses it as a JSON object.
