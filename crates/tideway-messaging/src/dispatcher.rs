@@ -214,8 +214,21 @@ pub struct Dispatcher<S: ?Sized> {
     capped_in_flight: Mutex<HashMap<(WorkspaceId, UserSeq), i64>>,
     /// Each workspace's frequency-capping rules, re-read every [`CAPS_TTL_MS`].
     caps: Mutex<HashMap<WorkspaceId, CachedCaps>>,
+    /// Attachment files fetched in the last [`ATTACHMENT_TTL_MS`], by URL: a message to many
+    /// users fetches each of its files once, not once per email. Each URL's slot is locked
+    /// while it is fetched, so emails sent at once wait for the one fetch.
+    attachments: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<CachedFile>>>>>,
     wake: Notify,
 }
+
+/// A fetched attachment file (its bytes and type) and when it was fetched.
+type CachedFile = (Millis, Arc<(Vec<u8>, Option<String>)>);
+
+/// How long a fetched attachment file is reused.
+const ATTACHMENT_TTL_MS: i64 = 60_000;
+
+/// Files kept at most (each ≤ 2 MB): beyond, the oldest is dropped.
+const MAX_CACHED_ATTACHMENTS: usize = 16;
 
 /// A workspace's frequency-capping rules and when they were read.
 type CachedCaps = (Millis, Arc<Vec<FrequencyCap>>);
@@ -376,6 +389,7 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
             in_flight: Mutex::new(HashMap::new()),
             capped_in_flight: Mutex::new(HashMap::new()),
             caps: Mutex::new(HashMap::new()),
+            attachments: Mutex::new(HashMap::new()),
             wake: Notify::new(),
         })
     }
@@ -896,6 +910,54 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
         (keep, left)
     }
 
+    /// The file at `url`, fetched at most once per [`ATTACHMENT_TTL_MS`] (failures are not
+    /// kept: the next email tries again).
+    async fn attachment(
+        &self,
+        url: &str,
+    ) -> Result<Arc<(Vec<u8>, Option<String>)>, AttachmentError> {
+        let now = self.clock.now();
+        let fresh = |at: Millis| now.0 - at.0 < ATTACHMENT_TTL_MS;
+        let slot = {
+            let mut cache = lock(&self.attachments);
+            // Slots nobody is using whose file is stale or missing go; then, over the bound,
+            // the idle slots with the oldest files.
+            cache.retain(|_, slot| {
+                Arc::strong_count(slot) > 1
+                    || slot
+                        .try_lock()
+                        .is_ok_and(|held| held.as_ref().is_some_and(|(at, _)| fresh(*at)))
+            });
+            while cache.len() >= MAX_CACHED_ATTACHMENTS {
+                let oldest = cache
+                    .iter()
+                    .filter(|(_, slot)| Arc::strong_count(slot) == 1)
+                    .filter_map(|(url, slot)| {
+                        let at = slot.try_lock().ok()?.as_ref()?.0;
+                        Some((at, url.clone()))
+                    })
+                    .min();
+                let Some((_, url)) = oldest else { break };
+                cache.remove(&url);
+            }
+            Arc::clone(cache.entry(url.to_owned()).or_default())
+        };
+        let mut held = slot.lock().await;
+        if let Some((at, file)) = held.as_ref()
+            && fresh(*at)
+        {
+            return Ok(Arc::clone(file));
+        }
+        let file = Arc::new(
+            self.channels
+                .webhook
+                .fetch_attachment(url, MAX_ATTACHMENT_BYTES)
+                .await?,
+        );
+        *held = Some((now, Arc::clone(&file)));
+        Ok(file)
+    }
+
     /// The workspace's frequency-capping rules, cached for [`CAPS_TTL_MS`].
     async fn caps(
         &self,
@@ -1302,16 +1364,11 @@ impl<S: DispatchStore + ?Sized + 'static> Dispatcher<S> {
         let mut attachments = Vec::with_capacity(e.attachments.len());
         let mut unreachable = None;
         for file in &e.attachments {
-            match self
-                .channels
-                .webhook
-                .fetch_attachment(&file.url, MAX_ATTACHMENT_BYTES)
-                .await
-            {
-                Ok((bytes, content_type)) => attachments.push(AttachedFile {
+            match self.attachment(&file.url).await {
+                Ok(fetched) => attachments.push(AttachedFile {
                     file_name: file.file_name.clone(),
-                    content_type,
-                    bytes,
+                    content_type: fetched.1.clone(),
+                    bytes: fetched.0.clone(),
                 }),
                 Err(AttachmentError::Refused(why)) => {
                     // Braze's `abort_log` is at most 128 characters.

@@ -439,22 +439,30 @@ async fn a_message_sent_with_a_campaign_id_counts_for_that_campaign() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn email_attachments_are_fetched_and_attached() {
     let t = setup().await;
-    t.track(json!([{"external_id": "u1", "email": "ada@example.com"}]))
-        .await;
+    t.track(json!([
+        {"external_id": "u1", "email": "ada@example.com"},
+        {"external_id": "u2", "email": "bo@example.com"},
+    ]))
+    .await;
+    let fetched = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&fetched);
     let files = axum::Router::new().route(
         "/receipt.pdf",
-        axum::routing::get(|| async {
-            (
-                [(axum::http::header::CONTENT_TYPE, "application/pdf")],
-                "PDF-1.4 tideway receipt 42",
-            )
+        axum::routing::get(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/pdf")],
+                    "PDF-1.4 tideway receipt 42",
+                )
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let at = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, files).await });
     let send = |attachments: Value| {
-        json!({"external_user_ids": ["u1"], "messages": {"email": {
+        json!({"external_user_ids": ["u1", "u2"], "messages": {"email": {
             "from": "Shop <shop@example.com>", "subject": "Receipt", "body": "<p>Thanks</p>",
             "attachments": attachments,
         }}})
@@ -467,7 +475,10 @@ async fn email_attachments_are_fetched_and_attached() {
         )
         .await;
     assert_eq!(a.status, 201, "{a:?}");
-    let mails = t.smtp.wait_for(1, DEADLINE).await;
+    let mails = t.smtp.wait_for(2, DEADLINE).await;
+    // Both got the file; it was fetched once for the two.
+    assert_eq!(fetched.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(mails[1].data.contains("filename=\"receipt.pdf\""));
     let data = &mails[0].data;
     assert!(data.contains("multipart/mixed"), "{data}");
     assert!(data.contains("filename=\"receipt.pdf\""), "{data}");
@@ -489,7 +500,7 @@ async fn email_attachments_are_fetched_and_attached() {
         )
         .await;
     assert_eq!(a.status, 201, "{a:?}");
-    let aborts = t.wait_events("users.messages.email.Abort", 1).await;
+    let aborts = t.wait_events("users.messages.email.Abort", 2).await;
     assert_eq!(
         aborts[0]["properties"]["abort_type"], "attachment_unavailable",
         "{aborts:?}"
